@@ -1,0 +1,452 @@
+"""MiniCPM-SALA in PyTorch: 25% InfLLM-V2 sparse-attention layers + 75% Lightning linear-attention layers.
+
+Read top to bottom: norms and RoPE, the two mixers, the MLP, the decoder layer, the model, the LM head.
+Shapes: B batch, T new tokens, H heads, D head dim, Hkv key/value heads. Semantics: shared/spec/SALA.md.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+try:  # transformers >= 4.52
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # pragma: no cover
+    GradientCheckpointingLayer = nn.Module
+
+from sala.modeling.cache import LightningLayerCache, SalaCache, SparseLayerCache
+from sala.modeling.configuration_sala import LIGHTNING, SPARSE, SalaConfig
+from sala.ops.dense import dense_causal_attention
+from sala.ops.infllmv2 import SparseParams, infllmv2_attention
+from sala.ops.lightning import lightning_attention, lightning_decode_step
+from sala.ops.slopes import lightning_log_decay
+
+
+# ----------------------------------------------------------------------------- building blocks
+class SalaRMSNorm(nn.Module):
+    """RMSNorm over the last dim: variance in fp32, cast back to the input dtype, then times the weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, dim] in fp32 for NeoX ("rotate half") RoPE at integer positions [B, T]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim))
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, H, D] by cos/sin [B, T, D]; computed in fp32, returned in x.dtype."""
+    x32 = x.float()
+    half = x32.shape[-1] // 2
+    rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
+    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).to(x.dtype)
+
+
+class SalaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: SalaConfig) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (SALA uses 'silu')")
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _Batch:
+    """Per-call facts shared by all layers: positions, padding, packing."""
+
+    def __init__(self, position_ids: torch.Tensor, pad: list[int] | None, cu_seqlens: torch.Tensor | None,
+                 real_mask: torch.Tensor | None) -> None:
+        self.position_ids = position_ids        # [B, T]
+        self.pad = pad                          # new left-pad tokens per row in this call, or None
+        self.cu_seqlens = cu_seqlens            # [N+1] packed documents (B == 1), or None
+        self.real_mask = real_mask              # [B, T] bool, True for real tokens, or None
+        self._rope: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope(self, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (dim, theta)
+        if key not in self._rope:
+            self._rope[key] = rope_cos_sin(self.position_ids, dim, theta)
+        return self._rope[key]
+
+
+# ----------------------------------------------------------------------------- lightning attention layer
+class SalaLightningAttention(nn.Module):
+    """Lightning linear attention: QK-norm, RoPE, fixed per-head decay (ALiBi slopes), o_norm, z gate."""
+
+    def __init__(self, config: SalaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.lightning_nh
+        self.num_kv_heads = config.lightning_nkv
+        self.head_dim = config.lightning_head_dim
+        self.scale = config.lightning_scale_value()
+        self.use_rope = config.lightning_use_rope
+        self.rope_theta = config.rope_theta
+        h, d, bias = config.hidden_size, self.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=bias)
+        self.q_norm = SalaRMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = SalaRMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+        self.o_norm = SalaRMSNorm(self.num_heads * d, config.rms_norm_eps) if config.use_output_norm else None
+        self.z_proj = nn.Linear(h, self.num_heads * d, bias=bias) if config.use_output_gate else None
+
+    def log_decay(self, device: torch.device) -> torch.Tensor:
+        """log(gamma_h) [H] fp32; recomputed (cheap), so nothing depends on buffers surviving a load."""
+        return lightning_log_decay(self.num_heads, device=device)
+
+    def forward(self, x: torch.Tensor, batch: _Batch, cache: LightningLayerCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            cos, sin = batch.rope(self.head_dim, self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.num_kv_heads != self.num_heads:
+            rep = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        if batch.real_mask is not None:   # padding tokens must not enter the state: zero their keys
+            k = k * batch.real_mask[:, :, None, None].to(k.dtype)
+        log_decay = self.log_decay(x.device)
+        if cache is not None and cache.state is not None and T == 1:
+            o = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], log_decay, cache.state, scale=self.scale)[:, None]
+        else:
+            o, state = lightning_attention(
+                q, k, v, log_decay, scale=self.scale,
+                initial_state=cache.state if cache is not None else None,
+                output_final_state=cache is not None, cu_seqlens=batch.cu_seqlens,
+            )
+            if cache is not None:
+                cache.state = state
+        o = o.reshape(B, T, self.num_heads * self.head_dim).to(x.dtype)
+        if self.o_norm is not None:
+            o = self.o_norm(o)
+        if self.z_proj is not None:
+            o = o * torch.sigmoid(self.z_proj(x))
+        return self.o_proj(o)
+
+
+# ----------------------------------------------------------------------------- InfLLM-V2 sparse attention layer
+class SalaSparseAttention(nn.Module):
+    """InfLLM-V2 sparse attention: GQA, NoPE (by default), output gate; dense-exact for short contexts."""
+
+    def __init__(self, config: SalaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim ** -0.5
+        sc = config.sparse_config
+        self.params = SparseParams(block_size=sc["block_size"], kernel_size=sc["kernel_size"],
+                                   kernel_stride=sc["kernel_stride"], topk=sc["topk"],
+                                   init_blocks=sc["init_blocks"], window_size=sc["window_size"])
+        h, d, bias = config.hidden_size, self.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=bias)
+        self.o_gate = nn.Linear(h, self.num_heads * d, bias=bias) if config.attn_use_output_gate else None
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k1: torch.Tensor | None = None,
+                k2: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """q [1|B, Tq, Hq, D] at the last Tq positions of k/v [.., Tk, Hkv, D]."""
+        if self.config.use_sparse_attention:
+            return infllmv2_attention(q, k, v, self.params, scale=self.scale, k1=k1, k2=k2, cu_seqlens=cu_seqlens)
+        return dense_causal_attention(q, k, v, scale=self.scale, cu_seqlens=cu_seqlens)
+
+    def forward(self, x: torch.Tensor, batch: _Batch, cache: SparseLayerCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.config.attn_use_rope:
+            cos, sin = batch.rope(self.head_dim, self.config.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.config.hype_query_scale_base is not None:   # HyPE: s_t = log(t + a) / log(a)
+            a = float(self.config.hype_query_scale_base)
+            s = torch.log(batch.position_ids.float() + a) / math.log(a)
+            q = (q.float() * s[:, :, None, None]).to(q.dtype)
+
+        if cache is None and batch.pad is None:
+            o = self._attend(q, k, v, cu_seqlens=batch.cu_seqlens)
+        else:
+            # Row by row: each sequence keeps only its real tokens, so block boundaries are its own.
+            o = q.new_zeros(B, T, self.num_heads, self.head_dim)
+            for b in range(B):
+                p = batch.pad[b] if batch.pad is not None else 0
+                if p == T:
+                    continue
+                if cache is None:
+                    o[b:b + 1, p:] = self._attend(q[b:b + 1, p:], k[b:b + 1, p:], v[b:b + 1, p:])
+                else:
+                    cache.append(b, k[b, p:], v[b, p:], B)
+                    kb, vb, k1, k2 = cache.sequence(b)
+                    o[b:b + 1, p:] = self._attend(q[b:b + 1, p:], kb, vb, k1, k2)
+        o = o.reshape(B, T, self.num_heads * self.head_dim)
+        if self.o_gate is not None:
+            o = o * torch.sigmoid(self.o_gate(x))
+        return self.o_proj(o)
+
+
+# ----------------------------------------------------------------------------- decoder
+class SalaDecoderLayer(GradientCheckpointingLayer):
+    """h += mixer(norm(h)) * s ; h += mlp(norm(h)) * s, with s = scale_depth / sqrt(num_layers)."""
+
+    def __init__(self, config: SalaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.mixer_type = config.mixer_types[layer_idx]
+        mixer = SalaSparseAttention if self.mixer_type == SPARSE else SalaLightningAttention
+        self.self_attn = mixer(config, layer_idx)
+        self.mlp = SalaMLP(config)
+        self.input_layernorm = SalaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = SalaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.residual_scale = config.residual_scale
+
+    def forward(self, hidden: torch.Tensor, batch: _Batch, cache: Any = None) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), batch, cache) * self.residual_scale
+        return hidden + self.mlp(self.post_attention_layernorm(hidden)) * self.residual_scale
+
+
+class SalaPreTrainedModel(PreTrainedModel):
+    config_class = SalaConfig
+    config: SalaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SalaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _is_stateful = True
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            _init_normal(module.weight, std)
+            if getattr(module, "bias", None) is not None:
+                _init_zeros(module.bias)
+        elif isinstance(module, SalaRMSNorm):
+            _init_ones(module.weight)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False   # SALA needs its own hybrid cache; the model creates a SalaCache itself
+
+
+try:  # transformers 5: guarded init functions that leave loaded weights alone
+    from transformers import initialization as _hf_init
+    _init_normal = lambda w, std: _hf_init.normal_(w, mean=0.0, std=std)   # noqa: E731
+    _init_zeros, _init_ones = _hf_init.zeros_, _hf_init.ones_
+except ImportError:  # pragma: no cover
+    _init_normal = lambda w, std: nn.init.normal_(w, mean=0.0, std=std)    # noqa: E731
+    _init_zeros, _init_ones = nn.init.zeros_, nn.init.ones_
+
+
+def _positions_and_padding(
+    input_shape: tuple[int, int], device: torch.device, past: int, attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None, cache: SalaCache | None,
+) -> _Batch:
+    B, T = input_shape
+    pad: list[int] | None = None
+    real_mask = None
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens packs documents into one row: input batch must be 1, got {B}")
+        if cache is not None:
+            raise ValueError("cu_seqlens (packed training batches) cannot be combined with a cache")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("cu_seqlens and a padding attention_mask cannot be combined")
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        if cu.ndim != 1 or int(cu[0]) != 0 or int(cu[-1]) != T or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens must be 1-D, non-decreasing, start at 0 and end at the sequence length "
+                             f"{T}; got {cu_seqlens.tolist()}")
+        if position_ids is None:
+            idx = torch.arange(T, device=device)
+            doc = torch.searchsorted(cu[1:], idx, right=True)
+            position_ids = (idx - cu[doc])[None]
+        return _Batch(position_ids, None, cu, None)
+
+    if attention_mask is not None:
+        if attention_mask.ndim != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] != past + T:
+            raise ValueError(f"attention_mask must be [batch, past + new tokens] = [{B}, {past + T}], "
+                             f"got {list(attention_mask.shape)}")
+        mask = attention_mask.to(device=device, dtype=torch.bool)
+        new = mask[:, past:]
+        if not bool(mask.all()):
+            # Only left padding is supported: once a row has a real token, every later token is real.
+            first_real = mask.int().cumsum(-1) > 0
+            if bool((first_real & ~mask).any()):
+                raise ValueError("attention_mask has padding after real tokens; SALA supports left padding only "
+                                 "(tokenizer.padding_side = 'left')")
+            pad = (~new).sum(-1).tolist()
+            real_mask = new
+        if position_ids is None:
+            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+    if position_ids is None:
+        position_ids = torch.arange(past, past + T, device=device)[None].expand(B, T)
+    return _Batch(position_ids, pad, None, real_mask)
+
+
+class SalaModel(SalaPreTrainedModel):
+    """The decoder stack: embed * scale_emb -> layers -> final RMSNorm."""
+
+    def __init__(self, config: SalaConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(SalaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = SalaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: SalaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None and input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.training and self.gradient_checkpointing:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = SalaCache(self.config)
+        if past_key_values is not None and not isinstance(past_key_values, SalaCache):
+            raise TypeError(f"past_key_values must be a SalaCache, got {type(past_key_values).__name__}")
+        cache = past_key_values if use_cache else None
+        past = cache.seen_tokens if cache is not None else 0
+        batch = _positions_and_padding((B, T), inputs_embeds.device, past, attention_mask, position_ids,
+                                       cu_seqlens, cache)
+        hidden = inputs_embeds * self.config.scale_emb
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, batch, cache.layers[i] if cache is not None else None)
+        hidden = self.norm(hidden)
+        if cache is not None:
+            cache.seen_tokens += T
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
+
+
+class SalaForCausalLM(SalaPreTrainedModel, GenerationMixin):
+    """SALA causal LM: `SalaModel` + untied lm_head on h / (hidden_size / dim_model_base); logits in fp32."""
+
+    _tied_weights_keys: list[str] = []
+
+    def __init__(self, config: SalaConfig) -> None:
+        super().__init__(config)
+        self.model = SalaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: SalaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         cu_seqlens=cu_seqlens)
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden / self.config.logit_divisor).float()
+        loss = None
+        if labels is not None:
+            if labels.shape != (hidden.shape[0], out.last_hidden_state.shape[1]):
+                raise ValueError(f"labels must be [batch, tokens] = {list(out.last_hidden_state.shape[:2])}, "
+                                 f"got {list(labels.shape)}")
+            shift_labels = labels[:, 1:]
+            if cu_seqlens is not None:   # never predict across a document boundary
+                shift_labels = shift_labels.clone()
+                ends = cu_seqlens.to(labels.device).long()[1:-1] - 1
+                shift_labels[0, ends[(ends >= 0) & (ends < shift_labels.shape[1])]] = -100
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
+        """Load a SALA checkpoint; a local directory is checked first (shards, keys, shapes) with clear errors."""
+        import os
+
+        from sala.modeling.checkpoint import validate_checkpoint_dir
+
+        path = pretrained_model_name_or_path
+        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+            config = kwargs.get("config")
+            if not isinstance(config, SalaConfig):
+                config = SalaConfig.from_pretrained(path)
+            validate_checkpoint_dir(path, config, cls)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems:
+            raise ValueError(f"checkpoint {path} does not match {cls.__name__}: " +
+                             "; ".join(f"{k}: {sorted(map(str, v))[:8]}" for k, v in problems.items()))
+        return (model, info) if want_info else model

@@ -1,0 +1,276 @@
+"""The SALA model against an independent float64 implementation of the spec, and its equivalences."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import sala
+from sala import SalaCache, SalaConfig, SalaForCausalLM
+from tests.released import write_released_checkpoint
+from tests.spec_reference import spec_logits
+
+
+def tiny(**over) -> SalaConfig:
+    return SalaConfig.from_preset("sala-tiny", **over)
+
+
+def make_model(seed: int = 0, dtype=torch.float32, **over) -> SalaForCausalLM:
+    torch.manual_seed(seed)
+    m = SalaForCausalLM(tiny(**over)).eval().to(dtype)
+    # Non-trivial norm weights, so norms that were skipped or misplaced would show.
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    return m
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ----------------------------------------------------------------------------- config
+def test_released_config_loads_unchanged(tmp_path):
+    m = make_model()
+    write_released_checkpoint(m, tmp_path)
+    cfg = AutoConfig.from_pretrained(tmp_path)          # no trust_remote_code, despite auto_map
+    assert isinstance(cfg, SalaConfig)
+    assert cfg.mixer_types == m.config.mixer_types
+    assert cfg.sparse_config == m.config.sparse_config
+    assert cfg.mup_denominator == 32                    # unknown released fields are kept
+
+
+def test_9b_preset_has_released_parameter_count():
+    cfg = SalaConfig.from_preset("minicpm-sala-9b")
+    assert cfg.sparse_layer_ids == [0, 9, 16, 17, 22, 29, 30, 31]
+    with torch.device("meta"):
+        model = SalaForCausalLM(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n / 1e9 - 9.47) < 0.01, n
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (256, 4096)
+    assert shapes["model.layers.1.self_attn.z_proj.weight"] == (4096, 4096)
+    assert shapes["model.layers.1.self_attn.q_norm.weight"] == (128,)
+    assert shapes["model.layers.1.self_attn.o_norm.weight"] == (4096,)
+    assert shapes["model.layers.31.self_attn.o_gate.weight"] == (4096, 4096)
+    assert shapes["lm_head.weight"] == (73448, 4096)
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(mixer_types=["minicpm4"] * 3), "mixer_types has 3 entries"),
+    (dict(mixer_types=["minicpm4", "mamba", "lightning-attn", "minicpm4"]), "mixer_types\\[1\\] = 'mamba'"),
+    (dict(num_key_value_heads=3), "multiple of num_key_value_heads"),
+    (dict(lightning_nkv=3), "multiple of lightning_nkv"),
+    (dict(sparse_config={"block_size": 10}), "block_size"),
+    (dict(sparse_config={"window_size": 40}), "window_size"),
+    (dict(sparse_config={"topk": 0}), "topk"),
+    (dict(sparse_config={"bogus": 1}), "unknown keys"),
+    (dict(lightning_scale="sqrt(d)"), "lightning_scale"),
+])
+def test_config_validation_errors(over, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**over)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        SalaConfig.from_preset("nope")
+
+
+# ----------------------------------------------------------------------------- against the spec
+@pytest.mark.parametrize("T", [40, 150])   # 40: dense regime; 150: sparse from position 64 in sala-tiny
+def test_logits_match_float64_spec(T):
+    m = make_model(seed=T)
+    ids = torch.randint(3, m.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
+    with torch.no_grad():
+        got = m(ids, use_cache=False).logits[0]
+    want = spec_logits(m.config.to_dict(), m.state_dict(), ids[0].tolist())
+    assert rel_err(got, want) < 1e-3
+    if T > 64:   # the sparse regime really selects: fewer keys than dense for late positions
+        assert m.config.sparse_config["topk"] + m.config.sparse_config["window_size"] // 16 < T // 16
+
+
+def test_sparse_regime_differs_from_dense():
+    """Selection must matter: the same weights with sparse attention disabled give different late logits."""
+    m = make_model(seed=3)
+    ids = torch.randint(3, 500, (1, 160), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        sparse_logits = m(ids, use_cache=False).logits
+        m.config.use_sparse_attention = False
+        dense_logits = m(ids, use_cache=False).logits
+    assert rel_err(sparse_logits[:, :64], dense_logits[:, :64]) < 1e-6     # dense-exact early positions
+    assert rel_err(sparse_logits[:, 100:], dense_logits[:, 100:]) > 1e-4
+
+
+# ----------------------------------------------------------------------------- feeding-independence
+def _chunked(m, ids, chunk):
+    cache = SalaCache(m.config)
+    outs = []
+    for s in range(0, ids.shape[1], chunk):
+        outs.append(m(ids[:, s:s + chunk], past_key_values=cache, use_cache=True).logits)
+    return torch.cat(outs, 1), cache
+
+
+def test_one_shot_chunked_and_token_by_token_agree():
+    m = make_model(seed=5, dtype=torch.float64)
+    ids = torch.randint(3, 500, (1, 170), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = m(ids, use_cache=False).logits
+        for chunk in (1, 7, 64, 170):
+            got, cache = _chunked(m, ids, chunk)
+            assert rel_err(got, full) < 1e-9, chunk
+    assert cache.get_seq_length() == 170
+
+
+def test_short_prompt_decoding_past_sparse_threshold():
+    """A prompt in the dense regime whose decoding runs into the sparse regime (the official code's fragile case)."""
+    m = make_model(seed=6, dtype=torch.float64)
+    ids = torch.randint(3, 500, (1, 140), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = m(ids, use_cache=False).logits
+        cache = SalaCache(m.config)
+        first = m(ids[:, :20], past_key_values=cache, use_cache=True).logits
+        steps = [m(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(20, 140)]
+    got = torch.cat([first] + steps, 1)
+    assert rel_err(got, full) < 1e-9
+
+
+def test_greedy_generation_matches_spec_token_for_token():
+    m = make_model(seed=7)
+    prompt = torch.randint(3, 500, (1, 60), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        out = m.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    seq = prompt[0].tolist()
+    for _ in range(12):
+        seq.append(int(spec_logits(m.config.to_dict(), m.state_dict(), seq)[-1].argmax()))
+    assert out[0].tolist() == seq
+
+
+def test_left_padded_batch_equals_single_rows():
+    m = make_model(seed=8, dtype=torch.float64)
+    g = torch.Generator().manual_seed(8)
+    a = torch.randint(3, 500, (90,), generator=g)
+    b = torch.randint(3, 500, (120,), generator=g)
+    ids = torch.zeros(2, 120, dtype=torch.long)
+    mask = torch.zeros(2, 120, dtype=torch.long)
+    ids[0, 30:], mask[0, 30:] = a, 1
+    ids[1], mask[1] = b, 1
+    with torch.no_grad():
+        batched = m(ids, attention_mask=mask, use_cache=False).logits
+        ra = m(a[None], use_cache=False).logits
+        rb = m(b[None], use_cache=False).logits
+        assert rel_err(batched[0, 30:], ra[0]) < 1e-9
+        assert rel_err(batched[1], rb[0]) < 1e-9
+        gen = m.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+        ga = m.generate(a[None], max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert gen[0, 30:].tolist() == ga[0].tolist()
+
+
+def test_right_padding_is_refused():
+    m = make_model()
+    ids = torch.randint(3, 500, (1, 10))
+    mask = torch.ones(1, 10, dtype=torch.long)
+    mask[0, -2:] = 0
+    with pytest.raises(ValueError, match="left padding only"):
+        m(ids, attention_mask=mask)
+
+
+def test_packed_documents_are_isolated():
+    m = make_model(seed=9, dtype=torch.float64)
+    g = torch.Generator().manual_seed(9)
+    docs = [torch.randint(3, 500, (n,), generator=g) for n in (30, 100, 75)]
+    packed = torch.cat(docs)[None]
+    cu = torch.tensor([0, 30, 130, 205], dtype=torch.int32)
+    with torch.no_grad():
+        got = m(packed, cu_seqlens=cu, use_cache=False).logits[0]
+        for d, s in zip(docs, cu[:-1].tolist()):
+            want = m(d[None], use_cache=False).logits[0]
+            assert rel_err(got[s:s + len(d)], want) < 1e-9
+
+
+def test_cache_reports_memory():
+    m = make_model()
+    _, cache = _chunked(m, torch.randint(3, 500, (1, 100)), 50)
+    mem = cache.memory_bytes()
+    cfg = m.config
+    n_light = len(cfg.lightning_layer_ids)
+    assert mem["lightning_state"] == n_light * cfg.lightning_nh * cfg.lightning_head_dim ** 2 * 4
+    assert mem["sparse_kv"] >= len(cfg.sparse_layer_ids) * 2 * 100 * cfg.num_key_value_heads * cfg.head_dim * 4
+    assert mem["compressed_keys"] > 0
+    assert mem["total"] == mem["lightning_state"] + mem["sparse_kv"] + mem["compressed_keys"]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_released_layout_loads_through_auto_class(tmp_path):
+    m = make_model(seed=10)
+    write_released_checkpoint(m, tmp_path / "ckpt")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    assert isinstance(loaded, SalaForCausalLM)
+    ids = torch.randint(3, 500, (1, 80))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, m(ids).logits)
+
+
+def test_save_pretrained_round_trip_keeps_layout(tmp_path):
+    m = make_model(seed=11)
+    m.save_pretrained(tmp_path / "out", max_shard_size="200KB")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(m.state_dict())
+    back = SalaForCausalLM.from_pretrained(tmp_path / "out")
+    for k, v in m.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_missing_shard_names_the_file(tmp_path):
+    path = write_released_checkpoint(make_model(), tmp_path / "c")
+    (path / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00003.safetensors"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_missing_key_and_wrong_shape_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+    path = write_released_checkpoint(make_model(), tmp_path / "c")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    key = "model.layers.1.self_attn.z_proj.weight"
+    shard = path / index["weight_map"][key]
+    tensors = load_file(str(shard))
+    del tensors[key]
+    save_file(tensors, str(shard))
+    del index["weight_map"][key]
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"missing tensor 'model.layers.1.self_attn.z_proj.weight'"):
+        SalaForCausalLM.from_pretrained(path)
+
+    path2 = write_released_checkpoint(make_model(), tmp_path / "d")
+    index = json.loads((path2 / "model.safetensors.index.json").read_text())
+    key = "model.layers.0.self_attn.k_proj.weight"
+    shard = path2 / index["weight_map"][key]
+    tensors = load_file(str(shard))
+    tensors[key] = torch.zeros(5, 64)
+    save_file(tensors, str(shard))
+    with pytest.raises(ValueError, match=r"k_proj.weight' has shape \[5, 64\], the config expects \[32, 64\]"):
+        SalaForCausalLM.from_pretrained(path2)
+
+
+def test_unknown_mixer_in_checkpoint_config(tmp_path):
+    path = write_released_checkpoint(make_model(), tmp_path / "c")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["mixer_types"][2] = "mamba2"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="mixer_types\\[2\\] = 'mamba2' is unknown"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_hype_and_sparse_rope_switches_change_the_output():
+    base = make_model(seed=12)
+    ids = torch.randint(3, 500, (1, 50))
+    with torch.no_grad():
+        ref = base(ids).logits
+        for over in (dict(hype_query_scale_base=500.0), dict(attn_use_rope=True)):
+            other = make_model(seed=12, **over)
+            assert rel_err(other(ids).logits, ref) > 1e-5
