@@ -1,0 +1,59 @@
+"""`sala bench kernels --op lightning|sparse` and `sala bench latency`: GPU benchmarks that write JSON.
+
+Each benchmark measures this project's code and its baseline in the same process (fla for the lightning
+kernels, torch SDPA / fla NSA for the sparse kernels, HF transformers Qwen3-8B for end-to-end latency) and writes
+a JSON file (device, versions, command, git commit, shapes, medians, ratios) for `bench/results/`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+
+from sala.utils.lengths import lengths_arg
+
+_KERNEL_MODULES = {"lightning": "sala.bench.kernels_lightning", "sparse": "sala.bench.kernels_sparse"}
+
+
+def _call_run(module_name: str, **kwargs):
+    module = importlib.import_module(module_name)
+    accepted = inspect.signature(module.run).parameters
+    return module.run(**{k: v for k, v in kwargs.items() if k in accepted and v is not None})
+
+
+def _kernels(args: argparse.Namespace) -> int:
+    ops = list(_KERNEL_MODULES) if args.op == "all" else [args.op]
+    for op in ops:
+        out = args.out or f"bench_{op}_kernels.json"
+        if len(ops) > 1 and args.out:
+            out = args.out.replace(".json", f"_{op}.json")
+        _call_run(_KERNEL_MODULES[op], lengths=args.lengths, out_path=out, with_fla=not args.no_baseline)
+        print(f"wrote {out}")
+    return 0
+
+
+def _latency(args: argparse.Namespace) -> int:
+    out = args.out or "bench_latency.json"
+    _call_run("sala.bench.latency", lengths=args.lengths, decode_tokens=args.decode_tokens, out_path=out,
+              baseline=not args.no_baseline)
+    print(f"wrote {out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="GPU benchmarks (write JSON for bench/results/)")
+    bsub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+
+    k = bsub.add_parser("kernels", help="lightning / sparse attention kernels vs fla and torch SDPA")
+    k.add_argument("--op", choices=["lightning", "sparse", "all"], default="all")
+    k.add_argument("--lengths", type=lengths_arg, default=None, help="e.g. 4k,64k,1M (default: the op's own)")
+    k.add_argument("--out", default=None, help="JSON output path")
+    k.add_argument("--no-baseline", action="store_true", help="skip the fla / SDPA baselines")
+    k.set_defaults(func=_kernels)
+
+    lat = bsub.add_parser("latency", help="TTFT / end-to-end / decode speed vs HF Qwen3-8B (paper Figs. 2-3)")
+    lat.add_argument("--lengths", type=lengths_arg, default=None, help="e.g. 64k,128k,256k,512k,1M,2M")
+    lat.add_argument("--decode-tokens", type=int, default=None)
+    lat.add_argument("--out", default=None, help="JSON output path")
+    lat.add_argument("--no-baseline", action="store_true", help="skip the HF Qwen3-8B baseline")
+    lat.set_defaults(func=_latency)

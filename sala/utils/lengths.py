@@ -1,0 +1,42 @@
+"""Token counts written the way people write them: 4k, 64K, 1M, 2m, 131072."""
+from __future__ import annotations
+
+_UNITS = {"k": 1024, "m": 1024 * 1024}
+
+
+def parse_length(text: str) -> int:
+    """'64k' -> 65536, '1M' -> 1048576, '1000' -> 1000. Raises ValueError on anything else."""
+    s = text.strip().lower()
+    mult = 1
+    if s and s[-1] in _UNITS:
+        mult, s = _UNITS[s[-1]], s[:-1]
+    try:
+        value = float(s) * mult
+    except ValueError:
+        raise ValueError(f"not a token count: {text!r} (use e.g. 4096, 4k, 1M)") from None
+    if value <= 0 or value != int(value):
+        raise ValueError(f"not a positive whole token count: {text!r}")
+    return int(value)
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'4k,64k,1M' -> [4096, 65536, 1048576]."""
+    return [parse_length(part) for part in text.split(",") if part.strip()]
+
+
+def format_length(n: int) -> str:
+    """1048576 -> '1M', 65536 -> '64K', 1000 -> '1000'."""
+    for unit, size in (("M", 1024 * 1024), ("K", 1024)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def lengths_arg(text: str) -> list[int]:
+    """argparse `type=` for a list of lengths: the parse error reaches the user verbatim."""
+    import argparse
+
+    try:
+        return parse_lengths(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
