@@ -116,35 +116,35 @@ def _chunked(m, ids, chunk):
 
 def test_one_shot_chunked_and_token_by_token_agree():
     m = make_model(seed=5, dtype=torch.float64)
-    ids = torch.randint(3, 500, (1, 170), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(3, 500, (1, 150), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         full = m(ids, use_cache=False).logits
-        for chunk in (1, 7, 64, 170):
+        for chunk in (1, 37, 150):
             got, cache = _chunked(m, ids, chunk)
             assert rel_err(got, full) < 1e-9, chunk
-    assert cache.get_seq_length() == 170
+    assert cache.get_seq_length() == 150
 
 
 def test_short_prompt_decoding_past_sparse_threshold():
     """A prompt in the dense regime whose decoding runs into the sparse regime (the official code's fragile case)."""
     m = make_model(seed=6, dtype=torch.float64)
-    ids = torch.randint(3, 500, (1, 140), generator=torch.Generator().manual_seed(6))
+    ids = torch.randint(3, 500, (1, 110), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         full = m(ids, use_cache=False).logits
         cache = SalaCache(m.config)
         first = m(ids[:, :20], past_key_values=cache, use_cache=True).logits
-        steps = [m(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(20, 140)]
+        steps = [m(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(20, 110)]
     got = torch.cat([first] + steps, 1)
     assert rel_err(got, full) < 1e-9
 
 
 def test_greedy_generation_matches_spec_token_for_token():
     m = make_model(seed=7)
-    prompt = torch.randint(3, 500, (1, 60), generator=torch.Generator().manual_seed(7))
+    prompt = torch.randint(3, 500, (1, 70), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        out = m.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        out = m.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
     seq = prompt[0].tolist()
-    for _ in range(12):
+    for _ in range(6):
         seq.append(int(spec_logits(m.config.to_dict(), m.state_dict(), seq)[-1].argmax()))
     assert out[0].tolist() == seq
 
