@@ -1,0 +1,1 @@
+"""Benchmarks of SALA kernels and models (GPU timing, JSON results)."""

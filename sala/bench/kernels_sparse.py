@@ -1,0 +1,226 @@
+"""Benchmark of InfLLM-V2 sparse attention at the released shape (Hq 32, Hkv 2, d 128, bf16, block 64,
+topk 64, window 2048) against torch SDPA dense causal and fla's parallel_nsa, in one process on the GPU.
+
+`python -m sala.bench.kernels_sparse --out FILE [--lengths 32768,65536,...] [--no-fla]`
+Measures per length: the whole sparse attention forward (compression + selection + attention, inference
+mode, query-chunked) and forward+backward (training mode), each stage separately, SDPA dense causal forward
+(and fwd+bwd) where reasonable, fla parallel_nsa (selected-block attention only, the same block indices), and
+the peak GPU memory beyond q, k, v and the output.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from sala.bench.common import bench_ms, run_metadata, write_json
+from sala.ops.dense import dense_causal_attention
+from sala.ops.infllmv2 import (SparseParams, block_sparse_attention, compress_keys, infllmv2_attention,
+                               select_blocks)
+
+HQ, HKV, D = 32, 2, 128
+DEFAULT_LENGTHS = (32768, 65536, 131072, 262144, 524288, 1048576, 2097152)
+
+
+def _reps(T: int) -> tuple[int, int]:
+    return (1, 3) if T >= 262144 else (2, 5)
+
+
+def _peak_extra_gib(fn, base_bytes: int) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base_bytes) / 2**30
+
+
+def _measure(T: int, p: SparseParams, with_fla: bool, backward: bool, dense_fwd_max: int,
+             dense_bwd_max: int) -> dict:
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(T)
+    q = torch.randn(1, T, HQ, D, device=dev, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, T, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, T, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
+    w, r = _reps(T)
+    res: dict = {"T": T}
+    dp = p.dense_positions
+
+    with torch.no_grad():
+        out = torch.empty_like(q)
+        base = torch.cuda.memory_allocated()
+        res["whole_fwd_ms"] = bench_ms(lambda: infllmv2_attention(q, k, v, p), w, r)
+        res["whole_fwd_peak_extra_gib"] = _peak_extra_gib(lambda: out.copy_(infllmv2_attention(q, k, v, p)), base)
+        res["compress_ms"] = bench_ms(lambda: (compress_keys(k, p.kernel_size, p.kernel_stride),
+                                               compress_keys(k, p.k2_kernel, p.k2_stride)), w, r)
+        k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
+        qs = q[:, dp:]
+        res["select_ms"] = bench_ms(lambda: select_blocks(qs, k1, k2, p, q_offset=dp), w, r)
+        res["dense_part_ms"] = bench_ms(lambda: dense_causal_attention(q[:, :dp], k[:, :dp], v[:, :dp]), w, r)
+        if T == min(DEFAULT_LENGTHS):   # dense fallback: SDPA vs the block-sparse kernel with every block kept
+            idx_d = select_blocks(q[:, :dp], k1, k2, p, q_offset=0)
+            res["dense_part_via_sparse_kernel_ms"] = bench_ms(
+                lambda: block_sparse_attention(q[:, :dp], k, v, idx_d, p, q_offset=0), w, r)
+        if T <= 262144:   # block indices of all sparse queries at once: 0.8 KiB/token
+            idx = select_blocks(qs, k1, k2, p, q_offset=dp)
+            res["attention_fwd_ms"] = bench_ms(lambda: block_sparse_attention(qs, k, v, idx, p, q_offset=dp), w, r)
+            del idx
+        if T <= dense_fwd_max:
+            res["sdpa_fwd_ms"] = bench_ms(lambda: dense_causal_attention(q, k, v), w, r)
+            res["speedup_fwd_vs_sdpa"] = res["sdpa_fwd_ms"] / res["whole_fwd_ms"]
+        if with_fla and T <= 262144:
+            try:
+                from fla.ops.nsa import parallel_nsa
+
+                full_idx = select_blocks(q, k1, k2, p, q_offset=0).permute(0, 2, 1, 3).to(torch.int64).contiguous()
+                res["fla_nsa_fwd_ms"] = bench_ms(lambda: parallel_nsa(q, k, v, block_indices=full_idx,
+                                                                      block_counts=p.total_blocks,
+                                                                      block_size=p.block_size, window_size=0), w, r)
+                idx_all = full_idx.permute(0, 2, 1, 3).to(torch.int32).contiguous()
+                res["attention_full_T_fwd_ms"] = bench_ms(
+                    lambda: block_sparse_attention(q, k, v, idx_all, p, q_offset=0), w, r)
+                del full_idx, idx_all
+            except Exception as ex:  # fla missing or failing: recorded, not fatal
+                res["fla_nsa_error"] = repr(ex)[:300]
+        del k1, k2, out
+    if backward:
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        do = torch.randn_like(q)
+
+        def whole_fb():
+            o = infllmv2_attention(qg, kg, vg, p)
+            torch.autograd.grad(o, (qg, kg, vg), do)
+
+        res["whole_fwd_bwd_ms"] = bench_ms(whole_fb, w, r)
+        k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
+        qs = qg[:, dp:]
+        idx = select_blocks(qs.detach(), k1, k2, p, q_offset=dp)
+
+        def attn_fb():
+            o = block_sparse_attention(qs, kg, vg, idx, p, q_offset=dp)
+            torch.autograd.grad(o, (qg, kg, vg), do[:, dp:])
+
+        res["attention_fwd_bwd_ms"] = bench_ms(attn_fb, w, r)
+        if T <= dense_bwd_max:
+            def sdpa_fb():
+                o = dense_causal_attention(qg, kg, vg)
+                torch.autograd.grad(o, (qg, kg, vg), do)
+
+            res["sdpa_fwd_bwd_ms"] = bench_ms(sdpa_fb, w, r)
+            res["speedup_fwd_bwd_vs_sdpa"] = res["sdpa_fwd_bwd_ms"] / res["whole_fwd_bwd_ms"]
+        del qg, kg, vg, do, idx
+    del q, k, v
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+SELECT_CONFIGS = [(128, 64, 8, None), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, None), (64, 64, 4, 3),
+                  (128, 128, 8, 2), (64, 128, 4, 2), (32, 64, 4, 3)]
+FWD_CONFIGS = [(4, None, 1), (4, 3, 1), (2, 3, 1), (4, 2, 2), (4, 3, 2), (8, 3, 2), (4, 3, 4), (8, 3, 4)]
+
+
+def sweep(T: int = 131072) -> dict:
+    """Time the selection and attention kernels under several launch settings at length T; keep the fastest
+    (in sala.ops.infllmv2_triton.TUNING, for the rest of this process)."""
+    from sala.ops import infllmv2_triton as tri
+
+    p = SparseParams()
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(1)
+    q = torch.randn(1, T, HQ, D, device=dev, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, T, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, T, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
+    dp = p.dense_positions
+    k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
+    qs = q[:, dp:]
+    out = {"T": T, "select": [], "attention_fwd": []}
+    best = (float("inf"), None)
+    for rows, tile, warps, stages in SELECT_CONFIGS:
+        tri.TUNING.update(select_rows=rows, select_k1_tile=tile, select_warps=warps, select_stages=stages)
+        try:
+            ms = bench_ms(lambda: select_blocks(qs, k1, k2, p, q_offset=dp), 1, 3)
+        except Exception as ex:
+            out["select"].append({"config": [rows, tile, warps, stages], "error": repr(ex)[:200]})
+            continue
+        out["select"].append({"config": [rows, tile, warps, stages], "ms": ms})
+        best = min(best, (ms, (rows, tile, warps, stages)), key=lambda x: x[0])
+    rows, tile, warps, stages = best[1]
+    tri.TUNING.update(select_rows=rows, select_k1_tile=tile, select_warps=warps, select_stages=stages)
+    idx = select_blocks(qs, k1, k2, p, q_offset=dp)
+    best = (float("inf"), None)
+    for warps, stages, kpi in FWD_CONFIGS:
+        tri.TUNING.update(fwd_warps=warps, fwd_stages=stages, fwd_blocks_per_iter=kpi)
+        try:
+            ms = bench_ms(lambda: block_sparse_attention(qs, k, v, idx, p, q_offset=dp), 1, 3)
+        except Exception as ex:
+            out["attention_fwd"].append({"config": [warps, stages, kpi], "error": repr(ex)[:200]})
+            continue
+        out["attention_fwd"].append({"config": [warps, stages, kpi], "ms": ms})
+        best = min(best, (ms, (warps, stages, kpi)), key=lambda x: x[0])
+    tri.TUNING.update(fwd_warps=best[1][0], fwd_stages=best[1][1], fwd_blocks_per_iter=best[1][2])
+    out["chosen"] = dict(tri.TUNING)
+    print("sweep", out, flush=True)
+    del q, k, v, k1, k2, idx
+    torch.cuda.empty_cache()
+    return out
+
+
+def run(lengths=DEFAULT_LENGTHS, out_path: str | None = None, with_fla: bool = True,
+        backward_max_len: int = 262144, dense_fwd_max: int = 262144, dense_bwd_max: int = 131072,
+        time_budget_s: float = 420.0, tune: bool = False) -> dict:
+    """Measure every length (stopping when `time_budget_s` is spent); returns and optionally writes the JSON."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("sala.bench.kernels_sparse needs a CUDA GPU")
+    p = SparseParams()
+    payload = {"meta": run_metadata(), "op": "infllmv2_sparse_attention",
+               "shape": {"Hq": HQ, "Hkv": HKV, "head_dim": D, "dtype": "bfloat16", "batch": 1,
+                         "params": {"block_size": p.block_size, "kernel_size": p.kernel_size,
+                                    "kernel_stride": p.kernel_stride, "topk": p.topk, "init_blocks": p.init_blocks,
+                                    "window_size": p.window_size, "total_blocks": p.total_blocks,
+                                    "dense_positions": p.dense_positions}},
+               "notes": "times are medians in ms (CUDA events); whole_fwd = inference (no grad, query-chunked); "
+                        "peak extra = max allocated beyond q, k, v and the output; fla = parallel_nsa selected "
+                        "branch only with our block indices (same selected tokens)",
+               "results": []}
+    if tune:
+        payload["tuning_sweep"] = sweep()
+    from sala.ops import infllmv2_triton as tri
+
+    payload["tuning"] = dict(tri.TUNING)
+    t0 = time.time()
+    for T in lengths:
+        if time.time() - t0 > time_budget_s:
+            payload["results"].append({"T": T, "skipped": "time budget"})
+            continue
+        try:
+            res = _measure(T, p, with_fla, T <= backward_max_len, dense_fwd_max, dense_bwd_max)
+        except torch.cuda.OutOfMemoryError as ex:
+            res = {"T": T, "error": "OOM: " + str(ex)[:200]}
+            gc.collect()
+            torch.cuda.empty_cache()
+        res["elapsed_s"] = round(time.time() - t0, 1)
+        payload["results"].append(res)
+        print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items()}, flush=True)
+        if out_path:
+            write_json(out_path, payload)
+    return payload
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON output path")
+    ap.add_argument("--lengths", default=",".join(str(x) for x in DEFAULT_LENGTHS))
+    ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--backward-max-len", type=int, default=262144)
+    ap.add_argument("--time-budget-s", type=float, default=420.0)
+    ap.add_argument("--tune", action="store_true", help="sweep kernel launch settings at 128K first")
+    a = ap.parse_args(argv)
+    run([int(x) for x in a.lengths.split(",")], a.out, with_fla=not a.no_fla,
+        backward_max_len=a.backward_max_len, time_budget_s=a.time_budget_s, tune=a.tune)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

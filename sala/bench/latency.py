@@ -1,0 +1,328 @@
+"""Long-context latency: TTFT, end-to-end time, decode speed and peak memory vs context length (paper Figs. 2-3).
+
+For each context length N: prefill N random tokens and decode `decode_tokens` tokens (greedy, EOS ignored)
+through `SalaEngine` with the released 9B shape (random weights, bf16, batch 1) - the path `sala generate`
+takes. In the same process, the dense baseline: HF transformers `Qwen3ForCausalLM` with a Qwen3-8B shape
+(36 layers, hidden 4096, 32/8 heads, head_dim 128, SDPA, bf16, random weights), prefill with
+logits_to_keep=1, then a few greedy decode steps through its DynamicCache; OOM is recorded as such.
+
+The JSON is rewritten after every measurement, so a run cut short still leaves its results.
+
+    python -m sala.bench.latency --out bench/results/latency_h200.json [--lengths 64K,128K,...] [--budget-s 360]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import time
+from typing import Any
+
+import torch
+
+from sala.bench.common import run_metadata, write_json
+
+DEFAULT_LENGTHS = (65536, 131072, 262144, 524288, 1048576, 2097152)
+QWEN3_8B_SHAPE = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=1 << 22,
+                      rope_theta=1e6, tie_word_embeddings=False)
+
+
+def parse_length(text: str) -> int:
+    """'64K' -> 65536, '1M' -> 1048576, '5000' -> 5000."""
+    t = text.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise ValueError(f"bad context length {text!r}: use a number, optionally with K or M (64K, 1M)") from None
+
+
+def _gib(n: float) -> float:
+    return round(n / 2**30, 3)
+
+
+def _free_cuda() -> None:
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- dense baseline
+def build_qwen3_8b(device: str = "cuda", seed: int = 0):
+    """HF Qwen3ForCausalLM, Qwen3-8B shape, random bf16 weights made on the device (meta -> to_empty)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(**QWEN3_8B_SHAPE)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg)
+    model = model.to(torch.bfloat16).to_empty(device=device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+        for m in model.modules():           # rotary buffers were on meta: recompute them on the device
+            if hasattr(m, "inv_freq") and hasattr(m, "rope_init_fn"):
+                inv, scaling = m.rope_init_fn(m.config, torch.device(device))
+                m.inv_freq = inv
+                m.attention_scaling = scaling
+                if hasattr(m, "original_inv_freq"):
+                    m.original_inv_freq = inv
+    return model.eval()
+
+
+@torch.no_grad()
+def measure_baseline(model, n: int, decode_tokens: int, decode_measured: int, seed: int) -> dict[str, Any]:
+    """Prefill n tokens (logits_to_keep=1) and greedy-decode `decode_measured` tokens; e2e is extrapolated to
+    `decode_tokens` from the measured per-token time when fewer were measured."""
+    g = torch.Generator(device="cuda")
+    g.manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda", generator=g)
+    _free_cuda()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        tok.tolist()
+        ttft = time.perf_counter() - t0
+        pkv = out.past_key_values
+        del out
+        out = model(input_ids=tok, past_key_values=pkv, use_cache=True, logits_to_keep=1)   # untimed warm-up step
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        pkv = out.past_key_values
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        for _ in range(decode_measured - 1):
+            out = model(input_ids=tok, past_key_values=pkv, use_cache=True, logits_to_keep=1)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            tok.tolist()
+            pkv = out.past_key_values
+        dt = time.perf_counter() - t1
+        per_token = dt / max(1, decode_measured - 1)
+        res = {"status": "ok", "ttft_s": ttft, "decode_tokens_measured": decode_measured,
+               "decode_tokens_per_s": 1.0 / per_token if per_token > 0 else None,
+               "e2e_s": ttft + per_token * (decode_tokens - 1),
+               "e2e_extrapolated": decode_measured < decode_tokens,
+               "peak_gib": _gib(torch.cuda.max_memory_allocated())}
+        del pkv
+    except torch.OutOfMemoryError as e:
+        res = {"status": "OOM", "error": str(e).splitlines()[0][:200],
+               "peak_gib": _gib(torch.cuda.max_memory_allocated())}
+    del ids
+    _free_cuda()
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- SALA
+def measure_sala(engine, n: int, decode_tokens: int, seed: int) -> dict[str, Any]:
+    """One request through SalaEngine: prefill n random tokens, greedy-decode `decode_tokens` (EOS ignored)."""
+    from sala.engine import SamplingParams
+
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed)
+    ids = torch.randint(3, engine.config.vocab_size, (n,), generator=g).tolist()
+    engine.cache = None
+    _free_cuda()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        res = engine.generate([ids], SamplingParams(max_new_tokens=decode_tokens, ignore_eos=True), add_bos=False)[0]
+    except torch.OutOfMemoryError as e:
+        engine.cache = None
+        _free_cuda()
+        return {"status": "OOM", "error": str(e).splitlines()[0][:200], "peak_gib": _gib(torch.cuda.max_memory_allocated())}
+    out = {"status": "ok", "ttft_s": res.ttft_s, "e2e_s": res.total_s, "decode_tokens": len(res.token_ids),
+           "decode_tokens_per_s": res.decode_tokens_per_s, "peak_gib": _gib(torch.cuda.max_memory_allocated()),
+           "decode_mode": engine.decode_mode, "first_tokens": res.token_ids[:4]}
+    engine.cache = None
+    _free_cuda()
+    return out
+
+
+def profile_sala(engine, seed: int, n: int = 32768, steps: int = 8) -> dict[str, Any]:
+    """Top CUDA kernels (torch.profiler) of one n-token prefill and `steps` eager decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sala.engine.forward import DecodeStep
+
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed + 1)
+    ids = torch.randint(3, engine.config.vocab_size, (n,), generator=g).tolist()
+    out: dict[str, Any] = {}
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.prefill([ids], n + steps + 1)
+            torch.cuda.synchronize()
+        out[f"prefill_{n}"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+        step = DecodeStep(engine.runner, engine.cache)
+        step()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        out[f"decode_{steps}_steps_eager"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
+                                                                        max_name_column_width=60)
+    except Exception as e:  # noqa: BLE001 - the profile is a diagnostic only
+        out["error"] = f"{type(e).__name__}: {e}"
+    engine.cache = None
+    _free_cuda()
+    for k, v in out.items():
+        print(f"== profile {k}\n{v}", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def run(lengths=DEFAULT_LENGTHS, decode_tokens: int = 1024, out_path: str = "latency.json", baseline: bool = True,
+        baseline_max_len: int = 262144, baseline_decode_tokens: int = 16, chunk_size: int | None = None,
+        budget_s: float | None = None, seed: int = 0, plots: bool = True, profile: bool = True) -> dict:
+    """Measure SALA (and the dense baseline up to `baseline_max_len`) at each length; write JSON to out_path.
+
+    budget_s: wall-clock budget of the whole run; a length whose predicted cost would pass it decodes fewer
+    tokens (down to 128) or is skipped, and the JSON says so.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("sala.bench.latency needs a CUDA GPU")
+    from sala.engine import DEFAULT_CHUNK_SIZE, SalaEngine
+    from sala.engine.memory import parameter_counts
+    from sala.modeling import SalaConfig
+
+    start = time.perf_counter()
+    lengths = sorted(int(n) for n in lengths)
+    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+    payload: dict[str, Any] = {
+        "benchmark": "latency", "meta": run_metadata(),
+        "setup": {"batch": 1, "dtype": "bfloat16", "weights": "random", "decode_tokens": decode_tokens,
+                  "sala": {"preset": "minicpm-sala-9b", "params": parameter_counts(
+                      SalaConfig.from_preset("minicpm-sala-9b"))["total"], "chunk_size": chunk_size,
+                      "path": "SalaEngine.generate (chunked prefill + CUDA-graph decode), greedy, EOS ignored"},
+                  "baseline": {"model": "HF transformers Qwen3ForCausalLM, Qwen3-8B shape", "shape": QWEN3_8B_SHAPE,
+                               "attn_implementation": "sdpa", "max_len": baseline_max_len,
+                               "decode_tokens_measured": baseline_decode_tokens,
+                               "note": "e2e = TTFT + decode_tokens x measured per-token time"}},
+        "sala": {}, "baseline": {}, "notes": [],
+    }
+
+    def save() -> None:
+        payload["elapsed_s"] = round(time.perf_counter() - start, 1)
+        write_json(out_path, payload)
+
+    def left() -> float:
+        return float("inf") if budget_s is None else budget_s - (time.perf_counter() - start)
+
+    save()
+    if baseline:
+        model = build_qwen3_8b()
+        with torch.no_grad():   # warm-up: cuBLAS / SDPA handles out of the timings
+            model(input_ids=torch.randint(0, 1000, (1, 4096), device="cuda"), use_cache=True, logits_to_keep=1)
+        _free_cuda()
+        for n in [n for n in lengths if n <= baseline_max_len]:
+            r = measure_baseline(model, n, decode_tokens, baseline_decode_tokens, seed)
+            payload["baseline"][str(n)] = r
+            print(f"baseline {n:>8}: {r}", flush=True)
+            save()
+            if r["status"] == "OOM":
+                break
+        del model
+        _free_cuda()
+        for n in lengths:
+            if n > baseline_max_len:
+                payload["baseline"][str(n)] = {"status": "not run", "reason": f"beyond baseline_max_len "
+                                               f"{baseline_max_len} (time budget; OOM at 512K on 139 GiB)"}
+        save()
+
+    t = time.perf_counter()
+    engine = SalaEngine.from_preset("minicpm-sala-9b", random_weights=True, device="cuda", dtype="bf16",
+                                    seed=seed, chunk_size=chunk_size)
+    payload["sala_load_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    measure_sala(engine, 12288, 16, seed)          # compile the kernels, capture a graph once
+    payload["sala_warmup_s"] = round(time.perf_counter() - t, 2)
+    if profile:
+        payload["profile"] = profile_sala(engine, seed)
+    save()
+    prev: tuple[int, float, float] | None = None    # (length, prefill s, decode s per token)
+    for n in lengths:
+        nd = decode_tokens
+        if prev is not None and left() != float("inf"):
+            pn, pt, pd = prev
+            est_prefill = pt * (n / pn) * 1.15
+            if est_prefill > left():
+                payload["sala"][str(n)] = {"status": "skipped", "reason": f"time budget: predicted prefill "
+                                           f"{est_prefill:.0f} s > {left():.0f} s left"}
+                payload["notes"].append(f"{n}: skipped (time budget)")
+                save()
+                continue
+            room = (left() - est_prefill - 5) / max(pd * 1.2, 1e-4)
+            if room < nd:
+                nd = max(128, int(room))
+                payload["notes"].append(f"{n}: decoded {nd} tokens instead of {decode_tokens} (time budget); "
+                                        "e2e_s_1024 extrapolates")
+        r = measure_sala(engine, n, nd, seed)
+        if r["status"] == "ok":
+            per_tok = 1.0 / r["decode_tokens_per_s"] if r["decode_tokens_per_s"] else 0.0
+            r["e2e_s_1024"] = r["ttft_s"] + per_tok * (decode_tokens - 1)
+            prev = (n, r["ttft_s"], per_tok)
+            b = payload["baseline"].get(str(n), {})
+            if b.get("status") == "ok":
+                r["ttft_speedup_vs_baseline"] = b["ttft_s"] / r["ttft_s"]
+                r["e2e_speedup_vs_baseline"] = b["e2e_s"] / r["e2e_s_1024"]
+        payload["sala"][str(n)] = r
+        print(f"sala     {n:>8}: {r}", flush=True)
+        save()
+    payload["targets"] = _targets(payload)
+    save()
+    if plots:
+        try:
+            from sala.bench.plots import plot_latency
+
+            plot_latency(payload, os.path.dirname(os.path.abspath(out_path)))
+        except Exception as e:  # noqa: BLE001 - plots are optional on the device
+            print(f"plots skipped: {type(e).__name__}: {e}", flush=True)
+    return payload
+
+
+def _targets(p: dict) -> dict:
+    """The issue's targets, checked against this run."""
+    s, b = p["sala"], p["baseline"]
+    out: dict[str, Any] = {}
+    k256, k1m, k2m = "262144", "1048576", "2097152"
+    if s.get(k256, {}).get("status") == "ok" and b.get(k256, {}).get("status") == "ok":
+        ratio = b[k256]["ttft_s"] / s[k256]["ttft_s"]
+        out["ttft_256k_speedup>=4.5"] = {"value": round(ratio, 2), "met": ratio >= 4.5}
+    if s.get(k1m, {}).get("status") == "ok":
+        out["prefill_1m_s<=40"] = {"value": round(s[k1m]["ttft_s"], 2), "met": s[k1m]["ttft_s"] <= 40}
+        out["peak_1m_gib<=32"] = {"value": s[k1m]["peak_gib"], "met": s[k1m]["peak_gib"] <= 32}
+        tps = s[k1m]["decode_tokens_per_s"]
+        out["decode_1m_tok_s>=100"] = {"value": round(tps, 1), "met": tps >= 100}
+    out["2m_completes"] = {"met": s.get(k2m, {}).get("status") == "ok"}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sala.bench.latency", description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", default="64K,128K,256K,512K,1M,2M", help="comma-separated context lengths")
+    ap.add_argument("--decode-tokens", type=int, default=1024)
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "latency.json"))
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--baseline-max-len", default="256K")
+    ap.add_argument("--baseline-decode-tokens", type=int, default=16)
+    ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the whole run (seconds)")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--no-profile", action="store_true")
+    args = ap.parse_args(argv)
+    run([parse_length(x) for x in args.lengths.split(",") if x.strip()], args.decode_tokens, args.out,
+        baseline=not args.no_baseline, baseline_max_len=parse_length(args.baseline_max_len),
+        baseline_decode_tokens=args.baseline_decode_tokens, chunk_size=args.chunk_size, budget_s=args.budget_s,
+        plots=not args.no_plots, profile=not args.no_profile)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""`sala eval niah`: RULER-style synthetic long-context tasks against a model, table + JSON."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a model on synthetic long-context tasks (RULER-style)")
+    sub = p.add_subparsers(dest="eval_command", metavar="SUITE")
+    n = sub.add_parser("niah", help="needle-in-a-haystack family: niah_single, niah_multikey, niah_multivalue, vt, cwe",
+                       description="Generate the tasks offline (seeded), decode greedily, score by RULER string "
+                                   "match; lengths are in tokens of the model's tokenizer.")
+    n.add_argument("--model", default=None, help="model folder (default: SALA_DEFAULT_MODEL)")
+    n.add_argument("--lengths", default="1k,4k,16k,64k", help="comma-separated, e.g. 1k,4k,16k,64k")
+    n.add_argument("--tasks", default="niah_single", help="comma-separated task names or 'all'")
+    n.add_argument("--num-samples", type=int, default=20, help="samples per task and length")
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--device", default=None)
+    n.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    n.add_argument("--out", default=None, help="write the JSON report here (default: print only)")
+    n.add_argument("--debug", action="store_true")
+    n.set_defaults(func=_niah)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+
+def _niah(args: argparse.Namespace) -> int:
+    from sala.eval.runner import format_table, parse_lengths, run_tasks
+    from sala.eval.tasks import TASKS
+
+    tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",")]
+    report = run_tasks(args.model, parse_lengths(args.lengths), tasks, num_samples=args.num_samples,
+                       seed=args.seed, device=args.device, dtype=args.dtype)
+    try:
+        from sala.bench.common import run_metadata, write_json
+
+        report["meta"] = run_metadata()
+    except Exception:  # noqa: BLE001 - metadata is best effort
+        from sala.bench.common import write_json
+    print(format_table(report))
+    if args.out:
+        write_json(args.out, report)
+        print(f"wrote {args.out}")
+    return 0

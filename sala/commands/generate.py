@@ -1,0 +1,111 @@
+"""`sala generate`: stream a continuation of a prompt (or a file) from a SALA model."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "model"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a prompt (long contexts: chunked prefill)",
+                              description="Generate a continuation with a SALA model, streaming tokens to stdout.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help=f"model directory (default: the bundled model at {BUNDLED_MODEL}, if present)")
+    src.add_argument("--preset", help="a preset shape (minicpm-sala-9b, sala-small, sala-tiny); needs --random-weights")
+    p.add_argument("--random-weights", action="store_true", help="random weights for --preset (benchmarking)")
+    inp = p.add_mutually_exclusive_group(required=True)
+    inp.add_argument("--prompt", help="prompt text")
+    inp.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS tokens")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk in tokens (default 16384)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (and weight seed with --random-weights)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly (debugging)")
+    p.add_argument("--stats", action="store_true", help="print prompt length, TTFT and decode speed to stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run)
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt-file {path}: no such file")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _tokenizer_for_preset(vocab_size: int):
+    from sala.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"the shipped tokenizer has {tok.vocab_size} tokens, more than this preset's vocabulary "
+                         f"({vocab_size}): pass a model directory with its own tokenizer")
+    return tok
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from sala.engine import DEFAULT_CHUNK_SIZE, SalaEngine, SamplingParams
+    from sala.engine.loading import load_config_dir
+    from sala.modeling import SalaConfig
+
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, stop=list(args.stop), stop_token_ids=list(args.stop_token_id),
+                              ignore_eos=args.ignore_eos, seed=args.seed)
+    prompt = _read_prompt(args)
+    chunk = args.chunk_size or DEFAULT_CHUNK_SIZE
+    kw = dict(device=args.device, dtype=args.dtype, chunk_size=chunk, use_cuda_graph=not args.no_cuda_graph)
+    if args.preset:
+        if not args.random_weights:
+            raise ValueError(f"preset {args.preset!r} ships no weights: add --random-weights, or pass --model DIR")
+        config = SalaConfig.from_preset(args.preset)
+        tok = _tokenizer_for_preset(config.vocab_size)
+        n_prompt = len(tok.encode(prompt, add_bos=not args.no_bos))
+        engine = SalaEngine.from_preset(args.preset, random_weights=True, seed=args.seed or 0, tokenizer=tok,
+                                        context=n_prompt + args.max_new_tokens, **kw)
+    else:
+        if args.random_weights:
+            raise ValueError("--random-weights goes with --preset, not with --model")
+        model_dir = Path(args.model) if args.model else BUNDLED_MODEL
+        if not args.model and not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"no model given and no bundled model at {model_dir}: pass --model DIR "
+                                    "(a SALA checkpoint directory), or --preset NAME --random-weights")
+        from sala.engine.loading import load_tokenizer_dir
+
+        load_config_dir(model_dir)
+        tok = load_tokenizer_dir(model_dir)
+        if tok is None:
+            raise FileNotFoundError(f"{model_dir} has no tokenizer (tokenizer.json / tokenizer_config.json): "
+                                    "`sala generate` needs one to read the prompt")
+        n_prompt = len(tok.encode(prompt, add_bos=not args.no_bos))
+        engine = SalaEngine.from_pretrained(model_dir, context=n_prompt + args.max_new_tokens, **kw)
+    results = []
+    out = sys.stdout
+    for ev in engine.iter_generate([prompt], sampling, add_bos=not args.no_bos, results=results):
+        if ev.text:
+            out.write(ev.text)
+            out.flush()
+    out.write("\n")
+    out.flush()
+    if args.stats:
+        r = results[0]
+        dev = torch.device(engine.device)
+        print(f"[prompt {r.prompt_tokens} tokens, generated {len(r.token_ids)} ({r.finish_reason}), "
+              f"TTFT {r.ttft_s:.3f} s, decode {r.decode_tokens_per_s:.1f} tokens/s, {dev}, "
+              f"decode {engine.decode_mode}]", file=sys.stderr)
+    return 0

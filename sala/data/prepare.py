@@ -1,0 +1,128 @@
+"""`sala data prepare`: documents -> tokens -> a packed, memory-mapped dataset with a held-out split.
+
+The held-out split is chosen per document (a seeded hash of the document's name), so no document is
+in both splits. Synthetic RULER-style samples (`sala.eval.tasks`) can be mixed into the training
+split as extra documents, to teach retrieval over long contexts.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sala.data.corpus import iter_source_documents
+from sala.data.packed import PackedWriter
+from sala.data.tokenizer import TextTokenizer, load_tokenizer
+
+
+@dataclass
+class SyntheticMix:
+    """Synthetic retrieval documents mixed into the training split.
+
+    `fraction` is their share of the training tokens; samples are spread evenly over `tasks` x
+    `lengths` (prompt + answer lengths in tokens).
+    """
+
+    fraction: float = 0.0
+    tasks: tuple[str, ...] = ("niah_single", "niah_multikey", "niah_multivalue", "vt")
+    lengths: tuple[int, ...] = (512, 1024, 2048)
+    seed: int = 1234
+
+
+@dataclass
+class PrepareReport:
+    out_dir: str
+    splits: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def in_heldout(name: str, val_fraction: float, seed: int) -> bool:
+    """Whether document `name` belongs to the held-out split (stable under reordering of the sources)."""
+    h = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(h[:8], "little") / 2**64 < val_fraction
+
+
+def prepare(out_dir: str, sources: list[str], tokenizer: TextTokenizer | str | None = None,
+            val_fraction: float = 0.02, seed: int = 0, synthetic: SyntheticMix | None = None,
+            max_docs: int | None = None, overwrite: bool = False,
+            log: Callable[[str], None] = print) -> PrepareReport:
+    """Tokenize `sources` (see `sala.data.corpus.iter_source_documents`) into a packed dataset at `out_dir`.
+
+    Each document becomes `[BOS] + tokens + [EOS]`. Training documents (corpus and synthetic) are
+    written in a seeded random order; the held-out split keeps the corpus order.
+    """
+    t0 = time.time()
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    tok = tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
+    if tok.bos_id is None or tok.eos_id is None:
+        raise ValueError(f"tokenizer {tok.source!r} has no BOS or EOS token; packed documents need both")
+    docs: dict[str, list[tuple[str, str]]] = {"train": [], "val": []}
+    for source in sources:
+        for name, text in iter_source_documents(source):
+            split = "val" if in_heldout(f"{source}/{name}", val_fraction, seed) else "train"
+            docs[split].append((f"{source}/{name}", text))
+            if max_docs and sum(map(len, docs.values())) >= max_docs:
+                break
+    if not docs["train"]:
+        raise ValueError(f"no training documents found in sources {sources}")
+    log(f"documents: {len(docs['train'])} train, {len(docs['val'])} held-out")
+
+    encoded: dict[str, list[list[int]]] = {}
+    for split, items in docs.items():
+        ids = []
+        for i in range(0, len(items), 256):
+            ids.extend(tok.encode_batch([t for _, t in items[i:i + 256]]))
+        encoded[split] = [[tok.bos_id] + x + [tok.eos_id] for x in ids]
+    n_train = sum(map(len, encoded["train"]))
+
+    synth_docs: list[list[int]] = []
+    synth_tokens = 0
+    if synthetic is not None and synthetic.fraction > 0:
+        from sala.eval.tasks import generate
+
+        if not 0 < synthetic.fraction < 1:
+            raise ValueError(f"synthetic fraction must be in (0, 1), got {synthetic.fraction}")
+        target = synthetic.fraction / (1 - synthetic.fraction) * n_train
+        combos = [(t, L) for t in synthetic.tasks for L in synthetic.lengths]
+        per_combo = max(1, round(target / sum(L for _, L in combos)))
+        for task, length in combos:
+            # the document adds BOS + answer + EOS to the prompt; generate() keeps the answer budget free
+            for s in generate(task, length - 2, per_combo, tok.count, seed=synthetic.seed,
+                              depths=[random.Random(f"{synthetic.seed}/{task}/{length}/{j}").random()
+                                      for j in range(per_combo)]):
+                ids = [tok.bos_id] + tok.encode(s.training_text()) + [tok.eos_id]
+                synth_docs.append(ids)
+                synth_tokens += len(ids)
+        log(f"synthetic: {len(synth_docs)} documents, {synth_tokens} tokens "
+            f"({100 * synth_tokens / (synth_tokens + n_train):.1f}% of training tokens)")
+
+    train = encoded["train"] + synth_docs
+    random.Random(seed).shuffle(train)
+    writer = PackedWriter(out_dir, tok.vocab_size, tok.bos_id, tok.eos_id, overwrite=overwrite)
+    try:
+        for ids in train:
+            writer.add("train", ids)
+        for ids in encoded["val"]:
+            writer.add("val", ids)
+        tok_dir = Path(writer.tmp) / "tokenizer"
+        tok.save(tok_dir)
+        meta = {"tokenizer": tok.source, "tokenizer_fingerprint": tok.fingerprint(), "sources": list(sources),
+                "val_fraction": val_fraction, "seed": seed,
+                "synthetic": None if not synth_docs else {
+                    "fraction": synthetic.fraction, "tasks": list(synthetic.tasks),
+                    "lengths": list(synthetic.lengths), "seed": synthetic.seed,
+                    "docs": len(synth_docs), "tokens": synth_tokens}}
+        out = writer.close(meta)
+    except BaseException:
+        writer.abort()
+        raise
+    report = PrepareReport(str(out), {s: {"docs": len(v), "tokens": sum(map(len, v))}
+                                      for s, v in (("train", train), ("val", encoded["val"]))},
+                           time.time() - t0)
+    log(f"wrote {out}: train {report.splits['train']['tokens']} tokens, val {report.splits['val']['tokens']} tokens "
+        f"in {report.seconds:.1f}s")
+    return report

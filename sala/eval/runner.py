@@ -1,0 +1,112 @@
+"""Running the synthetic tasks against a model: greedy decoding, string-match scores, a table and JSON.
+
+    from sala.eval.runner import run_tasks
+    report = run_tasks("runs/sala-small/final", lengths=[4096, 8192], tasks=["niah_single"], num_samples=20)
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sala.eval.scoring import SCORERS
+from sala.eval.tasks import TASKS, TaskSample, generate
+
+# Functions returning a default model folder (or None); `--model` may be left out when one answers.
+DEFAULT_MODEL_RESOLVERS: list[Callable[[], str | None]] = [lambda: os.environ.get("SALA_DEFAULT_MODEL")]
+
+
+def default_model() -> str:
+    """The model used when `--model` is not given (env SALA_DEFAULT_MODEL or a registered resolver)."""
+    for resolve in DEFAULT_MODEL_RESOLVERS:
+        path = resolve()
+        if path:
+            return path
+    raise ValueError("no model given: pass --model DIR (a folder saved by `sala train` or save_pretrained) "
+                     "or set SALA_DEFAULT_MODEL")
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'1k,4k,16k,64k' -> [1024, 4096, 16384, 65536] (k = 1024, m = 1024²; plain integers too)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)([km]?)", part)
+        if not m:
+            raise ValueError(f"length {part!r} is not a number like 4096, 4k or 1m")
+        out.append(int(float(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2}[m.group(2)]))
+    return out
+
+
+def clean_prediction(text: str) -> str:
+    """The first line of a continuation (the answer), stripped."""
+    text = text.strip()
+    return text.split("\n", 1)[0].strip()
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, tok, sample: TaskSample, device: torch.device) -> str:
+    """Greedy continuation of `sample.input` (BOS prepended), at most `sample.max_new_tokens` tokens."""
+    ids = torch.tensor([tok.encode(sample.input, add_bos=True)], dtype=torch.long, device=device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=sample.max_new_tokens,
+                         do_sample=False, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id
+                         if tok.pad_id is not None else tok.eos_id)
+    return clean_prediction(tok.decode(out[0, ids.shape[1]:].tolist()))
+
+
+def run_tasks(model_dir: str | None, lengths: list[int], tasks: list[str] | tuple[str, ...] = ("niah_single",),
+              num_samples: int = 20, seed: int = 0, device: str | None = None, dtype: str = "auto",
+              model: torch.nn.Module | None = None, tokenizer=None,
+              log: Callable[[str], None] = print) -> dict:
+    """Generate, run and score every task at every length. Returns a JSON-ready report with
+    `results[task][str(length)] = {"score", "n", "examples"}`."""
+    from sala.data.tokenizer import load_tokenizer
+    from sala.train.model_factory import load_model_dir
+
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
+    if model is None:
+        model_dir = model_dir or default_model()
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tdtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
+                  "fp32": torch.float32}[dtype]
+        model = load_model_dir(model_dir, dtype=tdtype, device=dev)
+    else:
+        dev = next(model.parameters()).device
+    model.eval()
+    tok = tokenizer or load_tokenizer(model_dir)
+    results: dict = {}
+    t0 = time.time()
+    for task in tasks:
+        results[task] = {}
+        for L in lengths:
+            samples = list(generate(task, L, num_samples, tok.count, seed=seed))
+            preds = [predict(model, tok, s, dev) for s in samples]
+            score = SCORERS[task](preds, [s.outputs for s in samples])
+            results[task][str(L)] = {
+                "score": score, "n": len(samples),
+                "mean_prompt_tokens": sum(s.num_tokens for s in samples) / len(samples),
+                "examples": [{"gold": s.outputs, "pred": p, "depth": s.depth} for s, p in zip(samples[:5], preds[:5])],
+            }
+            log(f"{task:16s} {L:>8d} tokens: {score:6.1f}  ({len(samples)} samples, {time.time() - t0:.0f}s)")
+    return {"model": str(model_dir), "tokenizer": tok.source, "lengths": lengths, "tasks": list(tasks),
+            "num_samples": num_samples, "seed": seed, "results": results, "seconds": time.time() - t0}
+
+
+def format_table(report: dict) -> str:
+    """Markdown table: one row per task, one column per length."""
+    lengths = report["lengths"]
+    head = "| task | " + " | ".join(_fmt_len(L) for L in lengths) + " |"
+    sep = "|---|" + "---|" * len(lengths)
+    rows = [f"| {t} | " + " | ".join(f"{report['results'][t][str(L)]['score']:.1f}" for L in lengths) + " |"
+            for t in report["tasks"]]
+    return "\n".join([head, sep] + rows)
+
+
+def _fmt_len(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)

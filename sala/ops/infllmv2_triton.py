@@ -1,0 +1,479 @@
+"""Triton kernels of InfLLM-V2 sparse attention (GPU; CPU under TRITON_INTERPRET=1).
+
+Kernels (design notes in docs/sparse.md):
+- `_compress_windows_kernel`: mean-pooled compressed keys; prefill (all windows) and the incremental form
+  (windows completed by the last `new_tokens` keys, lengths read on the device: CUDA-graph friendly).
+- `_block_scores_kernel`: fused stage 1 for a tile of BQ tokens x G heads of one KV head: K2 log-sum-exp pass,
+  K1 pass summed over the group, max-pooling into blocks, forced/causal blocks. Writes pooled block scores
+  [B, Hkv, chunk, n_blocks] for one query chunk (O(chunk * T / block_size) memory); torch.topk picks the blocks.
+- `_sparse_fwd_kernel`: one query token x its G heads (rows, padded to >= 16) per program; online softmax over
+  the selected blocks; causal inside the own block; flat (varlen) tokens with per-token position/key base.
+- `_sparse_bwd_dq_kernel`: the same walk for dq.
+- `_sparse_bwd_dkdv_kernel`: KV-block-owned: the block indices are inverted on the device into a CSR list of
+  the queries that selected each (kv head, key block), cut into fixed-size segments; each program accumulates
+  dk/dv of one block over one segment and adds it atomically (fp32). No host loop or sync.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from sala.ops.dispatch import interpreter_enabled
+from sala.ops.infllmv2_reference import topk_block_indices
+
+_LOG2E = 1.4426950408889634
+
+# GPU launch settings (the interpreter uses small fixed tiles). Benchmarks may override them in process.
+TUNING = {
+    "select_rows": 128,        # query rows (tokens x padded group heads) per selection program
+    "select_k1_tile": 64,      # K1 columns per iteration (a multiple of block_size / kernel_stride)
+    "select_warps": 8,
+    "select_stages": None,     # None: Triton's default
+    "select_chunk_bytes": 256 << 20,   # pooled-score buffer per query chunk (fp32)
+    "fwd_warps": 4,
+    "fwd_stages": None,
+    "fwd_blocks_per_iter": 1,  # selected blocks per iteration of the attention walk (forward and dq)
+}
+
+
+def _kpi(K: int) -> int:
+    kpi = 1 if interpreter_enabled() else TUNING["fwd_blocks_per_iter"]
+    return kpi if K % kpi == 0 else 1
+
+
+def _stages(key: str) -> dict:
+    v = TUNING[key]
+    return {} if v is None or interpreter_enabled() else {"num_stages": v}
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compression
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _compress_windows_kernel(k_ptr, out_ptr, len_ptr, new_tokens, n_cap,
+                             skb, skt, skh, sob, sot, soh,
+                             KERNEL: tl.constexpr, STRIDE: tl.constexpr, D: tl.constexpr, BJ: tl.constexpr):
+    pid_j = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    length = tl.load(len_ptr + b).to(tl.int32)
+    old = tl.maximum(length - new_tokens, 0)
+    n_new = tl.where(length >= KERNEL, (tl.maximum(length - KERNEL, 0)) // STRIDE + 1, 0)
+    n_old = tl.where(old >= KERNEL, (tl.maximum(old - KERNEL, 0)) // STRIDE + 1, 0)
+    j = n_old + pid_j * BJ + tl.arange(0, BJ)
+    jm = (j < n_new) & (j < n_cap)
+    d = tl.arange(0, D)
+    acc = tl.zeros([BJ, D], dtype=tl.float32)
+    base = k_ptr + b.to(tl.int64) * skb + h * skh
+    for c in range(KERNEL):
+        t = (j * STRIDE + c).to(tl.int64)
+        acc += tl.load(base + t[:, None] * skt + d[None, :], mask=jm[:, None], other=0.0).to(tl.float32)
+    acc = acc / KERNEL
+    optr = out_ptr + b.to(tl.int64) * sob + h * soh + j.to(tl.int64)[:, None] * sot + d[None, :]
+    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=jm[:, None])
+
+
+def compress_windows(k: torch.Tensor, out: torch.Tensor, lengths: torch.Tensor, kernel: int, stride: int,
+                     new_tokens: int) -> None:
+    """Write windows [n(len - new_tokens), n(len)) of every sequence into `out` (k [B, S, H, D], out [B, n, H, D])."""
+    B, S, H, D = k.shape
+    if out.shape[1] == 0 or B == 0:
+        return
+    n_max = min(new_tokens // stride + 1, out.shape[1])
+    BJ = 16 if n_max >= 16 else _pow2(n_max)
+    grid = (triton.cdiv(n_max, BJ), H, B)
+    _compress_windows_kernel[grid](k, out, lengths, new_tokens, out.shape[1],
+                                   k.stride(0), k.stride(1), k.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                                   KERNEL=kernel, STRIDE=stride, D=D, BJ=BJ)
+
+
+def compress_keys_triton(k: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    B, T, H, D = k.shape
+    n = (T - kernel) // stride + 1 if T >= kernel else 0
+    out = torch.empty(B, n, H, D, dtype=k.dtype, device=k.device)
+    if n:
+        lengths = torch.full((B,), T, dtype=torch.int32, device=k.device)
+        compress_windows(k, out, lengths, kernel, stride, new_tokens=T)
+    return out
+
+
+def update_compressed_keys_triton(k_cache, k1_cache, k2_cache, cache_seqlens, params, new_tokens: int) -> None:
+    compress_windows(k_cache, k1_cache, cache_seqlens, params.kernel_size, params.kernel_stride, new_tokens)
+    compress_windows(k_cache, k2_cache, cache_seqlens, params.k2_kernel, params.k2_stride, new_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stage 1: pooled block scores
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
+                         Tq, n_cols, scale_log2,
+                         sqb, sqt, sqh, s1b, s1t, s1h, s2b, s2t, s2h, spb, sob, soh, sot,
+                         G: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr,
+                         K1K: tl.constexpr, K1S: tl.constexpr, K2K: tl.constexpr, K2S: tl.constexpr,
+                         BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr,
+                         INIT: tl.constexpr, LOCAL: tl.constexpr, BN2: tl.constexpr, NB: tl.constexpr):
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    ROWS: tl.constexpr = BQ * GP
+    BN1: tl.constexpr = NB * R
+    rows = tl.arange(0, ROWS)
+    g = rows % GP
+    t_row = pid_t * BQ + rows // GP
+    row_ok = (t_row < Tq) & (g < G)
+    pos_row = tl.load(pos_ptr + b * spb + t_row, mask=t_row < Tq, other=-1)
+    t_tok = pid_t * BQ + tl.arange(0, BQ)
+    pos_tok = tl.load(pos_ptr + b * spb + t_tok, mask=t_tok < Tq, other=-1)
+    pos_max = tl.max(pos_tok, axis=0)
+    d = tl.arange(0, D)
+    qp = q_ptr + b.to(tl.int64) * sqb + t_row.to(tl.int64)[:, None] * sqt + (h * G + g)[:, None] * sqh + d[None, :]
+    qv = tl.load(qp, mask=row_ok[:, None], other=0.0)
+
+    # pass 1: log2-sum-exp over the visible K2 (0 where none is visible)
+    n2 = tl.where(pos_max >= K2K - 1, (tl.maximum(pos_max - K2K + 1, 0)) // K2S + 1, 0)
+    m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([ROWS], dtype=tl.float32)
+    k2base = k2_ptr + b.to(tl.int64) * s2b + h * s2h
+    for j0 in range(0, n2, BN2):
+        j = j0 + tl.arange(0, BN2)
+        kk = tl.load(k2base + j.to(tl.int64)[:, None] * s2t + d[None, :], mask=(j < n2)[:, None], other=0.0)
+        s = tl.dot(qv, tl.trans(kk)) * scale_log2
+        vis = (j[None, :] * K2S + (K2K - 1)) <= pos_row[:, None]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+        m = m_new
+    lse = tl.where(l > 0, m + tl.log2(tl.maximum(l, 1e-30)), 0.0)
+
+    # pass 2: K1 scores, group sum, max-pool into blocks, forced blocks
+    qblk_tok = tl.where(pos_tok >= 0, pos_tok // BS, -1)
+    qblk_max = tl.max(qblk_tok, axis=0)
+    n1 = tl.where(pos_max >= K1K - 1, (tl.maximum(pos_max - K1K + 1, 0)) // K1S + 1, 0)
+    k1base = k1_ptr + b.to(tl.int64) * s1b + h * s1h
+    carry = tl.zeros([BQ], dtype=tl.float32)
+    bi = tl.arange(0, NB)
+    ci = tl.arange(0, R)
+    tok_ok = t_tok < Tq
+    obase = out_ptr + b.to(tl.int64) * sob + h * soh + t_tok.to(tl.int64)[:, None] * sot
+    for b0 in range(0, qblk_max + 1, NB):
+        j = b0 * R + tl.arange(0, BN1)
+        kk = tl.load(k1base + j.to(tl.int64)[:, None] * s1t + d[None, :], mask=(j < n1)[:, None], other=0.0)
+        s = tl.dot(qv, tl.trans(kk)) * scale_log2
+        vis = ((j[None, :] * K1S + (K1K - 1)) <= pos_row[:, None]) & row_ok[:, None]
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        ps = tl.sum(tl.reshape(p, (BQ, GP, BN1)), axis=1)                       # [BQ, BN1]
+        p3 = tl.reshape(ps, (BQ, NB, R))
+        m_in = tl.max(p3, axis=2)                                               # [BQ, NB]
+        tail = tl.max(tl.where(ci[None, None, :] >= R - HALO, p3, 0.0), axis=2)  # last HALO columns
+        shifted = tl.max(tl.where(bi[None, :, None] == bi[None, None, :] - 1, tail[:, :, None], 0.0), axis=1)
+        shifted = tl.where(bi[None, :] == 0, carry[:, None], shifted)
+        pooled = tl.maximum(m_in, shifted)
+        carry = tl.max(tl.where(bi[None, :] == NB - 1, tail, 0.0), axis=1)
+        blk = b0 + bi
+        forced = (blk[None, :] < INIT) | ((blk[None, :] >= qblk_tok[:, None] - LOCAL) & (blk[None, :] <= qblk_tok[:, None]))
+        pooled = tl.where(forced, float("inf"), pooled)
+        pooled = tl.where(blk[None, :] > qblk_tok[:, None], float("-inf"), pooled)
+        tl.store(obase + blk[None, :], pooled, mask=tok_ok[:, None] & (blk[None, :] < n_cols))
+
+
+def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks) -> torch.Tensor:
+    """Same contract as `pooled_block_scores_ref` (fp32 output); pos int32 [B, Tq]."""
+    B, Tq, Hq, D = q.shape
+    Hkv = k1.shape[2]
+    G = Hq // Hkv
+    out = torch.full((B, Hkv, Tq, n_blocks), float("-inf"), dtype=torch.float32, device=q.device)
+    if Tq == 0:
+        return out
+    r = params.block_size // params.kernel_stride
+    halo = (params.kernel_size - 1) // params.kernel_stride
+    if halo > r or r & (r - 1) or D & (D - 1) or D < 16:
+        raise ValueError(f"infllmv2 Triton selection needs block_size/kernel_stride a power of two ({r}), "
+                         f"(kernel_size-1)//kernel_stride <= that ({halo}), head_dim a power of two >= 16 ({D})")
+    GP = _pow2(G)
+    if Tq == 1:
+        BQ = 1
+    else:
+        rows = 16 if interpreter_enabled() else TUNING["select_rows"]
+        BQ = max(1, min(rows // GP, _pow2(Tq)))
+    if BQ * GP < 16:
+        GP = 16 // BQ
+    NB = max(16 // r, 2) if interpreter_enabled() else max(TUNING["select_k1_tile"] // r, 2)
+    pos = pos.to(torch.int32).contiguous()
+    grid = (triton.cdiv(Tq, BQ), Hkv, B)
+    _block_scores_kernel[grid](q, k1, k2, pos, out, Tq, n_blocks, scale * _LOG2E,
+                               q.stride(0), q.stride(1), q.stride(2), k1.stride(0), k1.stride(1), k1.stride(2),
+                               k2.stride(0), k2.stride(1), k2.stride(2), pos.stride(0),
+                               out.stride(0), out.stride(1), out.stride(2),
+                               G=G, GP=GP, BQ=BQ, D=D, K1K=params.kernel_size, K1S=params.kernel_stride,
+                               K2K=params.k2_kernel, K2S=params.k2_stride, BS=params.block_size, R=r, HALO=halo,
+                               INIT=params.init_blocks, LOCAL=params.local_blocks, BN2=16 if interpreter_enabled() else 64,
+                               NB=NB, num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4,
+                               **_stages("select_stages"))
+    return out
+
+
+def select_blocks_triton(q, k1, k2, pos, params, scale, *, pos_max: int | None = None,
+                         chunk_bytes: int | None = None) -> torch.Tensor:
+    """Block indices int32 [B, Hkv, Tq, total]; queries processed in chunks whose scores fit `chunk_bytes`.
+
+    pos_max: an upper bound of pos on the host (else taken from pos with one sync).
+    """
+    B, Tq = pos.shape
+    Hkv = k1.shape[2]
+    out = torch.empty(B, Hkv, Tq, params.total_blocks, dtype=torch.int32, device=q.device)
+    if Tq == 0:
+        return out
+    if pos_max is None:
+        pos_max = int(pos.max().item())
+    n_blocks = pos_max // params.block_size + 1
+    chunk_bytes = TUNING["select_chunk_bytes"] if chunk_bytes is None else chunk_bytes
+    chunk = max(16, chunk_bytes // (4 * B * Hkv * max(n_blocks, 1)))
+    for c0 in range(0, Tq, chunk):
+        c1 = min(Tq, c0 + chunk)
+        pooled = pooled_block_scores_triton(q[:, c0:c1], k1, k2, pos[:, c0:c1], params, scale, n_blocks)
+        out[:, :, c0:c1] = topk_block_indices(pooled, params.total_blocks)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stage 2: block-sparse attention
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, pos_ptr, kbase_ptr,
+                       Tq, scale_log2,
+                       sqn, sqh, skn, skh, son, soh, sln, sib, sih, sit,
+                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, K: tl.constexpr,
+                       KPI: tl.constexpr):
+    """KPI selected blocks (KPI * BS keys) per iteration; K % KPI == 0."""
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    bb = i // Tq
+    t = i % Tq
+    g = tl.arange(0, GP)
+    row_ok = g < G
+    d = tl.arange(0, D)
+    c = tl.arange(0, KPI * BS)
+    pos = tl.load(pos_ptr + i)
+    kb = tl.load(kbase_ptr + i).to(tl.int64)
+    i64 = i.to(tl.int64)
+    qv = tl.load(q_ptr + i64 * sqn + (h * G + g)[:, None] * sqh + d[None, :], mask=row_ok[:, None], other=0.0)
+    m = tl.full([GP], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, D], dtype=tl.float32)
+    ibase = idx_ptr + bb.to(tl.int64) * sib + h * sih + t.to(tl.int64) * sit
+    for kk in range(0, K, KPI):
+        blk = tl.load(ibase + kk + c // BS)
+        key = blk * BS + c % BS
+        kmask = (key <= pos) & (key >= 0)
+        rowp = (kb + key.to(tl.int64))[:, None]
+        kt = tl.load(k_ptr + rowp * skn + h * skh + d[None, :], mask=kmask[:, None], other=0.0)
+        s = tl.dot(qv, tl.trans(kt)) * scale_log2
+        s = tl.where(kmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v_ptr + rowp * skn + h * skh + d[None, :], mask=kmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m = m_new
+    l_safe = tl.where(l > 0, l, 1.0)
+    o = acc / l_safe[:, None]
+    tl.store(o_ptr + i64 * son + (h * G + g)[:, None] * soh + d[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(lse_ptr + i64 * sln + h * G + g, m + tl.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _sparse_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, idx_ptr, pos_ptr, kbase_ptr,
+                          Tq, scale_log2, scale,
+                          sqn, sqh, skn, skh, sln, sib, sih, sit,
+                          G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, K: tl.constexpr,
+                          KPI: tl.constexpr):
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    bb = i // Tq
+    t = i % Tq
+    g = tl.arange(0, GP)
+    row_ok = g < G
+    d = tl.arange(0, D)
+    c = tl.arange(0, KPI * BS)
+    pos = tl.load(pos_ptr + i)
+    kb = tl.load(kbase_ptr + i).to(tl.int64)
+    i64 = i.to(tl.int64)
+    rows = i64 * sqn + (h * G + g)[:, None] * sqh + d[None, :]
+    qv = tl.load(q_ptr + rows, mask=row_ok[:, None], other=0.0)
+    dov = tl.load(do_ptr + rows, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_ptr + i64 * sln + h * G + g, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + i64 * sln + h * G + g, mask=row_ok, other=0.0)
+    dq = tl.zeros([GP, D], dtype=tl.float32)
+    ibase = idx_ptr + bb.to(tl.int64) * sib + h * sih + t.to(tl.int64) * sit
+    for kk in range(0, K, KPI):
+        blk = tl.load(ibase + kk + c // BS)
+        key = blk * BS + c % BS
+        kmask = (key <= pos) & (key >= 0)
+        rowp = (kb + key.to(tl.int64))[:, None]
+        kt = tl.load(k_ptr + rowp * skn + h * skh + d[None, :], mask=kmask[:, None], other=0.0)
+        vt = tl.load(v_ptr + rowp * skn + h * skh + d[None, :], mask=kmask[:, None], other=0.0)
+        s = tl.dot(qv, tl.trans(kt)) * scale_log2
+        p = tl.where(kmask[None, :] & row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(dov, tl.trans(vt))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), kt)
+    tl.store(dq_ptr + rows, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _sparse_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pos_ptr,
+                            seg_key_ptr, seg_start_ptr, seg_end_ptr, ent_q_ptr, gid_kstart_ptr, gid_blk_ptr,
+                            n_gid, Nk, scale_log2, scale,
+                            sqn, sqh, skn, skh, sln, sdkn, sdkh,
+                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, QT: tl.constexpr):
+    sid = tl.program_id(0)
+    key_id = tl.load(seg_key_ptr + sid)
+    if key_id >= 0:
+        h = key_id // n_gid
+        gid = key_id % n_gid
+        start = tl.load(seg_start_ptr + sid)
+        end = tl.load(seg_end_ptr + sid)
+        ks = tl.load(gid_kstart_ptr + gid).to(tl.int64)
+        blk = tl.load(gid_blk_ptr + gid)
+        c = tl.arange(0, BS)
+        d = tl.arange(0, D)
+        kpos = blk * BS + c
+        krow = ks + c.to(tl.int64)
+        kin = krow < Nk
+        kt = tl.load(k_ptr + krow[:, None] * skn + h * skh + d[None, :], mask=kin[:, None], other=0.0)
+        vt = tl.load(v_ptr + krow[:, None] * skn + h * skh + d[None, :], mask=kin[:, None], other=0.0)
+        dk = tl.zeros([BS, D], dtype=tl.float32)
+        dv = tl.zeros([BS, D], dtype=tl.float32)
+        ROWS: tl.constexpr = QT * GP
+        r = tl.arange(0, ROWS)
+        g = r % GP
+        for e0 in range(start, end, QT):
+            e = e0 + r // GP
+            ok = (e < end) & (g < G)
+            qi = tl.load(ent_q_ptr + e, mask=e < end, other=0).to(tl.int64)
+            qpos = tl.load(pos_ptr + qi, mask=e < end, other=-1)
+            rows = qi[:, None] * sqn + (h * G + g)[:, None] * sqh + d[None, :]
+            qv = tl.load(q_ptr + rows, mask=ok[:, None], other=0.0)
+            dov = tl.load(do_ptr + rows, mask=ok[:, None], other=0.0)
+            lse = tl.load(lse_ptr + qi * sln + h * G + g, mask=ok, other=0.0)
+            delta = tl.load(delta_ptr + qi * sln + h * G + g, mask=ok, other=0.0)
+            s = tl.dot(qv, tl.trans(kt)) * scale_log2                        # [ROWS, BS]
+            mask = ok[:, None] & (kpos[None, :] <= qpos[:, None])
+            p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(dov.dtype)), dov)
+            dp = tl.dot(dov, tl.trans(vt))
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(qv.dtype)), qv)
+        optr = krow[:, None] * sdkn + h * sdkh + d[None, :]
+        tl.atomic_add(dk_ptr + optr, dk * scale, mask=kin[:, None])
+        tl.atomic_add(dv_ptr + optr, dv, mask=kin[:, None])
+
+
+def _fwd_config(G: int) -> int:
+    return max(16, _pow2(G))
+
+
+def sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale):
+    """q [N, Hq, D] flat queries (N = B*Tq of block_idx [B, Hkv, Tq, K]); k, v [Nk, Hkv, D] -> (o, lse log2)."""
+    N, Hq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    B, _, Tq, K = block_idx.shape
+    o = torch.empty_like(q)
+    lse = torch.empty(N, Hq, dtype=torch.float32, device=q.device)
+    if N == 0:
+        return o, lse
+    _sparse_fwd_kernel[(N, Hkv)](q, k, v, o, lse, block_idx, pos, kbase, Tq, scale * _LOG2E,
+                                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
+                                 lse.stride(0), block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
+                                 G=G, GP=_fwd_config(G), D=D, BS=block_size, K=K, KPI=_kpi(K), num_warps=TUNING["fwd_warps"],
+                                 **_stages("fwd_stages"))
+    return o, lse
+
+
+def _invert_block_idx(block_idx, gbase, n_gid, seg_len):
+    """CSR of queries per (kv head, global key block), cut into segments of <= seg_len queries (device only)."""
+    B, H, Tq, K = block_idx.shape
+    N = B * Tq
+    dev = block_idx.device
+    idx = block_idx.permute(1, 0, 2, 3).reshape(H, N, K).to(torch.int64)
+    n_keys = H * n_gid
+    key = torch.where(idx >= 0, torch.arange(H, device=dev)[:, None, None] * n_gid + gbase[None, :, None] + idx,
+                      torch.full_like(idx, n_keys)).reshape(-1)
+    sorted_key, order = torch.sort(key)
+    ent_q = torch.div(order, K, rounding_mode="floor").remainder(N).to(torch.int32)
+    ptr = torch.searchsorted(sorted_key, torch.arange(n_keys + 1, device=dev))
+    counts = ptr[1:] - ptr[:-1]
+    nseg = torch.div(counts + seg_len - 1, seg_len, rounding_mode="floor")
+    seg_cum = torch.cumsum(nseg, 0)
+    n_seg_bound = triton.cdiv(H * N * K, seg_len) + n_keys
+    s = torch.arange(n_seg_bound, device=dev)
+    seg_key = torch.searchsorted(seg_cum, s, right=True)
+    valid = seg_key < n_keys
+    kc = seg_key.clamp(max=n_keys - 1)
+    first = seg_cum[kc] - nseg[kc]
+    seg_start = ptr[kc] + (s - first) * seg_len
+    seg_end = torch.minimum(seg_start + seg_len, ptr[kc + 1])
+    seg_key = torch.where(valid, kc, torch.full_like(kc, -1))
+    return (seg_key.to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32), ent_q, n_seg_bound)
+
+
+def sparse_attention_bwd(do, q, k, v, o, lse, block_idx, pos, kbase, gbase, n_gid, gid_kstart, gid_blk,
+                         block_size, scale):
+    N, Hq, D = q.shape
+    Nk, Hkv, _ = k.shape
+    G = Hq // Hkv
+    B, _, Tq, K = block_idx.shape
+    do = do.contiguous()
+    delta = (do.float() * o.float()).sum(-1)                               # [N, Hq]
+    dq = torch.empty_like(q)
+    GP = _fwd_config(G)
+    _sparse_bwd_dq_kernel[(N, Hkv)](q, k, v, do, lse, delta, dq, block_idx, pos, kbase, Tq, scale * _LOG2E, scale,
+                                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
+                                    block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
+                                    G=G, GP=GP, D=D, BS=block_size, K=K, KPI=_kpi(K), num_warps=TUNING["fwd_warps"],
+                                    **_stages("fwd_stages"))
+    dk = torch.zeros(Nk, Hkv, D, dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    QT = max(1, 64 // _pow2(G)) if not interpreter_enabled() else max(1, 16 // _pow2(G))
+    GPk = max(_pow2(G), 16 // QT)
+    seg_len = QT * (8 if interpreter_enabled() else 16)
+    seg_key, seg_start, seg_end, ent_q, n_seg = _invert_block_idx(block_idx, gbase, n_gid, seg_len)
+    _sparse_bwd_dkdv_kernel[(n_seg,)](q, k, v, do, lse, delta, dk, dv, pos, seg_key, seg_start, seg_end, ent_q,
+                                      gid_kstart, gid_blk, n_gid, Nk, scale * _LOG2E, scale,
+                                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
+                                      dk.stride(0), dk.stride(1),
+                                      G=G, GP=GPk, D=D, BS=block_size, QT=QT, num_warps=4)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class SparseAttentionFn(torch.autograd.Function):
+    """Block-sparse attention on flat tokens; see `sparse_attention_fwd`. Selection is not differentiated."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, pos, kbase, gbase, gid_kstart, gid_blk, n_gid, block_size, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o, lse = sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale)
+        ctx.save_for_backward(q, k, v, o, lse, block_idx, pos, kbase, gbase, gid_kstart, gid_blk)
+        ctx.meta = (n_gid, block_size, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, block_idx, pos, kbase, gbase, gid_kstart, gid_blk = ctx.saved_tensors
+        n_gid, block_size, scale = ctx.meta
+        dq, dk, dv = sparse_attention_bwd(do, q, k, v, o, lse, block_idx, pos, kbase, gbase, n_gid, gid_kstart,
+                                          gid_blk, block_size, scale)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None

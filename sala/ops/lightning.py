@@ -1,0 +1,134 @@
+"""Lightning attention (linear attention with a fixed per-head decay): public entry points.
+
+    S_t = gamma_h S_{t-1} + k_t^T v_t ;  o_t = scale * q_t S_t        (gamma_h = exp(log_decay[h]))
+
+No feature map, no normaliser; states are fp32. `sala.ops.dispatch.use_triton` picks the Triton
+kernels (sala.ops.lightning_triton) or the PyTorch references (sala.ops.lightning_reference).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sala.ops.dispatch import use_triton
+from sala.ops.lightning_reference import lightning_attention_chunked, lightning_decode_step_reference
+
+_FLOAT_INPUTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_STATE_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"lightning: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_INPUTS:
+        raise ValueError(f"lightning: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+
+
+def _check_common(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, rank: int, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, t)
+        if t.dim() != rank:
+            raise ValueError(f"lightning: {name} must be {layout} ({rank} dims), got shape {tuple(t.shape)}")
+    if k.shape != q.shape:
+        raise ValueError(f"lightning: k shape {tuple(k.shape)} must equal q shape {tuple(q.shape)}")
+    if v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(
+            f"lightning: v shape {tuple(v.shape)} must match q shape {tuple(q.shape)} in all dims but the last")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"lightning: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"lightning: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    heads = q.shape[-2]
+    if not isinstance(log_decay, Tensor) or log_decay.shape != (heads,):
+        shape = tuple(log_decay.shape) if isinstance(log_decay, Tensor) else type(log_decay).__name__
+        raise ValueError(f"lightning: log_decay must have shape ({heads},) (one per head), got {shape}")
+    if not log_decay.is_floating_point():
+        raise ValueError(f"lightning: log_decay must be floating point (fp32), got {log_decay.dtype}")
+    if log_decay.device != q.device:
+        raise ValueError(f"lightning: log_decay is on {log_decay.device} but q is on {q.device}")
+
+
+def _check_state(name: str, state: Tensor, expected: tuple[int, ...]) -> None:
+    if not isinstance(state, Tensor):
+        raise TypeError(f"lightning: {name} must be a torch.Tensor, got {type(state).__name__}")
+    if tuple(state.shape) != expected:
+        raise ValueError(f"lightning: {name} must have shape {expected} [N, H, Dk, Dv], got {tuple(state.shape)}")
+    if state.dtype not in _STATE_DTYPES:
+        raise ValueError(f"lightning: {name} must be float32, got {state.dtype}")
+
+
+def _check_cu_seqlens(cu_seqlens: Tensor, batch: int, length: int) -> int:
+    """Validate packed offsets; returns the number of sequences. Reads the offsets (a host sync on GPU)."""
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"lightning: cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"lightning: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"lightning: cu_seqlens must be 1-D with N+1 >= 2 entries, got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if batch != 1:
+        raise ValueError(f"lightning: with cu_seqlens the batch size must be 1 (packed sequences), got {batch}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or offsets[-1] != length:
+        raise ValueError(f"lightning: cu_seqlens must start at 0 and end at T={length}, got first "
+                         f"{offsets[0]} and last {offsets[-1]}")
+    if any(b < a for a, b in zip(offsets[:-1], offsets[1:])):
+        raise ValueError(f"lightning: cu_seqlens must be non-decreasing, got {offsets}")
+    return len(offsets) - 1
+
+
+def lightning_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None = None,
+                        initial_state: Tensor | None = None, output_final_state: bool = False,
+                        cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Causal lightning attention over whole sequences (prefill / training).
+
+    q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; log_decay: [H] (log gamma, negative); scale defaults to Dk**-0.5.
+    initial_state: [N, H, Dk, Dv] fp32 (N = B, or the number of packed sequences with cu_seqlens, B == 1).
+    cu_seqlens: int32/int64 [N+1] offsets (first 0, last T); each sequence sees only its own tokens.
+    Returns (o [B, T, H, Dv] in q.dtype, final state [N, H, Dk, Dv] fp32 if output_final_state else None).
+    Differentiable w.r.t. q, k, v and initial_state.
+    """
+    _check_common(q, k, v, log_decay, 4, "[B, T, H, D]")
+    batch, length, heads, dk = q.shape
+    dv = v.shape[-1]
+    num_seqs = batch if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, batch, length)
+    if initial_state is not None:
+        _check_state("initial_state", initial_state, (num_seqs, heads, dk, dv))
+        if initial_state.device != q.device:
+            raise ValueError(f"lightning: initial_state is on {initial_state.device} but q is on {q.device}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"lightning: scale must be a float or None, got {type(scale).__name__}")
+    if use_triton(q, k, v):
+        from sala.ops import lightning_triton
+
+        return lightning_triton.lightning_attention_triton(
+            q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+    return lightning_attention_chunked(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def lightning_decode_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor,
+                          scale: float | None = None, out: Tensor | None = None) -> Tensor:
+    """One new token per sequence: state <- gamma*state + k^T v (IN PLACE), o = scale * q state.
+
+    q, k: [B, H, Dk]; v: [B, H, Dv]; state: [B, H, Dk, Dv] fp32; out: optional [B, H, Dv] in q.dtype to
+    write into (no allocation, CUDA-graph friendly). Returns o [B, H, Dv] in q.dtype.
+    """
+    _check_common(q, k, v, log_decay, 3, "[B, H, D]")
+    batch, heads, dk = q.shape
+    dv = v.shape[-1]
+    _check_state("state", state, (batch, heads, dk, dv))
+    if state.device != q.device:
+        raise ValueError(f"lightning: state is on {state.device} but q is on {q.device}")
+    if out is not None and (tuple(out.shape) != (batch, heads, dv) or out.dtype != q.dtype
+                            or out.device != q.device):
+        raise ValueError(f"lightning: out must be a {q.dtype} tensor of shape {(batch, heads, dv)} on {q.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if use_triton(q, k, v):
+        from sala.ops import lightning_triton
+
+        return lightning_triton.lightning_decode_step_triton(q, k, v, log_decay, state, scale, out)
+    o = lightning_decode_step_reference(q, k, v, log_decay, state, scale)
+    if out is not None:
+        out.copy_(o)
+        return out
+    return o

@@ -1,0 +1,469 @@
+"""Triton kernels of Lightning attention: chunked prefill (forward + backward) and the decode step.
+
+Work layout (forward). Every sequence is cut into segments of `chunks_per_segment` chunks of C tokens,
+and three kernels run:
+  1. `_segment_state_kernel`, parallel over (segment, head, V tile): the segment's own state
+     contribution U = sum_t gamma^(end-1-t) k_t^T v_t (fp32), for every segment but the last of a sequence;
+  2. `_segment_scan_kernel`, parallel over (sequence, head, state tile): a short sequential scan giving
+     the state entering each segment, S_in(next) = gamma^len S_in + U, starting from the initial state;
+  3. `_segment_output_kernel`, parallel over (segment, head, V tile): walks the segment's chunks from
+     S_in, o = scale * ((q S) * gamma^(i+1) + ((q k^T) * D) v) with D_ij = gamma^(i-j) (i >= j), and
+     S <- gamma^L S + (k * gamma^(L-1-j))^T v with L the chunk's true length; the last segment of a
+     sequence writes the final state.
+Because the decay is a per-head constant, D is built once per program. Every decay factor is
+exp2(log2(gamma) * n) with n >= 0, so nothing overflows. The state stays fp32 in registers; matmul
+operands are the input dtype (fp32 inputs use IEEE fp32 dots).
+
+Backward: dq is the same forward pass with (q, k, v, S0) -> (do, v, k, S0^T); dk and dv are the
+time-reversed pass (flag REVERSE) with (k, q, do) and (v, do, q), whose reversed "initial state" is the
+gradient of the final state and whose reversed final state gives the gradient of the initial state.
+
+All kernels run under TRITON_INTERPRET=1 (fixed configurations, no autotuning).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from sala.ops.dispatch import interpreter_enabled
+
+LOG2E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+@dataclass
+class LightningConfig:
+    """Launch parameters (module-level `CONFIG`; benchmarks may change it)."""
+
+    chunk: int = 64            # tokens per chunk (C)
+    block_v: int = 64          # V tile of the state (BV)
+    num_warps: int = 4
+    num_stages: int = 2
+    chunks_per_segment: int = 0   # 0: choose from the work size (see `_chunks_per_segment`)
+    min_chunks_per_segment: int = 8
+    programs_per_sm: int = 4   # target parallel programs per SM when choosing segments
+    decode_block_v: int = 32
+    decode_num_warps: int = 4
+
+
+CONFIG = LightningConfig()
+
+
+# --------------------------------------------------------------------------------------------- kernels
+# Only core `tl` builtins are used (no tl.cdiv / tl.zeros / tl.sum, which are themselves @triton.jit
+# functions built when triton is imported): then re-importing this module with TRITON_INTERPRET=1
+# is enough to get interpreter-mode kernels even if triton was imported earlier without it.
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation. UPCAST: feed fp32 operands (Triton's interpreter mis-computes bf16 dots)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _mm_acc(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b (fp32 accumulator updated by the matrix unit)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _segment_state_kernel(
+    k_ptr, v_ptr, u_ptr, log2_decay_ptr, seg_start_ptr, seg_end_ptr, seg_ids_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """U[seg, h, :, tile] = sum over the segment's tokens of decayed k_t^T v_t (see module doc)."""
+    seg = tl.load(seg_ids_ptr + tl.program_id(0))
+    h = tl.program_id(1)
+    iv = tl.program_id(2)
+    bos = tl.load(seg_start_ptr + seg)
+    eos = tl.load(seg_end_ptr + seg)
+    lg = tl.load(log2_decay_ptr + h)
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, DK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    n_chunks = (eos - bos + C - 1) // C
+    acc = tl.full([DK, BV], 0.0, tl.float32)
+    for c in range(0, n_chunks):
+        if REVERSE:
+            cc = n_chunks - 1 - c
+        else:
+            cc = c
+        t0 = bos + cc * C
+        n = tl.minimum(eos - t0, C)
+        valid = offs_c < n
+        rows = t0 + offs_c
+        kb = tl.load(k_ptr + rows[:, None] * stride_kt + h * stride_kh + offs_k[None, :],
+                     mask=valid[:, None], other=0.0)
+        vb = tl.load(v_ptr + rows[:, None] * stride_vt + h * stride_vh + offs_v[None, :],
+                     mask=valid[:, None], other=0.0)
+        if REVERSE:
+            expo = offs_c + 1
+        else:
+            expo = tl.maximum(n - 1 - offs_c, 0)
+        kdec = tl.where(valid, tl.exp2(lg * expo.to(tl.float32)), 0.0)
+        kw = (kb.to(tl.float32) * kdec[:, None]).to(kb.dtype)
+        acc = _mm_acc(tl.trans(kw), vb, acc * tl.exp2(lg * n.to(tl.float32)), DOT_PRECISION, UPCAST)
+    u_base = u_ptr + (seg * H + h) * DK * DV
+    tl.store(u_base + offs_k[:, None] * DV + offs_v[None, :], acc)
+
+
+@triton.jit
+def _segment_scan_kernel(
+    u_ptr, s_in_ptr, init_ptr, final_ptr, log2_decay_ptr, seg_start_ptr, seg_end_ptr, seq_seg_ptr,
+    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_INIT: tl.constexpr, WANT_FINAL: tl.constexpr, REVERSE: tl.constexpr,
+):
+    """S_in[seg] for every segment of sequence n (and final[n] = state entering its last-walked segment)."""
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    lg = tl.load(log2_decay_ptr + h)
+    first = tl.load(seq_seg_ptr + n)
+    last = tl.load(seq_seg_ptr + n + 1)
+    if HAS_INIT:
+        state = tl.load(init_ptr + (n * H + h) * DK * DV + offs)
+    else:
+        state = tl.full([BLOCK], 0.0, tl.float32)
+    count = last - first
+    for i in range(0, count):
+        if REVERSE:
+            seg = last - 1 - i
+        else:
+            seg = first + i
+        tl.store(s_in_ptr + (seg * H + h) * DK * DV + offs, state)
+        if i < count - 1:
+            length = tl.load(seg_end_ptr + seg) - tl.load(seg_start_ptr + seg)
+            u = tl.load(u_ptr + (seg * H + h) * DK * DV + offs)
+            state = state * tl.exp2(lg * length.to(tl.float32)) + u
+    if WANT_FINAL:
+        # overwritten by the output kernel of the last-walked segment; stays for empty sequences
+        tl.store(final_ptr + (n * H + h) * DK * DV + offs, state)
+
+
+@triton.jit
+def _segment_output_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, s_in_ptr, final_ptr, log2_decay_ptr,
+    seg_start_ptr, seg_end_ptr, seg_seq_ptr, seg_final_ptr, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    REVERSE: tl.constexpr, WANT_FINAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Outputs of one (segment, head, V tile), walking its chunks from the entering state."""
+    seg = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    iv = tl.program_id(2)
+    bos = tl.load(seg_start_ptr + seg)
+    eos = tl.load(seg_end_ptr + seg)
+    lg = tl.load(log2_decay_ptr + h)
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, DK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    state_offs = offs_k[:, None] * DV + offs_v[None, :]
+    state = tl.load(s_in_ptr + (seg * H + h) * DK * DV + state_offs)
+    # intra-chunk decay, the same for every chunk: gamma^(i-j) on the causal side (j-i when reversed)
+    if REVERSE:
+        gap = offs_c[None, :] - offs_c[:, None]
+    else:
+        gap = offs_c[:, None] - offs_c[None, :]
+    intra = tl.where(gap >= 0, tl.exp2(lg * tl.maximum(gap, 0).to(tl.float32)), 0.0)
+    n_chunks = (eos - bos + C - 1) // C
+    for c in range(0, n_chunks):
+        if REVERSE:
+            cc = n_chunks - 1 - c
+        else:
+            cc = c
+        t0 = bos + cc * C
+        n = tl.minimum(eos - t0, C)
+        valid = offs_c < n
+        rows = t0 + offs_c
+        qb = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_k[None, :],
+                     mask=valid[:, None], other=0.0)
+        kb = tl.load(k_ptr + rows[:, None] * stride_kt + h * stride_kh + offs_k[None, :],
+                     mask=valid[:, None], other=0.0)
+        vb = tl.load(v_ptr + rows[:, None] * stride_vt + h * stride_vh + offs_v[None, :],
+                     mask=valid[:, None], other=0.0)
+        if REVERSE:
+            q_expo = tl.maximum(n - 1 - offs_c, 0)
+            k_expo = offs_c + 1
+        else:
+            q_expo = offs_c + 1
+            k_expo = tl.maximum(n - 1 - offs_c, 0)
+        q_dec = tl.exp2(lg * q_expo.to(tl.float32))
+        k_dec = tl.where(valid, tl.exp2(lg * k_expo.to(tl.float32)), 0.0)
+        scores = _mm(qb, tl.trans(kb), DOT_PRECISION, UPCAST) * intra
+        out = _mm(qb, state.to(qb.dtype), DOT_PRECISION, UPCAST) * q_dec[:, None]
+        out = _mm_acc(scores.to(vb.dtype), vb, out, DOT_PRECISION, UPCAST)
+        tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_v[None, :],
+                 (out * scale).to(o_ptr.dtype.element_ty), mask=valid[:, None])
+        kw = (kb.to(tl.float32) * k_dec[:, None]).to(kb.dtype)
+        state = _mm_acc(tl.trans(kw), vb, state * tl.exp2(lg * n.to(tl.float32)), DOT_PRECISION, UPCAST)
+    if WANT_FINAL:
+        if tl.load(seg_final_ptr + seg) != 0:
+            n_seq = tl.load(seg_seq_ptr + seg)
+            tl.store(final_ptr + (n_seq * H + h) * DK * DV + state_offs, state)
+
+
+@triton.jit
+def _decode_step_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, state_ptr, log_decay_ptr, scale,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh,
+    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+):
+    """state[b, h, :, tile] <- gamma * state + k^T v ; o[b, h, tile] = scale * q state."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_k = tl.arange(0, DK)
+    offs_v = tl.program_id(2) * BV + tl.arange(0, BV)
+    gamma = tl.exp(tl.load(log_decay_ptr + h).to(tl.float32))
+    qv = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_k).to(tl.float32)
+    kv = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_k).to(tl.float32)
+    vv = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_v).to(tl.float32)
+    s_ptrs = state_ptr + (b * H + h) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+    state = tl.load(s_ptrs) * gamma + kv[:, None] * vv[None, :]
+    tl.store(s_ptrs, state)
+    out = tl.reduce(qv[:, None] * state, 0, _add) * scale
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_v, out.to(o_ptr.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+def _check_head_dims(dk: int, dv: int) -> None:
+    for name, d in (("Dk", dk), ("Dv", dv)):
+        if d not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"lightning (Triton): head dim {name}={d} is not supported; supported: "
+                             f"{SUPPORTED_HEAD_DIMS} (set SALA_KERNELS=reference to use the PyTorch reference)")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def _chunks_per_segment(seq_lens: list[int], heads: int, v_tiles: int, device: torch.device) -> int:
+    """Segment length in chunks: enough segments to fill the GPU, each long enough to amortise its state."""
+    cfg = CONFIG
+    if cfg.chunks_per_segment > 0:
+        return cfg.chunks_per_segment
+    env = os.environ.get("SALA_LIGHTNING_SEGMENT_CHUNKS")
+    if env:
+        return max(1, int(env))
+    total_chunks = sum(-(-n // cfg.chunk) for n in seq_lens)
+    target_programs = cfg.programs_per_sm * _num_sms(device)
+    # programs = segments * heads * v_tiles ~ target  ->  segments ~ target / (heads * v_tiles)
+    want_segments = max(1, target_programs // max(1, heads * v_tiles))
+    per_seg = -(-total_chunks // want_segments)
+    return max(cfg.min_chunks_per_segment, per_seg)
+
+
+@dataclass
+class _Segments:
+    """Segment tables (int64 on the device, so token offsets times strides never overflow)."""
+
+    start: Tensor        # [S] first token
+    end: Tensor          # [S] one past the last token
+    seq: Tensor          # [S] sequence index
+    last: Tensor         # [S] 1 for the last segment of its sequence
+    first: Tensor        # [S] 1 for the first segment of its sequence
+    seq_ptr: Tensor      # [N+1] segments of sequence n are seq_ptr[n]:seq_ptr[n+1]
+    not_last_ids: Tensor   # segments needing a state contribution in the forward direction
+    not_first_ids: Tensor  # ... in the reverse direction
+    num_segments: int
+    num_seqs: int
+
+
+@functools.lru_cache(maxsize=64)
+def _build_segments(bounds: tuple[tuple[int, int], ...], seg_tokens: int, device: torch.device) -> _Segments:
+    start, end, seq, last, first, ptr = [], [], [], [], [], [0]
+    for n, (a, b) in enumerate(bounds):
+        s = a
+        count = 0
+        while s < b:
+            e = min(b, s + seg_tokens)
+            start.append(s), end.append(e), seq.append(n)
+            first.append(1 if s == a else 0)
+            last.append(1 if e == b else 0)
+            s = e
+            count += 1
+        ptr.append(ptr[-1] + count)
+    not_last = [i for i, x in enumerate(last) if not x]
+    not_first = [i for i, x in enumerate(first) if not x]
+
+    def dev(values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+    return _Segments(dev(start), dev(end), dev(seq), dev(last), dev(first), dev(ptr), dev(not_last),
+                     dev(not_first), len(start), len(bounds))
+
+
+def _segments_for(batch: int, length: int, cu_seqlens: Tensor | None, heads: int, v_tiles: int,
+                  device: torch.device) -> _Segments:
+    if cu_seqlens is None:
+        bounds = tuple((b * length, (b + 1) * length) for b in range(batch))
+    else:
+        offs = [int(x) for x in cu_seqlens.tolist()]
+        bounds = tuple((offs[i], offs[i + 1]) for i in range(len(offs) - 1))
+    per_seg = _chunks_per_segment([b - a for a, b in bounds], heads, v_tiles, device)
+    return _build_segments(bounds, per_seg * CONFIG.chunk, device)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Uninitialised buffer (one place, so tests can poison every kernel output with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_v(dv: int) -> int:
+    return min(CONFIG.block_v, dv)
+
+
+def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: float, segs: _Segments,
+                  init: Tensor | None, want_final: bool, reverse: bool) -> tuple[Tensor, Tensor | None]:
+    """One direction of the chunked recurrence over packed [TT, H, D] tensors (last dim contiguous).
+
+    Forward: o_t = scale * q_t S_t with S_t = gamma S_{t-1} + k_t^T v_t, S_{-1} = init.
+    Reverse: o_t = scale * q_t R_t with R_t = gamma R_{t+1} + k_t^T v_t, R_{T} = init / gamma
+    (so `init` enters token t with gamma^(T-1-t)); the returned state is the one seen just before token 0
+    (gamma^(t+1) weights). Returns (o [TT, H, Dv] in q.dtype, state [N, H, Dk, Dv] fp32 or None).
+    """
+    tt, heads, dk = q.shape
+    dv = v.shape[-1]
+    cfg = CONFIG
+    bv = _block_v(dv)
+    prec = _dot_precision(q.dtype)
+    upcast = interpreter_enabled()
+    o = _empty((tt, heads, dv), q.dtype, q.device)
+    s_in = _empty((segs.num_segments, heads, dk, dv), torch.float32, q.device)
+    final = _empty((segs.num_seqs, heads, dk, dv), torch.float32, q.device) if want_final else s_in
+    state_ids = segs.not_first_ids if reverse else segs.not_last_ids
+    u = _empty(tuple(s_in.shape), torch.float32, q.device) if state_ids.numel() else s_in
+    if state_ids.numel():
+        _segment_state_kernel[(state_ids.numel(), heads, dv // bv)](
+            k, v, u, log2_decay, segs.start, segs.end, state_ids,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            H=heads, DK=dk, DV=dv, BV=bv, C=cfg.chunk, REVERSE=reverse, DOT_PRECISION=prec, UPCAST=upcast,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    scan_block = min(1024, dk * dv)
+    _segment_scan_kernel[(segs.num_seqs, heads, dk * dv // scan_block)](
+        u, s_in, init if init is not None else s_in, final, log2_decay, segs.start, segs.end, segs.seq_ptr,
+        H=heads, DK=dk, DV=dv, BLOCK=scan_block, HAS_INIT=init is not None, WANT_FINAL=want_final,
+        REVERSE=reverse, num_warps=4)
+    if segs.num_segments:
+        _segment_output_kernel[(segs.num_segments, heads, dv // bv)](
+            q, k, v, o, s_in, final, log2_decay, segs.start, segs.end, segs.seq,
+            segs.first if reverse else segs.last, float(scale),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+            H=heads, DK=dk, DV=dv, BV=bv, C=cfg.chunk, REVERSE=reverse, WANT_FINAL=want_final,
+            DOT_PRECISION=prec, UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return o, (final if want_final else None)
+
+
+def _packed(x: Tensor) -> Tensor:
+    """[B, T, H, D] -> [B*T, H, D] with a contiguous last dim."""
+    b, t, h, d = x.shape
+    x = x.reshape(b * t, h, d)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _LightningFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens):
+        batch, length, heads, dk = q.shape
+        dv = v.shape[-1]
+        _check_head_dims(dk, dv)
+        log2_decay = (log_decay.detach().to(torch.float32) * LOG2E).contiguous()
+        qp, kp, vp = _packed(q), _packed(k), _packed(v)
+        init = None if initial_state is None else initial_state.detach().to(torch.float32).contiguous()
+        segs = _segments_for(batch, length, cu_seqlens, heads, dv // _block_v(dv), q.device)
+        o, final = _chunked_pass(qp, kp, vp, log2_decay, scale, segs, init, output_final_state, reverse=False)
+        ctx.save_for_backward(qp, kp, vp, log2_decay, init if init is not None else torch.empty(0))
+        ctx.meta = (batch, length, scale, initial_state is not None,
+                    initial_state.dtype if initial_state is not None else None, cu_seqlens)
+        return o.view(batch, length, heads, dv), final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        qp, kp, vp, log2_decay, init = ctx.saved_tensors
+        batch, length, scale, has_init, init_dtype, cu_seqlens = ctx.meta
+        heads, dk, dv = qp.shape[1], qp.shape[2], vp.shape[2]
+        dop = _packed(do.to(qp.dtype))
+        need_q, need_k, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_init = has_init and ctx.needs_input_grad[5]
+        dq = dk_ = dv_ = dinit = None
+        rev_init = None
+        if dfinal is not None:
+            rev_init = (dfinal.to(torch.float32) / scale).contiguous()
+        if need_q:
+            segs_q = _segments_for(batch, length, cu_seqlens, heads, dk // _block_v(dk), qp.device)
+            init_t = init.transpose(-1, -2).contiguous() if has_init else None
+            dq, _ = _chunked_pass(dop, vp, kp, log2_decay, scale, segs_q, init_t, False, reverse=False)
+            dq = dq.view(batch, length, heads, dk)
+        if need_v or need_init:
+            segs_v = _segments_for(batch, length, cu_seqlens, heads, dv // _block_v(dv), qp.device)
+            dv_, g = _chunked_pass(kp, qp, dop, log2_decay, scale, segs_v, rev_init, need_init, reverse=True)
+            dv_ = dv_.view(batch, length, heads, dv)
+            if need_init:
+                dinit = (g * scale).to(init_dtype)
+        if need_k:
+            segs_k = _segments_for(batch, length, cu_seqlens, heads, dk // _block_v(dk), qp.device)
+            rev_init_t = rev_init.transpose(-1, -2).contiguous() if rev_init is not None else None
+            dk_, _ = _chunked_pass(vp, dop, qp, log2_decay, scale, segs_k, rev_init_t, False, reverse=True)
+            dk_ = dk_.view(batch, length, heads, dk)
+        return dq, dk_, (dv_ if need_v else None), None, None, dinit, None, None
+
+
+def lightning_attention_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None,
+                               initial_state: Tensor | None, output_final_state: bool,
+                               cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Triton path of `sala.ops.lightning.lightning_attention` (inputs already validated)."""
+    if q.dtype == torch.float64:
+        raise ValueError("lightning (Triton): float64 inputs are not supported; use SALA_KERNELS=reference")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _LightningFunction.apply(q, k, v, log_decay, scale, initial_state, bool(output_final_state), cu_seqlens)
+
+
+def lightning_decode_step_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor,
+                                 scale: float | None = None, out: Tensor | None = None) -> Tensor:
+    """Triton decode step: one launch, no host sync; allocates only `o` (nothing when `out` is given).
+
+    State must be contiguous fp32 [B, H, Dk, Dv]; q, k, v need a contiguous last dim.
+    """
+    batch, heads, dk = q.shape
+    dv = v.shape[-1]
+    _check_head_dims(dk, dv)
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"lightning (Triton): decode state must be contiguous float32, got {state.dtype} "
+                         f"contiguous={state.is_contiguous()}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"lightning (Triton): {name} must have a contiguous last dim, got strides {t.stride()}")
+    scale = dk ** -0.5 if scale is None else float(scale)
+    o = out if out is not None else _empty((batch, heads, dv), q.dtype, q.device)
+    bv = min(CONFIG.decode_block_v, dv)
+    _decode_step_kernel[(batch, heads, dv // bv)](
+        q, k, v, o, state, log_decay, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        H=heads, DK=dk, DV=dv, BV=bv, num_warps=CONFIG.decode_num_warps)
+    return o

@@ -1,0 +1,102 @@
+"""Building the model to train: a SALA preset/config, the dense Llama baseline, or a saved model folder."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sala.train.config import ModelConfig
+
+# A small dense baseline; any LlamaConfig field can be overridden through model.config.
+LLAMA_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "num_key_value_heads": 4, "max_position_embeddings": 1 << 17, "rope_theta": 10000.0,
+    "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
+}
+
+
+def _apply_fields(cfg: Any, fields: dict, what: str) -> None:
+    for k, v in fields.items():
+        if not hasattr(cfg, k):
+            raise ValueError(f"model.config.{k}: {what} has no field {k!r}")
+        setattr(cfg, k, v)
+
+
+def build_model(spec: ModelConfig, vocab_size: int | None = None, bos_id: int | None = None,
+                eos_id: int | None = None, pad_id: int | None = None) -> torch.nn.Module:
+    """A freshly initialised (or loaded) causal LM in fp32 on the CPU.
+
+    `vocab_size` / token ids (from the dataset's tokenizer) override the config's for new models; for a
+    pretrained folder they must fit its vocabulary.
+    """
+    ids = {k: v for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id), ("pad_token_id", pad_id))
+           if v is not None}
+    if spec.kind == "sala":
+        from sala import SalaConfig, SalaForCausalLM
+
+        cfg = SalaConfig.from_preset(spec.preset) if spec.preset else SalaConfig()
+        fields = dict(spec.config)
+        if vocab_size is not None and "vocab_size" not in fields:
+            fields["vocab_size"] = vocab_size
+            fields.update(ids)
+        _apply_fields(cfg, fields, "SalaConfig")
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+        return SalaForCausalLM(cfg).float()
+    if spec.kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        fields = {**LLAMA_DEFAULTS, **spec.config}
+        if vocab_size is not None and "vocab_size" not in spec.config:
+            fields["vocab_size"] = vocab_size
+            fields.update(ids)
+        try:
+            cfg = LlamaConfig(**fields)
+        except TypeError as e:
+            raise ValueError(f"model.config: invalid LlamaConfig fields ({e})") from None
+        cfg._attn_implementation = "sdpa"
+        return LlamaForCausalLM(cfg).float()
+    if spec.kind == "pretrained":
+        model = load_model_dir(spec.path, dtype=torch.float32)
+        v = model.get_input_embeddings().weight.shape[0]
+        if vocab_size is not None and vocab_size > v:
+            raise ValueError(f"the dataset's tokenizer has {vocab_size} tokens but the model at {spec.path} "
+                             f"embeds only {v}; prepare the data with the model's tokenizer "
+                             f"(`sala data prepare --tokenizer {spec.path}`)")
+        return model
+    raise ValueError(f"unknown model.kind {spec.kind!r}")
+
+
+def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load a causal LM saved with `save_pretrained` (SALA folders without remote code)."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {path} has no config.json")
+    model_type = json.loads((p / "config.json").read_text()).get("model_type")
+    if model_type == "minicpm_sala":
+        from sala import SalaForCausalLM
+
+        model = SalaForCausalLM.from_pretrained(str(p), dtype=dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
+    return model.to(device)
+
+
+def is_sala(model: torch.nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == "minicpm_sala"
+
+
+def set_sparse_attention(model: torch.nn.Module, enabled: bool) -> None:
+    """Switch SALA's sparse (top-k) attention on or off (off = dense causal attention in those layers)."""
+    if not is_sala(model):
+        raise ValueError("stage.sparse is set but the model is not a SALA model")
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "use_sparse_attention"):
+            cfg.use_sparse_attention = bool(enabled)

@@ -1,0 +1,322 @@
+"""The training loop: stages back to back, grad accumulation, bf16 autocast, packed documents,
+FSDP2 under torchrun, atomic checkpoints with exact resume, tqdm progress and JSONL metrics.
+
+    from sala.train import Trainer, load_config
+    Trainer(load_config("configs/train/sala_tiny_cpu.yaml", ["stages.0.steps=20"])).fit()
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from sala.data.batching import collate_windows, num_loss_tokens
+from sala.data.packed import PackedDataset, Window, read_meta
+from sala.train import checkpoint as ckpt
+from sala.train.config import StageConfig, TrainConfig
+from sala.train.distributed import DistEnv, all_reduce_sum, setup, shard_model
+from sala.train.flops import peak_tflops, train_step_flops
+from sala.train.metrics import MetricsLog
+from sala.train.model_factory import build_model, is_sala, set_sparse_attention
+from sala.train.schedule import stage_lr
+
+
+def set_trainable(model: torch.nn.Module, patterns: list[str] | None) -> int:
+    """requires_grad = name matches any regex of `patterns` (all parameters when None); returns the
+    number of trainable parameters. Raises ValueError when nothing matches."""
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(patterns is None or any(re.search(pat, name) for pat in patterns))
+        n += p.numel() if p.requires_grad else 0
+    if n == 0:
+        names = [name for name, _ in model.named_parameters()][:6]
+        raise ValueError(f"trainable patterns {patterns} match no parameter (names look like {names} ...)")
+    return n
+
+
+def _doc_lengths(w: Window) -> list[int]:
+    bounds = list(w.doc_starts) + [len(w.tokens)]
+    return [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class Trainer:
+    """Trains `config.model` on `config.data` through `config.stages`.
+
+    `model` may be passed in (e.g. a converted model) instead of being built from the config.
+    `fit()` returns a summary dict (final step, last losses, held-out loss, tokens, seconds).
+    """
+
+    def __init__(self, config: TrainConfig, model: torch.nn.Module | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.cfg = config
+        self.env: DistEnv = setup(config.device)
+        self._log = log or print
+        torch.manual_seed(config.seed + self.env.rank)
+        np.random.seed((config.seed + self.env.rank) % 2**32)
+        self.out_dir = Path(config.out_dir)
+        self.meta = read_meta(config.data.path or config.stages[0].data)
+        if model is None:
+            model = build_model(config.model, vocab_size=self.meta["vocab_size"], bos_id=self.meta.get("bos_id"),
+                                eos_id=self.meta.get("eos_id"), pad_id=self.meta.get("eos_id"))
+        self.sala = is_sala(model)
+        self.layout = "flat" if self.sala else "rows"
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self._flops_model = model  # parameter counts are taken before sharding
+        self._linear_flops_cache: dict = {}
+        model.to(self.env.device)
+        if config.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            if hasattr(model.config, "use_cache"):
+                model.config.use_cache = False
+        if self.env.distributed:
+            shard_model(model, self.env)
+        self.model = model
+        self.forward_model = torch.compile(model) if config.model.compile else model
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+        o = config.optim
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.env.device.type == "cuda" and not self.env.distributed
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None)
+        use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.env.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.peak = config.peak_tflops or peak_tflops(self.env.device)
+        self.state = {"global_step": 0, "stage": 0, "stage_step": 0, "data_pos": 0, "tokens": 0}
+        self.ckpt_root = self.out_dir / "checkpoints"
+        resume_step = None
+        if config.resume:
+            path = ckpt.latest_checkpoint(self.ckpt_root)
+            if path is not None:
+                self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.env)["state"]
+                resume_step = self.state["global_step"]
+                self.info(f"resumed from {path} at step {resume_step}")
+        if self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.env.is_main, resume_step=resume_step)
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ helpers
+    def info(self, msg: str) -> None:
+        if self.env.is_main:
+            self._log(msg)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
+
+    def _dataset(self, stage_index: int, split: str, shuffle: bool = True) -> PackedDataset:
+        st = self.cfg.stages[stage_index]
+        path = st.data or self.cfg.data.path
+        meta = read_meta(path)
+        if meta["vocab_size"] > self.model.get_input_embeddings().weight.shape[0]:
+            raise ValueError(f"dataset {path} has vocabulary {meta['vocab_size']}, larger than the model's embedding")
+        return PackedDataset(path, split, st.seq_len, align_docs=self.cfg.data.align_docs, shuffle=shuffle,
+                             seed=self.cfg.data.seed * 1000 + stage_index)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+
+    def _forward_loss(self, batch: dict) -> torch.Tensor:
+        with self._autocast():
+            if self.sala:
+                out = self.forward_model(input_ids=batch["input_ids"], labels=batch["labels"],
+                                         cu_seqlens=batch["cu_seqlens"], use_cache=False)
+            else:
+                out = self.forward_model(input_ids=batch["input_ids"], labels=batch["labels"],
+                                         position_ids=batch["position_ids"], use_cache=False)
+        return out.loss
+
+    def _step_flops(self, windows: list[Window], sparse_active: bool) -> float:
+        lengths = [n for w in windows for n in _doc_lengths(w)]
+        return train_step_flops(self._flops_model, lengths, sparse_active)
+
+    def _sparse_active(self) -> bool:
+        return bool(self.sala and getattr(self.model.config, "use_sparse_attention", False))
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, stage_index: int | None = None) -> float | None:
+        """Token-weighted mean loss over the first `eval_windows` windows of the held-out split."""
+        si = self.state["stage"] if stage_index is None else stage_index
+        si = min(si, len(self.cfg.stages) - 1)
+        try:
+            ds = self._dataset(si, self.cfg.data.val_split, shuffle=False)
+        except ValueError as e:
+            self.info(f"held-out evaluation skipped: {e}")
+            return None
+        st = self.cfg.stages[si]
+        n = min(self.cfg.eval_windows, len(ds))
+        mine = list(range(self.env.rank, n, self.env.world))
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        tok = 0
+        for i in range(0, len(mine), st.micro_batch):
+            batch = collate_windows([ds.window(j) for j in mine[i:i + st.micro_batch]], self.layout)
+            nt = num_loss_tokens(batch)
+            loss_sum += self._forward_loss(self._to_device(batch)).double() * nt
+            tok += nt
+        self.model.train(was_training)
+        s, t = all_reduce_sum([float(loss_sum), float(tok)], self.env)
+        return s / max(t, 1.0)
+
+    # ------------------------------------------------------------------ training
+    def _save(self) -> None:
+        ckpt.save_checkpoint(self.ckpt_root, self.state["global_step"], self.model, self.optimizer,
+                             {"state": self.state, "config": self.cfg.to_dict()}, self.env,
+                             keep=self.cfg.keep_checkpoints)
+
+    def fit(self) -> dict:
+        """Run the remaining stages; returns a summary."""
+        cfg, env = self.cfg, self.env
+        t_start = time.time()
+        total = cfg.total_steps()
+        bar = None
+        if cfg.progress and env.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=self.state["global_step"], desc="train", dynamic_ncols=True)
+        last_eval = None
+        stopped = False
+        self.model.train()
+        while self.state["stage"] < len(cfg.stages) and not stopped:
+            si = self.state["stage"]
+            st: StageConfig = cfg.stages[si]
+            if st.sparse is not None:
+                set_sparse_attention(self.model, st.sparse)
+            n_trainable = set_trainable(self.model, st.trainable)
+            ds = self._dataset(si, cfg.data.train_split)
+            self.info(f"stage {si} '{st.name}': {st.steps} steps, seq_len {st.seq_len}, "
+                      f"{st.micro_batch}x{st.grad_accum}x{env.world} windows/step, "
+                      f"{n_trainable:,}/{self.num_params:,} parameters trainable, sparse={self._sparse_active()}")
+            per_step = st.grad_accum * env.world * st.micro_batch
+            win_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+            win_tokens, win_flops, win_ntok, win_t0 = 0, 0.0, 0.0, time.time()
+            while self.state["stage"] == si and self.state["stage_step"] < st.steps:
+                step = self.state["stage_step"]
+                lr = stage_lr(st, step, cfg.optim.lr)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                base = self.state["data_pos"]
+                micro, flops = [], 0.0
+                for a in range(st.grad_accum):
+                    first = base + (a * env.world + env.rank) * st.micro_batch
+                    windows = [ds.sample(first + j) for j in range(st.micro_batch)]
+                    flops += self._step_flops(windows, self._sparse_active())
+                    micro.append(collate_windows(windows, self.layout))
+                n_local = sum(num_loss_tokens(b) for b in micro)
+                n_global, flops = all_reduce_sum([float(n_local), flops], env)
+                step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+                for b in micro:
+                    nt = num_loss_tokens(b)
+                    loss = self._forward_loss(self._to_device(b))
+                    (loss * (nt * env.world / max(n_global, 1.0))).backward()
+                    step_loss += loss.detach().double() * nt
+                grad_norm = None
+                if cfg.optim.grad_clip > 0:
+                    params = [p for p in self.model.parameters() if p.grad is not None]
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state["stage_step"] += 1
+                self.state["global_step"] += 1
+                self.state["data_pos"] += per_step
+                self.state["tokens"] += per_step * st.seq_len
+                win_loss += step_loss
+                win_tokens += per_step * st.seq_len
+                win_flops += flops
+                win_ntok += n_global
+                gstep = self.state["global_step"]
+                final_of_stage = self.state["stage_step"] == st.steps
+                if gstep % cfg.log_every == 0 or final_of_stage:
+                    if grad_norm is not None and hasattr(grad_norm, "full_tensor"):
+                        grad_norm = grad_norm.full_tensor()
+                    sums = all_reduce_sum([float(win_loss), float(step_loss)], env)
+                    dt = max(time.time() - win_t0, 1e-9)
+                    rec = {"step": gstep, "stage": si, "stage_name": st.name, "stage_step": self.state["stage_step"],
+                           "loss": sums[0] / max(1.0, win_ntok), "step_loss": sums[1] / max(1.0, n_global),
+                           "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                           "tokens": self.state["tokens"], "tokens_per_s": win_tokens / dt,
+                           "tflops": win_flops / dt / 1e12, "seq_len": st.seq_len,
+                           "mfu": (win_flops / dt / 1e12 / (self.peak * env.world)) if self.peak else None,
+                           "time_s": time.time() - t_start}
+                    if env.device.type == "cuda":
+                        rec["max_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+                    self.metrics.write(rec)
+                    self.history.append(rec)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec['step_loss']:.3f}", lr=f"{lr:.2e}",
+                                        tok_s=f"{rec['tokens_per_s']:.3g}",
+                                        mfu="-" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%")
+                    win_loss.zero_()
+                    win_tokens, win_flops, win_ntok, win_t0 = 0, 0.0, 0.0, time.time()
+                if bar is not None:
+                    bar.update(1)
+                if final_of_stage:
+                    self.state.update(stage=si + 1, stage_step=0, data_pos=0)
+                if cfg.eval_every and gstep % cfg.eval_every == 0 or final_of_stage:
+                    last_eval = self.evaluate(si)
+                    if last_eval is not None:
+                        rec = {"step": gstep, "stage": si, "val_loss": last_eval,
+                               "val_ppl": math.exp(min(last_eval, 50)), "tokens": self.state["tokens"]}
+                        self.metrics.write(rec)
+                        self.history.append(rec)
+                        self.info(f"step {gstep}: held-out loss {last_eval:.4f}")
+                    win_t0 = time.time()
+                if (cfg.save_every and gstep % cfg.save_every == 0) or final_of_stage:
+                    self._save()
+                    win_t0 = time.time()
+                if cfg.stop_after is not None and gstep >= cfg.stop_after:
+                    stopped = True
+                if stopped or final_of_stage:
+                    break
+        if bar is not None:
+            bar.close()
+        summary = {"global_step": self.state["global_step"], "tokens": self.state["tokens"],
+                   "seconds": time.time() - t_start, "val_loss": last_eval, "params": self.num_params,
+                   "stopped_early": stopped}
+        if not stopped and cfg.save_final:
+            self.save_model(self.out_dir / "final")
+            summary["final_model"] = str(self.out_dir / "final")
+        return summary
+
+    def save_model(self, folder: str | Path) -> None:
+        """Save the model (HF `save_pretrained`, safetensors) and the dataset's tokenizer into `folder`."""
+        folder = Path(folder)
+        if self.env.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            sd = None
+        if self.env.is_main:
+            tmp = folder.with_name(".tmp-" + folder.name)
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            self.model.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+            tok_dir = Path(self.cfg.data.path or self.cfg.stages[0].data) / "tokenizer"
+            if tok_dir.is_dir():
+                import shutil
+
+                for f in tok_dir.iterdir():
+                    shutil.copy2(f, tmp / f.name)
+            if folder.exists():
+                import shutil
+
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+            self.info(f"saved model to {folder}")
+        if self.env.distributed:
+            torch.distributed.barrier()

@@ -1,0 +1,437 @@
+"""Small-scale reproduction of the MiniCPM-SALA / HALO claims (issue 7), one subcommand per step.
+
+  prepare   (CPU)  packed stdlib + synthetic-retrieval token file, and the eval prompts (JSONL)
+  teacher   (GPU)  dense Llama-style RoPE teacher trained from scratch at 2K context for a time budget
+  convert   (GPU)  `sala convert` into SALA, all-lightning and SALA-with-RoPE, <= 25% of the teacher's tokens
+  eval      (GPU)  held-out LM loss at 2K; needle / multi-key / variable tracking at 1x, 4x, 16x, 64x
+  plot      (CPU)  plots and the Markdown table from the results JSON
+  gpu       (GPU)  teacher + convert + eval + the bundled-model pipeline in one time-budgeted run
+
+Offline throughout. See docs/convert.md for the numbers and what they do and do not show.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TASKS = ("niah_single", "niah_multikey", "vt")
+TRAIN_LEN = 2048
+EVAL_LENGTHS = (2048, 8192, 32768, 131072)
+EVAL_SAMPLES = {2048: 10, 8192: 10, 32768: 6, 131072: 4}
+SPARSE = {"kernel_size": 32, "kernel_stride": 16, "block_size": 64, "topk": 24, "init_blocks": 1,
+          "window_size": 512, "dense_len": 2048}     # 1x (2K) is fully dense; longer prompts are sparse
+REPRO_TEACHER = dict(hidden_size=384, intermediate_size=1152, num_hidden_layers=8, num_attention_heads=6,
+                     num_key_value_heads=2, head_dim=64)
+BUNDLE_TEACHER = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64)
+if os.environ.get("REPRO_TINY"):   # CPU smoke test of the whole script at toy sizes
+    TRAIN_LEN, EVAL_LENGTHS, EVAL_SAMPLES = 256, (256, 1024), {256: 2, 1024: 2}
+    REPRO_TEACHER = BUNDLE_TEACHER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    SPARSE = {**SPARSE, "block_size": 32, "topk": 4, "window_size": 128, "kernel_size": 16, "kernel_stride": 8}
+# conversion token budget as fractions of the teacher's training tokens (total 0.25)
+FRACTIONS = {"stage1": 0.05, "stage2": 0.10, "finetune": 0.10}
+
+
+def log(msg: str) -> None:
+    print(f"[repro {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- prepare (CPU)
+def cmd_prepare(args) -> None:
+    from sala.data.prepare import SyntheticMix, prepare
+    from sala.data.tokenizer import load_tokenizer
+    from sala.eval.tasks import generate, write_jsonl
+
+    data = Path(args.data)
+    if not (data / "meta.json").is_file():
+        prepare(str(data), ["stdlib"], tokenizer=None, val_fraction=0.03, seed=0, max_docs=args.max_docs,
+                synthetic=SyntheticMix(fraction=0.3, tasks=TASKS, lengths=tuple(L for L in (256, 512, 1024, 2048)
+                                                                          if L <= TRAIN_LEN), seed=1234))
+    tok = load_tokenizer(data / "tokenizer")
+    (data / "eval").mkdir(exist_ok=True)
+    for task in TASKS:
+        for length in EVAL_LENGTHS:
+            path = data / "eval" / f"{task}_{length}.jsonl"
+            if not path.is_file():
+                write_jsonl(generate(task, length, EVAL_SAMPLES[length], tok.count, seed=4242), str(path))
+                log(f"eval prompts {path.name}")
+
+
+# ----------------------------------------------------------------------------- teacher (GPU)
+def train_teacher(data: str, out: str, seconds: float, shape: dict, batch: int = 16, lr: float = 2e-3,
+                  seq_len: int = TRAIN_LEN, seed: int = 0) -> dict:
+    """Train a transformers LlamaForCausalLM (RoPE, GQA, SwiGLU) from scratch for `seconds` of wall time."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sala.convert.data import TokenSource
+    from sala.data.packed import read_meta
+
+    meta = read_meta(data)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=meta["vocab_size"], max_position_embeddings=1 << 18, rope_theta=10000.0,
+                      rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=meta.get("bos_id", 1),
+                      eos_token_id=meta.get("eos_id", 2), pad_token_id=0, initializer_range=0.02, **shape)
+    model = LlamaForCausalLM(cfg).to(dev)
+    model.config._attn_implementation = "sdpa"
+    n_params = sum(p.numel() for p in model.parameters())
+    src = TokenSource(data, cfg.vocab_size, seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
+                            **({"fused": True} if dev.type == "cuda" else {}))
+    est_steps, step, tokens, t0, losses = None, 0, 0, time.time(), []
+    warmup = 50
+    while True:
+        el = time.time() - t0
+        if el >= seconds:
+            break
+        if step == 20:   # estimate the total number of steps from the measured speed
+            est_steps = int(seconds / (el / 20))
+        total = est_steps or 10**9
+        f = (step + 1) / warmup if step < warmup else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, (step - warmup) / max(1, total - warmup))))
+        for g in opt.param_groups:
+            g["lr"] = lr * f
+        ids = src.train_batch(batch, seq_len).to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += ids.numel()
+        step += 1
+        if step % 50 == 0 or step == 1:
+            losses.append({"step": step, "tokens": tokens, "loss": loss.item(), "seconds": time.time() - t0})
+            log(f"teacher step {step} loss {loss.item():.3f} tok {tokens / 1e6:.1f}M "
+                f"({tokens / (time.time() - t0) / 1e3:.0f}K tok/s)")
+    model.save_pretrained(out)
+    for name in os.listdir(Path(data) / "tokenizer"):
+        shutil.copy2(Path(data) / "tokenizer" / name, Path(out) / name)
+    report = {"params": n_params, "tokens": tokens, "steps": step, "seconds": time.time() - t0, "seq_len": seq_len,
+              "batch": batch, "lr": lr, "shape": shape, "history": losses}
+    (Path(out) / "train_report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def cmd_teacher(args) -> None:
+    train_teacher(args.data, args.out, args.seconds, BUNDLE_TEACHER if args.bundle else REPRO_TEACHER)
+
+
+# ----------------------------------------------------------------------------- convert (GPU)
+VARIANTS = {  # name -> (--softmax-layers, --keep-sparse-rope)
+    "sala": ("auto", False),
+    "all_lightning": ("none", False),
+    "sala_rope": ("same-as-sala", True),
+}
+
+
+def convert_variant(teacher: str, out: str, variant: str, data: str, teacher_tokens: int,
+                    softmax_of_sala: list[int] | None = None, batch: int = 16) -> dict:
+    from sala.convert import ConvertOptions, convert
+
+    layers, keep_rope = VARIANTS[variant]
+    if layers == "same-as-sala":
+        layers = ",".join(map(str, softmax_of_sala or []))
+    budget = {k: int(v * teacher_tokens) for k, v in FRACTIONS.items()}
+    t0 = time.time()
+    convert(ConvertOptions(
+        teacher=teacher, out=out, softmax_layers=layers, keep_sparse_rope=keep_rope, data=data,
+        stage1_tokens=budget["stage1"], stage2_tokens=budget["stage2"], finetune_tokens=budget["finetune"],
+        seq_len=min(512, TRAIN_LEN), finetune_seq_len=TRAIN_LEN, batch_size=batch, finetune_lr=3e-4, stage2_lr=5e-4,
+        sparse_config=SPARSE, select_length=TRAIN_LEN, select_samples=4, dtype="float32", progress=False),
+        log=log)
+    report = json.loads((Path(out) / "convert_report.json").read_text())
+    report["wall_seconds"] = time.time() - t0
+    report["fraction_of_teacher_tokens"] = sum(budget.values()) / teacher_tokens
+    if (Path(out) / "layer_scores.json").is_file():
+        report["layer_scores"] = json.loads((Path(out) / "layer_scores.json").read_text())
+    return report
+
+
+def cmd_convert(args) -> None:
+    tokens = json.loads((Path(args.teacher) / "train_report.json").read_text())["tokens"]
+    sala_layers = None
+    for v in ("sala", "all_lightning", "sala_rope"):
+        r = convert_variant(args.teacher, str(Path(args.out) / v), v, args.data, tokens, sala_layers)
+        if v == "sala":
+            sala_layers = r["softmax_layers"]
+
+
+# ----------------------------------------------------------------------------- eval (GPU)
+def greedy_answer(model, ids, max_new_tokens: int, tok, eos_id: int | None) -> str:
+    """Prefill `ids` [1, T], then greedy decoding until '.', a newline, EOS or max_new_tokens."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        past, new = out.past_key_values, []
+        for _ in range(max_new_tokens):
+            nxt = int(out.logits[0, -1].argmax())
+            if nxt == eos_id:
+                break
+            new.append(nxt)
+            text = tok.decode(new)
+            if "\n" in text or text.rstrip().endswith("."):
+                break
+            out = model(input_ids=torch.tensor([[nxt]], device=ids.device), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+    return tok.decode(new)
+
+
+def evaluate(model_dir: str, data: str, deadline: float, lengths=EVAL_LENGTHS, max_samples: int | None = None) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    import sala  # noqa: F401
+    from sala.convert.data import TokenSource
+    from sala.data.tokenizer import load_tokenizer
+    from sala.eval.scoring import string_match_all
+    from sala.eval.tasks import read_jsonl
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(dev).eval()
+    if hasattr(model.config, "_attn_implementation") and model.config.model_type == "llama":
+        model.config._attn_implementation = "sdpa"
+    tok = load_tokenizer(Path(data) / "tokenizer")
+    res: dict = {"model": model_dir, "heldout": {}, "tasks": {}}
+    src = TokenSource(data, model.config.vocab_size)
+    windows = src.heldout(16, TRAIN_LEN)
+    tot, cnt = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(windows), 4):
+            ids = windows[i:i + 4].to(dev)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            tot += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+            cnt += ids[:, 1:].numel()
+    res["heldout"] = {"loss": tot / cnt, "seq_len": TRAIN_LEN, "tokens": cnt}
+    log(f"{Path(model_dir).name}: held-out loss {tot / cnt:.4f}")
+    for length in lengths:
+        for task in TASKS:
+            key = f"{task}@{length}"
+            if time.time() > deadline:
+                res["tasks"][key] = {"skipped": "time budget"}
+                continue
+            samples = read_jsonl(str(Path(data) / "eval" / f"{task}_{length}.jsonl"))[:max_samples]
+            t0, preds, golds = time.time(), [], []
+            try:
+                for s in samples:
+                    ids = torch.tensor([tok.encode(s.input, add_bos=True)], device=dev)
+                    preds.append(greedy_answer(model, ids, s.max_new_tokens, tok, tok.eos_id))
+                    golds.append(s.outputs)
+                    if time.time() > deadline:
+                        break
+                acc = string_match_all(preds, golds) / 100.0 if preds else None
+                res["tasks"][key] = {"accuracy": acc, "n": len(preds), "seconds": time.time() - t0,
+                                     "examples": [[p, g] for p, g in zip(preds[:2], golds[:2])]}
+            except Exception as e:  # noqa: BLE001 - record and go on: one failure must not lose the run
+                res["tasks"][key] = {"error": f"{type(e).__name__}: {e}"[:400]}
+            log(f"{Path(model_dir).name} {key}: {res['tasks'][key].get('accuracy')} "
+                f"({res['tasks'][key].get('n')} in {time.time() - t0:.1f}s)")
+    del model
+    torch.cuda.empty_cache() if dev.type == "cuda" else None
+    return res
+
+
+def cmd_eval(args) -> None:
+    deadline = time.time() + args.seconds
+    results = {name: evaluate(str(Path(args.models) / name), args.data, deadline)
+               for name in ("teacher", "sala", "all_lightning", "sala_rope")}
+    Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+# ----------------------------------------------------------------------------- one-shot GPU run
+def environment() -> dict:
+    import torch
+    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "command": " ".join(sys.argv)}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                       cwd=ROOT).stdout.strip() or "uncommitted"
+    except OSError:
+        env["commit"] = "uncommitted"
+    env["tree"] = "uncommitted changes" if subprocess.run(["git", "status", "--porcelain"], capture_output=True,
+                                                          text=True, cwd=ROOT).stdout.strip() else "clean"
+    return env
+
+
+def cmd_gpu(args) -> None:
+    """Everything on the device in one call, budgeted by wall time; results written after every step."""
+    t_start = time.time()
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    res: dict = {"env": environment(), "config": {"teacher": REPRO_TEACHER, "bundle_teacher": BUNDLE_TEACHER,
+                 "sparse_config": SPARSE, "fractions": FRACTIONS, "train_len": TRAIN_LEN,
+                 "eval_lengths": EVAL_LENGTHS, "eval_samples": EVAL_SAMPLES, "tasks": TASKS}, "steps": {}}
+    path = out / "repro_results.json"
+
+    def save() -> None:
+        res["elapsed_seconds"] = time.time() - t_start
+        path.write_text(json.dumps(res, indent=1))
+
+    def step(name, fn):
+        t0 = time.time()
+        try:
+            value = fn()
+            res["steps"][name] = {"ok": True, "seconds": time.time() - t0}
+            return value
+        except Exception as e:  # noqa: BLE001
+            import traceback
+            res["steps"][name] = {"ok": False, "error": traceback.format_exc()[-2000:], "seconds": time.time() - t0}
+            log(f"step {name} FAILED: {type(e).__name__}: {e}")
+            return None
+        finally:
+            save()
+
+    # 1. repro teacher
+    rep = step("teacher", lambda: train_teacher(args.data, str(work / "teacher"), args.teacher_seconds, REPRO_TEACHER))
+    res["teacher_train"] = rep
+    if rep is None:
+        return
+    # 2. conversions
+    res["convert"] = {}
+    sala_layers = None
+    for v in ("sala", "all_lightning", "sala_rope"):
+        r = step(f"convert_{v}", lambda v=v: convert_variant(str(work / "teacher"), str(work / v), v, args.data,
+                                                               rep["tokens"], sala_layers))
+        if r is not None:
+            res["convert"][v] = r
+            if v == "sala":
+                sala_layers = r["softmax_layers"]
+    # 3. the bundled model (small teacher + SALA), before the long evals so it is never squeezed out
+    b = step("bundle_teacher", lambda: train_teacher(args.data, str(work / "bundle_teacher"), args.bundle_seconds,
+                                                     BUNDLE_TEACHER, batch=16, lr=3e-3))
+    res["bundle_teacher_train"] = b
+    if b is not None:
+        rb = step("bundle_convert", lambda: convert_variant(str(work / "bundle_teacher"), str(work / "bundle_sala"),
+                                                            "sala", args.data, b["tokens"]))
+        res["bundle_convert"] = rb
+        for name in ("bundle_teacher", "bundle_sala"):
+            step(f"pack_{name}", lambda name=name: _pack(work / name, out / f"{name}.tar"))
+    # 4. evaluation, budgeted
+    res["eval"] = {}
+    remaining = args.total_seconds - (time.time() - t_start) - 15
+    names = [n for n in ("teacher", "sala", "all_lightning", "sala_rope") if (work / n / "config.json").is_file()]
+    for i, name in enumerate(names):
+        share = (args.total_seconds - (time.time() - t_start) - 15) / (len(names) - i)
+        r = step(f"eval_{name}", lambda name=name, share=share: evaluate(str(work / name), args.data, time.time() + share))
+        res["eval"][name] = r
+    for name in ("bundle_teacher", "bundle_sala"):
+        if (work / name / "config.json").is_file() and args.total_seconds - (time.time() - t_start) > 20:
+            res["eval"][name] = step(f"eval_{name}", lambda name=name: evaluate(
+                str(work / name), args.data, time.time() + 8, lengths=(2048, 8192), max_samples=4))
+    del remaining
+    save()
+
+
+def _pack(folder: Path, tar_path: Path) -> None:
+    """model files (half precision) + tokenizer + reports into one tar (the device returns at most 8 files)."""
+    import tarfile
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    half = folder.parent / (folder.name + "_half")
+    half.mkdir(exist_ok=True)
+    sd = load_file(str(folder / "model.safetensors"))
+    save_file({k: v.to(torch.float16).contiguous() for k, v in sd.items()}, str(half / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["dtype"] = "float16"
+    cfg.pop("torch_dtype", None)
+    (half / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "convert_report.json", "layer_scores.json",
+                 "train_report.json", "generation_config.json"):
+        if (folder / name).is_file():
+            (half / name).write_bytes((folder / name).read_bytes())
+    with tarfile.open(tar_path, "w") as tar:
+        for f in sorted(half.iterdir()):
+            tar.add(f, arcname=f.name)
+
+
+# ----------------------------------------------------------------------------- plot (CPU)
+def cmd_plot(args) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = json.loads(Path(args.results).read_text())
+    ev = res.get("eval", {})
+    names = [n for n in ("teacher", "sala", "all_lightning", "sala_rope") if ev.get(n)]
+    labels = {"teacher": "dense teacher (RoPE)", "sala": "SALA (NoPE sparse + lightning)",
+              "all_lightning": "all lightning", "sala_rope": "SALA, RoPE kept in sparse layers"}
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 4), sharey=True)
+    for ax, task in zip(axes, TASKS):
+        for n in names:
+            xs, ys = [], []
+            for L in EVAL_LENGTHS:
+                r = ev[n]["tasks"].get(f"{task}@{L}", {})
+                if r.get("accuracy") is not None:
+                    xs.append(L // TRAIN_LEN)
+                    ys.append(100 * r["accuracy"])
+            ax.plot(xs, ys, marker="o", label=labels[n])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 4, 16, 64], ["1x", "4x", "16x", "64x"])
+        ax.set_title(task)
+        ax.set_xlabel(f"prompt length / training length ({TRAIN_LEN})")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=120)
+    rows = ["| model | held-out loss @2K | " + " | ".join(f"{t} {L // TRAIN_LEN}x" for t in TASKS for L in EVAL_LENGTHS) + " |",
+            "|---|---|" + "---|" * (len(TASKS) * len(EVAL_LENGTHS))]
+    for n in names:
+        cells = []
+        for t in TASKS:
+            for L in EVAL_LENGTHS:
+                r = ev[n]["tasks"].get(f"{t}@{L}", {})
+                cells.append(f"{100 * r['accuracy']:.0f}% ({r['n']})" if r.get("accuracy") is not None
+                             else ("skipped" if "skipped" in r else ("error" if "error" in r else "-")))
+        rows.append(f"| {labels[n]} | {ev[n]['heldout']['loss']:.3f} | " + " | ".join(cells) + " |")
+    Path(args.table).write_text("\n".join(rows) + "\n")
+    print("\n".join(rows))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("prepare"); a.add_argument("--data", default="repro_data"); a.add_argument("--max-docs", type=int, default=1000)
+    a.set_defaults(func=cmd_prepare)
+    a = sub.add_parser("teacher"); a.add_argument("--data", default="repro_data"); a.add_argument("--out", required=True)
+    a.add_argument("--seconds", type=float, default=100); a.add_argument("--bundle", action="store_true"); a.set_defaults(func=cmd_teacher)
+    a = sub.add_parser("convert"); a.add_argument("--data", default="repro_data"); a.add_argument("--teacher", required=True)
+    a.add_argument("--out", required=True); a.set_defaults(func=cmd_convert)
+    a = sub.add_parser("eval"); a.add_argument("--data", default="repro_data"); a.add_argument("--models", required=True)
+    a.add_argument("--out", required=True); a.add_argument("--seconds", type=float, default=120); a.set_defaults(func=cmd_eval)
+    a = sub.add_parser("gpu"); a.add_argument("--data", default="repro_data"); a.add_argument("--work", default="/tmp/repro")
+    a.add_argument("--out", required=True); a.add_argument("--teacher-seconds", type=float, default=100)
+    a.add_argument("--bundle-seconds", type=float, default=45); a.add_argument("--total-seconds", type=float, default=390)
+    a.set_defaults(func=cmd_gpu)
+    a = sub.add_parser("plot"); a.add_argument("--results", required=True); a.add_argument("--png", required=True)
+    a.add_argument("--table", required=True); a.set_defaults(func=cmd_plot)
+    args = p.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Triton InfLLM-V2 kernels vs the PyTorch reference, tiny shapes; run by tests/test_infllmv2_triton.py in a
+subprocess with TRITON_INTERPRET=1 (set before triton is imported) so CPU CI really runs the kernels.
+
+`python tests/infllmv2_triton_checks.py` prints one JSON line {check: "ok" | error text}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+from sala.ops import infllmv2_reference as ref
+from sala.ops.infllmv2 import (SparseParams, block_sparse_attention, compress_keys, compressed_lengths,
+                               infllmv2_attention, infllmv2_decode, select_blocks, update_compressed_keys)
+
+SMALL = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, topk=2, init_blocks=1, window_size=32)
+
+
+def _mode(name: str) -> None:
+    os.environ["SALA_KERNELS"] = name
+
+
+def _qkv(B, T, Hkv, G, D, seed, Tq=None):
+    g = torch.Generator().manual_seed(seed)
+    Tq = T if Tq is None else Tq
+    return (torch.randn(B, Tq, Hkv * G, D, generator=g), torch.randn(B, T, Hkv, D, generator=g),
+            torch.randn(B, T, Hkv, D, generator=g))
+
+
+def assert_same_selection(got, want, q, k1, k2, pos, p, scale, rel=1e-4):
+    """Indices equal, except rows where the differing blocks' scores tie with the cut-off (fp32 rounding)."""
+    if torch.equal(got, want):
+        return
+    pooled = ref.pooled_block_scores_ref(q.double(), k1.double(), k2.double(), pos, p, scale,
+                                         int(pos.max()) // p.block_size + 1)
+    bad = (got != want).any(-1).nonzero().tolist()
+    for b, h, t in bad:
+        row = pooled[b, h, t]
+        a, w = set(got[b, h, t].tolist()) - {-1}, set(want[b, h, t].tolist()) - {-1}
+        diff = [row[i] for i in a ^ w]
+        cut = torch.sort(row[torch.isfinite(row)], descending=True).values
+        thr = cut[min(len(cut) - 1, p.total_blocks - (row == float('inf')).sum().item() - 1)]
+        assert all(abs(float(x) - float(thr)) <= rel * abs(float(thr)) + 1e-12 for x in diff), (b, h, t, a, w)
+    assert len(bad) <= max(1, got.shape[2] // 20), f"{len(bad)} rows differ"
+
+
+def check_compress():
+    k = torch.randn(2, 70, 2, 16)
+    for kernel, stride in ((8, 4), (32, 16)):
+        torch.testing.assert_close(compress_keys(k, kernel, stride), ref.compress_keys_ref(k, kernel, stride))
+    n1, n2 = compressed_lengths(70, SMALL)
+    caches = [torch.full((2, n1, 2, 16), float("nan")), torch.full((2, n2, 2, 16), float("nan"))]
+    lengths = torch.tensor([40, 52], dtype=torch.int32)
+    update_compressed_keys(k, *caches, lengths, SMALL, new_tokens=52)
+    lengths = lengths + 9
+    update_compressed_keys(k, *caches, lengths, SMALL, new_tokens=9)
+    for _ in range(7):
+        lengths = lengths + 1
+        update_compressed_keys(k, *caches, lengths, SMALL)
+    for b in range(2):
+        L = int(lengths[b])
+        m1, m2 = compressed_lengths(L, SMALL)
+        torch.testing.assert_close(caches[0][b, :m1], ref.compress_keys_ref(k[b:b + 1, :L], 8, 4)[0])
+        torch.testing.assert_close(caches[1][b, :m2], ref.compress_keys_ref(k[b:b + 1, :L], 32, 16)[0])
+        assert torch.isnan(caches[0][b, m1:]).all()
+
+
+def check_select():
+    for B, G, q_offset, Tq, seed in ((1, 2, 0, 100, 1), (2, 4, 90, 20, 2)):
+        q, k, _ = _qkv(B, q_offset + Tq, 2, G, 16, seed, Tq=Tq)
+        k1, k2 = ref.compress_keys_ref(k, 8, 4), ref.compress_keys_ref(k, 32, 16)
+        got = select_blocks(q, k1, k2, SMALL, q_offset=q_offset)
+        pos = (q_offset + torch.arange(Tq))[None].expand(B, Tq)
+        want = ref.select_blocks_ref(q.double(), k1.double(), k2.double(), pos, SMALL, 0.25)
+        assert_same_selection(got, want, q, k1, k2, pos, SMALL, 0.25)
+
+
+def _attention_case(seed, B=1, G=2):
+    q, k, v = _qkv(B, 96, 2, G, 16, seed, Tq=24)
+    idx = ref.select_blocks_ref(q, ref.compress_keys_ref(k, 8, 4), ref.compress_keys_ref(k, 32, 16),
+                                (72 + torch.arange(24))[None].expand(B, 24), SMALL, 0.25)
+    return q, k, v, idx
+
+
+def check_forward():
+    q, k, v, idx = _attention_case(3)
+    _mode("triton")
+    got = block_sparse_attention(q, k, v, idx, SMALL, q_offset=72)
+    _mode("reference")
+    torch.testing.assert_close(got, block_sparse_attention(q, k, v, idx, SMALL, q_offset=72), atol=2e-5, rtol=1e-4)
+
+
+def check_backward():
+    q, k, v, idx = _attention_case(4, G=4)
+    do = torch.randn(q.shape)
+    grads = []
+    for mode in ("triton", "reference"):
+        _mode(mode)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = block_sparse_attention(*leaves, idx, SMALL, q_offset=72)
+        grads.append(torch.autograd.grad(out, leaves, do))
+    _mode("triton")
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+
+
+def check_varlen():
+    q, k, v = _qkv(1, 150, 2, 2, 16, 5)
+    cu = torch.tensor([0, 70, 150])
+    do = torch.randn(q.shape)
+    res = []
+    for mode in ("triton", "reference"):
+        _mode(mode)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = infllmv2_attention(*leaves, SMALL, cu_seqlens=cu)
+        res.append((out.detach(), *torch.autograd.grad(out, leaves, do)))
+    _mode("triton")
+    for got, want in zip(*res):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+
+
+def check_decode():
+    B, S = 2, 120
+    q, k, v = _qkv(B, S, 2, 2, 16, 6)
+    lengths = torch.tensor([120, 85], dtype=torch.int32)
+    n1, n2 = compressed_lengths(S, SMALL)
+    k1c, k2c = torch.zeros(B, n1, 2, 16), torch.zeros(B, n2, 2, 16)
+    update_compressed_keys(k, k1c, k2c, lengths, SMALL, new_tokens=S)
+    qd = torch.stack([q[b, int(lengths[b]) - 1] for b in range(B)])
+    got = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL)
+    _mode("reference")
+    want = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL)
+    _mode("triton")
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+CHECKS = {name[6:]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("set TRITON_INTERPRET=1 before running", file=sys.stderr)
+        return 2
+    results = {}
+    for name, fn in CHECKS.items():
+        torch.manual_seed(0)
+        _mode("triton")
+        try:
+            fn()
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()[-3000:]
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

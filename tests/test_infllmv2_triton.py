@@ -1,0 +1,102 @@
+"""Triton InfLLM-V2 kernels vs the PyTorch reference.
+
+CPU: the kernels run under Triton's interpreter in a subprocess (TRITON_INTERPRET must be set before triton is
+imported), one process for all checks of tests/infllmv2_triton_checks.py; each check is reported as a test.
+GPU (@pytest.mark.gpu): compiled kernels at the released shape against the reference.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import infllmv2_triton_checks as checks  # noqa: E402  (module import does not import triton)
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", SALA_KERNELS="triton",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "infllmv2_triton_checks.py")], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", sorted(checks.CHECKS))
+def test_triton_interpreter(interpreter_results, name):
+    assert interpreter_results.get(name) == "ok", interpreter_results.get(name, "check did not run")
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+def _released_case(T=8192, Tq=1024, seed=0):
+    from sala.ops.infllmv2 import SparseParams
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, Tq, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, T, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, T, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    return SparseParams(), q, k, v
+
+
+@pytest.mark.gpu
+def test_gpu_selection_matches_reference(monkeypatch):
+    from sala.ops import infllmv2_reference as ref
+    from sala.ops.infllmv2 import compress_keys, select_blocks
+
+    p, q, k, v = _released_case()
+    k1, k2 = compress_keys(k, 32, 16), compress_keys(k, 128, 64)
+    torch.testing.assert_close(k1.float(), ref.compress_keys_ref(k, 32, 16).float())
+    monkeypatch.setenv("SALA_KERNELS", "triton")
+    got = select_blocks(q, k1, k2, p, q_offset=8192 - 1024)
+    pos = (7168 + torch.arange(1024, device="cuda"))[None]
+    checks.assert_same_selection(got, ref.select_blocks_ref(q.double(), k1.double(), k2.double(), pos, p,
+                                                            128 ** -0.5), q, k1, k2, pos, p, 128 ** -0.5, rel=2e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_attention_fwd_bwd_matches_reference(monkeypatch):
+    from sala.ops.infllmv2 import block_sparse_attention, compress_keys, select_blocks
+
+    p, q, k, v = _released_case(Tq=256)
+    idx = select_blocks(q, compress_keys(k, 32, 16), compress_keys(k, 128, 64), p, q_offset=8192 - 256)
+    do = torch.randn_like(q)
+    res = []
+    for mode in ("triton", "reference"):
+        monkeypatch.setenv("SALA_KERNELS", mode)
+        leaves = [t.float().requires_grad_() if mode == "reference" else t.clone().requires_grad_()
+                  for t in (q, k, v)]
+        out = block_sparse_attention(*leaves, idx, p, q_offset=8192 - 256)
+        res.append([out.float(), *[t.float() for t in torch.autograd.grad(out, leaves, do.to(out.dtype))]])
+    for got, want in zip(*res):
+        err = (got - want).norm() / want.norm()
+        assert err < 2e-2, float(err)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_matches_prefill(monkeypatch):
+    from sala.ops.infllmv2 import compressed_lengths, infllmv2_attention, infllmv2_decode, update_compressed_keys
+
+    monkeypatch.setenv("SALA_KERNELS", "triton")
+    p, q, k, v = _released_case(T=7000, Tq=7000)
+    lengths = torch.tensor([7000], dtype=torch.int32, device="cuda")
+    n1, n2 = compressed_lengths(8192, p)
+    kc = torch.zeros(1, 8192, 2, 128, device="cuda", dtype=k.dtype)
+    vc = torch.zeros_like(kc)
+    kc[:, :7000], vc[:, :7000] = k, v
+    k1c = torch.zeros(1, n1, 2, 128, device="cuda", dtype=k.dtype)
+    k2c = torch.zeros(1, n2, 2, 128, device="cuda", dtype=k.dtype)
+    update_compressed_keys(kc, k1c, k2c, lengths, p, new_tokens=7000)
+    out = infllmv2_decode(q[:, -1], kc, vc, k1c, k2c, lengths, p)
+    full = infllmv2_attention(q[:, -64:], k, v, p)
+    err = (out.float() - full[:, -1].float()).norm() / full[:, -1].float().norm()
+    assert err < 1e-2, float(err)

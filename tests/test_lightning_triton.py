@@ -1,0 +1,206 @@
+"""Triton lightning kernels vs the PyTorch reference.
+
+On a CPU-only machine the kernels run in Triton's interpreter: a module fixture sets TRITON_INTERPRET=1
+and SALA_KERNELS=triton and (re)imports sala.ops.lightning_triton so its kernels are built as interpreted
+functions (Triton decides that when a kernel is decorated, so the module must be imported after the
+variable is set). On a CUDA machine the same tests run the compiled kernels on the GPU.
+Every kernel output buffer is pre-filled with NaN, so any element a kernel forgets to write shows up.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from sala.ops.lightning import lightning_attention, lightning_decode_step
+from sala.ops.lightning_reference import lightning_attention_chunked, lightning_decode_step_reference
+from sala.ops.slopes import lightning_log_decay
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _interpreted(lt) -> bool:
+    return type(lt._segment_output_kernel).__name__ == "InterpretedFunction"
+
+
+@pytest.fixture(scope="module")
+def lt():
+    """sala.ops.lightning_triton with SALA_KERNELS=triton (+ the interpreter on CPU), NaN-poisoned buffers."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SALA_KERNELS", "triton")
+    import sala.ops.lightning_triton as module
+
+    if DEVICE == "cpu":
+        mp.setenv("TRITON_INTERPRET", "1")
+        if not _interpreted(module):
+            importlib.reload(module)
+        assert _interpreted(module), "Triton kernels did not switch to the interpreter"
+
+    def poisoned_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    mp.setattr(module, "_empty", poisoned_empty)
+    saved = module.CONFIG
+    yield module
+    module.CONFIG = saved
+    mp.undo()
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        importlib.reload(module)  # leave the module as a fresh import would build it
+
+
+@pytest.fixture
+def config(lt):
+    """A fresh launch config per test (tests shrink chunks/segments to cover multi-segment paths)."""
+    lt.CONFIG = lt.LightningConfig()
+    yield lt.CONFIG
+    lt.CONFIG = lt.LightningConfig()
+
+
+def inputs(b, t, h, dk, dv, dtype, seed=0, n_states=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, h, dk, generator=g)
+    k = torch.randn(b, t, h, dk, generator=g)
+    v = torch.randn(b, t, h, dv, generator=g)
+    s0 = torch.randn(n_states or b, h, dk, dv, generator=g)
+    return [x.to(DEVICE, dtype) for x in (q, k, v)] + [s0.to(DEVICE)]
+
+
+def rel_err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def reference(q, k, v, ld, **kw):
+    """fp32 reference on the same (rounded) inputs."""
+    args = [x.detach().float().requires_grad_(x.requires_grad) for x in (q, k, v)]
+    return args, lightning_attention_chunked(*args, ld, **kw)
+
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype, t, dk, dv, seg", [
+    (torch.float32, 1, 16, 16, 0), (torch.bfloat16, 63, 32, 32, 0), (torch.float32, 65, 64, 64, 1),
+    (torch.bfloat16, 65, 64, 64, 1), (torch.float32, 150, 32, 64, 1), (torch.bfloat16, 130, 64, 32, 2)])
+def test_forward_matches_reference(config, dtype, t, dk, dv, seg):
+    config.chunks_per_segment = seg
+    h = 2
+    q, k, v, s0 = inputs(2, t, h, dk, dv, dtype, seed=t)
+    ld = lightning_log_decay(h, DEVICE)
+    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True)
+    _, (o_ref, f_ref) = reference(q, k, v, ld, initial_state=s0, output_final_state=True)
+    assert o.dtype == dtype and o.shape == (2, t, h, dv) and f.dtype == torch.float32
+    assert torch.isfinite(o).all() and torch.isfinite(f).all()
+    assert rel_err(o, o_ref) < TOL[dtype]
+    assert rel_err(f, f_ref) < TOL[dtype]
+
+
+def test_forward_without_states_and_custom_scale(config):
+    q, k, v, _ = inputs(1, 40, 2, 32, 32, torch.float32, seed=1)
+    ld = lightning_log_decay(2, DEVICE)
+    o, f = lightning_attention(q, k, v, ld, scale=0.25)
+    assert f is None
+    assert rel_err(o, reference(q, k, v, ld, scale=0.25)[1][0]) < 1e-4
+
+
+@pytest.mark.parametrize("chunk, seg", [(64, 0), (16, 1), (16, 3)])
+def test_varlen_with_initial_states(config, chunk, seg):
+    config.chunk, config.chunks_per_segment = chunk, seg
+    lens = [17, 0, 64, 50, 1]
+    h = 2
+    q, k, v, s0 = inputs(1, sum(lens), h, 32, 32, torch.float32, seed=2, n_states=len(lens))
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    ld = lightning_log_decay(h, DEVICE)
+    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    _, (o_ref, f_ref) = reference(q, k, v, ld, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    assert rel_err(o, o_ref) < 1e-4
+    assert rel_err(f, f_ref) < 1e-4
+    assert torch.equal(f[1], s0[1])  # the empty sequence hands its initial state through
+
+
+@pytest.mark.parametrize("dtype, t, dk, dv, seg, varlen", [
+    (torch.float32, 70, 32, 32, 0, False), (torch.bfloat16, 70, 32, 32, 0, False),
+    (torch.float32, 100, 16, 32, 1, False), (torch.bfloat16, 100, 32, 16, 1, True)])
+def test_backward_matches_reference(config, dtype, t, dk, dv, seg, varlen):
+    config.chunks_per_segment = seg
+    h = 2
+    if varlen:
+        lens = [30, 1, 69]
+        cu = torch.tensor([0, 30, 31, 100], dtype=torch.int32, device=DEVICE)
+        q, k, v, s0 = inputs(1, t, h, dk, dv, dtype, seed=3, n_states=len(lens))
+    else:
+        cu = None
+        q, k, v, s0 = inputs(2, t, h, dk, dv, dtype, seed=3)
+    ld = lightning_log_decay(h, DEVICE)
+    g = torch.Generator().manual_seed(9)
+    do = torch.randn(q.shape[:-1] + (dv,), generator=g).to(DEVICE, dtype)
+    dfin = torch.randn(s0.shape, generator=g).to(DEVICE)
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), s0.requires_grad_()
+    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    grads = torch.autograd.grad((o.float() * do.float()).sum() + (f * dfin).sum(), (q, k, v, s0))
+    (qr, kr, vr), (o_r, f_r) = reference(q, k, v, ld, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    grads_ref = torch.autograd.grad((o_r * do.float()).sum() + (f_r * dfin).sum(), (qr, kr, vr, s0))
+    for name, a, b in zip(("dq", "dk", "dv", "dS0"), grads, grads_ref):
+        assert a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) < TOL[dtype], name
+
+
+def test_backward_without_initial_state_or_final_grad(config):
+    q, k, v, _ = inputs(1, 80, 2, 32, 32, torch.float32, seed=4)
+    ld = lightning_log_decay(2, DEVICE)
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    o, _ = lightning_attention(q, k, v, ld)
+    grads = torch.autograd.grad(o.square().sum(), (q, k, v))
+    (qr, kr, vr), (o_r, _) = reference(q, k, v, ld)
+    grads_ref = torch.autograd.grad(o_r.square().sum(), (qr, kr, vr))
+    for a, b in zip(grads, grads_ref):
+        assert rel_err(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("dtype, dk, dv, b", [(torch.float32, 16, 16, 2), (torch.bfloat16, 16, 16, 2),
+                                              (torch.float32, 32, 64, 1)])
+def test_decode_step_matches_reference_and_chunked(config, dtype, dk, dv, b):
+    # (the interpreter runs the decode reduction slowly: keep these shapes small)
+    h, steps = 2, 3
+    q, k, v, s0 = inputs(b, steps, h, dk, dv, dtype, seed=5)
+    ld = lightning_log_decay(h, DEVICE)
+    state, state_ref = s0.clone(), s0.clone()
+    out = torch.full((b, h, dv), float("nan"), dtype=dtype, device=DEVICE)
+    outs = []
+    for i in range(steps):
+        ret = lightning_decode_step(q[:, i], k[:, i], v[:, i], ld, state, out=out)
+        assert ret is out and torch.isfinite(out).all()
+        o_ref = lightning_decode_step_reference(q[:, i], k[:, i], v[:, i], ld, state_ref)
+        assert rel_err(out, o_ref) < TOL[dtype]
+        outs.append(out.clone())
+        out.fill_(float("nan"))
+    assert rel_err(state, state_ref) < 1e-5
+    _, (o_c, f_c) = reference(q, k, v, ld, initial_state=s0, output_final_state=True)
+    assert rel_err(torch.stack(outs, 1), o_c) < TOL[dtype]
+    assert rel_err(state, f_c) < 1e-5
+    o_alloc = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], ld, state)
+    assert o_alloc.dtype == dtype and o_alloc.shape == (b, h, dv)
+
+
+def test_strongest_decay_long_chunk_finite(config):
+    # head 0 of 32 has gamma ~ 0.43: gamma^-128 would overflow fp32; chunk 128 must stay finite
+    config.chunk = 128
+    h = 2
+    q, k, v, s0 = inputs(1, 140, h, 16, 16, torch.float32, seed=6)
+    ld = lightning_log_decay(32, DEVICE)[[0, 31]]  # the fastest and the slowest decay of 32 heads
+    assert ld[0].item() < -0.8
+    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True)
+    _, (o_r, f_r) = reference(q, k, v, ld, initial_state=s0, output_final_state=True)
+    assert torch.isfinite(o).all() and rel_err(o, o_r) < 1e-4 and rel_err(f, f_r) < 1e-4
+
+
+def test_unsupported_head_dim_is_refused(config):
+    q, k, v, _ = inputs(1, 4, 2, 24, 24, torch.float32)
+    ld = lightning_log_decay(2, DEVICE)
+    with pytest.raises(ValueError, match=r"head dim Dk=24 is not supported"):
+        lightning_attention(q, k, v, ld)
+    with pytest.raises(ValueError, match=r"float64 inputs are not supported"):
+        lightning_attention(q.double(), k.double(), v.double(), ld)
