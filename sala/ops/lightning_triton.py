@@ -23,7 +23,6 @@ All kernels run under TRITON_INTERPRET=1 (fixed configurations, no autotuning).
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 

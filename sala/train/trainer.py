@@ -70,6 +70,8 @@ class Trainer:
         self.num_params = sum(p.numel() for p in model.parameters())
         self._flops_model = model  # parameter counts are taken before sharding
         self._linear_flops_cache: dict = {}
+        if config.precision == "bf16-pure":
+            model.to(torch.bfloat16)
         model.to(self.env.device)
         if config.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()

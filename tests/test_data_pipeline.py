@@ -1,0 +1,124 @@
+"""Data pipeline: corpus readers, tokenizer, packed token files, windows, batching (CPU)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sala.data import (PackedDataset, PackedTokens, collate_windows, load_tokenizer, positions_from_starts,
+                       prepare, stdlib_corpus_files, window_starts)
+from sala.data.corpus import iter_source_documents
+from sala.data.packed import Window
+from sala.data.tokenizer import shipped_tokenizer_path
+
+
+def test_shipped_tokenizer_round_trip_and_size():
+    path = shipped_tokenizer_path()
+    assert path.stat().st_size < 1_000_000
+    tok = load_tokenizer()
+    assert 8000 <= tok.vocab_size <= 16384
+    assert len({tok.bos_id, tok.eos_id, tok.pad_id}) == 3
+    text = "def f(x):\n    return {'a': x * 2}  # ünïcode ✓\n"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert len(ids) < len(text)  # BPE compresses code
+
+
+def test_stdlib_corpus_is_present():
+    files = stdlib_corpus_files()
+    assert len(files) > 500
+    assert all(f.suffix in (".py", ".txt", ".rst") for f in files)
+    assert not any("site-packages" in str(f) for f in files)
+
+
+def _docs(tmp_path, n=12):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    texts = []
+    for i in range(n):
+        words = " ".join(f"w{int(x)}" for x in rng.integers(0, 50, size=int(rng.integers(20, 200))))
+        texts.append(f"document {i}: {words}\n")
+        (folder / f"doc{i:02d}.txt").write_text(texts[-1])
+    return folder, texts
+
+
+def test_prepare_round_trip(tmp_path):
+    folder, texts = _docs(tmp_path)
+    jsonl = tmp_path / "extra.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": f"json doc {i}"}) for i in range(3)) + "\n")
+    out = tmp_path / "packed"
+    prepare(str(out), [str(folder), str(jsonl)], val_fraction=0.3, seed=3, log=lambda s: None)
+    tok = load_tokenizer(out / "tokenizer")
+    got = []
+    for split in ("train", "val"):
+        pt = PackedTokens(out, split)
+        assert pt.tokens.dtype == np.uint16
+        for i in range(pt.num_docs):
+            d = pt.document(i)
+            assert d[0] == tok.bos_id and d[-1] == tok.eos_id
+            got.append(tok.decode(d[1:-1].tolist()))
+    # every document appears exactly once, in one split
+    assert sorted(got) == sorted(texts + [f"json doc {i}" for i in range(3)])
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["splits"]["val"]["docs"] > 0 and meta["splits"]["train"]["docs"] > 0
+
+
+def test_prepare_refuses_to_overwrite(tmp_path):
+    folder, _ = _docs(tmp_path, 3)
+    prepare(str(tmp_path / "p"), [str(folder)], log=lambda s: None)
+    with pytest.raises(FileExistsError):
+        prepare(str(tmp_path / "p"), [str(folder)], log=lambda s: None)
+
+
+def test_bad_jsonl_names_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "ok"}\n{"txt": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        list(iter_source_documents(str(p)))
+
+
+def test_aligned_windows_keep_short_documents_whole():
+    offsets = np.array([0, 30, 50, 120, 130, 400, 420], dtype=np.int64)
+    T = 64
+    starts = window_starts(offsets, T, align_docs=True)
+    # every document of <= T tokens lies completely inside some window (except in the final partial window)
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        if b - a <= T and b <= offsets[-1] - T:
+            assert any(s <= a and b <= s + T for s in starts), (a, b, starts)
+    # every token is covered
+    covered = np.zeros(offsets[-1], bool)
+    for s in starts:
+        covered[s:s + T] = True
+    assert covered[: starts[-1] + T].all()
+    plain = window_starts(offsets, T, align_docs=False)
+    assert list(plain) == list(range(0, offsets[-1] - T + 1, T))
+
+
+def test_dataset_order_is_seeded_and_epochs_differ(tmp_path):
+    folder, _ = _docs(tmp_path, 30)
+    prepare(str(tmp_path / "p"), [str(folder)], val_fraction=0.0, log=lambda s: None)
+    a = PackedDataset(tmp_path / "p", "train", 32, seed=1)
+    b = PackedDataset(tmp_path / "p", "train", 32, seed=1)
+    n = len(a)
+    assert n > 4
+    first = [a.sample(k).tokens.tolist() for k in range(2 * n)]
+    assert first == [b.sample(k).tokens.tolist() for k in range(2 * n)]
+    assert sorted(map(tuple, first[:n])) == sorted(map(tuple, first[n:]))  # an epoch is a permutation
+    assert first[:n] != first[n:]
+
+
+def test_positions_and_labels_restart_per_document():
+    w1 = Window(np.arange(10, 20), np.array([0, 4, 7]))
+    w2 = Window(np.arange(30, 40), np.array([0]))
+    assert positions_from_starts(w1.doc_starts, 10).tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2]
+    rows = collate_windows([w1, w2], "rows")
+    assert rows["input_ids"].shape == (2, 10)
+    assert rows["labels"][0].tolist() == [-100, 11, 12, 13, -100, 15, 16, -100, 18, 19]
+    flat = collate_windows([w1, w2], "flat")
+    assert flat["input_ids"].shape == (1, 20)
+    assert flat["cu_seqlens"].tolist() == [0, 4, 7, 10, 20]
+    assert flat["cu_seqlens"].dtype == torch.int32
+    assert flat["labels"][0, 10].item() == -100  # the second window's first token is not predicted

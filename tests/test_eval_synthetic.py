@@ -1,0 +1,84 @@
+"""Synthetic RULER-style tasks: generation, lengths, determinism, scoring, JSONL (CPU)."""
+from __future__ import annotations
+
+import pytest
+
+from sala.data import load_tokenizer
+from sala.eval import TASKS, generate, read_jsonl, string_match_all, string_match_part, write_jsonl
+from sala.eval.runner import clean_prediction, parse_lengths
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_samples_fit_length_and_contain_answers(tok, task):
+    L = 1500
+    samples = list(generate(task, L, 3, tok.count, seed=5))
+    assert len(samples) == 3
+    for s in samples:
+        n = tok.count(s.input)
+        assert n == s.num_tokens
+        assert n + s.max_new_tokens <= L
+        assert n > 0.8 * (L - s.max_new_tokens)  # the haystack really fills the budget
+        if task in ("niah_single", "niah_multikey", "niah_multivalue"):
+            for v in s.outputs:
+                assert f"is: {v}." in s.input  # the needle is in the haystack
+            assert s.meta["keys"][0] in s.input.rsplit("\n", 1)[-1]  # and its key in the question
+        if task == "vt":
+            assert f"VAR {s.outputs[0]} = {s.meta['value']}." in s.input
+            for a, b in zip(s.outputs[:-1], s.outputs[1:]):
+                assert f"VAR {b} = VAR {a}." in s.input
+        if task == "cwe":
+            body = s.input.split("\n")[1]
+            words = [w for w in body.split() if not w.endswith(".")]
+            counts = {w: words.count(w) for w in set(words)}
+            top = sorted(counts, key=counts.get, reverse=True)[:10]
+            assert set(top) == set(s.outputs)
+        # the reference answer scores 100, the empty answer 0
+        assert string_match_all([s.answer], [s.outputs]) == 100.0
+        assert string_match_all([""], [s.outputs]) == 0.0
+
+
+def test_generation_is_deterministic_and_seeded(tok):
+    a = [s.input for s in generate("niah_multikey", 600, 3, tok.count, seed=1)]
+    b = [s.input for s in generate("niah_multikey", 600, 3, tok.count, seed=1)]
+    c = [s.input for s in generate("niah_multikey", 600, 3, tok.count, seed=2)]
+    assert a == b and a != c
+
+
+def test_needle_depth_follows_request(tok):
+    shallow, deep = generate("niah_single", 2000, 2, tok.count, depths=[0.0, 1.0])
+    v0, v1 = shallow.outputs[0], deep.outputs[0]
+    assert shallow.input.index(v0) < len(shallow.input) * 0.2
+    assert deep.input.index(v1) > len(deep.input) * 0.8
+
+
+def test_scoring():
+    refs = [["123", "456"], ["abc"]]
+    assert string_match_all(["x 123 456", "ABC"], refs) == 100.0
+    assert string_match_all(["x 123", "nope"], refs) == 25.0
+    assert string_match_part(["x 123", "nope"], refs) == 50.0
+    with pytest.raises(ValueError, match="2 predictions but 1"):
+        string_match_all(["a", "b"], [["a"]])
+
+
+def test_jsonl_round_trip(tmp_path, tok):
+    samples = list(generate("vt", 400, 2, tok.count))
+    path = tmp_path / "vt.jsonl"
+    assert write_jsonl(samples, str(path)) == 2
+    assert read_jsonl(str(path)) == samples
+
+
+def test_parse_lengths_and_cleaning():
+    assert parse_lengths("1k,4K, 16k,2048,1m") == [1024, 4096, 16384, 2048, 1024 ** 2]
+    with pytest.raises(ValueError, match="not a number"):
+        parse_lengths("4x")
+    assert clean_prediction("  1234567.\nmore text") == "1234567."
+
+
+def test_too_short_length_is_a_clear_error(tok):
+    with pytest.raises(ValueError, match="budget"):
+        list(generate("niah_single", 80, 1, tok.count))

@@ -1,0 +1,139 @@
+"""Trainer: config parsing/validation, LR schedules, learning, exact resume, stages (CPU)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from sala.data import prepare
+from sala.train import StageConfig, Trainer, load_config, schedule, stage_lr
+from sala.train.metrics import read_metrics
+
+LLAMA_TINY = "model.config={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 1}"
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    folder = root / "docs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        # repetitive text: easy to learn in a few steps
+        n = int(rng.integers(10, 60))
+        (folder / f"d{i}.txt").write_text(" ".join(["alpha beta gamma delta"] * n) + f" end {i}\n")
+    prepare(str(root / "packed"), [str(folder)], val_fraction=0.15, seed=0, log=lambda s: None)
+    return root / "packed"
+
+
+def _cfg(packed, out, *extra):
+    return load_config(None, [f"data.path={packed}", f"out_dir={out}", "progress=false", "log_every=1",
+                              "save_final=false", "eval_windows=2", *extra])
+
+
+# ----------------------------------------------------------------------------- config
+def test_overrides_and_types(tmp_path):
+    cfg = load_config(None, ["data.path=x", "optim.lr=3e-4", "stages.0.steps=7", "model.kind=llama",
+                             "optim.betas=[0.8, 0.9]", "model.config.hidden_size=48", "resume=false"])
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.stages[0].steps == 7 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.model.config == {"hidden_size": 48} and cfg.resume is False
+    yml = tmp_path / "c.yaml"
+    yml.write_text("data: {path: d}\nstages:\n  - {steps: 5, decay: exponential, lr_end: 1.0e-5}\n"
+                   "  - {steps: 3, sparse: true}\n")
+    cfg = load_config(str(yml), ["stages.1.seq_len=64"])
+    assert [s.steps for s in cfg.stages] == [5, 3] and cfg.stages[1].seq_len == 64 and cfg.stages[1].sparse
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown key.*'lrr'"),
+    ("stages.0.steps=0", "steps must be >= 1"),
+    ("stages.0.decay=exponential", "needs lr_end"),
+    ("stages.0.decay=sideways", "decay must be one of"),
+    ("stages.3.steps=1", "has 1 items"),
+    ("stages.0.trainable=['(']", "not a valid regular expression"),
+    ("model.kind=gpt", "model.kind must be one of"),
+    ("stages.0.steps=abc", "expected an integer"),
+])
+def test_invalid_config_is_a_clear_error(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, ["data.path=x", override])
+
+
+# ----------------------------------------------------------------------------- schedule
+def test_warmup_stable_exponential_decay_shape():
+    stages = [StageConfig(steps=10, warmup_steps=4, lr=1.0),
+              StageConfig(steps=6, decay="exponential", lr=1.0, lr_end=0.05)]
+    lrs = schedule(stages, default_lr=9.0)
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])           # linear warmup
+    assert lrs[4:10] == [1.0] * 6                                      # stable
+    decay = lrs[10:]
+    assert decay[0] == pytest.approx(1.0) and decay[-1] == pytest.approx(0.05)
+    ratios = [b / a for a, b in zip(decay[:-1], decay[1:])]
+    assert ratios == pytest.approx([0.05 ** (1 / 5)] * 5)              # geometric = exponential decay
+
+
+def test_wsd_within_one_stage_and_other_decays():
+    st = StageConfig(steps=20, warmup_steps=2, decay="linear", decay_steps=5, lr=2.0, lr_end=0.0)
+    lrs = [stage_lr(st, i, 1.0) for i in range(20)]
+    assert lrs[2:15] == [2.0] * 13 and lrs[-1] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(lrs[15:], lrs[16:]))
+    cos = StageConfig(steps=11, decay="cosine", lr=1.0, lr_end=0.0)
+    assert stage_lr(cos, 5, 1.0) == pytest.approx(0.5)                  # half-way point of a cosine
+    assert stage_lr(StageConfig(steps=3), 1, 0.7) == 0.7                # default LR from optim.lr
+
+
+# ----------------------------------------------------------------------------- training
+def test_few_steps_lower_the_loss_sala_tiny(packed, tmp_path):
+    cfg = _cfg(packed, tmp_path / "run", "model.kind=sala", "model.preset=sala-tiny", "stages.0.steps=8",
+               "stages.0.seq_len=64", "stages.0.micro_batch=2", "optim.lr=1e-2", "resume=false")
+    tr = Trainer(cfg, log=lambda s: None)
+    summary = tr.fit()
+    losses = [r["step_loss"] for r in tr.history if "step_loss" in r]
+    assert len(losses) == 8
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert summary["val_loss"] is not None and math.isfinite(summary["val_loss"])
+    assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
+
+
+def test_exact_resume_matches_uninterrupted_run(packed, tmp_path):
+    common = ["model.kind=llama", LLAMA_TINY, "stages.0.steps=3", "stages.0.seq_len=32", "stages.0.micro_batch=2",
+              "stages.0.grad_accum=2", "stages.0.warmup_steps=2", "optim.lr=5e-3",
+              "stages=[{steps: 3, seq_len: 32, micro_batch: 2, grad_accum: 2, warmup_steps: 2},"
+              " {steps: 3, seq_len: 32, micro_batch: 2, decay: exponential, lr_end: 1.0e-4}]"]
+    full = Trainer(_cfg(packed, tmp_path / "a", *common), log=lambda s: None)
+    full.fit()
+    ref = [(r["step"], r["step_loss"], r["lr"]) for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "step_loss" in r]
+    assert len(ref) == 6
+    # interrupted after step 5: the newest checkpoint is the one written at the stage boundary (step 3)
+    first = Trainer(_cfg(packed, tmp_path / "b", *common, "stop_after=5"), log=lambda s: None)
+    assert first.fit()["stopped_early"]
+    resumed = Trainer(_cfg(packed, tmp_path / "b", *common), log=lambda s: None)
+    assert resumed.state["global_step"] == 3 and resumed.state["stage"] == 1
+    resumed.fit()
+    got = [(r["step"], r["step_loss"], r["lr"]) for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "step_loss" in r]
+    assert [g[0] for g in got] == [1, 2, 3, 4, 5, 6]
+    for (s1, l1, lr1), (s2, l2, lr2) in zip(ref, got):
+        assert s1 == s2 and lr1 == lr2
+        assert l2 == pytest.approx(l1, rel=1e-6, abs=1e-6), (s1, l1, l2)
+
+
+def test_trainable_groups_freeze_the_rest(packed, tmp_path):
+    cfg = _cfg(packed, tmp_path / "run", "model.kind=llama", LLAMA_TINY, "stages.0.steps=2", "stages.0.seq_len=32",
+               "stages.0.trainable=['self_attn']", "resume=false")
+    tr = Trainer(cfg, log=lambda s: None)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    tr.fit()
+    for n, p in tr.model.named_parameters():
+        changed = not bool((p.detach() == before[n]).all())
+        assert changed == ("self_attn" in n), n
+    bad = _cfg(packed, tmp_path / "run2", "model.kind=llama", LLAMA_TINY, "stages.0.trainable=['nothing_here']")
+    with pytest.raises(ValueError, match="match no parameter"):
+        Trainer(bad, log=lambda s: None).fit()
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    cfg = load_config(None, [f"data.path={tmp_path}/none", f"out_dir={tmp_path}/o"])
+    with pytest.raises(FileNotFoundError, match="sala data prepare"):
+        Trainer(cfg, log=lambda s: None)
