@@ -307,17 +307,17 @@ def cmd_gpu(args) -> None:
     res["teacher_train"] = rep
     if rep is None:
         return
-    # 2. conversions
+    # 2. SALA conversion, then the bundled model (small teacher + SALA) so it is never squeezed out,
+    #    then the two ablations (skipped if the time budget is gone)
     res["convert"] = {}
-    sala_layers = None
-    for v in ("sala", "all_lightning", "sala_rope"):
-        r = step(f"convert_{v}", lambda v=v: convert_variant(str(work / "teacher"), str(work / v), v, args.data,
-                                                               rep["tokens"], sala_layers))
+
+    def conv(v: str, sala_layers=None) -> None:
+        r = step(f"convert_{v}", lambda: convert_variant(str(work / "teacher"), str(work / v), v, args.data,
+                                                         rep["tokens"], sala_layers))
         if r is not None:
             res["convert"][v] = r
-            if v == "sala":
-                sala_layers = r["softmax_layers"]
-    # 3. the bundled model (small teacher + SALA), before the long evals so it is never squeezed out
+
+    conv("sala")
     b = step("bundle_teacher", lambda: train_teacher(args.data, str(work / "bundle_teacher"), args.bundle_seconds,
                                                      BUNDLE_TEACHER, batch=16, lr=3e-3))
     res["bundle_teacher_train"] = b
@@ -326,10 +326,16 @@ def cmd_gpu(args) -> None:
                                                             "sala", args.data, b["tokens"]))
         res["bundle_convert"] = rb
         for name in ("bundle_teacher", "bundle_sala"):
-            step(f"pack_{name}", lambda name=name: _pack(work / name, out / f"{name}.tar"))
+            if (work / name / "model.safetensors").is_file():
+                step(f"pack_{name}", lambda name=name: _pack(work / name, out / f"{name}.tar"))
+    sala_layers = res["convert"].get("sala", {}).get("softmax_layers")
+    for v in ("all_lightning", "sala_rope"):
+        if time.time() - t_start > args.total_seconds - 150:
+            res["steps"][f"convert_{v}"] = {"ok": False, "error": "skipped: time budget"}
+            continue
+        conv(v, sala_layers)
     # 4. evaluation, budgeted
     res["eval"] = {}
-    remaining = args.total_seconds - (time.time() - t_start) - 15
     names = [n for n in ("teacher", "sala", "all_lightning", "sala_rope") if (work / n / "config.json").is_file()]
     for i, name in enumerate(names):
         share = (args.total_seconds - (time.time() - t_start) - 15) / (len(names) - i)
@@ -338,8 +344,7 @@ def cmd_gpu(args) -> None:
     for name in ("bundle_teacher", "bundle_sala"):
         if (work / name / "config.json").is_file() and args.total_seconds - (time.time() - t_start) > 20:
             res["eval"][name] = step(f"eval_{name}", lambda name=name: evaluate(
-                str(work / name), args.data, time.time() + 8, lengths=(2048, 8192), max_samples=4))
-    del remaining
+                str(work / name), args.data, time.time() + 8, lengths=EVAL_LENGTHS[:2], max_samples=4))
     save()
 
 

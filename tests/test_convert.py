@@ -194,3 +194,27 @@ def test_unsupported_architecture_error(tmp_path, capsys):
                                                       "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
     with pytest.raises(ValueError, match="yarn"):
         read_teacher_spec(tmp_path)
+
+
+def test_stages_run_under_bf16_autocast(llama_dir, monkeypatch):
+    """GPU runs use bf16 autocast; CPU autocast reproduces its dtype promotions (fp32 norm weights)."""
+    import sala.convert.distill as distill
+    import sala.convert.stage1 as stage1
+
+    cpu_bf16 = lambda device: torch.autocast("cpu", dtype=torch.bfloat16)   # noqa: E731
+    monkeypatch.setattr(distill, "autocast", cpu_bf16)
+    monkeypatch.setattr(stage1, "autocast", cpu_bf16)
+    teacher = Teacher(llama_dir)
+    spec, tsd = teacher.spec, teacher.state_dict()
+    students = build_students(sala_config_for(spec, []), [1], lambda i, f: lightning_layer_init(tsd, spec, i, f),
+                              torch.device("cpu"))
+    source = TokenSource(None, spec.vocab_size)
+    hist = run_stage1(teacher, students, source, tokens=64, seq_len=32, batch=2, lr=1e-3, show_progress=False)
+    assert torch.isfinite(torch.tensor(hist[-1]["loss"]))
+    config = sala_config_for(spec, [0, 3])
+    model = SalaForCausalLM(config)
+    model.load_state_dict(transfer_state_dict(tsd, spec, config, model.state_dict()))
+    hist = distill.run_distill(teacher, model, source, tokens=64, seq_len=32, batch=2, lr=1e-4, show_progress=False)
+    hist += distill.run_finetune(model, source, tokens=64, seq_len=32, batch=2, lr=1e-4, device=torch.device("cpu"),
+                                 show_progress=False)
+    assert all(torch.isfinite(torch.tensor(h.get("kl", h.get("loss")))) for h in hist)

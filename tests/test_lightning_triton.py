@@ -52,8 +52,9 @@ def lt():
 
 @pytest.fixture
 def config(lt):
-    """A fresh launch config per test (tests shrink chunks/segments to cover multi-segment paths)."""
-    lt.CONFIG = lt.LightningConfig()
+    """A fresh launch config per test: 64-token chunks (more chunk boundaries at small T); tests shrink
+    chunks/segments further to cover multi-segment scans."""
+    lt.CONFIG = lt.LightningConfig(chunk=64, block_v=64, num_warps=4)
     yield lt.CONFIG
     lt.CONFIG = lt.LightningConfig()
 
@@ -195,6 +196,23 @@ def test_strongest_decay_long_chunk_finite(config):
     o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True)
     _, (o_r, f_r) = reference(q, k, v, ld, initial_state=s0, output_final_state=True)
     assert torch.isfinite(o).all() and rel_err(o, o_r) < 1e-4 and rel_err(f, f_r) < 1e-4
+
+
+def test_default_config_forward_and_backward(lt):
+    """The shipped defaults (128-token chunks, 128-wide V tiles) on a tail-heavy varlen batch."""
+    lt.CONFIG = lt.LightningConfig()
+    cu = torch.tensor([0, 129, 131, 150], dtype=torch.int64, device=DEVICE)
+    q, k, v, s0 = inputs(1, 150, 2, 32, 64, torch.bfloat16, seed=8, n_states=3)
+    ld = lightning_log_decay(2, DEVICE)
+    q.requires_grad_(), v.requires_grad_(), s0.requires_grad_()
+    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    grads = torch.autograd.grad((o.float() * do).sum() + f.sum(), (q, v, s0))
+    (qr, _, vr), (o_r, f_r) = reference(q, k, v, ld, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    grads_ref = torch.autograd.grad((o_r * do).sum() + f_r.sum(), (qr, vr, s0))
+    assert rel_err(o, o_r) < 1e-2 and rel_err(f, f_r) < 1e-2
+    for a, b in zip(grads, grads_ref):
+        assert rel_err(a, b) < 1e-2
 
 
 def test_unsupported_head_dim_is_refused(config):

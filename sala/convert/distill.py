@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sala.convert.data import TokenSource
-from sala.convert.optim import adamw, autocast, progress, set_lr
+from sala.convert.optim import adamw, autocast, norms_keep_input_dtype, progress, set_lr
 from sala.convert.teacher import Teacher
 
 
@@ -60,7 +60,7 @@ def run_distill(teacher: Teacher, student: nn.Module, source: TokenSource, token
             ids = source.train_batch(batch, seq_len).to(device)
             with torch.no_grad(), autocast(device):
                 t_logits = teacher.logits(ids)
-            with autocast(device):
+            with autocast(device), norms_keep_input_dtype(student):
                 s_logits = student(input_ids=ids, use_cache=False).logits
             loss = kl_teacher_student(t_logits, s_logits)
             opt.zero_grad(set_to_none=True)
@@ -91,7 +91,7 @@ def run_finetune(student: nn.Module, source: TokenSource, tokens: int, seq_len: 
         for step in range(steps):
             set_lr(opt, step, steps, warmup=min(20, max(1, steps // 10)), min_ratio=1.0)
             ids = source.train_batch(batch, seq_len).to(device)
-            with autocast(device):
+            with autocast(device), norms_keep_input_dtype(student):
                 out = student(input_ids=ids, labels=ids, use_cache=False)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()

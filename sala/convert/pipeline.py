@@ -239,8 +239,8 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Path:
     # ---- final checkpoint -----------------------------------------------------------------------------
     def logits_of(m):
         def fn(ids):
-            from sala.convert.optim import autocast
-            with autocast(device):
+            from sala.convert.optim import autocast, norms_keep_input_dtype
+            with autocast(device), norms_keep_input_dtype(m):
                 return m(input_ids=ids.to(device), use_cache=False).logits.float()
         return fn
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sala.convert.optim import autocast
+from sala.convert.optim import autocast, norms_keep_input_dtype
 from sala.convert.probes import RecallProbe, heldout_loss
 from sala.convert.stage1 import run_student
 from sala.convert.teacher import Teacher
@@ -42,7 +42,7 @@ def layer_swap_sweep(teacher: Teacher, students: nn.ModuleDict, probe: RecallPro
             pass
     for i in it:
         student = students[str(i)]
-        with teacher.swapped(i, lambda x, s=student: run_student(s, x)):
+        with teacher.swapped(i, lambda x, s=student: run_student(s, x)), norms_keep_input_dtype(student):
             loss = heldout_loss(logits_fn, heldout)
             result["layers"][i] = {"recall": probe.accuracy(logits_fn), "general": -loss, "loss": loss}
     rs = [v["recall"] for v in result["layers"].values()]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sala.convert.data import TokenSource
-from sala.convert.optim import adamw, autocast, progress, set_lr
+from sala.convert.optim import adamw, autocast, norms_keep_input_dtype, progress, set_lr
 from sala.convert.teacher import Teacher
 from sala.modeling.configuration_sala import SalaConfig
 from sala.modeling.modeling_sala import SalaLightningAttention, _Batch
@@ -75,8 +75,14 @@ def run_stage1(teacher: Teacher, students: nn.ModuleDict, source: TokenSource, t
     steps = max(1, tokens // (batch * seq_len))
     opt = adamw([{"params": [p for p in students.parameters() if p.requires_grad]}], lr)
     layers = [int(k) for k in students.keys()]
-    calibrate_output_scale(teacher, students, source.train_batch(batch, seq_len).to(device))
-    students.train()
+    with norms_keep_input_dtype(students):
+        calibrate_output_scale(teacher, students, source.train_batch(batch, seq_len).to(device))
+        students.train()
+        return _train(teacher, students, source, steps, seq_len, batch, opt, layers, show_progress, log_every)
+
+
+def _train(teacher, students, source, steps, seq_len, batch, opt, layers, show_progress, log_every) -> list[dict]:
+    device = teacher.device
     history: list[dict] = []
     bar = progress(steps * batch * seq_len, "stage 1 (alignment)", show_progress)
     for step in range(steps):

@@ -41,9 +41,11 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 class LightningConfig:
     """Launch parameters (module-level `CONFIG`; benchmarks may change it)."""
 
-    chunk: int = 64            # tokens per chunk (C)
-    block_v: int = 64          # V tile of the state (BV)
-    num_warps: int = 4
+    # defaults: the fastest of a sweep at T=64K, 32 heads x 128, bf16 on an H200
+    # (bench/results/lightning_kernels_h200.json); head dims > 128 fall back to 64/64/4 warps
+    chunk: int = 128           # tokens per chunk (C)
+    block_v: int = 128         # V tile of the state (BV)
+    num_warps: int = 8
     num_stages: int = 2
     chunks_per_segment: int = 0   # 0: choose from the work size (see `_chunks_per_segment`)
     min_chunks_per_segment: int = 8
@@ -258,7 +260,7 @@ def _num_sms(device: torch.device) -> int:
     return 8
 
 
-def _chunks_per_segment(seq_lens: list[int], heads: int, v_tiles: int, device: torch.device) -> int:
+def _chunks_per_segment(seq_lens: list[int], heads: int, v_tiles: int, chunk: int, device: torch.device) -> int:
     """Segment length in chunks: enough segments to fill the GPU, each long enough to amortise its state."""
     cfg = CONFIG
     if cfg.chunks_per_segment > 0:
@@ -266,7 +268,7 @@ def _chunks_per_segment(seq_lens: list[int], heads: int, v_tiles: int, device: t
     env = os.environ.get("SALA_LIGHTNING_SEGMENT_CHUNKS")
     if env:
         return max(1, int(env))
-    total_chunks = sum(-(-n // cfg.chunk) for n in seq_lens)
+    total_chunks = sum(-(-n // chunk) for n in seq_lens)
     target_programs = cfg.programs_per_sm * _num_sms(device)
     # programs = segments * heads * v_tiles ~ target  ->  segments ~ target / (heads * v_tiles)
     want_segments = max(1, target_programs // max(1, heads * v_tiles))
@@ -314,15 +316,18 @@ def _build_segments(bounds: tuple[tuple[int, int], ...], seg_tokens: int, device
                      dev(not_first), len(start), len(bounds))
 
 
-def _segments_for(batch: int, length: int, cu_seqlens: Tensor | None, heads: int, v_tiles: int,
+def _segments_for(batch: int, length: int, cu_seqlens: Tensor | None, heads: int, dk: int, dv: int,
                   device: torch.device) -> _Segments:
+    """Segments for the pass whose state is [dk, dv] (its chunk size and V tiles decide the split)."""
+    chunk, _ = _chunk_and_warps(dk, dv)
+    v_tiles = dv // _block_v(dv, dk)
     if cu_seqlens is None:
         bounds = tuple((b * length, (b + 1) * length) for b in range(batch))
     else:
         offs = [int(x) for x in cu_seqlens.tolist()]
         bounds = tuple((offs[i], offs[i + 1]) for i in range(len(offs) - 1))
-    per_seg = _chunks_per_segment([b - a for a, b in bounds], heads, v_tiles, device)
-    return _build_segments(bounds, per_seg * CONFIG.chunk, device)
+    per_seg = _chunks_per_segment([b - a for a, b in bounds], heads, v_tiles, chunk, device)
+    return _build_segments(bounds, per_seg * chunk, device)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -334,8 +339,19 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _block_v(dv: int) -> int:
-    return min(CONFIG.block_v, dv)
+def _large_dims(dk: int, dv: int) -> bool:
+    return max(dk, dv) > 128
+
+
+def _block_v(dv: int, dk: int = 0) -> int:
+    return min(64 if _large_dims(dk, dv) else CONFIG.block_v, dv)
+
+
+def _chunk_and_warps(dk: int, dv: int) -> tuple[int, int]:
+    """Chunk size and warps: the configured ones, capped for head dims > 128 (register pressure)."""
+    if _large_dims(dk, dv):
+        return min(64, CONFIG.chunk), 4
+    return CONFIG.chunk, CONFIG.num_warps
 
 
 def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: float, segs: _Segments,
@@ -350,7 +366,8 @@ def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: fl
     tt, heads, dk = q.shape
     dv = v.shape[-1]
     cfg = CONFIG
-    bv = _block_v(dv)
+    bv = _block_v(dv, dk)
+    chunk, warps = _chunk_and_warps(dk, dv)
     prec = _dot_precision(q.dtype)
     upcast = interpreter_enabled()
     o = _empty((tt, heads, dv), q.dtype, q.device)
@@ -362,8 +379,8 @@ def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: fl
         _segment_state_kernel[(state_ids.numel(), heads, dv // bv)](
             k, v, u, log2_decay, segs.start, segs.end, state_ids,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            H=heads, DK=dk, DV=dv, BV=bv, C=cfg.chunk, REVERSE=reverse, DOT_PRECISION=prec, UPCAST=upcast,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            H=heads, DK=dk, DV=dv, BV=bv, C=chunk, REVERSE=reverse, DOT_PRECISION=prec, UPCAST=upcast,
+            num_warps=warps, num_stages=cfg.num_stages)
     scan_block = min(1024, dk * dv)
     _segment_scan_kernel[(segs.num_seqs, heads, dk * dv // scan_block)](
         u, s_in, init if init is not None else s_in, final, log2_decay, segs.start, segs.end, segs.seq_ptr,
@@ -374,8 +391,8 @@ def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: fl
             q, k, v, o, s_in, final, log2_decay, segs.start, segs.end, segs.seq,
             segs.first if reverse else segs.last, float(scale),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-            H=heads, DK=dk, DV=dv, BV=bv, C=cfg.chunk, REVERSE=reverse, WANT_FINAL=want_final,
-            DOT_PRECISION=prec, UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            H=heads, DK=dk, DV=dv, BV=bv, C=chunk, REVERSE=reverse, WANT_FINAL=want_final,
+            DOT_PRECISION=prec, UPCAST=upcast, num_warps=warps, num_stages=cfg.num_stages)
     return o, (final if want_final else None)
 
 
@@ -395,7 +412,7 @@ class _LightningFunction(torch.autograd.Function):
         log2_decay = (log_decay.detach().to(torch.float32) * LOG2E).contiguous()
         qp, kp, vp = _packed(q), _packed(k), _packed(v)
         init = None if initial_state is None else initial_state.detach().to(torch.float32).contiguous()
-        segs = _segments_for(batch, length, cu_seqlens, heads, dv // _block_v(dv), q.device)
+        segs = _segments_for(batch, length, cu_seqlens, heads, dk, dv, q.device)
         o, final = _chunked_pass(qp, kp, vp, log2_decay, scale, segs, init, output_final_state, reverse=False)
         ctx.save_for_backward(qp, kp, vp, log2_decay, init if init is not None else torch.empty(0))
         ctx.meta = (batch, length, scale, initial_state is not None,
@@ -415,18 +432,18 @@ class _LightningFunction(torch.autograd.Function):
         if dfinal is not None:
             rev_init = (dfinal.to(torch.float32) / scale).contiguous()
         if need_q:
-            segs_q = _segments_for(batch, length, cu_seqlens, heads, dk // _block_v(dk), qp.device)
+            segs_q = _segments_for(batch, length, cu_seqlens, heads, dv, dk, qp.device)
             init_t = init.transpose(-1, -2).contiguous() if has_init else None
             dq, _ = _chunked_pass(dop, vp, kp, log2_decay, scale, segs_q, init_t, False, reverse=False)
             dq = dq.view(batch, length, heads, dk)
         if need_v or need_init:
-            segs_v = _segments_for(batch, length, cu_seqlens, heads, dv // _block_v(dv), qp.device)
+            segs_v = _segments_for(batch, length, cu_seqlens, heads, dk, dv, qp.device)
             dv_, g = _chunked_pass(kp, qp, dop, log2_decay, scale, segs_v, rev_init, need_init, reverse=True)
             dv_ = dv_.view(batch, length, heads, dv)
             if need_init:
                 dinit = (g * scale).to(init_dtype)
         if need_k:
-            segs_k = _segments_for(batch, length, cu_seqlens, heads, dk // _block_v(dk), qp.device)
+            segs_k = _segments_for(batch, length, cu_seqlens, heads, dv, dk, qp.device)
             rev_init_t = rev_init.transpose(-1, -2).contiguous() if rev_init is not None else None
             dk_, _ = _chunked_pass(vp, dop, qp, log2_decay, scale, segs_k, rev_init_t, False, reverse=True)
             dk_ = dk_.view(batch, length, heads, dk)

@@ -58,13 +58,14 @@ class Trainer:
         self.cfg = config
         self.env: DistEnv = setup(config.device)
         self._log = log or print
-        torch.manual_seed(config.seed + self.env.rank)
-        np.random.seed((config.seed + self.env.rank) % 2**32)
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.out_dir = Path(config.out_dir)
         self.meta = read_meta(config.data.path or config.stages[0].data)
         if model is None:
             model = build_model(config.model, vocab_size=self.meta["vocab_size"], bos_id=self.meta.get("bos_id"),
                                 eos_id=self.meta.get("eos_id"), pad_id=self.meta.get("eos_id"))
+        torch.manual_seed(config.seed + self.env.rank)
+        np.random.seed((config.seed + self.env.rank) % 2**32)
         self.sala = is_sala(model)
         self.layout = "flat" if self.sala else "rows"
         self.num_params = sum(p.numel() for p in model.parameters())
