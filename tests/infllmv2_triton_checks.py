@@ -137,6 +137,148 @@ def check_decode():
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+# ------------------------------------------------------------------ query-tiled attention and split-K decode
+def _variant(env: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(env, None)
+    else:
+        os.environ[env] = value
+
+
+class _Spy:
+    """Count the calls of module attribute `name` (proves a variant's kernels really ran)."""
+
+    def __init__(self, module, name):
+        self.module, self.name, self.calls = module, name, 0
+        self.real = getattr(module, name)
+
+    def __enter__(self):
+        def wrapper(*args, **kwargs):
+            self.calls += 1
+            return self.real(*args, **kwargs)
+
+        setattr(self.module, self.name, wrapper)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.module, self.name, self.real)
+
+
+def _flat_tables(B, Tq, Tk, bs, q_offset):
+    """The flat per-token / per-global-block tables block_sparse_attention builds (kernel-level calls)."""
+    nbk = -(-Tk // bs)
+    pos = (q_offset + torch.arange(Tq)).repeat(B).to(torch.int32)
+    brow = torch.arange(B).repeat_interleave(Tq)
+    gids = torch.arange(B * nbk)
+    return pos, brow * nbk, (gids // nbk) * Tk + (gids % nbk) * bs, (gids % nbk).to(torch.int32)
+
+
+def check_tiled_forward():
+    """B = 2, odd Tq (tiles straddle sequences, a tail tile), G = 4; NaN keys no query may see; NaN-filled
+    output buffer (every row must be written)."""
+    from sala.ops import infllmv2_triton as tri
+
+    B, Tq, q_offset, Tk = 2, 23, 70, 101
+    q, k, v = _qkv(B, Tk, 2, 4, 16, 7, Tq=Tq)
+    k1, k2 = ref.compress_keys_ref(k, 8, 4), ref.compress_keys_ref(k, 32, 16)
+    idx = ref.select_blocks_ref(q, k1, k2, (q_offset + torch.arange(Tq))[None].expand(B, Tq), SMALL, 0.25)
+    k[:, q_offset + Tq:], v[:, q_offset + Tq:] = float("nan"), float("nan")
+    _variant("SALA_SPARSE_ATTN", "tiled")
+    try:
+        with _Spy(tri, "sparse_attention_fwd_tiled") as spy:
+            got = block_sparse_attention(q, k, v, idx, SMALL, q_offset=q_offset)
+        assert spy.calls == 1, spy.calls
+        pos, gbase, gks, gblk = _flat_tables(B, Tq, Tk, 16, q_offset)
+        o = torch.full((B * Tq, 8, 16), float("nan"))
+        tri.sparse_attention_fwd_tiled(q.reshape(B * Tq, 8, 16), k.reshape(B * Tk, 2, 16), v.reshape(B * Tk, 2, 16),
+                                       idx, pos, gbase, gks, gblk, 16, 0.25, o=o)
+    finally:
+        _variant("SALA_SPARSE_ATTN", None)
+    _mode("reference")
+    want = block_sparse_attention(q, k, v, idx, SMALL, q_offset=q_offset)
+    assert torch.isfinite(got).all() and torch.isfinite(o).all()
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(o.view_as(want), want, atol=2e-5, rtol=1e-4)
+
+
+def check_tiled_union():
+    """Tile unions: sorted unique global blocks, membership bits exactly the tokens that selected each block."""
+    from sala.ops.infllmv2_triton import tile_block_union
+
+    q, k, v, idx = _attention_case(8, B=2)
+    gbase = torch.arange(2).repeat_interleave(24) * 7
+    un, member, count = tile_block_union(idx, gbase, 4)
+    flat = idx.permute(1, 0, 2, 3).reshape(2, 48, -1)
+    for h in range(2):
+        for tile in range(12):
+            want = {}
+            for j in range(4):
+                n = tile * 4 + j
+                for blk in flat[h, n].tolist():
+                    if blk >= 0:
+                        want[int(gbase[n]) + blk] = want.get(int(gbase[n]) + blk, 0) | (1 << j)
+            c = int(count[h, tile])
+            assert un[h, tile, :c].tolist() == sorted(want), (h, tile)
+            assert member[h, tile, :c].tolist() == [want[x] for x in sorted(want)], (h, tile)
+            assert (un[h, tile, c:] == -1).all()
+
+
+def check_tiled_varlen_backward():
+    """Packed documents (one shorter than the dense prefix, odd lengths), G = 2 padded rows: fwd + dq, dk, dv."""
+    from sala.ops import infllmv2_triton as tri
+
+    q, k, v = _qkv(1, 151, 2, 2, 16, 9)
+    cu = torch.tensor([0, 67, 80, 151])
+    do = torch.randn(q.shape)
+    res = []
+    for mode in ("triton", "reference"):
+        _mode(mode)
+        _variant("SALA_SPARSE_ATTN", "tiled")
+        try:
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            with _Spy(tri, "sparse_attention_fwd_tiled") as fwd, _Spy(tri, "sparse_attention_bwd_tiled") as bwd:
+                out = infllmv2_attention(*leaves, SMALL, cu_seqlens=cu)
+                res.append((out.detach(), *torch.autograd.grad(out, leaves, do)))
+            assert (fwd.calls, bwd.calls) == ((1, 1) if mode == "triton" else (0, 0)), (mode, fwd.calls, bwd.calls)
+        finally:
+            _variant("SALA_SPARSE_ATTN", None)
+    _mode("triton")
+    for got, want in zip(*res):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+
+
+def check_splitk_decode():
+    """Split-K decode vs the reference: 2 sequences, stale NaN cache slots, NaN-filled output buffer."""
+    from sala.ops import infllmv2_triton as tri
+
+    B, S = 2, 120
+    q, k, v = _qkv(B, S, 2, 4, 16, 10)
+    lengths = torch.tensor([117, 85], dtype=torch.int32)
+    n1, n2 = compressed_lengths(S, SMALL)
+    k1c, k2c = torch.zeros(B, n1, 2, 16), torch.zeros(B, n2, 2, 16)
+    update_compressed_keys(k, k1c, k2c, lengths, SMALL, new_tokens=S)
+    for b in range(B):
+        k[b, int(lengths[b]):], v[b, int(lengths[b]):] = float("nan"), float("nan")
+    qd = torch.stack([q[b, int(lengths[b]) - 1] for b in range(B)])
+    saved = tri.TUNING["decode_min_programs"]
+    _variant("SALA_SPARSE_DECODE", "splitk")
+    try:
+        with _Spy(tri, "sparse_decode_splitk") as spy:
+            tri.TUNING["decode_min_programs"] = 8      # 2 splits of 2 blocks (K = 4): the combine is exercised
+            got = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL, out=torch.full_like(qd, float("nan")))
+            tri.TUNING["decode_min_programs"] = 64     # one block per split (more splits than blocks: clamped)
+            got1 = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL)
+        assert spy.calls == 2, spy.calls
+    finally:
+        tri.TUNING["decode_min_programs"] = saved
+        _variant("SALA_SPARSE_DECODE", None)
+    _mode("reference")
+    want = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL)
+    _mode("triton")
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got1, want, atol=2e-5, rtol=1e-4)
+
+
 CHECKS = {name[6:]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -308,6 +309,52 @@ def test_no_quadratic_temporaries(monkeypatch):
     full = infllmv2_attention(q, k, v, SMALL)
     monkeypatch.setattr(ref, "_CHUNK_ELEMENTS", 512)
     torch.testing.assert_close(infllmv2_attention(q, k, v, SMALL), full)
+
+
+def test_inference_is_query_chunked_without_concatenation(monkeypatch):
+    """No-grad forward: selection and attention see at most _NO_GRAD_QUERY_CHUNK queries at a time (block indices
+    O(chunk * k), not O(N * k)) and the pieces land in one preallocated output, equal to the unchunked result."""
+    import sala.ops.infllmv2 as mod
+
+    q, k, v = _qkv(1, 200, 2, 2, 8, seed=31)
+    with torch.no_grad():
+        full = infllmv2_attention(q, k, v, SMALL)
+    seen = []
+    real_select = mod.select_blocks
+
+    def spy_select(qc, *args, **kwargs):
+        out = real_select(qc, *args, **kwargs)
+        seen.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(mod, "select_blocks", spy_select)
+    monkeypatch.setattr(mod, "_NO_GRAD_QUERY_CHUNK", 40)
+    real_cat = torch.cat
+
+    def guarded_cat(*args, **kwargs):
+        if sys._getframe(1).f_code.co_filename == mod.__file__:
+            pytest.fail("the inference path of infllmv2_attention concatenated its output")
+        return real_cat(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", guarded_cat)
+    with torch.no_grad():
+        out = infllmv2_attention(q, k, v, SMALL)
+    monkeypatch.undo()
+    assert [s[2] for s in seen] == [40, 40, 40, 16]        # 136 sparse queries (positions 64..199)
+    torch.testing.assert_close(out, full)
+
+
+@pytest.mark.parametrize("env, good", [("SALA_SPARSE_ATTN", "tiled"), ("SALA_SPARSE_DECODE", "splitk")])
+def test_kernel_variant_env(monkeypatch, env, good):
+    from sala.ops.infllmv2 import kernel_variant
+
+    monkeypatch.delenv(env, raising=False)
+    assert kernel_variant(env) == "default"
+    monkeypatch.setenv(env, good.upper())
+    assert kernel_variant(env) == good
+    monkeypatch.setenv(env, "fast")
+    with pytest.raises(ValueError, match=f"{env}='fast'"):
+        kernel_variant(env)
 
 
 # ------------------------------------------------------------------------------------------- bad input

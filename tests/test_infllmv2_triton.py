@@ -37,6 +37,17 @@ def test_triton_interpreter(interpreter_results, name):
     assert interpreter_results.get(name) == "ok", interpreter_results.get(name, "check did not run")
 
 
+@pytest.mark.parametrize("B, Hkv, K", [(1, 2, 96), (4, 2, 96), (64, 2, 96), (1, 1, 3)])
+def test_decode_splits_cover_the_selection(B, Hkv, K):
+    from sala.ops.infllmv2_triton import TUNING, decode_splits
+
+    splits, per = decode_splits(B, Hkv, K)
+    assert splits * per >= K and (splits - 1) * per < K            # every block in exactly one split, none empty
+    assert B * Hkv * splits >= min(TUNING["decode_min_programs"], B * Hkv * K)
+    if (B, Hkv, K) == (1, 2, 96):
+        assert B * Hkv * splits >= 32                                # batch-1 decode fills >= 32 programs
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 def _released_case(T=8192, Tq=1024, seed=0):
     from sala.ops.infllmv2 import SparseParams
@@ -64,9 +75,11 @@ def test_gpu_selection_matches_reference(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_attention_fwd_bwd_matches_reference(monkeypatch):
+@pytest.mark.parametrize("variant", ["default", "tiled"])
+def test_gpu_attention_fwd_bwd_matches_reference(monkeypatch, variant):
     from sala.ops.infllmv2 import block_sparse_attention, compress_keys, select_blocks
 
+    monkeypatch.setenv("SALA_SPARSE_ATTN", variant)
     p, q, k, v = _released_case(Tq=256)
     idx = select_blocks(q, compress_keys(k, 32, 16), compress_keys(k, 128, 64), p, q_offset=8192 - 256)
     do = torch.randn_like(q)
@@ -83,10 +96,12 @@ def test_gpu_attention_fwd_bwd_matches_reference(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_decode_matches_prefill(monkeypatch):
+@pytest.mark.parametrize("variant", ["default", "splitk"])
+def test_gpu_decode_matches_prefill(monkeypatch, variant):
     from sala.ops.infllmv2 import compressed_lengths, infllmv2_attention, infllmv2_decode, update_compressed_keys
 
     monkeypatch.setenv("SALA_KERNELS", "triton")
+    monkeypatch.setenv("SALA_SPARSE_DECODE", variant)
     p, q, k, v = _released_case(T=7000, Tq=7000)
     lengths = torch.tensor([7000], dtype=torch.int32, device="cuda")
     n1, n2 = compressed_lengths(8192, p)

@@ -274,3 +274,14 @@ def test_hype_and_sparse_rope_switches_change_the_output():
         for over in (dict(hype_query_scale_base=500.0), dict(attn_use_rope=True)):
             other = make_model(seed=12, **over)
             assert rel_err(other(ids).logits, ref) > 1e-5
+
+
+def test_forward_and_backward_under_bf16_autocast():
+    """fp32 weights + autocast (the trainer's mixed precision): q/k leave the fp32 QK-norm, v the bf16 matmul."""
+    m = make_model(seed=13).train()
+    ids = torch.randint(3, 500, (1, 90))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert m.model.layers[1].self_attn.q_proj.weight.grad is not None

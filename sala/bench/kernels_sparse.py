@@ -1,16 +1,26 @@
 """Benchmark of InfLLM-V2 sparse attention at the released shape (Hq 32, Hkv 2, d 128, bf16, block 64,
 topk 64, window 2048) against torch SDPA dense causal and fla's parallel_nsa, in one process on the GPU.
 
-`python -m sala.bench.kernels_sparse --out FILE [--lengths 32768,65536,...] [--no-fla]`
+`python -m sala.bench.kernels_sparse --out FILE [--lengths 32768,65536,...] [--no-fla]
+    [--variants default,tiled4,tiled8,splitk]`
 Measures per length: the whole sparse attention forward (compression + selection + attention, inference
 mode, query-chunked) and forward+backward (training mode), each stage separately, SDPA dense causal forward
 (and fwd+bwd) where reasonable, fla parallel_nsa (selected-block attention only, the same block indices), and
 the peak GPU memory beyond q, k, v and the output.
+
+Variants (`--variants`, comma separated; `default` = the fields above, always measured): `tiled` / `tiledN`
+(SALA_SPARSE_ATTN=tiled with N query tokens per program, N in 1..16) adds `<variant>_*` fields for the same
+measurements (whole fwd / fwd+bwd, attention fwd / fwd+bwd, speed-ups vs the same SDPA timings, peak memory,
+mean union blocks per tile, max abs difference of the attention output vs the default kernel); `splitk`
+(SALA_SPARSE_DECODE=splitk) adds batch-1 decode timings at every length (`decode_ms`, `decode_splitk_ms`, and the
+attention part alone: `decode_attention_ms`, `decode_attention_splitk_ms`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import os
 import time
 
 import torch
@@ -22,6 +32,129 @@ from sala.ops.infllmv2 import (SparseParams, block_sparse_attention, compress_ke
 
 HQ, HKV, D = 32, 2, 128
 DEFAULT_LENGTHS = (32768, 65536, 131072, 262144, 524288, 1048576, 2097152)
+
+
+@contextlib.contextmanager
+def _variant(name: str):
+    """Kernel variant `name` (default | tiled | tiledN | splitk) for the duration of the block."""
+    from sala.ops import infllmv2_triton as tri
+
+    saved_env = {e: os.environ.get(e) for e in ("SALA_SPARSE_ATTN", "SALA_SPARSE_DECODE")}
+    saved_tm = tri.TUNING["tiled_tokens"]
+    try:
+        if name not in ("default", "splitk") and not name.startswith("tiled"):
+            raise ValueError(f"unknown variant {name!r} (default, tiled, tiledN, splitk)")
+        os.environ["SALA_SPARSE_ATTN"] = "tiled" if name.startswith("tiled") else "default"
+        os.environ["SALA_SPARSE_DECODE"] = "splitk" if name == "splitk" else "default"
+        if name.startswith("tiled") and name != "tiled":
+            tri.TUNING["tiled_tokens"] = int(name[5:])
+        yield
+    finally:
+        tri.TUNING["tiled_tokens"] = saved_tm
+        for e, v in saved_env.items():
+            if v is None:
+                os.environ.pop(e, None)
+            else:
+                os.environ[e] = v
+
+
+def _check_variants(variants) -> list[str]:
+    out = []
+    for v in variants:
+        v = v.strip()
+        if not v:
+            continue
+        ok = v in ("default", "tiled", "splitk") or (v.startswith("tiled") and v[5:].isdigit()
+                                                     and 1 <= int(v[5:]) <= 16 and not int(v[5:]) & (int(v[5:]) - 1))
+        if not ok:
+            raise ValueError(f"--variants: {v!r} is not one of default, tiled, tiledN (N a power of two <= 16), "
+                             f"splitk")
+        out.append(v)
+    return out
+
+
+def _measure_tiled(name: str, T: int, p: SparseParams, q, k, v, res: dict, backward: bool, w: int, r: int) -> None:
+    """`<name>_*` fields: the tiled kernels at length T (same inputs and SDPA baselines as the default)."""
+    from sala.ops import infllmv2_triton as tri
+
+    dp = p.dense_positions
+    with _variant(name), torch.no_grad():
+        out = torch.empty_like(q)
+        base = torch.cuda.memory_allocated()
+        res[f"{name}_whole_fwd_ms"] = bench_ms(lambda: infllmv2_attention(q, k, v, p), w, r)
+        res[f"{name}_whole_fwd_peak_extra_gib"] = _peak_extra_gib(
+            lambda: out.copy_(infllmv2_attention(q, k, v, p)), base)
+        if "sdpa_fwd_ms" in res:
+            res[f"{name}_speedup_fwd_vs_sdpa"] = res["sdpa_fwd_ms"] / res[f"{name}_whole_fwd_ms"]
+        k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
+        qs = q[:, dp:]
+        if T <= 262144:
+            idx = select_blocks(qs, k1, k2, p, q_offset=dp)
+            res[f"{name}_attention_fwd_ms"] = bench_ms(
+                lambda: block_sparse_attention(qs, k, v, idx, p, q_offset=dp), w, r)
+            gbase = torch.zeros(idx.shape[2], dtype=torch.int64, device=q.device)
+            _, _, count = tri.tile_block_union(idx, gbase, tri._tiled_tokens())
+            res[f"{name}_union_blocks_per_tile"] = float(count.float().mean())
+            res[f"{name}_tokens_per_tile"] = tri._tiled_tokens()
+            o_t = block_sparse_attention(qs, k, v, idx, p, q_offset=dp)
+            with _variant("default"):
+                o_d = block_sparse_attention(qs, k, v, idx, p, q_offset=dp)
+            res[f"{name}_max_abs_diff_vs_default"] = float((o_t.float() - o_d.float()).abs().max())
+            del idx, o_t, o_d, gbase
+        del k1, k2, out
+    if backward:
+        with _variant(name):
+            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+            do = torch.randn_like(q)
+
+            def whole_fb():
+                o = infllmv2_attention(qg, kg, vg, p)
+                torch.autograd.grad(o, (qg, kg, vg), do)
+
+            res[f"{name}_whole_fwd_bwd_ms"] = bench_ms(whole_fb, w, r)
+            if "sdpa_fwd_bwd_ms" in res:
+                res[f"{name}_speedup_fwd_bwd_vs_sdpa"] = res["sdpa_fwd_bwd_ms"] / res[f"{name}_whole_fwd_bwd_ms"]
+            k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
+            qs = qg[:, dp:]
+            idx = select_blocks(qs.detach(), k1, k2, p, q_offset=dp)
+
+            def attn_fb():
+                o = block_sparse_attention(qs, kg, vg, idx, p, q_offset=dp)
+                torch.autograd.grad(o, (qg, kg, vg), do[:, dp:])
+
+            res[f"{name}_attention_fwd_bwd_ms"] = bench_ms(attn_fb, w, r)
+            del qg, kg, vg, do, idx, k1, k2
+
+
+def _measure_decode(T: int, p: SparseParams, q, k, v, res: dict, w: int, r: int) -> None:
+    """Batch-1 decode of the token at position T - 1: default vs split-K (whole step and attention part)."""
+    from sala.ops import infllmv2_reference as ref
+    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import infllmv2_decode
+
+    with torch.no_grad():
+        k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
+        lens = torch.tensor([T], dtype=torch.int32, device=q.device)
+        q1 = q[:, -1].contiguous()
+        res["decode_ms"] = bench_ms(lambda: infllmv2_decode(q1, k, v, k1, k2, lens, p), 3, 10)
+        with _variant("splitk"):
+            res["decode_splitk_ms"] = bench_ms(lambda: infllmv2_decode(q1, k, v, k1, k2, lens, p), 3, 10)
+            want = infllmv2_decode(q1, k, v, k1, k2, lens, p)
+        with _variant("default"):
+            got = infllmv2_decode(q1, k, v, k1, k2, lens, p)
+        res["decode_splitk_max_abs_diff_vs_default"] = float((want.float() - got.float()).abs().max())
+        pos = torch.tensor([T - 1], dtype=torch.int32, device=q.device)
+        pooled = tri.pooled_block_scores_triton(q1[:, None], k1, k2, pos[:, None], p, D ** -0.5,
+                                                -(-T // p.block_size))
+        idx = ref.topk_block_indices(pooled, p.total_blocks)
+        kf, vf = k.reshape(T, HKV, D), v.reshape(T, HKV, D)
+        kbase = torch.zeros(1, dtype=torch.int64, device=q.device)
+        res["decode_attention_ms"] = bench_ms(
+            lambda: tri.sparse_attention_fwd(q1, kf, vf, idx, pos, kbase, p.block_size, D ** -0.5), 3, 10)
+        res["decode_attention_splitk_ms"] = bench_ms(
+            lambda: tri.sparse_decode_splitk(q1, kf, vf, idx, pos, kbase, p.block_size, D ** -0.5), 3, 10)
+        res["decode_splitk_programs"] = HKV * tri.decode_splits(1, HKV, p.total_blocks)[0]
+        del k1, k2, pooled, idx
 
 
 def _reps(T: int) -> tuple[int, int]:
@@ -37,7 +170,7 @@ def _peak_extra_gib(fn, base_bytes: int) -> float:
 
 
 def _measure(T: int, p: SparseParams, with_fla: bool, backward: bool, dense_fwd_max: int,
-             dense_bwd_max: int) -> dict:
+             dense_bwd_max: int, variants=("default",)) -> dict:
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(T)
     q = torch.randn(1, T, HQ, D, device=dev, dtype=torch.bfloat16, generator=g)
@@ -110,6 +243,16 @@ def _measure(T: int, p: SparseParams, with_fla: bool, backward: bool, dense_fwd_
             res["sdpa_fwd_bwd_ms"] = bench_ms(sdpa_fb, w, r)
             res["speedup_fwd_bwd_vs_sdpa"] = res["sdpa_fwd_bwd_ms"] / res["whole_fwd_bwd_ms"]
         del qg, kg, vg, do, idx
+    for name in variants:
+        if name.startswith("tiled"):
+            try:
+                _measure_tiled(name, T, p, q, k, v, res, backward, w, r)
+            except torch.cuda.OutOfMemoryError as ex:
+                res[f"{name}_error"] = "OOM: " + str(ex)[:200]
+                gc.collect()
+                torch.cuda.empty_cache()
+        elif name == "splitk":
+            _measure_decode(T, p, q, k, v, res, w, r)
     del q, k, v
     gc.collect()
     torch.cuda.empty_cache()
@@ -169,11 +312,12 @@ def sweep(T: int = 131072) -> dict:
 
 def run(lengths=DEFAULT_LENGTHS, out_path: str | None = None, with_fla: bool = True,
         backward_max_len: int = 262144, dense_fwd_max: int = 262144, dense_bwd_max: int = 131072,
-        time_budget_s: float = 420.0, tune: bool = False) -> dict:
+        time_budget_s: float = 420.0, tune: bool = False, variants=("default",)) -> dict:
     """Measure every length (stopping when `time_budget_s` is spent); returns and optionally writes the JSON."""
     if not torch.cuda.is_available():
         raise RuntimeError("sala.bench.kernels_sparse needs a CUDA GPU")
     p = SparseParams()
+    variants = _check_variants(variants)
     payload = {"meta": run_metadata(), "op": "infllmv2_sparse_attention",
                "shape": {"Hq": HQ, "Hkv": HKV, "head_dim": D, "dtype": "bfloat16", "batch": 1,
                          "params": {"block_size": p.block_size, "kernel_size": p.kernel_size,
@@ -189,13 +333,15 @@ def run(lengths=DEFAULT_LENGTHS, out_path: str | None = None, with_fla: bool = T
     from sala.ops import infllmv2_triton as tri
 
     payload["tuning"] = dict(tri.TUNING)
+    if variants != ["default"]:
+        payload["variants"] = variants
     t0 = time.time()
     for T in lengths:
         if time.time() - t0 > time_budget_s:
             payload["results"].append({"T": T, "skipped": "time budget"})
             continue
         try:
-            res = _measure(T, p, with_fla, T <= backward_max_len, dense_fwd_max, dense_bwd_max)
+            res = _measure(T, p, with_fla, T <= backward_max_len, dense_fwd_max, dense_bwd_max, variants)
         except torch.cuda.OutOfMemoryError as ex:
             res = {"T": T, "error": "OOM: " + str(ex)[:200]}
             gc.collect()
@@ -216,9 +362,13 @@ def main(argv=None) -> int:
     ap.add_argument("--backward-max-len", type=int, default=262144)
     ap.add_argument("--time-budget-s", type=float, default=420.0)
     ap.add_argument("--tune", action="store_true", help="sweep kernel launch settings at 128K first")
+    ap.add_argument("--variants", default="default",
+                    help="comma-separated kernel variants to measure side by side: default, tiled, tiledN "
+                         "(N tokens per program), splitk (decode)")
     a = ap.parse_args(argv)
     run([int(x) for x in a.lengths.split(",")], a.out, with_fla=not a.no_fla,
-        backward_max_len=a.backward_max_len, time_budget_s=a.time_budget_s, tune=a.tune)
+        backward_max_len=a.backward_max_len, time_budget_s=a.time_budget_s, tune=a.tune,
+        variants=_check_variants(a.variants.split(",")))
     return 0
 
 

@@ -43,6 +43,7 @@ class ConvertOptions:
     seq_len: int = 512
     finetune_seq_len: int = 2048
     batch_size: int = 8
+    finetune_batch_size: int | None = None   # default: batch_size
     stage1_lr: float = 1e-3
     stage2_lr: float = 3e-4
     other_lr_ratio: float = 0.1
@@ -231,7 +232,8 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Path:
         else:
             t0 = time.time()
             histories["finetune"] = run_finetune(model, source, opts.finetune_tokens, opts.finetune_seq_len,
-                                                 opts.batch_size, opts.finetune_lr, device, opts.progress)
+                                                 opts.finetune_batch_size or opts.batch_size, opts.finetune_lr,
+                                                 device, opts.progress)
             tmp = ft.begin()
             model.save_pretrained(str(tmp / "model"))
             ft.commit(tmp, {"history": histories["finetune"], "seconds": time.time() - t0})

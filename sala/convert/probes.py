@@ -21,8 +21,8 @@ def heldout_loss(logits_fn: LogitsFn, windows: torch.Tensor, batch: int = 4) -> 
     """Mean next-token cross-entropy (nats) over held-out windows [N, T]."""
     total, count = 0.0, 0
     for i in range(0, len(windows), batch):
-        ids = windows[i:i + batch]
-        logits = logits_fn(ids)[:, :-1]
+        logits = logits_fn(windows[i:i + batch])[:, :-1]
+        ids = windows[i:i + batch].to(logits.device)
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
         count += ids[:, 1:].numel()
     return total / count
@@ -74,7 +74,7 @@ class RecallProbe:
             if len(pos) == 0:
                 continue
             logits = logits_fn(ids[None])[0]
-            pred = logits[pos - 1].argmax(-1).cpu()
+            pred = logits[(pos - 1).to(logits.device)].argmax(-1).cpu()
             hits += int((pred == ids[pos]).sum())
             total += len(pos)
         return hits / max(total, 1)

@@ -129,6 +129,8 @@ class SalaLightningAttention(nn.Module):
         if self.use_rope:
             cos, sin = batch.rope(self.head_dim, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Under autocast the projections are low precision while fp32 norm weights promote q and k: one dtype.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)

@@ -8,6 +8,7 @@ blocks, init and local blocks forced, the top `total_blocks` kept, and one causa
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,19 @@ from sala.ops.dispatch import use_triton
 
 # Sparse queries per selection+attention step when no gradient is needed (bounds block-index memory).
 _NO_GRAD_QUERY_CHUNK = 16384
+
+# Triton kernel variants, read at call time (docs/sparse.md): env var -> (allowed values, default).
+_VARIANTS = {"SALA_SPARSE_ATTN": (("default", "tiled"), "default"),
+             "SALA_SPARSE_DECODE": (("default", "splitk"), "default")}
+
+
+def kernel_variant(env: str) -> str:
+    """The validated value of a kernel-variant env var (SALA_SPARSE_ATTN, SALA_SPARSE_DECODE)."""
+    allowed, default = _VARIANTS[env]
+    value = os.environ.get(env, default).strip().lower() or default
+    if value not in allowed:
+        raise ValueError(f"{env}={value!r} is not one of {', '.join(allowed)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -170,9 +184,10 @@ def select_blocks(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, params: S
 def _sparse_flat(qf, kf, vf, block_idx, pos, kbase, gbase, gid_kstart, gid_blk, n_gid, params, scale):
     """Dispatch flat block-sparse attention: qf [N, Hq, D], block_idx [B', Hkv, Tq', K] with B'*Tq' = N."""
     if use_triton(qf, kf, vf):
-        from sala.ops.infllmv2_triton import SparseAttentionFn
+        from sala.ops.infllmv2_triton import SparseAttentionFn, TiledSparseAttentionFn
 
-        return SparseAttentionFn.apply(qf, kf, vf, block_idx, pos.to(torch.int32), kbase.to(torch.int64),
+        fn = TiledSparseAttentionFn if kernel_variant("SALA_SPARSE_ATTN") == "tiled" else SparseAttentionFn
+        return fn.apply(qf, kf, vf, block_idx, pos.to(torch.int32), kbase.to(torch.int64),
                                        gbase.to(torch.int64), gid_kstart.to(torch.int64), gid_blk.to(torch.int32),
                                        n_gid, params.block_size, scale)
     idx = block_idx.permute(0, 2, 1, 3).reshape(qf.shape[0], block_idx.shape[1], block_idx.shape[3])
@@ -351,8 +366,12 @@ def infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             pooled = tri.pooled_block_scores_triton(q[:, None], k1_cache, k2_cache, pos.to(torch.int32), params, s,
                                                     n_blocks)
             idx = ref.topk_block_indices(pooled, params.total_blocks)
-            o, _ = tri.sparse_attention_fwd(q.contiguous(), kf, vf, idx, pos.view(-1).to(torch.int32), kbase,
-                                            params.block_size, s)
+            if kernel_variant("SALA_SPARSE_DECODE") == "splitk":
+                o = tri.sparse_decode_splitk(q.contiguous(), kf, vf, idx, pos.view(-1).to(torch.int32), kbase,
+                                             params.block_size, s)
+            else:
+                o, _ = tri.sparse_attention_fwd(q.contiguous(), kf, vf, idx, pos.view(-1).to(torch.int32), kbase,
+                                                params.block_size, s)
         else:
             pooled = ref.pooled_block_scores_ref(q[:, None], k1_cache, k2_cache, pos, params, s, n_blocks)
             idx = ref.topk_block_indices(pooled, params.total_blocks)

@@ -9,6 +9,12 @@ Kernels (design notes in docs/sparse.md):
 - `_sparse_fwd_kernel`: one query token x its G heads (rows, padded to >= 16) per program; online softmax over
   the selected blocks; causal inside the own block; flat (varlen) tokens with per-token position/key base.
 - `_sparse_bwd_dq_kernel`: the same walk for dq.
+- `_sparse_fwd_tiled_kernel` / `_sparse_bwd_dq_tiled_kernel` (SALA_SPARSE_ATTN=tiled): a program owns TM
+  consecutive flat query tokens x G heads of one KV head and walks the sorted union of the blocks its tokens
+  selected (built on the device by `tile_block_union`), with a per-token membership bitmask per union entry
+  and token-level causal masks per row.
+- `_sparse_decode_splitk_kernel` + `_splitk_combine_kernel` (SALA_SPARSE_DECODE=splitk): flash-decoding; the
+  selected blocks of one (sequence, KV head) are split over many programs whose partial softmaxes are merged.
 - `_sparse_bwd_dkdv_kernel`: KV-block-owned: the block indices are inverted on the device into a CSR list of
   the queries that selected each (kv head, key block), cut into fixed-size segments; each program accumulates
   dk/dv of one block over one segment and adds it atomically (fp32). No host loop or sync.
@@ -36,6 +42,10 @@ TUNING = {
     "fwd_warps": 4,
     "fwd_stages": None,
     "fwd_blocks_per_iter": 1,  # selected blocks per iteration of the attention walk (forward and dq)
+    "tiled_tokens": 8,         # query tokens per program of the tiled kernels (rows = tokens x 16 heads), <= 16
+    "tiled_warps": 8,
+    "tiled_stages": None,
+    "decode_min_programs": 64,  # split-K decode: splits chosen so B * Hkv * splits >= this (when K allows)
 }
 
 
@@ -445,6 +455,17 @@ def sparse_attention_bwd(do, q, k, v, o, lse, block_idx, pos, kbase, gbase, n_gi
                                     block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
                                     G=G, GP=GP, D=D, BS=block_size, K=K, KPI=_kpi(K), num_warps=TUNING["fwd_warps"],
                                     **_stages("fwd_stages"))
+    dk, dv = _sparse_bwd_dkdv(do, q, k, v, lse, delta, block_idx, pos, gbase, n_gid, gid_kstart, gid_blk,
+                              block_size, scale)
+    return dq, dk, dv
+
+
+def _sparse_bwd_dkdv(do, q, k, v, lse, delta, block_idx, pos, gbase, n_gid, gid_kstart, gid_blk, block_size,
+                     scale):
+    """dk, dv [Nk, Hkv, D] (k.dtype) by the KV-block-owned kernel over the inverted block indices."""
+    N, Hq, D = q.shape
+    Nk, Hkv, _ = k.shape
+    G = Hq // Hkv
     dk = torch.zeros(Nk, Hkv, D, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
     QT = max(1, 64 // _pow2(G)) if not interpreter_enabled() else max(1, 16 // _pow2(G))
@@ -456,7 +477,7 @@ def sparse_attention_bwd(do, q, k, v, o, lse, block_idx, pos, kbase, gbase, n_gi
                                       q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
                                       dk.stride(0), dk.stride(1),
                                       G=G, GP=GPk, D=D, BS=block_size, QT=QT, num_warps=4)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dk.to(k.dtype), dv.to(v.dtype)
 
 
 class SparseAttentionFn(torch.autograd.Function):
@@ -477,3 +498,337 @@ class SparseAttentionFn(torch.autograd.Function):
         dq, dk, dv = sparse_attention_bwd(do, q, k, v, o, lse, block_idx, pos, kbase, gbase, n_gid, gid_kstart,
                                           gid_blk, block_size, scale)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# query-tiled block-sparse attention (SALA_SPARSE_ATTN=tiled)
+# ----------------------------------------------------------------------------------------------------------
+def _tiled_tokens() -> int:
+    tm = 4 if interpreter_enabled() else int(TUNING["tiled_tokens"])
+    if tm < 1 or tm > 16 or tm & (tm - 1):
+        raise ValueError(f"infllmv2 tiled attention: TUNING['tiled_tokens'] must be a power of two in 1..16, got {tm}")
+    return tm
+
+
+def _tiled_rows(G: int, TM: int) -> int:
+    """Padded group width GP so that TM * GP >= 16 (tl.dot's minimum M)."""
+    return max(_pow2(G), 16 // TM)
+
+
+def tile_block_union(block_idx: torch.Tensor, gbase: torch.Tensor, TM: int):
+    """Per (kv head, tile of TM flat tokens): sorted unique global key blocks and token membership (device only).
+
+    block_idx int [B, Hkv, Tq, K] (-1 = none; flat token n = b * Tq + t), gbase int64 [N] global block id of the
+    first key block of token n's sequence. Returns (union int32 [Hkv, n_tiles, TM*K] (-1 padded), member int32
+    [Hkv, n_tiles, TM*K] (bit j: token j of the tile selected the block), count int32 [Hkv, n_tiles]).
+    """
+    B, H, Tq, K = block_idx.shape
+    N = B * Tq
+    n_tiles = triton.cdiv(N, TM)
+    big = torch.iinfo(torch.int32).max
+    dev = block_idx.device
+    idx = block_idx.permute(1, 0, 2, 3).reshape(H, N, K)
+    gid = torch.where(idx >= 0, gbase.to(torch.int32)[None, :, None] + idx.to(torch.int32),
+                      torch.full((), big, dtype=torch.int32, device=dev))
+    if n_tiles * TM != N:
+        gid = torch.cat([gid, gid.new_full((H, n_tiles * TM - N, K), big)], dim=1)
+    gid = gid.reshape(H, n_tiles, TM * K)
+    sv, order = torch.sort(gid, dim=-1)
+    first = torch.ones_like(sv, dtype=torch.bool)
+    first[..., 1:] = sv[..., 1:] != sv[..., :-1]
+    valid = sv != big
+    slot = torch.cumsum(first, dim=-1, dtype=torch.int32).sub_(1).to(torch.int64)
+    union = torch.full_like(sv, -1)
+    union.scatter_(-1, slot, torch.where(valid, sv, torch.full_like(sv, -1)))
+    bit = torch.bitwise_left_shift(torch.ones((), dtype=torch.int32, device=dev),
+                                   torch.div(order, K, rounding_mode="floor").to(torch.int32))
+    member = torch.zeros_like(sv)
+    member.scatter_add_(-1, slot, torch.where(valid, bit, torch.zeros_like(bit)))
+    count = (first & valid).sum(-1, dtype=torch.int32)
+    return union, member, count
+
+
+@triton.jit
+def _tiled_block_masks(bits, tok, tok_r, pos_t, pos_r, blk, ks, c, Nk, BS: tl.constexpr):
+    """Key-column load mask [BS] and per-row attend mask [ROWS, BS] of one union block."""
+    kp = blk * BS + c
+    mem_t = ((bits >> tok) & 1) != 0
+    col_ok = tl.max(tl.where(mem_t[:, None] & (kp[None, :] <= pos_t[:, None]), 1, 0), axis=0) > 0
+    col_ok = col_ok & ((ks + c.to(tl.int64)) < Nk)
+    mem_r = ((bits >> tok_r) & 1) != 0
+    ok = mem_r[:, None] & (kp[None, :] <= pos_r[:, None]) & col_ok[None, :]
+    return col_ok, ok
+
+
+@triton.jit
+def _sparse_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, union_ptr, member_ptr, count_ptr, pos_ptr,
+                             gid_kstart_ptr, gid_blk_ptr, N, Nk, n_tiles, scale_log2,
+                             sqn, sqh, skn, skh, son, soh, sln, suh, sut,
+                             G: tl.constexpr, GP: tl.constexpr, TM: tl.constexpr, D: tl.constexpr,
+                             BS: tl.constexpr):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    ROWS: tl.constexpr = TM * GP
+    r = tl.arange(0, ROWS)
+    tok_r = r // GP
+    g = r % GP
+    n_r = tile * TM + tok_r
+    row_ok = (n_r < N) & (g < G)
+    pos_r = tl.load(pos_ptr + n_r, mask=n_r < N, other=-1)
+    tok = tl.arange(0, TM)
+    n_t = tile * TM + tok
+    pos_t = tl.load(pos_ptr + n_t, mask=n_t < N, other=-1)
+    d = tl.arange(0, D)
+    c = tl.arange(0, BS)
+    qrow = n_r.to(tl.int64)[:, None] * sqn + (h * G + g)[:, None] * sqh + d[None, :]
+    qv = tl.load(q_ptr + qrow, mask=row_ok[:, None], other=0.0)
+    m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, D], dtype=tl.float32)
+    ubase = h.to(tl.int64) * suh + tile.to(tl.int64) * sut
+    cnt = tl.load(count_ptr + h * n_tiles + tile)
+    for u in range(0, cnt):
+        gid = tl.load(union_ptr + ubase + u)
+        bits = tl.load(member_ptr + ubase + u)
+        ks = tl.load(gid_kstart_ptr + gid).to(tl.int64)
+        blk = tl.load(gid_blk_ptr + gid)
+        col_ok, ok = _tiled_block_masks(bits, tok, tok_r, pos_t, pos_r, blk, ks, c, Nk, BS)
+        kptr = (ks + c.to(tl.int64))[:, None] * skn + h * skh + d[None, :]
+        kt = tl.load(k_ptr + kptr, mask=col_ok[:, None], other=0.0)
+        s = tl.dot(qv, tl.trans(kt)) * scale_log2
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v_ptr + kptr, mask=col_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m = m_new
+    l_safe = tl.where(l > 0, l, 1.0)
+    o = acc / l_safe[:, None]
+    orow = n_r.to(tl.int64)[:, None] * son + (h * G + g)[:, None] * soh + d[None, :]
+    tl.store(o_ptr + orow, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + n_r.to(tl.int64) * sln + h * G + g, m + tl.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _sparse_bwd_dq_tiled_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, union_ptr, member_ptr,
+                                count_ptr, pos_ptr, gid_kstart_ptr, gid_blk_ptr, N, Nk, n_tiles, scale_log2, scale,
+                                sqn, sqh, skn, skh, sln, suh, sut,
+                                G: tl.constexpr, GP: tl.constexpr, TM: tl.constexpr, D: tl.constexpr,
+                                BS: tl.constexpr):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    ROWS: tl.constexpr = TM * GP
+    r = tl.arange(0, ROWS)
+    tok_r = r // GP
+    g = r % GP
+    n_r = tile * TM + tok_r
+    row_ok = (n_r < N) & (g < G)
+    pos_r = tl.load(pos_ptr + n_r, mask=n_r < N, other=-1)
+    tok = tl.arange(0, TM)
+    n_t = tile * TM + tok
+    pos_t = tl.load(pos_ptr + n_t, mask=n_t < N, other=-1)
+    d = tl.arange(0, D)
+    c = tl.arange(0, BS)
+    rows = n_r.to(tl.int64)[:, None] * sqn + (h * G + g)[:, None] * sqh + d[None, :]
+    qv = tl.load(q_ptr + rows, mask=row_ok[:, None], other=0.0)
+    dov = tl.load(do_ptr + rows, mask=row_ok[:, None], other=0.0)
+    lrow = n_r.to(tl.int64) * sln + h * G + g
+    lse = tl.load(lse_ptr + lrow, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + lrow, mask=row_ok, other=0.0)
+    dq = tl.zeros([ROWS, D], dtype=tl.float32)
+    ubase = h.to(tl.int64) * suh + tile.to(tl.int64) * sut
+    cnt = tl.load(count_ptr + h * n_tiles + tile)
+    for u in range(0, cnt):
+        gid = tl.load(union_ptr + ubase + u)
+        bits = tl.load(member_ptr + ubase + u)
+        ks = tl.load(gid_kstart_ptr + gid).to(tl.int64)
+        blk = tl.load(gid_blk_ptr + gid)
+        col_ok, ok = _tiled_block_masks(bits, tok, tok_r, pos_t, pos_r, blk, ks, c, Nk, BS)
+        kptr = (ks + c.to(tl.int64))[:, None] * skn + h * skh + d[None, :]
+        kt = tl.load(k_ptr + kptr, mask=col_ok[:, None], other=0.0)
+        vt = tl.load(v_ptr + kptr, mask=col_ok[:, None], other=0.0)
+        s = tl.dot(qv, tl.trans(kt)) * scale_log2
+        p = tl.where(ok & row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(dov, tl.trans(vt))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), kt)
+    tl.store(dq_ptr + rows, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def sparse_attention_fwd_tiled(q, k, v, block_idx, pos, gbase, gid_kstart, gid_blk, block_size, scale, *,
+                               union=None, o=None):
+    """Query-tiled forward; same contract as `sparse_attention_fwd` plus the global key-block tables.
+
+    gbase int64 [N]: global block id of each query's first key block; gid_kstart int64 / gid_blk int32
+    [n_gid]: flat first key and in-sequence block number of every global block. union: a precomputed
+    `tile_block_union` result (else built here). o: optional output buffer [N, Hq, D]. Returns (o, lse log2).
+    """
+    N, Hq, D = q.shape
+    Nk, Hkv = k.shape[0], k.shape[1]
+    G = Hq // Hkv
+    TM = _tiled_tokens()
+    o = torch.empty_like(q) if o is None else o
+    lse = torch.empty(N, Hq, dtype=torch.float32, device=q.device)
+    if N == 0:
+        return o, lse
+    un, member, count = tile_block_union(block_idx, gbase, TM) if union is None else union
+    n_tiles = un.shape[1]
+    _sparse_fwd_tiled_kernel[(n_tiles, Hkv)](
+        q, k, v, o, lse, un, member, count, pos, gid_kstart, gid_blk, N, Nk, n_tiles, scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1), lse.stride(0),
+        un.stride(0), un.stride(1),
+        G=G, GP=_tiled_rows(G, TM), TM=TM, D=D, BS=block_size,
+        num_warps=TUNING["tiled_warps"] if not interpreter_enabled() else 4, **_stages("tiled_stages"))
+    return o, lse
+
+
+def sparse_attention_bwd_tiled(do, q, k, v, o, lse, block_idx, union, pos, gbase, n_gid, gid_kstart, gid_blk,
+                               block_size, scale):
+    """dq by the tiled walk (same unions as the forward); dk, dv by the KV-block-owned inverted-index kernel."""
+    N, Hq, D = q.shape
+    Nk, Hkv, _ = k.shape
+    G = Hq // Hkv
+    TM = _tiled_tokens()
+    do = do.contiguous()
+    delta = (do.float() * o.float()).sum(-1)                               # [N, Hq]
+    dq = torch.empty_like(q)
+    un, member, count = union
+    n_tiles = un.shape[1]
+    _sparse_bwd_dq_tiled_kernel[(n_tiles, Hkv)](
+        q, k, v, do, lse, delta, dq, un, member, count, pos, gid_kstart, gid_blk, N, Nk, n_tiles,
+        scale * _LOG2E, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
+        un.stride(0), un.stride(1),
+        G=G, GP=_tiled_rows(G, TM), TM=TM, D=D, BS=block_size,
+        num_warps=TUNING["tiled_warps"] if not interpreter_enabled() else 4, **_stages("tiled_stages"))
+    dk, dv = _sparse_bwd_dkdv(do, q, k, v, lse, delta, block_idx, pos, gbase, n_gid, gid_kstart, gid_blk,
+                              block_size, scale)
+    return dq, dk, dv
+
+
+class TiledSparseAttentionFn(torch.autograd.Function):
+    """Block-sparse attention on flat tokens with the query-tiled kernels (SALA_SPARSE_ATTN=tiled)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, pos, kbase, gbase, gid_kstart, gid_blk, n_gid, block_size, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        union = tile_block_union(block_idx, gbase, _tiled_tokens())
+        o, lse = sparse_attention_fwd_tiled(q, k, v, block_idx, pos, gbase, gid_kstart, gid_blk, block_size,
+                                            scale, union=union)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(q, k, v, o, lse, block_idx, pos, gbase, gid_kstart, gid_blk, *union)
+        ctx.meta = (n_gid, block_size, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, block_idx, pos, gbase, gid_kstart, gid_blk, *union = ctx.saved_tensors
+        n_gid, block_size, scale = ctx.meta
+        dq, dk, dv = sparse_attention_bwd_tiled(do, q, k, v, o, lse, block_idx, tuple(union), pos, gbase, n_gid,
+                                                gid_kstart, gid_blk, block_size, scale)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# split-K decode (SALA_SPARSE_DECODE=splitk)
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _sparse_decode_splitk_kernel(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, idx_ptr, pos_ptr, kbase_ptr, scale_log2,
+                                 sqb, sqh, skn, skh, sib, sih, spb, sph, sps, spg, slb, slh, sls,
+                                 K: tl.constexpr, BPS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                                 D: tl.constexpr, BS: tl.constexpr):
+    """Program (split, kv head, sequence): blocks [split*BPS, split*BPS + BPS) of the sequence's selection."""
+    sp = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    g = tl.arange(0, GP)
+    row_ok = g < G
+    d = tl.arange(0, D)
+    c = tl.arange(0, BS)
+    pos = tl.load(pos_ptr + b)
+    kb = tl.load(kbase_ptr + b).to(tl.int64)
+    qv = tl.load(q_ptr + b.to(tl.int64) * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=row_ok[:, None],
+                 other=0.0)
+    m = tl.full([GP], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, D], dtype=tl.float32)
+    ibase = idx_ptr + b.to(tl.int64) * sib + h * sih
+    for j in range(BPS):
+        kk = sp * BPS + j
+        blk = tl.load(ibase + tl.minimum(kk, K - 1))
+        blk = tl.where(kk < K, blk, -1)
+        key = blk * BS + c
+        kmask = (key >= 0) & (key <= pos)
+        rowp = (kb + key.to(tl.int64))[:, None]
+        kt = tl.load(k_ptr + rowp * skn + h * skh + d[None, :], mask=kmask[:, None], other=0.0)
+        s = tl.dot(qv, tl.trans(kt)) * scale_log2
+        s = tl.where(kmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v_ptr + rowp * skn + h * skh + d[None, :], mask=kmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m = m_new
+    l_safe = tl.where(l > 0, l, 1.0)
+    obase = po_ptr + b.to(tl.int64) * spb + h * sph + sp * sps
+    tl.store(obase + g[:, None] * spg + d[None, :], acc / l_safe[:, None])
+    tl.store(plse_ptr + b.to(tl.int64) * slb + h * slh + sp * sls + g,
+             tl.where(l > 0, m + tl.log2(l_safe), float("-inf")))
+
+
+@triton.jit
+def _splitk_combine_kernel(po_ptr, plse_ptr, o_ptr, spb, sph, sps, spg, slb, slh, sls, sob, soh,
+                           NSPLIT, G: tl.constexpr, SP: tl.constexpr, D: tl.constexpr):
+    """Program (query head, sequence): merge the NSPLIT partial softmaxes of one row."""
+    hq = tl.program_id(0)
+    b = tl.program_id(1)
+    h = hq // G
+    g = hq % G
+    s = tl.arange(0, SP)
+    d = tl.arange(0, D)
+    sm = s < NSPLIT
+    lse = tl.load(plse_ptr + b.to(tl.int64) * slb + h * slh + s * sls + g, mask=sm, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.where(sm, tl.exp2(lse - mx), 0.0)
+    part = tl.load(po_ptr + b.to(tl.int64) * spb + h * sph + s[:, None] * sps + g * spg + d[None, :],
+                   mask=sm[:, None], other=0.0)
+    den = tl.sum(w, axis=0)
+    o = tl.sum(w[:, None] * part, axis=0) / tl.where(den > 0, den, 1.0)
+    tl.store(o_ptr + b.to(tl.int64) * sob + hq * soh + d, o.to(o_ptr.dtype.element_ty))
+
+
+def decode_splits(B: int, Hkv: int, K: int) -> tuple[int, int]:
+    """(splits, blocks per split) so that B * Hkv * splits >= TUNING['decode_min_programs'] when K allows."""
+    want = max(1, -(-int(TUNING["decode_min_programs"]) // max(1, B * Hkv)))
+    bps = max(1, -(-K // min(K, want)))
+    return -(-K // bps), bps
+
+
+def sparse_decode_splitk(q, k, v, block_idx, pos, kbase, block_size, scale):
+    """Flash-decoding over selected blocks: q [B, Hq, D]; k, v [B*S, Hkv, D] flat caches; block_idx [B, Hkv, 1, K];
+    pos int32 [B] (position of the new token); kbase int64 [B]. Returns o [B, Hq, D] in q.dtype."""
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    K = block_idx.shape[-1]
+    GP = max(16, _pow2(G))
+    nsplit, bps = decode_splits(B, Hkv, K)
+    po = torch.empty(B, Hkv, nsplit, GP, D, dtype=torch.float32, device=q.device)
+    plse = torch.empty(B, Hkv, nsplit, GP, dtype=torch.float32, device=q.device)
+    o = torch.empty_like(q)
+    if B == 0:
+        return o
+    _sparse_decode_splitk_kernel[(nsplit, Hkv, B)](
+        q, k, v, po, plse, block_idx, pos, kbase, scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), block_idx.stride(0), block_idx.stride(1),
+        po.stride(0), po.stride(1), po.stride(2), po.stride(3), plse.stride(0), plse.stride(1), plse.stride(2),
+        K=K, BPS=bps, G=G, GP=GP, D=D, BS=block_size, num_warps=4)
+    _splitk_combine_kernel[(Hq, B)](po, plse, o, po.stride(0), po.stride(1), po.stride(2), po.stride(3),
+                                    plse.stride(0), plse.stride(1), plse.stride(2), o.stride(0), o.stride(1),
+                                    nsplit, G=G, SP=max(2, _pow2(nsplit)), D=D, num_warps=4)
+    return o

@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Regenerate the README's result tables from the JSON files under bench/results/ (and nothing else).
+
+Usage: python scripts/make_readme_tables.py [--check]
+The tables go between `<!-- BEGIN GENERATED -->` and `<!-- END GENERATED -->` in README.md. With --check, exit 1
+if the README is not up to date (nothing is written).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _len(n: int) -> str:
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def _f(x, digits=2, suffix="") -> str:
+    if x is None:
+        return "—"
+    return f"{x:.{digits}f}{suffix}"
+
+
+def _device(d: dict) -> str:
+    m = d.get("meta", {})
+    return (f"{m.get('device', '?')}, torch {m.get('torch', '?')}, triton {m.get('triton', '?')}, "
+            f"run {m.get('timestamp_utc', m.get('timestamp', '?'))[:10]}")
+
+
+def lightning_section() -> list[str]:
+    d = _load("lightning_kernels_h200.json")
+    if not d:
+        return []
+    out = ["### Lightning attention kernels vs fla (one layer, 32 heads x 128, bf16, batch 1)", "",
+           f"`bench/results/lightning_kernels_h200.json` ({_device(d)}); fla `chunk_simple_gla(g_gamma=log_decay)` "
+           "measured in the same process on the same inputs. Speed-up = fla time / our time.", "",
+           "| T | ours fwd (ms) | fla fwd (ms) | fwd speed-up | ours fwd+bwd (ms) | fla fwd+bwd (ms) | fwd+bwd speed-up "
+           "| rel. err ours / fla |", "|---|---|---|---|---|---|---|---|"]
+    for r in d["prefill"]:
+        out.append(f"| {_len(r['T'])} | {_f(r['ours_fwd_ms'])} | {_f(r.get('fla_fwd_ms'))} | "
+                   f"{_f(r.get('fwd_speedup_vs_fla'), 2, 'x')} | {_f(r.get('ours_fwd_bwd_ms'))} | "
+                   f"{_f(r.get('fla_fwd_bwd_ms'))} | {_f(r.get('fwd_bwd_speedup_vs_fla'), 2, 'x')} | "
+                   f"{r['ours_rel_err']:.1e} / {r['fla_rel_err']:.1e} |" if r.get('fla_rel_err') is not None else
+                   f"| {_len(r['T'])} | {_f(r['ours_fwd_ms'])} | {_f(r.get('fla_fwd_ms'))} | "
+                   f"{_f(r.get('fwd_speedup_vs_fla'), 2, 'x')} | {_f(r.get('ours_fwd_bwd_ms'))} | "
+                   f"{_f(r.get('fla_fwd_bwd_ms'))} | {_f(r.get('fwd_bwd_speedup_vs_fla'), 2, 'x')} | "
+                   f"{r['ours_rel_err']:.1e} / — |")
+    out += ["", "Decode step (one token per sequence, state updated in place):", "",
+            "| batch | ours, one call (µs) | ours in a CUDA graph (µs) | fla fused_recurrent (µs) | speed-up (call) |",
+            "|---|---|---|---|---|"]
+    for r in d["decode"]:
+        out.append(f"| {r['batch']} | {_f(r['ours_us'], 1)} | {_f(r['ours_graph_us'], 1)} | {_f(r.get('fla_us'), 1)} | "
+                   f"{_f(r.get('speedup_vs_fla'), 2, 'x')} |")
+    lf = d.get("long_finite")
+    if lf:
+        out += ["", f"At T = {_len(lf['T'])} the output and final state are finite: "
+                    f"{lf['output_finite'] and lf['final_state_finite']}."]
+    return out + [""]
+
+
+def sparse_section() -> list[str]:
+    d = _load("sparse_kernels_h200.json")
+    if not d:
+        return []
+    out = ["### InfLLM-V2 sparse attention vs dense SDPA (one layer, 32 q / 2 kv heads, d 128, block 64, "
+           "top-k 64 + window 2048, bf16)", "",
+           f"`bench/results/sparse_kernels_h200.json` ({_device(d)}); whole = compression + selection + attention; "
+           "torch SDPA (FlashAttention) dense causal at the same shape in the same process.", "",
+           "| T | whole fwd (ms) | selection (ms) | attention (ms) | SDPA fwd (ms) | fwd speed-up | whole fwd+bwd (ms) "
+           "| SDPA fwd+bwd (ms) | fwd+bwd speed-up | fla NSA fwd, same blocks (ms) | peak extra (GiB) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        out.append(f"| {_len(r['T'])} | {_f(r['whole_fwd_ms'], 1)} | {_f(r.get('select_ms'), 1)} | "
+                   f"{_f(r.get('attention_fwd_ms'), 1)} | {_f(r.get('sdpa_fwd_ms'), 1)} | "
+                   f"{_f(r.get('speedup_fwd_vs_sdpa'), 2, 'x')} | {_f(r.get('whole_fwd_bwd_ms'), 1)} | "
+                   f"{_f(r.get('sdpa_fwd_bwd_ms'), 1)} | {_f(r.get('speedup_fwd_bwd_vs_sdpa'), 2, 'x')} | "
+                   f"{_f(r.get('fla_nsa_fwd_ms'), 1)} | {_f(r.get('whole_fwd_peak_extra_gib'), 2)} |")
+    return out + [""]
+
+
+def latency_section() -> list[str]:
+    d = _load("latency_h200.json")
+    if not d:
+        return []
+    out = ["### End to end: MiniCPM-SALA 9B shape vs HF transformers Qwen3-8B shape (random weights, bf16, batch 1)",
+           "", f"`bench/results/latency_h200.json` ({_device(d)}); prefill N tokens then decode 1024 (greedy). "
+           "The baseline runs in the same process on the same GPU (HF SDPA, `logits_to_keep=1`); its decode was "
+           "timed over a few tokens and extrapolated to 1024. Plots: `bench/results/latency_ttft.png`, "
+           "`bench/results/latency_e2e.png`.", "",
+           "| context | SALA TTFT (s) | Qwen3-8B TTFT (s) | TTFT speed-up | SALA end-to-end (s) | Qwen3-8B end-to-end (s) "
+           "| SALA decode (tok/s) | Qwen3-8B decode (tok/s) | SALA peak (GiB) | Qwen3-8B peak (GiB) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(d["sala"], key=int):
+        s, b = d["sala"][key], d.get("baseline", {}).get(key, {})
+        if s.get("status") != "ok":
+            out.append(f"| {_len(int(key))} | {s.get('status', '—')} | | | | | | | | |")
+            continue
+        b_ok = b.get("status") == "ok"
+        b_txt = lambda k, dg=2: _f(b.get(k), dg) if b_ok else ("OOM" if b.get("status") == "oom" else "not run")  # noqa
+        ratio = s["ttft_s"] and b_ok and b["ttft_s"] / s["ttft_s"]
+        out.append(f"| {_len(int(key))} | {_f(s['ttft_s'])} | {b_txt('ttft_s')} | "
+                   f"{_f(ratio, 2, 'x') if b_ok else '—'} | {_f(s['e2e_s'], 1)} | {b_txt('e2e_s', 1)} | "
+                   f"{_f(s['decode_tokens_per_s'], 1)} | {b_txt('decode_tokens_per_s', 1)} | {_f(s['peak_gib'], 1)} | "
+                   f"{b_txt('peak_gib', 1)} |")
+    notes = d.get("notes") or []
+    if notes:
+        out += ["", "Notes from the run: " + "; ".join(notes) + "."]
+    return out + [""]
+
+
+def extra_sections() -> list[str]:
+    """Sections whose JSON files carry their own markdown table (key `readme_table`)."""
+    out: list[str] = []
+    for path in sorted(RESULTS.glob("*.json")):
+        d = json.loads(path.read_text())
+        if isinstance(d, dict) and d.get("readme_table"):
+            out += [f"### {d.get('readme_title', path.stem)}", "", f"`bench/results/{path.name}` ({_device(d)})", "",
+                    *d["readme_table"], ""]
+    return out
+
+
+def render() -> str:
+    lines = ["## Measured results", "",
+             "Generated by `scripts/make_readme_tables.py` from `bench/results/*.json` only; every baseline was "
+             "measured in the same process as our code.", ""]
+    for section in (lightning_section, sparse_section, latency_section, extra_sections):
+        lines += section()
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str]) -> int:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"README.md lacks the {BEGIN} / {END} markers", file=sys.stderr)
+        return 1
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = head + BEGIN + "\n" + render() + END + tail
+    if "--check" in argv:
+        return 0 if new == text else 1
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text(new)
+    tmp.replace(readme)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
