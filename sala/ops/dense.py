@@ -53,5 +53,19 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     bounds = [int(x) for x in cu_seqlens.tolist()]
     if bounds[0] != 0 or bounds[-1] != q.shape[1] or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
         raise ValueError(f"dense_causal_attention: cu_seqlens {bounds} must rise from 0 to T = {q.shape[1]}")
+    T = q.shape[1]
+    if len(bounds) > 2 and T <= _MASKED_VARLEN_MAX_T:
+        # One SDPA call with a block-diagonal causal mask ([T, T] bools) beats one call per document for the
+        # short, many-document rows of training.
+        cu = torch.tensor(bounds, device=q.device)
+        doc = torch.searchsorted(cu[1:], torch.arange(T, device=q.device), right=True)
+        mask = (doc[:, None] == doc[None, :]).tril_()
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+        return o.transpose(1, 2)
     outs = [_sdpa(q[:, s:e], k[:, s:e], v[:, s:e], scale) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
     return torch.cat(outs, dim=1) if outs else q.clone()
+
+
+# Longest packed row handled by one masked SDPA call (the mask is T*T bytes: 64 MiB at 8K).
+_MASKED_VARLEN_MAX_T = 8192
