@@ -380,6 +380,41 @@ def _pack(folder: Path, tar_path: Path) -> None:
             tar.add(f, arcname=f.name)
 
 
+def _half_copy(src: Path, dst: Path) -> None:
+    """Copy a model folder with fp16 weights (config dtype float16), tokenizer and reports."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    sd = load_file(str(src / "model.safetensors"))
+    save_file({k: v.to(torch.float16).contiguous() for k, v in sd.items()}, str(dst / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["dtype"] = "float16"
+    cfg.pop("torch_dtype", None)
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "convert_report.json", "layer_scores.json",
+                 "train_report.json", "generation_config.json"):
+        if (src / name).is_file():
+            (dst / name).write_bytes((src / name).read_bytes())
+    size = (dst / "model.safetensors").stat().st_size
+    if size > 16 * 2**20:
+        raise ValueError(f"{dst}: weights are {size / 2**20:.1f} MiB, over the 16 MiB limit of a bundled model")
+
+
+def cmd_bundle(args) -> None:
+    """Install a converted SALA model (and its dense teacher) as the bundled default model."""
+    import shutil
+
+    dst = ROOT / "sala" / "assets" / "model"
+    if dst.exists():
+        shutil.rmtree(dst)
+    _half_copy(Path(args.sala), dst)
+    if args.teacher:
+        _half_copy(Path(args.teacher), dst / "teacher")
+    log(f"bundled model installed in {dst}")
+
+
 # ----------------------------------------------------------------------------- plot (CPU)
 def cmd_plot(args) -> None:
     import matplotlib
@@ -439,6 +474,8 @@ def main() -> None:
     a.add_argument("--out", required=True); a.add_argument("--teacher-seconds", type=float, default=100)
     a.add_argument("--bundle-seconds", type=float, default=45); a.add_argument("--total-seconds", type=float, default=390)
     a.set_defaults(func=cmd_gpu)
+    a = sub.add_parser("bundle"); a.add_argument("--sala", required=True); a.add_argument("--teacher", default=None)
+    a.set_defaults(func=cmd_bundle)
     a = sub.add_parser("plot"); a.add_argument("--results", required=True); a.add_argument("--png", required=True)
     a.add_argument("--table", required=True); a.set_defaults(func=cmd_plot)
     args = p.parse_args()

@@ -16,8 +16,10 @@ case "$step" in
   eval)     python scripts/repro_halo.py eval --data "$DATA" --models "$WORK" --out "$OUT/eval.json" ;;   # GPU
   gpu)      mkdir -p "$OUT"; python scripts/repro_halo.py gpu --data "$DATA" --work "$WORK" --out "$OUT" \
                 --teacher-seconds 110 --bundle-seconds 35 --total-seconds 390 ;;                       # GPU, ~6.5 min
+  bundle)   python scripts/repro_halo.py bundle --sala "${BUNDLE_SALA:-$WORK/bundle_sala}" \
+                --teacher "${BUNDLE_TEACHER:-$WORK/bundle_teacher}" ;;                                   # CPU
   plot)     python scripts/repro_halo.py plot --results bench/results/repro_halo.json \
                 --png bench/results/repro_halo.png --table bench/results/repro_halo_table.md ;;         # CPU
   all)      "$0" prepare; "$0" gpu; cp "$OUT/repro_results.json" bench/results/repro_halo.json; "$0" plot ;;
-  *) echo "usage: $0 prepare|teacher|convert|eval|gpu|plot|all" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|teacher|convert|eval|gpu|bundle|plot|all" >&2; exit 2 ;;
 esac

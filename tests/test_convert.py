@@ -218,3 +218,24 @@ def test_stages_run_under_bf16_autocast(llama_dir, monkeypatch):
     hist += distill.run_finetune(model, source, tokens=64, seq_len=32, batch=2, lr=1e-4, device=torch.device("cpu"),
                                  show_progress=False)
     assert all(torch.isfinite(torch.tensor(h.get("kl", h.get("loss")))) for h in hist)
+
+
+def test_minicpm_teacher_runs_through_exact_emulation(tmp_path):
+    """A MiniCPM checkpoint (no transformers class) runs as a dense SALA emulation with its muP factors."""
+    import math
+
+    llama = _teacher("llama", tmp_path).eval()
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    L = cfg["num_hidden_layers"]
+    cfg.update(model_type="minicpm", architectures=["MiniCPMForCausalLM"], scale_emb=1.0,
+               scale_depth=math.sqrt(L), dim_model_base=cfg["hidden_size"])
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    teacher = Teacher(tmp_path)
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 24))
+    with torch.no_grad():
+        want = llama(input_ids=ids).logits
+        got = teacher.logits(ids)
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    with teacher.capture([1]) as cap:
+        teacher.logits(ids)
+    assert cap[1][0].shape == cap[1][1].shape == (1, 24, SMALL["hidden_size"])
