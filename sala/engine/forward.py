@@ -11,7 +11,6 @@ check it.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -19,24 +18,12 @@ import torch.nn.functional as F
 from sala.engine.memory import MLP_SLICE_TOKENS
 from sala.engine.static_cache import StaticCache
 from sala.modeling.configuration_sala import SalaConfig
-from sala.modeling.modeling_sala import SalaForCausalLM, apply_rope, rope_cos_sin
+from sala.modeling.modeling_sala import SalaForCausalLM, rope_cos_sin, sparse_params_from_config
 from sala.ops.dense import dense_causal_attention
-from sala.ops.infllmv2 import (SparseParams, compress_keys, compressed_lengths, infllmv2_attention, infllmv2_decode,
+from sala.ops.infllmv2 import (compress_keys, compressed_lengths, infllmv2_attention, infllmv2_decode,
                                update_compressed_keys)
 from sala.ops.lightning import lightning_attention, lightning_decode_step
 from sala.ops.slopes import lightning_log_decay
-
-
-def sparse_params(config: SalaConfig) -> SparseParams:
-    sc = config.sparse_config
-    return SparseParams(block_size=sc["block_size"], kernel_size=sc["kernel_size"], kernel_stride=sc["kernel_stride"],
-                        topk=sc["topk"], init_blocks=sc["init_blocks"], window_size=sc["window_size"])
-
-
-def _hype_scale(q: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """HyPE query scaling s_t = log(t + a) / log(a); q [B, T, H, D], positions [B, T]."""
-    s = torch.log(positions.float() + base) / math.log(base)
-    return (q.float() * s[:, :, None, None]).to(q.dtype)
 
 
 def _mlp_residual(layer, w_gate_up: torch.Tensor, h: torch.Tensor, scale: float) -> torch.Tensor:
@@ -78,7 +65,7 @@ class ModelRunner:
         self.config: SalaConfig = model.config
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
-        self.params = sparse_params(self.config)
+        self.params = sparse_params_from_config(self.config)
         self.layers = list(model.model.layers)
         self.sparse_ids = set(self.config.sparse_layer_ids)
         self.log_decay = lightning_log_decay(self.config.lightning_nh, device=self.device)
@@ -109,23 +96,12 @@ class ModelRunner:
         v = parts[2].reshape(B, T, attn.num_kv_heads, attn.head_dim).contiguous()
         z = parts[3] if attn.z_proj is not None else None
         del parts
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        if attn.use_rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if attn.num_kv_heads != attn.num_heads:
-            rep = attn.num_heads // attn.num_kv_heads
-            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        q, k, v = attn.prepare(q, k, v, cos, sin)
         o, final = lightning_attention(q, k, v, self.log_decay, scale=attn.scale, initial_state=state,
                                        output_final_state=True)
         del q, k, v
         state.copy_(final)
-        o = o.reshape(B, T, attn.num_heads * attn.head_dim).to(x.dtype)
-        if attn.o_norm is not None:
-            o = attn.o_norm(o)
-        if z is not None:
-            o = o * torch.sigmoid(z)
-        return attn.o_proj(o)
+        return attn.finish(o, z, x.dtype)
 
     def _sparse_prefill(self, attn, x: torch.Tensor, positions: torch.Tensor, cos, sin, cache: StaticCache,
                         layer: int, row: int, start: int) -> torch.Tensor:
@@ -137,10 +113,7 @@ class ModelRunner:
         v = parts[2].reshape(B, T, attn.num_kv_heads, attn.head_dim)
         gate = parts[3] if attn.o_gate is not None else None
         del parts
-        if cfg.attn_use_rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cfg.hype_query_scale_base is not None:
-            q = _hype_scale(q, positions, float(cfg.hype_query_scale_base))
+        q, k = attn.prepare(q, k, cos, sin, positions)
         buf = cache.sparse[layer]
         end = start + T
         buf.k[row, start:end] = k[0]
@@ -160,10 +133,7 @@ class ModelRunner:
                                    k2=buf.k2[row:row + 1, :n2])
         else:
             o = dense_causal_attention(q, keys, values, scale=attn.scale)
-        o = o.reshape(B, T, attn.num_heads * attn.head_dim)
-        if gate is not None:
-            o = o * torch.sigmoid(gate)
-        return attn.o_proj(o)
+        return attn.finish(o if o.dim() == 4 else o[:, None], gate)
 
     @torch.no_grad()
     def prefill_chunk(self, ids: torch.Tensor, cache: StaticCache, row: int) -> torch.Tensor:
@@ -256,21 +226,10 @@ class DecodeStep:
         k = parts[1].reshape(B, 1, attn.num_kv_heads, attn.head_dim)
         v = parts[2].reshape(B, 1, attn.num_kv_heads, attn.head_dim).contiguous()
         z = parts[3] if attn.z_proj is not None else None
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        if attn.use_rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if attn.num_kv_heads != attn.num_heads:
-            rep = attn.num_heads // attn.num_kv_heads
-            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        q, k, v = attn.prepare(q, k, v, cos, sin)
         o = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], self.runner.log_decay, state, scale=attn.scale,
                                   out=self.light_out)
-        o = o.reshape(B, 1, attn.num_heads * attn.head_dim).to(x.dtype)
-        if attn.o_norm is not None:
-            o = attn.o_norm(o)
-        if z is not None:
-            o = o * torch.sigmoid(z)
-        return attn.o_proj(o)
+        return attn.finish(o[:, None], z, x.dtype)
 
     def _sparse(self, attn, x: torch.Tensor, pos: torch.Tensor, cos, sin, layer: int) -> torch.Tensor:
         B = x.shape[0]
@@ -280,10 +239,7 @@ class DecodeStep:
         k = parts[1].reshape(B, 1, attn.num_kv_heads, attn.head_dim)
         v = parts[2].reshape(B, 1, attn.num_kv_heads, attn.head_dim)
         gate = parts[3] if attn.o_gate is not None else None
-        if cfg.attn_use_rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cfg.hype_query_scale_base is not None:
-            q = _hype_scale(q, pos[:, None], float(cfg.hype_query_scale_base))
+        q, k = attn.prepare(q, k, cos, sin, pos[:, None])
         buf = self.cache.sparse[layer]
         buf.k.index_put_((self.rows, pos), k[:, 0])
         buf.v.index_put_((self.rows, pos), v[:, 0])
@@ -297,10 +253,7 @@ class DecodeStep:
             o = F.scaled_dot_product_attention(q.transpose(1, 2), buf.k.transpose(1, 2), buf.v.transpose(1, 2),
                                                attn_mask=valid[:, None, None, :], scale=attn.scale,
                                                enable_gqa=True)[:, :, 0]
-        o = o.reshape(B, 1, attn.num_heads * attn.head_dim)
-        if gate is not None:
-            o = o * torch.sigmoid(gate)
-        return attn.o_proj(o)
+        return attn.finish(o if o.dim() == 4 else o[:, None], gate)
 
     @torch.no_grad()
     def __call__(self) -> torch.Tensor:

@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover
     GradientCheckpointingLayer = nn.Module
 
 from sala.modeling.cache import LightningLayerCache, SalaCache, SparseLayerCache
-from sala.modeling.configuration_sala import LIGHTNING, SPARSE, SalaConfig
+from sala.modeling.configuration_sala import SPARSE, SalaConfig
 from sala.ops.dense import dense_causal_attention
 from sala.ops.infllmv2 import SparseParams, infllmv2_attention
 from sala.ops.lightning import lightning_attention, lightning_decode_step
@@ -119,21 +119,37 @@ class SalaLightningAttention(nn.Module):
         """log(gamma_h) [H] fp32; recomputed (cheap), so nothing depends on buffers surviving a load."""
         return lightning_log_decay(self.num_heads, device=device)
 
-    def forward(self, x: torch.Tensor, batch: _Batch, cache: LightningLayerCache | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+    def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
+                sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """QK-norm, RoPE (cos/sin [B, T, D]), one dtype, GQA expansion: q, k, v [B, T, H(kv), D] -> [B, T, H, D]."""
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
-            cos, sin = batch.rope(self.head_dim, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # Under autocast the projections are low precision while fp32 norm weights promote q and k: one dtype.
         q, k = q.to(v.dtype), k.to(v.dtype)
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        return q, k, v
+
+    def finish(self, o: torch.Tensor, z: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """o [B, T, H, D] -> o_norm over all heads -> * sigmoid(z) (z = z_proj(x)) -> o_proj: [B, T, hidden]."""
+        B, T = o.shape[:2]
+        o = o.reshape(B, T, self.num_heads * self.head_dim).to(dtype)
+        if self.o_norm is not None:
+            o = self.o_norm(o)
+        if z is not None:
+            o = o * torch.sigmoid(z)
+        return self.o_proj(o)
+
+    def forward(self, x: torch.Tensor, batch: _Batch, cache: LightningLayerCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        cos, sin = batch.rope(self.head_dim, self.rope_theta) if self.use_rope else (None, None)
+        q, k, v = self.prepare(q, k, v, cos, sin)
         if batch.real_mask is not None:   # padding tokens must not enter the state: zero their keys
             k = k * batch.real_mask[:, :, None, None].to(k.dtype)
         log_decay = self.log_decay(x.device)
@@ -147,15 +163,17 @@ class SalaLightningAttention(nn.Module):
             )
             if cache is not None:
                 cache.state = state
-        o = o.reshape(B, T, self.num_heads * self.head_dim).to(x.dtype)
-        if self.o_norm is not None:
-            o = self.o_norm(o)
-        if self.z_proj is not None:
-            o = o * torch.sigmoid(self.z_proj(x))
-        return self.o_proj(o)
+        return self.finish(o, self.z_proj(x) if self.z_proj is not None else None, x.dtype)
 
 
 # ----------------------------------------------------------------------------- InfLLM-V2 sparse attention layer
+def sparse_params_from_config(config: SalaConfig) -> SparseParams:
+    """The InfLLM-V2 settings of `config.sparse_config` (dense_len and use_nope play no part in the semantics)."""
+    sc = config.sparse_config
+    return SparseParams(block_size=sc["block_size"], kernel_size=sc["kernel_size"], kernel_stride=sc["kernel_stride"],
+                        topk=sc["topk"], init_blocks=sc["init_blocks"], window_size=sc["window_size"])
+
+
 class SalaSparseAttention(nn.Module):
     """InfLLM-V2 sparse attention: GQA, NoPE (by default), output gate; dense-exact for short contexts."""
 
@@ -167,10 +185,7 @@ class SalaSparseAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim ** -0.5
-        sc = config.sparse_config
-        self.params = SparseParams(block_size=sc["block_size"], kernel_size=sc["kernel_size"],
-                                   kernel_stride=sc["kernel_stride"], topk=sc["topk"],
-                                   init_blocks=sc["init_blocks"], window_size=sc["window_size"])
+        self.params = sparse_params_from_config(config)
         h, d, bias = config.hidden_size, self.head_dim, config.attention_bias
         self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
@@ -185,18 +200,32 @@ class SalaSparseAttention(nn.Module):
             return infllmv2_attention(q, k, v, self.params, scale=self.scale, k1=k1, k2=k2, cu_seqlens=cu_seqlens)
         return dense_causal_attention(q, k, v, scale=self.scale, cu_seqlens=cu_seqlens)
 
+    def prepare(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE when attn_use_rope (off as released: NoPE) and opt-in HyPE query scaling; q, k [B, T, H, D]."""
+        if self.config.attn_use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.config.hype_query_scale_base is not None:   # HyPE: s_t = log(t + a) / log(a)
+            a = float(self.config.hype_query_scale_base)
+            s = torch.log(position_ids.float() + a) / math.log(a)
+            q = (q.float() * s[:, :, None, None]).to(q.dtype)
+        return q, k
+
+    def finish(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """o [B, T, Hq, D] -> * sigmoid(gate) (gate = o_gate(x)) -> o_proj: [B, T, hidden]."""
+        B, T = o.shape[:2]
+        o = o.reshape(B, T, self.num_heads * self.head_dim)
+        if gate is not None:
+            o = o * torch.sigmoid(gate)
+        return self.o_proj(o)
+
     def forward(self, x: torch.Tensor, batch: _Batch, cache: SparseLayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        if self.config.attn_use_rope:
-            cos, sin = batch.rope(self.head_dim, self.config.rope_theta)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.config.hype_query_scale_base is not None:   # HyPE: s_t = log(t + a) / log(a)
-            a = float(self.config.hype_query_scale_base)
-            s = torch.log(batch.position_ids.float() + a) / math.log(a)
-            q = (q.float() * s[:, :, None, None]).to(q.dtype)
+        cos, sin = batch.rope(self.head_dim, self.config.rope_theta) if self.config.attn_use_rope else (None, None)
+        q, k = self.prepare(q, k, cos, sin, batch.position_ids)
 
         if cache is None and batch.pad is None:
             o = self._attend(q, k, v, cu_seqlens=batch.cu_seqlens)
@@ -213,10 +242,7 @@ class SalaSparseAttention(nn.Module):
                     cache.append(b, k[b, p:], v[b, p:], B)
                     kb, vb, k1, k2 = cache.sequence(b)
                     o[b:b + 1, p:] = self._attend(q[b:b + 1, p:], kb, vb, k1, k2)
-        o = o.reshape(B, T, self.num_heads * self.head_dim)
-        if self.o_gate is not None:
-            o = o * torch.sigmoid(self.o_gate(x))
-        return self.o_proj(o)
+        return self.finish(o, self.o_gate(x) if self.o_gate is not None else None)
 
 
 # ----------------------------------------------------------------------------- decoder
