@@ -12,7 +12,7 @@ import gc
 import time
 from pathlib import Path
 
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "model"
+from sala.utils.bundled import BUNDLED_MODEL_DIR as BUNDLED_MODEL, bundled_model_dir
 
 
 def register(subparsers) -> None:
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     notes: list[str] = []
-    model_dir = Path(args.model) if args.model else (BUNDLED_MODEL if (BUNDLED_MODEL / "config.json").is_file() else None)
+    model_dir = Path(args.model) if args.model else bundled_model_dir()
     model, tok, source = _load(model_dir, notes)
     if args.length < 256:
         raise ValueError(f"--length must be at least 256 tokens, got {args.length}")

@@ -10,7 +10,7 @@ def register(subparsers) -> None:
     n = sub.add_parser("niah", help="needle-in-a-haystack family: niah_single, niah_multikey, niah_multivalue, vt, cwe",
                        description="Generate the tasks offline (seeded), decode greedily, score by RULER string "
                                    "match; lengths are in tokens of the model's tokenizer.")
-    n.add_argument("--model", default=None, help="model folder (default: SALA_DEFAULT_MODEL)")
+    n.add_argument("--model", default=None, help="model folder (default: $SALA_DEFAULT_MODEL, else the bundled model)")
     n.add_argument("--lengths", default="1k,4k,16k,64k", help="comma-separated, e.g. 1k,4k,16k,64k")
     n.add_argument("--tasks", default="niah_single", help="comma-separated task names or 'all'")
     n.add_argument("--num-samples", type=int, default=20, help="samples per task and length")

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "model"
+from sala.utils.bundled import BUNDLED_MODEL_DIR as BUNDLED_MODEL, bundled_model_dir
 
 
 def register(subparsers) -> None:
@@ -81,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.random_weights:
             raise ValueError("--random-weights goes with --preset, not with --model")
-        model_dir = Path(args.model) if args.model else BUNDLED_MODEL
-        if not args.model and not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"no model given and no bundled model at {model_dir}: pass --model DIR "
+        model_dir = Path(args.model) if args.model else bundled_model_dir()
+        if model_dir is None:
+            raise FileNotFoundError(f"no model given and no bundled model at {BUNDLED_MODEL}: pass --model DIR "
                                     "(a SALA checkpoint directory), or --preset NAME --random-weights")
         from sala.engine.loading import load_tokenizer_dir
 

@@ -8,20 +8,23 @@ from __future__ import annotations
 import os
 import re
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from sala.eval.scoring import SCORERS
 from sala.eval.tasks import TASKS, TaskSample, generate
+from sala.utils.bundled import bundled_model_dir
 
 # Functions returning a default model folder (or None); `--model` may be left out when one answers.
-DEFAULT_MODEL_RESOLVERS: list[Callable[[], str | None]] = [lambda: os.environ.get("SALA_DEFAULT_MODEL")]
+DEFAULT_MODEL_RESOLVERS: list[Callable[[], str | None]] = [
+    lambda: os.environ.get("SALA_DEFAULT_MODEL"),
+    lambda: str(d) if (d := bundled_model_dir()) is not None else None,
+]
 
 
 def default_model() -> str:
-    """The model used when `--model` is not given (env SALA_DEFAULT_MODEL or a registered resolver)."""
+    """The model used when `--model` is not given: env SALA_DEFAULT_MODEL, else the bundled model."""
     for resolve in DEFAULT_MODEL_RESOLVERS:
         path = resolve()
         if path:
