@@ -279,6 +279,110 @@ def check_splitk_decode():
     torch.testing.assert_close(got1, want, atol=2e-5, rtol=1e-4)
 
 
+# ------------------------------------------------------------ split-N decode selection and fused varlen
+def check_split_decode_select():
+    """SALA_SPARSE_DECODE_SELECT=split: pooled scores and indices vs the reference for 3 sequences (long, short,
+    dense regime) with NaN-poisoned unused K/V/K1/K2 cache slots; K2 and K1 both split over several programs."""
+    from sala.ops import infllmv2_triton as tri
+
+    B, S = 3, 320
+    q, k, v = _qkv(B, S, 2, 4, 16, 11)
+    lengths = torch.tensor([317, 150, 40], dtype=torch.int32)
+    n1, n2 = compressed_lengths(S, SMALL)
+    k1c, k2c = torch.full((B, n1, 2, 16), float("nan")), torch.full((B, n2, 2, 16), float("nan"))
+    update_compressed_keys(k, k1c, k2c, lengths, SMALL, new_tokens=S)
+    for b in range(B):
+        k[b, int(lengths[b]):], v[b, int(lengths[b]):] = float("nan"), float("nan")
+    qd = torch.stack([q[b, int(lengths[b]) - 1] for b in range(B)])
+    pos = lengths.long() - 1
+    n_blocks = S // SMALL.block_size
+    saved = tri.TUNING["decode_select_programs"]
+    try:
+        tri.TUNING["decode_select_programs"] = 64
+        splits2 = tri.decode_select_splits(B, 2, n2, 16)[0]
+        splits1 = tri.decode_select_splits(B, 2, n_blocks, tri._select_nb(4))[0]
+        assert splits2 >= 2 and splits1 >= 3, (splits2, splits1)
+        pooled = tri.pooled_block_scores_decode_split(qd, k1c, k2c, pos.to(torch.int32), SMALL, 0.25, n_blocks)
+        want = ref.pooled_block_scores_ref(qd[:, None].double(), k1c.double(), k2c.double(), pos[:, None], SMALL,
+                                           0.25, n_blocks)
+        fin = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(pooled), fin) and torch.equal(pooled[~fin], want[~fin].float())
+        torch.testing.assert_close(pooled[fin].double(), want[fin], atol=1e-6, rtol=1e-5)
+        assert_same_selection(ref.topk_block_indices(pooled, SMALL.total_blocks),
+                              ref.topk_block_indices(want, SMALL.total_blocks), qd[:, None], k1c, k2c, pos[:, None],
+                              SMALL, 0.25)
+        _variant("SALA_SPARSE_DECODE_SELECT", "split")
+        with _Spy(tri, "pooled_block_scores_decode_split") as spy:
+            got = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL, out=torch.full_like(qd, float("nan")))
+        assert spy.calls == 1, spy.calls
+    finally:
+        tri.TUNING["decode_select_programs"] = saved
+        _variant("SALA_SPARSE_DECODE_SELECT", None)
+    _mode("reference")
+    want_o = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL)
+    _mode("triton")
+    torch.testing.assert_close(got, want_o, atol=2e-5, rtol=1e-4)
+
+
+# block 8, kernel 4 / stride 2, topk 2 + window 16: dense below 32 (small interpreter grids)
+TINY = SparseParams(block_size=8, kernel_size=4, kernel_stride=2, topk=2, init_blocks=1, window_size=16)
+
+
+def _fused_varlen_grads(q, k, v, cu, do, params):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = infllmv2_attention(*leaves, params, cu_seqlens=cu)
+    return (out.detach(), *torch.autograd.grad(out, leaves, do))
+
+
+def check_fused_varlen():
+    """SALA_SPARSE_VARLEN=fused == the reference per-document path, forward and backward: documents with sparse
+    queries, a short dense one and an empty one; (a) dense positions in the block-sparse kernel, (b) dense prefixes
+    through a varlen dense fn (stand-in for FlashAttention varlen) with selection cut into 3 query chunks,
+    (c) an all-dense row (one masked SDPA), (d) dense prefixes by one masked SDPA (the CPU route)."""
+    from sala.ops import infllmv2_triton as tri
+    from sala.ops import infllmv2_varlen as iv
+    from sala.ops.dense import dense_causal_attention
+
+    q, k, v = _qkv(1, 76, 1, 2, 16, 12)
+    cu = torch.tensor([0, 36, 36, 41, 76])
+    do = torch.randn(q.shape)
+
+    def dense_prefixes(qd, kd, vd, cu_d, cu_host, max_len, scale):
+        assert max_len == TINY.dense_positions and cu_d.tolist() == cu_host == [0, 32, 37, 69], (max_len, cu_d)
+        return dense_causal_attention(qd[None], kd[None], vd[None], scale=scale, cu_seqlens=cu_d)[0]
+
+    _mode("reference")
+    want = _fused_varlen_grads(q, k, v, cu, do, TINY)
+    want_dense = _fused_varlen_grads(q[:, :30], k[:, :30], v[:, :30], torch.tensor([0, 12, 30]), do[:, :30], TINY)
+    _mode("triton")
+    real_fn, saved_chunk = iv._dense_prefix_fn, tri.TUNING["select_chunk_bytes"]
+    _variant("SALA_SPARSE_VARLEN", "fused")
+    try:
+        with _Spy(iv, "infllmv2_varlen_fused") as fused, _Spy(tri, "varlen_pooled_block_scores") as sel:
+            iv._dense_prefix_fn = lambda q, n: None
+            assert iv.dense_route(q, torch.tensor([36, 5, 35]), TINY) == "sparse_kernel"
+            got_a = _fused_varlen_grads(q, k, v, cu, do, TINY)
+            assert sel.calls == 1, sel.calls
+            iv._dense_prefix_fn = lambda q, n: ("stand-in", dense_prefixes)
+            tri.TUNING["select_chunk_bytes"] = 4 * 1 * 5 * 3       # 3 sparse queries (of 7) per chunk, 5 blocks
+            got_b = _fused_varlen_grads(q, k, v, cu, do, TINY)
+            assert sel.calls == 4, sel.calls
+            iv._dense_prefix_fn = real_fn                            # CPU: one masked SDPA for the dense prefixes
+            assert iv.dense_route(q, torch.tensor([36, 5, 35]), TINY) == "masked_sdpa"
+            got_d = _fused_varlen_grads(q, k, v, cu, do, TINY)
+            assert iv.dense_route(q, torch.tensor([12, 18]), TINY) == "row_masked_sdpa"
+            got_c = _fused_varlen_grads(q[:, :30], k[:, :30], v[:, :30], torch.tensor([0, 12, 30]), do[:, :30], TINY)
+        assert fused.calls == 4, fused.calls
+    finally:
+        iv._dense_prefix_fn, tri.TUNING["select_chunk_bytes"] = real_fn, saved_chunk
+        _variant("SALA_SPARSE_VARLEN", None)
+    for got in (got_a, got_b, got_d):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=5e-5, rtol=1e-4)
+    for g, w in zip(got_c, want_dense):
+        torch.testing.assert_close(g, w, atol=5e-5, rtol=1e-4)
+
+
 CHECKS = {name[6:]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}
 
 

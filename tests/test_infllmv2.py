@@ -251,7 +251,10 @@ def test_prefill_in_pieces_equals_one_shot():
     torch.testing.assert_close(infllmv2_attention(q[:, 100:], k, v, SMALL, k1=k1, k2=k2), full[:, 100:])
 
 
-def test_varlen_equals_separate_calls():
+@pytest.mark.parametrize("varlen", ["default", "fused"])
+def test_varlen_equals_separate_calls(monkeypatch, varlen):
+    """The fused switch (a Triton path) leaves the reference packed path intact."""
+    monkeypatch.setenv("SALA_SPARSE_VARLEN", varlen)
     lens = [70, 20, 99]
     q, k, v = _qkv(1, sum(lens), 2, 2, 8, seed=17)
     cu = torch.tensor([0, 70, 90, 189])
@@ -344,7 +347,8 @@ def test_inference_is_query_chunked_without_concatenation(monkeypatch):
     torch.testing.assert_close(out, full)
 
 
-@pytest.mark.parametrize("env, good", [("SALA_SPARSE_ATTN", "tiled"), ("SALA_SPARSE_DECODE", "splitk")])
+@pytest.mark.parametrize("env, good", [("SALA_SPARSE_ATTN", "tiled"), ("SALA_SPARSE_DECODE", "splitk"),
+                                       ("SALA_SPARSE_DECODE_SELECT", "split"), ("SALA_SPARSE_VARLEN", "fused")])
 def test_kernel_variant_env(monkeypatch, env, good):
     from sala.ops.infllmv2 import kernel_variant
 
@@ -370,3 +374,53 @@ def test_bad_inputs_raise_clear_errors():
         infllmv2_attention(q, k, v, SMALL, cu_seqlens=torch.tensor([0, 50, 60]))
     with pytest.raises(ValueError, match="cache_seqlens"):
         infllmv2_decode(q[:, 0], k, v, k[:, :5], k[:, :2], torch.tensor([3, 4]), SMALL)
+
+
+# ------------------------------------------------------------------------------- fused varlen: dense-prefix adapter
+def _fake_varlen_attn(causal_kw: str, with_scale: bool, gqa: bool, causal: bool = True):
+    """A stand-in for torch.nn.attention.varlen.varlen_attn with one of its signatures (reference math)."""
+    import torch.nn.functional as F
+
+    def attend(q, k, v, cu, scale):
+        outs = []
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            qq, kk, vv = (t[s:e].transpose(0, 1) for t in (q, k, v))
+            if kk.shape[0] != qq.shape[0]:
+                if not gqa:
+                    raise RuntimeError("head counts differ")
+                kk, vv = (t.repeat_interleave(qq.shape[0] // t.shape[0], 0) for t in (kk, vv))
+            outs.append(F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, scale=scale).transpose(0, 1))
+        return torch.cat(outs)
+
+    if causal_kw == "window_size" and with_scale and gqa:
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                 enable_gqa=False):
+            assert window_size == (-1, 0) and (enable_gqa or key.shape[1] == query.shape[1])
+            return attend(query, key, value, cu_seq_q, scale)
+    elif causal_kw == "window_size":
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=(-1, -1)):
+            assert window_size == (-1, 0)
+            return attend(query, key, value, cu_seq_q, scale)
+    else:
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+            assert is_causal                     # (the causal=False stand-in ignores it: a broken build)
+            return attend(query, key, value, cu_seq_q, None)
+    return fake
+
+
+@pytest.mark.parametrize("sig", ["new", "mid", "old", "noncausal"])
+def test_fused_varlen_flash_adapter_and_probe(monkeypatch, sig):
+    """The FlashAttention-varlen adapter handles both torch signatures (scale / GQA folded in where absent), and
+    the probe accepts it only when it matches masked SDPA (a non-causal build is rejected)."""
+    import torch.nn.attention.varlen as tv
+
+    from sala.ops import infllmv2_varlen as iv
+
+    fake = {"new": _fake_varlen_attn("window_size", True, True), "mid": _fake_varlen_attn("window_size", True, False),
+            "old": _fake_varlen_attn("is_causal", False, False),
+            "noncausal": _fake_varlen_attn("is_causal", False, False, causal=False)}[sig]
+    monkeypatch.setattr(tv, "varlen_attn", fake)
+    fn = iv._flash_varlen()
+    assert fn is not None
+    assert iv._check_varlen_fn(fn, "cpu", torch.float64, 16) is (sig != "noncausal")

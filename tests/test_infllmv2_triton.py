@@ -48,6 +48,18 @@ def test_decode_splits_cover_the_selection(B, Hkv, K):
         assert B * Hkv * splits >= 32                                # batch-1 decode fills >= 32 programs
 
 
+@pytest.mark.parametrize("B, Hkv, n, unit", [(1, 2, 16384, 16), (1, 2, 16383, 64), (8, 2, 16384, 16), (1, 2, 20, 4),
+                                             (64, 2, 100, 16), (1, 1, 1, 16)])
+def test_decode_select_splits_cover_the_keys(B, Hkv, n, unit):
+    from sala.ops.infllmv2_triton import TUNING, decode_select_splits
+
+    splits, per = decode_select_splits(B, Hkv, n, unit)
+    assert per % unit == 0 and splits * per >= n and (splits - 1) * per < n     # every item in one split, none empty
+    assert B * Hkv * splits >= min(TUNING["decode_select_programs"], B * Hkv * -(-n // unit))
+    if (B, Hkv, n) == (1, 2, 16384):
+        assert B * Hkv * splits >= 64                                            # batch-1 decode at 1M: >= 64 programs
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 def _released_case(T=8192, Tq=1024, seed=0):
     from sala.ops.infllmv2 import SparseParams
@@ -96,12 +108,14 @@ def test_gpu_attention_fwd_bwd_matches_reference(monkeypatch, variant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["default", "splitk"])
-def test_gpu_decode_matches_prefill(monkeypatch, variant):
+@pytest.mark.parametrize("variant, select", [("default", "default"), ("splitk", "default"), ("default", "split"),
+                                             ("splitk", "split")])
+def test_gpu_decode_matches_prefill(monkeypatch, variant, select):
     from sala.ops.infllmv2 import compressed_lengths, infllmv2_attention, infllmv2_decode, update_compressed_keys
 
     monkeypatch.setenv("SALA_KERNELS", "triton")
     monkeypatch.setenv("SALA_SPARSE_DECODE", variant)
+    monkeypatch.setenv("SALA_SPARSE_DECODE_SELECT", select)
     p, q, k, v = _released_case(T=7000, Tq=7000)
     lengths = torch.tensor([7000], dtype=torch.int32, device="cuda")
     n1, n2 = compressed_lengths(8192, p)
@@ -115,3 +129,57 @@ def test_gpu_decode_matches_prefill(monkeypatch, variant):
     full = infllmv2_attention(q[:, -64:], k, v, p)
     err = (out.float() - full[:, -1].float()).norm() / full[:, -1].float().norm()
     assert err < 1e-2, float(err)
+
+
+@pytest.mark.gpu
+def test_gpu_split_decode_selection_matches_reference(monkeypatch):
+    """Split-N decode selection at the released shape (64K cache, 3 sequences, NaN in unused K1/K2 slots)."""
+    from sala.ops import infllmv2_reference as ref
+    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import SparseParams, compressed_lengths, update_compressed_keys
+
+    p, S = SparseParams(), 65536
+    g = torch.Generator(device="cuda").manual_seed(3)
+    k = torch.randn(3, S, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = torch.randn(3, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    lengths = torch.tensor([65536, 20000, 5000], dtype=torch.int32, device="cuda")
+    n1, n2 = compressed_lengths(S, p)
+    k1c = torch.full((3, n1, 2, 128), float("nan"), device="cuda", dtype=k.dtype)
+    k2c = torch.full((3, n2, 2, 128), float("nan"), device="cuda", dtype=k.dtype)
+    update_compressed_keys(k, k1c, k2c, lengths, p, new_tokens=S)
+    pos = lengths - 1
+    got = tri.pooled_block_scores_decode_split(q, k1c, k2c, pos, p, 128 ** -0.5, S // 64)
+    want = ref.pooled_block_scores_ref(q[:, None].double(), k1c.double(), k2c.double(), pos.long()[:, None], p,
+                                       128 ** -0.5, S // 64)
+    fin = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), fin)
+    torch.testing.assert_close(got[fin].double(), want[fin], atol=1e-5, rtol=2e-3)
+    checks.assert_same_selection(ref.topk_block_indices(got, p.total_blocks),
+                                 ref.topk_block_indices(want, p.total_blocks), q[:, None], k1c, k2c,
+                                 pos.long()[:, None], p, 128 ** -0.5, rel=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("route", ["auto", "sparse_kernel"])
+def test_gpu_fused_varlen_matches_reference(monkeypatch, route):
+    """SALA_SPARSE_VARLEN=fused vs the reference per-document path at the released shape, forward and backward;
+    dense prefixes by the automatic route (FlashAttention varlen where this torch has it) or the sparse kernel."""
+    from sala.ops import infllmv2_varlen as iv
+    from sala.ops.infllmv2 import infllmv2_attention
+
+    if route == "sparse_kernel":
+        monkeypatch.setattr(iv, "_dense_prefix_fn", lambda q, n: None)
+
+    p, q, k, v = _released_case(T=12700, Tq=12700)       # 362 sparse queries (reference backward memory ~5 GB)
+    cu = torch.tensor([0, 6400, 6400, 6450, 12700], device="cuda", dtype=torch.int32)
+    do = torch.randn_like(q)
+    res = []
+    for mode, varlen in (("triton", "fused"), ("reference", "default")):
+        monkeypatch.setenv("SALA_KERNELS", mode)
+        monkeypatch.setenv("SALA_SPARSE_VARLEN", varlen)
+        leaves = [t.float().requires_grad_() if mode == "reference" else t.clone().requires_grad_() for t in (q, k, v)]
+        out = infllmv2_attention(*leaves, p, cu_seqlens=cu)
+        res.append([out.float(), *[t.float() for t in torch.autograd.grad(out, leaves, do.to(out.dtype))]])
+    for got, want in zip(*res):
+        err = (got - want).norm() / want.norm()
+        assert err < 2e-2, float(err)

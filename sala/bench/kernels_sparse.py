@@ -13,7 +13,11 @@ Variants (`--variants`, comma separated; `default` = the fields above, always me
 measurements (whole fwd / fwd+bwd, attention fwd / fwd+bwd, speed-ups vs the same SDPA timings, peak memory,
 mean union blocks per tile, max abs difference of the attention output vs the default kernel); `splitk`
 (SALA_SPARSE_DECODE=splitk) adds batch-1 decode timings at every length (`decode_ms`, `decode_splitk_ms`, and the
-attention part alone: `decode_attention_ms`, `decode_attention_splitk_ms`).
+attention part alone: `decode_attention_ms`, `decode_attention_splitk_ms`); `splitsel`
+(SALA_SPARSE_DECODE_SELECT=split) adds `splitsel_*` batch-1 decode fields at every length (whole step and
+selection alone, default vs split-N selection, and with split-K attention); `fusedvarlen`
+(SALA_SPARSE_VARLEN=fused) adds a top-level `fusedvarlen` list: packed training rows (several document-length
+mixes) with the per-document path vs the fused one, forward and forward+backward.
 """
 from __future__ import annotations
 
@@ -34,18 +38,25 @@ HQ, HKV, D = 32, 2, 128
 DEFAULT_LENGTHS = (32768, 65536, 131072, 262144, 524288, 1048576, 2097152)
 
 
+# variants that only flip env switches (tiledN also sets a tuning value); splitsel_splitk: both decode switches
+_SWITCH_VARIANTS = ("default", "splitk", "splitsel", "splitsel_splitk", "fusedvarlen")
+
+
 @contextlib.contextmanager
 def _variant(name: str):
     """Kernel variant `name` (default | tiled | tiledN | splitk) for the duration of the block."""
     from sala.ops import infllmv2_triton as tri
 
-    saved_env = {e: os.environ.get(e) for e in ("SALA_SPARSE_ATTN", "SALA_SPARSE_DECODE")}
+    envs = ("SALA_SPARSE_ATTN", "SALA_SPARSE_DECODE", "SALA_SPARSE_DECODE_SELECT", "SALA_SPARSE_VARLEN")
+    saved_env = {e: os.environ.get(e) for e in envs}
     saved_tm = tri.TUNING["tiled_tokens"]
     try:
-        if name not in ("default", "splitk") and not name.startswith("tiled"):
-            raise ValueError(f"unknown variant {name!r} (default, tiled, tiledN, splitk)")
+        if name not in _SWITCH_VARIANTS and not name.startswith("tiled"):
+            raise ValueError(f"unknown variant {name!r} (default, tiled, tiledN, {', '.join(_SWITCH_VARIANTS[1:])})")
         os.environ["SALA_SPARSE_ATTN"] = "tiled" if name.startswith("tiled") else "default"
-        os.environ["SALA_SPARSE_DECODE"] = "splitk" if name == "splitk" else "default"
+        os.environ["SALA_SPARSE_DECODE"] = "splitk" if name in ("splitk", "splitsel_splitk") else "default"
+        os.environ["SALA_SPARSE_DECODE_SELECT"] = "split" if name.startswith("splitsel") else "default"
+        os.environ["SALA_SPARSE_VARLEN"] = "fused" if name == "fusedvarlen" else "default"
         if name.startswith("tiled") and name != "tiled":
             tri.TUNING["tiled_tokens"] = int(name[5:])
         yield
@@ -64,11 +75,11 @@ def _check_variants(variants) -> list[str]:
         v = v.strip()
         if not v:
             continue
-        ok = v in ("default", "tiled", "splitk") or (v.startswith("tiled") and v[5:].isdigit()
-                                                     and 1 <= int(v[5:]) <= 16 and not int(v[5:]) & (int(v[5:]) - 1))
+        ok = v in ("default", "tiled", "splitk", "splitsel", "fusedvarlen") or (
+            v.startswith("tiled") and v[5:].isdigit() and 1 <= int(v[5:]) <= 16 and not int(v[5:]) & (int(v[5:]) - 1))
         if not ok:
             raise ValueError(f"--variants: {v!r} is not one of default, tiled, tiledN (N a power of two <= 16), "
-                             f"splitk")
+                             f"splitk, splitsel, fusedvarlen")
         out.append(v)
     return out
 
@@ -155,6 +166,97 @@ def _measure_decode(T: int, p: SparseParams, q, k, v, res: dict, w: int, r: int)
             lambda: tri.sparse_decode_splitk(q1, kf, vf, idx, pos, kbase, p.block_size, D ** -0.5), 3, 10)
         res["decode_splitk_programs"] = HKV * tri.decode_splits(1, HKV, p.total_blocks)[0]
         del k1, k2, pooled, idx
+
+
+def _measure_decode_select(T: int, p: SparseParams, q, k, v, res: dict) -> None:
+    """`splitsel_*`: batch-1 decode of the token at position T - 1 with the split-N selection vs the default one
+    (whole step, selection alone incl. top-k, and with split-K attention), all in this process."""
+    from sala.ops import infllmv2_reference as ref
+    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import infllmv2_decode
+
+    with torch.no_grad():
+        k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
+        lens = torch.tensor([T], dtype=torch.int32, device=q.device)
+        q1 = q[:, -1].contiguous()
+        pos = lens - 1
+        nb = -(-T // p.block_size)
+        s = D ** -0.5
+        outs = {}
+        for name, key in (("default", "splitsel_default_decode_ms"), ("splitsel", "splitsel_decode_ms"),
+                          ("splitsel_splitk", "splitsel_decode_splitk_ms")):
+            with _variant(name):
+                res[key] = bench_ms(lambda: infllmv2_decode(q1, k, v, k1, k2, lens, p), 3, 10)
+                outs[name] = infllmv2_decode(q1, k, v, k1, k2, lens, p).float()
+        res["splitsel_max_abs_diff_vs_default"] = float((outs["splitsel"] - outs["default"]).abs().max())
+        res["splitsel_default_select_ms"] = bench_ms(lambda: ref.topk_block_indices(
+            tri.pooled_block_scores_triton(q1[:, None], k1, k2, pos[:, None], p, s, nb), p.total_blocks), 3, 10)
+        res["splitsel_select_ms"] = bench_ms(lambda: ref.topk_block_indices(
+            tri.pooled_block_scores_decode_split(q1, k1, k2, pos, p, s, nb), p.total_blocks), 3, 10)
+        i_d = ref.topk_block_indices(tri.pooled_block_scores_triton(q1[:, None], k1, k2, pos[:, None], p, s, nb),
+                                     p.total_blocks)
+        i_s = ref.topk_block_indices(tri.pooled_block_scores_decode_split(q1, k1, k2, pos, p, s, nb), p.total_blocks)
+        res["splitsel_indices_equal_default"] = bool(torch.equal(i_d, i_s))
+        r = p.block_size // p.kernel_stride
+        res["splitsel_programs"] = HKV * tri.decode_select_splits(1, HKV, nb, tri._select_nb(r))[0]
+        del k1, k2
+
+
+# packed training rows for `fusedvarlen`: (row length, document length range); lengths drawn with a fixed seed
+VARLEN_ROWS = ((8192, 128, 2048), (16384, 256, 4096), (65536, 1024, 16384), (65536, 8192, 32768))
+
+
+def measure_fused_varlen(rows=VARLEN_ROWS, *, params: SparseParams | None = None, device: str = "cuda",
+                         dtype: torch.dtype = torch.bfloat16, heads: tuple[int, int, int] = (HQ, HKV, D)) -> list[dict]:
+    """Per-document (`SALA_SPARSE_VARLEN=default`) vs fused packed attention (released head shape and params, bf16,
+    unless given: the CPU smoke test of this bench uses tiny ones)."""
+    from sala.ops import infllmv2_varlen as iv
+
+    p = SparseParams() if params is None else params
+    hq, hkv, hd = heads
+    out = []
+    for T, lo, hi in rows:
+        g = torch.Generator().manual_seed(T + lo)
+        bounds = [0]
+        while bounds[-1] < T:
+            bounds.append(min(T, bounds[-1] + int(torch.randint(lo, hi + 1, (1,), generator=g))))
+        cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+        gd = torch.Generator(device=device).manual_seed(T)
+        q = torch.randn(1, T, hq, hd, device=device, dtype=dtype, generator=gd)
+        k = torch.randn(1, T, hkv, hd, device=device, dtype=dtype, generator=gd)
+        v = torch.randn(1, T, hkv, hd, device=device, dtype=dtype, generator=gd)
+        do = torch.randn_like(q)
+        lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        res = {"T": T, "n_docs": len(lens), "max_doc": max(lens),
+               "sparse_queries": sum(max(0, n - p.dense_positions) for n in lens),
+               "dense_prefixes_via": iv.dense_route(q, torch.tensor(lens), p)}
+        try:
+            outs = {}
+            for name in ("default", "fusedvarlen"):
+                with _variant(name):
+                    with torch.no_grad():
+                        res[f"{name}_fwd_ms"] = bench_ms(lambda: infllmv2_attention(q, k, v, p, cu_seqlens=cu), 2, 5)
+                        outs[name] = infllmv2_attention(q, k, v, p, cu_seqlens=cu).float()
+                    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+
+                    def fb():
+                        o = infllmv2_attention(qg, kg, vg, p, cu_seqlens=cu)
+                        torch.autograd.grad(o, (qg, kg, vg), do)
+
+                    res[f"{name}_fwd_bwd_ms"] = bench_ms(fb, 2, 5)
+                    del qg, kg, vg
+            res["speedup_fwd"] = res["default_fwd_ms"] / res["fusedvarlen_fwd_ms"]
+            res["speedup_fwd_bwd"] = res["default_fwd_bwd_ms"] / res["fusedvarlen_fwd_bwd_ms"]
+            res["max_abs_diff_fwd"] = float((outs["default"] - outs["fusedvarlen"]).abs().max())
+        except Exception as ex:  # recorded, not fatal: the other measurements still land in the JSON
+            res["error"] = repr(ex)[:300]
+        out.append(res)
+        print("fusedvarlen", {a: (round(b, 3) if isinstance(b, float) else b) for a, b in res.items()}, flush=True)
+        del q, k, v, do
+        gc.collect()
+        if device != "cpu":
+            torch.cuda.empty_cache()
+    return out
 
 
 def _reps(T: int) -> tuple[int, int]:
@@ -253,6 +355,8 @@ def _measure(T: int, p: SparseParams, with_fla: bool, backward: bool, dense_fwd_
                 torch.cuda.empty_cache()
         elif name == "splitk":
             _measure_decode(T, p, q, k, v, res, w, r)
+        elif name == "splitsel":
+            _measure_decode_select(T, p, q, k, v, res)
     del q, k, v
     gc.collect()
     torch.cuda.empty_cache()
@@ -336,6 +440,10 @@ def run(lengths=DEFAULT_LENGTHS, out_path: str | None = None, with_fla: bool = T
     if variants != ["default"]:
         payload["variants"] = variants
     t0 = time.time()
+    if "fusedvarlen" in variants:
+        payload["fusedvarlen"] = measure_fused_varlen()
+        if out_path:
+            write_json(out_path, payload)
     for T in lengths:
         if time.time() - t0 > time_budget_s:
             payload["results"].append({"T": T, "skipped": "time budget"})
@@ -364,7 +472,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tune", action="store_true", help="sweep kernel launch settings at 128K first")
     ap.add_argument("--variants", default="default",
                     help="comma-separated kernel variants to measure side by side: default, tiled, tiledN "
-                         "(N tokens per program), splitk (decode)")
+                         "(N tokens per program), splitk (decode attention), splitsel (decode selection), "
+                         "fusedvarlen (packed training rows)")
     a = ap.parse_args(argv)
     run([int(x) for x in a.lengths.split(",")], a.out, with_fla=not a.no_fla,
         backward_max_len=a.backward_max_len, time_budget_s=a.time_budget_s, tune=a.tune,

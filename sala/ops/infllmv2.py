@@ -22,11 +22,14 @@ _NO_GRAD_QUERY_CHUNK = 16384
 
 # Triton kernel variants, read at call time (docs/sparse.md): env var -> (allowed values, default).
 _VARIANTS = {"SALA_SPARSE_ATTN": (("default", "tiled"), "default"),
-             "SALA_SPARSE_DECODE": (("default", "splitk"), "default")}
+             "SALA_SPARSE_DECODE": (("default", "splitk"), "default"),
+             "SALA_SPARSE_DECODE_SELECT": (("default", "split"), "default"),
+             "SALA_SPARSE_VARLEN": (("default", "fused"), "default")}
 
 
 def kernel_variant(env: str) -> str:
-    """The validated value of a kernel-variant env var (SALA_SPARSE_ATTN, SALA_SPARSE_DECODE)."""
+    """The validated value of a kernel-variant env var (SALA_SPARSE_ATTN, SALA_SPARSE_DECODE,
+    SALA_SPARSE_DECODE_SELECT, SALA_SPARSE_VARLEN)."""
     allowed, default = _VARIANTS[env]
     value = os.environ.get(env, default).strip().lower() or default
     if value not in allowed:
@@ -291,6 +294,10 @@ def _infllmv2_varlen(q, k, v, params: SparseParams, scale: float, cu_seqlens: to
     bounds = [int(x) for x in cu_seqlens.tolist()]
     if not bounds or bounds[0] != 0 or bounds[-1] != T or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
         raise ValueError(f"infllmv2_attention: cu_seqlens {bounds} must rise from 0 to T = {T}")
+    if kernel_variant("SALA_SPARSE_VARLEN") == "fused" and use_triton(q, k, v):
+        from sala.ops.infllmv2_varlen import infllmv2_varlen_fused
+
+        return infllmv2_varlen_fused(q, k, v, params, scale, bounds)
     Hkv = k.shape[2]
     dp, bs, dev = params.dense_positions, params.block_size, q.device
     dense_parts, idx_parts, tok, pos, kbase, gbase, gks, gblk = [], [], [], [], [], [], [], []
@@ -363,8 +370,12 @@ def infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if use_triton(q, k_cache, v_cache, k1_cache, k2_cache):
             from sala.ops import infllmv2_triton as tri
 
-            pooled = tri.pooled_block_scores_triton(q[:, None], k1_cache, k2_cache, pos.to(torch.int32), params, s,
-                                                    n_blocks)
+            if kernel_variant("SALA_SPARSE_DECODE_SELECT") == "split":
+                pooled = tri.pooled_block_scores_decode_split(q, k1_cache, k2_cache, pos.view(-1).to(torch.int32),
+                                                              params, s, n_blocks)
+            else:
+                pooled = tri.pooled_block_scores_triton(q[:, None], k1_cache, k2_cache, pos.to(torch.int32), params,
+                                                        s, n_blocks)
             idx = ref.topk_block_indices(pooled, params.total_blocks)
             if kernel_variant("SALA_SPARSE_DECODE") == "splitk":
                 o = tri.sparse_decode_splitk(q.contiguous(), kf, vf, idx, pos.view(-1).to(torch.int32), kbase,

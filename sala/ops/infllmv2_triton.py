@@ -15,6 +15,12 @@ Kernels (design notes in docs/sparse.md):
   and token-level causal masks per row.
 - `_sparse_decode_splitk_kernel` + `_splitk_combine_kernel` (SALA_SPARSE_DECODE=splitk): flash-decoding; the
   selected blocks of one (sequence, KV head) are split over many programs whose partial softmaxes are merged.
+- `_decode_lse_split_kernel` + `_decode_pool_split_kernel` (SALA_SPARSE_DECODE_SELECT=split): decode stage 1
+  split over the compressed keys (partial K2 log-sum-exps per slice, merged by the K1 programs, each owning a
+  range of blocks); grids fixed by batch, heads and cache capacity.
+- `_compress_flat_kernel` + `_varlen_block_scores_kernel` (SALA_SPARSE_VARLEN=fused, sala/ops/infllmv2_varlen.py):
+  compression and selection of all documents of a packed row in one launch each (per-window starts, per-tile
+  document offsets).
 - `_sparse_bwd_dkdv_kernel`: KV-block-owned: the block indices are inverted on the device into a CSR list of
   the queries that selected each (kv head, key block), cut into fixed-size segments; each program accumulates
   dk/dv of one block over one segment and adds it atomically (fp32). No host loop or sync.
@@ -46,6 +52,7 @@ TUNING = {
     "tiled_warps": 8,
     "tiled_stages": None,
     "decode_min_programs": 64,  # split-K decode: splits chosen so B * Hkv * splits >= this (when K allows)
+    "decode_select_programs": 256,  # split-N decode selection: programs per launch >= this (when N allows)
 }
 
 
@@ -832,3 +839,322 @@ def sparse_decode_splitk(q, k, v, block_idx, pos, kbase, block_size, scale):
                                     plse.stride(0), plse.stride(1), plse.stride(2), o.stride(0), o.stride(1),
                                     nsplit, G=G, SP=max(2, _pow2(nsplit)), D=D, num_warps=4)
     return o
+
+
+# ----------------------------------------------------------------------------------------------------------
+# split-N decode selection (SALA_SPARSE_DECODE_SELECT=split)
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _group_block_pool(p, carry, bi, ci, NB: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr):
+    """Max-pool group-summed K1 probabilities p [NB * R] (one tile aligned to blocks) into blocks [NB].
+
+    carry: max of the last HALO columns of the previous tile (0 at the start). Returns (pooled [NB], new carry)."""
+    p3 = tl.reshape(p, (NB, R))
+    m_in = tl.max(p3, axis=1)
+    tail = tl.max(tl.where(ci[None, :] >= R - HALO, p3, 0.0), axis=1)
+    shifted = tl.max(tl.where(bi[:, None] == bi[None, :] - 1, tail[:, None], 0.0), axis=0)
+    shifted = tl.where(bi == 0, carry, shifted)
+    new_carry = tl.max(tl.where(bi == NB - 1, tail, 0.0), axis=0)
+    return tl.maximum(m_in, shifted), new_carry
+
+
+@triton.jit
+def _decode_lse_split_kernel(q_ptr, k2_ptr, pos_ptr, plse_ptr, cap2, cps, scale_log2,
+                             sqb, sqh, s2b, s2t, s2h, slb, slh, sls,
+                             G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, K2K: tl.constexpr,
+                             K2S: tl.constexpr, BN2: tl.constexpr):
+    """Program (split, kv head, sequence): partial log2-sum-exp of the G heads over K2 columns
+    [split*cps, split*cps + cps) that the new token sees (-inf when none)."""
+    sp = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    pos = tl.load(pos_ptr + b)
+    n2 = tl.where(pos >= K2K - 1, (tl.maximum(pos - K2K + 1, 0)) // K2S + 1, 0)
+    n2 = tl.minimum(n2, cap2)
+    qv = tl.load(q_ptr + b.to(tl.int64) * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=(g < G)[:, None],
+                 other=0.0)
+    m = tl.full([GP], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([GP], dtype=tl.float32)
+    lo = sp * cps
+    hi = tl.minimum(lo + cps, n2)
+    k2base = k2_ptr + b.to(tl.int64) * s2b + h * s2h
+    for j0 in range(lo, hi, BN2):
+        j = j0 + tl.arange(0, BN2)
+        jm = j < hi
+        kk = tl.load(k2base + j.to(tl.int64)[:, None] * s2t + d[None, :], mask=jm[:, None], other=0.0)
+        s = tl.dot(qv, tl.trans(kk)) * scale_log2
+        s = tl.where(jm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+        m = m_new
+    tl.store(plse_ptr + b.to(tl.int64) * slb + h * slh + sp * sls + g,
+             tl.where(l > 0, m + tl.log2(tl.maximum(l, 1e-30)), float("-inf")))
+
+
+@triton.jit
+def _decode_pool_split_kernel(q_ptr, k1_ptr, pos_ptr, plse_ptr, out_ptr, cap1, n_cols, nsplit2, bps, scale_log2,
+                              sqb, sqh, s1b, s1t, s1h, slb, slh, sls, sob, soh,
+                              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, K1K: tl.constexpr,
+                              K1S: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr,
+                              INIT: tl.constexpr, LOCAL: tl.constexpr, NB: tl.constexpr, SP2: tl.constexpr):
+    """Program (split, kv head, sequence): pooled scores of blocks [split*bps, split*bps + bps) of the new token.
+
+    Combines the partial K2 log-sum-exps of `_decode_lse_split_kernel`, then K1 pass + group sum + max-pool over
+    its blocks (the halo of the block before the range is recomputed). Blocks after the own block keep the
+    caller's -inf."""
+    sp = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    BN1: tl.constexpr = NB * R
+    g = tl.arange(0, GP)
+    row_ok = g < G
+    d = tl.arange(0, D)
+    pos = tl.load(pos_ptr + b)
+    qblk = pos // BS
+    n1 = tl.where(pos >= K1K - 1, (tl.maximum(pos - K1K + 1, 0)) // K1S + 1, 0)
+    n1 = tl.minimum(n1, cap1)
+    b_lo = sp * bps
+    b_hi = tl.minimum(tl.minimum(b_lo + bps, qblk + 1), n_cols)
+    if b_lo < b_hi:
+        s2 = tl.arange(0, SP2)
+        pl = tl.load(plse_ptr + b.to(tl.int64) * slb + h * slh + s2[:, None] * sls + g[None, :],
+                     mask=(s2 < nsplit2)[:, None], other=float("-inf"))
+        mx = tl.max(pl, axis=0)
+        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+        tot = tl.sum(tl.exp2(pl - mx_safe[None, :]), axis=0)
+        lse = tl.where(tot > 0, mx_safe + tl.log2(tl.maximum(tot, 1e-30)), 0.0)
+        qv = tl.load(q_ptr + b.to(tl.int64) * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=row_ok[:, None],
+                     other=0.0)
+        k1base = k1_ptr + b.to(tl.int64) * s1b + h * s1h
+        bi = tl.arange(0, NB)
+        ci = tl.arange(0, R)
+        # carry: the last HALO K1 columns before the range (the previous block's tail)
+        j = b_lo * R - BN1 + tl.arange(0, BN1)
+        jm = (j >= 0) & (j < n1)
+        kk = tl.load(k1base + tl.maximum(j, 0).to(tl.int64)[:, None] * s1t + d[None, :], mask=jm[:, None], other=0.0)
+        s = tl.dot(qv, tl.trans(kk)) * scale_log2
+        p = tl.sum(tl.where(jm[None, :] & row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0), axis=0)
+        carry = tl.max(tl.where(j >= b_lo * R - HALO, p, 0.0), axis=0)
+        obase = out_ptr + b.to(tl.int64) * sob + h * soh
+        for b0 in range(b_lo, b_hi, NB):
+            j = b0 * R + tl.arange(0, BN1)
+            jm = j < n1
+            kk = tl.load(k1base + j.to(tl.int64)[:, None] * s1t + d[None, :], mask=jm[:, None], other=0.0)
+            s = tl.dot(qv, tl.trans(kk)) * scale_log2
+            p = tl.sum(tl.where(jm[None, :] & row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0), axis=0)
+            pooled, carry = _group_block_pool(p, carry, bi, ci, NB, R, HALO)
+            blk = b0 + bi
+            forced = (blk < INIT) | ((blk >= qblk - LOCAL) & (blk <= qblk))
+            pooled = tl.where(forced, float("inf"), pooled)
+            pooled = tl.where(blk > qblk, float("-inf"), pooled)
+            tl.store(obase + blk, pooled, mask=(blk < b_lo + bps) & (blk < n_cols))
+
+
+def _select_nb(r: int) -> int:
+    """Blocks per K1 tile of the selection kernels (tile = NB * r K1 columns)."""
+    return max(16 // r, 2) if interpreter_enabled() else max(TUNING["select_k1_tile"] // r, 2)
+
+
+def decode_select_splits(B: int, Hkv: int, n_items: int, unit: int) -> tuple[int, int]:
+    """(splits, items per split) over n_items (blocks or K2 columns) so that B * Hkv * splits >=
+    TUNING['decode_select_programs'] when n_items allows; items per split a multiple of `unit`."""
+    want = max(1, -(-int(TUNING["decode_select_programs"]) // max(1, B * Hkv)))
+    n_units = max(1, -(-n_items // unit))
+    per = -(-n_units // min(n_units, want)) * unit
+    return max(1, -(-n_items // per)), per
+
+
+def pooled_block_scores_decode_split(q, k1, k2, pos, params, scale, n_blocks) -> torch.Tensor:
+    """Decode stage 1 split over the compressed keys: q [B, Hq, D], k1/k2 caches [B, S1|S2, Hkv, D], pos int32 [B]
+    (position of the new token) -> pooled block scores fp32 [B, Hkv, 1, n_blocks] (as `pooled_block_scores_ref`).
+
+    Two launches, no host sync; grid sizes depend only on B, Hkv and the cache capacities."""
+    B, Hq, D = q.shape
+    Hkv = k1.shape[2]
+    G = Hq // Hkv
+    r = params.block_size // params.kernel_stride
+    halo = (params.kernel_size - 1) // params.kernel_stride
+    if halo > r or r & (r - 1) or D & (D - 1) or D < 16:
+        raise ValueError(f"infllmv2 Triton selection needs block_size/kernel_stride a power of two ({r}), "
+                         f"(kernel_size-1)//kernel_stride <= that ({halo}), head_dim a power of two >= 16 ({D})")
+    out = torch.full((B, Hkv, 1, n_blocks), float("-inf"), dtype=torch.float32, device=q.device)
+    if B == 0 or n_blocks == 0:
+        return out
+    GP = max(16, _pow2(G))
+    BN2 = 16 if interpreter_enabled() else 64
+    nsplit2, cps = decode_select_splits(B, Hkv, max(1, k2.shape[1]), BN2)
+    plse = torch.empty(B, Hkv, nsplit2, GP, dtype=torch.float32, device=q.device)
+    pos = pos.to(torch.int32).contiguous()
+    _decode_lse_split_kernel[(nsplit2, Hkv, B)](
+        q, k2, pos, plse, k2.shape[1], cps, scale * _LOG2E, q.stride(0), q.stride(1),
+        k2.stride(0), k2.stride(1), k2.stride(2), plse.stride(0), plse.stride(1), plse.stride(2),
+        G=G, GP=GP, D=D, K2K=params.k2_kernel, K2S=params.k2_stride, BN2=BN2, num_warps=4)
+    NB = _select_nb(r)
+    nsplit, bps = decode_select_splits(B, Hkv, n_blocks, NB)
+    _decode_pool_split_kernel[(nsplit, Hkv, B)](
+        q, k1, pos, plse, out, k1.shape[1], n_blocks, nsplit2, bps, scale * _LOG2E, q.stride(0), q.stride(1),
+        k1.stride(0), k1.stride(1), k1.stride(2), plse.stride(0), plse.stride(1), plse.stride(2),
+        out.stride(0), out.stride(1),
+        G=G, GP=GP, D=D, K1K=params.kernel_size, K1S=params.kernel_stride, BS=params.block_size, R=r, HALO=halo,
+        INIT=params.init_blocks, LOCAL=params.local_blocks, NB=NB, SP2=max(2, _pow2(nsplit2)), num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused varlen compression and selection (SALA_SPARSE_VARLEN=fused)
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _compress_flat_kernel(k_ptr, out_ptr, start_ptr, n_win, skt, skh, sot, soh,
+                          KERNEL: tl.constexpr, D: tl.constexpr, BJ: tl.constexpr):
+    """Program (window tile, head): out[w] = mean of k[start[w] .. start[w] + KERNEL) (flat tokens)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    w = pid * BJ + tl.arange(0, BJ)
+    wm = w < n_win
+    st = tl.load(start_ptr + w, mask=wm, other=0).to(tl.int64)
+    d = tl.arange(0, D)
+    acc = tl.zeros([BJ, D], dtype=tl.float32)
+    for c in range(KERNEL):
+        kp = k_ptr + (st + c)[:, None] * skt + h * skh + d[None, :]
+        acc += tl.load(kp, mask=wm[:, None], other=0.0).to(tl.float32)
+    acc = acc / KERNEL
+    tl.store(out_ptr + w.to(tl.int64)[:, None] * sot + h * soh + d[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=wm[:, None])
+
+
+def compress_flat(k: torch.Tensor, starts: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Mean-pooled windows of flat keys: k [T, H, D], starts int64 [W] (first token of each window, all windows
+    inside k) -> [W, H, D] in k.dtype (fp32 accumulation)."""
+    T, H, D = k.shape
+    W = starts.shape[0]
+    out = torch.empty(W, H, D, dtype=k.dtype, device=k.device)
+    if W:
+        BJ = 16
+        _compress_flat_kernel[(triton.cdiv(W, BJ), H)](k, out, starts, W, k.stride(0), k.stride(1), out.stride(0),
+                                                       out.stride(1), KERNEL=kernel, D=D, BJ=BJ)
+    return out
+
+
+@triton.jit
+def _varlen_block_scores_kernel(q_ptr, k1_ptr, k2_ptr, sq_tok_ptr, sq_pos_ptr, tile_ptr, out_ptr,
+                                tile_lo, row_lo, row_hi, n_cols, scale_log2,
+                                sqn, sqh, s1t, s1h, s2t, s2h, stt, soh, sot,
+                                G: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr,
+                                K1K: tl.constexpr, K1S: tl.constexpr, K2K: tl.constexpr, K2S: tl.constexpr,
+                                BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr,
+                                INIT: tl.constexpr, LOCAL: tl.constexpr, BN2: tl.constexpr, NB: tl.constexpr):
+    """`_block_scores_kernel` for packed documents: program (tile, kv head); a tile holds <= BQ consecutive sparse
+    queries of one document. tile table int64 [n_tiles, 4]: first sparse query, count, K1 offset and K2 offset
+    of the document in the flat compressed keys. Writes pooled rows [row_lo, row_hi) of the sparse queries."""
+    tile = tile_lo + tl.program_id(0)
+    h = tl.program_id(1)
+    ROWS: tl.constexpr = BQ * GP
+    BN1: tl.constexpr = NB * R
+    first = tl.load(tile_ptr + tile * stt)
+    count = tl.load(tile_ptr + tile * stt + 1)
+    k1off = tl.load(tile_ptr + tile * stt + 2)
+    k2off = tl.load(tile_ptr + tile * stt + 3)
+    rows = tl.arange(0, ROWS)
+    g = rows % GP
+    i_row = rows // GP
+    si_row = first + i_row
+    in_row = (i_row < count) & (si_row >= row_lo) & (si_row < row_hi)
+    row_ok = in_row & (g < G)
+    pos_row = tl.load(sq_pos_ptr + si_row, mask=in_row, other=-1)
+    tok_row = tl.load(sq_tok_ptr + si_row, mask=in_row, other=0).to(tl.int64)
+    i_tok = tl.arange(0, BQ)
+    si_tok = first + i_tok
+    tok_ok = (i_tok < count) & (si_tok >= row_lo) & (si_tok < row_hi)
+    pos_tok = tl.load(sq_pos_ptr + si_tok, mask=tok_ok, other=-1)
+    pos_max = tl.max(pos_tok, axis=0)
+    d = tl.arange(0, D)
+    qv = tl.load(q_ptr + tok_row[:, None] * sqn + (h * G + g)[:, None] * sqh + d[None, :], mask=row_ok[:, None],
+                 other=0.0)
+
+    # pass 1: log2-sum-exp over the document's visible K2
+    n2 = tl.where(pos_max >= K2K - 1, (tl.maximum(pos_max - K2K + 1, 0)) // K2S + 1, 0)
+    m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([ROWS], dtype=tl.float32)
+    k2base = k2_ptr + k2off * s2t + h * s2h
+    for j0 in range(0, n2, BN2):
+        j = j0 + tl.arange(0, BN2)
+        kk = tl.load(k2base + j.to(tl.int64)[:, None] * s2t + d[None, :], mask=(j < n2)[:, None], other=0.0)
+        s = tl.dot(qv, tl.trans(kk)) * scale_log2
+        vis = (j[None, :] * K2S + (K2K - 1)) <= pos_row[:, None]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+        m = m_new
+    lse = tl.where(l > 0, m + tl.log2(tl.maximum(l, 1e-30)), 0.0)
+
+    # pass 2: K1 scores, group sum, max-pool into blocks, forced blocks
+    qblk_tok = tl.where(pos_tok >= 0, pos_tok // BS, -1)
+    qblk_max = tl.max(qblk_tok, axis=0)
+    n1 = tl.where(pos_max >= K1K - 1, (tl.maximum(pos_max - K1K + 1, 0)) // K1S + 1, 0)
+    k1base = k1_ptr + k1off * s1t + h * s1h
+    carry = tl.zeros([BQ], dtype=tl.float32)
+    bi = tl.arange(0, NB)
+    ci = tl.arange(0, R)
+    obase = out_ptr + h.to(tl.int64) * soh + (si_tok - row_lo).to(tl.int64)[:, None] * sot
+    for b0 in range(0, qblk_max + 1, NB):
+        j = b0 * R + tl.arange(0, BN1)
+        kk = tl.load(k1base + j.to(tl.int64)[:, None] * s1t + d[None, :], mask=(j < n1)[:, None], other=0.0)
+        s = tl.dot(qv, tl.trans(kk)) * scale_log2
+        vis = ((j[None, :] * K1S + (K1K - 1)) <= pos_row[:, None]) & row_ok[:, None]
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        ps = tl.sum(tl.reshape(p, (BQ, GP, BN1)), axis=1)                       # [BQ, BN1]
+        p3 = tl.reshape(ps, (BQ, NB, R))
+        m_in = tl.max(p3, axis=2)                                               # [BQ, NB]
+        tail = tl.max(tl.where(ci[None, None, :] >= R - HALO, p3, 0.0), axis=2)
+        shifted = tl.max(tl.where(bi[None, :, None] == bi[None, None, :] - 1, tail[:, :, None], 0.0), axis=1)
+        shifted = tl.where(bi[None, :] == 0, carry[:, None], shifted)
+        pooled = tl.maximum(m_in, shifted)
+        carry = tl.max(tl.where(bi[None, :] == NB - 1, tail, 0.0), axis=1)
+        blk = b0 + bi
+        own = (blk[None, :] >= qblk_tok[:, None] - LOCAL) & (blk[None, :] <= qblk_tok[:, None])
+        forced = (blk[None, :] < INIT) | own
+        pooled = tl.where(forced, float("inf"), pooled)
+        pooled = tl.where(blk[None, :] > qblk_tok[:, None], float("-inf"), pooled)
+        tl.store(obase + blk[None, :], pooled, mask=tok_ok[:, None] & (blk[None, :] < n_cols))
+
+
+def varlen_select_tokens(G: int) -> int:
+    """Sparse queries per program (tile) of the varlen selection kernel."""
+    rows = 16 if interpreter_enabled() else TUNING["select_rows"]
+    return max(1, rows // _pow2(G))
+
+
+def varlen_pooled_block_scores(q, k1, k2, sq_tok, sq_pos, tiles, tile_lo, tile_hi, row_lo, row_hi, params,
+                               scale, n_blocks) -> torch.Tensor:
+    """Pooled block scores fp32 [Hkv, row_hi - row_lo, n_blocks] of sparse queries row_lo..row_hi-1 of a packed row.
+
+    q [T, Hq, D] flat queries; k1/k2 [W1|W2, Hkv, D] flat compressed keys of all documents; sq_tok int64 /
+    sq_pos int32 [Ns]: flat token and in-document position of every sparse query; tiles int64 [n_tiles, 4]
+    (see `_varlen_block_scores_kernel`); tiles tile_lo..tile_hi-1 cover the rows."""
+    T, Hq, D = q.shape
+    Hkv = k1.shape[1]
+    G = Hq // Hkv
+    r = params.block_size // params.kernel_stride
+    halo = (params.kernel_size - 1) // params.kernel_stride
+    if halo > r or r & (r - 1) or D & (D - 1) or D < 16:
+        raise ValueError(f"infllmv2 Triton selection needs block_size/kernel_stride a power of two ({r}), "
+                         f"(kernel_size-1)//kernel_stride <= that ({halo}), head_dim a power of two >= 16 ({D})")
+    out = torch.full((Hkv, row_hi - row_lo, n_blocks), float("-inf"), dtype=torch.float32, device=q.device)
+    if row_hi <= row_lo or tile_hi <= tile_lo:
+        return out
+    BQ = varlen_select_tokens(G)
+    GP = max(_pow2(G), -(-16 // BQ))
+    NB = _select_nb(r)
+    _varlen_block_scores_kernel[(tile_hi - tile_lo, Hkv)](
+        q, k1, k2, sq_tok, sq_pos, tiles, out, tile_lo, row_lo, row_hi, n_blocks, scale * _LOG2E,
+        q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), k2.stride(0), k2.stride(1), tiles.stride(0),
+        out.stride(0), out.stride(1),
+        G=G, GP=GP, BQ=BQ, D=D, K1K=params.kernel_size, K1S=params.kernel_stride, K2K=params.k2_kernel,
+        K2S=params.k2_stride, BS=params.block_size, R=r, HALO=halo, INIT=params.init_blocks,
+        LOCAL=params.local_blocks, BN2=16 if interpreter_enabled() else 64, NB=NB,
+        num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4, **_stages("select_stages"))
+    return out
