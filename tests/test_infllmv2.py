@@ -424,3 +424,21 @@ def test_fused_varlen_flash_adapter_and_probe(monkeypatch, sig):
     fn = iv._flash_varlen()
     assert fn is not None
     assert iv._check_varlen_fn(fn, "cpu", torch.float64, 16) is (sig != "noncausal")
+
+
+def test_masked_reference_equals_gather_reference(monkeypatch):
+    """The reference's two forms (one masked SDPA for short contexts, per-query gather otherwise) agree."""
+    import sala.ops.infllmv2 as I
+    p = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, topk=2, init_blocks=1, window_size=32)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 200, h, 16, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    qs = q[:, 100:]
+    idx = I.select_blocks(qs.detach(), I.compress_keys(k.detach(), 8, 4), I.compress_keys(k.detach(), 32, 16), p,
+                          q_offset=100)
+    monkeypatch.setenv("SALA_KERNELS", "reference")
+    masked = I.block_sparse_attention(qs, k, v, idx, p, q_offset=100)
+    monkeypatch.setattr(I, "_MASKED_REF_MAX_ELEMENTS", 0)
+    gathered = I.block_sparse_attention(qs, k, v, idx, p, q_offset=100)
+    torch.testing.assert_close(masked, gathered, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(masked.sum(), (q, k, v)), torch.autograd.grad(gathered.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -184,6 +184,10 @@ def select_blocks(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, params: S
 
 
 # ------------------------------------------------------------------------------------------------ attention
+# Reference path: below this many mask entries (B*Hkv*Tq*Tk bytes) one masked SDPA call replaces the gather.
+_MASKED_REF_MAX_ELEMENTS = 1 << 26
+
+
 def _sparse_flat(qf, kf, vf, block_idx, pos, kbase, gbase, gid_kstart, gid_blk, n_gid, params, scale):
     """Dispatch flat block-sparse attention: qf [N, Hq, D], block_idx [B', Hkv, Tq', K] with B'*Tq' = N."""
     if use_triton(qf, kf, vf):
@@ -216,6 +220,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                          f"keys up to there, but k has {Tk}")
     dev = q.device
     bs = params.block_size
+    if not use_triton(q, k, v) and B * Hkv * Tq * Tk <= _MASKED_REF_MAX_ELEMENTS:
+        return ref.sparse_attention_masked_ref(q, k, v, block_idx, q_offset, bs, _scale(q, scale))
     nbk = -(-Tk // bs)
     pos = (q_offset + torch.arange(Tq, device=dev)).repeat(B)
     brow = torch.arange(B, device=dev).repeat_interleave(Tq)

@@ -189,3 +189,28 @@ def sparse_attention_flat_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not outs:
         return q.new_zeros(0, Hq, D)
     return torch.cat(outs, dim=0).to(q.dtype)
+
+
+def sparse_attention_masked_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+                                q_offset: int, block_size: int, scale: float) -> torch.Tensor:
+    """The same attention as `sparse_attention_flat_ref`, as one SDPA call with a [B, Hq, Tq, Tk] boolean mask.
+
+    q [B, Tq, Hq, D] at positions q_offset.., k, v [B, Tk, Hkv, D], block_idx int [B, Hkv, Tq, K] (-1 = none).
+    The mask costs B*Hkv*Tq*Tk bytes: meant for short contexts (CPU demos, tests), where gathering K*block_size
+    keys per query is far slower than one masked dense product. Differentiable w.r.t. q, k, v.
+    """
+    B, Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    nbk = -(-Tk // block_size)
+    idx = block_idx.to(torch.int64)
+    idx = torch.where(idx >= 0, idx, nbk)                                   # -1 -> a spare column
+    sel = torch.zeros(B, Hkv, Tq, nbk + 1, dtype=torch.bool, device=q.device)
+    sel.scatter_(-1, idx, True)
+    mask = sel[..., :nbk].repeat_interleave(block_size, dim=-1)[..., :Tk]   # [B, Hkv, Tq, Tk]
+    causal = torch.arange(Tk, device=q.device)[None, :] <= (q_offset + torch.arange(Tq, device=q.device))[:, None]
+    mask = (mask & causal).repeat_interleave(Hq // Hkv, dim=1)            # [B, Hq, Tq, Tk]
+    acc = _acc_dtype(q)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2).to(acc), k.transpose(1, 2).to(acc), v.transpose(1, 2).to(acc), attn_mask=mask,
+        scale=scale, enable_gqa=Hq != Hkv)
+    return o.transpose(1, 2).to(q.dtype)
