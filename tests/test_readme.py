@@ -16,3 +16,11 @@ def test_readme_has_runnable_examples():
 def test_readme_example_runs(code, capsys):
     exec(compile(code, str(README), "exec"), {})
     assert capsys.readouterr().out.strip()
+
+
+def test_readme_tables_are_generated_from_the_committed_json():
+    import subprocess
+    import sys
+    script = README.parent / "scripts" / "make_readme_tables.py"
+    rc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True).returncode
+    assert rc == 0, "README.md is out of date: run python scripts/make_readme_tables.py"

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The project's GPU work, one part per device call (each part fits one 10-minute call on an H200).
+#
+#   OUT=/dir bash scripts/gpu_check.sh tests      # every GPU test: compiled Triton kernels vs references, engine 1M
+#   OUT=/dir bash scripts/gpu_check.sh kernels    # lightning vs fla, sparse (all variants) vs SDPA -> JSON
+#   OUT=/dir bash scripts/gpu_check.sh latency    # SALA 9B shape vs HF Qwen3-8B shape, 64K..2M -> JSON + PNG
+#   OUT=/dir bash scripts/gpu_check.sh train      # the small SALA model, trained and evaluated (needs train_data/)
+#   OUT=/dir bash scripts/gpu_check.sh repro      # HALO reproduction: teacher, SALA, ablations (needs repro_data/)
+#
+# fla (the lightning baseline) comes as a wheel in .whl/ (carry it); the JSON lands in $OUT, to be copied into
+# bench/results/ and turned into README tables by scripts/make_readme_tables.py.
+set -uo pipefail
+part=${1:?usage: gpu_check.sh tests|kernels|latency|train|repro}
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/sala_gpu}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+case "$part" in
+  tests)
+    python3 -m pytest -q -p no:cacheprovider tests/test_lightning_triton.py tests/test_infllmv2_triton.py \
+      tests/test_engine_gpu.py -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+  kernels)
+    python3 -m sala.bench.kernels_lightning --out "$OUT/lightning_kernels_h200.json" 2>&1 | tail -20
+    python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_variants_h200.json" \
+      --lengths 32768,131072,524288,1048576 --no-fla --variants default,splitk,splitsel,fusedvarlen,tiled8 \
+      --time-budget-s 300 2>&1 | tail -20 ;;
+  latency)
+    OUT="$OUT" bash scripts/gpu_latency.sh "${2:-480}" ;;
+  train)
+    TRAIN_SECONDS=${TRAIN_SECONDS:-400} bash scripts/train_small_gpu.sh "$OUT" ;;
+  repro)
+    bash scripts/repro_halo.sh gpu ;;
+  *)
+    echo "unknown part $part" >&2; exit 2 ;;
+esac
