@@ -200,7 +200,10 @@ def sparse_attention_masked_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     keys per query is far slower than one masked dense product. Differentiable w.r.t. q, k, v.
     """
     B, Tq, Hq, D = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
+    # Keys past the last query's position are invisible to every query: drop them, so whatever a cache holds there
+    # (uninitialised memory, NaN) never meets the dense product.
+    Tk, Hkv = min(k.shape[1], q_offset + Tq), k.shape[2]
+    k, v = k[:, :Tk], v[:, :Tk]
     nbk = -(-Tk // block_size)
     idx = block_idx.to(torch.int64)
     idx = torch.where(idx >= 0, idx, nbk)                                   # -1 -> a spare column
