@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import sala
+import sala  # noqa: F401  (registers the minicpm_sala model type)
 from sala import SalaCache, SalaConfig, SalaForCausalLM
 from tests.released import write_released_checkpoint
 from tests.spec_reference import spec_logits
