@@ -55,17 +55,10 @@ def build_qwen3_8b(device: str = "cuda", seed: int = 0):
 
     cfg = Qwen3Config(**QWEN3_8B_SHAPE)
     cfg._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = Qwen3ForCausalLM(cfg)
-    model = model.to(torch.bfloat16).to_empty(device=device)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    from sala.engine.loading import materialize_random
+
+    model = materialize_random(Qwen3ForCausalLM, cfg, device, torch.bfloat16, seed, std=0.02)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
         for m in model.modules():           # rotary buffers were on meta: recompute them on the device
             if hasattr(m, "inv_freq") and hasattr(m, "rope_init_fn"):
                 inv, scaling = m.rope_init_fn(m.config, torch.device(device))

@@ -34,15 +34,16 @@ def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.d
     return table[name]
 
 
-def random_model(config: SalaConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0,
-                 std: float = RANDOM_INIT_STD) -> SalaForCausalLM:
-    """A model with random weights created directly on `device` in `dtype` (no CPU copy, no fp32 copy).
+def materialize_random(model_cls, config, device: torch.device | str, dtype: torch.dtype, seed: int = 0,
+                       std: float = RANDOM_INIT_STD) -> torch.nn.Module:
+    """`model_cls(config)` with random weights made directly on `device` in `dtype` (no CPU or fp32 copy).
 
-    Linear and embedding weights ~ N(0, std), norm weights 1. Deterministic for a seed and device.
+    Built on the meta device, then allocated: linear and embedding weights ~ N(0, std), norm weights 1.
+    Deterministic for a seed and device. Buffers are left for the caller (SALA has none; HF rotary buffers do).
     """
     device = torch.device(device)
     with torch.device("meta"):
-        model = SalaForCausalLM(config)
+        model = model_cls(config)
     model = model.to(dtype).to_empty(device=device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -53,6 +54,12 @@ def random_model(config: SalaConfig, device: torch.device | str, dtype: torch.dt
             else:
                 p.normal_(0.0, std, generator=gen)
     return model.eval()
+
+
+def random_model(config: SalaConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0,
+                 std: float = RANDOM_INIT_STD) -> SalaForCausalLM:
+    """A SALA model with random weights created directly on `device` in `dtype`."""
+    return materialize_random(SalaForCausalLM, config, device, dtype, seed, std)
 
 
 def load_model_dir(path: str | os.PathLike, device: torch.device | str, dtype: torch.dtype) -> SalaForCausalLM:
