@@ -20,3 +20,29 @@ def test_cli_lists_commands_and_rejects_bad_input(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "kernels", "--lengths", "lots"])
     assert "not a token count" in capsys.readouterr().err
+
+
+def test_bench_dispatch_reaches_each_benchmark_with_its_defaults(monkeypatch, tmp_path):
+    """`sala bench` calls each benchmark's run() with only the arguments it takes (no GPU needed to check)."""
+    import importlib
+    seen = {}
+    for name in ("sala.bench.kernels_lightning", "sala.bench.kernels_sparse", "sala.bench.latency"):
+        module = importlib.import_module(name)
+        monkeypatch.setattr(module, "run", _recorder(seen, name, module.run))
+    out = str(tmp_path / "k.json")
+    assert main(["bench", "kernels", "--op", "all", "--out", out, "--no-baseline"]) == 0
+    assert main(["bench", "latency", "--lengths", "64k", "--out", out]) == 0
+    assert seen["sala.bench.kernels_lightning"]["with_fla"] is False
+    assert seen["sala.bench.kernels_sparse"]["out_path"].endswith("k_sparse.json")
+    assert seen["sala.bench.latency"]["lengths"] == [65536]
+
+
+def _recorder(seen, name, real):
+    import inspect
+
+    def fake(**kwargs):
+        inspect.signature(real).bind(**kwargs)     # the real function accepts exactly these arguments
+        seen[name] = kwargs
+        return {}
+    fake.__signature__ = inspect.signature(real)
+    return fake

@@ -220,7 +220,12 @@ def _long_finite(t: int, log_decay: torch.Tensor) -> dict:
     return res
 
 
-def run(lengths: list[int], decode_batches: list[int], out_path: str, with_fla: bool = True,
+DEFAULT_LENGTHS = (4096, 16384, 65536, 262144, 1048576)
+DEFAULT_DECODE_BATCHES = (1, 16, 64)
+
+
+def run(lengths: list[int] = DEFAULT_LENGTHS, decode_batches: list[int] = DEFAULT_DECODE_BATCHES,
+        out_path: str = "lightning_kernels.json", with_fla: bool = True,
         fwd_bwd_max: int = 262144, tune_length: int = 65536, finite_length: int = 2 * 1024 * 1024) -> dict:
     """Run the benchmark on the current CUDA device and write JSON to `out_path`. Returns the payload."""
     if not torch.cuda.is_available():
@@ -272,7 +277,7 @@ def main(args: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="JSON output path")
     p.add_argument("--table", metavar="JSON", help="print markdown tables from an existing result file and exit")
-    p.add_argument("--lengths", default="4096,16384,65536,262144,1048576")
+    p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
     p.add_argument("--decode-batches", default="1,16,64")
     p.add_argument("--fwd-bwd-max", type=int, default=262144)
     p.add_argument("--tune-length", type=int, default=65536, help="0: no config sweep")
