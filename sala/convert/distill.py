@@ -43,66 +43,64 @@ def _sparse_off(model: nn.Module):
     return prev
 
 
+def _train_student(student: nn.Module, opt: torch.optim.Optimizer, steps: int, tokens_per_step: int, label: str,
+                   metric: str, warmup: int, min_ratio: float, loss_fn, show_progress: bool,
+                   log_every: int) -> list[dict]:
+    """The loop both stages share: sparse layers dense, LR schedule, clip 1.0, progress bar, history every
+    `log_every` steps. `loss_fn(step) -> loss` runs the forward. The model is left in eval mode, sparse restored."""
+    prev = _sparse_off(student)
+    student.train()
+    history: list[dict] = []
+    bar = progress(steps * tokens_per_step, label, show_progress)
+    try:
+        for step in range(steps):
+            set_lr(opt, step, steps, warmup=warmup, min_ratio=min_ratio)
+            loss = loss_fn(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            bar.update(tokens_per_step)
+            if step % log_every == 0 or step == steps - 1:
+                history.append({"step": step, "tokens": (step + 1) * tokens_per_step, metric: loss.item()})
+                bar.set_postfix(**{metric: f"{loss.item():.4f}"})
+    finally:
+        bar.close()
+        student.config.use_sparse_attention = prev
+        student.eval()
+    return history
+
+
 def run_distill(teacher: Teacher, student: nn.Module, source: TokenSource, tokens: int, seq_len: int, batch: int,
                 lr: float, other_lr_ratio: float = 0.1, show_progress: bool = True,
                 log_every: int = 10) -> list[dict]:
     """KL-distill `student` (a SalaForCausalLM on the teacher's device) for `tokens` tokens."""
     device = teacher.device
     steps = max(1, tokens // (batch * seq_len))
+
+    def kl_loss(step: int) -> torch.Tensor:
+        ids = source.train_batch(batch, seq_len).to(device)
+        with torch.no_grad(), autocast(device):
+            t_logits = teacher.logits(ids)
+        with autocast(device), norms_keep_input_dtype(student):
+            s_logits = student(input_ids=ids, use_cache=False).logits
+        return kl_teacher_student(t_logits, s_logits)
+
     opt = adamw(param_groups(student, lr, other_lr_ratio), lr)
-    prev = _sparse_off(student)
-    student.train()
-    history: list[dict] = []
-    bar = progress(steps * batch * seq_len, "stage 2 (KL distillation)", show_progress)
-    try:
-        for step in range(steps):
-            set_lr(opt, step, steps, warmup=min(50, max(1, steps // 10)), min_ratio=0.1)
-            ids = source.train_batch(batch, seq_len).to(device)
-            with torch.no_grad(), autocast(device):
-                t_logits = teacher.logits(ids)
-            with autocast(device), norms_keep_input_dtype(student):
-                s_logits = student(input_ids=ids, use_cache=False).logits
-            loss = kl_teacher_student(t_logits, s_logits)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            bar.update(batch * seq_len)
-            if step % log_every == 0 or step == steps - 1:
-                history.append({"step": step, "tokens": (step + 1) * batch * seq_len, "kl": loss.item()})
-                bar.set_postfix(kl=f"{loss.item():.4f}")
-    finally:
-        bar.close()
-        student.config.use_sparse_attention = prev
-        student.eval()
-    return history
+    return _train_student(student, opt, steps, batch * seq_len, "stage 2 (KL distillation)", "kl",
+                          min(50, max(1, steps // 10)), 0.1, kl_loss, show_progress, log_every)
 
 
 def run_finetune(student: nn.Module, source: TokenSource, tokens: int, seq_len: int, batch: int, lr: float,
                  device: torch.device, show_progress: bool = True, log_every: int = 10) -> list[dict]:
     """Next-token cross-entropy on all parameters (sparse layers dense), constant LR after a short warmup."""
     steps = max(1, tokens // (batch * seq_len))
+
+    def ce_loss(step: int) -> torch.Tensor:
+        ids = source.train_batch(batch, seq_len).to(device)
+        with autocast(device), norms_keep_input_dtype(student):
+            return student(input_ids=ids, labels=ids, use_cache=False).loss
+
     opt = adamw([{"params": [p for p in student.parameters() if p.requires_grad]}], lr)
-    prev = _sparse_off(student)
-    student.train()
-    history: list[dict] = []
-    bar = progress(steps * batch * seq_len, "continual training (CE)", show_progress)
-    try:
-        for step in range(steps):
-            set_lr(opt, step, steps, warmup=min(20, max(1, steps // 10)), min_ratio=1.0)
-            ids = source.train_batch(batch, seq_len).to(device)
-            with autocast(device), norms_keep_input_dtype(student):
-                out = student(input_ids=ids, labels=ids, use_cache=False)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            bar.update(batch * seq_len)
-            if step % log_every == 0 or step == steps - 1:
-                history.append({"step": step, "tokens": (step + 1) * batch * seq_len, "loss": out.loss.item()})
-                bar.set_postfix(loss=f"{out.loss.item():.4f}")
-    finally:
-        bar.close()
-        student.config.use_sparse_attention = prev
-        student.eval()
-    return history
+    return _train_student(student, opt, steps, batch * seq_len, "continual training (CE)", "loss",
+                          min(20, max(1, steps // 10)), 1.0, ce_loss, show_progress, log_every)
