@@ -10,15 +10,15 @@ OUT=${OUT:-/tmp/repro_out}
 step=${1:-all}
 
 case "$step" in
-  prepare)  python scripts/repro_halo.py prepare --data "$DATA" --max-docs 100000 ;;              # CPU, ~3 min
-  teacher)  python scripts/repro_halo.py teacher --data "$DATA" --out "$WORK/teacher" --seconds 110 ;;  # GPU
-  convert)  python scripts/repro_halo.py convert --data "$DATA" --teacher "$WORK/teacher" --out "$WORK" ;; # GPU
-  eval)     python scripts/repro_halo.py eval --data "$DATA" --models "$WORK" --out "$OUT/eval.json" ;;   # GPU
-  gpu)      mkdir -p "$OUT"; python scripts/repro_halo.py gpu --data "$DATA" --work "$WORK" --out "$OUT" \
+  prepare)  python3 scripts/repro_halo.py prepare --data "$DATA" --max-docs 100000 ;;              # CPU, ~3 min
+  teacher)  python3 scripts/repro_halo.py teacher --data "$DATA" --out "$WORK/teacher" --seconds 110 ;;  # GPU
+  convert)  python3 scripts/repro_halo.py convert --data "$DATA" --teacher "$WORK/teacher" --out "$WORK" ;; # GPU
+  eval)     python3 scripts/repro_halo.py eval --data "$DATA" --models "$WORK" --out "$OUT/eval.json" ;;   # GPU
+  gpu)      mkdir -p "$OUT"; python3 scripts/repro_halo.py gpu --data "$DATA" --work "$WORK" --out "$OUT" \
                 --teacher-seconds 110 --bundle-seconds 35 --total-seconds 390 ;;                       # GPU, ~6.5 min
-  bundle)   python scripts/repro_halo.py bundle --sala "${BUNDLE_SALA:-$WORK/bundle_sala}" \
+  bundle)   python3 scripts/repro_halo.py bundle --sala "${BUNDLE_SALA:-$WORK/bundle_sala}" \
                 --teacher "${BUNDLE_TEACHER:-$WORK/bundle_teacher}" ;;                                   # CPU
-  plot)     python scripts/repro_halo.py plot --results bench/results/repro_halo.json \
+  plot)     python3 scripts/repro_halo.py plot --results bench/results/repro_halo.json \
                 --png bench/results/repro_halo.png --table bench/results/repro_halo_table.md ;;         # CPU
   all)      "$0" prepare; "$0" gpu; cp "$OUT/repro_results.json" bench/results/repro_halo.json; "$0" plot ;;
   *) echo "usage: $0 prepare|teacher|convert|eval|gpu|bundle|plot|all" >&2; exit 2 ;;
