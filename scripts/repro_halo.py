@@ -359,29 +359,16 @@ def _pack(folder: Path, tar_path: Path) -> None:
     """model files (half precision) + tokenizer + reports into one tar (the device returns at most 8 files)."""
     import tarfile
 
-    import torch
-    from safetensors.torch import load_file, save_file
-
     half = folder.parent / (folder.name + "_half")
-    half.mkdir(exist_ok=True)
-    sd = load_file(str(folder / "model.safetensors"))
-    save_file({k: v.to(torch.float16).contiguous() for k, v in sd.items()}, str(half / "model.safetensors"),
-              metadata={"format": "pt"})
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["dtype"] = "float16"
-    cfg.pop("torch_dtype", None)
-    (half / "config.json").write_text(json.dumps(cfg, indent=2))
-    for name in ("tokenizer.json", "tokenizer_config.json", "convert_report.json", "layer_scores.json",
-                 "train_report.json", "generation_config.json"):
-        if (folder / name).is_file():
-            (half / name).write_bytes((folder / name).read_bytes())
+    _half_copy(folder, half, max_mib=None)
     with tarfile.open(tar_path, "w") as tar:
         for f in sorted(half.iterdir()):
             tar.add(f, arcname=f.name)
 
 
-def _half_copy(src: Path, dst: Path) -> None:
-    """Copy a model folder with fp16 weights (config dtype float16), tokenizer and reports."""
+def _half_copy(src: Path, dst: Path, max_mib: float | None = 16) -> None:
+    """Copy a model folder with fp16 weights (config dtype float16), tokenizer and reports; refuse weights over
+    `max_mib` (the bundled-model limit; None: no limit)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -398,8 +385,8 @@ def _half_copy(src: Path, dst: Path) -> None:
         if (src / name).is_file():
             (dst / name).write_bytes((src / name).read_bytes())
     size = (dst / "model.safetensors").stat().st_size
-    if size > 16 * 2**20:
-        raise ValueError(f"{dst}: weights are {size / 2**20:.1f} MiB, over the 16 MiB limit of a bundled model")
+    if max_mib is not None and size > max_mib * 2**20:
+        raise ValueError(f"{dst}: weights are {size / 2**20:.1f} MiB, over the {max_mib} MiB limit of a bundled model")
 
 
 def cmd_bundle(args) -> None:

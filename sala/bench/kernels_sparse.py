@@ -115,26 +115,10 @@ def _measure_tiled(name: str, T: int, p: SparseParams, q, k, v, res: dict, backw
         del k1, k2, out
     if backward:
         with _variant(name):
-            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-            do = torch.randn_like(q)
-
-            def whole_fb():
-                o = infllmv2_attention(qg, kg, vg, p)
-                torch.autograd.grad(o, (qg, kg, vg), do)
-
-            res[f"{name}_whole_fwd_bwd_ms"] = bench_ms(whole_fb, w, r)
+            for key, ms in _fwd_bwd_ms(q, k, v, p, w, r).items():
+                res[f"{name}_{key}"] = ms
             if "sdpa_fwd_bwd_ms" in res:
                 res[f"{name}_speedup_fwd_bwd_vs_sdpa"] = res["sdpa_fwd_bwd_ms"] / res[f"{name}_whole_fwd_bwd_ms"]
-            k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
-            qs = qg[:, dp:]
-            idx = select_blocks(qs.detach(), k1, k2, p, q_offset=dp)
-
-            def attn_fb():
-                o = block_sparse_attention(qs, kg, vg, idx, p, q_offset=dp)
-                torch.autograd.grad(o, (qg, kg, vg), do[:, dp:])
-
-            res[f"{name}_attention_fwd_bwd_ms"] = bench_ms(attn_fb, w, r)
-            del qg, kg, vg, do, idx, k1, k2
 
 
 def _measure_decode(T: int, p: SparseParams, q, k, v, res: dict, w: int, r: int) -> None:
@@ -263,6 +247,26 @@ def _reps(T: int) -> tuple[int, int]:
     return (1, 3) if T >= 262144 else (2, 5)
 
 
+def _fwd_bwd_ms(q, k, v, p: SparseParams, w: int, r: int, with_sdpa: bool = False) -> dict:
+    """Forward+backward medians (ms) of the whole sparse attention, of the block-sparse attention of the sparse
+    queries alone, and optionally of dense SDPA, on the same inputs and output gradient."""
+    dp = p.dense_positions
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    do = torch.randn_like(q)
+
+    def timed(fn, grad_out) -> float:
+        return bench_ms(lambda: torch.autograd.grad(fn(), (qg, kg, vg), grad_out), w, r)
+
+    out = {"whole_fwd_bwd_ms": timed(lambda: infllmv2_attention(qg, kg, vg, p), do)}
+    k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
+    qs = qg[:, dp:]
+    idx = select_blocks(qs.detach(), k1, k2, p, q_offset=dp)
+    out["attention_fwd_bwd_ms"] = timed(lambda: block_sparse_attention(qs, kg, vg, idx, p, q_offset=dp), do[:, dp:])
+    if with_sdpa:
+        out["sdpa_fwd_bwd_ms"] = timed(lambda: dense_causal_attention(qg, kg, vg), do)
+    return out
+
+
 def _peak_extra_gib(fn, base_bytes: int) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -323,31 +327,9 @@ def _measure(T: int, p: SparseParams, with_fla: bool, backward: bool, dense_fwd_
                 res["fla_nsa_error"] = repr(ex)[:300]
         del k1, k2, out
     if backward:
-        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-        do = torch.randn_like(q)
-
-        def whole_fb():
-            o = infllmv2_attention(qg, kg, vg, p)
-            torch.autograd.grad(o, (qg, kg, vg), do)
-
-        res["whole_fwd_bwd_ms"] = bench_ms(whole_fb, w, r)
-        k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
-        qs = qg[:, dp:]
-        idx = select_blocks(qs.detach(), k1, k2, p, q_offset=dp)
-
-        def attn_fb():
-            o = block_sparse_attention(qs, kg, vg, idx, p, q_offset=dp)
-            torch.autograd.grad(o, (qg, kg, vg), do[:, dp:])
-
-        res["attention_fwd_bwd_ms"] = bench_ms(attn_fb, w, r)
-        if T <= dense_bwd_max:
-            def sdpa_fb():
-                o = dense_causal_attention(qg, kg, vg)
-                torch.autograd.grad(o, (qg, kg, vg), do)
-
-            res["sdpa_fwd_bwd_ms"] = bench_ms(sdpa_fb, w, r)
+        res.update(_fwd_bwd_ms(q, k, v, p, w, r, with_sdpa=T <= dense_bwd_max))
+        if "sdpa_fwd_bwd_ms" in res:
             res["speedup_fwd_bwd_vs_sdpa"] = res["sdpa_fwd_bwd_ms"] / res["whole_fwd_bwd_ms"]
-        del qg, kg, vg, do, idx
     for name in variants:
         if name.startswith("tiled"):
             try:
