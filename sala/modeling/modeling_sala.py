@@ -81,7 +81,7 @@ class _Batch:
                  real_mask: torch.Tensor | None) -> None:
         self.position_ids = position_ids        # [B, T]
         self.pad = pad                          # new left-pad tokens per row in this call, or None
-        self.cu_seqlens = cu_seqlens            # [N+1] packed documents (B == 1), or None
+        self.cu_seqlens = cu_seqlens            # [N+1] packed documents (B == 1), on the CPU, or None
         self.real_mask = real_mask              # [B, T] bool, True for real tokens, or None
         self._rope: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -312,15 +312,19 @@ def _positions_and_padding(
             raise ValueError("cu_seqlens (packed training batches) cannot be combined with a cache")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("cu_seqlens and a padding attention_mask cannot be combined")
-        cu = cu_seqlens.to(device=device, dtype=torch.long)
-        if cu.ndim != 1 or int(cu[0]) != 0 or int(cu[-1]) != T or bool((cu[1:] < cu[:-1]).any()):
+        # Read the bounds to the host once per forward; the ops get a CPU tensor, so no layer syncs again.
+        bounds = cu_seqlens.tolist()
+        if (cu_seqlens.ndim != 1 or not bounds or bounds[0] != 0 or bounds[-1] != T
+                or any(b < a for a, b in zip(bounds, bounds[1:]))):
             raise ValueError(f"cu_seqlens must be 1-D, non-decreasing, start at 0 and end at the sequence length "
-                             f"{T}; got {cu_seqlens.tolist()}")
+                             f"{T}; got {bounds}")
+        cu_host = torch.tensor(bounds, dtype=torch.int64)
         if position_ids is None:
+            cu = cu_host.to(device)
             idx = torch.arange(T, device=device)
             doc = torch.searchsorted(cu[1:], idx, right=True)
             position_ids = (idx - cu[doc])[None]
-        return _Batch(position_ids, None, cu, None)
+        return _Batch(position_ids, None, cu_host, None)
 
     if attention_mask is not None:
         if attention_mask.ndim != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] != past + T:

@@ -1,6 +1,7 @@
 """Per-head decay of SALA's lightning layers: ALiBi slopes, no per-layer factor."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,5 +27,14 @@ def alibi_slopes(num_heads: int) -> list[float]:
 
 
 def lightning_log_decay(num_heads: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """log(gamma_h) = -slope_h for each head: fp32 tensor [num_heads], all negative."""
+    """log(gamma_h) = -slope_h for each head: fp32 tensor [num_heads], all negative.
+
+    Cached per (heads, device): layers ask for it on every call, and a fresh host-to-device copy per layer per
+    decode step is waste. Treat the result as read-only.
+    """
+    return _log_decay_cached(num_heads, str(torch.device(device) if device is not None else torch.device("cpu")))
+
+
+@functools.lru_cache(maxsize=64)
+def _log_decay_cached(num_heads: int, device: str) -> torch.Tensor:
     return -torch.tensor(alibi_slopes(num_heads), dtype=torch.float32, device=device)
