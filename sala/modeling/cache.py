@@ -107,28 +107,14 @@ class SalaCache:
             SparseLayerCache(sc["kernel_size"], sc["kernel_stride"]) if m == SPARSE else LightningLayerCache()
             for m in config.mixer_types
         ]
-        self.mixer_types = list(config.mixer_types)
         self.seen_tokens = 0          # tokens fed per row, padding included (what generate() slices by)
-        self.pad_lengths: torch.Tensor | None = None   # [B] left-padding per sequence (host)
 
     # --- the parts of the transformers Cache interface that generate() uses
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.seen_tokens
 
-    def get_mask_sizes(self, *args, **kwargs):  # pragma: no cover - only for compiled masks, which SALA never uses
-        raise NotImplementedError("SalaCache does not build attention masks")
-
     def __len__(self) -> int:
         return len(self.layers)
-
-    @property
-    def batch_size(self) -> int | None:
-        for layer in self.layers:
-            if isinstance(layer, LightningLayerCache) and layer.state is not None:
-                return layer.state.shape[0]
-            if isinstance(layer, SparseLayerCache) and layer.lengths:
-                return len(layer.lengths)
-        return None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select/reorder batch rows (beam search)."""
@@ -145,8 +131,6 @@ class SalaCache:
                 layer.lengths = [layer.lengths[i] for i in idx_list]
                 layer.n1 = [layer.n1[i] for i in idx_list]
                 layer.n2 = [layer.n2[i] for i in idx_list]
-        if self.pad_lengths is not None:
-            self.pad_lengths = self.pad_lengths[beam_idx.cpu()]
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held, by kind: lightning states, sparse K/V, compressed keys."""
