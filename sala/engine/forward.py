@@ -20,7 +20,7 @@ from sala.engine.static_cache import StaticCache
 from sala.modeling.configuration_sala import SalaConfig
 from sala.modeling.modeling_sala import SalaForCausalLM, rope_cos_sin, sparse_params_from_config
 from sala.ops.dense import dense_causal_attention
-from sala.ops.infllmv2 import (compress_keys, compressed_lengths, infllmv2_attention, infllmv2_decode,
+from sala.ops.infllmv2 import (compress_window_range, compressed_lengths, infllmv2_attention, infllmv2_decode,
                                update_compressed_keys)
 from sala.ops.lightning import lightning_attention, lightning_decode_step
 from sala.ops.slopes import lightning_log_decay
@@ -126,8 +126,7 @@ class ModelRunner:
         for comp, kernel, stride, lo, hi in ((buf.k1, p.kernel_size, p.kernel_stride, n1_old, n1),
                                              (buf.k2, p.k2_kernel, p.k2_stride, n2_old, n2)):
             if hi > lo:
-                window = buf.k[row:row + 1, stride * lo: stride * (hi - 1) + kernel]
-                comp[row, lo:hi] = compress_keys(window, kernel, stride)[0]
+                comp[row, lo:hi] = compress_window_range(buf.k[row:row + 1], lo, hi, kernel, stride)[0]
         if cfg.use_sparse_attention:
             o = infllmv2_attention(q, keys, values, p, scale=attn.scale, k1=buf.k1[row:row + 1, :n1],
                                    k2=buf.k2[row:row + 1, :n2])

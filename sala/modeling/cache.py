@@ -56,7 +56,7 @@ class SparseLayerCache:
 
     def append(self, b: int, k_new: torch.Tensor, v_new: torch.Tensor, batch: int) -> None:
         """Append keys/values [T, Hkv, D] of sequence `b`; extend its compressed keys."""
-        from sala.ops.infllmv2 import compress_keys
+        from sala.ops.infllmv2 import compress_window_range
 
         if not self.lengths:
             self.lengths, self.n1, self.n2 = [0] * batch, [0] * batch, [0] * batch
@@ -75,8 +75,7 @@ class SparseLayerCache:
             n_new = (end - kernel) // stride + 1 if end >= kernel else 0
             if n_new <= n_old:
                 continue
-            window_keys = self.k[b:b + 1, stride * n_old: stride * (n_new - 1) + kernel]
-            comp = compress_keys(window_keys, kernel, stride)[0]          # [n_new - n_old, Hkv, D]
+            comp = compress_window_range(self.k[b:b + 1], n_old, n_new, kernel, stride)[0]   # [n_new - n_old, ...]
             if level == 0:
                 self.k1 = _grow(self.k1, n_new, comp[None], batch)
                 self.k1[b, n_old:n_new] = comp

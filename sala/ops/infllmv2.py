@@ -128,6 +128,14 @@ def compress_keys(k: torch.Tensor, kernel_size: int, stride: int) -> torch.Tenso
     return ref.compress_keys_ref(k, kernel_size, stride)
 
 
+def compress_window_range(k: torch.Tensor, first: int, end: int, kernel_size: int, stride: int) -> torch.Tensor:
+    """Windows first..end-1 of `compress_keys(k, kernel_size, stride)`, reading only the keys they cover.
+
+    k [B, T, Hkv, D] -> [B, end - first, Hkv, D]: how a cache extends its compressed keys after an append.
+    """
+    return compress_keys(k[:, stride * first: stride * (end - 1) + kernel_size], kernel_size, stride)
+
+
 def compressed_lengths(T: int, params: SparseParams) -> tuple[int, int]:
     """(n1, n2): numbers of K1 and K2 windows among T keys."""
     n1 = (T - params.kernel_size) // params.kernel_stride + 1 if T >= params.kernel_size else 0
@@ -304,7 +312,6 @@ def _infllmv2_varlen(q, k, v, params: SparseParams, scale: float, cu_seqlens: to
         from sala.ops.infllmv2_varlen import infllmv2_varlen_fused
 
         return infllmv2_varlen_fused(q, k, v, params, scale, bounds)
-    Hkv = k.shape[2]
     dp, bs, dev = params.dense_positions, params.block_size, q.device
     dense_parts, idx_parts, tok, pos, kbase, gbase, gks, gblk = [], [], [], [], [], [], [], []
     n_gid = 0
