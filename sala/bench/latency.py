@@ -21,21 +21,12 @@ from typing import Any
 import torch
 
 from sala.bench.common import run_metadata, write_json
+from sala.utils.lengths import parse_length
 
 DEFAULT_LENGTHS = (65536, 131072, 262144, 524288, 1048576, 2097152)
 QWEN3_8B_SHAPE = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=1 << 22,
                       rope_theta=1e6, tie_word_embeddings=False)
-
-
-def parse_length(text: str) -> int:
-    """'64K' -> 65536, '1M' -> 1048576, '5000' -> 5000."""
-    t = text.strip().upper()
-    mult = {"K": 1 << 10, "M": 1 << 20}.get(t[-1:], 1)
-    try:
-        return int(float(t[:-1] if mult > 1 else t) * mult)
-    except ValueError:
-        raise ValueError(f"bad context length {text!r}: use a number, optionally with K or M (64K, 1M)") from None
 
 
 def _gib(n: float) -> float:

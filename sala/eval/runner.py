@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import os
-import re
 import time
 from typing import Callable
 
@@ -15,6 +14,7 @@ import torch
 from sala.eval.scoring import SCORERS
 from sala.eval.tasks import TASKS, TaskSample, generate
 from sala.utils.bundled import bundled_model_dir
+from sala.utils.lengths import parse_lengths  # noqa: F401  (re-exported: sala.eval.parse_lengths)
 
 # Functions returning a default model folder (or None); `--model` may be left out when one answers.
 DEFAULT_MODEL_RESOLVERS: list[Callable[[], str | None]] = [
@@ -31,18 +31,6 @@ def default_model() -> str:
             return path
     raise ValueError("no model given: pass --model DIR (a folder saved by `sala train` or save_pretrained) "
                      "or set SALA_DEFAULT_MODEL")
-
-
-def parse_lengths(text: str) -> list[int]:
-    """'1k,4k,16k,64k' -> [1024, 4096, 16384, 65536] (k = 1024, m = 1024²; plain integers too)."""
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)([km]?)", part)
-        if not m:
-            raise ValueError(f"length {part!r} is not a number like 4096, 4k or 1m")
-        out.append(int(float(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2}[m.group(2)]))
-    return out
 
 
 def clean_prediction(text: str) -> str:

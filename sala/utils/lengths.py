@@ -13,7 +13,7 @@ def parse_length(text: str) -> int:
     try:
         value = float(s) * mult
     except ValueError:
-        raise ValueError(f"not a token count: {text!r} (use e.g. 4096, 4k, 1M)") from None
+        raise ValueError(f"not a token count: {text!r} is not a number like 4096, 4k or 1M") from None
     if value <= 0 or value != int(value):
         raise ValueError(f"not a positive whole token count: {text!r}")
     return int(value)
