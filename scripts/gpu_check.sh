@@ -8,7 +8,8 @@
 #   OUT=/dir bash scripts/gpu_check.sh repro      # HALO reproduction: teacher, SALA, ablations (needs repro_data/)
 #
 # fla (the lightning baseline) comes as a wheel in .whl/ (carry it); the JSON lands in $OUT, to be copied into
-# bench/results/ and turned into README tables by scripts/make_readme_tables.py.
+# bench/results/ and turned into README tables by scripts/make_readme_tables.py. The device copy has no .git:
+# start the command with SALA_GIT_COMMIT=<git rev-parse HEAD here> so the JSON names the commit measured.
 set -uo pipefail
 part=${1:?usage: gpu_check.sh tests|kernels|latency|train|repro}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

@@ -47,7 +47,8 @@ def bench_ms(fn: Callable[[], Any], warmup: int = 3, rep: int = 10) -> float:
 
 
 def _git_commit() -> str:
-    """`git rev-parse HEAD` of the working tree, or "uncommitted" when there is none."""
+    """`git rev-parse HEAD` of the working tree; else $SALA_GIT_COMMIT (a copied tree without .git, such as the
+    lent GPU machine's: pass it in the command); else "uncommitted"."""
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(
@@ -62,7 +63,7 @@ def _git_commit() -> str:
             return sha + ("-dirty" if dirty.stdout.strip() else "")
     except Exception:
         pass
-    return "uncommitted"
+    return os.environ.get("SALA_GIT_COMMIT") or "uncommitted"
 
 
 def run_metadata() -> dict:
