@@ -6,6 +6,7 @@
 #   OUT=/dir bash scripts/gpu_check.sh latency    # SALA 9B shape vs HF Qwen3-8B shape, 64K..2M -> JSON + PNG
 #   OUT=/dir bash scripts/gpu_check.sh train      # the small SALA model, trained and evaluated (needs train_data/)
 #   OUT=/dir bash scripts/gpu_check.sh repro      # HALO reproduction: teacher, SALA, ablations (needs repro_data/)
+#   OUT=/dir bash scripts/gpu_check.sh profile    # where a training step's time goes (needs train_data/)
 #
 # fla (the lightning baseline) comes as a wheel in .whl/ (carry it); the JSON lands in $OUT, to be copied into
 # bench/results/ and turned into README tables by scripts/make_readme_tables.py. The device copy has no .git:
@@ -34,6 +35,8 @@ case "$part" in
     TRAIN_SECONDS=${TRAIN_SECONDS:-400} bash scripts/train_small_gpu.sh "$OUT" ;;
   repro)
     bash scripts/repro_halo.sh gpu ;;
+  profile)
+    python3 scripts/profile_train_step.py --out "$OUT/profile_train_step.json" ${2:+--compile} 2>&1 | grep -v USDT ;;
   *)
     echo "unknown part $part" >&2; exit 2 ;;
 esac

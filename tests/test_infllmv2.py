@@ -415,7 +415,7 @@ def test_fused_varlen_flash_adapter_and_probe(monkeypatch, sig):
     the probe accepts it only when it matches masked SDPA (a non-causal build is rejected)."""
     import torch.nn.attention.varlen as tv
 
-    from sala.ops import infllmv2_varlen as iv
+    from sala.ops import dense as iv
 
     fake = {"new": _fake_varlen_attn("window_size", True, True), "mid": _fake_varlen_attn("window_size", True, False),
             "old": _fake_varlen_attn("is_causal", False, False),
@@ -424,6 +424,27 @@ def test_fused_varlen_flash_adapter_and_probe(monkeypatch, sig):
     fn = iv._flash_varlen()
     assert fn is not None
     assert iv._check_varlen_fn(fn, "cpu", torch.float64, 16) is (sig != "noncausal")
+
+
+def test_dense_packed_rows_use_the_varlen_fn(monkeypatch):
+    """dense_causal_attention hands packed rows to the (probed) varlen fn where one exists, with the same result
+    and gradients as per-document SDPA."""
+    import torch.nn.attention.varlen as tv
+
+    from sala.ops import dense as D
+
+    monkeypatch.setattr(tv, "varlen_attn", _fake_varlen_attn("window_size", True, True))
+    fn, calls = D._flash_varlen(), []
+    monkeypatch.setattr(D, "_varlen_fn_for", lambda q: (lambda *a: calls.append(a[4]) or fn(*a)))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 50, h, 16, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    cu = torch.tensor([0, 7, 30, 50])
+    got = D.dense_causal_attention(q, k, v, scale=0.2, cu_seqlens=cu)
+    want = torch.cat([D._sdpa(q[:, a:b], k[:, a:b], v[:, a:b], 0.2) for a, b in ((0, 7), (7, 30), (30, 50))], 1)
+    assert calls == [[0, 7, 30, 50]]
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)
 
 
 def test_masked_reference_equals_gather_reference(monkeypatch):

@@ -14,11 +14,10 @@ Triton only (the reference path keeps the per-document loop, which is the ground
 from __future__ import annotations
 
 import bisect
-import functools
 
 import torch
 
-from sala.ops.dense import _MASKED_VARLEN_MAX_T, dense_causal_attention
+from sala.ops.dense import _MASKED_VARLEN_MAX_T, dense_causal_attention, probed_flash_varlen
 
 
 def _excl_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +156,7 @@ def _dense_prefix_fn(q: torch.Tensor, n_dense: int):
     masked SDPA when there are <= 8192 dense positions; None: they run in the block-sparse kernel.
     fn(q, k, v [n_dense, H, D], cu int32 device, cu host list, max_len, scale) -> [n_dense, Hq, D]."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        fn = _probed_flash_varlen(str(q.device), q.dtype, q.shape[-1])
+        fn = probed_flash_varlen(str(q.device), q.dtype, q.shape[-1])
         if fn is not None:
             return "flash_varlen", fn
     if n_dense <= _MASKED_VARLEN_MAX_T:
@@ -168,65 +167,3 @@ def _dense_prefix_fn(q: torch.Tensor, n_dense: int):
 def _masked_sdpa_prefixes(q, k, v, cu, cu_host, max_len, scale):
     """Dense causal attention of packed prefixes by one SDPA call with a block-diagonal mask (<= 8192 rows)."""
     return dense_causal_attention(q[None], k[None], v[None], scale=scale, cu_seqlens=torch.tensor(cu_host))[0]
-
-
-@functools.lru_cache(maxsize=None)
-def _probed_flash_varlen(device: str, dtype: torch.dtype, head_dim: int):
-    """`_flash_varlen()` if, on a tiny packed case, its forward matches masked SDPA and its backward runs
-    (once per device/dtype/head_dim); None otherwise, so an unsupported torch build falls back, never misleads."""
-    fn = _flash_varlen()
-    if fn is None:
-        return None
-    try:
-        with torch.enable_grad():
-            ok = _check_varlen_fn(fn, device, dtype, head_dim)
-    except Exception:  # an unsupported build/signature: use the block-sparse kernel instead
-        return None
-    return fn if ok else None
-
-
-def _check_varlen_fn(fn, device: str, dtype: torch.dtype, head_dim: int) -> bool:
-    """fn on 2 packed documents (GQA 4/2) vs masked SDPA; its backward must run and be finite."""
-    g = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(40, 4, head_dim, device=device, dtype=dtype, generator=g).requires_grad_()
-    k = torch.randn(40, 2, head_dim, device=device, dtype=dtype, generator=g)
-    v = torch.randn(40, 2, head_dim, device=device, dtype=dtype, generator=g)
-    cu = torch.tensor([0, 17, 40], dtype=torch.int32, device=device)
-    o = fn(q, k, v, cu, [0, 17, 40], 23, 0.3)
-    want = dense_causal_attention(q[None].detach(), k[None], v[None], scale=0.3, cu_seqlens=cu.cpu())[0]
-    (grad,) = torch.autograd.grad(o.float().sum(), q)
-    return bool((o.float() - want.float()).abs().max() < 2e-2) and bool(torch.isfinite(grad).all())
-
-
-def _flash_varlen():
-    """A dense causal varlen attention fn(q [N, Hq, D], k, v [N, Hkv, D], cu int32, max_len, scale) through
-    torch.nn.attention.varlen (FlashAttention, CUDA), or None where this torch lacks it."""
-    try:
-        import inspect
-
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    names = inspect.signature(varlen_attn).parameters
-    if "window_size" in names:
-        causal = {"window_size": (-1, 0)}
-    elif "is_causal" in names:
-        causal = {"is_causal": True}
-    else:
-        return None
-    gqa, has_scale = "enable_gqa" in names, "scale" in names
-
-    def run(q, k, v, cu, cu_host, max_len, scale):
-        G = q.shape[1] // k.shape[1]
-        if G > 1 and not gqa:
-            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-        extra = dict(causal)
-        if gqa and G > 1:
-            extra["enable_gqa"] = True
-        if has_scale:
-            extra["scale"] = scale
-        else:                                   # default scale D ** -0.5: fold ours into q
-            q = q * (scale * q.shape[-1] ** 0.5)
-        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
-
-    return run

@@ -1,0 +1,126 @@
+"""Where a training step's time goes: step time, tokens/s and MFU of the trainer's model on one packed
+micro-batch (sparse attention off and on), and the top kernels / host ops from torch.profiler.
+
+  python3 scripts/profile_train_step.py --data train_data/stdlib-bpe8k-synth --out runs/profile_train.json
+  (on the CPU: --preset sala-tiny --seq-len 256 --micro-batch 2 --steps 2)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    import torch
+
+    from sala.bench.common import run_metadata, write_json
+    from sala.data.batching import collate_windows
+    from sala.data.packed import PackedDataset, read_meta
+    from sala.train.config import ModelConfig
+    from sala.train.flops import peak_tflops, train_step_flops
+    from sala.train.model_factory import build_model
+    from sala.train.trainer import _doc_lengths
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="train_data/stdlib-bpe8k-synth")
+    ap.add_argument("--preset", default="sala-small")
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the model")
+    ap.add_argument("--out", default="runs/profile_train.json")
+    args = ap.parse_args()
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = read_meta(args.data)
+    ds = PackedDataset(args.data, "train", args.seq_len, align_docs=True, shuffle=True, seed=0)
+    windows = [ds.sample(j) for j in range(args.micro_batch)]
+    lengths = [n for w in windows for n in _doc_lengths(w)]
+    result: dict = {"meta": run_metadata(), "args": vars(args), "docs_per_step": len(lengths),
+                    "tokens_per_step": sum(lengths), "runs": {}}
+    peak = peak_tflops(dev)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for name, kind, sparse, compiled in (("sala_sparse_off", "sala", False, False),
+                                          ("sala_sparse_on", "sala", True, False),
+                                          ("sala_sparse_on_compiled", "sala", True, True),
+                                          ("llama_same_width", "llama", False, False)):
+        if compiled and not args.compile:
+            continue
+        spec = ModelConfig(kind=kind, preset=args.preset if kind == "sala" else None,
+                           config={} if kind == "sala" else {"hidden_size": 512, "intermediate_size": 1536,
+                                                              "num_hidden_layers": 8, "num_attention_heads": 8,
+                                                              "num_key_value_heads": 2, "head_dim": 64})
+        model = build_model(spec, vocab_size=meta["vocab_size"], bos_id=meta.get("bos_id"),
+                            eos_id=meta.get("eos_id"), pad_id=0)
+        if kind == "sala":
+            model.config.use_sparse_attention = sparse
+        model = model.to(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        flops = train_step_flops(model, lengths, sparse and kind == "sala")
+        layout = "flat" if kind == "sala" else "rows"
+        batch = {k: v.to(dev) for k, v in collate_windows(windows, layout).items()}
+        fwd = torch.compile(model) if compiled else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if dev.type == "cuda" else {}))
+
+        def step() -> float:
+            kw = {"cu_seqlens": batch["cu_seqlens"]} if kind == "sala" else {"position_ids": batch["position_ids"]}
+            loss = fwd(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False, **kw).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        try:
+            for _ in range(2):
+                step()
+            sync()
+            times = []
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                step()
+                sync()
+                times.append(time.perf_counter() - t0)
+            ms = 1e3 * sorted(times)[len(times) // 2]
+            run = {"step_ms": ms, "tokens_per_s": sum(lengths) / ms * 1e3, "tflops": flops / ms / 1e9,
+                   "mfu": flops / ms / 1e9 / peak if peak else None}
+            from torch.profiler import ProfilerActivity, profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                step()
+                sync()
+            ka = prof.key_averages()
+            key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+            rows = sorted(ka, key=lambda e: getattr(e, key, 0), reverse=True)[:25]
+            run["top"] = [{"name": e.key[:90], "calls": e.count, "self_ms": getattr(e, key, 0) / 1e3} for e in rows]
+            run["device_busy_ms"] = sum(getattr(e, "self_device_time_total", 0) for e in ka) / 1e3
+            cpu_rows = sorted(ka, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+            run["top_host"] = [{"name": e.key[:90], "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3}
+                               for e in cpu_rows]
+        except Exception as e:  # noqa: BLE001 - record and go on
+            import traceback
+            run = {"error": traceback.format_exc()[-1500:]}
+        result["runs"][name] = run
+        print(f"== {name}: " + (f"{run['step_ms']:.1f} ms/step, {run['tokens_per_s']:,.0f} tok/s, MFU "
+                                f"{run['mfu']}, device busy {run['device_busy_ms']:.1f} ms" if "step_ms" in run
+                                else run["error"]), flush=True)
+        for r in run.get("top", [])[:18]:
+            print(f"   {r['self_ms']:9.2f} ms {r['calls']:6d}x  {r['name']}")
+        for r in run.get("top_host", [])[:8]:
+            print(f"   host {r['self_ms']:9.2f} ms {r['calls']:6d}x  {r['name']}")
+        del model, opt, fwd
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
