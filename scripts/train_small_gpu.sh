@@ -5,7 +5,9 @@
 #   scripts/train_small_gpu.sh OUT_DIR            # OUT_DIR default: runs/train_small
 # env: TRAIN_SECONDS (training time budget, default 200), DATA (packed dataset, default
 #      train_data/stdlib-bpe8k-synth, made by `sala data prepare ... --synthetic-fraction 0.35`),
-#      SMALL_CPU=1 (a seconds-long dry run of the same script with the tiny preset on the CPU).
+#      SMALL_CPU=1 (a seconds-long dry run of the same script with the tiny preset on the CPU),
+#      TOTAL_SECONDS (cap the whole script: training gets what preparation and calibration leave),
+#      PREPARE_SOURCES (e.g. "stdlib,python-packages": build DATA first when it does not exist, 30% synthetic).
 set -euo pipefail
 OUT_DIR=${1:-runs/train_small}
 mkdir -p "$OUT_DIR"
@@ -32,12 +34,20 @@ else:
     lengths, samples = [4096, 8192, 16384], {"niah_single": 50, "niah_multikey": 15, "niah_multivalue": 15, "vt": 15}
 cfg_path = "configs/train/sala_small_gpu.yaml"
 t_all = time.time()
+sources = [x for x in os.environ.get("PREPARE_SOURCES", "").split(",") if x]
+if sources and not os.path.exists(os.path.join(data, "meta.json")):
+    from sala.data.prepare import SyntheticMix, prepare
+    prepare(data, sources, tokenizer="sala", val_fraction=0.01, seed=0, log=print,
+            synthetic=SyntheticMix(fraction=0.3, tasks=("niah_single", "niah_multikey", "niah_multivalue", "vt"),
+                                   lengths=(1024, 2048, 4096) if not cpu else (256,), seed=1234))
+    print(f"prepared {data} in {time.time() - t_all:.0f}s")
 
 def tokens_per_s(sparse: bool, steps: int) -> tuple[float, float | None]:
     """Throughput of the last log window of a short run (kernels compiled in the first windows)."""
     import dataclasses
     cfg = load_config(cfg_path, base + [f"out_dir={work}/calib_{int(sparse)}", "resume=false", "save_final=false",
                                         "log_every=4", "eval_windows=1"])
+    cfg.model.compile = use_compile
     cfg.stages = [dataclasses.replace(cfg.stages[0], name="calib", steps=steps, warmup_steps=0, sparse=sparse)]
     tr = Trainer(cfg)
     tr.fit()
@@ -48,7 +58,14 @@ def tokens_per_s(sparse: bool, steps: int) -> tuple[float, float | None]:
     return recs[-1]["tokens_per_s"], recs[-1]["mfu"]
 
 calib_steps = 4 if cpu else 16
-tps_off, mfu_off = tokens_per_s(False, calib_steps)
+use_compile = not cpu
+try:
+    tps_off, mfu_off = tokens_per_s(False, calib_steps)
+except Exception as e:  # keep the run alive: train without torch.compile
+    import traceback; traceback.print_exc()
+    print(f"compiled training failed ({type(e).__name__}: {e}); training without torch.compile")
+    use_compile = False
+    tps_off, mfu_off = tokens_per_s(False, calib_steps)
 decay_sparse = True
 try:
     tps_on, mfu_on = tokens_per_s(True, calib_steps)
@@ -60,12 +77,16 @@ full = load_config(cfg_path, base)
 tok_step = full.stages[0].seq_len * full.stages[0].micro_batch
 t_cal = time.time() - t_all
 train_budget = budget if not cpu else 20
+if os.environ.get("TOTAL_SECONDS"):   # whole-script budget: what prepare + calibration left, minus evaluation
+    left = float(os.environ["TOTAL_SECONDS"]) - (time.time() - t_all) - float(os.environ.get("EVAL_SECONDS", "150")) - 45
+    train_budget = max(30.0, min(train_budget, left))
 steps_off = max(4, int(0.75 * train_budget * tps_off / tok_step))
 steps_on = max(2, int(0.25 * train_budget * tps_on / tok_step))
 print(f"calibration ({t_cal:.0f}s): sparse off {tps_off:,.0f} tok/s (MFU {mfu_off}), sparse on {tps_on:,.0f} tok/s "
       f"(MFU {mfu_on}); training {steps_off} + {steps_on} steps of {tok_step} tokens")
 
 ov = base + [f"out_dir={work}/run", "resume=false", f"stages.0.steps={steps_off}", f"stages.1.steps={steps_on}",
+             f"model.compile={str(use_compile).lower()}",
              f"stages.0.warmup_steps={min(50, steps_off // 5)}", f"stages.1.sparse={str(decay_sparse).lower()}", f"eval_every={max(10, (steps_off + steps_on) // 6)}"]
 cfg = load_config(cfg_path, ov)
 trainer = Trainer(cfg)
@@ -107,7 +128,8 @@ result = {
                  "stable_sparse_off": mfu_stats(0), "decay_sparse_on": mfu_stats(1),
                  "final_train_loss": train_logs[-1]["loss"], "heldout_loss": val[-1]["val_loss"] if val else None,
                  "heldout_curve": [(r["step"], r["val_loss"]) for r in val]},
-    "decay_stage_sparse": decay_sparse,
+    "decay_stage_sparse": decay_sparse, "compiled": use_compile,
+    "data_meta": json.load(open(os.path.join(data, "meta.json"))),
     "calibration": {"tokens_per_s_sparse_off": tps_off, "mfu_sparse_off": mfu_off,
                     "tokens_per_s_sparse_on": tps_on, "mfu_sparse_on": mfu_on},
     "niah": report, "niah_table": table, "total_seconds": time.time() - t_all,

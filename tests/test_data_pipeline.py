@@ -122,3 +122,35 @@ def test_positions_and_labels_restart_per_document():
     assert flat["cu_seqlens"].tolist() == [0, 4, 7, 10, 20]
     assert flat["cu_seqlens"].dtype == torch.int32
     assert flat["labels"][0, 10].item() == -100  # the second window's first token is not predicted
+
+
+def test_python_packages_source_reads_package_text(tmp_path):
+    """`python-packages` walks the site-packages folders: *.py/*.md/*.rst/*.txt, sorted, caches skipped."""
+    from sala.data.corpus import iter_python_packages_documents
+
+    (tmp_path / "pkg" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "pkg" / "b.py").write_text("def f():\n    return 1\n" * 3)
+    (tmp_path / "pkg" / "a.md").write_text("# Title\n\nSome documentation text.\n")
+    (tmp_path / "pkg" / "__pycache__" / "b.py").write_text("stale cached text, never read" * 3)
+    (tmp_path / "pkg" / "lib.so").write_bytes(b"\x00\x01binary")
+    docs = list(iter_python_packages_documents([tmp_path]))
+    assert [n for n, _ in docs] == ["pkg/a.md", "pkg/b.py"]
+    assert docs[1][1].startswith("def f()")
+
+
+def test_synthetic_documents_do_not_depend_on_worker_count(monkeypatch):
+    """Parallel synthetic-sample generation gives the same documents, in the same order, as one process."""
+    import importlib
+
+    from sala.data.tokenizer import load_tokenizer
+
+    P = importlib.import_module("sala.data.prepare")
+
+    tok = load_tokenizer("sala")
+    combos = [("niah_single", 200), ("vt", 300)]
+    monkeypatch.setattr(P.os, "cpu_count", lambda: 1)
+    serial = P._synthetic_documents(tok, combos, 70, seed=5)
+    monkeypatch.setattr(P.os, "cpu_count", lambda: 4)
+    parallel = P._synthetic_documents(tok, combos, 70, seed=5)
+    assert len(serial) == 140 and serial == parallel
+    assert all(ids[0] == tok.bos_id and ids[-1] == tok.eos_id and len(ids) <= 300 for ids in serial)

@@ -13,7 +13,8 @@ def register(subparsers) -> None:
     pr = sub.add_parser("prepare", help="tokenize + pack documents into a folder of memory-mapped token files")
     pr.add_argument("out", help="output folder (train.bin, val.bin, *.docs.npy, meta.json, tokenizer/)")
     pr.add_argument("--source", action="append", default=None,
-                    help="'stdlib' (Python's standard library: *.py, *.txt, *.rst; the default), a text file, a "
+                    help="'stdlib' (Python's standard library: *.py, *.txt, *.rst; the default), 'python-packages' "
+                         "(the installed packages' *.py, *.txt, *.rst, *.md), a text file, a "
                          "folder, a .jsonl file (field 'text'; or FILE.jsonl:FIELD). Repeatable.")
     pr.add_argument("--tokenizer", default="sala", help="'sala' (the shipped 8K BPE), a tokenizer.json or a model folder")
     pr.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (default 0.02)")

@@ -74,6 +74,30 @@ def iter_stdlib_documents(root: str | os.PathLike | None = None) -> Iterator[tup
     yield from iter_text_files(stdlib_corpus_files(base), root=base, min_chars=16)
 
 
+def site_packages_roots() -> list[Path]:
+    """This interpreter's installed-package folders (`purelib`, `platlib`), existing and de-duplicated."""
+    paths = sysconfig.get_paths()
+    out: list[Path] = []
+    for key in ("purelib", "platlib"):
+        p = Path(paths[key])
+        if p.is_dir() and p.resolve() not in [q.resolve() for q in out]:
+            out.append(p)
+    return out
+
+
+def iter_python_packages_documents(roots: list[Path] | None = None) -> Iterator[tuple[str, str]]:
+    """A larger offline corpus: every `*.py`, `*.txt`, `*.rst` and `*.md` file of the installed packages
+    (torch, transformers, numpy, ... in this environment), sorted, `__pycache__` skipped. It differs between
+    machines with different packages, unlike `stdlib`."""
+    for base in roots if roots is not None else site_packages_roots():
+        files: list[Path] = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+            files.extend(Path(dirpath) / n for n in sorted(filenames) if n.endswith(STDLIB_EXTENSIONS + (".md",)))
+        files.sort()
+        yield from iter_text_files(files, root=base, min_chars=16)
+
+
 def iter_jsonl_documents(path: str | os.PathLike, field: str = "text") -> Iterator[tuple[str, str]]:
     """Yield `(name, text)` from a JSONL file whose lines are objects with a string `field`.
 
@@ -100,6 +124,7 @@ def iter_source_documents(source: str) -> Iterator[tuple[str, str]]:
     """Documents of one source spec.
 
     - `stdlib`: the Python standard-library corpus.
+    - `python-packages`: the source and docs of the installed Python packages (site-packages).
     - a `.jsonl` file (optionally `file.jsonl:field`), one document per line.
     - a text file: one document.
     - a folder: every `*.txt`, `*.md`, `*.rst`, `*.py` file under it, one document each.
@@ -107,13 +132,17 @@ def iter_source_documents(source: str) -> Iterator[tuple[str, str]]:
     if source == "stdlib":
         yield from iter_stdlib_documents()
         return
+    if source == "python-packages":
+        yield from iter_python_packages_documents()
+        return
     path, _, field = source.partition(".jsonl:")
     if field:
         yield from iter_jsonl_documents(path + ".jsonl", field=field)
         return
     p = Path(source)
     if not p.exists():
-        raise FileNotFoundError(f"data source {source!r}: no such file or folder (use 'stdlib', a file or a folder)")
+        raise FileNotFoundError(f"data source {source!r}: no such file or folder (use 'stdlib', 'python-packages', "
+                                f"a file or a folder)")
     if p.is_dir():
         files = [q for q in sorted(p.rglob("*")) if q.is_file() and q.suffix in (".txt", ".md", ".rst", ".py")]
         yield from iter_text_files(files, root=p)

@@ -7,6 +7,8 @@ split as extra documents, to teach retrieval over long contexts.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -74,29 +76,22 @@ def prepare(out_dir: str, sources: list[str], tokenizer: TextTokenizer | str | N
     encoded: dict[str, list[list[int]]] = {}
     for split, items in docs.items():
         ids = []
-        for i in range(0, len(items), 256):
-            ids.extend(tok.encode_batch([t for _, t in items[i:i + 256]]))
+        for i in range(0, len(items), 2048):
+            ids.extend(tok.encode_batch([t for _, t in items[i:i + 2048]]))
         encoded[split] = [[tok.bos_id] + x + [tok.eos_id] for x in ids]
     n_train = sum(map(len, encoded["train"]))
 
     synth_docs: list[list[int]] = []
     synth_tokens = 0
     if synthetic is not None and synthetic.fraction > 0:
-        from sala.eval.tasks import generate
-
         if not 0 < synthetic.fraction < 1:
             raise ValueError(f"synthetic fraction must be in (0, 1), got {synthetic.fraction}")
         target = synthetic.fraction / (1 - synthetic.fraction) * n_train
         combos = [(t, L) for t in synthetic.tasks for L in synthetic.lengths]
         per_combo = max(1, round(target / sum(L for _, L in combos)))
-        for task, length in combos:
-            # the document adds BOS + answer + EOS to the prompt; generate() keeps the answer budget free
-            for s in generate(task, length - 2, per_combo, tok.count, seed=synthetic.seed,
-                              depths=[random.Random(f"{synthetic.seed}/{task}/{length}/{j}").random()
-                                      for j in range(per_combo)]):
-                ids = [tok.bos_id] + tok.encode(s.training_text()) + [tok.eos_id]
-                synth_docs.append(ids)
-                synth_tokens += len(ids)
+        for ids in _synthetic_documents(tok, combos, per_combo, synthetic.seed):
+            synth_docs.append(ids)
+            synth_tokens += len(ids)
         log(f"synthetic: {len(synth_docs)} documents, {synth_tokens} tokens "
             f"({100 * synth_tokens / (synth_tokens + n_train):.1f}% of training tokens)")
 
@@ -126,3 +121,42 @@ def prepare(out_dir: str, sources: list[str], tokenizer: TextTokenizer | str | N
     log(f"wrote {out}: train {report.splits['train']['tokens']} tokens, val {report.splits['val']['tokens']} tokens "
         f"in {report.seconds:.1f}s")
     return report
+
+
+_WORKER_TOKENIZER: TextTokenizer | None = None   # set before forking the synthetic-sample workers
+
+
+def _synthetic_part(job: tuple[str, int, int, int, int]) -> list[list[int]]:
+    """Token ids of samples [lo, hi) of one (task, length) combination (one worker's share)."""
+    from sala.eval.tasks import generate
+
+    task, length, n, seed, lo_hi = job[0], job[1], job[2], job[3], job[4]
+    lo, hi = divmod(lo_hi, 1 << 31)
+    tok = _WORKER_TOKENIZER
+    depths = [random.Random(f"{seed}/{task}/{length}/{j}").random() for j in range(n)]
+    out = []
+    # the document adds BOS + answer + EOS to the prompt; generate() keeps the answer budget free
+    for s in generate(task, length - 2, hi, tok.count, seed=seed, depths=depths, skip=lo):
+        out.append([tok.bos_id] + tok.encode(s.training_text()) + [tok.eos_id])
+    return out
+
+
+def _synthetic_documents(tok: TextTokenizer, combos: list[tuple[str, int]], per_combo: int,
+                         seed: int) -> list[list[int]]:
+    """`per_combo` samples of every (task, length), in combination order; generated in parallel worker
+    processes (fork, where available) when there are many. The result does not depend on the worker count."""
+    global _WORKER_TOKENIZER
+    step = 64
+    jobs = [(t, L, per_combo, seed, lo * (1 << 31) + min(per_combo, lo + step))
+            for t, L in combos for lo in range(0, per_combo, step)]
+    _WORKER_TOKENIZER = tok
+    workers = min(len(jobs), os.cpu_count() or 1)
+    try:
+        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                parts = pool.map(_synthetic_part, jobs, chunksize=1)
+        else:
+            parts = [_synthetic_part(j) for j in jobs]
+    finally:
+        _WORKER_TOKENIZER = None
+    return [ids for part in parts for ids in part]

@@ -192,8 +192,9 @@ def _cwe(rng: random.Random, length: int, num_common: int = 10, freq_common: int
 
 
 def generate(task: str, length: int, num_samples: int, count_tokens: Callable[[str], int], seed: int = 0,
-             depths: list[float] | None = None, max_new_tokens: int | None = None) -> Iterator[TaskSample]:
-    """Yield `num_samples` samples of `task` whose prompt plus answer budget fits `length` tokens.
+             depths: list[float] | None = None, max_new_tokens: int | None = None,
+             skip: int = 0) -> Iterator[TaskSample]:
+    """Yield samples `skip` .. `num_samples - 1` of `task` whose prompt plus answer budget fits `length` tokens.
 
     `count_tokens` measures a text in the evaluated model's tokens. Needle depths default to
     `num_samples` evenly spaced points in [0, 1] (RULER draws from 40 such points); pass `depths`
@@ -207,7 +208,7 @@ def generate(task: str, length: int, num_samples: int, count_tokens: Callable[[s
     if depths is None:
         depths = [i / max(1, num_samples - 1) for i in range(num_samples)]
     hint = None
-    for i in range(num_samples):
+    for i in range(skip, num_samples):
         rng = random.Random(f"{seed}/{task}/{length}/{i}")
         depth = depths[i % len(depths)]
         if task.startswith("niah"):

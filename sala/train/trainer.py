@@ -22,6 +22,7 @@ from sala.data.packed import PackedDataset, Window, read_meta
 from sala.train import checkpoint as ckpt
 from sala.train.config import StageConfig, TrainConfig
 from sala.train.distributed import DistEnv, all_reduce_sum, setup, shard_model
+from sala.train.compile import compile_for_training
 from sala.train.flops import peak_tflops, train_step_flops
 from sala.train.metrics import MetricsLog
 from sala.train.model_factory import build_model, is_sala, set_sparse_attention
@@ -81,7 +82,7 @@ class Trainer:
         if self.env.distributed:
             shard_model(model, self.env)
         self.model = model
-        self.forward_model = torch.compile(model) if config.model.compile else model
+        self.forward_model = compile_for_training(model) if config.model.compile else model
         decay, no_decay = [], []
         for name, p in model.named_parameters():
             (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
@@ -127,7 +128,8 @@ class Trainer:
                              seed=self.cfg.data.seed * 1000 + stage_index)
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+        # cu_seqlens stays on the host: the model reads the document bounds there (no device sync per step)
+        return {k: v if k == "cu_seqlens" else v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward_loss(self, batch: dict) -> torch.Tensor:
         with self._autocast():
