@@ -193,3 +193,16 @@ def test_compile_for_training_keeps_loss_and_gradients():
     torch.testing.assert_close(losses[0], losses[1])
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_time_limit_stops_saves_and_resumes(packed, tmp_path):
+    """Past time_limit_s the run stops after the current step, saves a checkpoint and the final model, and a
+    later run without the limit resumes from that step."""
+    common = ["model.kind=llama", LLAMA_TINY, "stages.0.steps=4", "stages.0.seq_len=32", "stages.0.micro_batch=2"]
+    tr = Trainer(_cfg(packed, tmp_path / "t", *common, "time_limit_s=0", "save_final=true"), log=lambda s: None)
+    summary = tr.fit()
+    assert summary["time_limit_reached"] and summary["global_step"] == 1 and summary["val_loss"] is not None
+    assert (tmp_path / "t" / "final" / "config.json").is_file()
+    resumed = Trainer(_cfg(packed, tmp_path / "t", *common), log=lambda s: None)
+    assert resumed.state["global_step"] == 1
+    assert resumed.fit()["global_step"] == 4

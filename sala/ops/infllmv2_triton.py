@@ -73,7 +73,7 @@ def _pow2(n: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # compression
 # ----------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["new_tokens", "n_cap"])
 def _compress_windows_kernel(k_ptr, out_ptr, len_ptr, new_tokens, n_cap,
                              skb, skt, skh, sob, sot, soh,
                              KERNEL: tl.constexpr, STRIDE: tl.constexpr, D: tl.constexpr, BJ: tl.constexpr):
@@ -129,7 +129,7 @@ def update_compressed_keys_triton(k_cache, k1_cache, k2_cache, cache_seqlens, pa
 # ----------------------------------------------------------------------------------------------------------
 # stage 1: pooled block scores
 # ----------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["Tq", "n_cols", "spb", "sob", "soh", "sot"])
 def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
                          Tq, n_cols, scale_log2,
                          sqb, sqt, sqh, s1b, s1t, s1h, s2b, s2t, s2h, spb, sob, soh, sot,
@@ -264,7 +264,7 @@ def select_blocks_triton(q, k1, k2, pos, params, scale, *, pos_max: int | None =
 # ----------------------------------------------------------------------------------------------------------
 # stage 2: block-sparse attention
 # ----------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["Tq", "sib", "sih"])
 def _sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, pos_ptr, kbase_ptr,
                        Tq, scale_log2,
                        sqn, sqh, skn, skh, son, soh, sln, sib, sih, sit,
@@ -310,7 +310,7 @@ def _sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, pos_ptr, kb
     tl.store(lse_ptr + i64 * sln + h * G + g, m + tl.log2(l_safe), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Tq", "sib", "sih"])
 def _sparse_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, idx_ptr, pos_ptr, kbase_ptr,
                           Tq, scale_log2, scale,
                           sqn, sqh, skn, skh, sln, sib, sih, sit,
@@ -349,7 +349,7 @@ def _sparse_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
     tl.store(dq_ptr + rows, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_gid", "Nk"])
 def _sparse_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pos_ptr,
                             seg_key_ptr, seg_start_ptr, seg_end_ptr, ent_q_ptr, gid_kstart_ptr, gid_blk_ptr,
                             n_gid, Nk, scale_log2, scale,
@@ -1006,7 +1006,7 @@ def pooled_block_scores_decode_split(q, k1, k2, pos, params, scale, n_blocks) ->
 # ----------------------------------------------------------------------------------------------------------
 # fused varlen compression and selection (SALA_SPARSE_VARLEN=fused)
 # ----------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["n_win"])
 def _compress_flat_kernel(k_ptr, out_ptr, start_ptr, n_win, skt, skh, sot, soh,
                           KERNEL: tl.constexpr, D: tl.constexpr, BJ: tl.constexpr):
     """Program (window tile, head): out[w] = mean of k[start[w] .. start[w] + KERNEL) (flat tokens)."""
@@ -1038,7 +1038,7 @@ def compress_flat(k: torch.Tensor, starts: torch.Tensor, kernel: int) -> torch.T
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tile_lo", "row_lo", "row_hi", "n_cols", "soh", "sot"])
 def _varlen_block_scores_kernel(q_ptr, k1_ptr, k2_ptr, sq_tok_ptr, sq_pos_ptr, tile_ptr, out_ptr,
                                 tile_lo, row_lo, row_hi, n_cols, scale_log2,
                                 sqn, sqh, s1t, s1h, s2t, s2h, stt, soh, sot,

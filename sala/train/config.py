@@ -113,6 +113,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = True
     stop_after: int | None = None
+    time_limit_s: float | None = None   # wall-clock budget: past it, stop after the current step and save
     peak_tflops: float | None = None
     progress: bool = True
     save_final: bool = True

@@ -39,6 +39,11 @@ def build_model(spec: ModelConfig, vocab_size: int | None = None, bos_id: int | 
 
         cfg = SalaConfig.from_preset(spec.preset) if spec.preset else SalaConfig()
         fields = dict(spec.config)
+        if "num_hidden_layers" in fields and "mixer_types" not in fields:
+            from sala.modeling.configuration_sala import scaled_mixer_types
+
+            # a depth override keeps the released pattern scaled down (first and last sparse, 25% sparse)
+            fields["mixer_types"] = scaled_mixer_types(int(fields["num_hidden_layers"]))
         if vocab_size is not None and "vocab_size" not in fields:
             fields["vocab_size"] = vocab_size
             fields.update(ids)

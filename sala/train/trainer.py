@@ -192,9 +192,9 @@ class Trainer:
 
             bar = tqdm(total=total, initial=self.state["global_step"], desc="train", dynamic_ncols=True)
         last_eval = None
-        stopped = False
+        stopped = timed_out = False
         self.model.train()
-        while self.state["stage"] < len(cfg.stages) and not stopped:
+        while self.state["stage"] < len(cfg.stages) and not (stopped or timed_out):
             si = self.state["stage"]
             st: StageConfig = cfg.stages[si]
             if st.sparse is not None:
@@ -283,13 +283,27 @@ class Trainer:
                     win_t0 = time.time()
                 if cfg.stop_after is not None and gstep >= cfg.stop_after:
                     stopped = True
-                if stopped or final_of_stage:
+                if cfg.time_limit_s is not None and time.time() - t_start > cfg.time_limit_s and not timed_out:
+                    timed_out = True
+                    self.info(f"time limit of {cfg.time_limit_s:.0f}s reached at step {gstep}: stopping early")
+                    if not final_of_stage:
+                        self._save()
+                if stopped or timed_out or final_of_stage:
                     break
         if bar is not None:
             bar.close()
+        if timed_out:
+            si = min(self.state["stage"], len(cfg.stages) - 1)
+            last_eval = self.evaluate(si)
+            if last_eval is not None:
+                rec = {"step": self.state["global_step"], "stage": si, "val_loss": last_eval,
+                       "val_ppl": math.exp(min(last_eval, 50)), "tokens": self.state["tokens"]}
+                self.metrics.write(rec)
+                self.history.append(rec)
+                self.info(f"step {self.state['global_step']}: held-out loss {last_eval:.4f}")
         summary = {"global_step": self.state["global_step"], "tokens": self.state["tokens"],
                    "seconds": time.time() - t_start, "val_loss": last_eval, "params": self.num_params,
-                   "stopped_early": stopped}
+                   "stopped_early": stopped, "time_limit_reached": timed_out}
         if not stopped and cfg.save_final:
             self.save_model(self.out_dir / "final")
             summary["final_model"] = str(self.out_dir / "final")
