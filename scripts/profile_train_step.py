@@ -35,7 +35,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the model")
     ap.add_argument("--out", default="runs/profile_train.json")
+    ap.add_argument("--vary", type=int, default=0,
+                    help="instead: time N steps on N different micro-batches (sparse on), then the same N again, "
+                         "counting Triton cache entries (is a slow sparse stage compiling kernels?)")
     args = ap.parse_args()
+    if args.vary:
+        return vary(args)
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = read_meta(args.data)
@@ -120,6 +125,44 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     write_json(args.out, result)
+
+
+def vary(args) -> None:
+    import os
+
+    import torch
+
+    from sala.bench.common import run_metadata, write_json
+    from sala.data.batching import collate_windows
+    from sala.data.packed import PackedDataset, read_meta
+    from sala.train.config import ModelConfig
+    from sala.train.model_factory import build_model
+
+    dev = torch.device("cuda")
+    meta = read_meta(args.data)
+    ds = PackedDataset(args.data, "train", args.seq_len, align_docs=True, shuffle=True, seed=0)
+    model = build_model(ModelConfig(kind="sala", preset=args.preset), vocab_size=meta["vocab_size"]).to(dev)
+    model.config.use_sparse_attention = True
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    cache = os.path.expanduser(os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache"))
+    batches = [collate_windows([ds.sample(i * args.micro_batch + j) for j in range(args.micro_batch)], "flat")
+               for i in range(args.vary)]
+    rows = []
+    for rep in range(2):
+        for i, b in enumerate(batches):
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=b["input_ids"].to(dev), labels=b["labels"].to(dev), cu_seqlens=b["cu_seqlens"],
+                             use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            n_cache = sum(len(f) for _, _, f in os.walk(cache)) if os.path.isdir(cache) else -1
+            rows.append({"pass": rep, "batch": i, "ms": 1e3 * (time.perf_counter() - t0), "triton_cache_files": n_cache,
+                         "docs": len(b["cu_seqlens"]) - 1})
+            print(rows[-1], flush=True)
+    write_json(args.out, {"meta": run_metadata(), "args": vars(args), "steps": rows})
 
 
 if __name__ == "__main__":
