@@ -4,7 +4,7 @@
 #   OUT=/dir bash scripts/gpu_check.sh tests      # every GPU test: compiled Triton kernels vs references, engine 1M
 #   OUT=/dir bash scripts/gpu_check.sh kernels    # lightning vs fla, sparse (all variants) vs SDPA -> JSON
 #   OUT=/dir bash scripts/gpu_check.sh latency    # SALA 9B shape vs HF Qwen3-8B shape, 64K..2M -> JSON + PNG
-#   OUT=/dir bash scripts/gpu_check.sh train      # the small SALA model, trained and evaluated (needs train_data/)
+#   OUT=/dir bash scripts/gpu_check.sh train      # the small SALA model: data built there, trained, evaluated
 #   OUT=/dir bash scripts/gpu_check.sh repro      # HALO reproduction: teacher, SALA, ablations (needs repro_data/)
 #   OUT=/dir bash scripts/gpu_check.sh profile    # where a training step's time goes (needs train_data/)
 #
@@ -32,7 +32,8 @@ case "$part" in
   latency)
     OUT="$OUT" bash scripts/gpu_latency.sh "${2:-480}" ;;
   train)
-    TRAIN_SECONDS=${TRAIN_SECONDS:-400} bash scripts/train_small_gpu.sh "$OUT" ;;
+    DATA=${DATA:-/tmp/sala_data} PREPARE_SOURCES=${PREPARE_SOURCES:-stdlib,python-packages} TRAIN_SECONDS=${TRAIN_SECONDS:-340} \
+      TOTAL_SECONDS=${TOTAL_SECONDS:-560} EVAL_SECONDS=${EVAL_SECONDS:-60} bash scripts/train_small_gpu.sh "$OUT" ;;
   repro)
     bash scripts/repro_halo.sh gpu ;;
   profile)

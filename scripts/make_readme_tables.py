@@ -35,9 +35,10 @@ def _f(x, digits=2, suffix="") -> str:
 
 
 def _device(d: dict) -> str:
-    m = d.get("meta", {})
-    return (f"{m.get('device', '?')}, torch {m.get('torch', '?')}, triton {m.get('triton', '?')}, "
-            f"run {m.get('timestamp_utc', m.get('timestamp', '?'))[:10]}")
+    m = d.get("meta") or d.get("env") or {}
+    when = m.get("timestamp_utc", m.get("timestamp"))
+    return (f"{m.get('device', '?')}, torch {m.get('torch', '?')}, triton {m.get('triton', '?')}"
+            + (f", run {when[:10]}" if when else "") + (f", commit {m['commit'][:7]}" if m.get("commit") else ""))
 
 
 def _output_gib(d: dict, r: dict) -> float:
@@ -99,6 +100,16 @@ def targets_section() -> list[str]:
         acc = tr["niah"]["results"]["niah_single"].get("16384", {}).get("score")
         if acc is not None:
             rows.append(("single needle at 4x training length", ">= 90%", f"{100 * acc:.0f}%", acc >= 0.9))
+    rp = _load("repro_halo.json")
+    if rp and rp.get("eval", {}).get("sala") and rp["eval"].get("teacher"):
+        ls, lt = rp["eval"]["sala"]["heldout"]["loss"], rp["eval"]["teacher"]["heldout"]["loss"]
+        frac = rp.get("convert", {}).get("sala", {}).get("fraction_of_teacher_tokens", 1.0)
+        rows.append(("converted SALA held-out loss vs teacher, <= 25% of its tokens", "within 5%",
+                     f"{100 * (ls / lt - 1):+.1f}% with {100 * frac:.0f}% of the tokens", ls <= 1.05 * lt and frac <= 0.25))
+        r16 = rp["eval"]["sala"]["tasks"].get(f"niah_single@{16 * 2048}", {})
+        if r16.get("accuracy") is not None:
+            rows.append(("converted SALA single needle at 16x training length", ">= 90%",
+                         f"{100 * r16['accuracy']:.0f}% ({r16['n']} prompts)", r16["accuracy"] >= 0.9))
     if not rows:
         return []
     out = ["### Targets of the open issues, as measured", "", "| target | goal | measured | met |", "|---|---|---|---|"]
@@ -212,29 +223,40 @@ def training_section() -> list[str]:
         return []
     t = d["training"]
     off, on = t.get("stable_sparse_off", {}), t.get("decay_sparse_on", {})
+    dm = d.get("data_meta") or {}
+    syn = (dm.get("synthetic") or {}).get("fraction")
+    data = (f"{' + '.join(dm.get('sources', []))}, {dm['splits']['train']['tokens'] / 1e6:.0f}M training tokens"
+            + (f" ({100 * syn:.0f}% synthetic retrieval samples)" if syn else "")) if dm else d["config"]["data"]["path"]
     out = ["### Training a small SALA model for real (issue 6)", "",
-           f"`bench/results/train_small_summary.json` ({_device(d)}); log `train_small_train.log`, metrics "
-           "`train_small_metrics.jsonl`, loss plot `train_small_loss.png`.", "",
+           f"`bench/results/train_small_summary.json` ({_device(d)}); metrics `train_small_metrics.jsonl`, loss plot "
+           "`train_small_loss.png`; earlier runs under `bench/results/history/`.", "",
            f"{d['params'] / 1e6:.1f}M parameters (sala-small, vocab 8192), {t['tokens'] / 1e6:.1f}M tokens in "
-           f"{t['seconds']:.0f} s at 4K context; held-out loss {t['heldout_loss']:.2f} (train {t['final_train_loss']:.2f}).",
+           f"{t['seconds']:.0f} s at 4K context{', torch.compile' if d.get('compiled') else ''}; data: {data}; "
+           f"held-out loss {t['heldout_loss']:.2f} (train {t['final_train_loss']:.2f}).",
            "", "| stage | tokens/s | TFLOP/s | MFU |", "|---|---|---|---|",
-           f"| sparse off (stable LR) | {off.get('median_tokens_per_s', 0):,.0f} | {_f(off.get('median_tflops'), 1)} | "
-           f"{_f(100 * off.get('median_mfu', 0), 1, '%')} |",
-           f"| sparse on (exponential decay) | {on.get('median_tokens_per_s', 0):,.0f} | {_f(on.get('median_tflops'), 1)} | "
-           f"{_f(100 * on.get('median_mfu', 0), 1, '%')} |", "", "Synthetic retrieval accuracy after training:", "",
+           f"| sparse off (stable LR) | {off.get('median_tokens_per_s') or 0:,.0f} | {_f(off.get('median_tflops'), 1)} | "
+           f"{_f(100 * (off.get('median_mfu') or 0), 1, '%')} |",
+           f"| sparse on (exponential decay) | {on.get('median_tokens_per_s') or 0:,.0f} | {_f(on.get('median_tflops'), 1)} | "
+           f"{_f(100 * (on.get('median_mfu') or 0), 1, '%')} |", "", "Synthetic retrieval accuracy after training (%):", "",
            *d["niah_table"].strip().splitlines(), ""]
     return out
 
 
 def repro_section() -> list[str]:
-    path = RESULTS / "repro_halo_run2_table.md"
-    d = _load("repro_halo_run2.json")
+    path = RESULTS / "repro_halo_table.md"
+    d = _load("repro_halo.json")
     if not d or not path.exists():
         return []
-    return ["### HALO reproduction at small scale (issue 7): teacher only so far", "",
-            "`bench/results/repro_halo_run2.json`, `repro_halo_run2_table.md`: the dense RoPE teacher (20M parameters, "
-            "2K context) was trained and evaluated on an H200; the SALA conversions and ablations of that run stopped "
-            "on a bug fixed since, so no SALA numbers yet (`docs/convert.md`). Accuracy (number of prompts):", "",
+    conv = d.get("convert", {}).get("sala", {})
+    frac = conv.get("fraction_of_teacher_tokens")
+    tt = d.get("teacher_train", {})
+    return ["### HALO reproduction at small scale (issue 7)", "",
+            f"`bench/results/repro_halo.json`, `repro_halo_table.md`, plot `repro_halo.png` ({_device(d)}, one "
+            f"device call): a dense Llama-style RoPE teacher ({tt.get('params', 0) / 1e6:.0f}M parameters, "
+            f"{tt.get('tokens', 0) / 1e6:.0f}M tokens at 2K context) converted by `sala convert` with "
+            + (f"{100 * frac:.0f}% of its training tokens" if frac else "a fraction of its tokens")
+            + f" (softmax layers kept: {conv.get('softmax_layers')}), and the two ablations converted the same way. "
+            "Accuracy (number of prompts); sparse attention is active beyond 2K:", "",
             *path.read_text().strip().splitlines(), ""]
 
 

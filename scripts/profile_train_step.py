@@ -7,7 +7,6 @@ micro-batch (sparse attention off and on), and the top kernels / host ops from t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -110,7 +109,7 @@ def main() -> None:
             cpu_rows = sorted(ka, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
             run["top_host"] = [{"name": e.key[:90], "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3}
                                for e in cpu_rows]
-        except Exception as e:  # noqa: BLE001 - record and go on
+        except Exception:  # noqa: BLE001 - record and go on
             import traceback
             run = {"error": traceback.format_exc()[-1500:]}
         result["runs"][name] = run

@@ -269,6 +269,9 @@ def environment() -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    if os.environ.get("SALA_GIT_COMMIT"):   # the device copy's .git, if any, is not the tree that runs
+        env["commit"], env["tree"] = os.environ["SALA_GIT_COMMIT"], "as committed (SALA_GIT_COMMIT)"
+        return env
     try:
         env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                        cwd=ROOT).stdout.strip() or "uncommitted"

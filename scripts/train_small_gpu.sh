@@ -4,7 +4,7 @@
 #
 #   scripts/train_small_gpu.sh OUT_DIR            # OUT_DIR default: runs/train_small
 # env: TRAIN_SECONDS (training time budget, default 200), DATA (packed dataset, default
-#      train_data/stdlib-bpe8k-synth, made by `sala data prepare ... --synthetic-fraction 0.35`),
+#      train_data/py-bpe8k-synth; with PREPARE_SOURCES set it is built first when missing),
 #      SMALL_CPU=1 (a seconds-long dry run of the same script with the tiny preset on the CPU),
 #      TOTAL_SECONDS (cap the whole script: training gets what preparation and calibration leave),
 #      PREPARE_SOURCES (e.g. "stdlib,python-packages": build DATA first when it does not exist, with
@@ -13,7 +13,7 @@ set -euo pipefail
 OUT_DIR=${1:-runs/train_small}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-.}
-export OUT_DIR TRAIN_SECONDS=${TRAIN_SECONDS:-200} DATA=${DATA:-train_data/stdlib-bpe8k-synth} SMALL_CPU=${SMALL_CPU:-0}
+export OUT_DIR TRAIN_SECONDS=${TRAIN_SECONDS:-200} DATA=${DATA:-train_data/py-bpe8k-synth} SMALL_CPU=${SMALL_CPU:-0}
 python3 - <<'PY'
 import json, math, os, shutil, statistics, time
 import torch

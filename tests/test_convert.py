@@ -239,3 +239,43 @@ def test_minicpm_teacher_runs_through_exact_emulation(tmp_path):
     with teacher.capture([1]) as cap:
         teacher.logits(ids)
     assert cap[1][0].shape == cap[1][1].shape == (1, 24, SMALL["hidden_size"])
+
+
+def test_convert_hands_over_to_the_trainer(tmp_path, llama_dir, capsys):
+    """`sala convert --continue-config` continues training the converted model with the trainer's stages (here a
+    dense stage, then one with sparse attention on) and writes the result beside it, never into it."""
+    import numpy as np
+
+    from sala.data.packed import PackedWriter
+    from sala.train.metrics import read_metrics
+
+    w = PackedWriter(tmp_path / "data", vocab_size=96, bos_id=1, eos_id=2)
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        w.add("val" if i % 10 == 0 else "train", [1, *rng.integers(3, 96, int(rng.integers(20, 90))), 2])
+    w.close()
+    (tmp_path / "train.yaml").write_text(
+        "stages:\n"
+        "  - {name: dense, steps: 2, seq_len: 64, micro_batch: 2, warmup_steps: 1, sparse: false}\n"
+        "  - {name: long, steps: 2, seq_len: 128, micro_batch: 1, decay: exponential, lr_end: 1.0e-5, sparse: true}\n"
+        "optim: {lr: 1.0e-3}\nprogress: false\nlog_every: 1\neval_windows: 1\n")
+    out = tmp_path / "sala"
+    args = ["convert", "--teacher", str(llama_dir), "--out", str(out), "--data", "random", "--seq-len", "32",
+            "--batch-size", "2", "--stage1-tokens", "64", "--stage2-tokens", "64", "--no-progress", "--dtype", "float32",
+            "--sparse-config", '{"dense_len": 64, "block_size": 16, "kernel_size": 8, "kernel_stride": 4, "topk": 2, '
+                               '"window_size": 32}',
+            "--continue-config", str(tmp_path / "train.yaml"), "--continue-set", f"data.path={tmp_path / 'data'}"]
+    before = (out / "model.safetensors").read_bytes() if (out / "model.safetensors").exists() else None
+    assert cli_main(args) == 0
+    assert before is None
+    converted = (out / "model.safetensors").read_bytes()
+    cont = tmp_path / "sala-continued"
+    steps = [r for r in read_metrics(cont / "metrics.jsonl") if "step_loss" in r]
+    assert [r["stage_name"] for r in steps] == ["dense", "dense", "long", "long"]
+    final = SalaForCausalLM.from_pretrained(str(cont / "final"))
+    assert final.config.use_sparse_attention is True
+    conv = SalaForCausalLM.from_pretrained(str(out))
+    changed = [n for (n, a), (_, b) in zip(conv.state_dict().items(), final.state_dict().items())
+               if not torch.equal(a, b.to(a.dtype))]
+    assert changed, "continual training changed no weight"
+    assert (out / "model.safetensors").read_bytes() == converted   # the converted checkpoint is left as it was

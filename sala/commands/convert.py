@@ -63,6 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--restart", action="store_true", help="discard finished stages and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--continue-config", default=None, metavar="TRAIN.yaml",
+                   help="after converting, continue training with this `sala train` config (stages, lengths, "
+                        "sparse attention on/off); the model is the converted checkpoint")
+    p.add_argument("--continue-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for the continual-training config (repeatable), e.g. data.path=DIR")
     p.set_defaults(func=_run)
 
 
@@ -78,5 +83,9 @@ def _run(args: argparse.Namespace) -> int:
         sparse_config=args.sparse_config,
         data=args.data, select_length=args.select_length, device=args.device, dtype=args.dtype, seed=args.seed,
         restart=args.restart, progress=not args.no_progress)
-    convert(opts)
+    out = convert(opts)
+    if args.continue_config:
+        from sala.convert.handover import continue_training
+
+        continue_training(out, args.continue_config, args.continue_set)
     return 0

@@ -27,8 +27,6 @@ Kernels (design notes in docs/sparse.md):
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
