@@ -95,24 +95,6 @@ if torch.cuda.is_available():
 recs = read_metrics(f"{work}/run/metrics.jsonl")
 shutil.copy(f"{work}/run/metrics.jsonl", os.path.join(out, "metrics.jsonl"))
 
-report = {"results": {}, "lengths": lengths, "tasks": []}
-eval_budget = float(os.environ.get("EVAL_SECONDS", "150"))
-t_eval = time.time()
-for task, n in samples.items():
-    if time.time() - t_eval > eval_budget:
-        print(f"evaluation time budget ({eval_budget:.0f}s) spent: skipping {task}")
-        continue
-    try:
-        r = run_tasks(f"{work}/run/final", lengths, [task], num_samples=n, seed=7)
-    except Exception as e:
-        import traceback; traceback.print_exc()
-        report.setdefault("errors", {})[task] = f"{type(e).__name__}: {e}"
-        continue
-    report["results"].update(r["results"])
-    report["tasks"].append(task)
-    report["eval_seconds"] = report.get("eval_seconds", 0) + r["seconds"]
-table = format_table(report)
-
 train_logs = [r for r in recs if "loss" in r]
 def mfu_stats(stage):
     xs = [r["mfu"] for r in train_logs if r["stage"] == stage and r["mfu"] is not None][1:]
@@ -120,9 +102,11 @@ def mfu_stats(stage):
     return {"median_mfu": statistics.median(xs) if xs else None, "median_tokens_per_s": statistics.median(ts) if ts else None,
             "median_tflops": statistics.median([r["tflops"] for r in train_logs if r["stage"] == stage][1:] or [0])}
 val = [r for r in recs if "val_loss" in r]
+report = {"results": {}, "lengths": lengths, "tasks": [], "status": "pending"}
 result = {
     "meta": run_metadata(), "config": cfg.to_dict(), "params": summary["params"],
     "training": {"steps": summary["global_step"], "tokens": summary["tokens"], "seconds": summary["seconds"],
+                 "time_limit_reached": summary.get("time_limit_reached", False),
                  "stable_sparse_off": mfu_stats(0), "decay_sparse_on": mfu_stats(1),
                  "final_train_loss": train_logs[-1]["loss"], "heldout_loss": val[-1]["val_loss"] if val else None,
                  "heldout_curve": [(r["step"], r["val_loss"]) for r in val]},
@@ -130,9 +114,9 @@ result = {
     "data_meta": json.load(open(os.path.join(data, "meta.json"))),
     "calibration": {"tokens_per_s_sparse_off": tps_off, "mfu_sparse_off": mfu_off,
                     "tokens_per_s_sparse_on": tps_on, "mfu_sparse_on": mfu_on},
-    "niah": report, "niah_table": table, "total_seconds": time.time() - t_all,
+    "niah": report, "niah_table": "", "total_seconds": time.time() - t_all,
 }
-write_json(os.path.join(out, "summary.json"), result)
+write_json(os.path.join(out, "summary.json"), result)   # training results are safe before the evaluation starts
 
 try:
     import matplotlib
@@ -152,6 +136,30 @@ try:
     fig.savefig(os.path.join(out, "loss.png"), dpi=120)
 except Exception as e:
     print("plot failed:", e)
+
+eval_budget = float(os.environ.get("EVAL_SECONDS", "150"))
+t_eval = time.time()
+for task, n in samples.items():
+    if time.time() - t_eval > eval_budget:
+        print(f"evaluation time budget ({eval_budget:.0f}s) spent: skipping {task}")
+        report.setdefault("skipped", []).append(task)
+        continue
+    try:
+        r = run_tasks(f"{work}/run/final", lengths, [task], num_samples=n, seed=7)
+    except Exception as e:
+        import traceback; traceback.print_exc()
+        report.setdefault("errors", {})[task] = f"{type(e).__name__}: {e}"
+        continue
+    report["results"].update(r["results"])
+    report["tasks"].append(task)
+    report["eval_seconds"] = report.get("eval_seconds", 0) + r["seconds"]
+    result["niah_table"] = table = format_table(report)
+    result["total_seconds"] = time.time() - t_all
+    write_json(os.path.join(out, "summary.json"), result)   # after every task: a cut-off run keeps what it measured
+report["status"] = "done"
+table = result["niah_table"] = format_table(report) if report["tasks"] else ""
+result["total_seconds"] = time.time() - t_all
+write_json(os.path.join(out, "summary.json"), result)
 print(table)
 print(json.dumps({k: result["training"][k] for k in ("steps", "tokens", "seconds", "final_train_loss", "heldout_loss",
                                                       "stable_sparse_off", "decay_sparse_on")}, indent=1))

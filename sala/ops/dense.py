@@ -1,4 +1,9 @@
-"""Dense causal softmax attention with GQA through torch SDPA (FlashAttention on GPU)."""
+"""Dense causal softmax attention with GQA through torch SDPA (FlashAttention on GPU).
+
+Packed documents (`cu_seqlens`) run as one FlashAttention varlen call on CUDA in fp16/bf16
+(`torch.nn.attention.varlen`, probed once per device/dtype/head_dim against SDPA), else as one masked SDPA
+per row (<= 8192 tokens) or one SDPA call per document.
+"""
 from __future__ import annotations
 
 import functools
