@@ -463,3 +463,19 @@ def test_masked_reference_equals_gather_reference(monkeypatch):
     torch.testing.assert_close(masked, gathered, rtol=1e-12, atol=1e-12)
     for a, b in zip(torch.autograd.grad(masked.sum(), (q, k, v)), torch.autograd.grad(gathered.sum(), (q, k, v))):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("lens", [[70, 20, 0, 99, 5], [30, 64, 1], [150]])
+def test_varlen_dense_prefixes_in_one_call_keep_values_and_gradients(lens):
+    """Packed rows (documents longer and shorter than the dense positions, an empty one, all short, one long):
+    output and gradients equal separate per-document calls."""
+    T = sum(lens)
+    q, k, v = (t.requires_grad_() for t in _qkv(1, T, 2, 2, 8, seed=23))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    out = infllmv2_attention(q, k, v, SMALL, cu_seqlens=cu)
+    want = torch.cat([infllmv2_attention(q[:, s:e], k[:, s:e], v[:, s:e], SMALL)
+                      for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()) if e > s], 1)
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        torch.testing.assert_close(a, b)

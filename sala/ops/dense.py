@@ -6,6 +6,7 @@ per row (<= 8192 tokens) or one SDPA call per document.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -26,21 +27,36 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"dense_causal_attention: key length {k.shape[1]} < query length {q.shape[1]}")
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """q [B, Tq, Hq, D] at the last Tq positions of k, v [B, Tk, Hkv, D]; causal, bottom-right aligned."""
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+          avoid_cudnn: bool = False) -> torch.Tensor:
+    """q [B, Tq, Hq, D] at the last Tq positions of k, v [B, Tk, Hkv, D]; causal, bottom-right aligned.
+    avoid_cudnn: for callers whose shapes change call after call (see `_no_cudnn`)."""
     Tq, Tk = q.shape[1], k.shape[1]
     G = q.shape[2] // k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if Tq == 0:
         return q.clone()
     if Tq == Tk or Tq == 1:   # one query at the end sees every key: no mask
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=Tq > 1, scale=scale, enable_gqa=G > 1)
+        with _no_cudnn(q, Tq) if avoid_cudnn else contextlib.nullcontext():
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=Tq > 1, scale=scale, enable_gqa=G > 1)
     else:
         # bottom-right causal: query t sees keys 0 .. Tk - Tq + t (boolean mask [Tq, Tk], used for chunks/decode)
         t = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
         mask = torch.arange(Tk, device=q.device)[None, :] <= t
         return _masked_sdpa(q, k, v, mask, scale)
     return o.transpose(1, 2)
+
+
+def _no_cudnn(q: torch.Tensor, Tq: int):
+    """On CUDA with more than one query: SDPA without the cuDNN backend, for the per-document calls of packed
+    rows. cuDNN builds an execution plan for every new shape (tens to hundreds of ms), which calls of changing
+    lengths meet almost every training step; FlashAttention has no such cost. Fixed-shape callers (benchmark
+    baselines, the engine) keep torch's own backend choice. Elsewhere (CPU, decode): no change."""
+    if not q.is_cuda or Tq <= 1:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -103,7 +119,8 @@ def _packed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list
         doc = torch.searchsorted(cu[1:], torch.arange(T, device=q.device), right=True)
         mask = (doc[:, None] == doc[None, :]).tril_()
         return _masked_sdpa(q, k, v, mask, scale)
-    outs = [_sdpa(q[:, s:e], k[:, s:e], v[:, s:e], scale) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    outs = [_sdpa(q[:, s:e], k[:, s:e], v[:, s:e], scale, avoid_cudnn=True)
+            for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
     return torch.cat(outs, dim=1) if outs else q.clone()
 
 

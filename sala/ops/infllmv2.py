@@ -313,14 +313,23 @@ def _infllmv2_varlen(q, k, v, params: SparseParams, scale: float, cu_seqlens: to
 
         return infllmv2_varlen_fused(q, k, v, params, scale, bounds)
     dp, bs, dev = params.dense_positions, params.block_size, q.device
+    if all(e - s <= dp for s, e in zip(bounds[:-1], bounds[1:])):   # every document short: dense only
+        return dense_causal_attention(q, k, v, scale=scale, cu_seqlens=torch.tensor(bounds))
+    # The dense-exact prefixes of all documents in one packed call (FlashAttention varlen on CUDA): one SDPA
+    # call per document would meet a new shape, and with cuDNN a new execution plan, almost every step.
+    spans = [(s, s + min(e - s, dp)) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    dense_tok = torch.cat([torch.arange(a, b) for a, b in spans]).to(dev, non_blocking=True)
+    prefix_cu = [0]
+    for a, b in spans:
+        prefix_cu.append(prefix_cu[-1] + b - a)
+    o_dense = dense_causal_attention(q[:, dense_tok], k[:, dense_tok], v[:, dense_tok], scale=scale,
+                                     cu_seqlens=torch.tensor(prefix_cu))[0]
     dense_parts, idx_parts, tok, pos, kbase, gbase, gks, gblk = [], [], [], [], [], [], [], []
     n_gid = 0
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for (s, e), p0, p1 in zip([(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s], prefix_cu[:-1],
+                              prefix_cu[1:]):
         L = e - s
-        if L == 0:
-            continue
-        nd = min(L, dp)
-        dense_parts.append(dense_causal_attention(q[:, s:s + nd], k[:, s:s + nd], v[:, s:s + nd], scale=scale))
+        dense_parts.append(o_dense[p0:p1])
         if L > dp:
             kd = k[:, s:e].detach()
             k1 = compress_keys(kd, params.kernel_size, params.kernel_stride)
@@ -338,15 +347,13 @@ def _infllmv2_varlen(q, k, v, params: SparseParams, scale: float, cu_seqlens: to
             n_gid += nb
         else:
             idx_parts.append(None)
-    if not tok:
-        return torch.cat(dense_parts, dim=1)
     tok_all = torch.cat(tok)
     o_s = _sparse_flat(q[0, tok_all], k[0], v[0], torch.cat([p for p in idx_parts if p is not None], dim=2),
                        torch.cat(pos), torch.cat(kbase), torch.cat(gbase), torch.cat(gks), torch.cat(gblk), n_gid,
                        params, scale)
     out, used = [], 0
     for dense, idx in zip(dense_parts, idx_parts):
-        out.append(dense[0])
+        out.append(dense)
         if idx is not None:
             out.append(o_s[used:used + idx.shape[2]])
             used += idx.shape[2]
