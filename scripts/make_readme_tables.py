@@ -41,6 +41,16 @@ def _device(d: dict) -> str:
             + (f", run {when[:10]}" if when else "") + (f", commit {m['commit'][:7]}" if m.get("commit") else ""))
 
 
+def _row(*cells: object) -> str:
+    """One Markdown table row."""
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def _header(*columns: str) -> list[str]:
+    """A Markdown table's header row and separator."""
+    return [_row(*columns), "|" + "---|" * len(columns)]
+
+
 def _output_gib(d: dict, r: dict) -> float:
     """Size of the sparse op's output [T, Hq, D] bf16: included in the older runs' 'peak extra' figures."""
     return r["T"] * d["shape"]["Hq"] * d["shape"]["head_dim"] * 2 / 2**30
@@ -112,8 +122,8 @@ def targets_section() -> list[str]:
                          f"{100 * r16['accuracy']:.0f}% ({r16['n']} prompts)", r16["accuracy"] >= 0.9))
     if not rows:
         return []
-    out = ["### Targets of the open issues, as measured", "", "| target | goal | measured | met |", "|---|---|---|---|"]
-    out += [f"| {a} | {b} | {c} | {'yes' if m else 'no'} |" for a, b, c, m in rows]
+    out = ["### Targets of the open issues, as measured", "", *_header("target", "goal", "measured", "met")]
+    out += [_row(a, b, c, "yes" if m else "no") for a, b, c, m in rows]
     return out + [""]
 
 
@@ -124,23 +134,20 @@ def lightning_section() -> list[str]:
     out = ["### Lightning attention kernels vs fla (one layer, 32 heads x 128, bf16, batch 1)", "",
            f"`bench/results/lightning_kernels_h200.json` ({_device(d)}); fla `chunk_simple_gla(g_gamma=log_decay)` "
            "measured in the same process on the same inputs. Speed-up = fla time / our time.", "",
-           "| T | ours fwd (ms) | fla fwd (ms) | fwd speed-up | ours fwd+bwd (ms) | fla fwd+bwd (ms) | fwd+bwd speed-up "
-           "| rel. err ours / fla |", "|---|---|---|---|---|---|---|---|"]
+           *_header("T", "ours fwd (ms)", "fla fwd (ms)", "fwd speed-up", "ours fwd+bwd (ms)", "fla fwd+bwd (ms)",
+                    "fwd+bwd speed-up", "rel. err ours / fla")]
     for r in d["prefill"]:
-        out.append(f"| {_len(r['T'])} | {_f(r['ours_fwd_ms'])} | {_f(r.get('fla_fwd_ms'))} | "
-                   f"{_f(r.get('fwd_speedup_vs_fla'), 2, 'x')} | {_f(r.get('ours_fwd_bwd_ms'))} | "
-                   f"{_f(r.get('fla_fwd_bwd_ms'))} | {_f(r.get('fwd_bwd_speedup_vs_fla'), 2, 'x')} | "
-                   f"{r['ours_rel_err']:.1e} / {r['fla_rel_err']:.1e} |" if r.get('fla_rel_err') is not None else
-                   f"| {_len(r['T'])} | {_f(r['ours_fwd_ms'])} | {_f(r.get('fla_fwd_ms'))} | "
-                   f"{_f(r.get('fwd_speedup_vs_fla'), 2, 'x')} | {_f(r.get('ours_fwd_bwd_ms'))} | "
-                   f"{_f(r.get('fla_fwd_bwd_ms'))} | {_f(r.get('fwd_bwd_speedup_vs_fla'), 2, 'x')} | "
-                   f"{r['ours_rel_err']:.1e} / — |")
+        fla_err = f"{r['fla_rel_err']:.1e}" if r.get("fla_rel_err") is not None else "—"
+        out.append(_row(_len(r["T"]), _f(r["ours_fwd_ms"]), _f(r.get("fla_fwd_ms")),
+                        _f(r.get("fwd_speedup_vs_fla"), 2, "x"), _f(r.get("ours_fwd_bwd_ms")),
+                        _f(r.get("fla_fwd_bwd_ms")), _f(r.get("fwd_bwd_speedup_vs_fla"), 2, "x"),
+                        f"{r['ours_rel_err']:.1e} / {fla_err}"))
     out += ["", "Decode step (one token per sequence, state updated in place):", "",
-            "| batch | ours, one call (µs) | ours in a CUDA graph (µs) | fla fused_recurrent (µs) | speed-up (call) |",
-            "|---|---|---|---|---|"]
+            *_header("batch", "ours, one call (µs)", "ours in a CUDA graph (µs)", "fla fused_recurrent (µs)",
+                     "speed-up (call)")]
     for r in d["decode"]:
-        out.append(f"| {r['batch']} | {_f(r['ours_us'], 1)} | {_f(r['ours_graph_us'], 1)} | {_f(r.get('fla_us'), 1)} | "
-                   f"{_f(r.get('speedup_vs_fla'), 2, 'x')} |")
+        out.append(_row(r["batch"], _f(r["ours_us"], 1), _f(r["ours_graph_us"], 1), _f(r.get("fla_us"), 1),
+                        _f(r.get("speedup_vs_fla"), 2, "x")))
     lf = d.get("long_finite")
     if lf:
         out += ["", f"At T = {_len(lf['T'])} the output and final state are finite: "
@@ -156,15 +163,15 @@ def sparse_section() -> list[str]:
            "top-k 64 + window 2048, bf16)", "",
            f"`bench/results/sparse_kernels_h200.json` ({_device(d)}); whole = compression + selection + attention; "
            "torch SDPA (FlashAttention) dense causal at the same shape in the same process.", "",
-           "| T | whole fwd (ms) | selection (ms) | attention (ms) | SDPA fwd (ms) | fwd speed-up | whole fwd+bwd (ms) "
-           "| SDPA fwd+bwd (ms) | fwd+bwd speed-up | fla NSA fwd, same blocks (ms) | peak extra (GiB) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           *_header("T", "whole fwd (ms)", "selection (ms)", "attention (ms)", "SDPA fwd (ms)", "fwd speed-up",
+                    "whole fwd+bwd (ms)", "SDPA fwd+bwd (ms)", "fwd+bwd speed-up", "fla NSA fwd, same blocks (ms)",
+                    "peak extra (GiB)")]
     for r in d["results"]:
-        out.append(f"| {_len(r['T'])} | {_f(r['whole_fwd_ms'], 1)} | {_f(r.get('select_ms'), 1)} | "
-                   f"{_f(r.get('attention_fwd_ms'), 1)} | {_f(r.get('sdpa_fwd_ms'), 1)} | "
-                   f"{_f(r.get('speedup_fwd_vs_sdpa'), 2, 'x')} | {_f(r.get('whole_fwd_bwd_ms'), 1)} | "
-                   f"{_f(r.get('sdpa_fwd_bwd_ms'), 1)} | {_f(r.get('speedup_fwd_bwd_vs_sdpa'), 2, 'x')} | "
-                   f"{_f(r.get('fla_nsa_fwd_ms'), 1)} | {_f(r.get('whole_fwd_peak_extra_gib'), 2)} |")
+        out.append(_row(_len(r["T"]), _f(r["whole_fwd_ms"], 1), _f(r.get("select_ms"), 1),
+                        _f(r.get("attention_fwd_ms"), 1), _f(r.get("sdpa_fwd_ms"), 1),
+                        _f(r.get("speedup_fwd_vs_sdpa"), 2, "x"), _f(r.get("whole_fwd_bwd_ms"), 1),
+                        _f(r.get("sdpa_fwd_bwd_ms"), 1), _f(r.get("speedup_fwd_bwd_vs_sdpa"), 2, "x"),
+                        _f(r.get("fla_nsa_fwd_ms"), 1), _f(r.get("whole_fwd_peak_extra_gib"), 2)))
     return out + [""]
 
 
@@ -175,15 +182,16 @@ def sparse_variants_section() -> list[str]:
     out = ["### Sparse kernel variants (opt-in `SALA_SPARSE_ATTN=tiled`, `SALA_SPARSE_DECODE=splitk`)", "",
            f"`bench/results/sparse_variants_h200.json` ({_device(d)}), random inputs (little top-k overlap between "
            "neighbouring tokens, the worst case for query tiling). Default kernels stay the default.", "",
-           "| T | default whole fwd (ms) | tiled4 (ms) | tiled8 (ms) | blocks per tile (4 / 8 tokens) "
-           "| decode step default / split-K (ms) | decode attention only default / split-K (ms) | peak extra (GiB) |",
-           "|---|---|---|---|---|---|---|---|"]
+           *_header("T", "default whole fwd (ms)", "tiled4 (ms)", "tiled8 (ms)", "blocks per tile (4 / 8 tokens)",
+                    "decode step default / split-K (ms)", "decode attention only default / split-K (ms)",
+                    "peak extra (GiB)")]
     for r in d["results"]:
-        out.append(f"| {_len(r['T'])} | {_f(r['whole_fwd_ms'], 1)} | {_f(r.get('tiled4_whole_fwd_ms'), 1)} | "
-                   f"{_f(r.get('tiled8_whole_fwd_ms'), 1)} | {_f(r.get('tiled4_union_blocks_per_tile'), 0)} / "
-                   f"{_f(r.get('tiled8_union_blocks_per_tile'), 0)} | {_f(r.get('decode_ms'))} / "
-                   f"{_f(r.get('decode_splitk_ms'))} | {_f(r.get('decode_attention_ms'))} / "
-                   f"{_f(r.get('decode_attention_splitk_ms'))} | {_f(r.get('whole_fwd_peak_extra_gib'), 2)} |")
+        out.append(_row(_len(r["T"]), _f(r["whole_fwd_ms"], 1), _f(r.get("tiled4_whole_fwd_ms"), 1),
+                        _f(r.get("tiled8_whole_fwd_ms"), 1),
+                        f"{_f(r.get('tiled4_union_blocks_per_tile'), 0)} / {_f(r.get('tiled8_union_blocks_per_tile'), 0)}",
+                        f"{_f(r.get('decode_ms'))} / {_f(r.get('decode_splitk_ms'))}",
+                        f"{_f(r.get('decode_attention_ms'))} / {_f(r.get('decode_attention_splitk_ms'))}",
+                        _f(r.get("whole_fwd_peak_extra_gib"), 2)))
     return out + [""]
 
 
@@ -196,9 +204,9 @@ def latency_section() -> list[str]:
            "The baseline runs in the same process on the same GPU (HF SDPA, `logits_to_keep=1`); its decode was "
            "timed over a few tokens and extrapolated to 1024. Plots: `bench/results/latency_ttft.png`, "
            "`bench/results/latency_e2e.png`.", "",
-           "| context | SALA TTFT (s) | Qwen3-8B TTFT (s) | TTFT speed-up | SALA end-to-end (s) | Qwen3-8B end-to-end (s) "
-           "| SALA decode (tok/s) | Qwen3-8B decode (tok/s) | SALA peak (GiB) | Qwen3-8B peak (GiB) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           *_header("context", "SALA TTFT (s)", "Qwen3-8B TTFT (s)", "TTFT speed-up", "SALA end-to-end (s)",
+                    "Qwen3-8B end-to-end (s)", "SALA decode (tok/s)", "Qwen3-8B decode (tok/s)", "SALA peak (GiB)",
+                    "Qwen3-8B peak (GiB)")]
     for key in sorted(d["sala"], key=int):
         s, b = d["sala"][key], d.get("baseline", {}).get(key, {})
         if s.get("status") != "ok":
@@ -207,10 +215,9 @@ def latency_section() -> list[str]:
         b_ok = b.get("status") == "ok"
         b_txt = lambda k, dg=2: _f(b.get(k), dg) if b_ok else ("OOM" if b.get("status") == "oom" else "not run")  # noqa
         ratio = s["ttft_s"] and b_ok and b["ttft_s"] / s["ttft_s"]
-        out.append(f"| {_len(int(key))} | {_f(s['ttft_s'])} | {b_txt('ttft_s')} | "
-                   f"{_f(ratio, 2, 'x') if b_ok else '—'} | {_f(s['e2e_s'], 1)} | {b_txt('e2e_s', 1)} | "
-                   f"{_f(s['decode_tokens_per_s'], 1)} | {b_txt('decode_tokens_per_s', 1)} | {_f(s['peak_gib'], 1)} | "
-                   f"{b_txt('peak_gib', 1)} |")
+        out.append(_row(_len(int(key)), _f(s["ttft_s"]), b_txt("ttft_s"), _f(ratio, 2, "x") if b_ok else "—",
+                        _f(s["e2e_s"], 1), b_txt("e2e_s", 1), _f(s["decode_tokens_per_s"], 1),
+                        b_txt("decode_tokens_per_s", 1), _f(s["peak_gib"], 1), b_txt("peak_gib", 1)))
     notes = d.get("notes") or []
     if notes:
         out += ["", "Notes from the run: " + "; ".join(notes) + "."]
@@ -233,7 +240,7 @@ def training_section() -> list[str]:
            f"{d['params'] / 1e6:.1f}M parameters (sala-small, vocab 8192), {t['tokens'] / 1e6:.1f}M tokens in "
            f"{t['seconds']:.0f} s at 4K context{', torch.compile' if d.get('compiled') else ''}; data: {data}; "
            f"held-out loss {t['heldout_loss']:.2f} (train {t['final_train_loss']:.2f}).",
-           "", "| stage | tokens/s | TFLOP/s | MFU |", "|---|---|---|---|",
+           "", *_header("stage", "tokens/s", "TFLOP/s", "MFU"),
            f"| sparse off (stable LR) | {off.get('median_tokens_per_s') or 0:,.0f} | {_f(off.get('median_tflops'), 1)} | "
            f"{_f(100 * (off.get('median_mfu') or 0), 1, '%')} |",
            f"| sparse on (exponential decay) | {on.get('median_tokens_per_s') or 0:,.0f} | {_f(on.get('median_tflops'), 1)} | "

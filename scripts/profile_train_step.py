@@ -21,6 +21,7 @@ def main() -> None:
     from sala.bench.common import run_metadata, write_json
     from sala.data.batching import collate_windows
     from sala.data.packed import PackedDataset, read_meta
+    from sala.train.compile import compile_for_training
     from sala.train.config import ModelConfig
     from sala.train.flops import peak_tflops, train_step_flops
     from sala.train.model_factory import build_model
@@ -32,7 +33,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the model")
+    ap.add_argument("--compile", action="store_true", help="also time the model as the trainer compiles it")
     ap.add_argument("--out", default="runs/profile_train.json")
     ap.add_argument("--vary", type=int, default=0,
                     help="instead: time N steps on N different micro-batches (sparse on), then the same N again, "
@@ -72,7 +73,7 @@ def main() -> None:
         flops = train_step_flops(model, lengths, sparse and kind == "sala")
         layout = "flat" if kind == "sala" else "rows"
         batch = {k: v.to(dev) for k, v in collate_windows(windows, layout).items()}
-        fwd = torch.compile(model) if compiled else model
+        fwd = compile_for_training(model) if compiled else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if dev.type == "cuda" else {}))
 
         def step() -> float:

@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -260,35 +259,15 @@ def cmd_eval(args) -> None:
 
 
 # ----------------------------------------------------------------------------- one-shot GPU run
-def environment() -> dict:
-    import torch
-    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-           "command": " ".join(sys.argv)}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if os.environ.get("SALA_GIT_COMMIT"):   # the device copy's .git, if any, is not the tree that runs
-        env["commit"], env["tree"] = os.environ["SALA_GIT_COMMIT"], "as committed (SALA_GIT_COMMIT)"
-        return env
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                       cwd=ROOT).stdout.strip() or "uncommitted"
-    except OSError:
-        env["commit"] = "uncommitted"
-    env["tree"] = "uncommitted changes" if subprocess.run(["git", "status", "--porcelain"], capture_output=True,
-                                                          text=True, cwd=ROOT).stdout.strip() else "clean"
-    return env
-
-
 def cmd_gpu(args) -> None:
     """Everything on the device in one call, budgeted by wall time; results written after every step."""
     t_start = time.time()
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    res: dict = {"env": environment(), "config": {"teacher": REPRO_TEACHER, "bundle_teacher": BUNDLE_TEACHER,
+    from sala.bench.common import run_metadata
+
+    res: dict = {"meta": run_metadata(), "config": {"teacher": REPRO_TEACHER, "bundle_teacher": BUNDLE_TEACHER,
                  "sparse_config": SPARSE, "fractions": FRACTIONS, "train_len": TRAIN_LEN,
                  "eval_lengths": EVAL_LENGTHS, "eval_samples": EVAL_SAMPLES, "tasks": TASKS}, "steps": {}}
     path = out / "repro_results.json"

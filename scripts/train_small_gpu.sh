@@ -116,7 +116,12 @@ result = {
                     "tokens_per_s_sparse_on": tps_on, "mfu_sparse_on": mfu_on},
     "niah": report, "niah_table": "", "total_seconds": time.time() - t_all,
 }
-write_json(os.path.join(out, "summary.json"), result)   # training results are safe before the evaluation starts
+def save_summary():
+    result["niah_table"] = format_table(report) if report["tasks"] else ""
+    result["total_seconds"] = time.time() - t_all
+    write_json(os.path.join(out, "summary.json"), result)
+
+save_summary()   # training results are safe before the evaluation starts
 
 try:
     import matplotlib
@@ -153,13 +158,10 @@ for task, n in samples.items():
     report["results"].update(r["results"])
     report["tasks"].append(task)
     report["eval_seconds"] = report.get("eval_seconds", 0) + r["seconds"]
-    result["niah_table"] = table = format_table(report)
-    result["total_seconds"] = time.time() - t_all
-    write_json(os.path.join(out, "summary.json"), result)   # after every task: a cut-off run keeps what it measured
+    save_summary()   # after every task: a cut-off run keeps what it measured
 report["status"] = "done"
-table = result["niah_table"] = format_table(report) if report["tasks"] else ""
-result["total_seconds"] = time.time() - t_all
-write_json(os.path.join(out, "summary.json"), result)
+save_summary()
+table = result["niah_table"]
 print(table)
 print(json.dumps({k: result["training"][k] for k in ("steps", "tokens", "seconds", "final_train_loss", "heldout_loss",
                                                       "stable_sparse_off", "decay_sparse_on")}, indent=1))

@@ -122,14 +122,25 @@ def check_varlen():
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
 
 
-def check_decode():
-    B, S = 2, 120
-    q, k, v = _qkv(B, S, 2, 2, 16, 6)
-    lengths = torch.tensor([120, 85], dtype=torch.int32)
+def _decode_case(S: int, G: int, seed: int, lengths: list[int], fill: float = 0.0, poison_kv: bool = False):
+    """A decode step's inputs: caches of S slots (2 KV heads, d 16) filled for `lengths`, compressed-key caches
+    initialised to `fill` then updated, optionally NaN in the K/V slots past each length, and each sequence's
+    last query. Returns (qd, k, v, k1c, k2c, lengths int32)."""
+    B = len(lengths)
+    q, k, v = _qkv(B, S, 2, G, 16, seed)
+    lengths = torch.tensor(lengths, dtype=torch.int32)
     n1, n2 = compressed_lengths(S, SMALL)
-    k1c, k2c = torch.zeros(B, n1, 2, 16), torch.zeros(B, n2, 2, 16)
+    k1c, k2c = torch.full((B, n1, 2, 16), fill), torch.full((B, n2, 2, 16), fill)
     update_compressed_keys(k, k1c, k2c, lengths, SMALL, new_tokens=S)
+    if poison_kv:
+        for b in range(B):
+            k[b, int(lengths[b]):], v[b, int(lengths[b]):] = float("nan"), float("nan")
     qd = torch.stack([q[b, int(lengths[b]) - 1] for b in range(B)])
+    return qd, k, v, k1c, k2c, lengths
+
+
+def check_decode():
+    qd, k, v, k1c, k2c, lengths = _decode_case(120, 2, 6, [120, 85])
     got = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL)
     _mode("reference")
     want = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL)
@@ -251,15 +262,7 @@ def check_splitk_decode():
     """Split-K decode vs the reference: 2 sequences, stale NaN cache slots, NaN-filled output buffer."""
     from sala.ops import infllmv2_triton as tri
 
-    B, S = 2, 120
-    q, k, v = _qkv(B, S, 2, 4, 16, 10)
-    lengths = torch.tensor([117, 85], dtype=torch.int32)
-    n1, n2 = compressed_lengths(S, SMALL)
-    k1c, k2c = torch.zeros(B, n1, 2, 16), torch.zeros(B, n2, 2, 16)
-    update_compressed_keys(k, k1c, k2c, lengths, SMALL, new_tokens=S)
-    for b in range(B):
-        k[b, int(lengths[b]):], v[b, int(lengths[b]):] = float("nan"), float("nan")
-    qd = torch.stack([q[b, int(lengths[b]) - 1] for b in range(B)])
+    qd, k, v, k1c, k2c, lengths = _decode_case(120, 4, 10, [117, 85], poison_kv=True)
     saved = tri.TUNING["decode_min_programs"]
     _variant("SALA_SPARSE_DECODE", "splitk")
     try:
@@ -286,14 +289,8 @@ def check_split_decode_select():
     from sala.ops import infllmv2_triton as tri
 
     B, S = 3, 320
-    q, k, v = _qkv(B, S, 2, 4, 16, 11)
-    lengths = torch.tensor([317, 150, 40], dtype=torch.int32)
-    n1, n2 = compressed_lengths(S, SMALL)
-    k1c, k2c = torch.full((B, n1, 2, 16), float("nan")), torch.full((B, n2, 2, 16), float("nan"))
-    update_compressed_keys(k, k1c, k2c, lengths, SMALL, new_tokens=S)
-    for b in range(B):
-        k[b, int(lengths[b]):], v[b, int(lengths[b]):] = float("nan"), float("nan")
-    qd = torch.stack([q[b, int(lengths[b]) - 1] for b in range(B)])
+    qd, k, v, k1c, k2c, lengths = _decode_case(S, 4, 11, [317, 150, 40], fill=float("nan"), poison_kv=True)
+    n2 = compressed_lengths(S, SMALL)[1]
     pos = lengths.long() - 1
     n_blocks = S // SMALL.block_size
     saved = tri.TUNING["decode_select_programs"]

@@ -435,7 +435,7 @@ def test_dense_packed_rows_use_the_varlen_fn(monkeypatch):
 
     monkeypatch.setattr(tv, "varlen_attn", _fake_varlen_attn("window_size", True, True))
     fn, calls = D._flash_varlen(), []
-    monkeypatch.setattr(D, "_varlen_fn_for", lambda q: (lambda *a: calls.append(a[4]) or fn(*a)))
+    monkeypatch.setattr(D, "flash_varlen_fn", lambda q: (lambda *a: calls.append(a[4]) or fn(*a)))
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 50, h, 16, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
     cu = torch.tensor([0, 7, 30, 50])

@@ -47,8 +47,10 @@ def bench_ms(fn: Callable[[], Any], warmup: int = 3, rep: int = 10) -> float:
 
 
 def _git_commit() -> str:
-    """`git rev-parse HEAD` of the working tree; else $SALA_GIT_COMMIT (a copied tree without .git, such as the
-    lent GPU machine's: pass it in the command); else "uncommitted"."""
+    """$SALA_GIT_COMMIT when set (a copied tree, such as the lent GPU machine's, whose .git, if any, is not the
+    tree that runs: pass it in the command); else `git rev-parse HEAD` of the working tree; else "uncommitted"."""
+    if os.environ.get("SALA_GIT_COMMIT"):
+        return os.environ["SALA_GIT_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(
@@ -63,7 +65,7 @@ def _git_commit() -> str:
             return sha + ("-dirty" if dirty.stdout.strip() else "")
     except Exception:
         pass
-    return os.environ.get("SALA_GIT_COMMIT") or "uncommitted"
+    return "uncommitted"
 
 
 def run_metadata() -> dict:

@@ -30,12 +30,15 @@ def stdlib_corpus_files(root: str | os.PathLike | None = None,
     base = Path(root) if root is not None else stdlib_root()
     if not base.is_dir():
         raise FileNotFoundError(f"stdlib corpus: folder {base} does not exist")
+    return _files_under(base, extensions, skip_dirs=("site-packages", "__pycache__", "dist-packages"))
+
+
+def _files_under(base: Path, extensions: tuple[str, ...], skip_dirs: tuple[str, ...]) -> list[Path]:
+    """Sorted files under `base` whose names end with one of `extensions`, folders named in `skip_dirs` skipped."""
     out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(base):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__", "dist-packages"))
-        for name in sorted(filenames):
-            if name.endswith(extensions):
-                out.append(Path(dirpath) / name)
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs)
+        out.extend(Path(dirpath) / name for name in sorted(filenames) if name.endswith(extensions))
     out.sort()
     return out
 
@@ -90,11 +93,7 @@ def iter_python_packages_documents(roots: list[Path] | None = None) -> Iterator[
     (torch, transformers, numpy, ... in this environment), sorted, `__pycache__` skipped. It differs between
     machines with different packages, unlike `stdlib`."""
     for base in roots if roots is not None else site_packages_roots():
-        files: list[Path] = []
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
-            files.extend(Path(dirpath) / n for n in sorted(filenames) if n.endswith(STDLIB_EXTENSIONS + (".md",)))
-        files.sort()
+        files = _files_under(Path(base), STDLIB_EXTENSIONS + (".md",), skip_dirs=("__pycache__",))
         yield from iter_text_files(files, root=base, min_chars=16)
 
 

@@ -126,12 +126,11 @@ def prepare(out_dir: str, sources: list[str], tokenizer: TextTokenizer | str | N
 _WORKER_TOKENIZER: TextTokenizer | None = None   # set before forking the synthetic-sample workers
 
 
-def _synthetic_part(job: tuple[str, int, int, int, int]) -> list[list[int]]:
-    """Token ids of samples [lo, hi) of one (task, length) combination (one worker's share)."""
+def _synthetic_part(job: tuple[str, int, int, int, int, int]) -> list[list[int]]:
+    """Token ids of samples [lo, hi) of one (task, length) combination of n samples (one worker's share)."""
     from sala.eval.tasks import generate
 
-    task, length, n, seed, lo_hi = job[0], job[1], job[2], job[3], job[4]
-    lo, hi = divmod(lo_hi, 1 << 31)
+    task, length, n, seed, lo, hi = job
     tok = _WORKER_TOKENIZER
     depths = [random.Random(f"{seed}/{task}/{length}/{j}").random() for j in range(n)]
     out = []
@@ -147,7 +146,7 @@ def _synthetic_documents(tok: TextTokenizer, combos: list[tuple[str, int]], per_
     processes (fork, where available) when there are many. The result does not depend on the worker count."""
     global _WORKER_TOKENIZER
     step = 64
-    jobs = [(t, L, per_combo, seed, lo * (1 << 31) + min(per_combo, lo + step))
+    jobs = [(t, L, per_combo, seed, lo, min(per_combo, lo + step))
             for t, L in combos for lo in range(0, per_combo, step)]
     _WORKER_TOKENIZER = tok
     workers = min(len(jobs), os.cpu_count() or 1)

@@ -92,7 +92,7 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if bounds[0] != 0 or bounds[-1] != q.shape[1] or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
         raise ValueError(f"dense_causal_attention: cu_seqlens {bounds} must rise from 0 to T = {q.shape[1]}")
     if len(bounds) > 2:
-        fn = _varlen_fn_for(q)
+        fn = flash_varlen_fn(q)
         if fn is not None:   # FlashAttention varlen: one call, no mask, no per-document loop
             cu = torch.tensor(bounds, dtype=torch.int32).to(q.device, non_blocking=True)
             max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
@@ -101,7 +101,7 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     return _packed_sdpa(q, k, v, bounds, scale)
 
 
-def _varlen_fn_for(q: torch.Tensor):
+def flash_varlen_fn(q: torch.Tensor):
     """The probed FlashAttention varlen fn for q's device and dtype (CUDA, fp16/bf16), else None."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return probed_flash_varlen(str(q.device), q.dtype, q.shape[-1])

@@ -317,17 +317,16 @@ def _infllmv2_varlen(q, k, v, params: SparseParams, scale: float, cu_seqlens: to
         return dense_causal_attention(q, k, v, scale=scale, cu_seqlens=torch.tensor(bounds))
     # The dense-exact prefixes of all documents in one packed call (FlashAttention varlen on CUDA): one SDPA
     # call per document would meet a new shape, and with cuDNN a new execution plan, almost every step.
-    spans = [(s, s + min(e - s, dp)) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-    dense_tok = torch.cat([torch.arange(a, b) for a, b in spans]).to(dev, non_blocking=True)
+    docs = [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    dense_tok = torch.cat([torch.arange(s, s + min(e - s, dp)) for s, e in docs]).to(dev, non_blocking=True)
     prefix_cu = [0]
-    for a, b in spans:
-        prefix_cu.append(prefix_cu[-1] + b - a)
+    for s, e in docs:
+        prefix_cu.append(prefix_cu[-1] + min(e - s, dp))
     o_dense = dense_causal_attention(q[:, dense_tok], k[:, dense_tok], v[:, dense_tok], scale=scale,
                                      cu_seqlens=torch.tensor(prefix_cu))[0]
     dense_parts, idx_parts, tok, pos, kbase, gbase, gks, gblk = [], [], [], [], [], [], [], []
     n_gid = 0
-    for (s, e), p0, p1 in zip([(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s], prefix_cu[:-1],
-                              prefix_cu[1:]):
+    for (s, e), p0, p1 in zip(docs, prefix_cu[:-1], prefix_cu[1:]):
         L = e - s
         dense_parts.append(o_dense[p0:p1])
         if L > dp:

@@ -127,36 +127,14 @@ def update_compressed_keys_triton(k_cache, k1_cache, k2_cache, cache_seqlens, pa
 # ----------------------------------------------------------------------------------------------------------
 # stage 1: pooled block scores
 # ----------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["Tq", "n_cols", "spb", "sob", "soh", "sot"])
-def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
-                         Tq, n_cols, scale_log2,
-                         sqb, sqt, sqh, s1b, s1t, s1h, s2b, s2t, s2h, spb, sob, soh, sot,
-                         G: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr,
-                         K1K: tl.constexpr, K1S: tl.constexpr, K2K: tl.constexpr, K2S: tl.constexpr,
-                         BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr,
-                         INIT: tl.constexpr, LOCAL: tl.constexpr, BN2: tl.constexpr, NB: tl.constexpr):
-    pid_t = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    ROWS: tl.constexpr = BQ * GP
-    BN1: tl.constexpr = NB * R
-    rows = tl.arange(0, ROWS)
-    g = rows % GP
-    t_row = pid_t * BQ + rows // GP
-    row_ok = (t_row < Tq) & (g < G)
-    pos_row = tl.load(pos_ptr + b * spb + t_row, mask=t_row < Tq, other=-1)
-    t_tok = pid_t * BQ + tl.arange(0, BQ)
-    pos_tok = tl.load(pos_ptr + b * spb + t_tok, mask=t_tok < Tq, other=-1)
-    pos_max = tl.max(pos_tok, axis=0)
-    d = tl.arange(0, D)
-    qp = q_ptr + b.to(tl.int64) * sqb + t_row.to(tl.int64)[:, None] * sqt + (h * G + g)[:, None] * sqh + d[None, :]
-    qv = tl.load(qp, mask=row_ok[:, None], other=0.0)
-
-    # pass 1: log2-sum-exp over the visible K2 (0 where none is visible)
+@triton.jit
+def _select_k2_lse(qv, k2base, s2t, pos_row, pos_max, scale_log2, d, ROWS: tl.constexpr, K2K: tl.constexpr,
+                   K2S: tl.constexpr, BN2: tl.constexpr):
+    """Stage-1 selection, pass 1: log2-sum-exp [ROWS] of the query rows qv [ROWS, D] (positions pos_row) over the
+    K2 windows they see, read from k2base + window * s2t (0 where none is visible)."""
     n2 = tl.where(pos_max >= K2K - 1, (tl.maximum(pos_max - K2K + 1, 0)) // K2S + 1, 0)
     m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l = tl.zeros([ROWS], dtype=tl.float32)
-    k2base = k2_ptr + b.to(tl.int64) * s2b + h * s2h
     for j0 in range(0, n2, BN2):
         j = j0 + tl.arange(0, BN2)
         kk = tl.load(k2base + j.to(tl.int64)[:, None] * s2t + d[None, :], mask=(j < n2)[:, None], other=0.0)
@@ -167,18 +145,24 @@ def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
         m = m_new
-    lse = tl.where(l > 0, m + tl.log2(tl.maximum(l, 1e-30)), 0.0)
+    return tl.where(l > 0, m + tl.log2(tl.maximum(l, 1e-30)), 0.0)
 
-    # pass 2: K1 scores, group sum, max-pool into blocks, forced blocks
+
+@triton.jit
+def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_max, tok_ok, obase, n_cols,
+                          scale_log2, d, BQ: tl.constexpr, GP: tl.constexpr, K1K: tl.constexpr, K1S: tl.constexpr,
+                          BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr, INIT: tl.constexpr,
+                          LOCAL: tl.constexpr, NB: tl.constexpr):
+    """Stage-1 selection, pass 2: K1 probabilities (normalised by pass 1's lse), summed over the GP head slots of
+    each of the BQ tokens, max-pooled into blocks, forced init/local blocks (+inf) and future blocks (-inf);
+    stored at obase [BQ, 1] + block for tokens with tok_ok and blocks < n_cols."""
+    BN1: tl.constexpr = NB * R
     qblk_tok = tl.where(pos_tok >= 0, pos_tok // BS, -1)
     qblk_max = tl.max(qblk_tok, axis=0)
     n1 = tl.where(pos_max >= K1K - 1, (tl.maximum(pos_max - K1K + 1, 0)) // K1S + 1, 0)
-    k1base = k1_ptr + b.to(tl.int64) * s1b + h * s1h
     carry = tl.zeros([BQ], dtype=tl.float32)
     bi = tl.arange(0, NB)
     ci = tl.arange(0, R)
-    tok_ok = t_tok < Tq
-    obase = out_ptr + b.to(tl.int64) * sob + h * soh + t_tok.to(tl.int64)[:, None] * sot
     for b0 in range(0, qblk_max + 1, NB):
         j = b0 * R + tl.arange(0, BN1)
         kk = tl.load(k1base + j.to(tl.int64)[:, None] * s1t + d[None, :], mask=(j < n1)[:, None], other=0.0)
@@ -194,10 +178,41 @@ def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
         pooled = tl.maximum(m_in, shifted)
         carry = tl.max(tl.where(bi[None, :] == NB - 1, tail, 0.0), axis=1)
         blk = b0 + bi
-        forced = (blk[None, :] < INIT) | ((blk[None, :] >= qblk_tok[:, None] - LOCAL) & (blk[None, :] <= qblk_tok[:, None]))
-        pooled = tl.where(forced, float("inf"), pooled)
+        own = (blk[None, :] >= qblk_tok[:, None] - LOCAL) & (blk[None, :] <= qblk_tok[:, None])
+        pooled = tl.where((blk[None, :] < INIT) | own, float("inf"), pooled)
         pooled = tl.where(blk[None, :] > qblk_tok[:, None], float("-inf"), pooled)
         tl.store(obase + blk[None, :], pooled, mask=tok_ok[:, None] & (blk[None, :] < n_cols))
+
+
+@triton.jit(do_not_specialize=["Tq", "n_cols", "spb", "sob", "soh", "sot"])
+def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
+                         Tq, n_cols, scale_log2,
+                         sqb, sqt, sqh, s1b, s1t, s1h, s2b, s2t, s2h, spb, sob, soh, sot,
+                         G: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr,
+                         K1K: tl.constexpr, K1S: tl.constexpr, K2K: tl.constexpr, K2S: tl.constexpr,
+                         BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr,
+                         INIT: tl.constexpr, LOCAL: tl.constexpr, BN2: tl.constexpr, NB: tl.constexpr):
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    ROWS: tl.constexpr = BQ * GP
+    rows = tl.arange(0, ROWS)
+    g = rows % GP
+    t_row = pid_t * BQ + rows // GP
+    row_ok = (t_row < Tq) & (g < G)
+    pos_row = tl.load(pos_ptr + b * spb + t_row, mask=t_row < Tq, other=-1)
+    t_tok = pid_t * BQ + tl.arange(0, BQ)
+    pos_tok = tl.load(pos_ptr + b * spb + t_tok, mask=t_tok < Tq, other=-1)
+    pos_max = tl.max(pos_tok, axis=0)
+    d = tl.arange(0, D)
+    qp = q_ptr + b.to(tl.int64) * sqb + t_row.to(tl.int64)[:, None] * sqt + (h * G + g)[:, None] * sqh + d[None, :]
+    qv = tl.load(qp, mask=row_ok[:, None], other=0.0)
+
+    lse = _select_k2_lse(qv, k2_ptr + b.to(tl.int64) * s2b + h * s2h, s2t, pos_row, pos_max, scale_log2, d, ROWS,
+                         K2K, K2S, BN2)
+    obase = out_ptr + b.to(tl.int64) * sob + h * soh + t_tok.to(tl.int64)[:, None] * sot
+    _select_k1_pool_store(qv, lse, k1_ptr + b.to(tl.int64) * s1b + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_max,
+                          t_tok < Tq, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT, LOCAL, NB)
 
 
 def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks) -> torch.Tensor:
@@ -262,6 +277,17 @@ def select_blocks_triton(q, k1, k2, pos, params, scale, *, pos_max: int | None =
 # ----------------------------------------------------------------------------------------------------------
 # stage 2: block-sparse attention
 # ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, BS: tl.constexpr):
+    """Keys of selected-block slots kk.. (len(c) // BS blocks) of one query at position pos: the causal, valid
+    key mask [len(c)] and the K/V element offsets [len(c), D] of kv head h (rows kb + key)."""
+    blk = tl.load(ibase + kk + c // BS)
+    key = blk * BS + c % BS
+    kmask = (key <= pos) & (key >= 0)
+    rowp = (kb + key.to(tl.int64))[:, None]
+    return kmask, rowp * skn + h * skh + d[None, :]
+
+
 @triton.jit(do_not_specialize=["Tq", "sib", "sih"])
 def _sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, pos_ptr, kbase_ptr,
                        Tq, scale_log2,
@@ -271,8 +297,6 @@ def _sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, pos_ptr, kb
     """KPI selected blocks (KPI * BS keys) per iteration; K % KPI == 0."""
     i = tl.program_id(0)
     h = tl.program_id(1)
-    bb = i // Tq
-    t = i % Tq
     g = tl.arange(0, GP)
     row_ok = g < G
     d = tl.arange(0, D)
@@ -280,17 +304,14 @@ def _sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, pos_ptr, kb
     pos = tl.load(pos_ptr + i)
     kb = tl.load(kbase_ptr + i).to(tl.int64)
     i64 = i.to(tl.int64)
+    ibase = idx_ptr + (i // Tq).to(tl.int64) * sib + h * sih + (i % Tq).to(tl.int64) * sit
     qv = tl.load(q_ptr + i64 * sqn + (h * G + g)[:, None] * sqh + d[None, :], mask=row_ok[:, None], other=0.0)
     m = tl.full([GP], float("-inf"), dtype=tl.float32)
     l = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, D], dtype=tl.float32)
-    ibase = idx_ptr + bb.to(tl.int64) * sib + h * sih + t.to(tl.int64) * sit
     for kk in range(0, K, KPI):
-        blk = tl.load(ibase + kk + c // BS)
-        key = blk * BS + c % BS
-        kmask = (key <= pos) & (key >= 0)
-        rowp = (kb + key.to(tl.int64))[:, None]
-        kt = tl.load(k_ptr + rowp * skn + h * skh + d[None, :], mask=kmask[:, None], other=0.0)
+        kmask, kvp = _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, BS)
+        kt = tl.load(k_ptr + kvp, mask=kmask[:, None], other=0.0)
         s = tl.dot(qv, tl.trans(kt)) * scale_log2
         s = tl.where(kmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -298,7 +319,7 @@ def _sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, pos_ptr, kb
         alpha = tl.exp2(m - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        vt = tl.load(v_ptr + rowp * skn + h * skh + d[None, :], mask=kmask[:, None], other=0.0)
+        vt = tl.load(v_ptr + kvp, mask=kmask[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         m = m_new
     l_safe = tl.where(l > 0, l, 1.0)
@@ -316,8 +337,6 @@ def _sparse_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
                           KPI: tl.constexpr):
     i = tl.program_id(0)
     h = tl.program_id(1)
-    bb = i // Tq
-    t = i % Tq
     g = tl.arange(0, GP)
     row_ok = g < G
     d = tl.arange(0, D)
@@ -325,20 +344,17 @@ def _sparse_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
     pos = tl.load(pos_ptr + i)
     kb = tl.load(kbase_ptr + i).to(tl.int64)
     i64 = i.to(tl.int64)
+    ibase = idx_ptr + (i // Tq).to(tl.int64) * sib + h * sih + (i % Tq).to(tl.int64) * sit
     rows = i64 * sqn + (h * G + g)[:, None] * sqh + d[None, :]
     qv = tl.load(q_ptr + rows, mask=row_ok[:, None], other=0.0)
     dov = tl.load(do_ptr + rows, mask=row_ok[:, None], other=0.0)
     lse = tl.load(lse_ptr + i64 * sln + h * G + g, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + i64 * sln + h * G + g, mask=row_ok, other=0.0)
     dq = tl.zeros([GP, D], dtype=tl.float32)
-    ibase = idx_ptr + bb.to(tl.int64) * sib + h * sih + t.to(tl.int64) * sit
     for kk in range(0, K, KPI):
-        blk = tl.load(ibase + kk + c // BS)
-        key = blk * BS + c % BS
-        kmask = (key <= pos) & (key >= 0)
-        rowp = (kb + key.to(tl.int64))[:, None]
-        kt = tl.load(k_ptr + rowp * skn + h * skh + d[None, :], mask=kmask[:, None], other=0.0)
-        vt = tl.load(v_ptr + rowp * skn + h * skh + d[None, :], mask=kmask[:, None], other=0.0)
+        kmask, kvp = _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, BS)
+        kt = tl.load(k_ptr + kvp, mask=kmask[:, None], other=0.0)
+        vt = tl.load(v_ptr + kvp, mask=kmask[:, None], other=0.0)
         s = tl.dot(qv, tl.trans(kt)) * scale_log2
         p = tl.where(kmask[None, :] & row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(dov, tl.trans(vt))
@@ -554,15 +570,38 @@ def tile_block_union(block_idx: torch.Tensor, gbase: torch.Tensor, TM: int):
 
 
 @triton.jit
-def _tiled_block_masks(bits, tok, tok_r, pos_t, pos_r, blk, ks, c, Nk, BS: tl.constexpr):
-    """Key-column load mask [BS] and per-row attend mask [ROWS, BS] of one union block."""
+def _tile_query_rows(tile, N, pos_ptr, G: tl.constexpr, GP: tl.constexpr, TM: tl.constexpr):
+    """The TM * GP rows of one query tile (token, head slot): their token slot, head slot, flat token, validity
+    and position, plus the tile's TM token slots and positions."""
+    ROWS: tl.constexpr = TM * GP
+    r = tl.arange(0, ROWS)
+    tok_r = r // GP
+    g = r % GP
+    n_r = tile * TM + tok_r
+    row_ok = (n_r < N) & (g < G)
+    pos_r = tl.load(pos_ptr + n_r, mask=n_r < N, other=-1)
+    tok = tl.arange(0, TM)
+    n_t = tile * TM + tok
+    pos_t = tl.load(pos_ptr + n_t, mask=n_t < N, other=-1)
+    return tok_r, g, n_r, row_ok, pos_r, tok, pos_t
+
+
+@triton.jit
+def _tiled_union_block(union_ptr, member_ptr, gid_kstart_ptr, gid_blk_ptr, ubase, u, tok, tok_r, pos_t, pos_r,
+                       c, d, h, skn, skh, Nk, BS: tl.constexpr):
+    """Union block u of a tile: key offsets [BS, D], key-column load mask [BS], per-row attend mask [ROWS, BS]."""
+    gid = tl.load(union_ptr + ubase + u)
+    bits = tl.load(member_ptr + ubase + u)
+    ks = tl.load(gid_kstart_ptr + gid).to(tl.int64)
+    blk = tl.load(gid_blk_ptr + gid)
     kp = blk * BS + c
     mem_t = ((bits >> tok) & 1) != 0
     col_ok = tl.max(tl.where(mem_t[:, None] & (kp[None, :] <= pos_t[:, None]), 1, 0), axis=0) > 0
     col_ok = col_ok & ((ks + c.to(tl.int64)) < Nk)
     mem_r = ((bits >> tok_r) & 1) != 0
     ok = mem_r[:, None] & (kp[None, :] <= pos_r[:, None]) & col_ok[None, :]
-    return col_ok, ok
+    kptr = (ks + c.to(tl.int64))[:, None] * skn + h * skh + d[None, :]
+    return kptr, col_ok, ok
 
 
 @triton.jit
@@ -574,15 +613,7 @@ def _sparse_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, union_ptr, mem
     tile = tl.program_id(0)
     h = tl.program_id(1)
     ROWS: tl.constexpr = TM * GP
-    r = tl.arange(0, ROWS)
-    tok_r = r // GP
-    g = r % GP
-    n_r = tile * TM + tok_r
-    row_ok = (n_r < N) & (g < G)
-    pos_r = tl.load(pos_ptr + n_r, mask=n_r < N, other=-1)
-    tok = tl.arange(0, TM)
-    n_t = tile * TM + tok
-    pos_t = tl.load(pos_ptr + n_t, mask=n_t < N, other=-1)
+    tok_r, g, n_r, row_ok, pos_r, tok, pos_t = _tile_query_rows(tile, N, pos_ptr, G, GP, TM)
     d = tl.arange(0, D)
     c = tl.arange(0, BS)
     qrow = n_r.to(tl.int64)[:, None] * sqn + (h * G + g)[:, None] * sqh + d[None, :]
@@ -593,12 +624,8 @@ def _sparse_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, union_ptr, mem
     ubase = h.to(tl.int64) * suh + tile.to(tl.int64) * sut
     cnt = tl.load(count_ptr + h * n_tiles + tile)
     for u in range(0, cnt):
-        gid = tl.load(union_ptr + ubase + u)
-        bits = tl.load(member_ptr + ubase + u)
-        ks = tl.load(gid_kstart_ptr + gid).to(tl.int64)
-        blk = tl.load(gid_blk_ptr + gid)
-        col_ok, ok = _tiled_block_masks(bits, tok, tok_r, pos_t, pos_r, blk, ks, c, Nk, BS)
-        kptr = (ks + c.to(tl.int64))[:, None] * skn + h * skh + d[None, :]
+        kptr, col_ok, ok = _tiled_union_block(union_ptr, member_ptr, gid_kstart_ptr, gid_blk_ptr, ubase, u, tok, tok_r,
+                                              pos_t, pos_r, c, d, h, skn, skh, Nk, BS)
         kt = tl.load(k_ptr + kptr, mask=col_ok[:, None], other=0.0)
         s = tl.dot(qv, tl.trans(kt)) * scale_log2
         s = tl.where(ok, s, float("-inf"))
@@ -626,15 +653,7 @@ def _sparse_bwd_dq_tiled_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
     tile = tl.program_id(0)
     h = tl.program_id(1)
     ROWS: tl.constexpr = TM * GP
-    r = tl.arange(0, ROWS)
-    tok_r = r // GP
-    g = r % GP
-    n_r = tile * TM + tok_r
-    row_ok = (n_r < N) & (g < G)
-    pos_r = tl.load(pos_ptr + n_r, mask=n_r < N, other=-1)
-    tok = tl.arange(0, TM)
-    n_t = tile * TM + tok
-    pos_t = tl.load(pos_ptr + n_t, mask=n_t < N, other=-1)
+    tok_r, g, n_r, row_ok, pos_r, tok, pos_t = _tile_query_rows(tile, N, pos_ptr, G, GP, TM)
     d = tl.arange(0, D)
     c = tl.arange(0, BS)
     rows = n_r.to(tl.int64)[:, None] * sqn + (h * G + g)[:, None] * sqh + d[None, :]
@@ -647,12 +666,8 @@ def _sparse_bwd_dq_tiled_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
     ubase = h.to(tl.int64) * suh + tile.to(tl.int64) * sut
     cnt = tl.load(count_ptr + h * n_tiles + tile)
     for u in range(0, cnt):
-        gid = tl.load(union_ptr + ubase + u)
-        bits = tl.load(member_ptr + ubase + u)
-        ks = tl.load(gid_kstart_ptr + gid).to(tl.int64)
-        blk = tl.load(gid_blk_ptr + gid)
-        col_ok, ok = _tiled_block_masks(bits, tok, tok_r, pos_t, pos_r, blk, ks, c, Nk, BS)
-        kptr = (ks + c.to(tl.int64))[:, None] * skn + h * skh + d[None, :]
+        kptr, col_ok, ok = _tiled_union_block(union_ptr, member_ptr, gid_kstart_ptr, gid_blk_ptr, ubase, u, tok, tok_r,
+                                              pos_t, pos_r, c, d, h, skn, skh, Nk, BS)
         kt = tl.load(k_ptr + kptr, mask=col_ok[:, None], other=0.0)
         vt = tl.load(v_ptr + kptr, mask=col_ok[:, None], other=0.0)
         s = tl.dot(qv, tl.trans(kt)) * scale_log2
@@ -1050,7 +1065,6 @@ def _varlen_block_scores_kernel(q_ptr, k1_ptr, k2_ptr, sq_tok_ptr, sq_pos_ptr, t
     tile = tile_lo + tl.program_id(0)
     h = tl.program_id(1)
     ROWS: tl.constexpr = BQ * GP
-    BN1: tl.constexpr = NB * R
     first = tl.load(tile_ptr + tile * stt)
     count = tl.load(tile_ptr + tile * stt + 1)
     k1off = tl.load(tile_ptr + tile * stt + 2)
@@ -1072,52 +1086,10 @@ def _varlen_block_scores_kernel(q_ptr, k1_ptr, k2_ptr, sq_tok_ptr, sq_pos_ptr, t
     qv = tl.load(q_ptr + tok_row[:, None] * sqn + (h * G + g)[:, None] * sqh + d[None, :], mask=row_ok[:, None],
                  other=0.0)
 
-    # pass 1: log2-sum-exp over the document's visible K2
-    n2 = tl.where(pos_max >= K2K - 1, (tl.maximum(pos_max - K2K + 1, 0)) // K2S + 1, 0)
-    m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([ROWS], dtype=tl.float32)
-    k2base = k2_ptr + k2off * s2t + h * s2h
-    for j0 in range(0, n2, BN2):
-        j = j0 + tl.arange(0, BN2)
-        kk = tl.load(k2base + j.to(tl.int64)[:, None] * s2t + d[None, :], mask=(j < n2)[:, None], other=0.0)
-        s = tl.dot(qv, tl.trans(kk)) * scale_log2
-        vis = (j[None, :] * K2S + (K2K - 1)) <= pos_row[:, None]
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-        m = m_new
-    lse = tl.where(l > 0, m + tl.log2(tl.maximum(l, 1e-30)), 0.0)
-
-    # pass 2: K1 scores, group sum, max-pool into blocks, forced blocks
-    qblk_tok = tl.where(pos_tok >= 0, pos_tok // BS, -1)
-    qblk_max = tl.max(qblk_tok, axis=0)
-    n1 = tl.where(pos_max >= K1K - 1, (tl.maximum(pos_max - K1K + 1, 0)) // K1S + 1, 0)
-    k1base = k1_ptr + k1off * s1t + h * s1h
-    carry = tl.zeros([BQ], dtype=tl.float32)
-    bi = tl.arange(0, NB)
-    ci = tl.arange(0, R)
+    lse = _select_k2_lse(qv, k2_ptr + k2off * s2t + h * s2h, s2t, pos_row, pos_max, scale_log2, d, ROWS, K2K, K2S, BN2)
     obase = out_ptr + h.to(tl.int64) * soh + (si_tok - row_lo).to(tl.int64)[:, None] * sot
-    for b0 in range(0, qblk_max + 1, NB):
-        j = b0 * R + tl.arange(0, BN1)
-        kk = tl.load(k1base + j.to(tl.int64)[:, None] * s1t + d[None, :], mask=(j < n1)[:, None], other=0.0)
-        s = tl.dot(qv, tl.trans(kk)) * scale_log2
-        vis = ((j[None, :] * K1S + (K1K - 1)) <= pos_row[:, None]) & row_ok[:, None]
-        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-        ps = tl.sum(tl.reshape(p, (BQ, GP, BN1)), axis=1)                       # [BQ, BN1]
-        p3 = tl.reshape(ps, (BQ, NB, R))
-        m_in = tl.max(p3, axis=2)                                               # [BQ, NB]
-        tail = tl.max(tl.where(ci[None, None, :] >= R - HALO, p3, 0.0), axis=2)
-        shifted = tl.max(tl.where(bi[None, :, None] == bi[None, None, :] - 1, tail[:, :, None], 0.0), axis=1)
-        shifted = tl.where(bi[None, :] == 0, carry[:, None], shifted)
-        pooled = tl.maximum(m_in, shifted)
-        carry = tl.max(tl.where(bi[None, :] == NB - 1, tail, 0.0), axis=1)
-        blk = b0 + bi
-        own = (blk[None, :] >= qblk_tok[:, None] - LOCAL) & (blk[None, :] <= qblk_tok[:, None])
-        forced = (blk[None, :] < INIT) | own
-        pooled = tl.where(forced, float("inf"), pooled)
-        pooled = tl.where(blk[None, :] > qblk_tok[:, None], float("-inf"), pooled)
-        tl.store(obase + blk[None, :], pooled, mask=tok_ok[:, None] & (blk[None, :] < n_cols))
+    _select_k1_pool_store(qv, lse, k1_ptr + k1off * s1t + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_max, tok_ok,
+                          obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT, LOCAL, NB)
 
 
 def varlen_select_tokens(G: int) -> int:

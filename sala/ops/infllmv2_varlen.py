@@ -17,7 +17,7 @@ import bisect
 
 import torch
 
-from sala.ops.dense import _MASKED_VARLEN_MAX_T, dense_causal_attention, probed_flash_varlen
+from sala.ops.dense import _MASKED_VARLEN_MAX_T, dense_causal_attention, flash_varlen_fn
 
 
 def _excl_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -155,10 +155,9 @@ def _dense_prefix_fn(q: torch.Tensor, n_dense: int):
     """(name, fn) for the dense prefixes: FlashAttention varlen on CUDA in fp16/bf16 where it works, else one
     masked SDPA when there are <= 8192 dense positions; None: they run in the block-sparse kernel.
     fn(q, k, v [n_dense, H, D], cu int32 device, cu host list, max_len, scale) -> [n_dense, Hq, D]."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        fn = probed_flash_varlen(str(q.device), q.dtype, q.shape[-1])
-        if fn is not None:
-            return "flash_varlen", fn
+    fn = flash_varlen_fn(q)
+    if fn is not None:
+        return "flash_varlen", fn
     if n_dense <= _MASKED_VARLEN_MAX_T:
         return "masked_sdpa", _masked_sdpa_prefixes
     return None

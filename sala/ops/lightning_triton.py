@@ -84,6 +84,25 @@ def _mm_acc(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _chunk_rows(c, n_chunks, bos, eos, offs_c, C: tl.constexpr, REVERSE: tl.constexpr):
+    """Chunk c of the segment [bos, eos) in walking order (last first when REVERSE): its token count n, the
+    validity [C] and the token rows [C] of its slots."""
+    if REVERSE:
+        cc = n_chunks - 1 - c
+    else:
+        cc = c
+    t0 = bos + cc * C
+    n = tl.minimum(eos - t0, C)
+    return n, offs_c < n, t0 + offs_c
+
+
+@triton.jit
+def _load_rows(ptr, rows, stride_t, h, stride_h, offs, valid):
+    """Tile [C, len(offs)] of head h at token rows `rows` (zeros where not valid)."""
+    return tl.load(ptr + rows[:, None] * stride_t + h * stride_h + offs[None, :], mask=valid[:, None], other=0.0)
+
+
+@triton.jit
 def _segment_state_kernel(
     k_ptr, v_ptr, u_ptr, log2_decay_ptr, seg_start_ptr, seg_end_ptr, seg_ids_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -103,18 +122,9 @@ def _segment_state_kernel(
     n_chunks = (eos - bos + C - 1) // C
     acc = tl.full([DK, BV], 0.0, tl.float32)
     for c in range(0, n_chunks):
-        if REVERSE:
-            cc = n_chunks - 1 - c
-        else:
-            cc = c
-        t0 = bos + cc * C
-        n = tl.minimum(eos - t0, C)
-        valid = offs_c < n
-        rows = t0 + offs_c
-        kb = tl.load(k_ptr + rows[:, None] * stride_kt + h * stride_kh + offs_k[None, :],
-                     mask=valid[:, None], other=0.0)
-        vb = tl.load(v_ptr + rows[:, None] * stride_vt + h * stride_vh + offs_v[None, :],
-                     mask=valid[:, None], other=0.0)
+        n, valid, rows = _chunk_rows(c, n_chunks, bos, eos, offs_c, C, REVERSE)
+        kb = _load_rows(k_ptr, rows, stride_kt, h, stride_kh, offs_k, valid)
+        vb = _load_rows(v_ptr, rows, stride_vt, h, stride_vh, offs_v, valid)
         if REVERSE:
             expo = offs_c + 1
         else:
@@ -188,20 +198,10 @@ def _segment_output_kernel(
     intra = tl.where(gap >= 0, tl.exp2(lg * tl.maximum(gap, 0).to(tl.float32)), 0.0)
     n_chunks = (eos - bos + C - 1) // C
     for c in range(0, n_chunks):
-        if REVERSE:
-            cc = n_chunks - 1 - c
-        else:
-            cc = c
-        t0 = bos + cc * C
-        n = tl.minimum(eos - t0, C)
-        valid = offs_c < n
-        rows = t0 + offs_c
-        qb = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_k[None, :],
-                     mask=valid[:, None], other=0.0)
-        kb = tl.load(k_ptr + rows[:, None] * stride_kt + h * stride_kh + offs_k[None, :],
-                     mask=valid[:, None], other=0.0)
-        vb = tl.load(v_ptr + rows[:, None] * stride_vt + h * stride_vh + offs_v[None, :],
-                     mask=valid[:, None], other=0.0)
+        n, valid, rows = _chunk_rows(c, n_chunks, bos, eos, offs_c, C, REVERSE)
+        qb = _load_rows(q_ptr, rows, stride_qt, h, stride_qh, offs_k, valid)
+        kb = _load_rows(k_ptr, rows, stride_kt, h, stride_kh, offs_k, valid)
+        vb = _load_rows(v_ptr, rows, stride_vt, h, stride_vh, offs_v, valid)
         if REVERSE:
             q_expo = tl.maximum(n - 1 - offs_c, 0)
             k_expo = offs_c + 1

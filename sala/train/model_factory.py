@@ -18,11 +18,10 @@ LLAMA_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _apply_fields(cfg: Any, fields: dict, what: str) -> None:
-    for k, v in fields.items():
+def _check_fields(cfg: Any, fields: dict, what: str) -> None:
+    for k in fields:
         if not hasattr(cfg, k):
             raise ValueError(f"model.config.{k}: {what} has no field {k!r}")
-        setattr(cfg, k, v)
 
 
 def build_model(spec: ModelConfig, vocab_size: int | None = None, bos_id: int | None = None,
@@ -37,19 +36,14 @@ def build_model(spec: ModelConfig, vocab_size: int | None = None, bos_id: int | 
     if spec.kind == "sala":
         from sala import SalaConfig, SalaForCausalLM
 
-        cfg = SalaConfig.from_preset(spec.preset) if spec.preset else SalaConfig()
         fields = dict(spec.config)
-        if "num_hidden_layers" in fields and "mixer_types" not in fields:
-            from sala.modeling.configuration_sala import scaled_mixer_types
-
-            # a depth override keeps the released pattern scaled down (first and last sparse, 25% sparse)
-            fields["mixer_types"] = scaled_mixer_types(int(fields["num_hidden_layers"]))
+        _check_fields(SalaConfig(), fields, "SalaConfig")
         if vocab_size is not None and "vocab_size" not in fields:
             fields["vocab_size"] = vocab_size
             fields.update(ids)
-        _apply_fields(cfg, fields, "SalaConfig")
-        if hasattr(cfg, "validate"):
-            cfg.validate()
+        # built in one go, so derived fields follow the overrides (a preset's layer pattern follows its depth)
+        cfg = SalaConfig.from_preset(spec.preset, **fields) if spec.preset else SalaConfig(**fields)
+        cfg.validate()
         return SalaForCausalLM(cfg).float()
     if spec.kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM

@@ -176,6 +176,18 @@ class Trainer:
         return s / max(t, 1.0)
 
     # ------------------------------------------------------------------ training
+    def _evaluate_and_log(self, stage_index: int) -> float | None:
+        """Held-out loss of stage `stage_index`'s data, written to the metrics log and the history."""
+        val = self.evaluate(stage_index)
+        if val is not None:
+            step = self.state["global_step"]
+            rec = {"step": step, "stage": stage_index, "val_loss": val, "val_ppl": math.exp(min(val, 50)),
+                   "tokens": self.state["tokens"]}
+            self.metrics.write(rec)
+            self.history.append(rec)
+            self.info(f"step {step}: held-out loss {val:.4f}")
+        return val
+
     def _save(self) -> None:
         ckpt.save_checkpoint(self.ckpt_root, self.state["global_step"], self.model, self.optimizer,
                              {"state": self.state, "config": self.cfg.to_dict()}, self.env,
@@ -270,13 +282,7 @@ class Trainer:
                 if final_of_stage:
                     self.state.update(stage=si + 1, stage_step=0, data_pos=0)
                 if cfg.eval_every and gstep % cfg.eval_every == 0 or final_of_stage:
-                    last_eval = self.evaluate(si)
-                    if last_eval is not None:
-                        rec = {"step": gstep, "stage": si, "val_loss": last_eval,
-                               "val_ppl": math.exp(min(last_eval, 50)), "tokens": self.state["tokens"]}
-                        self.metrics.write(rec)
-                        self.history.append(rec)
-                        self.info(f"step {gstep}: held-out loss {last_eval:.4f}")
+                    last_eval = self._evaluate_and_log(si)
                     win_t0 = time.time()
                 if (cfg.save_every and gstep % cfg.save_every == 0) or final_of_stage:
                     self._save()
@@ -293,14 +299,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         if timed_out:
-            si = min(self.state["stage"], len(cfg.stages) - 1)
-            last_eval = self.evaluate(si)
-            if last_eval is not None:
-                rec = {"step": self.state["global_step"], "stage": si, "val_loss": last_eval,
-                       "val_ppl": math.exp(min(last_eval, 50)), "tokens": self.state["tokens"]}
-                self.metrics.write(rec)
-                self.history.append(rec)
-                self.info(f"step {self.state['global_step']}: held-out loss {last_eval:.4f}")
+            last_eval = self._evaluate_and_log(min(self.state["stage"], len(cfg.stages) - 1))
         summary = {"global_step": self.state["global_step"], "tokens": self.state["tokens"],
                    "seconds": time.time() - t_start, "val_loss": last_eval, "params": self.num_params,
                    "stopped_early": stopped, "time_limit_reached": timed_out}
