@@ -159,6 +159,20 @@ for task, n in samples.items():
     report["tasks"].append(task)
     report["eval_seconds"] = report.get("eval_seconds", 0) + r["seconds"]
     save_summary()   # after every task: a cut-off run keeps what it measured
+if not cpu and time.time() - t_eval < eval_budget:   # diagnostic: the same model with sparse attention off (dense NoPE)
+    try:
+        from sala.data.tokenizer import load_tokenizer
+        from sala.train.model_factory import load_model_dir
+        m = load_model_dir(f"{work}/run/final", dtype=torch.bfloat16, device=torch.device("cuda"))
+        m.config.use_sparse_attention = False
+        r = run_tasks(None, lengths[:2], ["niah_single"], num_samples=20, seed=7, model=m,
+                      tokenizer=load_tokenizer(f"{work}/run/final"))
+        report["dense_diagnostic"] = {"note": "sparse layers run dense (use_sparse_attention=False)",
+                                      "results": r["results"]}
+        del m
+    except Exception as e:
+        import traceback; traceback.print_exc()
+        report.setdefault("errors", {})["dense_diagnostic"] = f"{type(e).__name__}: {e}"
 report["status"] = "done"
 save_summary()
 table = result["niah_table"]
