@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--tasks", default="niah_single,niah_multikey")
     ap.add_argument("--work", default="runs/continue_bundled")
     ap.add_argument("--save", default=None, help="also copy the continued model here")
+    ap.add_argument("--before-from", default=None,
+                    help="take the 'before' scores from this earlier JSON of the same model instead of measuring them")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -56,7 +58,13 @@ def main() -> None:
                 res[key].setdefault(task, {})[str(length)] = r["results"][task][str(length)]
                 write_json(args.out, res)
 
-    evaluate(str(model_dir), "before")
+    if args.before_from:
+        import json
+
+        prev = json.loads(Path(args.before_from).read_text())
+        res["before"], res["before_from"] = prev["before"], {"file": args.before_from, "meta": prev["meta"]}
+    else:
+        evaluate(str(model_dir), "before")
 
     base = [f"data.path={args.data}", "model.kind=pretrained", f"model.path={model_dir}", "model.preset=null", "model.config={}",
             "progress=false", "resume=false", "eval_windows=16", "log_every=10", "precision=bf16"]
