@@ -197,11 +197,11 @@ def greedy_answer(model, ids, max_new_tokens: int, tok, eos_id: int | None) -> s
 
 def evaluate(model_dir: str, data: str, deadline: float, lengths=EVAL_LENGTHS, max_samples: int | None = None) -> dict:
     import torch
-    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     import sala  # noqa: F401
     from sala.convert.data import TokenSource
+    from sala.eval.heldout import model_heldout_loss
     from sala.data.tokenizer import load_tokenizer
     from sala.eval.scoring import string_match_all
     from sala.eval.tasks import read_jsonl
@@ -215,15 +215,9 @@ def evaluate(model_dir: str, data: str, deadline: float, lengths=EVAL_LENGTHS, m
     res: dict = {"model": model_dir, "heldout": {}, "tasks": {}}
     src = TokenSource(data, model.config.vocab_size)
     windows = src.heldout(16, TRAIN_LEN)
-    tot, cnt = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(windows), 4):
-            ids = windows[i:i + 4].to(dev)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            tot += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-            cnt += ids[:, 1:].numel()
-    res["heldout"] = {"loss": tot / cnt, "seq_len": TRAIN_LEN, "tokens": cnt}
-    log(f"{Path(model_dir).name}: held-out loss {tot / cnt:.4f}")
+    loss = model_heldout_loss(model, windows)
+    res["heldout"] = {"loss": loss, "seq_len": TRAIN_LEN, "tokens": int(windows[:, 1:].numel())}
+    log(f"{Path(model_dir).name}: held-out loss {loss:.4f}")
     for length in lengths:
         for task in TASKS:
             key = f"{task}@{length}"

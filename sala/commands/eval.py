@@ -20,6 +20,21 @@ def register(subparsers) -> None:
     n.add_argument("--out", default=None, help="write the JSON report here (default: print only)")
     n.add_argument("--debug", action="store_true")
     n.set_defaults(func=_niah)
+    lo = sub.add_parser("loss", help="held-out LM loss (nats/token) of one or more models on the same windows",
+                        description="Mean next-token cross-entropy of each model on evenly spaced windows of a "
+                                    "packed dataset's held-out split (`sala data prepare`); all models see the "
+                                    "same tokens, so their losses compare.")
+    lo.add_argument("--model", action="append", default=None,
+                    help="model folder; repeat to compare several (default: the bundled model)")
+    lo.add_argument("--data", required=True, help="packed dataset folder (made with the models' tokenizer)")
+    lo.add_argument("--split", default="val")
+    lo.add_argument("--seq-len", type=int, default=2048)
+    lo.add_argument("--windows", type=int, default=24, help="number of windows (at most)")
+    lo.add_argument("--batch", type=int, default=4)
+    lo.add_argument("--device", default=None)
+    lo.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    lo.add_argument("--out", default=None, help="write the JSON report here")
+    lo.set_defaults(func=_loss)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
 
@@ -37,6 +52,37 @@ def _niah(args: argparse.Namespace) -> int:
     except Exception:  # noqa: BLE001 - metadata is best effort
         from sala.bench.common import write_json
     print(format_table(report))
+    if args.out:
+        write_json(args.out, report)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _loss(args: argparse.Namespace) -> int:
+    import torch
+
+    from sala.bench.common import run_metadata, write_json
+    from sala.eval.heldout import heldout_windows, model_heldout_loss
+    from sala.eval.runner import default_model
+    from sala.train.model_factory import load_model_dir
+
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2 (got {args.seq_len})")
+    windows = heldout_windows(args.data, args.windows, args.seq_len, split=args.split)
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
+             "fp32": torch.float32}[args.dtype]
+    report: dict = {"meta": run_metadata(), "data": args.data, "split": args.split, "seq_len": args.seq_len,
+                    "windows": len(windows), "tokens": int(len(windows) * (args.seq_len - 1)), "losses": {}}
+    for folder in args.model or [default_model()]:
+        model = load_model_dir(folder, dtype=dtype, device=dev)
+        try:
+            loss = model_heldout_loss(model, windows, args.batch)
+        except ValueError as e:
+            raise ValueError(f"model {folder}: {e}") from None
+        report["losses"][folder] = loss
+        print(f"{loss:8.4f}  {folder}")
+        del model
     if args.out:
         write_json(args.out, report)
         print(f"wrote {args.out}")

@@ -51,10 +51,6 @@ class TokenSource:
         if self.val is None:
             g = np.random.default_rng(12345)
             return torch.from_numpy(g.integers(0, self.vocab_size, (num, seq_len)))
-        toks = self._stream("val")
-        n = min(num, len(toks) // seq_len)
-        if n == 0:
-            raise ValueError(f"data {self.path}: held-out split has {len(toks)} tokens, fewer than seq_len={seq_len}")
-        step = len(toks) // n
-        return torch.from_numpy(np.stack([np.asarray(toks[i * step:i * step + seq_len], dtype=np.int64)
-                                          for i in range(n)]))
+        from sala.eval.heldout import windows_of
+
+        return windows_of(self._stream("val"), num, seq_len, where=f"data {self.path}: held-out split")

@@ -20,12 +20,13 @@ import torch
 from sala.convert.data import TokenSource
 from sala.convert.distill import run_distill, run_finetune
 from sala.convert.families import read_teacher_spec, sala_config_for
-from sala.convert.probes import RecallProbe, heldout_loss
+from sala.convert.probes import RecallProbe
 from sala.convert.selection import choose_softmax_layers, layer_swap_sweep, num_softmax_layers, parse_layer_list
 from sala.convert.stage1 import build_students, run_stage1
 from sala.convert.stagedir import StageDir
 from sala.convert.teacher import Teacher
 from sala.convert.transfer import lightning_layer_init
+from sala.eval.heldout import heldout_loss
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "generation_config.json")

@@ -7,25 +7,12 @@ token-level associative-recall task (random key/value token pairs, then queries)
 from __future__ import annotations
 
 import random
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]   # int64 [B, T] -> fp32 logits [B, T, V]
+from sala.eval.heldout import LogitsFn   # int64 [B, T] -> fp32 logits [B, T, V]
+
 RECALL_TASKS = ("niah_single", "niah_multikey", "vt")
-
-
-@torch.no_grad()
-def heldout_loss(logits_fn: LogitsFn, windows: torch.Tensor, batch: int = 4) -> float:
-    """Mean next-token cross-entropy (nats) over held-out windows [N, T]."""
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch):
-        logits = logits_fn(windows[i:i + batch])[:, :-1]
-        ids = windows[i:i + batch].to(logits.device)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-        count += ids[:, 1:].numel()
-    return total / count
 
 
 class RecallProbe:

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from sala.convert.optim import autocast, norms_keep_input_dtype
-from sala.convert.probes import RecallProbe, heldout_loss
+from sala.convert.probes import RecallProbe
 from sala.convert.stage1 import run_student
 from sala.convert.teacher import Teacher
+from sala.eval.heldout import heldout_loss
 
 SCORE_CAP = 50.0
 
