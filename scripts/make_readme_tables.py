@@ -326,7 +326,7 @@ def continue_section() -> list[str]:
         out += ["", f"Held-out LM loss on {h['windows']} windows of {_len(h['seq_len'])} of `{h['data']}` "
                     f"(`continue_bundled_heldout_cpu.json`, `sala eval loss`): "
                     + ", ".join(f"`{k}` {v:.3f}" for k, v in h["losses"].items())
-                    + ". The continued model retrieves better and predicts text better; it is the bundled model now."]
+                    + ". `runs/bundled_before` is the model right after conversion; the continued model (now `sala/assets/model`) retrieves better and predicts text better."]
     long_run = _load("history/continue_bundled_long_h200.json")
     long_loss = _load("history/continue_bundled_long_heldout_cpu.json")
     if long_run and long_loss:
