@@ -11,9 +11,7 @@ the paper's exponential decay) at its training length, and evaluates needle retr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +23,7 @@ def main() -> None:
 
     from sala.bench.common import run_metadata, write_json
     from sala.eval.runner import default_model, run_tasks
-    from sala.train import Trainer, load_config
+    from sala.train.continual import continue_training
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="SALA model folder (default: the bundled model)")
@@ -33,7 +31,8 @@ def main() -> None:
     ap.add_argument("--train-len", type=int, default=2048)
     ap.add_argument("--micro-batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seconds", type=float, default=150.0, help="training wall-time budget")
+    ap.add_argument("--seconds", type=float, default=150.0, help="training wall-time budget (unless --tokens)")
+    ap.add_argument("--tokens", type=int, default=None, help="training budget in tokens (instead of --seconds)")
     ap.add_argument("--multiples", default="1,4,16,64")
     ap.add_argument("--samples", default="30,30,20,10", help="needle prompts per length")
     ap.add_argument("--tasks", default="niah_single,niah_multikey")
@@ -66,36 +65,15 @@ def main() -> None:
     else:
         evaluate(str(model_dir), "before")
 
-    base = [f"data.path={args.data}", "model.kind=pretrained", f"model.path={model_dir}", "model.preset=null", "model.config={}",
-            "progress=false", "resume=false", "eval_windows=16", "log_every=10", "precision=bf16"]
-    cfg = load_config(str(ROOT / "configs/train/sala_small_gpu.yaml"), base + [f"out_dir={args.work}/calib", "save_final=false"])
-    cfg.model.compile = False
-    stage = dataclasses.replace(cfg.stages[0], name="calib", steps=20, seq_len=args.train_len, micro_batch=args.micro_batch,
-                                warmup_steps=0, sparse=True, lr=args.lr * 0.1)
-    cfg.stages = [stage]
-    tr = Trainer(cfg)
-    tr.fit()
-    tps = [r["tokens_per_s"] for r in tr.history if "tokens_per_s" in r][-1]
-    del tr
-    steps = max(20, int(0.9 * args.seconds * tps / (args.train_len * args.micro_batch)))
-    cfg = load_config(str(ROOT / "configs/train/sala_small_gpu.yaml"),
-                      base + [f"out_dir={args.work}/run", f"time_limit_s={args.seconds * 1.15:.0f}",
-                              f"eval_every={max(10, steps // 4)}"])
-    cfg.model.compile = False
-    cfg.stages = [dataclasses.replace(cfg.stages[1], name="continue", steps=steps, seq_len=args.train_len,
-                                      micro_batch=args.micro_batch, warmup_steps=min(50, steps // 10), sparse=True,
-                                      decay="exponential", decay_steps=steps - min(50, steps // 10), lr=args.lr,
-                                      lr_end=args.lr / 20)]
-    t0 = time.time()
-    tr = Trainer(cfg)
-    summary = tr.fit()
-    val = [(r["step"], r["val_loss"]) for r in tr.history if "val_loss" in r]
-    res["training"] = {"steps": summary["global_step"], "tokens": summary["tokens"], "seconds": time.time() - t0,
-                       "tokens_per_s_calibration": tps, "heldout_curve": val, "config": cfg.to_dict()}
-    del tr
-    torch.cuda.empty_cache()
+    run = continue_training(model_dir, args.data, f"{args.work}/run", seq_len=args.train_len,
+                            **({"tokens": args.tokens} if args.tokens else {"seconds": args.seconds}),
+                            micro_batch=args.micro_batch, lr=args.lr, precision="bf16", progress=False)
+    res["training"] = {"steps": run["steps"], "tokens": run["tokens"], "seconds": run["seconds"],
+                       "tokens_per_s_calibration": run["tokens_per_s_calibration"],
+                       "heldout_curve": run["heldout_curve"], "config": run["config"]}
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     write_json(args.out, res)
-    final = f"{args.work}/run/final"
+    final = run["final"]
     evaluate(final, "after")
     if args.save:
         import shutil
