@@ -220,9 +220,11 @@ def greedy_answer(model, ids, max_new_tokens: int, tok, eos_id: int | None) -> s
     """Prefill `ids` [1, T], then greedy decoding until '.', a newline, EOS or max_new_tokens."""
     import torch
 
+    from sala.modeling import output_cache
+
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        past, new = out.past_key_values, []
+        past, new = output_cache(out), []
         for _ in range(max_new_tokens):
             nxt = int(out.logits[0, -1].argmax())
             if nxt == eos_id:
@@ -232,7 +234,7 @@ def greedy_answer(model, ids, max_new_tokens: int, tok, eos_id: int | None) -> s
             if "\n" in text or text.rstrip().endswith("."):
                 break
             out = model(input_ids=torch.tensor([[nxt]], device=ids.device), past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            past = output_cache(out)
     return tok.decode(new)
 
 

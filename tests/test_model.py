@@ -125,6 +125,23 @@ def test_one_shot_chunked_and_token_by_token_agree():
     assert cache.get_seq_length() == 150
 
 
+def test_cache_passed_as_cache_keyword_and_read_under_either_name():
+    """transformers >= 5.24 passes the cache as `cache=` and reads `outputs.cache`; older ones use past_key_values."""
+    from sala.modeling import output_cache
+
+    m = make_model(seed=5, dtype=torch.float64)
+    ids = torch.randint(3, 500, (1, 60), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = m(ids, use_cache=False).logits
+        cache = SalaCache(m.config)
+        first = m(ids[:, :40], cache=cache, use_cache=True)
+        assert output_cache(first) is cache
+        rest = m(ids[:, 40:], cache=output_cache(first), use_cache=True).logits
+        assert rel_err(torch.cat([first.logits, rest], 1), full) < 1e-9
+        with pytest.raises(ValueError, match="pass the cache once"):
+            m(ids[:, :1], cache=SalaCache(m.config), past_key_values=SalaCache(m.config), use_cache=True)
+
+
 def test_short_prompt_decoding_past_sparse_threshold():
     """A prompt in the dense regime whose decoding runs into the sparse regime (the official code's fragile case)."""
     m = make_model(seed=6, dtype=torch.float64)

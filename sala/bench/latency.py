@@ -64,6 +64,8 @@ def build_qwen3_8b(device: str = "cuda", seed: int = 0):
 def measure_baseline(model, n: int, decode_tokens: int, decode_measured: int, seed: int) -> dict[str, Any]:
     """Prefill n tokens (logits_to_keep=1) and greedy-decode `decode_measured` tokens; e2e is extrapolated to
     `decode_tokens` from the measured per-token time when fewer were measured."""
+    from sala.modeling import output_cache
+
     g = torch.Generator(device="cuda")
     g.manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda", generator=g)
@@ -76,18 +78,18 @@ def measure_baseline(model, n: int, decode_tokens: int, decode_measured: int, se
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         tok.tolist()
         ttft = time.perf_counter() - t0
-        pkv = out.past_key_values
+        pkv = output_cache(out)
         del out
         out = model(input_ids=tok, past_key_values=pkv, use_cache=True, logits_to_keep=1)   # untimed warm-up step
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        pkv = out.past_key_values
+        pkv = output_cache(out)
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         for _ in range(decode_measured - 1):
             out = model(input_ids=tok, past_key_values=pkv, use_cache=True, logits_to_keep=1)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             tok.tolist()
-            pkv = out.past_key_values
+            pkv = output_cache(out)
         dt = time.perf_counter() - t1
         per_token = dt / max(1, decode_measured - 1)
         res = {"status": "ok", "ttft_s": ttft, "decode_tokens_measured": decode_measured,

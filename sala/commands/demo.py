@@ -89,11 +89,13 @@ def _answer(model, tok, ids, max_new_tokens: int) -> tuple[str, float, float]:
     """Greedy answer; returns (text, prefill seconds, total seconds)."""
     import torch
 
+    from sala.modeling.modeling_sala import output_cache
+
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         t_prefill = time.perf_counter() - t0
-        past, new = out.past_key_values, []
+        past, new = output_cache(out), []
         for _ in range(max_new_tokens):
             nxt = int(out.logits[0, -1].argmax())
             if nxt == tok.eos_id:
@@ -103,7 +105,7 @@ def _answer(model, tok, ids, max_new_tokens: int) -> tuple[str, float, float]:
             if "\n" in text or text.rstrip().endswith("."):
                 break
             out = model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            past = output_cache(out)
     return tok.decode(new), t_prefill, time.perf_counter() - t0
 
 

@@ -270,7 +270,7 @@ class SalaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["SalaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _is_stateful = True
     _supports_sdpa = True
 
@@ -296,6 +296,25 @@ try:  # transformers 5: guarded init functions that leave loaded weights alone
 except ImportError:  # pragma: no cover
     _init_normal = lambda w, std: nn.init.normal_(w, mean=0.0, std=std)    # noqa: E731
     _init_zeros, _init_ones = nn.init.zeros_, nn.init.ones_
+
+
+# transformers renamed the cache of model outputs and of `forward` from `past_key_values` to `cache` (5.24);
+# SALA accepts both names and fills whichever field this version's output classes have.
+CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The cache of a model output, under either name (transformers before and after 5.24)."""
+    value = out.get("cache") if hasattr(out, "get") else None
+    return value if value is not None else getattr(out, "past_key_values", None)
+
+
+def _cache_argument(past_key_values: Any, kwargs: dict) -> Any:
+    """`past_key_values`, or the `cache` keyword that transformers >= 5.24 passes instead (both: an error)."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the cache once: as past_key_values or as cache, not both")
+    return past_key_values if past_key_values is not None else cache
 
 
 def _positions_and_padding(
@@ -375,6 +394,7 @@ class SalaModel(SalaPreTrainedModel):
         cu_seqlens: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        past_key_values = _cache_argument(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None and input_ids.ndim != 2:
@@ -399,7 +419,7 @@ class SalaModel(SalaPreTrainedModel):
         hidden = self.norm(hidden)
         if cache is not None:
             cache.seen_tokens += T
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_FIELD: cache})
 
 
 class SalaForCausalLM(SalaPreTrainedModel, GenerationMixin):
@@ -440,8 +460,8 @@ class SalaForCausalLM(SalaPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         cu_seqlens=cu_seqlens)
+                         past_key_values=_cache_argument(past_key_values, kwargs), inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, cu_seqlens=cu_seqlens)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
@@ -460,7 +480,7 @@ class SalaForCausalLM(SalaPreTrainedModel, GenerationMixin):
                 shift_labels[0, ends[(ends >= 0) & (ends < shift_labels.shape[1])]] = -100
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: output_cache(out)})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
