@@ -220,7 +220,7 @@ def greedy_answer(model, ids, max_new_tokens: int, tok, eos_id: int | None) -> s
     """Prefill `ids` [1, T], then greedy decoding until '.', a newline, EOS or max_new_tokens."""
     import torch
 
-    from sala.modeling import output_cache
+    from sala.modeling import cache_keyword, output_cache
 
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -233,7 +233,7 @@ def greedy_answer(model, ids, max_new_tokens: int, tok, eos_id: int | None) -> s
             text = tok.decode(new)
             if "\n" in text or text.rstrip().endswith("."):
                 break
-            out = model(input_ids=torch.tensor([[nxt]], device=ids.device), past_key_values=past, use_cache=True)
+            out = model(input_ids=torch.tensor([[nxt]], device=ids.device), use_cache=True, **{cache_keyword(model): past})
             past = output_cache(out)
     return tok.decode(new)
 

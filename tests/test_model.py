@@ -127,7 +127,7 @@ def test_one_shot_chunked_and_token_by_token_agree():
 
 def test_cache_passed_as_cache_keyword_and_read_under_either_name():
     """transformers >= 5.24 passes the cache as `cache=` and reads `outputs.cache`; older ones use past_key_values."""
-    from sala.modeling import output_cache
+    from sala.modeling import cache_keyword, output_cache
 
     m = make_model(seed=5, dtype=torch.float64)
     ids = torch.randint(3, 500, (1, 60), generator=torch.Generator().manual_seed(5))
@@ -138,6 +138,7 @@ def test_cache_passed_as_cache_keyword_and_read_under_either_name():
         assert output_cache(first) is cache
         rest = m(ids[:, 40:], cache=output_cache(first), use_cache=True).logits
         assert rel_err(torch.cat([first.logits, rest], 1), full) < 1e-9
+        assert cache_keyword(m) == "past_key_values"   # SALA takes both; HF models name theirs
         with pytest.raises(ValueError, match="pass the cache once"):
             m(ids[:, :1], cache=SalaCache(m.config), past_key_values=SalaCache(m.config), use_cache=True)
 

@@ -64,8 +64,9 @@ def build_qwen3_8b(device: str = "cuda", seed: int = 0):
 def measure_baseline(model, n: int, decode_tokens: int, decode_measured: int, seed: int) -> dict[str, Any]:
     """Prefill n tokens (logits_to_keep=1) and greedy-decode `decode_measured` tokens; e2e is extrapolated to
     `decode_tokens` from the measured per-token time when fewer were measured."""
-    from sala.modeling import output_cache
+    from sala.modeling import cache_keyword, output_cache
 
+    key = cache_keyword(model)
     g = torch.Generator(device="cuda")
     g.manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda", generator=g)
@@ -80,13 +81,13 @@ def measure_baseline(model, n: int, decode_tokens: int, decode_measured: int, se
         ttft = time.perf_counter() - t0
         pkv = output_cache(out)
         del out
-        out = model(input_ids=tok, past_key_values=pkv, use_cache=True, logits_to_keep=1)   # untimed warm-up step
+        out = model(input_ids=tok, use_cache=True, logits_to_keep=1, **{key: pkv})   # untimed warm-up step
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         pkv = output_cache(out)
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         for _ in range(decode_measured - 1):
-            out = model(input_ids=tok, past_key_values=pkv, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=tok, use_cache=True, logits_to_keep=1, **{key: pkv})
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             tok.tolist()
             pkv = output_cache(out)

@@ -89,7 +89,7 @@ def _answer(model, tok, ids, max_new_tokens: int) -> tuple[str, float, float]:
     """Greedy answer; returns (text, prefill seconds, total seconds)."""
     import torch
 
-    from sala.modeling.modeling_sala import output_cache
+    from sala.modeling.modeling_sala import cache_keyword, output_cache
 
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -104,7 +104,7 @@ def _answer(model, tok, ids, max_new_tokens: int) -> tuple[str, float, float]:
             text = tok.decode(new)
             if "\n" in text or text.rstrip().endswith("."):
                 break
-            out = model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+            out = model(input_ids=torch.tensor([[nxt]]), use_cache=True, **{cache_keyword(model): past})
             past = output_cache(out)
     return tok.decode(new), t_prefill, time.perf_counter() - t0
 

@@ -305,8 +305,17 @@ CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass
 
 def output_cache(out: Any) -> Any:
     """The cache of a model output, under either name (transformers before and after 5.24)."""
-    value = out.get("cache") if hasattr(out, "get") else None
-    return value if value is not None else getattr(out, "past_key_values", None)
+    if "cache" in getattr(out, "__dataclass_fields__", {}):
+        return out.cache
+    return getattr(out, "past_key_values", None)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword under which `model.forward` takes its cache: "cache" (transformers >= 5.24 models) or
+    "past_key_values" (older ones, and SALA, which accepts both)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def _cache_argument(past_key_values: Any, kwargs: dict) -> Any:
