@@ -8,7 +8,9 @@
 #      SMALL_CPU=1 (a seconds-long dry run of the same script with the tiny preset on the CPU),
 #      TOTAL_SECONDS (cap the whole script: training gets what preparation and calibration leave),
 #      PREPARE_SOURCES (e.g. "stdlib,python-packages": build DATA first when it does not exist, with
-#      SYNTHETIC_FRACTION (default 0.4) of synthetic retrieval samples of 512 to 4K tokens).
+#      SYNTHETIC_FRACTION (default 0.4) of synthetic retrieval samples of 512 to 4K tokens),
+#      DECAY_SYNTHETIC_FRACTION (e.g. 0.6: the decay stage trains on the standard library plus this share
+#      of synthetic retrieval samples, built first: the recipe that taught the converted model to retrieve).
 set -euo pipefail
 OUT_DIR=${1:-runs/train_small}
 mkdir -p "$OUT_DIR"
@@ -43,6 +45,17 @@ if sources and not os.path.exists(os.path.join(data, "meta.json")):
                                    tasks=("niah_single", "niah_multikey", "niah_multivalue", "vt"),
                                    lengths=(512, 1024, 2048, 4096) if not cpu else (256,), seed=1234))
     print(f"prepared {data} in {time.time() - t_all:.0f}s")
+decay_data = None
+if os.environ.get("DECAY_SYNTHETIC_FRACTION"):   # the decay stage on retrieval-rich data (stdlib + this share)
+    from sala.data.prepare import SyntheticMix, prepare
+    decay_data = data.rstrip("/") + "_decay"
+    if not os.path.exists(os.path.join(decay_data, "meta.json")):
+        t0 = time.time()
+        prepare(decay_data, ["stdlib"], tokenizer="sala", val_fraction=0.01, seed=0, log=print,
+                synthetic=SyntheticMix(fraction=float(os.environ["DECAY_SYNTHETIC_FRACTION"]),
+                                       tasks=("niah_single", "niah_multikey", "niah_multivalue", "vt"),
+                                       lengths=(512, 1024, 2048, 4096) if not cpu else (256,), seed=4321))
+        print(f"prepared {decay_data} in {time.time() - t0:.0f}s")
 
 def tokens_per_s(sparse: bool, steps: int) -> tuple[float, float | None]:
     """Throughput of the last log window of a short run (kernels compiled in the first windows)."""
@@ -86,6 +99,8 @@ print(f"calibration ({t_cal:.0f}s): sparse off {tps_off:,.0f} tok/s (MFU {mfu_of
 ov = base + [f"out_dir={work}/run", "resume=false", f"stages.0.steps={steps_off}", f"stages.1.steps={steps_on}",
              f"model.compile={str(use_compile).lower()}", f"time_limit_s={limit:.0f}",
              f"stages.0.warmup_steps={min(50, steps_off // 5)}", f"stages.1.sparse={str(decay_sparse).lower()}", f"eval_every={max(10, (steps_off + steps_on) // 6)}"]
+if decay_data:
+    ov.append(f"stages.1.data={decay_data}")
 cfg = load_config(cfg_path, ov)
 trainer = Trainer(cfg)
 summary = trainer.fit()
@@ -110,7 +125,7 @@ result = {
                  "stable_sparse_off": mfu_stats(0), "decay_sparse_on": mfu_stats(1),
                  "final_train_loss": train_logs[-1]["loss"], "heldout_loss": val[-1]["val_loss"] if val else None,
                  "heldout_curve": [(r["step"], r["val_loss"]) for r in val]},
-    "decay_stage_sparse": decay_sparse, "compiled": use_compile,
+    "decay_stage_sparse": decay_sparse, "decay_stage_data": decay_data, "compiled": use_compile,
     "data_meta": json.load(open(os.path.join(data, "meta.json"))),
     "calibration": {"tokens_per_s_sparse_off": tps_off, "mfu_sparse_off": mfu_off,
                     "tokens_per_s_sparse_on": tps_on, "mfu_sparse_on": mfu_on},
