@@ -66,6 +66,7 @@ def test_seconds_budget_calibrates_then_stops_in_time(setup, tmp_path):
                             micro_batch=2, progress=False, log=lambda s: None)
     assert run["tokens_per_s_calibration"] > 0 and run["steps"] >= 1
     assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert not (tmp_path / "run" / "calib").exists()
 
 
 def test_bad_budgets_and_paths_are_clear_errors(setup, tmp_path):

@@ -14,6 +14,7 @@ also stops at the time limit and saves what it has).
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -75,6 +76,7 @@ def continue_training(model_dir: str | Path, data: str | Path, out_dir: str | Pa
         tr.fit()
         tps = [r["tokens_per_s"] for r in tr.history if "tokens_per_s" in r][-1]
         del tr
+        shutil.rmtree(out / "calib", ignore_errors=True)   # its checkpoint is of no further use
         steps = max(1, int(0.9 * seconds * tps / per_step))
         limit = seconds * 1.15
     cfg = continual_config(model_dir, data, out, steps, seq_len, micro_batch, lr, lr_end_ratio, warmup_steps,
