@@ -149,16 +149,21 @@ def continue_data(data: str) -> str:
     if not (path / "meta.json").is_file():
         prepare(str(path), ["stdlib"], tokenizer=None, val_fraction=0.03, seed=0, log=log,
                 synthetic=SyntheticMix(fraction=CONTINUE["synthetic_fraction"], seed=4321,
-                                       tasks=("niah_single", "niah_multikey", "niah_multivalue", "vt"),
                                        lengths=tuple(L for L in (256, 512, 1024, 2048) if L <= TRAIN_LEN)))
     return str(path)
+
+
+def converted_dir(out: str) -> Path:
+    """Where `convert_variant` writes the converted model (and its resumable stages); `out` gets the final one."""
+    return Path(out + "_converted")
 
 
 def convert_variant(teacher: str, out: str, variant: str, data: str, teacher_tokens: int,
                     softmax_of_sala: list[int] | None = None, batch: int = 48,
                     reuse_stage1_from: str | None = None) -> dict:
-    """`sala convert` the teacher into `variant`, then (FRACTIONS["continue"] > 0) continue training it; the
-    final model is `out` (the converted one is kept as `out`_converted). Returns the conversion report."""
+    """`sala convert` the teacher into `variant` (in `converted_dir(out)`), then continue training it with
+    FRACTIONS["continue"] of the teacher's tokens when that is at least one step; the final model is `out`.
+    Returns the conversion report."""
     import shutil
 
     from sala.convert import ConvertOptions, convert
@@ -169,34 +174,32 @@ def convert_variant(teacher: str, out: str, variant: str, data: str, teacher_tok
         layers = ",".join(map(str, softmax_of_sala or []))
     budget = {k: int(v * teacher_tokens) for k, v in FRACTIONS.items()}
     t0 = time.time()
+    conv = converted_dir(out)
     if reuse_stage1_from:
-        src = Path(reuse_stage1_from)
-        if (src.parent / (src.name + "_converted")).is_dir():
-            src = src.parent / (src.name + "_converted")
-        if (src / ".stages" / "stage1" / "done.json").is_file() and not (Path(out) / ".stages" / "stage1").exists():
+        src = converted_dir(reuse_stage1_from) / ".stages" / "stage1"
+        if (src / "done.json").is_file() and not (conv / ".stages" / "stage1").exists():
             # same teacher, same student layers and options: stage 1 is identical, reuse it
-            shutil.copytree(src / ".stages" / "stage1", Path(out) / ".stages" / "stage1")
+            shutil.copytree(src, conv / ".stages" / "stage1")
     convert(ConvertOptions(
-        teacher=teacher, out=out, softmax_layers=layers, keep_sparse_rope=keep_rope, data=data,
+        teacher=teacher, out=str(conv), softmax_layers=layers, keep_sparse_rope=keep_rope, data=data,
         stage1_tokens=budget["stage1"], stage2_tokens=budget["stage2"], finetune_tokens=budget["finetune"],
         seq_len=min(512, TRAIN_LEN), finetune_seq_len=TRAIN_LEN, batch_size=batch, finetune_batch_size=16, finetune_lr=3e-4, stage2_lr=5e-4,
         sparse_config=SPARSE, select_length=TRAIN_LEN, select_samples=4, dtype="float32", progress=False),
         log=log)
-    report = json.loads((Path(out) / "convert_report.json").read_text())
-    if (Path(out) / "layer_scores.json").is_file():
-        report["layer_scores"] = json.loads((Path(out) / "layer_scores.json").read_text())
-    per_step = CONTINUE["micro_batch"] * TRAIN_LEN
-    if budget.get("continue", 0) >= per_step:
-        converted = Path(out + "_converted")
-        shutil.rmtree(converted, ignore_errors=True)
-        Path(out).rename(converted)
-        run = continue_training(converted, continue_data(data), out + "_continue", tokens=budget["continue"],
+    report = json.loads((conv / "convert_report.json").read_text())
+    if (conv / "layer_scores.json").is_file():
+        report["layer_scores"] = json.loads((conv / "layer_scores.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    if budget.get("continue", 0) < CONTINUE["micro_batch"] * TRAIN_LEN:
+        shutil.copytree(conv, out, ignore=shutil.ignore_patterns(".stages"))
+    else:
+        run = continue_training(conv, continue_data(data), out + "_continue", tokens=budget["continue"],
                                 seq_len=TRAIN_LEN, micro_batch=CONTINUE["micro_batch"], lr=CONTINUE["lr"],
                                 progress=False, log=log)
         shutil.copytree(run["final"], out)
         for name in ("convert_report.json", "layer_scores.json"):
-            if (converted / name).is_file():
-                shutil.copy2(converted / name, Path(out) / name)
+            if (conv / name).is_file():
+                shutil.copy2(conv / name, Path(out) / name)
         report["continual_training"] = {k: v for k, v in run.items() if k != "config"}
         report["continual_training"]["stage"] = run["config"]["stages"][0]
         log(f"{variant}: continual training {run['tokens'] / 1e6:.1f}M tokens in {run['seconds']:.0f}s, "
@@ -216,36 +219,15 @@ def cmd_convert(args) -> None:
 
 
 # ----------------------------------------------------------------------------- eval (GPU)
-def greedy_answer(model, ids, max_new_tokens: int, tok, eos_id: int | None) -> str:
-    """Prefill `ids` [1, T], then greedy decoding until '.', a newline, EOS or max_new_tokens."""
-    import torch
-
-    from sala.modeling import cache_keyword, output_cache
-
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        past, new = output_cache(out), []
-        for _ in range(max_new_tokens):
-            nxt = int(out.logits[0, -1].argmax())
-            if nxt == eos_id:
-                break
-            new.append(nxt)
-            text = tok.decode(new)
-            if "\n" in text or text.rstrip().endswith("."):
-                break
-            out = model(input_ids=torch.tensor([[nxt]], device=ids.device), use_cache=True, **{cache_keyword(model): past})
-            past = output_cache(out)
-    return tok.decode(new)
-
-
 def evaluate(model_dir: str, data: str, deadline: float, lengths=EVAL_LENGTHS, max_samples: int | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
     import sala  # noqa: F401
     from sala.convert.data import TokenSource
-    from sala.eval.heldout import model_heldout_loss
     from sala.data.tokenizer import load_tokenizer
+    from sala.eval.heldout import model_heldout_loss
+    from sala.eval.runner import greedy_answer
     from sala.eval.scoring import string_match_all
     from sala.eval.tasks import read_jsonl
 
@@ -272,7 +254,7 @@ def evaluate(model_dir: str, data: str, deadline: float, lengths=EVAL_LENGTHS, m
             try:
                 for s in samples:
                     ids = torch.tensor([tok.encode(s.input, add_bos=True)], device=dev)
-                    preds.append(greedy_answer(model, ids, s.max_new_tokens, tok, tok.eos_id))
+                    preds.append(greedy_answer(model, ids, s.max_new_tokens, tok)[0])
                     golds.append(s.outputs)
                     if time.time() > deadline:
                         break

@@ -42,7 +42,6 @@ if sources and not os.path.exists(os.path.join(data, "meta.json")):
     from sala.data.prepare import SyntheticMix, prepare
     prepare(data, sources, tokenizer="sala", val_fraction=0.01, seed=0, log=print,
             synthetic=SyntheticMix(fraction=float(os.environ.get("SYNTHETIC_FRACTION", "0.4")),
-                                   tasks=("niah_single", "niah_multikey", "niah_multivalue", "vt"),
                                    lengths=(512, 1024, 2048, 4096) if not cpu else (256,), seed=1234))
     print(f"prepared {data} in {time.time() - t_all:.0f}s")
 decay_data = None
@@ -53,7 +52,6 @@ if os.environ.get("DECAY_SYNTHETIC_FRACTION"):   # the decay stage on retrieval-
         t0 = time.time()
         prepare(decay_data, ["stdlib"], tokenizer="sala", val_fraction=0.01, seed=0, log=print,
                 synthetic=SyntheticMix(fraction=float(os.environ["DECAY_SYNTHETIC_FRACTION"]),
-                                       tasks=("niah_single", "niah_multikey", "niah_multivalue", "vt"),
                                        lengths=(512, 1024, 2048, 4096) if not cpu else (256,), seed=4321))
         print(f"prepared {decay_data} in {time.time() - t0:.0f}s")
 

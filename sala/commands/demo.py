@@ -87,26 +87,11 @@ def _haystack(tok, length: int, depth: float, seed: int):
 
 def _answer(model, tok, ids, max_new_tokens: int) -> tuple[str, float, float]:
     """Greedy answer; returns (text, prefill seconds, total seconds)."""
-    import torch
-
-    from sala.modeling.modeling_sala import cache_keyword, output_cache
+    from sala.eval.runner import greedy_answer
 
     t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        t_prefill = time.perf_counter() - t0
-        past, new = output_cache(out), []
-        for _ in range(max_new_tokens):
-            nxt = int(out.logits[0, -1].argmax())
-            if nxt == tok.eos_id:
-                break
-            new.append(nxt)
-            text = tok.decode(new)
-            if "\n" in text or text.rstrip().endswith("."):
-                break
-            out = model(input_ids=torch.tensor([[nxt]]), use_cache=True, **{cache_keyword(model): past})
-            past = output_cache(out)
-    return tok.decode(new), t_prefill, time.perf_counter() - t0
+    text, t_prefill = greedy_answer(model, ids, max_new_tokens, tok)
+    return text, t_prefill, time.perf_counter() - t0
 
 
 def _cache_mb(model, length: int) -> float:

@@ -59,19 +59,15 @@ def _niah(args: argparse.Namespace) -> int:
 
 
 def _loss(args: argparse.Namespace) -> int:
-    import torch
-
     from sala.bench.common import run_metadata, write_json
     from sala.eval.heldout import heldout_windows, model_heldout_loss
-    from sala.eval.runner import default_model
+    from sala.eval.runner import default_model, resolve_device_dtype
     from sala.train.model_factory import load_model_dir
 
     if args.seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2 (got {args.seq_len})")
     windows = heldout_windows(args.data, args.windows, args.seq_len, split=args.split)
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
-             "fp32": torch.float32}[args.dtype]
+    dev, dtype = resolve_device_dtype(args.device, args.dtype)
     report: dict = {"meta": run_metadata(), "data": args.data, "split": args.split, "seq_len": args.seq_len,
                     "windows": len(windows), "tokens": int(len(windows) * (args.seq_len - 1)), "losses": {}}
     for folder in args.model or [default_model()]:

@@ -33,6 +33,40 @@ def default_model() -> str:
                      "or set SALA_DEFAULT_MODEL")
 
 
+def resolve_device_dtype(device: str | None, dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """`--device` (default: CUDA when present) and `--dtype` ("auto": bf16 on CUDA, fp32 elsewhere; "bf16"; "fp32")."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    choices = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
+               "fp32": torch.float32}
+    if dtype not in choices:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(choices)}")
+    return dev, choices[dtype]
+
+
+@torch.no_grad()
+def greedy_answer(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, tok) -> tuple[str, float]:
+    """Prefill `ids` [1, T], then greedy decoding with the model's cache until '.', a newline, EOS or
+    `max_new_tokens`. Works for SALA and transformers models. Returns (answer text, prefill seconds)."""
+    from sala.modeling import cache_keyword, output_cache
+
+    key = cache_keyword(model)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    t_prefill = time.perf_counter() - t0
+    past, new = output_cache(out), []
+    for _ in range(max_new_tokens):
+        nxt = int(out.logits[0, -1].argmax())
+        if nxt == tok.eos_id:
+            break
+        new.append(nxt)
+        text = tok.decode(new)
+        if "\n" in text or text.rstrip().endswith("."):
+            break
+        out = model(input_ids=torch.tensor([[nxt]], device=ids.device), use_cache=True, **{key: past})
+        past = output_cache(out)
+    return tok.decode(new), t_prefill
+
+
 def clean_prediction(text: str) -> str:
     """The first line of a continuation (the answer), stripped."""
     text = text.strip()
@@ -63,9 +97,7 @@ def run_tasks(model_dir: str | None, lengths: list[int], tasks: list[str] | tupl
             raise ValueError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
     if model is None:
         model_dir = model_dir or default_model()
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        tdtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
-                  "fp32": torch.float32}[dtype]
+        dev, tdtype = resolve_device_dtype(device, dtype)
         model = load_model_dir(model_dir, dtype=tdtype, device=dev)
     else:
         dev = next(model.parameters()).device
