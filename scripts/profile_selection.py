@@ -1,0 +1,87 @@
+"""Where InfLLM-V2 stage-1 selection's time goes: CUDA kernel times (torch.profiler) of `select_blocks` at the
+released shape (32 query heads, 2 KV heads, d 128), split into the pooled-score kernel, the -inf fill,
+`torch.topk` and the index sort, plus the whole call timed with CUDA events.
+
+  python3 scripts/profile_selection.py --lengths 131072,1048576 --out runs/profile_selection.json
+  (on the CPU, to check the script: TRITON_INTERPRET=1 SALA_KERNELS=triton ... --lengths 8192 --queries 64)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _kernel_table(prof, top: int = 12) -> list[dict]:
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(e, "self_cuda_time_total", 0.0)
+        if dev_us > 0:
+            rows.append({"name": e.key[:120], "calls": e.count, "device_ms": dev_us / 1e3})
+    rows.sort(key=lambda r: -r["device_ms"])
+    return rows[:top]
+
+
+def main() -> None:
+    import torch
+
+    from sala.bench.common import run_metadata, write_json
+    from sala.ops.infllmv2 import SparseParams, compress_keys, select_blocks
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="131072,1048576")
+    ap.add_argument("--queries", type=int, default=0,
+                    help="only the last N queries of each length (0: all); times scale with N")
+    ap.add_argument("--out", default="runs/profile_selection.json")
+    args = ap.parse_args()
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    p = SparseParams()
+    results = []
+    for T in (int(x) for x in args.lengths.split(",")):
+        Tq = args.queries or T
+        g = torch.Generator(device=dev).manual_seed(0)
+        q = torch.randn(1, Tq, 32, 128, device=dev, dtype=dt, generator=g)
+        k = torch.randn(1, T, 2, 128, device=dev, dtype=dt, generator=g)
+        k1 = compress_keys(k, p.kernel_size, p.kernel_stride)
+        k2 = compress_keys(k, p.k2_kernel, p.k2_stride)
+
+        def run():
+            return select_blocks(q, k1, k2, p, q_offset=T - Tq)
+
+        run()                                                  # compile
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            times = []
+            for _ in range(3 if T <= 262144 else 1):
+                start.record()
+                run()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            whole_ms = sorted(times)[len(times) // 2]
+        else:
+            whole_ms = None
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            run()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+        row = {"T": T, "queries": Tq, "select_ms": whole_ms, "kernels": _kernel_table(prof)}
+        print(row, flush=True)
+        results.append(row)
+        del q, k, k1, k2
+    write_json(args.out, {"meta": run_metadata(), "op": "infllmv2 select_blocks",
+                          "shape": {"Hq": 32, "Hkv": 2, "head_dim": 128, "dtype": str(dt)},
+                          "results": results})
+
+
+if __name__ == "__main__":
+    main()
