@@ -3,6 +3,7 @@
 #
 #   OUT=/dir bash scripts/gpu_check.sh tests      # every GPU test: compiled Triton kernels vs references, engine 1M
 #   OUT=/dir bash scripts/gpu_check.sh kernels    # lightning vs fla, sparse (all variants) vs SDPA -> JSON
+#   OUT=/dir bash scripts/gpu_check.sh sparse     # sparse GPU tests, sparse layer vs SDPA/fla 32K..2M, selection profile
 #   OUT=/dir bash scripts/gpu_check.sh latency    # SALA 9B shape vs HF Qwen3-8B shape, 64K..2M -> JSON + PNG
 #   OUT=/dir bash scripts/gpu_check.sh train      # the small SALA model: data built there, trained, evaluated
 #   OUT=/dir bash scripts/gpu_check.sh repro      # HALO reproduction: teacher, SALA, ablations (needs repro_data/)
@@ -12,7 +13,7 @@
 # bench/results/ and turned into README tables by scripts/make_readme_tables.py. The device copy has no .git:
 # start the command with SALA_GIT_COMMIT=<git rev-parse HEAD here> so the JSON names the commit measured.
 set -uo pipefail
-part=${1:?usage: gpu_check.sh tests|kernels|latency|train|repro}
+part=${1:?usage: gpu_check.sh tests|kernels|sparse|latency|train|repro|profile}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/sala_gpu}
 mkdir -p "$OUT"
@@ -29,6 +30,13 @@ case "$part" in
     python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_variants_h200.json" \
       --lengths 32768,131072,524288,1048576 --no-fla --variants default,splitk,splitsel,fusedvarlen,tiled8 \
       --time-budget-s 300 2>&1 | tail -20 ;;
+  sparse)
+    python3 -m pytest -q -p no:cacheprovider tests/test_infllmv2_triton.py tests/test_engine_gpu.py -k "not interpreter" \
+      2>&1 | tee "$OUT/gpu_tests_sparse.log" | tail -5
+    python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_kernels_h200.json" --tune --time-budget-s "${2:-240}" \
+      --lengths 32768,65536,131072,262144,524288,1048576,2097152 2>&1 | grep -v "^sweep" | tail -12
+    python3 scripts/profile_selection.py --lengths 131072,1048576 --out "$OUT/profile_selection_h200.json" 2>&1 \
+      | grep -v USDT | cut -c1-400 ;;
   latency)
     OUT="$OUT" bash scripts/gpu_latency.sh "${2:-480}" ;;
   train)

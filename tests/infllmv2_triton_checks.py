@@ -69,13 +69,60 @@ def check_compress():
 
 
 def check_select():
-    for B, G, q_offset, Tq, seed in ((1, 2, 0, 100, 1), (2, 4, 90, 20, 2)):
+    """Selection and pooled scores vs the fp64 reference; the third case reaches the mask-free K2 tiles (positions
+    >= 271 with the interpreter's 16-window tiles) as the first does the mask-free K1 tiles."""
+    from sala.ops import infllmv2_triton as tri
+
+    for B, G, q_offset, Tq, seed in ((1, 2, 0, 100, 1), (2, 4, 90, 20, 2), (1, 2, 300, 21, 3)):
         q, k, _ = _qkv(B, q_offset + Tq, 2, G, 16, seed, Tq=Tq)
         k1, k2 = ref.compress_keys_ref(k, 8, 4), ref.compress_keys_ref(k, 32, 16)
         got = select_blocks(q, k1, k2, SMALL, q_offset=q_offset)
         pos = (q_offset + torch.arange(Tq))[None].expand(B, Tq)
         want = ref.select_blocks_ref(q.double(), k1.double(), k2.double(), pos, SMALL, 0.25)
         assert_same_selection(got, want, q, k1, k2, pos, SMALL, 0.25)
+        n_blocks = (q_offset + Tq - 1) // SMALL.block_size + 1
+        pooled = tri.pooled_block_scores_triton(q, k1, k2, pos.to(torch.int32), SMALL, 0.25, n_blocks)
+        want_pooled = ref.pooled_block_scores_ref(q.double(), k1.double(), k2.double(), pos, SMALL, 0.25, n_blocks)
+        torch.testing.assert_close(pooled.double(), want_pooled, rtol=1e-4, atol=1e-6)
+
+
+def check_topk():
+    """topk_blocks_triton == topk_block_indices: +inf (forced) and -inf (future) columns, rows with fewer finite
+    columns than k, negative and -0.0 values, ties (lowest columns win, a subset of the tied ones), and `limits`
+    with NaN garbage past each row's limit (never read)."""
+    from sala.ops import infllmv2_triton as tri
+
+    g = torch.Generator().manual_seed(5)
+    for B, H, T, n, K in ((1, 2, 5, 7, 10), (2, 2, 9, 40, 10), (1, 1, 3, 300, 96), (1, 1, 4, 33, 6)):
+        x = torch.rand(B, H, T, n, generator=g)
+        x[..., 0] = float("inf")
+        x[..., -3:] = float("-inf")
+        x[0, 0, -1, :] = float("-inf")
+        x[0, -1, 0] = torch.randn(n, generator=g)
+        x[0, -1, 0, 1] = -0.0
+        _assert_topk_close(tri.topk_blocks_triton(x, K), x, K)
+        lim = torch.randint(1, n + 1, (B, T), generator=g, dtype=torch.int32)
+        past = (torch.arange(n)[None, None, None, :] >= lim[:, None, :, None]).expand_as(x)
+        assert not torch.equal(lim, torch.full_like(lim, n))
+        y, want_in = x.clone(), x.clone()
+        y[past], want_in[past] = float("nan"), float("-inf")
+        _assert_topk_close(tri.topk_blocks_triton(y, K, limits=lim), want_in, K)
+    x = torch.full((2, 12), 0.25)                        # all tied: the lowest columns
+    x[1, 5:] = float("-inf")
+    got = tri.topk_blocks_triton(x, 4)
+    assert got.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]], got
+
+
+def _assert_topk_close(got, x, K):
+    """Indices equal to the reference's, or (ties at the cut-off) a set with the same multiset of values."""
+    want = ref.topk_block_indices(x, K)
+    if torch.equal(got, want):
+        return
+    for r in (got != want).any(-1).nonzero().tolist():
+        a, w = got[tuple(r)], want[tuple(r)]
+        assert torch.equal(a == -1, w == -1) and torch.equal(a, torch.sort(a).values), (r, a, w)
+        va, vw = x[tuple(r)][a[a >= 0].long()], x[tuple(r)][w[w >= 0].long()]
+        assert torch.equal(torch.sort(va).values, torch.sort(vw).values), (r, a, w)
 
 
 def _attention_case(seed, B=1, G=2):

@@ -395,7 +395,7 @@ def infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             else:
                 pooled = tri.pooled_block_scores_triton(q[:, None], k1_cache, k2_cache, pos.to(torch.int32), params,
                                                         s, n_blocks)
-            idx = ref.topk_block_indices(pooled, params.total_blocks)
+            idx = tri.topk_blocks_triton(pooled, params.total_blocks)
             if kernel_variant("SALA_SPARSE_DECODE") == "splitk":
                 o = tri.sparse_decode_splitk(q.contiguous(), kf, vf, idx, pos.view(-1).to(torch.int32), kbase,
                                              params.block_size, s)

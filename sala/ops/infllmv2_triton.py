@@ -5,7 +5,9 @@ Kernels (design notes in docs/sparse.md):
   (windows completed by the last `new_tokens` keys, lengths read on the device: CUDA-graph friendly).
 - `_block_scores_kernel`: fused stage 1 for a tile of BQ tokens x G heads of one KV head: K2 log-sum-exp pass,
   K1 pass summed over the group, max-pooling into blocks, forced/causal blocks. Writes pooled block scores
-  [B, Hkv, chunk, n_blocks] for one query chunk (O(chunk * T / block_size) memory); torch.topk picks the blocks.
+  [B, Hkv, chunk, n_blocks] for one query chunk (O(chunk * T / block_size) memory).
+- `_topk_blocks_kernel`: the top-k blocks of each pooled row (radix select on order-preserving int32 images of
+  the scores, ascending output by prefix sum, -1 padded); replaces torch.topk + sort.
 - `_sparse_fwd_kernel`: one query token x its G heads (rows, padded to >= 16) per program; online softmax over
   the selected blocks; causal inside the own block; flat (varlen) tokens with per-token position/key base.
 - `_sparse_bwd_dq_kernel`: the same walk for dq.
@@ -128,60 +130,101 @@ def update_compressed_keys_triton(k_cache, k1_cache, k2_cache, cache_seqlens, pa
 # stage 1: pooled block scores
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _select_k2_lse(qv, k2base, s2t, pos_row, pos_max, scale_log2, d, ROWS: tl.constexpr, K2K: tl.constexpr,
-                   K2S: tl.constexpr, BN2: tl.constexpr):
+def _k2_lse_tile(qv, k2base, s2t, pos_row, n2, j0, m, l, scale_log2, d, BN2: tl.constexpr, K2K: tl.constexpr,
+                 K2S: tl.constexpr, MASKED: tl.constexpr):
+    """One K2 tile [j0, j0 + BN2) of the running (max, sum) of pass 1; MASKED=False: every row sees every window."""
+    j = j0 + tl.arange(0, BN2)
+    if MASKED:
+        kk = tl.load(k2base + j.to(tl.int64)[:, None] * s2t + d[None, :], mask=(j < n2)[:, None], other=0.0)
+    else:
+        kk = tl.load(k2base + j.to(tl.int64)[:, None] * s2t + d[None, :])
+    s = tl.dot(qv, tl.trans(kk)) * scale_log2
+    if MASKED:
+        s = tl.where((j[None, :] * K2S + (K2K - 1)) <= pos_row[:, None], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+    return m_new, l
+
+
+@triton.jit
+def _select_k2_lse(qv, k2base, s2t, pos_row, pos_min, pos_max, scale_log2, d, ROWS: tl.constexpr,
+                   K2K: tl.constexpr, K2S: tl.constexpr, BN2: tl.constexpr):
     """Stage-1 selection, pass 1: log2-sum-exp [ROWS] of the query rows qv [ROWS, D] (positions pos_row) over the
-    K2 windows they see, read from k2base + window * s2t (0 where none is visible)."""
+    K2 windows they see, read from k2base + window * s2t (0 where none is visible). Tiles every row sees in full
+    (up to pos_min, the smallest position of the tile's tokens) skip the visibility masks."""
     n2 = tl.where(pos_max >= K2K - 1, (tl.maximum(pos_max - K2K + 1, 0)) // K2S + 1, 0)
+    lim = pos_min - K2K + 1 - (BN2 - 1) * K2S
+    n_full = tl.minimum(tl.where(lim >= 0, lim // (BN2 * K2S) + 1, 0) * BN2, n2 // BN2 * BN2)
     m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l = tl.zeros([ROWS], dtype=tl.float32)
-    for j0 in range(0, n2, BN2):
-        j = j0 + tl.arange(0, BN2)
-        kk = tl.load(k2base + j.to(tl.int64)[:, None] * s2t + d[None, :], mask=(j < n2)[:, None], other=0.0)
-        s = tl.dot(qv, tl.trans(kk)) * scale_log2
-        vis = (j[None, :] * K2S + (K2K - 1)) <= pos_row[:, None]
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-        m = m_new
+    for j0 in range(0, n_full, BN2):
+        m, l = _k2_lse_tile(qv, k2base, s2t, pos_row, n2, j0, m, l, scale_log2, d, BN2, K2K, K2S, False)
+    for j0 in range(n_full, n2, BN2):
+        m, l = _k2_lse_tile(qv, k2base, s2t, pos_row, n2, j0, m, l, scale_log2, d, BN2, K2K, K2S, True)
     return tl.where(l > 0, m + tl.log2(tl.maximum(l, 1e-30)), 0.0)
 
 
 @triton.jit
-def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_max, tok_ok, obase, n_cols,
+def _k1_pool_tile(qv, lse, k1base, s1t, pos_row, row_ok, qblk_tok, n1, b0, carry, obase, tok_ok, n_cols, scale_log2,
+                  d, bi, ci, BQ: tl.constexpr, GP: tl.constexpr, K1K: tl.constexpr, K1S: tl.constexpr,
+                  R: tl.constexpr, HALO: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, NB: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """Blocks [b0, b0 + NB) of pass 2 (see `_select_k1_pool_store`); returns the halo carry for the next tile.
+    MASKED=False: every row sees every K1 window of the tile (no visibility masks; padded rows have lse = +inf)."""
+    BN1: tl.constexpr = NB * R
+    j = b0 * R + tl.arange(0, BN1)
+    if MASKED:
+        kk = tl.load(k1base + j.to(tl.int64)[:, None] * s1t + d[None, :], mask=(j < n1)[:, None], other=0.0)
+    else:
+        kk = tl.load(k1base + j.to(tl.int64)[:, None] * s1t + d[None, :])
+    s = tl.dot(qv, tl.trans(kk))
+    if MASKED:
+        vis = ((j[None, :] * K1S + (K1K - 1)) <= pos_row[:, None]) & row_ok[:, None]
+        p = tl.where(vis, tl.exp2(s * scale_log2 - lse[:, None]), 0.0)
+    else:
+        p = tl.exp2(s * scale_log2 - lse[:, None])
+    ps = tl.sum(tl.reshape(p, (BQ, GP, BN1)), axis=1)                       # [BQ, BN1]
+    p3 = tl.reshape(ps, (BQ, NB, R))
+    m_in = tl.max(p3, axis=2)                                               # [BQ, NB]
+    tail = tl.max(tl.where(ci[None, None, :] >= R - HALO, p3, 0.0), axis=2)  # last HALO columns
+    shifted = tl.max(tl.where(bi[None, :, None] == bi[None, None, :] - 1, tail[:, :, None], 0.0), axis=1)
+    shifted = tl.where(bi[None, :] == 0, carry[:, None], shifted)
+    pooled = tl.maximum(m_in, shifted)
+    blk = b0 + bi
+    own = (blk[None, :] >= qblk_tok[:, None] - LOCAL) & (blk[None, :] <= qblk_tok[:, None])
+    pooled = tl.where((blk[None, :] < INIT) | own, float("inf"), pooled)
+    pooled = tl.where(blk[None, :] > qblk_tok[:, None], float("-inf"), pooled)
+    tl.store(obase + blk[None, :], pooled, mask=tok_ok[:, None] & (blk[None, :] < n_cols))
+    return tl.max(tl.where(bi[None, :] == NB - 1, tail, 0.0), axis=1)
+
+
+@triton.jit
+def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_min, pos_max, tok_ok, obase, n_cols,
                           scale_log2, d, BQ: tl.constexpr, GP: tl.constexpr, K1K: tl.constexpr, K1S: tl.constexpr,
                           BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr, INIT: tl.constexpr,
                           LOCAL: tl.constexpr, NB: tl.constexpr):
     """Stage-1 selection, pass 2: K1 probabilities (normalised by pass 1's lse), summed over the GP head slots of
     each of the BQ tokens, max-pooled into blocks, forced init/local blocks (+inf) and future blocks (-inf);
-    stored at obase [BQ, 1] + block for tokens with tok_ok and blocks < n_cols."""
+    stored at obase [BQ, 1] + block for tokens with tok_ok and blocks < n_cols. Tiles of blocks whose K1 windows
+    every row sees (up to pos_min) run without visibility masks."""
     BN1: tl.constexpr = NB * R
     qblk_tok = tl.where(pos_tok >= 0, pos_tok // BS, -1)
     qblk_max = tl.max(qblk_tok, axis=0)
     n1 = tl.where(pos_max >= K1K - 1, (tl.maximum(pos_max - K1K + 1, 0)) // K1S + 1, 0)
+    lse = tl.where(row_ok, lse, float("inf"))                                # padded rows add exp2(-inf) = 0
+    lim = pos_min - K1K + 1 - (BN1 - 1) * K1S
+    n_tiles = (qblk_max + NB) // NB
+    n_full = tl.minimum(tl.where(lim >= 0, lim // (BN1 * K1S) + 1, 0), n_tiles)
     carry = tl.zeros([BQ], dtype=tl.float32)
     bi = tl.arange(0, NB)
     ci = tl.arange(0, R)
-    for b0 in range(0, qblk_max + 1, NB):
-        j = b0 * R + tl.arange(0, BN1)
-        kk = tl.load(k1base + j.to(tl.int64)[:, None] * s1t + d[None, :], mask=(j < n1)[:, None], other=0.0)
-        s = tl.dot(qv, tl.trans(kk)) * scale_log2
-        vis = ((j[None, :] * K1S + (K1K - 1)) <= pos_row[:, None]) & row_ok[:, None]
-        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-        ps = tl.sum(tl.reshape(p, (BQ, GP, BN1)), axis=1)                       # [BQ, BN1]
-        p3 = tl.reshape(ps, (BQ, NB, R))
-        m_in = tl.max(p3, axis=2)                                               # [BQ, NB]
-        tail = tl.max(tl.where(ci[None, None, :] >= R - HALO, p3, 0.0), axis=2)  # last HALO columns
-        shifted = tl.max(tl.where(bi[None, :, None] == bi[None, None, :] - 1, tail[:, :, None], 0.0), axis=1)
-        shifted = tl.where(bi[None, :] == 0, carry[:, None], shifted)
-        pooled = tl.maximum(m_in, shifted)
-        carry = tl.max(tl.where(bi[None, :] == NB - 1, tail, 0.0), axis=1)
-        blk = b0 + bi
-        own = (blk[None, :] >= qblk_tok[:, None] - LOCAL) & (blk[None, :] <= qblk_tok[:, None])
-        pooled = tl.where((blk[None, :] < INIT) | own, float("inf"), pooled)
-        pooled = tl.where(blk[None, :] > qblk_tok[:, None], float("-inf"), pooled)
-        tl.store(obase + blk[None, :], pooled, mask=tok_ok[:, None] & (blk[None, :] < n_cols))
+    for i in range(0, n_full):
+        carry = _k1_pool_tile(qv, lse, k1base, s1t, pos_row, row_ok, qblk_tok, n1, i * NB, carry, obase, tok_ok,
+                              n_cols, scale_log2, d, bi, ci, BQ, GP, K1K, K1S, R, HALO, INIT, LOCAL, NB, False)
+    for i in range(n_full, n_tiles):
+        carry = _k1_pool_tile(qv, lse, k1base, s1t, pos_row, row_ok, qblk_tok, n1, i * NB, carry, obase, tok_ok,
+                              n_cols, scale_log2, d, bi, ci, BQ, GP, K1K, K1S, R, HALO, INIT, LOCAL, NB, True)
 
 
 @triton.jit(do_not_specialize=["Tq", "n_cols", "spb", "sob", "soh", "sot"])
@@ -204,23 +247,30 @@ def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
     t_tok = pid_t * BQ + tl.arange(0, BQ)
     pos_tok = tl.load(pos_ptr + b * spb + t_tok, mask=t_tok < Tq, other=-1)
     pos_max = tl.max(pos_tok, axis=0)
+    pos_min = tl.min(tl.where(t_tok < Tq, pos_tok, 2147483647), axis=0)
     d = tl.arange(0, D)
     qp = q_ptr + b.to(tl.int64) * sqb + t_row.to(tl.int64)[:, None] * sqt + (h * G + g)[:, None] * sqh + d[None, :]
     qv = tl.load(qp, mask=row_ok[:, None], other=0.0)
 
-    lse = _select_k2_lse(qv, k2_ptr + b.to(tl.int64) * s2b + h * s2h, s2t, pos_row, pos_max, scale_log2, d, ROWS,
-                         K2K, K2S, BN2)
+    lse = _select_k2_lse(qv, k2_ptr + b.to(tl.int64) * s2b + h * s2h, s2t, pos_row, pos_min, pos_max, scale_log2, d,
+                         ROWS, K2K, K2S, BN2)
     obase = out_ptr + b.to(tl.int64) * sob + h * soh + t_tok.to(tl.int64)[:, None] * sot
-    _select_k1_pool_store(qv, lse, k1_ptr + b.to(tl.int64) * s1b + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_max,
-                          t_tok < Tq, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT, LOCAL, NB)
+    _select_k1_pool_store(qv, lse, k1_ptr + b.to(tl.int64) * s1b + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_min,
+                          pos_max, t_tok < Tq, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT,
+                          LOCAL, NB)
 
 
-def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks) -> torch.Tensor:
-    """Same contract as `pooled_block_scores_ref` (fp32 output); pos int32 [B, Tq]."""
+def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks, *, fill: bool = True) -> torch.Tensor:
+    """Same contract as `pooled_block_scores_ref` (fp32 output); pos int32 [B, Tq].
+
+    fill=False: columns after each query's own block (pos // block_size) may hold garbage instead of -inf (for
+    `topk_blocks_triton` with `limits`, which never reads them; saves a full write of the buffer)."""
     B, Tq, Hq, D = q.shape
     Hkv = k1.shape[2]
     G = Hq // Hkv
-    out = torch.full((B, Hkv, Tq, n_blocks), float("-inf"), dtype=torch.float32, device=q.device)
+    shape = (B, Hkv, Tq, n_blocks)
+    out = (torch.full(shape, float("-inf"), dtype=torch.float32, device=q.device) if fill
+           else torch.empty(shape, dtype=torch.float32, device=q.device))
     if Tq == 0:
         return out
     r = params.block_size // params.kernel_stride
@@ -267,10 +317,99 @@ def select_blocks_triton(q, k1, k2, pos, params, scale, *, pos_max: int | None =
     n_blocks = pos_max // params.block_size + 1
     chunk_bytes = TUNING["select_chunk_bytes"] if chunk_bytes is None else chunk_bytes
     chunk = max(16, chunk_bytes // (4 * B * Hkv * max(n_blocks, 1)))
+    fused = n_blocks <= TOPK_MAX_COLS
     for c0 in range(0, Tq, chunk):
         c1 = min(Tq, c0 + chunk)
-        pooled = pooled_block_scores_triton(q[:, c0:c1], k1, k2, pos[:, c0:c1], params, scale, n_blocks)
-        out[:, :, c0:c1] = topk_block_indices(pooled, params.total_blocks)
+        pooled = pooled_block_scores_triton(q[:, c0:c1], k1, k2, pos[:, c0:c1], params, scale, n_blocks,
+                                            fill=not fused)
+        if fused:   # only columns up to each query's own block were written
+            lim = torch.div(pos[:, c0:c1], params.block_size, rounding_mode="floor").to(torch.int32) + 1
+            out[:, :, c0:c1] = topk_blocks_triton(pooled, params.total_blocks, limits=lim)
+        else:
+            out[:, :, c0:c1] = topk_block_indices(pooled, params.total_blocks)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# top-k of pooled block scores (radix select on the float bits, one program per row)
+# ----------------------------------------------------------------------------------------------------------
+TOPK_MAX_COLS = 32768   # columns (blocks) a row may have for `topk_blocks_triton` (2M tokens at block 64)
+
+
+@triton.jit(do_not_specialize=["n_cols", "H", "T", "sxr", "slb", "slt"])
+def _topk_blocks_kernel(x_ptr, out_ptr, lim_ptr, n_cols, H, T, sxr, slb, slt,
+                        K: tl.constexpr, KP: tl.constexpr, NC: tl.constexpr, HAS_LIM: tl.constexpr):
+    """Row r of x [R, n_cols] fp32 -> the column indices of its K largest values other than -inf, ascending,
+    -1 padded, at out + r * K. Values are compared through their order-preserving int32 images (float bits with
+    the magnitude bits flipped for negatives); the K-th largest image is found bit by bit (31 counting passes
+    over the row, held in registers); ties at the cut-off go to the lowest columns. With HAS_LIM, row r =
+    (b, h, t) of [B, H, T] reads only its first lim[b, t] columns."""
+    r = tl.program_id(0)
+    cols = tl.arange(0, NC)
+    n = n_cols
+    if HAS_LIM:
+        b = r // (H * T)
+        t = r % T
+        n = tl.minimum(tl.load(lim_ptr + b.to(tl.int64) * slb + t.to(tl.int64) * slt), n_cols)
+    x = tl.load(x_ptr + r.to(tl.int64) * sxr + cols, mask=cols < n, other=float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    neg_inf_key = -2139095041                     # image of -inf: 0xFF800000 ^ 0x7FFFFFFF as int32
+    valid = key > neg_inf_key
+    n_valid = tl.sum(valid.to(tl.int32), axis=0)
+    # the K-th largest image: sign first, then bits 30..0 (setting a bit raises a two's-complement value)
+    n_nonneg = tl.sum((key >= 0).to(tl.int32), axis=0)
+    thr = tl.where(n_nonneg >= K, 0, -2147483647 - 1)
+    for i in tl.static_range(31):
+        cand = thr | (1 << (30 - i))
+        cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
+        thr = tl.where(cnt >= K, cand, thr)
+    above = key > thr
+    need = K - tl.sum(above.to(tl.int32), axis=0)
+    tie = key == thr
+    sel = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
+    sel = tl.where(n_valid <= K, valid, sel)
+    slot = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    obase = out_ptr + r.to(tl.int64) * K
+    tl.store(obase + slot, cols, mask=sel)
+    kk = tl.arange(0, KP)
+    n_sel = tl.sum(sel.to(tl.int32), axis=0)
+    tl.store(obase + kk, tl.full([KP], -1, tl.int32), mask=(kk >= n_sel) & (kk < K))
+
+
+def topk_blocks_triton(pooled: torch.Tensor, total_blocks: int, *, limits: torch.Tensor | None = None) -> torch.Tensor:
+    """`topk_block_indices` in one kernel: pooled fp32 [..., n] -> int32 [..., total_blocks], ascending, -1 padded.
+
+    limits: int32 [B, T] for pooled [B, H, T, n]: row (b, h, t) considers only its first limits[b, t] columns
+    (the rest may be garbage). Rows longer than TOPK_MAX_COLS fall back to `topk_block_indices`.
+    """
+    n = pooled.shape[-1]
+    if n > TOPK_MAX_COLS or pooled.dtype != torch.float32:
+        if limits is not None:
+            raise ValueError(f"topk_blocks_triton: limits need fp32 rows of <= {TOPK_MAX_COLS} columns, got "
+                             f"{n} columns of {pooled.dtype}")
+        return topk_block_indices(pooled, total_blocks)
+    lead = pooled.shape[:-1]
+    out = torch.empty(*lead, total_blocks, dtype=torch.int32, device=pooled.device)
+    x = pooled.reshape(-1, n)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    R = x.shape[0]
+    if R == 0:
+        return out
+    if limits is not None:
+        if pooled.dim() != 4 or limits.shape != (pooled.shape[0], pooled.shape[2]):
+            raise ValueError(f"topk_blocks_triton: limits {tuple(limits.shape)} must be [B, T] of pooled "
+                             f"[B, H, T, n] {tuple(pooled.shape)}")
+        H, T, lim = pooled.shape[1], pooled.shape[2], limits.to(torch.int32)
+        slb, slt = lim.stride(0), lim.stride(1)
+    else:
+        H, T, lim, slb, slt = 1, 1, x, 0, 0
+    NC = max(16, _pow2(n))
+    warps = 4 if NC <= 2048 else (8 if NC <= 8192 else 16)
+    _topk_blocks_kernel[(R,)](x, out, lim, n, H, T, x.stride(0), slb, slt, K=total_blocks,
+                              KP=max(16, _pow2(total_blocks)), NC=NC, HAS_LIM=limits is not None,
+                              num_warps=warps)
     return out
 
 
@@ -1082,14 +1221,16 @@ def _varlen_block_scores_kernel(q_ptr, k1_ptr, k2_ptr, sq_tok_ptr, sq_pos_ptr, t
     tok_ok = (i_tok < count) & (si_tok >= row_lo) & (si_tok < row_hi)
     pos_tok = tl.load(sq_pos_ptr + si_tok, mask=tok_ok, other=-1)
     pos_max = tl.max(pos_tok, axis=0)
+    pos_min = tl.min(tl.where(tok_ok, pos_tok, 2147483647), axis=0)
     d = tl.arange(0, D)
     qv = tl.load(q_ptr + tok_row[:, None] * sqn + (h * G + g)[:, None] * sqh + d[None, :], mask=row_ok[:, None],
                  other=0.0)
 
-    lse = _select_k2_lse(qv, k2_ptr + k2off * s2t + h * s2h, s2t, pos_row, pos_max, scale_log2, d, ROWS, K2K, K2S, BN2)
+    lse = _select_k2_lse(qv, k2_ptr + k2off * s2t + h * s2h, s2t, pos_row, pos_min, pos_max, scale_log2, d, ROWS,
+                         K2K, K2S, BN2)
     obase = out_ptr + h.to(tl.int64) * soh + (si_tok - row_lo).to(tl.int64)[:, None] * sot
-    _select_k1_pool_store(qv, lse, k1_ptr + k1off * s1t + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_max, tok_ok,
-                          obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT, LOCAL, NB)
+    _select_k1_pool_store(qv, lse, k1_ptr + k1off * s1t + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_min, pos_max,
+                          tok_ok, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT, LOCAL, NB)
 
 
 def varlen_select_tokens(G: int) -> int:

@@ -29,7 +29,7 @@ def infllmv2_varlen_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, par
     """q [1, T, Hq, D], k, v [1, T, Hkv, D]; bounds: validated cu_seqlens as host ints. Returns [1, T, Hq, D]."""
     from sala.ops import infllmv2_triton as tri
     from sala.ops.infllmv2 import _sparse_flat
-    from sala.ops.infllmv2_reference import n_windows, topk_block_indices
+    from sala.ops.infllmv2_reference import n_windows
 
     _, T, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -106,9 +106,9 @@ def infllmv2_varlen_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, par
                 pooled = tri.varlen_pooled_block_scores(qd, k1, k2, sq_tok, sq_pos, tiles, t_lo, t_hi, a, b,
                                                         params, scale, n_blocks)
                 if dense_fn is None:
-                    block_idx[0][:, sq_tok[a:b]] = topk_block_indices(pooled, K)
+                    block_idx[0][:, sq_tok[a:b]] = tri.topk_blocks_triton(pooled, K)
                 else:
-                    block_idx[0, :, a:b] = topk_block_indices(pooled, K)
+                    block_idx[0, :, a:b] = tri.topk_blocks_triton(pooled, K)
                 del pooled
     if dense_fn is None:
         o = _sparse_flat(q[0], k[0], v[0], block_idx, pos, kbase, gbase, gid_kstart, gid_blk, n_gid, params, scale)
