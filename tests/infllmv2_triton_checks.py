@@ -69,8 +69,8 @@ def check_compress():
 
 
 def check_select():
-    """Selection and pooled scores vs the fp64 reference; the third case reaches the mask-free K2 tiles (positions
-    >= 271 with the interpreter's 16-window tiles) as the first does the mask-free K1 tiles."""
+    """Selection and pooled scores vs the fp64 reference (the third case spans several K2 tiles of the
+    interpreter's 16 windows)."""
     from sala.ops import infllmv2_triton as tri
 
     for B, G, q_offset, Tq, seed in ((1, 2, 0, 100, 1), (2, 4, 90, 20, 2), (1, 2, 300, 21, 3)):
@@ -132,26 +132,50 @@ def _attention_case(seed, B=1, G=2):
     return q, k, v, idx
 
 
+def _blocks_per_iter(n: int):
+    """Context: TUNING["fwd_blocks_per_iter"] = n (the forward / dq walk's selected blocks per iteration)."""
+    import contextlib
+
+    from sala.ops import infllmv2_triton as tri
+
+    @contextlib.contextmanager
+    def ctx():
+        saved = tri.TUNING["fwd_blocks_per_iter"]
+        tri.TUNING["fwd_blocks_per_iter"] = n
+        try:
+            yield
+        finally:
+            tri.TUNING["fwd_blocks_per_iter"] = saved
+    return ctx()
+
+
 def check_forward():
+    """Forward vs the reference, one and two selected blocks per iteration of the walk."""
     q, k, v, idx = _attention_case(3)
-    _mode("triton")
-    got = block_sparse_attention(q, k, v, idx, SMALL, q_offset=72)
     _mode("reference")
-    torch.testing.assert_close(got, block_sparse_attention(q, k, v, idx, SMALL, q_offset=72), atol=2e-5, rtol=1e-4)
+    want = block_sparse_attention(q, k, v, idx, SMALL, q_offset=72)
+    for kpi in (1, 2):
+        _mode("triton")
+        with _blocks_per_iter(kpi):
+            got = block_sparse_attention(q, k, v, idx, SMALL, q_offset=72)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
 def check_backward():
+    """dq, dk, dv vs the reference, one and two selected blocks per iteration of the dq walk."""
     q, k, v, idx = _attention_case(4, G=4)
     do = torch.randn(q.shape)
-    grads = []
-    for mode in ("triton", "reference"):
+    grads = {}
+    for mode, kpi in (("reference", 1), ("triton", 1), ("triton", 2)):
         _mode(mode)
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = block_sparse_attention(*leaves, idx, SMALL, q_offset=72)
-        grads.append(torch.autograd.grad(out, leaves, do))
+        with _blocks_per_iter(kpi):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = block_sparse_attention(*leaves, idx, SMALL, q_offset=72)
+            grads[mode, kpi] = torch.autograd.grad(out, leaves, do)
     _mode("triton")
-    for got, want in zip(*grads):
-        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+    for kpi in (1, 2):
+        for got, want in zip(grads["triton", kpi], grads["reference", 1]):
+            torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
 
 
 def check_varlen():

@@ -46,8 +46,8 @@ TUNING = {
     "select_stages": None,     # None: Triton's default
     "select_chunk_bytes": 256 << 20,   # pooled-score buffer per query chunk (fp32)
     "fwd_warps": 4,
-    "fwd_stages": None,
-    "fwd_blocks_per_iter": 1,  # selected blocks per iteration of the attention walk (forward and dq)
+    "fwd_stages": 2,           # H200 sweep at 128K (bench/results/sparse_kernels_h200.json): 96 ms with 2 stages
+    "fwd_blocks_per_iter": 2,  # and 2 blocks per iteration, 119 ms with Triton's default and 1 (forward and dq)
     "tiled_tokens": 8,         # query tokens per program of the tiled kernels (rows = tokens x 16 heads), <= 16
     "tiled_warps": 8,
     "tiled_stages": None,
@@ -57,7 +57,7 @@ TUNING = {
 
 
 def _kpi(K: int) -> int:
-    kpi = 1 if interpreter_enabled() else TUNING["fwd_blocks_per_iter"]
+    kpi = TUNING["fwd_blocks_per_iter"]
     return kpi if K % kpi == 0 else 1
 
 
@@ -130,101 +130,60 @@ def update_compressed_keys_triton(k_cache, k1_cache, k2_cache, cache_seqlens, pa
 # stage 1: pooled block scores
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _k2_lse_tile(qv, k2base, s2t, pos_row, n2, j0, m, l, scale_log2, d, BN2: tl.constexpr, K2K: tl.constexpr,
-                 K2S: tl.constexpr, MASKED: tl.constexpr):
-    """One K2 tile [j0, j0 + BN2) of the running (max, sum) of pass 1; MASKED=False: every row sees every window."""
-    j = j0 + tl.arange(0, BN2)
-    if MASKED:
-        kk = tl.load(k2base + j.to(tl.int64)[:, None] * s2t + d[None, :], mask=(j < n2)[:, None], other=0.0)
-    else:
-        kk = tl.load(k2base + j.to(tl.int64)[:, None] * s2t + d[None, :])
-    s = tl.dot(qv, tl.trans(kk)) * scale_log2
-    if MASKED:
-        s = tl.where((j[None, :] * K2S + (K2K - 1)) <= pos_row[:, None], s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-    return m_new, l
-
-
-@triton.jit
-def _select_k2_lse(qv, k2base, s2t, pos_row, pos_min, pos_max, scale_log2, d, ROWS: tl.constexpr,
-                   K2K: tl.constexpr, K2S: tl.constexpr, BN2: tl.constexpr):
+def _select_k2_lse(qv, k2base, s2t, pos_row, pos_max, scale_log2, d, ROWS: tl.constexpr, K2K: tl.constexpr,
+                   K2S: tl.constexpr, BN2: tl.constexpr):
     """Stage-1 selection, pass 1: log2-sum-exp [ROWS] of the query rows qv [ROWS, D] (positions pos_row) over the
-    K2 windows they see, read from k2base + window * s2t (0 where none is visible). Tiles every row sees in full
-    (up to pos_min, the smallest position of the tile's tokens) skip the visibility masks."""
+    K2 windows they see, read from k2base + window * s2t (0 where none is visible)."""
     n2 = tl.where(pos_max >= K2K - 1, (tl.maximum(pos_max - K2K + 1, 0)) // K2S + 1, 0)
-    lim = pos_min - K2K + 1 - (BN2 - 1) * K2S
-    n_full = tl.minimum(tl.where(lim >= 0, lim // (BN2 * K2S) + 1, 0) * BN2, n2 // BN2 * BN2)
     m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l = tl.zeros([ROWS], dtype=tl.float32)
-    for j0 in range(0, n_full, BN2):
-        m, l = _k2_lse_tile(qv, k2base, s2t, pos_row, n2, j0, m, l, scale_log2, d, BN2, K2K, K2S, False)
-    for j0 in range(n_full, n2, BN2):
-        m, l = _k2_lse_tile(qv, k2base, s2t, pos_row, n2, j0, m, l, scale_log2, d, BN2, K2K, K2S, True)
+    for j0 in range(0, n2, BN2):
+        j = j0 + tl.arange(0, BN2)
+        kk = tl.load(k2base + j.to(tl.int64)[:, None] * s2t + d[None, :], mask=(j < n2)[:, None], other=0.0)
+        s = tl.dot(qv, tl.trans(kk)) * scale_log2
+        vis = (j[None, :] * K2S + (K2K - 1)) <= pos_row[:, None]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+        m = m_new
     return tl.where(l > 0, m + tl.log2(tl.maximum(l, 1e-30)), 0.0)
 
 
 @triton.jit
-def _k1_pool_tile(qv, lse, k1base, s1t, pos_row, row_ok, qblk_tok, n1, b0, carry, obase, tok_ok, n_cols, scale_log2,
-                  d, bi, ci, BQ: tl.constexpr, GP: tl.constexpr, K1K: tl.constexpr, K1S: tl.constexpr,
-                  R: tl.constexpr, HALO: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, NB: tl.constexpr,
-                  MASKED: tl.constexpr):
-    """Blocks [b0, b0 + NB) of pass 2 (see `_select_k1_pool_store`); returns the halo carry for the next tile.
-    MASKED=False: every row sees every K1 window of the tile (no visibility masks; padded rows have lse = +inf)."""
-    BN1: tl.constexpr = NB * R
-    j = b0 * R + tl.arange(0, BN1)
-    if MASKED:
-        kk = tl.load(k1base + j.to(tl.int64)[:, None] * s1t + d[None, :], mask=(j < n1)[:, None], other=0.0)
-    else:
-        kk = tl.load(k1base + j.to(tl.int64)[:, None] * s1t + d[None, :])
-    s = tl.dot(qv, tl.trans(kk))
-    if MASKED:
-        vis = ((j[None, :] * K1S + (K1K - 1)) <= pos_row[:, None]) & row_ok[:, None]
-        p = tl.where(vis, tl.exp2(s * scale_log2 - lse[:, None]), 0.0)
-    else:
-        p = tl.exp2(s * scale_log2 - lse[:, None])
-    ps = tl.sum(tl.reshape(p, (BQ, GP, BN1)), axis=1)                       # [BQ, BN1]
-    p3 = tl.reshape(ps, (BQ, NB, R))
-    m_in = tl.max(p3, axis=2)                                               # [BQ, NB]
-    tail = tl.max(tl.where(ci[None, None, :] >= R - HALO, p3, 0.0), axis=2)  # last HALO columns
-    shifted = tl.max(tl.where(bi[None, :, None] == bi[None, None, :] - 1, tail[:, :, None], 0.0), axis=1)
-    shifted = tl.where(bi[None, :] == 0, carry[:, None], shifted)
-    pooled = tl.maximum(m_in, shifted)
-    blk = b0 + bi
-    own = (blk[None, :] >= qblk_tok[:, None] - LOCAL) & (blk[None, :] <= qblk_tok[:, None])
-    pooled = tl.where((blk[None, :] < INIT) | own, float("inf"), pooled)
-    pooled = tl.where(blk[None, :] > qblk_tok[:, None], float("-inf"), pooled)
-    tl.store(obase + blk[None, :], pooled, mask=tok_ok[:, None] & (blk[None, :] < n_cols))
-    return tl.max(tl.where(bi[None, :] == NB - 1, tail, 0.0), axis=1)
-
-
-@triton.jit
-def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_min, pos_max, tok_ok, obase, n_cols,
+def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_max, tok_ok, obase, n_cols,
                           scale_log2, d, BQ: tl.constexpr, GP: tl.constexpr, K1K: tl.constexpr, K1S: tl.constexpr,
                           BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr, INIT: tl.constexpr,
                           LOCAL: tl.constexpr, NB: tl.constexpr):
     """Stage-1 selection, pass 2: K1 probabilities (normalised by pass 1's lse), summed over the GP head slots of
     each of the BQ tokens, max-pooled into blocks, forced init/local blocks (+inf) and future blocks (-inf);
-    stored at obase [BQ, 1] + block for tokens with tok_ok and blocks < n_cols. Tiles of blocks whose K1 windows
-    every row sees (up to pos_min) run without visibility masks."""
+    stored at obase [BQ, 1] + block for tokens with tok_ok and blocks < n_cols."""
     BN1: tl.constexpr = NB * R
     qblk_tok = tl.where(pos_tok >= 0, pos_tok // BS, -1)
     qblk_max = tl.max(qblk_tok, axis=0)
     n1 = tl.where(pos_max >= K1K - 1, (tl.maximum(pos_max - K1K + 1, 0)) // K1S + 1, 0)
-    lse = tl.where(row_ok, lse, float("inf"))                                # padded rows add exp2(-inf) = 0
-    lim = pos_min - K1K + 1 - (BN1 - 1) * K1S
-    n_tiles = (qblk_max + NB) // NB
-    n_full = tl.minimum(tl.where(lim >= 0, lim // (BN1 * K1S) + 1, 0), n_tiles)
     carry = tl.zeros([BQ], dtype=tl.float32)
     bi = tl.arange(0, NB)
     ci = tl.arange(0, R)
-    for i in range(0, n_full):
-        carry = _k1_pool_tile(qv, lse, k1base, s1t, pos_row, row_ok, qblk_tok, n1, i * NB, carry, obase, tok_ok,
-                              n_cols, scale_log2, d, bi, ci, BQ, GP, K1K, K1S, R, HALO, INIT, LOCAL, NB, False)
-    for i in range(n_full, n_tiles):
-        carry = _k1_pool_tile(qv, lse, k1base, s1t, pos_row, row_ok, qblk_tok, n1, i * NB, carry, obase, tok_ok,
-                              n_cols, scale_log2, d, bi, ci, BQ, GP, K1K, K1S, R, HALO, INIT, LOCAL, NB, True)
+    for b0 in range(0, qblk_max + 1, NB):
+        j = b0 * R + tl.arange(0, BN1)
+        kk = tl.load(k1base + j.to(tl.int64)[:, None] * s1t + d[None, :], mask=(j < n1)[:, None], other=0.0)
+        s = tl.dot(qv, tl.trans(kk)) * scale_log2
+        vis = ((j[None, :] * K1S + (K1K - 1)) <= pos_row[:, None]) & row_ok[:, None]
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        ps = tl.sum(tl.reshape(p, (BQ, GP, BN1)), axis=1)                       # [BQ, BN1]
+        p3 = tl.reshape(ps, (BQ, NB, R))
+        m_in = tl.max(p3, axis=2)                                               # [BQ, NB]
+        tail = tl.max(tl.where(ci[None, None, :] >= R - HALO, p3, 0.0), axis=2)  # last HALO columns
+        shifted = tl.max(tl.where(bi[None, :, None] == bi[None, None, :] - 1, tail[:, :, None], 0.0), axis=1)
+        shifted = tl.where(bi[None, :] == 0, carry[:, None], shifted)
+        pooled = tl.maximum(m_in, shifted)
+        carry = tl.max(tl.where(bi[None, :] == NB - 1, tail, 0.0), axis=1)
+        blk = b0 + bi
+        own = (blk[None, :] >= qblk_tok[:, None] - LOCAL) & (blk[None, :] <= qblk_tok[:, None])
+        pooled = tl.where((blk[None, :] < INIT) | own, float("inf"), pooled)
+        pooled = tl.where(blk[None, :] > qblk_tok[:, None], float("-inf"), pooled)
+        tl.store(obase + blk[None, :], pooled, mask=tok_ok[:, None] & (blk[None, :] < n_cols))
 
 
 @triton.jit(do_not_specialize=["Tq", "n_cols", "spb", "sob", "soh", "sot"])
@@ -247,17 +206,15 @@ def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
     t_tok = pid_t * BQ + tl.arange(0, BQ)
     pos_tok = tl.load(pos_ptr + b * spb + t_tok, mask=t_tok < Tq, other=-1)
     pos_max = tl.max(pos_tok, axis=0)
-    pos_min = tl.min(tl.where(t_tok < Tq, pos_tok, 2147483647), axis=0)
     d = tl.arange(0, D)
     qp = q_ptr + b.to(tl.int64) * sqb + t_row.to(tl.int64)[:, None] * sqt + (h * G + g)[:, None] * sqh + d[None, :]
     qv = tl.load(qp, mask=row_ok[:, None], other=0.0)
 
-    lse = _select_k2_lse(qv, k2_ptr + b.to(tl.int64) * s2b + h * s2h, s2t, pos_row, pos_min, pos_max, scale_log2, d,
-                         ROWS, K2K, K2S, BN2)
+    lse = _select_k2_lse(qv, k2_ptr + b.to(tl.int64) * s2b + h * s2h, s2t, pos_row, pos_max, scale_log2, d, ROWS,
+                         K2K, K2S, BN2)
     obase = out_ptr + b.to(tl.int64) * sob + h * soh + t_tok.to(tl.int64)[:, None] * sot
-    _select_k1_pool_store(qv, lse, k1_ptr + b.to(tl.int64) * s1b + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_min,
-                          pos_max, t_tok < Tq, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT,
-                          LOCAL, NB)
+    _select_k1_pool_store(qv, lse, k1_ptr + b.to(tl.int64) * s1b + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_max,
+                          t_tok < Tq, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT, LOCAL, NB)
 
 
 def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks, *, fill: bool = True) -> torch.Tensor:
@@ -333,7 +290,10 @@ def select_blocks_triton(q, k1, k2, pos, params, scale, *, pos_max: int | None =
 # ----------------------------------------------------------------------------------------------------------
 # top-k of pooled block scores (radix select on the float bits, one program per row)
 # ----------------------------------------------------------------------------------------------------------
-TOPK_MAX_COLS = 32768   # columns (blocks) a row may have for `topk_blocks_triton` (2M tokens at block 64)
+# Widest rows (blocks) `topk_blocks_triton` takes; wider rows go to torch.topk, which measured faster there
+# (H200, bench/results/profile_selection*_h200.json: 6.5 vs 14.4 ms for all rows at 2048 columns, 583 vs 480 ms
+# at 16384; the kernel's 31 counting passes cost more than torch's radix passes on wide rows).
+TOPK_MAX_COLS = 4096
 
 
 @triton.jit(do_not_specialize=["n_cols", "H", "T", "sxr", "slb", "slt"])
@@ -1221,16 +1181,14 @@ def _varlen_block_scores_kernel(q_ptr, k1_ptr, k2_ptr, sq_tok_ptr, sq_pos_ptr, t
     tok_ok = (i_tok < count) & (si_tok >= row_lo) & (si_tok < row_hi)
     pos_tok = tl.load(sq_pos_ptr + si_tok, mask=tok_ok, other=-1)
     pos_max = tl.max(pos_tok, axis=0)
-    pos_min = tl.min(tl.where(tok_ok, pos_tok, 2147483647), axis=0)
     d = tl.arange(0, D)
     qv = tl.load(q_ptr + tok_row[:, None] * sqn + (h * G + g)[:, None] * sqh + d[None, :], mask=row_ok[:, None],
                  other=0.0)
 
-    lse = _select_k2_lse(qv, k2_ptr + k2off * s2t + h * s2h, s2t, pos_row, pos_min, pos_max, scale_log2, d, ROWS,
-                         K2K, K2S, BN2)
+    lse = _select_k2_lse(qv, k2_ptr + k2off * s2t + h * s2h, s2t, pos_row, pos_max, scale_log2, d, ROWS, K2K, K2S, BN2)
     obase = out_ptr + h.to(tl.int64) * soh + (si_tok - row_lo).to(tl.int64)[:, None] * sot
-    _select_k1_pool_store(qv, lse, k1_ptr + k1off * s1t + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_min, pos_max,
-                          tok_ok, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT, LOCAL, NB)
+    _select_k1_pool_store(qv, lse, k1_ptr + k1off * s1t + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_max, tok_ok,
+                          obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT, LOCAL, NB)
 
 
 def varlen_select_tokens(G: int) -> int:
