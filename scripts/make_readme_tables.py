@@ -78,7 +78,7 @@ def targets_section() -> list[str]:
                      ("selection time <= attention time at 128K", "<=",
                       f"{r128['select_ms']:.0f} vs {r128['attention_fwd_ms']:.0f} ms",
                       r128["select_ms"] <= r128["attention_fwd_ms"])]
-    sv = _load("sparse_variants_h200.json") or sp
+    sv = sp if sp and any(r["T"] == 1 << 20 for r in sp["results"]) else _load("sparse_variants_h200.json")
     if sv:
         r1m = next((r for r in sv["results"] if r["T"] == 1 << 20), None)
         if r1m:
@@ -184,7 +184,28 @@ def sparse_section() -> list[str]:
                         _f(r.get("speedup_fwd_vs_sdpa"), 2, "x"), _f(r.get("whole_fwd_bwd_ms"), 1),
                         _f(r.get("sdpa_fwd_bwd_ms"), 1), _f(r.get("speedup_fwd_bwd_vs_sdpa"), 2, "x"),
                         _f(r.get("fla_nsa_fwd_ms"), 1), _f(r.get("whole_fwd_peak_extra_gib"), 2)))
-    return out + [""]
+    return out + [""] + selection_profile_lines()
+
+
+def selection_profile_lines() -> list[str]:
+    """Stage-1 selection by kernel (torch.profiler): the top-k kernel against torch.topk (earlier run)."""
+    runs = [(name, _load(name)) for name in ("profile_selection_torch_topk_h200.json", "profile_selection_h200.json")]
+    runs = [(n, d) for n, d in runs if d]
+    if not runs:
+        return []
+    out = ["Where selection's time goes (`scripts/profile_selection.py`, CUDA kernel time of all queries): "
+           + ", ".join(f"`bench/results/{n}` (commit {d['meta']['git_commit'][:7]})" for n, d in runs) + ".", "",
+           *_header("file", "T", "select (ms)", "pooled-score kernel (ms)", "top-k (ms)", "-inf fill + sort (ms)")]
+    for name, d in runs:
+        for r in d["results"]:
+            k = {e["name"]: e["device_ms"] for e in r["kernels"]}
+            topk = k.get("_topk_blocks_kernel", k.get("aten::topk"))
+            rest = k.get("aten::fill_", 0.0) + k.get("aten::sort", 0.0)
+            out.append(_row(name.replace("_h200.json", ""), _len(r["T"]), _f(r["select_ms"], 1),
+                            _f(k.get("_block_scores_kernel"), 1), _f(topk, 1), _f(rest, 1)))
+    return out + ["", "Rows of up to 4096 blocks (256K tokens) use the top-k kernel; wider rows use torch.topk, "
+                  "which measured faster there (at 1M the kernel took 583 ms against torch's 421 + 60 ms: "
+                  "`bench/results/history/profile_selection_split_loops_h200.json`).", ""]
 
 
 def sparse_variants_section() -> list[str]:
