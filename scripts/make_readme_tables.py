@@ -307,7 +307,24 @@ def repro_section() -> list[str]:
             + (f"{100 * frac:.0f}% of its training tokens" if frac else "a fraction of its tokens")
             + f" (softmax layers kept: {conv.get('softmax_layers')}), and the two ablations converted the same way. "
             "Accuracy (number of prompts); sparse attention is active beyond 2K:", "",
-            *path.read_text().strip().splitlines(), ""]
+            *path.read_text().strip().splitlines(), ""] + _repro_continue_lines()
+
+
+def _repro_continue_lines() -> list[str]:
+    """One line on the run with the optional continual step (history/repro_halo_continue_h200.json)."""
+    d = _load("history/repro_halo_continue_h200.json")
+    if not d:
+        return []
+    ev = d["eval"]
+    t, s = ev["teacher"], ev["sala"]
+    acc = lambda m, n: s["tasks"].get(f"niah_single@{n}", {}).get("accuracy")  # noqa: E731
+    cells = " / ".join("–" if acc(s, n) is None else f"{100 * acc(s, n):.0f}%" for n in (2048, 8192, 32768, 131072))
+    gap = 100 * (s["heldout"]["loss"] / t["heldout"]["loss"] - 1)
+    frac = d["convert"]["sala"].get("fraction_of_teacher_tokens", 0)
+    return [f"With the optional continual step (`REPRO_CONTINUE=0.10`, {100 * frac:.0f}% of the teacher's tokens in "
+            f"all; `bench/results/history/repro_halo_continue_h200.json`, a separate run with its own teacher): SALA "
+            f"held-out loss {s['heldout']['loss']:.3f} vs teacher {t['heldout']['loss']:.3f} ({gap:+.1f}%), needle "
+            f"1× / 4× / 16× / 64×: {cells}. Details in `docs/convert.md`.", ""]
 
 
 def profile_section() -> list[str]:

@@ -150,11 +150,11 @@ def _blocks_per_iter(n: int):
 
 
 def check_forward():
-    """Forward vs the reference, one and two selected blocks per iteration of the walk."""
+    """Forward vs the reference, one, two and four selected blocks per iteration of the walk."""
     q, k, v, idx = _attention_case(3)
     _mode("reference")
     want = block_sparse_attention(q, k, v, idx, SMALL, q_offset=72)
-    for kpi in (1, 2):
+    for kpi in (1, 2, 4):
         _mode("triton")
         with _blocks_per_iter(kpi):
             got = block_sparse_attention(q, k, v, idx, SMALL, q_offset=72)
@@ -162,18 +162,18 @@ def check_forward():
 
 
 def check_backward():
-    """dq, dk, dv vs the reference, one and two selected blocks per iteration of the dq walk."""
+    """dq, dk, dv vs the reference, one, two and four selected blocks per iteration of the dq walk."""
     q, k, v, idx = _attention_case(4, G=4)
     do = torch.randn(q.shape)
     grads = {}
-    for mode, kpi in (("reference", 1), ("triton", 1), ("triton", 2)):
+    for mode, kpi in (("reference", 1), ("triton", 1), ("triton", 2), ("triton", 4)):
         _mode(mode)
         with _blocks_per_iter(kpi):
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             out = block_sparse_attention(*leaves, idx, SMALL, q_offset=72)
             grads[mode, kpi] = torch.autograd.grad(out, leaves, do)
     _mode("triton")
-    for kpi in (1, 2):
+    for kpi in (1, 2, 4):
         for got, want in zip(grads["triton", kpi], grads["reference", 1]):
             torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
 

@@ -350,7 +350,8 @@ def _measure(T: int, p: SparseParams, with_fla: bool, backward: bool, dense_fwd_
 
 SELECT_CONFIGS = [(128, 64, 8, None), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, None), (64, 64, 4, 3),
                   (128, 128, 8, 2), (64, 128, 4, 2), (32, 64, 4, 3)]
-FWD_CONFIGS = [(4, None, 1), (4, 3, 1), (2, 3, 1), (4, 2, 2), (4, 3, 2), (8, 3, 2), (4, 3, 4), (8, 3, 4)]
+FWD_CONFIGS = [(4, None, 1), (4, 3, 1), (2, 3, 1), (4, 2, 2), (4, 3, 2), (8, 3, 2), (4, 2, 4), (8, 2, 2), (8, 2, 4),
+               (4, 1, 2)]   # (warps, stages, blocks per iteration); 3 stages x 4 blocks exceeds shared memory
 
 
 def sweep(T: int = 131072) -> dict:
