@@ -69,11 +69,23 @@ def check_compress():
 
 
 def check_select():
-    """Selection and pooled scores vs the fp64 reference (the third case spans several K2 tiles of the
-    interpreter's 16 windows)."""
+    """Selection and pooled scores vs the fp64 reference, with visibility masks on every tile and with
+    TUNING["select_branch_mask"] (masks only where needed: the first and third cases reach mask-free K1 and K2
+    tiles, the third spanning several K2 tiles of the interpreter's 16 windows; in the fourth, programs straddle
+    the end of the first K2 tile, position 271)."""
     from sala.ops import infllmv2_triton as tri
 
-    for B, G, q_offset, Tq, seed in ((1, 2, 0, 100, 1), (2, 4, 90, 20, 2), (1, 2, 300, 21, 3)):
+    saved = tri.TUNING["select_branch_mask"]
+    try:
+        for branch in (False, True):
+            tri.TUNING["select_branch_mask"] = branch
+            _check_select_cases(tri)
+    finally:
+        tri.TUNING["select_branch_mask"] = saved
+
+
+def _check_select_cases(tri):
+    for B, G, q_offset, Tq, seed in ((1, 2, 0, 100, 1), (2, 4, 90, 20, 2), (1, 2, 300, 21, 3), (1, 2, 250, 40, 4)):
         q, k, _ = _qkv(B, q_offset + Tq, 2, G, 16, seed, Tq=Tq)
         k1, k2 = ref.compress_keys_ref(k, 8, 4), ref.compress_keys_ref(k, 32, 16)
         got = select_blocks(q, k1, k2, SMALL, q_offset=q_offset)
@@ -400,6 +412,27 @@ def _fused_varlen_grads(q, k, v, cu, do, params):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = infllmv2_attention(*leaves, params, cu_seqlens=cu)
     return (out.detach(), *torch.autograd.grad(out, leaves, do))
+
+
+def check_tuning_sweep():
+    """The bench's launch sweep runs every setting, records the output check, and leaves TUNING on a setting
+    whose output matched (tiny shape; the interpreter ignores tile sizes, not the branch-mask flag or the
+    blocks per iteration)."""
+    from sala.bench import kernels_sparse as ks
+    from sala.ops import infllmv2_triton as tri
+
+    saved = dict(tri.TUNING)
+    try:
+        out = ks.sweep(100, device="cpu", params=SMALL, heads=(4, 2, 16), dtype=torch.float32, warmup=0, rep=1,
+                       select_configs=[(128, 64, 8, None, False), (128, 64, 8, None, True)],
+                       fwd_configs=[(4, None, 1), (4, 2, 2)])
+        assert [r["config"] for r in out["select"]] == [[128, 64, 8, None, False], [128, 64, 8, None, True]]
+        assert all(r["rows_differing_from_first"] < 0.01 for r in out["select"]), out["select"]
+        assert all(r["max_abs_diff_vs_first"] < 1e-4 for r in out["attention_fwd"]), out["attention_fwd"]
+        assert out["chosen"]["fwd_blocks_per_iter"] in (1, 2)
+    finally:
+        tri.TUNING.clear()
+        tri.TUNING.update(saved)
 
 
 def check_fused_varlen():

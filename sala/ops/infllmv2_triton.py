@@ -45,6 +45,8 @@ TUNING = {
     "select_warps": 8,
     "select_stages": None,     # None: Triton's default
     "select_chunk_bytes": 256 << 20,   # pooled-score buffer per query chunk (fp32)
+    "select_branch_mask": False,  # visibility masks only on tiles some row does not see in full (a branch per
+                                  # tile in one loop; not yet measured on the GPU, hence off)
     "fwd_warps": 4,
     "fwd_stages": 2,           # H200 sweep at 128K (bench/results/sparse_kernels_h200.json): 96 ms with 2 stages
     "fwd_blocks_per_iter": 2,  # and 2 blocks per iteration, 119 ms with Triton's default and 1 (forward and dq)
@@ -130,10 +132,11 @@ def update_compressed_keys_triton(k_cache, k1_cache, k2_cache, cache_seqlens, pa
 # stage 1: pooled block scores
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _select_k2_lse(qv, k2base, s2t, pos_row, pos_max, scale_log2, d, ROWS: tl.constexpr, K2K: tl.constexpr,
-                   K2S: tl.constexpr, BN2: tl.constexpr):
+def _select_k2_lse(qv, k2base, s2t, pos_row, pos_min, pos_max, scale_log2, d, ROWS: tl.constexpr,
+                   K2K: tl.constexpr, K2S: tl.constexpr, BN2: tl.constexpr, BRANCH_MASK: tl.constexpr):
     """Stage-1 selection, pass 1: log2-sum-exp [ROWS] of the query rows qv [ROWS, D] (positions pos_row) over the
-    K2 windows they see, read from k2base + window * s2t (0 where none is visible)."""
+    K2 windows they see, read from k2base + window * s2t (0 where none is visible). BRANCH_MASK: skip the
+    visibility mask on tiles every row sees (pos_min: the smallest position of the program's valid tokens)."""
     n2 = tl.where(pos_max >= K2K - 1, (tl.maximum(pos_max - K2K + 1, 0)) // K2S + 1, 0)
     m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l = tl.zeros([ROWS], dtype=tl.float32)
@@ -141,8 +144,11 @@ def _select_k2_lse(qv, k2base, s2t, pos_row, pos_max, scale_log2, d, ROWS: tl.co
         j = j0 + tl.arange(0, BN2)
         kk = tl.load(k2base + j.to(tl.int64)[:, None] * s2t + d[None, :], mask=(j < n2)[:, None], other=0.0)
         s = tl.dot(qv, tl.trans(kk)) * scale_log2
-        vis = (j[None, :] * K2S + (K2K - 1)) <= pos_row[:, None]
-        s = tl.where(vis, s, float("-inf"))
+        if BRANCH_MASK:   # visibility masks only on tiles some row does not see in full
+            if (j0 + BN2 - 1) * K2S + K2K - 1 > pos_min:
+                s = tl.where((j[None, :] * K2S + (K2K - 1)) <= pos_row[:, None], s, float("-inf"))
+        else:
+            s = tl.where((j[None, :] * K2S + (K2K - 1)) <= pos_row[:, None], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
@@ -151,26 +157,36 @@ def _select_k2_lse(qv, k2base, s2t, pos_row, pos_max, scale_log2, d, ROWS: tl.co
 
 
 @triton.jit
-def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_max, tok_ok, obase, n_cols,
+def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_min, pos_max, tok_ok, obase, n_cols,
                           scale_log2, d, BQ: tl.constexpr, GP: tl.constexpr, K1K: tl.constexpr, K1S: tl.constexpr,
                           BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr, INIT: tl.constexpr,
-                          LOCAL: tl.constexpr, NB: tl.constexpr):
+                          LOCAL: tl.constexpr, NB: tl.constexpr, BRANCH_MASK: tl.constexpr):
     """Stage-1 selection, pass 2: K1 probabilities (normalised by pass 1's lse), summed over the GP head slots of
     each of the BQ tokens, max-pooled into blocks, forced init/local blocks (+inf) and future blocks (-inf);
-    stored at obase [BQ, 1] + block for tokens with tok_ok and blocks < n_cols."""
+    stored at obase [BQ, 1] + block for tokens with tok_ok and blocks < n_cols. BRANCH_MASK: tiles every row
+    sees in full (up to pos_min) skip the visibility mask (padded rows get lse = +inf, so they add 0)."""
     BN1: tl.constexpr = NB * R
     qblk_tok = tl.where(pos_tok >= 0, pos_tok // BS, -1)
     qblk_max = tl.max(qblk_tok, axis=0)
     n1 = tl.where(pos_max >= K1K - 1, (tl.maximum(pos_max - K1K + 1, 0)) // K1S + 1, 0)
+    lse_pad = tl.where(row_ok, lse, float("inf"))
     carry = tl.zeros([BQ], dtype=tl.float32)
     bi = tl.arange(0, NB)
     ci = tl.arange(0, R)
     for b0 in range(0, qblk_max + 1, NB):
         j = b0 * R + tl.arange(0, BN1)
         kk = tl.load(k1base + j.to(tl.int64)[:, None] * s1t + d[None, :], mask=(j < n1)[:, None], other=0.0)
-        s = tl.dot(qv, tl.trans(kk)) * scale_log2
-        vis = ((j[None, :] * K1S + (K1K - 1)) <= pos_row[:, None]) & row_ok[:, None]
-        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        if BRANCH_MASK:   # the scale is applied inside each branch so that it fuses with the lse (one FMA)
+            qk = tl.dot(qv, tl.trans(kk))
+            if (b0 * R + BN1 - 1) * K1S + K1K - 1 <= pos_min:
+                p = tl.exp2(tl.fma(qk, scale_log2, -lse_pad[:, None]))
+            else:
+                vis = ((j[None, :] * K1S + (K1K - 1)) <= pos_row[:, None]) & row_ok[:, None]
+                p = tl.where(vis, tl.exp2(tl.fma(qk, scale_log2, -lse[:, None])), 0.0)
+        else:
+            s = tl.dot(qv, tl.trans(kk)) * scale_log2
+            vis = ((j[None, :] * K1S + (K1K - 1)) <= pos_row[:, None]) & row_ok[:, None]
+            p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
         ps = tl.sum(tl.reshape(p, (BQ, GP, BN1)), axis=1)                       # [BQ, BN1]
         p3 = tl.reshape(ps, (BQ, NB, R))
         m_in = tl.max(p3, axis=2)                                               # [BQ, NB]
@@ -193,7 +209,8 @@ def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
                          G: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr,
                          K1K: tl.constexpr, K1S: tl.constexpr, K2K: tl.constexpr, K2S: tl.constexpr,
                          BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr,
-                         INIT: tl.constexpr, LOCAL: tl.constexpr, BN2: tl.constexpr, NB: tl.constexpr):
+                         INIT: tl.constexpr, LOCAL: tl.constexpr, BN2: tl.constexpr, NB: tl.constexpr,
+                         BRANCH_MASK: tl.constexpr):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -206,15 +223,17 @@ def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
     t_tok = pid_t * BQ + tl.arange(0, BQ)
     pos_tok = tl.load(pos_ptr + b * spb + t_tok, mask=t_tok < Tq, other=-1)
     pos_max = tl.max(pos_tok, axis=0)
+    pos_min = tl.min(tl.where(t_tok < Tq, pos_tok, 2147483647), axis=0)
     d = tl.arange(0, D)
     qp = q_ptr + b.to(tl.int64) * sqb + t_row.to(tl.int64)[:, None] * sqt + (h * G + g)[:, None] * sqh + d[None, :]
     qv = tl.load(qp, mask=row_ok[:, None], other=0.0)
 
-    lse = _select_k2_lse(qv, k2_ptr + b.to(tl.int64) * s2b + h * s2h, s2t, pos_row, pos_max, scale_log2, d, ROWS,
-                         K2K, K2S, BN2)
+    lse = _select_k2_lse(qv, k2_ptr + b.to(tl.int64) * s2b + h * s2h, s2t, pos_row, pos_min, pos_max, scale_log2, d,
+                         ROWS, K2K, K2S, BN2, BRANCH_MASK)
     obase = out_ptr + b.to(tl.int64) * sob + h * soh + t_tok.to(tl.int64)[:, None] * sot
-    _select_k1_pool_store(qv, lse, k1_ptr + b.to(tl.int64) * s1b + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_max,
-                          t_tok < Tq, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT, LOCAL, NB)
+    _select_k1_pool_store(qv, lse, k1_ptr + b.to(tl.int64) * s1b + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_min,
+                          pos_max, t_tok < Tq, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT,
+                          LOCAL, NB, BRANCH_MASK)
 
 
 def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks, *, fill: bool = True) -> torch.Tensor:
@@ -253,8 +272,8 @@ def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks, *, fill:
                                G=G, GP=GP, BQ=BQ, D=D, K1K=params.kernel_size, K1S=params.kernel_stride,
                                K2K=params.k2_kernel, K2S=params.k2_stride, BS=params.block_size, R=r, HALO=halo,
                                INIT=params.init_blocks, LOCAL=params.local_blocks, BN2=16 if interpreter_enabled() else 64,
-                               NB=NB, num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4,
-                               **_stages("select_stages"))
+                               NB=NB, BRANCH_MASK=bool(TUNING["select_branch_mask"]),
+                               num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4, **_stages("select_stages"))
     return out
 
 
@@ -1157,7 +1176,8 @@ def _varlen_block_scores_kernel(q_ptr, k1_ptr, k2_ptr, sq_tok_ptr, sq_pos_ptr, t
                                 G: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr,
                                 K1K: tl.constexpr, K1S: tl.constexpr, K2K: tl.constexpr, K2S: tl.constexpr,
                                 BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr,
-                                INIT: tl.constexpr, LOCAL: tl.constexpr, BN2: tl.constexpr, NB: tl.constexpr):
+                                INIT: tl.constexpr, LOCAL: tl.constexpr, BN2: tl.constexpr, NB: tl.constexpr,
+                                BRANCH_MASK: tl.constexpr):
     """`_block_scores_kernel` for packed documents: program (tile, kv head); a tile holds <= BQ consecutive sparse
     queries of one document. tile table int64 [n_tiles, 4]: first sparse query, count, K1 offset and K2 offset
     of the document in the flat compressed keys. Writes pooled rows [row_lo, row_hi) of the sparse queries."""
@@ -1181,14 +1201,17 @@ def _varlen_block_scores_kernel(q_ptr, k1_ptr, k2_ptr, sq_tok_ptr, sq_pos_ptr, t
     tok_ok = (i_tok < count) & (si_tok >= row_lo) & (si_tok < row_hi)
     pos_tok = tl.load(sq_pos_ptr + si_tok, mask=tok_ok, other=-1)
     pos_max = tl.max(pos_tok, axis=0)
+    pos_min = tl.min(tl.where(tok_ok, pos_tok, 2147483647), axis=0)
     d = tl.arange(0, D)
     qv = tl.load(q_ptr + tok_row[:, None] * sqn + (h * G + g)[:, None] * sqh + d[None, :], mask=row_ok[:, None],
                  other=0.0)
 
-    lse = _select_k2_lse(qv, k2_ptr + k2off * s2t + h * s2h, s2t, pos_row, pos_max, scale_log2, d, ROWS, K2K, K2S, BN2)
+    lse = _select_k2_lse(qv, k2_ptr + k2off * s2t + h * s2h, s2t, pos_row, pos_min, pos_max, scale_log2, d, ROWS,
+                         K2K, K2S, BN2, BRANCH_MASK)
     obase = out_ptr + h.to(tl.int64) * soh + (si_tok - row_lo).to(tl.int64)[:, None] * sot
-    _select_k1_pool_store(qv, lse, k1_ptr + k1off * s1t + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_max, tok_ok,
-                          obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT, LOCAL, NB)
+    _select_k1_pool_store(qv, lse, k1_ptr + k1off * s1t + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_min, pos_max,
+                          tok_ok, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT, LOCAL, NB,
+                          BRANCH_MASK)
 
 
 def varlen_select_tokens(G: int) -> int:
@@ -1225,5 +1248,5 @@ def varlen_pooled_block_scores(q, k1, k2, sq_tok, sq_pos, tiles, tile_lo, tile_h
         G=G, GP=GP, BQ=BQ, D=D, K1K=params.kernel_size, K1S=params.kernel_stride, K2K=params.k2_kernel,
         K2S=params.k2_stride, BS=params.block_size, R=r, HALO=halo, INIT=params.init_blocks,
         LOCAL=params.local_blocks, BN2=16 if interpreter_enabled() else 64, NB=NB,
-        num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4, **_stages("select_stages"))
+        BRANCH_MASK=bool(TUNING["select_branch_mask"]), num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4, **_stages("select_stages"))
     return out
