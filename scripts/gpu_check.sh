@@ -5,6 +5,8 @@
 #   OUT=/dir bash scripts/gpu_check.sh kernels    # lightning vs fla, sparse (all variants) vs SDPA -> JSON
 #   OUT=/dir bash scripts/gpu_check.sh sparse     # sparse GPU tests, sparse layer vs SDPA/fla 32K..2M, selection profile
 #                                                 # (TUNE=1: sweep launch settings at 128K first)
+#   OUT=/dir bash scripts/gpu_check.sh decode     # sparse decode variants (split-K attention, split-N selection)
+#                                                 # at 128K and 1M, then 1M end to end with both switched on
 #   OUT=/dir bash scripts/gpu_check.sh latency    # SALA 9B shape vs HF Qwen3-8B shape, 64K..2M -> JSON + PNG
 #   OUT=/dir bash scripts/gpu_check.sh train      # the small SALA model: data built there, trained, evaluated
 #   OUT=/dir bash scripts/gpu_check.sh repro      # HALO reproduction: teacher, SALA, ablations (needs repro_data/)
@@ -14,7 +16,7 @@
 # bench/results/ and turned into README tables by scripts/make_readme_tables.py. The device copy has no .git:
 # start the command with SALA_GIT_COMMIT=<git rev-parse HEAD here> so the JSON names the commit measured.
 set -uo pipefail
-part=${1:?usage: gpu_check.sh tests|kernels|sparse|latency|train|repro|profile}
+part=${1:?usage: gpu_check.sh tests|kernels|sparse|decode|latency|train|repro|profile}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/sala_gpu}
 mkdir -p "$OUT"
@@ -38,6 +40,11 @@ case "$part" in
       --lengths 32768,65536,131072,262144,524288,1048576,2097152 2>&1 | grep -v "^sweep" | tail -12
     python3 scripts/profile_selection.py --lengths 131072,1048576 --out "$OUT/profile_selection_h200.json" 2>&1 \
       | grep -v USDT | cut -c1-400 ;;
+  decode)
+    python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_decode_variants_h200.json" --lengths 131072,1048576 \
+      --no-fla --variants default,splitk,splitsel --time-budget-s 150 2>&1 | tail -4 | cut -c1-600
+    SALA_SPARSE_DECODE=splitk SALA_SPARSE_DECODE_SELECT=split python3 -m sala.bench.latency --lengths 1M \
+      --no-baseline --no-profile --no-plots --out "$OUT/latency_1m_split_decode_h200.json" 2>&1 | grep -v USDT | tail -3 ;;
   latency)
     OUT="$OUT" bash scripts/gpu_latency.sh "${2:-480}" ;;
   train)
