@@ -99,11 +99,33 @@ def _check_select_cases(tri):
 
 
 def check_topk():
-    """topk_blocks_triton == topk_block_indices: +inf (forced) and -inf (future) columns, rows with fewer finite
-    columns than k, negative and -0.0 values, ties (lowest columns win, a subset of the tied ones), and `limits`
-    with NaN garbage past each row's limit (never read)."""
+    """topk_blocks_triton == topk_block_indices, by bisection (default) and with TUNING["topk_compact"]: +inf
+    (forced) and -inf (future) columns, rows with fewer finite columns than k, negative and -0.0 values, ties
+    (lowest columns win, a subset of the tied ones), and `limits` with NaN garbage past each row's limit (never
+    read). The compact path is checked to handle some rows itself and to hand others to the bisection kernel."""
     from sala.ops import infllmv2_triton as tri
 
+    saved = tri.TUNING["topk_compact"]
+    try:
+        for compact in (False, True):
+            tri.TUNING["topk_compact"] = compact
+            _check_topk_cases(tri)
+        tri.TUNING["topk_compact"] = True
+        g = torch.Generator().manual_seed(6)
+        x = torch.rand(4, 5000, generator=g)
+        x[:, 4960:] = float("inf")                       # 40 forced blocks, 56 chosen from 4960 finite
+        x[1, :4960] = 0.5                                # all tied: more candidates than CAP -> bisection
+        x[2, 100:] = float("-inf")                       # fewer finite columns than k
+        x[3, :] = torch.randn(5000, generator=g)         # no forced blocks, negative values
+        got = tri.topk_blocks_triton(x, 96)
+        _assert_topk_close(got, x, 96)
+        assert tri._LAST_TOPK_FLAGS[0].tolist() == [0, 1, 0, 0], tri._LAST_TOPK_FLAGS[0]
+        assert got[1].tolist() == list(range(56)) + list(range(4960, 5000)), got[1]
+    finally:
+        tri.TUNING["topk_compact"] = saved
+
+
+def _check_topk_cases(tri):
     g = torch.Generator().manual_seed(5)
     for B, H, T, n, K in ((1, 2, 5, 7, 10), (2, 2, 9, 40, 10), (1, 1, 3, 300, 96), (1, 1, 4, 33, 6)):
         x = torch.rand(B, H, T, n, generator=g)

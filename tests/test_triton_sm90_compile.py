@@ -1,0 +1,95 @@
+"""The sparse Triton kernels compile for Hopper (sm_90) at the released shape and default TUNING, on the CPU.
+
+The interpreter checks semantics but not what only the GPU compiler sees: layouts, software pipelining and shared
+memory. `triton.compile` with an explicit sm_90 target runs the whole NVIDIA pipeline (TTGIR, LLVM, ptxas) without
+a GPU, so a kernel that would fail to compile, or would need more shared memory than an H100/H200 block may use
+(227 KiB), fails here instead of on the borrowed GPU. This uses the installed Triton, which may be newer than the
+GPU machine's (its shared-memory use differs between versions: the H200's Triton 3.6 needed 274 KiB for 3 stages x 4
+blocks per iteration of the forward walk, 3.9 needs 78 KiB), so passing here is necessary, not sufficient.
+Timing is not checked (benchmarks only).
+"""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from sala.ops import infllmv2_triton as tri  # noqa: E402
+from sala.ops.infllmv2 import SparseParams  # noqa: E402
+
+SMEM_LIMIT = 232448          # bytes of shared memory one block may use on sm_90
+FLOAT_ARGS = {"scale_log2", "scale"}
+
+
+def compile_sm90(kernel, ptrs: dict[str, str], consts: dict, *, num_warps: int, num_stages: int | None = None):
+    """Compile a @triton.jit kernel for sm_90: pointer args typed by `ptrs` (16-byte aligned, as torch allocates),
+    other non-constexpr args int32 (fp32 for scales). Returns the compiled kernel."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    missing = [n for n in names if n.endswith("_ptr") and n not in ptrs]
+    assert not missing, f"pointer types missing for {missing}"
+    sig = {n: ptrs.get(n) or ("constexpr" if n in consts else ("fp32" if n in FLOAT_ARGS else "i32")) for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptrs}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+P = SparseParams()
+R = P.block_size // P.kernel_stride
+SELECT_CONSTS = dict(G=16, GP=16, BQ=tri.TUNING["select_rows"] // 16, D=128, K1K=P.kernel_size, K1S=P.kernel_stride,
+                     K2K=P.k2_kernel, K2S=P.k2_stride, BS=P.block_size, R=R,
+                     HALO=(P.kernel_size - 1) // P.kernel_stride, INIT=P.init_blocks, LOCAL=P.local_blocks, BN2=64,
+                     NB=tri.TUNING["select_k1_tile"] // R)
+
+
+@pytest.mark.parametrize("branch_mask", [False, True])
+def test_selection_kernels_compile_for_sm90(branch_mask):
+    consts = dict(SELECT_CONSTS, BRANCH_MASK=branch_mask)
+    warps, stages = tri.TUNING["select_warps"], tri.TUNING["select_stages"]
+    k = compile_sm90(tri._block_scores_kernel, {"q_ptr": "*bf16", "k1_ptr": "*bf16", "k2_ptr": "*bf16",
+                                                "pos_ptr": "*i32", "out_ptr": "*fp32"},
+                     consts, num_warps=warps, num_stages=stages)
+    assert 0 < k.metadata.shared <= SMEM_LIMIT
+    assert "warp_group_dot" in k.asm["ttgir"]             # the stage-1 products run on Hopper tensor cores
+    k = compile_sm90(tri._varlen_block_scores_kernel,
+                     {"q_ptr": "*bf16", "k1_ptr": "*bf16", "k2_ptr": "*bf16", "sq_tok_ptr": "*i64",
+                      "sq_pos_ptr": "*i32", "tile_ptr": "*i64", "out_ptr": "*fp32"},
+                     consts, num_warps=warps, num_stages=stages)
+    assert 0 < k.metadata.shared <= SMEM_LIMIT
+
+
+@pytest.mark.parametrize("NC", [2048, 32768])
+def test_topk_kernels_compile_for_sm90(NC):
+    K = P.total_blocks
+    warps = 4 if NC <= 2048 else 16
+    common = dict(K=K, KP=max(16, 1 << (K - 1).bit_length()), NC=NC, HAS_LIM=True)
+    k = compile_sm90(tri._topk_blocks_kernel, {"x_ptr": "*fp32", "out_ptr": "*i32", "lim_ptr": "*i32",
+                                               "flag_ptr": "*i32"}, dict(common, HAS_FLAG=True), num_warps=warps)
+    assert k.metadata.shared <= SMEM_LIMIT
+    k = compile_sm90(tri._topk_blocks_compact_kernel,
+                     {"x_ptr": "*fp32", "out_ptr": "*i32", "lim_ptr": "*i32", "scratch_ptr": "*i64",
+                      "flag_ptr": "*i32"}, dict(common, NG=max(16, min(256, NC // 16)), CAP=512), num_warps=warps)
+    assert k.metadata.shared <= SMEM_LIMIT
+
+
+def test_attention_kernels_compile_for_sm90_with_default_tuning():
+    """The forward and dq walks at the default warps / stages / blocks per iteration (the H200 sweep's choice)."""
+    kpi = tri.TUNING["fwd_blocks_per_iter"]
+    consts = dict(G=16, GP=16, D=128, BS=P.block_size, K=P.total_blocks, KPI=kpi)
+    ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32",
+            "idx_ptr": "*i32", "pos_ptr": "*i32", "kbase_ptr": "*i64"}
+    k = compile_sm90(tri._sparse_fwd_kernel, ptrs, consts, num_warps=tri.TUNING["fwd_warps"],
+                     num_stages=tri.TUNING["fwd_stages"])
+    assert 0 < k.metadata.shared <= SMEM_LIMIT
+    ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "do_ptr": "*bf16", "lse_ptr": "*fp32",
+            "delta_ptr": "*fp32", "dq_ptr": "*bf16", "idx_ptr": "*i32", "pos_ptr": "*i32", "kbase_ptr": "*i64"}
+    k = compile_sm90(tri._sparse_bwd_dq_kernel, ptrs, consts, num_warps=tri.TUNING["fwd_warps"],
+                     num_stages=tri.TUNING["fwd_stages"])
+    assert 0 < k.metadata.shared <= SMEM_LIMIT
