@@ -167,7 +167,8 @@ def profile_sala(engine, seed: int, n: int = 32768, steps: int = 8) -> dict[str,
 # ----------------------------------------------------------------------------------------------- driver
 def run(lengths=DEFAULT_LENGTHS, decode_tokens: int = 1024, out_path: str = "latency.json", baseline: bool = True,
         baseline_max_len: int = 262144, baseline_decode_tokens: int = 16, chunk_size: int | None = None,
-        budget_s: float | None = None, seed: int = 0, plots: bool = True, profile: bool = True) -> dict:
+        budget_s: float | None = None, seed: int = 0, plots: bool = True, profile: bool = True,
+        compile: bool = False) -> dict:
     """Measure SALA (and the dense baseline up to `baseline_max_len`) at each length; write JSON to out_path.
 
     budget_s: wall-clock budget of the whole run; a length whose predicted cost would pass it decodes fewer
@@ -187,6 +188,7 @@ def run(lengths=DEFAULT_LENGTHS, decode_tokens: int = 1024, out_path: str = "lat
         "setup": {"batch": 1, "dtype": "bfloat16", "weights": "random", "decode_tokens": decode_tokens,
                   "sala": {"preset": "minicpm-sala-9b", "params": parameter_counts(
                       SalaConfig.from_preset("minicpm-sala-9b"))["total"], "chunk_size": chunk_size,
+                      "compiled_prefill": compile,
                       "path": "SalaEngine.generate (chunked prefill + CUDA-graph decode), greedy, EOS ignored"},
                   "baseline": {"model": "HF transformers Qwen3ForCausalLM, Qwen3-8B shape", "shape": QWEN3_8B_SHAPE,
                                "attn_implementation": "sdpa", "max_len": baseline_max_len,
@@ -225,7 +227,7 @@ def run(lengths=DEFAULT_LENGTHS, decode_tokens: int = 1024, out_path: str = "lat
 
     t = time.perf_counter()
     engine = SalaEngine.from_preset("minicpm-sala-9b", random_weights=True, device="cuda", dtype="bf16",
-                                    seed=seed, chunk_size=chunk_size)
+                                    seed=seed, chunk_size=chunk_size, compile=compile)
     payload["sala_load_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     measure_sala(engine, 12288, 16, seed)          # compile the kernels, capture a graph once
@@ -303,10 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the whole run (seconds)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="SalaEngine(compile=True): torch.compile the prefill's elementwise pieces (warm-up compiles)")
     args = ap.parse_args(argv)
     run([parse_length(x) for x in args.lengths.split(",") if x.strip()], args.decode_tokens, args.out,
         baseline=not args.no_baseline, baseline_max_len=parse_length(args.baseline_max_len),
         baseline_decode_tokens=args.baseline_decode_tokens, chunk_size=args.chunk_size, budget_s=args.budget_s,
+        compile=args.compile,
         plots=not args.no_plots, profile=not args.no_profile)
     return 0
 

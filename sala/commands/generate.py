@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly (debugging)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the prefill's elementwise work (long prompts on a GPU; the first chunk compiles)")
     p.add_argument("--stats", action="store_true", help="print prompt length, TTFT and decode speed to stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
@@ -69,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
                               ignore_eos=args.ignore_eos, seed=args.seed)
     prompt = _read_prompt(args)
     chunk = args.chunk_size or DEFAULT_CHUNK_SIZE
-    kw = dict(device=args.device, dtype=args.dtype, chunk_size=chunk, use_cuda_graph=not args.no_cuda_graph)
+    kw = dict(device=args.device, dtype=args.dtype, chunk_size=chunk, use_cuda_graph=not args.no_cuda_graph,
+              compile=args.compile)
     if args.preset:
         if not args.random_weights:
             raise ValueError(f"preset {args.preset!r} ships no weights: add --random-weights, or pass --model DIR")

@@ -68,13 +68,14 @@ class SalaEngine:
     """Chunked prefill + graph-captured decode over a `SalaForCausalLM` (see the module docstring)."""
 
     def __init__(self, model: SalaForCausalLM, tokenizer=None, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 use_cuda_graph: bool = True, check_memory: bool = True) -> None:
+                 use_cuda_graph: bool = True, check_memory: bool = True, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.model = model.eval()
         self.config: SalaConfig = model.config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, compile=compile, compile_backend=compile_backend)
         self.device = self.runner.device
         self.dtype = self.runner.dtype
         self.chunk_size = chunk_size

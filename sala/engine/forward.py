@@ -26,14 +26,17 @@ from sala.ops.lightning import lightning_attention, lightning_decode_step
 from sala.ops.slopes import lightning_log_decay
 
 
-def _mlp_residual(layer, w_gate_up: torch.Tensor, h: torch.Tensor, scale: float) -> torch.Tensor:
-    """h + mlp(norm(h)) * scale, computed in token slices (bounds the MLP activations). h [B, T, H]."""
+def _mlp_residual(layer, w_gate_up: torch.Tensor, h: torch.Tensor, scale: float, norm=None,
+                  silu_mul=None) -> torch.Tensor:
+    """h + mlp(norm(h)) * scale, computed in token slices (bounds the MLP activations). h [B, T, H].
+    norm / silu_mul: replacements for the layer's post-attention norm and `_silu_mul` (compiled prefill)."""
+    norm = layer.post_attention_layernorm if norm is None else norm
     T = h.shape[1]
     if T <= MLP_SLICE_TOKENS:
-        return h + _mlp(layer, w_gate_up, layer.post_attention_layernorm(h)) * scale
+        return h + _mlp(layer, w_gate_up, norm(h), silu_mul) * scale
     for a in range(0, T, MLP_SLICE_TOKENS):
         part = h[:, a:a + MLP_SLICE_TOKENS]
-        part.add_(_mlp(layer, w_gate_up, layer.post_attention_layernorm(part)) * scale)
+        part.add_(_mlp(layer, w_gate_up, norm(part), silu_mul) * scale)
     return h
 
 
@@ -51,16 +54,32 @@ def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, list[int]]:
     return w, sizes
 
 
-def _mlp(layer, w_gate_up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the fused gate|up projection [..., 2I] -> [..., I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _mlp(layer, w_gate_up: torch.Tensor, x: torch.Tensor, silu_mul=None) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) with gate|up as one GEMM."""
-    gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
-    return layer.mlp.down_proj(F.silu(gate) * up)
+    return layer.mlp.down_proj((_silu_mul if silu_mul is None else silu_mul)(F.linear(x, w_gate_up)))
+
+
+def _residual(h: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
+    """h + a * scale (the decoder's scaled residual add)."""
+    return h + a * scale
 
 
 class ModelRunner:
-    """Holds a model, its per-layer constants and the sparse settings; runs prefill chunks."""
+    """Holds a model, its per-layer constants and the sparse settings; runs prefill chunks.
 
-    def __init__(self, model: SalaForCausalLM) -> None:
+    compile=True: the prefill's elementwise pieces (both norms, attention prepare / finish, SiLU x up, the
+    scaled residual adds) run through `torch.compile` (dynamic shapes: one graph per piece for every chunk
+    length and layer); GEMMs and the attention kernels stay as they are, decode stays eager (it is
+    CUDA-graph captured). The first chunk pays the compilation.
+    """
+
+    def __init__(self, model: SalaForCausalLM, *, compile: bool = False, compile_backend: str = "inductor") -> None:
         self.model = model
         self.config: SalaConfig = model.config
         self.device = model.lm_head.weight.device
@@ -69,6 +88,14 @@ class ModelRunner:
         self.layers = list(model.model.layers)
         self.sparse_ids = set(self.config.sparse_layer_ids)
         self.log_decay = lightning_log_decay(self.config.lightning_nh, device=self.device)
+        self.compiled = compile
+        wrap = (lambda f: torch.compile(f, backend=compile_backend, dynamic=True)) if compile else (lambda f: f)
+        self.in_norm = [wrap(layer.input_layernorm) for layer in self.layers]
+        self.post_norm = [wrap(layer.post_attention_layernorm) for layer in self.layers]
+        self.prepare = [wrap(layer.self_attn.prepare) for layer in self.layers]
+        self.finish = [wrap(layer.self_attn.finish) for layer in self.layers]
+        self.silu_mul = wrap(_silu_mul)
+        self.residual = wrap(_residual)
         # Fused projection weights: one GEMM for q|k|v(|z or |o_gate) and one for gate|up per layer. The
         # modules' own weights become views into them, so no memory is added and the model is unchanged.
         self.fused_attn: list[torch.Tensor] = []
@@ -96,12 +123,12 @@ class ModelRunner:
         v = parts[2].reshape(B, T, attn.num_kv_heads, attn.head_dim).contiguous()
         z = parts[3] if attn.z_proj is not None else None
         del parts
-        q, k, v = attn.prepare(q, k, v, cos, sin)
+        q, k, v = self.prepare[i](q, k, v, cos, sin)
         o, final = lightning_attention(q, k, v, self.log_decay, scale=attn.scale, initial_state=state,
                                        output_final_state=True)
         del q, k, v
         state.copy_(final)
-        return attn.finish(o, z, x.dtype)
+        return self.finish[i](o, z, x.dtype)
 
     def _sparse_prefill(self, attn, x: torch.Tensor, positions: torch.Tensor, cos, sin, cache: StaticCache,
                         layer: int, row: int, start: int) -> torch.Tensor:
@@ -113,7 +140,7 @@ class ModelRunner:
         v = parts[2].reshape(B, T, attn.num_kv_heads, attn.head_dim)
         gate = parts[3] if attn.o_gate is not None else None
         del parts
-        q, k = attn.prepare(q, k, cos, sin, positions)
+        q, k = self.prepare[layer](q, k, cos, sin, positions)
         buf = cache.sparse[layer]
         end = start + T
         buf.k[row, start:end] = k[0]
@@ -132,7 +159,7 @@ class ModelRunner:
                                    k2=buf.k2[row:row + 1, :n2])
         else:
             o = dense_causal_attention(q, keys, values, scale=attn.scale)
-        return attn.finish(o if o.dim() == 4 else o[:, None], gate)
+        return self.finish[layer](o if o.dim() == 4 else o[:, None], gate)
 
     @torch.no_grad()
     def prefill_chunk(self, ids: torch.Tensor, cache: StaticCache, row: int) -> torch.Tensor:
@@ -152,15 +179,15 @@ class ModelRunner:
         h = self.model.model.embed_tokens(ids[None]) * cfg.scale_emb
         rs = cfg.residual_scale
         for i, layer in enumerate(self.layers):
-            x = layer.input_layernorm(h)
+            x = self.in_norm[i](h)
             if i in self.sparse_ids:
                 a = self._sparse_prefill(layer.self_attn, x, positions, scos, ssin, cache, i, row, start)
             else:
                 a = self._lightning_prefill(i, layer.self_attn, x, cos, sin, cache.state(i)[row:row + 1])
             del x
-            h = h + a * rs
+            h = self.residual(h, a, rs)
             del a
-            h = _mlp_residual(layer, self.fused_mlp[i], h, rs)
+            h = _mlp_residual(layer, self.fused_mlp[i], h, rs, self.post_norm[i], self.silu_mul)
         cache.lengths[row] = start + T
         cache.seqlens[row] = start + T
         return h
