@@ -21,3 +21,28 @@ def test_fwd_bwd_timing_runs_whole_attention_and_sdpa(monkeypatch):
     assert set(out) == {"whole_fwd_bwd_ms", "attention_fwd_bwd_ms", "sdpa_fwd_bwd_ms"}
     assert len(calls) == 3 and all(s > 0 for c in calls for s in c)      # every gradient really computed
     assert set(ks._fwd_bwd_ms(q, k, v, p, 1, 1)) == {"whole_fwd_bwd_ms", "attention_fwd_bwd_ms"}
+
+
+def test_tuning_variant_measures_and_restores_tuning(monkeypatch):
+    """`topkcompact` / `branchmask` flip their TUNING value only while measuring, record selection, whole
+    forward and index agreement with the default, and reject unknown variant names."""
+    import pytest
+
+    from sala.ops import infllmv2_triton as tri
+
+    timed = []
+    monkeypatch.setattr(ks, "bench_ms", lambda fn, warmup=0, rep=0: (timed.append(dict(tri.TUNING)), fn(), 2.0)[2])
+    p = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, topk=2, init_blocks=1, window_size=32)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 120, h, 16, generator=g) for h in (4, 2, 2))
+    for name, (key, value) in ks._TUNING_VARIANTS.items():
+        before = tri.TUNING[key]
+        res = {"sdpa_fwd_ms": 4.0}
+        timed.clear()
+        ks._measure_tuning_variant(name, 120, p, q, k, v, res, 1, 1)
+        assert tri.TUNING[key] == before and all(t[key] == value for t in timed) and len(timed) == 2
+        assert res[f"{name}_select_ms"] == 2.0 and res[f"{name}_speedup_fwd_vs_sdpa"] == 2.0
+        assert res[f"{name}_rows_differing_from_default"] == 0.0      # the reference path ignores TUNING
+    assert ks._check_variants(["topkcompact", "branchmask"]) == ["topkcompact", "branchmask"]
+    with pytest.raises(ValueError, match="topkcompact"):
+        ks._check_variants(["topk"])

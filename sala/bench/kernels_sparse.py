@@ -17,7 +17,9 @@ attention part alone: `decode_attention_ms`, `decode_attention_splitk_ms`); `spl
 (SALA_SPARSE_DECODE_SELECT=split) adds `splitsel_*` batch-1 decode fields at every length (whole step and
 selection alone, default vs split-N selection, and with split-K attention); `fusedvarlen`
 (SALA_SPARSE_VARLEN=fused) adds a top-level `fusedvarlen` list: packed training rows (several document-length
-mixes) with the per-document path vs the fused one, forward and forward+backward.
+mixes) with the per-document path vs the fused one, forward and forward+backward; `topkcompact` and
+`branchmask` (TUNING["topk_compact"], TUNING["select_branch_mask"]) add `<variant>_select_ms`,
+`<variant>_whole_fwd_ms`, its speed-up vs SDPA and `<variant>_rows_differing_from_default` (last 16K queries).
 """
 from __future__ import annotations
 
@@ -69,17 +71,47 @@ def _variant(name: str):
                 os.environ[e] = v
 
 
+# variants that flip a TUNING value of sala.ops.infllmv2_triton (opt-in kernels not yet measured on the GPU)
+_TUNING_VARIANTS = {"topkcompact": ("topk_compact", True), "branchmask": ("select_branch_mask", True)}
+
+
+def _measure_tuning_variant(name: str, T: int, p: SparseParams, q, k, v, res: dict, w: int, r: int) -> None:
+    """`<name>_*` fields: selection and whole forward with one TUNING value flipped, and the share of sparse
+    queries whose selected blocks differ from the default's (ties at the cut-off aside, ~0)."""
+    from sala.ops import infllmv2_triton as tri
+
+    key, value = _TUNING_VARIANTS[name]
+    dp = p.dense_positions
+    qs = q[:, dp:]
+    with torch.no_grad():
+        k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
+        n = min(qs.shape[1], 16384)                       # index comparison on the last 16K queries
+        want = select_blocks(qs[:, -n:], k1, k2, p, q_offset=T - n)
+        saved = tri.TUNING[key]
+        tri.TUNING[key] = value
+        try:
+            res[f"{name}_select_ms"] = bench_ms(lambda: select_blocks(qs, k1, k2, p, q_offset=dp), w, r)
+            res[f"{name}_whole_fwd_ms"] = bench_ms(lambda: infllmv2_attention(q, k, v, p), w, r)
+            got = select_blocks(qs[:, -n:], k1, k2, p, q_offset=T - n)
+            res[f"{name}_rows_differing_from_default"] = (got != want).any(-1).float().mean().item()
+            if "sdpa_fwd_ms" in res:
+                res[f"{name}_speedup_fwd_vs_sdpa"] = res["sdpa_fwd_ms"] / res[f"{name}_whole_fwd_ms"]
+        finally:
+            tri.TUNING[key] = saved
+        del k1, k2, want
+
+
 def _check_variants(variants) -> list[str]:
     out = []
     for v in variants:
         v = v.strip()
         if not v:
             continue
-        ok = v in ("default", "tiled", "splitk", "splitsel", "fusedvarlen") or (
+        ok = v in ("default", "tiled", "splitk", "splitsel", "fusedvarlen", *_TUNING_VARIANTS) or (
             v.startswith("tiled") and v[5:].isdigit() and 1 <= int(v[5:]) <= 16 and not int(v[5:]) & (int(v[5:]) - 1))
         if not ok:
             raise ValueError(f"--variants: {v!r} is not one of default, tiled, tiledN (N a power of two <= 16), "
-                             f"splitk, splitsel, fusedvarlen")
+                             f"splitk, splitsel, fusedvarlen, {', '.join(_TUNING_VARIANTS)}")
         out.append(v)
     return out
 
@@ -342,6 +374,8 @@ def _measure(T: int, p: SparseParams, with_fla: bool, backward: bool, dense_fwd_
             _measure_decode(T, p, q, k, v, res, w, r)
         elif name == "splitsel":
             _measure_decode_select(T, p, q, k, v, res)
+        elif name in _TUNING_VARIANTS:
+            _measure_tuning_variant(name, T, p, q, k, v, res, w, r)
     del q, k, v
     gc.collect()
     torch.cuda.empty_cache()
