@@ -72,10 +72,15 @@ def _released_case(T=8192, Tq=1024, seed=0):
 
 
 @pytest.mark.gpu
-def test_gpu_selection_matches_reference(monkeypatch):
+@pytest.mark.parametrize("tuning", [{}, {"select_branch_mask": True}, {"topk_compact": True}])
+def test_gpu_selection_matches_reference(monkeypatch, tuning):
+    """Default kernels, and the opt-in branch-masked selection and compact top-k (TUNING flips)."""
     from sala.ops import infllmv2_reference as ref
+    from sala.ops import infllmv2_triton as tri
     from sala.ops.infllmv2 import compress_keys, select_blocks
 
+    for key, value in tuning.items():
+        monkeypatch.setitem(tri.TUNING, key, value)
     p, q, k, v = _released_case()
     k1, k2 = compress_keys(k, 32, 16), compress_keys(k, 128, 64)
     torch.testing.assert_close(k1.float(), ref.compress_keys_ref(k, 32, 16).float())
@@ -84,6 +89,25 @@ def test_gpu_selection_matches_reference(monkeypatch):
     pos = (7168 + torch.arange(1024, device="cuda"))[None]
     checks.assert_same_selection(got, ref.select_blocks_ref(q.double(), k1.double(), k2.double(), pos, p,
                                                             128 ** -0.5), q, k1, k2, pos, p, 128 ** -0.5, rel=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, compact", [(2048, False), (2048, True), (16384, True)])
+def test_gpu_topk_kernel_matches_torch_topk(monkeypatch, n, compact):
+    """The top-k kernels at 1M-token row widths (16384 blocks) on pooled-like rows: 34 forced (+inf) blocks, a
+    -inf tail; with TUNING["topk_compact"] most rows take the compact path (flag 0)."""
+    from sala.ops import infllmv2_triton as tri
+
+    monkeypatch.setitem(tri.TUNING, "topk_compact", compact)
+    g = torch.Generator(device="cuda").manual_seed(n)
+    x = torch.rand(512, n, device="cuda", generator=g) ** 4
+    x[:, n // 2 - 34:n // 2] = float("inf")
+    x[:, n // 2:] = float("-inf")
+    assert n <= tri.topk_max_cols()
+    got = tri.topk_blocks_triton(x, 96)
+    checks._assert_topk_close(got.cpu(), x.cpu(), 96)
+    if compact:
+        assert tri._LAST_TOPK_FLAGS[0].float().mean().item() < 0.05
 
 
 @pytest.mark.gpu
