@@ -7,7 +7,9 @@ Kernels (design notes in docs/sparse.md):
   K1 pass summed over the group, max-pooling into blocks, forced/causal blocks. Writes pooled block scores
   [B, Hkv, chunk, n_blocks] for one query chunk (O(chunk * T / block_size) memory).
 - `_topk_blocks_kernel`: the top-k blocks of each pooled row (radix select on order-preserving int32 images of
-  the scores, ascending output by prefix sum, -1 padded); replaces torch.topk + sort.
+  the scores, ascending output by prefix sum, -1 padded); replaces torch.topk + sort for rows <= 4096 blocks.
+  `_topk_blocks_compact_kernel` (opt-in, TUNING["topk_compact"]): the same result in a few passes (group-max
+  lower bound, candidates sorted in registers), handing the rows it cannot do to the bisection kernel.
 - `_sparse_fwd_kernel`: one query token x its G heads (rows, padded to >= 16) per program; online softmax over
   the selected blocks; causal inside the own block; flat (varlen) tokens with per-token position/key base.
 - `_sparse_bwd_dq_kernel`: the same walk for dq.
