@@ -22,7 +22,7 @@ def test_cli_lists_commands_and_rejects_bad_input(capsys):
     assert "not a token count" in capsys.readouterr().err
 
 
-def test_bench_dispatch_reaches_each_benchmark_with_its_defaults(monkeypatch, tmp_path):
+def test_bench_dispatch_reaches_each_benchmark_with_its_defaults(monkeypatch, tmp_path, capsys):
     """`sala bench` calls each benchmark's run() with only the arguments it takes (no GPU needed to check)."""
     import importlib
     seen = {}
@@ -35,6 +35,15 @@ def test_bench_dispatch_reaches_each_benchmark_with_its_defaults(monkeypatch, tm
     assert seen["sala.bench.kernels_lightning"]["with_fla"] is False
     assert seen["sala.bench.kernels_sparse"]["out_path"].endswith("k_sparse.json")
     assert seen["sala.bench.latency"]["lengths"] == [65536]
+    assert "variants" not in seen["sala.bench.kernels_sparse"] and "compile" not in seen["sala.bench.latency"]
+    assert main(["bench", "kernels", "--op", "sparse", "--out", out, "--variants", "topkcompact,branchmask",
+                 "--tune"]) == 0
+    assert seen["sala.bench.kernels_sparse"]["variants"] == ["default", "topkcompact", "branchmask"]
+    assert seen["sala.bench.kernels_sparse"]["tune"] is True
+    assert main(["bench", "latency", "--lengths", "64k", "--out", out, "--compile"]) == 0
+    assert seen["sala.bench.latency"]["compile"] is True
+    assert main(["bench", "kernels", "--op", "sparse", "--out", out, "--variants", "nonsense"]) != 0
+    assert "'nonsense' is not one of" in capsys.readouterr().err
 
 
 def _recorder(seen, name, real):

@@ -27,7 +27,13 @@ def _kernels(args: argparse.Namespace) -> int:
         out = args.out or f"bench_{op}_kernels.json"
         if len(ops) > 1 and args.out:
             out = args.out.replace(".json", f"_{op}.json")
-        _call_run(_KERNEL_MODULES[op], lengths=args.lengths, out_path=out, with_fla=not args.no_baseline)
+        extra = {}
+        if op == "sparse":
+            from sala.bench.kernels_sparse import _check_variants
+
+            extra = dict(tune=args.tune or None,
+                         variants=_check_variants(["default", *args.variants.split(",")]) if args.variants else None)
+        _call_run(_KERNEL_MODULES[op], lengths=args.lengths, out_path=out, with_fla=not args.no_baseline, **extra)
         print(f"wrote {out}")
     return 0
 
@@ -35,7 +41,7 @@ def _kernels(args: argparse.Namespace) -> int:
 def _latency(args: argparse.Namespace) -> int:
     out = args.out or "bench_latency.json"
     _call_run("sala.bench.latency", lengths=args.lengths, decode_tokens=args.decode_tokens, out_path=out,
-              baseline=not args.no_baseline)
+              baseline=not args.no_baseline, compile=args.compile or None)
     print(f"wrote {out}")
     return 0
 
@@ -49,6 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--lengths", type=lengths_arg, default=None, help="e.g. 4k,64k,1M (default: the op's own)")
     k.add_argument("--out", default=None, help="JSON output path")
     k.add_argument("--no-baseline", action="store_true", help="skip the fla / SDPA baselines")
+    k.add_argument("--variants", default=None,
+                   help="sparse: opt-in kernels measured beside the default, comma separated (tiled, tiledN, splitk, "
+                        "splitsel, fusedvarlen, topkcompact, branchmask)")
+    k.add_argument("--tune", action="store_true", help="sparse: sweep launch settings at 128K first")
     k.set_defaults(func=_kernels)
 
     lat = bsub.add_parser("latency", help="TTFT / end-to-end / decode speed vs HF Qwen3-8B (paper Figs. 2-3)")
@@ -56,4 +66,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--decode-tokens", type=int, default=None)
     lat.add_argument("--out", default=None, help="JSON output path")
     lat.add_argument("--no-baseline", action="store_true", help="skip the HF Qwen3-8B baseline")
+    lat.add_argument("--compile", action="store_true", help="SALA with the compiled prefill (SalaEngine(compile=True))")
     lat.set_defaults(func=_latency)

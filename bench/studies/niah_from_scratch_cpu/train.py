@@ -9,6 +9,7 @@ ap.add_argument("--lr", type=float, default=3e-3); ap.add_argument("--attn-rope"
 ap.add_argument("--steps", type=int, default=600); ap.add_argument("--eval-every", type=int, default=100)
 ap.add_argument("--batch", type=int, default=16); ap.add_argument("--warmup", type=int, default=30)
 ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--hype", type=float, default=0.0, help="SALA: hype_query_scale_base (0: off)")
 a = ap.parse_args()
 
 D = torch.load("/work/exp_niah/data.pt")
@@ -20,6 +21,7 @@ if a.arch == "sala":
                                  num_attention_heads=NH, num_key_value_heads=2, head_dim=HD, lightning_nh=NH,
                                  lightning_nkv=NH, lightning_head_dim=HD, initializer_range=a.init,
                                  attn_use_rope=bool(a.attn_rope), use_sparse_attention=False,
+                                 hype_query_scale_base=a.hype or None,
                                  mixer_types=["minicpm4", "lightning-attn", "lightning-attn", "minicpm4"])
     model = SalaForCausalLM(cfg)
 else:
