@@ -22,8 +22,10 @@ def main() -> None:
     import torch
 
     from sala.bench.common import run_metadata, write_json
-    from sala.eval.runner import default_model, run_tasks
+    from sala.data.tokenizer import load_tokenizer
+    from sala.eval.runner import default_model, resolve_device_dtype, run_tasks
     from sala.train.continual import continue_training
+    from sala.train.model_factory import load_model_dir
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="SALA model folder (default: the bundled model)")
@@ -51,11 +53,15 @@ def main() -> None:
                  "before": {}, "after": {}}
 
     def evaluate(folder: str, key: str) -> None:
+        dev, dtype = resolve_device_dtype(None)
+        model, tok = load_model_dir(folder, dtype=dtype, device=dev), load_tokenizer(folder)   # once per folder
         for task in tasks:
             for length, n in zip(lengths, samples):
-                r = run_tasks(folder, [length], [task], num_samples=n if task == "niah_single" else max(5, n // 2), seed=7)
+                r = run_tasks(folder, [length], [task], num_samples=n if task == "niah_single" else max(5, n // 2),
+                              seed=7, model=model, tokenizer=tok)
                 res[key].setdefault(task, {})[str(length)] = r["results"][task][str(length)]
                 write_json(args.out, res)
+        del model
 
     if args.before_from:
         import json

@@ -34,13 +34,12 @@ def default_model() -> str:
 
 
 def resolve_device_dtype(device: str | None, dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """`--device` (default: CUDA when present) and `--dtype` ("auto": bf16 on CUDA, fp32 elsewhere; "bf16"; "fp32")."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    choices = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
-               "fp32": torch.float32}
-    if dtype not in choices:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(choices)}")
-    return dev, choices[dtype]
+    """`--device` (default: CUDA when present) and `--dtype` ("auto": bf16 on CUDA, fp32 elsewhere), as the
+    engine resolves them (`sala.engine.loading`)."""
+    from sala.engine.loading import default_device, parse_dtype
+
+    dev = torch.device(device) if device else default_device()
+    return dev, parse_dtype(dtype, dev)
 
 
 @torch.no_grad()

@@ -321,8 +321,8 @@ TOPK_MAX_COLS = 4096
 # Opt-in (TUNING["topk_compact"], not yet measured on the GPU): rows up to TOPK_COMPACT_MAX_COLS go through
 # `_topk_blocks_compact_kernel` (a handful of passes instead of 31), with the bisection kernel as its fallback.
 TOPK_COMPACT_MAX_COLS = 32768
-_NEG_INF_KEY = -2139095041   # order-preserving int32 image of -inf (0xFF800000 ^ 0x7FFFFFFF)
-_INF_KEY = 2139095040        # image of +inf (0x7F800000); NaN images are larger
+_NEG_INF_KEY = tl.constexpr(-2139095041)   # order-preserving int32 image of -inf (0xFF800000 ^ 0x7FFFFFFF)
+_INF_KEY = tl.constexpr(2139095040)        # image of +inf (0x7F800000); NaN images are larger
 
 
 @triton.jit
@@ -358,7 +358,7 @@ def _topk_bisect_row(x_ptr, out_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt,
     """Top-K of row r by bisection: the K-th largest image is found bit by bit (31 counting passes over the row,
     held in registers); ties at the cut-off go to the lowest columns."""
     key = _topk_row_keys(x_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt, NC, HAS_LIM)
-    valid = key > -2139095041                                             # not -inf
+    valid = key > _NEG_INF_KEY
     n_valid = tl.sum(valid.to(tl.int32), axis=0)
     # the K-th largest image: sign first, then bits 30..0 (setting a bit raises a two's-complement value)
     n_nonneg = tl.sum((key >= 0).to(tl.int32), axis=0)
@@ -403,12 +403,12 @@ def _topk_blocks_compact_kernel(x_ptr, out_ptr, lim_ptr, scratch_ptr, flag_ptr, 
     r = tl.program_id(0)
     key = _topk_row_keys(x_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt, NC, HAS_LIM)
     cols = tl.arange(0, NC)
-    valid = key > -2139095041
-    is_inf = key >= 2139095040
-    finite = valid & (key < 2139095040)
+    valid = key > _NEG_INF_KEY
+    is_inf = key >= _INF_KEY
+    finite = valid & (key < _INF_KEY)
     n_valid = tl.sum(valid.to(tl.int32), axis=0)
     kf = K - tl.sum(is_inf.to(tl.int32), axis=0)
-    fkey = tl.where(finite, key, -2139095041)
+    fkey = tl.where(finite, key, _NEG_INF_KEY)
     gmax = tl.max(tl.reshape(fkey, (NG, NC // NG)), axis=1)
     gs = tl.sort(gmax, descending=True)
     gi = tl.arange(0, NG)
@@ -443,13 +443,20 @@ def topk_blocks_triton(pooled: torch.Tensor, total_blocks: int, *, limits: torch
     limits: int32 [B, T] for pooled [B, H, T, n]: row (b, h, t) considers only its first limits[b, t] columns
     (the rest may be garbage). Rows longer than `topk_max_cols()` fall back to `topk_block_indices`.
     """
+    return _topk_blocks(pooled, total_blocks, limits)[0]
+
+
+def _topk_blocks(pooled: torch.Tensor, total_blocks: int,
+                 limits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`topk_blocks_triton`, plus the per-row flags int32 [R] of the compact pass (1: the row was left to the
+    bisection kernel) when TUNING["topk_compact"] is on, else None."""
     n = pooled.shape[-1]
     max_cols = topk_max_cols()
     if n > max_cols or pooled.dtype != torch.float32:
         if limits is not None:
             raise ValueError(f"topk_blocks_triton: limits need fp32 rows of <= {max_cols} columns, got "
                              f"{n} columns of {pooled.dtype}")
-        return topk_block_indices(pooled, total_blocks)
+        return topk_block_indices(pooled, total_blocks), None
     lead = pooled.shape[:-1]
     out = torch.empty(*lead, total_blocks, dtype=torch.int32, device=pooled.device)
     x = pooled.reshape(-1, n)
@@ -457,7 +464,7 @@ def topk_blocks_triton(pooled: torch.Tensor, total_blocks: int, *, limits: torch
         x = x.contiguous()
     R = x.shape[0]
     if R == 0:
-        return out
+        return out, None
     if limits is not None:
         if pooled.dim() != 4 or limits.shape != (pooled.shape[0], pooled.shape[2]):
             raise ValueError(f"topk_blocks_triton: limits {tuple(limits.shape)} must be [B, T] of pooled "
@@ -478,14 +485,10 @@ def topk_blocks_triton(pooled: torch.Tensor, total_blocks: int, *, limits: torch
         _topk_blocks_compact_kernel[(R,)](x, out, lim, scratch, flag, n, H, T, x.stride(0), slb, slt,
                                           K=total_blocks, KP=KP, NC=NC, NG=NG, CAP=CAP,
                                           HAS_LIM=limits is not None, num_warps=warps)
-        _LAST_TOPK_FLAGS[0] = flag
     _topk_blocks_kernel[(R,)](x, out, lim, flag if flag is not None else lim, n, H, T, x.stride(0), slb, slt,
                               K=total_blocks, KP=KP, NC=NC, HAS_LIM=limits is not None,
                               HAS_FLAG=flag is not None, num_warps=warps)
-    return out
-
-
-_LAST_TOPK_FLAGS: list[torch.Tensor | None] = [None]   # rows the last compact call left to bisection (tests)
+    return out, flag
 
 
 def topk_max_cols() -> int:
