@@ -3,9 +3,10 @@
 #
 #   OUT=/dir bash scripts/gpu_check.sh tests      # every GPU test: compiled Triton kernels vs references, engine 1M
 #   OUT=/dir bash scripts/gpu_check.sh kernels    # lightning vs fla, sparse (all variants) vs SDPA -> JSON
-#   OUT=/dir bash scripts/gpu_check.sh sparse     # sparse GPU tests, sparse layer vs SDPA/fla 32K..2M, selection profile
+#   OUT=/dir bash scripts/gpu_check.sh sparse     # sparse GPU tests, sparse layer vs SDPA/fla 32K..2M
 #                                                 # (TUNE=1: sweep launch settings at 128K first;
-#                                                 #  SPARSE_VARIANTS=topkcompact,branchmask: opt-in kernels too)
+#                                                 #  SPARSE_VARIANTS=topkcompact,branchmask,noband: TUNING flips too;
+#                                                 #  PROFILE=1: selection time by kernel at 128K and 1M)
 #   OUT=/dir bash scripts/gpu_check.sh decode     # sparse decode variants (split-K attention, split-N selection)
 #                                                 # at 128K and 1M, then 1M end to end with both switched on
 #   OUT=/dir bash scripts/gpu_check.sh latency    # SALA 9B shape vs HF Qwen3-8B shape, 64K..2M -> JSON + PNG
@@ -35,13 +36,15 @@ case "$part" in
       --lengths 32768,131072,524288,1048576 --no-fla --variants default,splitk,splitsel,fusedvarlen,tiled8 \
       --time-budget-s 300 2>&1 | tail -20 ;;
   sparse)
-    python3 -m pytest -q -p no:cacheprovider tests/test_infllmv2_triton.py tests/test_engine_gpu.py -k "not interpreter" \
+    python3 -m pytest -q -p no:cacheprovider tests/test_infllmv2_triton.py -k "not interpreter" \
       2>&1 | tee "$OUT/gpu_tests_sparse.log" | tail -5
     python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_kernels_h200.json" ${TUNE:+--tune} --time-budget-s "${2:-240}" \
       ${SPARSE_VARIANTS:+--variants default,$SPARSE_VARIANTS} \
       --lengths 32768,65536,131072,262144,524288,1048576,2097152 2>&1 | grep -v "^sweep" | tail -12
-    python3 scripts/profile_selection.py --lengths 131072,1048576 --out "$OUT/profile_selection_h200.json" 2>&1 \
-      | grep -v USDT | cut -c1-400 ;;
+    if [ -n "${PROFILE:-}" ]; then
+      python3 scripts/profile_selection.py --lengths 131072,1048576 --out "$OUT/profile_selection_h200.json" 2>&1 \
+        | grep -v USDT | cut -c1-400
+    fi ;;
   decode)
     python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_decode_variants_h200.json" --lengths 131072,1048576 \
       --no-fla --variants default,splitk,splitsel --time-budget-s 150 2>&1 | tail -4 | cut -c1-600

@@ -245,12 +245,177 @@ def _decode_case(S: int, G: int, seed: int, lengths: list[int], fill: float = 0.
 
 
 def check_decode():
+    """Both decode paths vs the reference: the default splits and the single-program kernels (opt-out)."""
+    from sala.ops import infllmv2_triton as tri
+
     qd, k, v, k1c, k2c, lengths = _decode_case(120, 2, 6, [120, 85])
-    got = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL)
+    with _Spy(tri, "sparse_decode_splitk") as sk, _Spy(tri, "pooled_block_scores_decode_split") as ss:
+        got_split = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL)
+    assert (sk.calls, ss.calls) == (1, 1), (sk.calls, ss.calls)
+    _variant("SALA_SPARSE_DECODE", "single")
+    _variant("SALA_SPARSE_DECODE_SELECT", "single")
+    try:
+        with _Spy(tri, "sparse_attention_fwd") as sa, _Spy(tri, "pooled_block_scores_triton") as sp:
+            got = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL)
+        assert (sa.calls, sp.calls) == (1, 1), (sa.calls, sp.calls)
+    finally:
+        _variant("SALA_SPARSE_DECODE", None)
+        _variant("SALA_SPARSE_DECODE_SELECT", None)
+    torch.testing.assert_close(got_split, got, atol=2e-5, rtol=1e-4)
     _mode("reference")
     want = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL)
     _mode("triton")
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ band split (forced blocks as query tiles)
+# topk 5 + local 2: 7 blocks per query, 4 of them forced (init 0 and the band qb-2..qb), 3 selected freely;
+# INIT2: two init blocks and a one-block band.
+BAND = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, topk=5, init_blocks=1, window_size=32)
+BAND_INIT2 = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, topk=5, init_blocks=2, window_size=16)
+
+
+class _Launches:
+    """Count the launches of a Triton kernel attribute of `module` (kernel[grid](...))."""
+
+    def __init__(self, module, name):
+        self.module, self.name, self.calls = module, name, 0
+        self.real = getattr(module, name)
+
+    def __enter__(self):
+        outer = self
+
+        class Counting:
+            def __getitem__(self, grid):
+                outer.calls += 1
+                return outer.real[grid]
+
+        setattr(self.module, self.name, Counting())
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.module, self.name, self.real)
+
+
+class _PoisonedEmpty:
+    """torch.empty_like returns NaN-filled floating tensors inside the block (outputs must be fully written)."""
+
+    def __enter__(self):
+        self.real = torch.empty_like
+
+        def poisoned(t, *a, **kw):
+            out = self.real(t, *a, **kw)
+            return out.fill_(float("nan")) if out.is_floating_point() else out
+
+        torch.empty_like = poisoned
+        return self
+
+    def __exit__(self, *exc):
+        torch.empty_like = self.real
+
+
+class _BandSplit:
+    """TUNING["band_split"] set to `on` inside the block."""
+
+    def __init__(self, on: bool):
+        from sala.ops import infllmv2_triton as tri
+
+        self.tri, self.on = tri, on
+
+    def __enter__(self):
+        self.saved = self.tri.TUNING["band_split"]
+        self.tri.TUNING["band_split"] = self.on
+
+    def __exit__(self, *exc):
+        self.tri.TUNING["band_split"] = self.saved
+
+
+def check_band_split_forward():
+    """Band split (forced blocks by the band kernel, the rest per token) vs the reference on the same selected
+    blocks: 2 batch rows at an odd query offset (a band tile holds two key bases and two query blocks), NaN-poisoned
+    outputs, one and two init blocks; the whole layer with and without the split; it really ran. (bf16: the GPU
+    test; Triton's interpreter has no bf16 arithmetic.)"""
+    from sala.ops import infllmv2_triton as tri
+
+    for p, (B, T, Tq, Hkv) in ((BAND, (2, 150, 37, 2)), (BAND_INIT2, (1, 136, 136, 1))):
+        q, k, v = _qkv(B, T, Hkv, 2, 16, 21, Tq=Tq)
+        off = T - Tq
+        qs = q[:, max(0, p.dense_positions - off):]
+        so = max(off, p.dense_positions)
+        k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
+        idx = select_blocks(qs, k1, k2, p, q_offset=so)
+        _mode("reference")
+        want = block_sparse_attention(qs.double(), k.double(), v.double(), idx, p, q_offset=so)
+        _mode("triton")
+        with _BandSplit(True), _Launches(tri, "_sparse_band_fwd_kernel") as spy, _PoisonedEmpty():
+            got = block_sparse_attention(qs, k, v, idx, p, q_offset=so, forced_blocks=True)
+            walk = block_sparse_attention(qs, k, v, idx, p, q_offset=so)          # forced_blocks not promised
+        assert spy.calls == 1, spy.calls
+        tol = dict(atol=2e-5, rtol=1e-4)
+        for out in (got, walk):
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out.double(), want, **tol)
+        if B == 1:   # the whole layer (dense prefix + selection + attention) with and without the split
+            with _BandSplit(True):
+                on = infllmv2_attention(q, k, v, p)
+            with _BandSplit(False):
+                off_ = infllmv2_attention(q, k, v, p)
+            torch.testing.assert_close(on, off_, **tol)
+
+
+def check_band_split_lse_and_backward():
+    """The band split's lse equals the one-walk kernel's (the backward reads it); gradients through the layer with
+    the split equal those without it."""
+    from sala.ops import infllmv2_triton as tri
+
+    p = BAND
+    T = 136
+    q, k, v = _qkv(2, T, 1, 2, 16, 22)
+    dp = p.dense_positions
+    k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
+    idx = select_blocks(q[:, dp:], k1, k2, p, q_offset=dp)
+    Tq = T - dp
+    qf = q[:, dp:].reshape(-1, 2, 16).contiguous()
+    kf, vf = k.reshape(-1, 1, 16), v.reshape(-1, 1, 16)
+    pos = (dp + torch.arange(Tq)).repeat(2).to(torch.int32)
+    kbase = torch.arange(2).repeat_interleave(Tq) * T
+    o_b, lse_b = tri.sparse_attention_fwd(qf, kf, vf, idx, pos, kbase, p.block_size, 0.25,
+                                          band=(p.init_blocks, p.local_blocks))
+    o_w, lse_w = tri.sparse_attention_fwd(qf, kf, vf, idx, pos, kbase, p.block_size, 0.25)
+    torch.testing.assert_close(o_b, o_w, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse_b, lse_w, atol=2e-5, rtol=1e-5)
+    do = torch.randn(q.shape)
+    grads = []
+    for on in (True, False):
+        with _BandSplit(on):
+            leaves = [t[:1].clone().requires_grad_() for t in (q, k, v)]
+            grads.append(torch.autograd.grad(infllmv2_attention(*leaves, p), leaves, do[:1]))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+
+
+def check_band_split_varlen():
+    """Packed documents through both varlen paths with and without the band split (same selection): a document
+    with 3 sparse queries puts three key bases into one band tile; outputs and gradients agree."""
+    p = BAND
+    dp = p.dense_positions
+    lens = [dp + 3, 20, dp + 12, dp + 1]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    q, k, v = _qkv(1, int(cu[-1]), 1, 2, 16, 23)
+    do = torch.randn(q.shape)
+    for variant in (None, "fused"):
+        _variant("SALA_SPARSE_VARLEN", variant)
+        res = []
+        try:
+            for on in (True, False):
+                with _BandSplit(on):
+                    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                    out = infllmv2_attention(*leaves, p, cu_seqlens=cu)
+                    res.append((out.detach(), *torch.autograd.grad(out, leaves, do)))
+        finally:
+            _variant("SALA_SPARSE_VARLEN", None)
+        for got, want in zip(*res):
+            torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
 
 
 # ------------------------------------------------------------------ query-tiled attention and split-K decode
@@ -447,11 +612,14 @@ def check_tuning_sweep():
     try:
         out = ks.sweep(100, device="cpu", params=SMALL, heads=(4, 2, 16), dtype=torch.float32, warmup=0, rep=1,
                        select_configs=[(128, 64, 8, None, False), (128, 64, 8, None, True)],
-                       fwd_configs=[(4, None, 1), (4, 2, 2)])
+                       fwd_configs=[(4, None, 1), (4, 2, 2)], band_configs=[(64, 4, 2), (128, 8, 3)])
         assert [r["config"] for r in out["select"]] == [[128, 64, 8, None, False], [128, 64, 8, None, True]]
         assert all(r["rows_differing_from_first"] < 0.01 for r in out["select"]), out["select"]
         assert all(r["max_abs_diff_vs_first"] < 1e-4 for r in out["attention_fwd"]), out["attention_fwd"]
+        assert [r["config"] for r in out["band"]] == [[64, 4, 2], [128, 8, 3]], out["band"]
+        assert all(r["max_abs_diff_vs_first"] < 1e-4 for r in out["band"]), out["band"]
         assert out["chosen"]["fwd_blocks_per_iter"] in (1, 2)
+        assert out["chosen"]["band_rows"] in (64, 128)
     finally:
         tri.TUNING.clear()
         tri.TUNING.update(saved)

@@ -347,13 +347,17 @@ def test_inference_is_query_chunked_without_concatenation(monkeypatch):
     torch.testing.assert_close(out, full)
 
 
-@pytest.mark.parametrize("env, good", [("SALA_SPARSE_ATTN", "tiled"), ("SALA_SPARSE_DECODE", "splitk"),
-                                       ("SALA_SPARSE_DECODE_SELECT", "split"), ("SALA_SPARSE_VARLEN", "fused")])
-def test_kernel_variant_env(monkeypatch, env, good):
+@pytest.mark.parametrize("env, default, good", [("SALA_SPARSE_ATTN", "default", "tiled"),
+                                                ("SALA_SPARSE_DECODE", "splitk", "single"),
+                                                ("SALA_SPARSE_DECODE_SELECT", "split", "single"),
+                                                ("SALA_SPARSE_VARLEN", "default", "fused")])
+def test_kernel_variant_env(monkeypatch, env, default, good):
     from sala.ops.infllmv2 import kernel_variant
 
     monkeypatch.delenv(env, raising=False)
-    assert kernel_variant(env) == "default"
+    assert kernel_variant(env) == default
+    monkeypatch.setenv(env, "Default")
+    assert kernel_variant(env) == default
     monkeypatch.setenv(env, good.upper())
     assert kernel_variant(env) == good
     monkeypatch.setenv(env, "fast")

@@ -93,7 +93,8 @@ def run_metadata() -> dict:
         meta["cuda"] = torch.version.cuda
     else:
         meta["device"] = "cpu: " + (platform.processor() or platform.machine())
-    meta["env"] = {k: os.environ[k] for k in ("SALA_KERNELS", "TRITON_INTERPRET") if k in os.environ}
+    meta["env"] = {k: v for k, v in os.environ.items()
+                   if (k.startswith("SALA_") and k != "SALA_GIT_COMMIT") or k == "TRITON_INTERPRET"}
     return meta
 
 

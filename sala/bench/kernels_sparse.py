@@ -19,7 +19,10 @@ selection alone, default vs split-N selection, and with split-K attention); `fus
 (SALA_SPARSE_VARLEN=fused) adds a top-level `fusedvarlen` list: packed training rows (several document-length
 mixes) with the per-document path vs the fused one, forward and forward+backward; `topkcompact` and
 `branchmask` (TUNING["topk_compact"], TUNING["select_branch_mask"]) add `<variant>_select_ms`,
-`<variant>_whole_fwd_ms`, its speed-up vs SDPA and `<variant>_rows_differing_from_default` (last 16K queries).
+`<variant>_whole_fwd_ms`, its speed-up vs SDPA and `<variant>_rows_differing_from_default` (last 16K queries);
+`noband` (TUNING["band_split"] off: every selected block in the per-token walk) adds the same fields plus
+`noband_attention_fwd_ms` and `noband_attention_max_abs_diff_vs_default`. `attention_*` fields time
+`block_sparse_attention(..., forced_blocks=True)`, the path `infllmv2_attention` takes.
 """
 from __future__ import annotations
 
@@ -56,8 +59,9 @@ def _variant(name: str):
         if name not in _SWITCH_VARIANTS and not name.startswith("tiled"):
             raise ValueError(f"unknown variant {name!r} (default, tiled, tiledN, {', '.join(_SWITCH_VARIANTS[1:])})")
         os.environ["SALA_SPARSE_ATTN"] = "tiled" if name.startswith("tiled") else "default"
-        os.environ["SALA_SPARSE_DECODE"] = "splitk" if name in ("splitk", "splitsel_splitk") else "default"
-        os.environ["SALA_SPARSE_DECODE_SELECT"] = "split" if name.startswith("splitsel") else "default"
+        # decode: `default` here names the single-program kernels (the library default is now both splits)
+        os.environ["SALA_SPARSE_DECODE"] = "splitk" if name in ("splitk", "splitsel_splitk") else "single"
+        os.environ["SALA_SPARSE_DECODE_SELECT"] = "split" if name.startswith("splitsel") else "single"
         os.environ["SALA_SPARSE_VARLEN"] = "fused" if name == "fusedvarlen" else "default"
         if name.startswith("tiled") and name != "tiled":
             tri.TUNING["tiled_tokens"] = int(name[5:])
@@ -72,7 +76,9 @@ def _variant(name: str):
 
 
 # variants that flip a TUNING value of sala.ops.infllmv2_triton (opt-in kernels not yet measured on the GPU)
-_TUNING_VARIANTS = {"topkcompact": ("topk_compact", True), "branchmask": ("select_branch_mask", True)}
+TUNING_VARIANT_MAX_LEN = 1048576   # longer rows: the default only (one whole forward at 2M takes ~10 s)
+_TUNING_VARIANTS = {"topkcompact": ("topk_compact", True), "branchmask": ("select_branch_mask", True),
+                    "noband": ("band_split", False)}
 
 
 def _measure_tuning_variant(name: str, T: int, p: SparseParams, q, k, v, res: dict, w: int, r: int) -> None:
@@ -96,6 +102,15 @@ def _measure_tuning_variant(name: str, T: int, p: SparseParams, q, k, v, res: di
             res[f"{name}_rows_differing_from_default"] = (got != want).any(-1).float().mean().item()
             if "sdpa_fwd_ms" in res:
                 res[f"{name}_speedup_fwd_vs_sdpa"] = res["sdpa_fwd_ms"] / res[f"{name}_whole_fwd_ms"]
+            if key == "band_split" and T <= 262144:   # the attention alone, and its output vs the default's
+                idx = select_blocks(qs, k1, k2, p, q_offset=dp)
+                res[f"{name}_attention_fwd_ms"] = bench_ms(
+                    lambda: block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True), w, r)
+                o_v = block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True).float()
+                tri.TUNING[key] = saved
+                o_d = block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True).float()
+                res[f"{name}_attention_max_abs_diff_vs_default"] = float((o_v - o_d).abs().max())
+                del idx, o_v, o_d
         finally:
             tri.TUNING[key] = saved
         del k1, k2, want
@@ -293,7 +308,8 @@ def _fwd_bwd_ms(q, k, v, p: SparseParams, w: int, r: int, with_sdpa: bool = Fals
     k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
     qs = qg[:, dp:]
     idx = select_blocks(qs.detach(), k1, k2, p, q_offset=dp)
-    out["attention_fwd_bwd_ms"] = timed(lambda: block_sparse_attention(qs, kg, vg, idx, p, q_offset=dp), do[:, dp:])
+    out["attention_fwd_bwd_ms"] = timed(lambda: block_sparse_attention(qs, kg, vg, idx, p, q_offset=dp,
+                                                                       forced_blocks=True), do[:, dp:])
     if with_sdpa:
         out["sdpa_fwd_bwd_ms"] = timed(lambda: dense_causal_attention(qg, kg, vg), do)
     return out
@@ -338,7 +354,8 @@ def _measure(T: int, p: SparseParams, with_fla: bool, backward: bool, dense_fwd_
                 lambda: block_sparse_attention(q[:, :dp], k, v, idx_d, p, q_offset=0), w, r)
         if T <= 262144:   # block indices of all sparse queries at once: 0.8 KiB/token
             idx = select_blocks(qs, k1, k2, p, q_offset=dp)
-            res["attention_fwd_ms"] = bench_ms(lambda: block_sparse_attention(qs, k, v, idx, p, q_offset=dp), w, r)
+            res["attention_fwd_ms"] = bench_ms(
+                lambda: block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True), w, r)
             del idx
         if T <= dense_fwd_max:
             res["sdpa_fwd_ms"] = bench_ms(lambda: dense_causal_attention(q, k, v), w, r)
@@ -374,7 +391,7 @@ def _measure(T: int, p: SparseParams, with_fla: bool, backward: bool, dense_fwd_
             _measure_decode(T, p, q, k, v, res, w, r)
         elif name == "splitsel":
             _measure_decode_select(T, p, q, k, v, res)
-        elif name in _TUNING_VARIANTS:
+        elif name in _TUNING_VARIANTS and T <= TUNING_VARIANT_MAX_LEN:
             _measure_tuning_variant(name, T, p, q, k, v, res, w, r)
     del q, k, v
     gc.collect()
@@ -388,10 +405,11 @@ SELECT_CONFIGS = [(128, 64, 8, None, False), (128, 64, 8, 2, False), (128, 64, 8
                   (128, 64, 8, None, True), (128, 64, 8, 2, True), (64, 64, 4, 3, True)]
 FWD_CONFIGS = [(4, None, 1), (4, 3, 1), (2, 3, 1), (4, 2, 2), (4, 3, 2), (8, 3, 2), (4, 2, 4), (8, 2, 2), (8, 2, 4),
                (4, 1, 2)]   # (warps, stages, blocks per iteration); 3 stages x 4 blocks exceeds shared memory
+BAND_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 3), (64, 8, 3), (128, 4, 2)]   # (rows, warps, stages)
 
 
 def sweep(T: int = 131072, *, device: str = "cuda", params: SparseParams | None = None,
-          heads: tuple[int, int, int] = (HQ, HKV, D), select_configs=None, fwd_configs=None,
+          heads: tuple[int, int, int] = (HQ, HKV, D), select_configs=None, fwd_configs=None, band_configs=None,
           dtype: torch.dtype = torch.bfloat16, warmup: int = 1, rep: int = 3) -> dict:
     """Time the selection and attention kernels under several launch settings at length T; keep the fastest
     whose output matches the first setting's (in sala.ops.infllmv2_triton.TUNING, for the rest of this process).
@@ -408,7 +426,7 @@ def sweep(T: int = 131072, *, device: str = "cuda", params: SparseParams | None 
     dp = p.dense_positions
     k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
     qs = q[:, dp:]
-    out = {"T": T, "select": [], "attention_fwd": []}
+    out = {"T": T, "select": [], "attention_fwd": [], "band": []}
     best = (float("inf"), None)
     want = None
     for cfg in select_configs or SELECT_CONFIGS:
@@ -435,8 +453,9 @@ def sweep(T: int = 131072, *, device: str = "cuda", params: SparseParams | None 
     for warps, stages, kpi in fwd_configs or FWD_CONFIGS:
         tri.TUNING.update(fwd_warps=warps, fwd_stages=stages, fwd_blocks_per_iter=kpi)
         try:
-            ms = bench_ms(lambda: block_sparse_attention(qs, k, v, idx, p, q_offset=dp), warmup, rep)
-            o = block_sparse_attention(qs, k, v, idx, p, q_offset=dp)
+            ms = bench_ms(lambda: block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True),
+                          warmup, rep)
+            o = block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True)
         except Exception as ex:
             out["attention_fwd"].append({"config": [warps, stages, kpi], "error": repr(ex)[:200]})
             continue
@@ -447,6 +466,23 @@ def sweep(T: int = 131072, *, device: str = "cuda", params: SparseParams | None 
         if diff < 1e-2:
             best = min(best, (ms, (warps, stages, kpi)), key=lambda x: x[0])
     tri.TUNING.update(fwd_warps=best[1][0], fwd_stages=best[1][1], fwd_blocks_per_iter=best[1][2])
+    best = (float("inf"), None)
+    for rows_, warps, stages in (band_configs or BAND_CONFIGS) if tri.TUNING["band_split"] else ():
+        tri.TUNING.update(band_rows=rows_, band_warps=warps, band_stages=stages)
+        try:
+            ms = bench_ms(lambda: block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True),
+                          warmup, rep)
+            o = block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True)
+        except Exception as ex:
+            out["band"].append({"config": [rows_, warps, stages], "error": repr(ex)[:200]})
+            continue
+        diff = (o.float() - ref_out.float()).abs().max().item()
+        out["band"].append({"config": [rows_, warps, stages], "ms": ms, "max_abs_diff_vs_first": diff})
+        del o
+        if diff < 1e-2:
+            best = min(best, (ms, (rows_, warps, stages)), key=lambda x: x[0])
+    if best[1] is not None:
+        tri.TUNING.update(band_rows=best[1][0], band_warps=best[1][1], band_stages=best[1][2])
     out["chosen"] = dict(tri.TUNING)
     print("sweep", out, flush=True)
     del q, k, v, k1, k2, idx

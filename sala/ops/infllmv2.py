@@ -21,19 +21,23 @@ from sala.ops.dispatch import use_triton
 _NO_GRAD_QUERY_CHUNK = 16384
 
 # Triton kernel variants, read at call time (docs/sparse.md): env var -> (allowed values, default).
+# The decode splits are the defaults since the H200 run of 2026-12-02 (bench/results/sparse_decode_variants_h200.json:
+# selection 0.21 vs 1.44 ms and attention 0.08 vs 0.12 ms at 1M; 1M decode 101 vs 47 tokens/s end to end).
 _VARIANTS = {"SALA_SPARSE_ATTN": (("default", "tiled"), "default"),
-             "SALA_SPARSE_DECODE": (("default", "splitk"), "default"),
-             "SALA_SPARSE_DECODE_SELECT": (("default", "split"), "default"),
+             "SALA_SPARSE_DECODE": (("splitk", "single"), "splitk"),
+             "SALA_SPARSE_DECODE_SELECT": (("split", "single"), "split"),
              "SALA_SPARSE_VARLEN": (("default", "fused"), "default")}
 
 
 def kernel_variant(env: str) -> str:
     """The validated value of a kernel-variant env var (SALA_SPARSE_ATTN, SALA_SPARSE_DECODE,
-    SALA_SPARSE_DECODE_SELECT, SALA_SPARSE_VARLEN)."""
+    SALA_SPARSE_DECODE_SELECT, SALA_SPARSE_VARLEN); unset, empty or `default` give the variable's default."""
     allowed, default = _VARIANTS[env]
     value = os.environ.get(env, default).strip().lower() or default
+    if value == "default":
+        value = default
     if value not in allowed:
-        raise ValueError(f"{env}={value!r} is not one of {', '.join(allowed)}")
+        raise ValueError(f"{env}={value!r} is not one of {', '.join(allowed)} (or default = {default})")
     return value
 
 
@@ -196,26 +200,34 @@ def select_blocks(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, params: S
 _MASKED_REF_MAX_ELEMENTS = 1 << 26
 
 
-def _sparse_flat(qf, kf, vf, block_idx, pos, kbase, gbase, gid_kstart, gid_blk, n_gid, params, scale):
-    """Dispatch flat block-sparse attention: qf [N, Hq, D], block_idx [B', Hkv, Tq', K] with B'*Tq' = N."""
+def _sparse_flat(qf, kf, vf, block_idx, pos, kbase, gbase, gid_kstart, gid_blk, n_gid, params, scale,
+                 forced_blocks: bool = False):
+    """Dispatch flat block-sparse attention: qf [N, Hq, D], block_idx [B', Hkv, Tq', K] with B'*Tq' = N.
+    forced_blocks: block_idx came from the selection with params (init and local blocks in every row), so the
+    Triton forward may run those as dense query tiles (TUNING["band_split"]); kbase must ascend."""
     if use_triton(qf, kf, vf):
-        from sala.ops.infllmv2_triton import SparseAttentionFn, TiledSparseAttentionFn
+        from sala.ops import infllmv2_triton as tri
 
-        fn = TiledSparseAttentionFn if kernel_variant("SALA_SPARSE_ATTN") == "tiled" else SparseAttentionFn
-        return fn.apply(qf, kf, vf, block_idx, pos.to(torch.int32), kbase.to(torch.int64),
-                                       gbase.to(torch.int64), gid_kstart.to(torch.int64), gid_blk.to(torch.int32),
-                                       n_gid, params.block_size, scale)
+        args = (qf, kf, vf, block_idx, pos.to(torch.int32), kbase.to(torch.int64), gbase.to(torch.int64),
+                gid_kstart.to(torch.int64), gid_blk.to(torch.int32), n_gid, params.block_size, scale)
+        if kernel_variant("SALA_SPARSE_ATTN") == "tiled":
+            return tri.TiledSparseAttentionFn.apply(*args)
+        band = (params.init_blocks, params.local_blocks) if forced_blocks and tri.TUNING["band_split"] else None
+        return tri.SparseAttentionFn.apply(*args, band)
     idx = block_idx.permute(0, 2, 1, 3).reshape(qf.shape[0], block_idx.shape[1], block_idx.shape[3])
     return ref.sparse_attention_flat_ref(qf, kf, vf, idx, pos.to(torch.int64), kbase.to(torch.int64),
                                          params.block_size, scale)
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
-                           params: SparseParams, *, q_offset: int, scale: float | None = None) -> torch.Tensor:
+                           params: SparseParams, *, q_offset: int, scale: float | None = None,
+                           forced_blocks: bool = False) -> torch.Tensor:
     """Attention of q [B, Tq, Hq, D] (positions q_offset..) over the selected blocks of k, v [B, Tk, Hkv, D].
 
     block_idx int32 [B, Hkv, Tq, K] (-1 = none). Token-level causal mask inside the own block; one softmax over
     the union of the selected tokens. Differentiable w.r.t. q, k, v. Returns o [B, Tq, Hq, D] in q.dtype.
+    forced_blocks=True promises that block_idx comes from `select_blocks` with the same params (the init blocks
+    and the local band are in every row); the GPU forward then runs those blocks as dense query tiles.
     """
     _check_qkv("block_sparse_attention", q, k, v)
     B, Tq, Hq, D = q.shape
@@ -237,7 +249,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     o = _sparse_flat(q.reshape(B * Tq, Hq, D), k.reshape(B * Tk, Hkv, D), v.reshape(B * Tk, Hkv, D),
                      block_idx.to(torch.int32), pos, brow * Tk, brow * nbk,
                      torch.div(g, nbk, rounding_mode="floor") * Tk + (g % nbk) * bs, g % nbk, B * nbk,
-                     params, _scale(q, scale))
+                     params, _scale(q, scale), forced_blocks)
     return o.reshape(B, Tq, Hq, D)
 
 
@@ -289,7 +301,7 @@ def infllmv2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params
             qc = q[:, a:b]
             off = q_off + a
             idx = select_blocks(qc.detach(), k1, k2, params, q_offset=off, scale=s)
-            o_s = block_sparse_attention(qc, k, v, idx, params, q_offset=off, scale=s)
+            o_s = block_sparse_attention(qc, k, v, idx, params, q_offset=off, scale=s, forced_blocks=True)
             if out is None:
                 parts.append(o_s)
             else:
@@ -349,7 +361,7 @@ def _infllmv2_varlen(q, k, v, params: SparseParams, scale: float, cu_seqlens: to
     tok_all = torch.cat(tok)
     o_s = _sparse_flat(q[0, tok_all], k[0], v[0], torch.cat([p for p in idx_parts if p is not None], dim=2),
                        torch.cat(pos), torch.cat(kbase), torch.cat(gbase), torch.cat(gks), torch.cat(gblk), n_gid,
-                       params, scale)
+                       params, scale, forced_blocks=True)
     out, used = [], 0
     for dense, idx in zip(dense_parts, idx_parts):
         out.append(dense)

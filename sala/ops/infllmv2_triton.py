@@ -50,6 +50,10 @@ TUNING = {
     "topk_compact": False,   # top-k by group-max bound + candidate sort (few passes); not yet measured on the GPU
     "select_branch_mask": False,  # visibility masks only on tiles some row does not see in full (a branch per
                                   # tile in one loop; not yet measured on the GPU, hence off)
+    "band_split": True,        # forced blocks (init + local band) as dense query tiles, the rest per token
+    "band_rows": 64,           # queries per band program (x one query head)
+    "band_warps": 4,
+    "band_stages": 2,
     "fwd_warps": 4,
     "fwd_stages": 2,           # H200 sweep at 128K (bench/results/sparse_kernels_h200.json): 96 ms with 2 stages
     "fwd_blocks_per_iter": 2,  # and 2 blocks per iteration, 119 ms with Triton's default and 1 (forward and dq)
@@ -323,6 +327,8 @@ TOPK_MAX_COLS = 4096
 TOPK_COMPACT_MAX_COLS = 32768
 _NEG_INF_KEY = tl.constexpr(-2139095041)   # order-preserving int32 image of -inf (0xFF800000 ^ 0x7FFFFFFF)
 _INF_KEY = tl.constexpr(2139095040)        # image of +inf (0x7F800000); NaN images are larger
+_BIG_I32 = tl.constexpr(1 << 30)           # "no row" sentinels of the band kernel's min-reductions
+_BIG_I64 = tl.constexpr(1 << 62)
 
 
 @triton.jit
@@ -500,12 +506,13 @@ def topk_max_cols() -> int:
 # stage 2: block-sparse attention
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, BS: tl.constexpr):
-    """Keys of selected-block slots kk.. (len(c) // BS blocks) of one query at position pos: the causal, valid
-    key mask [len(c)] and the K/V element offsets [len(c), D] of kv head h (rows kb + key)."""
-    blk = tl.load(ibase + kk + c // BS)
+def _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, blk_lo, blk_hi, K: tl.constexpr, BS: tl.constexpr):
+    """Keys of selected-block slots kk.. (len(c) // BS blocks) of one query at position pos: the key mask [len(c)]
+    (slot < K, blk_lo <= block < blk_hi, causal) and the K/V element offsets [len(c), D] of kv head h (rows kb + key)."""
+    slot = kk + c // BS
+    blk = tl.load(ibase + slot, mask=slot < K, other=-1)
     key = blk * BS + c % BS
-    kmask = (key <= pos) & (key >= 0)
+    kmask = (key <= pos) & (blk >= blk_lo) & (blk < blk_hi)
     rowp = (kb + key.to(tl.int64))[:, None]
     return kmask, rowp * skn + h * skh + d[None, :]
 
@@ -515,8 +522,11 @@ def _sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, pos_ptr, kb
                        Tq, scale_log2,
                        sqn, sqh, skn, skh, son, soh, sln, sib, sih, sit,
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, K: tl.constexpr,
-                       KPI: tl.constexpr):
-    """KPI selected blocks (KPI * BS keys) per iteration; K % KPI == 0."""
+                       KPI: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, BAND: tl.constexpr = False,
+                       INIT: tl.constexpr = 0, LOCAL: tl.constexpr = 0):
+    """Selected-block slots K0..K1 (of K), KPI blocks (KPI * BS keys) per iteration. BAND: o/lse already hold the
+    forced blocks (init and the local band, `_sparse_band_fwd_kernel`); the slots hold every other selected block
+    (forced ones are skipped by block number) and are merged into that state."""
     i = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.arange(0, GP)
@@ -528,11 +538,24 @@ def _sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, pos_ptr, kb
     i64 = i.to(tl.int64)
     ibase = idx_ptr + (i // Tq).to(tl.int64) * sib + h * sih + (i % Tq).to(tl.int64) * sit
     qv = tl.load(q_ptr + i64 * sqn + (h * G + g)[:, None] * sqh + d[None, :], mask=row_ok[:, None], other=0.0)
-    m = tl.full([GP], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([GP], dtype=tl.float32)
-    acc = tl.zeros([GP, D], dtype=tl.float32)
-    for kk in range(0, K, KPI):
-        kmask, kvp = _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, BS)
+    orow = o_ptr + i64 * son + (h * G + g)[:, None] * soh + d[None, :]
+    lrow = lse_ptr + i64 * sln + h * G + g
+    if BAND:
+        # the band's normalised output with m = its lse and l = 1 is the same running state (2^m * acc)
+        m = tl.load(lrow, mask=row_ok, other=float("-inf"))
+        has = m > float("-inf")
+        l = tl.where(has, 1.0, 0.0)
+        acc = tl.where(has[:, None], tl.load(orow, mask=row_ok[:, None], other=0.0).to(tl.float32), 0.0)
+        blk_lo = INIT
+        blk_hi = pos // BS - LOCAL
+    else:
+        m = tl.full([GP], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([GP], dtype=tl.float32)
+        acc = tl.zeros([GP, D], dtype=tl.float32)
+        blk_lo = 0
+        blk_hi = pos // BS + 1
+    for kk in range(K0, K1, KPI):
+        kmask, kvp = _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, blk_lo, blk_hi, K, BS)
         kt = tl.load(k_ptr + kvp, mask=kmask[:, None], other=0.0)
         s = tl.dot(qv, tl.trans(kt)) * scale_log2
         s = tl.where(kmask[None, :], s, float("-inf"))
@@ -546,9 +569,74 @@ def _sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, pos_ptr, kb
         m = m_new
     l_safe = tl.where(l > 0, l, 1.0)
     o = acc / l_safe[:, None]
-    tl.store(o_ptr + i64 * son + (h * G + g)[:, None] * soh + d[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
-    tl.store(lse_ptr + i64 * sln + h * G + g, m + tl.log2(l_safe), mask=row_ok)
+    tl.store(orow, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lrow, m + tl.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _band_step(qv, m, l, acc, k_ptr, v_ptr, kb, c, d, kbase, h, skn, skh, pos, rows, pmax, scale_log2,
+               BS: tl.constexpr):
+    """One key block kb (BS keys from kbase + kb * BS) of the online softmax of the rows `rows` at positions pos."""
+    key = kb * BS + c
+    kin = key <= pmax
+    kvp = (kbase + key.to(tl.int64))[:, None] * skn + h * skh + d[None, :]
+    kt = tl.load(k_ptr + kvp, mask=kin[:, None], other=0.0)
+    s = tl.dot(qv, tl.trans(kt)) * scale_log2
+    s = tl.where(rows[:, None] & (key[None, :] <= pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    vt = tl.load(v_ptr + kvp, mask=kin[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    return m_new, l, acc
+
+
+@triton.jit(do_not_specialize=["N"])
+def _sparse_band_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, kbase_ptr, N, scale_log2,
+                            sqn, sqh, skn, skh, son, soh, sln,
+                            G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr,
+                            INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """The forced blocks of BM consecutive flat queries x one query head: init blocks below each row's band, then
+    the band (blocks qb - LOCAL .. qb, causal). Rows of different key bases (documents, batch rows) are walked in
+    one pass per key base (kbase ascending). Writes o and lse (log2) of the forced blocks alone."""
+    t = tl.program_id(0)
+    hq = tl.program_id(1)
+    h = hq // G
+    r = tl.arange(0, BM)
+    tok = t * BM + r
+    inb = tok < N
+    tok64 = tok.to(tl.int64)
+    d = tl.arange(0, D)
+    c = tl.arange(0, BS)
+    pos = tl.load(pos_ptr + tok, mask=inb, other=0)
+    kbr = tl.load(kbase_ptr + tok, mask=inb, other=0).to(tl.int64)
+    qoff = tok64[:, None] * sqn + hq * sqh + d[None, :]
+    qv = tl.load(q_ptr + qoff, mask=inb[:, None], other=0.0)
+    qb = pos // BS
+    lo = tl.maximum(qb - LOCAL, 0)
+    cur = tl.min(tl.where(inb, kbr, _BIG_I64), axis=0)
+    last = tl.max(tl.where(inb, kbr, -1), axis=0)
+    while cur <= last:
+        rows = inb & (kbr == cur)
+        pmax = tl.max(tl.where(rows, pos, -1), axis=0)
+        blo = tl.min(tl.where(rows, lo, _BIG_I32), axis=0)
+        bhi = tl.max(tl.where(rows, qb, -1), axis=0)
+        m = tl.full([BM], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([BM, D], dtype=tl.float32)
+        for b in tl.static_range(INIT):
+            m, l, acc = _band_step(qv, m, l, acc, k_ptr, v_ptr, b, c, d, cur, h, skn, skh, pos, rows & (b < lo),
+                                   pmax, scale_log2, BS)
+        for kb in range(blo, bhi + 1):
+            m, l, acc = _band_step(qv, m, l, acc, k_ptr, v_ptr, kb, c, d, cur, h, skn, skh, pos, rows & (kb >= lo),
+                                   pmax, scale_log2, BS)
+        l_safe = tl.where(l > 0, l, 1.0)
+        tl.store(o_ptr + tok64[:, None] * son + hq * soh + d[None, :], (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=rows[:, None])
+        tl.store(lse_ptr + tok64 * sln + hq, m + tl.log2(l_safe), mask=rows)
+        cur = tl.min(tl.where(inb & (kbr > cur), kbr, _BIG_I64), axis=0)
 
 
 @triton.jit(do_not_specialize=["Tq", "sib", "sih"])
@@ -574,7 +662,7 @@ def _sparse_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
     delta = tl.load(delta_ptr + i64 * sln + h * G + g, mask=row_ok, other=0.0)
     dq = tl.zeros([GP, D], dtype=tl.float32)
     for kk in range(0, K, KPI):
-        kmask, kvp = _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, BS)
+        kmask, kvp = _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, 0, pos // BS + 1, K, BS)
         kt = tl.load(k_ptr + kvp, mask=kmask[:, None], other=0.0)
         vt = tl.load(v_ptr + kvp, mask=kmask[:, None], other=0.0)
         s = tl.dot(qv, tl.trans(kt)) * scale_log2
@@ -638,8 +726,14 @@ def _fwd_config(G: int) -> int:
     return max(16, _pow2(G))
 
 
-def sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale):
-    """q [N, Hq, D] flat queries (N = B*Tq of block_idx [B, Hkv, Tq, K]); k, v [Nk, Hkv, D] -> (o, lse log2)."""
+def sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale, band: tuple[int, int] | None = None):
+    """q [N, Hq, D] flat queries (N = B*Tq of block_idx [B, Hkv, Tq, K]); k, v [Nk, Hkv, D] -> (o, lse log2).
+
+    band = (init_blocks, local_blocks): block_idx comes from the selection with these forced blocks (init blocks
+    and the local band qb - local .. qb are in every row). The forced blocks then run as dense query tiles
+    (`_sparse_band_fwd_kernel`, K/V shared by TUNING["band_rows"] queries) and the per-token kernel walks only
+    the K - init - local - 1 other slots, merging into the band's softmax state. Same result, less traffic.
+    Requires kbase ascending along the flat queries (batch rows and documents in order)."""
     N, Hq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -648,11 +742,23 @@ def sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale):
     lse = torch.empty(N, Hq, dtype=torch.float32, device=q.device)
     if N == 0:
         return o, lse
+    k0, k1, extra = 0, K, {}
+    if band is not None:
+        init, local = band
+        bm = 16 if interpreter_enabled() else TUNING["band_rows"]
+        _sparse_band_fwd_kernel[(triton.cdiv(N, bm), Hq)](
+            q, k, v, o, lse, pos, kbase, N, scale * _LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            o.stride(0), o.stride(1), lse.stride(0), G=G, D=D, BS=block_size, BM=bm, INIT=init, LOCAL=local,
+            num_warps=TUNING["band_warps"], **_stages("band_stages"))
+        k0, k1 = init, max(init, K - local - 1)
+        if k1 == k0:
+            return o, lse
+        extra = dict(BAND=True, INIT=init, LOCAL=local)
     _sparse_fwd_kernel[(N, Hkv)](q, k, v, o, lse, block_idx, pos, kbase, Tq, scale * _LOG2E,
                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
                                  lse.stride(0), block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
-                                 G=G, GP=_fwd_config(G), D=D, BS=block_size, K=K, KPI=_kpi(K), num_warps=TUNING["fwd_warps"],
-                                 **_stages("fwd_stages"))
+                                 G=G, GP=_fwd_config(G), D=D, BS=block_size, K=K, KPI=_kpi(K), K0=k0, K1=k1,
+                                 num_warps=TUNING["fwd_warps"], **_stages("fwd_stages"), **extra)
     return o, lse
 
 
@@ -727,9 +833,10 @@ class SparseAttentionFn(torch.autograd.Function):
     """Block-sparse attention on flat tokens; see `sparse_attention_fwd`. Selection is not differentiated."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, pos, kbase, gbase, gid_kstart, gid_blk, n_gid, block_size, scale):
+    def forward(ctx, q, k, v, block_idx, pos, kbase, gbase, gid_kstart, gid_blk, n_gid, block_size, scale,
+                band=None):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse = sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale)
+        o, lse = sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale, band)
         ctx.save_for_backward(q, k, v, o, lse, block_idx, pos, kbase, gbase, gid_kstart, gid_blk)
         ctx.meta = (n_gid, block_size, scale)
         return o
@@ -740,7 +847,7 @@ class SparseAttentionFn(torch.autograd.Function):
         n_gid, block_size, scale = ctx.meta
         dq, dk, dv = sparse_attention_bwd(do, q, k, v, o, lse, block_idx, pos, kbase, gbase, n_gid, gid_kstart,
                                           gid_blk, block_size, scale)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -111,7 +111,8 @@ def infllmv2_varlen_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, par
                     block_idx[0, :, a:b] = tri.topk_blocks_triton(pooled, K)
                 del pooled
     if dense_fn is None:
-        o = _sparse_flat(q[0], k[0], v[0], block_idx, pos, kbase, gbase, gid_kstart, gid_blk, n_gid, params, scale)
+        o = _sparse_flat(q[0], k[0], v[0], block_idx, pos, kbase, gbase, gid_kstart, gid_blk, n_gid, params, scale,
+                         forced_blocks=True)
         return o[None]
     # dense prefixes of all documents by one FlashAttention varlen call; sparse queries by one block-sparse call
     n_dense = torch.clamp(lens, max=dp)
@@ -126,7 +127,7 @@ def infllmv2_varlen_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, par
         o_all = o_d
     else:
         o_s = _sparse_flat(q[0, sq_tok], k[0], v[0], block_idx, sq_pos, d_start[sq_doc], d_goff[sq_doc], gid_kstart,
-                           gid_blk, n_gid, params, scale)
+                           gid_blk, n_gid, params, scale, forced_blocks=True)
         order = torch.cat([dense_tok, sq_tok])
         o_all = torch.cat([o_d, o_s])
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T, device=dev))
