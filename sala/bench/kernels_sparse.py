@@ -401,8 +401,7 @@ def _measure(T: int, p: SparseParams, with_fla: bool, backward: bool, dense_fwd_
 
 # (rows, K1 tile, warps, stages, branch mask: visibility masks only on tiles some row does not see in full)
 SELECT_CONFIGS = [(128, 64, 8, None, False), (128, 64, 8, 2, False), (128, 64, 8, 3, False), (64, 64, 4, None, False),
-                  (64, 64, 4, 3, False), (128, 128, 8, 2, False), (64, 128, 4, 2, False), (32, 64, 4, 3, False),
-                  (128, 64, 8, None, True), (128, 64, 8, 2, True), (64, 64, 4, 3, True)]
+                  (64, 64, 4, 3, False), (128, 128, 8, 2, False), (64, 128, 4, 2, False), (32, 64, 4, 3, False)]
 FWD_CONFIGS = [(4, None, 1), (4, 3, 1), (2, 3, 1), (4, 2, 2), (4, 3, 2), (8, 3, 2), (4, 2, 4), (8, 2, 2), (8, 2, 4),
                (4, 1, 2)]   # (warps, stages, blocks per iteration); 3 stages x 4 blocks exceeds shared memory
 BAND_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 3), (64, 8, 3), (128, 4, 2)]   # (rows, warps, stages)
