@@ -45,15 +45,17 @@ TUNING = {
     "select_rows": 128,        # query rows (tokens x padded group heads) per selection program
     "select_k1_tile": 64,      # K1 columns per iteration (a multiple of block_size / kernel_stride)
     "select_warps": 8,
-    "select_stages": None,     # None: Triton's default
+    "select_stages": 3,        # H200 sweep at 128K (bench/results/sparse_kernels_h200.json): 28.8 ms, default 29.0
     "select_chunk_bytes": 256 << 20,   # pooled-score buffer per query chunk (fp32)
-    "topk_compact": False,   # top-k by group-max bound + candidate sort (few passes); not yet measured on the GPU
-    "select_branch_mask": False,  # visibility masks only on tiles some row does not see in full (a branch per
-                                  # tile in one loop; not yet measured on the GPU, hence off)
-    "band_split": True,        # forced blocks (init + local band) as dense query tiles, the rest per token
-    "band_rows": 64,           # queries per band program (x one query head)
-    "band_warps": 4,
-    "band_stages": 2,
+    "topk_compact": False,   # top-k by group-max bound + candidate sort (few passes): measured slower on the H200
+                             # (selection 33.7 vs 29.0 ms at 128K, 2248 vs 1912 ms at 1M: sparse_kernels_h200.json)
+    "select_branch_mask": False,  # visibility masks only on tiles some row does not see in full (a branch per tile
+                                  # in one loop); needs Triton >= 3.9, so unmeasured on the H200 (Triton 3.6)
+    "band_split": True,        # forced blocks (init + local band) as dense query tiles, the rest per token:
+                               # attention 77.9 vs 96.5 ms at 128K on the H200 (sparse_kernels_h200.json, noband_*)
+    "band_rows": 128,          # queries per band program (x one query head); the same sweep: 128 rows, 8 warps,
+    "band_warps": 8,           # 3 stages 77.6 ms, 64 / 4 / 2 78.1 ms (within noise)
+    "band_stages": 3,
     "fwd_warps": 4,
     "fwd_stages": 2,           # H200 sweep at 128K (bench/results/sparse_kernels_h200.json): 96 ms with 2 stages
     "fwd_blocks_per_iter": 2,  # and 2 blocks per iteration, 119 ms with Triton's default and 1 (forward and dq)
@@ -73,6 +75,26 @@ def _kpi(K: int) -> int:
 def _stages(key: str) -> dict:
     v = TUNING[key]
     return {} if v is None or interpreter_enabled() else {"num_stages": v}
+
+
+# Triton 3.6 (the H200 machine's) fails in its software pipeliner on the branch-masked selection kernel
+# (bench/results/gpu_tests_sparse_h200.log, 2026-12-02); 3.9 compiles it (tests/test_triton_sm90_compile.py).
+BRANCH_MASK_MIN_TRITON = (3, 9)
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    return major, minor
+
+
+def _branch_mask() -> bool:
+    """TUNING["select_branch_mask"], refused with a clear error where the installed Triton cannot compile it."""
+    if not TUNING["select_branch_mask"]:
+        return False
+    if not interpreter_enabled() and _triton_version() < BRANCH_MASK_MIN_TRITON:
+        raise RuntimeError(f"TUNING['select_branch_mask'] needs Triton >= {'.'.join(map(str, BRANCH_MASK_MIN_TRITON))} "
+                           f"(Triton {triton.__version__}'s pipeliner fails on that kernel); set it to False")
+    return True
 
 
 def _pow2(n: int) -> int:
@@ -279,7 +301,7 @@ def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks, *, fill:
                                G=G, GP=GP, BQ=BQ, D=D, K1K=params.kernel_size, K1S=params.kernel_stride,
                                K2K=params.k2_kernel, K2S=params.k2_stride, BS=params.block_size, R=r, HALO=halo,
                                INIT=params.init_blocks, LOCAL=params.local_blocks, BN2=16 if interpreter_enabled() else 64,
-                               NB=NB, BRANCH_MASK=bool(TUNING["select_branch_mask"]),
+                               NB=NB, BRANCH_MASK=_branch_mask(),
                                num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4, **_stages("select_stages"))
     return out
 
@@ -1459,5 +1481,5 @@ def varlen_pooled_block_scores(q, k1, k2, sq_tok, sq_pos, tiles, tile_lo, tile_h
         G=G, GP=GP, BQ=BQ, D=D, K1K=params.kernel_size, K1S=params.kernel_stride, K2K=params.k2_kernel,
         K2S=params.k2_stride, BS=params.block_size, R=r, HALO=halo, INIT=params.init_blocks,
         LOCAL=params.local_blocks, BN2=16 if interpreter_enabled() else 64, NB=NB,
-        BRANCH_MASK=bool(TUNING["select_branch_mask"]), num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4, **_stages("select_stages"))
+        BRANCH_MASK=_branch_mask(), num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4, **_stages("select_stages"))
     return out
