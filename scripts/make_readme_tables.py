@@ -194,7 +194,34 @@ def sparse_section() -> list[str]:
                         _f(r.get("speedup_fwd_vs_sdpa"), 2, "x"), _f(r.get("whole_fwd_bwd_ms"), 1),
                         _f(r.get("sdpa_fwd_bwd_ms"), 1), _f(r.get("speedup_fwd_bwd_vs_sdpa"), 2, "x"),
                         _f(r.get("fla_nsa_fwd_ms"), 1), _f(r.get("whole_fwd_peak_extra_gib"), 2)))
-    return out + [""] + selection_profile_lines()
+    out += [""] + _fla_history_lines(d) + _band_lines(d)
+    return out + selection_profile_lines()
+
+
+def _fla_history_lines(d: dict) -> list[str]:
+    """When this run had no fla, the last run that had it (same shape, same block indices for both)."""
+    if any(r.get("fla_nsa_fwd_ms") for r in d["results"]):
+        return []
+    name = "history/sparse_kernels_h200_e129f04.json"
+    h = _load(name)
+    rows = [r for r in (h or {}).get("results", []) if r.get("fla_nsa_fwd_ms") and r.get("attention_full_T_fwd_ms")]
+    if not rows:
+        return []
+    cells = "; ".join(f"{_len(r['T'])}: fla {r['fla_nsa_fwd_ms']:.1f} ms vs ours {r['attention_full_T_fwd_ms']:.1f} ms "
+                      f"({r['fla_nsa_fwd_ms'] / r['attention_full_T_fwd_ms']:.2f}x)" for r in rows)
+    return [f"This run had no fla installed. fla `parallel_nsa` on the same selected blocks, all T queries, was "
+            f"measured at commit {h['meta']['git_commit'][:7]} (`bench/results/{name}`, before the band split): "
+            f"{cells}.", ""]
+
+
+def _band_lines(d: dict) -> list[str]:
+    """The band split against the one-walk kernel, same run (`noband` variant)."""
+    rows = [r for r in d["results"] if r.get("noband_attention_fwd_ms") and r.get("attention_fwd_ms")]
+    if not rows:
+        return []
+    cells = "; ".join(f"{_len(r['T'])}: {r['attention_fwd_ms']:.1f} vs {r['noband_attention_fwd_ms']:.1f} ms" for r in rows)
+    return ["Band split (forced init + local blocks as dense query tiles, the rest per token; docs/sparse.md) "
+            f"against one walk over all 96 blocks, attention forward, same run: {cells}.", ""]
 
 
 def selection_profile_lines() -> list[str]:

@@ -1,0 +1,113 @@
+"""Same-process A/B of sparse kernel settings end to end: TTFT and decode speed of SalaEngine.generate under
+each setting, interleaved and repeated so that host and clock drift hit every setting alike.
+
+Settings: the band split of the sparse forward on/off (TUNING["band_split"], prefill only) and the decode
+kernels split/single (SALA_SPARSE_DECODE + SALA_SPARSE_DECODE_SELECT, decode only).
+
+    python scripts/ab_engine.py --out ab.json [--lengths 64K,128K] [--reps 2] [--decode-tokens 256]
+
+Needs a CUDA GPU (random 9B-shape weights by default; --preset picks another shape).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sala.bench.common import run_metadata, write_json  # noqa: E402
+from sala.utils.lengths import parse_lengths  # noqa: E402
+
+SETTINGS = [dict(band=b, decode=d) for b, d in itertools.product((True, False), ("split", "single"))]
+
+
+def _apply(setting: dict) -> None:
+    from sala.ops import infllmv2_triton as tri
+
+    tri.TUNING["band_split"] = setting["band"]
+    os.environ["SALA_SPARSE_DECODE"] = "splitk" if setting["decode"] == "split" else "single"
+    os.environ["SALA_SPARSE_DECODE_SELECT"] = setting["decode"]
+
+
+def _name(setting: dict) -> str:
+    return f"band_{'on' if setting['band'] else 'off'}+decode_{setting['decode']}"
+
+
+def run(lengths: list[int], reps: int, decode_tokens: int, preset: str, out: str | None,
+        warmup_tokens: int = 12288, measure=None, engine=None) -> dict:
+    """measure(engine, n, decode_tokens, seed) -> dict (default: sala.bench.latency.measure_sala); engine: built
+    from the preset when None (tests pass stand-ins for both)."""
+    if measure is None:
+        from sala.bench.latency import measure_sala as measure
+    if engine is None:
+        import torch
+
+        from sala.engine import SalaEngine
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("scripts/ab_engine.py needs a CUDA GPU")
+        engine = SalaEngine.from_preset(preset, random_weights=True, device="cuda", dtype="bf16", seed=0)
+    from sala.ops import infllmv2_triton as tri
+
+    saved = (tri.TUNING["band_split"], {e: os.environ.get(e) for e in ("SALA_SPARSE_DECODE", "SALA_SPARSE_DECODE_SELECT")})
+    try:
+        return _run(lengths, reps, decode_tokens, preset, out, warmup_tokens, measure, engine)
+    finally:
+        tri.TUNING["band_split"] = saved[0]
+        for e, v in saved[1].items():
+            if v is None:
+                os.environ.pop(e, None)
+            else:
+                os.environ[e] = v
+
+
+def _run(lengths, reps, decode_tokens, preset, out, warmup_tokens, measure, engine) -> dict:
+    payload = {"meta": run_metadata(), "benchmark": "engine_ab", "preset": preset, "decode_tokens": decode_tokens,
+               "reps": reps, "settings": [_name(s) for s in SETTINGS], "runs": [], "summary": {}}
+    for s in SETTINGS:                                   # compile every setting's kernels, capture its graph once
+        _apply(s)
+        measure(engine, min(warmup_tokens, max(lengths)), 4, 0)
+    for n in lengths:
+        for rep in range(reps):
+            order = SETTINGS if rep % 2 == 0 else SETTINGS[::-1]
+            for s in order:
+                _apply(s)
+                t = time.perf_counter()
+                r = measure(engine, n, decode_tokens, 0)
+                r.update(length=n, rep=rep, setting=_name(s), wall_s=round(time.perf_counter() - t, 2))
+                payload["runs"].append(r)
+                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+        for s in SETTINGS:
+            rs = [r for r in payload["runs"] if r["length"] == n and r["setting"] == _name(s) and r["status"] == "ok"]
+            if rs:
+                payload["summary"][f"{n}/{_name(s)}"] = {
+                    "ttft_s_median": statistics.median(r["ttft_s"] for r in rs),
+                    "decode_tokens_per_s_median": statistics.median(r["decode_tokens_per_s"] for r in rs)}
+        if out:
+            write_json(out, payload)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="64K,128K")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--preset", default="minicpm-sala-9b")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.reps < 1 or a.decode_tokens < 2:
+        ap.error(f"--reps must be >= 1 and --decode-tokens >= 2 (got {a.reps}, {a.decode_tokens})")
+    p = run(parse_lengths(a.lengths), a.reps, a.decode_tokens, a.preset, a.out)
+    for k, v in p["summary"].items():
+        print(k, {x: round(y, 3) for x, y in v.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
