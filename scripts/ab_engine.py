@@ -69,6 +69,8 @@ def run(lengths: list[int], reps: int, decode_tokens: int, preset: str, out: str
 def _run(lengths, reps, decode_tokens, preset, out, warmup_tokens, measure, engine) -> dict:
     payload = {"meta": run_metadata(), "benchmark": "engine_ab", "preset": preset, "decode_tokens": decode_tokens,
                "reps": reps, "settings": [_name(s) for s in SETTINGS], "runs": [], "summary": {}}
+    warm = getattr(engine, "warmup", None)             # length-dependent kernel variants, untimed
+    payload["kernel_warmup_s"] = round(warm(max(lengths) + decode_tokens), 2) if warm else None
     for s in SETTINGS:                                   # compile every setting's kernels, capture its graph once
         _apply(s)
         measure(engine, min(warmup_tokens, max(lengths)), 4, 0)

@@ -601,6 +601,14 @@ def _fused_varlen_grads(q, k, v, cu, do, params):
     return (out.detach(), *torch.autograd.grad(out, leaves, do))
 
 
+def check_warmup_length_classes():
+    """The warm-up's tiny launches run for real (top-k with and without limits, split decode selection, batch 2)."""
+    from sala.ops import infllmv2_triton as tri
+
+    n = tri.warmup_length_classes(300, SMALL, batch=2, heads=(4, 2, 16), device="cpu", dtype=torch.float32)
+    assert n == 2 * 2 + 2, n       # row widths 16 and 32; capacities 256 and 512 share one split class (SP2 2)
+
+
 def check_tuning_sweep():
     """The bench's launch sweep runs every setting, records the output check, and leaves TUNING on a setting
     whose output matched (tiny shape; the interpreter ignores tile sizes, not the branch-mask flag or the

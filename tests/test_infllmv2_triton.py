@@ -249,3 +249,43 @@ def test_gpu_fused_varlen_matches_reference(monkeypatch, route):
     for got, want in zip(*res):
         err = (got - want).norm() / want.norm()
         assert err < 2e-2, float(err)
+
+
+@pytest.mark.parametrize("max_tokens, batch", [(70000, 1), (300000, 1), (20000, 4), (1000, 1)])
+def test_warmup_covers_every_length_class(monkeypatch, max_tokens, batch):
+    """warmup_length_classes compiles each top-k row-width class (with and without limits) and each decode-selection
+    SP2 class that any context up to max_tokens would meet (the kernels themselves replaced by recorders)."""
+    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import SparseParams
+    from sala.ops.infllmv2_reference import n_windows
+
+    p = SparseParams()
+    topk_seen, sp2_seen = set(), set()
+    monkeypatch.setattr(tri, "_topk_blocks", lambda x, K, lim: topk_seen.add((max(16, tri._pow2(x.shape[-1])),
+                                                                                lim is not None, x.shape[0])))
+
+    def record_split(q, k1, k2, pos, params, scale, n_blocks):
+        assert q.shape[0] == k1.shape[0] == k2.shape[0] == pos.shape[0] == batch
+        sp2_seen.add(max(2, tri._pow2(tri.decode_select_splits(batch, 2, k2.shape[1], 64)[0])))
+
+    monkeypatch.setattr(tri, "pooled_block_scores_decode_split", record_split)
+    n = tri.warmup_length_classes(max_tokens, p, batch=batch, device="cpu")
+    assert n == len(topk_seen) + 2 * len(sp2_seen)       # launches: 2 per top-k class, 2 per split class
+    max_blocks = -(-max_tokens // 64) + 1
+    want_nc = {max(16, tri._pow2(b)) for b in range(1, max_blocks + 1) if b <= tri.topk_max_cols()}
+    assert {nc for nc, lim, _ in topk_seen if lim} == want_nc
+    assert {nc for nc, lim, rows in topk_seen if not lim and rows == batch} == want_nc
+    want_sp2 = set()
+    for cap in range(128, max_tokens + 1, 128):          # every decode cache capacity up to max_tokens
+        n2 = int(n_windows(torch.tensor(cap), p.k2_kernel, p.k2_stride))
+        want_sp2.add(max(2, tri._pow2(tri.decode_select_splits(batch, 2, max(1, n2), 64)[0])))
+    assert want_sp2 <= sp2_seen, (want_sp2, sp2_seen)
+
+
+def test_engine_warmup_is_a_noop_off_the_triton_path():
+    from sala.engine import SalaEngine
+
+    eng = SalaEngine.from_preset("sala-tiny", random_weights=True, device="cpu", dtype="fp32")
+    assert eng.warmup(4096) == 0.0
+    with pytest.raises(ValueError, match="max_tokens and batch must be >= 1"):
+        eng.warmup(0)

@@ -114,6 +114,32 @@ class SalaEngine:
             _check_before_load(config, context, batch, dt, device, kwargs.get("chunk_size", DEFAULT_CHUNK_SIZE))
         return cls(random_model(config, device, dt, seed), tokenizer, **kwargs)
 
+    # ------------------------------------------------------------------ kernels
+    def warmup(self, max_tokens: int, batch: int = 1) -> float:
+        """Compile, before any request, the sparse-kernel variants that depend on the context length (top-k row
+        widths, decode-selection capacity classes) for contexts up to `max_tokens` at this decode batch, so the
+        first request at each new length does not pay them (Triton caches them on disk for later processes).
+        Returns the seconds spent; a no-op without sparse layers or off the Triton/CUDA path."""
+        from sala.modeling.configuration_sala import SPARSE
+        from sala.modeling.modeling_sala import sparse_params_from_config
+        from sala.ops.dispatch import use_triton
+
+        if max_tokens < 1 or batch < 1:
+            raise ValueError(f"warmup: max_tokens and batch must be >= 1, got {max_tokens} and {batch}")
+        t0 = time.perf_counter()
+        probe = torch.empty(0, device=self.device)
+        if SPARSE not in self.config.mixer_types or not use_triton(probe):
+            return 0.0
+        from sala.ops.infllmv2_triton import warmup_length_classes
+
+        c = self.config
+        with torch.no_grad():
+            warmup_length_classes(max_tokens, sparse_params_from_config(c), batch=batch,
+                                  heads=(c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+                                  device=self.device, dtype=self.dtype)
+        _sync(self.device)
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------------ memory
     def plan(self, context: int, batch: int = 1) -> MemoryPlan:
         return plan_memory(self.config, context, batch, self.dtype, self.chunk_size)

@@ -519,6 +519,46 @@ def _topk_blocks(pooled: torch.Tensor, total_blocks: int,
     return out, flag
 
 
+def warmup_length_classes(max_tokens: int, params, *, batch: int = 1, heads: tuple[int, int, int] = (32, 2, 128),
+                          device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16) -> int:
+    """Compile, on tiny inputs, the kernel variants whose Triton specialisation depends on the context length,
+    for every context up to `max_tokens`: the top-k kernel per row-width class (powers of two up to
+    `topk_max_cols()`; prefill rows with per-query limits, decode rows without) and the split decode selection
+    per cache-capacity class at this decode batch. Without it the first request at each new length class pays
+    those compilations inside its latency. heads = (query heads, KV heads, head dim). Returns the launches made."""
+    from sala.ops.infllmv2_reference import n_windows
+
+    Hq, Hkv, D = heads
+    K = params.total_blocks
+    max_blocks = -(-int(max_tokens) // params.block_size) + 1
+    launches = 0
+    g = torch.Generator(device=device).manual_seed(0)
+    nc = 16
+    while nc <= min(topk_max_cols(), max(16, _pow2(max_blocks))):
+        x = torch.rand(1, Hkv, 1, nc, device=device, generator=g)
+        _topk_blocks(x, K, torch.full((1, 1), nc - 1, dtype=torch.int32, device=device))
+        _topk_blocks(torch.rand(batch, Hkv, 1, nc, device=device, generator=g), K, None)
+        launches += 2
+        nc *= 2
+    BN2 = 16 if interpreter_enabled() else 64
+    seen = set()
+    cap = 256
+    while cap < 2 * max_tokens:       # capacities double: every power-of-two class of decode splits is met
+        n2 = int(n_windows(torch.tensor(cap), params.k2_kernel, params.k2_stride))
+        sp2 = max(2, _pow2(decode_select_splits(batch, Hkv, max(1, n2), BN2)[0]))
+        if sp2 not in seen:
+            seen.add(sp2)
+            n1 = int(n_windows(torch.tensor(cap), params.kernel_size, params.kernel_stride))
+            q = torch.zeros(batch, Hq, D, device=device, dtype=dtype)
+            k1 = torch.zeros(batch, max(1, n1), Hkv, D, device=device, dtype=dtype)
+            k2 = torch.zeros(batch, max(1, n2), Hkv, D, device=device, dtype=dtype)
+            pos = torch.full((batch,), cap - 1, dtype=torch.int32, device=device)
+            pooled_block_scores_decode_split(q, k1, k2, pos, params, D ** -0.5, -(-cap // params.block_size))
+            launches += 2
+        cap *= 2
+    return launches
+
+
 def topk_max_cols() -> int:
     """Widest pooled rows `topk_blocks_triton` takes under the current TUNING."""
     return TOPK_COMPACT_MAX_COLS if TUNING["topk_compact"] else TOPK_MAX_COLS
@@ -1222,7 +1262,7 @@ def _group_block_pool(p, carry, bi, ci, NB: tl.constexpr, R: tl.constexpr, HALO:
     return tl.maximum(m_in, shifted), new_carry
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cap2", "cps", "slb", "slh"])
 def _decode_lse_split_kernel(q_ptr, k2_ptr, pos_ptr, plse_ptr, cap2, cps, scale_log2,
                              sqb, sqh, s2b, s2t, s2h, slb, slh, sls,
                              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, K2K: tl.constexpr,
@@ -1258,7 +1298,7 @@ def _decode_lse_split_kernel(q_ptr, k2_ptr, pos_ptr, plse_ptr, cap2, cps, scale_
              tl.where(l > 0, m + tl.log2(tl.maximum(l, 1e-30)), float("-inf")))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cap1", "n_cols", "nsplit2", "bps", "slb", "slh"])
 def _decode_pool_split_kernel(q_ptr, k1_ptr, pos_ptr, plse_ptr, out_ptr, cap1, n_cols, nsplit2, bps, scale_log2,
                               sqb, sqh, s1b, s1t, s1h, slb, slh, sls, sob, soh,
                               G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, K1K: tl.constexpr,
