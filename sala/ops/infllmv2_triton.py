@@ -1298,7 +1298,7 @@ def _decode_lse_split_kernel(q_ptr, k2_ptr, pos_ptr, plse_ptr, cap2, cps, scale_
              tl.where(l > 0, m + tl.log2(tl.maximum(l, 1e-30)), float("-inf")))
 
 
-@triton.jit(do_not_specialize=["cap1", "n_cols", "nsplit2", "bps", "slb", "slh"])
+@triton.jit(do_not_specialize=["cap1", "n_cols", "nsplit2", "bps", "slb", "slh", "sob", "soh"])
 def _decode_pool_split_kernel(q_ptr, k1_ptr, pos_ptr, plse_ptr, out_ptr, cap1, n_cols, nsplit2, bps, scale_log2,
                               sqb, sqh, s1b, s1t, s1h, slb, slh, sls, sob, soh,
                               G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, K1K: tl.constexpr,
