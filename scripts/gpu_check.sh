@@ -10,6 +10,7 @@
 #   OUT=/dir bash scripts/gpu_check.sh decode     # sparse decode variants (split-K attention, split-N selection)
 #                                                 # at 128K and 1M, then 1M end to end with both switched on
 #   OUT=/dir bash scripts/gpu_check.sh latency    # SALA 9B shape vs HF Qwen3-8B shape, 64K..2M -> JSON + PNG
+#   OUT=/dir bash scripts/gpu_check.sh ab         # same-process A/B: band split x decode kernels at 64K, 128K
 #   OUT=/dir bash scripts/gpu_check.sh train      # the small SALA model: data built there, trained, evaluated
 #   OUT=/dir bash scripts/gpu_check.sh repro      # HALO reproduction: teacher, SALA, ablations (needs repro_data/)
 #   OUT=/dir bash scripts/gpu_check.sh profile    # where a training step's time goes (needs train_data/)
@@ -18,7 +19,7 @@
 # bench/results/ and turned into README tables by scripts/make_readme_tables.py. The device copy has no .git:
 # start the command with SALA_GIT_COMMIT=<git rev-parse HEAD here> so the JSON names the commit measured.
 set -uo pipefail
-part=${1:?usage: gpu_check.sh tests|kernels|sparse|decode|latency|train|repro|profile}
+part=${1:?usage: gpu_check.sh tests|kernels|sparse|decode|latency|ab|train|repro|profile}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/sala_gpu}
 mkdir -p "$OUT"
@@ -52,6 +53,9 @@ case "$part" in
       --no-baseline --no-profile --no-plots --out "$OUT/latency_1m_split_decode_h200.json" 2>&1 | grep -v USDT | tail -3 ;;
   latency)
     OUT="$OUT" bash scripts/gpu_latency.sh "${2:-480}" ;;
+  ab)
+    python3 scripts/ab_engine.py --lengths "${AB_LENGTHS:-64K,128K}" --reps 2 --decode-tokens 256 \
+      --out "$OUT/engine_ab_h200.json" 2>&1 | grep -v USDT | tail -9 ;;
   train)
     DATA=${DATA:-/tmp/sala_data} PREPARE_SOURCES=${PREPARE_SOURCES:-stdlib,python-packages} TRAIN_SECONDS=${TRAIN_SECONDS:-340} \
       TOTAL_SECONDS=${TOTAL_SECONDS:-560} EVAL_SECONDS=${EVAL_SECONDS:-60} bash scripts/train_small_gpu.sh "$OUT" ;;

@@ -24,8 +24,9 @@ def test_fwd_bwd_timing_runs_whole_attention_and_sdpa(monkeypatch):
 
 
 def test_tuning_variant_measures_and_restores_tuning(monkeypatch):
-    """`topkcompact` / `branchmask` flip their TUNING value only while measuring, record selection, whole
-    forward and index agreement with the default, and reject unknown variant names."""
+    """`topkcompact` / `branchmask` / `noband` flip their TUNING value only while measuring, record selection,
+    whole forward and index agreement with the default (noband: also the attention alone and its output difference
+    from the default), and reject unknown variant names."""
     import pytest
 
     from sala.ops import infllmv2_triton as tri
@@ -40,9 +41,13 @@ def test_tuning_variant_measures_and_restores_tuning(monkeypatch):
         res = {"sdpa_fwd_ms": 4.0}
         timed.clear()
         ks._measure_tuning_variant(name, 120, p, q, k, v, res, 1, 1)
-        assert tri.TUNING[key] == before and all(t[key] == value for t in timed) and len(timed) == 2
+        assert tri.TUNING[key] == before and all(t[key] == value for t in timed)
+        assert len(timed) == (3 if name == "noband" else 2), (name, len(timed))
         assert res[f"{name}_select_ms"] == 2.0 and res[f"{name}_speedup_fwd_vs_sdpa"] == 2.0
         assert res[f"{name}_rows_differing_from_default"] == 0.0      # the reference path ignores TUNING
+        if name == "noband":
+            assert res["noband_attention_fwd_ms"] == 2.0
+            assert res["noband_attention_max_abs_diff_vs_default"] == 0.0
     assert ks._check_variants(["topkcompact", "branchmask"]) == ["topkcompact", "branchmask"]
     with pytest.raises(ValueError, match="topkcompact"):
         ks._check_variants(["topk"])
