@@ -365,7 +365,7 @@ def check_band_split_forward():
 
 def check_band_split_lse_and_backward():
     """The band split's lse equals the one-walk kernel's (the backward reads it); gradients through the layer with
-    the split equal those without it."""
+    the split (and with the dq split, TUNING["band_split_dq"]) equal those without it; the dq kernels directly."""
     from sala.ops import infllmv2_triton as tri
 
     p = BAND
@@ -386,34 +386,57 @@ def check_band_split_lse_and_backward():
     torch.testing.assert_close(lse_b, lse_w, atol=2e-5, rtol=1e-5)
     do = torch.randn(q.shape)
     grads = []
-    for on in (True, False):
-        with _BandSplit(on):
-            leaves = [t[:1].clone().requires_grad_() for t in (q, k, v)]
-            grads.append(torch.autograd.grad(infllmv2_attention(*leaves, p), leaves, do[:1]))
-    for got, want in zip(*grads):
-        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+    saved = tri.TUNING["band_split_dq"]
+    try:
+        for on, dq_band in ((True, False), (False, False), (True, True)):
+            tri.TUNING["band_split_dq"] = dq_band
+            with _BandSplit(on), _Launches(tri, "_sparse_band_bwd_dq_kernel") as spy:
+                leaves = [t[:1].clone().requires_grad_() for t in (q, k, v)]
+                grads.append(torch.autograd.grad(infllmv2_attention(*leaves, p), leaves, do[:1]))
+            assert spy.calls == int(dq_band), (on, dq_band, spy.calls)
+    finally:
+        tri.TUNING["band_split_dq"] = saved
+    for other in grads[1:]:
+        for got, want in zip(other, grads[0]):
+            torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+    # the dq kernels directly, both batch rows (a band tile with two key bases), NaN-poisoned dq buffer
+    do_f = torch.randn(qf.shape)
+    args = (do_f, qf, kf, vf, o_w, lse_w, idx, pos, kbase)
+    _, gbase, gid_kstart, gid_blk = _flat_tables(2, Tq, T, p.block_size, dp)
+    tail = (gbase, 2 * -(-T // p.block_size), gid_kstart, gid_blk, p.block_size, 0.25)
+    with _PoisonedEmpty():
+        dq_b = tri.sparse_attention_bwd(*args, *tail, band=(p.init_blocks, p.local_blocks))[0]
+    dq_w = tri.sparse_attention_bwd(*args, *tail)[0]
+    assert torch.isfinite(dq_b).all()
+    torch.testing.assert_close(dq_b, dq_w, atol=5e-5, rtol=1e-4)
 
 
 def check_band_split_varlen():
-    """Packed documents through both varlen paths with and without the band split (same selection): a document
-    with 3 sparse queries puts three key bases into one band tile; outputs and gradients agree."""
+    """Packed documents through both varlen paths with and without the band split (forward and dq; same
+    selection): a document with 3 sparse queries puts three key bases into one band tile; outputs and gradients
+    agree."""
     p = BAND
     dp = p.dense_positions
     lens = [dp + 3, 20, dp + 12, dp + 1]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
     q, k, v = _qkv(1, int(cu[-1]), 1, 2, 16, 23)
     do = torch.randn(q.shape)
+    from sala.ops import infllmv2_triton as tri
+
+    saved = tri.TUNING["band_split_dq"]
     for variant in (None, "fused"):
         _variant("SALA_SPARSE_VARLEN", variant)
         res = []
         try:
             for on in (True, False):
+                tri.TUNING["band_split_dq"] = on          # the dq split too, documents in one band tile
                 with _BandSplit(on):
                     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
                     out = infllmv2_attention(*leaves, p, cu_seqlens=cu)
                     res.append((out.detach(), *torch.autograd.grad(out, leaves, do)))
         finally:
             _variant("SALA_SPARSE_VARLEN", None)
+            tri.TUNING["band_split_dq"] = saved
         for got, want in zip(*res):
             torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
 

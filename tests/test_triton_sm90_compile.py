@@ -82,14 +82,14 @@ def test_topk_kernels_compile_for_sm90(NC):
 @pytest.mark.parametrize("band", [False, True])
 def test_attention_kernels_compile_for_sm90_with_default_tuning(band):
     """The forward and dq walks at the default warps / stages / blocks per iteration (the H200 sweep's choice);
-    band: the band kernel and the forward walk over the non-forced slots only."""
+    band: the band kernels (forward and dq) and the walks over the non-forced slots only."""
     kpi = tri.TUNING["fwd_blocks_per_iter"]
     K = P.total_blocks
     consts = dict(G=16, GP=16, D=128, BS=P.block_size, K=K, KPI=kpi)
     fwd = dict(consts, K0=0, K1=K)
     if band:
         fwd.update(K0=P.init_blocks, K1=K - P.local_blocks - 1, BAND=True, INIT=P.init_blocks,
-                      LOCAL=P.local_blocks)
+                   LOCAL=P.local_blocks)
     ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32",
             "idx_ptr": "*i32", "pos_ptr": "*i32", "kbase_ptr": "*i64"}
     k = compile_sm90(tri._sparse_fwd_kernel, ptrs, fwd, num_warps=tri.TUNING["fwd_warps"],
@@ -102,9 +102,15 @@ def test_attention_kernels_compile_for_sm90_with_default_tuning(band):
                          num_stages=tri.TUNING["band_stages"])
         assert 0 < k.metadata.shared <= SMEM_LIMIT
         assert "warp_group_dot" in k.asm["ttgir"]           # the band tiles run on Hopper tensor cores
-        return
     ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "do_ptr": "*bf16", "lse_ptr": "*fp32",
             "delta_ptr": "*fp32", "dq_ptr": "*bf16", "idx_ptr": "*i32", "pos_ptr": "*i32", "kbase_ptr": "*i64"}
-    k = compile_sm90(tri._sparse_bwd_dq_kernel, ptrs, consts, num_warps=tri.TUNING["fwd_warps"],
+    k = compile_sm90(tri._sparse_bwd_dq_kernel, ptrs, fwd, num_warps=tri.TUNING["fwd_warps"],
                      num_stages=tri.TUNING["fwd_stages"])
     assert 0 < k.metadata.shared <= SMEM_LIMIT
+    if band:
+        k = compile_sm90(tri._sparse_band_bwd_dq_kernel, {n: t for n, t in ptrs.items() if n != "idx_ptr"},
+                         dict(G=16, D=128, BS=P.block_size, BM=tri.TUNING["band_dq_rows"], INIT=P.init_blocks,
+                              LOCAL=P.local_blocks), num_warps=tri.TUNING["band_dq_warps"],
+                         num_stages=tri.TUNING["band_dq_stages"])
+        assert 0 < k.metadata.shared <= SMEM_LIMIT
+        assert "warp_group_dot" in k.asm["ttgir"]

@@ -21,7 +21,9 @@ mixes) with the per-document path vs the fused one, forward and forward+backward
 `branchmask` (TUNING["topk_compact"], TUNING["select_branch_mask"]) add `<variant>_select_ms`,
 `<variant>_whole_fwd_ms`, its speed-up vs SDPA and `<variant>_rows_differing_from_default` (last 16K queries);
 `noband` (TUNING["band_split"] off: every selected block in the per-token walk) adds the same fields plus
-`noband_attention_fwd_ms` and `noband_attention_max_abs_diff_vs_default`. `attention_*` fields time
+`noband_attention_fwd_ms` and `noband_attention_max_abs_diff_vs_default`; `banddq` (TUNING["band_split_dq"]
+on: the dq of the forced blocks by dense query tiles) adds `banddq_whole_fwd_bwd_ms`, `banddq_attention_fwd_bwd_ms`
+and the fwd+bwd speed-up vs SDPA (T <= 256K). `attention_*` fields time
 `block_sparse_attention(..., forced_blocks=True)`, the path `infllmv2_attention` takes.
 """
 from __future__ import annotations
@@ -78,7 +80,7 @@ def _variant(name: str):
 # variants that flip a TUNING value of sala.ops.infllmv2_triton (opt-in kernels not yet measured on the GPU)
 TUNING_VARIANT_MAX_LEN = 1048576   # longer rows: the default only (one whole forward at 2M takes ~10 s)
 _TUNING_VARIANTS = {"topkcompact": ("topk_compact", True), "branchmask": ("select_branch_mask", True),
-                    "noband": ("band_split", False)}
+                    "noband": ("band_split", False), "banddq": ("band_split_dq", True)}
 
 
 def _measure_tuning_variant(name: str, T: int, p: SparseParams, q, k, v, res: dict, w: int, r: int) -> None:
@@ -102,6 +104,12 @@ def _measure_tuning_variant(name: str, T: int, p: SparseParams, q, k, v, res: di
             res[f"{name}_rows_differing_from_default"] = (got != want).any(-1).float().mean().item()
             if "sdpa_fwd_ms" in res:
                 res[f"{name}_speedup_fwd_vs_sdpa"] = res["sdpa_fwd_ms"] / res[f"{name}_whole_fwd_ms"]
+            if key == "band_split_dq" and T <= 262144:   # forward+backward, where the dq split acts
+                with torch.enable_grad():
+                    for k_, ms in _fwd_bwd_ms(q, k, v, p, w, r).items():
+                        res[f"{name}_{k_}"] = ms
+                if "sdpa_fwd_bwd_ms" in res:
+                    res[f"{name}_speedup_fwd_bwd_vs_sdpa"] = res["sdpa_fwd_bwd_ms"] / res[f"{name}_whole_fwd_bwd_ms"]
             if key == "band_split" and T <= 262144:   # the attention alone, and its output vs the default's
                 idx = select_blocks(qs, k1, k2, p, q_offset=dp)
                 res[f"{name}_attention_fwd_ms"] = bench_ms(

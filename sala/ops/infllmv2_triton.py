@@ -56,6 +56,10 @@ TUNING = {
     "band_rows": 128,          # queries per band program (x one query head); the same sweep: 128 rows, 8 warps,
     "band_warps": 8,           # 3 stages 77.6 ms, 64 / 4 / 2 78.1 ms (within noise)
     "band_stages": 3,
+    "band_split_dq": False,    # the same split for dq (interpreter- and sm_90-compile-tested; not yet measured
+    "band_dq_rows": 64,        # on a GPU, hence off): forced blocks' dq by dense query tiles, the rest per token
+    "band_dq_warps": 4,
+    "band_dq_stages": 2,
     "fwd_warps": 4,
     "fwd_stages": 2,           # H200 sweep at 128K (bench/results/sparse_kernels_h200.json): 96 ms with 2 stages
     "fwd_blocks_per_iter": 2,  # and 2 blocks per iteration, 119 ms with Triton's default and 1 (forward and dq)
@@ -706,7 +710,10 @@ def _sparse_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
                           Tq, scale_log2, scale,
                           sqn, sqh, skn, skh, sln, sib, sih, sit,
                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, K: tl.constexpr,
-                          KPI: tl.constexpr):
+                          KPI: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, BAND: tl.constexpr = False,
+                          INIT: tl.constexpr = 0, LOCAL: tl.constexpr = 0):
+    """dq over selected-block slots K0..K1. BAND: dq already holds the forced blocks' part
+    (`_sparse_band_bwd_dq_kernel`); only the other selected blocks are walked and added to it."""
     i = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.arange(0, GP)
@@ -723,8 +730,14 @@ def _sparse_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
     lse = tl.load(lse_ptr + i64 * sln + h * G + g, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + i64 * sln + h * G + g, mask=row_ok, other=0.0)
     dq = tl.zeros([GP, D], dtype=tl.float32)
-    for kk in range(0, K, KPI):
-        kmask, kvp = _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, 0, pos // BS + 1, K, BS)
+    if BAND:
+        blk_lo = INIT
+        blk_hi = pos // BS - LOCAL
+    else:
+        blk_lo = 0
+        blk_hi = pos // BS + 1
+    for kk in range(K0, K1, KPI):
+        kmask, kvp = _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, blk_lo, blk_hi, K, BS)
         kt = tl.load(k_ptr + kvp, mask=kmask[:, None], other=0.0)
         vt = tl.load(v_ptr + kvp, mask=kmask[:, None], other=0.0)
         s = tl.dot(qv, tl.trans(kt)) * scale_log2
@@ -732,7 +745,69 @@ def _sparse_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
         dp = tl.dot(dov, tl.trans(vt))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), kt)
-    tl.store(dq_ptr + rows, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+    dq = dq * scale
+    if BAND:
+        dq += tl.load(dq_ptr + rows, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(dq_ptr + rows, dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _band_dq_step(qv, dov, lse, delta, dq, k_ptr, v_ptr, kb, c, d, kbase, h, skn, skh, pos, rows, pmax, scale_log2,
+                  BS: tl.constexpr):
+    """dq contribution (unscaled) of key block kb for the rows `rows` at positions pos."""
+    key = kb * BS + c
+    kin = key <= pmax
+    kvp = (kbase + key.to(tl.int64))[:, None] * skn + h * skh + d[None, :]
+    kt = tl.load(k_ptr + kvp, mask=kin[:, None], other=0.0)
+    vt = tl.load(v_ptr + kvp, mask=kin[:, None], other=0.0)
+    s = tl.dot(qv, tl.trans(kt)) * scale_log2
+    p = tl.where(rows[:, None] & (key[None, :] <= pos[:, None]), tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(dov, tl.trans(vt))
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(kt.dtype), kt)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _sparse_band_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, pos_ptr, kbase_ptr, N,
+                               scale_log2, scale, sqn, sqh, skn, skh, sln,
+                               G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr,
+                               INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """dq of the forced blocks (init + local band) for BM consecutive flat queries x one query head, with the
+    final lse (log2) and delta = rowsum(do * o); the same tiling and per-key-base passes as the band forward."""
+    t = tl.program_id(0)
+    hq = tl.program_id(1)
+    h = hq // G
+    r = tl.arange(0, BM)
+    tok = t * BM + r
+    inb = tok < N
+    tok64 = tok.to(tl.int64)
+    d = tl.arange(0, D)
+    c = tl.arange(0, BS)
+    pos = tl.load(pos_ptr + tok, mask=inb, other=0)
+    kbr = tl.load(kbase_ptr + tok, mask=inb, other=0).to(tl.int64)
+    roff = tok64[:, None] * sqn + hq * sqh + d[None, :]
+    qv = tl.load(q_ptr + roff, mask=inb[:, None], other=0.0)
+    dov = tl.load(do_ptr + roff, mask=inb[:, None], other=0.0)
+    lse = tl.load(lse_ptr + tok64 * sln + hq, mask=inb, other=0.0)
+    delta = tl.load(delta_ptr + tok64 * sln + hq, mask=inb, other=0.0)
+    qb = pos // BS
+    lo = tl.maximum(qb - LOCAL, 0)
+    cur = tl.min(tl.where(inb, kbr, _BIG_I64), axis=0)
+    last = tl.max(tl.where(inb, kbr, -1), axis=0)
+    while cur <= last:
+        rows = inb & (kbr == cur)
+        pmax = tl.max(tl.where(rows, pos, -1), axis=0)
+        blo = tl.min(tl.where(rows, lo, _BIG_I32), axis=0)
+        bhi = tl.max(tl.where(rows, qb, -1), axis=0)
+        dq = tl.zeros([BM, D], dtype=tl.float32)
+        for b in tl.static_range(INIT):
+            dq = _band_dq_step(qv, dov, lse, delta, dq, k_ptr, v_ptr, b, c, d, cur, h, skn, skh, pos,
+                               rows & (b < lo), pmax, scale_log2, BS)
+        for kb in range(blo, bhi + 1):
+            dq = _band_dq_step(qv, dov, lse, delta, dq, k_ptr, v_ptr, kb, c, d, cur, h, skn, skh, pos,
+                               rows & (kb >= lo), pmax, scale_log2, BS)
+        tl.store(dq_ptr + roff, (dq * scale).to(dq_ptr.dtype.element_ty), mask=rows[:, None])
+        cur = tl.min(tl.where(inb & (kbr > cur), kbr, _BIG_I64), axis=0)
 
 
 @triton.jit(do_not_specialize=["n_gid", "Nk"])
@@ -852,7 +927,9 @@ def _invert_block_idx(block_idx, gbase, n_gid, seg_len):
 
 
 def sparse_attention_bwd(do, q, k, v, o, lse, block_idx, pos, kbase, gbase, n_gid, gid_kstart, gid_blk,
-                         block_size, scale):
+                         block_size, scale, band: tuple[int, int] | None = None):
+    """band = (init_blocks, local_blocks) as in `sparse_attention_fwd`: dq of the forced blocks by dense query
+    tiles (`_sparse_band_bwd_dq_kernel`), the per-token dq walk over the other slots only. dk, dv unchanged."""
     N, Hq, D = q.shape
     Nk, Hkv, _ = k.shape
     G = Hq // Hkv
@@ -861,11 +938,22 @@ def sparse_attention_bwd(do, q, k, v, o, lse, block_idx, pos, kbase, gbase, n_gi
     delta = (do.float() * o.float()).sum(-1)                               # [N, Hq]
     dq = torch.empty_like(q)
     GP = _fwd_config(G)
-    _sparse_bwd_dq_kernel[(N, Hkv)](q, k, v, do, lse, delta, dq, block_idx, pos, kbase, Tq, scale * _LOG2E, scale,
-                                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
-                                    block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
-                                    G=G, GP=GP, D=D, BS=block_size, K=K, KPI=_kpi(K), num_warps=TUNING["fwd_warps"],
-                                    **_stages("fwd_stages"))
+    k0, k1, extra = 0, K, {}
+    if band is not None and N:
+        init, local = band
+        bm = 16 if interpreter_enabled() else TUNING["band_dq_rows"]
+        _sparse_band_bwd_dq_kernel[(triton.cdiv(N, bm), Hq)](
+            q, k, v, do, lse, delta, dq, pos, kbase, N, scale * _LOG2E, scale, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), lse.stride(0), G=G, D=D, BS=block_size, BM=bm, INIT=init, LOCAL=local,
+            num_warps=TUNING["band_dq_warps"], **_stages("band_dq_stages"))
+        k0, k1 = init, max(init, K - local - 1)
+        extra = dict(BAND=True, INIT=init, LOCAL=local)
+    if k1 > k0 and N:
+        _sparse_bwd_dq_kernel[(N, Hkv)](q, k, v, do, lse, delta, dq, block_idx, pos, kbase, Tq, scale * _LOG2E,
+                                        scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
+                                        block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
+                                        G=G, GP=GP, D=D, BS=block_size, K=K, KPI=_kpi(K), K0=k0, K1=k1,
+                                        num_warps=TUNING["fwd_warps"], **_stages("fwd_stages"), **extra)
     dk, dv = _sparse_bwd_dkdv(do, q, k, v, lse, delta, block_idx, pos, gbase, n_gid, gid_kstart, gid_blk,
                               block_size, scale)
     return dq, dk, dv
@@ -900,15 +988,15 @@ class SparseAttentionFn(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o, lse = sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale, band)
         ctx.save_for_backward(q, k, v, o, lse, block_idx, pos, kbase, gbase, gid_kstart, gid_blk)
-        ctx.meta = (n_gid, block_size, scale)
+        ctx.meta = (n_gid, block_size, scale, band)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, block_idx, pos, kbase, gbase, gid_kstart, gid_blk = ctx.saved_tensors
-        n_gid, block_size, scale = ctx.meta
+        n_gid, block_size, scale, band = ctx.meta
         dq, dk, dv = sparse_attention_bwd(do, q, k, v, o, lse, block_idx, pos, kbase, gbase, n_gid, gid_kstart,
-                                          gid_blk, block_size, scale)
+                                          gid_blk, block_size, scale, band if TUNING["band_split_dq"] else None)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
