@@ -77,7 +77,7 @@ def _variant(name: str):
                 os.environ[e] = v
 
 
-# variants that flip a TUNING value of sala.ops.infllmv2_triton (opt-in kernels not yet measured on the GPU)
+# variants that flip a TUNING value of sala.ops.infllmv2_triton (measured beside the default in the same process)
 TUNING_VARIANT_MAX_LEN = 1048576   # longer rows: the default only (one whole forward at 2M takes ~10 s)
 _TUNING_VARIANTS = {"topkcompact": ("topk_compact", True), "branchmask": ("select_branch_mask", True),
                     "noband": ("band_split", False), "banddq": ("band_split_dq", True)}

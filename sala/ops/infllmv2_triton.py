@@ -12,6 +12,10 @@ Kernels (design notes in docs/sparse.md):
   lower bound, candidates sorted in registers), handing the rows it cannot do to the bisection kernel.
 - `_sparse_fwd_kernel`: one query token x its G heads (rows, padded to >= 16) per program; online softmax over
   the selected blocks; causal inside the own block; flat (varlen) tokens with per-token position/key base.
+- `_sparse_band_fwd_kernel` (default, TUNING["band_split"]): the forced blocks (init + local band, identical for
+  all queries of a query block) as dense tiles of 128 flat queries x one query head; the per-token forward then
+  walks only the other slots and merges into the band's (o, lse). `_sparse_band_bwd_dq_kernel` (opt-in,
+  TUNING["band_split_dq"]): the same split for dq.
 - `_sparse_bwd_dq_kernel`: the same walk for dq.
 - `_sparse_fwd_tiled_kernel` / `_sparse_bwd_dq_tiled_kernel` (SALA_SPARSE_ATTN=tiled): a program owns TM
   consecutive flat query tokens x G heads of one KV head and walks the sorted union of the blocks its tokens
@@ -348,7 +352,7 @@ def select_blocks_triton(q, k1, k2, pos, params, scale, *, pos_max: int | None =
 TOPK_MAX_COLS = 4096
 
 
-# Opt-in (TUNING["topk_compact"], not yet measured on the GPU): rows up to TOPK_COMPACT_MAX_COLS go through
+# Opt-in (TUNING["topk_compact"], measured slower on the H200, hence off): rows up to TOPK_COMPACT_MAX_COLS go through
 # `_topk_blocks_compact_kernel` (a handful of passes instead of 31), with the bisection kernel as its fallback.
 TOPK_COMPACT_MAX_COLS = 32768
 _NEG_INF_KEY = tl.constexpr(-2139095041)   # order-preserving int32 image of -inf (0xFF800000 ^ 0x7FFFFFFF)
