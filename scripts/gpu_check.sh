@@ -5,7 +5,7 @@
 #   OUT=/dir bash scripts/gpu_check.sh kernels    # lightning vs fla, sparse (all variants) vs SDPA -> JSON
 #   OUT=/dir bash scripts/gpu_check.sh sparse     # sparse GPU tests, sparse layer vs SDPA/fla 32K..2M
 #                                                 # (TUNE=1: sweep launch settings at 128K first;
-#                                                 #  SPARSE_VARIANTS=noband,banddq,topkcompact: TUNING flips too;
+#                                                 #  SPARSE_VARIANTS=noband,banddq,chunk1g: TUNING flips too;
 #                                                 #  PROFILE=1: selection time by kernel at 128K and 1M)
 #   OUT=/dir bash scripts/gpu_check.sh decode     # sparse decode variants (split-K attention, split-N selection)
 #                                                 # at 128K and 1M, then 1M end to end with both switched on

@@ -23,7 +23,8 @@ mixes) with the per-document path vs the fused one, forward and forward+backward
 `noband` (TUNING["band_split"] off: every selected block in the per-token walk) adds the same fields plus
 `noband_attention_fwd_ms` and `noband_attention_max_abs_diff_vs_default`; `banddq` (TUNING["band_split_dq"]
 on: the dq of the forced blocks by dense query tiles) adds `banddq_whole_fwd_bwd_ms`, `banddq_attention_fwd_bwd_ms`
-and the fwd+bwd speed-up vs SDPA (T <= 256K). `attention_*` fields time
+and the fwd+bwd speed-up vs SDPA (T <= 256K); `chunk1g` (TUNING["select_chunk_bytes"] 1 GiB instead of 256 MiB:
+at 1M, 8192 instead of 2048 queries per selection launch) adds the selection / whole-forward fields. `attention_*` fields time
 `block_sparse_attention(..., forced_blocks=True)`, the path `infllmv2_attention` takes.
 """
 from __future__ import annotations
@@ -80,7 +81,8 @@ def _variant(name: str):
 # variants that flip a TUNING value of sala.ops.infllmv2_triton (measured beside the default in the same process)
 TUNING_VARIANT_MAX_LEN = 1048576   # longer rows: the default only (one whole forward at 2M takes ~10 s)
 _TUNING_VARIANTS = {"topkcompact": ("topk_compact", True), "branchmask": ("select_branch_mask", True),
-                    "noband": ("band_split", False), "banddq": ("band_split_dq", True)}
+                    "noband": ("band_split", False), "banddq": ("band_split_dq", True),
+                    "chunk1g": ("select_chunk_bytes", 1 << 30)}   # 4x larger selection chunks (fewer waves' tails)
 
 
 def _measure_tuning_variant(name: str, T: int, p: SparseParams, q, k, v, res: dict, w: int, r: int) -> None:
@@ -104,6 +106,11 @@ def _measure_tuning_variant(name: str, T: int, p: SparseParams, q, k, v, res: di
             res[f"{name}_rows_differing_from_default"] = (got != want).any(-1).float().mean().item()
             if "sdpa_fwd_ms" in res:
                 res[f"{name}_speedup_fwd_vs_sdpa"] = res["sdpa_fwd_ms"] / res[f"{name}_whole_fwd_ms"]
+            if key == "select_chunk_bytes" and q.is_cuda:   # larger chunks: the memory they cost
+                out = torch.empty_like(q)
+                res[f"{name}_whole_fwd_peak_extra_gib"] = _peak_extra_gib(
+                    lambda: out.copy_(infllmv2_attention(q, k, v, p)), torch.cuda.memory_allocated())
+                del out
             if key == "band_split_dq" and T <= 262144:   # forward+backward, where the dq split acts
                 with torch.enable_grad():
                     for k_, ms in _fwd_bwd_ms(q, k, v, p, w, r).items():
