@@ -534,7 +534,7 @@ def warmup_length_classes(max_tokens: int, params, *, batch: int = 1, heads: tup
     `topk_max_cols()`; prefill rows with per-query limits, decode rows without) and the split decode selection
     per cache-capacity class at this decode batch. Without it the first request at each new length class pays
     those compilations inside its latency. heads = (query heads, KV heads, head dim). Returns the launches made."""
-    from sala.ops.infllmv2_reference import n_windows
+    from sala.ops.infllmv2 import compressed_lengths
 
     Hq, Hkv, D = heads
     K = params.total_blocks
@@ -548,15 +548,13 @@ def warmup_length_classes(max_tokens: int, params, *, batch: int = 1, heads: tup
         _topk_blocks(torch.rand(batch, Hkv, 1, nc, device=device, generator=g), K, None)
         launches += 2
         nc *= 2
-    BN2 = 16 if interpreter_enabled() else 64
     seen = set()
     cap = 256
     while cap < 2 * max_tokens:       # capacities double: every power-of-two class of decode splits is met
-        n2 = int(n_windows(torch.tensor(cap), params.k2_kernel, params.k2_stride))
-        sp2 = max(2, _pow2(decode_select_splits(batch, Hkv, max(1, n2), BN2)[0]))
+        n1, n2 = compressed_lengths(cap, params)
+        sp2 = max(2, _pow2(decode_select_splits(batch, Hkv, max(1, n2), _decode_k2_tile())[0]))
         if sp2 not in seen:
             seen.add(sp2)
-            n1 = int(n_windows(torch.tensor(cap), params.kernel_size, params.kernel_stride))
             q = torch.zeros(batch, Hq, D, device=device, dtype=dtype)
             k1 = torch.zeros(batch, max(1, n1), Hkv, D, device=device, dtype=dtype)
             k2 = torch.zeros(batch, max(1, n2), Hkv, D, device=device, dtype=dtype)
@@ -585,6 +583,35 @@ def _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, blk_lo, blk_hi, K: tl.
     kmask = (key <= pos) & (blk >= blk_lo) & (blk < blk_hi)
     rowp = (kb + key.to(tl.int64))[:, None]
     return kmask, rowp * skn + h * skh + d[None, :]
+
+
+@triton.jit
+def _walk_bounds(pos, BS: tl.constexpr, BAND: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """Blocks [lo, hi) a per-token walk may take for a query at pos: all up to its own block, or with BAND only
+    those outside the forced ones (init blocks and the local band qb - LOCAL .. qb)."""
+    if BAND:
+        return INIT, pos // BS - LOCAL
+    return 0, pos // BS + 1
+
+
+@triton.jit
+def _online_softmax(s, m, l):
+    """One key tile of an online softmax (exp2 domain): scores s [M, N] (-inf = masked), running max m and sum l
+    [M] -> (new max, factor alpha that rescales the old accumulator, probabilities p [M, N], new sum)."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, alpha, p, l * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _dq_block(qv, dov, kt, vt, lse, delta, mask, scale_log2):
+    """Unscaled dq of one key tile: p = exp2(q.k * scale_log2 - lse) where mask, ds = p * (do.v - delta), ds.k."""
+    s = tl.dot(qv, tl.trans(kt)) * scale_log2
+    p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+    ds = p * (tl.dot(dov, tl.trans(vt)) - delta[:, None])
+    return tl.dot(ds.to(kt.dtype), kt)
 
 
 @triton.jit(do_not_specialize=["Tq", "sib", "sih"])
@@ -616,27 +643,18 @@ def _sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, pos_ptr, kb
         has = m > float("-inf")
         l = tl.where(has, 1.0, 0.0)
         acc = tl.where(has[:, None], tl.load(orow, mask=row_ok[:, None], other=0.0).to(tl.float32), 0.0)
-        blk_lo = INIT
-        blk_hi = pos // BS - LOCAL
     else:
         m = tl.full([GP], float("-inf"), dtype=tl.float32)
         l = tl.zeros([GP], dtype=tl.float32)
         acc = tl.zeros([GP, D], dtype=tl.float32)
-        blk_lo = 0
-        blk_hi = pos // BS + 1
+    blk_lo, blk_hi = _walk_bounds(pos, BS, BAND, INIT, LOCAL)
     for kk in range(K0, K1, KPI):
         kmask, kvp = _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, blk_lo, blk_hi, K, BS)
         kt = tl.load(k_ptr + kvp, mask=kmask[:, None], other=0.0)
-        s = tl.dot(qv, tl.trans(kt)) * scale_log2
-        s = tl.where(kmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
+        s = tl.where(kmask[None, :], tl.dot(qv, tl.trans(kt)) * scale_log2, float("-inf"))
+        m, alpha, p, l = _online_softmax(s, m, l)
         vt = tl.load(v_ptr + kvp, mask=kmask[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m = m_new
     l_safe = tl.where(l > 0, l, 1.0)
     o = acc / l_safe[:, None]
     tl.store(orow, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -644,23 +662,49 @@ def _sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, pos_ptr, kb
 
 
 @triton.jit
+def _band_tile(pos_ptr, kbase_ptr, N, BM: tl.constexpr, BS: tl.constexpr, LOCAL: tl.constexpr):
+    """Rows of band program tl.program_id(0): BM consecutive flat queries -> (token ids int64, in-range mask,
+    positions, key bases, own blocks qb, first band blocks max(qb - LOCAL, 0))."""
+    tok = tl.program_id(0) * BM + tl.arange(0, BM)
+    inb = tok < N
+    pos = tl.load(pos_ptr + tok, mask=inb, other=0)
+    kbr = tl.load(kbase_ptr + tok, mask=inb, other=0).to(tl.int64)
+    qb = pos // BS
+    return tok.to(tl.int64), inb, pos, kbr, qb, tl.maximum(qb - LOCAL, 0)
+
+
+@triton.jit
+def _next_kbase(inb, kbr, cur):
+    """The smallest key base above cur among the tile's rows (_BIG_I64 when none: the pass loop ends)."""
+    return tl.min(tl.where(inb & (kbr > cur), kbr, _BIG_I64), axis=0)
+
+
+@triton.jit
+def _band_pass(inb, kbr, cur, pos, qb, lo):
+    """Rows of key base cur, their largest position, and the block range min(lo) .. max(qb) they walk."""
+    rows = inb & (kbr == cur)
+    return (rows, tl.max(tl.where(rows, pos, -1), axis=0), tl.min(tl.where(rows, lo, _BIG_I32), axis=0),
+            tl.max(tl.where(rows, qb, -1), axis=0))
+
+
+@triton.jit
+def _band_keys(kb, c, d, kbase, h, skn, skh, pmax, BS: tl.constexpr):
+    """Key block kb (BS keys from kbase + kb * BS) of kv head h: positions [BS], K/V offsets [BS, D], load mask."""
+    key = kb * BS + c
+    return key, (kbase + key.to(tl.int64))[:, None] * skn + h * skh + d[None, :], key <= pmax
+
+
+@triton.jit
 def _band_step(qv, m, l, acc, k_ptr, v_ptr, kb, c, d, kbase, h, skn, skh, pos, rows, pmax, scale_log2,
                BS: tl.constexpr):
-    """One key block kb (BS keys from kbase + kb * BS) of the online softmax of the rows `rows` at positions pos."""
-    key = kb * BS + c
-    kin = key <= pmax
-    kvp = (kbase + key.to(tl.int64))[:, None] * skn + h * skh + d[None, :]
+    """One key block kb of the online softmax of the rows `rows` at positions pos."""
+    key, kvp, kin = _band_keys(kb, c, d, kbase, h, skn, skh, pmax, BS)
     kt = tl.load(k_ptr + kvp, mask=kin[:, None], other=0.0)
     s = tl.dot(qv, tl.trans(kt)) * scale_log2
     s = tl.where(rows[:, None] & (key[None, :] <= pos[:, None]), s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l = l * alpha + tl.sum(p, axis=1)
+    m, alpha, p, l = _online_softmax(s, m, l)
     vt = tl.load(v_ptr + kvp, mask=kin[:, None], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-    return m_new, l, acc
+    return m, l, acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -671,28 +715,16 @@ def _sparse_band_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, kbase_
     """The forced blocks of BM consecutive flat queries x one query head: init blocks below each row's band, then
     the band (blocks qb - LOCAL .. qb, causal). Rows of different key bases (documents, batch rows) are walked in
     one pass per key base (kbase ascending). Writes o and lse (log2) of the forced blocks alone."""
-    t = tl.program_id(0)
     hq = tl.program_id(1)
     h = hq // G
-    r = tl.arange(0, BM)
-    tok = t * BM + r
-    inb = tok < N
-    tok64 = tok.to(tl.int64)
     d = tl.arange(0, D)
     c = tl.arange(0, BS)
-    pos = tl.load(pos_ptr + tok, mask=inb, other=0)
-    kbr = tl.load(kbase_ptr + tok, mask=inb, other=0).to(tl.int64)
-    qoff = tok64[:, None] * sqn + hq * sqh + d[None, :]
-    qv = tl.load(q_ptr + qoff, mask=inb[:, None], other=0.0)
-    qb = pos // BS
-    lo = tl.maximum(qb - LOCAL, 0)
-    cur = tl.min(tl.where(inb, kbr, _BIG_I64), axis=0)
+    tok64, inb, pos, kbr, qb, lo = _band_tile(pos_ptr, kbase_ptr, N, BM, BS, LOCAL)
+    qv = tl.load(q_ptr + tok64[:, None] * sqn + hq * sqh + d[None, :], mask=inb[:, None], other=0.0)
+    cur = _next_kbase(inb, kbr, -1)
     last = tl.max(tl.where(inb, kbr, -1), axis=0)
     while cur <= last:
-        rows = inb & (kbr == cur)
-        pmax = tl.max(tl.where(rows, pos, -1), axis=0)
-        blo = tl.min(tl.where(rows, lo, _BIG_I32), axis=0)
-        bhi = tl.max(tl.where(rows, qb, -1), axis=0)
+        rows, pmax, blo, bhi = _band_pass(inb, kbr, cur, pos, qb, lo)
         m = tl.full([BM], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, D], dtype=tl.float32)
@@ -706,7 +738,7 @@ def _sparse_band_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, kbase_
         tl.store(o_ptr + tok64[:, None] * son + hq * soh + d[None, :], (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
                  mask=rows[:, None])
         tl.store(lse_ptr + tok64 * sln + hq, m + tl.log2(l_safe), mask=rows)
-        cur = tl.min(tl.where(inb & (kbr > cur), kbr, _BIG_I64), axis=0)
+        cur = _next_kbase(inb, kbr, cur)
 
 
 @triton.jit(do_not_specialize=["Tq", "sib", "sih"])
@@ -734,21 +766,12 @@ def _sparse_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
     lse = tl.load(lse_ptr + i64 * sln + h * G + g, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + i64 * sln + h * G + g, mask=row_ok, other=0.0)
     dq = tl.zeros([GP, D], dtype=tl.float32)
-    if BAND:
-        blk_lo = INIT
-        blk_hi = pos // BS - LOCAL
-    else:
-        blk_lo = 0
-        blk_hi = pos // BS + 1
+    blk_lo, blk_hi = _walk_bounds(pos, BS, BAND, INIT, LOCAL)
     for kk in range(K0, K1, KPI):
         kmask, kvp = _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, blk_lo, blk_hi, K, BS)
         kt = tl.load(k_ptr + kvp, mask=kmask[:, None], other=0.0)
         vt = tl.load(v_ptr + kvp, mask=kmask[:, None], other=0.0)
-        s = tl.dot(qv, tl.trans(kt)) * scale_log2
-        p = tl.where(kmask[None, :] & row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(dov, tl.trans(vt))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), kt)
+        dq += _dq_block(qv, dov, kt, vt, lse, delta, kmask[None, :] & row_ok[:, None], scale_log2)
     dq = dq * scale
     if BAND:
         dq += tl.load(dq_ptr + rows, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -758,17 +781,11 @@ def _sparse_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
 @triton.jit
 def _band_dq_step(qv, dov, lse, delta, dq, k_ptr, v_ptr, kb, c, d, kbase, h, skn, skh, pos, rows, pmax, scale_log2,
                   BS: tl.constexpr):
-    """dq contribution (unscaled) of key block kb for the rows `rows` at positions pos."""
-    key = kb * BS + c
-    kin = key <= pmax
-    kvp = (kbase + key.to(tl.int64))[:, None] * skn + h * skh + d[None, :]
+    """dq (unscaled) of key block kb added for the rows `rows` at positions pos."""
+    key, kvp, kin = _band_keys(kb, c, d, kbase, h, skn, skh, pmax, BS)
     kt = tl.load(k_ptr + kvp, mask=kin[:, None], other=0.0)
     vt = tl.load(v_ptr + kvp, mask=kin[:, None], other=0.0)
-    s = tl.dot(qv, tl.trans(kt)) * scale_log2
-    p = tl.where(rows[:, None] & (key[None, :] <= pos[:, None]), tl.exp2(s - lse[:, None]), 0.0)
-    dp = tl.dot(dov, tl.trans(vt))
-    ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(kt.dtype), kt)
+    return dq + _dq_block(qv, dov, kt, vt, lse, delta, rows[:, None] & (key[None, :] <= pos[:, None]), scale_log2)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -778,31 +795,20 @@ def _sparse_band_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
                                INIT: tl.constexpr, LOCAL: tl.constexpr):
     """dq of the forced blocks (init + local band) for BM consecutive flat queries x one query head, with the
     final lse (log2) and delta = rowsum(do * o); the same tiling and per-key-base passes as the band forward."""
-    t = tl.program_id(0)
     hq = tl.program_id(1)
     h = hq // G
-    r = tl.arange(0, BM)
-    tok = t * BM + r
-    inb = tok < N
-    tok64 = tok.to(tl.int64)
     d = tl.arange(0, D)
     c = tl.arange(0, BS)
-    pos = tl.load(pos_ptr + tok, mask=inb, other=0)
-    kbr = tl.load(kbase_ptr + tok, mask=inb, other=0).to(tl.int64)
+    tok64, inb, pos, kbr, qb, lo = _band_tile(pos_ptr, kbase_ptr, N, BM, BS, LOCAL)
     roff = tok64[:, None] * sqn + hq * sqh + d[None, :]
     qv = tl.load(q_ptr + roff, mask=inb[:, None], other=0.0)
     dov = tl.load(do_ptr + roff, mask=inb[:, None], other=0.0)
     lse = tl.load(lse_ptr + tok64 * sln + hq, mask=inb, other=0.0)
     delta = tl.load(delta_ptr + tok64 * sln + hq, mask=inb, other=0.0)
-    qb = pos // BS
-    lo = tl.maximum(qb - LOCAL, 0)
-    cur = tl.min(tl.where(inb, kbr, _BIG_I64), axis=0)
+    cur = _next_kbase(inb, kbr, -1)
     last = tl.max(tl.where(inb, kbr, -1), axis=0)
     while cur <= last:
-        rows = inb & (kbr == cur)
-        pmax = tl.max(tl.where(rows, pos, -1), axis=0)
-        blo = tl.min(tl.where(rows, lo, _BIG_I32), axis=0)
-        bhi = tl.max(tl.where(rows, qb, -1), axis=0)
+        rows, pmax, blo, bhi = _band_pass(inb, kbr, cur, pos, qb, lo)
         dq = tl.zeros([BM, D], dtype=tl.float32)
         for b in tl.static_range(INIT):
             dq = _band_dq_step(qv, dov, lse, delta, dq, k_ptr, v_ptr, b, c, d, cur, h, skn, skh, pos,
@@ -811,7 +817,7 @@ def _sparse_band_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
             dq = _band_dq_step(qv, dov, lse, delta, dq, k_ptr, v_ptr, kb, c, d, cur, h, skn, skh, pos,
                                rows & (kb >= lo), pmax, scale_log2, BS)
         tl.store(dq_ptr + roff, (dq * scale).to(dq_ptr.dtype.element_ty), mask=rows[:, None])
-        cur = tl.min(tl.where(inb & (kbr > cur), kbr, _BIG_I64), axis=0)
+        cur = _next_kbase(inb, kbr, cur)
 
 
 @triton.jit(do_not_specialize=["n_gid", "Nk"])
@@ -867,6 +873,20 @@ def _fwd_config(G: int) -> int:
     return max(16, _pow2(G))
 
 
+def _band_slots(K: int, band: tuple[int, int] | None) -> tuple[int, int, dict]:
+    """(first slot, end slot, extra constexprs) of the per-token walks: all K slots, or with band = (init, local)
+    only init .. K - local - 1, where ascending indices keep every selected block that is not forced."""
+    if band is None:
+        return 0, K, {}
+    init, local = band
+    return init, max(init, K - local - 1), dict(BAND=True, INIT=init, LOCAL=local)
+
+
+def _band_rows(key: str) -> int:
+    """Queries per band program: TUNING[key] on the GPU, 16 in the interpreter."""
+    return 16 if interpreter_enabled() else TUNING[key]
+
+
 def sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale, band: tuple[int, int] | None = None):
     """q [N, Hq, D] flat queries (N = B*Tq of block_idx [B, Hkv, Tq, K]); k, v [Nk, Hkv, D] -> (o, lse log2).
 
@@ -883,18 +903,15 @@ def sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale, band
     lse = torch.empty(N, Hq, dtype=torch.float32, device=q.device)
     if N == 0:
         return o, lse
-    k0, k1, extra = 0, K, {}
+    k0, k1, extra = _band_slots(K, band)
     if band is not None:
-        init, local = band
-        bm = 16 if interpreter_enabled() else TUNING["band_rows"]
+        bm = _band_rows("band_rows")
         _sparse_band_fwd_kernel[(triton.cdiv(N, bm), Hq)](
             q, k, v, o, lse, pos, kbase, N, scale * _LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            o.stride(0), o.stride(1), lse.stride(0), G=G, D=D, BS=block_size, BM=bm, INIT=init, LOCAL=local,
+            o.stride(0), o.stride(1), lse.stride(0), G=G, D=D, BS=block_size, BM=bm, INIT=band[0], LOCAL=band[1],
             num_warps=TUNING["band_warps"], **_stages("band_stages"))
-        k0, k1 = init, max(init, K - local - 1)
         if k1 == k0:
             return o, lse
-        extra = dict(BAND=True, INIT=init, LOCAL=local)
     _sparse_fwd_kernel[(N, Hkv)](q, k, v, o, lse, block_idx, pos, kbase, Tq, scale * _LOG2E,
                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
                                  lse.stride(0), block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
@@ -942,16 +959,13 @@ def sparse_attention_bwd(do, q, k, v, o, lse, block_idx, pos, kbase, gbase, n_gi
     delta = (do.float() * o.float()).sum(-1)                               # [N, Hq]
     dq = torch.empty_like(q)
     GP = _fwd_config(G)
-    k0, k1, extra = 0, K, {}
+    k0, k1, extra = _band_slots(K, band)
     if band is not None and N:
-        init, local = band
-        bm = 16 if interpreter_enabled() else TUNING["band_dq_rows"]
+        bm = _band_rows("band_dq_rows")
         _sparse_band_bwd_dq_kernel[(triton.cdiv(N, bm), Hq)](
             q, k, v, do, lse, delta, dq, pos, kbase, N, scale * _LOG2E, scale, q.stride(0), q.stride(1),
-            k.stride(0), k.stride(1), lse.stride(0), G=G, D=D, BS=block_size, BM=bm, INIT=init, LOCAL=local,
+            k.stride(0), k.stride(1), lse.stride(0), G=G, D=D, BS=block_size, BM=bm, INIT=band[0], LOCAL=band[1],
             num_warps=TUNING["band_dq_warps"], **_stages("band_dq_stages"))
-        k0, k1 = init, max(init, K - local - 1)
-        extra = dict(BAND=True, INIT=init, LOCAL=local)
     if k1 > k0 and N:
         _sparse_bwd_dq_kernel[(N, Hkv)](q, k, v, do, lse, delta, dq, block_idx, pos, kbase, Tq, scale * _LOG2E,
                                         scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
@@ -1110,16 +1124,10 @@ def _sparse_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, union_ptr, mem
         kptr, col_ok, ok = _tiled_union_block(union_ptr, member_ptr, gid_kstart_ptr, gid_blk_ptr, ubase, u, tok, tok_r,
                                               pos_t, pos_r, c, d, h, skn, skh, Nk, BS)
         kt = tl.load(k_ptr + kptr, mask=col_ok[:, None], other=0.0)
-        s = tl.dot(qv, tl.trans(kt)) * scale_log2
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
+        s = tl.where(ok, tl.dot(qv, tl.trans(kt)) * scale_log2, float("-inf"))
+        m, alpha, p, l = _online_softmax(s, m, l)
         vt = tl.load(v_ptr + kptr, mask=col_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m = m_new
     l_safe = tl.where(l > 0, l, 1.0)
     o = acc / l_safe[:, None]
     orow = n_r.to(tl.int64)[:, None] * son + (h * G + g)[:, None] * soh + d[None, :]
@@ -1153,11 +1161,7 @@ def _sparse_bwd_dq_tiled_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
                                               pos_t, pos_r, c, d, h, skn, skh, Nk, BS)
         kt = tl.load(k_ptr + kptr, mask=col_ok[:, None], other=0.0)
         vt = tl.load(v_ptr + kptr, mask=col_ok[:, None], other=0.0)
-        s = tl.dot(qv, tl.trans(kt)) * scale_log2
-        p = tl.where(ok & row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(dov, tl.trans(vt))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), kt)
+        dq += _dq_block(qv, dov, kt, vt, lse, delta, ok & row_ok[:, None], scale_log2)
     tl.store(dq_ptr + rows, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -1266,16 +1270,10 @@ def _sparse_decode_splitk_kernel(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, idx_ptr,
         kmask = (key >= 0) & (key <= pos)
         rowp = (kb + key.to(tl.int64))[:, None]
         kt = tl.load(k_ptr + rowp * skn + h * skh + d[None, :], mask=kmask[:, None], other=0.0)
-        s = tl.dot(qv, tl.trans(kt)) * scale_log2
-        s = tl.where(kmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
+        s = tl.where(kmask[None, :], tl.dot(qv, tl.trans(kt)) * scale_log2, float("-inf"))
+        m, alpha, p, l = _online_softmax(s, m, l)
         vt = tl.load(v_ptr + rowp * skn + h * skh + d[None, :], mask=kmask[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m = m_new
     l_safe = tl.where(l > 0, l, 1.0)
     obase = po_ptr + b.to(tl.int64) * spb + h * sph + sp * sps
     tl.store(obase + g[:, None] * spg + d[None, :], acc / l_safe[:, None])
@@ -1463,6 +1461,11 @@ def decode_select_splits(B: int, Hkv: int, n_items: int, unit: int) -> tuple[int
     return max(1, -(-n_items // per)), per
 
 
+def _decode_k2_tile() -> int:
+    """K2 columns per tile of the split decode selection (16 in the interpreter)."""
+    return 16 if interpreter_enabled() else 64
+
+
 def pooled_block_scores_decode_split(q, k1, k2, pos, params, scale, n_blocks) -> torch.Tensor:
     """Decode stage 1 split over the compressed keys: q [B, Hq, D], k1/k2 caches [B, S1|S2, Hkv, D], pos int32 [B]
     (position of the new token) -> pooled block scores fp32 [B, Hkv, 1, n_blocks] (as `pooled_block_scores_ref`).
@@ -1480,7 +1483,7 @@ def pooled_block_scores_decode_split(q, k1, k2, pos, params, scale, n_blocks) ->
     if B == 0 or n_blocks == 0:
         return out
     GP = max(16, _pow2(G))
-    BN2 = 16 if interpreter_enabled() else 64
+    BN2 = _decode_k2_tile()
     nsplit2, cps = decode_select_splits(B, Hkv, max(1, k2.shape[1]), BN2)
     plse = torch.empty(B, Hkv, nsplit2, GP, dtype=torch.float32, device=q.device)
     pos = pos.to(torch.int32).contiguous()
