@@ -85,32 +85,22 @@ def test_attention_kernels_compile_for_sm90_with_default_tuning(band):
     band: the band kernels (forward and dq) and the walks over the non-forced slots only."""
     kpi = tri.TUNING["fwd_blocks_per_iter"]
     K = P.total_blocks
-    consts = dict(G=16, GP=16, D=128, BS=P.block_size, K=K, KPI=kpi)
-    fwd = dict(consts, K0=0, K1=K)
+    fwd = dict(G=16, GP=16, D=128, BS=P.block_size, K=K, KPI=kpi, K0=0, K1=K)
     if band:
         fwd.update(K0=P.init_blocks, K1=K - P.local_blocks - 1, BAND=True, INIT=P.init_blocks,
                    LOCAL=P.local_blocks)
-    ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32",
-            "idx_ptr": "*i32", "pos_ptr": "*i32", "kbase_ptr": "*i64"}
-    k = compile_sm90(tri._sparse_fwd_kernel, ptrs, fwd, num_warps=tri.TUNING["fwd_warps"],
-                     num_stages=tri.TUNING["fwd_stages"])
-    assert 0 < k.metadata.shared <= SMEM_LIMIT
-    if band:
-        k = compile_sm90(tri._sparse_band_fwd_kernel, {n: t for n, t in ptrs.items() if n != "idx_ptr"},
-                         dict(G=16, D=128, BS=P.block_size, BM=tri.TUNING["band_rows"], INIT=P.init_blocks,
-                              LOCAL=P.local_blocks), num_warps=tri.TUNING["band_warps"],
-                         num_stages=tri.TUNING["band_stages"])
+    walks = ((tri._sparse_fwd_kernel, tri._sparse_band_fwd_kernel, "band", {"o_ptr": "*bf16"}),
+             (tri._sparse_bwd_dq_kernel, tri._sparse_band_bwd_dq_kernel, "band_dq",
+              {"do_ptr": "*bf16", "delta_ptr": "*fp32", "dq_ptr": "*bf16"}))
+    for walk, band_kernel, prefix, own_ptrs in walks:
+        ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "lse_ptr": "*fp32", "idx_ptr": "*i32",
+                "pos_ptr": "*i32", "kbase_ptr": "*i64", **own_ptrs}
+        k = compile_sm90(walk, ptrs, fwd, num_warps=tri.TUNING["fwd_warps"], num_stages=tri.TUNING["fwd_stages"])
         assert 0 < k.metadata.shared <= SMEM_LIMIT
-        assert "warp_group_dot" in k.asm["ttgir"]           # the band tiles run on Hopper tensor cores
-    ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "do_ptr": "*bf16", "lse_ptr": "*fp32",
-            "delta_ptr": "*fp32", "dq_ptr": "*bf16", "idx_ptr": "*i32", "pos_ptr": "*i32", "kbase_ptr": "*i64"}
-    k = compile_sm90(tri._sparse_bwd_dq_kernel, ptrs, fwd, num_warps=tri.TUNING["fwd_warps"],
-                     num_stages=tri.TUNING["fwd_stages"])
-    assert 0 < k.metadata.shared <= SMEM_LIMIT
-    if band:
-        k = compile_sm90(tri._sparse_band_bwd_dq_kernel, {n: t for n, t in ptrs.items() if n != "idx_ptr"},
-                         dict(G=16, D=128, BS=P.block_size, BM=tri.TUNING["band_dq_rows"], INIT=P.init_blocks,
-                              LOCAL=P.local_blocks), num_warps=tri.TUNING["band_dq_warps"],
-                         num_stages=tri.TUNING["band_dq_stages"])
-        assert 0 < k.metadata.shared <= SMEM_LIMIT
-        assert "warp_group_dot" in k.asm["ttgir"]
+        if band:
+            k = compile_sm90(band_kernel, {n: t for n, t in ptrs.items() if n != "idx_ptr"},
+                             dict(G=16, D=128, BS=P.block_size, BM=tri.TUNING[f"{prefix}_rows"], INIT=P.init_blocks,
+                                  LOCAL=P.local_blocks), num_warps=tri.TUNING[f"{prefix}_warps"],
+                             num_stages=tri.TUNING[f"{prefix}_stages"])
+            assert 0 < k.metadata.shared <= SMEM_LIMIT
+            assert "warp_group_dot" in k.asm["ttgir"]       # the band tiles run on Hopper tensor cores
