@@ -85,18 +85,28 @@ _TUNING_VARIANTS = {"topkcompact": ("topk_compact", True), "branchmask": ("selec
                     "chunk1g": ("select_chunk_bytes", 1 << 30)}   # 4x larger selection chunks (fewer waves' tails)
 
 
+# what a variant measures beyond selection and whole forward (attention / fwd_bwd: T <= 256K)
+_VARIANT_EXTRAS = {"noband": ("attention",), "banddq": ("fwd_bwd",), "chunk1g": ("peak",)}
+
+
 def _measure_tuning_variant(name: str, T: int, p: SparseParams, q, k, v, res: dict, w: int, r: int) -> None:
     """`<name>_*` fields: selection and whole forward with one TUNING value flipped, and the share of sparse
-    queries whose selected blocks differ from the default's (ties at the cut-off aside, ~0)."""
+    queries whose selected blocks differ from the default's (ties at the cut-off aside, ~0); plus the variant's
+    extras: the attention alone and its output against the default's, forward+backward, or peak memory."""
     from sala.ops import infllmv2_triton as tri
 
     key, value = _TUNING_VARIANTS[name]
+    extras = _VARIANT_EXTRAS.get(name, ())
     dp = p.dense_positions
     qs = q[:, dp:]
     with torch.no_grad():
         k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
         n = min(qs.shape[1], 16384)                       # index comparison on the last 16K queries
         want = select_blocks(qs[:, -n:], k1, k2, p, q_offset=T - n)
+        idx = None
+        if "attention" in extras and T <= 262144:         # the default's attention output, to compare against
+            idx = select_blocks(qs, k1, k2, p, q_offset=dp)
+            o_default = block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True).float()
         saved = tri.TUNING[key]
         tri.TUNING[key] = value
         try:
@@ -106,26 +116,23 @@ def _measure_tuning_variant(name: str, T: int, p: SparseParams, q, k, v, res: di
             res[f"{name}_rows_differing_from_default"] = (got != want).any(-1).float().mean().item()
             if "sdpa_fwd_ms" in res:
                 res[f"{name}_speedup_fwd_vs_sdpa"] = res["sdpa_fwd_ms"] / res[f"{name}_whole_fwd_ms"]
-            if key == "select_chunk_bytes" and q.is_cuda:   # larger chunks: the memory they cost
+            if "peak" in extras and q.is_cuda:
                 out = torch.empty_like(q)
                 res[f"{name}_whole_fwd_peak_extra_gib"] = _peak_extra_gib(
                     lambda: out.copy_(infllmv2_attention(q, k, v, p)), torch.cuda.memory_allocated())
                 del out
-            if key == "band_split_dq" and T <= 262144:   # forward+backward, where the dq split acts
+            if "fwd_bwd" in extras and T <= 262144:
                 with torch.enable_grad():
                     for k_, ms in _fwd_bwd_ms(q, k, v, p, w, r).items():
                         res[f"{name}_{k_}"] = ms
                 if "sdpa_fwd_bwd_ms" in res:
                     res[f"{name}_speedup_fwd_bwd_vs_sdpa"] = res["sdpa_fwd_bwd_ms"] / res[f"{name}_whole_fwd_bwd_ms"]
-            if key == "band_split" and T <= 262144:   # the attention alone, and its output vs the default's
-                idx = select_blocks(qs, k1, k2, p, q_offset=dp)
+            if idx is not None:
                 res[f"{name}_attention_fwd_ms"] = bench_ms(
                     lambda: block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True), w, r)
                 o_v = block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True).float()
-                tri.TUNING[key] = saved
-                o_d = block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True).float()
-                res[f"{name}_attention_max_abs_diff_vs_default"] = float((o_v - o_d).abs().max())
-                del idx, o_v, o_d
+                res[f"{name}_attention_max_abs_diff_vs_default"] = float((o_v - o_default).abs().max())
+                del idx, o_v, o_default
         finally:
             tri.TUNING[key] = saved
         del k1, k2, want
@@ -422,6 +429,27 @@ FWD_CONFIGS = [(4, None, 1), (4, 3, 1), (2, 3, 1), (4, 2, 2), (4, 3, 2), (8, 3, 
 BAND_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 3), (64, 8, 3), (128, 4, 2)]   # (rows, warps, stages)
 
 
+def _sweep_attention(configs, apply, attend, ref, log: list, warmup: int, rep: int):
+    """Time attend() under each config (apply(cfg) sets TUNING) and log it with its max abs difference from ref
+    (the first config's output when ref is None). Returns (the fastest config within 1e-2 of ref or None, ref)."""
+    best = (float("inf"), None)
+    for cfg in configs:
+        apply(cfg)
+        try:
+            ms = bench_ms(attend, warmup, rep)
+            o = attend()
+        except Exception as ex:
+            log.append({"config": list(cfg), "error": repr(ex)[:200]})
+            continue
+        ref = o if ref is None else ref
+        diff = (o.float() - ref.float()).abs().max().item()
+        log.append({"config": list(cfg), "ms": ms, "max_abs_diff_vs_first": diff})
+        del o
+        if diff < 1e-2:
+            best = min(best, (ms, tuple(cfg)), key=lambda x: x[0])
+    return best[1], ref
+
+
 def sweep(T: int = 131072, *, device: str = "cuda", params: SparseParams | None = None,
           heads: tuple[int, int, int] = (HQ, HKV, D), select_configs=None, fwd_configs=None, band_configs=None,
           dtype: torch.dtype = torch.bfloat16, warmup: int = 1, rep: int = 3) -> dict:
@@ -462,41 +490,23 @@ def sweep(T: int = 131072, *, device: str = "cuda", params: SparseParams | None 
     tri.TUNING.update(select_rows=rows, select_k1_tile=tile, select_warps=warps, select_stages=stages,
                       select_branch_mask=branch)
     idx = select_blocks(qs, k1, k2, p, q_offset=dp)
-    best = (float("inf"), None)
-    ref_out = None
-    for warps, stages, kpi in fwd_configs or FWD_CONFIGS:
-        tri.TUNING.update(fwd_warps=warps, fwd_stages=stages, fwd_blocks_per_iter=kpi)
-        try:
-            ms = bench_ms(lambda: block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True),
-                          warmup, rep)
-            o = block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True)
-        except Exception as ex:
-            out["attention_fwd"].append({"config": [warps, stages, kpi], "error": repr(ex)[:200]})
-            continue
-        ref_out = o if ref_out is None else ref_out
-        diff = (o.float() - ref_out.float()).abs().max().item()
-        out["attention_fwd"].append({"config": [warps, stages, kpi], "ms": ms, "max_abs_diff_vs_first": diff})
-        del o
-        if diff < 1e-2:
-            best = min(best, (ms, (warps, stages, kpi)), key=lambda x: x[0])
-    tri.TUNING.update(fwd_warps=best[1][0], fwd_stages=best[1][1], fwd_blocks_per_iter=best[1][2])
-    best = (float("inf"), None)
-    for rows_, warps, stages in (band_configs or BAND_CONFIGS) if tri.TUNING["band_split"] else ():
-        tri.TUNING.update(band_rows=rows_, band_warps=warps, band_stages=stages)
-        try:
-            ms = bench_ms(lambda: block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True),
-                          warmup, rep)
-            o = block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True)
-        except Exception as ex:
-            out["band"].append({"config": [rows_, warps, stages], "error": repr(ex)[:200]})
-            continue
-        diff = (o.float() - ref_out.float()).abs().max().item()
-        out["band"].append({"config": [rows_, warps, stages], "ms": ms, "max_abs_diff_vs_first": diff})
-        del o
-        if diff < 1e-2:
-            best = min(best, (ms, (rows_, warps, stages)), key=lambda x: x[0])
-    if best[1] is not None:
-        tri.TUNING.update(band_rows=best[1][0], band_warps=best[1][1], band_stages=best[1][2])
+
+    def attend():
+        return block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True)
+
+    def set_fwd(cfg):
+        tri.TUNING.update(fwd_warps=cfg[0], fwd_stages=cfg[1], fwd_blocks_per_iter=cfg[2])
+
+    def set_band(cfg):
+        tri.TUNING.update(band_rows=cfg[0], band_warps=cfg[1], band_stages=cfg[2])
+
+    best, ref_out = _sweep_attention(fwd_configs or FWD_CONFIGS, set_fwd, attend, None, out["attention_fwd"],
+                                     warmup, rep)
+    set_fwd(best)
+    if tri.TUNING["band_split"]:
+        best, _ = _sweep_attention(band_configs or BAND_CONFIGS, set_band, attend, ref_out, out["band"], warmup, rep)
+        if best is not None:
+            set_band(best)
     out["chosen"] = dict(tri.TUNING)
     print("sweep", out, flush=True)
     del q, k, v, k1, k2, idx
