@@ -5,6 +5,7 @@ subprocess with TRITON_INTERPRET=1 (set before triton is imported) so CPU CI rea
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -75,13 +76,9 @@ def check_select():
     the end of the first K2 tile, position 271)."""
     from sala.ops import infllmv2_triton as tri
 
-    saved = tri.TUNING["select_branch_mask"]
-    try:
-        for branch in (False, True):
-            tri.TUNING["select_branch_mask"] = branch
+    for branch in (False, True):
+        with _tuning(select_branch_mask=branch):
             _check_select_cases(tri)
-    finally:
-        tri.TUNING["select_branch_mask"] = saved
 
 
 def _check_select_cases(tri):
@@ -166,21 +163,17 @@ def _attention_case(seed, B=1, G=2):
     return q, k, v, idx
 
 
-def _blocks_per_iter(n: int):
-    """Context: TUNING["fwd_blocks_per_iter"] = n (the forward / dq walk's selected blocks per iteration)."""
-    import contextlib
-
+@contextlib.contextmanager
+def _tuning(**values):
+    """Context: these sala.ops.infllmv2_triton.TUNING values inside the block, the previous ones after it."""
     from sala.ops import infllmv2_triton as tri
 
-    @contextlib.contextmanager
-    def ctx():
-        saved = tri.TUNING["fwd_blocks_per_iter"]
-        tri.TUNING["fwd_blocks_per_iter"] = n
-        try:
-            yield
-        finally:
-            tri.TUNING["fwd_blocks_per_iter"] = saved
-    return ctx()
+    saved = {key: tri.TUNING[key] for key in values}
+    tri.TUNING.update(values)
+    try:
+        yield
+    finally:
+        tri.TUNING.update(saved)
 
 
 def check_forward():
@@ -190,7 +183,7 @@ def check_forward():
     want = block_sparse_attention(q, k, v, idx, SMALL, q_offset=72)
     for kpi in (1, 2, 4):
         _mode("triton")
-        with _blocks_per_iter(kpi):
+        with _tuning(fwd_blocks_per_iter=kpi):
             got = block_sparse_attention(q, k, v, idx, SMALL, q_offset=72)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
@@ -202,7 +195,7 @@ def check_backward():
     grads = {}
     for mode, kpi in (("reference", 1), ("triton", 1), ("triton", 2), ("triton", 4)):
         _mode(mode)
-        with _blocks_per_iter(kpi):
+        with _tuning(fwd_blocks_per_iter=kpi):
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             out = block_sparse_attention(*leaves, idx, SMALL, q_offset=72)
             grads[mode, kpi] = torch.autograd.grad(out, leaves, do)
@@ -314,22 +307,6 @@ class _PoisonedEmpty:
         torch.empty_like = self.real
 
 
-class _BandSplit:
-    """TUNING["band_split"] set to `on` inside the block."""
-
-    def __init__(self, on: bool):
-        from sala.ops import infllmv2_triton as tri
-
-        self.tri, self.on = tri, on
-
-    def __enter__(self):
-        self.saved = self.tri.TUNING["band_split"]
-        self.tri.TUNING["band_split"] = self.on
-
-    def __exit__(self, *exc):
-        self.tri.TUNING["band_split"] = self.saved
-
-
 def check_band_split_forward():
     """Band split (forced blocks by the band kernel, the rest per token) vs the reference on the same selected
     blocks: 2 batch rows at an odd query offset (a band tile holds two key bases and two query blocks), NaN-poisoned
@@ -347,7 +324,7 @@ def check_band_split_forward():
         _mode("reference")
         want = block_sparse_attention(qs.double(), k.double(), v.double(), idx, p, q_offset=so)
         _mode("triton")
-        with _BandSplit(True), _Launches(tri, "_sparse_band_fwd_kernel") as spy, _PoisonedEmpty():
+        with _tuning(band_split=True), _Launches(tri, "_sparse_band_fwd_kernel") as spy, _PoisonedEmpty():
             got = block_sparse_attention(qs, k, v, idx, p, q_offset=so, forced_blocks=True)
             walk = block_sparse_attention(qs, k, v, idx, p, q_offset=so)          # forced_blocks not promised
         assert spy.calls == 1, spy.calls
@@ -356,9 +333,9 @@ def check_band_split_forward():
             assert torch.isfinite(out).all()
             torch.testing.assert_close(out.double(), want, **tol)
         if B == 1:   # the whole layer (dense prefix + selection + attention) with and without the split
-            with _BandSplit(True):
+            with _tuning(band_split=True):
                 on = infllmv2_attention(q, k, v, p)
-            with _BandSplit(False):
+            with _tuning(band_split=False):
                 off_ = infllmv2_attention(q, k, v, p)
             torch.testing.assert_close(on, off_, **tol)
 
@@ -386,16 +363,11 @@ def check_band_split_lse_and_backward():
     torch.testing.assert_close(lse_b, lse_w, atol=2e-5, rtol=1e-5)
     do = torch.randn(q.shape)
     grads = []
-    saved = tri.TUNING["band_split_dq"]
-    try:
-        for on, dq_band in ((True, False), (False, False), (True, True)):
-            tri.TUNING["band_split_dq"] = dq_band
-            with _BandSplit(on), _Launches(tri, "_sparse_band_bwd_dq_kernel") as spy:
-                leaves = [t[:1].clone().requires_grad_() for t in (q, k, v)]
-                grads.append(torch.autograd.grad(infllmv2_attention(*leaves, p), leaves, do[:1]))
-            assert spy.calls == int(dq_band), (on, dq_band, spy.calls)
-    finally:
-        tri.TUNING["band_split_dq"] = saved
+    for on, dq_band in ((True, False), (False, False), (True, True)):
+        with _tuning(band_split=on, band_split_dq=dq_band), _Launches(tri, "_sparse_band_bwd_dq_kernel") as spy:
+            leaves = [t[:1].clone().requires_grad_() for t in (q, k, v)]
+            grads.append(torch.autograd.grad(infllmv2_attention(*leaves, p), leaves, do[:1]))
+        assert spy.calls == int(dq_band), (on, dq_band, spy.calls)
     for other in grads[1:]:
         for got, want in zip(other, grads[0]):
             torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
@@ -421,22 +393,17 @@ def check_band_split_varlen():
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
     q, k, v = _qkv(1, int(cu[-1]), 1, 2, 16, 23)
     do = torch.randn(q.shape)
-    from sala.ops import infllmv2_triton as tri
-
-    saved = tri.TUNING["band_split_dq"]
     for variant in (None, "fused"):
         _variant("SALA_SPARSE_VARLEN", variant)
         res = []
         try:
-            for on in (True, False):
-                tri.TUNING["band_split_dq"] = on          # the dq split too, documents in one band tile
-                with _BandSplit(on):
+            for on in (True, False):                      # the dq split too, documents in one band tile
+                with _tuning(band_split=on, band_split_dq=on):
                     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
                     out = infllmv2_attention(*leaves, p, cu_seqlens=cu)
                     res.append((out.detach(), *torch.autograd.grad(out, leaves, do)))
         finally:
             _variant("SALA_SPARSE_VARLEN", None)
-            tri.TUNING["band_split_dq"] = saved
         for got, want in zip(*res):
             torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
 
