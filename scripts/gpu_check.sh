@@ -5,12 +5,14 @@
 #   OUT=/dir bash scripts/gpu_check.sh kernels    # lightning vs fla, sparse (all variants) vs SDPA -> JSON
 #   OUT=/dir bash scripts/gpu_check.sh sparse     # sparse GPU tests, sparse layer vs SDPA/fla 32K..2M
 #                                                 # (TUNE=1: sweep launch settings at 128K first;
-#                                                 #  SPARSE_VARIANTS=noband,banddq,chunk1g: TUNING flips too;
+#                                                 #  SPARSE_VARIANTS=noband,nobanddq,chunk1g: TUNING flips too;
 #                                                 #  PROFILE=1: selection time by kernel at 128K and 1M)
 #   OUT=/dir bash scripts/gpu_check.sh decode     # sparse decode variants (split-K attention, split-N selection)
 #                                                 # at 128K and 1M, then 1M end to end with both switched on
 #   OUT=/dir bash scripts/gpu_check.sh latency    # SALA 9B shape vs HF Qwen3-8B shape, 64K..2M -> JSON + PNG
 #   OUT=/dir bash scripts/gpu_check.sh ab         # same-process A/B: band split x decode kernels at 64K, 128K
+#   OUT=/dir bash scripts/gpu_check.sh fused      # fused elementwise kernels: GPU tests, then a same-process
+#                                                 # A/B against the unfused torch ops at 64K and 256K
 #   OUT=/dir bash scripts/gpu_check.sh train      # the small SALA model: data built there, trained, evaluated
 #   OUT=/dir bash scripts/gpu_check.sh repro      # HALO reproduction: teacher, SALA, ablations (needs repro_data/)
 #   OUT=/dir bash scripts/gpu_check.sh profile    # where a training step's time goes (needs train_data/)
@@ -19,7 +21,7 @@
 # bench/results/ and turned into README tables by scripts/make_readme_tables.py. The device copy has no .git:
 # start the command with SALA_GIT_COMMIT=<git rev-parse HEAD here> so the JSON names the commit measured.
 set -uo pipefail
-part=${1:?usage: gpu_check.sh tests|kernels|sparse|decode|latency|ab|train|repro|profile}
+part=${1:?usage: gpu_check.sh tests|kernels|sparse|decode|latency|ab|fused|train|repro|profile}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/sala_gpu}
 mkdir -p "$OUT"
@@ -56,6 +58,10 @@ case "$part" in
   ab)
     python3 scripts/ab_engine.py --lengths "${AB_LENGTHS:-64K,128K}" --reps 2 --decode-tokens 256 \
       --out "$OUT/engine_ab_h200.json" 2>&1 | grep -v USDT | tail -9 ;;
+  fused)
+    python3 -m pytest -q -p no:cacheprovider tests/test_fused.py 2>&1 | tee "$OUT/gpu_tests_fused.log" | tail -3
+    python3 scripts/ab_engine.py --axes fused --lengths "${AB_LENGTHS:-64K,256K}" --reps 2 --decode-tokens 256 \
+      --out "$OUT/engine_ab_fused_h200.json" 2>&1 | grep -v USDT | tail -7 ;;
   train)
     DATA=${DATA:-/tmp/sala_data} PREPARE_SOURCES=${PREPARE_SOURCES:-stdlib,python-packages} TRAIN_SECONDS=${TRAIN_SECONDS:-340} \
       TOTAL_SECONDS=${TOTAL_SECONDS:-560} EVAL_SECONDS=${EVAL_SECONDS:-60} bash scripts/train_small_gpu.sh "$OUT" ;;

@@ -79,10 +79,12 @@ def targets_section() -> list[str]:
     if sp:
         r128 = next((r for r in sp["results"] if r["T"] == 131072), None)
         if r128:
+            # the dq band split was measured as a variant in this run and is the default since
+            fb = r128.get("banddq_speedup_fwd_bwd_vs_sdpa", r128["speedup_fwd_bwd_vs_sdpa"])
+            fb_note = " (dq band split, the default since; same run)" if "banddq_speedup_fwd_bwd_vs_sdpa" in r128 else ""
             rows += [("sparse whole forward vs SDPA at 128K", ">= 5x", f"{r128['speedup_fwd_vs_sdpa']:.2f}x",
                       r128["speedup_fwd_vs_sdpa"] >= 5),
-                     ("sparse fwd+bwd vs SDPA at 128K", ">= 4.6x", f"{r128['speedup_fwd_bwd_vs_sdpa']:.2f}x",
-                      r128["speedup_fwd_bwd_vs_sdpa"] >= 4.6),
+                     ("sparse fwd+bwd vs SDPA at 128K", ">= 4.6x", f"{fb:.2f}x{fb_note}", fb >= 4.6),
                      ("selection time <= attention time at 128K", "<=",
                       f"{r128['select_ms']:.0f} vs {r128['attention_fwd_ms']:.0f} ms",
                       r128["select_ms"] <= r128["attention_fwd_ms"])]
@@ -220,8 +222,15 @@ def _band_lines(d: dict) -> list[str]:
     if not rows:
         return []
     cells = "; ".join(f"{_len(r['T'])}: {r['attention_fwd_ms']:.1f} vs {r['noband_attention_fwd_ms']:.1f} ms" for r in rows)
-    return ["Band split (forced init + local blocks as dense query tiles, the rest per token; docs/sparse.md) "
-            f"against one walk over all 96 blocks, attention forward, same run: {cells}.", ""]
+    out = ["Band split (forced init + local blocks as dense query tiles, the rest per token; docs/sparse.md) "
+           f"against one walk over all 96 blocks, attention forward, same run: {cells}.", ""]
+    dq = [r for r in d["results"] if r.get("banddq_whole_fwd_bwd_ms") and r.get("whole_fwd_bwd_ms")]
+    if dq:
+        cells = "; ".join(f"{_len(r['T'])}: {r['banddq_whole_fwd_bwd_ms']:.1f} vs {r['whole_fwd_bwd_ms']:.1f} ms"
+                          for r in dq)
+        out += ["The same split for dq (`banddq` variant here, the default since), whole forward + backward against "
+                f"the per-token dq walk, same run: {cells}.", ""]
+    return out
 
 
 def selection_profile_lines() -> list[str]:

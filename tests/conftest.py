@@ -1,3 +1,4 @@
+import importlib
 import os
 
 import pytest
@@ -14,3 +15,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def triton_module(request):
+    """The module named by the test module's TRITON_MODULE with SALA_KERNELS=triton and, on a CPU-only machine,
+    TRITON_INTERPRET=1: it is re-imported so that its kernels are built as interpreted functions (Triton decides
+    that when a kernel is decorated). Its `_empty` output allocator is NaN-poisoned, so any element a kernel
+    forgets to write shows up. Everything is restored afterwards."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SALA_KERNELS", "triton")
+    module = importlib.import_module(request.module.TRITON_MODULE)
+    probe = request.module.TRITON_PROBE                     # a kernel of the module
+
+    def interpreted() -> bool:
+        return type(getattr(module, probe)).__name__ == "InterpretedFunction"
+
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        mp.setenv("TRITON_INTERPRET", "1")
+        if not interpreted():
+            importlib.reload(module)
+        assert interpreted(), "Triton kernels did not switch to the interpreter"
+    mp.setattr(module, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                          device=device))
+    yield module
+    mp.undo()
+    if on_cpu and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        importlib.reload(module)  # leave the module as a fresh import would build it

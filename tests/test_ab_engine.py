@@ -48,3 +48,26 @@ def test_ab_engine_applies_each_setting_and_summarises(tmp_path, monkeypatch):
     assert s["1000/band_on+decode_split"] == {"ttft_s_median": 1.0, "decode_tokens_per_s_median": 100.0}
     assert p["settings"] == [ab._name(x) for x in ab.SETTINGS]
     assert tri.TUNING["band_split"] is True and os.environ["SALA_SPARSE_DECODE"] == "default"   # restored
+
+
+def test_ab_engine_fused_axis_swaps_the_runners_ops_and_restores_them(monkeypatch):
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from sala.engine.forward import EAGER_OPS, REFERENCE_OPS
+
+    ab = _load()
+    engine = SimpleNamespace(runner=SimpleNamespace(ops="prefill-ops", decode_ops="decode-ops"))
+    seen = []
+
+    def fake_measure(eng, n, decode_tokens, seed):
+        seen.append((eng.runner.ops, eng.runner.decode_ops))
+        return {"status": "ok", "ttft_s": 1.0 if eng.runner.ops is EAGER_OPS else 2.0, "decode_tokens_per_s": 9.0}
+
+    p = ab.run([1000], 1, 8, "unused", None, measure=fake_measure, engine=engine, axes=("fused",))
+    assert p["settings"] == ["fused_on", "fused_off"] and p["axes"] == ["fused"]
+    assert seen[2:] == [(EAGER_OPS, EAGER_OPS), (REFERENCE_OPS, REFERENCE_OPS)]
+    assert p["summary"]["1000/fused_off"]["ttft_s_median"] == 2.0
+    assert (engine.runner.ops, engine.runner.decode_ops) == ("prefill-ops", "decode-ops")     # restored
+    with pytest.raises(ValueError, match="unknown axes"):
+        ab.settings_for(("fused", "bogus"))

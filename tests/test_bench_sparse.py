@@ -42,11 +42,11 @@ def test_tuning_variant_measures_and_restores_tuning(monkeypatch):
         timed.clear()
         ks._measure_tuning_variant(name, 120, p, q, k, v, res, 1, 1)
         assert tri.TUNING[key] == before and all(t[key] == value for t in timed)
-        assert len(timed) == {"noband": 3, "banddq": 4}.get(name, 2), (name, len(timed))
+        assert len(timed) == {"noband": 3, "nobanddq": 4}.get(name, 2), (name, len(timed))
         assert res[f"{name}_select_ms"] == 2.0 and res[f"{name}_speedup_fwd_vs_sdpa"] == 2.0
         assert res[f"{name}_rows_differing_from_default"] == 0.0      # the reference path ignores TUNING
-        if name == "banddq":
-            assert res["banddq_whole_fwd_bwd_ms"] == res["banddq_attention_fwd_bwd_ms"] == 2.0
+        if name == "nobanddq":
+            assert res["nobanddq_whole_fwd_bwd_ms"] == res["nobanddq_attention_fwd_bwd_ms"] == 2.0
         if name == "noband":
             assert res["noband_attention_fwd_ms"] == 2.0
             assert res["noband_attention_max_abs_diff_vs_default"] == 0.0

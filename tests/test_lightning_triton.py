@@ -8,9 +8,6 @@ Every kernel output buffer is pre-filled with NaN, so any element a kernel forge
 """
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
@@ -21,33 +18,15 @@ from sala.ops.slopes import lightning_log_decay
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _interpreted(lt) -> bool:
-    return type(lt._segment_output_kernel).__name__ == "InterpretedFunction"
+TRITON_MODULE, TRITON_PROBE = "sala.ops.lightning_triton", "_segment_output_kernel"
 
 
 @pytest.fixture(scope="module")
-def lt():
-    """sala.ops.lightning_triton with SALA_KERNELS=triton (+ the interpreter on CPU), NaN-poisoned buffers."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SALA_KERNELS", "triton")
-    import sala.ops.lightning_triton as module
-
-    if DEVICE == "cpu":
-        mp.setenv("TRITON_INTERPRET", "1")
-        if not _interpreted(module):
-            importlib.reload(module)
-        assert _interpreted(module), "Triton kernels did not switch to the interpreter"
-
-    def poisoned_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    mp.setattr(module, "_empty", poisoned_empty)
-    saved = module.CONFIG
-    yield module
-    module.CONFIG = saved
-    mp.undo()
-    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        importlib.reload(module)  # leave the module as a fresh import would build it
+def lt(triton_module):
+    """sala.ops.lightning_triton, kernels on (the interpreter on CPU), NaN-poisoned buffers (tests/conftest.py)."""
+    saved = triton_module.CONFIG
+    yield triton_module
+    triton_module.CONFIG = saved
 
 
 @pytest.fixture

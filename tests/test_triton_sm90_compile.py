@@ -1,4 +1,4 @@
-"""The sparse Triton kernels compile for Hopper (sm_90) at the released shape and default TUNING, on the CPU.
+"""The sparse and fused Triton kernels compile for Hopper (sm_90) at the released shape and default TUNING, on the CPU.
 
 The interpreter checks semantics but not what only the GPU compiler sees: layouts, software pipelining and shared
 memory. `triton.compile` with an explicit sm_90 target runs the whole NVIDIA pipeline (TTGIR, LLVM, ptxas) without
@@ -22,7 +22,7 @@ from sala.ops import infllmv2_triton as tri  # noqa: E402
 from sala.ops.infllmv2 import SparseParams  # noqa: E402
 
 SMEM_LIMIT = 232448          # bytes of shared memory one block may use on sm_90
-FLOAT_ARGS = {"scale_log2", "scale"}
+FLOAT_ARGS = {"scale_log2", "scale", "eps"}
 
 
 def compile_sm90(kernel, ptrs: dict[str, str], consts: dict, *, num_warps: int, num_stages: int | None = None):
@@ -104,3 +104,22 @@ def test_attention_kernels_compile_for_sm90_with_default_tuning(band):
                              num_stages=tri.TUNING[f"{prefix}_stages"])
             assert 0 < k.metadata.shared <= SMEM_LIMIT
             assert "warp_group_dot" in k.asm["ttgir"]       # the band tiles run on Hopper tensor cores
+
+
+@pytest.mark.parametrize("add,gate", [(True, False), (False, True)])
+def test_fused_norm_kernels_compile_for_sm90(add, gate):
+    """The engine's fused elementwise kernels at the released widths (hidden 4096, 32 heads x 128, I 16384)."""
+    from sala.ops import fused_triton as ft
+
+    k = compile_sm90(ft._rms_norm_rows_kernel, {p: "*bf16" for p in ("x_ptr", "a_ptr", "g_ptr", "w_ptr", "res_ptr",
+                                                                       "out_ptr")},
+                     dict(HAS_ADD=add, NORMALIZE=True, HAS_WEIGHT=True, HAS_GATE=gate, BLOCK_N=4096),
+                     num_warps=ft._warps(4096))
+    assert k.metadata.shared <= SMEM_LIMIT
+    k = compile_sm90(ft._qk_norm_rope_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "cos_ptr": "*fp32",
+                                               "sin_ptr": "*fp32", "out_ptr": "*bf16"},
+                     dict(HAS_WEIGHT=True, HAS_ROPE=True, HALF=64, BLOCK_H=32), num_warps=ft._warps(32 * 128))
+    assert k.metadata.shared <= SMEM_LIMIT
+    k = compile_sm90(ft._silu_mul_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16"}, dict(BLOCK_N=2048),
+                     num_warps=ft._warps(2048))
+    assert k.metadata.shared <= SMEM_LIMIT

@@ -21,8 +21,8 @@ mixes) with the per-document path vs the fused one, forward and forward+backward
 `branchmask` (TUNING["topk_compact"], TUNING["select_branch_mask"]) add `<variant>_select_ms`,
 `<variant>_whole_fwd_ms`, its speed-up vs SDPA and `<variant>_rows_differing_from_default` (last 16K queries);
 `noband` (TUNING["band_split"] off: every selected block in the per-token walk) adds the same fields plus
-`noband_attention_fwd_ms` and `noband_attention_max_abs_diff_vs_default`; `banddq` (TUNING["band_split_dq"]
-on: the dq of the forced blocks by dense query tiles) adds `banddq_whole_fwd_bwd_ms`, `banddq_attention_fwd_bwd_ms`
+`noband_attention_fwd_ms` and `noband_attention_max_abs_diff_vs_default`; `nobanddq` (TUNING["band_split_dq"]
+off: every slot's dq in the per-token walk) adds `nobanddq_whole_fwd_bwd_ms`, `nobanddq_attention_fwd_bwd_ms`
 and the fwd+bwd speed-up vs SDPA (T <= 256K); `chunk1g` (TUNING["select_chunk_bytes"] 1 GiB instead of 256 MiB:
 at 1M, 8192 instead of 2048 queries per selection launch) adds the selection / whole-forward fields. `attention_*` fields time
 `block_sparse_attention(..., forced_blocks=True)`, the path `infllmv2_attention` takes.
@@ -81,12 +81,12 @@ def _variant(name: str):
 # variants that flip a TUNING value of sala.ops.infllmv2_triton (measured beside the default in the same process)
 TUNING_VARIANT_MAX_LEN = 1048576   # longer rows: the default only (one whole forward at 2M takes ~10 s)
 _TUNING_VARIANTS = {"topkcompact": ("topk_compact", True), "branchmask": ("select_branch_mask", True),
-                    "noband": ("band_split", False), "banddq": ("band_split_dq", True),
+                    "noband": ("band_split", False), "nobanddq": ("band_split_dq", False),
                     "chunk1g": ("select_chunk_bytes", 1 << 30)}   # 4x larger selection chunks (fewer waves' tails)
 
 
 # what a variant measures beyond selection and whole forward (attention / fwd_bwd: T <= 256K)
-_VARIANT_EXTRAS = {"noband": ("attention",), "banddq": ("fwd_bwd",), "chunk1g": ("peak",)}
+_VARIANT_EXTRAS = {"noband": ("attention",), "nobanddq": ("fwd_bwd",), "chunk1g": ("peak",)}
 
 
 def _measure_tuning_variant(name: str, T: int, p: SparseParams, q, k, v, res: dict, w: int, r: int) -> None:

@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--no-baseline", action="store_true", help="skip the fla / SDPA baselines")
     k.add_argument("--variants", default=None,
                    help="sparse: kernel variants measured beside the default, comma separated (tiled, tiledN, "
-                        "splitk, splitsel, fusedvarlen, topkcompact, branchmask, noband, banddq)")
+                        "splitk, splitsel, fusedvarlen, topkcompact, branchmask, noband, nobanddq, chunk1g)")
     k.add_argument("--tune", action="store_true", help="sparse: sweep launch settings at 128K first")
     k.set_defaults(func=_kernels)
 

@@ -12,6 +12,9 @@ check it.
 from __future__ import annotations
 
 
+import functools
+from typing import Callable, NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -20,24 +23,13 @@ from sala.engine.static_cache import StaticCache
 from sala.modeling.configuration_sala import SalaConfig
 from sala.modeling.modeling_sala import SalaForCausalLM, rope_cos_sin, sparse_params_from_config
 from sala.ops.dense import dense_causal_attention
+from sala.ops.fused import add_rms_norm, qk_norm_rope, rms_norm, rms_norm_gate, silu_mul
+from sala.ops.fused_reference import (add_rms_norm_reference, qk_norm_rope_reference, rms_norm_gate_reference,
+                                      rms_norm_reference, silu_mul_reference)
 from sala.ops.infllmv2 import (compress_window_range, compressed_lengths, infllmv2_attention, infllmv2_decode,
                                update_compressed_keys)
 from sala.ops.lightning import lightning_attention, lightning_decode_step
 from sala.ops.slopes import lightning_log_decay
-
-
-def _mlp_residual(layer, w_gate_up: torch.Tensor, h: torch.Tensor, scale: float, norm=None,
-                  silu_mul=None) -> torch.Tensor:
-    """h + mlp(norm(h)) * scale, computed in token slices (bounds the MLP activations). h [B, T, H].
-    norm / silu_mul: replacements for the layer's post-attention norm and `_silu_mul` (compiled prefill)."""
-    norm = layer.post_attention_layernorm if norm is None else norm
-    T = h.shape[1]
-    if T <= MLP_SLICE_TOKENS:
-        return h + _mlp(layer, w_gate_up, norm(h), silu_mul) * scale
-    for a in range(0, T, MLP_SLICE_TOKENS):
-        part = h[:, a:a + MLP_SLICE_TOKENS]
-        part.add_(_mlp(layer, w_gate_up, norm(part), silu_mul) * scale)
-    return h
 
 
 def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, list[int]]:
@@ -54,29 +46,111 @@ def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, list[int]]:
     return w, sizes
 
 
-def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of the fused gate|up projection [..., 2I] -> [..., I]."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+class FusedOps(NamedTuple):
+    """The elementwise pieces of a layer, as one set of functions (`sala.ops.fused` signatures)."""
+    rms_norm: Callable
+    add_rms_norm: Callable
+    qk_norm_rope: Callable
+    rms_norm_gate: Callable
+    silu_mul: Callable
 
 
-def _mlp(layer, w_gate_up: torch.Tensor, x: torch.Tensor, silu_mul=None) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) with gate|up as one GEMM."""
-    return layer.mlp.down_proj((_silu_mul if silu_mul is None else silu_mul)(F.linear(x, w_gate_up)))
+# Eager: the Triton kernels on CUDA (references elsewhere); the residual add updates h in place.
+EAGER_OPS = FusedOps(rms_norm, functools.partial(add_rms_norm, inplace=True), qk_norm_rope, rms_norm_gate,
+                     silu_mul)
 
 
-def _residual(h: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
-    """h + a * scale (the decoder's scaled residual add)."""
-    return h + a * scale
+# Unfused: the references, i.e. the modules' own chains of elementwise torch ops (for A/B comparisons).
+REFERENCE_OPS = FusedOps(rms_norm_reference, add_rms_norm_reference, qk_norm_rope_reference,
+                         rms_norm_gate_reference, silu_mul_reference)
+
+
+def compiled_ops(backend: str = "inductor") -> FusedOps:
+    """The references through torch.compile (dynamic shapes: one graph per piece for every layer and length)."""
+    return FusedOps(*(torch.compile(f, backend=backend, dynamic=True) for f in REFERENCE_OPS))
+
+
+def _eps(norm) -> float:
+    return norm.eps if norm is not None else 0.0
+
+
+def _weight(norm):
+    return norm.weight if norm is not None else None
+
+
+def lightning_prepare(ops: FusedOps, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos, sin):
+    """What `SalaLightningAttention.prepare` computes (QK-norm, RoPE, GQA expansion), fused:
+    q, k, v [B, T, H(kv), D] (views of the projection) -> contiguous [B, T, H, D]."""
+    if not attn.use_rope:
+        cos = sin = None
+    q = ops.qk_norm_rope(q, _weight(attn.q_norm), _eps(attn.q_norm), cos, sin)
+    k = ops.qk_norm_rope(k, _weight(attn.k_norm), _eps(attn.k_norm), cos, sin)
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    if attn.num_kv_heads != attn.num_heads:
+        rep = attn.num_heads // attn.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    return q, k, v
+
+
+def lightning_finish(ops: FusedOps, attn, o: torch.Tensor, z: torch.Tensor | None, dtype: torch.dtype):
+    """What `SalaLightningAttention.finish` computes: o_norm, sigmoid(z) gate (one kernel), o_proj."""
+    B, T = o.shape[:2]
+    o = o.reshape(B, T, attn.num_heads * attn.head_dim).to(dtype)
+    o = ops.rms_norm_gate(o, _weight(attn.o_norm), _eps(attn.o_norm), z, normalize=attn.o_norm is not None)
+    return attn.o_proj(o)
+
+
+def sparse_finish(ops: FusedOps, attn, o: torch.Tensor, gate: torch.Tensor | None):
+    """What `SalaSparseAttention.finish` computes: o * sigmoid(gate), o_proj."""
+    B, T = o.shape[:2]
+    o = o.reshape(B, T, attn.num_heads * attn.head_dim)
+    return attn.o_proj(ops.rms_norm_gate(o, None, 0.0, gate, normalize=False))
+
+
+def mlp_out(ops: FusedOps, layer, w_gate_up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) for x [B, T, hidden], gate|up as one GEMM, in token slices of
+    MLP_SLICE_TOKENS (bounds the [T, 2I] activations); returns [B, T, hidden]."""
+    down = layer.mlp.down_proj
+    T = x.shape[1]
+    if T <= MLP_SLICE_TOKENS:
+        return down(ops.silu_mul(F.linear(x, w_gate_up)))
+    out = torch.empty(x.shape[:-1] + (down.weight.shape[0],), dtype=x.dtype, device=x.device)
+    for a in range(0, T, MLP_SLICE_TOKENS):
+        out[:, a:a + MLP_SLICE_TOKENS] = down(ops.silu_mul(F.linear(x[:, a:a + MLP_SLICE_TOKENS], w_gate_up)))
+    return out
+
+
+def decoder_layers(ops: FusedOps, layers, fused_mlp: list[torch.Tensor], h: torch.Tensor, rs: float, attention):
+    """Run the decoder stack on h [B, T, hidden]: per layer a = attention(i, layer, norm(h)), then
+    h += a * rs and h += mlp(norm(h)) * rs. Each residual add is fused with the norm that follows it
+    (the next layer's input norm for the MLP's). Returns the last hidden state (before the final norm)."""
+    first = layers[0].input_layernorm
+    x = ops.rms_norm(h, first.weight, first.eps)
+    for i, layer in enumerate(layers):
+        a = attention(i, layer, x)
+        del x
+        post = layer.post_attention_layernorm
+        h, x = ops.add_rms_norm(h, a, rs, post.weight, post.eps)
+        del a
+        m = mlp_out(ops, layer, fused_mlp[i], x)
+        del x
+        if i + 1 < len(layers):
+            nxt = layers[i + 1].input_layernorm
+            h, x = ops.add_rms_norm(h, m, rs, nxt.weight, nxt.eps)
+        else:
+            h = h + m * rs
+        del m
+    return h
 
 
 class ModelRunner:
     """Holds a model, its per-layer constants and the sparse settings; runs prefill chunks.
 
-    compile=True: the prefill's elementwise pieces (both norms, attention prepare / finish, SiLU x up, the
-    scaled residual adds) run through `torch.compile` (dynamic shapes: one graph per piece for every chunk
-    length and layer); GEMMs and the attention kernels stay as they are, decode stays eager (it is
-    CUDA-graph captured). The first chunk pays the compilation.
+    The elementwise pieces (RMSNorm with the residual add before it, QK-norm + RoPE, output norm + gate,
+    SiLU x up) run as the fused kernels of `sala.ops.fused` (`ops` for prefill, `decode_ops` for decode).
+    compile=True instead runs the prefill's pieces as torch.compile'd references (dynamic shapes: one graph
+    per piece for every chunk length and layer); decode stays on the fused kernels (it is CUDA-graph
+    captured). The first chunk pays the compilation.
     """
 
     def __init__(self, model: SalaForCausalLM, *, compile: bool = False, compile_backend: str = "inductor") -> None:
@@ -89,13 +163,8 @@ class ModelRunner:
         self.sparse_ids = set(self.config.sparse_layer_ids)
         self.log_decay = lightning_log_decay(self.config.lightning_nh, device=self.device)
         self.compiled = compile
-        wrap = (lambda f: torch.compile(f, backend=compile_backend, dynamic=True)) if compile else (lambda f: f)
-        self.in_norm = [wrap(layer.input_layernorm) for layer in self.layers]
-        self.post_norm = [wrap(layer.post_attention_layernorm) for layer in self.layers]
-        self.prepare = [wrap(layer.self_attn.prepare) for layer in self.layers]
-        self.finish = [wrap(layer.self_attn.finish) for layer in self.layers]
-        self.silu_mul = wrap(_silu_mul)
-        self.residual = wrap(_residual)
+        self.ops = compiled_ops(compile_backend) if compile else EAGER_OPS     # prefill
+        self.decode_ops = EAGER_OPS                                             # decode (graph-captured)
         # Fused projection weights: one GEMM for q|k|v(|z or |o_gate) and one for gate|up per layer. The
         # modules' own weights become views into them, so no memory is added and the model is unchanged.
         self.fused_attn: list[torch.Tensor] = []
@@ -123,12 +192,12 @@ class ModelRunner:
         v = parts[2].reshape(B, T, attn.num_kv_heads, attn.head_dim).contiguous()
         z = parts[3] if attn.z_proj is not None else None
         del parts
-        q, k, v = self.prepare[i](q, k, v, cos, sin)
+        q, k, v = lightning_prepare(self.ops, attn, q, k, v, cos, sin)
         o, final = lightning_attention(q, k, v, self.log_decay, scale=attn.scale, initial_state=state,
                                        output_final_state=True)
         del q, k, v
         state.copy_(final)
-        return self.finish[i](o, z, x.dtype)
+        return lightning_finish(self.ops, attn, o, z, x.dtype)
 
     def _sparse_prefill(self, attn, x: torch.Tensor, positions: torch.Tensor, cos, sin, cache: StaticCache,
                         layer: int, row: int, start: int) -> torch.Tensor:
@@ -140,7 +209,7 @@ class ModelRunner:
         v = parts[2].reshape(B, T, attn.num_kv_heads, attn.head_dim)
         gate = parts[3] if attn.o_gate is not None else None
         del parts
-        q, k = self.prepare[layer](q, k, cos, sin, positions)
+        q, k = attn.prepare(q, k, cos, sin, positions)
         buf = cache.sparse[layer]
         end = start + T
         buf.k[row, start:end] = k[0]
@@ -159,7 +228,7 @@ class ModelRunner:
                                    k2=buf.k2[row:row + 1, :n2])
         else:
             o = dense_causal_attention(q, keys, values, scale=attn.scale)
-        return self.finish[layer](o if o.dim() == 4 else o[:, None], gate)
+        return sparse_finish(self.ops, attn, o if o.dim() == 4 else o[:, None], gate)
 
     @torch.no_grad()
     def prefill_chunk(self, ids: torch.Tensor, cache: StaticCache, row: int) -> torch.Tensor:
@@ -177,17 +246,13 @@ class ModelRunner:
         if cfg.attn_use_rope and cfg.head_dim != cfg.lightning_head_dim:
             scos, ssin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         h = self.model.model.embed_tokens(ids[None]) * cfg.scale_emb
-        rs = cfg.residual_scale
-        for i, layer in enumerate(self.layers):
-            x = self.in_norm[i](h)
+
+        def attention(i: int, layer, x: torch.Tensor) -> torch.Tensor:
             if i in self.sparse_ids:
-                a = self._sparse_prefill(layer.self_attn, x, positions, scos, ssin, cache, i, row, start)
-            else:
-                a = self._lightning_prefill(i, layer.self_attn, x, cos, sin, cache.state(i)[row:row + 1])
-            del x
-            h = self.residual(h, a, rs)
-            del a
-            h = _mlp_residual(layer, self.fused_mlp[i], h, rs, self.post_norm[i], self.silu_mul)
+                return self._sparse_prefill(layer.self_attn, x, positions, scos, ssin, cache, i, row, start)
+            return self._lightning_prefill(i, layer.self_attn, x, cos, sin, cache.state(i)[row:row + 1])
+
+        h = decoder_layers(self.ops, self.layers, self.fused_mlp, h, cfg.residual_scale, attention)
         cache.lengths[row] = start + T
         cache.seqlens[row] = start + T
         return h
@@ -252,10 +317,10 @@ class DecodeStep:
         k = parts[1].reshape(B, 1, attn.num_kv_heads, attn.head_dim)
         v = parts[2].reshape(B, 1, attn.num_kv_heads, attn.head_dim).contiguous()
         z = parts[3] if attn.z_proj is not None else None
-        q, k, v = attn.prepare(q, k, v, cos, sin)
+        q, k, v = lightning_prepare(self.runner.decode_ops, attn, q, k, v, cos, sin)
         o = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], self.runner.log_decay, state, scale=attn.scale,
                                   out=self.light_out)
-        return attn.finish(o[:, None], z, x.dtype)
+        return lightning_finish(self.runner.decode_ops, attn, o[:, None], z, x.dtype)
 
     def _sparse(self, attn, x: torch.Tensor, pos: torch.Tensor, cos, sin, layer: int) -> torch.Tensor:
         B = x.shape[0]
@@ -279,7 +344,7 @@ class DecodeStep:
             o = F.scaled_dot_product_attention(q.transpose(1, 2), buf.k.transpose(1, 2), buf.v.transpose(1, 2),
                                                attn_mask=valid[:, None, None, :], scale=attn.scale,
                                                enable_gqa=True)[:, :, 0]
-        return attn.finish(o if o.dim() == 4 else o[:, None], gate)
+        return sparse_finish(self.runner.decode_ops, attn, o if o.dim() == 4 else o[:, None], gate)
 
     @torch.no_grad()
     def __call__(self) -> torch.Tensor:
@@ -290,14 +355,12 @@ class DecodeStep:
         cos, sin = self._cos_sin(pos, self.inv_freq)
         scos, ssin = (self._cos_sin(pos, self.inv_freq_sparse) if cfg.attn_use_rope else (None, None))
         h = r.model.model.embed_tokens(self.ids[:, None]) * cfg.scale_emb      # [B, 1, H]
-        rs = cfg.residual_scale
-        for i, layer in enumerate(r.layers):
-            x = layer.input_layernorm(h)
+
+        def attention(i: int, layer, x: torch.Tensor) -> torch.Tensor:
             if i in r.sparse_ids:
-                a = self._sparse(layer.self_attn, x, pos, scos, ssin, i)
-            else:
-                a = self._lightning(i, layer.self_attn, x, cos, sin, self.cache.state(i))
-            h = h + a * rs
-            h = h + _mlp(layer, r.fused_mlp[i], layer.post_attention_layernorm(h)) * rs
+                return self._sparse(layer.self_attn, x, pos, scos, ssin, i)
+            return self._lightning(i, layer.self_attn, x, cos, sin, self.cache.state(i))
+
+        h = decoder_layers(r.decode_ops, r.layers, r.fused_mlp, h, cfg.residual_scale, attention)
         self.logits.copy_(r.logits_of(h[:, 0]))
         return self.logits

@@ -3,11 +3,14 @@
 - `lightning_attention`, `lightning_decode_step`: Lightning linear attention (sala.ops.lightning).
 - `infllmv2_attention` and its stages: InfLLM-V2 sparse attention (sala.ops.infllmv2).
 - `dense_causal_attention`: softmax attention through torch SDPA (sala.ops.dense).
+- `rms_norm`, `add_rms_norm`, `qk_norm_rope`, `rms_norm_gate`, `silu_mul`: fused inference elementwise ops
+  (sala.ops.fused).
 - `alibi_slopes`, `lightning_log_decay`: the per-head decay schedule (sala.ops.slopes).
 Which implementation runs is chosen by `sala.ops.dispatch` (env `SALA_KERNELS=reference|triton|auto`).
 """
 from sala.ops.dense import dense_causal_attention
 from sala.ops.dispatch import kernel_mode, use_triton
+from sala.ops.fused import add_rms_norm, qk_norm_rope, rms_norm, rms_norm_gate, silu_mul
 from sala.ops.infllmv2 import (
     SparseParams,
     block_sparse_attention,
@@ -21,7 +24,8 @@ from sala.ops.lightning import lightning_attention, lightning_decode_step
 from sala.ops.slopes import alibi_slopes, lightning_log_decay
 
 __all__ = [
-    "SparseParams", "alibi_slopes", "block_sparse_attention", "compress_keys", "dense_causal_attention",
-    "infllmv2_attention", "infllmv2_decode", "kernel_mode", "lightning_attention", "lightning_decode_step",
-    "lightning_log_decay", "select_blocks", "update_compressed_keys", "use_triton",
+    "SparseParams", "add_rms_norm", "alibi_slopes", "block_sparse_attention", "compress_keys",
+    "dense_causal_attention", "infllmv2_attention", "infllmv2_decode", "kernel_mode", "lightning_attention",
+    "lightning_decode_step", "lightning_log_decay", "qk_norm_rope", "rms_norm", "rms_norm_gate", "select_blocks",
+    "silu_mul", "update_compressed_keys", "use_triton",
 ]

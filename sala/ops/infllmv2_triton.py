@@ -15,7 +15,7 @@ Kernels (design notes in docs/sparse.md):
 - `_sparse_band_fwd_kernel` (default, TUNING["band_split"]): the forced blocks (init + local band, identical for
   all queries of a query block) as dense tiles of 128 flat queries x one query head; the per-token forward then
   walks only the other slots and merges into the band's (o, lse). `_sparse_band_bwd_dq_kernel` (opt-in,
-  TUNING["band_split_dq"]): the same split for dq.
+  TUNING["band_split_dq"], default on): the same split for dq.
 - `_sparse_bwd_dq_kernel`: the same walk for dq.
 - `_sparse_fwd_tiled_kernel` / `_sparse_bwd_dq_tiled_kernel` (SALA_SPARSE_ATTN=tiled): a program owns TM
   consecutive flat query tokens x G heads of one KV head and walks the sorted union of the blocks its tokens
@@ -50,7 +50,8 @@ TUNING = {
     "select_k1_tile": 64,      # K1 columns per iteration (a multiple of block_size / kernel_stride)
     "select_warps": 8,
     "select_stages": 3,        # H200 sweep at 128K (bench/results/sparse_kernels_h200.json): 28.8 ms, default 29.0
-    "select_chunk_bytes": 256 << 20,   # pooled-score buffer per query chunk (fp32)
+    "select_chunk_bytes": 256 << 20,   # pooled-score buffer per query chunk (fp32). 1 GiB measured 5.6% faster
+                                       # at 1M but took the peak to 2.03 GiB beyond the output (limit 2 GiB)
     "topk_compact": False,   # top-k by group-max bound + candidate sort (few passes): measured slower on the H200
                              # (selection 33.7 vs 29.0 ms at 128K, 2248 vs 1912 ms at 1M: sparse_kernels_h200.json)
     "select_branch_mask": False,  # visibility masks only on tiles some row does not see in full (a branch per tile
@@ -60,8 +61,8 @@ TUNING = {
     "band_rows": 128,          # queries per band program (x one query head); the same sweep: 128 rows, 8 warps,
     "band_warps": 8,           # 3 stages 77.6 ms, 64 / 4 / 2 78.1 ms (within noise)
     "band_stages": 3,
-    "band_split_dq": False,    # the same split for dq (interpreter- and sm_90-compile-tested; not yet measured
-    "band_dq_rows": 64,        # on a GPU, hence off): forced blocks' dq by dense query tiles, the rest per token
+    "band_split_dq": True,     # the same split for dq: forced blocks' dq by dense query tiles, the rest per token
+    "band_dq_rows": 64,        # (H200, same run: whole fwd+bwd 311.9 vs 335.0 ms at 128K, 6-8% less 32K..256K)
     "band_dq_warps": 4,
     "band_dq_stages": 2,
     "fwd_warps": 4,
