@@ -311,21 +311,60 @@ def latency_section() -> list[str]:
     return out + [""]
 
 
-def engine_ab_section() -> list[str]:
-    """scripts/ab_engine.py: band split x decode kernels, interleaved in one process (medians per setting)."""
-    d = _load("engine_ab_h200.json")
-    if not d:
-        return []
-    out = ["### Same-process A/B of the sparse kernel choices, end to end (`scripts/ab_engine.py`)", "",
-           f"`bench/results/engine_ab_h200.json` ({_device(d)}); the 9B shape with random weights, "
+def _ab_table(d: dict, name: str, title: str, defaults: str) -> list[str]:
+    """A scripts/ab_engine.py run: settings interleaved in one process, medians per (length, setting)."""
+    out = [f"### {title} (`scripts/ab_engine.py`)", "",
+           f"`bench/results/{name}` ({_device(d)}); the 9B shape with random weights, "
            f"{d['reps']} interleaved repetitions per setting (the second in reverse order), {d['decode_tokens']} "
            f"decoded tokens, the length-dependent kernel variants compiled first ({d.get('kernel_warmup_s')} s). "
-           "Defaults: band on, decode split.", "",
+           f"{defaults}", "",
            *_header("context", "setting", "TTFT median (s)", "decode median (tok/s)")]
     for key, v in d["summary"].items():
         n, setting = key.split("/", 1)
         out.append(_row(_len(int(n)), setting.replace("+", ", "), _f(v["ttft_s_median"], 3),
                         _f(v["decode_tokens_per_s_median"], 1)))
+    return out
+
+
+def fused_ab_section() -> list[str]:
+    """The fused elementwise kernels against the unfused torch ops, end to end, same process."""
+    name = "engine_ab_fused_h200.json"
+    d = _load(name)
+    if not d:
+        return []
+    out = _ab_table(d, name, "Fused elementwise kernels against the unfused torch ops, end to end",
+                    "Default: fused on (`sala/ops/fused.py`: residual + RMSNorm, QK-norm + RoPE, output norm + gate, "
+                    "SiLU x up, in prefill and decode).")
+    cells = []
+    for n in sorted({int(k.split("/")[0]) for k in d["summary"]}):
+        on, off = d["summary"].get(f"{n}/fused_on"), d["summary"].get(f"{n}/fused_off")
+        if on and off:
+            cells.append(f"{_len(n)}: TTFT {off['ttft_s_median'] / on['ttft_s_median']:.2f}x faster, decode "
+                         f"{on['decode_tokens_per_s_median'] / off['decode_tokens_per_s_median']:.2f}x")
+    return out + ["", "Fused against unfused, medians: " + "; ".join(cells) + ".", ""]
+
+
+def _first_setting_reps_note() -> str:
+    """The fused A/B's first setting, both repetitions (shows whether a first request still compiles)."""
+    d = _load("engine_ab_fused_h200.json")
+    if not d:
+        return ""
+    reps = {}
+    for r in d["runs"]:
+        if r["setting"] == d["settings"][0]:
+            reps.setdefault(r["length"], []).append(r["decode_tokens_per_s"])
+    return (": in the fused A/B above, its first setting decoded at "
+            + "; ".join(f"{_len(n)}: {' then '.join(f'{x:.0f}' for x in v)} tok/s" for n, v in reps.items()))
+
+
+def engine_ab_section() -> list[str]:
+    """scripts/ab_engine.py: band split x decode kernels, interleaved in one process (medians per setting)."""
+    name = "engine_ab_h200.json"
+    d = _load(name)
+    if not d:
+        return []
+    out = _ab_table(d, name, "Same-process A/B of the sparse kernel choices, end to end",
+                    "Defaults: band on, decode split. Measured before the fused elementwise kernels.")
     lead = d["settings"][0]
     reps = {}
     for r in d["runs"]:
@@ -334,15 +373,15 @@ def engine_ab_section() -> list[str]:
     out += ["", f"The first setting measured at each length ({lead.replace('+', ', ')}) decoded at "
             + "; ".join(f"{_len(n)}: {' then '.join(f'{x:.0f}' for x in v)} tok/s" for n, v in reps.items())
             + " in its two repetitions: its first decode still compiled something per length (most likely the split "
-            "selection's output strides, value-specialised then; no longer since, not yet re-measured)."]
+            "selection's output strides, value-specialised then; no longer since" + _first_setting_reps_note() + ")."]
     first = _load("history/engine_ab_no_warmup_h200.json")
     if first:
         r0 = [r for r in first["runs"] if r["rep"] == 0 and r["setting"] == first["settings"][0]]
         cells = "; ".join(f"{_len(r['length'])}: TTFT {r['ttft_s']:.2f} s, decode {r['decode_tokens_per_s']:.0f} tok/s"
                           for r in r0)
         out += ["", "Without that warm-up (`bench/results/history/engine_ab_no_warmup_h200.json`) the first request "
-                f"at each new length paid the compilations inside its latency ({cells}); the latency table above "
-                "was measured that way (one request per length)."]
+                f"at each new length paid the compilations inside its latency ({cells}). The latency table above "
+                "runs `SalaEngine.warmup` first (untimed)."]
     return out + [""]
 
 
@@ -483,7 +522,7 @@ def render() -> str:
              "Generated by `scripts/make_readme_tables.py` from `bench/results/*.json` only; every baseline was "
              "measured in the same process as our code.", ""]
     for section in (targets_section, lightning_section, sparse_section, sparse_variants_section, latency_section,
-                    engine_ab_section, training_section, profile_section, repro_section, continue_section,
+                    fused_ab_section, engine_ab_section, training_section, profile_section, repro_section, continue_section,
                     extra_sections):
         lines += section()
     return "\n".join(lines).rstrip() + "\n"
