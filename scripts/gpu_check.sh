@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's GPU work, one part per device call (each part fits one 10-minute call on an H200).
 #
-#   OUT=/dir bash scripts/gpu_check.sh tests      # every GPU test: compiled Triton kernels vs references, engine 1M
+#   OUT=/dir bash scripts/gpu_check.sh tests      # every GPU test: compiled Triton kernels (lightning, sparse, fused)
+#                                                 # vs references, engine 1M
 #   OUT=/dir bash scripts/gpu_check.sh kernels    # lightning vs fla, sparse (all variants) vs SDPA -> JSON
 #   OUT=/dir bash scripts/gpu_check.sh sparse     # sparse GPU tests, sparse layer vs SDPA/fla 32K..2M
 #                                                 # (TUNE=1: sweep launch settings at 128K first;
@@ -13,6 +14,7 @@
 #   OUT=/dir bash scripts/gpu_check.sh ab         # same-process A/B: band split x decode kernels at 64K, 128K
 #   OUT=/dir bash scripts/gpu_check.sh fused      # fused elementwise kernels: GPU tests, then a same-process
 #                                                 # A/B against the unfused torch ops at 64K and 256K
+#   OUT=/dir bash scripts/gpu_check.sh gaps       # a 128K prefill: wall vs GPU busy time, host syncs by call site
 #   OUT=/dir bash scripts/gpu_check.sh train      # the small SALA model: data built there, trained, evaluated
 #   OUT=/dir bash scripts/gpu_check.sh repro      # HALO reproduction: teacher, SALA, ablations (needs repro_data/)
 #   OUT=/dir bash scripts/gpu_check.sh profile    # where a training step's time goes (needs train_data/)
@@ -21,7 +23,7 @@
 # bench/results/ and turned into README tables by scripts/make_readme_tables.py. The device copy has no .git:
 # start the command with SALA_GIT_COMMIT=<git rev-parse HEAD here> so the JSON names the commit measured.
 set -uo pipefail
-part=${1:?usage: gpu_check.sh tests|kernels|sparse|decode|latency|ab|fused|train|repro|profile}
+part=${1:?usage: gpu_check.sh tests|kernels|sparse|decode|latency|ab|fused|gaps|train|repro|profile}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/sala_gpu}
 mkdir -p "$OUT"
@@ -32,7 +34,7 @@ fi
 case "$part" in
   tests)
     python3 -m pytest -q -p no:cacheprovider tests/test_lightning_triton.py tests/test_infllmv2_triton.py \
-      tests/test_engine_gpu.py -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+      tests/test_fused.py tests/test_engine_gpu.py -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
   kernels)
     python3 -m sala.bench.kernels_lightning --out "$OUT/lightning_kernels_h200.json" 2>&1 | tail -20
     python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_variants_h200.json" \
@@ -62,6 +64,9 @@ case "$part" in
     python3 -m pytest -q -p no:cacheprovider tests/test_fused.py 2>&1 | tee "$OUT/gpu_tests_fused.log" | tail -3
     python3 scripts/ab_engine.py --axes fused --lengths "${AB_LENGTHS:-64K,256K}" --reps 2 --decode-tokens 256 \
       --out "$OUT/engine_ab_fused_h200.json" 2>&1 | grep -v USDT | tail -7 ;;
+  gaps)
+    python3 scripts/prefill_gaps.py --length "${GAPS_LENGTH:-128K}" --out "$OUT/prefill_gaps_h200.json" 2>&1 \
+      | grep -v USDT | tail -4 ;;
   train)
     DATA=${DATA:-/tmp/sala_data} PREPARE_SOURCES=${PREPARE_SOURCES:-stdlib,python-packages} TRAIN_SECONDS=${TRAIN_SECONDS:-340} \
       TOTAL_SECONDS=${TOTAL_SECONDS:-560} EVAL_SECONDS=${EVAL_SECONDS:-60} bash scripts/train_small_gpu.sh "$OUT" ;;

@@ -1,0 +1,104 @@
+"""Where a long prefill's wall time goes beyond its GPU time: host syncs and idle gaps.
+
+For one prefill of N tokens (9B shape, random weights, after `SalaEngine.warmup` and an untimed warm prefill):
+- wall time (synchronised before and after);
+- GPU busy time: the union of all CUDA kernel and memcpy intervals under torch.profiler, so the idle
+  fraction = 1 - busy / wall (a second, profiled run);
+- host syncs: the number of synchronising CUDA calls, by call site, caught with
+  `torch.cuda.set_sync_debug_mode("warn")` during a third run.
+
+    python scripts/prefill_gaps.py --length 256K --out gaps.json
+
+Needs a CUDA GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sala.bench.common import run_metadata, write_json  # noqa: E402
+from sala.utils.lengths import parse_lengths  # noqa: E402
+
+
+def busy_ms(events) -> float:
+    """Union of the device intervals (kernels, copies) of profiler events, in ms."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")
+                   and e.time_range.end > e.time_range.start)
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in spans:
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total / 1e3          # profiler times are in µs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--length", default="256K")
+    ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--preset", default="minicpm-sala-9b")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    (n,) = parse_lengths(a.length)
+
+    import torch
+
+    from sala.engine import SalaEngine
+
+    if not torch.cuda.is_available():
+        raise SystemExit("scripts/prefill_gaps.py needs a CUDA GPU")
+    kw = {} if a.chunk_size is None else {"chunk_size": a.chunk_size}
+    engine = SalaEngine.from_preset(a.preset, random_weights=True, device="cuda", dtype="bf16", seed=0, **kw)
+    engine.warmup(n + 16)
+    ids = torch.randint(3, engine.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def prefill() -> float:
+        engine.cache = None
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.prefill([ids], n + 16)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    prefill()                                                    # warm (allocator, cuBLAS plans)
+    wall = prefill()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall_profiled = prefill()
+    busy = busy_ms(prof.events())
+    sites: collections.Counter = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            prefill()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            sites[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    payload = {"meta": run_metadata(), "benchmark": "prefill_gaps", "preset": a.preset, "length": n,
+               "chunk_size": engine.chunk_size, "wall_s": round(wall, 3), "wall_profiled_s": round(wall_profiled, 3),
+               "gpu_busy_s": round(busy / 1e3, 3), "idle_fraction": round(1 - busy / 1e3 / wall_profiled, 4),
+               "syncs": sum(sites.values()), "sync_sites": dict(sites.most_common(20))}
+    print({k: v for k, v in payload.items() if k != "meta"}, flush=True)
+    if a.out:
+        write_json(a.out, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
