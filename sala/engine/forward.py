@@ -254,7 +254,7 @@ class ModelRunner:
 
         h = decoder_layers(self.ops, self.layers, self.fused_mlp, h, cfg.residual_scale, attention)
         cache.lengths[row] = start + T
-        cache.seqlens[row] = start + T
+        cache.seqlens[row:row + 1].fill_(start + T)      # a fill kernel: no host sync (item assignment syncs)
         return h
 
     @torch.no_grad()
