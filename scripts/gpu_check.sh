@@ -15,6 +15,7 @@
 #   OUT=/dir bash scripts/gpu_check.sh fused      # fused elementwise kernels: GPU tests, then a same-process
 #                                                 # A/B against the unfused torch ops at 64K and 256K
 #   OUT=/dir bash scripts/gpu_check.sh gaps       # a 128K prefill: wall vs GPU busy time, host syncs by call site
+#                                                 # (GAPS_LENGTH=256K, GAPS_CHUNKS=32768: other chunk sizes too)
 #   OUT=/dir bash scripts/gpu_check.sh train      # the small SALA model: data built there, trained, evaluated
 #   OUT=/dir bash scripts/gpu_check.sh repro      # HALO reproduction: teacher, SALA, ablations (needs repro_data/)
 #   OUT=/dir bash scripts/gpu_check.sh profile    # where a training step's time goes (needs train_data/)
@@ -65,7 +66,8 @@ case "$part" in
     python3 scripts/ab_engine.py --axes fused --lengths "${AB_LENGTHS:-64K,256K}" --reps 2 --decode-tokens 256 \
       --out "$OUT/engine_ab_fused_h200.json" 2>&1 | grep -v USDT | tail -7 ;;
   gaps)
-    python3 scripts/prefill_gaps.py --length "${GAPS_LENGTH:-128K}" --out "$OUT/prefill_gaps_h200.json" 2>&1 \
+    python3 scripts/prefill_gaps.py --length "${GAPS_LENGTH:-128K}" --other-chunk-sizes "${GAPS_CHUNKS:-}" \
+      --out "$OUT/prefill_gaps_h200.json" 2>&1 \
       | grep -v USDT | tail -4 ;;
   train)
     DATA=${DATA:-/tmp/sala_data} PREPARE_SOURCES=${PREPARE_SOURCES:-stdlib,python-packages} TRAIN_SECONDS=${TRAIN_SECONDS:-340} \

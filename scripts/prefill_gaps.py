@@ -5,9 +5,11 @@ For one prefill of N tokens (9B shape, random weights, after `SalaEngine.warmup`
 - GPU busy time: the union of all CUDA kernel and memcpy intervals under torch.profiler, so the idle
   fraction = 1 - busy / wall (a second, profiled run);
 - host syncs: the number of synchronising CUDA calls, by call site, caught with
-  `torch.cuda.set_sync_debug_mode("warn")` during a third run.
+  `torch.cuda.set_sync_debug_mode("warn")` during a third run;
+- with --other-chunk-sizes, the wall time of the same prefill at other prefill chunk sizes (same engine, one
+  untimed warm run each).
 
-    python scripts/prefill_gaps.py --length 256K --out gaps.json
+    python scripts/prefill_gaps.py --length 256K --out gaps.json [--other-chunk-sizes 32768,65536]
 
 Needs a CUDA GPU.
 """
@@ -48,10 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", default="256K")
     ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--other-chunk-sizes", default="", help="comma-separated prefill chunk sizes to time too")
     ap.add_argument("--preset", default="minicpm-sala-9b")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     (n,) = parse_lengths(a.length)
+    try:
+        others = [int(x) for x in a.other_chunk_sizes.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--other-chunk-sizes must be integers, got {a.other_chunk_sizes!r}")
+    if any(c < 1 for c in others):
+        ap.error(f"--other-chunk-sizes must be >= 1, got {others}")
 
     import torch
 
@@ -90,10 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     for w in caught:
         if "synchroniz" in str(w.message).lower():
             sites[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    first_chunk = engine.chunk_size
+    by_chunk = {str(first_chunk): round(wall, 3)}
+    for c in others:
+        engine.chunk_size = c
+        prefill()                                                # untimed: first use of this chunk size
+        by_chunk[str(c)] = round(prefill(), 3)
+        print(f"chunk {c}: {by_chunk[str(c)]} s", flush=True)
+    engine.chunk_size = first_chunk
     payload = {"meta": run_metadata(), "benchmark": "prefill_gaps", "preset": a.preset, "length": n,
-               "chunk_size": engine.chunk_size, "wall_s": round(wall, 3), "wall_profiled_s": round(wall_profiled, 3),
+               "chunk_size": first_chunk, "wall_s": round(wall, 3), "wall_profiled_s": round(wall_profiled, 3),
                "gpu_busy_s": round(busy / 1e3, 3), "idle_fraction": round(1 - busy / 1e3 / wall_profiled, 4),
-               "syncs": sum(sites.values()), "sync_sites": dict(sites.most_common(20))}
+               "syncs": sum(sites.values()), "sync_sites": dict(sites.most_common(20)),
+               "wall_s_by_chunk_size": by_chunk}
     print({k: v for k, v in payload.items() if k != "meta"}, flush=True)
     if a.out:
         write_json(a.out, payload)
