@@ -77,6 +77,24 @@ def test_forward_matches_reference(config, dtype, t, dk, dv, seg):
     assert rel_err(f, f_ref) < TOL[dtype]
 
 
+def test_forward_reads_strided_views_of_a_fused_projection(config):
+    """q, k, v as column slices of one [B, T, 3*H*D] projection (how the engine calls it, batch 1): same result
+    as contiguous copies, no copy needed."""
+    h, d, t = 2, 32, 70
+    g = torch.Generator().manual_seed(5)
+    proj = torch.randn(1, t, 3 * h * d, generator=g).to(DEVICE, torch.bfloat16)
+    q, k, v = (proj[..., i * h * d:(i + 1) * h * d].reshape(1, t, h, d) for i in range(3))
+    assert not v.is_contiguous()
+    ld = lightning_log_decay(h, DEVICE)
+    s0 = torch.randn(1, h, d, d, generator=g).to(DEVICE)
+    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True)
+    o2, f2 = lightning_attention(q.contiguous(), k.contiguous(), v.contiguous(), ld, initial_state=s0,
+                                 output_final_state=True)
+    assert torch.equal(o, o2) and torch.equal(f, f2)
+    _, (o_ref, _) = reference(q, k, v, ld, initial_state=s0, output_final_state=True)
+    assert rel_err(o, o_ref) < TOL[torch.bfloat16]
+
+
 def test_forward_without_states_and_custom_scale(config):
     q, k, v, _ = inputs(1, 40, 2, 32, 32, torch.float32, seed=1)
     ld = lightning_log_decay(2, DEVICE)

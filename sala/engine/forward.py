@@ -189,7 +189,7 @@ class ModelRunner:
         parts = self.project(i, x)
         q = parts[0].reshape(B, T, attn.num_heads, attn.head_dim)
         k = parts[1].reshape(B, T, attn.num_kv_heads, attn.head_dim)
-        v = parts[2].reshape(B, T, attn.num_kv_heads, attn.head_dim).contiguous()
+        v = parts[2].reshape(B, T, attn.num_kv_heads, attn.head_dim)   # a view: the kernels take its strides
         z = parts[3] if attn.z_proj is not None else None
         del parts
         q, k, v = lightning_prepare(self.ops, attn, q, k, v, cos, sin)
