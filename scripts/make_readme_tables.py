@@ -344,17 +344,20 @@ def fused_ab_section() -> list[str]:
     return out + ["", "Fused against unfused, medians: " + "; ".join(cells) + ".", ""]
 
 
-def _first_setting_reps_note() -> str:
-    """The fused A/B's first setting, both repetitions (shows whether a first request still compiles)."""
-    d = _load("engine_ab_fused_h200.json")
-    if not d:
-        return ""
+def _first_setting_decode(d: dict) -> str:
+    """Decode speed of an A/B run's first setting in each repetition, per length ("64K: 86 then 115 tok/s; ...");
+    a first repetition much slower than the second means something still compiled on first use."""
     reps = {}
     for r in d["runs"]:
         if r["setting"] == d["settings"][0]:
             reps.setdefault(r["length"], []).append(r["decode_tokens_per_s"])
-    return (": in the fused A/B above, its first setting decoded at "
-            + "; ".join(f"{_len(n)}: {' then '.join(f'{x:.0f}' for x in v)} tok/s" for n, v in reps.items()))
+    return "; ".join(f"{_len(n)}: {' then '.join(f'{x:.0f}' for x in v)} tok/s" for n, v in reps.items())
+
+
+def _first_setting_reps_note() -> str:
+    """The fused A/B's first setting, both repetitions (shows whether a first request still compiles)."""
+    d = _load("engine_ab_fused_h200.json")
+    return f": in the fused A/B above, its first setting decoded at {_first_setting_decode(d)}" if d else ""
 
 
 def engine_ab_section() -> list[str]:
@@ -366,13 +369,8 @@ def engine_ab_section() -> list[str]:
     out = _ab_table(d, name, "Same-process A/B of the sparse kernel choices, end to end",
                     "Defaults: band on, decode split. Measured before the fused elementwise kernels.")
     lead = d["settings"][0]
-    reps = {}
-    for r in d["runs"]:
-        if r["setting"] == lead:
-            reps.setdefault(r["length"], []).append(r["decode_tokens_per_s"])
     out += ["", f"The first setting measured at each length ({lead.replace('+', ', ')}) decoded at "
-            + "; ".join(f"{_len(n)}: {' then '.join(f'{x:.0f}' for x in v)} tok/s" for n, v in reps.items())
-            + " in its two repetitions: its first decode still compiled something per length (most likely the split "
+            + _first_setting_decode(d) + " in its two repetitions: its first decode still compiled something per length (most likely the split "
             "selection's output strides, value-specialised then; no longer since" + _first_setting_reps_note() + ")."]
     first = _load("history/engine_ab_no_warmup_h200.json")
     if first:

@@ -1,5 +1,7 @@
 import importlib
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +45,17 @@ def triton_module(request):
     mp.undo()
     if on_cpu and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         importlib.reload(module)  # leave the module as a fresh import would build it
+
+
+@pytest.fixture
+def load_script():
+    """load_script(name) imports scripts/<name>.py as a module (the scripts folder is not a package)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, root / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,28 +1,17 @@
 """scripts/ab_engine.py: every setting really applied while measured, interleaved order, medians per setting."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("ab_engine", ROOT / "scripts" / "ab_engine.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_ab_engine_applies_each_setting_and_summarises(tmp_path, monkeypatch):
+def test_ab_engine_applies_each_setting_and_summarises(tmp_path, monkeypatch, load_script):
     pytest.importorskip("triton")
     from sala.ops import infllmv2_triton as tri
 
-    ab = _load()
+    ab = load_script("ab_engine")
     monkeypatch.setitem(tri.TUNING, "band_split", True)
     for env in ("SALA_SPARSE_DECODE", "SALA_SPARSE_DECODE_SELECT"):
         monkeypatch.setenv(env, "default")
@@ -50,13 +39,13 @@ def test_ab_engine_applies_each_setting_and_summarises(tmp_path, monkeypatch):
     assert tri.TUNING["band_split"] is True and os.environ["SALA_SPARSE_DECODE"] == "default"   # restored
 
 
-def test_ab_engine_fused_axis_swaps_the_runners_ops_and_restores_them(monkeypatch):
+def test_ab_engine_fused_axis_swaps_the_runners_ops_and_restores_them(monkeypatch, load_script):
     pytest.importorskip("triton")
     from types import SimpleNamespace
 
     from sala.engine.forward import EAGER_OPS, REFERENCE_OPS
 
-    ab = _load()
+    ab = load_script("ab_engine")
     engine = SimpleNamespace(runner=SimpleNamespace(ops="prefill-ops", decode_ops="decode-ops"))
     seen = []
 

@@ -50,6 +50,6 @@ def test_tuning_variant_measures_and_restores_tuning(monkeypatch):
         if name == "noband":
             assert res["noband_attention_fwd_ms"] == 2.0
             assert res["noband_attention_max_abs_diff_vs_default"] == 0.0
-    assert ks._check_variants(["topkcompact", "branchmask"]) == ["topkcompact", "branchmask"]
+    assert ks.check_variants(["topkcompact", "branchmask"]) == ["topkcompact", "branchmask"]
     with pytest.raises(ValueError, match="topkcompact"):
-        ks._check_variants(["topk"])
+        ks.check_variants(["topk"])

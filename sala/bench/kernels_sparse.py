@@ -138,7 +138,8 @@ def _measure_tuning_variant(name: str, T: int, p: SparseParams, q, k, v, res: di
         del k1, k2, want
 
 
-def _check_variants(variants) -> list[str]:
+def check_variants(variants) -> list[str]:
+    """The validated `--variants` names (blank entries dropped); an unknown name raises ValueError."""
     out = []
     for v in variants:
         v = v.strip()
@@ -522,7 +523,7 @@ def run(lengths=DEFAULT_LENGTHS, out_path: str | None = None, with_fla: bool = T
     if not torch.cuda.is_available():
         raise RuntimeError("sala.bench.kernels_sparse needs a CUDA GPU")
     p = SparseParams()
-    variants = _check_variants(variants)
+    variants = check_variants(variants)
     payload = {"meta": run_metadata(), "op": "infllmv2_sparse_attention",
                "shape": {"Hq": HQ, "Hkv": HKV, "head_dim": D, "dtype": "bfloat16", "batch": 1,
                          "params": {"block_size": p.block_size, "kernel_size": p.kernel_size,
@@ -578,7 +579,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     run([int(x) for x in a.lengths.split(",")], a.out, with_fla=not a.no_fla,
         backward_max_len=a.backward_max_len, time_budget_s=a.time_budget_s, tune=a.tune,
-        variants=_check_variants(a.variants.split(",")))
+        variants=check_variants(a.variants.split(",")))
     return 0
 
 

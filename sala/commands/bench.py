@@ -29,10 +29,10 @@ def _kernels(args: argparse.Namespace) -> int:
             out = args.out.replace(".json", f"_{op}.json")
         extra = {}
         if op == "sparse":
-            from sala.bench.kernels_sparse import _check_variants
+            from sala.bench.kernels_sparse import check_variants
 
             extra = dict(tune=args.tune or None,
-                         variants=_check_variants(["default", *args.variants.split(",")]) if args.variants else None)
+                         variants=check_variants(["default", *args.variants.split(",")]) if args.variants else None)
         _call_run(_KERNEL_MODULES[op], lengths=args.lengths, out_path=out, with_fla=not args.no_baseline, **extra)
         print(f"wrote {out}")
     return 0

@@ -70,43 +70,6 @@ def compiled_ops(backend: str = "inductor") -> FusedOps:
     return FusedOps(*(torch.compile(f, backend=backend, dynamic=True) for f in REFERENCE_OPS))
 
 
-def _eps(norm) -> float:
-    return norm.eps if norm is not None else 0.0
-
-
-def _weight(norm):
-    return norm.weight if norm is not None else None
-
-
-def lightning_prepare(ops: FusedOps, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos, sin):
-    """What `SalaLightningAttention.prepare` computes (QK-norm, RoPE, GQA expansion), fused:
-    q, k, v [B, T, H(kv), D] (views of the projection) -> contiguous [B, T, H, D]."""
-    if not attn.use_rope:
-        cos = sin = None
-    q = ops.qk_norm_rope(q, _weight(attn.q_norm), _eps(attn.q_norm), cos, sin)
-    k = ops.qk_norm_rope(k, _weight(attn.k_norm), _eps(attn.k_norm), cos, sin)
-    q, k = q.to(v.dtype), k.to(v.dtype)
-    if attn.num_kv_heads != attn.num_heads:
-        rep = attn.num_heads // attn.num_kv_heads
-        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-    return q, k, v
-
-
-def lightning_finish(ops: FusedOps, attn, o: torch.Tensor, z: torch.Tensor | None, dtype: torch.dtype):
-    """What `SalaLightningAttention.finish` computes: o_norm, sigmoid(z) gate (one kernel), o_proj."""
-    B, T = o.shape[:2]
-    o = o.reshape(B, T, attn.num_heads * attn.head_dim).to(dtype)
-    o = ops.rms_norm_gate(o, _weight(attn.o_norm), _eps(attn.o_norm), z, normalize=attn.o_norm is not None)
-    return attn.o_proj(o)
-
-
-def sparse_finish(ops: FusedOps, attn, o: torch.Tensor, gate: torch.Tensor | None):
-    """What `SalaSparseAttention.finish` computes: o * sigmoid(gate), o_proj."""
-    B, T = o.shape[:2]
-    o = o.reshape(B, T, attn.num_heads * attn.head_dim)
-    return attn.o_proj(ops.rms_norm_gate(o, None, 0.0, gate, normalize=False))
-
-
 def mlp_out(ops: FusedOps, layer, w_gate_up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) for x [B, T, hidden], gate|up as one GEMM, in token slices of
     MLP_SLICE_TOKENS (bounds the [T, 2I] activations); returns [B, T, hidden]."""
@@ -192,12 +155,12 @@ class ModelRunner:
         v = parts[2].reshape(B, T, attn.num_kv_heads, attn.head_dim)   # a view: the kernels take its strides
         z = parts[3] if attn.z_proj is not None else None
         del parts
-        q, k, v = lightning_prepare(self.ops, attn, q, k, v, cos, sin)
+        q, k, v = attn.prepare(q, k, v, cos, sin, qk_norm_rope=self.ops.qk_norm_rope)
         o, final = lightning_attention(q, k, v, self.log_decay, scale=attn.scale, initial_state=state,
                                        output_final_state=True)
         del q, k, v
         state.copy_(final)
-        return lightning_finish(self.ops, attn, o, z, x.dtype)
+        return attn.finish(o, z, x.dtype, rms_norm_gate=self.ops.rms_norm_gate)
 
     def _sparse_prefill(self, attn, x: torch.Tensor, positions: torch.Tensor, cos, sin, cache: StaticCache,
                         layer: int, row: int, start: int) -> torch.Tensor:
@@ -228,7 +191,7 @@ class ModelRunner:
                                    k2=buf.k2[row:row + 1, :n2])
         else:
             o = dense_causal_attention(q, keys, values, scale=attn.scale)
-        return sparse_finish(self.ops, attn, o if o.dim() == 4 else o[:, None], gate)
+        return attn.finish(o if o.dim() == 4 else o[:, None], gate, rms_norm_gate=self.ops.rms_norm_gate)
 
     @torch.no_grad()
     def prefill_chunk(self, ids: torch.Tensor, cache: StaticCache, row: int) -> torch.Tensor:
@@ -317,10 +280,10 @@ class DecodeStep:
         k = parts[1].reshape(B, 1, attn.num_kv_heads, attn.head_dim)
         v = parts[2].reshape(B, 1, attn.num_kv_heads, attn.head_dim).contiguous()
         z = parts[3] if attn.z_proj is not None else None
-        q, k, v = lightning_prepare(self.runner.decode_ops, attn, q, k, v, cos, sin)
+        q, k, v = attn.prepare(q, k, v, cos, sin, qk_norm_rope=self.runner.decode_ops.qk_norm_rope)
         o = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], self.runner.log_decay, state, scale=attn.scale,
                                   out=self.light_out)
-        return lightning_finish(self.runner.decode_ops, attn, o[:, None], z, x.dtype)
+        return attn.finish(o[:, None], z, x.dtype, rms_norm_gate=self.runner.decode_ops.rms_norm_gate)
 
     def _sparse(self, attn, x: torch.Tensor, pos: torch.Tensor, cos, sin, layer: int) -> torch.Tensor:
         B = x.shape[0]
@@ -344,7 +307,7 @@ class DecodeStep:
             o = F.scaled_dot_product_attention(q.transpose(1, 2), buf.k.transpose(1, 2), buf.v.transpose(1, 2),
                                                attn_mask=valid[:, None, None, :], scale=attn.scale,
                                                enable_gqa=True)[:, :, 0]
-        return sparse_finish(self.runner.decode_ops, attn, o if o.dim() == 4 else o[:, None], gate)
+        return attn.finish(o if o.dim() == 4 else o[:, None], gate, rms_norm_gate=self.runner.decode_ops.rms_norm_gate)
 
     @torch.no_grad()
     def __call__(self) -> torch.Tensor:

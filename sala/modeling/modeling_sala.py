@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover
 from sala.modeling.cache import LightningLayerCache, SalaCache, SparseLayerCache
 from sala.modeling.configuration_sala import SPARSE, SalaConfig
 from sala.ops.dense import dense_causal_attention
+from sala.ops.fused_reference import qk_norm_rope_reference, rms_norm_gate_reference, rms_norm_reference
 from sala.ops.infllmv2 import SparseParams, infllmv2_attention
 from sala.ops.lightning import lightning_attention, lightning_decode_step
 from sala.ops.slopes import lightning_log_decay
@@ -37,10 +38,12 @@ class SalaRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm_reference(x, self.weight, self.eps)
+
+
+def _norm_args(norm: SalaRMSNorm | None) -> tuple[torch.Tensor | None, float]:
+    """(weight, eps) of an optional RMSNorm, as the functional ops take them (None, 0.0 when absent)."""
+    return (norm.weight, norm.eps) if norm is not None else (None, 0.0)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,10 +56,7 @@ def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float) -> tuple[to
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, T, H, D] by cos/sin [B, T, D]; computed in fp32, returned in x.dtype."""
-    x32 = x.float()
-    half = x32.shape[-1] // 2
-    rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
-    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).to(x.dtype)
+    return qk_norm_rope_reference(x, None, 0.0, cos, sin)
 
 
 class SalaMLP(nn.Module):
@@ -120,12 +120,14 @@ class SalaLightningAttention(nn.Module):
         return lightning_log_decay(self.num_heads, device=device)
 
     def prepare(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
-                sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """QK-norm, RoPE (cos/sin [B, T, D]), one dtype, GQA expansion: q, k, v [B, T, H(kv), D] -> [B, T, H, D]."""
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                sin: torch.Tensor | None, qk_norm_rope=qk_norm_rope_reference
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """QK-norm, RoPE (cos/sin [B, T, D]), one dtype, GQA expansion: q, k, v [B, T, H(kv), D] -> [B, T, H, D].
+        qk_norm_rope: the op doing norm + rotation (`sala.ops.fused` signature; the engine passes its kernel)."""
+        if not self.use_rope:
+            cos = sin = None
+        q = qk_norm_rope(q, *_norm_args(self.q_norm), cos, sin)
+        k = qk_norm_rope(k, *_norm_args(self.k_norm), cos, sin)
         # Under autocast the projections are low precision while fp32 norm weights promote q and k: one dtype.
         q, k = q.to(v.dtype), k.to(v.dtype)
         if self.num_kv_heads != self.num_heads:
@@ -133,14 +135,13 @@ class SalaLightningAttention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         return q, k, v
 
-    def finish(self, o: torch.Tensor, z: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """o [B, T, H, D] -> o_norm over all heads -> * sigmoid(z) (z = z_proj(x)) -> o_proj: [B, T, hidden]."""
+    def finish(self, o: torch.Tensor, z: torch.Tensor | None, dtype: torch.dtype,
+               rms_norm_gate=rms_norm_gate_reference) -> torch.Tensor:
+        """o [B, T, H, D] -> o_norm over all heads -> * sigmoid(z) (z = z_proj(x)) -> o_proj: [B, T, hidden].
+        rms_norm_gate: the op doing norm + gate (`sala.ops.fused` signature; the engine passes its kernel)."""
         B, T = o.shape[:2]
         o = o.reshape(B, T, self.num_heads * self.head_dim).to(dtype)
-        if self.o_norm is not None:
-            o = self.o_norm(o)
-        if z is not None:
-            o = o * torch.sigmoid(z)
+        o = rms_norm_gate(o, *_norm_args(self.o_norm), z, normalize=self.o_norm is not None)
         return self.o_proj(o)
 
     def forward(self, x: torch.Tensor, batch: _Batch, cache: LightningLayerCache | None) -> torch.Tensor:
@@ -211,13 +212,12 @@ class SalaSparseAttention(nn.Module):
             q = (q.float() * s[:, :, None, None]).to(q.dtype)
         return q, k
 
-    def finish(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        """o [B, T, Hq, D] -> * sigmoid(gate) (gate = o_gate(x)) -> o_proj: [B, T, hidden]."""
+    def finish(self, o: torch.Tensor, gate: torch.Tensor | None, rms_norm_gate=rms_norm_gate_reference) -> torch.Tensor:
+        """o [B, T, Hq, D] -> * sigmoid(gate) (gate = o_gate(x)) -> o_proj: [B, T, hidden].
+        rms_norm_gate: the gate op (`sala.ops.fused` signature, used without its norm; the engine passes its kernel)."""
         B, T = o.shape[:2]
         o = o.reshape(B, T, self.num_heads * self.head_dim)
-        if gate is not None:
-            o = o * torch.sigmoid(gate)
-        return self.o_proj(o)
+        return self.o_proj(rms_norm_gate(o, None, 0.0, gate, normalize=False))
 
     def forward(self, x: torch.Tensor, batch: _Batch, cache: SparseLayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape

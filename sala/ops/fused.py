@@ -59,10 +59,7 @@ def add_rms_norm(h: Tensor, a: Tensor, scale: float, weight: Tensor | None, eps:
         out, res = rms_norm_rows_triton(rows, weight, eps, add=_rows(a), scale=scale,
                                         residual_out=rows if inplace else None)
         return (h if inplace else res.view(h.shape)), out.view(h.shape)
-    if inplace:
-        h.add_(a * scale)
-        return h, rms_norm_reference(h, weight, eps)
-    return add_rms_norm_reference(h, a, scale, weight, eps)
+    return add_rms_norm_reference(h, a, scale, weight, eps, inplace)
 
 
 def rms_norm_gate(o: Tensor, weight: Tensor | None, eps: float, gate: Tensor | None, *,

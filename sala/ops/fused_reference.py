@@ -20,17 +20,19 @@ def rms_norm_reference(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     return y if weight is None else weight * y
 
 
-def add_rms_norm_reference(h: Tensor, a: Tensor, scale: float, weight: Tensor | None,
-                           eps: float) -> tuple[Tensor, Tensor]:
-    """The decoder's scaled residual add followed by the next RMSNorm: returns (h + a * scale, its norm)."""
-    h = h + a * scale
+def add_rms_norm_reference(h: Tensor, a: Tensor, scale: float, weight: Tensor | None, eps: float,
+                           inplace: bool = False) -> tuple[Tensor, Tensor]:
+    """The decoder's scaled residual add followed by the next RMSNorm: returns (h + a * scale, its norm);
+    inplace=True writes the sum into h (same roundings)."""
+    h = h.add_(a * scale) if inplace else h + a * scale
     return h, rms_norm_reference(h, weight, eps)
 
 
 def qk_norm_rope_reference(x: Tensor, weight: Tensor | None, eps: float, cos: Tensor | None,
                            sin: Tensor | None) -> Tensor:
     """Per-head RMSNorm then NeoX ("rotate half") RoPE in fp32: x [B, T, H, D], weight [D] or None,
-    cos/sin [B or 1, T, D] fp32 or None (no rotation). Returns a contiguous [B, T, H, D] in x.dtype."""
+    cos/sin [B or 1, T, D] fp32 or None (no rotation). Returns a contiguous [B, T, H, D] in x.dtype (promoted
+    as torch promotes when the weight's dtype is wider)."""
     if weight is not None:
         x = rms_norm_reference(x, weight, eps)
     if cos is None:

@@ -309,7 +309,7 @@ def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks, *, fill:
                                out.stride(0), out.stride(1), out.stride(2),
                                G=G, GP=GP, BQ=BQ, D=D, K1K=params.kernel_size, K1S=params.kernel_stride,
                                K2K=params.k2_kernel, K2S=params.k2_stride, BS=params.block_size, R=r, HALO=halo,
-                               INIT=params.init_blocks, LOCAL=params.local_blocks, BN2=16 if interpreter_enabled() else 64,
+                               INIT=params.init_blocks, LOCAL=params.local_blocks, BN2=_k2_tile(),
                                NB=NB, BRANCH_MASK=_branch_mask(),
                                num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4, **_stages("select_stages"))
     return out
@@ -553,7 +553,7 @@ def warmup_length_classes(max_tokens: int, params, *, batch: int = 1, heads: tup
     cap = 256
     while cap < 2 * max_tokens:       # capacities double: every power-of-two class of decode splits is met
         n1, n2 = compressed_lengths(cap, params)
-        sp2 = max(2, _pow2(decode_select_splits(batch, Hkv, max(1, n2), _decode_k2_tile())[0]))
+        sp2 = max(2, _pow2(decode_select_splits(batch, Hkv, max(1, n2), _k2_tile())[0]))
         if sp2 not in seen:
             seen.add(sp2)
             q = torch.zeros(batch, Hq, D, device=device, dtype=dtype)
@@ -1462,8 +1462,8 @@ def decode_select_splits(B: int, Hkv: int, n_items: int, unit: int) -> tuple[int
     return max(1, -(-n_items // per)), per
 
 
-def _decode_k2_tile() -> int:
-    """K2 columns per tile of the split decode selection (16 in the interpreter)."""
+def _k2_tile() -> int:
+    """K2 columns per tile of the selection kernels, prefill and split decode (16 in the interpreter)."""
     return 16 if interpreter_enabled() else 64
 
 
@@ -1484,7 +1484,7 @@ def pooled_block_scores_decode_split(q, k1, k2, pos, params, scale, n_blocks) ->
     if B == 0 or n_blocks == 0:
         return out
     GP = max(16, _pow2(G))
-    BN2 = _decode_k2_tile()
+    BN2 = _k2_tile()
     nsplit2, cps = decode_select_splits(B, Hkv, max(1, k2.shape[1]), BN2)
     plse = torch.empty(B, Hkv, nsplit2, GP, dtype=torch.float32, device=q.device)
     pos = pos.to(torch.int32).contiguous()
@@ -1616,6 +1616,6 @@ def varlen_pooled_block_scores(q, k1, k2, sq_tok, sq_pos, tiles, tile_lo, tile_h
         out.stride(0), out.stride(1),
         G=G, GP=GP, BQ=BQ, D=D, K1K=params.kernel_size, K1S=params.kernel_stride, K2K=params.k2_kernel,
         K2S=params.k2_stride, BS=params.block_size, R=r, HALO=halo, INIT=params.init_blocks,
-        LOCAL=params.local_blocks, BN2=16 if interpreter_enabled() else 64, NB=NB,
+        LOCAL=params.local_blocks, BN2=_k2_tile(), NB=NB,
         BRANCH_MASK=_branch_mask(), num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4, **_stages("select_stages"))
     return out
