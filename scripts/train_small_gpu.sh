@@ -9,6 +9,8 @@
 #      TOTAL_SECONDS (cap the whole script: training gets what preparation and calibration leave),
 #      PREPARE_SOURCES (e.g. "stdlib,python-packages": build DATA first when it does not exist, with
 #      SYNTHETIC_FRACTION (default 0.4) of synthetic retrieval samples of 512 to 4K tokens),
+#      SYNTHETIC_TASKS (default niah_multiquery,niah_multikey,niah_multivalue,vt: the synthetic tasks of both
+#      datasets; niah_multiquery asks up to 16 questions per document, niah_single's one question 16 times over),
 #      DECAY_SYNTHETIC_FRACTION (e.g. 0.6: the decay stage trains on the standard library plus this share
 #      of synthetic retrieval samples, built first: the recipe that taught the converted model to retrieve).
 set -euo pipefail
@@ -38,10 +40,12 @@ else:
 cfg_path = "configs/train/sala_small_gpu.yaml"
 t_all = time.time()
 sources = [x for x in os.environ.get("PREPARE_SOURCES", "").split(",") if x]
+synth_tasks = tuple(x for x in os.environ.get("SYNTHETIC_TASKS", "niah_multiquery,niah_multikey,niah_multivalue,vt")
+                    .split(",") if x)
 if sources and not os.path.exists(os.path.join(data, "meta.json")):
     from sala.data.prepare import SyntheticMix, prepare
     prepare(data, sources, tokenizer="sala", val_fraction=0.01, seed=0, log=print,
-            synthetic=SyntheticMix(fraction=float(os.environ.get("SYNTHETIC_FRACTION", "0.4")),
+            synthetic=SyntheticMix(fraction=float(os.environ.get("SYNTHETIC_FRACTION", "0.4")), tasks=synth_tasks,
                                    lengths=(512, 1024, 2048, 4096) if not cpu else (256,), seed=1234))
     print(f"prepared {data} in {time.time() - t_all:.0f}s")
 decay_data = None
@@ -51,7 +55,7 @@ if os.environ.get("DECAY_SYNTHETIC_FRACTION"):   # the decay stage on retrieval-
     if not os.path.exists(os.path.join(decay_data, "meta.json")):
         t0 = time.time()
         prepare(decay_data, ["stdlib"], tokenizer="sala", val_fraction=0.01, seed=0, log=print,
-                synthetic=SyntheticMix(fraction=float(os.environ["DECAY_SYNTHETIC_FRACTION"]),
+                synthetic=SyntheticMix(fraction=float(os.environ["DECAY_SYNTHETIC_FRACTION"]), tasks=synth_tasks,
                                        lengths=(512, 1024, 2048, 4096) if not cpu else (256,), seed=4321))
         print(f"prepared {decay_data} in {time.time() - t0:.0f}s")
 

@@ -23,7 +23,7 @@ def test_samples_fit_length_and_contain_answers(tok, task):
         assert n == s.num_tokens
         assert n + s.max_new_tokens <= L
         assert n > 0.8 * (L - s.max_new_tokens)  # the haystack really fills the budget
-        if task in ("niah_single", "niah_multikey", "niah_multivalue"):
+        if task in ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"):
             for v in s.outputs:
                 assert f"is: {v}." in s.input  # the needle is in the haystack
             assert s.meta["keys"][0] in s.input.rsplit("\n", 1)[-1]  # and its key in the question
@@ -40,6 +40,25 @@ def test_samples_fit_length_and_contain_answers(tok, task):
         # the reference answer scores 100, the empty answer 0
         assert string_match_all([s.answer], [s.outputs]) == 100.0
         assert string_match_all([""], [s.outputs]) == 0.0
+
+
+@pytest.mark.parametrize("length", [300, 1500, 5000])
+def test_multiquery_answers_every_other_key_from_its_needle(tok, length):
+    """niah_multiquery: K needles, K-1 questions answered with their own needle's number, the last one open."""
+    import re
+
+    from sala.eval.tasks import multiquery_keys
+
+    s = next(generate("niah_multiquery", length, 1, tok.count, seed=9))
+    keys = s.meta["keys"]
+    assert len(keys) == multiquery_keys(length) == max(2, min(16, length // 256))
+    needles = dict(re.findall(r"magic numbers for (\S+) is: (\d+)\.", s.input))
+    assert set(needles) == set(keys) and needles[keys[0]] == s.outputs[0]
+    answered = re.findall(r"number for (\S+) in the text above is: (\d+)\.", s.input)
+    assert sorted(k for k, _ in answered) == sorted(keys[1:])
+    assert all(needles[k] == v for k, v in answered)
+    assert s.input.endswith(f"number for {keys[0]} in the text above is:")
+    assert s.input.rindex("\n") > max(s.input.index(f"is: {v}.") for v in needles.values())   # questions after the haystack
 
 
 def test_generation_is_deterministic_and_seeded(tok):

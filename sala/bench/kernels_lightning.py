@@ -51,6 +51,12 @@ def _free():
     torch.cuda.empty_cache()
 
 
+def _kernel_resources(lt) -> dict:
+    """Registers per thread and spilled bytes of the latest forward launch's kernels (as compiled on this GPU)."""
+    return {role: {"regs": getattr(k, "n_regs", None), "spills": getattr(k, "n_spills", None)}
+            for role, k in lt.LAST_KERNELS.items()}
+
+
 def _tune_forward(t: int, log_decay: torch.Tensor) -> dict:
     """Time a few launch configurations of the forward at length t; keep the fastest in CONFIG."""
     from sala.ops import lightning_triton as lt
@@ -61,8 +67,9 @@ def _tune_forward(t: int, log_decay: torch.Tensor) -> dict:
     trials = []
     grid = [((64, 64, 4, 2), (0, 16, 64)), ((64, 64, 8, 2), (0, 16)), ((64, 128, 8, 2), (0, 16, 64)),
             ((64, 128, 8, 1), (0,)), ((64, 32, 4, 2), (0, 16, 64, 1024)), ((128, 64, 8, 2), (0, 16)),
-            ((128, 128, 8, 2), (0, 8)), ((32, 64, 4, 2), (0, 32)), ((32, 128, 8, 2), (0, 32)),
-            ((64, 64, 4, 3), (0,))]
+            ((128, 128, 8, 2), (0, 8, 16, 32, 64)), ((32, 64, 4, 2), (0, 32)), ((32, 128, 8, 2), (0, 32)),
+            ((64, 64, 4, 3), (0,)), ((64, 64, 4, 2), (32, 128)), ((128, 128, 8, 3), (0, 32)), ((128, 128, 4, 2), (0,)),
+            ((128, 64, 4, 2), (0,))]
     for (chunk, block_v, warps, stages), cps_list in grid:
         for cps in cps_list:
             cfg = dataclasses.replace(base, chunk=chunk, block_v=block_v, num_warps=warps, num_stages=stages,
@@ -73,7 +80,7 @@ def _tune_forward(t: int, log_decay: torch.Tensor) -> dict:
             except Exception as exc:  # a config that does not compile (e.g. out of shared memory)
                 trials.append({"config": dataclasses.asdict(cfg), "error": repr(exc)[:200]})
                 continue
-            trials.append({"config": dataclasses.asdict(cfg), "fwd_ms": ms})
+            trials.append({"config": dataclasses.asdict(cfg), "fwd_ms": ms, "kernels": _kernel_resources(lt)})
             print(f"tune T={t} chunk={chunk} bv={block_v} warps={warps} stages={stages} cps={cps}: {ms:.3f} ms",
                   flush=True)
     ok = [x for x in trials if "fwd_ms" in x]

@@ -35,4 +35,4 @@ def _check(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> N
 
 
 SCORERS = {"niah_single": string_match_all, "niah_multikey": string_match_all, "niah_multivalue": string_match_all,
-           "vt": string_match_all, "cwe": string_match_all}
+           "vt": string_match_all, "cwe": string_match_all, "niah_multiquery": string_match_all}

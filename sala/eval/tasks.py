@@ -9,6 +9,10 @@ Tasks (names as in RULER where one exists):
 | `niah_multivalue` | filler, 4 needles with the same key | all numbers of the key | [N1..N4] |
 | `vt` | filler, a chain VAR A = 12345, VAR B = VAR A, ... | every variable holding 12345 | [A, B, ...] |
 | `cwe` | numbered list: 10 words x30, the rest x3 | the 10 most common words | [w1..w10] |
+| `niah_multiquery` | filler, K needles (K = 2..16 by length) | K-1 answered questions, then the last key's | [N] |
+
+`niah_multiquery` is the training-dense form of `niah_single` (not a RULER task): each of its K questions is a
+retrieval over the haystack, so a document of it teaches retrieval K times where `niah_single` teaches it once.
 
 The prompt length is measured in tokens of the tokenizer that will read it: the haystack is grown
 (binary search) until prompt + answer budget reaches the target length. Each sample's `input` ends
@@ -25,10 +29,11 @@ from sala.eval.words import magic_number, needle_key, pseudo_words, variable_nam
 
 FILLER = "The river is calm. The hills are quiet. The day goes on. We walk along and back again."
 
-TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe")
+TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe", "niah_multiquery")
 
 # tokens kept free for the answer (RULER budgets the generation inside the length) and decoded at eval
-MAX_NEW_TOKENS = {"niah_single": 24, "niah_multikey": 24, "niah_multivalue": 64, "vt": 40, "cwe": 96}
+MAX_NEW_TOKENS = {"niah_single": 24, "niah_multikey": 24, "niah_multivalue": 64, "vt": 40, "cwe": 96,
+                  "niah_multiquery": 24}
 
 
 @dataclass
@@ -147,6 +152,40 @@ def _niah(task: str, rng: random.Random, depth: float) -> tuple[Callable[[int], 
     return build, outputs, answer, {"keys": keys}
 
 
+def multiquery_keys(length: int) -> int:
+    """Needles (and questions) of a `niah_multiquery` sample of `length` tokens: one per 256, 2 to 16."""
+    return max(2, min(16, length // 256))
+
+
+def _niah_multiquery(rng: random.Random, depth: float, length: int) -> tuple[Callable[[int], str], list[str], str, dict]:
+    nkeys = multiquery_keys(length)
+    keys: list[str] = []
+    while len(keys) < nkeys:
+        k = needle_key(rng)
+        if k not in keys:
+            keys.append(k)
+    values = [magic_number(rng) for _ in keys]
+    needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)]
+    depths = [depth] + [rng.random() for _ in keys[1:]]
+    asked = list(range(1, nkeys))
+    rng.shuffle(asked)
+    asked.append(0)           # the needle at `depth` is asked last, unanswered
+
+    def qa(i: int) -> str:
+        return (f"What is the special magic number for {keys[i]} in the text above? "
+                f"The special magic number for {keys[i]} in the text above is:")
+
+    questions = "\n".join(qa(i) + f" {values[i]}." for i in asked[:-1])
+    header = ("Some special magic numbers are hidden in the text below. Remember them, because you will "
+              "be asked about them afterwards.\n")
+
+    def build(n: int) -> str:
+        body = _insert([FILLER] * n, needles, depths)
+        return header + " ".join(body) + "\n" + questions + "\n" + qa(0)
+
+    return build, [values[0]], f" {values[0]}.", {"keys": keys}
+
+
 def _vt(rng: random.Random, depth: float, hops: int = 4) -> tuple[Callable[[int], str], list[str], str, dict]:
     names: list[str] = []
     while len(names) < hops + 1:
@@ -211,7 +250,9 @@ def generate(task: str, length: int, num_samples: int, count_tokens: Callable[[s
     for i in range(skip, num_samples):
         rng = random.Random(f"{seed}/{task}/{length}/{i}")
         depth = depths[i % len(depths)]
-        if task.startswith("niah"):
+        if task == "niah_multiquery":
+            build, outputs, answer, meta = _niah_multiquery(rng, depth, length)
+        elif task.startswith("niah"):
             build, outputs, answer, meta = _niah(task, rng, depth)
         elif task == "vt":
             build, outputs, answer, meta = _vt(rng, depth)

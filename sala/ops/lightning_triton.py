@@ -55,6 +55,9 @@ class LightningConfig:
 
 
 CONFIG = LightningConfig()
+# the compiled kernels of the latest launches by role ("state", "output"): benchmarks read their
+# registers and spills (`n_regs`, `n_spills`) next to the timings
+LAST_KERNELS: dict[str, object] = {}
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -376,7 +379,7 @@ def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: fl
     state_ids = segs.not_first_ids if reverse else segs.not_last_ids
     u = _empty(tuple(s_in.shape), torch.float32, q.device) if state_ids.numel() else s_in
     if state_ids.numel():
-        _segment_state_kernel[(state_ids.numel(), heads, dv // bv)](
+        LAST_KERNELS["state"] = _segment_state_kernel[(state_ids.numel(), heads, dv // bv)](
             k, v, u, log2_decay, segs.start, segs.end, state_ids,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             H=heads, DK=dk, DV=dv, BV=bv, C=chunk, REVERSE=reverse, DOT_PRECISION=prec, UPCAST=upcast,
@@ -387,7 +390,7 @@ def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: fl
         H=heads, DK=dk, DV=dv, BLOCK=scan_block, HAS_INIT=init is not None, WANT_FINAL=want_final,
         REVERSE=reverse, num_warps=4)
     if segs.num_segments:
-        _segment_output_kernel[(segs.num_segments, heads, dv // bv)](
+        LAST_KERNELS["output"] = _segment_output_kernel[(segs.num_segments, heads, dv // bv)](
             q, k, v, o, s_in, final, log2_decay, segs.start, segs.end, segs.seq,
             segs.first if reverse else segs.last, float(scale),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
