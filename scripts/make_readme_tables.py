@@ -391,8 +391,11 @@ def training_section() -> list[str]:
     off, on = t.get("stable_sparse_off", {}), t.get("decay_sparse_on", {})
     dm = d.get("data_meta") or {}
     syn = (dm.get("synthetic") or {}).get("fraction")
+    tasks = (dm.get("synthetic") or {}).get("tasks") or []
     data = (f"{' + '.join(dm.get('sources', []))}, {dm['splits']['train']['tokens'] / 1e6:.0f}M training tokens"
-            + (f" ({100 * syn:.0f}% synthetic retrieval samples)" if syn else "")) if dm else d["config"]["data"]["path"]
+            + (f" ({100 * syn:.0f}% synthetic retrieval samples: {', '.join(tasks)})" if syn else "")) if dm else d["config"]["data"]["path"]
+    if d.get("decay_stage_data"):
+        data += "; the decay stage on the standard library plus synthetic samples (a separate packed set)"
     out = ["### Training a small SALA model for real (issue 6)", "",
            f"`bench/results/train_small_summary.json` ({_device(d)}); metrics `train_small_metrics.jsonl`, loss plot "
            "`train_small_loss.png`; earlier runs under `bench/results/history/`.", "",

@@ -9,10 +9,11 @@ ap.add_argument("--lr", type=float, default=3e-3); ap.add_argument("--attn-rope"
 ap.add_argument("--steps", type=int, default=600); ap.add_argument("--eval-every", type=int, default=100)
 ap.add_argument("--batch", type=int, default=16); ap.add_argument("--warmup", type=int, default=30)
 ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--data", default="/work/exp_niah/data.pt", help="cached data (prep.py, prep_multiquery.py)")
 ap.add_argument("--hype", type=float, default=0.0, help="SALA: hype_query_scale_base (0: off)")
 a = ap.parse_args()
 
-D = torch.load("/work/exp_niah/data.pt")
+D = torch.load(a.data)
 torch.manual_seed(a.seed)
 H, L, NH, HD, FF, V = 128, 4, 4, 32, 384, 8192
 if a.arch == "sala":
