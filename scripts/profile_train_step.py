@@ -35,6 +35,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time the model as the trainer compiles it")
     ap.add_argument("--out", default="runs/profile_train.json")
+    ap.add_argument("--layers", type=int, default=0, help="SALA layers (0: the preset's; 12 = configs/train/sala_small_gpu.yaml)")
+    ap.add_argument("--trainer-precision", action="store_true",
+                    help="fp32 weights under bf16 autocast, as the trainer runs them (default: bf16 weights)")
+    ap.add_argument("--only", default="", help="comma-separated run names to keep (default: all)")
     ap.add_argument("--vary", type=int, default=0,
                     help="instead: time N steps on N different micro-batches (sparse on), then the same N again, "
                          "counting Triton cache entries (is a slow sparse stage compiling kernels?)")
@@ -55,21 +59,26 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    only = {x for x in args.only.split(",") if x}
     for name, kind, sparse, compiled in (("sala_sparse_off", "sala", False, False),
+                                          ("sala_sparse_off_compiled", "sala", False, True),
                                           ("sala_sparse_on", "sala", True, False),
                                           ("sala_sparse_on_compiled", "sala", True, True),
                                           ("llama_same_width", "llama", False, False)):
-        if compiled and not args.compile:
+        if (compiled and not args.compile) or (only and name not in only):
             continue
+        sala_cfg = {"num_hidden_layers": args.layers} if args.layers else {}
         spec = ModelConfig(kind=kind, preset=args.preset if kind == "sala" else None,
-                           config={} if kind == "sala" else {"hidden_size": 512, "intermediate_size": 1536,
+                           config=sala_cfg if kind == "sala" else {"hidden_size": 512, "intermediate_size": 1536,
                                                               "num_hidden_layers": 8, "num_attention_heads": 8,
                                                               "num_key_value_heads": 2, "head_dim": 64})
         model = build_model(spec, vocab_size=meta["vocab_size"], bos_id=meta.get("bos_id"),
                             eos_id=meta.get("eos_id"), pad_id=0)
         if kind == "sala":
             model.config.use_sparse_attention = sparse
-        model = model.to(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        weights_bf16 = dev.type == "cuda" and not args.trainer_precision
+        model = model.to(dev, torch.bfloat16 if weights_bf16 else torch.float32)
+        autocast = dev.type == "cuda" and args.trainer_precision
         flops = train_step_flops(model, lengths, sparse and kind == "sala")
         layout = "flat" if kind == "sala" else "rows"
         batch = {k: v.to(dev) for k, v in collate_windows(windows, layout).items()}
@@ -78,7 +87,8 @@ def main() -> None:
 
         def step() -> float:
             kw = {"cu_seqlens": batch["cu_seqlens"]} if kind == "sala" else {"position_ids": batch["position_ids"]}
-            loss = fwd(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False, **kw).loss
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = fwd(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False, **kw).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
