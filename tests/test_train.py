@@ -97,6 +97,34 @@ def test_few_steps_lower_the_loss_sala_tiny(packed, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
 
 
+@pytest.mark.parametrize("kind", ["sala", "llama"])
+def test_bf16_residual_precision_keeps_the_stream_bf16_and_learns(packed, tmp_path, kind):
+    """precision bf16-residual: fp32 weights, bf16 autocast, and bf16 hidden states between the layers; its
+    first-step loss matches plain bf16 autocast (fp32 stream) closely and training lowers it."""
+    import torch
+
+    extra = ["model.preset=sala-tiny"] if kind == "sala" else ["model.preset=null", LLAMA_TINY]
+    losses = {}
+    for precision in ("bf16", "bf16-residual"):
+        cfg = _cfg(packed, tmp_path / precision, f"model.kind={kind}", *extra, "stages.0.steps=6",
+                   "stages.0.seq_len=64", "stages.0.micro_batch=2", "optim.lr=1e-2", "resume=false",
+                   f"precision={precision}")
+        tr = Trainer(cfg, log=lambda s: None)
+        seen = []
+        layers = tr.model.model.layers
+        handle = layers[len(layers) // 2].register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append(args[0].dtype if args else kwargs["hidden_states"].dtype),
+            with_kwargs=True)
+        tr.fit()
+        handle.remove()
+        assert {p.dtype for p in tr.model.parameters()} == {torch.float32}
+        assert set(seen) == ({torch.bfloat16} if precision == "bf16-residual" else {torch.float32}), seen
+        losses[precision] = [r["step_loss"] for r in tr.history if "step_loss" in r]
+    first, res = losses["bf16"], losses["bf16-residual"]
+    assert abs(res[0] - first[0]) < 0.02 * first[0], (first, res)
+    assert res[-1] < res[0] - 0.5, res
+
+
 def test_exact_resume_matches_uninterrupted_run(packed, tmp_path):
     common = ["model.kind=llama", LLAMA_TINY, "stages.0.steps=3", "stages.0.seq_len=32", "stages.0.micro_batch=2",
               "stages.0.grad_accum=2", "stages.0.warmup_steps=2", "optim.lr=5e-3",

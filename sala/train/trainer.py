@@ -47,6 +47,11 @@ def _doc_lengths(w: Window) -> list[int]:
     return [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def _to_bf16_hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of the input embedding under precision "bf16-residual": its output in bf16."""
+    return output.to(torch.bfloat16)
+
+
 class Trainer:
     """Trains `config.model` on `config.data` through `config.stages`.
 
@@ -74,6 +79,9 @@ class Trainer:
         self._linear_flops_cache: dict = {}
         if config.precision == "bf16-pure":
             model.to(torch.bfloat16)
+        if config.precision == "bf16-residual":
+            # the residual stream starts at the embedding: cast its output, and every layer's adds stay bf16
+            model.get_input_embeddings().register_forward_hook(_to_bf16_hook)
         model.to(self.env.device)
         if config.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -90,7 +98,8 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = self.env.device.type == "cuda" and not self.env.distributed
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None)
-        use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.env.device.type == "cuda")
+        use_bf16 = (config.precision in ("bf16", "bf16-residual")
+                    or (config.precision == "auto" and self.env.device.type == "cuda"))
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.peak = config.peak_tflops or peak_tflops(self.env.device)
         self.state = {"global_step": 0, "stage": 0, "stage_step": 0, "data_pos": 0, "tokens": 0}
