@@ -19,7 +19,8 @@
 #                                                 # (GAPS_LENGTH=256K, GAPS_CHUNKS=32768: other chunk sizes too)
 #   OUT=/dir bash scripts/gpu_check.sh train      # the small SALA model: data built there, trained, evaluated
 #   OUT=/dir bash scripts/gpu_check.sh repro      # HALO reproduction: teacher, SALA, ablations (needs repro_data/)
-#   OUT=/dir bash scripts/gpu_check.sh profile    # where a training step's time goes (needs train_data/)
+#   OUT=/dir bash scripts/gpu_check.sh profile    # where a training step's time goes, fp32 vs bf16 residual stream
+#                                                 # (needs train_data/: carry it)
 #
 # fla (the lightning baseline) comes as a wheel in .whl/ (carry it); the JSON lands in $OUT, to be copied into
 # bench/results/ and turned into README tables by scripts/make_readme_tables.py. The device copy has no .git:
@@ -78,7 +79,13 @@ case "$part" in
   repro)
     bash scripts/repro_halo.sh gpu ;;
   profile)
-    python3 scripts/profile_train_step.py --out "$OUT/profile_train_step.json" ${2:+--compile} 2>&1 | grep -v USDT ;;
+    # the 12-layer model as the trainer runs it (fp32 weights, bf16 autocast), stable stage compiled: fp32 vs bf16
+    # residual stream (precision bf16 vs bf16-residual)
+    for res in "" "--bf16-residual"; do
+      python3 scripts/profile_train_step.py --compile --layers 12 --trainer-precision $res \
+        --only sala_sparse_off_compiled,sala_sparse_on_compiled \
+        --out "$OUT/profile_train_step_12l${res:+_bf16res}_h200.json" 2>&1 | grep -v USDT | grep "=="
+    done ;;
   *)
     echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0, help="SALA layers (0: the preset's; 12 = configs/train/sala_small_gpu.yaml)")
     ap.add_argument("--trainer-precision", action="store_true",
                     help="fp32 weights under bf16 autocast, as the trainer runs them (default: bf16 weights)")
+    ap.add_argument("--bf16-residual", action="store_true",
+                    help="with --trainer-precision: the trainer's precision bf16-residual (bf16 hidden states between layers)")
     ap.add_argument("--only", default="", help="comma-separated run names to keep (default: all)")
     ap.add_argument("--vary", type=int, default=0,
                     help="instead: time N steps on N different micro-batches (sparse on), then the same N again, "
@@ -79,6 +81,9 @@ def main() -> None:
         weights_bf16 = dev.type == "cuda" and not args.trainer_precision
         model = model.to(dev, torch.bfloat16 if weights_bf16 else torch.float32)
         autocast = dev.type == "cuda" and args.trainer_precision
+        if autocast and args.bf16_residual:
+            from sala.train.trainer import _to_bf16_hook
+            model.get_input_embeddings().register_forward_hook(_to_bf16_hook)
         flops = train_step_flops(model, lengths, sparse and kind == "sala")
         layout = "flat" if kind == "sala" else "rows"
         batch = {k: v.to(dev) for k, v in collate_windows(windows, layout).items()}
