@@ -9,8 +9,8 @@
 #      TOTAL_SECONDS (cap the whole script: training gets what preparation and calibration leave),
 #      PREPARE_SOURCES (e.g. "stdlib,python-packages": build DATA first when it does not exist, with
 #      SYNTHETIC_FRACTION (default 0.4) of synthetic retrieval samples of 512 to 4K tokens),
-#      SYNTHETIC_TASKS (default niah_multiquery,niah_multikey,niah_multivalue,vt: the synthetic tasks of both
-#      datasets; niah_multiquery asks up to 16 questions per document, niah_single's one question 16 times over),
+#      SYNTHETIC_TASKS (default niah_single,niah_multikey,niah_multivalue,vt: the synthetic tasks of both
+#      datasets; run 5 used niah_multiquery in place of niah_single, with no gain: docs/training.md),
 #      DECAY_SYNTHETIC_FRACTION (e.g. 0.6: the decay stage trains on the standard library plus this share
 #      of synthetic retrieval samples, built first: the recipe that taught the converted model to retrieve).
 set -euo pipefail
@@ -40,7 +40,7 @@ else:
 cfg_path = "configs/train/sala_small_gpu.yaml"
 t_all = time.time()
 sources = [x for x in os.environ.get("PREPARE_SOURCES", "").split(",") if x]
-synth_tasks = tuple(x for x in os.environ.get("SYNTHETIC_TASKS", "niah_multiquery,niah_multikey,niah_multivalue,vt")
+synth_tasks = tuple(x for x in os.environ.get("SYNTHETIC_TASKS", "niah_single,niah_multikey,niah_multivalue,vt")
                     .split(",") if x)
 if sources and not os.path.exists(os.path.join(data, "meta.json")):
     from sala.data.prepare import SyntheticMix, prepare
