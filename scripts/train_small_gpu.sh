@@ -11,6 +11,8 @@
 #      SYNTHETIC_FRACTION (default 0.4) of synthetic retrieval samples of 512 to 4K tokens),
 #      SYNTHETIC_TASKS (default niah_single,niah_multikey,niah_multivalue,vt: the synthetic tasks of both
 #      datasets; run 5 used niah_multiquery in place of niah_single, with no gain: docs/training.md),
+#      SYNTHETIC_LENGTHS (default 256,512,1024,2048,4096: sample lengths in tokens, as many samples of each; runs
+#      1-5 had no 256, and the CPU study's hybrid learned to retrieve on ~130-token samples),
 #      DECAY_SYNTHETIC_FRACTION (e.g. 0.6: the decay stage trains on the standard library plus this share
 #      of synthetic retrieval samples, built first: the recipe that taught the converted model to retrieve).
 set -euo pipefail
@@ -40,13 +42,14 @@ else:
 cfg_path = "configs/train/sala_small_gpu.yaml"
 t_all = time.time()
 sources = [x for x in os.environ.get("PREPARE_SOURCES", "").split(",") if x]
+synth_lengths = tuple(int(x) for x in os.environ.get("SYNTHETIC_LENGTHS", "256,512,1024,2048,4096").split(",") if x)
 synth_tasks = tuple(x for x in os.environ.get("SYNTHETIC_TASKS", "niah_single,niah_multikey,niah_multivalue,vt")
                     .split(",") if x)
 if sources and not os.path.exists(os.path.join(data, "meta.json")):
     from sala.data.prepare import SyntheticMix, prepare
     prepare(data, sources, tokenizer="sala", val_fraction=0.01, seed=0, log=print,
             synthetic=SyntheticMix(fraction=float(os.environ.get("SYNTHETIC_FRACTION", "0.4")), tasks=synth_tasks,
-                                   lengths=(512, 1024, 2048, 4096) if not cpu else (256,), seed=1234))
+                                   lengths=synth_lengths if not cpu else (256,), seed=1234))
     print(f"prepared {data} in {time.time() - t_all:.0f}s")
 decay_data = None
 if os.environ.get("DECAY_SYNTHETIC_FRACTION"):   # the decay stage on retrieval-rich data (stdlib + this share)
@@ -56,7 +59,7 @@ if os.environ.get("DECAY_SYNTHETIC_FRACTION"):   # the decay stage on retrieval-
         t0 = time.time()
         prepare(decay_data, ["stdlib"], tokenizer="sala", val_fraction=0.01, seed=0, log=print,
                 synthetic=SyntheticMix(fraction=float(os.environ["DECAY_SYNTHETIC_FRACTION"]), tasks=synth_tasks,
-                                       lengths=(512, 1024, 2048, 4096) if not cpu else (256,), seed=4321))
+                                       lengths=synth_lengths if not cpu else (256,), seed=4321))
         print(f"prepared {decay_data} in {time.time() - t0:.0f}s")
 
 def tokens_per_s(sparse: bool, steps: int) -> tuple[float, float | None]:
