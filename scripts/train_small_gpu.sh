@@ -14,7 +14,10 @@
 #      SYNTHETIC_LENGTHS (default 256,512,1024,2048,4096: sample lengths in tokens, as many samples of each; runs
 #      1-5 had no 256, and the CPU study's hybrid learned to retrieve on ~130-token samples),
 #      DECAY_SYNTHETIC_FRACTION (e.g. 0.6: the decay stage trains on the standard library plus this share
-#      of synthetic retrieval samples, built first: the recipe that taught the converted model to retrieve).
+#      of synthetic retrieval samples, built first: the recipe that taught the converted model to retrieve),
+#      RETRIEVAL_WARMUP_SHARE (e.g. 0.15: this share of the sparse-off steps becomes a first stage on short
+#      retrieval samples, 256-1024 tokens, 90% of its tokens: the CPU study's hybrid learned to retrieve on short
+#      samples after a phase transition ~20K samples in; runs 1-5 never saw that many short ones).
 set -euo pipefail
 OUT_DIR=${1:-runs/train_small}
 mkdir -p "$OUT_DIR"
@@ -62,6 +65,19 @@ if os.environ.get("DECAY_SYNTHETIC_FRACTION"):   # the decay stage on retrieval-
                                        lengths=synth_lengths if not cpu else (256,), seed=4321))
         print(f"prepared {decay_data} in {time.time() - t0:.0f}s")
 
+warm_share = float(os.environ.get("RETRIEVAL_WARMUP_SHARE", "0") or 0)
+short_data = None
+if warm_share > 0:   # a first stage on short retrieval samples (stdlib subset + 90% synthetic)
+    from sala.data.prepare import SyntheticMix, prepare
+    short_data = data.rstrip("/") + "_short"
+    if not os.path.exists(os.path.join(short_data, "meta.json")):
+        t0 = time.time()
+        prepare(short_data, ["stdlib"], tokenizer="sala", val_fraction=0.01, seed=0, log=print,
+                max_docs=400 if not cpu else 40,
+                synthetic=SyntheticMix(fraction=0.9, tasks=synth_tasks,
+                                       lengths=(256, 512, 1024) if not cpu else (256,), seed=2468))
+        print(f"prepared {short_data} in {time.time() - t0:.0f}s")
+
 def tokens_per_s(sparse: bool, steps: int) -> tuple[float, float | None]:
     """Throughput of the last log window of a short run (kernels compiled in the first windows)."""
     import dataclasses
@@ -107,6 +123,13 @@ ov = base + [f"out_dir={work}/run", "resume=false", f"stages.0.steps={steps_off}
 if decay_data:
     ov.append(f"stages.1.data={decay_data}")
 cfg = load_config(cfg_path, ov)
+if short_data:
+    import dataclasses
+    n_warm = max(1, int(warm_share * steps_off))
+    stable = cfg.stages[0]
+    cfg.stages = [dataclasses.replace(stable, name="retrieval", steps=n_warm, data=short_data),
+                  dataclasses.replace(stable, steps=max(1, steps_off - n_warm), warmup_steps=0), *cfg.stages[1:]]
+    print(f"retrieval warm-up: {n_warm} steps on {short_data}, then {cfg.stages[1].steps} stable steps")
 trainer = Trainer(cfg)
 summary = trainer.fit()
 del trainer
@@ -116,7 +139,9 @@ recs = read_metrics(f"{work}/run/metrics.jsonl")
 shutil.copy(f"{work}/run/metrics.jsonl", os.path.join(out, "metrics.jsonl"))
 
 train_logs = [r for r in recs if "loss" in r]
-def mfu_stats(stage):
+stage_index = {st.name: i for i, st in enumerate(cfg.stages)}
+def mfu_stats(name):
+    stage = stage_index[name]
     xs = [r["mfu"] for r in train_logs if r["stage"] == stage and r["mfu"] is not None][1:]
     ts = [r["tokens_per_s"] for r in train_logs if r["stage"] == stage][1:]
     return {"median_mfu": statistics.median(xs) if xs else None, "median_tokens_per_s": statistics.median(ts) if ts else None,
@@ -127,10 +152,11 @@ result = {
     "meta": run_metadata(), "config": cfg.to_dict(), "params": summary["params"],
     "training": {"steps": summary["global_step"], "tokens": summary["tokens"], "seconds": summary["seconds"],
                  "time_limit_reached": summary.get("time_limit_reached", False),
-                 "stable_sparse_off": mfu_stats(0), "decay_sparse_on": mfu_stats(1),
+                 "stable_sparse_off": mfu_stats("stable"), "decay_sparse_on": mfu_stats("decay"),
                  "final_train_loss": train_logs[-1]["loss"], "heldout_loss": val[-1]["val_loss"] if val else None,
                  "heldout_curve": [(r["step"], r["val_loss"]) for r in val]},
     "decay_stage_sparse": decay_sparse, "decay_stage_data": decay_data, "compiled": use_compile,
+    "retrieval_warmup": {"share": warm_share, "data": short_data} if short_data else None,
     "data_meta": json.load(open(os.path.join(data, "meta.json"))),
     "calibration": {"tokens_per_s_sparse_off": tps_off, "mfu_sparse_off": mfu_off,
                     "tokens_per_s_sparse_on": tps_on, "mfu_sparse_on": mfu_on},
@@ -151,7 +177,7 @@ try:
     ax.plot([r["tokens"] / 1e6 for r in train_logs], [r["loss"] for r in train_logs], label="train loss")
     if val:
         ax.plot([r["tokens"] / 1e6 for r in val], [r["val_loss"] for r in val], "o-", label="held-out loss")
-    b = [r["tokens"] / 1e6 for r in train_logs if r["stage"] == 1]
+    b = [r["tokens"] / 1e6 for r in train_logs if r["stage"] == stage_index["decay"]]
     if b:
         ax.axvline(b[0], color="gray", ls="--", lw=1, label="decay, sparse on")
     ax.set_xlabel("training tokens (M)"); ax.set_ylabel("loss (nats/token)")
