@@ -6,6 +6,7 @@
 # env: TRAIN_SECONDS (training time budget, default 200), DATA (packed dataset, default
 #      train_data/py-bpe8k-synth; with PREPARE_SOURCES set it is built first when missing),
 #      SMALL_CPU=1 (a seconds-long dry run of the same script with the tiny preset on the CPU),
+#      WORK_DIR (scratch folder for the runs, default runs/train_small_work),
 #      TOTAL_SECONDS (cap the whole script: training gets what preparation and calibration leave),
 #      PREPARE_SOURCES (e.g. "stdlib,python-packages": build DATA first when it does not exist, with
 #      SYNTHETIC_FRACTION (default 0.4) of synthetic retrieval samples of 512 to 4K tokens),
@@ -22,6 +23,7 @@ set -euo pipefail
 OUT_DIR=${1:-runs/train_small}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-.}
+export SALA_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export OUT_DIR TRAIN_SECONDS=${TRAIN_SECONDS:-200} DATA=${DATA:-train_data/py-bpe8k-synth} SMALL_CPU=${SMALL_CPU:-0}
 python3 - <<'PY'
 import json, math, os, shutil, statistics, time
@@ -33,7 +35,7 @@ from sala.bench.common import run_metadata, write_json
 
 out, data, cpu = os.environ["OUT_DIR"], os.environ["DATA"], os.environ["SMALL_CPU"] == "1"
 budget = float(os.environ["TRAIN_SECONDS"])
-work = os.path.join("runs", "train_small_work")
+work = os.environ.get("WORK_DIR") or os.path.join("runs", "train_small_work")   # scratch (training runs, calibration)
 shutil.rmtree(work, ignore_errors=True)
 base = [f"data.path={data}", "progress=false"]
 if cpu:
@@ -42,7 +44,7 @@ if cpu:
     lengths, samples = [256, 512, 1024], {"niah_single": 2, "niah_multikey": 1}
 else:
     lengths, samples = [4096, 8192, 16384], {"niah_single": 50, "niah_multikey": 15, "niah_multivalue": 15, "vt": 15}
-cfg_path = "configs/train/sala_small_gpu.yaml"
+cfg_path = os.path.join(os.environ["SALA_ROOT"], "configs", "train", "sala_small_gpu.yaml")
 t_all = time.time()
 sources = [x for x in os.environ.get("PREPARE_SOURCES", "").split(",") if x]
 synth_lengths = tuple(int(x) for x in os.environ.get("SYNTHETIC_LENGTHS", "256,512,1024,2048,4096").split(",") if x)
@@ -61,6 +63,7 @@ if os.environ.get("DECAY_SYNTHETIC_FRACTION"):   # the decay stage on retrieval-
     if not os.path.exists(os.path.join(decay_data, "meta.json")):
         t0 = time.time()
         prepare(decay_data, ["stdlib"], tokenizer="sala", val_fraction=0.01, seed=0, log=print,
+                max_docs=None if not cpu else 40,
                 synthetic=SyntheticMix(fraction=float(os.environ["DECAY_SYNTHETIC_FRACTION"]), tasks=synth_tasks,
                                        lengths=synth_lengths if not cpu else (256,), seed=4321))
         print(f"prepared {decay_data} in {time.time() - t0:.0f}s")
