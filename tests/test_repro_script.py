@@ -1,0 +1,42 @@
+"""scripts/repro_halo.py (the HALO reproduction's GPU call) works end to end at toy size on the CPU (REPRO_TINY):
+prepare, then the one-call `gpu` pipeline (teacher, three conversions, the bundle, the
+evaluation), then the plot and table, so a broken script cannot waste a GPU call. The continual step
+(REPRO_CONTINUE > 0) is `sala.train.continual.continue_training`, tested in test_continual.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "repro_halo.py"
+
+
+def _run(args: list[str], tmp_path: Path) -> str:
+    env = {**os.environ, "REPRO_TINY": "1", "REPRO_CONTINUE": "0", "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+def test_repro_pipeline_at_toy_size(tmp_path):
+    data, work, out = tmp_path / "data", tmp_path / "work", tmp_path / "out"
+    _run(["prepare", "--data", str(data), "--max-docs", "40"], tmp_path)
+    _run(["gpu", "--data", str(data), "--work", str(work), "--out", str(out), "--teacher-seconds", "4",
+          "--bundle-seconds", "2", "--total-seconds", "600"], tmp_path)
+    res = json.loads((out / "repro_results.json").read_text())
+    failed = {k: v.get("error", "")[-300:] for k, v in res["steps"].items() if not v["ok"]}
+    assert not failed, failed
+    for variant in ("teacher", "sala", "all_lightning", "sala_rope"):
+        assert any(k == f"eval_{variant}" for k in res["steps"]), sorted(res["steps"])
+    assert res["config"]["fractions"]["continue"] == 0.0
+    assert (work / "sala_converted" / "model.safetensors").is_file()   # the converted model, kept
+    assert (work / "sala" / "model.safetensors").is_file()             # the final one (no continual budget: a copy)
+    assert all(res["convert"][v]["fraction_of_teacher_tokens"] <= 0.25 for v in ("sala", "all_lightning", "sala_rope"))
+    png, table = tmp_path / "repro.png", tmp_path / "repro.md"
+    _run(["plot", "--results", str(out / "repro_results.json"), "--png", str(png), "--table", str(table)], tmp_path)
+    assert png.stat().st_size > 0 and "| SALA" in table.read_text()
