@@ -311,8 +311,12 @@ def latency_section() -> list[str]:
     return out + [""]
 
 
-def _ab_table(d: dict, name: str, title: str, defaults: str) -> list[str]:
-    """A scripts/ab_engine.py run: settings interleaved in one process, medians per (length, setting)."""
+def _ab_table(name: str, title: str, defaults: str) -> tuple[dict, list[str]]:
+    """A scripts/ab_engine.py run (`bench/results/<name>`): settings interleaved in one process, medians per
+    (length, setting). Returns the run and its table lines ({} and [] when the file is absent)."""
+    d = _load(name)
+    if not d:
+        return {}, []
     out = [f"### {title} (`scripts/ab_engine.py`)", "",
            f"`bench/results/{name}` ({_device(d)}); the 9B shape with random weights, "
            f"{d['reps']} interleaved repetitions per setting (the second in reverse order), {d['decode_tokens']} "
@@ -323,18 +327,16 @@ def _ab_table(d: dict, name: str, title: str, defaults: str) -> list[str]:
         n, setting = key.split("/", 1)
         out.append(_row(_len(int(n)), setting.replace("+", ", "), _f(v["ttft_s_median"], 3),
                         _f(v["decode_tokens_per_s_median"], 1)))
-    return out
+    return d, out
 
 
 def fused_ab_section() -> list[str]:
     """The fused elementwise kernels against the unfused torch ops, end to end, same process."""
-    name = "engine_ab_fused_h200.json"
-    d = _load(name)
+    d, out = _ab_table("engine_ab_fused_h200.json", "Fused elementwise kernels against the unfused torch ops, end to end",
+                       "Default: fused on (`sala/ops/fused.py`: residual + RMSNorm, QK-norm + RoPE, output norm + "
+                       "gate, SiLU x up, in prefill and decode).")
     if not d:
         return []
-    out = _ab_table(d, name, "Fused elementwise kernels against the unfused torch ops, end to end",
-                    "Default: fused on (`sala/ops/fused.py`: residual + RMSNorm, QK-norm + RoPE, output norm + gate, "
-                    "SiLU x up, in prefill and decode).")
     cells = []
     for n in sorted({int(k.split("/")[0]) for k in d["summary"]}):
         on, off = d["summary"].get(f"{n}/fused_on"), d["summary"].get(f"{n}/fused_off")
@@ -362,12 +364,10 @@ def _first_setting_reps_note() -> str:
 
 def engine_ab_section() -> list[str]:
     """scripts/ab_engine.py: band split x decode kernels, interleaved in one process (medians per setting)."""
-    name = "engine_ab_h200.json"
-    d = _load(name)
+    d, out = _ab_table("engine_ab_h200.json", "Same-process A/B of the sparse kernel choices, end to end",
+                       "Defaults: band on, decode split. Measured before the fused elementwise kernels.")
     if not d:
         return []
-    out = _ab_table(d, name, "Same-process A/B of the sparse kernel choices, end to end",
-                    "Defaults: band on, decode split. Measured before the fused elementwise kernels.")
     lead = d["settings"][0]
     out += ["", f"The first setting measured at each length ({lead.replace('+', ', ')}) decoded at "
             + _first_setting_decode(d) + " in its two repetitions: its first decode still compiled something per length (most likely the split "

@@ -25,7 +25,7 @@ def main() -> None:
     from sala.train.config import ModelConfig
     from sala.train.flops import peak_tflops, train_step_flops
     from sala.train.model_factory import build_model
-    from sala.train.trainer import _doc_lengths
+    from sala.train.trainer import _doc_lengths, bf16_residual_stream
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="train_data/stdlib-bpe8k-synth")
@@ -82,8 +82,7 @@ def main() -> None:
         model = model.to(dev, torch.bfloat16 if weights_bf16 else torch.float32)
         autocast = dev.type == "cuda" and args.trainer_precision
         if autocast and args.bf16_residual:
-            from sala.train.trainer import _to_bf16_hook
-            model.get_input_embeddings().register_forward_hook(_to_bf16_hook)
+            bf16_residual_stream(model)
         flops = train_step_flops(model, lengths, sparse and kind == "sala")
         layout = "flat" if kind == "sala" else "rows"
         batch = {k: v.to(dev) for k, v in collate_windows(windows, layout).items()}

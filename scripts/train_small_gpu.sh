@@ -50,36 +50,31 @@ sources = [x for x in os.environ.get("PREPARE_SOURCES", "").split(",") if x]
 synth_lengths = tuple(int(x) for x in os.environ.get("SYNTHETIC_LENGTHS", "256,512,1024,2048,4096").split(",") if x)
 synth_tasks = tuple(x for x in os.environ.get("SYNTHETIC_TASKS", "niah_single,niah_multikey,niah_multivalue,vt")
                     .split(",") if x)
-if sources and not os.path.exists(os.path.join(data, "meta.json")):
-    from sala.data.prepare import SyntheticMix, prepare
-    prepare(data, sources, tokenizer="sala", val_fraction=0.01, seed=0, log=print,
-            synthetic=SyntheticMix(fraction=float(os.environ.get("SYNTHETIC_FRACTION", "0.4")), tasks=synth_tasks,
-                                   lengths=synth_lengths if not cpu else (256,), seed=1234))
-    print(f"prepared {data} in {time.time() - t_all:.0f}s")
+
+def packed(path: str, srcs: list[str], fraction: float, sample_lengths: tuple[int, ...], seed: int,
+           max_docs: int | None = None) -> str:
+    """The packed dataset at `path` (built when missing): srcs + `fraction` synthetic retrieval samples."""
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        from sala.data.prepare import SyntheticMix, prepare
+        t0 = time.time()
+        prepare(path, srcs, tokenizer="sala", val_fraction=0.01, seed=0, log=print,
+                max_docs=max_docs,
+                synthetic=SyntheticMix(fraction=fraction, tasks=synth_tasks,
+                                       lengths=sample_lengths if not cpu else (256,), seed=seed))
+        print(f"prepared {path} in {time.time() - t0:.0f}s")
+    return path
+
+if sources:
+    packed(data, sources, float(os.environ.get("SYNTHETIC_FRACTION", "0.4")), synth_lengths, seed=1234)
 decay_data = None
 if os.environ.get("DECAY_SYNTHETIC_FRACTION"):   # the decay stage on retrieval-rich data (stdlib + this share)
-    from sala.data.prepare import SyntheticMix, prepare
-    decay_data = data.rstrip("/") + "_decay"
-    if not os.path.exists(os.path.join(decay_data, "meta.json")):
-        t0 = time.time()
-        prepare(decay_data, ["stdlib"], tokenizer="sala", val_fraction=0.01, seed=0, log=print,
-                max_docs=None if not cpu else 40,
-                synthetic=SyntheticMix(fraction=float(os.environ["DECAY_SYNTHETIC_FRACTION"]), tasks=synth_tasks,
-                                       lengths=synth_lengths if not cpu else (256,), seed=4321))
-        print(f"prepared {decay_data} in {time.time() - t0:.0f}s")
-
+    decay_data = packed(data.rstrip("/") + "_decay", ["stdlib"], float(os.environ["DECAY_SYNTHETIC_FRACTION"]),
+                        synth_lengths, seed=4321, max_docs=40 if cpu else None)
 warm_share = float(os.environ.get("RETRIEVAL_WARMUP_SHARE", "0") or 0)
 short_data = None
 if warm_share > 0:   # a first stage on short retrieval samples (stdlib subset + 90% synthetic)
-    from sala.data.prepare import SyntheticMix, prepare
-    short_data = data.rstrip("/") + "_short"
-    if not os.path.exists(os.path.join(short_data, "meta.json")):
-        t0 = time.time()
-        prepare(short_data, ["stdlib"], tokenizer="sala", val_fraction=0.01, seed=0, log=print,
-                max_docs=400 if not cpu else 40,
-                synthetic=SyntheticMix(fraction=0.9, tasks=synth_tasks,
-                                       lengths=(256, 512, 1024) if not cpu else (256,), seed=2468))
-        print(f"prepared {short_data} in {time.time() - t0:.0f}s")
+    short_data = packed(data.rstrip("/") + "_short", ["stdlib"], 0.9, (256, 512, 1024), seed=2468,
+                        max_docs=40 if cpu else 400)
 
 def tokens_per_s(sparse: bool, steps: int) -> tuple[float, float | None]:
     """Throughput of the last log window of a short run (kernels compiled in the first windows)."""

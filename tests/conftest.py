@@ -59,3 +59,27 @@ def load_script():
         return module
 
     return load
+
+
+@pytest.fixture
+def run_script():
+    """run_script(argv, cwd, **env) runs scripts/<argv[0]> (python or bash by its suffix) in a subprocess with the
+    repository on PYTHONPATH, this interpreter first on PATH, TRITON_INTERPRET unset and `env` added; it fails the
+    test with the script's output tail unless it exits 0, and returns its stdout."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(argv: list[str], cwd: Path, **env: str) -> str:
+        script = root / "scripts" / argv[0]
+        full_env = {**os.environ, "PYTHONPATH": str(root),
+                    "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **env}
+        full_env.pop("TRITON_INTERPRET", None)
+        runner = ["bash"] if script.suffix == ".sh" else [sys.executable]
+        done = subprocess.run([*runner, str(script), *argv[1:]], cwd=cwd, env=full_env, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    return run

@@ -1,33 +1,19 @@
 """scripts/repro_halo.py (the HALO reproduction's GPU call) works end to end at toy size on the CPU (REPRO_TINY):
-prepare, then the one-call `gpu` pipeline (teacher, three conversions, the bundle, the
-evaluation), then the plot and table, so a broken script cannot waste a GPU call. The continual step
+prepare, then the one-call `gpu` pipeline (teacher, three conversions, the bundle, the evaluation), then the plot
+and table, so a broken script cannot waste a GPU call. The continual step
 (REPRO_CONTINUE > 0) is `sala.train.continual.continue_training`, tested in test_continual.py."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "repro_halo.py"
+TINY = {"REPRO_TINY": "1", "REPRO_CONTINUE": "0"}
 
 
-def _run(args: list[str], tmp_path: Path) -> str:
-    env = {**os.environ, "REPRO_TINY": "1", "REPRO_CONTINUE": "0", "PYTHONPATH": str(ROOT)}
-    env.pop("TRITON_INTERPRET", None)
-    run = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return run.stdout
-
-
-def test_repro_pipeline_at_toy_size(tmp_path):
+def test_repro_pipeline_at_toy_size(tmp_path, run_script):
     data, work, out = tmp_path / "data", tmp_path / "work", tmp_path / "out"
-    _run(["prepare", "--data", str(data), "--max-docs", "40"], tmp_path)
-    _run(["gpu", "--data", str(data), "--work", str(work), "--out", str(out), "--teacher-seconds", "4",
-          "--bundle-seconds", "2", "--total-seconds", "600"], tmp_path)
+    run_script(["repro_halo.py", "prepare", "--data", str(data), "--max-docs", "40"], tmp_path, **TINY)
+    run_script(["repro_halo.py", "gpu", "--data", str(data), "--work", str(work), "--out", str(out),
+                "--teacher-seconds", "4", "--bundle-seconds", "2", "--total-seconds", "600"], tmp_path, **TINY)
     res = json.loads((out / "repro_results.json").read_text())
     failed = {k: v.get("error", "")[-300:] for k, v in res["steps"].items() if not v["ok"]}
     assert not failed, failed
@@ -38,5 +24,6 @@ def test_repro_pipeline_at_toy_size(tmp_path):
     assert (work / "sala" / "model.safetensors").is_file()             # the final one (no continual budget: a copy)
     assert all(res["convert"][v]["fraction_of_teacher_tokens"] <= 0.25 for v in ("sala", "all_lightning", "sala_rope"))
     png, table = tmp_path / "repro.png", tmp_path / "repro.md"
-    _run(["plot", "--results", str(out / "repro_results.json"), "--png", str(png), "--table", str(table)], tmp_path)
+    run_script(["repro_halo.py", "plot", "--results", str(out / "repro_results.json"), "--png", str(png),
+                "--table", str(table)], tmp_path, **TINY)
     assert png.stat().st_size > 0 and "| SALA" in table.read_text()

@@ -117,39 +117,56 @@ def _insert(sentences: list[str], items: list[str], depths: list[float]) -> list
     return out
 
 
+NIAH_HEADER = ("Some special magic numbers are hidden in the text below. Remember them, because you will "
+               "be asked about them afterwards.\n")
+
+
+def _distinct(rng: random.Random, n: int, draw: Callable[[random.Random], str]) -> list[str]:
+    """n different values of draw(rng), in drawing order."""
+    out: list[str] = []
+    while len(out) < n:
+        x = draw(rng)
+        if x not in out:
+            out.append(x)
+    return out
+
+
+def _needle(key: str, value: str) -> str:
+    return f"One of the special magic numbers for {key} is: {value}."
+
+
+def _number_question(key: str) -> str:
+    """The single-number question about `key`, ending with its answer prefix."""
+    return (f"What is the special magic number for {key} in the text above? "
+            f"The special magic number for {key} in the text above is:")
+
+
+def _needle_haystack(needles: list[str], depths: list[float], tail: str) -> Callable[[int], str]:
+    """build(n): the header, n filler sentences with the needles at their depths, then `tail`."""
+    def build(n: int) -> str:
+        return NIAH_HEADER + " ".join(_insert([FILLER] * n, needles, depths)) + "\n" + tail
+    return build
+
+
 def _niah(task: str, rng: random.Random, depth: float) -> tuple[Callable[[int], str], list[str], str, dict]:
     nkeys = {"niah_single": 1, "niah_multikey": 4, "niah_multivalue": 1}[task]
-    keys: list[str] = []
-    while len(keys) < nkeys:
-        k = needle_key(rng)
-        if k not in keys:
-            keys.append(k)
+    keys = _distinct(rng, nkeys, needle_key)
     if task == "niah_multivalue":
         values = [magic_number(rng) for _ in range(4)]
-        needles = [f"One of the special magic numbers for {keys[0]} is: {v}." for v in values]
+        needles = [_needle(keys[0], v) for v in values]
         depths = [depth] + [rng.random() for _ in range(3)]
-        query, outputs = keys[0], values
-        question = (f"What are all the special magic numbers for {query} in the text above? "
-                    f"The special magic numbers for {query} in the text above are:")
+        outputs = values
+        question = (f"What are all the special magic numbers for {keys[0]} in the text above? "
+                    f"The special magic numbers for {keys[0]} in the text above are:")
         answer = " " + ", ".join(values) + "."
     else:
         values = [magic_number(rng) for _ in keys]
-        needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)]
+        needles = [_needle(k, v) for k, v in zip(keys, values)]
         depths = [depth] + [rng.random() for _ in keys[1:]]
-        query, outputs = keys[0], [values[0]]
-        question = (f"What is the special magic number for {query} in the text above? "
-                    f"The special magic number for {query} in the text above is:")
+        outputs = [values[0]]
+        question = _number_question(keys[0])
         answer = f" {values[0]}."
-    order = list(range(len(needles)))
-    rng.shuffle(order)
-    header = ("Some special magic numbers are hidden in the text below. Remember them, because you will "
-              "be asked about them afterwards.\n")
-
-    def build(n: int) -> str:
-        body = _insert([FILLER] * n, needles, depths)
-        return header + " ".join(body) + "\n" + question
-
-    return build, outputs, answer, {"keys": keys}
+    return _needle_haystack(needles, depths, question), outputs, answer, {"keys": keys}
 
 
 def multiquery_keys(length: int) -> int:
@@ -158,40 +175,19 @@ def multiquery_keys(length: int) -> int:
 
 
 def _niah_multiquery(rng: random.Random, depth: float, length: int) -> tuple[Callable[[int], str], list[str], str, dict]:
-    nkeys = multiquery_keys(length)
-    keys: list[str] = []
-    while len(keys) < nkeys:
-        k = needle_key(rng)
-        if k not in keys:
-            keys.append(k)
+    keys = _distinct(rng, multiquery_keys(length), needle_key)
     values = [magic_number(rng) for _ in keys]
-    needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)]
+    needles = [_needle(k, v) for k, v in zip(keys, values)]
     depths = [depth] + [rng.random() for _ in keys[1:]]
-    asked = list(range(1, nkeys))
-    rng.shuffle(asked)
-    asked.append(0)           # the needle at `depth` is asked last, unanswered
-
-    def qa(i: int) -> str:
-        return (f"What is the special magic number for {keys[i]} in the text above? "
-                f"The special magic number for {keys[i]} in the text above is:")
-
-    questions = "\n".join(qa(i) + f" {values[i]}." for i in asked[:-1])
-    header = ("Some special magic numbers are hidden in the text below. Remember them, because you will "
-              "be asked about them afterwards.\n")
-
-    def build(n: int) -> str:
-        body = _insert([FILLER] * n, needles, depths)
-        return header + " ".join(body) + "\n" + questions + "\n" + qa(0)
-
-    return build, [values[0]], f" {values[0]}.", {"keys": keys}
+    asked = list(range(1, len(keys)))
+    rng.shuffle(asked)        # the needle at `depth` (key 0) is asked last, unanswered
+    answered = "".join(f"{_number_question(keys[i])} {values[i]}.\n" for i in asked)
+    return (_needle_haystack(needles, depths, answered + _number_question(keys[0])), [values[0]],
+            f" {values[0]}.", {"keys": keys})
 
 
 def _vt(rng: random.Random, depth: float, hops: int = 4) -> tuple[Callable[[int], str], list[str], str, dict]:
-    names: list[str] = []
-    while len(names) < hops + 1:
-        v = variable_name(rng)
-        if v not in names:
-            names.append(v)
+    names = _distinct(rng, hops + 1, variable_name)
     value = str(rng.randint(10000, 99999))
     chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, hops + 1)]
     depths = sorted([depth] + [depth + (1 - depth) * rng.random() for _ in range(hops)])

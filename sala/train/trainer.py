@@ -47,9 +47,10 @@ def _doc_lengths(w: Window) -> list[int]:
     return [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _to_bf16_hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook of the input embedding under precision "bf16-residual": its output in bf16."""
-    return output.to(torch.bfloat16)
+def bf16_residual_stream(model: torch.nn.Module):
+    """Precision "bf16-residual": cast the input embedding's output to bf16, so the residual stream between the
+    layers is bf16 under autocast while weights stay as they are. Returns the hook handle (`.remove()` undoes it)."""
+    return model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.to(torch.bfloat16))
 
 
 class Trainer:
@@ -80,8 +81,7 @@ class Trainer:
         if config.precision == "bf16-pure":
             model.to(torch.bfloat16)
         if config.precision == "bf16-residual":
-            # the residual stream starts at the embedding: cast its output, and every layer's adds stay bf16
-            model.get_input_embeddings().register_forward_hook(_to_bf16_hook)
+            bf16_residual_stream(model)
         model.to(self.env.device)
         if config.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
