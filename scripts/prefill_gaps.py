@@ -4,6 +4,8 @@ For one prefill of N tokens (9B shape, random weights, after `SalaEngine.warmup`
 - wall time (synchronised before and after);
 - GPU busy time: the union of all CUDA kernel and memcpy intervals under torch.profiler, so the idle
   fraction = 1 - busy / wall (a second, profiled run);
+- device time by kernel family (GEMM, lightning, sparse selection, sparse attention, ...) and the top
+  kernels, from the same profiled run;
 - host syncs: the number of synchronising CUDA calls, by call site, caught with
   `torch.cuda.set_sync_debug_mode("warn")` during a third run;
 - with --other-chunk-sizes, the wall time of the same prefill at other prefill chunk sizes (same engine, one
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 import sys
 import time
 import warnings
@@ -44,6 +47,41 @@ def busy_ms(events) -> float:
     if cur_e is not None:
         total += cur_e - cur_s
     return total / 1e3          # profiler times are in µs
+
+
+# Kernel families of a SALA prefill, matched in this order against CUDA kernel names (first match wins).
+KERNEL_FAMILIES = (
+    ("sparse_selection", r"_block_scores|_topk|mbtopk|gatherTopK|radixSort|DigitCounts|DigitCumSum|WithinK"),
+    ("sparse_attention", r"_sparse_|_splitk_"),
+    ("key_compression", r"_compress"),
+    ("lightning", r"_segment_|_decode_step"),
+    ("fused_elementwise", r"_rms_norm_rows|_qk_norm_rope|_silu_mul"),
+    ("dense_attention", r"flash|fmha|attention"),
+    ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|sm90_"),
+    ("copy_cast_fill", r"copy|cast|fill|cat|index|elementwise"),
+)
+
+
+def kernel_breakdown(events, top: int = 25) -> dict:
+    """Device time (ms) of profiler CUDA kernel events by family (`KERNEL_FAMILIES`, else "other") and the
+    `top` kernels by total time (name cut to 120 characters, calls, ms)."""
+    by_name: dict[str, list] = {}
+    for e in events:
+        if getattr(e, "device_type", None) is None or not str(e.device_type).endswith("CUDA"):
+            continue
+        dur = (e.time_range.end - e.time_range.start) / 1e3
+        if dur <= 0:
+            continue
+        rec = by_name.setdefault(e.name, [0, 0.0])
+        rec[0] += 1
+        rec[1] += dur
+    families: collections.Counter = collections.Counter()
+    for name, (_, ms) in by_name.items():
+        fam = next((f for f, pat in KERNEL_FAMILIES if re.search(pat, name)), "other")
+        families[fam] += ms
+    kernels = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"families_ms": {k: round(v, 1) for k, v in families.most_common()},
+            "top_kernels": [{"name": n[:120], "calls": c, "ms": round(ms, 2)} for n, (c, ms) in kernels]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall_profiled = prefill()
     busy = busy_ms(prof.events())
+    breakdown = kernel_breakdown(prof.events())
+    print("device ms by kernel family:", breakdown["families_ms"], flush=True)
     sites: collections.Counter = collections.Counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -111,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                "chunk_size": first_chunk, "wall_s": round(wall, 3), "wall_profiled_s": round(wall_profiled, 3),
                "gpu_busy_s": round(busy / 1e3, 3), "idle_fraction": round(1 - busy / 1e3 / wall_profiled, 4),
                "syncs": sum(sites.values()), "sync_sites": dict(sites.most_common(20)),
-               "wall_s_by_chunk_size": by_chunk}
+               "wall_s_by_chunk_size": by_chunk, "kernel_breakdown": breakdown}
     print({k: v for k, v in payload.items() if k != "meta"}, flush=True)
     if a.out:
         write_json(a.out, payload)
