@@ -3,6 +3,11 @@ released shape (32 query heads, 2 KV heads, d 128), split into the pooled-score 
 `torch.topk` and the index sort, plus the whole call timed with CUDA events.
 
   python3 scripts/profile_selection.py --lengths 131072,1048576 --out runs/profile_selection.json
+  python3 scripts/profile_selection.py --lengths 131072 --variant old=select_split_k2:0,select_mask_after_sum:0
+
+--variant NAME=KEY:VALUE[,KEY:VALUE...] (repeatable) also times `select_blocks` with those
+`sala.ops.infllmv2_triton.TUNING` values, in the same process on the same inputs, and records the fraction of
+index rows that differ from the default's.
   (on the CPU, to check the script: TRITON_INTERPRET=1 SALA_KERNELS=triton ... --lengths 8192 --queries 64)
 """
 from __future__ import annotations
@@ -27,6 +32,41 @@ def _kernel_table(prof, top: int = 12) -> list[dict]:
     return rows[:top]
 
 
+def _median_ms(fn, reps: int) -> float:
+    """Median of `reps` CUDA-event timings of fn() in ms."""
+    import torch
+
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'name=key:value,key:value' -> (name, {key: value}); values are ints (0/1 for switches)."""
+    from sala.ops.infllmv2_triton import TUNING
+
+    name, sep, body = text.partition("=")
+    if not sep or not name or not body:
+        raise SystemExit(f"--variant needs NAME=KEY:VALUE[,KEY:VALUE...], got {text!r}")
+    flips = {}
+    for item in body.split(","):
+        key, sep, value = item.partition(":")
+        if not sep or key not in TUNING:
+            raise SystemExit(f"--variant {text!r}: {key!r} is not a TUNING key:value "
+                             f"(keys: {', '.join(sorted(TUNING))})")
+        try:
+            flips[key] = int(value)
+        except ValueError:
+            raise SystemExit(f"--variant {text!r}: value {value!r} of {key} is not an integer") from None
+    return name, flips
+
+
 def main() -> None:
     import torch
 
@@ -38,7 +78,11 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=0,
                     help="only the last N queries of each length (0: all); times scale with N")
     ap.add_argument("--out", default="runs/profile_selection.json")
+    ap.add_argument("--variant", action="append", default=[], help="NAME=KEY:VALUE[,KEY:VALUE...] (see above)")
     args = ap.parse_args()
+    from sala.ops import infllmv2_triton as tri
+
+    variants = [parse_variant(v) for v in args.variant]
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -58,15 +102,7 @@ def main() -> None:
         run()                                                  # compile
         if dev == "cuda":
             torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            times = []
-            for _ in range(3 if T <= 262144 else 1):
-                start.record()
-                run()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            whole_ms = sorted(times)[len(times) // 2]
+            whole_ms = _median_ms(run, 3 if T <= 262144 else 1)
         else:
             whole_ms = None
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
@@ -75,6 +111,21 @@ def main() -> None:
             if dev == "cuda":
                 torch.cuda.synchronize()
         row = {"T": T, "queries": Tq, "select_ms": whole_ms, "kernels": _kernel_table(prof)}
+        if variants:
+            base = run()
+            for name, flips in variants:
+                saved = {key: tri.TUNING[key] for key in flips}
+                tri.TUNING.update(flips)
+                try:
+                    got = run()                                # compile
+                    ms = _median_ms(run, 3 if T <= 262144 else 1) if dev == "cuda" else None
+                finally:
+                    tri.TUNING.update(saved)
+                differ = (got != base).any(dim=-1).float().mean().item()
+                row[f"{name}_select_ms"] = ms
+                row[f"{name}_rows_differing_from_default"] = differ
+                row[f"{name}_tuning"] = flips
+                print(f"T={T} {name}: {ms} ms (default {whole_ms}), rows differing {differ}", flush=True)
         print(row, flush=True)
         results.append(row)
         del q, k, k1, k2

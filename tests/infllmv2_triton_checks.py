@@ -70,19 +70,22 @@ def check_compress():
 
 
 def check_select():
-    """Selection and pooled scores vs the fp64 reference, with visibility masks on every tile and with
-    TUNING["select_branch_mask"] (masks only where needed: the first and third cases reach mask-free K1 and K2
-    tiles, the third spanning several K2 tiles of the interpreter's 16 windows; in the fourth, programs straddle
-    the end of the first K2 tile, position 271)."""
+    """Selection and pooled scores vs the fp64 reference in the default kernel (K2: unmasked loop over the tiles
+    every row sees + masked tail loop; K1: visibility on the per-token head sums), with visibility masks on every
+    tile (both off), and with TUNING["select_branch_mask"] (masks only where needed: the first and third cases
+    reach mask-free K1 and K2 tiles, the third spanning several K2 tiles of the interpreter's 16 windows; in the
+    fourth, programs straddle the end of the first K2 tile, position 271; the fifth has 3 heads per group, so
+    padded head rows)."""
     from sala.ops import infllmv2_triton as tri
 
-    for branch in (False, True):
-        with _tuning(select_branch_mask=branch):
+    for flags in ({}, dict(select_split_k2=False, select_mask_after_sum=False), dict(select_branch_mask=True)):
+        with _tuning(**flags):
             _check_select_cases(tri)
 
 
 def _check_select_cases(tri):
-    for B, G, q_offset, Tq, seed in ((1, 2, 0, 100, 1), (2, 4, 90, 20, 2), (1, 2, 300, 21, 3), (1, 2, 250, 40, 4)):
+    for B, G, q_offset, Tq, seed in ((1, 2, 0, 100, 1), (2, 4, 90, 20, 2), (1, 2, 300, 21, 3), (1, 2, 250, 40, 4),
+                                     (1, 3, 200, 30, 5)):
         q, k, _ = _qkv(B, q_offset + Tq, 2, G, 16, seed, Tq=Tq)
         k1, k2 = ref.compress_keys_ref(k, 8, 4), ref.compress_keys_ref(k, 32, 16)
         got = select_blocks(q, k1, k2, SMALL, q_offset=q_offset)

@@ -72,9 +72,11 @@ def _released_case(T=8192, Tq=1024, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tuning", [{}, {"select_branch_mask": True}, {"topk_compact": True}])
+@pytest.mark.parametrize("tuning", [{}, {"select_split_k2": False, "select_mask_after_sum": False},
+                                    {"select_branch_mask": True}, {"topk_compact": True}])
 def test_gpu_selection_matches_reference(monkeypatch, tuning):
-    """Default kernels, and the opt-in branch-masked selection and compact top-k (TUNING flips)."""
+    """Default kernels, every-tile visibility masks, and the opt-in branch-masked selection and compact top-k
+    (TUNING flips)."""
     from sala.ops import infllmv2_reference as ref
     from sala.ops import infllmv2_triton as tri
     from sala.ops.infllmv2 import compress_keys, select_blocks

@@ -54,6 +54,8 @@ TUNING = {
                                        # at 1M but took the peak to 2.03 GiB beyond the output (limit 2 GiB)
     "topk_compact": False,   # top-k by group-max bound + candidate sort (few passes): measured slower on the H200
                              # (selection 33.7 vs 29.0 ms at 128K, 2248 vs 1912 ms at 1M: sparse_kernels_h200.json)
+    "select_split_k2": True,   # K2 pass: unmasked loop over tiles all rows see, then a masked, unpipelined tail
+    "select_mask_after_sum": True,  # K1 pass: visibility mask on the per-token head sums (16x fewer selects)
     "select_branch_mask": False,  # visibility masks only on tiles some row does not see in full (a branch per tile
                                   # in one loop); needs Triton >= 3.9, so unmeasured on the H200 (Triton 3.6)
     "band_split": True,        # forced blocks (init + local band) as dense query tiles, the rest per token:
@@ -104,6 +106,20 @@ def _branch_mask() -> bool:
         raise RuntimeError(f"TUNING['select_branch_mask'] needs Triton >= {'.'.join(map(str, BRANCH_MASK_MIN_TRITON))} "
                            f"(Triton {triton.__version__}'s pipeliner fails on that kernel); set it to False")
     return True
+
+
+def _check_scale(scale: float) -> None:
+    """The selection kernels take row maxima of unscaled scores: the softmax scale must be positive."""
+    if not scale > 0:
+        raise ValueError(f"infllmv2 selection: the softmax scale must be > 0, got {scale}")
+
+
+def _select_masks() -> dict:
+    """The stage-1 kernel's masking constexprs from TUNING (select_split_k2, select_mask_after_sum); the branch
+    variant takes the old path for both."""
+    branch = bool(TUNING["select_branch_mask"])
+    return dict(SPLIT_K2=bool(TUNING["select_split_k2"]) and not branch,
+                MASK_AFTER_SUM=bool(TUNING["select_mask_after_sum"]) and not branch)
 
 
 def _pow2(n: int) -> int:
@@ -170,27 +186,58 @@ def update_compressed_keys_triton(k_cache, k1_cache, k2_cache, cache_seqlens, pa
 # stage 1: pooled block scores
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
+def _k2_lse_tile(qv, k2base, s2t, j0, n2, pos_row, m, l, scale_log2, d, BN2: tl.constexpr, K2K: tl.constexpr,
+                 K2S: tl.constexpr, MASKED: tl.constexpr):
+    """One K2 tile (windows j0 .. j0 + BN2) of the online log2-sum-exp: (m, l) updated. The scale (> 0) is
+    applied to the row maxima and fused with the subtraction (one FMA per score). MASKED: per-row visibility
+    (-inf where window j is not complete at pos_row); unmasked tiles must be visible to every row."""
+    j = j0 + tl.arange(0, BN2)
+    kk = tl.load(k2base + j.to(tl.int64)[:, None] * s2t + d[None, :], mask=(j < n2)[:, None], other=0.0)
+    qk = tl.dot(qv, tl.trans(kk))
+    if MASKED:
+        qk = tl.where((j[None, :] * K2S + (K2K - 1)) <= pos_row[:, None], qk, float("-inf"))
+        m_new = tl.maximum(m, tl.max(qk, axis=1) * scale_log2)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m, tl.max(qk, axis=1) * scale_log2)
+        m_safe = m_new
+    l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(tl.fma(qk, scale_log2, -m_safe[:, None])), axis=1)
+    return m_new, l
+
+
+@triton.jit
 def _select_k2_lse(qv, k2base, s2t, pos_row, pos_min, pos_max, scale_log2, d, ROWS: tl.constexpr,
-                   K2K: tl.constexpr, K2S: tl.constexpr, BN2: tl.constexpr, BRANCH_MASK: tl.constexpr):
+                   K2K: tl.constexpr, K2S: tl.constexpr, BN2: tl.constexpr, BRANCH_MASK: tl.constexpr,
+                   SPLIT: tl.constexpr):
     """Stage-1 selection, pass 1: log2-sum-exp [ROWS] of the query rows qv [ROWS, D] (positions pos_row) over the
-    K2 windows they see, read from k2base + window * s2t (0 where none is visible). BRANCH_MASK: skip the
-    visibility mask on tiles every row sees (pos_min: the smallest position of the program's valid tokens)."""
+    K2 windows they see, read from k2base + window * s2t (0 where none is visible). pos_min: the smallest position
+    of the program's valid tokens. BRANCH_MASK: skip the visibility mask on tiles every row sees (a branch per
+    tile). SPLIT: the tiles every row sees run in a first loop without masks, the rest (the last one or two for
+    consecutive positions) in a second, masked loop that is not software-pipelined (no extra shared memory)."""
     n2 = tl.where(pos_max >= K2K - 1, (tl.maximum(pos_max - K2K + 1, 0)) // K2S + 1, 0)
     m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l = tl.zeros([ROWS], dtype=tl.float32)
-    for j0 in range(0, n2, BN2):
-        j = j0 + tl.arange(0, BN2)
-        kk = tl.load(k2base + j.to(tl.int64)[:, None] * s2t + d[None, :], mask=(j < n2)[:, None], other=0.0)
-        s = tl.dot(qv, tl.trans(kk)) * scale_log2
-        if BRANCH_MASK:   # visibility masks only on tiles some row does not see in full
-            if (j0 + BN2 - 1) * K2S + K2K - 1 > pos_min:
+    if SPLIT:
+        n2_all = tl.where(pos_min >= K2K - 1, (tl.maximum(pos_min - K2K + 1, 0)) // K2S + 1, 0)
+        full_end = (n2_all // BN2) * BN2
+        for j0 in range(0, full_end, BN2):
+            m, l = _k2_lse_tile(qv, k2base, s2t, j0, n2, pos_row, m, l, scale_log2, d, BN2, K2K, K2S, False)
+        for j0 in tl.range(full_end, n2, BN2, num_stages=1):
+            m, l = _k2_lse_tile(qv, k2base, s2t, j0, n2, pos_row, m, l, scale_log2, d, BN2, K2K, K2S, True)
+    else:
+        for j0 in range(0, n2, BN2):
+            j = j0 + tl.arange(0, BN2)
+            kk = tl.load(k2base + j.to(tl.int64)[:, None] * s2t + d[None, :], mask=(j < n2)[:, None], other=0.0)
+            s = tl.dot(qv, tl.trans(kk)) * scale_log2
+            if BRANCH_MASK:   # visibility masks only on tiles some row does not see in full
+                if (j0 + BN2 - 1) * K2S + K2K - 1 > pos_min:
+                    s = tl.where((j[None, :] * K2S + (K2K - 1)) <= pos_row[:, None], s, float("-inf"))
+            else:
                 s = tl.where((j[None, :] * K2S + (K2K - 1)) <= pos_row[:, None], s, float("-inf"))
-        else:
-            s = tl.where((j[None, :] * K2S + (K2K - 1)) <= pos_row[:, None], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-        m = m_new
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+            m = m_new
     return tl.where(l > 0, m + tl.log2(tl.maximum(l, 1e-30)), 0.0)
 
 
@@ -198,11 +245,15 @@ def _select_k2_lse(qv, k2base, s2t, pos_row, pos_min, pos_max, scale_log2, d, RO
 def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_min, pos_max, tok_ok, obase, n_cols,
                           scale_log2, d, BQ: tl.constexpr, GP: tl.constexpr, K1K: tl.constexpr, K1S: tl.constexpr,
                           BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr, INIT: tl.constexpr,
-                          LOCAL: tl.constexpr, NB: tl.constexpr, BRANCH_MASK: tl.constexpr):
+                          LOCAL: tl.constexpr, NB: tl.constexpr, BRANCH_MASK: tl.constexpr,
+                          MASK_AFTER_SUM: tl.constexpr):
     """Stage-1 selection, pass 2: K1 probabilities (normalised by pass 1's lse), summed over the GP head slots of
     each of the BQ tokens, max-pooled into blocks, forced init/local blocks (+inf) and future blocks (-inf);
     stored at obase [BQ, 1] + block for tokens with tok_ok and blocks < n_cols. BRANCH_MASK: tiles every row
-    sees in full (up to pos_min) skip the visibility mask (padded rows get lse = +inf, so they add 0)."""
+    sees in full (up to pos_min) skip the visibility mask (padded rows get lse = +inf, so they add 0).
+    MASK_AFTER_SUM: visibility depends on the token only (its G rows share a position), so the mask is applied
+    to the [BQ, BN1] head sums instead of the [BQ * GP, BN1] probabilities (invisible windows may sum to +inf
+    before the mask; the mask is a select, so nothing of them remains)."""
     BN1: tl.constexpr = NB * R
     qblk_tok = tl.where(pos_tok >= 0, pos_tok // BS, -1)
     qblk_max = tl.max(qblk_tok, axis=0)
@@ -214,7 +265,9 @@ def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_mi
     for b0 in range(0, qblk_max + 1, NB):
         j = b0 * R + tl.arange(0, BN1)
         kk = tl.load(k1base + j.to(tl.int64)[:, None] * s1t + d[None, :], mask=(j < n1)[:, None], other=0.0)
-        if BRANCH_MASK:   # the scale is applied inside each branch so that it fuses with the lse (one FMA)
+        if MASK_AFTER_SUM:
+            p = tl.exp2(tl.fma(tl.dot(qv, tl.trans(kk)), scale_log2, -lse_pad[:, None]))
+        elif BRANCH_MASK:   # the scale is applied inside each branch so that it fuses with the lse (one FMA)
             qk = tl.dot(qv, tl.trans(kk))
             if (b0 * R + BN1 - 1) * K1S + K1K - 1 <= pos_min:
                 p = tl.exp2(tl.fma(qk, scale_log2, -lse_pad[:, None]))
@@ -226,6 +279,8 @@ def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_mi
             vis = ((j[None, :] * K1S + (K1K - 1)) <= pos_row[:, None]) & row_ok[:, None]
             p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
         ps = tl.sum(tl.reshape(p, (BQ, GP, BN1)), axis=1)                       # [BQ, BN1]
+        if MASK_AFTER_SUM:
+            ps = tl.where((j[None, :] * K1S + (K1K - 1)) <= pos_tok[:, None], ps, 0.0)
         p3 = tl.reshape(ps, (BQ, NB, R))
         m_in = tl.max(p3, axis=2)                                               # [BQ, NB]
         tail = tl.max(tl.where(ci[None, None, :] >= R - HALO, p3, 0.0), axis=2)  # last HALO columns
@@ -248,7 +303,7 @@ def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
                          K1K: tl.constexpr, K1S: tl.constexpr, K2K: tl.constexpr, K2S: tl.constexpr,
                          BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr,
                          INIT: tl.constexpr, LOCAL: tl.constexpr, BN2: tl.constexpr, NB: tl.constexpr,
-                         BRANCH_MASK: tl.constexpr):
+                         BRANCH_MASK: tl.constexpr, SPLIT_K2: tl.constexpr, MASK_AFTER_SUM: tl.constexpr):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -267,11 +322,11 @@ def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
     qv = tl.load(qp, mask=row_ok[:, None], other=0.0)
 
     lse = _select_k2_lse(qv, k2_ptr + b.to(tl.int64) * s2b + h * s2h, s2t, pos_row, pos_min, pos_max, scale_log2, d,
-                         ROWS, K2K, K2S, BN2, BRANCH_MASK)
+                         ROWS, K2K, K2S, BN2, BRANCH_MASK, SPLIT_K2)
     obase = out_ptr + b.to(tl.int64) * sob + h * soh + t_tok.to(tl.int64)[:, None] * sot
     _select_k1_pool_store(qv, lse, k1_ptr + b.to(tl.int64) * s1b + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_min,
                           pos_max, t_tok < Tq, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT,
-                          LOCAL, NB, BRANCH_MASK)
+                          LOCAL, NB, BRANCH_MASK, MASK_AFTER_SUM)
 
 
 def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks, *, fill: bool = True) -> torch.Tensor:
@@ -292,6 +347,7 @@ def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks, *, fill:
     if halo > r or r & (r - 1) or D & (D - 1) or D < 16:
         raise ValueError(f"infllmv2 Triton selection needs block_size/kernel_stride a power of two ({r}), "
                          f"(kernel_size-1)//kernel_stride <= that ({halo}), head_dim a power of two >= 16 ({D})")
+    _check_scale(scale)
     GP = _pow2(G)
     if Tq == 1:
         BQ = 1
@@ -310,7 +366,7 @@ def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks, *, fill:
                                G=G, GP=GP, BQ=BQ, D=D, K1K=params.kernel_size, K1S=params.kernel_stride,
                                K2K=params.k2_kernel, K2S=params.k2_stride, BS=params.block_size, R=r, HALO=halo,
                                INIT=params.init_blocks, LOCAL=params.local_blocks, BN2=_k2_tile(),
-                               NB=NB, BRANCH_MASK=_branch_mask(),
+                               NB=NB, BRANCH_MASK=_branch_mask(), **_select_masks(),
                                num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4, **_stages("select_stages"))
     return out
 
@@ -1546,7 +1602,7 @@ def _varlen_block_scores_kernel(q_ptr, k1_ptr, k2_ptr, sq_tok_ptr, sq_pos_ptr, t
                                 K1K: tl.constexpr, K1S: tl.constexpr, K2K: tl.constexpr, K2S: tl.constexpr,
                                 BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr,
                                 INIT: tl.constexpr, LOCAL: tl.constexpr, BN2: tl.constexpr, NB: tl.constexpr,
-                                BRANCH_MASK: tl.constexpr):
+                                BRANCH_MASK: tl.constexpr, SPLIT_K2: tl.constexpr, MASK_AFTER_SUM: tl.constexpr):
     """`_block_scores_kernel` for packed documents: program (tile, kv head); a tile holds <= BQ consecutive sparse
     queries of one document. tile table int64 [n_tiles, 4]: first sparse query, count, K1 offset and K2 offset
     of the document in the flat compressed keys. Writes pooled rows [row_lo, row_hi) of the sparse queries."""
@@ -1576,11 +1632,11 @@ def _varlen_block_scores_kernel(q_ptr, k1_ptr, k2_ptr, sq_tok_ptr, sq_pos_ptr, t
                  other=0.0)
 
     lse = _select_k2_lse(qv, k2_ptr + k2off * s2t + h * s2h, s2t, pos_row, pos_min, pos_max, scale_log2, d, ROWS,
-                         K2K, K2S, BN2, BRANCH_MASK)
+                         K2K, K2S, BN2, BRANCH_MASK, SPLIT_K2)
     obase = out_ptr + h.to(tl.int64) * soh + (si_tok - row_lo).to(tl.int64)[:, None] * sot
     _select_k1_pool_store(qv, lse, k1_ptr + k1off * s1t + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_min, pos_max,
                           tok_ok, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT, LOCAL, NB,
-                          BRANCH_MASK)
+                          BRANCH_MASK, MASK_AFTER_SUM)
 
 
 def varlen_select_tokens(G: int) -> int:
@@ -1604,6 +1660,7 @@ def varlen_pooled_block_scores(q, k1, k2, sq_tok, sq_pos, tiles, tile_lo, tile_h
     if halo > r or r & (r - 1) or D & (D - 1) or D < 16:
         raise ValueError(f"infllmv2 Triton selection needs block_size/kernel_stride a power of two ({r}), "
                          f"(kernel_size-1)//kernel_stride <= that ({halo}), head_dim a power of two >= 16 ({D})")
+    _check_scale(scale)
     out = torch.full((Hkv, row_hi - row_lo, n_blocks), float("-inf"), dtype=torch.float32, device=q.device)
     if row_hi <= row_lo or tile_hi <= tile_lo:
         return out
@@ -1617,5 +1674,5 @@ def varlen_pooled_block_scores(q, k1, k2, sq_tok, sq_pos, tiles, tile_lo, tile_h
         G=G, GP=GP, BQ=BQ, D=D, K1K=params.kernel_size, K1S=params.kernel_stride, K2K=params.k2_kernel,
         K2S=params.k2_stride, BS=params.block_size, R=r, HALO=halo, INIT=params.init_blocks,
         LOCAL=params.local_blocks, BN2=_k2_tile(), NB=NB,
-        BRANCH_MASK=_branch_mask(), num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4, **_stages("select_stages"))
+        BRANCH_MASK=_branch_mask(), **_select_masks(), num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4, **_stages("select_stages"))
     return out
