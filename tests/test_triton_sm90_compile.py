@@ -49,9 +49,10 @@ SELECT_CONSTS = dict(G=16, GP=16, BQ=tri.TUNING["select_rows"] // 16, D=128, K1K
                      NB=tri.TUNING["select_k1_tile"] // R)
 
 
-@pytest.mark.parametrize("branch_mask", [False, True])
-def test_selection_kernels_compile_for_sm90(branch_mask):
-    consts = dict(SELECT_CONSTS, BRANCH_MASK=branch_mask)
+@pytest.mark.parametrize("branch_mask, split_k2, mask_after_sum", [(False, True, True), (False, False, False),
+                                                                  (True, False, False)])
+def test_selection_kernels_compile_for_sm90(branch_mask, split_k2, mask_after_sum):
+    consts = dict(SELECT_CONSTS, BRANCH_MASK=branch_mask, SPLIT_K2=split_k2, MASK_AFTER_SUM=mask_after_sum)
     warps, stages = tri.TUNING["select_warps"], tri.TUNING["select_stages"]
     k = compile_sm90(tri._block_scores_kernel, {"q_ptr": "*bf16", "k1_ptr": "*bf16", "k2_ptr": "*bf16",
                                                 "pos_ptr": "*i32", "out_ptr": "*fp32"},
