@@ -55,8 +55,7 @@ TUNING = {
     "topk_compact": False,   # top-k by group-max bound + candidate sort (few passes): measured slower on the H200
                              # (selection 33.7 vs 29.0 ms at 128K, 2248 vs 1912 ms at 1M: sparse_kernels_h200.json)
     "select_split_k2": True,   # K2 pass: unmasked loop over tiles all rows see, then a masked, unpipelined tail
-    "select_mask_after_sum": True,
-    "select_transposed": False,  # K1 pass as K1 . q^T, head sums by a second MMA (bf16 hi + lo parts)  # K1 pass: visibility mask on the per-token head sums (16x fewer selects)
+    "select_mask_after_sum": True,  # K1 pass: visibility mask on the per-token head sums (16x fewer selects)
     "select_branch_mask": False,  # visibility masks only on tiles some row does not see in full (a branch per tile
                                   # in one loop); needs Triton >= 3.9, so unmeasured on the H200 (Triton 3.6)
     "band_split": True,        # forced blocks (init + local band) as dense query tiles, the rest per token:
@@ -113,12 +112,6 @@ def _check_scale(scale: float) -> None:
     """The selection kernels take row maxima of unscaled scores: the softmax scale must be positive."""
     if not scale > 0:
         raise ValueError(f"infllmv2 selection: the softmax scale must be > 0, got {scale}")
-
-
-def _select_transposed() -> bool:
-    """TUNING["select_transposed"]: the K1 pass with windows as MMA rows and the head sum as an MMA (not with the
-    branch-masked variant, which keeps the row orientation)."""
-    return bool(TUNING["select_transposed"]) and not TUNING["select_branch_mask"]
 
 
 def _select_masks() -> dict:
@@ -302,55 +295,6 @@ def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_mi
         tl.store(obase + blk[None, :], pooled, mask=tok_ok[:, None] & (blk[None, :] < n_cols))
 
 
-@triton.jit
-def _select_k1_pool_store_t(qv, lse, k1base, s1t, row_ok, pos_tok, pos_max, tok_ok, obase, n_cols, scale_log2, d,
-                            GP: tl.constexpr, TQ: tl.constexpr, K1K: tl.constexpr, K1S: tl.constexpr,
-                            BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr, INIT: tl.constexpr,
-                            LOCAL: tl.constexpr, NB: tl.constexpr, SUM_DTYPE: tl.constexpr):
-    """Stage-1 pass 2 with windows as the MMA's rows (`TUNING["select_transposed"]`): scores^T [BN1, ROWS] =
-    K1 tile . q^T; the sum over each token's GP head rows is a second MMA, probabilities [BN1, ROWS] x the 0/1
-    token matrix [ROWS, TQ] (probabilities split into bf16 high and low parts, two MMAs accumulated in fp32:
-    about 16 significant bits per term, where the other orientation needs a shuffle tree per element); the
-    mask, max-pooling and forced blocks then run on [BN1, TQ] and [NB, TQ]. TQ >= 16 token slots (the MMA's
-    minimum width; rows only map to the first ROWS // GP); pos_tok, tok_ok [TQ]; obase [1, TQ] (token rows).
-    SUM_DTYPE: bf16 on the GPU; fp32 in the interpreter (whose bf16 dot is not numeric), where the split is exact.
-    Probabilities are capped at 3e38 (a K1 score 2^128 above the K2 log-sum-exp would be inf otherwise)."""
-    BN1: tl.constexpr = NB * R
-    ROWS: tl.constexpr = qv.shape[0]
-    qblk_tok = tl.where(pos_tok >= 0, pos_tok // BS, -1)
-    qblk_max = tl.max(qblk_tok, axis=0)
-    n1 = tl.where(pos_max >= K1K - 1, (tl.maximum(pos_max - K1K + 1, 0)) // K1S + 1, 0)
-    neg_lse = -tl.where(row_ok, lse, float("inf"))[None, :]                        # padded rows add 0
-    qt = tl.trans(qv)                                                             # [D, ROWS]
-    rr = tl.arange(0, ROWS)
-    tq = tl.arange(0, TQ)
-    member = ((rr[:, None] // GP) == tq[None, :]).to(SUM_DTYPE)                  # [ROWS, TQ]
-    carry = tl.zeros([TQ], dtype=tl.float32)
-    bi = tl.arange(0, NB)
-    ci = tl.arange(0, R)
-    for b0 in range(0, qblk_max + 1, NB):
-        j = b0 * R + tl.arange(0, BN1)
-        kk = tl.load(k1base + j.to(tl.int64)[:, None] * s1t + d[None, :], mask=(j < n1)[:, None], other=0.0)
-        # clamped so that no inf meets a 0 of the token matrix (inf * 0 = NaN would reach other tokens' sums)
-        p = tl.minimum(tl.exp2(tl.fma(tl.dot(kk, qt), scale_log2, neg_lse)), 3.0e38)    # [BN1, ROWS]
-        p_hi = p.to(SUM_DTYPE)
-        p_lo = (p - p_hi.to(tl.float32)).to(SUM_DTYPE)
-        ps = tl.dot(p_lo, member, tl.dot(p_hi, member))                           # [BN1, TQ] head sums
-        ps = tl.where((j[:, None] * K1S + (K1K - 1)) <= pos_tok[None, :], ps, 0.0)
-        p3 = tl.reshape(ps, (NB, R, TQ))
-        m_in = tl.max(p3, axis=1)                                                 # [NB, TQ]
-        tail = tl.max(tl.where(ci[None, :, None] >= R - HALO, p3, 0.0), axis=1)   # last HALO windows
-        shifted = tl.max(tl.where(bi[:, None, None] == bi[None, :, None] - 1, tail[:, None, :], 0.0), axis=0)
-        shifted = tl.where(bi[:, None] == 0, carry[None, :], shifted)
-        pooled = tl.maximum(m_in, shifted)
-        carry = tl.max(tl.where(bi[:, None] == NB - 1, tail, 0.0), axis=0)
-        blk = b0 + bi
-        own = (blk[:, None] >= qblk_tok[None, :] - LOCAL) & (blk[:, None] <= qblk_tok[None, :])
-        pooled = tl.where((blk[:, None] < INIT) | own, float("inf"), pooled)
-        pooled = tl.where(blk[:, None] > qblk_tok[None, :], float("-inf"), pooled)
-        tl.store(obase + blk[:, None], pooled, mask=tok_ok[None, :] & (blk[:, None] < n_cols))
-
-
 @triton.jit(do_not_specialize=["Tq", "n_cols", "spb", "sob", "soh", "sot"])
 def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
                          Tq, n_cols, scale_log2,
@@ -359,8 +303,7 @@ def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
                          K1K: tl.constexpr, K1S: tl.constexpr, K2K: tl.constexpr, K2S: tl.constexpr,
                          BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr,
                          INIT: tl.constexpr, LOCAL: tl.constexpr, BN2: tl.constexpr, NB: tl.constexpr,
-                         BRANCH_MASK: tl.constexpr, SPLIT_K2: tl.constexpr, MASK_AFTER_SUM: tl.constexpr,
-                         TRANSPOSED: tl.constexpr = False, TQ: tl.constexpr = 16, INTERPRET: tl.constexpr = False):
+                         BRANCH_MASK: tl.constexpr, SPLIT_K2: tl.constexpr, MASK_AFTER_SUM: tl.constexpr):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -380,20 +323,10 @@ def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
 
     lse = _select_k2_lse(qv, k2_ptr + b.to(tl.int64) * s2b + h * s2h, s2t, pos_row, pos_min, pos_max, scale_log2, d,
                          ROWS, K2K, K2S, BN2, BRANCH_MASK, SPLIT_K2)
-    if TRANSPOSED:
-        i_t = tl.arange(0, TQ)
-        t_t = pid_t * BQ + i_t
-        ok_t = (i_t < BQ) & (t_t < Tq)
-        pos_t = tl.load(pos_ptr + b * spb + t_t, mask=ok_t, other=-1)
-        obase_t = out_ptr + b.to(tl.int64) * sob + h * soh + t_t.to(tl.int64)[None, :] * sot
-        _select_k1_pool_store_t(qv, lse, k1_ptr + b.to(tl.int64) * s1b + h * s1h, s1t, row_ok, pos_t, pos_max, ok_t,
-                                obase_t, n_cols, scale_log2, d, GP, TQ, K1K, K1S, BS, R, HALO, INIT, LOCAL, NB,
-                                tl.float32 if INTERPRET else tl.bfloat16)
-    else:
-        obase = out_ptr + b.to(tl.int64) * sob + h * soh + t_tok.to(tl.int64)[:, None] * sot
-        _select_k1_pool_store(qv, lse, k1_ptr + b.to(tl.int64) * s1b + h * s1h, s1t, pos_row, row_ok, pos_tok,
-                              pos_min, pos_max, t_tok < Tq, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R,
-                              HALO, INIT, LOCAL, NB, BRANCH_MASK, MASK_AFTER_SUM)
+    obase = out_ptr + b.to(tl.int64) * sob + h * soh + t_tok.to(tl.int64)[:, None] * sot
+    _select_k1_pool_store(qv, lse, k1_ptr + b.to(tl.int64) * s1b + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_min,
+                          pos_max, t_tok < Tq, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT,
+                          LOCAL, NB, BRANCH_MASK, MASK_AFTER_SUM)
 
 
 def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks, *, fill: bool = True) -> torch.Tensor:
@@ -434,7 +367,6 @@ def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks, *, fill:
                                K2K=params.k2_kernel, K2S=params.k2_stride, BS=params.block_size, R=r, HALO=halo,
                                INIT=params.init_blocks, LOCAL=params.local_blocks, BN2=_k2_tile(),
                                NB=NB, BRANCH_MASK=_branch_mask(), **_select_masks(),
-                               TRANSPOSED=_select_transposed(), TQ=max(16, BQ), INTERPRET=interpreter_enabled(),
                                num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4, **_stages("select_stages"))
     return out
 
