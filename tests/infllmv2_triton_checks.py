@@ -71,14 +71,15 @@ def check_compress():
 
 def check_select():
     """Selection and pooled scores vs the fp64 reference in the default kernel (K2: unmasked loop over the tiles
-    every row sees + masked tail loop; K1: visibility on the per-token head sums), with visibility masks on every
-    tile (both off), and with TUNING["select_branch_mask"] (masks only where needed: the first and third cases
+    every row sees + masked tail loop; K1: visibility on the per-token head sums, block max by register splits,
+    halo shift by tl.gather), with visibility masks on every tile and reduction pooling (all three off), and with TUNING["select_branch_mask"] (masks only where needed: the first and third cases
     reach mask-free K1 and K2 tiles, the third spanning several K2 tiles of the interpreter's 16 windows; in the
     fourth, programs straddle the end of the first K2 tile, position 271; the fifth has 3 heads per group, so
     padded head rows)."""
     from sala.ops import infllmv2_triton as tri
 
-    for flags in ({}, dict(select_split_k2=False, select_mask_after_sum=False), dict(select_branch_mask=True)):
+    for flags in ({}, dict(select_split_k2=False, select_mask_after_sum=False, select_pool_gather=False),
+                  dict(select_branch_mask=True)):
         with _tuning(**flags):
             _check_select_cases(tri)
 
@@ -99,7 +100,8 @@ def _check_select_cases(tri):
 
 
 def check_topk():
-    """topk_blocks_triton == topk_block_indices, by bisection (default) and with TUNING["topk_compact"]: +inf
+    """topk_blocks_triton == topk_block_indices, by bisection (with and without TUNING["topk_early_exit"]) and with
+    TUNING["topk_compact"]: +inf
     (forced) and -inf (future) columns, rows with fewer finite columns than k, negative and -0.0 values, ties
     (lowest columns win, a subset of the tied ones), and `limits` with NaN garbage past each row's limit (never
     read). The compact path is checked to handle some rows itself and to hand others to the bisection kernel."""
@@ -107,9 +109,10 @@ def check_topk():
 
     saved = tri.TUNING["topk_compact"]
     try:
-        for compact in (False, True):
+        for compact, early in ((False, True), (False, False), (True, True)):
             tri.TUNING["topk_compact"] = compact
-            _check_topk_cases(tri)
+            with _tuning(topk_early_exit=early):
+                _check_topk_cases(tri)
         tri.TUNING["topk_compact"] = True
         g = torch.Generator().manual_seed(6)
         x = torch.rand(4, 5000, generator=g)
@@ -145,6 +148,14 @@ def _check_topk_cases(tri):
     x[1, 5:] = float("-inf")
     got = tri.topk_blocks_triton(x, 4)
     assert got.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]], got
+    x = -torch.rand(3, 40, generator=g)                  # exactly K non-negative values: done before any pass
+    x[0, 5:15] = torch.rand(10, generator=g)
+    x[1, 7:17] = 1.0 + torch.arange(10.0)                # K-th and (K+1)-th far apart: an early cut-off
+    x[2, :] = torch.tensor([0.5, 0.25] * 20)             # ties at the cut-off: every pass, lowest columns
+    got = tri.topk_blocks_triton(x, 10)
+    _assert_topk_close(got, x, 10)
+    assert got[0].tolist() == list(range(5, 15)) and got[1].tolist() == list(range(7, 17)), got
+    assert got[2].tolist() == list(range(0, 40, 2))[:10], got
 
 
 def _assert_topk_close(got, x, K):

@@ -72,7 +72,8 @@ def _released_case(T=8192, Tq=1024, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tuning", [{}, {"select_split_k2": False, "select_mask_after_sum": False},
+@pytest.mark.parametrize("tuning", [{}, {"select_split_k2": False, "select_mask_after_sum": False,
+                                         "select_pool_gather": False},
                                     {"select_branch_mask": True}, {"topk_compact": True}])
 def test_gpu_selection_matches_reference(monkeypatch, tuning):
     """Default kernels, every-tile visibility masks, and the opt-in branch-masked selection and compact top-k
@@ -98,13 +99,17 @@ def test_gpu_selection_matches_reference(monkeypatch, tuning):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n, compact", [(2048, False), (2048, True), (16384, True)])
-def test_gpu_topk_kernel_matches_torch_topk(monkeypatch, n, compact):
+@pytest.mark.parametrize("n, compact, early", [(2048, False, True), (2048, False, False), (2048, True, True),
+                                              (16384, True, True), (16384, False, True)])
+def test_gpu_topk_kernel_matches_torch_topk(monkeypatch, n, compact, early):
     """The top-k kernels at 1M-token row widths (16384 blocks) on pooled-like rows: 34 forced (+inf) blocks, a
-    -inf tail; with TUNING["topk_compact"] most rows take the compact path (flag 0)."""
+    -inf tail; with TUNING["topk_compact"] most rows take the compact path (flag 0); the bisection with and
+    without its early exit (TUNING["topk_early_exit"]), up to 16384 columns (TUNING["topk_max_cols"])."""
     from sala.ops import infllmv2_triton as tri
 
     monkeypatch.setitem(tri.TUNING, "topk_compact", compact)
+    monkeypatch.setitem(tri.TUNING, "topk_early_exit", early)
+    monkeypatch.setitem(tri.TUNING, "topk_max_cols", max(n, tri.TOPK_MAX_COLS))
     g = torch.Generator(device="cuda").manual_seed(n)
     x = torch.rand(512, n, device="cuda", generator=g) ** 4
     x[:, n // 2 - 34:n // 2] = float("inf")

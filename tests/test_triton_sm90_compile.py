@@ -49,10 +49,11 @@ SELECT_CONSTS = dict(G=16, GP=16, BQ=tri.TUNING["select_rows"] // 16, D=128, K1K
                      NB=tri.TUNING["select_k1_tile"] // R)
 
 
-@pytest.mark.parametrize("branch_mask, split_k2, mask_after_sum", [(False, True, True), (False, False, False),
-                                                                  (True, False, False)])
-def test_selection_kernels_compile_for_sm90(branch_mask, split_k2, mask_after_sum):
-    consts = dict(SELECT_CONSTS, BRANCH_MASK=branch_mask, SPLIT_K2=split_k2, MASK_AFTER_SUM=mask_after_sum)
+@pytest.mark.parametrize("branch_mask, split_k2, mask_after_sum, pool_gather",
+                         [(False, True, True, True), (False, False, False, False), (True, False, False, True)])
+def test_selection_kernels_compile_for_sm90(branch_mask, split_k2, mask_after_sum, pool_gather):
+    consts = dict(SELECT_CONSTS, BRANCH_MASK=branch_mask, SPLIT_K2=split_k2, MASK_AFTER_SUM=mask_after_sum,
+                  POOL_GATHER=pool_gather)
     warps, stages = tri.TUNING["select_warps"], tri.TUNING["select_stages"]
     k = compile_sm90(tri._block_scores_kernel, {"q_ptr": "*bf16", "k1_ptr": "*bf16", "k2_ptr": "*bf16",
                                                 "pos_ptr": "*i32", "out_ptr": "*fp32"},
@@ -66,13 +67,14 @@ def test_selection_kernels_compile_for_sm90(branch_mask, split_k2, mask_after_su
     assert 0 < k.metadata.shared <= SMEM_LIMIT
 
 
-@pytest.mark.parametrize("NC", [2048, 32768])
-def test_topk_kernels_compile_for_sm90(NC):
+@pytest.mark.parametrize("NC, early_exit", [(2048, True), (32768, True), (4096, False)])
+def test_topk_kernels_compile_for_sm90(NC, early_exit):
     K = P.total_blocks
     warps = 4 if NC <= 2048 else 16
     common = dict(K=K, KP=max(16, 1 << (K - 1).bit_length()), NC=NC, HAS_LIM=True)
     k = compile_sm90(tri._topk_blocks_kernel, {"x_ptr": "*fp32", "out_ptr": "*i32", "lim_ptr": "*i32",
-                                               "flag_ptr": "*i32"}, dict(common, HAS_FLAG=True), num_warps=warps)
+                                               "flag_ptr": "*i32"}, dict(common, HAS_FLAG=True, EARLY_EXIT=early_exit),
+                     num_warps=warps)
     assert k.metadata.shared <= SMEM_LIMIT
     k = compile_sm90(tri._topk_blocks_compact_kernel,
                      {"x_ptr": "*fp32", "out_ptr": "*i32", "lim_ptr": "*i32", "scratch_ptr": "*i64",

@@ -52,10 +52,14 @@ TUNING = {
     "select_stages": 3,        # H200 sweep at 128K (bench/results/sparse_kernels_h200.json): 28.8 ms, default 29.0
     "select_chunk_bytes": 256 << 20,   # pooled-score buffer per query chunk (fp32). 1 GiB measured 5.6% faster
                                        # at 1M but took the peak to 2.03 GiB beyond the output (limit 2 GiB)
+    "topk_early_exit": True,   # stop the top-k bisection once exactly K values reach the cut-off
+    "topk_max_cols": 4096,     # widest rows for the top-k kernel (= TOPK_MAX_COLS); wider ones use torch.topk
     "topk_compact": False,   # top-k by group-max bound + candidate sort (few passes): measured slower on the H200
                              # (selection 33.7 vs 29.0 ms at 128K, 2248 vs 1912 ms at 1M: sparse_kernels_h200.json)
     "select_split_k2": True,   # K2 pass: unmasked loop over tiles all rows see, then a masked, unpipelined tail
     "select_mask_after_sum": True,  # K1 pass: visibility mask on the per-token head sums (16x fewer selects)
+    "select_pool_gather": True,  # K1 pass: block max by register splits, halo shift by tl.gather (sm_90 SASS of
+                                 # the loop: 409 instead of 592 instructions per thread and tile)
     "select_branch_mask": False,  # visibility masks only on tiles some row does not see in full (a branch per tile
                                   # in one loop); needs Triton >= 3.9, so unmeasured on the H200 (Triton 3.6)
     "band_split": True,        # forced blocks (init + local band) as dense query tiles, the rest per token:
@@ -115,11 +119,12 @@ def _check_scale(scale: float) -> None:
 
 
 def _select_masks() -> dict:
-    """The stage-1 kernel's masking constexprs from TUNING (select_split_k2, select_mask_after_sum); the branch
-    variant takes the old path for both."""
+    """The stage-1 kernel's constexprs from TUNING (select_split_k2, select_mask_after_sum, select_pool_gather);
+    the branch variant takes the old path for the first two."""
     branch = bool(TUNING["select_branch_mask"])
     return dict(SPLIT_K2=bool(TUNING["select_split_k2"]) and not branch,
-                MASK_AFTER_SUM=bool(TUNING["select_mask_after_sum"]) and not branch)
+                MASK_AFTER_SUM=bool(TUNING["select_mask_after_sum"]) and not branch,
+                POOL_GATHER=bool(TUNING["select_pool_gather"]))
 
 
 def _pow2(n: int) -> int:
@@ -246,7 +251,7 @@ def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_mi
                           scale_log2, d, BQ: tl.constexpr, GP: tl.constexpr, K1K: tl.constexpr, K1S: tl.constexpr,
                           BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr, INIT: tl.constexpr,
                           LOCAL: tl.constexpr, NB: tl.constexpr, BRANCH_MASK: tl.constexpr,
-                          MASK_AFTER_SUM: tl.constexpr):
+                          MASK_AFTER_SUM: tl.constexpr, POOL_GATHER: tl.constexpr = False):
     """Stage-1 selection, pass 2: K1 probabilities (normalised by pass 1's lse), summed over the GP head slots of
     each of the BQ tokens, max-pooled into blocks, forced init/local blocks (+inf) and future blocks (-inf);
     stored at obase [BQ, 1] + block for tokens with tok_ok and blocks < n_cols. BRANCH_MASK: tiles every row
@@ -281,10 +286,20 @@ def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_mi
         ps = tl.sum(tl.reshape(p, (BQ, GP, BN1)), axis=1)                       # [BQ, BN1]
         if MASK_AFTER_SUM:
             ps = tl.where((j[None, :] * K1S + (K1K - 1)) <= pos_tok[:, None], ps, 0.0)
-        p3 = tl.reshape(ps, (BQ, NB, R))
-        m_in = tl.max(p3, axis=2)                                               # [BQ, NB]
-        tail = tl.max(tl.where(ci[None, None, :] >= R - HALO, p3, 0.0), axis=2)  # last HALO columns
-        shifted = tl.max(tl.where(bi[None, :, None] == bi[None, None, :] - 1, tail[:, :, None], 0.0), axis=1)
+        if POOL_GATHER and R == 4 and HALO == 1:   # windows of a block by register splits, no reductions
+            even, odd = tl.split(tl.reshape(ps, (BQ, NB, 2, 2)))                 # windows 0,2 and 1,3
+            w0, w2 = tl.split(even)
+            w1, w3 = tl.split(odd)
+            tail = w3                                                            # [BQ, NB]
+            m_in = tl.maximum(tl.maximum(w0, w1), tl.maximum(w2, w3))
+        else:
+            p3 = tl.reshape(ps, (BQ, NB, R))
+            m_in = tl.max(p3, axis=2)                                           # [BQ, NB]
+            tail = tl.max(tl.where(ci[None, None, :] >= R - HALO, p3, 0.0), axis=2)  # last HALO columns
+        if POOL_GATHER:
+            shifted = tl.gather(tail, tl.broadcast_to(tl.maximum(bi - 1, 0)[None, :], (BQ, NB)), axis=1)
+        else:
+            shifted = tl.max(tl.where(bi[None, :, None] == bi[None, None, :] - 1, tail[:, :, None], 0.0), axis=1)
         shifted = tl.where(bi[None, :] == 0, carry[:, None], shifted)
         pooled = tl.maximum(m_in, shifted)
         carry = tl.max(tl.where(bi[None, :] == NB - 1, tail, 0.0), axis=1)
@@ -303,7 +318,8 @@ def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
                          K1K: tl.constexpr, K1S: tl.constexpr, K2K: tl.constexpr, K2S: tl.constexpr,
                          BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr,
                          INIT: tl.constexpr, LOCAL: tl.constexpr, BN2: tl.constexpr, NB: tl.constexpr,
-                         BRANCH_MASK: tl.constexpr, SPLIT_K2: tl.constexpr, MASK_AFTER_SUM: tl.constexpr):
+                         BRANCH_MASK: tl.constexpr, SPLIT_K2: tl.constexpr, MASK_AFTER_SUM: tl.constexpr,
+                         POOL_GATHER: tl.constexpr = False):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -326,7 +342,7 @@ def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
     obase = out_ptr + b.to(tl.int64) * sob + h * soh + t_tok.to(tl.int64)[:, None] * sot
     _select_k1_pool_store(qv, lse, k1_ptr + b.to(tl.int64) * s1b + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_min,
                           pos_max, t_tok < Tq, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT,
-                          LOCAL, NB, BRANCH_MASK, MASK_AFTER_SUM)
+                          LOCAL, NB, BRANCH_MASK, MASK_AFTER_SUM, POOL_GATHER)
 
 
 def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks, *, fill: bool = True) -> torch.Tensor:
@@ -403,9 +419,9 @@ def select_blocks_triton(q, k1, k2, pos, params, scale, *, pos_max: int | None =
 # ----------------------------------------------------------------------------------------------------------
 # top-k of pooled block scores (radix select on the float bits, one program per row)
 # ----------------------------------------------------------------------------------------------------------
-# Widest rows (blocks) `topk_blocks_triton` takes; wider rows go to torch.topk, which measured faster there
-# (H200, bench/results/profile_selection*_h200.json: 6.5 vs 14.4 ms for all rows at 2048 columns, 583 vs 480 ms
-# at 16384; the kernel's 31 counting passes cost more than torch's radix passes on wide rows).
+# Widest rows (blocks) `topk_blocks_triton` takes by default (TUNING["topk_max_cols"]); wider rows go to
+# torch.topk, which measured faster there (H200, bench/results/profile_selection*_h200.json: 6.5 vs 14.4 ms for
+# all rows at 2048 columns, 583 vs 480 ms at 16384 with all 31 counting passes, before the early exit).
 TOPK_MAX_COLS = 4096
 
 
@@ -447,19 +463,32 @@ def _topk_store(out_ptr, r, sel, K: tl.constexpr, KP: tl.constexpr, NC: tl.const
 
 @triton.jit
 def _topk_bisect_row(x_ptr, out_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt,
-                     K: tl.constexpr, KP: tl.constexpr, NC: tl.constexpr, HAS_LIM: tl.constexpr):
-    """Top-K of row r by bisection: the K-th largest image is found bit by bit (31 counting passes over the row,
-    held in registers); ties at the cut-off go to the lowest columns."""
+                     K: tl.constexpr, KP: tl.constexpr, NC: tl.constexpr, HAS_LIM: tl.constexpr,
+                     EARLY_EXIT: tl.constexpr = False):
+    """Top-K of row r by bisection: the K-th largest image is found bit by bit (up to 31 counting passes over the
+    row, held in registers); ties at the cut-off go to the lowest columns. EARLY_EXIT: stop at the first
+    candidate cut-off that exactly K images reach (then "image >= cut-off" is the answer; on distinct values that
+    happens once the bits of the K-th and (K+1)-th largest part, typically after 15-20 passes)."""
     key = _topk_row_keys(x_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt, NC, HAS_LIM)
     valid = key > _NEG_INF_KEY
     n_valid = tl.sum(valid.to(tl.int32), axis=0)
     # the K-th largest image: sign first, then bits 30..0 (setting a bit raises a two's-complement value)
     n_nonneg = tl.sum((key >= 0).to(tl.int32), axis=0)
     thr = tl.where(n_nonneg >= K, 0, -2147483647 - 1)
-    for i in tl.static_range(31):
-        cand = thr | (1 << (30 - i))
-        cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
-        thr = tl.where(cnt >= K, cand, thr)
+    if EARLY_EXIT:
+        bit = 30
+        exact = n_nonneg == K
+        while (bit >= 0) & (exact == 0):
+            cand = thr | (1 << bit)
+            cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
+            thr = tl.where(cnt >= K, cand, thr)
+            exact = cnt == K
+            bit -= 1
+    else:
+        for i in tl.static_range(31):
+            cand = thr | (1 << (30 - i))
+            cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
+            thr = tl.where(cnt >= K, cand, thr)
     above = key > thr
     need = K - tl.sum(above.to(tl.int32), axis=0)
     tie = key == thr
@@ -471,16 +500,17 @@ def _topk_bisect_row(x_ptr, out_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt,
 @triton.jit(do_not_specialize=["n_cols", "H", "T", "sxr", "slb", "slt"])
 def _topk_blocks_kernel(x_ptr, out_ptr, lim_ptr, flag_ptr, n_cols, H, T, sxr, slb, slt,
                         K: tl.constexpr, KP: tl.constexpr, NC: tl.constexpr, HAS_LIM: tl.constexpr,
-                        HAS_FLAG: tl.constexpr):
+                        HAS_FLAG: tl.constexpr, EARLY_EXIT: tl.constexpr = False):
     """Row r of x [R, n_cols] fp32 -> the column indices of its K largest values other than -inf, ascending,
     -1 padded, at out + r * K (`_topk_bisect_row`). With HAS_LIM, row r = (b, h, t) of [B, H, T] reads only
     its first lim[b, t] columns. With HAS_FLAG, only rows whose flag is set (by the compact kernel) run."""
     r = tl.program_id(0)
     if HAS_FLAG:
         if tl.load(flag_ptr + r) != 0:
-            _topk_bisect_row(x_ptr, out_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt, K, KP, NC, HAS_LIM)
+            _topk_bisect_row(x_ptr, out_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt, K, KP, NC, HAS_LIM,
+                             EARLY_EXIT)
     else:
-        _topk_bisect_row(x_ptr, out_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt, K, KP, NC, HAS_LIM)
+        _topk_bisect_row(x_ptr, out_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt, K, KP, NC, HAS_LIM, EARLY_EXIT)
 
 
 @triton.jit(do_not_specialize=["n_cols", "H", "T", "sxr", "slb", "slt"])
@@ -580,7 +610,8 @@ def _topk_blocks(pooled: torch.Tensor, total_blocks: int,
                                           HAS_LIM=limits is not None, num_warps=warps)
     _topk_blocks_kernel[(R,)](x, out, lim, flag if flag is not None else lim, n, H, T, x.stride(0), slb, slt,
                               K=total_blocks, KP=KP, NC=NC, HAS_LIM=limits is not None,
-                              HAS_FLAG=flag is not None, num_warps=warps)
+                              HAS_FLAG=flag is not None, EARLY_EXIT=bool(TUNING["topk_early_exit"]),
+                              num_warps=warps)
     return out, flag
 
 
@@ -624,7 +655,7 @@ def warmup_length_classes(max_tokens: int, params, *, batch: int = 1, heads: tup
 
 def topk_max_cols() -> int:
     """Widest pooled rows `topk_blocks_triton` takes under the current TUNING."""
-    return TOPK_COMPACT_MAX_COLS if TUNING["topk_compact"] else TOPK_MAX_COLS
+    return TOPK_COMPACT_MAX_COLS if TUNING["topk_compact"] else int(TUNING["topk_max_cols"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1602,7 +1633,8 @@ def _varlen_block_scores_kernel(q_ptr, k1_ptr, k2_ptr, sq_tok_ptr, sq_pos_ptr, t
                                 K1K: tl.constexpr, K1S: tl.constexpr, K2K: tl.constexpr, K2S: tl.constexpr,
                                 BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr,
                                 INIT: tl.constexpr, LOCAL: tl.constexpr, BN2: tl.constexpr, NB: tl.constexpr,
-                                BRANCH_MASK: tl.constexpr, SPLIT_K2: tl.constexpr, MASK_AFTER_SUM: tl.constexpr):
+                                BRANCH_MASK: tl.constexpr, SPLIT_K2: tl.constexpr, MASK_AFTER_SUM: tl.constexpr,
+                                POOL_GATHER: tl.constexpr = False):
     """`_block_scores_kernel` for packed documents: program (tile, kv head); a tile holds <= BQ consecutive sparse
     queries of one document. tile table int64 [n_tiles, 4]: first sparse query, count, K1 offset and K2 offset
     of the document in the flat compressed keys. Writes pooled rows [row_lo, row_hi) of the sparse queries."""
@@ -1636,7 +1668,7 @@ def _varlen_block_scores_kernel(q_ptr, k1_ptr, k2_ptr, sq_tok_ptr, sq_pos_ptr, t
     obase = out_ptr + h.to(tl.int64) * soh + (si_tok - row_lo).to(tl.int64)[:, None] * sot
     _select_k1_pool_store(qv, lse, k1_ptr + k1off * s1t + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_min, pos_max,
                           tok_ok, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT, LOCAL, NB,
-                          BRANCH_MASK, MASK_AFTER_SUM)
+                          BRANCH_MASK, MASK_AFTER_SUM, POOL_GATHER)
 
 
 def varlen_select_tokens(G: int) -> int:
