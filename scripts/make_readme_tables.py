@@ -249,9 +249,27 @@ def selection_profile_lines() -> list[str]:
             rest = k.get("aten::fill_", 0.0) + k.get("aten::sort", 0.0)
             out.append(_row(name.replace("_h200.json", ""), _len(r["T"]), _f(r["select_ms"], 1),
                             _f(k.get("_block_scores_kernel"), 1), _f(topk, 1), _f(rest, 1)))
-    return out + ["", "Rows of up to 4096 blocks (256K tokens) use the top-k kernel; wider rows use torch.topk, "
-                  "which measured faster there (at 1M the kernel took 583 ms against torch's 421 + 60 ms: "
-                  "`bench/results/history/profile_selection_split_loops_h200.json`).", ""]
+    out += ["", "Rows of up to 4096 blocks (256K tokens) use the top-k kernel; wider rows use torch.topk (at 1M "
+            "the kernel with all 31 counting passes took 583 ms against torch's 421 + 60 ms: "
+            "`bench/results/history/profile_selection_split_loops_h200.json`; with the early exit, the whole 1M "
+            "selection is within 1% either way: `wide16k` below).", ""]
+    latest = runs[-1][1]
+    names = sorted({k[:-len("_select_ms")] for r in latest["results"] for k in r if k.endswith("_select_ms")})
+    if names:
+        out += [f"Same-process variants of `bench/results/{runs[-1][0]}` (each sets the listed `TUNING` keys; "
+                "identical inputs; `nogather` and `noearly` are the previous defaults):", "",
+                *_header("variant", "TUNING", "T", "variant select (ms)", "default select (ms)", "variant vs default",
+                         "index rows differing")]
+        for n in names:
+            for r in latest["results"]:
+                if f"{n}_select_ms" not in r:
+                    continue
+                v, dflt = r[f"{n}_select_ms"], r["select_ms"]
+                flips = ", ".join(f"{k}={x}" for k, x in r[f"{n}_tuning"].items())
+                out.append(_row(n, flips, _len(r["T"]), _f(v, 1), _f(dflt, 1), f"{100 * (v / dflt - 1):+.1f}%",
+                                _f(r[f"{n}_rows_differing_from_default"], 4)))
+        out.append("")
+    return out
 
 
 def sparse_variants_section() -> list[str]:
