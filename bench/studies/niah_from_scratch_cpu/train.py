@@ -11,11 +11,14 @@ ap.add_argument("--batch", type=int, default=16); ap.add_argument("--warmup", ty
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--data", default="/work/exp_niah/data.pt", help="cached data (prep.py, prep_multiquery.py)")
 ap.add_argument("--hype", type=float, default=0.0, help="SALA: hype_query_scale_base (0: off)")
+ap.add_argument("--layers", type=int, default=4)
+ap.add_argument("--softmax-layers", default="0,3", help="SALA: comma-separated softmax (minicpm4) layer ids")
 a = ap.parse_args()
 
 D = torch.load(a.data)
 torch.manual_seed(a.seed)
-H, L, NH, HD, FF, V = 128, 4, 4, 32, 384, 8192
+H, L, NH, HD, FF, V = 128, a.layers, 4, 32, 384, 8192
+SOFTMAX = {int(x) for x in a.softmax_layers.split(",")}
 if a.arch == "sala":
     from sala.modeling import SalaConfig, SalaForCausalLM
     cfg = SalaConfig.from_preset("sala-tiny", vocab_size=V, hidden_size=H, intermediate_size=FF, num_hidden_layers=L,
@@ -23,7 +26,7 @@ if a.arch == "sala":
                                  lightning_nkv=NH, lightning_head_dim=HD, initializer_range=a.init,
                                  attn_use_rope=bool(a.attn_rope), use_sparse_attention=False,
                                  hype_query_scale_base=a.hype or None,
-                                 mixer_types=["minicpm4", "lightning-attn", "lightning-attn", "minicpm4"])
+                                 mixer_types=["minicpm4" if i in SOFTMAX else "lightning-attn" for i in range(L)])
     model = SalaForCausalLM(cfg)
 else:
     from transformers import LlamaConfig, LlamaForCausalLM
