@@ -83,3 +83,22 @@ def run_script():
         return done.stdout
 
     return run
+
+
+@pytest.fixture(scope="session")
+def prepare_in():
+    """prepare_in(root, out, sources, **kw): `sala.data.prepare` run from inside `root` with `out` and `sources`
+    relative to it. The held-out split is drawn by hashing "<source>/<file>", so relative sources keep it the
+    same whatever pytest's temporary folder is called (absolute ones made it, and the tests that need held-out
+    windows, depend on that name). Returns the PrepareReport."""
+    from sala.data import prepare
+
+    def run(root, out: str, sources: list[str], **kw):
+        cwd = os.getcwd()
+        os.chdir(root)
+        try:
+            return prepare(out, sources, log=lambda s: None, **kw)
+        finally:
+            os.chdir(cwd)
+
+    return run

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from sala.data import prepare
 from sala.data.packed import read_meta
 from sala.modeling import SalaConfig, SalaForCausalLM
 from sala.train.continual import continual_config, continue_training
@@ -17,14 +16,14 @@ from sala.train.schedule import stage_lr
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, prepare_in):
     root = tmp_path_factory.mktemp("continual")
     (root / "docs").mkdir()
     rng = np.random.default_rng(0)
     for i in range(30):
         n = int(rng.integers(20, 80))
         (root / "docs" / f"d{i}.txt").write_text(" ".join(["one two three four five"] * n) + f" end {i}\n")
-    prepare(str(root / "packed"), [str(root / "docs")], val_fraction=0.15, seed=0, log=lambda s: None)
+    prepare_in(root, "packed", ["docs"], val_fraction=0.15, seed=0)
     torch.manual_seed(0)
     model = SalaForCausalLM(SalaConfig.from_preset("sala-tiny", vocab_size=read_meta(root / "packed")["vocab_size"]))
     model.save_pretrained(root / "model")

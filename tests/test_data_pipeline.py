@@ -45,12 +45,12 @@ def _docs(tmp_path, n=12):
     return folder, texts
 
 
-def test_prepare_round_trip(tmp_path):
+def test_prepare_round_trip(tmp_path, prepare_in):
     folder, texts = _docs(tmp_path)
     jsonl = tmp_path / "extra.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": f"json doc {i}"}) for i in range(3)) + "\n")
     out = tmp_path / "packed"
-    prepare(str(out), [str(folder), str(jsonl)], val_fraction=0.3, seed=3, log=lambda s: None)
+    prepare_in(tmp_path, "packed", [folder.name, jsonl.name], val_fraction=0.3, seed=3)
     tok = load_tokenizer(out / "tokenizer")
     got = []
     for split in ("train", "val"):

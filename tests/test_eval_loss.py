@@ -9,18 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from sala.cli import main
-from sala.data import prepare
 from sala.eval.heldout import heldout_windows, model_heldout_loss, windows_of
 from sala.modeling import SalaConfig, SalaForCausalLM
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory):
+def packed(tmp_path_factory, prepare_in):
     root = tmp_path_factory.mktemp("evalloss")
     (root / "docs").mkdir()
     for i in range(30):
         (root / "docs" / f"d{i}.txt").write_text(" ".join(f"word{j % 17} value{(i * j) % 11}" for j in range(200)) + "\n")
-    prepare(str(root / "packed"), [str(root / "docs")], val_fraction=0.2, seed=0, log=lambda s: None)
+    prepare_in(root, "packed", ["docs"], val_fraction=0.2, seed=0)
     return root / "packed"
 
 

@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 
-from sala.data import prepare
 from sala.train import StageConfig, Trainer, load_config, schedule, stage_lr
 from sala.train.metrics import read_metrics
 
@@ -14,7 +13,7 @@ LLAMA_TINY = "model.config={hidden_size: 32, intermediate_size: 64, num_hidden_l
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory):
+def packed(tmp_path_factory, prepare_in):
     root = tmp_path_factory.mktemp("train")
     folder = root / "docs"
     folder.mkdir()
@@ -23,7 +22,8 @@ def packed(tmp_path_factory):
         # repetitive text: easy to learn in a few steps
         n = int(rng.integers(10, 60))
         (folder / f"d{i}.txt").write_text(" ".join(["alpha beta gamma delta"] * n) + f" end {i}\n")
-    prepare(str(root / "packed"), [str(folder)], val_fraction=0.15, seed=0, log=lambda s: None)
+    report = prepare_in(root, "packed", ["docs"], val_fraction=0.15, seed=0)
+    assert report.splits["val"]["tokens"] >= 4 * 65, report.splits      # room for eval windows of 64 tokens
     return root / "packed"
 
 

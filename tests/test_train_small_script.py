@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 
-from sala.data import prepare
 
 
-def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script):
+def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_in):
     docs = tmp_path / "docs"
     docs.mkdir()
     for i in range(30):
         (docs / f"d{i}.txt").write_text(" ".join(f"word{j % 17} item {i}" for j in range(120)) + "\n")
     data = tmp_path / "packed"
-    prepare(str(data), [str(docs)], tokenizer="sala", val_fraction=0.2, seed=0, log=lambda s: None)
+    prepare_in(tmp_path, "packed", ["docs"], tokenizer="sala", val_fraction=0.2, seed=0)
     out, work = tmp_path / "out", tmp_path / "work"
     run_script(["train_small_gpu.sh", str(out)], tmp_path, SMALL_CPU="1", DATA=str(data), WORK_DIR=str(work),
                DECAY_SYNTHETIC_FRACTION="0.6", RETRIEVAL_WARMUP_SHARE="0.3")
