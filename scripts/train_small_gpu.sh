@@ -18,7 +18,9 @@
 #      of synthetic retrieval samples, built first: the recipe that taught the converted model to retrieve),
 #      RETRIEVAL_WARMUP_SHARE (e.g. 0.15: this share of the sparse-off steps becomes a first stage on short
 #      retrieval samples, 256-1024 tokens, 90% of its tokens: the CPU study's hybrid learned to retrieve on short
-#      samples after a phase transition ~20K samples in; runs 1-5 never saw that many short ones).
+#      samples after a phase transition ~20K samples in; runs 1-5 never saw that many short ones),
+#      RETRIEVAL_SEQ_LEN (e.g. 512: that stage in windows of this many tokens, on samples of a quarter and half of
+#      it, so the same tokens make more, smaller optimizer steps; the CPU depth study suggests retrieval needs steps),
 set -euo pipefail
 OUT_DIR=${1:-runs/train_small}
 mkdir -p "$OUT_DIR"
@@ -71,9 +73,14 @@ if os.environ.get("DECAY_SYNTHETIC_FRACTION"):   # the decay stage on retrieval-
     decay_data = packed(data.rstrip("/") + "_decay", ["stdlib"], float(os.environ["DECAY_SYNTHETIC_FRACTION"]),
                         synth_lengths, seed=4321, max_docs=40 if cpu else None)
 warm_share = float(os.environ.get("RETRIEVAL_WARMUP_SHARE", "0") or 0)
+retr_seq = int(os.environ.get("RETRIEVAL_SEQ_LEN", "0") or 0)   # 0: the stable stage's windows
 short_data = None
 if warm_share > 0:   # a first stage on short retrieval samples (stdlib subset + 90% synthetic)
-    short_data = packed(data.rstrip("/") + "_short", ["stdlib"], 0.9, (256, 512, 1024), seed=2468,
+    if retr_seq and retr_seq < 2048:   # samples that fit the short windows whole (question and answer included)
+        short_lengths, short_path = tuple(sorted({max(64, retr_seq // 4), max(64, retr_seq // 2)})), f"_short{retr_seq}"
+    else:
+        short_lengths, short_path = (256, 512, 1024), "_short"
+    short_data = packed(data.rstrip("/") + short_path, ["stdlib"], 0.9, short_lengths, seed=2468,
                         max_docs=40 if cpu else 400)
 
 def tokens_per_s(sparse: bool, steps: int) -> tuple[float, float | None]:
@@ -123,11 +130,15 @@ if decay_data:
 cfg = load_config(cfg_path, ov)
 if short_data:
     import dataclasses
-    n_warm = max(1, int(warm_share * steps_off))
     stable = cfg.stages[0]
-    cfg.stages = [dataclasses.replace(stable, name="retrieval", steps=n_warm, data=short_data),
-                  dataclasses.replace(stable, steps=max(1, steps_off - n_warm), warmup_steps=0), *cfg.stages[1:]]
-    print(f"retrieval warm-up: {n_warm} steps on {short_data}, then {cfg.stages[1].steps} stable steps")
+    seq = retr_seq or stable.seq_len
+    warm_tokens = warm_share * steps_off * tok_step     # the share of the sparse-off tokens, in windows of `seq`
+    n_warm = max(1, int(warm_tokens / (seq * stable.micro_batch)))
+    cfg.stages = [dataclasses.replace(stable, name="retrieval", steps=n_warm, seq_len=seq, data=short_data),
+                  dataclasses.replace(stable, steps=max(1, steps_off - round(warm_tokens / tok_step)), warmup_steps=0),
+                  *cfg.stages[1:]]
+    print(f"retrieval warm-up: {n_warm} steps of {stable.micro_batch} x {seq} tokens on {short_data}, then "
+          f"{cfg.stages[1].steps} stable steps")
 trainer = Trainer(cfg)
 summary = trainer.fit()
 del trainer
@@ -154,7 +165,8 @@ result = {
                  "final_train_loss": train_logs[-1]["loss"], "heldout_loss": val[-1]["val_loss"] if val else None,
                  "heldout_curve": [(r["step"], r["val_loss"]) for r in val]},
     "decay_stage_sparse": decay_sparse, "decay_stage_data": decay_data, "compiled": use_compile,
-    "retrieval_warmup": {"share": warm_share, "data": short_data} if short_data else None,
+    "retrieval_warmup": {"share": warm_share, "data": short_data, "seq_len": cfg.stages[0].seq_len}
+    if short_data else None,
     "data_meta": json.load(open(os.path.join(data, "meta.json"))),
     "calibration": {"tokens_per_s_sparse_off": tps_off, "mfu_sparse_off": mfu_off,
                     "tokens_per_s_sparse_on": tps_on, "mfu_sparse_on": mfu_on},

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 
 
-def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_in):
+@pytest.mark.parametrize("retrieval_seq", [None, 128])
+def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_in, retrieval_seq):
     docs = tmp_path / "docs"
     docs.mkdir()
     for i in range(30):
@@ -15,11 +17,19 @@ def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_i
     prepare_in(tmp_path, "packed", ["docs"], tokenizer="sala", val_fraction=0.2, seed=0)
     out, work = tmp_path / "out", tmp_path / "work"
     run_script(["train_small_gpu.sh", str(out)], tmp_path, SMALL_CPU="1", DATA=str(data), WORK_DIR=str(work),
-               DECAY_SYNTHETIC_FRACTION="0.6", RETRIEVAL_WARMUP_SHARE="0.3")
+               DECAY_SYNTHETIC_FRACTION="0.6", RETRIEVAL_WARMUP_SHARE="0.3",
+               **({"RETRIEVAL_SEQ_LEN": str(retrieval_seq)} if retrieval_seq else {}))
     summary = json.loads((out / "summary.json").read_text())
     stages = summary["config"]["stages"]
     assert [s["name"] for s in stages] == ["retrieval", "stable", "decay"]
-    assert stages[0]["data"] == str(data) + "_short" and stages[2]["data"] == str(data) + "_decay"
+    short = "_short" if retrieval_seq is None else f"_short{retrieval_seq}"
+    assert stages[0]["data"] == str(data) + short and stages[2]["data"] == str(data) + "_decay"
+    seq = retrieval_seq or stages[1]["seq_len"]
+    assert stages[0]["seq_len"] == seq == summary["retrieval_warmup"]["seq_len"]
+    # the retrieval stage takes its share of the sparse-off tokens, in windows of `seq` tokens
+    warm_tokens = stages[0]["steps"] * seq * stages[0]["micro_batch"]
+    off_tokens = warm_tokens + stages[1]["steps"] * stages[1]["seq_len"] * stages[1]["micro_batch"]
+    assert abs(warm_tokens / off_tokens - 0.3) < 0.15, (warm_tokens, off_tokens)
     assert stages[2]["sparse"] is True
     assert summary["training"]["steps"] == sum(s["steps"] for s in stages)
     assert summary["retrieval_warmup"]["share"] == 0.3
