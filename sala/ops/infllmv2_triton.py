@@ -52,14 +52,16 @@ TUNING = {
     "select_stages": 3,        # H200 sweep at 128K (bench/results/sparse_kernels_h200.json): 28.8 ms, default 29.0
     "select_chunk_bytes": 256 << 20,   # pooled-score buffer per query chunk (fp32). 1 GiB measured 5.6% faster
                                        # at 1M but took the peak to 2.03 GiB beyond the output (limit 2 GiB)
-    "topk_early_exit": True,   # stop the top-k bisection once exactly K values reach the cut-off
+    "topk_early_exit": True,   # stop the top-k bisection once exactly K values reach the cut-off (H200, selection
+                               # 21.7 vs 23.5 ms at 128K, 91.3 vs 95.9 at 256K: profile_selection_h200.json)
     "topk_max_cols": 4096,     # widest rows for the top-k kernel (= TOPK_MAX_COLS); wider ones use torch.topk
     "topk_compact": False,   # top-k by group-max bound + candidate sort (few passes): measured slower on the H200
                              # (selection 33.7 vs 29.0 ms at 128K, 2248 vs 1912 ms at 1M: sparse_kernels_h200.json)
     "select_split_k2": True,   # K2 pass: unmasked loop over tiles all rows see, then a masked, unpipelined tail
     "select_mask_after_sum": True,  # K1 pass: visibility mask on the per-token head sums (16x fewer selects)
-    "select_pool_gather": True,  # K1 pass: block max by register splits, halo shift by tl.gather (sm_90 SASS of
-                                 # the loop: 409 instead of 592 instructions per thread and tile)
+    "select_pool_gather": True,  # K1 pass: block max by register splits, halo shift by tl.gather (409 instead of
+                                 # 592 SASS instructions per thread and tile; selection 21.7 vs 26.8 ms at 128K,
+                                 # 1548 vs 1870 at 1M on the H200: profile_selection_h200.json)
     "select_branch_mask": False,  # visibility masks only on tiles some row does not see in full (a branch per tile
                                   # in one loop); needs Triton >= 3.9, so unmeasured on the H200 (Triton 3.6)
     "band_split": True,        # forced blocks (init + local band) as dense query tiles, the rest per token:
@@ -258,7 +260,9 @@ def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_mi
     sees in full (up to pos_min) skip the visibility mask (padded rows get lse = +inf, so they add 0).
     MASK_AFTER_SUM: visibility depends on the token only (its G rows share a position), so the mask is applied
     to the [BQ, BN1] head sums instead of the [BQ * GP, BN1] probabilities (invisible windows may sum to +inf
-    before the mask; the mask is a select, so nothing of them remains)."""
+    before the mask; the mask is a select, so nothing of them remains). POOL_GATHER: each block's R = 4 windows
+    by two register splits (no reduction) and the halo window (HALO = 1) shifted one block by `tl.gather`
+    (other R / HALO: the max reduction, still with the gather)."""
     BN1: tl.constexpr = NB * R
     qblk_tok = tl.where(pos_tok >= 0, pos_tok // BS, -1)
     qblk_max = tl.max(qblk_tok, axis=0)
