@@ -10,3 +10,11 @@ $P train.py I_sala12_softmax0-6-11_lr3e-3_1250 --arch sala --layers 12 --softmax
 $P train.py J_llama12_lr3e-3_1250 --arch llama --layers 12 --init 0.1 --lr 3e-3 --steps 1250 --eval-every 250 \
   > logs/J.log 2>&1 &
 wait
+# Then: I2 = I continued to 2000 steps (same seed, so identical to I up to 1250: does it get there?), and K = I at
+# batch 8 for 2500 steps (the same samples in twice the optimizer steps: steps or samples?). I2 was stopped after
+# its step-1500 checkpoint (session time) and added to results.jsonl from its log.
+$P train.py I2_sala12_softmax0-6-11_lr3e-3_2000 --arch sala --layers 12 --softmax-layers 0,6,11 --init 0.1 --lr 3e-3 \
+  --steps 2000 --eval-every 250 > logs/I2.log 2>&1 &
+$P train.py K_sala12_batch8_lr3e-3_2500 --arch sala --layers 12 --softmax-layers 0,6,11 --init 0.1 --lr 3e-3 --batch 8 \
+  --steps 2500 --eval-every 250 > logs/K.log 2>&1 &
+wait
