@@ -31,11 +31,15 @@ from sala.bench.common import run_metadata, write_json  # noqa: E402
 from sala.utils.lengths import parse_lengths  # noqa: E402
 
 
+def device_events(events):
+    """The profiler events that ran on the GPU (kernels, copies) for a non-empty interval."""
+    return [e for e in events if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")
+            and e.time_range.end > e.time_range.start]
+
+
 def busy_ms(events) -> float:
     """Union of the device intervals (kernels, copies) of profiler events, in ms."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")
-                   and e.time_range.end > e.time_range.start)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in device_events(events))
     total, cur_s, cur_e = 0.0, None, None
     for s, e in spans:
         if cur_e is None or s > cur_e:
@@ -66,15 +70,10 @@ def kernel_breakdown(events, top: int = 25) -> dict:
     """Device time (ms) of profiler CUDA kernel events by family (`KERNEL_FAMILIES`, else "other") and the
     `top` kernels by total time (name cut to 120 characters, calls, ms)."""
     by_name: dict[str, list] = {}
-    for e in events:
-        if getattr(e, "device_type", None) is None or not str(e.device_type).endswith("CUDA"):
-            continue
-        dur = (e.time_range.end - e.time_range.start) / 1e3
-        if dur <= 0:
-            continue
+    for e in device_events(events):
         rec = by_name.setdefault(e.name, [0, 0.0])
         rec[0] += 1
-        rec[1] += dur
+        rec[1] += (e.time_range.end - e.time_range.start) / 1e3
     families: collections.Counter = collections.Counter()
     for name, (_, ms) in by_name.items():
         fam = next((f for f, pat in KERNEL_FAMILIES if re.search(pat, name)), "other")
@@ -125,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall_profiled = prefill()
-    busy = busy_ms(prof.events())
-    breakdown = kernel_breakdown(prof.events())
+    events = prof.events()
+    busy = busy_ms(events)
+    breakdown = kernel_breakdown(events)
     print("device ms by kernel family:", breakdown["families_ms"], flush=True)
     sites: collections.Counter = collections.Counter()
     with warnings.catch_warnings(record=True) as caught:

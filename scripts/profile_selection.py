@@ -99,36 +99,27 @@ def main() -> None:
         def run():
             return select_blocks(q, k1, k2, p, q_offset=T - Tq)
 
-        run()                                                  # compile
-        if dev == "cuda":
-            torch.cuda.synchronize()
-            whole_ms = _median_ms(run, 3 if T <= 262144 else 1)
-        else:
-            whole_ms = None
+        base = run()                                           # compile; the default's indices
+        reps = 3 if T <= 262144 else 1
+        whole_ms = _median_ms(run, reps) if dev == "cuda" else None
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
         with torch.profiler.profile(activities=acts) as prof:
             run()
             if dev == "cuda":
                 torch.cuda.synchronize()
         row = {"T": T, "queries": Tq, "select_ms": whole_ms, "kernels": _kernel_table(prof)}
-        if variants:
-            base = run()
-            for name, flips in variants:
-                saved = {key: tri.TUNING[key] for key in flips}
-                tri.TUNING.update(flips)
-                try:
-                    got = run()                                # compile
-                    ms = _median_ms(run, 3 if T <= 262144 else 1) if dev == "cuda" else None
-                finally:
-                    tri.TUNING.update(saved)
-                differ = (got != base).any(dim=-1).float().mean().item()
-                row[f"{name}_select_ms"] = ms
-                row[f"{name}_rows_differing_from_default"] = differ
-                row[f"{name}_tuning"] = flips
-                print(f"T={T} {name}: {ms} ms (default {whole_ms}), rows differing {differ}", flush=True)
+        for name, flips in variants:
+            with tri.tuning(**flips):
+                got = run()                                    # compile
+                ms = _median_ms(run, reps) if dev == "cuda" else None
+            differ = (got != base).any(dim=-1).float().mean().item()
+            row[f"{name}_select_ms"] = ms
+            row[f"{name}_rows_differing_from_default"] = differ
+            row[f"{name}_tuning"] = flips
+            print(f"T={T} {name}: {ms} ms (default {whole_ms}), rows differing {differ}", flush=True)
         print(row, flush=True)
         results.append(row)
-        del q, k, k1, k2
+        del q, k, k1, k2, base
     write_json(args.out, {"meta": run_metadata(), "op": "infllmv2 select_blocks",
                           "shape": {"Hq": 32, "Hkv": 2, "head_dim": 128, "dtype": str(dt)},
                           "results": results})

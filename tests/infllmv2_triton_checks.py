@@ -5,7 +5,6 @@ subprocess with TRITON_INTERPRET=1 (set before triton is imported) so CPU CI rea
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -107,13 +106,10 @@ def check_topk():
     read). The compact path is checked to handle some rows itself and to hand others to the bisection kernel."""
     from sala.ops import infllmv2_triton as tri
 
-    saved = tri.TUNING["topk_compact"]
-    try:
-        for compact, early in ((False, True), (False, False), (True, True)):
-            tri.TUNING["topk_compact"] = compact
-            with _tuning(topk_early_exit=early):
-                _check_topk_cases(tri)
-        tri.TUNING["topk_compact"] = True
+    for compact, early in ((False, True), (False, False), (True, True)):
+        with _tuning(topk_compact=compact, topk_early_exit=early):
+            _check_topk_cases(tri)
+    with _tuning(topk_compact=True):
         g = torch.Generator().manual_seed(6)
         x = torch.rand(4, 5000, generator=g)
         x[:, 4960:] = float("inf")                       # 40 forced blocks, 56 chosen from 4960 finite
@@ -121,11 +117,9 @@ def check_topk():
         x[2, 100:] = float("-inf")                       # fewer finite columns than k
         x[3, :] = torch.randn(5000, generator=g)         # no forced blocks, negative values
         got, flags = tri._topk_blocks(x, 96, None)
-        _assert_topk_close(got, x, 96)
-        assert flags.tolist() == [0, 1, 0, 0], flags
-        assert got[1].tolist() == list(range(56)) + list(range(4960, 5000)), got[1]
-    finally:
-        tri.TUNING["topk_compact"] = saved
+    _assert_topk_close(got, x, 96)
+    assert flags.tolist() == [0, 1, 0, 0], flags
+    assert got[1].tolist() == list(range(56)) + list(range(4960, 5000)), got[1]
 
 
 def _check_topk_cases(tri):
@@ -177,17 +171,11 @@ def _attention_case(seed, B=1, G=2):
     return q, k, v, idx
 
 
-@contextlib.contextmanager
 def _tuning(**values):
-    """Context: these sala.ops.infllmv2_triton.TUNING values inside the block, the previous ones after it."""
+    """Context: these sala.ops.infllmv2_triton.TUNING values inside the block (`tuning`)."""
     from sala.ops import infllmv2_triton as tri
 
-    saved = {key: tri.TUNING[key] for key in values}
-    tri.TUNING.update(values)
-    try:
-        yield
-    finally:
-        tri.TUNING.update(saved)
+    return tri.tuning(**values)
 
 
 def check_forward():

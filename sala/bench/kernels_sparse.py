@@ -107,9 +107,7 @@ def _measure_tuning_variant(name: str, T: int, p: SparseParams, q, k, v, res: di
         if "attention" in extras and T <= 262144:         # the default's attention output, to compare against
             idx = select_blocks(qs, k1, k2, p, q_offset=dp)
             o_default = block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True).float()
-        saved = tri.TUNING[key]
-        tri.TUNING[key] = value
-        try:
+        with tri.tuning(**{key: value}):
             res[f"{name}_select_ms"] = bench_ms(lambda: select_blocks(qs, k1, k2, p, q_offset=dp), w, r)
             res[f"{name}_whole_fwd_ms"] = bench_ms(lambda: infllmv2_attention(q, k, v, p), w, r)
             got = select_blocks(qs[:, -n:], k1, k2, p, q_offset=T - n)
@@ -133,8 +131,6 @@ def _measure_tuning_variant(name: str, T: int, p: SparseParams, q, k, v, res: di
                 o_v = block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True).float()
                 res[f"{name}_attention_max_abs_diff_vs_default"] = float((o_v - o_default).abs().max())
                 del idx, o_v, o_default
-        finally:
-            tri.TUNING[key] = saved
         del k1, k2, want
 
 

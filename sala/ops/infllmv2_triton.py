@@ -35,6 +35,8 @@ Kernels (design notes in docs/sparse.md):
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -44,7 +46,13 @@ from sala.ops.infllmv2_reference import topk_block_indices
 
 _LOG2E = 1.4426950408889634
 
-# GPU launch settings (the interpreter uses small fixed tiles). Benchmarks may override them in process.
+# Widest rows (blocks) `topk_blocks_triton` takes by default (TUNING["topk_max_cols"]); wider rows go to
+# torch.topk, which measured faster there (H200, bench/results/profile_selection*_h200.json: 6.5 vs 14.4 ms for
+# all rows at 2048 columns, 583 vs 480 ms at 16384 with all 31 counting passes, before the early exit).
+TOPK_MAX_COLS = 4096
+
+# GPU launch settings (the interpreter uses small fixed tiles). Benchmarks may override them in process
+# (`tuning(...)`).
 TUNING = {
     "select_rows": 128,        # query rows (tokens x padded group heads) per selection program
     "select_k1_tile": 64,      # K1 columns per iteration (a multiple of block_size / kernel_stride)
@@ -54,7 +62,7 @@ TUNING = {
                                        # at 1M but took the peak to 2.03 GiB beyond the output (limit 2 GiB)
     "topk_early_exit": True,   # stop the top-k bisection once exactly K values reach the cut-off (H200, selection
                                # 21.7 vs 23.5 ms at 128K, 91.3 vs 95.9 at 256K: profile_selection_h200.json)
-    "topk_max_cols": 4096,     # widest rows for the top-k kernel (= TOPK_MAX_COLS); wider ones use torch.topk
+    "topk_max_cols": TOPK_MAX_COLS,  # widest rows for the top-k kernel; wider ones use torch.topk
     "topk_compact": False,   # top-k by group-max bound + candidate sort (few passes): measured slower on the H200
                              # (selection 33.7 vs 29.0 ms at 128K, 2248 vs 1912 ms at 1M: sparse_kernels_h200.json)
     "select_split_k2": True,   # K2 pass: unmasked loop over tiles all rows see, then a masked, unpipelined tail
@@ -82,6 +90,20 @@ TUNING = {
     "decode_min_programs": 64,  # split-K decode: splits chosen so B * Hkv * splits >= this (when K allows)
     "decode_select_programs": 256,  # split-N decode selection: programs per launch >= this (when N allows)
 }
+
+
+@contextlib.contextmanager
+def tuning(**values):
+    """These TUNING values inside the block, the previous ones after it (unknown keys raise ValueError)."""
+    unknown = sorted(set(values) - set(TUNING))
+    if unknown:
+        raise ValueError(f"unknown TUNING keys {unknown} (keys: {', '.join(sorted(TUNING))})")
+    saved = {key: TUNING[key] for key in values}
+    TUNING.update(values)
+    try:
+        yield
+    finally:
+        TUNING.update(saved)
 
 
 def _kpi(K: int) -> int:
@@ -114,8 +136,12 @@ def _branch_mask() -> bool:
     return True
 
 
-def _check_scale(scale: float) -> None:
-    """The selection kernels take row maxima of unscaled scores: the softmax scale must be positive."""
+def _check_selection(r: int, halo: int, D: int, scale: float) -> None:
+    """What the stage-1 kernels need: r = block_size / kernel_stride a power of two, halo windows <= r, head_dim a
+    power of two >= 16, and a positive softmax scale (they take row maxima of unscaled scores)."""
+    if halo > r or r & (r - 1) or D & (D - 1) or D < 16:
+        raise ValueError(f"infllmv2 Triton selection needs block_size/kernel_stride a power of two ({r}), "
+                         f"(kernel_size-1)//kernel_stride <= that ({halo}), head_dim a power of two >= 16 ({D})")
     if not scale > 0:
         raise ValueError(f"infllmv2 selection: the softmax scale must be > 0, got {scale}")
 
@@ -231,20 +257,15 @@ def _select_k2_lse(qv, k2base, s2t, pos_row, pos_min, pos_max, scale_log2, d, RO
             m, l = _k2_lse_tile(qv, k2base, s2t, j0, n2, pos_row, m, l, scale_log2, d, BN2, K2K, K2S, False)
         for j0 in tl.range(full_end, n2, BN2, num_stages=1):
             m, l = _k2_lse_tile(qv, k2base, s2t, j0, n2, pos_row, m, l, scale_log2, d, BN2, K2K, K2S, True)
+    elif BRANCH_MASK:   # visibility masks only on tiles some row does not see in full
+        for j0 in range(0, n2, BN2):
+            if (j0 + BN2 - 1) * K2S + K2K - 1 > pos_min:
+                m, l = _k2_lse_tile(qv, k2base, s2t, j0, n2, pos_row, m, l, scale_log2, d, BN2, K2K, K2S, True)
+            else:
+                m, l = _k2_lse_tile(qv, k2base, s2t, j0, n2, pos_row, m, l, scale_log2, d, BN2, K2K, K2S, False)
     else:
         for j0 in range(0, n2, BN2):
-            j = j0 + tl.arange(0, BN2)
-            kk = tl.load(k2base + j.to(tl.int64)[:, None] * s2t + d[None, :], mask=(j < n2)[:, None], other=0.0)
-            s = tl.dot(qv, tl.trans(kk)) * scale_log2
-            if BRANCH_MASK:   # visibility masks only on tiles some row does not see in full
-                if (j0 + BN2 - 1) * K2S + K2K - 1 > pos_min:
-                    s = tl.where((j[None, :] * K2S + (K2K - 1)) <= pos_row[:, None], s, float("-inf"))
-            else:
-                s = tl.where((j[None, :] * K2S + (K2K - 1)) <= pos_row[:, None], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-            m = m_new
+            m, l = _k2_lse_tile(qv, k2base, s2t, j0, n2, pos_row, m, l, scale_log2, d, BN2, K2K, K2S, True)
     return tl.where(l > 0, m + tl.log2(tl.maximum(l, 1e-30)), 0.0)
 
 
@@ -364,10 +385,7 @@ def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks, *, fill:
         return out
     r = params.block_size // params.kernel_stride
     halo = (params.kernel_size - 1) // params.kernel_stride
-    if halo > r or r & (r - 1) or D & (D - 1) or D < 16:
-        raise ValueError(f"infllmv2 Triton selection needs block_size/kernel_stride a power of two ({r}), "
-                         f"(kernel_size-1)//kernel_stride <= that ({halo}), head_dim a power of two >= 16 ({D})")
-    _check_scale(scale)
+    _check_selection(r, halo, D, scale)
     GP = _pow2(G)
     if Tq == 1:
         BQ = 1
@@ -423,10 +441,6 @@ def select_blocks_triton(q, k1, k2, pos, params, scale, *, pos_max: int | None =
 # ----------------------------------------------------------------------------------------------------------
 # top-k of pooled block scores (radix select on the float bits, one program per row)
 # ----------------------------------------------------------------------------------------------------------
-# Widest rows (blocks) `topk_blocks_triton` takes by default (TUNING["topk_max_cols"]); wider rows go to
-# torch.topk, which measured faster there (H200, bench/results/profile_selection*_h200.json: 6.5 vs 14.4 ms for
-# all rows at 2048 columns, 583 vs 480 ms at 16384 with all 31 counting passes, before the early exit).
-TOPK_MAX_COLS = 4096
 
 
 # Opt-in (TUNING["topk_compact"], measured slower on the H200, hence off): rows up to TOPK_COMPACT_MAX_COLS go through
@@ -1693,10 +1707,7 @@ def varlen_pooled_block_scores(q, k1, k2, sq_tok, sq_pos, tiles, tile_lo, tile_h
     G = Hq // Hkv
     r = params.block_size // params.kernel_stride
     halo = (params.kernel_size - 1) // params.kernel_stride
-    if halo > r or r & (r - 1) or D & (D - 1) or D < 16:
-        raise ValueError(f"infllmv2 Triton selection needs block_size/kernel_stride a power of two ({r}), "
-                         f"(kernel_size-1)//kernel_stride <= that ({halo}), head_dim a power of two >= 16 ({D})")
-    _check_scale(scale)
+    _check_selection(r, halo, D, scale)
     out = torch.full((Hkv, row_hi - row_lo, n_blocks), float("-inf"), dtype=torch.float32, device=q.device)
     if row_hi <= row_lo or tile_hi <= tile_lo:
         return out
