@@ -21,6 +21,10 @@
 #      samples after a phase transition ~20K samples in; runs 1-5 never saw that many short ones),
 #      RETRIEVAL_SEQ_LEN (e.g. 512: that stage in windows of this many tokens, on samples of a quarter and half of
 #      it, so the same tokens make more, smaller optimizer steps; the CPU depth study suggests retrieval needs steps),
+#      RETRIEVAL_TASKS (that stage's synthetic tasks, default SYNTHETIC_TASKS; the CPU study trained on niah_single),
+#      RETRIEVAL_STEPS (e.g. 2000: that stage's number of optimizer steps instead of a share of the tokens; its time,
+#      measured by a calibration run at its shape, is taken from the stable stage), RETRIEVAL_MICRO_BATCH (that
+#      stage's micro-batch, default the stable stage's; the CPU study learned retrieval sooner at batch 8 than 16),
 set -euo pipefail
 OUT_DIR=${1:-runs/train_small}
 mkdir -p "$OUT_DIR"
@@ -54,14 +58,14 @@ synth_tasks = tuple(x for x in os.environ.get("SYNTHETIC_TASKS", "niah_single,ni
                     .split(",") if x)
 
 def packed(path: str, srcs: list[str], fraction: float, sample_lengths: tuple[int, ...], seed: int,
-           max_docs: int | None = None) -> str:
+           max_docs: int | None = None, tasks: tuple[str, ...] = synth_tasks) -> str:
     """The packed dataset at `path` (built when missing): srcs + `fraction` synthetic retrieval samples."""
     if not os.path.exists(os.path.join(path, "meta.json")):
         from sala.data.prepare import SyntheticMix, prepare
         t0 = time.time()
         prepare(path, srcs, tokenizer="sala", val_fraction=0.01, seed=0, log=print,
                 max_docs=max_docs,
-                synthetic=SyntheticMix(fraction=fraction, tasks=synth_tasks,
+                synthetic=SyntheticMix(fraction=fraction, tasks=tasks,
                                        lengths=sample_lengths if not cpu else (256,), seed=seed))
         print(f"prepared {path} in {time.time() - t0:.0f}s")
     return path
@@ -75,21 +79,26 @@ if os.environ.get("DECAY_SYNTHETIC_FRACTION"):   # the decay stage on retrieval-
 warm_share = float(os.environ.get("RETRIEVAL_WARMUP_SHARE", "0") or 0)
 retr_seq = int(os.environ.get("RETRIEVAL_SEQ_LEN", "0") or 0)   # 0: the stable stage's windows
 short_data = None
-if warm_share > 0:   # a first stage on short retrieval samples (stdlib subset + 90% synthetic)
+if warm_share > 0 or os.environ.get("RETRIEVAL_STEPS"):   # a first stage on short retrieval samples (stdlib subset + 90% synthetic)
     if retr_seq and retr_seq < 2048:   # samples that fit the short windows whole (question and answer included)
         short_lengths, short_path = tuple(sorted({max(64, retr_seq // 4), max(64, retr_seq // 2)})), f"_short{retr_seq}"
     else:
         short_lengths, short_path = (256, 512, 1024), "_short"
+    retr_tasks = tuple(x for x in os.environ.get("RETRIEVAL_TASKS", ",".join(synth_tasks)).split(",") if x)
+    if retr_tasks != synth_tasks:
+        short_path += "_" + "-".join(retr_tasks)
     short_data = packed(data.rstrip("/") + short_path, ["stdlib"], 0.9, short_lengths, seed=2468,
-                        max_docs=40 if cpu else 400)
+                        max_docs=40 if cpu else 400, tasks=retr_tasks)
 
-def tokens_per_s(sparse: bool, steps: int) -> tuple[float, float | None]:
-    """Throughput of the last log window of a short run (kernels compiled in the first windows)."""
+def tokens_per_s(sparse: bool, steps: int, **stage) -> tuple[float, float | None]:
+    """Throughput of the last log window of a short run (kernels compiled in the first windows); `stage` overrides
+    the stable stage's fields (seq_len, micro_batch, data)."""
     import dataclasses
     cfg = load_config(cfg_path, base + [f"out_dir={work}/calib_{int(sparse)}", "resume=false", "save_final=false",
                                         "log_every=4", "eval_windows=1"])
     cfg.model.compile = use_compile
-    cfg.stages = [dataclasses.replace(cfg.stages[0], name="calib", steps=steps, warmup_steps=0, sparse=sparse)]
+    cfg.stages = [dataclasses.replace(cfg.stages[0], name="calib", steps=steps, warmup_steps=0, sparse=sparse,
+                                      **stage)]
     tr = Trainer(cfg)
     tr.fit()
     recs = [r for r in tr.history if "tokens_per_s" in r]
@@ -108,6 +117,12 @@ except Exception as e:  # keep the run alive: train without torch.compile
     use_compile = False
     tps_off, mfu_off = tokens_per_s(False, calib_steps)
 decay_sparse = True
+retr_steps = int(os.environ.get("RETRIEVAL_STEPS", "0") or 0)
+retr_mb = int(os.environ.get("RETRIEVAL_MICRO_BATCH", "0") or 0) or load_config(cfg_path, base).stages[0].micro_batch
+tps_retr = None
+if short_data and retr_steps:   # the retrieval stage's own speed (small windows and batches run slower per token)
+    tps_retr, _ = tokens_per_s(False, calib_steps, micro_batch=retr_mb, data=short_data,
+                               **({"seq_len": retr_seq} if retr_seq else {}))
 tps_on, mfu_on = None, None   # the decay stage's own log measures sparse-on speed (no separate calibration)
 full = load_config(cfg_path, base)
 tok_step = full.stages[0].seq_len * full.stages[0].micro_batch
@@ -132,13 +147,19 @@ if short_data:
     import dataclasses
     stable = cfg.stages[0]
     seq = retr_seq or stable.seq_len
-    warm_tokens = warm_share * steps_off * tok_step     # the share of the sparse-off tokens, in windows of `seq`
-    n_warm = max(1, int(warm_tokens / (seq * stable.micro_batch)))
-    cfg.stages = [dataclasses.replace(stable, name="retrieval", steps=n_warm, seq_len=seq, data=short_data),
-                  dataclasses.replace(stable, steps=max(1, steps_off - round(warm_tokens / tok_step)), warmup_steps=0),
+    if retr_steps:   # a fixed number of steps; the stable stage gives up the time they take
+        n_warm = retr_steps
+        stable_steps = steps_off - round(n_warm * seq * retr_mb / tps_retr * tps_off / tok_step)
+    else:            # the share of the sparse-off tokens, in windows of `seq`
+        warm_tokens = warm_share * steps_off * tok_step
+        n_warm = max(1, int(warm_tokens / (seq * retr_mb)))
+        stable_steps = steps_off - round(warm_tokens / tok_step)
+    cfg.stages = [dataclasses.replace(stable, name="retrieval", steps=n_warm, seq_len=seq, micro_batch=retr_mb,
+                                      data=short_data),
+                  dataclasses.replace(stable, steps=max(1, stable_steps), warmup_steps=0),
                   *cfg.stages[1:]]
-    print(f"retrieval warm-up: {n_warm} steps of {stable.micro_batch} x {seq} tokens on {short_data}, then "
-          f"{cfg.stages[1].steps} stable steps")
+    print(f"retrieval warm-up: {n_warm} steps of {retr_mb} x {seq} tokens on {short_data}"
+          f"{f' ({tps_retr:,.0f} tok/s)' if tps_retr else ''}, then {cfg.stages[1].steps} stable steps")
 trainer = Trainer(cfg)
 summary = trainer.fit()
 del trainer
@@ -165,7 +186,9 @@ result = {
                  "final_train_loss": train_logs[-1]["loss"], "heldout_loss": val[-1]["val_loss"] if val else None,
                  "heldout_curve": [(r["step"], r["val_loss"]) for r in val]},
     "decay_stage_sparse": decay_sparse, "decay_stage_data": decay_data, "compiled": use_compile,
-    "retrieval_warmup": {"share": warm_share, "data": short_data, "seq_len": cfg.stages[0].seq_len}
+    "retrieval_warmup": {"share": warm_share, "steps": cfg.stages[0].steps, "data": short_data,
+                         "seq_len": cfg.stages[0].seq_len, "micro_batch": cfg.stages[0].micro_batch,
+                         "tokens_per_s": tps_retr}
     if short_data else None,
     "data_meta": json.load(open(os.path.join(data, "meta.json"))),
     "calibration": {"tokens_per_s_sparse_off": tps_off, "mfu_sparse_off": mfu_off,

@@ -7,8 +7,8 @@ import json
 import pytest
 
 
-@pytest.mark.parametrize("retrieval_seq", [None, 128])
-def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_in, retrieval_seq):
+@pytest.mark.parametrize("retrieval_seq,retrieval_steps", [(None, None), (128, None), (128, 6)])
+def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_in, retrieval_seq, retrieval_steps):
     docs = tmp_path / "docs"
     docs.mkdir()
     for i in range(30):
@@ -18,18 +18,25 @@ def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_i
     out, work = tmp_path / "out", tmp_path / "work"
     run_script(["train_small_gpu.sh", str(out)], tmp_path, SMALL_CPU="1", DATA=str(data), WORK_DIR=str(work),
                DECAY_SYNTHETIC_FRACTION="0.6", RETRIEVAL_WARMUP_SHARE="0.3",
-               **({"RETRIEVAL_SEQ_LEN": str(retrieval_seq)} if retrieval_seq else {}))
+               **({"RETRIEVAL_SEQ_LEN": str(retrieval_seq)} if retrieval_seq else {}),
+               **({"RETRIEVAL_STEPS": str(retrieval_steps), "RETRIEVAL_MICRO_BATCH": "3",
+                   "RETRIEVAL_TASKS": "niah_single"} if retrieval_steps else {}))
     summary = json.loads((out / "summary.json").read_text())
     stages = summary["config"]["stages"]
     assert [s["name"] for s in stages] == ["retrieval", "stable", "decay"]
-    short = "_short" if retrieval_seq is None else f"_short{retrieval_seq}"
+    short = ("_short" if retrieval_seq is None else f"_short{retrieval_seq}") + ("_niah_single" if retrieval_steps else "")
     assert stages[0]["data"] == str(data) + short and stages[2]["data"] == str(data) + "_decay"
     seq = retrieval_seq or stages[1]["seq_len"]
     assert stages[0]["seq_len"] == seq == summary["retrieval_warmup"]["seq_len"]
-    # the retrieval stage takes its share of the sparse-off tokens, in windows of `seq` tokens
-    warm_tokens = stages[0]["steps"] * seq * stages[0]["micro_batch"]
-    off_tokens = warm_tokens + stages[1]["steps"] * stages[1]["seq_len"] * stages[1]["micro_batch"]
-    assert abs(warm_tokens / off_tokens - 0.3) < 0.15, (warm_tokens, off_tokens)
+    warm = summary["retrieval_warmup"]
+    if retrieval_steps:   # a fixed number of steps at its own micro-batch, on niah_single only, speed measured
+        assert stages[0]["steps"] == warm["steps"] == retrieval_steps and stages[0]["micro_batch"] == 3
+        assert warm["tokens_per_s"] > 0
+        assert json.loads((tmp_path / ("packed" + short) / "meta.json").read_text())["synthetic"]["tasks"] == ["niah_single"]
+    else:   # the retrieval stage takes its share of the sparse-off tokens, in windows of `seq` tokens
+        warm_tokens = stages[0]["steps"] * seq * stages[0]["micro_batch"]
+        off_tokens = warm_tokens + stages[1]["steps"] * stages[1]["seq_len"] * stages[1]["micro_batch"]
+        assert abs(warm_tokens / off_tokens - 0.3) < 0.15, (warm_tokens, off_tokens)
     assert stages[2]["sparse"] is True
     assert summary["training"]["steps"] == sum(s["steps"] for s in stages)
     assert summary["retrieval_warmup"]["share"] == 0.3
