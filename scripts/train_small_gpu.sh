@@ -25,6 +25,8 @@
 #      RETRIEVAL_STEPS (e.g. 2000: that stage's number of optimizer steps instead of a share of the tokens; its time,
 #      measured by a calibration run at its shape, is taken from the stable stage), RETRIEVAL_MICRO_BATCH (that
 #      stage's micro-batch, default the stable stage's; the CPU study learned retrieval sooner at batch 8 than 16),
+#      RETRIEVAL_MAX_SHARE (default 0.5: at most this share of the training time goes to that stage; fewer steps
+#      are run, with a message, when RETRIEVAL_STEPS would take longer),
 set -euo pipefail
 OUT_DIR=${1:-runs/train_small}
 mkdir -p "$OUT_DIR"
@@ -149,6 +151,12 @@ if short_data:
     seq = retr_seq or stable.seq_len
     if retr_steps:   # a fixed number of steps; the stable stage gives up the time they take
         n_warm = retr_steps
+        cap_s = float(os.environ.get("RETRIEVAL_MAX_SHARE", "0.5")) * train_budget
+        if n_warm * seq * retr_mb / tps_retr > cap_s:   # run 7: 2500 steps at 55K tok/s took the whole budget
+            n_warm = max(1, int(cap_s * tps_retr / (seq * retr_mb)))
+            print(f"RETRIEVAL_STEPS={retr_steps} would take {retr_steps * seq * retr_mb / tps_retr:.0f}s at "
+                  f"{tps_retr:,.0f} tok/s, more than RETRIEVAL_MAX_SHARE of the {train_budget:.0f}s training budget "
+                  f"({cap_s:.0f}s): running {n_warm} steps")
         stable_steps = steps_off - round(n_warm * seq * retr_mb / tps_retr * tps_off / tok_step)
     else:            # the share of the sparse-off tokens, in windows of `seq`
         warm_tokens = warm_share * steps_off * tok_step
@@ -186,7 +194,7 @@ result = {
                  "final_train_loss": train_logs[-1]["loss"], "heldout_loss": val[-1]["val_loss"] if val else None,
                  "heldout_curve": [(r["step"], r["val_loss"]) for r in val]},
     "decay_stage_sparse": decay_sparse, "decay_stage_data": decay_data, "compiled": use_compile,
-    "retrieval_warmup": {"share": warm_share, "steps": cfg.stages[0].steps, "data": short_data,
+    "retrieval_warmup": {"share": warm_share, "steps": cfg.stages[0].steps, "steps_requested": retr_steps or None, "data": short_data,
                          "seq_len": cfg.stages[0].seq_len, "micro_batch": cfg.stages[0].micro_batch,
                          "tokens_per_s": tps_retr}
     if short_data else None,

@@ -154,3 +154,17 @@ def test_synthetic_documents_do_not_depend_on_worker_count(monkeypatch):
     parallel = P._synthetic_documents(tok, combos, 70, seed=5)
     assert len(serial) == 140 and serial == parallel
     assert all(ids[0] == tok.bos_id and ids[-1] == tok.eos_id and len(ids) <= 300 for ids in serial)
+
+
+def test_prepare_refuses_synthetic_lengths_too_short_for_a_task_before_any_work(tmp_path, prepare_in):
+    """A multi-key needle prompt does not fit 128 tokens: prepare says which task and length, before tokenizing
+    the corpus and before any worker starts, and writes nothing."""
+    from sala.data.prepare import SyntheticMix
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("some text " * 50)
+    with pytest.raises(ValueError, match=r"niah_multikey at 128 tokens.*prompt alone needs") as err:
+        prepare_in(tmp_path, "packed", ["docs"], tokenizer="sala",
+                   synthetic=SyntheticMix(fraction=0.5, tasks=("niah_single", "niah_multikey"), lengths=(128, 512)))
+    assert "niah_single" not in str(err.value) and "512" not in str(err.value)
+    assert not (tmp_path / "packed").exists()

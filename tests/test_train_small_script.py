@@ -7,7 +7,7 @@ import json
 import pytest
 
 
-@pytest.mark.parametrize("retrieval_seq,retrieval_steps", [(None, None), (128, None), (128, 6)])
+@pytest.mark.parametrize("retrieval_seq,retrieval_steps", [(None, None), (128, None), (128, 6), (128, 100000)])
 def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_in, retrieval_seq, retrieval_steps):
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -30,8 +30,13 @@ def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_i
     assert stages[0]["seq_len"] == seq == summary["retrieval_warmup"]["seq_len"]
     warm = summary["retrieval_warmup"]
     if retrieval_steps:   # a fixed number of steps at its own micro-batch, on niah_single only, speed measured
-        assert stages[0]["steps"] == warm["steps"] == retrieval_steps and stages[0]["micro_batch"] == 3
-        assert warm["tokens_per_s"] > 0
+        assert warm["steps_requested"] == retrieval_steps and stages[0]["micro_batch"] == 3 and warm["tokens_per_s"] > 0
+        if retrieval_steps < 1000:
+            assert stages[0]["steps"] == warm["steps"] == retrieval_steps
+        else:   # capped at RETRIEVAL_MAX_SHARE (0.5) of the training time, measured at the stage's own speed
+            assert 1 <= stages[0]["steps"] == warm["steps"] < retrieval_steps
+            warm_s = warm["steps"] * seq * 3 / warm["tokens_per_s"]
+            assert warm_s <= 0.5 * 20 * 1.01, warm_s   # the dry run's training budget is 20 s
         assert json.loads((tmp_path / ("packed" + short) / "meta.json").read_text())["synthetic"]["tasks"] == ["niah_single"]
     else:   # the retrieval stage takes its share of the sparse-off tokens, in windows of `seq` tokens
         warm_tokens = stages[0]["steps"] * seq * stages[0]["micro_batch"]

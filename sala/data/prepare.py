@@ -62,6 +62,8 @@ def prepare(out_dir: str, sources: list[str], tokenizer: TextTokenizer | str | N
     tok = tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
     if tok.bos_id is None or tok.eos_id is None:
         raise ValueError(f"tokenizer {tok.source!r} has no BOS or EOS token; packed documents need both")
+    if synthetic is not None and synthetic.fraction > 0:
+        _check_synthetic_fits(tok, synthetic)
     docs: dict[str, list[tuple[str, str]]] = {"train": [], "val": []}
     for source in sources:
         for name, text in iter_source_documents(source):
@@ -121,6 +123,22 @@ def prepare(out_dir: str, sources: list[str], tokenizer: TextTokenizer | str | N
     log(f"wrote {out}: train {report.splits['train']['tokens']} tokens, val {report.splits['val']['tokens']} tokens "
         f"in {report.seconds:.1f}s")
     return report
+
+
+def _check_synthetic_fits(tok: TextTokenizer, synthetic: SyntheticMix) -> None:
+    """Fail before any work when a (task, length) of the mix cannot hold its task's prompt: one sample each."""
+    from sala.eval.tasks import generate
+
+    too_short = []
+    for task in synthetic.tasks:
+        for length in sorted(set(synthetic.lengths)):
+            try:
+                next(iter(generate(task, length - 2, 1, tok.count, seed=synthetic.seed)))
+            except ValueError as e:
+                too_short.append(f"{task} at {length} tokens ({e})")
+    if too_short:
+        raise ValueError("synthetic samples too short for their task: " + "; ".join(too_short)
+                         + ". Use longer sample lengths or drop the task.")
 
 
 _WORKER_TOKENIZER: TextTokenizer | None = None   # set before forking the synthetic-sample workers
