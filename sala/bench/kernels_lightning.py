@@ -91,6 +91,60 @@ def _tune_forward(t: int, log_decay: torch.Tensor) -> dict:
     return {"length": t, "trials": trials, "chosen": best}
 
 
+def _decode_graph_us(q, k, v, log_decay, state, out, n: int = 100) -> float:
+    """Microseconds per decode step of a replayed one-step CUDA graph (the state bandwidth bound)."""
+    from sala.ops.lightning import lightning_decode_step
+
+    scale = HEAD_DIM ** -0.5
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            lightning_decode_step(q, k, v, log_decay, state, scale=scale, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lightning_decode_step(q, k, v, log_decay, state, scale=scale, out=out)
+
+    def graph_loop():
+        for _ in range(n):
+            graph.replay()
+    us = 1e3 * bench_ms(graph_loop, warmup=2, rep=5) / n
+    del graph
+    return us
+
+
+def _tune_decode(batch: int, log_decay: torch.Tensor) -> dict:
+    """Time the decode kernel's launch settings (V tile, warps) in a CUDA graph at `batch`; keep the fastest."""
+    from sala.ops import lightning_triton as lt
+
+    g = torch.Generator(device="cuda").manual_seed(batch)
+    q, k, v = (torch.randn(batch, HEADS, HEAD_DIM, generator=g, device="cuda", dtype=DTYPE) for _ in range(3))
+    state = torch.randn(batch, HEADS, HEAD_DIM, HEAD_DIM, generator=g, device="cuda") * 0.1
+    out = torch.empty(batch, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    base, trials = lt.CONFIG, []
+    for block_v in (16, 32, 64, 128):
+        for warps in (1, 2, 4, 8):
+            cfg = dataclasses.replace(base, decode_block_v=block_v, decode_num_warps=warps)
+            lt.CONFIG = cfg
+            try:
+                us = _decode_graph_us(q, k, v, log_decay, state, out)
+            except Exception as exc:  # a setting that does not compile or launch
+                trials.append({"decode_block_v": block_v, "decode_num_warps": warps, "error": repr(exc)[:200]})
+                continue
+            trials.append({"decode_block_v": block_v, "decode_num_warps": warps, "graph_us": us,
+                           "state_GBps": 2 * state.numel() * 4 / (us * 1e-6) / 1e9})
+            print(f"tune decode B={batch} bv={block_v} warps={warps}: {us:.1f} us", flush=True)
+    ok = [x for x in trials if "graph_us" in x]
+    best = min(ok, key=lambda x: x["graph_us"]) if ok else None
+    lt.CONFIG = base if best is None else dataclasses.replace(
+        base, decode_block_v=best["decode_block_v"], decode_num_warps=best["decode_num_warps"])
+    del q, k, v, state, out
+    _free()
+    return {"batch": batch, "trials": trials, "chosen": best,
+            "default": {"decode_block_v": base.decode_block_v, "decode_num_warps": base.decode_num_warps}}
+
+
 def _prefill(lengths: list[int], fwd_bwd_max: int, log_decay: torch.Tensor, fla) -> list[dict]:
     from sala.ops.lightning import lightning_attention
     from sala.ops.lightning_reference import lightning_attention_chunked
@@ -183,21 +237,7 @@ def _decode(batches: list[int], log_decay: torch.Tensor, fla) -> list[dict]:
             for _ in range(n):
                 lightning_decode_step(q, k, v, log_decay, s_ours, scale=scale, out=out)
         row["ours_us_back_to_back"] = 1e3 * bench_ms(loop, warmup=2, rep=5) / n
-        # CUDA graph of one step
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                lightning_decode_step(q, k, v, log_decay, s_ours, scale=scale, out=out)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            lightning_decode_step(q, k, v, log_decay, s_ours, scale=scale, out=out)
-
-        def graph_loop():
-            for _ in range(n):
-                graph.replay()
-        row["ours_graph_us"] = 1e3 * bench_ms(graph_loop, warmup=2, rep=5) / n
+        row["ours_graph_us"] = _decode_graph_us(q, k, v, log_decay, s_ours, out, n)   # CUDA graph of one step
         row["ours_graph_state_GBps"] = 2 * state_bytes / (row["ours_graph_us"] * 1e-6) / 1e9
         if fla is not None:
             q1, k1, v1 = q[:, None], k[:, None], v[:, None]
@@ -207,7 +247,7 @@ def _decode(batches: list[int], log_decay: torch.Tensor, fla) -> list[dict]:
             o_fla, _ = fused()
             row["fla_rel_err"] = _rel_err(o_fla[:, 0], o_ref)
             row["speedup_vs_fla"] = row["fla_us"] / row["ours_us"]
-        del state, s_ours, s_ref, graph
+        del state, s_ours, s_ref
         _free()
         print(row, flush=True)
         rows.append(row)
@@ -249,6 +289,7 @@ def run(lengths: list[int] = DEFAULT_LENGTHS, decode_batches: list[int] = DEFAUL
                                          "decode ours_us: one call timed by CUDA events incl. host launch; "
                                          "graph: per step of a replayed one-step CUDA graph"]}
     payload["tuning"] = _tune_forward(tune_length, log_decay) if tune_length else None
+    payload["decode_tuning"] = _tune_decode(max(decode_batches), log_decay) if tune_length and decode_batches else None
     payload["config"] = dataclasses.asdict(lt.CONFIG)
     payload["prefill"] = _prefill(lengths, fwd_bwd_max, log_decay, fla)
     payload["decode"] = _decode(decode_batches, log_decay, fla)
@@ -287,7 +328,8 @@ def main(args: list[str] | None = None) -> int:
     p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
     p.add_argument("--decode-batches", default="1,16,64")
     p.add_argument("--fwd-bwd-max", type=int, default=262144)
-    p.add_argument("--tune-length", type=int, default=65536, help="0: no config sweep")
+    p.add_argument("--tune-length", type=int, default=65536,
+                   help="0: no config sweep (forward at this length; decode at the largest decode batch)")
     p.add_argument("--finite-length", type=int, default=2 * 1024 * 1024, help="0: skip the long finiteness run")
     p.add_argument("--no-fla", action="store_true")
     a = p.parse_args(args)
