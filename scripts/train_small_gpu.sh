@@ -27,6 +27,9 @@
 #      RETRIEVAL_STEPS (e.g. 2000: that stage's number of optimizer steps instead of a share of the tokens; its time,
 #      measured by a calibration run at its shape, is taken from the stable stage), RETRIEVAL_MICRO_BATCH (that
 #      stage's micro-batch, default the stable stage's; the CPU study learned retrieval sooner at batch 8 than 16),
+#      (with a retrieval stage, the run stops after it, scores niah_single at that stage's longest sample length,
+#      goes on, and scores it again at the end: summary "retrieval_probe" tells whether retrieval formed there,
+#      whether it survived the corpus stages, and, against the NIAH table, whether it carried to longer contexts)
 #      RETRIEVAL_MAX_SHARE (default 0.5: at most this share of the training time goes to that stage; fewer steps
 #      are run, with a message, when RETRIEVAL_STEPS would take longer),
 set -euo pipefail
@@ -171,9 +174,38 @@ if short_data:
                   *cfg.stages[1:]]
     print(f"retrieval warm-up: {n_warm} steps of {retr_mb} x {seq} tokens on {short_data}"
           f"{f' ({tps_retr:,.0f} tok/s)' if tps_retr else ''}, then {cfg.stages[1].steps} stable steps")
+probe_len = 256 if cpu else max(short_lengths) if short_data else None   # the retrieval stage's longest samples
+probe: dict = {}
+
+def retrieval_probe(tag: str, model_dir: str) -> None:
+    """niah_single at the retrieval stage's sample length: did retrieval form there (and survive)?"""
+    from sala.data.tokenizer import load_tokenizer
+    from sala.train.model_factory import load_model_dir
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m = load_model_dir(model_dir, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=dev)
+    r = run_tasks(None, [probe_len], ["niah_single"], num_samples=2 if cpu else 40, seed=11, model=m,
+                  tokenizer=load_tokenizer(model_dir))
+    probe[tag] = r["results"]["niah_single"][str(probe_len)]["score"]
+    print(f"retrieval probe ({tag}): niah_single at {probe_len} tokens: {probe[tag]:.1f}")
+    del m
+
 trainer = Trainer(cfg)
-summary = trainer.fit()
+if short_data:   # stop after the retrieval stage, probe, then go on with the rest of the time
+    limit0, t_fit = cfg.time_limit_s, time.time()
+    cfg.stop_after = cfg.stages[0].steps
+    summary = trainer.fit()
+    if not summary["time_limit_reached"]:
+        trainer.save_model(f"{work}/probe_retrieval")
+        retrieval_probe("after_retrieval_stage", f"{work}/probe_retrieval")
+        cfg.stop_after = None
+        cfg.time_limit_s = max(1.0, limit0 - (time.time() - t_fit))
+        summary = trainer.fit()
+    summary["seconds"] = time.time() - t_fit
+else:
+    summary = trainer.fit()
 del trainer
+if probe_len and os.path.isdir(f"{work}/run/final"):
+    retrieval_probe("final", f"{work}/run/final")
 if torch.cuda.is_available():
     torch.cuda.empty_cache()
 recs = read_metrics(f"{work}/run/metrics.jsonl")
@@ -201,6 +233,7 @@ result = {
                          "seq_len": cfg.stages[0].seq_len, "micro_batch": cfg.stages[0].micro_batch,
                          "tokens_per_s": tps_retr}
     if short_data else None,
+    "retrieval_probe": {"task": "niah_single", "length": probe_len, "scores": probe} if probe_len else None,
     "data_meta": json.load(open(os.path.join(data, "meta.json"))),
     "calibration": {"tokens_per_s_sparse_off": tps_off, "mfu_sparse_off": mfu_off,
                     "tokens_per_s_sparse_on": tps_on, "mfu_sparse_on": mfu_on},

@@ -46,5 +46,9 @@ def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_i
     assert summary["training"]["steps"] == sum(s["steps"] for s in stages)
     assert summary["retrieval_warmup"]["share"] == 0.3
     assert summary["training"]["decay_sparse_on"]["median_tokens_per_s"] > 0
+    # the retrieval probe: niah_single at the retrieval samples' length after that stage and at the end
+    rp = summary["retrieval_probe"]
+    assert rp["length"] == 256 and set(rp["scores"]) == {"after_retrieval_stage", "final"}
+    assert all(0.0 <= x <= 100.0 for x in rp["scores"].values())
     assert summary["niah"]["status"] == "done" and summary["niah"]["results"]["niah_single"]
     assert (out / "metrics.jsonl").is_file() and (out / "loss.png").is_file()
