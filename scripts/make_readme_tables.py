@@ -417,8 +417,17 @@ def training_section() -> list[str]:
     warm = d.get("retrieval_warmup")
     stages = {st["name"]: st for st in d["config"].get("stages", [])}
     if warm and "retrieval" in stages:
-        data += (f"; first a retrieval stage of {stages['retrieval']['steps']} steps "
-                 f"({100 * warm['share']:.0f}% of the sparse-off steps) on short retrieval samples")
+        st = stages["retrieval"]
+        size = f"{st['micro_batch']} x {st['seq_len']} tokens"
+        data += (f"; first a retrieval stage of {st['steps']} steps of {size} on short retrieval samples"
+                 if warm.get("steps_requested") else
+                 f"; first a retrieval stage of {st['steps']} steps ({100 * warm['share']:.0f}% of the sparse-off "
+                 f"steps) on short retrieval samples")
+    probe = d.get("retrieval_probe") or {}
+    if probe.get("scores"):
+        names = {"after_retrieval_stage": "after the retrieval stage", "final": "at the end"}
+        data += (f"; {probe['task']} at {probe['length']} tokens (the retrieval samples' length): "
+                 + ", ".join(f"{v:.0f}% {names.get(k, k)}" for k, v in probe["scores"].items()))
     unfinished = (d.get("niah") or {}).get("status") == "pending"   # the script saves after every finished task
     out = ["### Training a small SALA model for real (issue 6)", "",
            f"`bench/results/train_small_summary.json` ({_device(d)}); metrics `train_small_metrics.jsonl`, loss plot "
