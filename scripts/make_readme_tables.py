@@ -420,7 +420,7 @@ def training_section() -> list[str]:
         st = stages["retrieval"]
         size = f"{st['micro_batch']} x {st['seq_len']} tokens"
         data += (f"; first a retrieval stage of {st['steps']} steps of {size} on short retrieval samples"
-                 if warm.get("steps_requested") else
+                 if warm.get("steps_requested") or not warm.get("share") else
                  f"; first a retrieval stage of {st['steps']} steps ({100 * warm['share']:.0f}% of the sparse-off "
                  f"steps) on short retrieval samples")
     probe = d.get("retrieval_probe") or {}
