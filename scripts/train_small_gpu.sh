@@ -86,8 +86,10 @@ if os.environ.get("DECAY_SYNTHETIC_FRACTION"):   # the decay stage on retrieval-
                         synth_lengths, seed=4321, max_docs=40 if cpu else None)
 warm_share = float(os.environ.get("RETRIEVAL_WARMUP_SHARE", "0") or 0)
 retr_seq = int(os.environ.get("RETRIEVAL_SEQ_LEN", "0") or 0)   # 0: the stable stage's windows
+retr_steps = int(os.environ.get("RETRIEVAL_STEPS", "0") or 0)
+retr_mb = int(os.environ.get("RETRIEVAL_MICRO_BATCH", "0") or 0) or load_config(cfg_path, base).stages[0].micro_batch
 short_data = None
-if warm_share > 0 or os.environ.get("RETRIEVAL_STEPS"):   # a first stage on short retrieval samples (stdlib subset + 90% synthetic)
+if warm_share > 0 or retr_steps:   # a first stage on short retrieval samples (stdlib subset + 90% synthetic)
     if retr_seq and retr_seq < 2048:   # samples that fit the short windows whole (question and answer included)
         short_lengths, short_path = tuple(sorted({max(64, retr_seq // 4), max(64, retr_seq // 2)})), f"_short{retr_seq}"
     else:
@@ -95,8 +97,11 @@ if warm_share > 0 or os.environ.get("RETRIEVAL_STEPS"):   # a first stage on sho
     retr_tasks = tuple(x for x in os.environ.get("RETRIEVAL_TASKS", ",".join(synth_tasks)).split(",") if x)
     if retr_tasks != synth_tasks:
         short_path += "_" + "-".join(retr_tasks)
+    # 400 stdlib documents + 90% synthetic are ~20M tokens; more documents when RETRIEVAL_STEPS asks for more
+    # tokens, so that the stage sees each sample about once
+    want = retr_steps * retr_mb * (retr_seq or load_config(cfg_path, base).stages[0].seq_len)
     short_data = packed(data.rstrip("/") + short_path, ["stdlib"], 0.9, short_lengths, seed=2468,
-                        max_docs=40 if cpu else 400, tasks=retr_tasks)
+                        max_docs=40 if cpu else max(400, math.ceil(400 * want / 18e6)), tasks=retr_tasks)
 
 def tokens_per_s(sparse: bool, steps: int, **stage) -> tuple[float, float | None]:
     """Throughput of the last log window of a short run (kernels compiled in the first windows); `stage` overrides
@@ -125,8 +130,6 @@ except Exception as e:  # keep the run alive: train without torch.compile
     use_compile = False
     tps_off, mfu_off = tokens_per_s(False, calib_steps)
 decay_sparse = True
-retr_steps = int(os.environ.get("RETRIEVAL_STEPS", "0") or 0)
-retr_mb = int(os.environ.get("RETRIEVAL_MICRO_BATCH", "0") or 0) or load_config(cfg_path, base).stages[0].micro_batch
 tps_retr = None
 if short_data and retr_steps:   # the retrieval stage's own speed (small windows and batches run slower per token)
     tps_retr, _ = tokens_per_s(False, calib_steps, micro_batch=retr_mb, data=short_data,
