@@ -86,8 +86,9 @@ if os.environ.get("DECAY_SYNTHETIC_FRACTION"):   # the decay stage on retrieval-
                         synth_lengths, seed=4321, max_docs=40 if cpu else None)
 warm_share = float(os.environ.get("RETRIEVAL_WARMUP_SHARE", "0") or 0)
 retr_seq = int(os.environ.get("RETRIEVAL_SEQ_LEN", "0") or 0)   # 0: the stable stage's windows
+full = load_config(cfg_path, base)   # the config's own stages (sizes of the stable stage)
 retr_steps = int(os.environ.get("RETRIEVAL_STEPS", "0") or 0)
-retr_mb = int(os.environ.get("RETRIEVAL_MICRO_BATCH", "0") or 0) or load_config(cfg_path, base).stages[0].micro_batch
+retr_mb = int(os.environ.get("RETRIEVAL_MICRO_BATCH", "0") or 0) or full.stages[0].micro_batch
 short_data = None
 if warm_share > 0 or retr_steps:   # a first stage on short retrieval samples (stdlib subset + 90% synthetic)
     if retr_seq and retr_seq < 2048:   # samples that fit the short windows whole (question and answer included)
@@ -99,7 +100,7 @@ if warm_share > 0 or retr_steps:   # a first stage on short retrieval samples (s
         short_path += "_" + "-".join(retr_tasks)
     # 400 stdlib documents + 90% synthetic are ~20M tokens; more documents when RETRIEVAL_STEPS asks for more
     # tokens, so that the stage sees each sample about once
-    want = retr_steps * retr_mb * (retr_seq or load_config(cfg_path, base).stages[0].seq_len)
+    want = retr_steps * retr_mb * (retr_seq or full.stages[0].seq_len)
     short_data = packed(data.rstrip("/") + short_path, ["stdlib"], 0.9, short_lengths, seed=2468,
                         max_docs=40 if cpu else max(400, math.ceil(400 * want / 18e6)), tasks=retr_tasks)
 
@@ -135,7 +136,6 @@ if short_data and retr_steps:   # the retrieval stage's own speed (small windows
     tps_retr, _ = tokens_per_s(False, calib_steps, micro_batch=retr_mb, data=short_data,
                                **({"seq_len": retr_seq} if retr_seq else {}))
 tps_on, mfu_on = None, None   # the decay stage's own log measures sparse-on speed (no separate calibration)
-full = load_config(cfg_path, base)
 tok_step = full.stages[0].seq_len * full.stages[0].micro_batch
 t_cal = time.time() - t_all
 train_budget = budget if not cpu else 20
@@ -159,14 +159,16 @@ if short_data:
     stable = cfg.stages[0]
     seq = retr_seq or stable.seq_len
     if retr_steps:   # a fixed number of steps; the stable stage gives up the time they take
-        n_warm = retr_steps
+        step_tokens = seq * retr_mb
+        want_s = retr_steps * step_tokens / tps_retr
         cap_s = float(os.environ.get("RETRIEVAL_MAX_SHARE", "0.5")) * train_budget
-        if n_warm * seq * retr_mb / tps_retr > cap_s:   # run 7: 2500 steps at 55K tok/s took the whole budget
-            n_warm = max(1, int(cap_s * tps_retr / (seq * retr_mb)))
-            print(f"RETRIEVAL_STEPS={retr_steps} would take {retr_steps * seq * retr_mb / tps_retr:.0f}s at "
-                  f"{tps_retr:,.0f} tok/s, more than RETRIEVAL_MAX_SHARE of the {train_budget:.0f}s training budget "
-                  f"({cap_s:.0f}s): running {n_warm} steps")
-        stable_steps = steps_off - round(n_warm * seq * retr_mb / tps_retr * tps_off / tok_step)
+        n_warm = retr_steps
+        if want_s > cap_s:   # run 7: 2500 steps at 55K tok/s took the whole budget
+            n_warm = max(1, int(cap_s * tps_retr / step_tokens))
+            print(f"RETRIEVAL_STEPS={retr_steps} would take {want_s:.0f}s at {tps_retr:,.0f} tok/s, "
+                  f"more than RETRIEVAL_MAX_SHARE of the {train_budget:.0f}s training budget ({cap_s:.0f}s): "
+                  f"running {n_warm} steps")
+        stable_steps = steps_off - round(n_warm * step_tokens / tps_retr * tps_off / tok_step)
     else:            # the share of the sparse-off tokens, in windows of `seq`
         warm_tokens = warm_share * steps_off * tok_step
         n_warm = max(1, int(warm_tokens / (seq * retr_mb)))

@@ -125,6 +125,9 @@ def prepare(out_dir: str, sources: list[str], tokenizer: TextTokenizer | str | N
     return report
 
 
+_DOC_SPECIAL_TOKENS = 2   # BOS + EOS around every synthetic document, outside generate()'s budget
+
+
 def _check_synthetic_fits(tok: TextTokenizer, synthetic: SyntheticMix) -> None:
     """Fail before any work when a (task, length) of the mix cannot hold its task's prompt: one sample each."""
     from sala.eval.tasks import generate
@@ -133,7 +136,7 @@ def _check_synthetic_fits(tok: TextTokenizer, synthetic: SyntheticMix) -> None:
     for task in synthetic.tasks:
         for length in sorted(set(synthetic.lengths)):
             try:
-                next(iter(generate(task, length - 2, 1, tok.count, seed=synthetic.seed)))
+                next(iter(generate(task, length - _DOC_SPECIAL_TOKENS, 1, tok.count, seed=synthetic.seed)))
             except ValueError as e:
                 too_short.append(f"{task} at {length} tokens ({e})")
     if too_short:
@@ -153,7 +156,7 @@ def _synthetic_part(job: tuple[str, int, int, int, int, int]) -> list[list[int]]
     depths = [random.Random(f"{seed}/{task}/{length}/{j}").random() for j in range(n)]
     out = []
     # the document adds BOS + answer + EOS to the prompt; generate() keeps the answer budget free
-    for s in generate(task, length - 2, hi, tok.count, seed=seed, depths=depths, skip=lo):
+    for s in generate(task, length - _DOC_SPECIAL_TOKENS, hi, tok.count, seed=seed, depths=depths, skip=lo):
         out.append([tok.bos_id] + tok.encode(s.training_text()) + [tok.eos_id])
     return out
 
