@@ -205,6 +205,21 @@ def test_decode_bad_inputs():
         lightning_decode_step(q, k, v, ld, s0)
     with pytest.raises(ValueError, match=r"out must be"):
         lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], ld, s0, out=torch.empty(2, 2, 4))
+    q1, k1, v1 = q[:, 0], k[:, 0], v[:, 0]
+    with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor .* got torch.bfloat16"):
+        lightning_decode_step(q1, k1, v1, ld, s0, out=torch.empty(2, 2, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"out must be .* got list"):
+        lightning_decode_step(q1, k1, v1, ld, s0, out=[0.0])
+    with pytest.raises(ValueError, match=r"log_decay must have shape \(2,\)"):
+        lightning_decode_step(q1, k1, v1, ld[:1], s0)
+    with pytest.raises(ValueError, match=r"log_decay must have shape \(2,\) .* got float"):
+        lightning_decode_step(q1, k1, v1, -0.5, s0)
+    with pytest.raises(ValueError, match=r"q, k, v must share one dtype"):
+        lightning_decode_step(q1, k1.double(), v1, ld, s0)
+    with pytest.raises(ValueError, match=r"state must be float32, got torch.float16"):
+        lightning_decode_step(q1, k1, v1, ld, s0.half())
+    with pytest.raises(TypeError, match=r"k must be a torch.Tensor, got ndarray"):
+        lightning_decode_step(q1, k1.numpy(), v1, ld, s0)
 
 
 # ----------------------------------------------------------------------------------------- dispatch

@@ -8,6 +8,8 @@ Every kernel output buffer is pre-filled with NaN, so any element a kernel forge
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -193,6 +195,27 @@ def test_strongest_decay_long_chunk_finite(config):
     o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True)
     _, (o_r, f_r) = reference(q, k, v, ld, initial_state=s0, output_final_state=True)
     assert torch.isfinite(o).all() and rel_err(o, o_r) < 1e-4 and rel_err(f, f_r) < 1e-4
+
+
+@pytest.mark.parametrize("dtype, chunk", [(torch.float32, 16), (torch.float32, 64), (torch.bfloat16, 64)])
+def test_factored_intra_decay_forward_and_backward(lt, config, dtype, chunk):
+    """intra_factored: gamma^(i-c) * gamma^(c-j) per chunk; a head whose |log2 gamma| * C/2 exceeds
+    FACTORED_MAX_EXP (log gamma = -3 at chunk 64) takes the per-chunk exp2 path, so both paths run."""
+    config.chunk, config.block_v, config.chunks_per_segment, config.intra_factored = chunk, 32, 1, True
+    ld = torch.tensor([-3.0, -0.85, -0.01], device=DEVICE)
+    fast_exp = -ld[0].item() / math.log(2) * chunk / 2
+    assert (fast_exp > lt.FACTORED_MAX_EXP) == (chunk == 64)
+    q, k, v, s0 = inputs(2, 150, 3, 32, 32, dtype, seed=11)
+    for x in (q, k, v, s0):
+        x.requires_grad_()
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True)
+    grads = torch.autograd.grad((o.float() * do).sum() + f.sum(), (q, k, v, s0))
+    (qr, kr, vr), (o_r, f_r) = reference(q, k, v, ld, initial_state=s0, output_final_state=True)
+    grads_ref = torch.autograd.grad((o_r * do).sum() + f_r.sum(), (qr, kr, vr, s0))
+    assert torch.isfinite(o).all() and rel_err(o, o_r) < TOL[dtype] and rel_err(f, f_r) < TOL[dtype]
+    for name, a, b in zip(("dq", "dk", "dv", "dS0"), grads, grads_ref):
+        assert torch.isfinite(a).all() and rel_err(a, b) < TOL[dtype], name
 
 
 def test_default_config_forward_and_backward(lt):

@@ -65,15 +65,16 @@ def _tune_forward(t: int, log_decay: torch.Tensor) -> dict:
     q, k, v = _inputs(t)
     base = lt.CONFIG
     trials = []
-    grid = [((64, 64, 4, 2), (0, 16, 64)), ((64, 64, 8, 2), (0, 16)), ((64, 128, 8, 2), (0, 16, 64)),
-            ((64, 128, 8, 1), (0,)), ((64, 32, 4, 2), (0, 16, 64, 1024)), ((128, 64, 8, 2), (0, 16)),
-            ((128, 128, 8, 2), (0, 8, 16, 32, 64)), ((32, 64, 4, 2), (0, 32)), ((32, 128, 8, 2), (0, 32)),
-            ((64, 64, 4, 3), (0,)), ((64, 64, 4, 2), (32, 128)), ((128, 128, 8, 3), (0, 32)), ((128, 128, 4, 2), (0,)),
-            ((128, 64, 4, 2), (0,))]
-    for (chunk, block_v, warps, stages), cps_list in grid:
+    # (chunk, V tile, warps, stages, factored intra-chunk decay) -> segment lengths in chunks (0: automatic)
+    grid = [((64, 64, 4, 2, False), (0, 64)), ((64, 128, 8, 1, False), (0,)), ((128, 128, 8, 2, False), (0, 32, 64)),
+            ((64, 64, 4, 2, True), (0, 64)), ((64, 64, 4, 3, True), (0, 64)), ((64, 128, 8, 2, True), (0, 64)),
+            ((64, 128, 4, 2, True), (0,)), ((64, 32, 4, 2, True), (0,)), ((32, 128, 8, 2, True), (0,)),
+            ((128, 128, 8, 2, True), (0, 32, 64)), ((128, 128, 8, 3, True), (0, 64)), ((128, 64, 8, 2, True), (0, 64)),
+            ((128, 64, 4, 2, True), (0,)), ((128, 128, 4, 2, True), (0,))]
+    for (chunk, block_v, warps, stages, factored), cps_list in grid:
         for cps in cps_list:
             cfg = dataclasses.replace(base, chunk=chunk, block_v=block_v, num_warps=warps, num_stages=stages,
-                                      chunks_per_segment=cps)
+                                      chunks_per_segment=cps, intra_factored=factored)
             lt.CONFIG = cfg
             try:
                 ms = bench_ms(lambda: lightning_attention(q, k, v, log_decay), warmup=2, rep=10)
@@ -81,8 +82,8 @@ def _tune_forward(t: int, log_decay: torch.Tensor) -> dict:
                 trials.append({"config": dataclasses.asdict(cfg), "error": repr(exc)[:200]})
                 continue
             trials.append({"config": dataclasses.asdict(cfg), "fwd_ms": ms, "kernels": _kernel_resources(lt)})
-            print(f"tune T={t} chunk={chunk} bv={block_v} warps={warps} stages={stages} cps={cps}: {ms:.3f} ms",
-                  flush=True)
+            print(f"tune T={t} chunk={chunk} bv={block_v} warps={warps} stages={stages} cps={cps} "
+                  f"factored={factored}: {ms:.3f} ms {_kernel_resources(lt)}", flush=True)
     ok = [x for x in trials if "fwd_ms" in x]
     best = min(ok, key=lambda x: x["fwd_ms"]) if ok else {"config": dataclasses.asdict(base)}
     lt.CONFIG = lt.LightningConfig(**best["config"])

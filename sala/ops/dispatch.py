@@ -38,11 +38,16 @@ def interpreter_enabled() -> bool:
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether an op called on `tensors` should run its Triton kernel."""
-    mode = kernel_mode()
+    """Whether an op called on `tensors` should run its Triton kernel (cheap: called once per op and layer)."""
+    raw = os.environ.get("SALA_KERNELS")
+    mode = "auto" if raw is None or raw == "auto" else kernel_mode()
     if mode == "reference":
         return False
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    on_cuda = True
+    for t in tensors:
+        if t is not None and not t.is_cuda:
+            on_cuda = False
+            break
     if mode == "auto":
         return on_cuda and triton_available() and not interpreter_enabled()
     # mode == "triton"

@@ -106,6 +106,37 @@ def lightning_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
     return lightning_attention_chunked(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
 
 
+def _decode_args_ok(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor, out: Tensor | None) -> bool:
+    """The common case of `_check_decode_args` in one expression (a decode step is called once per layer and
+    token, so its checks are kept to a few attribute reads); False sends the call through the full checks."""
+    try:
+        qs, vs, dtype, dev = q.shape, v.shape, q.dtype, q.device
+        return (len(qs) == 3 and k.shape == qs and len(vs) == 3 and vs[0] == qs[0] and vs[1] == qs[1]
+                and dtype in _FLOAT_INPUTS and k.dtype == dtype and v.dtype == dtype
+                and k.device == dev and v.device == dev and state.device == dev and log_decay.device == dev
+                and log_decay.shape == (qs[1],) and log_decay.is_floating_point()
+                and state.shape == (qs[0], qs[1], qs[2], vs[2]) and state.dtype in _STATE_DTYPES
+                and (out is None or (out.shape == (qs[0], qs[1], vs[2]) and out.dtype == dtype and out.device == dev)))
+    except (AttributeError, TypeError):
+        return False
+
+
+def _check_decode_args(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor, out: Tensor | None) -> None:
+    """Every check of a decode step's arguments, each with its own message."""
+    _check_common(q, k, v, log_decay, 3, "[B, H, D]")
+    batch, heads, dk = q.shape
+    dv = v.shape[-1]
+    _check_state("state", state, (batch, heads, dk, dv))
+    if state.device != q.device:
+        raise ValueError(f"lightning: state is on {state.device} but q is on {q.device}")
+    if out is not None and (not isinstance(out, Tensor) or tuple(out.shape) != (batch, heads, dv)
+                            or out.dtype != q.dtype or out.device != q.device):
+        desc = (f"{out.dtype} {tuple(out.shape)} on {out.device}" if isinstance(out, Tensor)
+                else type(out).__name__)
+        raise ValueError(f"lightning: out must be a {q.dtype} tensor of shape {(batch, heads, dv)} on {q.device}, "
+                         f"got {desc}")
+
+
 def lightning_decode_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor,
                           scale: float | None = None, out: Tensor | None = None) -> Tensor:
     """One new token per sequence: state <- gamma*state + k^T v (IN PLACE), o = scale * q state.
@@ -113,16 +144,8 @@ def lightning_decode_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, st
     q, k: [B, H, Dk]; v: [B, H, Dv]; state: [B, H, Dk, Dv] fp32; out: optional [B, H, Dv] in q.dtype to
     write into (no allocation, CUDA-graph friendly). Returns o [B, H, Dv] in q.dtype.
     """
-    _check_common(q, k, v, log_decay, 3, "[B, H, D]")
-    batch, heads, dk = q.shape
-    dv = v.shape[-1]
-    _check_state("state", state, (batch, heads, dk, dv))
-    if state.device != q.device:
-        raise ValueError(f"lightning: state is on {state.device} but q is on {q.device}")
-    if out is not None and (tuple(out.shape) != (batch, heads, dv) or out.dtype != q.dtype
-                            or out.device != q.device):
-        raise ValueError(f"lightning: out must be a {q.dtype} tensor of shape {(batch, heads, dv)} on {q.device}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if not _decode_args_ok(q, k, v, log_decay, state, out):
+        _check_decode_args(q, k, v, log_decay, state, out)
     if use_triton(q, k, v):
         from sala.ops import lightning_triton
 

@@ -34,6 +34,9 @@ from torch import Tensor
 from sala.ops.dispatch import interpreter_enabled
 
 LOG2E = 1.4426950408889634
+# the factored intra-chunk decay multiplies a score by gamma^(i-c) (up to 2^FACTORED_MAX_EXP) before gamma^(c-j):
+# exact while |q.k| < 2^(127 - FACTORED_MAX_EXP) = 2^37; heads with faster decay take the per-chunk exp2 path
+FACTORED_MAX_EXP = 90.0
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
@@ -52,6 +55,10 @@ class LightningConfig:
     programs_per_sm: int = 4   # target parallel programs per SM when choosing segments
     decode_block_v: int = 32
     decode_num_warps: int = 4
+    # intra-chunk decay of the output kernel: False builds the [C, C] table gamma^(i-j) once per program (it
+    # stays live in registers: C*C/threads of them); True applies it per chunk as gamma^(i-c) * gamma^(c-j)
+    # with c = C/2 (two [C] vectors), exact for |log2 gamma| * C/2 <= FACTORED_MAX_EXP, else per-chunk exp2
+    intra_factored: bool = False
 
 
 CONFIG = LightningConfig()
@@ -179,7 +186,7 @@ def _segment_output_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     REVERSE: tl.constexpr, WANT_FINAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, INTRA_FACTORED: tl.constexpr, FACTORED_MAX_EXP: tl.constexpr,
 ):
     """Outputs of one (segment, head, V tile), walking its chunks from the entering state."""
     seg = tl.program_id(0).to(tl.int64)
@@ -193,12 +200,23 @@ def _segment_output_kernel(
     offs_v = iv * BV + tl.arange(0, BV)
     state_offs = offs_k[:, None] * DV + offs_v[None, :]
     state = tl.load(s_in_ptr + (seg * H + h) * DK * DV + state_offs)
-    # intra-chunk decay, the same for every chunk: gamma^(i-j) on the causal side (j-i when reversed)
-    if REVERSE:
-        gap = offs_c[None, :] - offs_c[:, None]
+    if INTRA_FACTORED:
+        # gamma^(i-j) = gamma^(i-c) * gamma^(c-j) (reverse: gamma^(c-i) * gamma^(j-c)); c = C/2
+        centred = (offs_c - C // 2).to(tl.float32)
+        if REVERSE:
+            row_fac = tl.exp2(-lg * centred)
+            col_fac = tl.exp2(lg * centred)
+        else:
+            row_fac = tl.exp2(lg * centred)
+            col_fac = tl.exp2(-lg * centred)
+        factored = lg * (C // 2) >= -FACTORED_MAX_EXP
     else:
-        gap = offs_c[:, None] - offs_c[None, :]
-    intra = tl.where(gap >= 0, tl.exp2(lg * tl.maximum(gap, 0).to(tl.float32)), 0.0)
+        # intra-chunk decay, the same for every chunk: gamma^(i-j) on the causal side (j-i when reversed)
+        if REVERSE:
+            gap = offs_c[None, :] - offs_c[:, None]
+        else:
+            gap = offs_c[:, None] - offs_c[None, :]
+        intra = tl.where(gap >= 0, tl.exp2(lg * tl.maximum(gap, 0).to(tl.float32)), 0.0)
     n_chunks = (eos - bos + C - 1) // C
     for c in range(0, n_chunks):
         n, valid, rows = _chunk_rows(c, n_chunks, bos, eos, offs_c, C, REVERSE)
@@ -213,7 +231,21 @@ def _segment_output_kernel(
             k_expo = tl.maximum(n - 1 - offs_c, 0)
         q_dec = tl.exp2(lg * q_expo.to(tl.float32))
         k_dec = tl.where(valid, tl.exp2(lg * k_expo.to(tl.float32)), 0.0)
-        scores = _mm(qb, tl.trans(kb), DOT_PRECISION, UPCAST) * intra
+        raw = _mm(qb, tl.trans(kb), DOT_PRECISION, UPCAST)
+        if INTRA_FACTORED:
+            # from this chunk's positions in the segment (loop-variant), so that no [C, C] tensor is hoisted
+            # out of the loop and kept live in registers
+            local = (rows - bos).to(tl.int32)
+            if REVERSE:
+                gap = local[None, :] - local[:, None]
+            else:
+                gap = local[:, None] - local[None, :]
+            if factored:
+                scores = tl.where(gap >= 0, (raw * row_fac[:, None]) * col_fac[None, :], 0.0)
+            else:
+                scores = tl.where(gap >= 0, raw * tl.exp2(lg * tl.maximum(gap, 0).to(tl.float32)), 0.0)
+        else:
+            scores = raw * intra
         out = _mm(qb, state.to(qb.dtype), DOT_PRECISION, UPCAST) * q_dec[:, None]
         out = _mm_acc(scores.to(vb.dtype), vb, out, DOT_PRECISION, UPCAST)
         tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_v[None, :],
@@ -395,7 +427,8 @@ def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: fl
             segs.first if reverse else segs.last, float(scale),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
             H=heads, DK=dk, DV=dv, BV=bv, C=chunk, REVERSE=reverse, WANT_FINAL=want_final,
-            DOT_PRECISION=prec, UPCAST=upcast, num_warps=warps, num_stages=cfg.num_stages)
+            DOT_PRECISION=prec, UPCAST=upcast, INTRA_FACTORED=bool(cfg.intra_factored),
+            FACTORED_MAX_EXP=FACTORED_MAX_EXP, num_warps=warps, num_stages=cfg.num_stages)
     return o, (final if want_final else None)
 
 
@@ -471,18 +504,21 @@ def lightning_decode_step_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Ten
     """
     batch, heads, dk = q.shape
     dv = v.shape[-1]
-    _check_head_dims(dk, dv)
+    if dk not in SUPPORTED_HEAD_DIMS or dv not in SUPPORTED_HEAD_DIMS:
+        _check_head_dims(dk, dv)
     if state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError(f"lightning (Triton): decode state must be contiguous float32, got {state.dtype} "
                          f"contiguous={state.is_contiguous()}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"lightning (Triton): {name} must have a contiguous last dim, got strides {t.stride()}")
+    qs, ks, vs = q.stride(), k.stride(), v.stride()
+    if qs[2] != 1 or ks[2] != 1 or vs[2] != 1:
+        raise ValueError(f"lightning (Triton): q, k and v must have a contiguous last dim, got strides {qs}, {ks}, "
+                         f"{vs}")
     scale = dk ** -0.5 if scale is None else float(scale)
     o = out if out is not None else _empty((batch, heads, dv), q.dtype, q.device)
+    os_ = o.stride()
     bv = min(CONFIG.decode_block_v, dv)
     _decode_step_kernel[(batch, heads, dv // bv)](
         q, k, v, o, state, log_decay, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        qs[0], qs[1], ks[0], ks[1], vs[0], vs[1], os_[0], os_[1],
         H=heads, DK=dk, DV=dv, BV=bv, num_warps=CONFIG.decode_num_warps)
     return o
