@@ -185,6 +185,36 @@ def test_decode_step_matches_reference_and_chunked(config, dtype, dk, dv, b):
     assert o_alloc.dtype == dtype and o_alloc.shape == (b, h, dv)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode launch cache serves CUDA launches only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_cached_launch_equals_the_jit_launch(lt, config, dtype, monkeypatch):
+    """Direct launches of the cached decode kernel give bit-identical outputs and states to Triton's own launch,
+    for contiguous inputs and for strided views of a fused projection (a different cache key)."""
+    b, h, d = 3, 4, 64
+    ld = lightning_log_decay(h, DEVICE)
+    g = torch.Generator().manual_seed(21)
+    qkv = torch.randn(4, b, h, 3 * d, generator=g).to(DEVICE, dtype)
+    s0 = torch.randn(b, h, d, d, generator=g).to(DEVICE)
+    for views in (False, True):
+        outs, states = [], []
+        for cached in (False, True):
+            monkeypatch.setattr(lt, "_FAST_LAUNCH", cached)
+            state = s0.clone()
+            steps = []
+            for t in range(4):
+                q, k, v = (qkv[t, ..., i * d:(i + 1) * d] if views else qkv[t, ..., i * d:(i + 1) * d].contiguous()
+                           for i in range(3))
+                steps.append(lightning_decode_step(q, k, v, ld, state).clone())
+            outs.append(torch.stack(steps)), states.append(state)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(states[0], states[1])
+        ref_state = s0.clone()
+        for t in range(4):
+            q, k, v = (qkv[t, ..., i * d:(i + 1) * d].float() for i in range(3))
+            o_ref = lightning_decode_step_reference(q, k, v, ld, ref_state)
+            assert rel_err(outs[1][t], o_ref) < TOL[dtype]
+    assert lt._DECODE_KERNELS   # the cache was used
+
+
 def test_strongest_decay_long_chunk_finite(config):
     # head 0 of 32 has gamma ~ 0.43: gamma^-128 would overflow fp32; chunk 128 must stay finite
     config.chunk = 128
@@ -197,14 +227,15 @@ def test_strongest_decay_long_chunk_finite(config):
     assert torch.isfinite(o).all() and rel_err(o, o_r) < 1e-4 and rel_err(f, f_r) < 1e-4
 
 
-@pytest.mark.parametrize("dtype, chunk", [(torch.float32, 16), (torch.float32, 64), (torch.bfloat16, 64)])
+@pytest.mark.parametrize("dtype, chunk", [(torch.float32, 16), (torch.float32, 64), (torch.bfloat16, 16)])
 def test_factored_intra_decay_forward_and_backward(lt, config, dtype, chunk):
-    """intra_factored: gamma^(i-c) * gamma^(c-j) per chunk; a head whose |log2 gamma| * C/2 exceeds
-    FACTORED_MAX_EXP (log gamma = -3 at chunk 64) takes the per-chunk exp2 path, so both paths run."""
+    """intra_factored: gamma^(i-c) * gamma^(c-j) per chunk when every head's |log2 gamma| * C/2 is within
+    FACTORED_MAX_EXP (log gamma = -3 at chunk 16), the [C, C] table otherwise (at chunk 64): exact either way."""
     config.chunk, config.block_v, config.chunks_per_segment, config.intra_factored = chunk, 32, 1, True
     ld = torch.tensor([-3.0, -0.85, -0.01], device=DEVICE)
-    fast_exp = -ld[0].item() / math.log(2) * chunk / 2
-    assert (fast_exp > lt.FACTORED_MAX_EXP) == (chunk == 64)
+    fast = lt._max_abs_log2_decay(ld)
+    assert fast == pytest.approx(3.0 / math.log(2), rel=1e-6)
+    assert lt._use_factored(fast, chunk) == (chunk == 16)
     q, k, v, s0 = inputs(2, 150, 3, 32, 32, dtype, seed=11)
     for x in (q, k, v, s0):
         x.requires_grad_()
@@ -216,6 +247,18 @@ def test_factored_intra_decay_forward_and_backward(lt, config, dtype, chunk):
     assert torch.isfinite(o).all() and rel_err(o, o_r) < TOL[dtype] and rel_err(f, f_r) < TOL[dtype]
     for name, a, b in zip(("dq", "dk", "dv", "dS0"), grads, grads_ref):
         assert torch.isfinite(a).all() and rel_err(a, b) < TOL[dtype], name
+
+
+def test_decay_range_is_read_once_and_again_after_an_in_place_change(lt, config):
+    config.intra_factored = True
+    ld = torch.tensor([-0.5, -0.1], device=DEVICE)
+    assert lt._max_abs_log2_decay(ld) == pytest.approx(0.5 / math.log(2), rel=1e-6)
+    assert lt._max_abs_log2_decay(ld) == pytest.approx(0.5 / math.log(2), rel=1e-6)   # remembered
+    ld.mul_(8.0)                                                                          # version changes
+    assert lt._max_abs_log2_decay(ld) == pytest.approx(4.0 / math.log(2), rel=1e-6)
+    assert not lt._use_factored(lt._max_abs_log2_decay(ld), 64) and lt._use_factored(0.5, 64)
+    config.intra_factored = False
+    assert lt._max_abs_log2_decay(ld) is None and not lt._use_factored(None, 16)
 
 
 def test_default_config_forward_and_backward(lt):

@@ -7,8 +7,10 @@ import json
 import pytest
 
 
-@pytest.mark.parametrize("retrieval_seq,retrieval_steps", [(None, None), (128, None), (128, 6), (128, 100000)])
-def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_in, retrieval_seq, retrieval_steps):
+@pytest.mark.parametrize("retrieval_seq,retrieval_steps,long", [(None, None, False), (128, None, False), (128, 6, True),
+                                                                (128, 100000, False)])
+def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_in, retrieval_seq, retrieval_steps,
+                                                  long):
     docs = tmp_path / "docs"
     docs.mkdir()
     for i in range(30):
@@ -16,16 +18,30 @@ def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_i
     data = tmp_path / "packed"
     prepare_in(tmp_path, "packed", ["docs"], tokenizer="sala", val_fraction=0.2, seed=0)
     out, work = tmp_path / "out", tmp_path / "work"
-    run_script(["train_small_gpu.sh", str(out)], tmp_path, SMALL_CPU="1", DATA=str(data), WORK_DIR=str(work),
-               DECAY_SYNTHETIC_FRACTION="0.6", RETRIEVAL_WARMUP_SHARE="0.3",
-               **({"RETRIEVAL_SEQ_LEN": str(retrieval_seq)} if retrieval_seq else {}),
+    env = dict(SMALL_CPU="1", DATA=str(data), WORK_DIR=str(work), DECAY_SYNTHETIC_FRACTION="0.6",
+               RETRIEVAL_WARMUP_SHARE="0.3", **({"RETRIEVAL_SEQ_LEN": str(retrieval_seq)} if retrieval_seq else {}),
                **({"RETRIEVAL_STEPS": str(retrieval_steps), "RETRIEVAL_MICRO_BATCH": "3",
                    "RETRIEVAL_TASKS": "niah_single"} if retrieval_steps else {}))
+    prefix = str(data)
+    if long:   # a second retrieval stage; retrieval data built first in their own folder (PREPARE_ONLY), then reused
+        env.update(RETRIEVAL_LONG_STEPS="3", RETRIEVAL_DATA_DIR=str(tmp_path / "rdata"), RETRIEVAL_DATA_EPOCHS="2")
+        run_script(["train_small_gpu.sh", str(out)], tmp_path, PREPARE_ONLY="1", **env)
+        assert not (out / "summary.json").exists()
+        built = sorted(p.name for p in (tmp_path / "rdata").iterdir())
+        assert built == ["retrieval_long256_niah_single", f"retrieval_short{retrieval_seq}_niah_single"], built
+        prefix = str(tmp_path / "rdata" / "retrieval")
+        mtime = (tmp_path / "rdata" / built[0] / "meta.json").stat().st_mtime_ns
+    run_script(["train_small_gpu.sh", str(out)], tmp_path, **env)
     summary = json.loads((out / "summary.json").read_text())
     stages = summary["config"]["stages"]
-    assert [s["name"] for s in stages] == ["retrieval", "stable", "decay"]
+    assert [s["name"] for s in stages] == ["retrieval"] + ["retrieval_long"] * long + ["stable", "decay"]
+    if long:
+        assert (tmp_path / "rdata" / built[0] / "meta.json").stat().st_mtime_ns == mtime   # reused, not rebuilt
+        assert stages[1]["data"] == prefix + "_long256_niah_single" and stages[1]["steps"] == 3
+        assert stages[1]["micro_batch"] == stages[2]["micro_batch"] and summary["retrieval_long"]["steps"] == 3
+        stages = [stages[0]] + stages[2:]   # the rest as without the long stage
     short = ("_short" if retrieval_seq is None else f"_short{retrieval_seq}") + ("_niah_single" if retrieval_steps else "")
-    assert stages[0]["data"] == str(data) + short and stages[2]["data"] == str(data) + "_decay"
+    assert stages[0]["data"] == prefix + short and stages[2]["data"] == str(data) + "_decay"
     seq = retrieval_seq or stages[1]["seq_len"]
     assert stages[0]["seq_len"] == seq == summary["retrieval_warmup"]["seq_len"]
     warm = summary["retrieval_warmup"]
@@ -44,7 +60,7 @@ def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_i
         off_tokens = warm_tokens + stages[1]["steps"] * stages[1]["seq_len"] * stages[1]["micro_batch"]
         assert abs(warm_tokens / off_tokens - 0.3) < 0.15, (warm_tokens, off_tokens)
     assert stages[2]["sparse"] is True
-    assert summary["training"]["steps"] == sum(s["steps"] for s in stages)
+    assert summary["training"]["steps"] == sum(s["steps"] for s in summary["config"]["stages"])
     assert summary["retrieval_warmup"]["share"] == 0.3
     assert summary["training"]["decay_sparse_on"]["median_tokens_per_s"] > 0
     # the retrieval probe: niah_single at the retrieval samples' length after that stage and at the end

@@ -25,14 +25,16 @@ SMEM_LIMIT = 232448          # bytes of shared memory one block may use on sm_90
 FLOAT_ARGS = {"scale_log2", "scale", "eps"}
 
 
-def compile_sm90(kernel, ptrs: dict[str, str], consts: dict, *, num_warps: int, num_stages: int | None = None):
+def compile_sm90(kernel, ptrs: dict[str, str], consts: dict, *, num_warps: int, num_stages: int | None = None,
+                 aligned_ints: tuple[str, ...] = ()):
     """Compile a @triton.jit kernel for sm_90: pointer args typed by `ptrs` (16-byte aligned, as torch allocates),
-    other non-constexpr args int32 (fp32 for scales). Returns the compiled kernel."""
+    other non-constexpr args int32 (fp32 for scales), those in `aligned_ints` divisible by 16 (as Triton specializes
+    strides such as 4096: loads become asynchronous copies the software pipeliner schedules). Returns the kernel."""
     names = list(inspect.signature(kernel.fn).parameters)
     missing = [n for n in names if n.endswith("_ptr") and n not in ptrs]
     assert not missing, f"pointer types missing for {missing}"
     sig = {n: ptrs.get(n) or ("constexpr" if n in consts else ("fp32" if n in FLOAT_ARGS else "i32")) for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptrs}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (*ptrs, *aligned_ints)}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
     options = {"num_warps": num_warps}
@@ -126,3 +128,21 @@ def test_fused_norm_kernels_compile_for_sm90(add, gate):
     k = compile_sm90(ft._silu_mul_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16"}, dict(BLOCK_N=2048),
                      num_warps=ft._warps(2048))
     assert k.metadata.shared <= SMEM_LIMIT
+
+
+@pytest.mark.parametrize("factored, reverse", [(False, False), (True, False), (True, True)])
+def test_lightning_output_kernel_compiles_for_sm90(factored, reverse):
+    """The lightning output kernel at the default launch settings, bf16, with the strides of [T, 32, 128] inputs
+    (divisible by 16). Triton 3.6 failed here (PassManager) on an scf.if around the chunk loop's dots."""
+    from sala.ops import lightning_triton as lt
+
+    cfg = lt.LightningConfig()
+    ptrs = {**{f"{n}_ptr": "*bf16" for n in "qkvo"}, "s_in_ptr": "*fp32", "final_ptr": "*fp32",
+            "log2_decay_ptr": "*fp32", **{f"seg_{n}_ptr": "*i64" for n in ("start", "end", "seq", "final")}}
+    consts = dict(H=32, DK=128, DV=128, BV=cfg.block_v, C=cfg.chunk, REVERSE=reverse, WANT_FINAL=True,
+                  DOT_PRECISION="tf32", UPCAST=False, INTRA_FACTORED=factored)
+    strides = tuple(f"stride_{t}{d}" for t in "qkvo" for d in "th")
+    k = compile_sm90(lt._segment_output_kernel, ptrs, consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                     aligned_ints=strides)
+    assert 0 < k.metadata.shared <= SMEM_LIMIT
+    assert "warp_group_dot" in k.asm["ttgir"]

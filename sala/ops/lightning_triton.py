@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,8 @@ from sala.ops.dispatch import interpreter_enabled
 
 LOG2E = 1.4426950408889634
 # the factored intra-chunk decay multiplies a score by gamma^(i-c) (up to 2^FACTORED_MAX_EXP) before gamma^(c-j):
-# exact while |q.k| < 2^(127 - FACTORED_MAX_EXP) = 2^37; heads with faster decay take the per-chunk exp2 path
+# exact while |q.k| < 2^(127 - FACTORED_MAX_EXP) = 2^37; a call with a faster decay (|log2 gamma| * C/2 above it)
+# uses the table instead
 FACTORED_MAX_EXP = 90.0
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -57,7 +59,7 @@ class LightningConfig:
     decode_num_warps: int = 4
     # intra-chunk decay of the output kernel: False builds the [C, C] table gamma^(i-j) once per program (it
     # stays live in registers: C*C/threads of them); True applies it per chunk as gamma^(i-c) * gamma^(c-j)
-    # with c = C/2 (two [C] vectors), exact for |log2 gamma| * C/2 <= FACTORED_MAX_EXP, else per-chunk exp2
+    # with c = C/2 (two [C] vectors) when every head has |log2 gamma| * C/2 <= FACTORED_MAX_EXP, else the table
     intra_factored: bool = False
 
 
@@ -180,43 +182,16 @@ def _segment_scan_kernel(
 
 
 @triton.jit
-def _segment_output_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, s_in_ptr, final_ptr, log2_decay_ptr,
-    seg_start_ptr, seg_end_ptr, seg_seq_ptr, seg_final_ptr, scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    REVERSE: tl.constexpr, WANT_FINAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, INTRA_FACTORED: tl.constexpr, FACTORED_MAX_EXP: tl.constexpr,
-):
-    """Outputs of one (segment, head, V tile), walking its chunks from the entering state."""
-    seg = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    iv = tl.program_id(2)
-    bos = tl.load(seg_start_ptr + seg)
-    eos = tl.load(seg_end_ptr + seg)
-    lg = tl.load(log2_decay_ptr + h)
-    offs_c = tl.arange(0, C)
-    offs_k = tl.arange(0, DK)
-    offs_v = iv * BV + tl.arange(0, BV)
-    state_offs = offs_k[:, None] * DV + offs_v[None, :]
-    state = tl.load(s_in_ptr + (seg * H + h) * DK * DV + state_offs)
-    if INTRA_FACTORED:
-        # gamma^(i-j) = gamma^(i-c) * gamma^(c-j) (reverse: gamma^(c-i) * gamma^(j-c)); c = C/2
-        centred = (offs_c - C // 2).to(tl.float32)
-        if REVERSE:
-            row_fac = tl.exp2(-lg * centred)
-            col_fac = tl.exp2(lg * centred)
-        else:
-            row_fac = tl.exp2(lg * centred)
-            col_fac = tl.exp2(-lg * centred)
-        factored = lg * (C // 2) >= -FACTORED_MAX_EXP
-    else:
-        # intra-chunk decay, the same for every chunk: gamma^(i-j) on the causal side (j-i when reversed)
-        if REVERSE:
-            gap = offs_c[None, :] - offs_c[:, None]
-        else:
-            gap = offs_c[:, None] - offs_c[None, :]
-        intra = tl.where(gap >= 0, tl.exp2(lg * tl.maximum(gap, 0).to(tl.float32)), 0.0)
+def _output_walk(q_ptr, k_ptr, v_ptr, o_ptr, state, bos, eos, lg, h, scale, intra, row_fac, col_fac,
+                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                 offs_c, offs_k, offs_v, C: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr, INTRA: tl.constexpr):
+    """Walk the chunks of [bos, eos) from `state`, writing outputs; returns the state after the last chunk.
+
+    INTRA (the intra-chunk decay gamma^(i-j)): 0 the [C, C] table `intra`; 1 row_fac[i] * col_fac[j], with the
+    causal mask from the chunk's positions (loop-variant), so that no [C, C] tensor is hoisted out of the loop
+    and kept live in registers.
+    """
     n_chunks = (eos - bos + C - 1) // C
     for c in range(0, n_chunks):
         n, valid, rows = _chunk_rows(c, n_chunks, bos, eos, offs_c, C, REVERSE)
@@ -232,26 +207,69 @@ def _segment_output_kernel(
         q_dec = tl.exp2(lg * q_expo.to(tl.float32))
         k_dec = tl.where(valid, tl.exp2(lg * k_expo.to(tl.float32)), 0.0)
         raw = _mm(qb, tl.trans(kb), DOT_PRECISION, UPCAST)
-        if INTRA_FACTORED:
-            # from this chunk's positions in the segment (loop-variant), so that no [C, C] tensor is hoisted
-            # out of the loop and kept live in registers
+        if INTRA == 0:
+            scores = raw * intra
+        else:
             local = (rows - bos).to(tl.int32)
             if REVERSE:
                 gap = local[None, :] - local[:, None]
             else:
                 gap = local[:, None] - local[None, :]
-            if factored:
-                scores = tl.where(gap >= 0, (raw * row_fac[:, None]) * col_fac[None, :], 0.0)
-            else:
-                scores = tl.where(gap >= 0, raw * tl.exp2(lg * tl.maximum(gap, 0).to(tl.float32)), 0.0)
-        else:
-            scores = raw * intra
+            causal = gap >= 0
+            scores = tl.where(causal, (raw * row_fac[:, None]) * col_fac[None, :], 0.0)
         out = _mm(qb, state.to(qb.dtype), DOT_PRECISION, UPCAST) * q_dec[:, None]
         out = _mm_acc(scores.to(vb.dtype), vb, out, DOT_PRECISION, UPCAST)
         tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_v[None, :],
                  (out * scale).to(o_ptr.dtype.element_ty), mask=valid[:, None])
         kw = (kb.to(tl.float32) * k_dec[:, None]).to(kb.dtype)
         state = _mm_acc(tl.trans(kw), vb, state * tl.exp2(lg * n.to(tl.float32)), DOT_PRECISION, UPCAST)
+    return state
+
+
+@triton.jit
+def _segment_output_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, s_in_ptr, final_ptr, log2_decay_ptr,
+    seg_start_ptr, seg_end_ptr, seg_seq_ptr, seg_final_ptr, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    REVERSE: tl.constexpr, WANT_FINAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, INTRA_FACTORED: tl.constexpr,
+):
+    """Outputs of one (segment, head, V tile), walking its chunks from the entering state."""
+    seg = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    iv = tl.program_id(2)
+    bos = tl.load(seg_start_ptr + seg)
+    eos = tl.load(seg_end_ptr + seg)
+    lg = tl.load(log2_decay_ptr + h)
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, DK)
+    offs_v = iv * BV + tl.arange(0, BV)
+    state_offs = offs_k[:, None] * DV + offs_v[None, :]
+    state = tl.load(s_in_ptr + (seg * H + h) * DK * DV + state_offs)
+    args = (stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, offs_c, offs_k,
+            offs_v)
+    if INTRA_FACTORED:
+        # gamma^(i-j) = gamma^(i-c) * gamma^(c-j) (reverse: gamma^(c-i) * gamma^(j-c)), c = C/2: the launcher
+        # checked |log2 gamma| * C/2 <= FACTORED_MAX_EXP for every head, so no factor overflows
+        centred = (offs_c - C // 2).to(tl.float32)
+        if REVERSE:
+            row_fac = tl.exp2(-lg * centred)
+            col_fac = tl.exp2(lg * centred)
+        else:
+            row_fac = tl.exp2(lg * centred)
+            col_fac = tl.exp2(-lg * centred)
+        state = _output_walk(q_ptr, k_ptr, v_ptr, o_ptr, state, bos, eos, lg, h, scale, lg, row_fac, col_fac,
+                             *args, C=C, REVERSE=REVERSE, DOT_PRECISION=DOT_PRECISION, UPCAST=UPCAST, INTRA=1)
+    else:
+        # intra-chunk decay, the same for every chunk: gamma^(i-j) on the causal side (j-i when reversed)
+        if REVERSE:
+            gap = offs_c[None, :] - offs_c[:, None]
+        else:
+            gap = offs_c[:, None] - offs_c[None, :]
+        intra = tl.where(gap >= 0, tl.exp2(lg * tl.maximum(gap, 0).to(tl.float32)), 0.0)
+        state = _output_walk(q_ptr, k_ptr, v_ptr, o_ptr, state, bos, eos, lg, h, scale, intra, lg, lg,
+                             *args, C=C, REVERSE=REVERSE, DOT_PRECISION=DOT_PRECISION, UPCAST=UPCAST, INTRA=0)
     if WANT_FINAL:
         if tl.load(seg_final_ptr + seg) != 0:
             n_seq = tl.load(seg_seq_ptr + seg)
@@ -390,13 +408,15 @@ def _chunk_and_warps(dk: int, dv: int) -> tuple[int, int]:
 
 
 def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: float, segs: _Segments,
-                  init: Tensor | None, want_final: bool, reverse: bool) -> tuple[Tensor, Tensor | None]:
+                  init: Tensor | None, want_final: bool, reverse: bool,
+                  max_abs_log2_decay: float | None = None) -> tuple[Tensor, Tensor | None]:
     """One direction of the chunked recurrence over packed [TT, H, D] tensors (last dim contiguous).
 
     Forward: o_t = scale * q_t S_t with S_t = gamma S_{t-1} + k_t^T v_t, S_{-1} = init.
     Reverse: o_t = scale * q_t R_t with R_t = gamma R_{t+1} + k_t^T v_t, R_{T} = init / gamma
     (so `init` enters token t with gamma^(T-1-t)); the returned state is the one seen just before token 0
     (gamma^(t+1) weights). Returns (o [TT, H, Dv] in q.dtype, state [N, H, Dk, Dv] fp32 or None).
+    max_abs_log2_decay: max_h |log2 gamma_h| when known (`_max_abs_log2_decay`), which allows the factored decay.
     """
     tt, heads, dk = q.shape
     dv = v.shape[-1]
@@ -427,9 +447,40 @@ def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: fl
             segs.first if reverse else segs.last, float(scale),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
             H=heads, DK=dk, DV=dv, BV=bv, C=chunk, REVERSE=reverse, WANT_FINAL=want_final,
-            DOT_PRECISION=prec, UPCAST=upcast, INTRA_FACTORED=bool(cfg.intra_factored),
-            FACTORED_MAX_EXP=FACTORED_MAX_EXP, num_warps=warps, num_stages=cfg.num_stages)
+            DOT_PRECISION=prec, UPCAST=upcast,
+            INTRA_FACTORED=_use_factored(max_abs_log2_decay, chunk),
+            num_warps=warps, num_stages=cfg.num_stages)
     return o, (final if want_final else None)
+
+
+# id(log_decay) -> (weak reference, version, max |log2 gamma|); identity-keyed (a tensor's == is elementwise)
+_DECAY_RANGE: dict[int, tuple[weakref.ref, int, float]] = {}
+
+
+def _max_abs_log2_decay(log_decay: Tensor) -> float | None:
+    """max_h |log2 gamma_h| of a log_decay tensor when CONFIG.intra_factored asks for it, else None.
+
+    Read once per tensor (one host sync; a model's decays are fixed buffers) and remembered until the tensor
+    changes in place; None while a CUDA graph is being captured and the tensor was not seen before.
+    """
+    if not CONFIG.intra_factored:
+        return None
+    hit = _DECAY_RANGE.get(id(log_decay))
+    if hit is not None and hit[0]() is log_decay and hit[1] == log_decay._version:
+        return hit[2]
+    if log_decay.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    value = float(log_decay.detach().abs().max()) * LOG2E
+    if len(_DECAY_RANGE) > 256:   # forget tensors that are gone
+        for key in [key for key, (ref, _, _) in _DECAY_RANGE.items() if ref() is None]:
+            del _DECAY_RANGE[key]
+    _DECAY_RANGE[id(log_decay)] = (weakref.ref(log_decay), log_decay._version, value)
+    return value
+
+
+def _use_factored(max_abs_log2_decay: float | None, chunk: int) -> bool:
+    """Whether the output kernel may apply the intra-chunk decay as gamma^(i-c) * gamma^(c-j) (no factor overflows)."""
+    return max_abs_log2_decay is not None and max_abs_log2_decay * (chunk // 2) <= FACTORED_MAX_EXP
 
 
 def _packed(x: Tensor) -> Tensor:
@@ -449,16 +500,18 @@ class _LightningFunction(torch.autograd.Function):
         qp, kp, vp = _packed(q), _packed(k), _packed(v)
         init = None if initial_state is None else initial_state.detach().to(torch.float32).contiguous()
         segs = _segments_for(batch, length, cu_seqlens, heads, dk, dv, q.device)
-        o, final = _chunked_pass(qp, kp, vp, log2_decay, scale, segs, init, output_final_state, reverse=False)
+        lg_max = _max_abs_log2_decay(log_decay)
+        o, final = _chunked_pass(qp, kp, vp, log2_decay, scale, segs, init, output_final_state, reverse=False,
+                                 max_abs_log2_decay=lg_max)
         ctx.save_for_backward(qp, kp, vp, log2_decay, init if init is not None else torch.empty(0))
         ctx.meta = (batch, length, scale, initial_state is not None,
-                    initial_state.dtype if initial_state is not None else None, cu_seqlens)
+                    initial_state.dtype if initial_state is not None else None, cu_seqlens, lg_max)
         return o.view(batch, length, heads, dv), final
 
     @staticmethod
     def backward(ctx, do, dfinal):
         qp, kp, vp, log2_decay, init = ctx.saved_tensors
-        batch, length, scale, has_init, init_dtype, cu_seqlens = ctx.meta
+        batch, length, scale, has_init, init_dtype, cu_seqlens, lg_max = ctx.meta
         heads, dk, dv = qp.shape[1], qp.shape[2], vp.shape[2]
         dop = _packed(do.to(qp.dtype))
         need_q, need_k, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
@@ -470,18 +523,21 @@ class _LightningFunction(torch.autograd.Function):
         if need_q:
             segs_q = _segments_for(batch, length, cu_seqlens, heads, dv, dk, qp.device)
             init_t = init.transpose(-1, -2).contiguous() if has_init else None
-            dq, _ = _chunked_pass(dop, vp, kp, log2_decay, scale, segs_q, init_t, False, reverse=False)
+            dq, _ = _chunked_pass(dop, vp, kp, log2_decay, scale, segs_q, init_t, False, reverse=False,
+                                  max_abs_log2_decay=lg_max)
             dq = dq.view(batch, length, heads, dk)
         if need_v or need_init:
             segs_v = _segments_for(batch, length, cu_seqlens, heads, dk, dv, qp.device)
-            dv_, g = _chunked_pass(kp, qp, dop, log2_decay, scale, segs_v, rev_init, need_init, reverse=True)
+            dv_, g = _chunked_pass(kp, qp, dop, log2_decay, scale, segs_v, rev_init, need_init, reverse=True,
+                                   max_abs_log2_decay=lg_max)
             dv_ = dv_.view(batch, length, heads, dv)
             if need_init:
                 dinit = (g * scale).to(init_dtype)
         if need_k:
             segs_k = _segments_for(batch, length, cu_seqlens, heads, dv, dk, qp.device)
             rev_init_t = rev_init.transpose(-1, -2).contiguous() if rev_init is not None else None
-            dk_, _ = _chunked_pass(vp, dop, qp, log2_decay, scale, segs_k, rev_init_t, False, reverse=True)
+            dk_, _ = _chunked_pass(vp, dop, qp, log2_decay, scale, segs_k, rev_init_t, False, reverse=True,
+                                   max_abs_log2_decay=lg_max)
             dk_ = dk_.view(batch, length, heads, dk)
         return dq, dk_, (dv_ if need_v else None), None, None, dinit, None, None
 
@@ -517,8 +573,37 @@ def lightning_decode_step_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Ten
     o = out if out is not None else _empty((batch, heads, dv), q.dtype, q.device)
     os_ = o.stride()
     bv = min(CONFIG.decode_block_v, dv)
-    _decode_step_kernel[(batch, heads, dv // bv)](
-        q, k, v, o, state, log_decay, scale,
-        qs[0], qs[1], ks[0], ks[1], vs[0], vs[1], os_[0], os_[1],
-        H=heads, DK=dk, DV=dv, BV=bv, num_warps=CONFIG.decode_num_warps)
+    grid = (batch, heads, dv // bv)
+    args = (q, k, v, o, state, log_decay, scale, qs[0], qs[1], ks[0], ks[1], vs[0], vs[1], os_[0], os_[1],
+            heads, dk, dv, bv)
+    # all pointers 16-byte aligned (as torch allocates): the only case the launch cache serves
+    fast = _FAST_LAUNCH and q.is_cuda and not ((q.data_ptr() | k.data_ptr() | v.data_ptr() | o.data_ptr()
+                                                | state.data_ptr() | log_decay.data_ptr()) & 15)
+    if fast:
+        key = (CONFIG.decode_num_warps, q.dtype, log_decay.dtype, q.get_device(), qs, ks, vs, os_, heads, dk, dv, bv)
+        kernel = _DECODE_KERNELS.get(key)
+        if kernel is not None and _no_launch_hooks():
+            kernel.run(*grid, torch.cuda.current_stream(q.device).cuda_stream, kernel.function, kernel.packed_metadata,
+                       None, None, None, *args)
+            return o
+    kernel = _decode_step_kernel[grid](*args[:15], H=heads, DK=dk, DV=dv, BV=bv, num_warps=CONFIG.decode_num_warps)
+    if fast and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+        _DECODE_KERNELS[key] = kernel
     return o
+
+
+# Decode steps run once per layer and token, so their host cost matters (issue target: <= 30 us a call). Triton's
+# launcher binds and specializes every argument on each call. The compiled kernel of a launch whose pointers are all
+# 16-byte aligned is kept here under everything Triton specializes on (dtypes, device, the exact strides, the
+# constexprs, warps), and later calls with the same key launch it directly. SALA_FAST_LAUNCH=0 turns this off.
+_FAST_LAUNCH = os.environ.get("SALA_FAST_LAUNCH", "1") != "0"
+_DECODE_KERNELS: dict[tuple, object] = {}
+
+
+def _no_launch_hooks() -> bool:
+    """No launch hooks registered (a profiler's would be skipped by a direct launch): None or an empty HookChain."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None:
+        return False
+    hooks = (getattr(runtime, "launch_enter_hook", None), getattr(runtime, "launch_exit_hook", None))
+    return all(h is None or not getattr(h, "calls", True) for h in hooks)
