@@ -32,6 +32,15 @@
 #      whether it survived the corpus stages, and, against the NIAH table, whether it carried to longer contexts)
 #      RETRIEVAL_MAX_SHARE (default 0.5: at most this share of the training time goes to that stage; fewer steps
 #      are run, with a message, when RETRIEVAL_STEPS would take longer),
+#      RETRIEVAL_LONG_STEPS (e.g. 300: a second retrieval-only stage after that one, in RETRIEVAL_LONG_SEQ_LEN-token
+#      windows (default the stable stage's) of the stable stage's micro-batch, on RETRIEVAL_TASKS samples of an
+#      eighth, a quarter and half of the window: run 8's retrieval formed at 256 tokens but did not reach 4K; its
+#      steps come out of the stable stage, which keeps at least a third of its steps),
+#      RETRIEVAL_DATA_DIR (build the retrieval datasets there, as retrieval_short*/retrieval_long*, instead of next
+#      to DATA: build them once on a CPU with PREPARE_ONLY=1 and carry them to the device instead of spending
+#      ~100 s of the call on them), RETRIEVAL_DATA_EPOCHS (default 1: the retrieval datasets hold 1/this of the
+#      tokens their stages read, so they are smaller to build and carry; the stages loop over them),
+#      PREPARE_ONLY=1 (build the datasets the other variables ask for, then stop).
 set -euo pipefail
 OUT_DIR=${1:-runs/train_small}
 mkdir -p "$OUT_DIR"
@@ -90,19 +99,37 @@ full = load_config(cfg_path, base)   # the config's own stages (sizes of the sta
 retr_steps = int(os.environ.get("RETRIEVAL_STEPS", "0") or 0)
 retr_mb = int(os.environ.get("RETRIEVAL_MICRO_BATCH", "0") or 0) or full.stages[0].micro_batch
 short_data = None
+retr_prefix = (os.path.join(os.environ["RETRIEVAL_DATA_DIR"], "retrieval") if os.environ.get("RETRIEVAL_DATA_DIR")
+               else data.rstrip("/"))
+retr_epochs = max(1.0, float(os.environ.get("RETRIEVAL_DATA_EPOCHS", "1") or 1))
+retr_tasks = tuple(x for x in os.environ.get("RETRIEVAL_TASKS", ",".join(synth_tasks)).split(",") if x)
+tasks_tag = "" if retr_tasks == synth_tasks else "_" + "-".join(retr_tasks)
+
+def retrieval_docs(tokens: float) -> int:
+    """stdlib documents for a retrieval dataset of ~`tokens` tokens (400 documents + 90% synthetic: ~18M)."""
+    return 40 if cpu else max(400, math.ceil(400 * tokens / retr_epochs / 18e6))
+
 if warm_share > 0 or retr_steps:   # a first stage on short retrieval samples (stdlib subset + 90% synthetic)
     if retr_seq and retr_seq < 2048:   # samples that fit the short windows whole (question and answer included)
         short_lengths, short_path = tuple(sorted({max(64, retr_seq // 4), max(64, retr_seq // 2)})), f"_short{retr_seq}"
     else:
         short_lengths, short_path = (256, 512, 1024), "_short"
-    retr_tasks = tuple(x for x in os.environ.get("RETRIEVAL_TASKS", ",".join(synth_tasks)).split(",") if x)
-    if retr_tasks != synth_tasks:
-        short_path += "_" + "-".join(retr_tasks)
-    # 400 stdlib documents + 90% synthetic are ~20M tokens; more documents when RETRIEVAL_STEPS asks for more
-    # tokens, so that the stage sees each sample about once
+    # the dataset grows with the tokens RETRIEVAL_STEPS asks for, so that the stage sees each sample about
+    # RETRIEVAL_DATA_EPOCHS times
     want = retr_steps * retr_mb * (retr_seq or full.stages[0].seq_len)
-    short_data = packed(data.rstrip("/") + short_path, ["stdlib"], 0.9, short_lengths, seed=2468,
-                        max_docs=40 if cpu else max(400, math.ceil(400 * want / 18e6)), tasks=retr_tasks)
+    short_data = packed(retr_prefix + short_path + tasks_tag, ["stdlib"], 0.9, short_lengths, seed=2468,
+                        max_docs=retrieval_docs(want), tasks=retr_tasks)
+long_steps = int(os.environ.get("RETRIEVAL_LONG_STEPS", "0") or 0)
+long_seq = int(os.environ.get("RETRIEVAL_LONG_SEQ_LEN", "0") or 0) or full.stages[0].seq_len
+long_data, long_lengths = None, ()
+if long_steps:   # a second retrieval stage: the same tasks at long lengths, in the stable stage's micro-batch
+    long_lengths = (256,) if cpu else (long_seq // 8, long_seq // 4, long_seq // 2)
+    long_data = packed(f"{retr_prefix}_long{long_seq}{tasks_tag}", ["stdlib"], 0.9, long_lengths, seed=1357,
+                       max_docs=retrieval_docs(long_steps * full.stages[0].micro_batch * long_seq), tasks=retr_tasks)
+if os.environ.get("PREPARE_ONLY") == "1":
+    print("PREPARE_ONLY=1: datasets built:", ", ".join(p for p in (data if sources else None, decay_data, short_data,
+                                                                   long_data) if p))
+    raise SystemExit(0)
 
 def tokens_per_s(sparse: bool, steps: int, **stage) -> tuple[float, float | None]:
     """Throughput of the last log window of a short run (kernels compiled in the first windows); `stage` overrides
@@ -179,6 +206,21 @@ if short_data:
                   *cfg.stages[1:]]
     print(f"retrieval warm-up: {n_warm} steps of {retr_mb} x {seq} tokens on {short_data}"
           f"{f' ({tps_retr:,.0f} tok/s)' if tps_retr else ''}, then {cfg.stages[1].steps} stable steps")
+if long_data:   # before the stable stage, which gives up the steps' time (same micro-batch, tokens/s as calibrated)
+    import dataclasses
+    i_stable = [st.name for st in cfg.stages].index("stable")
+    stable = cfg.stages[i_stable]
+    per_step = long_seq * stable.micro_batch / tok_step   # in stable steps
+    n_long = min(long_steps, max(1, int((stable.steps - steps_off // 3) / per_step)))
+    if n_long < long_steps:
+        print(f"RETRIEVAL_LONG_STEPS={long_steps} would leave the stable stage less than a third of its "
+              f"{steps_off} steps: running {n_long}")
+    cfg.stages[i_stable:i_stable + 1] = [
+        dataclasses.replace(stable, name="retrieval_long", steps=n_long, seq_len=long_seq, data=long_data,
+                            warmup_steps=0 if i_stable else stable.warmup_steps),
+        dataclasses.replace(stable, steps=max(1, stable.steps - round(n_long * per_step)), warmup_steps=0)]
+    print(f"long retrieval stage: {n_long} steps of {stable.micro_batch} x {long_seq} tokens on {long_data} "
+          f"(samples of {', '.join(map(str, long_lengths))} tokens), then {cfg.stages[i_stable + 1].steps} stable steps")
 probe_len = 256 if cpu else max(short_lengths) if short_data else None   # the retrieval stage's longest samples
 probe: dict = {}
 
@@ -239,6 +281,9 @@ result = {
                          "tokens_per_s": tps_retr}
     if short_data else None,
     "retrieval_probe": {"task": "niah_single", "length": probe_len, "scores": probe} if probe_len else None,
+    "retrieval_long": {"steps": cfg.stages[stage_index["retrieval_long"]].steps, "steps_requested": long_steps,
+                       "seq_len": long_seq, "sample_lengths": list(long_lengths), "data": long_data}
+    if long_data else None,
     "data_meta": json.load(open(os.path.join(data, "meta.json"))),
     "calibration": {"tokens_per_s_sparse_off": tps_off, "mfu_sparse_off": mfu_off,
                     "tokens_per_s_sparse_on": tps_on, "mfu_sparse_on": mfu_on},

@@ -63,11 +63,11 @@ def reference(q, k, v, ld, **kw):
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 
 
-@pytest.mark.parametrize("dtype, t, dk, dv, seg", [
-    (torch.float32, 1, 16, 16, 0), (torch.bfloat16, 63, 32, 32, 0), (torch.float32, 65, 64, 64, 1),
-    (torch.bfloat16, 65, 64, 64, 1), (torch.float32, 150, 32, 64, 1), (torch.bfloat16, 130, 64, 32, 2)])
-def test_forward_matches_reference(config, dtype, t, dk, dv, seg):
-    config.chunks_per_segment = seg
+@pytest.mark.parametrize("dtype, t, dk, dv, seg, factored", [
+    (torch.float32, 1, 16, 16, 0, True), (torch.bfloat16, 63, 32, 32, 0, True), (torch.float32, 65, 64, 64, 1, False),
+    (torch.bfloat16, 65, 64, 64, 1, True), (torch.float32, 150, 32, 64, 1, True), (torch.bfloat16, 130, 64, 32, 2, False)])
+def test_forward_matches_reference(config, dtype, t, dk, dv, seg, factored):
+    config.chunks_per_segment, config.intra_factored = seg, factored
     h = 2
     q, k, v, s0 = inputs(2, t, h, dk, dv, dtype, seed=t)
     ld = lightning_log_decay(h, DEVICE)
@@ -120,11 +120,11 @@ def test_varlen_with_initial_states(config, chunk, seg):
     assert torch.equal(f[1], s0[1])  # the empty sequence hands its initial state through
 
 
-@pytest.mark.parametrize("dtype, t, dk, dv, seg, varlen", [
-    (torch.float32, 70, 32, 32, 0, False), (torch.bfloat16, 70, 32, 32, 0, False),
-    (torch.float32, 100, 16, 32, 1, False), (torch.bfloat16, 100, 32, 16, 1, True)])
-def test_backward_matches_reference(config, dtype, t, dk, dv, seg, varlen):
-    config.chunks_per_segment = seg
+@pytest.mark.parametrize("dtype, t, dk, dv, seg, varlen, factored", [
+    (torch.float32, 70, 32, 32, 0, False, True), (torch.bfloat16, 70, 32, 32, 0, False, False),
+    (torch.float32, 100, 16, 32, 1, False, False), (torch.bfloat16, 100, 32, 16, 1, True, True)])
+def test_backward_matches_reference(config, dtype, t, dk, dv, seg, varlen, factored):
+    config.chunks_per_segment, config.intra_factored = seg, factored
     h = 2
     if varlen:
         lens = [30, 1, 69]
