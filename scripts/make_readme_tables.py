@@ -439,6 +439,11 @@ def training_section() -> list[str]:
                  if warm.get("steps_requested") or not warm.get("share") else
                  f"; first a retrieval stage of {st['steps']} steps ({100 * warm['share']:.0f}% of the sparse-off "
                  f"steps) on short retrieval samples")
+    long = d.get("retrieval_long")
+    if long and "retrieval_long" in stages:
+        st = stages["retrieval_long"]
+        data += (f"; then a retrieval stage of {st['steps']} steps of {st['micro_batch']} x {st['seq_len']} tokens on "
+                 f"samples of {', '.join(map(str, long['sample_lengths']))} tokens")
     probe = d.get("retrieval_probe") or {}
     if probe.get("scores"):
         names = {"after_retrieval_stage": "after the retrieval stage", "final": "at the end"}
