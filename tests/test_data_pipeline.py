@@ -154,6 +154,15 @@ def test_synthetic_documents_do_not_depend_on_worker_count(monkeypatch):
     parallel = P._synthetic_documents(tok, combos, 70, seed=5)
     assert len(serial) == 140 and serial == parallel
     assert all(ids[0] == tok.bos_id and ids[-1] == tok.eos_id and len(ids) <= 300 for ids in serial)
+    # sample j's needle depth is its own seeded draw, whichever job makes it (a job draws only its samples')
+    import random
+
+    from sala.eval.tasks import generate
+
+    depths = [random.Random(f"5/niah_single/200/{j}").random() for j in range(70)]
+    expected = [[tok.bos_id] + tok.encode(x.training_text()) + [tok.eos_id]
+                for x in generate("niah_single", 200 - P._DOC_SPECIAL_TOKENS, 70, tok.count, seed=5, depths=depths)]
+    assert serial[:70] == expected
 
 
 def test_prepare_refuses_synthetic_lengths_too_short_for_a_task_before_any_work(tmp_path, prepare_in):
