@@ -177,6 +177,10 @@ def lightning_section() -> list[str]:
                     f"V tile {cfg.get('block_v')}, {cfg.get('num_warps')} warps, {cfg.get('num_stages')} stages, "
                     f"segments of {cfg.get('chunks_per_segment') or 'automatic'} chunks, intra-chunk decay "
                     f"{'factored' if cfg.get('intra_factored') else 'table'}."]
+    kb = d.get("kernel_breakdown") or {}
+    if kb.get("fwd"):
+        parts = ", ".join(f"`{name}` {v['ms_per_op']:.2f} ms" for name, v in kb["fwd"].items())
+        out += ["", f"Where one forward's device time goes at {_len(kb['T'])} (torch.profiler, per call): {parts}."]
     b2b = all("ours_us_back_to_back_jit_launch" in r for r in d["decode"])
     out += ["", "Decode step (one token per sequence, state updated in place; state floor = fp32 state read + written "
                 "at 4.8 TB/s):", "",

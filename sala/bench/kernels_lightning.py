@@ -276,6 +276,41 @@ def _long_finite(t: int, log_decay: torch.Tensor) -> dict:
     return res
 
 
+def _kernel_breakdown(t: int, log_decay: torch.Tensor, reps: int = 5) -> dict:
+    """Device time per call of each of our kernels (segment states, scan, outputs) at length t, forward and
+    forward + backward, from torch.profiler: where the forward's time goes against fla's."""
+    from sala.ops.lightning import lightning_attention
+
+    q, k, v = _inputs(t)
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(q)
+
+    def fwd():
+        lightning_attention(q, k, v, log_decay)
+
+    def fwd_bwd():
+        qg.grad = kg.grad = vg.grad = None
+        lightning_attention(qg, kg, vg, log_decay)[0].backward(do)
+
+    out: dict[str, Any] = {"T": t, "reps": reps}
+    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        fn()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+        rows = {}
+        for e in prof.key_averages():
+            dev_us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+            if dev_us > 0:
+                rows[e.key[:80]] = {"calls_per_op": e.count / reps, "ms_per_op": dev_us / 1e3 / reps}
+        out[name] = dict(sorted(rows.items(), key=lambda kv: -kv[1]["ms_per_op"])[:8])
+    del q, k, v, qg, kg, vg, do
+    _free()
+    return out
+
+
 DEFAULT_LENGTHS = (4096, 16384, 65536, 262144, 1048576)
 DEFAULT_DECODE_BATCHES = (1, 16, 64)
 
@@ -300,6 +335,11 @@ def run(lengths: list[int] = DEFAULT_LENGTHS, decode_batches: list[int] = DEFAUL
     payload["tuning"] = _tune_forward(tune_length, log_decay) if tune_length else None
     payload["decode_tuning"] = _tune_decode(max(decode_batches), log_decay) if tune_length and decode_batches else None
     payload["config"] = dataclasses.asdict(lt.CONFIG)
+    if tune_length:
+        try:
+            payload["kernel_breakdown"] = _kernel_breakdown(tune_length, log_decay)
+        except Exception as exc:  # the profiler is a diagnostic; the benchmark goes on without it
+            payload["kernel_breakdown"] = {"error": repr(exc)[:200]}
     payload["prefill"] = _prefill(lengths, fwd_bwd_max, log_decay, fla)
     payload["decode"] = _decode(decode_batches, log_decay, fla)
     if finite_length:
