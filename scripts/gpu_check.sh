@@ -8,7 +8,9 @@
 #   OUT=/dir bash scripts/gpu_check.sh sparse     # sparse GPU tests, sparse layer vs SDPA/fla 32K..2M
 #                                                 # (TUNE=1: sweep launch settings at 128K first;
 #                                                 #  SPARSE_VARIANTS=noband,nobanddq,chunk1g: TUNING flips too;
-#                                                 #  PROFILE=1: selection time by kernel at 128K and 1M)
+#                                                 #  PROFILE=1: selection time by kernel at 128K and 1M;
+#                                                 #  SPARSE_INPUT_SMOOTHING=16: neighbour-correlated inputs,
+#                                                 #  JSON sparse_kernels_smooth16_h200.json)
 #   OUT=/dir bash scripts/gpu_check.sh decode     # sparse decode variants (split-K attention, split-N selection)
 #                                                 # at 128K and 1M, then 1M end to end with both switched on
 #   OUT=/dir bash scripts/gpu_check.sh latency    # SALA 9B shape vs HF Qwen3-8B shape, 64K..2M -> JSON + PNG
@@ -48,8 +50,9 @@ case "$part" in
   sparse)
     python3 -m pytest -q -p no:cacheprovider tests/test_infllmv2_triton.py -k "not interpreter" \
       2>&1 | tee "$OUT/gpu_tests_sparse.log" | tail -5
-    python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_kernels_h200.json" ${TUNE:+--tune} --time-budget-s "${2:-240}" \
-      ${SPARSE_VARIANTS:+--variants default,$SPARSE_VARIANTS} \
+    python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_kernels${SPARSE_INPUT_SMOOTHING:+_smooth$SPARSE_INPUT_SMOOTHING}_h200.json" \
+      ${TUNE:+--tune} --time-budget-s "${2:-240}" ${SPARSE_VARIANTS:+--variants default,$SPARSE_VARIANTS} \
+      ${SPARSE_INPUT_SMOOTHING:+--input-smoothing $SPARSE_INPUT_SMOOTHING} \
       --lengths 32768,65536,131072,262144,524288,1048576,2097152 2>&1 | grep -v "^sweep" | tail -12
     if [ -n "${PROFILE:-}" ]; then
       python3 scripts/profile_selection.py --lengths 131072,1048576 --out "$OUT/profile_selection_h200.json" 2>&1 \

@@ -1,4 +1,6 @@
-"""The sparse benchmark's forward+backward timing runs the three computations it names (timer stubbed, CPU)."""
+"""The sparse benchmark on the CPU: forward+backward timing runs the three computations it names (timer stubbed),
+tuning variants restore TUNING, and its correlated inputs."""
+import pytest
 import torch
 
 import sala.bench.kernels_sparse as ks
@@ -53,3 +55,28 @@ def test_tuning_variant_measures_and_restores_tuning(monkeypatch):
     assert ks.check_variants(["topkcompact", "branchmask"]) == ["topkcompact", "branchmask"]
     with pytest.raises(ValueError, match="topkcompact"):
         ks.check_variants(["topk"])
+
+
+def test_smooth_tokens_keeps_variance_and_correlates_neighbours():
+    """The benchmark's correlated inputs: window 1 is the identity; window W keeps unit variance and makes adjacent
+    tokens correlated (W - 1) / W, in every channel, whatever the number of channels per pass."""
+    import torch
+
+    from sala.bench.kernels_sparse import smooth_tokens
+
+    x = torch.randn(1, 20000, 3, 8, generator=torch.Generator().manual_seed(0))
+    assert smooth_tokens(x, 1) is x
+    y = smooth_tokens(x, 16, channels_per_pass=5)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.equal(y, smooth_tokens(x, 16))                     # independent of the pass size
+    z = y[0, 100:].reshape(-1, 24)
+    assert abs(z.var(0).mean().item() - 1.0) < 0.1
+    corr = ((z[1:] * z[:-1]).mean(0) / z.var(0)).mean().item()
+    assert abs(corr - 15 / 16) < 0.03
+    # token t averages tokens t-15..t: causal, so a change at token 5000 leaves earlier tokens as they were
+    x2 = x.clone()
+    x2[0, 5000] += 1.0
+    y2 = smooth_tokens(x2, 16)
+    assert torch.equal(y2[0, :5000], y[0, :5000]) and not torch.equal(y2[0, 5000:5016], y[0, 5000:5016])
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        smooth_tokens(x, 0)
