@@ -586,11 +586,14 @@ def lightning_decode_step_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Ten
         key = (CONFIG.decode_num_warps, q.dtype, log_decay.dtype, q.get_device(), qs, ks, vs, os_, heads, dk, dv, bv)
         kernel = _DECODE_KERNELS.get(key)
         if kernel is not None and _no_launch_hooks():
-            kernel.run(*grid, torch.cuda.current_stream(q.device).cuda_stream, kernel.function, kernel.packed_metadata,
-                       None, None, None, *args)
-            return o
+            try:
+                kernel.run(*grid, torch.cuda.current_stream(q.device).cuda_stream, kernel.function,
+                           kernel.packed_metadata, None, None, None, *args)
+                return o
+            except TypeError:   # a Triton whose launcher takes other arguments: its own launch from now on
+                _disable_fast_launch()
     kernel = _decode_step_kernel[grid](*args[:15], H=heads, DK=dk, DV=dv, BV=bv, num_warps=CONFIG.decode_num_warps)
-    if fast and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+    if fast and _FAST_LAUNCH and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
         _DECODE_KERNELS[key] = kernel
     return o
 
@@ -601,6 +604,12 @@ def lightning_decode_step_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Ten
 # constexprs, warps), and later calls with the same key launch it directly. SALA_FAST_LAUNCH=0 turns this off.
 _FAST_LAUNCH = os.environ.get("SALA_FAST_LAUNCH", "1") != "0"
 _DECODE_KERNELS: dict[tuple, object] = {}
+
+
+def _disable_fast_launch() -> None:
+    global _FAST_LAUNCH
+    _FAST_LAUNCH = False
+    _DECODE_KERNELS.clear()
 
 
 def _no_launch_hooks() -> bool:
