@@ -20,18 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _kernel_table(prof, top: int = 12) -> list[dict]:
-    rows = []
-    for e in prof.key_averages():
-        dev_us = getattr(e, "self_device_time_total", None)
-        if dev_us is None:
-            dev_us = getattr(e, "self_cuda_time_total", 0.0)
-        if dev_us > 0:
-            rows.append({"name": e.key[:120], "calls": e.count, "device_ms": dev_us / 1e3})
-    rows.sort(key=lambda r: -r["device_ms"])
-    return rows[:top]
-
-
 def _median_ms(fn, reps: int) -> float:
     """Median of `reps` CUDA-event timings of fn() in ms."""
     import torch
@@ -70,7 +58,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def main() -> None:
     import torch
 
-    from sala.bench.common import run_metadata, write_json
+    from sala.bench.common import device_kernel_table, run_metadata, write_json
     from sala.ops.infllmv2 import SparseParams, compress_keys, select_blocks
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,7 +95,7 @@ def main() -> None:
             run()
             if dev == "cuda":
                 torch.cuda.synchronize()
-        row = {"T": T, "queries": Tq, "select_ms": whole_ms, "kernels": _kernel_table(prof)}
+        row = {"T": T, "queries": Tq, "select_ms": whole_ms, "kernels": device_kernel_table(prof)}
         for name, flips in variants:
             with tri.tuning(**flips):
                 got = run()                                    # compile

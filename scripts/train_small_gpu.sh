@@ -48,7 +48,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-.}
 export SALA_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export OUT_DIR TRAIN_SECONDS=${TRAIN_SECONDS:-200} DATA=${DATA:-train_data/py-bpe8k-synth} SMALL_CPU=${SMALL_CPU:-0}
 python3 - <<'PY'
-import json, math, os, shutil, statistics, time
+import dataclasses, json, math, os, shutil, statistics, time
 import torch
 from sala.train import Trainer, load_config
 from sala.train.metrics import read_metrics
@@ -134,7 +134,6 @@ if os.environ.get("PREPARE_ONLY") == "1":
 def tokens_per_s(sparse: bool, steps: int, **stage) -> tuple[float, float | None]:
     """Throughput of the last log window of a short run (kernels compiled in the first windows); `stage` overrides
     the stable stage's fields (seq_len, micro_batch, data)."""
-    import dataclasses
     cfg = load_config(cfg_path, base + [f"out_dir={work}/calib_{int(sparse)}", "resume=false", "save_final=false",
                                         "log_every=4", "eval_windows=1"])
     cfg.model.compile = use_compile
@@ -182,7 +181,6 @@ if decay_data:
     ov.append(f"stages.1.data={decay_data}")
 cfg = load_config(cfg_path, ov)
 if short_data:
-    import dataclasses
     stable = cfg.stages[0]
     seq = retr_seq or stable.seq_len
     if retr_steps:   # a fixed number of steps; the stable stage gives up the time they take
@@ -207,7 +205,6 @@ if short_data:
     print(f"retrieval warm-up: {n_warm} steps of {retr_mb} x {seq} tokens on {short_data}"
           f"{f' ({tps_retr:,.0f} tok/s)' if tps_retr else ''}, then {cfg.stages[1].steps} stable steps")
 if long_data:   # before the stable stage, which gives up the steps' time (same micro-batch, tokens/s as calibrated)
-    import dataclasses
     i_stable = [st.name for st in cfg.stages].index("stable")
     stable = cfg.stages[i_stable]
     per_step = long_seq * stable.micro_batch / tok_step   # in stable steps

@@ -1,4 +1,4 @@
-"""The sparse and fused Triton kernels compile for Hopper (sm_90) at the released shape and default TUNING, on the CPU.
+"""The sparse, lightning and fused Triton kernels compile for Hopper (sm_90) at the released shape and default TUNING, on the CPU.
 
 The interpreter checks semantics but not what only the GPU compiler sees: layouts, software pipelining and shared
 memory. `triton.compile` with an explicit sm_90 target runs the whole NVIDIA pipeline (TTGIR, LLVM, ptxas) without
@@ -10,38 +10,12 @@ Timing is not checked (benchmarks only).
 """
 from __future__ import annotations
 
-import inspect
-
 import pytest
 
 triton = pytest.importorskip("triton")
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
+from sala.bench.sm90 import SMEM_LIMIT, compile_sm90, lightning_output_kernel_sm90  # noqa: E402
 from sala.ops import infllmv2_triton as tri  # noqa: E402
 from sala.ops.infllmv2 import SparseParams  # noqa: E402
-
-SMEM_LIMIT = 232448          # bytes of shared memory one block may use on sm_90
-FLOAT_ARGS = {"scale_log2", "scale", "eps"}
-
-
-def compile_sm90(kernel, ptrs: dict[str, str], consts: dict, *, num_warps: int, num_stages: int | None = None,
-                 aligned_ints: tuple[str, ...] = ()):
-    """Compile a @triton.jit kernel for sm_90: pointer args typed by `ptrs` (16-byte aligned, as torch allocates),
-    other non-constexpr args int32 (fp32 for scales), those in `aligned_ints` divisible by 16 (as Triton specializes
-    strides such as 4096: loads become asynchronous copies the software pipeliner schedules). Returns the kernel."""
-    names = list(inspect.signature(kernel.fn).parameters)
-    missing = [n for n in names if n.endswith("_ptr") and n not in ptrs]
-    assert not missing, f"pointer types missing for {missing}"
-    sig = {n: ptrs.get(n) or ("constexpr" if n in consts else ("fp32" if n in FLOAT_ARGS else "i32")) for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (*ptrs, *aligned_ints)}
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
-                    attrs=attrs)
-    options = {"num_warps": num_warps}
-    if num_stages is not None:
-        options["num_stages"] = num_stages
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-
 
 P = SparseParams()
 R = P.block_size // P.kernel_stride
@@ -137,12 +111,7 @@ def test_lightning_output_kernel_compiles_for_sm90(factored, reverse):
     from sala.ops import lightning_triton as lt
 
     cfg = lt.LightningConfig()
-    ptrs = {**{f"{n}_ptr": "*bf16" for n in "qkvo"}, "s_in_ptr": "*fp32", "final_ptr": "*fp32",
-            "log2_decay_ptr": "*fp32", **{f"seg_{n}_ptr": "*i64" for n in ("start", "end", "seq", "final")}}
-    consts = dict(H=32, DK=128, DV=128, BV=cfg.block_v, C=cfg.chunk, REVERSE=reverse, WANT_FINAL=True,
-                  DOT_PRECISION="tf32", UPCAST=False, INTRA_FACTORED=factored)
-    strides = tuple(f"stride_{t}{d}" for t in "qkvo" for d in "th")
-    k = compile_sm90(lt._segment_output_kernel, ptrs, consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                     aligned_ints=strides)
+    k = lightning_output_kernel_sm90(cfg.chunk, cfg.block_v, cfg.num_warps, cfg.num_stages, factored=factored,
+                                     reverse=reverse)
     assert 0 < k.metadata.shared <= SMEM_LIMIT
     assert "warp_group_dot" in k.asm["ttgir"]

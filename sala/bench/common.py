@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: GPU timing, run metadata and atomic JSON output."""
+"""Shared benchmark helpers: GPU timing, profiler kernel tables, run metadata and atomic JSON output."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -44,6 +44,19 @@ def bench_ms(fn: Callable[[], Any], warmup: int = 3, rep: int = 10) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return float(statistics.median(times))
+
+
+def device_kernel_table(prof, top: int = 12) -> list[dict]:
+    """The `top` ops of a torch.profiler run by device (CUDA) self time: name (120 chars), calls, device_ms."""
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(e, "self_cuda_time_total", 0.0)
+        if dev_us > 0:
+            rows.append({"name": e.key[:120], "calls": e.count, "device_ms": dev_us / 1e3})
+    rows.sort(key=lambda r: -r["device_ms"])
+    return rows[:top]
 
 
 def _git_commit() -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sala.bench.common import bench_ms, run_metadata, write_json
+from sala.bench.common import bench_ms, device_kernel_table, run_metadata, write_json
 
 HEADS, HEAD_DIM, DTYPE = 32, 128, torch.bfloat16
 REF_PREFIX = 16384  # fp32 reference length: longer runs are checked on their first REF_PREFIX tokens (causal)
@@ -240,12 +240,14 @@ def _decode(batches: list[int], log_decay: torch.Tensor, fla) -> list[dict]:
                 lightning_decode_step(q, k, v, log_decay, s_ours, scale=scale, out=out)
         row["ours_us_back_to_back"] = 1e3 * bench_ms(loop, warmup=2, rep=5) / n
         from sala.ops import lightning_triton as lt   # the same without the decode launch cache (Triton's launch)
-        lt._FAST_LAUNCH = False
-        row["ours_us_back_to_back_jit_launch"] = 1e3 * bench_ms(loop, warmup=2, rep=5) / n
-        row["ours_us_jit_launch"] = 1e3 * bench_ms(lambda: lightning_decode_step(q, k, v, log_decay, s_ours,
-                                                                                 scale=scale, out=out),
-                                                   warmup=10, rep=200)
-        lt._FAST_LAUNCH = True
+        cached, lt._FAST_LAUNCH = lt._FAST_LAUNCH, False
+        try:
+            row["ours_us_back_to_back_jit_launch"] = 1e3 * bench_ms(loop, warmup=2, rep=5) / n
+            row["ours_us_jit_launch"] = 1e3 * bench_ms(lambda: lightning_decode_step(q, k, v, log_decay, s_ours,
+                                                                                     scale=scale, out=out),
+                                                       warmup=10, rep=200)
+        finally:
+            lt._FAST_LAUNCH = cached
         row["ours_graph_us"] = _decode_graph_us(q, k, v, log_decay, s_ours, out, n)   # CUDA graph of one step
         row["ours_graph_state_GBps"] = 2 * state_bytes / (row["ours_graph_us"] * 1e-6) / 1e9
         if fla is not None:
@@ -300,12 +302,8 @@ def _kernel_breakdown(t: int, log_decay: torch.Tensor, reps: int = 5) -> dict:
             for _ in range(reps):
                 fn()
             torch.cuda.synchronize()
-        rows = {}
-        for e in prof.key_averages():
-            dev_us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-            if dev_us > 0:
-                rows[e.key[:80]] = {"calls_per_op": e.count / reps, "ms_per_op": dev_us / 1e3 / reps}
-        out[name] = dict(sorted(rows.items(), key=lambda kv: -kv[1]["ms_per_op"])[:8])
+        out[name] = {r["name"][:80]: {"calls_per_op": r["calls"] / reps, "ms_per_op": r["device_ms"] / reps}
+                     for r in device_kernel_table(prof, top=8)}
     del q, k, v, qg, kg, vg, do
     _free()
     return out

@@ -153,12 +153,14 @@ def _synthetic_part(job: tuple[str, int, int, int, int, int]) -> list[list[int]]
 
     task, length, n, seed, lo, hi = job
     tok = _WORKER_TOKENIZER
-    # sample j's needle depth; only this job's [lo, hi) are drawn (drawing all n per job made building a large
-    # mix quadratic: 2,000 jobs x 64K seeded generators for run 8's retrieval set)
-    depths = [0.0] * lo + [random.Random(f"{seed}/{task}/{length}/{j}").random() for j in range(lo, hi)]
+    def depth(j: int) -> float:
+        """Sample j's needle depth, drawn only for the samples this job makes (a list of all n per job made
+        building a large mix quadratic: 2,000 jobs x 64K seeded generators for run 8's retrieval set)."""
+        return random.Random(f"{seed}/{task}/{length}/{j}").random()
+
     out = []
     # the document adds BOS + answer + EOS to the prompt; generate() keeps the answer budget free
-    for s in generate(task, length - _DOC_SPECIAL_TOKENS, hi, tok.count, seed=seed, depths=depths, skip=lo):
+    for s in generate(task, length - _DOC_SPECIAL_TOKENS, hi, tok.count, seed=seed, depths=depth, skip=lo):
         out.append([tok.bos_id] + tok.encode(s.training_text()) + [tok.eos_id])
     return out
 

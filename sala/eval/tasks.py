@@ -227,13 +227,14 @@ def _cwe(rng: random.Random, length: int, num_common: int = 10, freq_common: int
 
 
 def generate(task: str, length: int, num_samples: int, count_tokens: Callable[[str], int], seed: int = 0,
-             depths: list[float] | None = None, max_new_tokens: int | None = None,
+             depths: list[float] | Callable[[int], float] | None = None, max_new_tokens: int | None = None,
              skip: int = 0) -> Iterator[TaskSample]:
     """Yield samples `skip` .. `num_samples - 1` of `task` whose prompt plus answer budget fits `length` tokens.
 
     `count_tokens` measures a text in the evaluated model's tokens. Needle depths default to
     `num_samples` evenly spaced points in [0, 1] (RULER draws from 40 such points); pass `depths`
-    to choose. Samples depend only on (seed, task, length, index).
+    to choose: a list (cycled), or a function of the sample index. Samples depend only on (seed, task,
+    length, index).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
@@ -245,7 +246,7 @@ def generate(task: str, length: int, num_samples: int, count_tokens: Callable[[s
     hint = None
     for i in range(skip, num_samples):
         rng = random.Random(f"{seed}/{task}/{length}/{i}")
-        depth = depths[i % len(depths)]
+        depth = depths(i) if callable(depths) else depths[i % len(depths)]
         if task == "niah_multiquery":
             build, outputs, answer, meta = _niah_multiquery(rng, depth, length)
         elif task.startswith("niah"):

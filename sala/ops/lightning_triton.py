@@ -612,10 +612,12 @@ def _disable_fast_launch() -> None:
     _DECODE_KERNELS.clear()
 
 
+_TRITON_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)   # where launch hooks are registered
+
+
 def _no_launch_hooks() -> bool:
     """No launch hooks registered (a profiler's would be skipped by a direct launch): None or an empty HookChain."""
-    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    if runtime is None:
+    if _TRITON_RUNTIME is None:
         return False
-    hooks = (getattr(runtime, "launch_enter_hook", None), getattr(runtime, "launch_exit_hook", None))
+    hooks = (getattr(_TRITON_RUNTIME, "launch_enter_hook", None), getattr(_TRITON_RUNTIME, "launch_exit_hook", None))
     return all(h is None or not getattr(h, "calls", True) for h in hooks)
