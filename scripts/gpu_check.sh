@@ -4,7 +4,7 @@
 #   OUT=/dir bash scripts/gpu_check.sh tests      # every GPU test: compiled Triton kernels (lightning, sparse, fused)
 #                                                 # vs references, engine 1M
 #   OUT=/dir bash scripts/gpu_check.sh kernels    # lightning vs fla, sparse (all variants) vs SDPA -> JSON
-#   OUT=/dir bash scripts/gpu_check.sh lightning  # lightning vs fla only (launch sweep at 64K with registers/spills)
+#   OUT=/dir bash scripts/gpu_check.sh lightning  # lightning GPU tests, then lightning vs fla only (launch sweep at 64K with registers/spills)
 #   OUT=/dir bash scripts/gpu_check.sh sparse     # sparse GPU tests, sparse layer vs SDPA/fla 32K..2M
 #                                                 # (TUNE=1: sweep launch settings at 128K first;
 #                                                 #  SPARSE_VARIANTS=noband,nobanddq,chunk1g: TUNING flips too;
@@ -46,6 +46,8 @@ case "$part" in
       --lengths 32768,131072,524288,1048576 --no-fla --variants default,splitk,splitsel,fusedvarlen,tiled8 \
       --time-budget-s 300 2>&1 | tail -20 ;;
   lightning)
+    python3 -m pytest -q -p no:cacheprovider tests/test_lightning_triton.py tests/test_triton_sm90_compile.py \
+      -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests_lightning.log" | tail -3
     python3 -m sala.bench.kernels_lightning --out "$OUT/lightning_kernels_h200.json" 2>&1 | grep -v "^tune" | tail -20 ;;
   sparse)
     python3 -m pytest -q -p no:cacheprovider tests/test_infllmv2_triton.py -k "not interpreter" \
