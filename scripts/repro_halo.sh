@@ -15,7 +15,8 @@ case "$step" in
   convert)  python3 scripts/repro_halo.py convert --data "$DATA" --teacher "$WORK/teacher" --out "$WORK" ;; # GPU
   eval)     python3 scripts/repro_halo.py eval --data "$DATA" --models "$WORK" --out "$OUT/eval.json" ;;   # GPU
   gpu)      mkdir -p "$OUT"; python3 scripts/repro_halo.py gpu --data "$DATA" --work "$WORK" --out "$OUT" \
-                --teacher-seconds 110 --bundle-seconds 35 --total-seconds 480 ;;                       # GPU, ~8 min
+                --teacher-seconds "${TEACHER_SECONDS:-110}" --bundle-seconds "${BUNDLE_SECONDS:-35}" \
+                --total-seconds "${TOTAL_SECONDS:-480}" ;;                                              # GPU, ~8 min
   bundle)   python3 scripts/repro_halo.py bundle --sala "${BUNDLE_SALA:-$WORK/bundle_sala}" \
                 --teacher "${BUNDLE_TEACHER:-$WORK/bundle_teacher}" ;;                                   # CPU
   plot)     python3 scripts/repro_halo.py plot --results bench/results/repro_halo.json \

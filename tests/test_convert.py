@@ -279,3 +279,24 @@ def test_convert_hands_over_to_the_trainer(tmp_path, llama_dir, capsys):
                if not torch.equal(a, b.to(a.dtype))]
     assert changed, "continual training changed no weight"
     assert (out / "model.safetensors").read_bytes() == converted   # the converted checkpoint is left as it was
+
+
+def test_token_source_doc_start_share(tmp_path):
+    """`doc_start_share` puts that share of the rows at document starts (whole short documents); the other rows
+    keep their random offsets; values outside [0, 1] are refused."""
+    import numpy as np
+
+    from sala.data.packed import PackedWriter
+
+    w = PackedWriter(tmp_path / "data", vocab_size=96, bos_id=1, eos_id=2)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        w.add("train", [1, *rng.integers(3, 96, int(rng.integers(10, 40))), 2])
+    w.close()
+    src = TokenSource(tmp_path / "data", 96, seed=3)
+    aligned = src.train_batch(8, 32, doc_start_share=1.0)
+    assert (aligned[:, 0] == 1).all()                      # every row begins with a document's BOS
+    mixed = TokenSource(tmp_path / "data", 96, seed=3).train_batch(64, 32, doc_start_share=0.25)
+    assert (mixed[:16, 0] == 1).all() and (mixed[16:, 0] != 1).any()
+    with pytest.raises(ValueError, match="doc_start_share"):
+        src.train_batch(2, 32, doc_start_share=1.5)

@@ -36,14 +36,26 @@ class TokenSource:
     def _stream(self, split: str):
         return self.train.tokens if split == "train" else self.val.tokens   # type: ignore[union-attr]
 
-    def train_batch(self, batch: int, seq_len: int) -> torch.Tensor:
-        """int64 [batch, seq_len] from random offsets of the training split."""
+    def train_batch(self, batch: int, seq_len: int, doc_start_share: float = 0.0) -> torch.Tensor:
+        """int64 [batch, seq_len] from random offsets of the training split.
+
+        `doc_start_share` in [0, 1]: that share of the rows (rounded) starts at a random document start instead, so
+        a document no longer than `seq_len` (a synthetic retrieval sample) is seen whole, question and answer included.
+        """
+        if not 0.0 <= doc_start_share <= 1.0:
+            raise ValueError(f"doc_start_share must be in [0, 1], got {doc_start_share}")
         if self.train is None:
             return torch.from_numpy(self.rng.integers(0, self.vocab_size, (batch, seq_len)))
         toks = self._stream("train")
         if len(toks) < seq_len + 1:
             raise ValueError(f"data {self.path}: training split has {len(toks)} tokens, fewer than seq_len={seq_len}")
         starts = self.rng.integers(0, len(toks) - seq_len, batch)
+        n_doc = int(round(doc_start_share * batch))
+        if n_doc:
+            offs = self.train.doc_offsets[:-1]   # type: ignore[union-attr]
+            offs = offs[offs <= len(toks) - seq_len]
+            if len(offs):
+                starts[:n_doc] = offs[self.rng.integers(0, len(offs), n_doc)]
         return torch.from_numpy(np.stack([np.asarray(toks[s:s + seq_len], dtype=np.int64) for s in starts]))
 
     def heldout(self, num: int, seq_len: int) -> torch.Tensor:
