@@ -35,7 +35,8 @@
 #      RETRIEVAL_LONG_STEPS (e.g. 300: a second retrieval-only stage after that one, in RETRIEVAL_LONG_SEQ_LEN-token
 #      windows (default the stable stage's) of the stable stage's micro-batch, on RETRIEVAL_TASKS samples of an
 #      eighth, a quarter and half of the window: run 8's retrieval formed at 256 tokens but did not reach 4K; its
-#      steps come out of the stable stage, which keeps at least a third of its steps),
+#      steps come out of the stable stage, which keeps at least a third of the steps it has after the short stage),
+#      DECAY_SPEED_RATIO (default 0.6: the decay stage's sparse-on speed relative to sparse-off, which sizes it),
 #      RETRIEVAL_DATA_DIR (build the retrieval datasets there, as retrieval_short*/retrieval_long*, instead of next
 #      to DATA: build them once on a CPU with PREPARE_ONLY=1 and carry them to the device instead of spending
 #      ~100 s of the call on them), RETRIEVAL_DATA_EPOCHS (default 1: the retrieval datasets hold 1/this of the
@@ -169,7 +170,9 @@ if os.environ.get("TOTAL_SECONDS"):   # whole-script budget: what prepare + cali
     left = float(os.environ["TOTAL_SECONDS"]) - (time.time() - t_all) - float(os.environ.get("EVAL_SECONDS", "150")) - 45
     train_budget = max(30.0, min(train_budget, left))
 steps_off = max(4, int(0.75 * train_budget * tps_off / tok_step))
-steps_on = max(2, int(0.25 * train_budget * 0.8 * tps_off / tok_step))
+# the decay stage runs sparse attention at ~0.6x the sparse-off speed (runs 4, 5, 9: 0.53-0.70x; with 0.8 run 9's
+# decay stage was cut at 504 of 556 steps by the time limit)
+steps_on = max(2, int(0.25 * train_budget * float(os.environ.get("DECAY_SPEED_RATIO", "0.6")) * tps_off / tok_step))
 limit = train_budget * 1.1 + 30
 print(f"calibration ({t_cal:.0f}s): sparse off {tps_off:,.0f} tok/s (MFU {mfu_off}); "
       f"training {steps_off} + {steps_on} steps of {tok_step} tokens, time limit {limit:.0f}s")
@@ -208,10 +211,12 @@ if long_data:   # before the stable stage, which gives up the steps' time (same 
     i_stable = [st.name for st in cfg.stages].index("stable")
     stable = cfg.stages[i_stable]
     per_step = long_seq * stable.micro_batch / tok_step   # in stable steps
-    n_long = min(long_steps, max(1, int((stable.steps - steps_off // 3) / per_step)))
+    # the stable stage keeps at least a third of the steps it has after the short retrieval stage (run 9 counted
+    # the third of all sparse-off steps, retrieval stage included, and was left room for 1 of 300 long steps)
+    n_long = min(long_steps, max(1, int((stable.steps - stable.steps // 3) / per_step)))
     if n_long < long_steps:
         print(f"RETRIEVAL_LONG_STEPS={long_steps} would leave the stable stage less than a third of its "
-              f"{steps_off} steps: running {n_long}")
+              f"{stable.steps} steps: running {n_long}")
     cfg.stages[i_stable:i_stable + 1] = [
         dataclasses.replace(stable, name="retrieval_long", steps=n_long, seq_len=long_seq, data=long_data,
                             warmup_steps=0 if i_stable else stable.warmup_steps),

@@ -39,6 +39,8 @@ def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_i
         assert (tmp_path / "rdata" / built[0] / "meta.json").stat().st_mtime_ns == mtime   # reused, not rebuilt
         assert stages[1]["data"] == prefix + "_long256_niah_single" and stages[1]["steps"] == 3
         assert stages[1]["micro_batch"] == stages[2]["micro_batch"] and summary["retrieval_long"]["steps"] == 3
+        # the long steps come out of the stable stage (same window and batch), which keeps a third of its steps
+        assert stages[2]["steps"] >= (stages[1]["steps"] + stages[2]["steps"]) // 3
         stages = [stages[0]] + stages[2:]   # the rest as without the long stage
     short = ("_short" if retrieval_seq is None else f"_short{retrieval_seq}") + ("_niah_single" if retrieval_steps else "")
     assert stages[0]["data"] == prefix + short and stages[2]["data"] == str(data) + "_decay"
