@@ -20,6 +20,8 @@
 #   OUT=/dir bash scripts/gpu_check.sh gaps       # a 128K prefill: wall vs GPU busy time, host syncs by call site
 #                                                 # (GAPS_LENGTH=256K, GAPS_CHUNKS=32768: other chunk sizes too)
 #   OUT=/dir bash scripts/gpu_check.sh train      # the small SALA model: data built there, trained, evaluated
+#                                                 # (SPLIT_CALL=first, then =second in the next call while the
+#                                                 #  machine is warm: one run over two calls; DATA=runs/sala_data)
 #   OUT=/dir bash scripts/gpu_check.sh repro      # HALO reproduction: teacher, SALA, ablations (needs repro_data/)
 #   OUT=/dir bash scripts/gpu_check.sh profile    # where a training step's time goes, fp32 vs bf16 residual stream
 #                                                 # (needs train_data/: carry it)

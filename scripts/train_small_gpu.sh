@@ -41,7 +41,12 @@
 #      to DATA: build them once on a CPU with PREPARE_ONLY=1 and carry them to the device instead of spending
 #      ~100 s of the call on them), RETRIEVAL_DATA_EPOCHS (default 1: the retrieval datasets hold 1/this of the
 #      tokens their stages read, so they are smaller to build and carry; the stages loop over them),
-#      PREPARE_ONLY=1 (build the datasets the other variables ask for, then stop).
+#      PREPARE_ONLY=1 (build the datasets the other variables ask for, then stop),
+#      SPLIT_CALL=first|second (one run over two device calls on a machine that stays warm between them: the first
+#      builds data, calibrates, plans stages for TRAIN_SECONDS and trains until TOTAL_SECONDS, then checkpoints into
+#      WORK_DIR and writes a partial summary; the second, run with the same variables, resumes exactly from there,
+#      finishes the stages and evaluates. Keep DATA and WORK_DIR under the repo's ignored runs/, which a warm device
+#      machine keeps between calls), SPLIT_STOP_AFTER (the first call stops at this global step instead: tests).
 set -euo pipefail
 OUT_DIR=${1:-runs/train_small}
 mkdir -p "$OUT_DIR"
@@ -59,7 +64,23 @@ from sala.bench.common import run_metadata, write_json
 out, data, cpu = os.environ["OUT_DIR"], os.environ["DATA"], os.environ["SMALL_CPU"] == "1"
 budget = float(os.environ["TRAIN_SECONDS"])
 work = os.environ.get("WORK_DIR") or os.path.join("runs", "train_small_work")   # scratch (training runs, calibration)
-shutil.rmtree(work, ignore_errors=True)
+split = os.environ.get("SPLIT_CALL", "")   # "first" / "second": one training run over two device calls
+if split not in ("", "first", "second"):
+    raise SystemExit(f"SPLIT_CALL must be 'first' or 'second', not {split!r}")
+if split and not (cpu or os.environ.get("TOTAL_SECONDS")):
+    raise SystemExit("SPLIT_CALL needs TOTAL_SECONDS: each call's own time budget (TRAIN_SECONDS sizes both calls' stages)")
+state_path = os.path.join(work, "split_state.json")
+split_state: dict = {}
+if split == "second":
+    if not os.path.isfile(state_path):
+        raise SystemExit(f"SPLIT_CALL=second: {state_path} is missing. The first call did not finish its part, or this "
+                         "is a fresh machine (a device machine keeps ignored files only while it stays warm): run the "
+                         "whole thing again with SPLIT_CALL=first")
+    split_state = json.load(open(state_path))
+    if split_state.get("finished"):
+        raise SystemExit(f"SPLIT_CALL=second: the first call finished the whole run ({state_path}); nothing to do")
+else:
+    shutil.rmtree(work, ignore_errors=True)
 base = [f"data.path={data}", "progress=false"]
 if cpu:
     base += ["model.preset=sala-tiny", "model.config={}", "stages.0.seq_len=256", "stages.1.seq_len=256", "stages.0.micro_batch=2",
@@ -150,23 +171,26 @@ def tokens_per_s(sparse: bool, steps: int, **stage) -> tuple[float, float | None
 
 calib_steps = 4 if cpu else 10
 use_compile = not cpu
-try:
-    tps_off, mfu_off = tokens_per_s(False, calib_steps)
-except Exception as e:  # keep the run alive: train without torch.compile
-    import traceback; traceback.print_exc()
-    print(f"compiled training failed ({type(e).__name__}: {e}); training without torch.compile")
-    use_compile = False
-    tps_off, mfu_off = tokens_per_s(False, calib_steps)
 decay_sparse = True
 tps_retr = None
-if short_data and retr_steps:   # the retrieval stage's own speed (small windows and batches run slower per token)
-    tps_retr, _ = tokens_per_s(False, calib_steps, micro_batch=retr_mb, data=short_data,
-                               **({"seq_len": retr_seq} if retr_seq else {}))
+if split == "second":   # the first call's measurements, so that the plan below comes out the same
+    tps_off, mfu_off, tps_retr, use_compile = (split_state[k] for k in ("tps_off", "mfu_off", "tps_retr", "use_compile"))
+else:
+    try:
+        tps_off, mfu_off = tokens_per_s(False, calib_steps)
+    except Exception as e:  # keep the run alive: train without torch.compile
+        import traceback; traceback.print_exc()
+        print(f"compiled training failed ({type(e).__name__}: {e}); training without torch.compile")
+        use_compile = False
+        tps_off, mfu_off = tokens_per_s(False, calib_steps)
+    if short_data and retr_steps:   # the retrieval stage's own speed (small windows and batches run slower per token)
+        tps_retr, _ = tokens_per_s(False, calib_steps, micro_batch=retr_mb, data=short_data,
+                                   **({"seq_len": retr_seq} if retr_seq else {}))
 tps_on, mfu_on = None, None   # the decay stage's own log measures sparse-on speed (no separate calibration)
 tok_step = full.stages[0].seq_len * full.stages[0].micro_batch
 t_cal = time.time() - t_all
 train_budget = budget if not cpu else 20
-if os.environ.get("TOTAL_SECONDS"):   # whole-script budget: what prepare + calibration left, minus evaluation
+if os.environ.get("TOTAL_SECONDS") and not split:   # whole-script budget: what prepare + calibration left, minus evaluation
     left = float(os.environ["TOTAL_SECONDS"]) - (time.time() - t_all) - float(os.environ.get("EVAL_SECONDS", "150")) - 45
     train_budget = max(30.0, min(train_budget, left))
 steps_off = max(4, int(0.75 * train_budget * tps_off / tok_step))
@@ -174,6 +198,9 @@ steps_off = max(4, int(0.75 * train_budget * tps_off / tok_step))
 # decay stage was cut at 504 of 556 steps by the time limit)
 steps_on = max(2, int(0.25 * train_budget * float(os.environ.get("DECAY_SPEED_RATIO", "0.6")) * tps_off / tok_step))
 limit = train_budget * 1.1 + 30
+if split and os.environ.get("TOTAL_SECONDS"):   # this call's share: up to a checkpoint (first), before evaluation (second)
+    reserve = 30.0 if split == "first" else float(os.environ.get("EVAL_SECONDS", "150")) + 45
+    limit = max(10.0, float(os.environ["TOTAL_SECONDS"]) - (time.time() - t_all) - reserve)
 print(f"calibration ({t_cal:.0f}s): sparse off {tps_off:,.0f} tok/s (MFU {mfu_off}); "
       f"training {steps_off} + {steps_on} steps of {tok_step} tokens, time limit {limit:.0f}s")
 
@@ -224,7 +251,19 @@ if long_data:   # before the stable stage, which gives up the steps' time (same 
     print(f"long retrieval stage: {n_long} steps of {stable.micro_batch} x {long_seq} tokens on {long_data} "
           f"(samples of {', '.join(map(str, long_lengths))} tokens), then {cfg.stages[i_stable + 1].steps} stable steps")
 probe_len = 256 if cpu else max(short_lengths) if short_data else None   # the retrieval stage's longest samples
-probe: dict = {}
+probe: dict = dict(split_state.get("probe", {}))
+if split == "second":   # the same variables must give the same plan: resume the first call's run from its checkpoint
+    first_cfg = json.load(open(os.path.join(work, "run", "config.json")))
+    for i, (a, b) in enumerate(zip(first_cfg["stages"], json.loads(json.dumps(cfg.to_dict()["stages"])))):
+        if a != b:
+            diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+            raise SystemExit(f"SPLIT_CALL=second: stage {i} ({a.get('name')}) differs from the first call's "
+                             f"(first, now): {diff}; run the second call with the first call's variables")
+    if len(first_cfg["stages"]) != len(cfg.stages):
+        raise SystemExit(f"SPLIT_CALL=second: {len(cfg.stages)} stages planned, the first call had "
+                         f"{len(first_cfg['stages'])}; run the second call with the first call's variables")
+    cfg.resume = True
+    cfg.time_limit_s = limit
 
 def retrieval_probe(tag: str, model_dir: str) -> None:
     """niah_single at the retrieval stage's sample length: did retrieval form there (and survive)?"""
@@ -239,21 +278,27 @@ def retrieval_probe(tag: str, model_dir: str) -> None:
     del m
 
 trainer = Trainer(cfg)
-if short_data:   # stop after the retrieval stage, probe, then go on with the rest of the time
+split_stop = int(os.environ.get("SPLIT_STOP_AFTER", "0") or 0) if split == "first" else 0
+if short_data and split != "second":   # stop after the retrieval stage, probe, then go on with the rest of the time
     limit0, t_fit = cfg.time_limit_s, time.time()
     cfg.stop_after = cfg.stages[0].steps
     summary = trainer.fit()
     if not summary["time_limit_reached"]:
         trainer.save_model(f"{work}/probe_retrieval")
         retrieval_probe("after_retrieval_stage", f"{work}/probe_retrieval")
-        cfg.stop_after = None
+        cfg.stop_after = split_stop or None
         cfg.time_limit_s = max(1.0, limit0 - (time.time() - t_fit))
         summary = trainer.fit()
     summary["seconds"] = time.time() - t_fit
 else:
+    cfg.stop_after = split_stop or None
     summary = trainer.fit()
+summary["seconds"] += split_state.get("training_seconds", 0.0)
+unfinished = summary["global_step"] < cfg.total_steps()
+if split == "first" and unfinished and summary["stopped_early"]:
+    trainer.save_checkpoint()   # a time limit checkpoints by itself; SPLIT_STOP_AFTER does not
 del trainer
-if probe_len and os.path.isdir(f"{work}/run/final"):
+if probe_len and os.path.isdir(f"{work}/run/final") and not (split == "first" and unfinished):
     retrieval_probe("final", f"{work}/run/final")
 if torch.cuda.is_available():
     torch.cuda.empty_cache()
@@ -291,11 +336,26 @@ result = {
                     "tokens_per_s_sparse_on": tps_on, "mfu_sparse_on": mfu_on},
     "niah": report, "niah_table": "", "total_seconds": time.time() - t_all,
 }
+if split:
+    result["split_calls"] = {"first_call_seconds": split_state.get("call_seconds"),
+                             "this_call": split, "steps_planned": cfg.total_steps()}
+
 def save_summary():
     result["niah_table"] = format_table(report) if report["tasks"] else ""
-    result["total_seconds"] = time.time() - t_all
+    result["total_seconds"] = time.time() - t_all + split_state.get("call_seconds", 0.0)
     write_json(os.path.join(out, "summary.json"), result)
 
+if split == "first" and unfinished:   # hand over to the second call: its measurements, the probe, the time spent
+    report["status"] = "training continues in the second call (SPLIT_CALL=second)"
+    save_summary()
+    write_json(state_path, {"tps_off": tps_off, "mfu_off": mfu_off, "tps_retr": tps_retr, "use_compile": use_compile,
+                            "probe": probe, "training_seconds": summary["seconds"], "call_seconds": time.time() - t_all,
+                            "global_step": summary["global_step"], "finished": False})
+    print(f"first call done at step {summary['global_step']} of {cfg.total_steps()}: checkpoint in {work}/run; "
+          "run the same command with SPLIT_CALL=second on this machine")
+    raise SystemExit(0)
+if split == "first":
+    write_json(state_path, {"finished": True})
 save_summary()   # training results are safe before the evaluation starts
 
 try:

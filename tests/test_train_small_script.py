@@ -71,3 +71,59 @@ def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_i
     assert all(0.0 <= x <= 100.0 for x in rp["scores"].values())
     assert summary["niah"]["status"] == "done" and summary["niah"]["results"]["niah_single"]
     assert (out / "metrics.jsonl").is_file() and (out / "loss.png").is_file()
+
+
+def test_train_small_gpu_split_over_two_calls(tmp_path, run_script, prepare_in):
+    """SPLIT_CALL=first trains part of the plan and checkpoints; SPLIT_CALL=second (same variables) resumes it, finishes
+    the stages and evaluates; a second call with other variables, or without the first's state, stops with a message."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(30):
+        (docs / f"d{i}.txt").write_text(" ".join(f"word{j % 17} item {i}" for j in range(120)) + "\n")
+    data = tmp_path / "packed"
+    prepare_in(tmp_path, "packed", ["docs"], tokenizer="sala", val_fraction=0.2, seed=0)
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(SMALL_CPU="1", DATA=str(data), WORK_DIR=str(work), DECAY_SYNTHETIC_FRACTION="0.6",
+               RETRIEVAL_SEQ_LEN="128", RETRIEVAL_STEPS="4", RETRIEVAL_MICRO_BATCH="3", RETRIEVAL_TASKS="niah_single",
+               TOTAL_SECONDS="600")
+    root = Path(__file__).resolve().parents[1]
+
+    def failing(**extra: str) -> str:
+        full = {**os.environ, "PYTHONPATH": str(root), "PATH": os.path.dirname(sys.executable) + os.pathsep
+                + os.environ.get("PATH", ""), **env, **extra}
+        full.pop("TRITON_INTERPRET", None)
+        done = subprocess.run(["bash", str(root / "scripts" / "train_small_gpu.sh"), str(out)], cwd=tmp_path,
+                              env=full, capture_output=True, text=True, timeout=900)
+        assert done.returncode != 0, done.stdout[-2000:]
+        return done.stdout + done.stderr
+
+    assert "split_state.json is missing" in failing(SPLIT_CALL="second")
+    run_script(["train_small_gpu.sh", str(out)], tmp_path, SPLIT_CALL="first", SPLIT_STOP_AFTER="7", **env)
+    first = json.loads((out / "summary.json").read_text())
+    planned = sum(s["steps"] for s in first["config"]["stages"])
+    assert first["training"]["steps"] == 7 < planned and first["niah"]["status"].startswith("training continues")
+    assert first["retrieval_probe"]["scores"].keys() == {"after_retrieval_stage"}
+    assert any((work / "run" / "checkpoints").iterdir())
+    state = json.loads((work / "split_state.json").read_text())
+    assert state["global_step"] == 7 and state["finished"] is False
+
+    # other variables would give another plan: refused before any training
+    assert "differs from the first call's" in failing(SPLIT_CALL="second", RETRIEVAL_STEPS="5")
+    first_log = (out / "metrics.jsonl").read_text().splitlines()
+    log = run_script(["train_small_gpu.sh", str(out)], tmp_path, SPLIT_CALL="second", **env)
+    assert "resumed from" in log and "at step 7" in log
+    # the first call's records are kept as they were (resumed, not retrained), the second call's follow them
+    assert (out / "metrics.jsonl").read_text().splitlines()[:len(first_log)] == first_log
+    second = json.loads((out / "summary.json").read_text())
+    assert second["config"]["stages"] == first["config"]["stages"]
+    assert second["training"]["steps"] == planned and second["niah"]["status"] == "done"
+    assert second["retrieval_probe"]["scores"].keys() == {"after_retrieval_stage", "final"}
+    assert second["training"]["seconds"] > first["training"]["seconds"]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == sorted(set(steps)) and steps[-1] == planned   # one log across both calls, no step twice

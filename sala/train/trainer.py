@@ -197,7 +197,9 @@ class Trainer:
             self.info(f"step {step}: held-out loss {val:.4f}")
         return val
 
-    def _save(self) -> None:
+    def save_checkpoint(self) -> None:
+        """Checkpoint now (model, optimizer, schedule position, data position, RNG) under `out_dir/checkpoints`;
+        `resume: true` continues from the newest one exactly."""
         ckpt.save_checkpoint(self.ckpt_root, self.state["global_step"], self.model, self.optimizer,
                              {"state": self.state, "config": self.cfg.to_dict()}, self.env,
                              keep=self.cfg.keep_checkpoints)
@@ -294,7 +296,7 @@ class Trainer:
                     last_eval = self._evaluate_and_log(si)
                     win_t0 = time.time()
                 if (cfg.save_every and gstep % cfg.save_every == 0) or final_of_stage:
-                    self._save()
+                    self.save_checkpoint()
                     win_t0 = time.time()
                 if cfg.stop_after is not None and gstep >= cfg.stop_after:
                     stopped = True
@@ -302,7 +304,7 @@ class Trainer:
                     timed_out = True
                     self.info(f"time limit of {cfg.time_limit_s:.0f}s reached at step {gstep}: stopping early")
                     if not final_of_stage:
-                        self._save()
+                        self.save_checkpoint()
                 if stopped or timed_out or final_of_stage:
                     break
         if bar is not None:
