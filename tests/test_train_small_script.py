@@ -7,16 +7,21 @@ import json
 import pytest
 
 
-@pytest.mark.parametrize("retrieval_seq,retrieval_steps,long", [(None, None, False), (128, None, False), (128, 6, True),
-                                                                (128, 100000, False)])
-def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_in, retrieval_seq, retrieval_steps,
-                                                  long):
+def _packed_corpus(tmp_path, prepare_in):
+    """30 small text documents packed with the shipped BPE into tmp_path/packed (20% held out)."""
     docs = tmp_path / "docs"
     docs.mkdir()
     for i in range(30):
         (docs / f"d{i}.txt").write_text(" ".join(f"word{j % 17} item {i}" for j in range(120)) + "\n")
-    data = tmp_path / "packed"
     prepare_in(tmp_path, "packed", ["docs"], tokenizer="sala", val_fraction=0.2, seed=0)
+    return tmp_path / "packed"
+
+
+@pytest.mark.parametrize("retrieval_seq,retrieval_steps,long", [(None, None, False), (128, None, False), (128, 6, True),
+                                                                (128, 100000, False)])
+def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_in, retrieval_seq, retrieval_steps,
+                                                  long):
+    data = _packed_corpus(tmp_path, prepare_in)
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(SMALL_CPU="1", DATA=str(data), WORK_DIR=str(work), DECAY_SYNTHETIC_FRACTION="0.6",
                RETRIEVAL_WARMUP_SHARE="0.3", **({"RETRIEVAL_SEQ_LEN": str(retrieval_seq)} if retrieval_seq else {}),
@@ -81,12 +86,7 @@ def test_train_small_gpu_split_over_two_calls(tmp_path, run_script, prepare_in):
     import sys
     from pathlib import Path
 
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for i in range(30):
-        (docs / f"d{i}.txt").write_text(" ".join(f"word{j % 17} item {i}" for j in range(120)) + "\n")
-    data = tmp_path / "packed"
-    prepare_in(tmp_path, "packed", ["docs"], tokenizer="sala", val_fraction=0.2, seed=0)
+    data = _packed_corpus(tmp_path, prepare_in)
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(SMALL_CPU="1", DATA=str(data), WORK_DIR=str(work), DECAY_SYNTHETIC_FRACTION="0.6",
                RETRIEVAL_SEQ_LEN="128", RETRIEVAL_STEPS="4", RETRIEVAL_MICRO_BATCH="3", RETRIEVAL_TASKS="niah_single",
