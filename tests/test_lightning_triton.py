@@ -212,7 +212,7 @@ def test_decode_cached_launch_equals_the_jit_launch(lt, config, dtype, monkeypat
             q, k, v = (qkv[t, ..., i * d:(i + 1) * d].float() for i in range(3))
             o_ref = lightning_decode_step_reference(q, k, v, ld, ref_state)
             assert rel_err(outs[1][t], o_ref) < TOL[dtype]
-    assert lt._DECODE_KERNELS   # the cache was used
+    assert lt._LAUNCH_CACHE   # the cache was used
 
 
 def test_strongest_decay_long_chunk_finite(config):
@@ -259,6 +259,52 @@ def test_decay_range_is_read_once_and_again_after_an_in_place_change(lt, config)
     assert not lt._use_factored(lt._max_abs_log2_decay(ld), 64) and lt._use_factored(0.5, 64)
     config.intra_factored = False
     assert lt._max_abs_log2_decay(ld) is None and not lt._use_factored(None, 16)
+
+
+def test_log2_decay_is_computed_once_per_tensor_and_again_after_an_in_place_change(lt, config):
+    """The forward's log2 decay comes from a per-tensor cache (no launch before the first kernel), which an in-place
+    change invalidates; tensors without a version counter (made under inference_mode) are computed every time."""
+    ld = torch.tensor([-0.5, -0.1], device=DEVICE)
+    first = lt._log2_decay(ld)
+    assert torch.allclose(first, ld / math.log(2)) and first.dtype == torch.float32
+    assert lt._log2_decay(ld) is first                        # remembered
+    ld.mul_(2.0)
+    again = lt._log2_decay(ld)
+    assert again is not first and torch.allclose(again, ld / math.log(2))
+    with torch.inference_mode():
+        ld_inf = torch.tensor([-0.25], device=DEVICE)
+        a, b = lt._log2_decay(ld_inf), lt._log2_decay(ld_inf)
+        assert a is not b and torch.allclose(a, ld_inf / math.log(2))
+        config.intra_factored = True
+        assert lt._max_abs_log2_decay(ld_inf) == pytest.approx(0.25 / math.log(2), rel=1e-6)
+    # the forward pass itself, with a decay tensor changed in place between two calls, follows the new decay
+    q, k, v, _ = inputs(1, 80, 2, 16, 16, torch.float32, seed=4)
+    ld2 = lightning_log_decay(2, DEVICE).clone()
+    lightning_attention(q, k, v, ld2)
+    ld2.mul_(0.5)
+    o, _ = lightning_attention(q, k, v, ld2)
+    _, (o_ref, _) = reference(q, k, v, ld2)
+    assert rel_err(o, o_ref) < TOL[torch.float32]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the launch cache serves CUDA launches only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_forward_backward_cached_launch_equals_the_jit_launch(lt, config, dtype, monkeypatch):
+    """The chunked forward and backward launched through the launch cache give bit-identical outputs, final states
+    and gradients to Triton's own launches (second calls hit the cache), for two lengths (other grids, same keys)."""
+    ld = lightning_log_decay(4, DEVICE)
+    for t in (200, 333):
+        q, k, v, s0 = inputs(2, t, 4, 64, 64, dtype, seed=t)
+        results = []
+        for cached in (False, True, True):
+            monkeypatch.setattr(lt, "_FAST_LAUNCH", cached)
+            xs = [x.detach().clone().requires_grad_() for x in (q, k, v, s0)]
+            o, f = lightning_attention(*xs[:3], ld, initial_state=xs[3], output_final_state=True)
+            (o.float().square().mean() + f.square().mean()).backward()
+            results.append([o.detach(), f.detach()] + [x.grad for x in xs])
+        for got in results[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(results[0], got))
+    assert any(key[0] is lt._segment_output_kernel for key in lt._LAUNCH_CACHE)
 
 
 def test_default_config_forward_and_backward(lt):

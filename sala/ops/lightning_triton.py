@@ -434,30 +434,59 @@ def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: fl
     state_ids = segs.not_first_ids if reverse else segs.not_last_ids
     u = _empty(tuple(s_in.shape), torch.float32, q.device) if state_ids.numel() else s_in
     if state_ids.numel():
-        LAST_KERNELS["state"] = _segment_state_kernel[(state_ids.numel(), heads, dv // bv)](
-            k, v, u, log2_decay, segs.start, segs.end, state_ids,
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            H=heads, DK=dk, DV=dv, BV=bv, C=chunk, REVERSE=reverse, DOT_PRECISION=prec, UPCAST=upcast,
-            num_warps=warps, num_stages=cfg.num_stages)
+        LAST_KERNELS["state"] = _launch(
+            _segment_state_kernel, (state_ids.numel(), heads, dv // bv),
+            (k, v, u, log2_decay, segs.start, segs.end, state_ids, k.stride(0), k.stride(1), v.stride(0), v.stride(1)),
+            dict(H=heads, DK=dk, DV=dv, BV=bv, C=chunk, REVERSE=reverse, DOT_PRECISION=prec, UPCAST=upcast),
+            warps, cfg.num_stages)
     scan_block = min(1024, dk * dv)
-    _segment_scan_kernel[(segs.num_seqs, heads, dk * dv // scan_block)](
-        u, s_in, init if init is not None else s_in, final, log2_decay, segs.start, segs.end, segs.seq_ptr,
-        H=heads, DK=dk, DV=dv, BLOCK=scan_block, HAS_INIT=init is not None, WANT_FINAL=want_final,
-        REVERSE=reverse, num_warps=4)
+    _launch(_segment_scan_kernel, (segs.num_seqs, heads, dk * dv // scan_block),
+            (u, s_in, init if init is not None else s_in, final, log2_decay, segs.start, segs.end, segs.seq_ptr),
+            dict(H=heads, DK=dk, DV=dv, BLOCK=scan_block, HAS_INIT=init is not None, WANT_FINAL=want_final,
+                 REVERSE=reverse), 4)
     if segs.num_segments:
-        LAST_KERNELS["output"] = _segment_output_kernel[(segs.num_segments, heads, dv // bv)](
-            q, k, v, o, s_in, final, log2_decay, segs.start, segs.end, segs.seq,
-            segs.first if reverse else segs.last, float(scale),
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-            H=heads, DK=dk, DV=dv, BV=bv, C=chunk, REVERSE=reverse, WANT_FINAL=want_final,
-            DOT_PRECISION=prec, UPCAST=upcast,
-            INTRA_FACTORED=_use_factored(max_abs_log2_decay, chunk),
-            num_warps=warps, num_stages=cfg.num_stages)
+        LAST_KERNELS["output"] = _launch(
+            _segment_output_kernel, (segs.num_segments, heads, dv // bv),
+            (q, k, v, o, s_in, final, log2_decay, segs.start, segs.end, segs.seq,
+             segs.first if reverse else segs.last, float(scale),
+             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1)),
+            dict(H=heads, DK=dk, DV=dv, BV=bv, C=chunk, REVERSE=reverse, WANT_FINAL=want_final,
+                 DOT_PRECISION=prec, UPCAST=upcast, INTRA_FACTORED=_use_factored(max_abs_log2_decay, chunk)),
+            warps, cfg.num_stages)
     return o, (final if want_final else None)
 
 
-# id(log_decay) -> (weak reference, version, max |log2 gamma|); identity-keyed (a tensor's == is elementwise)
-_DECAY_RANGE: dict[int, tuple[weakref.ref, int, float]] = {}
+# id(log_decay) -> (weak reference, version, value); identity-keyed (a tensor's == is elementwise)
+_DECAY_RANGE: dict[int, tuple[weakref.ref, int, float]] = {}   # max |log2 gamma|
+_LOG2_DECAY: dict[int, tuple[weakref.ref, int, Tensor]] = {}   # log2 gamma as contiguous fp32
+
+
+def _version(t: Tensor) -> int | None:
+    """The tensor's in-place version counter, or None where it has none (tensors made under inference_mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _remember(cache: dict, t: Tensor, version: int, value) -> None:
+    if len(cache) > 256:   # forget tensors that are gone
+        for key in [key for key, (ref, _, _) in cache.items() if ref() is None]:
+            del cache[key]
+    cache[id(t)] = (weakref.ref(t), version, value)
+
+
+def _log2_decay(log_decay: Tensor) -> Tensor:
+    """log2 gamma_h as contiguous fp32 [H], computed once per log_decay tensor (a model's decays are fixed buffers),
+    so that a forward call launches nothing before its first kernel; recomputed when the tensor changes in place."""
+    version = _version(log_decay)
+    hit = _LOG2_DECAY.get(id(log_decay))
+    if hit is not None and hit[0]() is log_decay and hit[1] == version and version is not None:
+        return hit[2]
+    value = (log_decay.detach().to(torch.float32) * LOG2E).contiguous()
+    if version is not None and not (log_decay.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _remember(_LOG2_DECAY, log_decay, version, value)
+    return value
 
 
 def _max_abs_log2_decay(log_decay: Tensor) -> float | None:
@@ -468,16 +497,15 @@ def _max_abs_log2_decay(log_decay: Tensor) -> float | None:
     """
     if not CONFIG.intra_factored:
         return None
+    version = _version(log_decay)
     hit = _DECAY_RANGE.get(id(log_decay))
-    if hit is not None and hit[0]() is log_decay and hit[1] == log_decay._version:
+    if hit is not None and hit[0]() is log_decay and hit[1] == version and version is not None:
         return hit[2]
     if log_decay.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     value = float(log_decay.detach().abs().max()) * LOG2E
-    if len(_DECAY_RANGE) > 256:   # forget tensors that are gone
-        for key in [key for key, (ref, _, _) in _DECAY_RANGE.items() if ref() is None]:
-            del _DECAY_RANGE[key]
-    _DECAY_RANGE[id(log_decay)] = (weakref.ref(log_decay), log_decay._version, value)
+    if version is not None:
+        _remember(_DECAY_RANGE, log_decay, version, value)
     return value
 
 
@@ -499,7 +527,7 @@ class _LightningFunction(torch.autograd.Function):
         batch, length, heads, dk = q.shape
         dv = v.shape[-1]
         _check_head_dims(dk, dv)
-        log2_decay = (log_decay.detach().to(torch.float32) * LOG2E).contiguous()
+        log2_decay = _log2_decay(log_decay)
         qp, kp, vp = _packed(q), _packed(k), _packed(v)
         init = None if initial_state is None else initial_state.detach().to(torch.float32).contiguous()
         segs = _segments_for(batch, length, cu_seqlens, heads, dk, dv, q.device)
@@ -577,39 +605,51 @@ def lightning_decode_step_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Ten
     os_ = o.stride()
     bv = min(CONFIG.decode_block_v, dv)
     grid = (batch, heads, dv // bv)
-    args = (q, k, v, o, state, log_decay, scale, qs[0], qs[1], ks[0], ks[1], vs[0], vs[1], os_[0], os_[1],
-            heads, dk, dv, bv)
-    # all pointers 16-byte aligned (as torch allocates): the only case the launch cache serves
-    fast = _FAST_LAUNCH and q.is_cuda and not ((q.data_ptr() | k.data_ptr() | v.data_ptr() | o.data_ptr()
-                                                | state.data_ptr() | log_decay.data_ptr()) & 15)
-    if fast:
-        key = (CONFIG.decode_num_warps, q.dtype, log_decay.dtype, q.get_device(), qs, ks, vs, os_, heads, dk, dv, bv)
-        kernel = _DECODE_KERNELS.get(key)
-        if kernel is not None and _no_launch_hooks():
-            try:
-                kernel.run(*grid, torch.cuda.current_stream(q.device).cuda_stream, kernel.function,
-                           kernel.packed_metadata, None, None, None, *args)
-                return o
-            except TypeError:   # a Triton whose launcher takes other arguments: its own launch from now on
-                _disable_fast_launch()
-    kernel = _decode_step_kernel[grid](*args[:15], H=heads, DK=dk, DV=dv, BV=bv, num_warps=CONFIG.decode_num_warps)
-    if fast and _FAST_LAUNCH and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
-        _DECODE_KERNELS[key] = kernel
+    _launch(_decode_step_kernel, grid,
+            (q, k, v, o, state, log_decay, scale, qs[0], qs[1], ks[0], ks[1], vs[0], vs[1], os_[0], os_[1]),
+            dict(H=heads, DK=dk, DV=dv, BV=bv), CONFIG.decode_num_warps)
     return o
 
 
-# Decode steps run once per layer and token, so their host cost matters (issue target: <= 30 us a call). Triton's
-# launcher binds and specializes every argument on each call. The compiled kernel of a launch whose pointers are all
-# 16-byte aligned is kept here under everything Triton specializes on (dtypes, device, the exact strides, the
-# constexprs, warps), and later calls with the same key launch it directly. SALA_FAST_LAUNCH=0 turns this off.
+# Decode steps run once per layer and token, and a forward call's host time before its first kernel is GPU idle time
+# in a timed call, so launch cost matters (issue target: <= 30 us a decode call). Triton's launcher binds and
+# specializes every argument on each call. The compiled kernel of a launch whose pointers are all 16-byte aligned
+# is kept here under everything Triton specializes on (the function, dtypes, device, the exact integer arguments,
+# the constexprs, warps and stages), and later calls with the same key launch it directly.
+# SALA_FAST_LAUNCH=0 turns this off.
 _FAST_LAUNCH = os.environ.get("SALA_FAST_LAUNCH", "1") != "0"
-_DECODE_KERNELS: dict[tuple, object] = {}
+_LAUNCH_CACHE: dict[tuple, object] = {}
 
 
 def _disable_fast_launch() -> None:
     global _FAST_LAUNCH
     _FAST_LAUNCH = False
-    _DECODE_KERNELS.clear()
+    _LAUNCH_CACHE.clear()
+
+
+def _launch(fn, grid: tuple[int, ...], args: tuple, consts: dict, num_warps: int, num_stages: int | None = None):
+    """`fn[grid](*args, **consts, num_warps=, num_stages=)`, through the launch cache where it may serve (CUDA, every
+    pointer 16-byte aligned, no launch hooks). `consts` holds the constexprs in the kernel's signature order.
+    Returns the compiled kernel."""
+    ptrs = [a for a in args if isinstance(a, Tensor)]
+    fast = _FAST_LAUNCH and ptrs[0].is_cuda and not any(p.data_ptr() & 15 for p in ptrs)
+    if fast:
+        key = (fn, num_warps, num_stages, ptrs[0].get_device(), tuple(p.dtype for p in ptrs),
+               tuple(a for a in args if isinstance(a, int)), tuple(consts.items()))
+        kernel = _LAUNCH_CACHE.get(key)
+        if kernel is not None and _no_launch_hooks():
+            try:
+                kernel.run(*grid, torch.cuda.current_stream(ptrs[0].device).cuda_stream, kernel.function,
+                           kernel.packed_metadata, None, None, None, *args, *consts.values())
+                return kernel
+            except TypeError:   # a Triton whose launcher takes other arguments: its own launch from now on
+                _disable_fast_launch()
+    opts = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    kernel = fn[grid](*args, **consts, **opts)
+    if (fast and _FAST_LAUNCH and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata"))
+            and list(getattr(fn, "arg_names", []))[len(args):] == list(consts)):   # positional order = signature
+        _LAUNCH_CACHE[key] = kernel
+    return kernel
 
 
 _TRITON_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)   # where launch hooks are registered
