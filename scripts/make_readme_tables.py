@@ -465,8 +465,10 @@ def training_section() -> list[str]:
                  + ", ".join(f"{v:.0f}% {names.get(k, k)}" for k, v in probe["scores"].items()))
     split = d.get("split_calls") or {}
     if split.get("this_call") == "second":
-        data += ("; one run over two device calls on one warm machine (`SPLIT_CALL=first`, then `second`: "
-                 f"{split.get('first_call_seconds') or 0:.0f} s and {d['total_seconds'] - (split.get('first_call_seconds') or 0):.0f} s)")
+        earlier = split.get("earlier_calls_seconds", split.get("first_call_seconds")) or 0
+        calls = split.get("calls", 2)
+        data += (f"; one run over {calls} device calls on one warm machine (`SPLIT_CALL=first`, "
+                 + ("`middle`, " if calls > 2 else "") + f"then `second`: {earlier:.0f} s, then {d['total_seconds'] - earlier:.0f} s)")
     unfinished = (d.get("niah") or {}).get("status") == "pending"   # the script saves after every finished task
     out = ["### Training a small SALA model for real (issue 6)", "",
            f"`bench/results/train_small_summary.json` ({_device(d)}); metrics `train_small_metrics.jsonl`, loss plot "

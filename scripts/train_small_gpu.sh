@@ -42,11 +42,12 @@
 #      ~100 s of the call on them), RETRIEVAL_DATA_EPOCHS (default 1: the retrieval datasets hold 1/this of the
 #      tokens their stages read, so they are smaller to build and carry; the stages loop over them),
 #      PREPARE_ONLY=1 (build the datasets the other variables ask for, then stop),
-#      SPLIT_CALL=first|second (one run over two device calls on a machine that stays warm between them: the first
-#      builds data, calibrates, plans stages for TRAIN_SECONDS and trains until TOTAL_SECONDS, then checkpoints into
-#      WORK_DIR and writes a partial summary; the second, run with the same variables, resumes exactly from there,
-#      finishes the stages and evaluates. Keep DATA and WORK_DIR under the repo's ignored runs/, which a warm device
-#      machine keeps between calls), SPLIT_STOP_AFTER (the first call stops at this global step instead: tests).
+#      SPLIT_CALL=first|middle|second (one run over several device calls on a machine that stays warm between them:
+#      the first builds data, calibrates, plans stages for TRAIN_SECONDS and trains until TOTAL_SECONDS, then
+#      checkpoints into WORK_DIR and writes a partial summary; each middle call, run with the same variables,
+#      resumes exactly from there and hands over again at its TOTAL_SECONDS; the second (last) finishes the stages
+#      and evaluates; a middle call that finishes the stages evaluates too). Keep DATA and WORK_DIR under the repo's ignored runs/, which a warm device
+#      machine keeps between calls), SPLIT_STOP_AFTER (a first or middle call stops at this global step instead: tests).
 set -euo pipefail
 OUT_DIR=${1:-runs/train_small}
 mkdir -p "$OUT_DIR"
@@ -64,21 +65,22 @@ from sala.bench.common import run_metadata, write_json
 out, data, cpu = os.environ["OUT_DIR"], os.environ["DATA"], os.environ["SMALL_CPU"] == "1"
 budget = float(os.environ["TRAIN_SECONDS"])
 work = os.environ.get("WORK_DIR") or os.path.join("runs", "train_small_work")   # scratch (training runs, calibration)
-split = os.environ.get("SPLIT_CALL", "")   # "first" / "second": one training run over two device calls
-if split not in ("", "first", "second"):
-    raise SystemExit(f"SPLIT_CALL must be 'first' or 'second', not {split!r}")
+split = os.environ.get("SPLIT_CALL", "")   # "first" / "middle" / "second": one training run over several device calls
+if split not in ("", "first", "middle", "second"):
+    raise SystemExit(f"SPLIT_CALL must be 'first', 'middle' or 'second', not {split!r}")
+resuming, handing_over = split in ("middle", "second"), split in ("first", "middle")
 if split and not (cpu or os.environ.get("TOTAL_SECONDS")):
     raise SystemExit("SPLIT_CALL needs TOTAL_SECONDS: each call's own time budget (TRAIN_SECONDS sizes both calls' stages)")
 state_path = os.path.join(work, "split_state.json")
 split_state: dict = {}
-if split == "second":
+if resuming:
     if not os.path.isfile(state_path):
-        raise SystemExit(f"SPLIT_CALL=second: {state_path} is missing. The first call did not finish its part, or this "
+        raise SystemExit(f"SPLIT_CALL={split}: {state_path} is missing. The first call did not finish its part, or this "
                          "is a fresh machine (a device machine keeps ignored files only while it stays warm): run the "
                          "whole thing again with SPLIT_CALL=first")
     split_state = json.load(open(state_path))
     if split_state.get("finished"):
-        raise SystemExit(f"SPLIT_CALL=second: the first call finished the whole run ({state_path}); nothing to do")
+        raise SystemExit(f"SPLIT_CALL={split}: an earlier call finished the whole run ({state_path}); nothing to do")
 else:
     shutil.rmtree(work, ignore_errors=True)
 base = [f"data.path={data}", "progress=false"]
@@ -173,7 +175,7 @@ calib_steps = 4 if cpu else 10
 use_compile = not cpu
 decay_sparse = True
 tps_retr = None
-if split == "second":   # the first call's measurements, so that the plan below comes out the same
+if resuming:   # the first call's measurements, so that the plan below comes out the same
     tps_off, mfu_off, tps_retr, use_compile = (split_state[k] for k in ("tps_off", "mfu_off", "tps_retr", "use_compile"))
 else:
     try:
@@ -199,7 +201,7 @@ steps_off = max(4, int(0.75 * train_budget * tps_off / tok_step))
 steps_on = max(2, int(0.25 * train_budget * float(os.environ.get("DECAY_SPEED_RATIO", "0.6")) * tps_off / tok_step))
 limit = train_budget * 1.1 + 30
 if split and os.environ.get("TOTAL_SECONDS"):   # this call's share: up to a checkpoint (first), before evaluation (second)
-    reserve = 30.0 if split == "first" else float(os.environ.get("EVAL_SECONDS", "150")) + 45
+    reserve = 30.0 if handing_over else float(os.environ.get("EVAL_SECONDS", "150")) + 45
     limit = max(10.0, float(os.environ["TOTAL_SECONDS"]) - (time.time() - t_all) - reserve)
 print(f"calibration ({t_cal:.0f}s): sparse off {tps_off:,.0f} tok/s (MFU {mfu_off}); "
       f"training {steps_off} + {steps_on} steps of {tok_step} tokens, time limit {limit:.0f}s")
@@ -252,15 +254,15 @@ if long_data:   # before the stable stage, which gives up the steps' time (same 
           f"(samples of {', '.join(map(str, long_lengths))} tokens), then {cfg.stages[i_stable + 1].steps} stable steps")
 probe_len = 256 if cpu else max(short_lengths) if short_data else None   # the retrieval stage's longest samples
 probe: dict = dict(split_state.get("probe", {}))
-if split == "second":   # the same variables must give the same plan: resume the first call's run from its checkpoint
+if resuming:   # the same variables must give the same plan: resume the first call's run from its checkpoint
     first_cfg = json.load(open(os.path.join(work, "run", "config.json")))
     for i, (a, b) in enumerate(zip(first_cfg["stages"], json.loads(json.dumps(cfg.to_dict()["stages"])))):
         if a != b:
             diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
-            raise SystemExit(f"SPLIT_CALL=second: stage {i} ({a.get('name')}) differs from the first call's "
+            raise SystemExit(f"SPLIT_CALL={split}: stage {i} ({a.get('name')}) differs from the first call's "
                              f"(first, now): {diff}; run the second call with the first call's variables")
     if len(first_cfg["stages"]) != len(cfg.stages):
-        raise SystemExit(f"SPLIT_CALL=second: {len(cfg.stages)} stages planned, the first call had "
+        raise SystemExit(f"SPLIT_CALL={split}: {len(cfg.stages)} stages planned, the first call had "
                          f"{len(first_cfg['stages'])}; run the second call with the first call's variables")
     cfg.resume = True
     cfg.time_limit_s = limit
@@ -278,8 +280,8 @@ def retrieval_probe(tag: str, model_dir: str) -> None:
     del m
 
 trainer = Trainer(cfg)
-split_stop = int(os.environ.get("SPLIT_STOP_AFTER", "0") or 0) if split == "first" else 0
-if short_data and split != "second":   # stop after the retrieval stage, probe, then go on with the rest of the time
+split_stop = int(os.environ.get("SPLIT_STOP_AFTER", "0") or 0) if handing_over else 0
+if short_data and not resuming:   # stop after the retrieval stage, probe, then go on with the rest of the time
     limit0, t_fit = cfg.time_limit_s, time.time()
     cfg.stop_after = cfg.stages[0].steps
     summary = trainer.fit()
@@ -295,10 +297,10 @@ else:
     summary = trainer.fit()
 summary["seconds"] += split_state.get("training_seconds", 0.0)
 unfinished = summary["global_step"] < cfg.total_steps()
-if split == "first" and unfinished and summary["stopped_early"]:
+if handing_over and unfinished and summary["stopped_early"]:
     trainer.save_checkpoint()   # a time limit checkpoints by itself; SPLIT_STOP_AFTER does not
 del trainer
-if probe_len and os.path.isdir(f"{work}/run/final") and not (split == "first" and unfinished):
+if probe_len and os.path.isdir(f"{work}/run/final") and not (handing_over and unfinished):
     retrieval_probe("final", f"{work}/run/final")
 if torch.cuda.is_available():
     torch.cuda.empty_cache()
@@ -337,24 +339,27 @@ result = {
     "niah": report, "niah_table": "", "total_seconds": time.time() - t_all,
 }
 if split:
-    result["split_calls"] = {"first_call_seconds": split_state.get("call_seconds"),
-                             "this_call": split, "steps_planned": cfg.total_steps()}
+    result["split_calls"] = {"earlier_calls_seconds": split_state.get("call_seconds"),
+                             "calls": split_state.get("calls", 0) + 1, "this_call": split,
+                             "steps_planned": cfg.total_steps()}
 
 def save_summary():
     result["niah_table"] = format_table(report) if report["tasks"] else ""
     result["total_seconds"] = time.time() - t_all + split_state.get("call_seconds", 0.0)
     write_json(os.path.join(out, "summary.json"), result)
 
-if split == "first" and unfinished:   # hand over to the second call: its measurements, the probe, the time spent
-    report["status"] = "training continues in the second call (SPLIT_CALL=second)"
+if handing_over and unfinished:   # hand over to the next call: the measurements, the probe, the time spent
+    report["status"] = "training continues in the next call (SPLIT_CALL=middle or second)"
     save_summary()
     write_json(state_path, {"tps_off": tps_off, "mfu_off": mfu_off, "tps_retr": tps_retr, "use_compile": use_compile,
-                            "probe": probe, "training_seconds": summary["seconds"], "call_seconds": time.time() - t_all,
+                            "probe": probe, "training_seconds": summary["seconds"],
+                            "call_seconds": time.time() - t_all + split_state.get("call_seconds", 0.0),
+                            "calls": split_state.get("calls", 0) + 1,
                             "global_step": summary["global_step"], "finished": False})
-    print(f"first call done at step {summary['global_step']} of {cfg.total_steps()}: checkpoint in {work}/run; "
-          "run the same command with SPLIT_CALL=second on this machine")
+    print(f"{split} call done at step {summary['global_step']} of {cfg.total_steps()}: checkpoint in {work}/run; "
+          "run the same command with SPLIT_CALL=second (or middle, for one more part) on this machine")
     raise SystemExit(0)
-if split == "first":
+if handing_over:
     write_json(state_path, {"finished": True})
 save_summary()   # training results are safe before the evaluation starts
 

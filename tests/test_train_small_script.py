@@ -79,8 +79,8 @@ def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_i
 
 
 def test_train_small_gpu_split_over_two_calls(tmp_path, run_script, prepare_in):
-    """SPLIT_CALL=first trains part of the plan and checkpoints; SPLIT_CALL=second (same variables) resumes it, finishes
-    the stages and evaluates; a second call with other variables, or without the first's state, stops with a message."""
+    """SPLIT_CALL=first trains part of the plan and checkpoints; SPLIT_CALL=middle (same variables) resumes and hands
+    over again; SPLIT_CALL=second resumes, finishes the stages and evaluates; a second call with other variables, or without the first's state, stops with a message."""
     import os
     import subprocess
     import sys
@@ -115,15 +115,23 @@ def test_train_small_gpu_split_over_two_calls(tmp_path, run_script, prepare_in):
     # other variables would give another plan: refused before any training
     assert "differs from the first call's" in failing(SPLIT_CALL="second", RETRIEVAL_STEPS="5")
     first_log = (out / "metrics.jsonl").read_text().splitlines()
-    log = run_script(["train_small_gpu.sh", str(out)], tmp_path, SPLIT_CALL="second", **env)
+    # a middle call resumes and hands over again
+    log = run_script(["train_small_gpu.sh", str(out)], tmp_path, SPLIT_CALL="middle", SPLIT_STOP_AFTER="10", **env)
     assert "resumed from" in log and "at step 7" in log
+    middle = json.loads((out / "summary.json").read_text())
+    assert middle["training"]["steps"] == 10 and middle["niah"]["status"].startswith("training continues")
+    state = json.loads((work / "split_state.json").read_text())
+    assert state["global_step"] == 10 and state["calls"] == 2
+    log = run_script(["train_small_gpu.sh", str(out)], tmp_path, SPLIT_CALL="second", **env)
+    assert "resumed from" in log and "at step 10" in log
     # the first call's records are kept as they were (resumed, not retrained), the second call's follow them
     assert (out / "metrics.jsonl").read_text().splitlines()[:len(first_log)] == first_log
     second = json.loads((out / "summary.json").read_text())
     assert second["config"]["stages"] == first["config"]["stages"]
     assert second["training"]["steps"] == planned and second["niah"]["status"] == "done"
     assert second["retrieval_probe"]["scores"].keys() == {"after_retrieval_stage", "final"}
-    assert second["training"]["seconds"] > first["training"]["seconds"]
+    assert second["training"]["seconds"] > middle["training"]["seconds"] > first["training"]["seconds"]
+    assert second["split_calls"]["calls"] == 3
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert steps == sorted(set(steps)) and steps[-1] == planned   # one log across both calls, no step twice
