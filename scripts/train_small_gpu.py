@@ -1,0 +1,377 @@
+"""The small SALA model's GPU training run: data, calibration, stage plan, training, retrieval probes, evaluation.
+
+Run through scripts/train_small_gpu.sh, which sets the environment this reads; its header lists every variable."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import statistics
+import time
+
+import torch
+
+from sala.train import Trainer, load_config
+from sala.train.metrics import read_metrics
+from sala.eval.runner import run_tasks, format_table
+from sala.bench.common import run_metadata, write_json
+
+out, data, cpu = os.environ["OUT_DIR"], os.environ["DATA"], os.environ["SMALL_CPU"] == "1"
+budget = float(os.environ["TRAIN_SECONDS"])
+work = os.environ.get("WORK_DIR") or os.path.join("runs", "train_small_work")   # scratch (training runs, calibration)
+split = os.environ.get("SPLIT_CALL", "")   # "first" / "middle" / "second": one training run over several device calls
+if split not in ("", "first", "middle", "second"):
+    raise SystemExit(f"SPLIT_CALL must be 'first', 'middle' or 'second', not {split!r}")
+resuming, handing_over = split in ("middle", "second"), split in ("first", "middle")
+if split and not (cpu or os.environ.get("TOTAL_SECONDS")):
+    raise SystemExit("SPLIT_CALL needs TOTAL_SECONDS: each call's own time budget (TRAIN_SECONDS sizes both calls' stages)")
+state_path = os.path.join(work, "split_state.json")
+split_state: dict = {}
+if resuming:
+    if not os.path.isfile(state_path):
+        raise SystemExit(f"SPLIT_CALL={split}: {state_path} is missing. The first call did not finish its part, or this "
+                         "is a fresh machine (a device machine keeps ignored files only while it stays warm): run the "
+                         "whole thing again with SPLIT_CALL=first")
+    split_state = json.load(open(state_path))
+    if split_state.get("finished"):
+        raise SystemExit(f"SPLIT_CALL={split}: an earlier call finished the whole run ({state_path}); nothing to do")
+else:
+    shutil.rmtree(work, ignore_errors=True)
+base = [f"data.path={data}", "progress=false"]
+if cpu:
+    base += ["model.preset=sala-tiny", "model.config={}", "stages.0.seq_len=256", "stages.1.seq_len=256", "stages.0.micro_batch=2",
+             "stages.1.micro_batch=2", "stages.0.warmup_steps=2", "eval_windows=2", "log_every=2"]
+    lengths, samples = [256, 512, 1024], {"niah_single": 2, "niah_multikey": 1}
+else:
+    lengths, samples = [4096, 8192, 16384], {"niah_single": 50, "niah_multikey": 15, "niah_multivalue": 15, "vt": 15}
+cfg_path = os.path.join(os.environ["SALA_ROOT"], "configs", "train", "sala_small_gpu.yaml")
+t_all = time.time()
+sources = [x for x in os.environ.get("PREPARE_SOURCES", "").split(",") if x]
+synth_lengths = tuple(int(x) for x in os.environ.get("SYNTHETIC_LENGTHS", "256,512,1024,2048,4096").split(",") if x)
+synth_tasks = tuple(x for x in os.environ.get("SYNTHETIC_TASKS", "niah_single,niah_multikey,niah_multivalue,vt")
+                    .split(",") if x)
+
+def packed(path: str, srcs: list[str], fraction: float, sample_lengths: tuple[int, ...], seed: int,
+           max_docs: int | None = None, tasks: tuple[str, ...] = synth_tasks) -> str:
+    """The packed dataset at `path` (built when missing): srcs + `fraction` synthetic retrieval samples."""
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        from sala.data.prepare import SyntheticMix, prepare
+        t0 = time.time()
+        prepare(path, srcs, tokenizer="sala", val_fraction=0.01, seed=0, log=print,
+                max_docs=max_docs,
+                synthetic=SyntheticMix(fraction=fraction, tasks=tasks,
+                                       lengths=sample_lengths if not cpu else (256,), seed=seed))
+        print(f"prepared {path} in {time.time() - t0:.0f}s")
+    return path
+
+if sources:
+    packed(data, sources, float(os.environ.get("SYNTHETIC_FRACTION", "0.4")), synth_lengths, seed=1234,
+           max_docs=int(os.environ.get("DATA_MAX_DOCS", "0") or 0) or None)
+decay_data = None
+if os.environ.get("DECAY_SYNTHETIC_FRACTION"):   # the decay stage on retrieval-rich data (stdlib + this share)
+    decay_data = packed(data.rstrip("/") + "_decay", ["stdlib"], float(os.environ["DECAY_SYNTHETIC_FRACTION"]),
+                        synth_lengths, seed=4321, max_docs=40 if cpu else None)
+warm_share = float(os.environ.get("RETRIEVAL_WARMUP_SHARE", "0") or 0)
+retr_seq = int(os.environ.get("RETRIEVAL_SEQ_LEN", "0") or 0)   # 0: the stable stage's windows
+full = load_config(cfg_path, base)   # the config's own stages (sizes of the stable stage)
+retr_steps = int(os.environ.get("RETRIEVAL_STEPS", "0") or 0)
+retr_mb = int(os.environ.get("RETRIEVAL_MICRO_BATCH", "0") or 0) or full.stages[0].micro_batch
+short_data = None
+retr_prefix = (os.path.join(os.environ["RETRIEVAL_DATA_DIR"], "retrieval") if os.environ.get("RETRIEVAL_DATA_DIR")
+               else data.rstrip("/"))
+retr_epochs = max(1.0, float(os.environ.get("RETRIEVAL_DATA_EPOCHS", "1") or 1))
+retr_tasks = tuple(x for x in os.environ.get("RETRIEVAL_TASKS", ",".join(synth_tasks)).split(",") if x)
+tasks_tag = "" if retr_tasks == synth_tasks else "_" + "-".join(retr_tasks)
+
+def retrieval_docs(tokens: float) -> int:
+    """stdlib documents for a retrieval dataset of ~`tokens` tokens (400 documents + 90% synthetic: ~18M)."""
+    return 40 if cpu else max(400, math.ceil(400 * tokens / retr_epochs / 18e6))
+
+if warm_share > 0 or retr_steps:   # a first stage on short retrieval samples (stdlib subset + 90% synthetic)
+    if retr_seq and retr_seq < 2048:   # samples that fit the short windows whole (question and answer included)
+        short_lengths, short_path = tuple(sorted({max(64, retr_seq // 4), max(64, retr_seq // 2)})), f"_short{retr_seq}"
+    else:
+        short_lengths, short_path = (256, 512, 1024), "_short"
+    # the dataset grows with the tokens RETRIEVAL_STEPS asks for, so that the stage sees each sample about
+    # RETRIEVAL_DATA_EPOCHS times
+    want = retr_steps * retr_mb * (retr_seq or full.stages[0].seq_len)
+    short_data = packed(retr_prefix + short_path + tasks_tag, ["stdlib"], 0.9, short_lengths, seed=2468,
+                        max_docs=retrieval_docs(want), tasks=retr_tasks)
+long_steps = int(os.environ.get("RETRIEVAL_LONG_STEPS", "0") or 0)
+long_seq = int(os.environ.get("RETRIEVAL_LONG_SEQ_LEN", "0") or 0) or full.stages[0].seq_len
+long_data, long_lengths = None, ()
+if long_steps:   # a second retrieval stage: the same tasks at long lengths, in the stable stage's micro-batch
+    long_lengths = (256,) if cpu else (long_seq // 8, long_seq // 4, long_seq // 2)
+    long_data = packed(f"{retr_prefix}_long{long_seq}{tasks_tag}", ["stdlib"], 0.9, long_lengths, seed=1357,
+                       max_docs=retrieval_docs(long_steps * full.stages[0].micro_batch * long_seq), tasks=retr_tasks)
+if os.environ.get("PREPARE_ONLY") == "1":
+    print("PREPARE_ONLY=1: datasets built:", ", ".join(p for p in (data if sources else None, decay_data, short_data,
+                                                                   long_data) if p))
+    raise SystemExit(0)
+
+def tokens_per_s(sparse: bool, steps: int, **stage) -> tuple[float, float | None]:
+    """Throughput of the last log window of a short run (kernels compiled in the first windows); `stage` overrides
+    the stable stage's fields (seq_len, micro_batch, data)."""
+    cfg = load_config(cfg_path, base + [f"out_dir={work}/calib_{int(sparse)}", "resume=false", "save_final=false",
+                                        "log_every=4", "eval_windows=1"])
+    cfg.model.compile = use_compile
+    cfg.stages = [dataclasses.replace(cfg.stages[0], name="calib", steps=steps, warmup_steps=0, sparse=sparse,
+                                      **stage)]
+    tr = Trainer(cfg)
+    tr.fit()
+    recs = [r for r in tr.history if "tokens_per_s" in r]
+    del tr
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return recs[-1]["tokens_per_s"], recs[-1]["mfu"]
+
+calib_steps = 4 if cpu else 10
+use_compile = not cpu
+decay_sparse = True
+tps_retr = None
+if resuming:   # the first call's measurements, so that the plan below comes out the same
+    tps_off, mfu_off, tps_retr, use_compile = (split_state[k] for k in ("tps_off", "mfu_off", "tps_retr", "use_compile"))
+else:
+    try:
+        tps_off, mfu_off = tokens_per_s(False, calib_steps)
+    except Exception as e:  # keep the run alive: train without torch.compile
+        import traceback; traceback.print_exc()
+        print(f"compiled training failed ({type(e).__name__}: {e}); training without torch.compile")
+        use_compile = False
+        tps_off, mfu_off = tokens_per_s(False, calib_steps)
+    if short_data and retr_steps:   # the retrieval stage's own speed (small windows and batches run slower per token)
+        tps_retr, _ = tokens_per_s(False, calib_steps, micro_batch=retr_mb, data=short_data,
+                                   **({"seq_len": retr_seq} if retr_seq else {}))
+tps_on, mfu_on = None, None   # the decay stage's own log measures sparse-on speed (no separate calibration)
+tok_step = full.stages[0].seq_len * full.stages[0].micro_batch
+t_cal = time.time() - t_all
+train_budget = budget if not cpu else 20
+if os.environ.get("TOTAL_SECONDS") and not split:   # whole-script budget: what prepare + calibration left, minus evaluation
+    left = float(os.environ["TOTAL_SECONDS"]) - (time.time() - t_all) - float(os.environ.get("EVAL_SECONDS", "150")) - 45
+    train_budget = max(30.0, min(train_budget, left))
+steps_off = max(4, int(0.75 * train_budget * tps_off / tok_step))
+# the decay stage runs sparse attention at ~0.6x the sparse-off speed (runs 4, 5, 9: 0.53-0.70x; with 0.8 run 9's
+# decay stage was cut at 504 of 556 steps by the time limit)
+steps_on = max(2, int(0.25 * train_budget * float(os.environ.get("DECAY_SPEED_RATIO", "0.6")) * tps_off / tok_step))
+limit = train_budget * 1.1 + 30
+if split and os.environ.get("TOTAL_SECONDS"):   # this call's share: up to a checkpoint (first), before evaluation (second)
+    reserve = 30.0 if handing_over else float(os.environ.get("EVAL_SECONDS", "150")) + 45
+    limit = max(10.0, float(os.environ["TOTAL_SECONDS"]) - (time.time() - t_all) - reserve)
+print(f"calibration ({t_cal:.0f}s): sparse off {tps_off:,.0f} tok/s (MFU {mfu_off}); "
+      f"training {steps_off} + {steps_on} steps of {tok_step} tokens, time limit {limit:.0f}s")
+
+ov = base + [f"out_dir={work}/run", "resume=false", f"stages.0.steps={steps_off}", f"stages.1.steps={steps_on}",
+             f"model.compile={str(use_compile).lower()}", f"time_limit_s={limit:.0f}",
+             f"stages.0.warmup_steps={min(50, steps_off // 5)}", f"stages.1.sparse={str(decay_sparse).lower()}", f"eval_every={max(10, (steps_off + steps_on) // 6)}"]
+if decay_data:
+    ov.append(f"stages.1.data={decay_data}")
+cfg = load_config(cfg_path, ov)
+if short_data:
+    stable = cfg.stages[0]
+    seq = retr_seq or stable.seq_len
+    if retr_steps:   # a fixed number of steps; the stable stage gives up the time they take
+        step_tokens = seq * retr_mb
+        want_s = retr_steps * step_tokens / tps_retr
+        cap_s = float(os.environ.get("RETRIEVAL_MAX_SHARE", "0.5")) * train_budget
+        n_warm = retr_steps
+        if want_s > cap_s:   # run 7: 2500 steps at 55K tok/s took the whole budget
+            n_warm = max(1, int(cap_s * tps_retr / step_tokens))
+            print(f"RETRIEVAL_STEPS={retr_steps} would take {want_s:.0f}s at {tps_retr:,.0f} tok/s, "
+                  f"more than RETRIEVAL_MAX_SHARE of the {train_budget:.0f}s training budget ({cap_s:.0f}s): "
+                  f"running {n_warm} steps")
+        stable_steps = steps_off - round(n_warm * step_tokens / tps_retr * tps_off / tok_step)
+    else:            # the share of the sparse-off tokens, in windows of `seq`
+        warm_tokens = warm_share * steps_off * tok_step
+        n_warm = max(1, int(warm_tokens / (seq * retr_mb)))
+        stable_steps = steps_off - round(warm_tokens / tok_step)
+    cfg.stages = [dataclasses.replace(stable, name="retrieval", steps=n_warm, seq_len=seq, micro_batch=retr_mb,
+                                      data=short_data),
+                  dataclasses.replace(stable, steps=max(1, stable_steps), warmup_steps=0),
+                  *cfg.stages[1:]]
+    print(f"retrieval warm-up: {n_warm} steps of {retr_mb} x {seq} tokens on {short_data}"
+          f"{f' ({tps_retr:,.0f} tok/s)' if tps_retr else ''}, then {cfg.stages[1].steps} stable steps")
+if long_data:   # before the stable stage, which gives up the steps' time (same micro-batch, tokens/s as calibrated)
+    i_stable = [st.name for st in cfg.stages].index("stable")
+    stable = cfg.stages[i_stable]
+    per_step = long_seq * stable.micro_batch / tok_step   # in stable steps
+    # the stable stage keeps at least a third of the steps it has after the short retrieval stage (run 9 counted
+    # the third of all sparse-off steps, retrieval stage included, and was left room for 1 of 300 long steps)
+    n_long = min(long_steps, max(1, int((stable.steps - stable.steps // 3) / per_step)))
+    if n_long < long_steps:
+        print(f"RETRIEVAL_LONG_STEPS={long_steps} would leave the stable stage less than a third of its "
+              f"{stable.steps} steps: running {n_long}")
+    cfg.stages[i_stable:i_stable + 1] = [
+        dataclasses.replace(stable, name="retrieval_long", steps=n_long, seq_len=long_seq, data=long_data,
+                            warmup_steps=0 if i_stable else stable.warmup_steps),
+        dataclasses.replace(stable, steps=max(1, stable.steps - round(n_long * per_step)), warmup_steps=0)]
+    print(f"long retrieval stage: {n_long} steps of {stable.micro_batch} x {long_seq} tokens on {long_data} "
+          f"(samples of {', '.join(map(str, long_lengths))} tokens), then {cfg.stages[i_stable + 1].steps} stable steps")
+probe_len = 256 if cpu else max(short_lengths) if short_data else None   # the retrieval stage's longest samples
+probe: dict = dict(split_state.get("probe", {}))
+if resuming:   # the same variables must give the same plan: resume the first call's run from its checkpoint
+    first_cfg = json.load(open(os.path.join(work, "run", "config.json")))
+    for i, (a, b) in enumerate(zip(first_cfg["stages"], json.loads(json.dumps(cfg.to_dict()["stages"])))):
+        if a != b:
+            diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+            raise SystemExit(f"SPLIT_CALL={split}: stage {i} ({a.get('name')}) differs from the first call's "
+                             f"(first, now): {diff}; run the second call with the first call's variables")
+    if len(first_cfg["stages"]) != len(cfg.stages):
+        raise SystemExit(f"SPLIT_CALL={split}: {len(cfg.stages)} stages planned, the first call had "
+                         f"{len(first_cfg['stages'])}; run the second call with the first call's variables")
+    cfg.resume = True
+    cfg.time_limit_s = limit
+
+def retrieval_probe(tag: str, model_dir: str) -> None:
+    """niah_single at the retrieval stage's sample length: did retrieval form there (and survive)?"""
+    from sala.data.tokenizer import load_tokenizer
+    from sala.train.model_factory import load_model_dir
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m = load_model_dir(model_dir, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=dev)
+    r = run_tasks(None, [probe_len], ["niah_single"], num_samples=2 if cpu else 40, seed=11, model=m,
+                  tokenizer=load_tokenizer(model_dir))
+    probe[tag] = r["results"]["niah_single"][str(probe_len)]["score"]
+    print(f"retrieval probe ({tag}): niah_single at {probe_len} tokens: {probe[tag]:.1f}")
+    del m
+
+trainer = Trainer(cfg)
+split_stop = int(os.environ.get("SPLIT_STOP_AFTER", "0") or 0) if handing_over else 0
+if short_data and not resuming:   # stop after the retrieval stage, probe, then go on with the rest of the time
+    limit0, t_fit = cfg.time_limit_s, time.time()
+    cfg.stop_after = cfg.stages[0].steps
+    summary = trainer.fit()
+    if not summary["time_limit_reached"]:
+        trainer.save_model(f"{work}/probe_retrieval")
+        retrieval_probe("after_retrieval_stage", f"{work}/probe_retrieval")
+        cfg.stop_after = split_stop or None
+        cfg.time_limit_s = max(1.0, limit0 - (time.time() - t_fit))
+        summary = trainer.fit()
+    summary["seconds"] = time.time() - t_fit
+else:
+    cfg.stop_after = split_stop or None
+    summary = trainer.fit()
+summary["seconds"] += split_state.get("training_seconds", 0.0)
+unfinished = summary["global_step"] < cfg.total_steps()
+if handing_over and unfinished and summary["stopped_early"]:
+    trainer.save_checkpoint()   # a time limit checkpoints by itself; SPLIT_STOP_AFTER does not
+del trainer
+if probe_len and os.path.isdir(f"{work}/run/final") and not (handing_over and unfinished):
+    retrieval_probe("final", f"{work}/run/final")
+if torch.cuda.is_available():
+    torch.cuda.empty_cache()
+recs = read_metrics(f"{work}/run/metrics.jsonl")
+shutil.copy(f"{work}/run/metrics.jsonl", os.path.join(out, "metrics.jsonl"))
+
+train_logs = [r for r in recs if "loss" in r]
+stage_index = {st.name: i for i, st in enumerate(cfg.stages)}
+def mfu_stats(name):
+    stage = stage_index[name]
+    xs = [r["mfu"] for r in train_logs if r["stage"] == stage and r["mfu"] is not None][1:]
+    ts = [r["tokens_per_s"] for r in train_logs if r["stage"] == stage][1:]
+    return {"median_mfu": statistics.median(xs) if xs else None, "median_tokens_per_s": statistics.median(ts) if ts else None,
+            "median_tflops": statistics.median([r["tflops"] for r in train_logs if r["stage"] == stage][1:] or [0])}
+val = [r for r in recs if "val_loss" in r]
+report = {"results": {}, "lengths": lengths, "tasks": [], "status": "pending"}
+result = {
+    "meta": run_metadata(), "config": cfg.to_dict(), "params": summary["params"],
+    "training": {"steps": summary["global_step"], "tokens": summary["tokens"], "seconds": summary["seconds"],
+                 "time_limit_reached": summary.get("time_limit_reached", False),
+                 "stable_sparse_off": mfu_stats("stable"), "decay_sparse_on": mfu_stats("decay"),
+                 "final_train_loss": train_logs[-1]["loss"], "heldout_loss": val[-1]["val_loss"] if val else None,
+                 "heldout_curve": [(r["step"], r["val_loss"]) for r in val]},
+    "decay_stage_sparse": decay_sparse, "decay_stage_data": decay_data, "compiled": use_compile,
+    "retrieval_warmup": {"share": warm_share, "steps": cfg.stages[0].steps, "steps_requested": retr_steps or None, "data": short_data,
+                         "seq_len": cfg.stages[0].seq_len, "micro_batch": cfg.stages[0].micro_batch,
+                         "tokens_per_s": tps_retr}
+    if short_data else None,
+    "retrieval_probe": {"task": "niah_single", "length": probe_len, "scores": probe} if probe_len else None,
+    "retrieval_long": {"steps": cfg.stages[stage_index["retrieval_long"]].steps, "steps_requested": long_steps,
+                       "seq_len": long_seq, "sample_lengths": list(long_lengths), "data": long_data}
+    if long_data else None,
+    "data_meta": json.load(open(os.path.join(data, "meta.json"))),
+    "calibration": {"tokens_per_s_sparse_off": tps_off, "mfu_sparse_off": mfu_off,
+                    "tokens_per_s_sparse_on": tps_on, "mfu_sparse_on": mfu_on},
+    "niah": report, "niah_table": "", "total_seconds": time.time() - t_all,
+}
+if split:
+    result["split_calls"] = {"earlier_calls_seconds": split_state.get("call_seconds"),
+                             "calls": split_state.get("calls", 0) + 1, "this_call": split,
+                             "steps_planned": cfg.total_steps()}
+
+def save_summary():
+    result["niah_table"] = format_table(report) if report["tasks"] else ""
+    result["total_seconds"] = time.time() - t_all + split_state.get("call_seconds", 0.0)
+    write_json(os.path.join(out, "summary.json"), result)
+
+if handing_over and unfinished:   # hand over to the next call: the measurements, the probe, the time spent
+    report["status"] = "training continues in the next call (SPLIT_CALL=middle or second)"
+    save_summary()
+    write_json(state_path, {"tps_off": tps_off, "mfu_off": mfu_off, "tps_retr": tps_retr, "use_compile": use_compile,
+                            "probe": probe, "training_seconds": summary["seconds"],
+                            "call_seconds": time.time() - t_all + split_state.get("call_seconds", 0.0),
+                            "calls": split_state.get("calls", 0) + 1,
+                            "global_step": summary["global_step"], "finished": False})
+    print(f"{split} call done at step {summary['global_step']} of {cfg.total_steps()}: checkpoint in {work}/run; "
+          "run the same command with SPLIT_CALL=second (or middle, for one more part) on this machine")
+    raise SystemExit(0)
+if handing_over:
+    write_json(state_path, {"finished": True})
+save_summary()   # training results are safe before the evaluation starts
+
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["tokens"] / 1e6 for r in train_logs], [r["loss"] for r in train_logs], label="train loss")
+    if val:
+        ax.plot([r["tokens"] / 1e6 for r in val], [r["val_loss"] for r in val], "o-", label="held-out loss")
+    b = [r["tokens"] / 1e6 for r in train_logs if r["stage"] == stage_index["decay"]]
+    if b:
+        ax.axvline(b[0], color="gray", ls="--", lw=1, label="decay, sparse on")
+    ax.set_xlabel("training tokens (M)"); ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"SALA-small ({summary['params'] / 1e6:.0f}M params), 4K context")
+    ax2 = ax.twinx(); ax2.plot([r["tokens"] / 1e6 for r in train_logs], [r["lr"] for r in train_logs], color="k", alpha=0.3, lw=1)
+    ax2.set_ylabel("learning rate"); ax.legend(loc="upper right"); fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss.png"), dpi=120)
+except Exception as e:
+    print("plot failed:", e)
+
+eval_budget = float(os.environ.get("EVAL_SECONDS", "150"))
+t_eval = time.time()
+for task, n in samples.items():
+    if time.time() - t_eval > eval_budget:
+        print(f"evaluation time budget ({eval_budget:.0f}s) spent: skipping {task}")
+        report.setdefault("skipped", []).append(task)
+        continue
+    try:
+        r = run_tasks(f"{work}/run/final", lengths, [task], num_samples=n, seed=7)
+    except Exception as e:
+        import traceback; traceback.print_exc()
+        report.setdefault("errors", {})[task] = f"{type(e).__name__}: {e}"
+        continue
+    report["results"].update(r["results"])
+    report["tasks"].append(task)
+    report["eval_seconds"] = report.get("eval_seconds", 0) + r["seconds"]
+    save_summary()   # after every task: a cut-off run keeps what it measured
+if not cpu and time.time() - t_eval < eval_budget:   # diagnostic: the same model with sparse attention off (dense NoPE)
+    try:
+        from sala.data.tokenizer import load_tokenizer
+        from sala.train.model_factory import load_model_dir
+        m = load_model_dir(f"{work}/run/final", dtype=torch.bfloat16, device=torch.device("cuda"))
+        m.config.use_sparse_attention = False
+        r = run_tasks(None, lengths[:2], ["niah_single"], num_samples=20, seed=7, model=m,
+                      tokenizer=load_tokenizer(f"{work}/run/final"))
+        report["dense_diagnostic"] = {"note": "sparse layers run dense (use_sparse_attention=False)",
+                                      "results": r["results"]}
+        del m
+    except Exception as e:
+        import traceback; traceback.print_exc()
+        report.setdefault("errors", {})["dense_diagnostic"] = f"{type(e).__name__}: {e}"
+report["status"] = "done"
+save_summary()
+table = result["niah_table"]
+print(table)
+print(json.dumps({k: result["training"][k] for k in ("steps", "tokens", "seconds", "final_train_loss", "heldout_loss",
+                                                      "stable_sparse_off", "decay_sparse_on")}, indent=1))
