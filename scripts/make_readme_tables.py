@@ -431,6 +431,17 @@ def engine_ab_section() -> list[str]:
     return out + [""]
 
 
+def _heldout_text(d: dict) -> str:
+    """The run's held-out loss, named by the data it was measured on (the trainer's last evaluation reads the last
+    stage's dataset, which is the decay set when the run has one)."""
+    t = d["training"]
+    if t.get("corpus_heldout_loss") is not None:
+        return f"held-out loss on the corpus {t['corpus_heldout_loss']:.2f}, on the decay stage's data {t['heldout_loss']:.2f}"
+    if d.get("decay_stage_data"):
+        return f"held-out loss {t['heldout_loss']:.2f} on the decay stage's data (its held-out split, stdlib + synthetic)"
+    return f"held-out loss {t['heldout_loss']:.2f}"
+
+
 def training_section() -> list[str]:
     d = _load("train_small_summary.json")
     if not d:
@@ -475,7 +486,7 @@ def training_section() -> list[str]:
            "`train_small_loss.png`; earlier runs under `bench/results/history/`.", "",
            f"{d['params'] / 1e6:.1f}M parameters (sala-small, vocab 8192), {t['tokens'] / 1e6:.1f}M tokens in "
            f"{t['seconds']:.0f} s at 4K context{', torch.compile' if d.get('compiled') else ''}; data: {data}; "
-           f"held-out loss {t['heldout_loss']:.2f} (train {t['final_train_loss']:.2f}).",
+           f"{_heldout_text(d)}; final train loss {t['final_train_loss']:.2f}.",
            "", *_header("stage", "tokens/s", "TFLOP/s", "MFU"),
            f"| sparse off (stable LR) | {off.get('median_tokens_per_s') or 0:,.0f} | {_f(off.get('median_tflops'), 1)} | "
            f"{_f(100 * (off.get('median_mfu') or 0), 1, '%')} |",

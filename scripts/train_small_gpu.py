@@ -70,9 +70,14 @@ if sources:
     packed(data, sources, float(os.environ.get("SYNTHETIC_FRACTION", "0.4")), synth_lengths, seed=1234,
            max_docs=int(os.environ.get("DATA_MAX_DOCS", "0") or 0) or None)
 decay_data = None
-if os.environ.get("DECAY_SYNTHETIC_FRACTION"):   # the decay stage on retrieval-rich data (stdlib + this share)
-    decay_data = packed(data.rstrip("/") + "_decay", ["stdlib"], float(os.environ["DECAY_SYNTHETIC_FRACTION"]),
-                        synth_lengths, seed=4321, max_docs=40 if cpu else None)
+if os.environ.get("DECAY_SYNTHETIC_FRACTION"):   # the decay stage on retrieval-rich data (DECAY_SOURCES + this share)
+    decay_sources = [x for x in os.environ.get("DECAY_SOURCES", "stdlib").split(",") if x]
+    decay_max = int(os.environ.get("DECAY_MAX_DOCS", "0") or 0) or None
+    decay_tag = ("" if decay_sources == ["stdlib"] and not decay_max else
+                 "_" + "-".join(decay_sources) + (f"_{decay_max}" if decay_max else ""))
+    decay_data = packed(data.rstrip("/") + "_decay" + decay_tag, decay_sources,
+                        float(os.environ["DECAY_SYNTHETIC_FRACTION"]), synth_lengths, seed=4321,
+                        max_docs=(decay_max or 40) if cpu else decay_max)
 warm_share = float(os.environ.get("RETRIEVAL_WARMUP_SHARE", "0") or 0)
 retr_seq = int(os.environ.get("RETRIEVAL_SEQ_LEN", "0") or 0)   # 0: the stable stage's windows
 full = load_config(cfg_path, base)   # the config's own stages (sizes of the stable stage)
@@ -208,6 +213,17 @@ if long_data:   # before the stable stage, which gives up the steps' time (same 
         dataclasses.replace(stable, steps=max(1, stable.steps - round(n_long * per_step)), warmup_steps=0)]
     print(f"long retrieval stage: {n_long} steps of {stable.micro_batch} x {long_seq} tokens on {long_data} "
           f"(samples of {', '.join(map(str, long_lengths))} tokens), then {cfg.stages[i_stable + 1].steps} stable steps")
+def train_tokens(path: str) -> int:
+    return json.load(open(os.path.join(path, "meta.json")))["splits"]["train"]["tokens"]
+
+# how many times each stage reads its dataset (run 12's decay stage read its 7M-token set ~7 times, and its held-out
+# loss rose over the last 250 steps)
+data_epochs = {st.name: st.steps * st.micro_batch * st.grad_accum * st.seq_len / max(1, train_tokens(st.data or data))
+               for st in cfg.stages}
+for name, epochs in data_epochs.items():
+    if epochs > 3:
+        print(f"stage {name!r} reads its dataset {epochs:.1f} times: a larger set (RETRIEVAL_DATA_EPOCHS, "
+              "DECAY_SOURCES / DECAY_MAX_DOCS, DATA_MAX_DOCS) repeats less")
 probe_len = 256 if cpu else max(short_lengths) if short_data else None   # the retrieval stage's longest samples
 probe: dict = dict(split_state.get("probe", {}))
 if resuming:   # the same variables must give the same plan: resume the first call's run from its checkpoint
@@ -255,6 +271,10 @@ summary["seconds"] += split_state.get("training_seconds", 0.0)
 unfinished = summary["global_step"] < cfg.total_steps()
 if handing_over and unfinished and summary["stopped_early"]:
     trainer.save_checkpoint()   # a time limit checkpoints by itself; SPLIT_STOP_AFTER does not
+# the final model's loss on the corpus' held-out split: the trainer's own last evaluation reads the last stage's data
+# (the decay set when DECAY_SYNTHETIC_FRACTION is set), which is not comparable with a corpus-only run
+corpus_heldout = (None if handing_over and unfinished else
+                  trainer.evaluate(stage_index=[st.name for st in cfg.stages].index("stable")))
 del trainer
 if probe_len and os.path.isdir(f"{work}/run/final") and not (handing_over and unfinished):
     retrieval_probe("final", f"{work}/run/final")
@@ -279,7 +299,10 @@ result = {
                  "time_limit_reached": summary.get("time_limit_reached", False),
                  "stable_sparse_off": mfu_stats("stable"), "decay_sparse_on": mfu_stats("decay"),
                  "final_train_loss": train_logs[-1]["loss"], "heldout_loss": val[-1]["val_loss"] if val else None,
-                 "heldout_curve": [(r["step"], r["val_loss"]) for r in val]},
+                 "heldout_loss_data": cfg.stages[-1].data or data, "corpus_heldout_loss": corpus_heldout,
+                 "heldout_curve": [(r["step"], r["val_loss"]) for r in val],
+                 "heldout_curve_note": "each point on the held-out split of its stage's own dataset",
+                 "data_epochs": data_epochs},
     "decay_stage_sparse": decay_sparse, "decay_stage_data": decay_data, "compiled": use_compile,
     "retrieval_warmup": {"share": warm_share, "steps": cfg.stages[0].steps, "steps_requested": retr_steps or None, "data": short_data,
                          "seq_len": cfg.stages[0].seq_len, "micro_batch": cfg.stages[0].micro_batch,
@@ -373,5 +396,5 @@ report["status"] = "done"
 save_summary()
 table = result["niah_table"]
 print(table)
-print(json.dumps({k: result["training"][k] for k in ("steps", "tokens", "seconds", "final_train_loss", "heldout_loss",
+print(json.dumps({k: result["training"][k] for k in ("steps", "tokens", "seconds", "final_train_loss", "heldout_loss", "corpus_heldout_loss",
                                                       "stable_sparse_off", "decay_sparse_on")}, indent=1))

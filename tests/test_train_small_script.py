@@ -75,6 +75,12 @@ def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_i
     assert rp["length"] == 256 and set(rp["scores"]) == {"after_retrieval_stage", "final"}
     assert all(0.0 <= x <= 100.0 for x in rp["scores"].values())
     assert summary["niah"]["status"] == "done" and summary["niah"]["results"]["niah_single"]
+    # the corpus' held-out loss of the final model, next to the last stage's (decay set) one; data reads per stage
+    tr = summary["training"]
+    assert tr["heldout_loss_data"] == str(data) + "_decay" and 0 < tr["corpus_heldout_loss"] < 20
+    assert tr["corpus_heldout_loss"] != tr["heldout_loss"]
+    assert set(tr["data_epochs"]) == {s["name"] for s in summary["config"]["stages"]}
+    assert all(x > 0 for x in tr["data_epochs"].values())
     assert (out / "metrics.jsonl").is_file() and (out / "loss.png").is_file()
 
 
@@ -90,7 +96,7 @@ def test_train_small_gpu_split_over_two_calls(tmp_path, run_script, prepare_in):
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(SMALL_CPU="1", DATA=str(data), WORK_DIR=str(work), DECAY_SYNTHETIC_FRACTION="0.6",
                RETRIEVAL_SEQ_LEN="128", RETRIEVAL_STEPS="4", RETRIEVAL_MICRO_BATCH="3", RETRIEVAL_TASKS="niah_single",
-               TOTAL_SECONDS="600")
+               TOTAL_SECONDS="600", DECAY_MAX_DOCS="30")
     root = Path(__file__).resolve().parents[1]
 
     def failing(**extra: str) -> str:
@@ -106,6 +112,11 @@ def test_train_small_gpu_split_over_two_calls(tmp_path, run_script, prepare_in):
     run_script(["train_small_gpu.sh", str(out)], tmp_path, SPLIT_CALL="first", SPLIT_STOP_AFTER="7", **env)
     first = json.loads((out / "summary.json").read_text())
     planned = sum(s["steps"] for s in first["config"]["stages"])
+    decay_set = first["config"]["stages"][-1]["data"]   # DECAY_MAX_DOCS: its own, smaller set
+    assert decay_set == str(data) + "_decay_stdlib_30"
+    meta = json.loads(open(decay_set + "/meta.json").read())
+    natural = sum(split["docs"] for split in meta["splits"].values()) - meta["synthetic"]["docs"]
+    assert 0 < natural <= 30
     assert first["training"]["steps"] == 7 < planned and first["niah"]["status"].startswith("training continues")
     assert first["retrieval_probe"]["scores"].keys() == {"after_retrieval_stage"}
     assert any((work / "run" / "checkpoints").iterdir())
