@@ -287,6 +287,22 @@ def test_log2_decay_is_computed_once_per_tensor_and_again_after_an_in_place_chan
     assert rel_err(o, o_ref) < TOL[torch.float32]
 
 
+def test_forward_without_grad_builds_no_autograd_node_and_matches(config):
+    """Inputs without grad, or grad disabled, take the forward without an autograd node; the outputs and final state
+    equal those of the differentiable path bit for bit."""
+    q, k, v, s0 = inputs(2, 150, 2, 16, 16, torch.float32, seed=8)
+    ld = lightning_log_decay(2, DEVICE)
+    o_plain, f_plain = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True)
+    assert o_plain.grad_fn is None and f_plain.grad_fn is None
+    qg = q.detach().clone().requires_grad_()
+    o_grad, f_grad = lightning_attention(qg, k, v, ld, initial_state=s0, output_final_state=True)
+    assert o_grad.grad_fn is not None
+    assert torch.equal(o_plain, o_grad.detach()) and torch.equal(f_plain, f_grad.detach())
+    with torch.no_grad():
+        o_ng, _ = lightning_attention(qg, k, v, ld, initial_state=s0, output_final_state=True)
+    assert o_ng.grad_fn is None and torch.equal(o_ng, o_plain)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the launch cache serves CUDA launches only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_forward_backward_cached_launch_equals_the_jit_launch(lt, config, dtype, monkeypatch):

@@ -521,23 +521,32 @@ def _packed(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _forward(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float, initial_state: Tensor | None,
+             output_final_state: bool, cu_seqlens: Tensor | None):
+    """The chunked forward pass: (o [B, T, H, Dv], final state or None, what the backward needs)."""
+    batch, length, heads, dk = q.shape
+    dv = v.shape[-1]
+    _check_head_dims(dk, dv)
+    log2_decay = _log2_decay(log_decay)
+    qp, kp, vp = _packed(q), _packed(k), _packed(v)
+    init = None if initial_state is None else initial_state.detach().to(torch.float32).contiguous()
+    segs = _segments_for(batch, length, cu_seqlens, heads, dk, dv, q.device)
+    lg_max = _max_abs_log2_decay(log_decay)
+    o, final = _chunked_pass(qp, kp, vp, log2_decay, scale, segs, init, output_final_state, reverse=False,
+                             max_abs_log2_decay=lg_max)
+    return o.view(batch, length, heads, dv), final, (qp, kp, vp, log2_decay, init, lg_max)
+
+
 class _LightningFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens):
-        batch, length, heads, dk = q.shape
-        dv = v.shape[-1]
-        _check_head_dims(dk, dv)
-        log2_decay = _log2_decay(log_decay)
-        qp, kp, vp = _packed(q), _packed(k), _packed(v)
-        init = None if initial_state is None else initial_state.detach().to(torch.float32).contiguous()
-        segs = _segments_for(batch, length, cu_seqlens, heads, dk, dv, q.device)
-        lg_max = _max_abs_log2_decay(log_decay)
-        o, final = _chunked_pass(qp, kp, vp, log2_decay, scale, segs, init, output_final_state, reverse=False,
-                                 max_abs_log2_decay=lg_max)
+        batch, length = q.shape[:2]
+        o, final, (qp, kp, vp, log2_decay, init, lg_max) = _forward(q, k, v, log_decay, scale, initial_state,
+                                                                    output_final_state, cu_seqlens)
         ctx.save_for_backward(qp, kp, vp, log2_decay, init if init is not None else torch.empty(0))
         ctx.meta = (batch, length, scale, initial_state is not None,
                     initial_state.dtype if initial_state is not None else None, cu_seqlens, lg_max)
-        return o.view(batch, length, heads, dv), final
+        return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
@@ -580,7 +589,12 @@ def lightning_attention_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Tenso
     if q.dtype == torch.float64:
         raise ValueError("lightning (Triton): float64 inputs are not supported; use SALA_KERNELS=reference")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _LightningFunction.apply(q, k, v, log_decay, scale, initial_state, bool(output_final_state), cu_seqlens)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, initial_state)):
+        return _LightningFunction.apply(q, k, v, log_decay, scale, initial_state, bool(output_final_state),
+                                        cu_seqlens)
+    # nothing to differentiate (inference, or inputs without grad): no autograd node, nothing kept for a backward
+    o, final, _ = _forward(q, k, v, log_decay, scale, initial_state, bool(output_final_state), cu_seqlens)
+    return o, final
 
 
 def lightning_decode_step_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor,
