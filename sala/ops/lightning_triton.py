@@ -456,7 +456,8 @@ def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: fl
     return o, (final if want_final else None)
 
 
-# id(log_decay) -> (weak reference, version, value); identity-keyed (a tensor's == is elementwise)
+# per-tensor memos of a log_decay tensor: id -> (weak reference, version, value); identity-keyed (a tensor's == is
+# elementwise)
 _DECAY_RANGE: dict[int, tuple[weakref.ref, int, float]] = {}   # max |log2 gamma|
 _LOG2_DECAY: dict[int, tuple[weakref.ref, int, Tensor]] = {}   # log2 gamma as contiguous fp32
 
@@ -469,24 +470,31 @@ def _version(t: Tensor) -> int | None:
         return None
 
 
-def _remember(cache: dict, t: Tensor, version: int, value) -> None:
-    if len(cache) > 256:   # forget tensors that are gone
-        for key in [key for key, (ref, _, _) in cache.items() if ref() is None]:
-            del cache[key]
-    cache[id(t)] = (weakref.ref(t), version, value)
+def _memo(cache: dict, t: Tensor, compute, reads_host: bool):
+    """compute(t), remembered per tensor until it changes in place; tensors without a version counter are computed
+    every time. While a CUDA graph is being captured, a value not known yet is computed but not kept, or, when
+    `compute` reads the tensor on the host (a sync capture forbids), not computed at all: None."""
+    version = _version(t)
+    hit = cache.get(id(t))
+    if hit is not None and version is not None and hit[0]() is t and hit[1] == version:
+        return hit[2]
+    capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
+    if capturing and reads_host:
+        return None
+    value = compute(t)
+    if version is not None and not capturing:
+        if len(cache) > 256:   # forget tensors that are gone
+            for key in [key for key, (ref, _, _) in cache.items() if ref() is None]:
+                del cache[key]
+        cache[id(t)] = (weakref.ref(t), version, value)
+    return value
 
 
 def _log2_decay(log_decay: Tensor) -> Tensor:
     """log2 gamma_h as contiguous fp32 [H], computed once per log_decay tensor (a model's decays are fixed buffers),
     so that a forward call launches nothing before its first kernel; recomputed when the tensor changes in place."""
-    version = _version(log_decay)
-    hit = _LOG2_DECAY.get(id(log_decay))
-    if hit is not None and hit[0]() is log_decay and hit[1] == version and version is not None:
-        return hit[2]
-    value = (log_decay.detach().to(torch.float32) * LOG2E).contiguous()
-    if version is not None and not (log_decay.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _remember(_LOG2_DECAY, log_decay, version, value)
-    return value
+    return _memo(_LOG2_DECAY, log_decay, lambda t: (t.detach().to(torch.float32) * LOG2E).contiguous(),
+                 reads_host=False)
 
 
 def _max_abs_log2_decay(log_decay: Tensor) -> float | None:
@@ -497,16 +505,7 @@ def _max_abs_log2_decay(log_decay: Tensor) -> float | None:
     """
     if not CONFIG.intra_factored:
         return None
-    version = _version(log_decay)
-    hit = _DECAY_RANGE.get(id(log_decay))
-    if hit is not None and hit[0]() is log_decay and hit[1] == version and version is not None:
-        return hit[2]
-    if log_decay.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None
-    value = float(log_decay.detach().abs().max()) * LOG2E
-    if version is not None:
-        _remember(_DECAY_RANGE, log_decay, version, value)
-    return value
+    return _memo(_DECAY_RANGE, log_decay, lambda t: float(t.detach().abs().max()) * LOG2E, reads_host=True)
 
 
 def _use_factored(max_abs_log2_decay: float | None, chunk: int) -> bool:
