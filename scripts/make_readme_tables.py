@@ -242,7 +242,7 @@ def _fla_history_lines(d: dict) -> list[str]:
     cells = "; ".join(f"{_len(r['T'])}: fla {r['fla_nsa_fwd_ms']:.1f} ms vs ours {r['attention_full_T_fwd_ms']:.1f} ms "
                       f"({r['fla_nsa_fwd_ms'] / r['attention_full_T_fwd_ms']:.2f}x)" for r in rows)
     return [f"This run had no fla installed. fla `parallel_nsa` on the same selected blocks, all T queries, was "
-            f"measured at commit {h['meta']['git_commit'][:7]} (`bench/results/{name}`, before the band split): "
+            f"measured at commit {_commit(h)} (`bench/results/{name}`, before the band split): "
             f"{cells}.", ""]
 
 
@@ -270,7 +270,7 @@ def selection_profile_lines() -> list[str]:
     if not runs:
         return []
     out = ["Where selection's time goes (`scripts/profile_selection.py`, CUDA kernel time of all queries): "
-           + ", ".join(f"`bench/results/{n}` (commit {d['meta']['git_commit'][:7]})" for n, d in runs) + ".", "",
+           + ", ".join(f"`bench/results/{n}` (commit {_commit(d)})" for n, d in runs) + ".", "",
            *_header("file", "T", "select (ms)", "pooled-score kernel (ms)", "top-k (ms)", "-inf fill + sort (ms)")]
     for name, d in runs:
         for r in d["results"]:

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from sala.data import read_meta
 from sala.train import Trainer, load_config
 from sala.train.metrics import read_metrics
 from sala.eval.runner import run_tasks, format_table
@@ -213,13 +214,11 @@ if long_data:   # before the stable stage, which gives up the steps' time (same 
         dataclasses.replace(stable, steps=max(1, stable.steps - round(n_long * per_step)), warmup_steps=0)]
     print(f"long retrieval stage: {n_long} steps of {stable.micro_batch} x {long_seq} tokens on {long_data} "
           f"(samples of {', '.join(map(str, long_lengths))} tokens), then {cfg.stages[i_stable + 1].steps} stable steps")
-def train_tokens(path: str) -> int:
-    return json.load(open(os.path.join(path, "meta.json")))["splits"]["train"]["tokens"]
-
+stage_index = {st.name: i for i, st in enumerate(cfg.stages)}
 # how many times each stage reads its dataset (run 12's decay stage read its 7M-token set ~7 times, and its held-out
 # loss rose over the last 250 steps)
-data_epochs = {st.name: st.steps * st.micro_batch * st.grad_accum * st.seq_len / max(1, train_tokens(st.data or data))
-               for st in cfg.stages}
+data_epochs = {st.name: st.steps * st.micro_batch * st.grad_accum * st.seq_len
+               / max(1, read_meta(st.data or data)["splits"]["train"]["tokens"]) for st in cfg.stages}
 for name, epochs in data_epochs.items():
     if epochs > 3:
         print(f"stage {name!r} reads its dataset {epochs:.1f} times: a larger set (RETRIEVAL_DATA_EPOCHS, "
@@ -227,15 +226,14 @@ for name, epochs in data_epochs.items():
 probe_len = 256 if cpu else max(short_lengths) if short_data else None   # the retrieval stage's longest samples
 probe: dict = dict(split_state.get("probe", {}))
 if resuming:   # the same variables must give the same plan: resume the first call's run from its checkpoint
-    first_cfg = json.load(open(os.path.join(work, "run", "config.json")))
-    for i, (a, b) in enumerate(zip(first_cfg["stages"], json.loads(json.dumps(cfg.to_dict()["stages"])))):
-        if a != b:
-            diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
-            raise SystemExit(f"SPLIT_CALL={split}: stage {i} ({a.get('name')}) differs from the first call's "
-                             f"(first, now): {diff}; run the second call with the first call's variables")
-    if len(first_cfg["stages"]) != len(cfg.stages):
-        raise SystemExit(f"SPLIT_CALL={split}: {len(cfg.stages)} stages planned, the first call had "
-                         f"{len(first_cfg['stages'])}; run the second call with the first call's variables")
+    first = json.load(open(os.path.join(work, "run", "config.json")))["stages"]
+    now = json.loads(json.dumps(cfg.to_dict()["stages"]))   # as the first call's config.json holds them
+    if first != now:
+        i = next((i for i, (a, b) in enumerate(zip(first, now)) if a != b), min(len(first), len(now)))
+        a, b = (first[i] if i < len(first) else {}), (now[i] if i < len(now) else {})
+        diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+        raise SystemExit(f"SPLIT_CALL={split}: stage {i} ({a.get('name') or b.get('name')}) differs from the first "
+                         f"call's (first, now): {diff}; run this call with the first call's variables")
     cfg.resume = True
     cfg.time_limit_s = limit
 
@@ -274,7 +272,7 @@ if handing_over and unfinished and summary["stopped_early"]:
 # the final model's loss on the corpus' held-out split: the trainer's own last evaluation reads the last stage's data
 # (the decay set when DECAY_SYNTHETIC_FRACTION is set), which is not comparable with a corpus-only run
 corpus_heldout = (None if handing_over and unfinished else
-                  trainer.evaluate(stage_index=[st.name for st in cfg.stages].index("stable")))
+                  trainer.evaluate(stage_index=stage_index["stable"]))
 del trainer
 if probe_len and os.path.isdir(f"{work}/run/final") and not (handing_over and unfinished):
     retrieval_probe("final", f"{work}/run/final")
@@ -284,7 +282,6 @@ recs = read_metrics(f"{work}/run/metrics.jsonl")
 shutil.copy(f"{work}/run/metrics.jsonl", os.path.join(out, "metrics.jsonl"))
 
 train_logs = [r for r in recs if "loss" in r]
-stage_index = {st.name: i for i, st in enumerate(cfg.stages)}
 def mfu_stats(name):
     stage = stage_index[name]
     xs = [r["mfu"] for r in train_logs if r["stage"] == stage and r["mfu"] is not None][1:]
@@ -312,7 +309,7 @@ result = {
     "retrieval_long": {"steps": cfg.stages[stage_index["retrieval_long"]].steps, "steps_requested": long_steps,
                        "seq_len": long_seq, "sample_lengths": list(long_lengths), "data": long_data}
     if long_data else None,
-    "data_meta": json.load(open(os.path.join(data, "meta.json"))),
+    "data_meta": read_meta(data),
     "calibration": {"tokens_per_s_sparse_off": tps_off, "mfu_sparse_off": mfu_off,
                     "tokens_per_s_sparse_on": tps_on, "mfu_sparse_on": mfu_on},
     "niah": report, "niah_table": "", "total_seconds": time.time() - t_all,
