@@ -10,7 +10,9 @@
 #                                                 #  SPARSE_VARIANTS=noband,nobanddq,chunk1g: TUNING flips too;
 #                                                 #  PROFILE=1: selection time by kernel at 128K and 1M;
 #                                                 #  SPARSE_INPUT_SMOOTHING=16: neighbour-correlated inputs,
-#                                                 #  JSON sparse_kernels_smooth16_h200.json)
+#                                                 #  JSON sparse_kernels_smooth16_h200.json;
+#                                                 #  SPARSE_BACKWARD_MAX_LEN=1048576: fwd+bwd up to 1M;
+#                                                 #  SPARSE_SKIP_TESTS=1: the benchmark alone)
 #   OUT=/dir bash scripts/gpu_check.sh decode     # sparse decode variants (split-K attention, split-N selection)
 #                                                 # at 128K and 1M, then 1M end to end with both switched on
 #   OUT=/dir bash scripts/gpu_check.sh latency    # SALA 9B shape vs HF Qwen3-8B shape, 64K..2M -> JSON + PNG
@@ -52,10 +54,13 @@ case "$part" in
       -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests_lightning.log" | tail -3
     python3 -m sala.bench.kernels_lightning --out "$OUT/lightning_kernels_h200.json" 2>&1 | grep -v "^tune" | tail -20 ;;
   sparse)
-    python3 -m pytest -q -p no:cacheprovider tests/test_infllmv2_triton.py -k "not interpreter" \
-      2>&1 | tee "$OUT/gpu_tests_sparse.log" | tail -5
+    if [ -z "${SPARSE_SKIP_TESTS:-}" ]; then
+      python3 -m pytest -q -p no:cacheprovider tests/test_infllmv2_triton.py -k "not interpreter" \
+        2>&1 | tee "$OUT/gpu_tests_sparse.log" | tail -5
+    fi
     python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_kernels${SPARSE_INPUT_SMOOTHING:+_smooth$SPARSE_INPUT_SMOOTHING}_h200.json" \
       ${TUNE:+--tune} --time-budget-s "${2:-240}" ${SPARSE_VARIANTS:+--variants default,$SPARSE_VARIANTS} \
+      --backward-max-len "${SPARSE_BACKWARD_MAX_LEN:-262144}" \
       ${SPARSE_INPUT_SMOOTHING:+--input-smoothing $SPARSE_INPUT_SMOOTHING} \
       --lengths 32768,65536,131072,262144,524288,1048576,2097152 2>&1 | grep -v "^sweep" | tail -12
     if [ -n "${PROFILE:-}" ]; then

@@ -75,6 +75,11 @@ def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_i
     assert rp["length"] == 256 and set(rp["scores"]) == {"after_retrieval_stage", "final"}
     assert all(0.0 <= x <= 100.0 for x in rp["scores"].values())
     assert summary["niah"]["status"] == "done" and summary["niah"]["results"]["niah_single"]
+    for task, by_len in summary["niah"]["results"].items():   # misses: the samples below full marks, all of them
+        for r in by_len.values():
+            if task in ("niah_single", "niah_multikey"):   # one gold string per sample: a miss scores 0
+                assert len(r["misses"]) == round(r["n"] * (1 - r["score"] / 100)), (task, r)
+            assert all({"gold", "pred", "depth"} <= set(m) for m in r["misses"])
     # the corpus' held-out loss of the final model, next to the last stage's (decay set) one; data reads per stage
     tr = summary["training"]
     assert tr["heldout_loss_data"] == str(data) + "_decay" and 0 < tr["corpus_heldout_loss"] < 20

@@ -368,7 +368,8 @@ def _peak_extra_gib(fn, base_bytes: int) -> float:
 
 
 def _measure(T: int, p: SparseParams, with_fla: bool, backward: bool, dense_fwd_max: int,
-             dense_bwd_max: int, variants=("default",), input_smoothing: int = 1) -> dict:
+             dense_bwd_max: int, variants=("default",), input_smoothing: int = 1,
+             attention_max_len: int = 262144) -> dict:
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(T)
     q, k, v = (smooth_tokens(torch.randn(1, T, h, D, device=dev, dtype=torch.bfloat16, generator=g), input_smoothing)
@@ -397,7 +398,7 @@ def _measure(T: int, p: SparseParams, with_fla: bool, backward: bool, dense_fwd_
             idx_d = select_blocks(q[:, :dp], k1, k2, p, q_offset=0)
             res["dense_part_via_sparse_kernel_ms"] = bench_ms(
                 lambda: block_sparse_attention(q[:, :dp], k, v, idx_d, p, q_offset=0), w, r)
-        if T <= 262144:   # block indices of all sparse queries at once: 0.8 KiB/token
+        if T <= max(262144, attention_max_len):   # block indices of all sparse queries at once: 0.8 KiB/token
             idx = select_blocks(qs, k1, k2, p, q_offset=dp)
             res["attention_fwd_ms"] = bench_ms(
                 lambda: block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True), w, r)
@@ -575,7 +576,7 @@ def run(lengths=DEFAULT_LENGTHS, out_path: str | None = None, with_fla: bool = T
             continue
         try:
             res = _measure(T, p, with_fla, T <= backward_max_len, dense_fwd_max, dense_bwd_max, variants,
-                           input_smoothing)
+                           input_smoothing, attention_max_len=backward_max_len)
         except torch.cuda.OutOfMemoryError as ex:
             res = {"T": T, "error": "OOM: " + str(ex)[:200]}
             gc.collect()

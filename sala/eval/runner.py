@@ -87,7 +87,8 @@ def run_tasks(model_dir: str | None, lengths: list[int], tasks: list[str] | tupl
               model: torch.nn.Module | None = None, tokenizer=None,
               log: Callable[[str], None] = print) -> dict:
     """Generate, run and score every task at every length. Returns a JSON-ready report with
-    `results[task][str(length)] = {"score", "n", "examples"}`."""
+    `results[task][str(length)] = {"score", "n", "mean_prompt_tokens", "examples", "misses"}` (misses: every
+    sample below full marks, with gold, prediction and needle depth)."""
     from sala.data.tokenizer import load_tokenizer
     from sala.train.model_factory import load_model_dir
 
@@ -114,6 +115,9 @@ def run_tasks(model_dir: str | None, lengths: list[int], tasks: list[str] | tupl
                 "score": score, "n": len(samples),
                 "mean_prompt_tokens": sum(s.num_tokens for s in samples) / len(samples),
                 "examples": [{"gold": s.outputs, "pred": p, "depth": s.depth} for s, p in zip(samples[:5], preds[:5])],
+                # every sample that did not score full marks, with its needle depth (where retrieval fails)
+                "misses": [{"gold": s.outputs, "pred": p, "depth": s.depth} for s, p in zip(samples, preds)
+                           if SCORERS[task]([p], [s.outputs]) < 100.0],
             }
             log(f"{task:16s} {L:>8d} tokens: {score:6.1f}  ({len(samples)} samples, {time.time() - t0:.0f}s)")
     return {"model": str(model_dir), "tokenizer": tok.source, "lengths": lengths, "tasks": list(tasks),
