@@ -18,9 +18,9 @@
 #      1-5 had no 256, and the CPU study's hybrid learned to retrieve on ~130-token samples),
 #      DECAY_SYNTHETIC_FRACTION (e.g. 0.6: the decay stage trains on the standard library plus this share
 #      of synthetic retrieval samples, built first: the recipe that taught the converted model to retrieve),
-#      DECAY_SOURCES (default stdlib: the decay set's text; e.g. stdlib,python-packages with DECAY_MAX_DOCS, for a
-#      set large enough not to be repeated: stdlib alone is ~7M tokens with 60% synthetic, which run 12's decay
-#      stage read ~7 times), DECAY_MAX_DOCS (at most this many documents of DECAY_SOURCES),
+#      DECAY_SOURCES (default stdlib: the decay set's text, ~7M tokens with 60% synthetic, which run 12's decay
+#      stage read ~7 times; stdlib,python-packages with DECAY_MAX_DOCS=5000 builds a set read ~2 times, and run 13
+#      lost most of its retrieval with it: docs/training.md), DECAY_MAX_DOCS (at most this many documents),
 #      RETRIEVAL_WARMUP_SHARE (e.g. 0.15: this share of the sparse-off steps becomes a first stage on short
 #      retrieval samples, 256-1024 tokens, 90% of its tokens: the CPU study's hybrid learned to retrieve on short
 #      samples after a phase transition ~20K samples in; runs 1-5 never saw that many short ones),

@@ -145,6 +145,8 @@ def test_train_small_gpu_split_over_two_calls(tmp_path, run_script, prepare_in):
     second = json.loads((out / "summary.json").read_text())
     assert second["config"]["stages"] == first["config"]["stages"]
     assert second["training"]["steps"] == planned and second["niah"]["status"] == "done"
+    # the resumed call's final model is evaluated on the corpus too, not only on the decay set
+    assert 0 < second["training"]["corpus_heldout_loss"] != second["training"]["heldout_loss"], second["training"]
     assert second["retrieval_probe"]["scores"].keys() == {"after_retrieval_stage", "final"}
     assert second["training"]["seconds"] > middle["training"]["seconds"] > first["training"]["seconds"]
     assert second["split_calls"]["calls"] == 3
