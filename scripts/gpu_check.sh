@@ -11,7 +11,7 @@
 #                                                 #  PROFILE=1: selection time by kernel at 128K and 1M;
 #                                                 #  SPARSE_INPUT_SMOOTHING=16: neighbour-correlated inputs,
 #                                                 #  JSON sparse_kernels_smooth16_h200.json;
-#                                                 #  SPARSE_BACKWARD_MAX_LEN=1048576: fwd+bwd up to 1M;
+#                                                 #  SPARSE_BACKWARD_MAX_LEN=262144: fwd+bwd to 256K only;
 #                                                 #  SPARSE_SKIP_TESTS=1: the benchmark alone)
 #   OUT=/dir bash scripts/gpu_check.sh decode     # sparse decode variants (split-K attention, split-N selection)
 #                                                 # at 128K and 1M, then 1M end to end with both switched on
@@ -60,7 +60,7 @@ case "$part" in
     fi
     python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_kernels${SPARSE_INPUT_SMOOTHING:+_smooth$SPARSE_INPUT_SMOOTHING}_h200.json" \
       ${TUNE:+--tune} --time-budget-s "${2:-240}" ${SPARSE_VARIANTS:+--variants default,$SPARSE_VARIANTS} \
-      --backward-max-len "${SPARSE_BACKWARD_MAX_LEN:-262144}" \
+      --backward-max-len "${SPARSE_BACKWARD_MAX_LEN:-1048576}" \
       ${SPARSE_INPUT_SMOOTHING:+--input-smoothing $SPARSE_INPUT_SMOOTHING} \
       --lengths 32768,65536,131072,262144,524288,1048576,2097152 2>&1 | grep -v "^sweep" | tail -12
     if [ -n "${PROFILE:-}" ]; then

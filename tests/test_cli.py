@@ -39,7 +39,9 @@ def test_bench_dispatch_reaches_each_benchmark_with_its_defaults(monkeypatch, tm
     assert main(["bench", "kernels", "--op", "sparse", "--out", out, "--variants", "topkcompact,branchmask",
                  "--tune"]) == 0
     assert seen["sala.bench.kernels_sparse"]["variants"] == ["default", "topkcompact", "branchmask"]
-    assert seen["sala.bench.kernels_sparse"]["tune"] is True
+    assert seen["sala.bench.kernels_sparse"]["tune"] is True and "backward_max_len" not in seen["sala.bench.kernels_sparse"]
+    assert main(["bench", "kernels", "--op", "sparse", "--out", out, "--backward-max-len", "256k"]) == 0
+    assert seen["sala.bench.kernels_sparse"]["backward_max_len"] == 262144
     assert main(["bench", "latency", "--lengths", "64k", "--out", out, "--compile"]) == 0
     assert seen["sala.bench.latency"]["compile"] is True
     assert main(["bench", "kernels", "--op", "sparse", "--out", out, "--variants", "nonsense"]) != 0

@@ -540,7 +540,7 @@ def sweep(T: int = 131072, *, device: str = "cuda", params: SparseParams | None 
 
 
 def run(lengths=DEFAULT_LENGTHS, out_path: str | None = None, with_fla: bool = True,
-        backward_max_len: int = 262144, dense_fwd_max: int = 262144, dense_bwd_max: int = 131072,
+        backward_max_len: int = 1048576, dense_fwd_max: int = 262144, dense_bwd_max: int = 131072,
         time_budget_s: float = 420.0, tune: bool = False, variants=("default",), input_smoothing: int = 1) -> dict:
     """Measure every length (stopping when `time_budget_s` is spent); returns and optionally writes the JSON."""
     if not torch.cuda.is_available():
@@ -594,7 +594,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="JSON output path")
     ap.add_argument("--lengths", default=",".join(str(x) for x in DEFAULT_LENGTHS))
     ap.add_argument("--no-fla", action="store_true")
-    ap.add_argument("--backward-max-len", type=int, default=262144)
+    ap.add_argument("--backward-max-len", type=int, default=1048576,
+                    help="longest T whose attention forward and forward+backward are timed (the whole forward: all)")
     ap.add_argument("--time-budget-s", type=float, default=420.0)
     ap.add_argument("--tune", action="store_true", help="sweep kernel launch settings at 128K first")
     ap.add_argument("--variants", default="default",

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import inspect
 
-from sala.utils.lengths import lengths_arg
+from sala.utils.lengths import length_arg, lengths_arg
 
 _KERNEL_MODULES = {"lightning": "sala.bench.kernels_lightning", "sparse": "sala.bench.kernels_sparse"}
 
@@ -31,7 +31,7 @@ def _kernels(args: argparse.Namespace) -> int:
         if op == "sparse":
             from sala.bench.kernels_sparse import check_variants
 
-            extra = dict(tune=args.tune or None,
+            extra = dict(tune=args.tune or None, backward_max_len=args.backward_max_len,
                          variants=check_variants(["default", *args.variants.split(",")]) if args.variants else None)
         _call_run(_KERNEL_MODULES[op], lengths=args.lengths, out_path=out, with_fla=not args.no_baseline, **extra)
         print(f"wrote {out}")
@@ -59,6 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sparse: kernel variants measured beside the default, comma separated (tiled, tiledN, "
                         "splitk, splitsel, fusedvarlen, topkcompact, branchmask, noband, nobanddq, chunk1g)")
     k.add_argument("--tune", action="store_true", help="sparse: sweep launch settings at 128K first")
+    k.add_argument("--backward-max-len", type=length_arg, default=None,
+                   help="sparse: longest T timed forward+backward (default 1M; the forward runs at every length)")
     k.set_defaults(func=_kernels)
 
     lat = bsub.add_parser("latency", help="TTFT / end-to-end / decode speed vs HF Qwen3-8B (paper Figs. 2-3)")

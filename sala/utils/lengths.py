@@ -32,6 +32,16 @@ def format_length(n: int) -> str:
     return str(n)
 
 
+def length_arg(text: str) -> int:
+    """argparse `type=` for one length (4096, 64k, 1M): the parse error reaches the user verbatim."""
+    import argparse
+
+    try:
+        return parse_length(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def lengths_arg(text: str) -> list[int]:
     """argparse `type=` for a list of lengths: the parse error reaches the user verbatim."""
     import argparse
