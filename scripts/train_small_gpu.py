@@ -137,6 +137,7 @@ calib_steps = 4 if cpu else 10
 use_compile = not cpu
 decay_sparse = True
 tps_retr = None
+t_data = time.time() - t_all   # data preparation (building the packed sets when missing)
 if resuming:   # the first call's measurements, so that the plan below comes out the same
     tps_off, mfu_off, tps_retr, use_compile = (split_state[k] for k in ("tps_off", "mfu_off", "tps_retr", "use_compile"))
 else:
@@ -165,7 +166,7 @@ limit = train_budget * 1.1 + 30
 if split and os.environ.get("TOTAL_SECONDS"):   # this call's share: up to a checkpoint (first), before evaluation (second)
     reserve = 30.0 if handing_over else float(os.environ.get("EVAL_SECONDS", "150")) + 45
     limit = max(10.0, float(os.environ["TOTAL_SECONDS"]) - (time.time() - t_all) - reserve)
-print(f"calibration ({t_cal:.0f}s): sparse off {tps_off:,.0f} tok/s (MFU {mfu_off}); "
+print(f"data {t_data:.0f}s, calibration {t_cal - t_data:.0f}s: sparse off {tps_off:,.0f} tok/s (MFU {mfu_off}); "
       f"training {steps_off} + {steps_on} steps of {tok_step} tokens, time limit {limit:.0f}s")
 
 ov = base + [f"out_dir={work}/run", "resume=false", f"stages.0.steps={steps_off}", f"stages.1.steps={steps_on}",
