@@ -101,3 +101,36 @@ def test_parse_lengths_and_cleaning():
 def test_too_short_length_is_a_clear_error(tok):
     with pytest.raises(ValueError, match="budget"):
         list(generate("niah_single", 80, 1, tok.count))
+
+
+def test_depth_buckets_and_depth_table():
+    from sala.eval.runner import depth_buckets, format_depth_table
+
+    b = depth_buckets([0.0, 0.1, 0.5, 1.0, None], [100.0, 0.0, 100.0, 50.0, 0.0])
+    assert b == {"0.0-0.2": {"score": 50.0, "n": 2}, "0.4-0.6": {"score": 100.0, "n": 1},
+                 "0.8-1.0": {"score": 50.0, "n": 1}}   # depth 1.0 in the last bucket, no depth: left out
+    assert depth_buckets([None, None], [100.0, 0.0]) == {}
+    report = {"lengths": [1024, 4096], "tasks": ["niah_single", "vt"],
+              "results": {"niah_single": {"1024": {"by_depth": b}, "4096": {"by_depth": {"0.0-0.2": {"score": 0.0, "n": 3}}}},
+                          "vt": {"1024": {"by_depth": {}}, "4096": {"by_depth": {}}}}}
+    table = format_depth_table(report, "niah_single").splitlines()
+    assert table[0] == "| niah_single: depth | 1K | 4K |"
+    assert table[2:] == ["| 0.0-0.2 | 50.0 (2) | 0.0 (3) |", "| 0.4-0.6 | 100.0 (1) | — |", "| 0.8-1.0 | 50.0 (1) | — |"]
+    assert format_depth_table(report, "vt") == ""
+
+
+def test_cli_niah_prints_the_depth_table_and_writes_misses(tmp_path, capsys):
+    import json
+
+    from sala.cli import main
+
+    out = tmp_path / "niah.json"
+    assert main(["eval", "niah", "--lengths", "700", "--num-samples", "4", "--by-depth", "--dtype", "fp32",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| niah_single: depth | 700 |" in printed
+    r = json.loads(out.read_text())["results"]["niah_single"]["700"]
+    assert sum(c["n"] for c in r["by_depth"].values()) == r["n"] == 4
+    assert len(r["misses"]) == round(r["n"] * (1 - r["score"] / 100))
+    mean = sum(c["score"] * c["n"] for c in r["by_depth"].values()) / r["n"]
+    assert abs(mean - r["score"]) < 1e-9

@@ -18,6 +18,8 @@ def register(subparsers) -> None:
     n.add_argument("--device", default=None)
     n.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     n.add_argument("--out", default=None, help="write the JSON report here (default: print only)")
+    n.add_argument("--by-depth", action="store_true",
+                   help="also print each task's score by needle depth (5 buckets) and length")
     n.add_argument("--debug", action="store_true")
     n.set_defaults(func=_niah)
     lo = sub.add_parser("loss", help="held-out LM loss (nats/token) of one or more models on the same windows",
@@ -39,7 +41,7 @@ def register(subparsers) -> None:
 
 
 def _niah(args: argparse.Namespace) -> int:
-    from sala.eval.runner import format_table, parse_lengths, run_tasks
+    from sala.eval.runner import format_depth_table, format_table, parse_lengths, run_tasks
     from sala.eval.tasks import TASKS
 
     tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",")]
@@ -52,6 +54,11 @@ def _niah(args: argparse.Namespace) -> int:
     except Exception:  # noqa: BLE001 - metadata is best effort
         from sala.bench.common import write_json
     print(format_table(report))
+    if args.by_depth:
+        for task in report["tasks"]:
+            table = format_depth_table(report, task)
+            if table:
+                print("\n" + table)
     if args.out:
         write_json(args.out, report)
         print(f"wrote {args.out}")

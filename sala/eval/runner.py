@@ -87,8 +87,8 @@ def run_tasks(model_dir: str | None, lengths: list[int], tasks: list[str] | tupl
               model: torch.nn.Module | None = None, tokenizer=None,
               log: Callable[[str], None] = print) -> dict:
     """Generate, run and score every task at every length. Returns a JSON-ready report with
-    `results[task][str(length)] = {"score", "n", "mean_prompt_tokens", "examples", "misses"}` (misses: every
-    sample below full marks, with gold, prediction and needle depth)."""
+    `results[task][str(length)] = {"score", "n", "mean_prompt_tokens", "examples", "misses", "by_depth"}`
+    (misses: every sample below full marks, with gold, prediction and needle depth; by_depth: `depth_buckets`)."""
     from sala.data.tokenizer import load_tokenizer
     from sala.train.model_factory import load_model_dir
 
@@ -111,17 +111,50 @@ def run_tasks(model_dir: str | None, lengths: list[int], tasks: list[str] | tupl
             samples = list(generate(task, L, num_samples, tok.count, seed=seed))
             preds = [predict(model, tok, s, dev) for s in samples]
             score = SCORERS[task](preds, [s.outputs for s in samples])
+            per_sample = [SCORERS[task]([p], [s.outputs]) for s, p in zip(samples, preds)]
             results[task][str(L)] = {
                 "score": score, "n": len(samples),
                 "mean_prompt_tokens": sum(s.num_tokens for s in samples) / len(samples),
                 "examples": [{"gold": s.outputs, "pred": p, "depth": s.depth} for s, p in zip(samples[:5], preds[:5])],
                 # every sample that did not score full marks, with its needle depth (where retrieval fails)
-                "misses": [{"gold": s.outputs, "pred": p, "depth": s.depth} for s, p in zip(samples, preds)
-                           if SCORERS[task]([p], [s.outputs]) < 100.0],
+                "misses": [{"gold": s.outputs, "pred": p, "depth": s.depth}
+                           for s, p, x in zip(samples, preds, per_sample) if x < 100.0],
+                "by_depth": depth_buckets([s.depth for s in samples], per_sample),
             }
             log(f"{task:16s} {L:>8d} tokens: {score:6.1f}  ({len(samples)} samples, {time.time() - t0:.0f}s)")
     return {"model": str(model_dir), "tokenizer": tok.source, "lengths": lengths, "tasks": list(tasks),
             "num_samples": num_samples, "seed": seed, "results": results, "seconds": time.time() - t0}
+
+
+DEPTH_BUCKETS = 5
+
+
+def depth_buckets(depths: list[float | None], scores: list[float], buckets: int = DEPTH_BUCKETS) -> dict:
+    """Mean score and count per needle-depth bucket: {"0.0-0.2": {"score", "n"}, ...} over [0, 1] in `buckets`
+    equal parts (depth 1.0 in the last); samples without a depth (tasks with no needle position) are left out."""
+    out: dict = {}
+    for i in range(buckets):
+        lo, hi = i / buckets, (i + 1) / buckets
+        xs = [x for d, x in zip(depths, scores)
+              if d is not None and lo <= d and (d < hi or (i == buckets - 1 and d <= hi))]
+        if xs:
+            out[f"{lo:.1f}-{hi:.1f}"] = {"score": sum(xs) / len(xs), "n": len(xs)}
+    return out
+
+
+def format_depth_table(report: dict, task: str) -> str:
+    """Markdown table of one task's score by needle depth (rows) and length (columns); '' without depths."""
+    lengths = [L for L in report["lengths"] if report["results"][task][str(L)].get("by_depth")]
+    if not lengths:
+        return ""
+    rows = sorted({b for L in lengths for b in report["results"][task][str(L)]["by_depth"]})
+    head = f"| {task}: depth | " + " | ".join(_fmt_len(L) for L in lengths) + " |"
+    sep = "|---|" + "---|" * len(lengths)
+    body = []
+    for b in rows:
+        cells = [report["results"][task][str(L)]["by_depth"].get(b) for L in lengths]
+        body.append(f"| {b} | " + " | ".join(f"{c['score']:.1f} ({c['n']})" if c else "—" for c in cells) + " |")
+    return "\n".join([head, sep] + body)
 
 
 def format_table(report: dict) -> str:
