@@ -23,7 +23,9 @@
 #                                                 # (GAPS_LENGTH=256K, GAPS_CHUNKS=32768: other chunk sizes too)
 #   OUT=/dir bash scripts/gpu_check.sh train      # the small SALA model: data built there, trained, evaluated
 #                                                 # (SPLIT_CALL=first, then =second in the next call while the
-#                                                 #  machine is warm: one run over two calls; DATA=runs/sala_data)
+#                                                 #  machine is warm: one run over two calls; DATA=runs/sala_data;
+#                                                 #  then BRANCH=NAME with other DECAY_* values: another decay
+#                                                 #  stage from that run's stable end, OUT/branch_NAME_*.json)
 #   OUT=/dir bash scripts/gpu_check.sh repro      # HALO reproduction: teacher, SALA, ablations (needs repro_data/)
 #   OUT=/dir bash scripts/gpu_check.sh profile    # where a training step's time goes, fp32 vs bf16 residual stream
 #                                                 # (needs train_data/: carry it)

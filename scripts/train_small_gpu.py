@@ -15,9 +15,11 @@ import torch
 
 from sala.data import read_meta
 from sala.train import Trainer, load_config
+from sala.train.config import validate
 from sala.train.metrics import read_metrics
 from sala.eval.runner import run_tasks, format_table
 from sala.bench.common import run_metadata, write_json
+from small_run_common import decay_set, eval_plan, packed as packed_set, synthetic_settings
 
 out, data, cpu = os.environ["OUT_DIR"], os.environ["DATA"], os.environ["SMALL_CPU"] == "1"
 budget = float(os.environ["TRAIN_SECONDS"])
@@ -44,41 +46,20 @@ base = [f"data.path={data}", "progress=false"]
 if cpu:
     base += ["model.preset=sala-tiny", "model.config={}", "stages.0.seq_len=256", "stages.1.seq_len=256", "stages.0.micro_batch=2",
              "stages.1.micro_batch=2", "stages.0.warmup_steps=2", "eval_windows=2", "log_every=2"]
-    lengths, samples = [256, 512, 1024], {"niah_single": 2, "niah_multikey": 1}
-else:
-    lengths, samples = [4096, 8192, 16384], {"niah_single": 50, "niah_multikey": 15, "niah_multivalue": 15, "vt": 15}
+lengths, samples = eval_plan(cpu)
 cfg_path = os.path.join(os.environ["SALA_ROOT"], "configs", "train", "sala_small_gpu.yaml")
 t_all = time.time()
 sources = [x for x in os.environ.get("PREPARE_SOURCES", "").split(",") if x]
-synth_lengths = tuple(int(x) for x in os.environ.get("SYNTHETIC_LENGTHS", "256,512,1024,2048,4096").split(",") if x)
-synth_tasks = tuple(x for x in os.environ.get("SYNTHETIC_TASKS", "niah_single,niah_multikey,niah_multivalue,vt")
-                    .split(",") if x)
+synth_lengths, synth_tasks = synthetic_settings()
 
 def packed(path: str, srcs: list[str], fraction: float, sample_lengths: tuple[int, ...], seed: int,
            max_docs: int | None = None, tasks: tuple[str, ...] = synth_tasks) -> str:
-    """The packed dataset at `path` (built when missing): srcs + `fraction` synthetic retrieval samples."""
-    if not os.path.exists(os.path.join(path, "meta.json")):
-        from sala.data.prepare import SyntheticMix, prepare
-        t0 = time.time()
-        prepare(path, srcs, tokenizer="sala", val_fraction=0.01, seed=0, log=print,
-                max_docs=max_docs,
-                synthetic=SyntheticMix(fraction=fraction, tasks=tasks,
-                                       lengths=sample_lengths if not cpu else (256,), seed=seed))
-        print(f"prepared {path} in {time.time() - t0:.0f}s")
-    return path
+    return packed_set(path, srcs, fraction, sample_lengths, seed, cpu=cpu, tasks=tasks, max_docs=max_docs)
 
 if sources:
     packed(data, sources, float(os.environ.get("SYNTHETIC_FRACTION", "0.4")), synth_lengths, seed=1234,
            max_docs=int(os.environ.get("DATA_MAX_DOCS", "0") or 0) or None)
-decay_data = None
-if os.environ.get("DECAY_SYNTHETIC_FRACTION"):   # the decay stage on retrieval-rich data (DECAY_SOURCES + this share)
-    decay_sources = [x for x in os.environ.get("DECAY_SOURCES", "stdlib").split(",") if x]
-    decay_max = int(os.environ.get("DECAY_MAX_DOCS", "0") or 0) or None
-    decay_tag = ("" if decay_sources == ["stdlib"] and not decay_max else
-                 "_" + "-".join(decay_sources) + (f"_{decay_max}" if decay_max else ""))
-    decay_data = packed(data.rstrip("/") + "_decay" + decay_tag, decay_sources,
-                        float(os.environ["DECAY_SYNTHETIC_FRACTION"]), synth_lengths, seed=4321,
-                        max_docs=(decay_max or 40) if cpu else decay_max)
+decay_data = decay_set(data, cpu=cpu)   # the decay stage on retrieval-rich data (DECAY_SOURCES + DECAY_SYNTHETIC_FRACTION)
 warm_share = float(os.environ.get("RETRIEVAL_WARMUP_SHARE", "0") or 0)
 retr_seq = int(os.environ.get("RETRIEVAL_SEQ_LEN", "0") or 0)   # 0: the stable stage's windows
 full = load_config(cfg_path, base)   # the config's own stages (sizes of the stable stage)
@@ -171,7 +152,8 @@ print(f"data {t_data:.0f}s, calibration {t_cal - t_data:.0f}s: sparse off {tps_o
 
 ov = base + [f"out_dir={work}/run", "resume=false", f"stages.0.steps={steps_off}", f"stages.1.steps={steps_on}",
              f"model.compile={str(use_compile).lower()}", f"time_limit_s={limit:.0f}",
-             f"stages.0.warmup_steps={min(50, steps_off // 5)}", f"stages.1.sparse={str(decay_sparse).lower()}", f"eval_every={max(10, (steps_off + steps_on) // 6)}"]
+             f"stages.0.warmup_steps={min(50, steps_off // 5)}", f"stages.1.sparse={str(decay_sparse).lower()}", f"eval_every={max(10, (steps_off + steps_on) // 6)}",
+             "keep_stage_ends=true"]   # the stable stage's end: where train_small_branch.py starts other decay stages
 if decay_data:
     ov.append(f"stages.1.data={decay_data}")
 cfg = load_config(cfg_path, ov)
@@ -194,7 +176,7 @@ if short_data:
         n_warm = max(1, int(warm_tokens / (seq * retr_mb)))
         stable_steps = steps_off - round(warm_tokens / tok_step)
     cfg.stages = [dataclasses.replace(stable, name="retrieval", steps=n_warm, seq_len=seq, micro_batch=retr_mb,
-                                      data=short_data),
+                                      data=short_data, warmup_steps=min(stable.warmup_steps, n_warm)),
                   dataclasses.replace(stable, steps=max(1, stable_steps), warmup_steps=0),
                   *cfg.stages[1:]]
     print(f"retrieval warm-up: {n_warm} steps of {retr_mb} x {seq} tokens on {short_data}"
@@ -211,10 +193,11 @@ if long_data:   # before the stable stage, which gives up the steps' time (same 
               f"{stable.steps} steps: running {n_long}")
     cfg.stages[i_stable:i_stable + 1] = [
         dataclasses.replace(stable, name="retrieval_long", steps=n_long, seq_len=long_seq, data=long_data,
-                            warmup_steps=0 if i_stable else stable.warmup_steps),
+                            warmup_steps=0 if i_stable else min(stable.warmup_steps, n_long)),
         dataclasses.replace(stable, steps=max(1, stable.steps - round(n_long * per_step)), warmup_steps=0)]
     print(f"long retrieval stage: {n_long} steps of {stable.micro_batch} x {long_seq} tokens on {long_data} "
           f"(samples of {', '.join(map(str, long_lengths))} tokens), then {cfg.stages[i_stable + 1].steps} stable steps")
+validate(cfg)   # the stages assembled above obey the config rules (e.g. warmup within each stage's steps)
 stage_index = {st.name: i for i, st in enumerate(cfg.stages)}
 # how many times each stage reads its dataset (run 12's decay stage read its 7M-token set ~7 times, and its held-out
 # loss rose over the last 250 steps)

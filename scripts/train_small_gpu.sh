@@ -50,11 +50,18 @@
 #      checkpoints into WORK_DIR and writes a partial summary; each middle call, run with the same variables,
 #      resumes exactly from there and hands over again at its TOTAL_SECONDS; the second (last) finishes the stages
 #      and evaluates; a middle call that finishes the stages evaluates too). Keep DATA and WORK_DIR under the repo's ignored runs/, which a warm device
-#      machine keeps between calls), SPLIT_STOP_AFTER (a first or middle call stops at this global step instead: tests).
+#      machine keeps between calls), SPLIT_STOP_AFTER (a first or middle call stops at this global step instead: tests),
+#      BRANCH=NAME (after a finished run, on the same machine with the same DATA and WORK_DIR: another decay stage
+#      from the run's stable-stage end, on the decay set DECAY_SOURCES / DECAY_MAX_DOCS / DECAY_SYNTHETIC_FRACTION
+#      give it, then niah_single as the run scores it: OUT_DIR/branch_NAME_summary.json; scripts/train_small_branch.py).
 set -euo pipefail
 OUT_DIR=${1:-runs/train_small}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-.}
 export SALA_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export OUT_DIR TRAIN_SECONDS=${TRAIN_SECONDS:-200} DATA=${DATA:-train_data/py-bpe8k-synth} SMALL_CPU=${SMALL_CPU:-0}
-python3 "$SALA_ROOT/scripts/train_small_gpu.py"
+if [ -n "${BRANCH:-}" ]; then
+  python3 "$SALA_ROOT/scripts/train_small_branch.py"
+else
+  python3 "$SALA_ROOT/scripts/train_small_gpu.py"
+fi

@@ -234,3 +234,30 @@ def test_time_limit_stops_saves_and_resumes(packed, tmp_path):
     resumed = Trainer(_cfg(packed, tmp_path / "t", *common), log=lambda s: None)
     assert resumed.state["global_step"] == 1
     assert resumed.fit()["global_step"] == 4
+
+
+def test_stage_end_kept_and_a_branch_resumes_from_it(packed, tmp_path):
+    """keep_stage_ends keeps each stage's last checkpoint out of pruning; resume_from starts another run there, and
+    with the same stages that run's steps equal the original's (a branch with other data diverges from it)."""
+    common = ["model.kind=llama", LLAMA_TINY, "optim.lr=5e-3", "keep_checkpoints=1",
+              "stages=[{name: stable, steps: 3, seq_len: 32, micro_batch: 2, warmup_steps: 2},"
+              " {name: decay, steps: 3, seq_len: 32, micro_batch: 2, decay: exponential, lr_end: 1.0e-4}]"]
+    Trainer(_cfg(packed, tmp_path / "main", *common, "keep_stage_ends=true"), log=lambda s: None).fit()
+    ends = tmp_path / "main" / "stage_ends"
+    assert sorted(p.name for p in ends.iterdir()) == ["0_stable", "1_decay"]
+    assert [p.name for p in (tmp_path / "main" / "checkpoints").iterdir() if p.is_dir()] == ["step_00000006"]
+    ref = [(r["step"], r["step_loss"]) for r in read_metrics(tmp_path / "main" / "metrics.jsonl") if "step_loss" in r]
+
+    branch = Trainer(_cfg(packed, tmp_path / "branch", *common, f"resume_from={ends / '0_stable'}"), log=lambda s: None)
+    assert branch.state["global_step"] == 3 and branch.state["stage"] == 1
+    branch.fit()
+    got = [(r["step"], r["step_loss"]) for r in read_metrics(tmp_path / "branch" / "metrics.jsonl") if "step_loss" in r]
+    assert [s for s, _ in got] == [4, 5, 6]
+    for (s1, l1), (s2, l2) in zip(ref[3:], got):
+        assert s1 == s2 and l2 == pytest.approx(l1, rel=1e-6, abs=1e-6)
+
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        Trainer(_cfg(packed, tmp_path / "bad", *common, f"resume_from={tmp_path}"), log=lambda s: None)
+    with pytest.raises(ValueError, match="beyond this config"):   # the checkpoint's stage does not exist here
+        Trainer(_cfg(packed, tmp_path / "short", "model.kind=llama", LLAMA_TINY, "stages.0.steps=2",
+                     f"resume_from={ends / '1_decay'}"), log=lambda s: None)

@@ -150,6 +150,33 @@ def test_train_small_gpu_split_over_two_calls(tmp_path, run_script, prepare_in):
     assert second["retrieval_probe"]["scores"].keys() == {"after_retrieval_stage", "final"}
     assert second["training"]["seconds"] > middle["training"]["seconds"] > first["training"]["seconds"]
     assert second["split_calls"]["calls"] == 3
+
+    # decay branches from the finished run's stable-stage end (BRANCH=NAME): with the run's own decay set the branch
+    # repeats the run's decay stage step for step; with another mix it trains on its own, separately built set
+    from sala.train.metrics import read_metrics
+
+    def step_losses(path, stage=None):
+        return [(r["step"], r["step_loss"]) for r in read_metrics(path)
+                if "step_loss" in r and (stage is None or r["stage_name"] == stage)]
+
+    main_decay = step_losses(out / "metrics.jsonl", "decay")
+    run_script(["train_small_gpu.sh", str(out)], tmp_path, BRANCH="same", **env)
+    same = json.loads((out / "branch_same_summary.json").read_text())
+    assert same["decay_stage"]["data"] == decay_set and same["training"]["steps"] == planned
+    got = step_losses(out / "branch_same_metrics.jsonl")
+    assert [s_ for s_, _ in got] == [s_ for s_, _ in main_decay] and len(got) > 1
+    assert all(abs(a - b) <= 1e-5 * max(1.0, abs(a)) for (_, a), (_, b) in zip(main_decay, got)), (main_decay, got)
+    assert same["niah"]["results"]["niah_single"] and "| niah_single |" in same["niah_table"]
+    assert 0 < same["training"]["corpus_heldout_loss"] < 20
+    run_script(["train_small_gpu.sh", str(out)], tmp_path, BRANCH="rich", **{**env, "DECAY_SYNTHETIC_FRACTION": "0.8"})
+    rich = json.loads((out / "branch_rich_summary.json").read_text())
+    assert rich["decay_stage"]["data"] == decay_set + "_syn80"
+    assert rich["decay_data_meta"]["synthetic"]["fraction"] == 0.8
+    assert step_losses(out / "branch_rich_metrics.jsonl")[0][0] == main_decay[0][0]
+    # refusals, with the reason: a name that cannot name files, a machine without the run, a set built with another mix
+    assert "use letters, digits" in failing(BRANCH="a b")
+    assert "run the whole training first" in failing(BRANCH="b", WORK_DIR=str(tmp_path / "nowhere"))
+    assert "exists with synthetic tasks" in failing(BRANCH="c", SYNTHETIC_TASKS="niah_single")
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert steps == sorted(set(steps)) and steps[-1] == planned   # one log across both calls, no step twice

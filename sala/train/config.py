@@ -113,7 +113,9 @@ class TrainConfig:
     eval_windows: int = 16
     save_every: int = 0
     keep_checkpoints: int = 2
+    keep_stage_ends: bool = False   # also keep each stage's last checkpoint, as out_dir/stage_ends/<i>_<name>
     resume: bool = True
+    resume_from: str | None = None   # a checkpoint folder to start from when out_dir has none (branching a run)
     stop_after: int | None = None
     time_limit_s: float | None = None   # wall-clock budget: past it, stop after the current step and save
     peak_tflops: float | None = None

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,7 +23,7 @@ from sala.data.batching import collate_windows, num_loss_tokens
 from sala.data.packed import PackedDataset, Window, read_meta
 from sala.train import checkpoint as ckpt
 from sala.train.config import StageConfig, TrainConfig
-from sala.train.distributed import DistEnv, all_reduce_sum, setup, shard_model
+from sala.train.distributed import DistEnv, all_reduce_sum, barrier, setup, shard_model
 from sala.train.compile import compile_for_training
 from sala.train.flops import peak_tflops, train_step_flops
 from sala.train.metrics import MetricsLog
@@ -105,12 +107,20 @@ class Trainer:
         self.state = {"global_step": 0, "stage": 0, "stage_step": 0, "data_pos": 0, "tokens": 0}
         self.ckpt_root = self.out_dir / "checkpoints"
         resume_step = None
-        if config.resume:
-            path = ckpt.latest_checkpoint(self.ckpt_root)
-            if path is not None:
-                self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.env)["state"]
-                resume_step = self.state["global_step"]
-                self.info(f"resumed from {path} at step {resume_step}")
+        path = ckpt.latest_checkpoint(self.ckpt_root) if config.resume else None
+        if path is None and config.resume_from:   # a branch: another run's checkpoint, this run's stages and data
+            path = Path(config.resume_from)
+            if not (path / "trainer.json").is_file():
+                raise FileNotFoundError(f"resume_from={config.resume_from}: not a checkpoint folder (no trainer.json)")
+        if path is not None:
+            self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.env)["state"]
+            if self.state["stage"] > len(config.stages) or (self.state["stage"] < len(config.stages) and
+                                                            self.state["stage_step"] > config.stages[self.state["stage"]].steps):
+                raise ValueError(f"checkpoint {path} is at stage {self.state['stage']}, step {self.state['stage_step']} "
+                                 f"of it, beyond this config's {len(config.stages)} stages "
+                                 f"({[st.steps for st in config.stages]} steps)")
+            resume_step = self.state["global_step"]
+            self.info(f"resumed from {path} at step {resume_step}")
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -203,6 +213,19 @@ class Trainer:
         ckpt.save_checkpoint(self.ckpt_root, self.state["global_step"], self.model, self.optimizer,
                              {"state": self.state, "config": self.cfg.to_dict()}, self.env,
                              keep=self.cfg.keep_checkpoints)
+
+    def _keep_stage_end(self, stage_index: int, name: str) -> None:
+        """Copy the checkpoint just written at the end of stage `stage_index` to out_dir/stage_ends/<i>_<name>,
+        which pruning never touches (`resume_from` starts a branch there)."""
+        if self.env.is_main:
+            src = ckpt.latest_checkpoint(self.ckpt_root)
+            dst = self.out_dir / "stage_ends" / f"{stage_index}_{name}"
+            tmp = dst.with_name(f".tmp-{dst.name}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            shutil.rmtree(dst, ignore_errors=True)
+            os.replace(tmp, dst)
+        barrier(self.env)
 
     def fit(self) -> dict:
         """Run the remaining stages; returns a summary."""
@@ -297,6 +320,8 @@ class Trainer:
                     win_t0 = time.time()
                 if (cfg.save_every and gstep % cfg.save_every == 0) or final_of_stage:
                     self.save_checkpoint()
+                    if final_of_stage and cfg.keep_stage_ends:
+                        self._keep_stage_end(si, st.name)
                     win_t0 = time.time()
                 if cfg.stop_after is not None and gstep >= cfg.stop_after:
                     stopped = True
