@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--bf16-residual", action="store_true",
                     help="with --trainer-precision: the trainer's precision bf16-residual (bf16 hidden states between layers)")
     ap.add_argument("--only", default="", help="comma-separated run names to keep (default: all)")
+    ap.add_argument("--sites", type=int, default=0,
+                    help="also record the N costliest (op, Python call site) pairs by device time: where the copies, "
+                         "casts and elementwise ops of a step come from")
     ap.add_argument("--vary", type=int, default=0,
                     help="instead: time N steps on N different micro-batches (sparse on), then the same N again, "
                          "counting Triton cache entries (is a slow sparse stage compiling kernels?)")
@@ -113,9 +116,14 @@ def main() -> None:
                    "mfu": flops / ms / 1e9 / peak if peak else None}
             from torch.profiler import ProfilerActivity, profile
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-            with profile(activities=acts) as prof:
+            stack_cfg = ({"with_stack": True, "experimental_config": torch._C._profiler._ExperimentalConfig(verbose=True)}
+                         if args.sites else {})   # verbose: the Python frames reach each event
+            with profile(activities=acts, **stack_cfg) as prof:
                 step()
                 sync()
+            if args.sites:
+                run["sites"] = call_sites(prof, args.sites, "self_device_time_total" if dev.type == "cuda"
+                                          else "self_cpu_time_total")
             ka = prof.key_averages()
             key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
             rows = sorted(ka, key=lambda e: getattr(e, key, 0), reverse=True)[:25]
@@ -135,10 +143,28 @@ def main() -> None:
             print(f"   {r['self_ms']:9.2f} ms {r['calls']:6d}x  {r['name']}")
         for r in run.get("top_host", [])[:8]:
             print(f"   host {r['self_ms']:9.2f} ms {r['calls']:6d}x  {r['name']}")
+        for r in run.get("sites", [])[:12]:
+            print(f"   site {r['self_ms']:9.2f} ms {r['calls']:6d}x  {r['op']}  <- {' <- '.join(r['stack'][:2])}")
         del model, opt, fwd
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     write_json(args.out, result)
+
+
+def call_sites(prof, n: int, key: str) -> list[dict]:
+    """The n costliest aten ops by `key` (self time), grouped by op and the innermost frames of this project's code
+    (sala/, scripts/) that called them: {"op", "calls", "self_ms", "stack"}; ops run by autograd's backward have no
+    Python frames (stack [])."""
+    groups: dict = {}
+    for e in prof.events():
+        if not e.name.startswith("aten::"):
+            continue
+        frames = tuple(f for f in (e.stack or []) if f.startswith(("sala/", "scripts/")) or "/sala/" in f
+                       or "/scripts/" in f)[:4]
+        g = groups.setdefault((e.name, frames), {"op": e.name, "calls": 0, "self_ms": 0.0, "stack": list(frames)})
+        g["calls"] += 1
+        g["self_ms"] += getattr(e, key, 0) / 1e3
+    return sorted(groups.values(), key=lambda r: r["self_ms"], reverse=True)[:n]
 
 
 def vary(args) -> None:
