@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--bf16-residual", action="store_true",
                     help="with --trainer-precision: the trainer's precision bf16-residual (bf16 hidden states between layers)")
     ap.add_argument("--only", default="", help="comma-separated run names to keep (default: all)")
+    ap.add_argument("--fuse-projections", action="store_true",
+                    help="SALA runs: projections sharing an input as one GEMM (model.fuse_projections)")
     ap.add_argument("--sites", type=int, default=0,
                     help="also record the N costliest (op, Python call site) pairs by device time: where the copies, "
                          "casts and elementwise ops of a step come from")
@@ -81,6 +83,9 @@ def main() -> None:
                             eos_id=meta.get("eos_id"), pad_id=0)
         if kind == "sala":
             model.config.use_sparse_attention = sparse
+            if args.fuse_projections:
+                from sala.train.model_factory import set_fused_projections
+                set_fused_projections(model, True)
         weights_bf16 = dev.type == "cuda" and not args.trainer_precision
         model = model.to(dev, torch.bfloat16 if weights_bf16 else torch.float32)
         autocast = dev.type == "cuda" and args.trainer_precision

@@ -303,3 +303,25 @@ def test_forward_and_backward_under_bf16_autocast():
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert m.model.layers[1].self_attn.q_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("gates", [True, False])
+def test_fused_projections_give_the_same_logits_and_gradients(gates):
+    """set_fused_projections: one GEMM per group of projections sharing an input (with and without the output gates);
+    logits and every parameter gradient as with the separate projections (fp32: summation order only)."""
+    from sala.train.model_factory import set_fused_projections
+
+    ids = torch.randint(3, 200, (2, 150))
+    grads, logits = {}, {}
+    for fused in (False, True):
+        m = make_model(attn_use_output_gate=gates, use_output_gate=gates).train()
+        assert set_fused_projections(m, fused) == 2 * m.config.num_hidden_layers   # attention and MLP per layer
+        out = m(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        logits[fused] = out.logits.detach()
+        grads[fused] = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+    assert rel_err(logits[True], logits[False]) < 1e-6
+    assert grads[True].keys() == grads[False].keys()
+    assert any("o_gate" in n for n in grads[True]) == gates and any("z_proj" in n for n in grads[True]) == gates
+    for n in grads[False]:
+        assert rel_err(grads[True][n], grads[False][n]) < 1e-5, n

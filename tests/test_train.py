@@ -193,21 +193,26 @@ def test_fsdp2_two_cpu_ranks_match_one_process(packed, tmp_path):
     assert a == pytest.approx(b, rel=1e-5)
 
 
-def test_compile_for_training_keeps_loss_and_gradients():
+@pytest.mark.parametrize("fused", [False, True])
+def test_compile_for_training_keeps_loss_and_gradients(fused):
     """The compiled pieces (norms, MLPs, attention prepare/finish) give the eager model's loss and gradients on a
-    packed batch; the attention ops themselves stay eager (backend 'eager' keeps this test fast on the CPU)."""
+    packed batch, with separate or fused projections (compiled model only); the attention ops themselves stay eager
+    (backend 'eager' keeps this test fast on the CPU)."""
     import copy
 
     import torch
 
     from sala import SalaConfig, SalaForCausalLM
     from sala.train.compile import compile_for_training
+    from sala.train.model_factory import set_fused_projections
 
     torch.manual_seed(0)
     cfg = SalaConfig.from_preset("sala-tiny")
     cfg.hype_query_scale_base = 64.0   # exercise HyPE in the compiled prepare
     eager = SalaForCausalLM(cfg).float()
-    compiled = compile_for_training(copy.deepcopy(eager), backend="eager")
+    twin = copy.deepcopy(eager)
+    set_fused_projections(twin, fused)
+    compiled = compile_for_training(twin, backend="eager")
     layer = compiled.model.layers[1]
     assert layer.self_attn.prepare is not eager.model.layers[1].self_attn.prepare
     assert layer.mlp._compiled_call_impl is not None and compiled.model.norm._compiled_call_impl is not None
@@ -261,3 +266,23 @@ def test_stage_end_kept_and_a_branch_resumes_from_it(packed, tmp_path):
     with pytest.raises(ValueError, match="beyond this config"):   # the checkpoint's stage does not exist here
         Trainer(_cfg(packed, tmp_path / "short", "model.kind=llama", LLAMA_TINY, "stages.0.steps=2",
                      f"resume_from={ends / '1_decay'}"), log=lambda s: None)
+
+
+def test_fused_projections_train_the_same_model(packed, tmp_path):
+    """model.fuse_projections: q/k/v/gate and gate/up as one GEMM each; the same losses step for step (fp32 on the
+    CPU: only the summation order of the GEMMs differs), and it is refused for a non-SALA model."""
+    common = ["model.kind=sala", "model.preset=sala-tiny", "stages.0.steps=4", "stages.0.seq_len=64",
+              "stages.0.micro_batch=2", "optim.lr=1e-2", "resume=false", "stages.0.sparse=true"]
+    runs = {}
+    for fused in (False, True):
+        tr = Trainer(_cfg(packed, tmp_path / str(fused), *common, f"model.fuse_projections={str(fused).lower()}"),
+                     log=lambda s: None)
+        flags = [m.fuse_projections for m in tr.model.modules() if hasattr(type(m), "fuse_projections")]
+        assert flags and all(f == fused for f in flags)
+        tr.fit()
+        runs[fused] = [r["step_loss"] for r in tr.history if "step_loss" in r]
+    assert len(runs[True]) == 4
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5, abs=1e-5)
+    with pytest.raises(ValueError, match="fuse_projections is for SALA"):
+        Trainer(_cfg(packed, tmp_path / "llama", "model.kind=llama", LLAMA_TINY, "model.fuse_projections=true"),
+                log=lambda s: None)

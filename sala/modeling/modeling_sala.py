@@ -59,8 +59,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return qk_norm_rope_reference(x, None, 0.0, cos, sin)
 
 
+def project(x: torch.Tensor, linears: list[nn.Linear], fused: bool) -> list[torch.Tensor]:
+    """x through several Linear layers that share it: [l(x) for l in linears], or with `fused` one GEMM over their
+    concatenated weights, split back (views). Same values; for training, where it makes one autocast cast of x and
+    one input-gradient GEMM instead of one per layer plus their sums (`set_fused_projections`)."""
+    if not fused:
+        return [lin(x) for lin in linears]
+    weight = torch.cat([lin.weight for lin in linears])
+    bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+    return list(F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1))
+
+
 class SalaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    fuse_projections = False   # gate and up as one GEMM (`project`); set by the trainer
 
     def __init__(self, config: SalaConfig) -> None:
         super().__init__()
@@ -71,7 +84,8 @@ class SalaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, [self.gate_proj, self.up_proj], self.fuse_projections)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class _Batch:
@@ -95,6 +109,8 @@ class _Batch:
 # ----------------------------------------------------------------------------- lightning attention layer
 class SalaLightningAttention(nn.Module):
     """Lightning linear attention: QK-norm, RoPE, fixed per-head decay (ALiBi slopes), o_norm, z gate."""
+
+    fuse_projections = False   # q, k, v and the gate as one GEMM (`project`); set by the trainer
 
     def __init__(self, config: SalaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -146,9 +162,11 @@ class SalaLightningAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: _Batch, cache: LightningLayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v, *z = project(x, [self.q_proj, self.k_proj, self.v_proj, *([self.z_proj] if self.z_proj is not None else [])],
+                              self.fuse_projections)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         cos, sin = batch.rope(self.head_dim, self.rope_theta) if self.use_rope else (None, None)
         q, k, v = self.prepare(q, k, v, cos, sin)
         if batch.real_mask is not None:   # padding tokens must not enter the state: zero their keys
@@ -164,7 +182,7 @@ class SalaLightningAttention(nn.Module):
             )
             if cache is not None:
                 cache.state = state
-        return self.finish(o, self.z_proj(x) if self.z_proj is not None else None, x.dtype)
+        return self.finish(o, z[0] if z else None, x.dtype)
 
 
 # ----------------------------------------------------------------------------- InfLLM-V2 sparse attention layer
@@ -177,6 +195,8 @@ def sparse_params_from_config(config: SalaConfig) -> SparseParams:
 
 class SalaSparseAttention(nn.Module):
     """InfLLM-V2 sparse attention: GQA, NoPE (by default), output gate; dense-exact for short contexts."""
+
+    fuse_projections = False   # q, k, v and the gate as one GEMM (`project`); set by the trainer
 
     def __init__(self, config: SalaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -221,9 +241,11 @@ class SalaSparseAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: _Batch, cache: SparseLayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v, *gate = project(x, [self.q_proj, self.k_proj, self.v_proj, *([self.o_gate] if self.o_gate is not None else [])],
+                                 self.fuse_projections)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         cos, sin = batch.rope(self.head_dim, self.config.rope_theta) if self.config.attn_use_rope else (None, None)
         q, k = self.prepare(q, k, cos, sin, batch.position_ids)
 
@@ -242,7 +264,7 @@ class SalaSparseAttention(nn.Module):
                     cache.append(b, k[b, p:], v[b, p:], B)
                     kb, vb, k1, k2 = cache.sequence(b)
                     o[b:b + 1, p:] = self._attend(q[b:b + 1, p:], kb, vb, k1, k2)
-        return self.finish(o, self.o_gate(x) if self.o_gate is not None else None)
+        return self.finish(o, gate[0] if gate else None)
 
 
 # ----------------------------------------------------------------------------- decoder

@@ -43,6 +43,7 @@ class ModelConfig:
     config: dict = field(default_factory=dict)
     gradient_checkpointing: bool = False
     compile: bool = False
+    fuse_projections: bool = False   # SALA: projections sharing an input as one GEMM (set_fused_projections)
 
 
 @dataclass

@@ -91,6 +91,18 @@ def is_sala(model: torch.nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) == "minicpm_sala"
 
 
+def set_fused_projections(model: torch.nn.Module, enabled: bool) -> int:
+    """Run the projections that share an input (q, k, v and the output gate of each attention layer; gate and up of
+    each MLP) as one GEMM over their concatenated weights (`sala.modeling.modeling_sala.project`): the same values,
+    one autocast cast of the input and one input-gradient GEMM per group. Returns the modules switched."""
+    n = 0
+    for m in model.modules():
+        if hasattr(type(m), "fuse_projections"):
+            m.fuse_projections = bool(enabled)
+            n += 1
+    return n
+
+
 def set_sparse_attention(model: torch.nn.Module, enabled: bool) -> None:
     """Switch SALA's sparse (top-k) attention on or off (off = dense causal attention in those layers)."""
     if not is_sala(model):
