@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated run names to keep (default: all)")
     ap.add_argument("--fuse-projections", action="store_true",
                     help="SALA runs: projections sharing an input as one GEMM (model.fuse_projections)")
+    ap.add_argument("--loss-chunk", type=int, default=0,
+                    help="SALA runs: the loss over chunks of this many tokens, no full logits (model.loss_chunk)")
     ap.add_argument("--sites", type=int, default=0,
                     help="also record the N costliest (op, Python call site) pairs by device time: where the copies, "
                          "casts and elementwise ops of a step come from")
@@ -86,6 +88,7 @@ def main() -> None:
             if args.fuse_projections:
                 from sala.train.model_factory import set_fused_projections
                 set_fused_projections(model, True)
+            model.loss_chunk = args.loss_chunk
         weights_bf16 = dev.type == "cuda" and not args.trainer_precision
         model = model.to(dev, torch.bfloat16 if weights_bf16 else torch.float32)
         autocast = dev.type == "cuda" and args.trainer_precision

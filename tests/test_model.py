@@ -325,3 +325,22 @@ def test_fused_projections_give_the_same_logits_and_gradients(gates):
     assert any("o_gate" in n for n in grads[True]) == gates and any("z_proj" in n for n in grads[True]) == gates
     for n in grads[False]:
         assert rel_err(grads[True][n], grads[False][n]) < 1e-5, n
+
+
+def test_chunked_loss_gives_the_same_loss_and_gradients_without_logits():
+    """loss_chunk > 0: the LM head and cross-entropy over token chunks (sala.ops.linear_cross_entropy), document
+    boundaries of a packed row still unlabelled; the same loss and gradients as the full-logits path, no logits."""
+    ids = torch.randint(3, 200, (1, 150))
+    cu = torch.tensor([0, 61, 150], dtype=torch.int32)
+    res = {}
+    for chunk in (0, 16):
+        m = make_model().train()
+        m.loss_chunk = chunk
+        out = m(input_ids=ids, labels=ids, cu_seqlens=cu, use_cache=False)
+        assert (out.logits is None) == bool(chunk)
+        out.loss.backward()
+        res[chunk] = (out.loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(res[16][0], res[0][0], rtol=1e-6, atol=1e-6)
+    assert res[16][1].keys() == res[0][1].keys()
+    for n, g in res[0][1].items():
+        assert rel_err(res[16][1][n], g) < 1e-5, n

@@ -13,7 +13,7 @@ def test_profile_reports_call_sites(tmp_path, run_script, prepare_in):
     prepare_in(tmp_path, "packed", ["docs"], tokenizer="sala", val_fraction=0.1, seed=0)
     out = tmp_path / "prof.json"
     run_script(["profile_train_step.py", "--data", str(tmp_path / "packed"), "--preset", "sala-tiny", "--seq-len", "128",
-                "--micro-batch", "2", "--steps", "1", "--only", "sala_sparse_off", "--sites", "8", "--fuse-projections",
+                "--micro-batch", "2", "--steps", "1", "--only", "sala_sparse_off", "--sites", "8", "--fuse-projections", "--loss-chunk", "64",
                 "--out", str(out)],
                tmp_path)
     run = json.loads(out.read_text())["runs"]["sala_sparse_off"]
@@ -23,4 +23,5 @@ def test_profile_reports_call_sites(tmp_path, run_script, prepare_in):
     assert [s["self_ms"] for s in sites] == sorted((s["self_ms"] for s in sites), reverse=True)
     # the model's own frames name where the time is spent (file and line inside sala/)
     assert any(f.startswith("sala/") or "/sala/" in f for s in sites for f in s["stack"]), sites
-    assert json.loads(out.read_text())["args"]["fuse_projections"] is True
+    args = json.loads(out.read_text())["args"]
+    assert args["fuse_projections"] is True and args["loss_chunk"] == 64

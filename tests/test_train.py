@@ -268,21 +268,24 @@ def test_stage_end_kept_and_a_branch_resumes_from_it(packed, tmp_path):
                      f"resume_from={ends / '1_decay'}"), log=lambda s: None)
 
 
-def test_fused_projections_train_the_same_model(packed, tmp_path):
-    """model.fuse_projections: q/k/v/gate and gate/up as one GEMM each; the same losses step for step (fp32 on the
-    CPU: only the summation order of the GEMMs differs), and it is refused for a non-SALA model."""
+@pytest.mark.parametrize("option", ["model.fuse_projections=true", "model.loss_chunk=24"])
+def test_throughput_options_train_the_same_model(packed, tmp_path, option):
+    """model.fuse_projections (q/k/v/gate and gate/up as one GEMM each) and model.loss_chunk (the loss over token
+    chunks, no full logits): the same losses step for step as without (fp32 on the CPU: only summation orders
+    differ), and both are refused for a non-SALA model."""
     common = ["model.kind=sala", "model.preset=sala-tiny", "stages.0.steps=4", "stages.0.seq_len=64",
               "stages.0.micro_batch=2", "optim.lr=1e-2", "resume=false", "stages.0.sparse=true"]
     runs = {}
-    for fused in (False, True):
-        tr = Trainer(_cfg(packed, tmp_path / str(fused), *common, f"model.fuse_projections={str(fused).lower()}"),
-                     log=lambda s: None)
-        flags = [m.fuse_projections for m in tr.model.modules() if hasattr(type(m), "fuse_projections")]
-        assert flags and all(f == fused for f in flags)
-        tr.fit()
-        runs[fused] = [r["step_loss"] for r in tr.history if "step_loss" in r]
-    assert len(runs[True]) == 4
+    for on in (False, True):
+        tr = Trainer(_cfg(packed, tmp_path / str(on), *common, *([option] if on else [])), log=lambda s: None)
+        if option.startswith("model.fuse"):
+            flags = [m.fuse_projections for m in tr.model.modules() if hasattr(type(m), "fuse_projections")]
+            assert flags and all(f == on for f in flags)
+        else:
+            assert tr.model.loss_chunk == (24 if on else 0)
+        summary = tr.fit()
+        runs[on] = [r["step_loss"] for r in tr.history if "step_loss" in r] + [summary["val_loss"]]
+    assert len(runs[True]) == 5
     assert runs[True] == pytest.approx(runs[False], rel=1e-5, abs=1e-5)
-    with pytest.raises(ValueError, match="fuse_projections is for SALA"):
-        Trainer(_cfg(packed, tmp_path / "llama", "model.kind=llama", LLAMA_TINY, "model.fuse_projections=true"),
-                log=lambda s: None)
+    with pytest.raises(ValueError, match=f"{option.split('=')[0]} is for SALA"):
+        Trainer(_cfg(packed, tmp_path / "llama", "model.kind=llama", LLAMA_TINY, option), log=lambda s: None)

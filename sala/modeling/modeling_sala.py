@@ -25,6 +25,7 @@ from sala.ops.dense import dense_causal_attention
 from sala.ops.fused_reference import qk_norm_rope_reference, rms_norm_gate_reference, rms_norm_reference
 from sala.ops.infllmv2 import SparseParams, infllmv2_attention
 from sala.ops.lightning import lightning_attention, lightning_decode_step
+from sala.ops.linear_cross_entropy import linear_cross_entropy
 from sala.ops.slopes import lightning_log_decay
 
 
@@ -457,6 +458,9 @@ class SalaForCausalLM(SalaPreTrainedModel, GenerationMixin):
     """SALA causal LM: `SalaModel` + untied lm_head on h / (hidden_size / dim_model_base); logits in fp32."""
 
     _tied_weights_keys: list[str] = []
+    # > 0: with labels, the loss comes from `linear_cross_entropy` over chunks of this many tokens and no logits are
+    # returned (training; set by the trainer's model.loss_chunk); 0: logits [B, T, vocab] fp32 and F.cross_entropy
+    loss_chunk: int = 0
 
     def __init__(self, config: SalaConfig) -> None:
         super().__init__(config)
@@ -498,8 +502,7 @@ class SalaForCausalLM(SalaPreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden = hidden[:, logits_to_keep]
-        logits = self.lm_head(hidden / self.config.logit_divisor).float()
-        loss = None
+        shift_labels = None
         if labels is not None:
             if labels.shape != (hidden.shape[0], out.last_hidden_state.shape[1]):
                 raise ValueError(f"labels must be [batch, tokens] = {list(out.last_hidden_state.shape[:2])}, "
@@ -509,6 +512,14 @@ class SalaForCausalLM(SalaPreTrainedModel, GenerationMixin):
                 shift_labels = shift_labels.clone()
                 ends = cu_seqlens.to(labels.device).long()[1:-1] - 1
                 shift_labels[0, ends[(ends >= 0) & (ends < shift_labels.shape[1])]] = -100
+        if shift_labels is not None and self.loss_chunk:   # training: the loss without the [tokens, vocab] logits
+            h = (hidden / self.config.logit_divisor)[:, :-1]
+            loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, shift_labels.reshape(-1),
+                                        chunk=self.loss_chunk)
+            return CausalLMOutputWithPast(loss=loss, logits=None, **{CACHE_FIELD: output_cache(out)})
+        logits = self.lm_head(hidden / self.config.logit_divisor).float()
+        loss = None
+        if shift_labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
                                    ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: output_cache(out)})

@@ -44,6 +44,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     fuse_projections: bool = False   # SALA: projections sharing an input as one GEMM (set_fused_projections)
+    loss_chunk: int = 0   # SALA: > 0: LM head + cross-entropy over chunks of this many tokens, no full logits
 
 
 @dataclass
@@ -268,6 +269,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"model.kind must be one of {MODEL_KINDS}, got {m.kind!r}")
     if m.kind == "pretrained" and not m.path:
         raise ValueError("model.kind=pretrained needs model.path (a model folder)")
+    if m.loss_chunk < 0:
+        raise ValueError(f"model.loss_chunk must be >= 0 (0: the plain loss), got {m.loss_chunk}")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     if not cfg.stages:

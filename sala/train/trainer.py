@@ -77,6 +77,10 @@ class Trainer:
             if not is_sala(model):
                 raise ValueError("model.fuse_projections is for SALA models; this one is not")
             set_fused_projections(model, True)
+        if config.model.loss_chunk:
+            if not is_sala(model):
+                raise ValueError("model.loss_chunk is for SALA models; this one is not")
+            model.loss_chunk = int(config.model.loss_chunk)
         torch.manual_seed(config.seed + self.env.rank)
         np.random.seed((config.seed + self.env.rank) % 2**32)
         self.sala = is_sala(model)
