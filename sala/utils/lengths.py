@@ -32,21 +32,19 @@ def format_length(n: int) -> str:
     return str(n)
 
 
-def length_arg(text: str) -> int:
-    """argparse `type=` for one length (4096, 64k, 1M): the parse error reaches the user verbatim."""
+def _argparse_type(parse):
+    """An argparse `type=` from a parser: its ValueError message reaches the user verbatim."""
     import argparse
 
-    try:
-        return parse_length(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
-def lengths_arg(text: str) -> list[int]:
-    """argparse `type=` for a list of lengths: the parse error reaches the user verbatim."""
-    import argparse
-
-    try:
-        return parse_lengths(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+length_arg = _argparse_type(parse_length)     # one length: 4096, 64k, 1M
+lengths_arg = _argparse_type(parse_lengths)   # a comma-separated list of them
