@@ -28,13 +28,15 @@
 #                                                 #  stage from that run's stable end, OUT/branch_NAME_*.json)
 #   OUT=/dir bash scripts/gpu_check.sh repro      # HALO reproduction: teacher, SALA, ablations (needs repro_data/)
 #   OUT=/dir bash scripts/gpu_check.sh profile    # where a training step's time goes, fp32 vs bf16 residual stream
+#   OUT=/dir bash scripts/gpu_check.sh levers     # the training-step MFU levers (fused projections, chunked loss)
+#                                                 # against the same baseline (carry train_data/retrieval_long*)
 #                                                 # (needs train_data/: carry it)
 #
 # fla (the lightning baseline) comes as a wheel in .whl/ (carry it); the JSON lands in $OUT, to be copied into
 # bench/results/ and turned into README tables by scripts/make_readme_tables.py. The device copy has no .git:
 # start the command with SALA_GIT_COMMIT=<git rev-parse HEAD here> so the JSON names the commit measured.
 set -uo pipefail
-part=${1:?usage: gpu_check.sh tests|kernels|lightning|sparse|decode|latency|ab|fused|gaps|train|repro|profile}
+part=${1:?usage: gpu_check.sh tests|kernels|lightning|sparse|decode|latency|ab|fused|gaps|train|repro|profile|levers}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/sala_gpu}
 mkdir -p "$OUT"
@@ -101,6 +103,17 @@ case "$part" in
       python3 scripts/profile_train_step.py --compile --layers 12 --trainer-precision $res \
         --only sala_sparse_off_compiled,sala_sparse_on_compiled \
         --out "$OUT/profile_train_step_12l${res:+_bf16res}_h200.json" 2>&1 | grep -v USDT | grep "=="
+    done ;;
+  levers)
+    # the MFU levers of docs/training.md against the same baseline, one process each, on one machine: separate
+    # projections and full logits, fused projections, the chunked loss, both (12 layers, 16 x 4096, compiled,
+    # sparse off, fp32 weights under bf16 autocast); PROFILE_DATA: a packed set (carry it), default the long
+    # retrieval set of train_data/
+    for flags in "" "--fuse-projections" "--loss-chunk 4096" "--fuse-projections --loss-chunk 4096"; do
+      tag=$(echo "${flags:-baseline}" | tr -d '-' | tr ' ' '_')
+      python3 scripts/profile_train_step.py --data "${PROFILE_DATA:-train_data/retrieval_long4096_niah_single}" \
+        --compile --layers 12 --trainer-precision --only sala_sparse_off_compiled --sites 30 $flags \
+        --out "$OUT/profile_levers_${tag}_h200.json" 2>&1 | grep -v USDT | grep "=="
     done ;;
   *)
     echo "unknown part $part" >&2; exit 2 ;;
