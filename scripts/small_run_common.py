@@ -25,12 +25,13 @@ def packed(path: str, srcs: list[str], fraction: float, sample_lengths: tuple[in
            tasks: tuple[str, ...], max_docs: int | None = None) -> str:
     """The packed dataset at `path` (built when missing): srcs + `fraction` synthetic retrieval samples. An existing
     one built with another mix is refused (naming the field), never silently reused."""
+    sample_lengths = (256,) if cpu else tuple(sample_lengths)   # the CPU dry run: one short length
     if os.path.exists(os.path.join(path, "meta.json")):
         from sala.data import read_meta
         meta = read_meta(path)
         syn = meta.get("synthetic") or {}
         want = {"sources": list(srcs), "synthetic fraction": fraction, "synthetic tasks": list(tasks),
-                "synthetic lengths": list(sample_lengths if not cpu else (256,)), "synthetic seed": seed}
+                "synthetic lengths": list(sample_lengths), "synthetic seed": seed}
         have = {"sources": meta.get("sources"), "synthetic fraction": syn.get("fraction"),
                 "synthetic tasks": syn.get("tasks"), "synthetic lengths": syn.get("lengths"),
                 "synthetic seed": syn.get("seed")}
@@ -43,8 +44,7 @@ def packed(path: str, srcs: list[str], fraction: float, sample_lengths: tuple[in
         t0 = time.time()
         prepare(path, srcs, tokenizer="sala", val_fraction=0.01, seed=0, log=print,
                 max_docs=max_docs,
-                synthetic=SyntheticMix(fraction=fraction, tasks=tasks,
-                                       lengths=sample_lengths if not cpu else (256,), seed=seed))
+                synthetic=SyntheticMix(fraction=fraction, tasks=tasks, lengths=sample_lengths, seed=seed))
         print(f"prepared {path} in {time.time() - t0:.0f}s")
     return path
 

@@ -4,6 +4,7 @@ Run through scripts/train_small_gpu.sh, which sets the environment this reads; i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -52,9 +53,7 @@ t_all = time.time()
 sources = [x for x in os.environ.get("PREPARE_SOURCES", "").split(",") if x]
 synth_lengths, synth_tasks = synthetic_settings()
 
-def packed(path: str, srcs: list[str], fraction: float, sample_lengths: tuple[int, ...], seed: int,
-           max_docs: int | None = None, tasks: tuple[str, ...] = synth_tasks) -> str:
-    return packed_set(path, srcs, fraction, sample_lengths, seed, cpu=cpu, tasks=tasks, max_docs=max_docs)
+packed = functools.partial(packed_set, cpu=cpu, tasks=synth_tasks)   # built when missing (small_run_common)
 
 if sources:
     packed(data, sources, float(os.environ.get("SYNTHETIC_FRACTION", "0.4")), synth_lengths, seed=1234,

@@ -71,6 +71,17 @@ def project(x: torch.Tensor, linears: list[nn.Linear], fused: bool) -> list[torc
     return list(F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1))
 
 
+def project_qkv(layer: nn.Module, x: torch.Tensor, gate: nn.Linear | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """An attention layer's q [B, T, H, D], k, v [B, T, Hkv, D] and output-gate input (None without a gate) from x
+    [B, T, hidden], through `project` (one GEMM when the layer's fuse_projections is set)."""
+    B, T, _ = x.shape
+    q, k, v, *g = project(x, [layer.q_proj, layer.k_proj, layer.v_proj, *([gate] if gate is not None else [])],
+                          layer.fuse_projections)
+    return (q.view(B, T, layer.num_heads, layer.head_dim), k.view(B, T, layer.num_kv_heads, layer.head_dim),
+            v.view(B, T, layer.num_kv_heads, layer.head_dim), g[0] if g else None)
+
+
 class SalaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -162,18 +173,13 @@ class SalaLightningAttention(nn.Module):
         return self.o_proj(o)
 
     def forward(self, x: torch.Tensor, batch: _Batch, cache: LightningLayerCache | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v, *z = project(x, [self.q_proj, self.k_proj, self.v_proj, *([self.z_proj] if self.z_proj is not None else [])],
-                              self.fuse_projections)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v, z = project_qkv(self, x, self.z_proj)
         cos, sin = batch.rope(self.head_dim, self.rope_theta) if self.use_rope else (None, None)
         q, k, v = self.prepare(q, k, v, cos, sin)
         if batch.real_mask is not None:   # padding tokens must not enter the state: zero their keys
             k = k * batch.real_mask[:, :, None, None].to(k.dtype)
         log_decay = self.log_decay(x.device)
-        if cache is not None and cache.state is not None and T == 1:
+        if cache is not None and cache.state is not None and x.shape[1] == 1:
             o = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], log_decay, cache.state, scale=self.scale)[:, None]
         else:
             o, state = lightning_attention(
@@ -183,7 +189,7 @@ class SalaLightningAttention(nn.Module):
             )
             if cache is not None:
                 cache.state = state
-        return self.finish(o, z[0] if z else None, x.dtype)
+        return self.finish(o, z, x.dtype)
 
 
 # ----------------------------------------------------------------------------- InfLLM-V2 sparse attention layer
@@ -242,11 +248,7 @@ class SalaSparseAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: _Batch, cache: SparseLayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v, *gate = project(x, [self.q_proj, self.k_proj, self.v_proj, *([self.o_gate] if self.o_gate is not None else [])],
-                                 self.fuse_projections)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v, gate = project_qkv(self, x, self.o_gate)
         cos, sin = batch.rope(self.head_dim, self.config.rope_theta) if self.config.attn_use_rope else (None, None)
         q, k = self.prepare(q, k, cos, sin, batch.position_ids)
 
@@ -265,7 +267,7 @@ class SalaSparseAttention(nn.Module):
                     cache.append(b, k[b, p:], v[b, p:], B)
                     kb, vb, k1, k2 = cache.sequence(b)
                     o[b:b + 1, p:] = self._attend(q[b:b + 1, p:], kb, vb, k1, k2)
-        return self.finish(o, gate[0] if gate else None)
+        return self.finish(o, gate)
 
 
 # ----------------------------------------------------------------------------- decoder

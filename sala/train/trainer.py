@@ -73,13 +73,12 @@ class Trainer:
         if model is None:
             model = build_model(config.model, vocab_size=self.meta["vocab_size"], bos_id=self.meta.get("bos_id"),
                                 eos_id=self.meta.get("eos_id"), pad_id=self.meta.get("eos_id"))
+        for option in ("fuse_projections", "loss_chunk"):   # SALA-only throughput options
+            if getattr(config.model, option) and not is_sala(model):
+                raise ValueError(f"model.{option} is for SALA models; this one is not")
         if config.model.fuse_projections:
-            if not is_sala(model):
-                raise ValueError("model.fuse_projections is for SALA models; this one is not")
             set_fused_projections(model, True)
         if config.model.loss_chunk:
-            if not is_sala(model):
-                raise ValueError("model.loss_chunk is for SALA models; this one is not")
             model.loss_chunk = int(config.model.loss_chunk)
         torch.manual_seed(config.seed + self.env.rank)
         np.random.seed((config.seed + self.env.rank) % 2**32)
@@ -122,11 +121,10 @@ class Trainer:
                 raise FileNotFoundError(f"resume_from={config.resume_from}: not a checkpoint folder (no trainer.json)")
         if path is not None:
             self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.env)["state"]
-            if self.state["stage"] > len(config.stages) or (self.state["stage"] < len(config.stages) and
-                                                            self.state["stage_step"] > config.stages[self.state["stage"]].steps):
-                raise ValueError(f"checkpoint {path} is at stage {self.state['stage']}, step {self.state['stage_step']} "
-                                 f"of it, beyond this config's {len(config.stages)} stages "
-                                 f"({[st.steps for st in config.stages]} steps)")
+            stage, step, steps = self.state["stage"], self.state["stage_step"], [st.steps for st in config.stages]
+            if stage > len(steps) or (stage < len(steps) and step > steps[stage]):
+                raise ValueError(f"checkpoint {path} is at stage {stage}, step {step} of it, beyond this config's "
+                                 f"{len(steps)} stages ({steps} steps)")
             resume_step = self.state["global_step"]
             self.info(f"resumed from {path} at step {resume_step}")
         if self.env.is_main:
@@ -215,18 +213,17 @@ class Trainer:
             self.info(f"step {step}: held-out loss {val:.4f}")
         return val
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> Path:
         """Checkpoint now (model, optimizer, schedule position, data position, RNG) under `out_dir/checkpoints`;
-        `resume: true` continues from the newest one exactly."""
-        ckpt.save_checkpoint(self.ckpt_root, self.state["global_step"], self.model, self.optimizer,
-                             {"state": self.state, "config": self.cfg.to_dict()}, self.env,
-                             keep=self.cfg.keep_checkpoints)
+        `resume: true` continues from the newest one exactly. Returns its folder."""
+        return ckpt.save_checkpoint(self.ckpt_root, self.state["global_step"], self.model, self.optimizer,
+                                    {"state": self.state, "config": self.cfg.to_dict()}, self.env,
+                                    keep=self.cfg.keep_checkpoints)
 
-    def _keep_stage_end(self, stage_index: int, name: str) -> None:
-        """Copy the checkpoint just written at the end of stage `stage_index` to out_dir/stage_ends/<i>_<name>,
-        which pruning never touches (`resume_from` starts a branch there)."""
+    def _keep_stage_end(self, src: Path, stage_index: int, name: str) -> None:
+        """Copy checkpoint `src`, written at the end of stage `stage_index`, to out_dir/stage_ends/<i>_<name>, which
+        pruning never touches (`resume_from` starts a branch there)."""
         if self.env.is_main:
-            src = ckpt.latest_checkpoint(self.ckpt_root)
             dst = self.out_dir / "stage_ends" / f"{stage_index}_{name}"
             tmp = dst.with_name(f".tmp-{dst.name}")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -327,9 +324,9 @@ class Trainer:
                     last_eval = self._evaluate_and_log(si)
                     win_t0 = time.time()
                 if (cfg.save_every and gstep % cfg.save_every == 0) or final_of_stage:
-                    self.save_checkpoint()
+                    saved = self.save_checkpoint()
                     if final_of_stage and cfg.keep_stage_ends:
-                        self._keep_stage_end(si, st.name)
+                        self._keep_stage_end(saved, si, st.name)
                     win_t0 = time.time()
                 if cfg.stop_after is not None and gstep >= cfg.stop_after:
                     stopped = True
