@@ -55,6 +55,7 @@ def test_overrides_and_types(tmp_path):
     ("stages.0.trainable=['(']", "not a valid regular expression"),
     ("model.kind=gpt", "model.kind must be one of"),
     ("stages.0.steps=abc", "expected an integer"),
+    ("max_nonfinite_steps=-1", "max_nonfinite_steps must be >= 0"),
 ])
 def test_invalid_config_is_a_clear_error(override, message):
     with pytest.raises(ValueError, match=message):
@@ -289,3 +290,52 @@ def test_throughput_options_train_the_same_model(packed, tmp_path, option):
     assert runs[True] == pytest.approx(runs[False], rel=1e-5, abs=1e-5)
     with pytest.raises(ValueError, match=f"{option.split('=')[0]} is for SALA"):
         Trainer(_cfg(packed, tmp_path / "llama", "model.kind=llama", LLAMA_TINY, option), log=lambda s: None)
+
+
+def _poison_losses(trainer, poisoned_calls):
+    """Make the loss of the given forward calls (0-based) NaN; record the parameters around every optimizer step."""
+    import torch
+
+    calls, snapshots = [0], []
+    forward, step = trainer._forward_loss, trainer._optimizer_step
+
+    def forward_loss(batch):
+        loss = forward(batch)
+        calls[0] += 1
+        return loss * float("nan") if calls[0] - 1 in poisoned_calls else loss
+
+    def optimizer_step():
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        norm = step()
+        after = [p.detach().clone() for p in trainer.model.parameters()]
+        steps = {int(s["step"]) for s in trainer.optimizer.state.values() if "step" in s}
+        snapshots.append((all(torch.equal(x, y) for x, y in zip(before, after)), steps))
+        return norm
+
+    trainer._forward_loss, trainer._optimizer_step = forward_loss, optimizer_step
+    return snapshots
+
+
+def test_nonfinite_step_is_skipped_and_reported(packed, tmp_path):
+    """A step whose loss is NaN leaves weights and AdamW state as they were, is named in the metrics log and the
+    summary, and training goes on with finite losses."""
+    t = Trainer(_cfg(packed, tmp_path / "r", "model.kind=llama", LLAMA_TINY, "stages.0.steps=4",
+                     "stages.0.seq_len=32", "stages.0.micro_batch=2", "optim.lr=5e-3", "log_every=2"),
+                log=lambda s: None)
+    snapshots = _poison_losses(t, {1})
+    summary = t.fit()
+    unchanged = [u for u, _ in snapshots]
+    assert unchanged == [False, True, False, False]
+    assert [sorted(s) for _, s in snapshots] == [[1], [1], [2], [3]]      # the skipped step is not counted
+    recs = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "step_loss" in r]
+    assert [r.get("skipped_steps") for r in recs] == [[2], None]
+    assert math.isfinite(recs[-1]["step_loss"]) and summary["skipped_steps"] == 1
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run(packed, tmp_path):
+    t = Trainer(_cfg(packed, tmp_path / "r", "model.kind=llama", LLAMA_TINY, "stages.0.steps=6",
+                     "stages.0.seq_len=32", "stages.0.micro_batch=2", "max_nonfinite_steps=2", "log_every=3"),
+                log=lambda s: None)
+    _poison_losses(t, {1, 2, 3, 4, 5})
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row \(2\.\.4\).*weights are those after step 1"):
+        t.fit()

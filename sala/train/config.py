@@ -120,6 +120,7 @@ class TrainConfig:
     resume_from: str | None = None   # a checkpoint folder to start from when out_dir has none (branching a run)
     stop_after: int | None = None
     time_limit_s: float | None = None   # wall-clock budget: past it, stop after the current step and save
+    max_nonfinite_steps: int = 10   # steps with a non-finite loss or gradient are skipped; more in a row stop the run
     peak_tflops: float | None = None
     progress: bool = True
     save_final: bool = True
@@ -311,3 +312,6 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.eval_every < 0 or cfg.save_every < 0:
         raise ValueError("eval_every and save_every must be >= 0 (0 = only at stage ends)")
+    if cfg.max_nonfinite_steps < 0:
+        raise ValueError(f"max_nonfinite_steps must be >= 0 (0: stop at the first non-finite step), "
+                         f"got {cfg.max_nonfinite_steps}")

@@ -107,11 +107,20 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = self.env.device.type == "cuda" and not self.env.distributed
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None)
+        # A step whose loss or gradients are not finite is skipped, not applied: on one device a GradScaler held at
+        # scale 1 finds the inf/NaN and the optimizer skips the update on the device (no host sync per step; the
+        # values of finite steps are unchanged); under FSDP2 the all-reduced gradient norm decides on every rank.
+        self.scaler = None
+        if not self.env.distributed:
+            self.scaler = torch.amp.GradScaler(self.env.device.type, init_scale=1.0, growth_interval=2**30)
+            self.scaler.scale(torch.ones((), device=self.env.device))   # allocates its scale on the device
+        self._pending_finite: list[tuple[int, int, int, torch.Tensor]] = []   # step, stage, data position, finite?
+        self._nonfinite_run = 0
         use_bf16 = (config.precision in ("bf16", "bf16-residual")
                     or (config.precision == "auto" and self.env.device.type == "cuda"))
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.peak = config.peak_tflops or peak_tflops(self.env.device)
-        self.state = {"global_step": 0, "stage": 0, "stage_step": 0, "data_pos": 0, "tokens": 0}
+        self.state = {"global_step": 0, "stage": 0, "stage_step": 0, "data_pos": 0, "tokens": 0, "skipped_steps": 0}
         self.ckpt_root = self.out_dir / "checkpoints"
         resume_step = None
         path = ckpt.latest_checkpoint(self.ckpt_root) if config.resume else None
@@ -121,6 +130,7 @@ class Trainer:
                 raise FileNotFoundError(f"resume_from={config.resume_from}: not a checkpoint folder (no trainer.json)")
         if path is not None:
             self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.env)["state"]
+            self.state.setdefault("skipped_steps", 0)   # checkpoints written before the count existed
             stage, step, steps = self.state["stage"], self.state["stage_step"], [st.steps for st in config.stages]
             if stage > len(steps) or (stage < len(steps) and step > steps[stage]):
                 raise ValueError(f"checkpoint {path} is at stage {stage}, step {step} of it, beyond this config's "
@@ -216,6 +226,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Checkpoint now (model, optimizer, schedule position, data position, RNG) under `out_dir/checkpoints`;
         `resume: true` continues from the newest one exactly. Returns its folder."""
+        self._flush_nonfinite()
         return ckpt.save_checkpoint(self.ckpt_root, self.state["global_step"], self.model, self.optimizer,
                                     {"state": self.state, "config": self.cfg.to_dict()}, self.env,
                                     keep=self.cfg.keep_checkpoints)
@@ -231,6 +242,52 @@ class Trainer:
             shutil.rmtree(dst, ignore_errors=True)
             os.replace(tmp, dst)
         barrier(self.env)
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip (optim.grad_clip > 0), then update unless the gradients hold an inf or NaN; zero the gradients.
+        Returns the gradient norm before clipping (a device scalar; all-reduced under FSDP2)."""
+        clip = self.cfg.optim.grad_clip
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)   # at scale 1: only the inf/NaN check, on the device
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:   # no micro-batch had a token to predict
+            return torch.zeros((), device=self.env.device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)       # skipped on the device when a gradient is not finite
+            self.scaler.update(1.0)
+        elif bool(torch.isfinite(grad_norm)):      # FSDP2: one sync; every rank sees the same norm
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _flush_nonfinite(self) -> list[int]:
+        """Read the finiteness of the steps taken since the last call (one host sync), count and report the skipped
+        ones, and stop the run once more than `max_nonfinite_steps` in a row were skipped. Returns their steps."""
+        if not self._pending_finite:
+            return []
+        flags = torch.stack([f for *_, f in self._pending_finite]).tolist()
+        pending, self._pending_finite = self._pending_finite, []
+        skipped = []
+        for (step, stage, pos, _), ok in zip(pending, flags):
+            if ok:
+                self._nonfinite_run = 0
+                continue
+            skipped.append(step)
+            self._nonfinite_run += 1
+            self.state["skipped_steps"] += 1
+            self.info(f"step {step} (stage {stage}, data position {pos}): loss or gradients not "
+                      f"finite; update skipped ({self._nonfinite_run} in a row)")
+            if self._nonfinite_run > self.cfg.max_nonfinite_steps:
+                first = step - self._nonfinite_run + 1
+                raise FloatingPointError(
+                    f"training stopped: {self._nonfinite_run} steps in a row ({first}..{step}) had a non-finite loss "
+                    f"or gradient, more than max_nonfinite_steps={self.cfg.max_nonfinite_steps}. Their updates were "
+                    f"skipped, so the weights are those after step {first - 1}. Lower the learning rate or check the "
+                    f"data at those positions, then resume from a checkpoint under {self.ckpt_root}")
+        return skipped
 
     def fit(self) -> dict:
         """Run the remaining stages; returns a summary."""
@@ -275,15 +332,13 @@ class Trainer:
                 step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
                 for b in micro:
                     nt = num_loss_tokens(b)
+                    if nt == 0 and not env.distributed:   # nothing to predict: its mean loss would be 0/0 = NaN
+                        continue                             # (FSDP2 ranks must all run: the step is skipped)
                     loss = self._forward_loss(self._to_device(b))
                     (loss * (nt * env.world / max(n_global, 1.0))).backward()
                     step_loss += loss.detach().double() * nt
-                grad_norm = None
-                if cfg.optim.grad_clip > 0:
-                    params = [p for p in self.model.parameters() if p.grad is not None]
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                grad_norm = self._optimizer_step()
+                self._pending_finite.append((self.state["global_step"] + 1, si, base, torch.isfinite(grad_norm)))
                 self.state["stage_step"] += 1
                 self.state["global_step"] += 1
                 self.state["data_pos"] += per_step
@@ -295,8 +350,7 @@ class Trainer:
                 gstep = self.state["global_step"]
                 final_of_stage = self.state["stage_step"] == st.steps
                 if gstep % cfg.log_every == 0 or final_of_stage:
-                    if grad_norm is not None and hasattr(grad_norm, "full_tensor"):
-                        grad_norm = grad_norm.full_tensor()
+                    skipped = self._flush_nonfinite()
                     sums = all_reduce_sum([float(win_loss), float(step_loss)], env)
                     dt = max(time.time() - win_t0, 1e-9)
                     rec = {"step": gstep, "stage": si, "stage_name": st.name, "stage_step": self.state["stage_step"],
@@ -306,6 +360,8 @@ class Trainer:
                            "tflops": win_flops / dt / 1e12, "seq_len": st.seq_len,
                            "mfu": (win_flops / dt / 1e12 / (self.peak * env.world)) if self.peak else None,
                            "time_s": time.time() - t_start}
+                    if skipped:
+                        rec["skipped_steps"] = skipped
                     if env.device.type == "cuda":
                         rec["max_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
                     self.metrics.write(rec)
@@ -339,11 +395,13 @@ class Trainer:
                     break
         if bar is not None:
             bar.close()
+        self._flush_nonfinite()
         if timed_out:
             last_eval = self._evaluate_and_log(min(self.state["stage"], len(cfg.stages) - 1))
         summary = {"global_step": self.state["global_step"], "tokens": self.state["tokens"],
                    "seconds": time.time() - t_start, "val_loss": last_eval, "params": self.num_params,
-                   "stopped_early": stopped, "time_limit_reached": timed_out}
+                   "stopped_early": stopped, "time_limit_reached": timed_out,
+                   "skipped_steps": self.state["skipped_steps"]}
         if not stopped and cfg.save_final:
             self.save_model(self.out_dir / "final")
             summary["final_model"] = str(self.out_dir / "final")
