@@ -28,7 +28,7 @@
 #                                                 #  stage from that run's stable end, OUT/branch_NAME_*.json)
 #   OUT=/dir bash scripts/gpu_check.sh repro      # HALO reproduction: teacher, SALA, ablations (needs repro_data/)
 #   OUT=/dir bash scripts/gpu_check.sh profile    # where a training step's time goes, fp32 vs bf16 residual stream
-#   OUT=/dir bash scripts/gpu_check.sh levers     # the training-step MFU levers (fused projections, chunked loss)
+#   OUT=/dir bash scripts/gpu_check.sh levers     # the training-step MFU levers (fused projections, compiled loss)
 #                                                 # against the same baseline (carry train_data/retrieval_long*)
 #                                                 # (needs train_data/: carry it)
 #
@@ -105,11 +105,13 @@ case "$part" in
         --out "$OUT/profile_train_step_12l${res:+_bf16res}_h200.json" 2>&1 | grep -v USDT | grep "=="
     done ;;
   levers)
-    # the MFU levers of docs/training.md against the same baseline, one process each, on one machine: separate
-    # projections and full logits, fused projections, the chunked loss, both (12 layers, 16 x 4096, compiled,
-    # sparse off, fp32 weights under bf16 autocast); PROFILE_DATA: a packed set (carry it), default the long
-    # retrieval set of train_data/
-    for flags in "" "--fuse-projections" "--loss-chunk 4096" "--fuse-projections --loss-chunk 4096"; do
+    # the MFU levers of docs/training.md against the same baseline, one process each, on one machine (12 layers,
+    # 16 x 4096, compiled, sparse off, fp32 weights under bf16 autocast): LEVERS, variants separated by ';' (an
+    # empty one: the plain model), default the config's fused projections alone and with the compiled loss
+    # (measured before: ';--loss-chunk 4096', see docs/training.md); PROFILE_DATA: a packed set (carry it),
+    # default the long retrieval set of train_data/
+    IFS=';' read -ra variants <<< "${LEVERS:---fuse-projections;--fuse-projections --compile-loss}"
+    for flags in "${variants[@]}"; do
       tag=$(echo "${flags:-baseline}" | tr -d '-' | tr ' ' '_')
       python3 scripts/profile_train_step.py --data "${PROFILE_DATA:-train_data/retrieval_long4096_niah_single}" \
         --compile --layers 12 --trainer-precision --only sala_sparse_off_compiled --sites 30 $flags \

@@ -45,6 +45,8 @@ def main() -> None:
                     help="SALA runs: projections sharing an input as one GEMM (model.fuse_projections)")
     ap.add_argument("--loss-chunk", type=int, default=0,
                     help="SALA runs: the loss over chunks of this many tokens, no full logits (model.loss_chunk)")
+    ap.add_argument("--compile-loss", action="store_true",
+                    help="compiled SALA runs: the LM head + cross-entropy compiled as one function (model.compile_loss)")
     ap.add_argument("--sites", type=int, default=0,
                     help="also record the N costliest (op, Python call site) pairs by device time: where the copies, "
                          "casts and elementwise ops of a step come from")
@@ -97,7 +99,7 @@ def main() -> None:
         flops = train_step_flops(model, lengths, sparse and kind == "sala")
         layout = "flat" if kind == "sala" else "rows"
         batch = {k: v.to(dev) for k, v in collate_windows(windows, layout).items()}
-        fwd = compile_for_training(model) if compiled else model
+        fwd = compile_for_training(model, compile_loss=args.compile_loss and kind == "sala") if compiled else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if dev.type == "cuda" else {}))
 
         def step() -> float:

@@ -56,10 +56,12 @@ def test_overrides_and_types(tmp_path):
     ("model.kind=gpt", "model.kind must be one of"),
     ("stages.0.steps=abc", "expected an integer"),
     ("max_nonfinite_steps=-1", "max_nonfinite_steps must be >= 0"),
+    ("model.compile_loss=true", "needs model.compile: true"),
+    ("model.compile_loss=true model.compile=true model.loss_chunk=64", "choose one"),
 ])
 def test_invalid_config_is_a_clear_error(override, message):
     with pytest.raises(ValueError, match=message):
-        load_config(None, ["data.path=x", override])
+        load_config(None, ["data.path=x", *override.split()])
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -194,11 +196,11 @@ def test_fsdp2_two_cpu_ranks_match_one_process(packed, tmp_path):
     assert a == pytest.approx(b, rel=1e-5)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_compile_for_training_keeps_loss_and_gradients(fused):
-    """The compiled pieces (norms, MLPs, attention prepare/finish) give the eager model's loss and gradients on a
-    packed batch, with separate or fused projections (compiled model only); the attention ops themselves stay eager
-    (backend 'eager' keeps this test fast on the CPU)."""
+@pytest.mark.parametrize("fused, compile_loss", [(False, False), (True, False), (False, True)])
+def test_compile_for_training_keeps_loss_and_gradients(fused, compile_loss):
+    """The compiled pieces (norms, MLPs, attention prepare/finish, with compile_loss the LM head + loss) give the
+    eager model's loss and gradients on a packed batch, with separate or fused projections (compiled model only);
+    the attention ops themselves stay eager (backend 'eager' keeps this test fast on the CPU)."""
     import copy
 
     import torch
@@ -213,17 +215,20 @@ def test_compile_for_training_keeps_loss_and_gradients(fused):
     eager = SalaForCausalLM(cfg).float()
     twin = copy.deepcopy(eager)
     set_fused_projections(twin, fused)
-    compiled = compile_for_training(twin, backend="eager")
+    compiled = compile_for_training(twin, backend="eager", compile_loss=compile_loss)
+    assert compiled.loss_only == compile_loss and not eager.loss_only
     layer = compiled.model.layers[1]
     assert layer.self_attn.prepare is not eager.model.layers[1].self_attn.prepare
     assert layer.mlp._compiled_call_impl is not None and compiled.model.norm._compiled_call_impl is not None
+    assert "add_and_norm" in vars(layer) and "add_residual" in vars(layer)      # compiled per instance
     ids = torch.randint(3, cfg.vocab_size, (1, 96))
     cu = torch.tensor([0, 40, 96], dtype=torch.int32)
     losses = []
     for m in (eager, compiled):
-        loss = m(input_ids=ids, labels=ids, cu_seqlens=cu, use_cache=False).loss
-        loss.backward()
-        losses.append(loss.detach())
+        out = m(input_ids=ids, labels=ids, cu_seqlens=cu, use_cache=False)
+        assert (out.logits is None) == (m is compiled and compile_loss)
+        out.loss.backward()
+        losses.append(out.loss.detach())
     torch.testing.assert_close(losses[0], losses[1])
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)

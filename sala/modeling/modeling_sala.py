@@ -284,9 +284,18 @@ class SalaDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = SalaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.residual_scale = config.residual_scale
 
+    def add_and_norm(self, hidden: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden + delta * s, post_attention_layernorm of it): one fused kernel when compiled for training."""
+        hidden = hidden + delta * self.residual_scale
+        return hidden, self.post_attention_layernorm(hidden)
+
+    def add_residual(self, hidden: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """hidden + delta * s (compiled for training: the scale and the add in one kernel)."""
+        return hidden + delta * self.residual_scale
+
     def forward(self, hidden: torch.Tensor, batch: _Batch, cache: Any = None) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), batch, cache) * self.residual_scale
-        return hidden + self.mlp(self.post_attention_layernorm(hidden)) * self.residual_scale
+        hidden, normed = self.add_and_norm(hidden, self.self_attn(self.input_layernorm(hidden), batch, cache))
+        return self.add_residual(hidden, self.mlp(normed))
 
 
 class SalaPreTrainedModel(PreTrainedModel):
@@ -463,6 +472,9 @@ class SalaForCausalLM(SalaPreTrainedModel, GenerationMixin):
     # > 0: with labels, the loss comes from `linear_cross_entropy` over chunks of this many tokens and no logits are
     # returned (training; set by the trainer's model.loss_chunk); 0: logits [B, T, vocab] fp32 and F.cross_entropy
     loss_chunk: int = 0
+    # True: with labels, the loss comes from `lm_loss` and no logits are returned (training; set with
+    # model.compile_loss by `compile_for_training`, which compiles `lm_loss` so the fp32 logits are never stored)
+    loss_only: bool = False
 
     def __init__(self, config: SalaConfig) -> None:
         super().__init__(config)
@@ -514,6 +526,9 @@ class SalaForCausalLM(SalaPreTrainedModel, GenerationMixin):
                 shift_labels = shift_labels.clone()
                 ends = cu_seqlens.to(labels.device).long()[1:-1] - 1
                 shift_labels[0, ends[(ends >= 0) & (ends < shift_labels.shape[1])]] = -100
+        if shift_labels is not None and self.loss_only:   # training: LM head + loss in one (compiled) function
+            loss = self.lm_loss(hidden[:, :-1], shift_labels)
+            return CausalLMOutputWithPast(loss=loss, logits=None, **{CACHE_FIELD: output_cache(out)})
         if shift_labels is not None and self.loss_chunk:   # training: the loss without the [tokens, vocab] logits
             h = (hidden / self.config.logit_divisor)[:, :-1]
             loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, shift_labels.reshape(-1),
@@ -525,6 +540,12 @@ class SalaForCausalLM(SalaPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
                                    ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: output_cache(out)})
+
+    def lm_loss(self, hidden: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy (labels -100 ignored) of the fp32 logits lm_head(hidden / logit_divisor) against
+        shift_labels [B, T']; hidden [B, T', hidden_size]. The same loss as `forward`'s logits path."""
+        logits = self.lm_head(hidden / self.config.logit_divisor).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):

@@ -73,7 +73,7 @@ class Trainer:
         if model is None:
             model = build_model(config.model, vocab_size=self.meta["vocab_size"], bos_id=self.meta.get("bos_id"),
                                 eos_id=self.meta.get("eos_id"), pad_id=self.meta.get("eos_id"))
-        for option in ("fuse_projections", "loss_chunk"):   # SALA-only throughput options
+        for option in ("fuse_projections", "loss_chunk", "compile_loss"):   # SALA-only throughput options
             if getattr(config.model, option) and not is_sala(model):
                 raise ValueError(f"model.{option} is for SALA models; this one is not")
         if config.model.fuse_projections:
@@ -99,7 +99,8 @@ class Trainer:
         if self.env.distributed:
             shard_model(model, self.env)
         self.model = model
-        self.forward_model = compile_for_training(model) if config.model.compile else model
+        self.forward_model = (compile_for_training(model, compile_loss=config.model.compile_loss)
+                              if config.model.compile else model)
         decay, no_decay = [], []
         for name, p in model.named_parameters():
             (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
