@@ -321,12 +321,20 @@ def _poison_losses(trainer, poisoned_calls):
     return snapshots
 
 
-def test_nonfinite_step_is_skipped_and_reported(packed, tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_nonfinite_step_is_skipped_and_reported(packed, tmp_path, fused):
     """A step whose loss is NaN leaves weights and AdamW state as they were, is named in the metrics log and the
-    summary, and training goes on with finite losses."""
+    summary, and training goes on with finite losses. fused: the fused AdamW the trainer uses on a GPU, which skips
+    the update on the device (GradScaler's found_inf) instead of after a host check."""
+    import torch
+
     t = Trainer(_cfg(packed, tmp_path / "r", "model.kind=llama", LLAMA_TINY, "stages.0.steps=4",
                      "stages.0.seq_len=32", "stages.0.micro_batch=2", "optim.lr=5e-3", "log_every=2"),
                 log=lambda s: None)
+    if fused:
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in t.optimizer.param_groups]
+        t.optimizer = torch.optim.AdamW(groups, lr=5e-3, fused=True)
+        assert t.optimizer._step_supports_amp_scaling
     snapshots = _poison_losses(t, {1})
     summary = t.fit()
     unchanged = [u for u, _ in snapshots]
