@@ -65,7 +65,7 @@ result = {
                     "data_epochs": decay.steps * decay.micro_batch * decay.grad_accum * decay.seq_len
                     / max(1, read_meta(decay_data)["splits"]["train"]["tokens"])},
     "decay_data_meta": read_meta(decay_data),
-    "training": {"steps": fit["global_step"], "seconds": train_seconds,
+    "training": {"steps": fit["global_step"], "seconds": train_seconds, "skipped_steps": fit.get("skipped_steps", 0),
                  "final_train_loss": logs[-1]["loss"] if logs else None,
                  "heldout_loss": val[-1]["val_loss"] if val else None, "heldout_loss_data": decay_data,
                  "corpus_heldout_loss": corpus_heldout},

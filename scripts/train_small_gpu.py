@@ -277,6 +277,7 @@ result = {
     "meta": run_metadata(), "config": cfg.to_dict(), "params": summary["params"],
     "training": {"steps": summary["global_step"], "tokens": summary["tokens"], "seconds": summary["seconds"],
                  "time_limit_reached": summary.get("time_limit_reached", False),
+                 "skipped_steps": summary.get("skipped_steps", 0),   # non-finite steps, not applied (all calls)
                  "stable_sparse_off": mfu_stats("stable"), "decay_sparse_on": mfu_stats("decay"),
                  "final_train_loss": train_logs[-1]["loss"], "heldout_loss": val[-1]["val_loss"] if val else None,
                  "heldout_loss_data": cfg.stages[-1].data or data, "corpus_heldout_loss": corpus_heldout,
@@ -376,5 +377,5 @@ report["status"] = "done"
 save_summary()
 table = result["niah_table"]
 print(table)
-print(json.dumps({k: result["training"][k] for k in ("steps", "tokens", "seconds", "final_train_loss", "heldout_loss", "corpus_heldout_loss",
+print(json.dumps({k: result["training"][k] for k in ("steps", "tokens", "seconds", "skipped_steps", "final_train_loss", "heldout_loss", "corpus_heldout_loss",
                                                       "stable_sparse_off", "decay_sparse_on")}, indent=1))
