@@ -24,11 +24,10 @@ def _load(name: str) -> dict | None:
 def _best_training_mfu() -> tuple[float, str]:
     """Highest median stage MFU over the main training run and the completed runs in history/ (a run's own summary,
     not a first call's or a branch's), with the file it came from."""
-    paths = [RESULTS / "train_small_summary.json"] + sorted((RESULTS / "history").glob("train_small_run*_summary.json"))
+    runs = [p for p in sorted((RESULTS / "history").glob("train_small_run*_summary.json"))
+            if "_first_call_" not in p.name and "_branch_" not in p.name]
     best = (0.0, "")
-    for path in paths:
-        if path.name.endswith(("_first_call_summary.json",)) or "_branch_" in path.name or not path.exists():
-            continue
+    for path in [RESULTS / "train_small_summary.json", *runs]:
         training = json.loads(path.read_text()).get("training", {})
         for stage in training.values():
             if isinstance(stage, dict) and (stage.get("median_mfu") or 0) > best[0]:

@@ -49,6 +49,13 @@ def packed(path: str, srcs: list[str], fraction: float, sample_lengths: tuple[in
     return path
 
 
+def data_epochs(stage, data: str) -> float:
+    """How many times `stage` (a StageConfig) reads the training split of its dataset (`data` when it names none)."""
+    from sala.data import read_meta
+    tokens = read_meta(stage.data or data)["splits"]["train"]["tokens"]
+    return stage.steps * stage.micro_batch * stage.grad_accum * stage.seq_len / max(1, tokens)
+
+
 def decay_set(data: str, *, cpu: bool) -> str | None:
     """The decay stage's dataset from DECAY_SOURCES / DECAY_MAX_DOCS / DECAY_SYNTHETIC_FRACTION (built when missing),
     or None without DECAY_SYNTHETIC_FRACTION (the decay stage then reads the corpus)."""

@@ -42,8 +42,7 @@ def main() -> None:
 
     from sala.bench.common import run_metadata, write_json
     from sala.modeling.configuration_sala import SalaConfig
-    from sala.modeling.modeling_sala import SalaForCausalLM
-    from sala.modeling.modeling_sala import sparse_params_from_config
+    from sala.modeling.modeling_sala import SalaForCausalLM, sparse_params_from_config
     from sala.ops.infllmv2 import infllmv2_attention
     from sala.train.model_factory import set_fused_projections
 
@@ -89,7 +88,7 @@ def main() -> None:
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids, cu_seqlens=torch.tensor(bounds), use_cache=False).loss
             loss.backward()
-            gn = torch.sqrt(sum((q.grad.float() ** 2).sum() for q in model.parameters() if q.grad is not None))
+            gn = torch.nn.utils.get_total_norm([w.grad for w in model.parameters() if w.grad is not None])
             row["fused" if fused else "separate"] = {"loss": float(loss.detach()), "grad_norm": float(gn)}
         runs.append(row)
         print(row, flush=True)

@@ -19,7 +19,7 @@ from sala.data import read_meta
 from sala.eval.runner import format_table, run_tasks
 from sala.train import Trainer, load_config
 from sala.train.metrics import read_metrics
-from small_run_common import decay_set, eval_plan
+from small_run_common import data_epochs, decay_set, eval_plan
 
 t0 = time.time()
 out, data, cpu = os.environ["OUT_DIR"], os.environ["DATA"], os.environ["SMALL_CPU"] == "1"
@@ -62,8 +62,7 @@ decay = cfg.stages[-1]
 result = {
     "meta": run_metadata(), "branch": name, "run_config": run_config, "started_from": start,
     "decay_stage": {"steps": decay.steps, "data": decay_data, "sparse": decay.sparse, "lr_end": decay.lr_end,
-                    "data_epochs": decay.steps * decay.micro_batch * decay.grad_accum * decay.seq_len
-                    / max(1, read_meta(decay_data)["splits"]["train"]["tokens"])},
+                    "data_epochs": data_epochs(decay, decay_data)},
     "decay_data_meta": read_meta(decay_data),
     "training": {"steps": fit["global_step"], "seconds": train_seconds, "skipped_steps": fit.get("skipped_steps", 0),
                  "final_train_loss": logs[-1]["loss"] if logs else None,

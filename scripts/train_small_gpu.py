@@ -20,7 +20,7 @@ from sala.train.config import validate
 from sala.train.metrics import read_metrics
 from sala.eval.runner import run_tasks, format_table
 from sala.bench.common import run_metadata, write_json
-from small_run_common import decay_set, eval_plan, packed as packed_set, synthetic_settings
+from small_run_common import data_epochs, decay_set, eval_plan, packed as packed_set, synthetic_settings
 
 out, data, cpu = os.environ["OUT_DIR"], os.environ["DATA"], os.environ["SMALL_CPU"] == "1"
 budget = float(os.environ["TRAIN_SECONDS"])
@@ -200,9 +200,8 @@ validate(cfg)   # the stages assembled above obey the config rules (e.g. warmup 
 stage_index = {st.name: i for i, st in enumerate(cfg.stages)}
 # how many times each stage reads its dataset (run 12's decay stage read its 7M-token set ~7 times, and its held-out
 # loss rose over the last 250 steps)
-data_epochs = {st.name: st.steps * st.micro_batch * st.grad_accum * st.seq_len
-               / max(1, read_meta(st.data or data)["splits"]["train"]["tokens"]) for st in cfg.stages}
-for name, epochs in data_epochs.items():
+stage_epochs = {st.name: data_epochs(st, data) for st in cfg.stages}
+for name, epochs in stage_epochs.items():
     if epochs > 3:
         print(f"stage {name!r} reads its dataset {epochs:.1f} times: a larger set (RETRIEVAL_DATA_EPOCHS, "
               "DECAY_SOURCES / DECAY_MAX_DOCS, DATA_MAX_DOCS) repeats less")
@@ -283,7 +282,7 @@ result = {
                  "heldout_loss_data": cfg.stages[-1].data or data, "corpus_heldout_loss": corpus_heldout,
                  "heldout_curve": [(r["step"], r["val_loss"]) for r in val],
                  "heldout_curve_note": "each point on the held-out split of its stage's own dataset",
-                 "data_epochs": data_epochs},
+                 "data_epochs": stage_epochs},
     "decay_stage_sparse": decay_sparse, "decay_stage_data": decay_data, "compiled": use_compile,
     "retrieval_warmup": {"share": warm_share, "steps": cfg.stages[0].steps, "steps_requested": retr_steps or None, "data": short_data,
                          "seq_len": cfg.stages[0].seq_len, "micro_batch": cfg.stages[0].micro_batch,

@@ -465,6 +465,11 @@ class SalaModel(SalaPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_FIELD: cache})
 
 
+def _mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, T, vocab] against labels [B, T], labels -100 ignored."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
 class SalaForCausalLM(SalaPreTrainedModel, GenerationMixin):
     """SALA causal LM: `SalaModel` + untied lm_head on h / (hidden_size / dim_model_base); logits in fp32."""
 
@@ -534,18 +539,18 @@ class SalaForCausalLM(SalaPreTrainedModel, GenerationMixin):
             loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, shift_labels.reshape(-1),
                                         chunk=self.loss_chunk)
             return CausalLMOutputWithPast(loss=loss, logits=None, **{CACHE_FIELD: output_cache(out)})
-        logits = self.lm_head(hidden / self.config.logit_divisor).float()
-        loss = None
-        if shift_labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
-                                   ignore_index=-100)
+        logits = self.lm_logits(hidden)
+        loss = None if shift_labels is None else _mean_cross_entropy(logits[:, :-1], shift_labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: output_cache(out)})
 
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [B, T, vocab] of lm_head(hidden / logit_divisor); hidden [B, T, hidden_size]."""
+        return self.lm_head(hidden / self.config.logit_divisor).float()
+
     def lm_loss(self, hidden: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy (labels -100 ignored) of the fp32 logits lm_head(hidden / logit_divisor) against
-        shift_labels [B, T']; hidden [B, T', hidden_size]. The same loss as `forward`'s logits path."""
-        logits = self.lm_head(hidden / self.config.logit_divisor).float()
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100)
+        """`forward`'s loss from hidden [B, T', hidden_size] and shift_labels [B, T'], its logits not returned (so that
+        compiled, they are never stored)."""
+        return _mean_cross_entropy(self.lm_logits(hidden), shift_labels)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):

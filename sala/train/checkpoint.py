@@ -47,6 +47,24 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished folder `tmp` to `final`, replacing an older `final`."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy checkpoint folder `src` to `dst` (written beside it, then renamed; an older `dst` is replaced)."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, tmp)
+    replace_dir(tmp, dst)
+    return dst
+
+
 def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, trainer_state: dict, env: DistEnv, keep: int = 2) -> Path:
     """Write checkpoint `step` (all ranks must call this) and prune all but the newest `keep`."""
@@ -75,9 +93,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Mod
     torch.save(rng_state(), tmp / f"rng_rank{env.rank}.pt")
     barrier(env)
     if env.is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
         _atomic_write_text(root / "latest", final.name + "\n")
         done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
         for old in done[:-keep]:

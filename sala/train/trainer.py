@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -236,23 +235,18 @@ class Trainer:
         """Copy checkpoint `src`, written at the end of stage `stage_index`, to out_dir/stage_ends/<i>_<name>, which
         pruning never touches (`resume_from` starts a branch there)."""
         if self.env.is_main:
-            dst = self.out_dir / "stage_ends" / f"{stage_index}_{name}"
-            tmp = dst.with_name(f".tmp-{dst.name}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp)
-            shutil.rmtree(dst, ignore_errors=True)
-            os.replace(tmp, dst)
+            ckpt.copy_checkpoint(src, self.out_dir / "stage_ends" / f"{stage_index}_{name}")
         barrier(self.env)
 
     def _optimizer_step(self) -> torch.Tensor:
         """Clip (optim.grad_clip > 0), then update unless the gradients hold an inf or NaN; zero the gradients.
         Returns the gradient norm before clipping (a device scalar; all-reduced under FSDP2)."""
-        clip = self.cfg.optim.grad_clip
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:   # no micro-batch had a token to predict: nothing to apply
+            return torch.zeros((), device=self.env.device)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)   # at scale 1: only the inf/NaN check, on the device
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if not params:   # no micro-batch had a token to predict
-            return torch.zeros((), device=self.env.device)
+        clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
@@ -420,21 +414,13 @@ class Trainer:
         if self.env.is_main:
             tmp = folder.with_name(".tmp-" + folder.name)
             if tmp.exists():
-                import shutil
-
                 shutil.rmtree(tmp)
             self.model.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
             tok_dir = Path(self.cfg.data.path or self.cfg.stages[0].data) / "tokenizer"
             if tok_dir.is_dir():
-                import shutil
-
                 for f in tok_dir.iterdir():
                     shutil.copy2(f, tmp / f.name)
-            if folder.exists():
-                import shutil
-
-                shutil.rmtree(folder)
-            tmp.rename(folder)
+            ckpt.replace_dir(tmp, folder)
             self.info(f"saved model to {folder}")
         if self.env.distributed:
             torch.distributed.barrier()
