@@ -110,10 +110,17 @@ case "$part" in
     # empty one: the plain model), default the config's fused projections alone and with the compiled loss
     # (measured before: ';--loss-chunk 4096', see docs/training.md); PROFILE_DATA: a packed set (carry it),
     # default the long retrieval set of train_data/
+    # (built here when missing: the same mix from 60 documents, ~7 s). A variant "name:flags" names its file.
+    data=${PROFILE_DATA:-train_data/retrieval_long4096_niah_single}
+    if [ ! -f "$data/meta.json" ]; then
+      python3 -c "import sys; sys.path.insert(0, 'scripts'); from small_run_common import packed; packed('$data', \
+['stdlib'], 0.9, (512, 1024, 2048), seed=1357, cpu=False, tasks=('niah_single',), max_docs=60)" | tail -1
+    fi
     IFS=';' read -ra variants <<< "${LEVERS:---fuse-projections;--fuse-projections --compile-loss}"
-    for flags in "${variants[@]}"; do
-      tag=$(echo "${flags:-baseline}" | tr -d '-' | tr ' ' '_')
-      python3 scripts/profile_train_step.py --data "${PROFILE_DATA:-train_data/retrieval_long4096_niah_single}" \
+    for variant in "${variants[@]}"; do
+      if [[ "$variant" == *:* ]]; then tag=${variant%%:*}; flags=${variant#*:}
+      else flags=$variant; tag=$(echo "${flags:-baseline}" | tr -d '-' | tr ' ' '_'); fi
+      python3 scripts/profile_train_step.py --data "$data" \
         --compile --layers 12 --trainer-precision --only sala_sparse_off_compiled --sites 30 $flags \
         --out "$OUT/profile_levers_${tag}_h200.json" 2>&1 | grep -v USDT | grep "=="
     done ;;

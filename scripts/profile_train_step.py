@@ -40,6 +40,9 @@ def main() -> None:
                     help="fp32 weights under bf16 autocast, as the trainer runs them (default: bf16 weights)")
     ap.add_argument("--bf16-residual", action="store_true",
                     help="with --trainer-precision: the trainer's precision bf16-residual (bf16 hidden states between layers)")
+    ap.add_argument("--config", default="",
+                    help="SALA model config overrides as key=value,... (e.g. hidden_size=640,intermediate_size=1920,"
+                         "num_attention_heads=10,lightning_nh=10,lightning_nkv=10,num_hidden_layers=8): a wider model")
     ap.add_argument("--only", default="", help="comma-separated run names to keep (default: all)")
     ap.add_argument("--fuse-projections", action="store_true",
                     help="SALA runs: projections sharing an input as one GEMM (model.fuse_projections)")
@@ -79,6 +82,7 @@ def main() -> None:
         if (compiled and not args.compile) or (only and name not in only):
             continue
         sala_cfg = {"num_hidden_layers": args.layers} if args.layers else {}
+        sala_cfg.update(parse_overrides(args.config))
         spec = ModelConfig(kind=kind, preset=args.preset if kind == "sala" else None,
                            config=sala_cfg if kind == "sala" else {"hidden_size": 512, "intermediate_size": 1536,
                                                               "num_hidden_layers": 8, "num_attention_heads": 8,
@@ -125,6 +129,11 @@ def main() -> None:
             run = {"step_ms": ms, "tokens_per_s": sum(lengths) / ms * 1e3, "tflops": flops / ms / 1e9,
                    "mfu": flops / ms / 1e9 / peak if peak else None}
             from torch.profiler import ProfilerActivity, profile
+            if dev.type == "cuda":   # device activity only (little host overhead): is the GPU ever waiting?
+                with profile(activities=[ProfilerActivity.CUDA]) as light:
+                    step()
+                    sync()
+                run.update(gpu_activity(light))
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
             stack_cfg = ({"with_stack": True, "experimental_config": torch._C._profiler._ExperimentalConfig(verbose=True)}
                          if args.sites else {})   # verbose: the Python frames reach each event
@@ -147,7 +156,9 @@ def main() -> None:
             run = {"error": traceback.format_exc()[-1500:]}
         result["runs"][name] = run
         print(f"== {name}: " + (f"{run['step_ms']:.1f} ms/step, {run['tokens_per_s']:,.0f} tok/s, MFU "
-                                f"{run['mfu']}, device busy {run['device_busy_ms']:.1f} ms" if "step_ms" in run
+                                f"{run['mfu']}, device busy {run['device_busy_ms']:.1f} ms"
+                                + (f", GPU kernels {run['gpu_kernels_ms']:.1f} of a {run['gpu_span_ms']:.1f} ms span"
+                                   if "gpu_span_ms" in run else "") if "step_ms" in run
                                 else run["error"]), flush=True)
         for r in run.get("top", [])[:18]:
             print(f"   {r['self_ms']:9.2f} ms {r['calls']:6d}x  {r['name']}")
@@ -159,6 +170,36 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     write_json(args.out, result)
+
+
+def parse_overrides(text: str) -> dict:
+    """'a=1,b=x' -> {"a": 1, "b": "x"} (ints where they parse)."""
+    out: dict = {}
+    for item in (x for x in text.split(",") if x):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--config: {item!r} is not key=value")
+        out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return out
+
+
+def gpu_activity(prof) -> dict:
+    """From a device-only profile of one step: the union of the kernels' and copies' intervals (gpu_kernels_ms)
+    within the span from the first to the last (gpu_span_ms); the difference is time the GPU waited for the host."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+    if not spans:
+        return {}
+    busy, (cur_a, cur_b) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > cur_b:
+            busy += cur_b - cur_a
+            cur_a, cur_b = a, b
+        else:
+            cur_b = max(cur_b, b)
+    busy += cur_b - cur_a
+    return {"gpu_kernels_ms": busy / 1e3, "gpu_span_ms": (spans[-1][1] - spans[0][0]) / 1e3,
+            "gpu_events": len(spans)}
 
 
 def call_sites(prof, n: int, key: str) -> list[dict]:
