@@ -25,7 +25,7 @@ def _best_training_mfu() -> tuple[float, str]:
     """Highest median stage MFU over the main training run and the completed runs in history/ (a run's own summary,
     not a first call's or a branch's), with the file it came from."""
     runs = [p for p in sorted((RESULTS / "history").glob("train_small_run*_summary.json"))
-            if "_first_call_" not in p.name and "_branch_" not in p.name]
+            if "_call_" not in p.name and "_branch_" not in p.name]
     best = (0.0, "")
     for path in [RESULTS / "train_small_summary.json", *runs]:
         training = json.loads(path.read_text()).get("training", {})
@@ -457,6 +457,14 @@ def _heldout_text(d: dict) -> str:
     return f"held-out loss {t['heldout_loss']:.2f}"
 
 
+def _shape(d: dict) -> str:
+    """', N layers of hidden H' from a training summary's model config overrides ('' when it names neither)."""
+    cfg = ((d.get("config") or {}).get("model") or {}).get("config") or {}
+    if "num_hidden_layers" not in cfg or "hidden_size" not in cfg:
+        return f", {cfg['num_hidden_layers']} layers" if "num_hidden_layers" in cfg else ""
+    return f", {cfg['num_hidden_layers']} layers of hidden {cfg['hidden_size']}"
+
+
 def training_section() -> list[str]:
     d = _load("train_small_summary.json")
     if not d:
@@ -499,7 +507,7 @@ def training_section() -> list[str]:
     out = ["### Training a small SALA model for real (issue 6)", "",
            f"`bench/results/train_small_summary.json` ({_device(d)}); metrics `train_small_metrics.jsonl`, loss plot "
            "`train_small_loss.png`; earlier runs under `bench/results/history/`.", "",
-           f"{d['params'] / 1e6:.1f}M parameters (sala-small, vocab 8192), {t['tokens'] / 1e6:.1f}M tokens in "
+           f"{d['params'] / 1e6:.1f}M parameters (sala-small{_shape(d)}, vocab 8192), {t['tokens'] / 1e6:.1f}M tokens in "
            f"{t['seconds']:.0f} s at 4K context{', torch.compile' if d.get('compiled') else ''}; data: {data}; "
            f"{_heldout_text(d)}; final train loss {t['final_train_loss']:.2f}.",
            "", *_header("stage", "tokens/s", "TFLOP/s", "MFU"),
@@ -570,6 +578,36 @@ def profile_section() -> list[str]:
             out += ["", f"Sparse on, new packed batches vs the same batches again (`profile_sparse_vary_h200.json`): "
                         f"{sum(p0) / len(p0):.0f} ms vs {sum(p1) / len(p1):.0f} ms per step after the first: no "
                         "per-shape compilation or cuDNN plan building left on the step."]
+    return out + [""] + levers_section()
+
+
+def levers_section() -> list[str]:
+    """The MFU levers (`gpu_check.sh levers`): one row per profile_levers_<tag>_h200.json, grouped by the commit
+    measured, each against the rows of its own call."""
+    rows = []
+    for path in sorted([*RESULTS.glob("profile_levers_*_h200.json"), *RESULTS.glob("history/profile_levers_*.json")]):
+        d = json.loads(path.read_text())
+        r = d["runs"].get("sala_sparse_off_compiled") or {}
+        if "step_ms" not in r:
+            continue
+        a = d["args"]
+        cfg = dict(kv.split("=", 1) for kv in (a.get("config") or "").split(",") if "=" in kv)
+        shape = f"{cfg.get('num_hidden_layers', a.get('layers'))} x {cfg.get('hidden_size', 512)}"
+        flags = [f for f, on in (("fuse_projections", a.get("fuse_projections")), ("compile_loss", a.get("compile_loss")),
+                                 (f"loss_chunk {a.get('loss_chunk')}", a.get("loss_chunk"))) if on]
+        gpu = (f"{r['gpu_kernels_ms']:.1f} / {r['gpu_span_ms']:.1f}" if "gpu_span_ms" in r else "-")
+        rows.append((d["meta"].get("git_commit", "")[:7], str(path.relative_to(RESULTS)), shape, ", ".join(flags) or "none",
+                     r["step_ms"], r["tokens_per_s"], r["mfu"], gpu))
+    if not rows:
+        return []
+    out = ["### MFU levers of the training step (issue 6)", "",
+           "`bash scripts/gpu_check.sh levers`: one packed 16 x 4096 micro-batch of the long retrieval set, compiled, "
+           "sparse attention off (the stable stage), fp32 weights under bf16 autocast, forward + backward + fused "
+           "AdamW; rows of one commit come from one device call. GPU kernels / span: the union of the kernels' "
+           "intervals within one step's span under a device-only profiler (the rest is time the GPU waited).", "",
+           *_header("commit", "file", "layers x hidden", "levers", "ms/step", "tokens/s", "MFU", "GPU kernels / span (ms)")]
+    for commit, name, shape, flags, ms, tps, mfu, gpu in sorted(rows, key=lambda x: (x[0], -x[4])):
+        out.append(_row(commit, f"`{name}`", shape, flags, f"{ms:.1f}", f"{tps:,.0f}", f"{100 * mfu:.1f}%", gpu))
     return out + [""]
 
 
