@@ -2,7 +2,10 @@
 the evaluation plan, building a packed dataset when it is missing, and the decay set's path."""
 from __future__ import annotations
 
+import json
+import math
 import os
+import statistics
 import time
 
 
@@ -69,3 +72,63 @@ def decay_set(data: str, *, cpu: bool) -> str | None:
     lengths, tasks = synthetic_settings()
     return packed(data.rstrip("/") + "_decay" + tag, sources, fraction, lengths,
                   seed=4321, cpu=cpu, tasks=tasks, max_docs=(max_docs or 40) if cpu else max_docs)
+
+
+def stable_steps_to_finish(stable_steps: int, stable_done: int, decay_steps: int, decay_done: int, tok_step: int,
+                           tps_stable: float, tps_decay: float, seconds: float, warmup_s: float) -> int:
+    """The stable stage's length (steps) that lets a run's last call finish its decay stage within `seconds`.
+
+    The rest of the stable stage runs at `tps_stable` and the rest of the decay stage at `tps_decay` tokens/s after
+    `warmup_s` of recompilation; when that does not fit, the constant-LR stable stage gives up the steps (never
+    below `stable_done`, the steps it already ran), so the exponential decay still reaches its end. Returns
+    `stable_steps` when everything fits.
+    """
+    need = (warmup_s + max(0, stable_steps - stable_done) * tok_step / tps_stable
+            + max(0, decay_steps - decay_done) * tok_step / tps_decay)
+    if need <= seconds:
+        return stable_steps
+    cut = math.ceil((need - seconds) * tps_stable / tok_step)
+    return max(stable_done, stable_steps - cut)
+
+
+def replan_last_call(run_dir: str, stages: list, seconds: float, *, decay_speed_ratio: float,
+                     warmup_s: float) -> dict | None:
+    """For the last call of a split run: the stable stage's new length from the newest checkpoint's position and
+    the speeds the earlier calls logged (metrics.jsonl; the decay stage's own when it has started, else the
+    stable stage's times `decay_speed_ratio`). `stages` are the run's StageConfigs, with one named "stable" and
+    the last one the decay stage. Returns {"planned", "now", "reason"} when the stable stage must shrink, else
+    None (it fits, or the stable stage is over)."""
+    from sala.train.checkpoint import latest_checkpoint
+    from sala.train.metrics import read_metrics
+
+    names = [st.name for st in stages]
+    i_stable, i_decay = names.index("stable"), len(stages) - 1
+    ckpt = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if ckpt is None or not os.path.exists(metrics):
+        return None
+    state = json.loads(open(os.path.join(ckpt, "trainer.json")).read())
+    state = state.get("state", state)
+    if state["stage"] != i_stable:
+        return None
+    recs = [r for r in read_metrics(metrics) if r.get("tokens_per_s") and r["step"] <= state["global_step"]]
+
+    def median_tps(stage: int) -> float | None:
+        xs = [r["tokens_per_s"] for r in recs if r.get("stage") == stage][1:]   # the first window compiles
+        return statistics.median(xs) if xs else None
+
+    tps_stable = median_tps(i_stable)
+    if not tps_stable:
+        return None
+    tps_decay = median_tps(i_decay) or tps_stable * decay_speed_ratio
+    stable, decay = stages[i_stable], stages[i_decay]
+    tok_step = stable.seq_len * stable.micro_batch * stable.grad_accum
+    decay_tok_step = decay.seq_len * decay.micro_batch * decay.grad_accum
+    now = stable_steps_to_finish(stable.steps, state["stage_step"], decay.steps, 0, tok_step, tps_stable,
+                                 tps_decay * tok_step / decay_tok_step, seconds, warmup_s)
+    if now == stable.steps:
+        return None
+    return {"planned": stable.steps, "now": now,
+            "reason": (f"{stable.steps - state['stage_step']} stable steps at the logged {tps_stable:,.0f} tok/s and "
+                       f"{decay.steps} decay steps at {tps_decay:,.0f} tok/s, plus {warmup_s:.0f} s of compilation, "
+                       f"do not fit this call's {seconds:.0f} s")}

@@ -20,7 +20,8 @@ from sala.train.config import validate
 from sala.train.metrics import read_metrics
 from sala.eval.runner import run_tasks, format_table
 from sala.bench.common import run_metadata, write_json
-from small_run_common import data_epochs, decay_set, eval_plan, packed as packed_set, synthetic_settings
+from small_run_common import (data_epochs, decay_set, eval_plan, packed as packed_set, replan_last_call,
+                              synthetic_settings)
 
 out, data, cpu = os.environ["OUT_DIR"], os.environ["DATA"], os.environ["SMALL_CPU"] == "1"
 budget = float(os.environ["TRAIN_SECONDS"])
@@ -103,6 +104,7 @@ def tokens_per_s(sparse: bool, steps: int, **stage) -> tuple[float, float | None
     cfg = load_config(cfg_path, base + [f"out_dir={work}/calib_{int(sparse)}", "resume=false", "save_final=false",
                                         "log_every=4", "eval_windows=1"])
     cfg.model.compile = use_compile
+    cfg.model.compile_loss = cfg.model.compile_loss and use_compile   # the compiled loss needs the compiled model
     cfg.stages = [dataclasses.replace(cfg.stages[0], name="calib", steps=steps, warmup_steps=0, sparse=sparse,
                                       **stage)]
     tr = Trainer(cfg)
@@ -151,6 +153,7 @@ print(f"data {t_data:.0f}s, calibration {t_cal - t_data:.0f}s: sparse off {tps_o
 
 ov = base + [f"out_dir={work}/run", "resume=false", f"stages.0.steps={steps_off}", f"stages.1.steps={steps_on}",
              f"model.compile={str(use_compile).lower()}", f"time_limit_s={limit:.0f}",
+             f"model.compile_loss={str(use_compile and full.model.compile_loss).lower()}",
              f"stages.0.warmup_steps={min(50, steps_off // 5)}", f"stages.1.sparse={str(decay_sparse).lower()}", f"eval_every={max(10, (steps_off + steps_on) // 6)}",
              "keep_stage_ends=true"]   # the stable stage's end: where train_small_branch.py starts other decay stages
 if decay_data:
@@ -210,6 +213,10 @@ probe: dict = dict(split_state.get("probe", {}))
 if resuming:   # the same variables must give the same plan: resume the first call's run from its checkpoint
     first = json.load(open(os.path.join(work, "run", "config.json")))["stages"]
     now = json.loads(json.dumps(cfg.to_dict()["stages"]))   # as the first call's config.json holds them
+    if split == "second":   # a last call that ran before may have shortened the stable stage (below): not a new plan
+        for a, b in zip(first, now):
+            if a.get("name") == b.get("name") == "stable":
+                a["steps"] = b["steps"]
     if first != now:
         i = next((i for i, (a, b) in enumerate(zip(first, now)) if a != b), min(len(first), len(now)))
         a, b = (first[i] if i < len(first) else {}), (now[i] if i < len(now) else {})
@@ -218,6 +225,18 @@ if resuming:   # the same variables must give the same plan: resume the first ca
                          f"call's (first, now): {diff}; run this call with the first call's variables")
     cfg.resume = True
     cfg.time_limit_s = limit
+replanned = None
+if split == "second":   # the last call finishes the decay stage: the stable stage gives up what does not fit
+    # (run 15's third call ended its decay stage at 1,655 of 2,088 steps: the stable stage ran 7% below the
+    # calibrated speed, and each call recompiles); SPLIT_FINAL_SECONDS: the seconds to plan for (default: the limit)
+    replanned = replan_last_call(f"{work}/run", cfg.stages, float(os.environ.get("SPLIT_FINAL_SECONDS") or limit),
+                                 decay_speed_ratio=float(os.environ.get("DECAY_SPEED_RATIO", "0.6")),
+                                 warmup_s=float(os.environ.get("REPLAN_WARMUP_SECONDS", "40")))
+    if replanned:
+        i_stable = stage_index["stable"]
+        cfg.stages[i_stable] = dataclasses.replace(cfg.stages[i_stable], steps=replanned["now"])
+        print(f"last call: the stable stage ends at step {replanned['now']} of its {replanned['planned']} so that the "
+              f"decay stage finishes ({replanned['reason']})")
 
 def retrieval_probe(tag: str, model_dir: str) -> None:
     """niah_single at the retrieval stage's sample length: did retrieval form there (and survive)?"""
@@ -300,7 +319,7 @@ result = {
 if split:
     result["split_calls"] = {"earlier_calls_seconds": split_state.get("call_seconds"),
                              "calls": split_state.get("calls", 0) + 1, "this_call": split,
-                             "steps_planned": cfg.total_steps()}
+                             "steps_planned": cfg.total_steps(), "stable_stage_replanned": replanned}
 
 def save_summary():
     result["niah_table"] = format_table(report) if report["tasks"] else ""

@@ -51,6 +51,10 @@
 #      resumes exactly from there and hands over again at its TOTAL_SECONDS; the second (last) finishes the stages
 #      and evaluates; a middle call that finishes the stages evaluates too). Keep DATA and WORK_DIR under the repo's ignored runs/, which a warm device
 #      machine keeps between calls), SPLIT_STOP_AFTER (a first or middle call stops at this global step instead: tests),
+#      SPLIT_FINAL_SECONDS (the seconds the last call plans for, default its time limit: when the rest of the stable
+#      stage and the whole decay stage, at the speeds the earlier calls logged plus REPLAN_WARMUP_SECONDS, default
+#      40, of recompilation, do not fit, the stable stage ends sooner so that the decay stage reaches its end;
+#      summary split_calls.stable_stage_replanned),
 #      BRANCH=NAME (after a finished run, on the same machine with the same DATA and WORK_DIR: another decay stage
 #      from the run's stable-stage end, on the decay set DECAY_SOURCES / DECAY_MAX_DOCS / DECAY_SYNTHETIC_FRACTION
 #      give it, then niah_single as the run scores it: OUT_DIR/branch_NAME_summary.json; scripts/train_small_branch.py).

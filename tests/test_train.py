@@ -274,6 +274,34 @@ def test_stage_end_kept_and_a_branch_resumes_from_it(packed, tmp_path):
                      f"resume_from={ends / '1_decay'}"), log=lambda s: None)
 
 
+def test_resume_into_a_stage_shortened_to_the_checkpoint(packed, tmp_path):
+    """A stage shortened (after a checkpoint) to end exactly where the checkpoint stands is over: the resumed run
+    goes on with the next stage at once (no loop, no extra step), keeps that stage's end, and its later steps equal
+    a run planned with the shorter stage from the start."""
+    def common(stable_steps: int) -> list[str]:
+        return ["model.kind=llama", LLAMA_TINY, "optim.lr=5e-3", "keep_stage_ends=true",
+                f"stages=[{{name: stable, steps: {stable_steps}, seq_len: 32, micro_batch: 2, warmup_steps: 1}},"
+                " {name: decay, steps: 2, seq_len: 32, micro_batch: 2, decay: exponential, lr_end: 1.0e-4}]"]
+
+    first = Trainer(_cfg(packed, tmp_path / "run", *common(6), "stop_after=3"), log=lambda s: None)
+    first.fit()
+    first.save_checkpoint()   # a stop_after run does not checkpoint by itself
+    logs: list[str] = []
+    resumed = Trainer(_cfg(packed, tmp_path / "run", *common(3)), log=logs.append)
+    assert resumed.state["stage"] == 0 and resumed.state["stage_step"] == 3
+    assert resumed.fit()["global_step"] == 5
+    assert any("ends at step 3, where the checkpoint stands" in line for line in logs)
+    assert (tmp_path / "run" / "stage_ends" / "0_stable").is_dir()
+    got = [(r["step"], r["stage_name"], r["step_loss"]) for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+           if "step_loss" in r]
+    Trainer(_cfg(packed, tmp_path / "ref", *common(3)), log=lambda s: None).fit()
+    ref = [(r["step"], r["stage_name"], r["step_loss"]) for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")
+           if "step_loss" in r]
+    assert [(s_, n) for s_, n, _ in got] == [(1, "stable"), (2, "stable"), (3, "stable"), (4, "decay"), (5, "decay")]
+    for (_, _, a), (_, _, b) in zip(got, ref):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+
+
 @pytest.mark.parametrize("option", ["model.fuse_projections=true", "model.loss_chunk=24"])
 def test_throughput_options_train_the_same_model(packed, tmp_path, option):
     """model.fuse_projections (q/k/v/gate and gate/up as one GEMM each) and model.loss_chunk (the loss over token

@@ -97,6 +97,8 @@ def test_train_small_gpu_split_over_two_calls(tmp_path, run_script, prepare_in):
     import sys
     from pathlib import Path
 
+    from sala.train.metrics import read_metrics
+
     data = _packed_corpus(tmp_path, prepare_in)
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(SMALL_CPU="1", DATA=str(data), WORK_DIR=str(work), DECAY_SYNTHETIC_FRACTION="0.6",
@@ -138,13 +140,26 @@ def test_train_small_gpu_split_over_two_calls(tmp_path, run_script, prepare_in):
     assert middle["training"]["steps"] == 10 and middle["niah"]["status"].startswith("training continues")
     state = json.loads((work / "split_state.json").read_text())
     assert state["global_step"] == 10 and state["calls"] == 2
-    log = run_script(["train_small_gpu.sh", str(out)], tmp_path, SPLIT_CALL="second", **env)
+    # the last call plans for 1 s (SPLIT_FINAL_SECONDS): the stable stage gives up every step it has not run yet,
+    # so that the decay stage still runs to its end
+    log = run_script(["train_small_gpu.sh", str(out)], tmp_path, SPLIT_CALL="second", SPLIT_FINAL_SECONDS="1", **env)
     assert "resumed from" in log and "at step 10" in log
     # the first call's records are kept as they were (resumed, not retrained), the second call's follow them
     assert (out / "metrics.jsonl").read_text().splitlines()[:len(first_log)] == first_log
     second = json.loads((out / "summary.json").read_text())
-    assert second["config"]["stages"] == first["config"]["stages"]
+    names = [s["name"] for s in first["config"]["stages"]]
+    i_stable = names.index("stable")
+    stable_done = 10 - sum(s["steps"] for s in first["config"]["stages"][:i_stable])
+    assert 0 < stable_done < first["config"]["stages"][i_stable]["steps"]   # the hand-over was inside the stable stage
+    assert "the stable stage ends at step" in log
+    replanned = second["split_calls"]["stable_stage_replanned"]
+    assert replanned["planned"] == first["config"]["stages"][i_stable]["steps"] and replanned["now"] == stable_done
+    shortened = [dict(s, steps=stable_done) if s["name"] == "stable" else s for s in first["config"]["stages"]]
+    assert second["config"]["stages"] == shortened
+    planned -= replanned["planned"] - stable_done
     assert second["training"]["steps"] == planned and second["niah"]["status"] == "done"
+    decay_recs = [r for r in read_metrics(out / "metrics.jsonl") if r.get("stage_name") == "decay" and "loss" in r]
+    assert decay_recs[-1]["stage_step"] == first["config"]["stages"][-1]["steps"]   # the decay stage ran to its end
     # the resumed call's final model is evaluated on the corpus too, not only on the decay set
     assert 0 < second["training"]["corpus_heldout_loss"] != second["training"]["heldout_loss"], second["training"]
     assert second["retrieval_probe"]["scores"].keys() == {"after_retrieval_stage", "final"}
@@ -153,8 +168,6 @@ def test_train_small_gpu_split_over_two_calls(tmp_path, run_script, prepare_in):
 
     # decay branches from the finished run's stable-stage end (BRANCH=NAME): with the run's own decay set the branch
     # repeats the run's decay stage step for step; with another mix it trains on its own, separately built set
-    from sala.train.metrics import read_metrics
-
     def step_losses(path, stage=None):
         return [(r["step"], r["step_loss"]) for r in read_metrics(path)
                 if "step_loss" in r and (stage is None or r["stage_name"] == stage)]
@@ -180,3 +193,67 @@ def test_train_small_gpu_split_over_two_calls(tmp_path, run_script, prepare_in):
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert steps == sorted(set(steps)) and steps[-1] == planned   # one log across both calls, no step twice
+
+
+def _small_run_common():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module("small_run_common")
+
+
+def test_stable_steps_to_finish_gives_up_stable_steps_so_the_decay_ends():
+    """The last call of a split run: what fits keeps the plan; what does not shortens the stable stage by the
+    missing seconds at its own speed, never below the steps already run."""
+    f = _small_run_common().stable_steps_to_finish
+    kw = dict(tok_step=1000, tps_stable=10_000.0, tps_decay=5_000.0, warmup_s=10.0)
+    # 100 stable steps left (10 s) + 100 decay steps (20 s) + 10 s = 40 s
+    assert f(300, 200, 100, 0, seconds=40.0, **kw) == 300
+    assert f(300, 200, 100, 0, seconds=35.0, **kw) == 250        # 5 s short: 50 stable steps fewer
+    assert f(300, 200, 100, 0, seconds=34.95, **kw) == 249       # rounded up, never short of time
+    assert f(300, 200, 100, 0, seconds=5.0, **kw) == 200         # the steps already run stay
+    assert f(300, 200, 100, 40, seconds=32.0, **kw) == 300       # 60 decay steps left: 10 + 10 + 12 s fits
+
+
+def test_replan_last_call_reads_the_checkpoint_position_and_logged_speeds(tmp_path):
+    """replan_last_call: the newest checkpoint's stage position and the median logged tokens/s of the earlier calls
+    (the first window of a stage left out), the decay stage's own speed once it has started; None when it fits,
+    when the stable stage is over, or when nothing was logged yet."""
+    from sala.train.config import StageConfig
+
+    common = _small_run_common()
+    run = tmp_path / "run"
+    stages = [StageConfig(name="retrieval", steps=5, seq_len=8, micro_batch=2),
+              StageConfig(name="stable", steps=300, seq_len=10, micro_batch=10),
+              StageConfig(name="decay", steps=100, seq_len=10, micro_batch=10)]
+
+    def write(stage: int, stage_step: int, global_step: int, records: list[dict]) -> None:
+        ck = run / "checkpoints" / f"step_{global_step:08d}"
+        ck.mkdir(parents=True, exist_ok=True)
+        (ck / "trainer.json").write_text(json.dumps({"state": {"stage": stage, "stage_step": stage_step,
+                                                               "global_step": global_step}}))
+        (run / "checkpoints" / "latest").write_text(ck.name)
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    assert common.replan_last_call(str(run), stages, 10.0, decay_speed_ratio=0.5, warmup_s=10.0) is None
+    # stable records: a slow first window (compiling), then 10,000 tok/s; a record after the checkpoint is ignored
+    recs = ([{"step": 5, "stage": 0, "tokens_per_s": 50.0}, {"step": 10, "stage": 1, "tokens_per_s": 10.0}]
+            + [{"step": 10 + 10 * i, "stage": 1, "tokens_per_s": 10_000.0} for i in range(1, 20)]
+            + [{"step": 215, "stage": 1, "val_loss": 2.0}, {"step": 400, "stage": 1, "tokens_per_s": 1.0}])
+    write(1, 200, 205, recs)
+    # 100 stable steps at 100 steps/s (1 s), 100 decay steps at half that (2 s), 10 s warm-up: 13 s
+    assert common.replan_last_call(str(run), stages, 13.0, decay_speed_ratio=0.5, warmup_s=10.0) is None
+    got = common.replan_last_call(str(run), stages, 12.5, decay_speed_ratio=0.5, warmup_s=10.0)
+    assert got["planned"] == 300 and got["now"] == 250 and "10,000 tok/s" in got["reason"]
+    # the decay stage's own logged speed, once there is one, replaces the ratio
+    write(1, 200, 205, recs[:-1] + [{"step": 50, "stage": 2, "tokens_per_s": 1.0}]
+          + [{"step": 60 + i, "stage": 2, "tokens_per_s": 2_500.0} for i in range(3)])
+    got = common.replan_last_call(str(run), stages, 12.5, decay_speed_ratio=0.5, warmup_s=10.0)
+    assert got["now"] == 200   # 100 decay steps at 25 steps/s take 4 s: every stable step left goes
+    # the stable stage is over: nothing to shorten
+    write(2, 10, 315, recs)
+    assert common.replan_last_call(str(run), stages, 1.0, decay_speed_ratio=0.5, warmup_s=10.0) is None

@@ -300,6 +300,12 @@ class Trainer:
         while self.state["stage"] < len(cfg.stages) and not (stopped or timed_out):
             si = self.state["stage"]
             st: StageConfig = cfg.stages[si]
+            if self.state["stage_step"] >= st.steps:   # resumed where a stage, shortened since, already ends
+                self.info(f"stage {si} '{st.name}' ends at step {st.steps}, where the checkpoint stands: next stage")
+                self.state.update(stage=si + 1, stage_step=0, data_pos=0)
+                if cfg.keep_stage_ends:
+                    self._keep_stage_end(self.save_checkpoint(), si, st.name)
+                continue
             if st.sparse is not None:
                 set_sparse_attention(self.model, st.sparse)
             n_trainable = set_trainable(self.model, st.trainable)
