@@ -173,13 +173,21 @@ def main() -> None:
 
 
 def parse_overrides(text: str) -> dict:
-    """'a=1,b=x' -> {"a": 1, "b": "x"} (ints where they parse)."""
+    """'a=1,b=1e4,c=true,d=x' -> {"a": 1, "b": 10000.0, "c": True, "d": "x"}: ints, floats, booleans, else strings."""
+    def scalar(value: str):
+        for cast in (int, float):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+        return {"true": True, "false": False}.get(value.lower(), value)
+
     out: dict = {}
     for item in (x for x in text.split(",") if x):
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise SystemExit(f"--config: {item!r} is not key=value")
-        out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+        out[key.strip()] = scalar(value.strip())
     return out
 
 
