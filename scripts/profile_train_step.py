@@ -126,7 +126,8 @@ def main() -> None:
                 sync()
                 times.append(time.perf_counter() - t0)
             ms = 1e3 * sorted(times)[len(times) // 2]
-            run = {"step_ms": ms, "tokens_per_s": sum(lengths) / ms * 1e3, "tflops": flops / ms / 1e9,
+            run = {"params": sum(p.numel() for p in model.parameters()),
+                   "step_ms": ms, "tokens_per_s": sum(lengths) / ms * 1e3, "tflops": flops / ms / 1e9,
                    "mfu": flops / ms / 1e9 / peak if peak else None}
             from torch.profiler import ProfilerActivity, profile
             if dev.type == "cuda":   # device activity only (little host overhead): is the GPU ever waiting?
