@@ -113,8 +113,8 @@ case "$part" in
     # (built here when missing: the same mix from 60 documents, ~7 s). A variant "name:flags" names its file.
     data=${PROFILE_DATA:-train_data/retrieval_long4096_niah_single}
     if [ ! -f "$data/meta.json" ]; then
-      python3 -c "import sys; sys.path.insert(0, 'scripts'); from small_run_common import packed; packed('$data', \
-['stdlib'], 0.9, (512, 1024, 2048), seed=1357, cpu=False, tasks=('niah_single',), max_docs=60)" | tail -1
+      python3 -c "import sys; sys.path.insert(0, 'scripts'); from small_run_common import long_retrieval_set
+long_retrieval_set('$data', 4096, cpu=False, tasks=('niah_single',), max_docs=60)" | tail -1
     fi
     IFS=';' read -ra variants <<< "${LEVERS:---fuse-projections;--fuse-projections --compile-loss}"
     for variant in "${variants[@]}"; do

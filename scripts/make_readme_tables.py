@@ -13,6 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "scripts"))
+from profile_train_step import parse_overrides  # noqa: E402  (the levers table reads the profiles' --config)
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 
 
@@ -591,7 +593,7 @@ def levers_section() -> list[str]:
         if "step_ms" not in r:
             continue
         a = d["args"]
-        cfg = dict(kv.split("=", 1) for kv in (a.get("config") or "").split(",") if "=" in kv)
+        cfg = parse_overrides(a.get("config") or "")
         shape = f"{cfg.get('num_hidden_layers', a.get('layers'))} x {cfg.get('hidden_size', 512)}"
         flags = [f for f, on in (("fuse_projections", a.get("fuse_projections")), ("compile_loss", a.get("compile_loss")),
                                  (f"loss_chunk {a.get('loss_chunk')}", a.get("loss_chunk"))) if on]

@@ -24,7 +24,7 @@ def main() -> None:
     from sala.train.compile import compile_for_training
     from sala.train.config import ModelConfig
     from sala.train.flops import peak_tflops, train_step_flops
-    from sala.train.model_factory import build_model
+    from sala.train.model_factory import apply_throughput_options, build_model
     from sala.train.trainer import _doc_lengths, bf16_residual_stream
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,18 +83,17 @@ def main() -> None:
             continue
         sala_cfg = {"num_hidden_layers": args.layers} if args.layers else {}
         sala_cfg.update(parse_overrides(args.config))
-        spec = ModelConfig(kind=kind, preset=args.preset if kind == "sala" else None,
+        sala_opts = dict(fuse_projections=args.fuse_projections, loss_chunk=args.loss_chunk,
+                         compile_loss=args.compile_loss and compiled) if kind == "sala" else {}
+        spec = ModelConfig(kind=kind, preset=args.preset if kind == "sala" else None, **sala_opts,
                            config=sala_cfg if kind == "sala" else {"hidden_size": 512, "intermediate_size": 1536,
                                                               "num_hidden_layers": 8, "num_attention_heads": 8,
                                                               "num_key_value_heads": 2, "head_dim": 64})
         model = build_model(spec, vocab_size=meta["vocab_size"], bos_id=meta.get("bos_id"),
                             eos_id=meta.get("eos_id"), pad_id=0)
+        apply_throughput_options(model, spec)   # as the trainer applies them
         if kind == "sala":
             model.config.use_sparse_attention = sparse
-            if args.fuse_projections:
-                from sala.train.model_factory import set_fused_projections
-                set_fused_projections(model, True)
-            model.loss_chunk = args.loss_chunk
         weights_bf16 = dev.type == "cuda" and not args.trainer_precision
         model = model.to(dev, torch.bfloat16 if weights_bf16 else torch.float32)
         autocast = dev.type == "cuda" and args.trainer_precision
@@ -103,7 +102,7 @@ def main() -> None:
         flops = train_step_flops(model, lengths, sparse and kind == "sala")
         layout = "flat" if kind == "sala" else "rows"
         batch = {k: v.to(dev) for k, v in collate_windows(windows, layout).items()}
-        fwd = compile_for_training(model, compile_loss=args.compile_loss and kind == "sala") if compiled else model
+        fwd = compile_for_training(model, compile_loss=spec.compile_loss) if compiled else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if dev.type == "cuda" else {}))
 
         def step() -> float:
@@ -207,7 +206,7 @@ def gpu_activity(prof) -> dict:
         else:
             cur_b = max(cur_b, b)
     busy += cur_b - cur_a
-    return {"gpu_kernels_ms": busy / 1e3, "gpu_span_ms": (spans[-1][1] - spans[0][0]) / 1e3,
+    return {"gpu_kernels_ms": busy / 1e3, "gpu_span_ms": (max(b for _, b in spans) - spans[0][0]) / 1e3,
             "gpu_events": len(spans)}
 
 

@@ -2,7 +2,6 @@
 the evaluation plan, building a packed dataset when it is missing, and the decay set's path."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -52,6 +51,14 @@ def packed(path: str, srcs: list[str], fraction: float, sample_lengths: tuple[in
     return path
 
 
+def long_retrieval_set(path: str, seq_len: int, *, cpu: bool, tasks: tuple[str, ...], max_docs: int | None
+                       ) -> tuple[str, tuple[int, ...]]:
+    """The long retrieval stage's dataset at `path` (built when missing: stdlib + 90% synthetic samples of an eighth,
+    a quarter and half of `seq_len` tokens) and its sample lengths; also the levers profile's data."""
+    lengths = (256,) if cpu else (seq_len // 8, seq_len // 4, seq_len // 2)
+    return packed(path, ["stdlib"], 0.9, lengths, seed=1357, cpu=cpu, tasks=tasks, max_docs=max_docs), lengths
+
+
 def data_epochs(stage, data: str) -> float:
     """How many times `stage` (a StageConfig) reads the training split of its dataset (`data` when it names none)."""
     from sala.data import read_meta
@@ -98,7 +105,7 @@ def replan_last_call(run_dir: str, stages: list, seconds: float, *, decay_speed_
     stable stage's times `decay_speed_ratio`). `stages` are the run's StageConfigs, with one named "stable" and
     the last one the decay stage. Returns {"planned", "now", "reason"} when the stable stage must shrink, else
     None (it fits, or the stable stage is over)."""
-    from sala.train.checkpoint import latest_checkpoint
+    from sala.train.checkpoint import latest_checkpoint, read_trainer_state
     from sala.train.metrics import read_metrics
 
     names = [st.name for st in stages]
@@ -107,8 +114,7 @@ def replan_last_call(run_dir: str, stages: list, seconds: float, *, decay_speed_
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if ckpt is None or not os.path.exists(metrics):
         return None
-    state = json.loads(open(os.path.join(ckpt, "trainer.json")).read())
-    state = state.get("state", state)
+    state = read_trainer_state(ckpt)["state"]
     if state["stage"] != i_stable:
         return None
     recs = [r for r in read_metrics(metrics) if r.get("tokens_per_s") and r["step"] <= state["global_step"]]

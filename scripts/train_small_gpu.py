@@ -20,8 +20,8 @@ from sala.train.config import validate
 from sala.train.metrics import read_metrics
 from sala.eval.runner import run_tasks, format_table
 from sala.bench.common import run_metadata, write_json
-from small_run_common import (data_epochs, decay_set, eval_plan, packed as packed_set, replan_last_call,
-                              synthetic_settings)
+from small_run_common import (data_epochs, decay_set, eval_plan, long_retrieval_set, packed as packed_set,
+                              replan_last_call, synthetic_settings)
 
 out, data, cpu = os.environ["OUT_DIR"], os.environ["DATA"], os.environ["SMALL_CPU"] == "1"
 budget = float(os.environ["TRAIN_SECONDS"])
@@ -90,21 +90,25 @@ long_steps = int(os.environ.get("RETRIEVAL_LONG_STEPS", "0") or 0)
 long_seq = int(os.environ.get("RETRIEVAL_LONG_SEQ_LEN", "0") or 0) or full.stages[0].seq_len
 long_data, long_lengths = None, ()
 if long_steps:   # a second retrieval stage: the same tasks at long lengths, in the stable stage's micro-batch
-    long_lengths = (256,) if cpu else (long_seq // 8, long_seq // 4, long_seq // 2)
-    long_data = packed(f"{retr_prefix}_long{long_seq}{tasks_tag}", ["stdlib"], 0.9, long_lengths, seed=1357,
-                       max_docs=retrieval_docs(long_steps * full.stages[0].micro_batch * long_seq), tasks=retr_tasks)
+    long_data, long_lengths = long_retrieval_set(
+        f"{retr_prefix}_long{long_seq}{tasks_tag}", long_seq, cpu=cpu, tasks=retr_tasks,
+        max_docs=retrieval_docs(long_steps * full.stages[0].micro_batch * long_seq))
 if os.environ.get("PREPARE_ONLY") == "1":
     print("PREPARE_ONLY=1: datasets built:", ", ".join(p for p in (data if sources else None, decay_data, short_data,
                                                                    long_data) if p))
     raise SystemExit(0)
 
+def compile_overrides() -> list[str]:
+    """model.compile as use_compile says (off on the CPU, or after a failed compiled calibration), and the config's
+    compiled loss only with it (it needs the compiled model)."""
+    return [f"model.compile={str(use_compile).lower()}",
+            f"model.compile_loss={str(use_compile and full.model.compile_loss).lower()}"]
+
 def tokens_per_s(sparse: bool, steps: int, **stage) -> tuple[float, float | None]:
     """Throughput of the last log window of a short run (kernels compiled in the first windows); `stage` overrides
     the stable stage's fields (seq_len, micro_batch, data)."""
-    cfg = load_config(cfg_path, base + [f"out_dir={work}/calib_{int(sparse)}", "resume=false", "save_final=false",
-                                        "log_every=4", "eval_windows=1"])
-    cfg.model.compile = use_compile
-    cfg.model.compile_loss = cfg.model.compile_loss and use_compile   # the compiled loss needs the compiled model
+    cfg = load_config(cfg_path, base + compile_overrides() + [f"out_dir={work}/calib_{int(sparse)}", "resume=false",
+                                                              "save_final=false", "log_every=4", "eval_windows=1"])
     cfg.stages = [dataclasses.replace(cfg.stages[0], name="calib", steps=steps, warmup_steps=0, sparse=sparse,
                                       **stage)]
     tr = Trainer(cfg)
@@ -151,9 +155,9 @@ if split and os.environ.get("TOTAL_SECONDS"):   # this call's share: up to a che
 print(f"data {t_data:.0f}s, calibration {t_cal - t_data:.0f}s: sparse off {tps_off:,.0f} tok/s (MFU {mfu_off}); "
       f"training {steps_off} + {steps_on} steps of {tok_step} tokens, time limit {limit:.0f}s")
 
-ov = base + [f"out_dir={work}/run", "resume=false", f"stages.0.steps={steps_off}", f"stages.1.steps={steps_on}",
-             f"model.compile={str(use_compile).lower()}", f"time_limit_s={limit:.0f}",
-             f"model.compile_loss={str(use_compile and full.model.compile_loss).lower()}",
+ov = base + compile_overrides() + [
+             f"out_dir={work}/run", "resume=false", f"stages.0.steps={steps_off}", f"stages.1.steps={steps_on}",
+             f"time_limit_s={limit:.0f}",
              f"stages.0.warmup_steps={min(50, steps_off // 5)}", f"stages.1.sparse={str(decay_sparse).lower()}", f"eval_every={max(10, (steps_off + steps_on) // 6)}",
              "keep_stage_ends=true"]   # the stable stage's end: where train_small_branch.py starts other decay stages
 if decay_data:

@@ -114,11 +114,17 @@ def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
     return path
 
 
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    """The trainer's record of checkpoint folder `path` (trainer.json: {"state": position, counters; "config"}),
+    without loading weights."""
+    return json.loads((Path(path) / "trainer.json").read_text())
+
+
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     env: DistEnv) -> dict:
     """Restore model, optimizer and this rank's RNG from checkpoint folder `path`; returns the trainer state."""
     path = Path(path)
-    state = json.loads((path / "trainer.json").read_text())
+    state = read_trainer_state(path)
     if env.distributed:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 

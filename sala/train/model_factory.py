@@ -103,6 +103,18 @@ def set_fused_projections(model: torch.nn.Module, enabled: bool) -> int:
     return n
 
 
+def apply_throughput_options(model: torch.nn.Module, spec: ModelConfig) -> None:
+    """The SALA-only throughput options of `spec` on `model` (fused projections, chunked loss; compile_loss is applied
+    by `compile_for_training`): refused for another model, as the trainer runs them (and the step profiler)."""
+    for option in ("fuse_projections", "loss_chunk", "compile_loss"):
+        if getattr(spec, option) and not is_sala(model):
+            raise ValueError(f"model.{option} is for SALA models; this one is not")
+    if spec.fuse_projections:
+        set_fused_projections(model, True)
+    if spec.loss_chunk:
+        model.loss_chunk = int(spec.loss_chunk)
+
+
 def set_sparse_attention(model: torch.nn.Module, enabled: bool) -> None:
     """Switch SALA's sparse (top-k) attention on or off (off = dense causal attention in those layers)."""
     if not is_sala(model):

@@ -26,7 +26,7 @@ from sala.train.distributed import DistEnv, all_reduce_sum, barrier, setup, shar
 from sala.train.compile import compile_for_training
 from sala.train.flops import peak_tflops, train_step_flops
 from sala.train.metrics import MetricsLog
-from sala.train.model_factory import build_model, is_sala, set_fused_projections, set_sparse_attention
+from sala.train.model_factory import apply_throughput_options, build_model, is_sala, set_sparse_attention
 from sala.train.schedule import stage_lr
 
 
@@ -72,13 +72,7 @@ class Trainer:
         if model is None:
             model = build_model(config.model, vocab_size=self.meta["vocab_size"], bos_id=self.meta.get("bos_id"),
                                 eos_id=self.meta.get("eos_id"), pad_id=self.meta.get("eos_id"))
-        for option in ("fuse_projections", "loss_chunk", "compile_loss"):   # SALA-only throughput options
-            if getattr(config.model, option) and not is_sala(model):
-                raise ValueError(f"model.{option} is for SALA models; this one is not")
-        if config.model.fuse_projections:
-            set_fused_projections(model, True)
-        if config.model.loss_chunk:
-            model.loss_chunk = int(config.model.loss_chunk)
+        apply_throughput_options(model, config.model)
         torch.manual_seed(config.seed + self.env.rank)
         np.random.seed((config.seed + self.env.rank) % 2**32)
         self.sala = is_sala(model)
