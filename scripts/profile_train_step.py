@@ -50,6 +50,9 @@ def main() -> None:
                     help="SALA runs: the loss over chunks of this many tokens, no full logits (model.loss_chunk)")
     ap.add_argument("--compile-loss", action="store_true",
                     help="compiled SALA runs: the LM head + cross-entropy compiled as one function (model.compile_loss)")
+    ap.add_argument("--no-norm-cast", action="store_true",
+                    help="SALA runs: the decoder layers' norms emit fp32 under autocast, cast again by the projections "
+                         "(the model before SalaRMSNorm.autocast_output): the A/B baseline of that change")
     ap.add_argument("--sites", type=int, default=0,
                     help="also record the N costliest (op, Python call site) pairs by device time: where the copies, "
                          "casts and elementwise ops of a step come from")
@@ -92,6 +95,10 @@ def main() -> None:
         model = build_model(spec, vocab_size=meta["vocab_size"], bos_id=meta.get("bos_id"),
                             eos_id=meta.get("eos_id"), pad_id=0)
         apply_throughput_options(model, spec)   # as the trainer applies them
+        if args.no_norm_cast:
+            for m in model.modules():
+                if hasattr(m, "autocast_output"):
+                    m.autocast_output = False
         if kind == "sala":
             model.config.use_sparse_attention = sparse
         weights_bf16 = dev.type == "cuda" and not args.trainer_precision
@@ -143,6 +150,7 @@ def main() -> None:
             if args.sites:
                 run["sites"] = call_sites(prof, args.sites, "self_device_time_total" if dev.type == "cuda"
                                           else "self_cpu_time_total")
+            run["kernels"] = device_kernels(prof, 40) if dev.type == "cuda" else []
             ka = prof.key_averages()
             key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
             rows = sorted(ka, key=lambda e: getattr(e, key, 0), reverse=True)[:25]
@@ -164,6 +172,8 @@ def main() -> None:
             print(f"   {r['self_ms']:9.2f} ms {r['calls']:6d}x  {r['name']}")
         for r in run.get("top_host", [])[:8]:
             print(f"   host {r['self_ms']:9.2f} ms {r['calls']:6d}x  {r['name']}")
+        for r in run.get("kernels", [])[:25]:
+            print(f"   kernel {r['ms']:9.2f} ms {r['calls']:6d}x  {r['name'][:110]}")
         for r in run.get("sites", [])[:12]:
             print(f"   site {r['self_ms']:9.2f} ms {r['calls']:6d}x  {r['op']}  <- {' <- '.join(r['stack'][:2])}")
         del model, opt, fwd
@@ -208,6 +218,19 @@ def gpu_activity(prof) -> dict:
     busy += cur_b - cur_a
     return {"gpu_kernels_ms": busy / 1e3, "gpu_span_ms": (max(b for _, b in spans) - spans[0][0]) / 1e3,
             "gpu_events": len(spans)}
+
+
+def device_kernels(prof, n: int) -> list[dict]:
+    """The n costliest GPU kernels (and memcpy/memset) of a profiled step by total device time, grouped by name:
+    {"name", "calls", "ms"}; unlike the key averages, no host op is counted beside the kernels it launched."""
+    groups: dict = {}
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        g = groups.setdefault(e.name, {"name": e.name[:200], "calls": 0, "ms": 0.0})
+        g["calls"] += 1
+        g["ms"] += (e.time_range.end - e.time_range.start) / 1e3
+    return sorted(groups.values(), key=lambda r: r["ms"], reverse=True)[:n]
 
 
 def call_sites(prof, n: int, key: str) -> list[dict]:

@@ -46,7 +46,7 @@ def test_profile_helpers_parse_overrides_and_measure_gpu_activity():
     import pytest
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from profile_train_step import gpu_activity, parse_overrides
+    from profile_train_step import device_kernels, gpu_activity, parse_overrides
 
     assert parse_overrides("hidden_size=640,rope_theta=1e4,flag=true,name=x") == {
         "hidden_size": 640, "rope_theta": 1e4, "flag": True, "name": "x"}
@@ -54,10 +54,17 @@ def test_profile_helpers_parse_overrides_and_measure_gpu_activity():
     with pytest.raises(SystemExit, match="not key=value"):
         parse_overrides("hidden_size")
 
-    def ev(a: float, b: float, kind: str = "CUDA"):
-        return SimpleNamespace(time_range=SimpleNamespace(start=a, end=b), device_type=SimpleNamespace(name=kind))
+    def ev(a: float, b: float, kind: str = "CUDA", name: str = "k"):
+        return SimpleNamespace(time_range=SimpleNamespace(start=a, end=b), device_type=SimpleNamespace(name=kind),
+                               name=name)
 
     # kernels at 0-1000 and 500-2000 us overlap (2 ms busy), then 3000-4000 us; a host event does not count
     prof = SimpleNamespace(events=lambda: [ev(3000, 4000), ev(0, 1000), ev(500, 2000), ev(0, 9000, "CPU")])
     assert gpu_activity(prof) == {"gpu_kernels_ms": 3.0, "gpu_span_ms": 4.0, "gpu_events": 3}
     assert gpu_activity(SimpleNamespace(events=lambda: [])) == {}
+
+    # kernels by name, costliest first; host ops are not counted
+    prof = SimpleNamespace(events=lambda: [ev(0, 1000, name="gemm"), ev(1000, 1500, name="norm"),
+                                           ev(2000, 3000, name="gemm"), ev(0, 9000, "CPU", name="aten::mm")])
+    assert device_kernels(prof, 5) == [{"name": "gemm", "calls": 2, "ms": 2.0}, {"name": "norm", "calls": 1, "ms": 0.5}]
+    assert device_kernels(prof, 1) == [{"name": "gemm", "calls": 2, "ms": 2.0}]

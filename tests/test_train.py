@@ -234,6 +234,48 @@ def test_compile_for_training_keeps_loss_and_gradients(fused, compile_loss):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
+def test_fused_projections_norms_emit_the_autocast_dtype_with_the_same_values():
+    """With fused projections, under autocast the decoder layers' norms emit bf16 (what their one GEMM each would
+    cast to): the loss and every gradient equal the model whose norms emit fp32; outside autocast, and the final
+    norm, stay fp32; unfused (several GEMMs, whose input gradients add up in fp32) they stay fp32."""
+    import copy
+
+    import torch
+
+    from sala import SalaConfig, SalaForCausalLM
+    from sala.train.model_factory import set_fused_projections
+
+    torch.manual_seed(0)
+    cfg = SalaConfig.from_preset("sala-tiny")
+    new = SalaForCausalLM(cfg).float()
+    assert not new.model.layers[0].input_layernorm.autocast_output
+    set_fused_projections(new, True)
+    old = copy.deepcopy(new)
+    for m in old.modules():
+        if hasattr(m, "autocast_output"):
+            m.autocast_output = False
+    layer = new.model.layers[0]
+    x = torch.randn(1, 8, cfg.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.input_layernorm(x).dtype == torch.bfloat16
+        assert layer.post_attention_layernorm(x).dtype == torch.bfloat16
+        assert new.model.norm(x).dtype == torch.float32
+    assert layer.input_layernorm(x).dtype == torch.float32
+    ids = torch.randint(3, cfg.vocab_size, (1, 64))
+    cu = torch.tensor([0, 30, 64], dtype=torch.int32)
+    losses = []
+    for m in (old, new):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(input_ids=ids, labels=ids, cu_seqlens=cu, use_cache=False)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+    assert torch.equal(losses[0], losses[1])
+    for (name, a), (_, b) in zip(old.named_parameters(), new.named_parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    set_fused_projections(new, False)
+    assert not layer.input_layernorm.autocast_output and not layer.post_attention_layernorm.autocast_output
+
+
 def test_time_limit_stops_saves_and_resumes(packed, tmp_path):
     """Past time_limit_s the run stops after the current step, saves a checkpoint and the final model, and a
     later run without the limit resumes from that step."""

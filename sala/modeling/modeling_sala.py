@@ -31,7 +31,13 @@ from sala.ops.slopes import lightning_log_decay
 
 # ----------------------------------------------------------------------------- building blocks
 class SalaRMSNorm(nn.Module):
-    """RMSNorm over the last dim: variance in fp32, cast back to the input dtype, then times the weight."""
+    """RMSNorm over the last dim: variance in fp32, cast back to the input dtype, then times the weight.
+
+    `autocast_output` (set with fused projections on the decoder layers' two norms, each of which then feeds one
+    GEMM): under autocast the output is in the autocast dtype, which that GEMM would cast it to anyway, so the same
+    values and gradients without a separate cast kernel and its fp32 copy (compiled, the cast fuses into the norm)."""
+
+    autocast_output = False
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -39,7 +45,10 @@ class SalaRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm_reference(x, self.weight, self.eps)
+        y = rms_norm_reference(x, self.weight, self.eps)
+        if self.autocast_output and torch.is_autocast_enabled(x.device.type):
+            y = y.to(torch.get_autocast_dtype(x.device.type))
+        return y
 
 
 def _norm_args(norm: SalaRMSNorm | None) -> tuple[torch.Tensor | None, float]:
@@ -189,7 +198,9 @@ class SalaLightningAttention(nn.Module):
             )
             if cache is not None:
                 cache.state = state
-        return self.finish(o, z, x.dtype)
+        # o's working dtype: the norm's input dtype promoted by the weights' (fp32 under autocast over fp32 weights,
+        # also when the decoder norm hands x over in bf16: SalaRMSNorm.autocast_output)
+        return self.finish(o, z, torch.promote_types(x.dtype, self.o_proj.weight.dtype))
 
 
 # ----------------------------------------------------------------------------- InfLLM-V2 sparse attention layer

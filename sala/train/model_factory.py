@@ -94,12 +94,16 @@ def is_sala(model: torch.nn.Module) -> bool:
 def set_fused_projections(model: torch.nn.Module, enabled: bool) -> int:
     """Run the projections that share an input (q, k, v and the output gate of each attention layer; gate and up of
     each MLP) as one GEMM over their concatenated weights (`sala.modeling.modeling_sala.project`): the same values,
-    one autocast cast of the input and one input-gradient GEMM per group. Returns the modules switched."""
+    one autocast cast of the input and one input-gradient GEMM per group. The decoder layers' norms, whose outputs
+    then feed one GEMM each, emit the autocast dtype themselves (`SalaRMSNorm.autocast_output`: no cast kernel, same
+    values and gradients). Returns the modules switched."""
     n = 0
     for m in model.modules():
         if hasattr(type(m), "fuse_projections"):
             m.fuse_projections = bool(enabled)
             n += 1
+        if hasattr(m, "input_layernorm") and hasattr(m, "post_attention_layernorm"):
+            m.input_layernorm.autocast_output = m.post_attention_layernorm.autocast_output = bool(enabled)
     return n
 
 
