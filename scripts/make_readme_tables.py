@@ -594,22 +594,33 @@ def levers_section() -> list[str]:
             continue
         a = d["args"]
         cfg = parse_overrides(a.get("config") or "")
-        shape = f"{cfg.get('num_hidden_layers', a.get('layers'))} x {cfg.get('hidden_size', 512)}"
+        shape = (f"{cfg.get('num_hidden_layers', a.get('layers'))} x {cfg.get('hidden_size', 512)}"
+                 + (f", MLP {cfg['intermediate_size']}" if "intermediate_size" in cfg else ""))
         flags = [f for f, on in (("fuse_projections", a.get("fuse_projections")), ("compile_loss", a.get("compile_loss")),
-                                 (f"loss_chunk {a.get('loss_chunk')}", a.get("loss_chunk"))) if on]
+                                 (f"loss_chunk {a.get('loss_chunk')}", a.get("loss_chunk")),
+                                 ("bf16 residual", a.get("bf16_residual")),
+                                 ("compiled blocks", a.get("compile_blocks")),
+                                 ("fp32 norm outputs", a.get("no_norm_cast"))) if on]
+        if a.get("micro_batch", 16) != 16:
+            flags.append(f"micro-batch {a['micro_batch']}")
+        if "sala_data" in str(a.get("data", "")):
+            flags.append("corpus batch")
         gpu = (f"{r['gpu_kernels_ms']:.1f} / {r['gpu_span_ms']:.1f}" if "gpu_span_ms" in r else "-")
-        rows.append((d["meta"].get("git_commit", "")[:7], str(path.relative_to(RESULTS)), shape, ", ".join(flags) or "none",
+        rows.append((d["meta"].get("git_commit", "")[:7], d["meta"].get("timestamp_utc", "")[:16].replace("T", " "),
+                     str(path.relative_to(RESULTS)), shape, ", ".join(flags) or "none",
                      r["step_ms"], r["tokens_per_s"], r["mfu"], gpu))
     if not rows:
         return []
     out = ["### MFU levers of the training step (issue 6)", "",
-           "`bash scripts/gpu_check.sh levers`: one packed 16 x 4096 micro-batch of the long retrieval set, compiled, "
-           "sparse attention off (the stable stage), fp32 weights under bf16 autocast, forward + backward + fused "
-           "AdamW; rows of one commit come from one device call. GPU kernels / span: the union of the kernels' "
-           "intervals within one step's span under a device-only profiler (the rest is time the GPU waited).", "",
-           *_header("commit", "file", "layers x hidden", "levers", "ms/step", "tokens/s", "MFU", "GPU kernels / span (ms)")]
-    for commit, name, shape, flags, ms, tps, mfu, gpu in sorted(rows, key=lambda x: (x[0], -x[4])):
-        out.append(_row(commit, f"`{name}`", shape, flags, f"{ms:.1f}", f"{tps:,.0f}", f"{100 * mfu:.1f}%", gpu))
+           "`bash scripts/gpu_check.sh levers`: one packed 16 x 4096 micro-batch of the long retrieval set (or, where "
+           "marked, of the corpus), compiled, sparse attention off (the stable stage), fp32 weights under bf16 "
+           "autocast, forward + backward + fused AdamW; compare rows measured in the same device call (the same "
+           "commit, minutes apart): hosts differ. GPU kernels / span: the union of the kernels' intervals within one "
+           "step's span under a device-only profiler (the rest is time the GPU waited for the host).", "",
+           *_header("commit", "measured (UTC)", "file", "layers x hidden", "levers", "ms/step", "tokens/s", "MFU",
+                    "GPU kernels / span (ms)")]
+    for commit, when, name, shape, flags, ms, tps, mfu, gpu in sorted(rows, key=lambda x: (x[1], -x[5])):
+        out.append(_row(commit, when, f"`{name}`", shape, flags, f"{ms:.1f}", f"{tps:,.0f}", f"{100 * mfu:.1f}%", gpu))
     return out + [""]
 
 

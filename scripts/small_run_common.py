@@ -99,42 +99,54 @@ def stable_steps_to_finish(stable_steps: int, stable_done: int, decay_steps: int
 
 
 def replan_last_call(run_dir: str, stages: list, seconds: float, *, decay_speed_ratio: float,
-                     warmup_s: float) -> dict | None:
+                     warmup_s: float, calibrated_tps: dict[int, float] | None = None) -> dict | None:
     """For the last call of a split run: the stable stage's new length from the newest checkpoint's position and
-    the speeds the earlier calls logged (metrics.jsonl; the decay stage's own when it has started, else the
-    stable stage's times `decay_speed_ratio`). `stages` are the run's StageConfigs, with one named "stable" and
-    the last one the decay stage. Returns {"planned", "now", "reason"} when the stable stage must shrink, else
-    None (it fits, or the stable stage is over)."""
+    the speeds the earlier calls logged (metrics.jsonl, each stage's median; a stage not logged yet runs at its
+    `calibrated_tps` entry, {stage index: tokens/s}, else at the stable stage's speed, and the decay stage at the
+    stable stage's times `decay_speed_ratio`). `stages` are the run's StageConfigs, with one named "stable" and the
+    last one the decay stage; the checkpoint may stand in a stage before the stable one (a first call that handed
+    over during the retrieval stages: their rest is timed too). Returns {"planned", "now", "reason"} when the stable
+    stage must shrink, else None (it fits, the stable stage is over, or no speed is known)."""
     from sala.train.checkpoint import latest_checkpoint, read_trainer_state
     from sala.train.metrics import read_metrics
 
     names = [st.name for st in stages]
     i_stable, i_decay = names.index("stable"), len(stages) - 1
+    calibrated_tps = calibrated_tps or {}
     ckpt = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
     metrics = os.path.join(run_dir, "metrics.jsonl")
-    if ckpt is None or not os.path.exists(metrics):
+    if ckpt is None:
         return None
     state = read_trainer_state(ckpt)["state"]
-    if state["stage"] != i_stable:
+    if state["stage"] > i_stable:
         return None
-    recs = [r for r in read_metrics(metrics) if r.get("tokens_per_s") and r["step"] <= state["global_step"]]
+    recs = ([r for r in read_metrics(metrics) if r.get("tokens_per_s") and r["step"] <= state["global_step"]]
+            if os.path.exists(metrics) else [])
 
     def median_tps(stage: int) -> float | None:
         xs = [r["tokens_per_s"] for r in recs if r.get("stage") == stage][1:]   # the first window compiles
-        return statistics.median(xs) if xs else None
+        return statistics.median(xs) if xs else calibrated_tps.get(stage)
 
     tps_stable = median_tps(i_stable)
     if not tps_stable:
         return None
     tps_decay = median_tps(i_decay) or tps_stable * decay_speed_ratio
+
+    def tokens(st) -> int:
+        return st.seq_len * st.micro_batch * st.grad_accum
+
+    # the rest of the stages before the stable one (a handover inside the retrieval stages)
+    before_s = sum((st.steps - (state["stage_step"] if i == state["stage"] else 0)) * tokens(st)
+                   / (median_tps(i) or tps_stable) for i, st in enumerate(stages[:i_stable]) if i >= state["stage"])
     stable, decay = stages[i_stable], stages[i_decay]
-    tok_step = stable.seq_len * stable.micro_batch * stable.grad_accum
-    decay_tok_step = decay.seq_len * decay.micro_batch * decay.grad_accum
-    now = stable_steps_to_finish(stable.steps, state["stage_step"], decay.steps, 0, tok_step, tps_stable,
-                                 tps_decay * tok_step / decay_tok_step, seconds, warmup_s)
+    stable_done = state["stage_step"] if state["stage"] == i_stable else 0
+    tok_step = tokens(stable)
+    now = stable_steps_to_finish(stable.steps, stable_done, decay.steps, 0, tok_step, tps_stable,
+                                 tps_decay * tok_step / tokens(decay), seconds, warmup_s + before_s)
     if now == stable.steps:
         return None
     return {"planned": stable.steps, "now": now,
-            "reason": (f"{stable.steps - state['stage_step']} stable steps at the logged {tps_stable:,.0f} tok/s and "
-                       f"{decay.steps} decay steps at {tps_decay:,.0f} tok/s, plus {warmup_s:.0f} s of compilation, "
-                       f"do not fit this call's {seconds:.0f} s")}
+            "reason": (f"{stable.steps - stable_done} stable steps at {tps_stable:,.0f} tok/s and "
+                       f"{decay.steps} decay steps at {tps_decay:,.0f} tok/s, plus {warmup_s:.0f} s of compilation"
+                       + (f" and {before_s:.0f} s for the rest of the stages before" if before_s else "")
+                       + f", do not fit this call's {seconds:.0f} s")}

@@ -100,9 +100,10 @@ if os.environ.get("PREPARE_ONLY") == "1":
 
 def compile_overrides() -> list[str]:
     """model.compile as use_compile says (off on the CPU, or after a failed compiled calibration), and the config's
-    compiled loss only with it (it needs the compiled model)."""
+    compiled loss and compiled blocks only with it (they need the compiled model)."""
     return [f"model.compile={str(use_compile).lower()}",
-            f"model.compile_loss={str(use_compile and full.model.compile_loss).lower()}"]
+            f"model.compile_loss={str(use_compile and full.model.compile_loss).lower()}",
+            f"model.compile_blocks={str(use_compile and full.model.compile_blocks).lower()}"]
 
 def tokens_per_s(sparse: bool, steps: int, **stage) -> tuple[float, float | None]:
     """Throughput of the last log window of a short run (kernels compiled in the first windows); `stage` overrides
@@ -235,7 +236,10 @@ if split == "second":   # the last call finishes the decay stage: the stable sta
     # calibrated speed, and each call recompiles); SPLIT_FINAL_SECONDS: the seconds to plan for (default: the limit)
     replanned = replan_last_call(f"{work}/run", cfg.stages, float(os.environ.get("SPLIT_FINAL_SECONDS") or limit),
                                  decay_speed_ratio=float(os.environ.get("DECAY_SPEED_RATIO", "0.6")),
-                                 warmup_s=float(os.environ.get("REPLAN_WARMUP_SECONDS", "40")))
+                                 warmup_s=float(os.environ.get("REPLAN_WARMUP_SECONDS", "40")),
+                                 calibrated_tps={i: (tps_retr if st.name == "retrieval" else tps_off)
+                                                 for i, st in enumerate(cfg.stages)
+                                                 if (tps_retr if st.name == "retrieval" else tps_off)})
     if replanned:
         i_stable = stage_index["stable"]
         cfg.stages[i_stable] = dataclasses.replace(cfg.stages[i_stable], steps=replanned["now"])
@@ -294,7 +298,15 @@ def mfu_stats(name):
     return {"median_mfu": statistics.median(xs) if xs else None, "median_tokens_per_s": statistics.median(ts) if ts else None,
             "median_tflops": statistics.median([r["tflops"] for r in train_logs if r["stage"] == stage][1:] or [0])}
 val = [r for r in recs if "val_loss" in r]
-report = {"results": {}, "lengths": lengths, "tasks": [], "status": "pending"}
+# the attention the evaluation runs in the sparse layers: the final model's own setting, i.e. that of the last stage
+# trained (run 16 ended by time inside its sparse-off stable stage, so its table is of dense NoPE layers)
+final_config = f"{work}/run/final/config.json"   # absent after a call that handed over at SPLIT_STOP_AFTER
+eval_sparse = (bool(json.load(open(final_config)).get("use_sparse_attention", True)) if os.path.exists(final_config)
+               else None)
+report = {"results": {}, "lengths": lengths, "tasks": [], "status": "pending", "sparse_attention": eval_sparse}
+if eval_sparse is False and not (handing_over and unfinished):
+    print("note: the final model has sparse attention off (its last stage trained ran without it): the NIAH table "
+          "below runs its sparse layers as dense attention")
 result = {
     "meta": run_metadata(), "config": cfg.to_dict(), "params": summary["params"],
     "training": {"steps": summary["global_step"], "tokens": summary["tokens"], "seconds": summary["seconds"],

@@ -196,11 +196,14 @@ def test_fsdp2_two_cpu_ranks_match_one_process(packed, tmp_path):
     assert a == pytest.approx(b, rel=1e-5)
 
 
-@pytest.mark.parametrize("fused, compile_loss", [(False, False), (True, False), (False, True)])
-def test_compile_for_training_keeps_loss_and_gradients(fused, compile_loss):
-    """The compiled pieces (norms, MLPs, attention prepare/finish, with compile_loss the LM head + loss) give the
-    eager model's loss and gradients on a packed batch, with separate or fused projections (compiled model only);
-    the attention ops themselves stay eager (backend 'eager' keeps this test fast on the CPU)."""
+@pytest.mark.parametrize("fused, compile_loss, blocks", [(False, False, False), (True, False, False),
+                                                          (False, True, False), (False, False, True),
+                                                          (True, True, True)])
+def test_compile_for_training_keeps_loss_and_gradients(fused, compile_loss, blocks):
+    """The compiled pieces (norms, MLPs, attention prepare/finish, with compile_loss the LM head + loss; with blocks
+    each layer's two regions around its attention op) give the eager model's loss and gradients on a packed batch,
+    with separate or fused projections (compiled model only); the attention ops themselves stay eager (backend
+    'eager' keeps this test fast on the CPU)."""
     import copy
 
     import torch
@@ -215,12 +218,19 @@ def test_compile_for_training_keeps_loss_and_gradients(fused, compile_loss):
     eager = SalaForCausalLM(cfg).float()
     twin = copy.deepcopy(eager)
     set_fused_projections(twin, fused)
-    compiled = compile_for_training(twin, backend="eager", compile_loss=compile_loss)
+    compiled = compile_for_training(twin, backend="eager", compile_loss=compile_loss, blocks=blocks)
     assert compiled.loss_only == compile_loss and not eager.loss_only
     layer = compiled.model.layers[1]
-    assert layer.self_attn.prepare is not eager.model.layers[1].self_attn.prepare
-    assert layer.mlp._compiled_call_impl is not None and compiled.model.norm._compiled_call_impl is not None
-    assert "add_and_norm" in vars(layer) and "add_residual" in vars(layer)      # compiled per instance
+    assert compiled.model.norm._compiled_call_impl is not None
+    if blocks:   # two regions per layer, the pieces not compiled on their own
+        assert layer.use_blocks and "pre_attention" in vars(layer) and "post_attention" in vars(layer)
+        assert "prepare" not in vars(layer.self_attn) and layer.mlp._compiled_call_impl is None
+    else:
+        assert not layer.use_blocks and layer.self_attn.prepare is not eager.model.layers[1].self_attn.prepare
+        assert layer.mlp._compiled_call_impl is not None
+        assert "add_and_norm" in vars(layer) and "add_residual" in vars(layer)      # compiled per instance
+    import torch._dynamo.config as dynamo_config
+    assert dynamo_config.recompile_limit >= 64
     ids = torch.randint(3, cfg.vocab_size, (1, 96))
     cu = torch.tensor([0, 40, 96], dtype=torch.int32)
     losses = []
@@ -274,6 +284,37 @@ def test_fused_projections_norms_emit_the_autocast_dtype_with_the_same_values():
         assert torch.equal(a.grad, b.grad), name
     set_fused_projections(new, False)
     assert not layer.input_layernorm.autocast_output and not layer.post_attention_layernorm.autocast_output
+
+
+def test_compiled_blocks_under_autocast_match_the_layers():
+    """Under bf16 autocast, with fused projections (norms emitting bf16) and a bf16 residual stream, the layers run
+    as compiled blocks give the plain layers' loss and gradients exactly (backend 'eager': the same ops)."""
+    import copy
+
+    import torch
+
+    from sala import SalaConfig, SalaForCausalLM
+    from sala.train.compile import compile_for_training
+    from sala.train.model_factory import set_fused_projections
+    from sala.train.trainer import bf16_residual_stream
+
+    torch.manual_seed(0)
+    plain = SalaForCausalLM(SalaConfig.from_preset("sala-tiny")).float()
+    set_fused_projections(plain, True)
+    blocks = copy.deepcopy(plain)
+    compile_for_training(blocks, backend="eager", blocks=True)
+    ids = torch.randint(3, plain.config.vocab_size, (1, 80))
+    cu = torch.tensor([0, 33, 80], dtype=torch.int32)
+    losses = []
+    for m in (plain, blocks):
+        bf16_residual_stream(m)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(input_ids=ids, labels=ids, cu_seqlens=cu, use_cache=False).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.equal(losses[0], losses[1])
+    for (name, a), (_, b) in zip(plain.named_parameters(), blocks.named_parameters()):
+        assert torch.equal(a.grad, b.grad), name
 
 
 def test_time_limit_stops_saves_and_resumes(packed, tmp_path):

@@ -75,6 +75,7 @@ def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_i
     assert rp["length"] == 256 and set(rp["scores"]) == {"after_retrieval_stage", "final"}
     assert all(0.0 <= x <= 100.0 for x in rp["scores"].values())
     assert summary["niah"]["status"] == "done" and summary["niah"]["results"]["niah_single"]
+    assert summary["niah"]["sparse_attention"] is True   # the decay stage (sparse on) was the last one trained
     for task, by_len in summary["niah"]["results"].items():   # misses: the samples below full marks, all of them
         for r in by_len.values():
             if task in ("niah_single", "niah_multikey"):   # one gold string per sample: a miss scores 0
@@ -257,3 +258,12 @@ def test_replan_last_call_reads_the_checkpoint_position_and_logged_speeds(tmp_pa
     # the stable stage is over: nothing to shorten
     write(2, 10, 315, recs)
     assert common.replan_last_call(str(run), stages, 1.0, decay_speed_ratio=0.5, warmup_s=10.0) is None
+    # handed over inside the retrieval stage (run 16): its 3 steps left at its logged 16 tok/s (3 s), the stable
+    # stage at its calibrated 10,000 tok/s (3 s), the decay at half (2 s), 10 s warm-up: 18 s
+    write(0, 2, 2, [{"step": 1, "stage": 0, "tokens_per_s": 1.0}, {"step": 2, "stage": 0, "tokens_per_s": 16.0}])
+    kw = dict(decay_speed_ratio=0.5, warmup_s=10.0, calibrated_tps={1: 10_000.0})
+    assert common.replan_last_call(str(run), stages, 18.0, **kw) is None
+    got = common.replan_last_call(str(run), stages, 17.0, **kw)
+    assert got["now"] == 200 and "3 s for the rest of the stages before" in got["reason"]
+    # without a stable-stage speed (none logged, none calibrated) there is no plan to make
+    assert common.replan_last_call(str(run), stages, 17.0, decay_speed_ratio=0.5, warmup_s=10.0) is None

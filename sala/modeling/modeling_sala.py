@@ -181,26 +181,44 @@ class SalaLightningAttention(nn.Module):
         o = rms_norm_gate(o, *_norm_args(self.o_norm), z, normalize=self.o_norm is not None)
         return self.o_proj(o)
 
-    def forward(self, x: torch.Tensor, batch: _Batch, cache: LightningLayerCache | None) -> torch.Tensor:
+    def rope(self, batch: _Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """cos, sin of this layer's RoPE for the batch's positions, or (None, None) without RoPE."""
+        return batch.rope(self.head_dim, self.rope_theta) if self.use_rope else (None, None)
+
+    def inputs(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+               position_ids: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x [B, T, hidden] -> q, k, v [B, T, H, D] ready for the attention op, and the gate input z (or None)."""
         q, k, v, z = project_qkv(self, x, self.z_proj)
-        cos, sin = batch.rope(self.head_dim, self.rope_theta) if self.use_rope else (None, None)
         q, k, v = self.prepare(q, k, v, cos, sin)
+        return q, k, v, z
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: _Batch,
+               cache: LightningLayerCache | None = None) -> torch.Tensor:
+        """The lightning op over the batch's documents (or one decode step on the cache): o [B, T, H, D]."""
         if batch.real_mask is not None:   # padding tokens must not enter the state: zero their keys
             k = k * batch.real_mask[:, :, None, None].to(k.dtype)
-        log_decay = self.log_decay(x.device)
-        if cache is not None and cache.state is not None and x.shape[1] == 1:
-            o = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], log_decay, cache.state, scale=self.scale)[:, None]
-        else:
-            o, state = lightning_attention(
-                q, k, v, log_decay, scale=self.scale,
-                initial_state=cache.state if cache is not None else None,
-                output_final_state=cache is not None, cu_seqlens=batch.cu_seqlens,
-            )
-            if cache is not None:
-                cache.state = state
-        # o's working dtype: the norm's input dtype promoted by the weights' (fp32 under autocast over fp32 weights,
-        # also when the decoder norm hands x over in bf16: SalaRMSNorm.autocast_output)
-        return self.finish(o, z, torch.promote_types(x.dtype, self.o_proj.weight.dtype))
+        log_decay = self.log_decay(q.device)
+        if cache is not None and cache.state is not None and q.shape[1] == 1:
+            return lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], log_decay, cache.state, scale=self.scale)[:, None]
+        o, state = lightning_attention(
+            q, k, v, log_decay, scale=self.scale,
+            initial_state=cache.state if cache is not None else None,
+            output_final_state=cache is not None, cu_seqlens=batch.cu_seqlens,
+        )
+        if cache is not None:
+            cache.state = state
+        return o
+
+    def outputs(self, o: torch.Tensor, z: torch.Tensor | None, x_dtype: torch.dtype) -> torch.Tensor:
+        """o [B, T, H, D] -> [B, T, hidden]; x_dtype: the dtype of the layer's input x."""
+        # o's working dtype: x's promoted by the weights' (fp32 under autocast over fp32 weights, also when the
+        # decoder norm hands x over in bf16: SalaRMSNorm.autocast_output)
+        return self.finish(o, z, torch.promote_types(x_dtype, self.o_proj.weight.dtype))
+
+    def forward(self, x: torch.Tensor, batch: _Batch, cache: LightningLayerCache | None) -> torch.Tensor:
+        q, k, v, z = self.inputs(x, *self.rope(batch))
+        return self.outputs(self.attend(q, k, v, batch, cache), z, x.dtype)
 
 
 # ----------------------------------------------------------------------------- InfLLM-V2 sparse attention layer
@@ -257,12 +275,26 @@ class SalaSparseAttention(nn.Module):
         o = o.reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(rms_norm_gate(o, None, 0.0, gate, normalize=False))
 
-    def forward(self, x: torch.Tensor, batch: _Batch, cache: SparseLayerCache | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v, gate = project_qkv(self, x, self.o_gate)
-        cos, sin = batch.rope(self.head_dim, self.config.rope_theta) if self.config.attn_use_rope else (None, None)
-        q, k = self.prepare(q, k, cos, sin, batch.position_ids)
+    def rope(self, batch: _Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """cos, sin of RoPE for the batch's positions when attn_use_rope (off as released), else (None, None)."""
+        return batch.rope(self.head_dim, self.config.rope_theta) if self.config.attn_use_rope else (None, None)
 
+    def inputs(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+               position_ids: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x [B, T, hidden] -> q [B, T, Hq, D], k, v [B, T, Hkv, D] for the attention op, and the gate input."""
+        q, k, v, gate = project_qkv(self, x, self.o_gate)
+        q, k = self.prepare(q, k, cos, sin, position_ids)
+        return q, k, v, gate
+
+    def outputs(self, o: torch.Tensor, gate: torch.Tensor | None, x_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """o [B, T, Hq, D] -> [B, T, hidden] (x_dtype: unused, the lightning layers' signature)."""
+        return self.finish(o, gate)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: _Batch,
+               cache: SparseLayerCache | None = None) -> torch.Tensor:
+        """The attention op over the batch's documents (row by row with padding or a cache): o [B, T, Hq, D]."""
+        B, T = q.shape[:2]
         if cache is None and batch.pad is None:
             o = self._attend(q, k, v, cu_seqlens=batch.cu_seqlens)
         else:
@@ -278,7 +310,11 @@ class SalaSparseAttention(nn.Module):
                     cache.append(b, k[b, p:], v[b, p:], B)
                     kb, vb, k1, k2 = cache.sequence(b)
                     o[b:b + 1, p:] = self._attend(q[b:b + 1, p:], kb, vb, k1, k2)
-        return self.finish(o, gate)
+        return o
+
+    def forward(self, x: torch.Tensor, batch: _Batch, cache: SparseLayerCache | None) -> torch.Tensor:
+        q, k, v, gate = self.inputs(x, *self.rope(batch), batch.position_ids)
+        return self.outputs(self.attend(q, k, v, batch, cache), gate)
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -304,7 +340,29 @@ class SalaDecoderLayer(GradientCheckpointingLayer):
         """hidden + delta * s (compiled for training: the scale and the add in one kernel)."""
         return hidden + delta * self.residual_scale
 
+    # True (set by `compile_for_training(..., blocks=True)`): without a cache or padding (training), the layer runs
+    # as `pre_attention`, the attention op, `post_attention`: two compiled regions instead of six compiled pieces
+    use_blocks = False
+
+    def pre_attention(self, hidden: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                      position_ids: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Everything before the attention op: norm, projections, QK-norm / RoPE. Returns q, k, v and the gate input."""
+        return self.self_attn.inputs(self.input_layernorm(hidden), cos, sin, position_ids)
+
+    def post_attention(self, hidden: torch.Tensor, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """Everything after it: output norm / gate / projection, residual, norm, MLP, residual. Returns the new hidden."""
+        norm = self.input_layernorm
+        x_dtype = (torch.get_autocast_dtype(hidden.device.type)
+                   if norm.autocast_output and torch.is_autocast_enabled(hidden.device.type)
+                   else torch.promote_types(hidden.dtype, norm.weight.dtype))   # the dtype of norm(hidden)
+        hidden, normed = self.add_and_norm(hidden, self.self_attn.outputs(o, gate, x_dtype))
+        return self.add_residual(hidden, self.mlp(normed))
+
     def forward(self, hidden: torch.Tensor, batch: _Batch, cache: Any = None) -> torch.Tensor:
+        if self.use_blocks and cache is None and batch.pad is None and batch.real_mask is None:
+            q, k, v, gate = self.pre_attention(hidden, *self.self_attn.rope(batch), batch.position_ids)
+            return self.post_attention(hidden, self.self_attn.attend(q, k, v, batch), gate)
         hidden, normed = self.add_and_norm(hidden, self.self_attn(self.input_layernorm(hidden), batch, cache))
         return self.add_residual(hidden, self.mlp(normed))
 

@@ -46,6 +46,7 @@ class ModelConfig:
     fuse_projections: bool = False   # SALA: projections sharing an input as one GEMM (set_fused_projections)
     loss_chunk: int = 0   # SALA: > 0: LM head + cross-entropy over chunks of this many tokens, no full logits
     compile_loss: bool = False   # SALA, with compile: LM head + cross-entropy compiled as one function, no logits
+    compile_blocks: bool = False   # SALA, with compile: each layer as 2 compiled regions around its attention op, not 6
 
 
 @dataclass
@@ -275,6 +276,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"model.loss_chunk must be >= 0 (0: the plain loss), got {m.loss_chunk}")
     if m.compile_loss and not m.compile:
         raise ValueError("model.compile_loss compiles the loss with the model: it needs model.compile: true")
+    if m.compile_blocks and not m.compile:
+        raise ValueError("model.compile_blocks chooses how the model is compiled: it needs model.compile: true")
     if m.compile_loss and m.loss_chunk:
         raise ValueError(f"model.compile_loss and model.loss_chunk ({m.loss_chunk}) are two ways to compute the loss "
                          f"without stored logits: choose one")

@@ -108,9 +108,9 @@ def set_fused_projections(model: torch.nn.Module, enabled: bool) -> int:
 
 
 def apply_throughput_options(model: torch.nn.Module, spec: ModelConfig) -> None:
-    """The SALA-only throughput options of `spec` on `model` (fused projections, chunked loss; compile_loss is applied
-    by `compile_for_training`): refused for another model, as the trainer runs them (and the step profiler)."""
-    for option in ("fuse_projections", "loss_chunk", "compile_loss"):
+    """The SALA-only throughput options of `spec` on `model` (fused projections, chunked loss; compile_loss and
+    compile_blocks are applied by `compile_for_training`): refused for another model, as the trainer runs them (and the step profiler)."""
+    for option in ("fuse_projections", "loss_chunk", "compile_loss", "compile_blocks"):
         if getattr(spec, option) and not is_sala(model):
             raise ValueError(f"model.{option} is for SALA models; this one is not")
     if spec.fuse_projections:

@@ -92,7 +92,8 @@ class Trainer:
         if self.env.distributed:
             shard_model(model, self.env)
         self.model = model
-        self.forward_model = (compile_for_training(model, compile_loss=config.model.compile_loss)
+        self.forward_model = (compile_for_training(model, compile_loss=config.model.compile_loss,
+                                                   blocks=config.model.compile_blocks)
                               if config.model.compile else model)
         decay, no_decay = [], []
         for name, p in model.named_parameters():
