@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--compile-blocks", action="store_true",
                     help="compiled SALA runs: each decoder layer as two compiled regions around its attention op "
                          "(model.compile_blocks): fewer compiled calls, less host time per step")
+    ap.add_argument("--mlp-concat", action="store_true",
+                    help="SALA runs with fused projections: the MLP's gate/up weights concatenated, not interleaved "
+                         "(the layout before SalaMLP.interleave_fused): the A/B baseline of that change")
     ap.add_argument("--no-norm-cast", action="store_true",
                     help="SALA runs: the decoder layers' norms emit fp32 under autocast, cast again by the projections "
                          "(the model before SalaRMSNorm.autocast_output): the A/B baseline of that change")
@@ -99,6 +102,10 @@ def main() -> None:
         model = build_model(spec, vocab_size=meta["vocab_size"], bos_id=meta.get("bos_id"),
                             eos_id=meta.get("eos_id"), pad_id=0)
         apply_throughput_options(model, spec)   # as the trainer applies them
+        if args.mlp_concat:
+            for m in model.modules():
+                if hasattr(type(m), "interleave_fused"):
+                    m.interleave_fused = False
         if args.no_norm_cast:
             for m in model.modules():
                 if hasattr(m, "autocast_output"):

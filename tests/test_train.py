@@ -58,6 +58,7 @@ def test_overrides_and_types(tmp_path):
     ("max_nonfinite_steps=-1", "max_nonfinite_steps must be >= 0"),
     ("model.compile_loss=true", "needs model.compile: true"),
     ("model.compile_loss=true model.compile=true model.loss_chunk=64", "choose one"),
+    ("model.compile_blocks=true", "compile_blocks chooses how the model is compiled"),
 ])
 def test_invalid_config_is_a_clear_error(override, message):
     with pytest.raises(ValueError, match=message):
@@ -286,6 +287,34 @@ def test_fused_projections_norms_emit_the_autocast_dtype_with_the_same_values():
     assert not layer.input_layernorm.autocast_output and not layer.post_attention_layernorm.autocast_output
 
 
+def test_fused_mlp_layouts_give_the_separate_projections_values():
+    """SalaMLP with fused projections, gate/up rows interleaved (the default) or concatenated, equals the separate
+    gate and up GEMMs: output and every gradient."""
+    import copy
+
+    import torch
+
+    from sala import SalaConfig
+    from sala.modeling.modeling_sala import SalaMLP
+
+    torch.manual_seed(0)
+    plain = SalaMLP(SalaConfig.from_preset("sala-tiny")).double()
+    x = torch.randn(2, 7, plain.gate_proj.in_features, dtype=torch.float64)
+    outs = []
+    for fused, interleave in ((False, True), (True, True), (True, False)):
+        m = copy.deepcopy(plain)
+        m.fuse_projections, m.interleave_fused = fused, interleave
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum().backward()
+        outs.append((y.detach(), xi.grad, [p.grad for p in m.parameters()]))
+    for y, gx, gp in outs[1:]:
+        torch.testing.assert_close(y, outs[0][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gx, outs[0][1], rtol=1e-12, atol=1e-12)
+        for a, b in zip(gp, outs[0][2]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_compiled_blocks_under_autocast_match_the_layers():
     """Under bf16 autocast, with fused projections (norms emitting bf16) and a bf16 residual stream, the layers run
     as compiled blocks give the plain layers' loss and gradients exactly (backend 'eager': the same ops)."""
@@ -463,3 +492,16 @@ def test_nonfinite_steps_in_a_row_stop_the_run(packed, tmp_path):
     _poison_losses(t, {1, 2, 3, 4, 5})
     with pytest.raises(FloatingPointError, match=r"3 steps in a row \(2\.\.4\).*weights are those after step 1"):
         t.fit()
+
+
+@pytest.mark.parametrize("option", ["fuse_projections", "loss_chunk", "compile_loss", "compile_blocks"])
+def test_sala_only_options_are_refused_for_another_model(option):
+    """The SALA-only throughput options name themselves when the model is not a SALA model."""
+    import torch
+
+    from sala.train.config import ModelConfig
+    from sala.train.model_factory import apply_throughput_options
+
+    spec = ModelConfig(kind="llama", **{option: 64 if option == "loss_chunk" else True})
+    with pytest.raises(ValueError, match=f"model.{option} is for SALA models"):
+        apply_throughput_options(torch.nn.Linear(2, 2), spec)

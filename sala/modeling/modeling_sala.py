@@ -94,7 +94,10 @@ def project_qkv(layer: nn.Module, x: torch.Tensor, gate: nn.Linear | None
 class SalaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    fuse_projections = False   # gate and up as one GEMM (`project`); set by the trainer
+    fuse_projections = False   # gate and up as one GEMM; set by the trainer
+    # with fuse_projections: the one GEMM's weight interleaves gate and up rows, so the SwiGLU reads (and its backward
+    # writes) each gate/up pair side by side, instead of two halves a row apart (`project`'s concatenation)
+    interleave_fused = True
 
     def __init__(self, config: SalaConfig) -> None:
         super().__init__()
@@ -105,7 +108,12 @@ class SalaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, [self.gate_proj, self.up_proj], self.fuse_projections)
+        if self.fuse_projections and self.interleave_fused:
+            weight = torch.stack([self.gate_proj.weight, self.up_proj.weight], dim=1).flatten(0, 1)   # [2I, hidden]
+            gate_up = F.linear(x, weight).unflatten(-1, (-1, 2))                                     # [..., I, 2]
+            gate, up = gate_up[..., 0], gate_up[..., 1]
+        else:
+            gate, up = project(x, [self.gate_proj, self.up_proj], self.fuse_projections)
         return self.down_proj(F.silu(gate) * up)
 
 
