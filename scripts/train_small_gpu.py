@@ -378,6 +378,18 @@ except Exception as e:
 
 eval_budget = float(os.environ.get("EVAL_SECONDS", "150"))
 t_eval = time.time()
+
+def precision_diagnostic(n: int) -> None:
+    """niah_single at 4x (the target's length) on the same prompts again, with fp32 weights and activations: does
+    the bf16 evaluation lose answers the model has (copy errors in the last digits of a long context)?"""
+    try:
+        r = run_tasks(f"{work}/run/final", [lengths[-1]], ["niah_single"], num_samples=n, seed=7, dtype="float32")
+        report["fp32_diagnostic"] = {"note": "the same niah_single prompts at the longest length, fp32 model",
+                                     "results": r["results"], "seconds": r["seconds"]}
+    except Exception as e:
+        import traceback; traceback.print_exc()
+        report.setdefault("errors", {})["fp32_diagnostic"] = f"{type(e).__name__}: {e}"
+
 for task, n in samples.items():
     if time.time() - t_eval > eval_budget:
         print(f"evaluation time budget ({eval_budget:.0f}s) spent: skipping {task}")
@@ -392,6 +404,8 @@ for task, n in samples.items():
     report["results"].update(r["results"])
     report["tasks"].append(task)
     report["eval_seconds"] = report.get("eval_seconds", 0) + r["seconds"]
+    if task == "niah_single":   # before the other tasks: it bears on the target
+        precision_diagnostic(n)
     save_summary()   # after every task: a cut-off run keeps what it measured
 if not cpu and time.time() - t_eval < eval_budget:   # diagnostic: the same model with sparse attention off (dense NoPE)
     try:

@@ -76,6 +76,12 @@ def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_i
     assert all(0.0 <= x <= 100.0 for x in rp["scores"].values())
     assert summary["niah"]["status"] == "done" and summary["niah"]["results"]["niah_single"]
     assert summary["niah"]["sparse_attention"] is True   # the decay stage (sparse on) was the last one trained
+    # the fp32 re-run of niah_single at the longest length: the same prompts as the main table
+    fp32 = summary["niah"]["fp32_diagnostic"]["results"]["niah_single"]
+    main = summary["niah"]["results"]["niah_single"]
+    longest = str(max(int(x) for x in main))
+    assert list(fp32) == [longest] and fp32[longest]["n"] == main[longest]["n"]
+    assert [e["gold"] for e in fp32[longest]["examples"]] == [e["gold"] for e in main[longest]["examples"]]
     for task, by_len in summary["niah"]["results"].items():   # misses: the samples below full marks, all of them
         for r in by_len.values():
             if task in ("niah_single", "niah_multikey"):   # one gold string per sample: a miss scores 0
