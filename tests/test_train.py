@@ -483,6 +483,46 @@ def test_nonfinite_step_is_skipped_and_reported(packed, tmp_path, fused):
     recs = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "step_loss" in r]
     assert [r.get("skipped_steps") for r in recs] == [[2], None]
     assert math.isfinite(recs[-1]["step_loss"]) and summary["skipped_steps"] == 1
+    # which gradients went non-finite: the NaN loss reaches every parameter; named in the log line and the metrics
+    names = [n for n, _ in t.model.named_parameters()]
+    assert recs[0]["nonfinite_params"] == {"2": names[:20]} and t.nonfinite_params[2] == names
+
+
+def test_trainer_clipping_equals_clip_grad_norm(packed, tmp_path):
+    """The trainer's clipping (clip_grad_norm_'s arithmetic, keeping each parameter's norm) scales the gradients
+    as torch.nn.utils.clip_grad_norm_ does and returns the same total norm."""
+    import torch
+
+    t = Trainer(_cfg(packed, tmp_path / "c", "model.kind=llama", LLAMA_TINY, "optim.grad_clip=0.5"),
+                log=lambda s: None)
+    torch.manual_seed(1)
+    params = [p for p in t.model.parameters()]
+    grads = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    seen = []
+
+    class Capture:   # stands in for the optimizer: records the gradients it would apply
+        param_groups = t.optimizer.param_groups
+
+        def step(self):
+            seen.extend(p.grad.clone() for p in params)
+
+        def zero_grad(self, set_to_none=True):
+            for p in params:
+                p.grad = None
+
+    t.optimizer, t.scaler = Capture(), None
+    norm, (names, finite) = t._optimizer_step()
+    ref = [g.clone() for g in grads]
+    ref_params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(ref_params, ref):
+        p.grad = g
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref_params, 0.5)
+    torch.testing.assert_close(norm, ref_norm)
+    for a, p in zip(seen, ref_params):
+        torch.testing.assert_close(a, p.grad)
+    assert names == [n for n, _ in t.model.named_parameters()] and bool(finite.all())
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run(packed, tmp_path):

@@ -109,7 +109,9 @@ class Trainer:
         if not self.env.distributed:
             self.scaler = torch.amp.GradScaler(self.env.device.type, init_scale=1.0, growth_interval=2**30)
             self.scaler.scale(torch.ones((), device=self.env.device))   # allocates its scale on the device
-        self._pending_finite: list[tuple[int, int, int, torch.Tensor]] = []   # step, stage, data position, finite?
+        # per step: step, stage, data position, finite?, and (one process) (names, finite?) of the gradients
+        self._pending_finite: list[tuple[int, int, int, torch.Tensor, tuple | None]] = []
+        self.nonfinite_params: dict[int, list[str]] = {}   # skipped step -> parameters with a non-finite gradient
         self._nonfinite_run = 0
         use_bf16 = (config.precision in ("bf16", "bf16-residual")
                     or (config.precision == "auto" and self.env.device.type == "cuda"))
@@ -233,43 +235,60 @@ class Trainer:
             ckpt.copy_checkpoint(src, self.out_dir / "stage_ends" / f"{stage_index}_{name}")
         barrier(self.env)
 
-    def _optimizer_step(self) -> torch.Tensor:
+    def _optimizer_step(self) -> tuple[torch.Tensor, tuple | None]:
         """Clip (optim.grad_clip > 0), then update unless the gradients hold an inf or NaN; zero the gradients.
-        Returns the gradient norm before clipping (a device scalar; all-reduced under FSDP2)."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        Returns the gradient norm before clipping (a device scalar; all-reduced under FSDP2) and, in one process,
+        (names, finite) of the parameters with a gradient (finite: [n] bool on the device, from their norms)."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        params = [p for _, p in named]
         if not params:   # no micro-batch had a token to predict: nothing to apply
-            return torch.zeros((), device=self.env.device)
+            return torch.zeros((), device=self.env.device), None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)   # at scale 1: only the inf/NaN check, on the device
         clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        finite = None
+        if self.env.distributed:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+        else:   # clip_grad_norm_'s arithmetic, keeping the per-parameter norms (which gradient went non-finite)
+            grads = [p.grad for p in params]
+            norms = torch.stack([n.to(torch.float32) for n in torch._foreach_norm(grads)])
+            grad_norm = torch.linalg.vector_norm(norms)
+            if clip > 0:
+                torch._foreach_mul_(grads, (clip / (grad_norm + 1e-6)).clamp(max=1.0))
+            finite = ([n for n, _ in named], torch.isfinite(norms))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)       # skipped on the device when a gradient is not finite
             self.scaler.update(1.0)
         elif bool(torch.isfinite(grad_norm)):      # FSDP2: one sync; every rank sees the same norm
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm, finite
 
     def _flush_nonfinite(self) -> list[int]:
         """Read the finiteness of the steps taken since the last call (one host sync), count and report the skipped
         ones, and stop the run once more than `max_nonfinite_steps` in a row were skipped. Returns their steps."""
         if not self._pending_finite:
             return []
-        flags = torch.stack([f for *_, f in self._pending_finite]).tolist()
+        flags = torch.stack([f for _, _, _, f, _ in self._pending_finite]).tolist()
         pending, self._pending_finite = self._pending_finite, []
         skipped = []
-        for (step, stage, pos, _), ok in zip(pending, flags):
+        for (step, stage, pos, _, per_param), ok in zip(pending, flags):
             if ok:
                 self._nonfinite_run = 0
                 continue
             skipped.append(step)
             self._nonfinite_run += 1
             self.state["skipped_steps"] += 1
+            where = ""
+            if per_param is not None:
+                bad = [n for n, f in zip(per_param[0], per_param[1].tolist()) if not f]
+                self.nonfinite_params[step] = bad
+                where = (f"; non-finite gradients in {len(bad)} parameters: {', '.join(bad[:8])}"
+                         + (", ..." if len(bad) > 8 else "")) if bad else "; every gradient finite (the loss was not)"
             self.info(f"step {step} (stage {stage}, data position {pos}): loss or gradients not "
-                      f"finite; update skipped ({self._nonfinite_run} in a row)")
+                      f"finite; update skipped ({self._nonfinite_run} in a row){where}")
             if self._nonfinite_run > self.cfg.max_nonfinite_steps:
                 first = step - self._nonfinite_run + 1
                 raise FloatingPointError(
@@ -333,8 +352,9 @@ class Trainer:
                     loss = self._forward_loss(self._to_device(b))
                     (loss * (nt * env.world / max(n_global, 1.0))).backward()
                     step_loss += loss.detach().double() * nt
-                grad_norm = self._optimizer_step()
-                self._pending_finite.append((self.state["global_step"] + 1, si, base, torch.isfinite(grad_norm)))
+                grad_norm, finite = self._optimizer_step()
+                self._pending_finite.append((self.state["global_step"] + 1, si, base, torch.isfinite(grad_norm),
+                                             finite))
                 self.state["stage_step"] += 1
                 self.state["global_step"] += 1
                 self.state["data_pos"] += per_step
@@ -358,6 +378,9 @@ class Trainer:
                            "time_s": time.time() - t_start}
                     if skipped:
                         rec["skipped_steps"] = skipped
+                        found = {str(x): self.nonfinite_params[x][:20] for x in skipped if x in self.nonfinite_params}
+                        if found:   # which parameters' gradients were not finite (at most 20 names per step)
+                            rec["nonfinite_params"] = found
                     if env.device.type == "cuda":
                         rec["max_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
                     self.metrics.write(rec)
