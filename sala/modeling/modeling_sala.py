@@ -44,11 +44,15 @@ class SalaRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    def output_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype `forward(x)` returns."""
+        if self.autocast_output and torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return torch.promote_types(x.dtype, self.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = rms_norm_reference(x, self.weight, self.eps)
-        if self.autocast_output and torch.is_autocast_enabled(x.device.type):
-            y = y.to(torch.get_autocast_dtype(x.device.type))
-        return y
+        return y.to(self.output_dtype(x)) if self.autocast_output else y
 
 
 def _norm_args(norm: SalaRMSNorm | None) -> tuple[torch.Tensor | None, float]:
@@ -360,10 +364,7 @@ class SalaDecoderLayer(GradientCheckpointingLayer):
 
     def post_attention(self, hidden: torch.Tensor, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """Everything after it: output norm / gate / projection, residual, norm, MLP, residual. Returns the new hidden."""
-        norm = self.input_layernorm
-        x_dtype = (torch.get_autocast_dtype(hidden.device.type)
-                   if norm.autocast_output and torch.is_autocast_enabled(hidden.device.type)
-                   else torch.promote_types(hidden.dtype, norm.weight.dtype))   # the dtype of norm(hidden)
+        x_dtype = self.input_layernorm.output_dtype(hidden)   # the dtype of the attention layer's input
         hidden, normed = self.add_and_norm(hidden, self.self_attn.outputs(o, gate, x_dtype))
         return self.add_residual(hidden, self.mlp(normed))
 
