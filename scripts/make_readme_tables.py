@@ -600,6 +600,7 @@ def levers_section() -> list[str]:
                                  (f"loss_chunk {a.get('loss_chunk')}", a.get("loss_chunk")),
                                  ("bf16 residual", a.get("bf16_residual")),
                                  ("compiled blocks", a.get("compile_blocks")),
+                                 ("lightning dk+dv in one walk", a.get("fused_dkdv")),
                                  # profiles before SalaMLP.interleave_fused have no mlp_concat: concatenated
                                  ("MLP gate/up interleaved", a.get("fuse_projections") and a.get("mlp_concat") is False),
                                  ("fp32 norm outputs", a.get("no_norm_cast"))) if on]

@@ -120,31 +120,64 @@ def test_varlen_with_initial_states(config, chunk, seg):
     assert torch.equal(f[1], s0[1])  # the empty sequence hands its initial state through
 
 
+def backward_case(t, dk, dv, dtype, varlen, seed, grad_seed, h=2):
+    """q, k, v, S0 (requiring grad), cu_seqlens (three sequences of 30, 1 and t - 31 tokens, or None: two rows),
+    log decays, and random output and final-state gradients."""
+    if varlen:
+        cu = torch.tensor([0, 30, 31, t], dtype=torch.int32, device=DEVICE)
+        q, k, v, s0 = inputs(1, t, h, dk, dv, dtype, seed=seed, n_states=3)
+    else:
+        cu = None
+        q, k, v, s0 = inputs(2, t, h, dk, dv, dtype, seed=seed)
+    g = torch.Generator().manual_seed(grad_seed)
+    do = torch.randn(q.shape[:-1] + (dv,), generator=g).to(DEVICE, dtype)
+    dfin = torch.randn(s0.shape, generator=g).to(DEVICE)
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), s0.requires_grad_()
+    return q, k, v, s0, cu, lightning_log_decay(h, DEVICE), do, dfin
+
+
+def grads_of(q, k, v, s0, cu, ld, do, dfin, attention=lightning_attention):
+    """dq, dk, dv, dS0 of <o, do> + <final, dfin> (the reference: on fp32 copies of q, k, v)."""
+    if attention is lightning_attention:
+        o, f = attention(q, k, v, ld, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+        return torch.autograd.grad((o.float() * do.float()).sum() + (f * dfin).sum(), (q, k, v, s0))
+    (qr, kr, vr), (o, f) = reference(q, k, v, ld, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    return torch.autograd.grad((o * do.float()).sum() + (f * dfin).sum(), (qr, kr, vr, s0))
+
+
 @pytest.mark.parametrize("dtype, t, dk, dv, seg, varlen, factored", [
     (torch.float32, 70, 32, 32, 0, False, True), (torch.bfloat16, 70, 32, 32, 0, False, False),
     (torch.float32, 100, 16, 32, 1, False, False), (torch.bfloat16, 100, 32, 16, 1, True, True)])
 def test_backward_matches_reference(config, dtype, t, dk, dv, seg, varlen, factored):
     config.chunks_per_segment, config.intra_factored = seg, factored
-    h = 2
-    if varlen:
-        lens = [30, 1, 69]
-        cu = torch.tensor([0, 30, 31, 100], dtype=torch.int32, device=DEVICE)
-        q, k, v, s0 = inputs(1, t, h, dk, dv, dtype, seed=3, n_states=len(lens))
-    else:
-        cu = None
-        q, k, v, s0 = inputs(2, t, h, dk, dv, dtype, seed=3)
-    ld = lightning_log_decay(h, DEVICE)
-    g = torch.Generator().manual_seed(9)
-    do = torch.randn(q.shape[:-1] + (dv,), generator=g).to(DEVICE, dtype)
-    dfin = torch.randn(s0.shape, generator=g).to(DEVICE)
-    q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), s0.requires_grad_()
-    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True, cu_seqlens=cu)
-    grads = torch.autograd.grad((o.float() * do.float()).sum() + (f * dfin).sum(), (q, k, v, s0))
-    (qr, kr, vr), (o_r, f_r) = reference(q, k, v, ld, initial_state=s0, output_final_state=True, cu_seqlens=cu)
-    grads_ref = torch.autograd.grad((o_r * do.float()).sum() + (f_r * dfin).sum(), (qr, kr, vr, s0))
+    case = backward_case(t, dk, dv, dtype, varlen, seed=3, grad_seed=9)
+    grads, grads_ref = grads_of(*case), grads_of(*case, attention=reference)
     for name, a, b in zip(("dq", "dk", "dv", "dS0"), grads, grads_ref):
         assert a.shape == b.shape, name
         assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype, t, dk, dv, seg, varlen, factored", [
+    (torch.float32, 70, 32, 32, 0, False, False), (torch.float32, 100, 16, 32, 1, True, True),
+    (torch.bfloat16, 130, 32, 16, 1, True, False)])
+def test_fused_dkdv_backward_matches_reference_and_the_two_walks(lt, config, dtype, t, dk, dv, seg, varlen,
+                                                                 factored):
+    """LightningConfig.fused_dkdv: dk and dv from one reverse walk equal the reference (and the two separate walks),
+    with initial states, the final state's gradient, varlen packing and several segments per sequence."""
+    config.chunks_per_segment, config.intra_factored = seg, factored
+    case = backward_case(t, dk, dv, dtype, varlen, seed=5, grad_seed=11)
+    runs = []
+    for fused in (True, False):
+        config.fused_dkdv = fused
+        lt.LAST_KERNELS.pop("dkdv", None)
+        runs.append(grads_of(*case))
+        assert ("dkdv" in lt.LAST_KERNELS) == fused   # the fused kernel ran exactly when asked for
+    grads_ref = grads_of(*case, attention=reference)
+    for name, a, b, c in zip(("dq", "dk", "dv", "dS0"), runs[0], runs[1], grads_ref):
+        assert a.shape == c.shape and a.dtype == b.dtype, name
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, c) < TOL[dtype], name
         assert rel_err(a, b) < TOL[dtype], name
 
 

@@ -62,6 +62,10 @@ class LightningConfig:
     # stays live in registers: C*C/threads of them); True applies it per chunk as gamma^(i-c) * gamma^(c-j)
     # with c = C/2 (two [C] vectors) when every head has |log2 gamma| * C/2 <= FACTORED_MAX_EXP, else the table
     intra_factored: bool = True
+    # backward: dk and dv in one reverse walk over the state both read (R = decayed sum of q^T do), instead of two
+    # walks, each with its own entering-state pass (`_dkdv_pass`; head dims <= 128). Off until measured on a GPU;
+    # SALA_LIGHTNING_FUSED_BWD=1 turns it on too
+    fused_dkdv: bool = False
 
 
 CONFIG = LightningConfig()
@@ -116,6 +120,35 @@ def _load_rows(ptr, rows, stride_t, h, stride_h, offs, valid):
 
 
 @triton.jit
+def _store_rows(ptr, rows, stride_t, h, stride_h, offs, valid, x):
+    """Store the tile x [C, len(offs)] of head h at token rows `rows` (where valid), in the buffer's dtype."""
+    tl.store(ptr + rows[:, None] * stride_t + h * stride_h + offs[None, :], x.to(ptr.dtype.element_ty),
+             mask=valid[:, None])
+
+
+@triton.jit
+def _state_step(state, keys_b, vals_b, dec, lg, n, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The state after a chunk of n tokens: state * gamma^n + (keys_b * dec)^T vals_b (fp32)."""
+    kw = (keys_b.to(tl.float32) * dec[:, None]).to(keys_b.dtype)
+    return _mm_acc(tl.trans(kw), vals_b, state * tl.exp2(lg * n.to(tl.float32)), DOT_PRECISION, UPCAST)
+
+
+@triton.jit
+def _chunk_output(rows_b, keys_b, vals_b, state, row_dec, intra, row_fac, col_fac, causal,
+                  DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTRA: tl.constexpr):
+    """One chunk's outputs before the scale (fp32 [C, len(vals)]): rows_b @ state * row_dec (the entering state)
+    plus (rows_b keys_b^T, decayed and causal) @ vals_b (the chunk itself). INTRA 0: the [C, C] table `intra`;
+    1: row_fac[i] * col_fac[j] where `causal`."""
+    raw = _mm(rows_b, tl.trans(keys_b), DOT_PRECISION, UPCAST)
+    if INTRA == 0:
+        scores = raw * intra
+    else:
+        scores = tl.where(causal, (raw * row_fac[:, None]) * col_fac[None, :], 0.0)
+    out = _mm(rows_b, state.to(rows_b.dtype), DOT_PRECISION, UPCAST) * row_dec[:, None]
+    return _mm_acc(scores.to(vals_b.dtype), vals_b, out, DOT_PRECISION, UPCAST)
+
+
+@triton.jit
 def _segment_state_kernel(
     k_ptr, v_ptr, u_ptr, log2_decay_ptr, seg_start_ptr, seg_end_ptr, seg_ids_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -143,8 +176,7 @@ def _segment_state_kernel(
         else:
             expo = tl.maximum(n - 1 - offs_c, 0)
         kdec = tl.where(valid, tl.exp2(lg * expo.to(tl.float32)), 0.0)
-        kw = (kb.to(tl.float32) * kdec[:, None]).to(kb.dtype)
-        acc = _mm_acc(tl.trans(kw), vb, acc * tl.exp2(lg * n.to(tl.float32)), DOT_PRECISION, UPCAST)
+        acc = _state_step(acc, kb, vb, kdec, lg, n, DOT_PRECISION, UPCAST)
     u_base = u_ptr + (seg * H + h) * DK * DV
     tl.store(u_base + offs_k[:, None] * DV + offs_v[None, :], acc)
 
@@ -207,10 +239,8 @@ def _output_walk(q_ptr, k_ptr, v_ptr, o_ptr, state, bos, eos, lg, h, scale, intr
             k_expo = tl.maximum(n - 1 - offs_c, 0)
         q_dec = tl.exp2(lg * q_expo.to(tl.float32))
         k_dec = tl.where(valid, tl.exp2(lg * k_expo.to(tl.float32)), 0.0)
-        raw = _mm(qb, tl.trans(kb), DOT_PRECISION, UPCAST)
-        if INTRA == 0:
-            scores = raw * intra
-        else:
+        causal = valid
+        if INTRA == 1:
             local = (rows - bos).to(tl.int32)
             # one orientation of `gap` for both directions: the transposed difference cost the reverse walk 240
             # instead of 144 bytes of stack (sm_90, Triton 3.6; scripts/lightning_sm90_resources.py)
@@ -219,13 +249,9 @@ def _output_walk(q_ptr, k_ptr, v_ptr, o_ptr, state, bos, eos, lg, h, scale, intr
                 causal = gap <= 0
             else:
                 causal = gap >= 0
-            scores = tl.where(causal, (raw * row_fac[:, None]) * col_fac[None, :], 0.0)
-        out = _mm(qb, state.to(qb.dtype), DOT_PRECISION, UPCAST) * q_dec[:, None]
-        out = _mm_acc(scores.to(vb.dtype), vb, out, DOT_PRECISION, UPCAST)
-        tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_v[None, :],
-                 (out * scale).to(o_ptr.dtype.element_ty), mask=valid[:, None])
-        kw = (kb.to(tl.float32) * k_dec[:, None]).to(kb.dtype)
-        state = _mm_acc(tl.trans(kw), vb, state * tl.exp2(lg * n.to(tl.float32)), DOT_PRECISION, UPCAST)
+        out = _chunk_output(qb, kb, vb, state, q_dec, intra, row_fac, col_fac, causal, DOT_PRECISION, UPCAST, INTRA)
+        _store_rows(o_ptr, rows, stride_ot, h, stride_oh, offs_v, valid, out * scale)
+        state = _state_step(state, kb, vb, k_dec, lg, n, DOT_PRECISION, UPCAST)
     return state
 
 
@@ -273,6 +299,78 @@ def _segment_output_kernel(
         intra = tl.where(gap >= 0, tl.exp2(lg * tl.maximum(gap, 0).to(tl.float32)), 0.0)
         state = _output_walk(q_ptr, k_ptr, v_ptr, o_ptr, state, bos, eos, lg, h, scale, intra, lg, lg,
                              *args, C=C, REVERSE=REVERSE, DOT_PRECISION=DOT_PRECISION, UPCAST=UPCAST, INTRA=0)
+    if WANT_FINAL:
+        if tl.load(seg_final_ptr + seg) != 0:
+            n_seq = tl.load(seg_seq_ptr + seg)
+            tl.store(final_ptr + (n_seq * H + h) * DK * DV + state_offs, state)
+
+
+@triton.jit
+def _dkdv_walk(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, state, bos, eos, lg, h, scale, intra, row_fac, col_fac,
+               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+               stride_dkt, stride_dkh, stride_dvt, stride_dvh, offs_c, offs_k, offs_v,
+               C: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTRA: tl.constexpr):
+    """Reverse walk of [bos, eos) from R [DK, DV] (the decayed sum of q_s^T do_s over the later tokens s), writing
+    dv_t = scale * (k_t R_t + intra-chunk part) and dk_t = scale * (v_t R_t^T + intra-chunk part): the two reverse
+    passes of the backward (`_output_walk` with the roles (k, q, do) and (v, do, q)) sharing one state. Returns the
+    state before the segment's first token."""
+    n_chunks = (eos - bos + C - 1) // C
+    for c in range(0, n_chunks):
+        n, valid, rows = _chunk_rows(c, n_chunks, bos, eos, offs_c, C, True)
+        qb = _load_rows(q_ptr, rows, stride_qt, h, stride_qh, offs_k, valid)
+        kb = _load_rows(k_ptr, rows, stride_kt, h, stride_kh, offs_k, valid)
+        vb = _load_rows(v_ptr, rows, stride_vt, h, stride_vh, offs_v, valid)
+        dob = _load_rows(do_ptr, rows, stride_dot, h, stride_doh, offs_v, valid)
+        row_dec = tl.exp2(lg * tl.maximum(n - 1 - offs_c, 0).to(tl.float32))
+        state_dec = tl.where(valid, tl.exp2(lg * (offs_c + 1).to(tl.float32)), 0.0)
+        causal = valid
+        if INTRA == 1:
+            local = (rows - bos).to(tl.int32)
+            causal = (local[:, None] - local[None, :]) <= 0
+        # dv: rows k, state R, chunk part (k q^T) do; dk: rows v, state R^T, chunk part (v do^T) q
+        out = _chunk_output(kb, qb, dob, state, row_dec, intra, row_fac, col_fac, causal, DOT_PRECISION, UPCAST,
+                            INTRA)
+        _store_rows(dv_ptr, rows, stride_dvt, h, stride_dvh, offs_v, valid, out * scale)
+        out = _chunk_output(vb, dob, qb, tl.trans(state), row_dec, intra, row_fac, col_fac, causal, DOT_PRECISION,
+                            UPCAST, INTRA)
+        _store_rows(dk_ptr, rows, stride_dkt, h, stride_dkh, offs_k, valid, out * scale)
+        state = _state_step(state, qb, dob, state_dec, lg, n, DOT_PRECISION, UPCAST)
+    return state
+
+
+@triton.jit
+def _segment_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, s_in_ptr, final_ptr, log2_decay_ptr,
+    seg_start_ptr, seg_end_ptr, seg_seq_ptr, seg_final_ptr, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, WANT_FINAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTRA_FACTORED: tl.constexpr,
+):
+    """dk and dv of one (segment, head), walking its chunks in reverse from the entering state (all of V)."""
+    seg = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    bos = tl.load(seg_start_ptr + seg)
+    eos = tl.load(seg_end_ptr + seg)
+    lg = tl.load(log2_decay_ptr + h)
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, DK)
+    offs_v = tl.arange(0, DV)
+    state_offs = offs_k[:, None] * DV + offs_v[None, :]
+    state = tl.load(s_in_ptr + (seg * H + h) * DK * DV + state_offs)
+    args = (stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+            stride_dkt, stride_dkh, stride_dvt, stride_dvh, offs_c, offs_k, offs_v)
+    if INTRA_FACTORED:   # as in _segment_output_kernel, reversed
+        centred = (offs_c - C // 2).to(tl.float32)
+        row_fac = tl.exp2(-lg * centred)
+        col_fac = tl.exp2(lg * centred)
+        state = _dkdv_walk(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, state, bos, eos, lg, h, scale, lg, row_fac,
+                           col_fac, *args, C=C, DOT_PRECISION=DOT_PRECISION, UPCAST=UPCAST, INTRA=1)
+    else:
+        gap = offs_c[None, :] - offs_c[:, None]
+        intra = tl.where(gap >= 0, tl.exp2(lg * tl.maximum(gap, 0).to(tl.float32)), 0.0)
+        state = _dkdv_walk(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, state, bos, eos, lg, h, scale, intra, lg, lg,
+                           *args, C=C, DOT_PRECISION=DOT_PRECISION, UPCAST=UPCAST, INTRA=0)
     if WANT_FINAL:
         if tl.load(seg_final_ptr + seg) != 0:
             n_seq = tl.load(seg_seq_ptr + seg)
@@ -429,21 +527,7 @@ def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: fl
     prec = _dot_precision(q.dtype)
     upcast = interpreter_enabled()
     o = _empty((tt, heads, dv), q.dtype, q.device)
-    s_in = _empty((segs.num_segments, heads, dk, dv), torch.float32, q.device)
-    final = _empty((segs.num_seqs, heads, dk, dv), torch.float32, q.device) if want_final else s_in
-    state_ids = segs.not_first_ids if reverse else segs.not_last_ids
-    u = _empty(tuple(s_in.shape), torch.float32, q.device) if state_ids.numel() else s_in
-    if state_ids.numel():
-        LAST_KERNELS["state"] = _launch(
-            _segment_state_kernel, (state_ids.numel(), heads, dv // bv),
-            (k, v, u, log2_decay, segs.start, segs.end, state_ids, k.stride(0), k.stride(1), v.stride(0), v.stride(1)),
-            dict(H=heads, DK=dk, DV=dv, BV=bv, C=chunk, REVERSE=reverse, DOT_PRECISION=prec, UPCAST=upcast),
-            warps, cfg.num_stages)
-    scan_block = min(1024, dk * dv)
-    _launch(_segment_scan_kernel, (segs.num_seqs, heads, dk * dv // scan_block),
-            (u, s_in, init if init is not None else s_in, final, log2_decay, segs.start, segs.end, segs.seq_ptr),
-            dict(H=heads, DK=dk, DV=dv, BLOCK=scan_block, HAS_INIT=init is not None, WANT_FINAL=want_final,
-                 REVERSE=reverse), 4)
+    s_in, final = _entering_states(k, v, log2_decay, segs, init, want_final, reverse, bv, chunk, warps)
     if segs.num_segments:
         LAST_KERNELS["output"] = _launch(
             _segment_output_kernel, (segs.num_segments, heads, dv // bv),
@@ -454,6 +538,62 @@ def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: fl
                  DOT_PRECISION=prec, UPCAST=upcast, INTRA_FACTORED=_use_factored(max_abs_log2_decay, chunk)),
             warps, cfg.num_stages)
     return o, (final if want_final else None)
+
+
+def _entering_states(k: Tensor, v: Tensor, log2_decay: Tensor, segs: _Segments, init: Tensor | None, want_final: bool,
+                     reverse: bool, bv: int, chunk: int, warps: int) -> tuple[Tensor, Tensor]:
+    """The state entering every segment (`_segment_state_kernel` over the segments, then `_segment_scan_kernel`
+    along each sequence): s_in [S, H, Dk, Dv] fp32, and final [N, H, Dk, Dv] (the state each sequence hands on, to
+    be completed by the output pass; s_in itself when not `want_final`)."""
+    tt, heads, dk = k.shape
+    dv = v.shape[-1]
+    prec, upcast = _dot_precision(k.dtype), interpreter_enabled()
+    s_in = _empty((segs.num_segments, heads, dk, dv), torch.float32, k.device)
+    final = _empty((segs.num_seqs, heads, dk, dv), torch.float32, k.device) if want_final else s_in
+    state_ids = segs.not_first_ids if reverse else segs.not_last_ids
+    u = _empty(tuple(s_in.shape), torch.float32, k.device) if state_ids.numel() else s_in
+    if state_ids.numel():
+        LAST_KERNELS["state"] = _launch(
+            _segment_state_kernel, (state_ids.numel(), heads, dv // bv),
+            (k, v, u, log2_decay, segs.start, segs.end, state_ids, k.stride(0), k.stride(1), v.stride(0), v.stride(1)),
+            dict(H=heads, DK=dk, DV=dv, BV=bv, C=chunk, REVERSE=reverse, DOT_PRECISION=prec, UPCAST=upcast),
+            warps, CONFIG.num_stages)
+    scan_block = min(1024, dk * dv)
+    _launch(_segment_scan_kernel, (segs.num_seqs, heads, dk * dv // scan_block),
+            (u, s_in, init if init is not None else s_in, final, log2_decay, segs.start, segs.end, segs.seq_ptr),
+            dict(H=heads, DK=dk, DV=dv, BLOCK=scan_block, HAS_INIT=init is not None, WANT_FINAL=want_final,
+                 REVERSE=reverse), 4)
+    return s_in, final
+
+
+def _fused_dkdv_enabled(dk: int, dv: int) -> bool:
+    """Whether the backward computes dk and dv in one reverse walk (`LightningConfig.fused_dkdv`)."""
+    on = CONFIG.fused_dkdv or os.environ.get("SALA_LIGHTNING_FUSED_BWD", "0") not in ("", "0")
+    return on and not _large_dims(dk, dv)
+
+
+def _dkdv_pass(qp: Tensor, kp: Tensor, vp: Tensor, dop: Tensor, log2_decay: Tensor, scale: float, segs: _Segments,
+               init: Tensor | None, want_final: bool, max_abs_log2_decay: float | None
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """dk [TT, H, Dk] (k's dtype) and dv [TT, H, Dv] (v's dtype) of the lightning backward in one reverse walk: both read R_t = sum_{s>=t} gamma^(s-t) q_s^T do_s (+ the decayed `init`, the final state's
+    gradient / scale), dv_t = scale k_t R_t, dk_t = scale v_t R_t^T. Returns (dk, dv, the state before each
+    sequence's first token [N, H, Dk, Dv] when `want_final`)."""
+    tt, heads, dk = qp.shape
+    dv = vp.shape[-1]
+    chunk, warps = _chunk_and_warps(dk, dv)
+    s_in, final = _entering_states(qp, dop, log2_decay, segs, init, want_final, True, _block_v(dv, dk), chunk, warps)
+    dk_ = _empty((tt, heads, dk), kp.dtype, qp.device)
+    dv_ = _empty((tt, heads, dv), vp.dtype, qp.device)
+    if segs.num_segments:
+        LAST_KERNELS["dkdv"] = _launch(
+            _segment_dkdv_kernel, (segs.num_segments, heads),
+            (qp, kp, vp, dop, dk_, dv_, s_in, final, log2_decay, segs.start, segs.end, segs.seq, segs.first,
+             float(scale), qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
+             dop.stride(0), dop.stride(1), dk_.stride(0), dk_.stride(1), dv_.stride(0), dv_.stride(1)),
+            dict(H=heads, DK=dk, DV=dv, C=chunk, WANT_FINAL=want_final, DOT_PRECISION=_dot_precision(qp.dtype),
+                 UPCAST=interpreter_enabled(), INTRA_FACTORED=_use_factored(max_abs_log2_decay, chunk)),
+            warps, CONFIG.num_stages)
+    return dk_, dv_, (final if want_final else None)
 
 
 # per-tensor memos of a log_decay tensor: id -> (weak reference, version, value); identity-keyed (a tensor's == is
@@ -565,6 +705,13 @@ class _LightningFunction(torch.autograd.Function):
             dq, _ = _chunked_pass(dop, vp, kp, log2_decay, scale, segs_q, init_t, False, reverse=False,
                                   max_abs_log2_decay=lg_max)
             dq = dq.view(batch, length, heads, dk)
+        if need_k and need_v and _fused_dkdv_enabled(dk, dv):   # both in one reverse walk
+            segs_v = _segments_for(batch, length, cu_seqlens, heads, dk, dv, qp.device)
+            dk_, dv_, g = _dkdv_pass(qp, kp, vp, dop, log2_decay, scale, segs_v, rev_init, need_init, lg_max)
+            if need_init:
+                dinit = (g * scale).to(init_dtype)
+            return (dq, dk_.view(batch, length, heads, dk), dv_.view(batch, length, heads, dv), None, None, dinit,
+                    None, None)
         if need_v or need_init:
             segs_v = _segments_for(batch, length, cu_seqlens, heads, dk, dv, qp.device)
             dv_, g = _chunked_pass(kp, qp, dop, log2_decay, scale, segs_v, rev_init, need_init, reverse=True,
