@@ -108,14 +108,11 @@ def main() -> None:
         model = build_model(spec, vocab_size=meta["vocab_size"], bos_id=meta.get("bos_id"),
                             eos_id=meta.get("eos_id"), pad_id=0)
         apply_throughput_options(model, spec)   # as the trainer applies them
-        if args.mlp_concat:
-            for m in model.modules():
-                if hasattr(type(m), "interleave_fused"):
-                    m.interleave_fused = False
-        if args.no_norm_cast:
-            for m in model.modules():
-                if hasattr(m, "autocast_output"):
-                    m.autocast_output = False
+        # the A/B baselines: the layouts before the change, on every module that has the switch
+        for flag, attr in ((args.mlp_concat, "interleave_fused"), (args.no_norm_cast, "autocast_output")):
+            for m in model.modules() if flag else ():
+                if hasattr(m, attr):
+                    setattr(m, attr, False)
         if kind == "sala":
             model.config.use_sparse_attention = sparse
         weights_bf16 = dev.type == "cuda" and not args.trainer_precision

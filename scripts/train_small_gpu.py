@@ -237,9 +237,8 @@ if split == "second":   # the last call finishes the decay stage: the stable sta
     replanned = replan_last_call(f"{work}/run", cfg.stages, float(os.environ.get("SPLIT_FINAL_SECONDS") or limit),
                                  decay_speed_ratio=float(os.environ.get("DECAY_SPEED_RATIO", "0.6")),
                                  warmup_s=float(os.environ.get("REPLAN_WARMUP_SECONDS", "40")),
-                                 calibrated_tps={i: (tps_retr if st.name == "retrieval" else tps_off)
-                                                 for i, st in enumerate(cfg.stages)
-                                                 if (tps_retr if st.name == "retrieval" else tps_off)})
+                                 calibrated_tps={i: tps for i, st in enumerate(cfg.stages)
+                                                 if (tps := tps_retr if st.name == "retrieval" else tps_off)})
     if replanned:
         i_stable = stage_index["stable"]
         cfg.stages[i_stable] = dataclasses.replace(cfg.stages[i_stable], steps=replanned["now"])

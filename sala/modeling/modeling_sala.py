@@ -353,7 +353,8 @@ class SalaDecoderLayer(GradientCheckpointingLayer):
         return hidden + delta * self.residual_scale
 
     # True (set by `compile_for_training(..., blocks=True)`): without a cache or padding (training), the layer runs
-    # as `pre_attention`, the attention op, `post_attention`: two compiled regions instead of six compiled pieces
+    # as `pre_attention`, the attention op, `post_attention`: two compiled regions instead of six compiled pieces.
+    # Otherwise it calls its attention module (whose forward hooks, e.g. the conversion's captures, then fire)
     use_blocks = False
 
     def pre_attention(self, hidden: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,

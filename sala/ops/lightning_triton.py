@@ -120,6 +120,17 @@ def _load_rows(ptr, rows, stride_t, h, stride_h, offs, valid):
 
 
 @triton.jit
+def _load_chunk(q_ptr, k_ptr, v_ptr, c, n_chunks, bos, eos, h, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                stride_vh, offs_c, offs_k, offs_v, C: tl.constexpr, REVERSE: tl.constexpr):
+    """Chunk c of the walk over [bos, eos): its token count n, validity, rows, and its q, k [C, DK] and v [C, BV]."""
+    n, valid, rows = _chunk_rows(c, n_chunks, bos, eos, offs_c, C, REVERSE)
+    qb = _load_rows(q_ptr, rows, stride_qt, h, stride_qh, offs_k, valid)
+    kb = _load_rows(k_ptr, rows, stride_kt, h, stride_kh, offs_k, valid)
+    vb = _load_rows(v_ptr, rows, stride_vt, h, stride_vh, offs_v, valid)
+    return n, valid, rows, qb, kb, vb
+
+
+@triton.jit
 def _store_rows(ptr, rows, stride_t, h, stride_h, offs, valid, x):
     """Store the tile x [C, len(offs)] of head h at token rows `rows` (where valid), in the buffer's dtype."""
     tl.store(ptr + rows[:, None] * stride_t + h * stride_h + offs[None, :], x.to(ptr.dtype.element_ty),
@@ -227,10 +238,9 @@ def _output_walk(q_ptr, k_ptr, v_ptr, o_ptr, state, bos, eos, lg, h, scale, intr
     """
     n_chunks = (eos - bos + C - 1) // C
     for c in range(0, n_chunks):
-        n, valid, rows = _chunk_rows(c, n_chunks, bos, eos, offs_c, C, REVERSE)
-        qb = _load_rows(q_ptr, rows, stride_qt, h, stride_qh, offs_k, valid)
-        kb = _load_rows(k_ptr, rows, stride_kt, h, stride_kh, offs_k, valid)
-        vb = _load_rows(v_ptr, rows, stride_vt, h, stride_vh, offs_v, valid)
+        n, valid, rows, qb, kb, vb = _load_chunk(q_ptr, k_ptr, v_ptr, c, n_chunks, bos, eos, h, stride_qt, stride_qh,
+                                                 stride_kt, stride_kh, stride_vt, stride_vh, offs_c, offs_k, offs_v,
+                                                 C, REVERSE)
         if REVERSE:
             q_expo = tl.maximum(n - 1 - offs_c, 0)
             k_expo = offs_c + 1
@@ -316,10 +326,9 @@ def _dkdv_walk(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, state, bos, eos, lg,
     state before the segment's first token."""
     n_chunks = (eos - bos + C - 1) // C
     for c in range(0, n_chunks):
-        n, valid, rows = _chunk_rows(c, n_chunks, bos, eos, offs_c, C, True)
-        qb = _load_rows(q_ptr, rows, stride_qt, h, stride_qh, offs_k, valid)
-        kb = _load_rows(k_ptr, rows, stride_kt, h, stride_kh, offs_k, valid)
-        vb = _load_rows(v_ptr, rows, stride_vt, h, stride_vh, offs_v, valid)
+        n, valid, rows, qb, kb, vb = _load_chunk(q_ptr, k_ptr, v_ptr, c, n_chunks, bos, eos, h, stride_qt, stride_qh,
+                                                 stride_kt, stride_kh, stride_vt, stride_vh, offs_c, offs_k, offs_v,
+                                                 C, True)
         dob = _load_rows(do_ptr, rows, stride_dot, h, stride_doh, offs_v, valid)
         row_dec = tl.exp2(lg * tl.maximum(n - 1 - offs_c, 0).to(tl.float32))
         state_dec = tl.where(valid, tl.exp2(lg * (offs_c + 1).to(tl.float32)), 0.0)

@@ -92,6 +92,8 @@ class Trainer:
         if self.env.distributed:
             shard_model(model, self.env)
         self.model = model
+        # (name, parameter) of the model as trained (after sharding), read by every optimizer step
+        self._named_params = list(model.named_parameters())
         self.forward_model = (compile_for_training(model, compile_loss=config.model.compile_loss,
                                                    blocks=config.model.compile_blocks)
                               if config.model.compile else model)
@@ -239,7 +241,7 @@ class Trainer:
         """Clip (optim.grad_clip > 0), then update unless the gradients hold an inf or NaN; zero the gradients.
         Returns the gradient norm before clipping (a device scalar; all-reduced under FSDP2) and, in one process,
         (names, finite) of the parameters with a gradient (finite: [n] bool on the device, from their norms)."""
-        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        named = [(n, p) for n, p in self._named_params if p.grad is not None]
         params = [p for _, p in named]
         if not params:   # no micro-batch had a token to predict: nothing to apply
             return torch.zeros((), device=self.env.device), None
