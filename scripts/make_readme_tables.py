@@ -520,7 +520,45 @@ def training_section() -> list[str]:
            + (" (the evaluation was cut short by the device call's time limit: the tasks shown are those it finished)"
               if unfinished else "") + ":", "",
            *d["niah_table"].strip().splitlines(), ""]
+    return out + _teacher_forced_lines(d) + _calibration_variant_lines(d)
+
+
+def _teacher_forced_lines(d: dict) -> list[str]:
+    """niah_single greedy vs teacher-forced on the same prompts (runs since the fifteenth session), bf16 and fp32."""
+    from sala.eval.runner import format_teacher_forced_table
+
+    niah = d.get("niah") or {}
+    out = []
+    for title, rep in (("as evaluated", niah), ("fp32 weights and activations, longest length",
+                                                (niah.get("fp32_diagnostic") or {}) | {"lengths": niah.get("lengths")})):
+        res = rep.get("results") or {}
+        if "niah_single" not in res:
+            continue
+        lengths = [L for L in rep["lengths"] or [] if str(L) in res["niah_single"]]
+        table = format_teacher_forced_table({"lengths": lengths, "results": res}, "niah_single")
+        if table:
+            out += [f"niah_single, greedy decoding and teacher-forced on the same prompts ({title}; %):", "",
+                    *table.splitlines(), ""]
     return out
+
+
+def _calibration_variant_lines(d: dict) -> list[str]:
+    """The run's calibration variants (CALIBRATE_VARIANTS), measured on its own machine before training."""
+    rep = (d.get("calibration") or {}).get("variants")
+    if not rep:
+        return []
+    rows = rep["variants"]
+    base = next((r.get("tokens_per_s") for r in rows if r["name"] == "base"), None)
+    out = [f"Calibration variants of this run (sparse off, {rep['min_gain']:.0%} over the base to be chosen"
+           + ("; the choice was forced" if rep.get("forced") else "") + "):", "",
+           *_header("variant", "overrides", "tokens/s", "vs base", "MFU", "note")]
+    for r in rows:
+        tps = r.get("tokens_per_s")
+        note = "trained" if r["name"] == rep["chosen"] else (r.get("rejected") or r.get("error") or "")
+        out.append(_row(r["name"], " ".join(f"`{x}`" for x in r["overrides"]) or "(the config)",
+                        f"{tps:,.0f}" if tps else "-", f"{tps / base:.3f}x" if tps and base else "-",
+                        _f(100 * r["mfu"], 1, "%") if r.get("mfu") else "-", note))
+    return out + [""]
 
 
 def repro_section() -> list[str]:

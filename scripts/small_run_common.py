@@ -150,3 +150,97 @@ def replan_last_call(run_dir: str, stages: list, seconds: float, *, decay_speed_
                        f"{decay.steps} decay steps at {tps_decay:,.0f} tok/s, plus {warmup_s:.0f} s of compilation"
                        + (f" and {before_s:.0f} s for the rest of the stages before" if before_s else "")
                        + f", do not fit this call's {seconds:.0f} s")}
+
+
+def parse_variants(spec: str) -> list[tuple[str, list[str]]]:
+    """CALIBRATE_VARIANTS, "name:key=value,key=value;name2:key=value", as [(name, overrides)].
+
+    A key is a config override as `sala train` takes it on the command line (model.compile_blocks=true,
+    stages.0.micro_batch=32, ...) or env.NAME (an environment variable set while the variant runs, e.g.
+    env.SALA_LIGHTNING_FUSED_BWD=1). Values may not contain ',' or ';'. "base" is the config as it stands."""
+    out: list[tuple[str, list[str]]] = []
+    for part in (p.strip() for p in spec.split(";")):
+        if not part:
+            continue
+        name, sep, body = part.partition(":")
+        name = name.strip()
+        if not sep or not name or not body.strip():
+            raise SystemExit(f"CALIBRATE_VARIANTS: {part!r} is not 'name:key=value[,key=value...]'")
+        if name == "base" or name in (n for n, _ in out):
+            raise SystemExit(f"CALIBRATE_VARIANTS: the name {name!r} is " + ("reserved for the config as it stands"
+                             if name == "base" else "used twice"))
+        items = [x.strip() for x in body.split(",") if x.strip()]
+        bad = [x for x in items if "=" not in x or not x.split("=", 1)[0].strip()]
+        if bad:
+            raise SystemExit(f"CALIBRATE_VARIANTS: variant {name!r} has {bad} where key=value was expected")
+        out.append((name, items))
+    return out
+
+
+def split_variant(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """A variant's overrides as (config overrides, environment variables)."""
+    config = [x for x in overrides if not x.startswith("env.")]
+    env = {x[4:].split("=", 1)[0]: x.split("=", 1)[1] for x in overrides if x.startswith("env.")}
+    return config, env
+
+
+def set_env(values: dict[str, str]) -> dict[str, str | None]:
+    """Set environment variables; returns their previous values (None: unset) for `restore_env`."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    return old
+
+
+def restore_env(old: dict[str, str | None]) -> None:
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def choose_variant(measured: dict[str, float | None], min_gain: float, force: str | None = None) -> str:
+    """The variant to train with: `force` when given (it must be measured), else the fastest of `measured`
+    ({name: tokens/s}, "base" included; None: failed or rejected) when it beats "base" by more than `min_gain`
+    (a fraction: 0.01 asks for 1% more tokens/s), else "base"."""
+    if force:
+        if force not in measured:
+            raise SystemExit(f"VARIANT={force!r} is not one of the calibrated variants {sorted(measured)}")
+        return force
+    ok = {k: v for k, v in measured.items() if v}
+    if not ok.get("base"):
+        return max(ok, key=ok.get) if ok else "base"
+    best = max(ok, key=ok.get)
+    return best if ok[best] > ok["base"] * (1.0 + min_gain) else "base"
+
+
+def check_fused_lightning_backward(heads: int, head_dim: int, tokens: int = 4096, docs: int = 4, seed: int = 0,
+                                   device: str = "cuda", dtype=None) -> float:
+    """Relative error of the lightning backward's dk and dv with SALA_LIGHTNING_FUSED_BWD=1 against the two-walk
+    backward, on random inputs (bf16 by default) of one packed micro-batch ([1, tokens, heads, head_dim], `docs`
+    documents): the guard before a calibration variant trains with the fused walk on a GPU. Returns the larger of
+    ||fused - two walks|| / ||two walks|| over dk and dv."""
+    import torch
+
+    from sala.ops.lightning import lightning_attention
+    from sala.ops.slopes import lightning_log_decay
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (1, tokens, heads, head_dim)
+    q, k, v, do = (torch.randn(shape, generator=g).to(device, dtype or torch.bfloat16) for _ in range(4))
+    cuts = torch.randperm(tokens - 1, generator=g)[:docs - 1] + 1
+    cu = torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([tokens])]).to(device, torch.int32)
+    log_decay = lightning_log_decay(heads, device=torch.device(device))
+
+    def grads(fused: str) -> tuple:
+        old = set_env({"SALA_LIGHTNING_FUSED_BWD": fused})
+        try:
+            qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+            o, _ = lightning_attention(qq, kk, vv, log_decay, cu_seqlens=cu)
+            o.backward(do)
+            return kk.grad.float(), vv.grad.float()
+        finally:
+            restore_env(old)
+
+    two, one = grads("0"), grads("1")
+    return max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(one, two))

@@ -75,7 +75,7 @@ write_json(summary_path, result)   # training results are safe before the evalua
 
 lengths, samples = eval_plan(cpu)
 final = os.path.join(branch_dir, "final")
-r = run_tasks(final, lengths, ["niah_single"], num_samples=samples["niah_single"], seed=7)
+r = run_tasks(final, lengths, ["niah_single"], num_samples=samples["niah_single"], seed=7, teacher_forced=True)
 result["niah"] = {"results": r["results"], "lengths": lengths, "tasks": ["niah_single"], "eval_seconds": r["seconds"]}
 result["niah_table"] = format_table(result["niah"])
 result["total_seconds"] = time.time() - t0

@@ -20,8 +20,9 @@ from sala.train.config import validate
 from sala.train.metrics import read_metrics
 from sala.eval.runner import run_tasks, format_table
 from sala.bench.common import run_metadata, write_json
-from small_run_common import (data_epochs, decay_set, eval_plan, long_retrieval_set, packed as packed_set,
-                              replan_last_call, synthetic_settings)
+from small_run_common import (check_fused_lightning_backward, choose_variant, data_epochs, decay_set, eval_plan,
+                              long_retrieval_set, packed as packed_set, parse_variants, replan_last_call, restore_env,
+                              set_env, split_variant, synthetic_settings)
 
 out, data, cpu = os.environ["OUT_DIR"], os.environ["DATA"], os.environ["SMALL_CPU"] == "1"
 budget = float(os.environ["TRAIN_SECONDS"])
@@ -48,6 +49,14 @@ base = [f"data.path={data}", "progress=false"]
 if cpu:
     base += ["model.preset=sala-tiny", "model.config={}", "stages.0.seq_len=256", "stages.1.seq_len=256", "stages.0.micro_batch=2",
              "stages.1.micro_batch=2", "stages.0.warmup_steps=2", "eval_windows=2", "log_every=2"]
+variants = parse_variants(os.environ.get("CALIBRATE_VARIANTS", ""))   # refused here, before any work, when malformed
+variant_name, variant_report = "base", None
+if resuming and split_state.get("variant", "base") != "base":   # the first call's choice, so the plan comes out the same
+    variant_name, variant_report = split_state["variant"], split_state.get("variant_report")
+    _over, _env = split_variant(split_state["variant_overrides"])
+    base += _over
+    set_env(_env)
+    print(f"calibration variant {variant_name!r} (the first call's choice): {' '.join(split_state['variant_overrides'])}")
 lengths, samples = eval_plan(cpu)
 cfg_path = os.path.join(os.environ["SALA_ROOT"], "configs", "train", "sala_small_gpu.yaml")
 t_all = time.time()
@@ -98,18 +107,22 @@ if os.environ.get("PREPARE_ONLY") == "1":
                                                                    long_data) if p))
     raise SystemExit(0)
 
-def compile_overrides() -> list[str]:
+def compile_overrides(c=None) -> list[str]:
     """model.compile as use_compile says (off on the CPU, or after a failed compiled calibration), and the config's
-    compiled loss and compiled blocks only with it (they need the compiled model)."""
+    (`c`, default `full`) compiled loss and compiled blocks only with it (they need the compiled model)."""
+    c = c or full
     return [f"model.compile={str(use_compile).lower()}",
-            f"model.compile_loss={str(use_compile and full.model.compile_loss).lower()}",
-            f"model.compile_blocks={str(use_compile and full.model.compile_blocks).lower()}"]
+            f"model.compile_loss={str(use_compile and c.model.compile_loss).lower()}",
+            f"model.compile_blocks={str(use_compile and c.model.compile_blocks).lower()}"]
 
-def tokens_per_s(sparse: bool, steps: int, **stage) -> tuple[float, float | None]:
-    """Throughput of the last log window of a short run (kernels compiled in the first windows); `stage` overrides
-    the stable stage's fields (seq_len, micro_batch, data)."""
-    cfg = load_config(cfg_path, base + compile_overrides() + [f"out_dir={work}/calib_{int(sparse)}", "resume=false",
-                                                              "save_final=false", "log_every=4", "eval_windows=1"])
+def tokens_per_s(sparse: bool, steps: int, extra: list[str] | None = None, **stage) -> tuple[float, float | None]:
+    """Throughput of a short run: the median of its log windows after the first (which compiles the kernels), or the
+    last window when there is one other. `extra`: config overrides on top of `base` (a calibration variant);
+    `stage` overrides the stable stage's fields (seq_len, micro_batch, data)."""
+    over = base + list(extra or [])
+    cfg = load_config(cfg_path, over + compile_overrides(load_config(cfg_path, over) if extra else None)
+                      + [f"out_dir={work}/calib_{int(sparse)}", "resume=false", "save_final=false", "log_every=4",
+                         "eval_windows=1"])
     cfg.stages = [dataclasses.replace(cfg.stages[0], name="calib", steps=steps, warmup_steps=0, sparse=sparse,
                                       **stage)]
     tr = Trainer(cfg)
@@ -118,9 +131,12 @@ def tokens_per_s(sparse: bool, steps: int, **stage) -> tuple[float, float | None
     del tr
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return recs[-1]["tokens_per_s"], recs[-1]["mfu"]
+    steady = recs[1:] or recs
+    tps = statistics.median(r["tokens_per_s"] for r in steady)
+    mfus = [r["mfu"] for r in steady if r["mfu"] is not None]
+    return tps, (statistics.median(mfus) if mfus else None)
 
-calib_steps = 4 if cpu else 10
+calib_steps = 4 if cpu else 16   # log windows of 4 steps: the first compiles, the median of the other three counts
 use_compile = not cpu
 decay_sparse = True
 tps_retr = None
@@ -135,6 +151,44 @@ else:
         print(f"compiled training failed ({type(e).__name__}: {e}); training without torch.compile")
         use_compile = False
         tps_off, mfu_off = tokens_per_s(False, calib_steps)
+    if variants:   # the same calibration for each variant; the fastest trains when it beats the base by VARIANT_MIN_GAIN
+        min_gain = float(os.environ.get("VARIANT_MIN_GAIN", "0.01"))
+        rows = [{"name": "base", "overrides": [], "tokens_per_s": tps_off, "mfu": mfu_off}]
+        for name, overrides in variants:
+            row, (over, env) = {"name": name, "overrides": overrides}, split_variant(overrides)
+            old = set_env(env)
+            try:
+                if torch.cuda.is_available() and env.get("SALA_LIGHTNING_FUSED_BWD", "0") not in ("", "0"):
+                    from sala import SalaConfig   # guard: the fused dk/dv walk against the two walks, on this GPU
+                    mc = SalaConfig.from_preset(full.model.preset, **full.model.config)
+                    err = row["fused_backward_rel_error"] = check_fused_lightning_backward(mc.lightning_nh,
+                                                                                           mc.lightning_head_dim)
+                    if not err <= 2e-2:
+                        row["rejected"] = f"fused dk/dv backward differs from the two walks by {err:.3g} (limit 2e-2)"
+                        print(f"variant {name!r} rejected: {row['rejected']}")
+                        continue
+                row["tokens_per_s"], row["mfu"] = tokens_per_s(False, calib_steps, extra=over)
+            except Exception as e:   # a variant that fails is reported and not chosen; the run goes on
+                import traceback; traceback.print_exc()
+                row["error"] = f"{type(e).__name__}: {e}"
+            finally:
+                restore_env(old)
+                rows.append(row)
+        forced = os.environ.get("VARIANT") or None
+        variant_name = choose_variant({r["name"]: r.get("tokens_per_s") for r in rows}, min_gain, forced)
+        variant_report = {"variants": rows, "chosen": variant_name, "min_gain": min_gain, "forced": bool(forced)}
+        for r in rows:
+            print(f"calibration variant {r['name']:>16}: " + (f"{r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s")
+                  else r.get("rejected") or r.get("error", "no measurement")) + ("  <- chosen" if r["name"] == variant_name else ""))
+        if variant_name != "base":   # everything after this (data sizes aside) runs with the variant
+            chosen = next(r for r in rows if r["name"] == variant_name)
+            over, env = split_variant(chosen["overrides"])
+            base += over
+            set_env(env)
+            full = load_config(cfg_path, base)
+            tps_off, mfu_off = chosen["tokens_per_s"], chosen["mfu"]
+            if not os.environ.get("RETRIEVAL_MICRO_BATCH"):
+                retr_mb = full.stages[0].micro_batch
     if short_data and retr_steps:   # the retrieval stage's own speed (small windows and batches run slower per token)
         tps_retr, _ = tokens_per_s(False, calib_steps, micro_batch=retr_mb, data=short_data,
                                    **({"seq_len": retr_seq} if retr_seq else {}))
@@ -328,7 +382,8 @@ result = {
     if long_data else None,
     "data_meta": read_meta(data),
     "calibration": {"tokens_per_s_sparse_off": tps_off, "mfu_sparse_off": mfu_off,
-                    "tokens_per_s_sparse_on": tps_on, "mfu_sparse_on": mfu_on},
+                    "tokens_per_s_sparse_on": tps_on, "mfu_sparse_on": mfu_on,
+                    "variant": variant_name, "variants": variant_report},
     "niah": report, "niah_table": "", "total_seconds": time.time() - t_all,
 }
 if split:
@@ -345,6 +400,9 @@ if handing_over and unfinished:   # hand over to the next call: the measurements
     report["status"] = "training continues in the next call (SPLIT_CALL=middle or second)"
     save_summary()
     write_json(state_path, {"tps_off": tps_off, "mfu_off": mfu_off, "tps_retr": tps_retr, "use_compile": use_compile,
+                            "variant": variant_name, "variant_report": variant_report,
+                            "variant_overrides": split_state.get("variant_overrides") if resuming else
+                            ([] if variant_name == "base" else dict(variants)[variant_name]),
                             "probe": probe, "training_seconds": summary["seconds"],
                             "call_seconds": time.time() - t_all + split_state.get("call_seconds", 0.0),
                             "calls": split_state.get("calls", 0) + 1,
@@ -382,7 +440,8 @@ def precision_diagnostic(n: int) -> None:
     """niah_single at 4x (the target's length) on the same prompts again, with fp32 weights and activations: does
     the bf16 evaluation lose answers the model has (copy errors in the last digits of a long context)?"""
     try:
-        r = run_tasks(f"{work}/run/final", [lengths[-1]], ["niah_single"], num_samples=n, seed=7, dtype="float32")
+        r = run_tasks(f"{work}/run/final", [lengths[-1]], ["niah_single"], num_samples=n, seed=7, dtype="float32",
+                      teacher_forced=True)
         report["fp32_diagnostic"] = {"note": "the same niah_single prompts at the longest length, fp32 model",
                                      "results": r["results"], "seconds": r["seconds"]}
     except Exception as e:
@@ -395,7 +454,9 @@ for task, n in samples.items():
         report.setdefault("skipped", []).append(task)
         continue
     try:
-        r = run_tasks(f"{work}/run/final", lengths, [task], num_samples=n, seed=7)
+        # niah_single also teacher-forced: the misses of runs 12-16 are last digits wrong, and the answer's later
+        # tokens come from the cached decoding path (sala.eval.teacher_forced says whether that path loses them)
+        r = run_tasks(f"{work}/run/final", lengths, [task], num_samples=n, seed=7, teacher_forced=task == "niah_single")
     except Exception as e:
         import traceback; traceback.print_exc()
         report.setdefault("errors", {})[task] = f"{type(e).__name__}: {e}"

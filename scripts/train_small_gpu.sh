@@ -40,6 +40,13 @@
 #      eighth, a quarter and half of the window: run 8's retrieval formed at 256 tokens but did not reach 4K; its
 #      steps come out of the stable stage, which keeps at least a third of the steps it has after the short stage),
 #      DECAY_SPEED_RATIO (default 0.6: the decay stage's sparse-on speed relative to sparse-off, which sizes it),
+#      CALIBRATE_VARIANTS (e.g. "blocks:model.compile_blocks=true;dkdv:env.SALA_LIGHTNING_FUSED_BWD=1": after the
+#      calibration of the config as it stands ("base"), the same calibration once per variant, each a list of config
+#      overrides and env.NAME=VALUE variables, on this machine and data; the fastest trains the run when it beats the
+#      base by more than VARIANT_MIN_GAIN (default 0.01 = 1%), VARIANT=NAME forces one; summary calibration.variants
+#      has every measurement. A variant with env.SALA_LIGHTNING_FUSED_BWD=1 first checks the fused dk/dv backward
+#      against the two-walk one on the GPU and is rejected above 2e-2 relative error. Later SPLIT_CALLs reuse the
+#      first call's choice),
 #      RETRIEVAL_DATA_DIR (build the retrieval datasets there, as retrieval_short*/retrieval_long*, instead of next
 #      to DATA: build them once on a CPU with PREPARE_ONLY=1 and carry them to the device instead of spending
 #      ~100 s of the call on them), RETRIEVAL_DATA_EPOCHS (default 1: the retrieval datasets hold 1/this of the

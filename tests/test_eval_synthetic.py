@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from sala.data import load_tokenizer
 from sala.eval import TASKS, generate, read_jsonl, string_match_all, string_match_part, write_jsonl
@@ -134,3 +135,72 @@ def test_cli_niah_prints_the_depth_table_and_writes_misses(tmp_path, capsys):
     assert len(r["misses"]) == round(r["n"] * (1 - r["score"] / 100))
     mean = sum(c["score"] * c["n"] for c in r["by_depth"].values()) / r["n"]
     assert abs(mean - r["score"]) < 1e-9
+
+
+class _ScriptedLM(torch.nn.Module):
+    """A stand-in causal LM whose argmax at every position is the next token of `script` (its gold continuation),
+    except at the positions in `wrong`; records the logits_to_keep it was asked for."""
+
+    def __init__(self, script: list[int], wrong: set[int], vocab: int) -> None:
+        super().__init__()
+        self.script, self.wrong, self.vocab, self.kept = script, wrong, vocab, []
+
+    def forward(self, input_ids, use_cache=False, logits_to_keep=0):
+        from types import SimpleNamespace
+
+        T = input_ids.shape[1]
+        assert input_ids[0].tolist() == self.script[:T]
+        logits = torch.zeros(1, T, self.vocab)
+        for t in range(T):
+            nxt = self.script[t + 1] if t + 1 < len(self.script) else 0
+            logits[0, t, (nxt + 1) % self.vocab if t in self.wrong else nxt] = 1.0
+        self.kept.append(logits_to_keep)
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+def test_teacher_forced_sample_counts_the_answer_tokens_the_model_predicts(tok):
+    """Fed prompt + " GOLD", the answer tokens' argmaxes are compared with the gold tokens: all right, the first
+    wrong, a later one wrong; a prompt whose last token would merge with the answer is not scored (None)."""
+    from sala.eval.teacher_forced import teacher_forced_report, teacher_forced_sample
+
+    prompt, gold = "The special magic number for apple is:", "4231595"
+    p = tok.encode(prompt, add_bos=True)
+    full = tok.encode(prompt + " " + gold, add_bos=True)
+    n = len(full) - len(p)
+    assert n >= 2 and full[:len(p)] == p
+    cpu = torch.device("cpu")
+    right = teacher_forced_sample(_ScriptedLM(full, set(), tok.vocab_size), tok, prompt, gold, cpu)
+    assert right == {"tokens": n, "correct": n, "first": True, "exact": True, "pred": " " + gold}
+    first = teacher_forced_sample(_ScriptedLM(full, {len(p) - 1}, tok.vocab_size), tok, prompt, gold, cpu)
+    assert (first["correct"], first["first"], first["exact"]) == (n - 1, False, False)
+    model = _ScriptedLM(full, {len(full) - 2}, tok.vocab_size)
+    last = teacher_forced_sample(model, tok, prompt, gold, cpu)
+    assert (last["correct"], last["first"], last["exact"]) == (n - 1, True, False) and model.kept == [n + 1]
+
+    class Merging:   # a tokenizer whose tokens of prompt + answer do not start with the prompt's (one merged token)
+        def encode(self, text, add_bos=False):
+            return [1] + [ord(c) for c in (text.replace(": 7", "%") if text.endswith(" 7") else text)]
+    assert teacher_forced_sample(model, Merging(), "is:", "7", cpu) is None
+    rep = teacher_forced_report([right, None, first, last], [True, True, True, False])
+    assert rep["n"] == 3 and rep["skipped"] == 1
+    assert rep["exact"] == pytest.approx(100 / 3) and rep["first_token"] == pytest.approx(200 / 3)
+    assert rep["token_accuracy"] == pytest.approx(100 * (3 * n - 2) / (3 * n))
+    assert rep["greedy_exact"] == pytest.approx(200 / 3) and rep["disagree"] == [2]   # original sample indices
+    assert teacher_forced_report([None], [True]) == {"n": 0, "skipped": 1}
+
+
+def test_cli_niah_teacher_forced_agrees_with_greedy_decoding_on_the_cpu(tmp_path, capsys):
+    """`sala eval niah --teacher-forced`: with the reference ops in fp32 the cached decoding path computes the full
+    forward's logits, so each prompt's greedy answer is exactly right iff its teacher-forced tokens all are."""
+    import json
+
+    from sala.cli import main
+
+    out = tmp_path / "niah.json"
+    assert main(["eval", "niah", "--lengths", "600", "--num-samples", "3", "--teacher-forced", "--dtype", "fp32",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    assert "| teacher-forced, exact |" in capsys.readouterr().out
+    r = json.loads(out.read_text())["results"]["niah_single"]["600"]
+    tf = r["teacher_forced"]
+    assert tf["n"] == 3 and tf["disagree"] == [] and tf["exact"] == tf["greedy_exact"] == pytest.approx(r["score"])
+    assert 0 <= tf["token_accuracy"] <= 100 and tf["first_token"] >= tf["exact"]

@@ -380,3 +380,26 @@ def test_unsupported_head_dim_is_refused(config):
         lightning_attention(q, k, v, ld)
     with pytest.raises(ValueError, match=r"float64 inputs are not supported"):
         lightning_attention(q.double(), k.double(), v.double(), ld)
+
+
+def test_train_small_fused_backward_guard_passes_the_kernel_and_catches_a_wrong_one(lt, config, monkeypatch):
+    """scripts/small_run_common.check_fused_lightning_backward, the guard a calibration variant with
+    env.SALA_LIGHTNING_FUSED_BWD=1 runs before training with it: the fused dk/dv walk agrees with the two walks, and
+    a fused walk that returns a wrong dk is caught."""
+    import importlib
+    from pathlib import Path
+
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    monkeypatch.syspath_prepend(scripts)
+    common = importlib.import_module("small_run_common")
+    config.chunk, config.block_v, config.chunks_per_segment = 16, 16, 2
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kw = dict(heads=2, head_dim=16, tokens=90, docs=3, device=device, dtype=torch.float32)
+    assert common.check_fused_lightning_backward(**kw) < 1e-4
+    real = lt._dkdv_pass
+
+    def wrong(*a, **k):
+        dk, dv, g = real(*a, **k)
+        return dk * 1.05, dv, g
+    monkeypatch.setattr(lt, "_dkdv_pass", wrong)
+    assert 0.04 < common.check_fused_lightning_backward(**kw) < 0.06

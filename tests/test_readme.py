@@ -24,3 +24,32 @@ def test_readme_tables_are_generated_from_the_committed_json():
     script = README.parent / "scripts" / "make_readme_tables.py"
     rc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True).returncode
     assert rc == 0, "README.md is out of date: run python scripts/make_readme_tables.py"
+
+
+def test_readme_shows_a_runs_calibration_variants(load_script):
+    """A training summary with calibration variants gets a table: every variant, its speed against the base, the
+    one that trained, and why one was not measured."""
+    tables = load_script("make_readme_tables")
+    rows = [{"name": "base", "overrides": [], "tokens_per_s": 800_000.0, "mfu": 0.30},
+            {"name": "blocks", "overrides": ["model.compile_blocks=true"], "tokens_per_s": 840_000.0, "mfu": 0.315},
+            {"name": "dkdv", "overrides": ["env.SALA_LIGHTNING_FUSED_BWD=1"], "rejected": "differs by 0.3"}]
+    lines = tables._calibration_variant_lines(
+        {"calibration": {"variants": {"variants": rows, "chosen": "blocks", "min_gain": 0.01, "forced": False}}})
+    assert "| blocks | `model.compile_blocks=true` | 840,000 | 1.050x | 31.5% | trained |" in lines
+    assert "| dkdv | `env.SALA_LIGHTNING_FUSED_BWD=1` | - | - | - | differs by 0.3 |" in lines
+    assert tables._calibration_variant_lines({"calibration": {"variant": "base", "variants": None}}) == []
+
+
+def test_readme_shows_greedy_and_teacher_forced_niah(load_script):
+    """A training summary whose niah_single was also scored teacher-forced (and in fp32) gets both tables."""
+    tables = load_script("make_readme_tables")
+    tf = {"n": 50, "skipped": 0, "exact": 86.0, "first_token": 98.0, "token_accuracy": 95.5, "greedy_exact": 70.0,
+          "disagree": list(range(8))}
+    cell = {"score": 70.0, "n": 50, "teacher_forced": tf}
+    d = {"niah": {"lengths": [4096, 16384], "results": {"niah_single": {"4096": cell, "16384": {"score": 60.0}}},
+                  "fp32_diagnostic": {"results": {"niah_single": {"16384": {**cell, "teacher_forced": tf}}}}}}
+    lines = tables._teacher_forced_lines(d)
+    assert lines.count("| teacher-forced, exact | 86.0 |") == 2 and "| greedy decoding, exact | 70.0 |" in lines
+    assert "| samples where the two differ | 8 |" in lines
+    assert any("fp32" in x for x in lines) and any(x.startswith("| niah_single | 16K |") for x in lines)
+    assert tables._teacher_forced_lines({"niah": {"lengths": [4096], "results": {"niah_single": {"4096": {}}}}}) == []

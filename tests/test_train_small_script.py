@@ -82,6 +82,10 @@ def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_i
     longest = str(max(int(x) for x in main))
     assert list(fp32) == [longest] and fp32[longest]["n"] == main[longest]["n"]
     assert [e["gold"] for e in fp32[longest]["examples"]] == [e["gold"] for e in main[longest]["examples"]]
+    # niah_single teacher-forced beside greedy decoding on the same prompts, in bf16/fp32 as run and in fp32
+    for by_len in (main, fp32):
+        tf = by_len[longest]["teacher_forced"]
+        assert tf["n"] == by_len[longest]["n"] and tf["greedy_exact"] == pytest.approx(by_len[longest]["score"])
     for task, by_len in summary["niah"]["results"].items():   # misses: the samples below full marks, all of them
         for r in by_len.values():
             if task in ("niah_single", "niah_multikey"):   # one gold string per sample: a miss scores 0
@@ -123,8 +127,21 @@ def test_train_small_gpu_split_over_two_calls(tmp_path, run_script, prepare_in):
         return done.stdout + done.stderr
 
     assert "split_state.json is missing" in failing(SPLIT_CALL="second")
-    run_script(["train_small_gpu.sh", str(out)], tmp_path, SPLIT_CALL="first", SPLIT_STOP_AFTER="7", **env)
+    assert "where key=value was expected" in failing(CALIBRATE_VARIANTS="a:model.compile_blocks")
+    # calibration variants: each measured like the config as it stands; VARIANT forces the one the run trains with
+    # (here a larger micro-batch), and the later calls, run without these variables, keep the first call's choice
+    variants = dict(CALIBRATE_VARIANTS="mb3:stages.0.micro_batch=3,stages.1.micro_batch=3;flag:env.SALA_UNUSED=1",
+                    VARIANT="mb3")
+    log = run_script(["train_small_gpu.sh", str(out)], tmp_path, SPLIT_CALL="first", SPLIT_STOP_AFTER="7",
+                     **env, **variants)
+    assert "<- chosen" in log
     first = json.loads((out / "summary.json").read_text())
+    cal = first["calibration"]
+    assert cal["variant"] == "mb3" and cal["variants"]["chosen"] == "mb3" and cal["variants"]["forced"] is True
+    assert [r["name"] for r in cal["variants"]["variants"]] == ["base", "mb3", "flag"]
+    assert all(r["tokens_per_s"] > 0 for r in cal["variants"]["variants"]), cal
+    assert cal["tokens_per_s_sparse_off"] == cal["variants"]["variants"][1]["tokens_per_s"]
+    assert [s["micro_batch"] for s in first["config"]["stages"] if s["name"] in ("stable", "decay")] == [3, 3]
     planned = sum(s["steps"] for s in first["config"]["stages"])
     decay_set = first["config"]["stages"][-1]["data"]   # DECAY_MAX_DOCS: its own, smaller set
     assert decay_set == str(data) + "_decay_stdlib_30"
@@ -154,6 +171,7 @@ def test_train_small_gpu_split_over_two_calls(tmp_path, run_script, prepare_in):
     # the first call's records are kept as they were (resumed, not retrained), the second call's follow them
     assert (out / "metrics.jsonl").read_text().splitlines()[:len(first_log)] == first_log
     second = json.loads((out / "summary.json").read_text())
+    assert second["calibration"]["variant"] == "mb3" and second["calibration"]["variants"] == cal["variants"]
     names = [s["name"] for s in first["config"]["stages"]]
     i_stable = names.index("stable")
     stable_done = 10 - sum(s["steps"] for s in first["config"]["stages"][:i_stable])
@@ -211,6 +229,35 @@ def _small_run_common():
     if scripts not in sys.path:
         sys.path.insert(0, scripts)
     return importlib.import_module("small_run_common")
+
+
+def test_calibration_variants_parse_and_choose():
+    """CALIBRATE_VARIANTS: names with config overrides and env.NAME variables; malformed specs are refused with the
+    part at fault. The choice: the fastest when it beats the base by more than the minimum gain, a forced name
+    (which must have been measured), and no choice of a variant that failed (None)."""
+    common = _small_run_common()
+    got = common.parse_variants(" blocks:model.compile_blocks=true ; both:model.compile_blocks=true,"
+                                "env.SALA_LIGHTNING_FUSED_BWD=1;")
+    assert got == [("blocks", ["model.compile_blocks=true"]),
+                   ("both", ["model.compile_blocks=true", "env.SALA_LIGHTNING_FUSED_BWD=1"])]
+    assert common.split_variant(got[1][1]) == (["model.compile_blocks=true"], {"SALA_LIGHTNING_FUSED_BWD": "1"})
+    assert common.parse_variants("") == []
+    for spec, message in [("blocks", "is not 'name:key=value"), ("x:a=1;x:b=2", "used twice"),
+                          ("base:a=1", "reserved"), ("x:=1", "where key=value was expected"), (":a=1", "is not")]:
+        with pytest.raises(SystemExit, match=message):
+            common.parse_variants(spec)
+    choose = common.choose_variant
+    assert choose({"base": 100.0, "a": 100.5, "b": 99.0}, 0.01) == "base"    # 0.5% is inside the noise allowance
+    assert choose({"base": 100.0, "a": 102.0, "b": 104.0}, 0.01) == "b"
+    assert choose({"base": 100.0, "a": None}, 0.01) == "base"                # failed: never chosen
+    assert choose({"base": 100.0, "a": 90.0}, 0.01, force="a") == "a"
+    with pytest.raises(SystemExit, match="not one of the calibrated variants"):
+        choose({"base": 100.0}, 0.01, force="zz")
+    import os
+    old = common.set_env({"SALA_TEST_A": "1"})
+    assert os.environ["SALA_TEST_A"] == "1" and old == {"SALA_TEST_A": None}
+    common.restore_env(old)
+    assert "SALA_TEST_A" not in os.environ
 
 
 def test_stable_steps_to_finish_gives_up_stable_steps_so_the_decay_ends():

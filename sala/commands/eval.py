@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     n.add_argument("--out", default=None, help="write the JSON report here (default: print only)")
     n.add_argument("--by-depth", action="store_true",
                    help="also print each task's score by needle depth (5 buckets) and length")
+    n.add_argument("--teacher-forced", action="store_true",
+                   help="also score single-answer tasks with the gold answer fed in one forward pass (no cache), "
+                        "beside greedy decoding: where the two differ, the cached decoding path loses answers")
     n.add_argument("--debug", action="store_true")
     n.set_defaults(func=_niah)
     lo = sub.add_parser("loss", help="held-out LM loss (nats/token) of one or more models on the same windows",
@@ -41,12 +44,12 @@ def register(subparsers) -> None:
 
 
 def _niah(args: argparse.Namespace) -> int:
-    from sala.eval.runner import format_depth_table, format_table, parse_lengths, run_tasks
+    from sala.eval.runner import format_depth_table, format_table, format_teacher_forced_table, parse_lengths, run_tasks
     from sala.eval.tasks import TASKS
 
     tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",")]
     report = run_tasks(args.model, parse_lengths(args.lengths), tasks, num_samples=args.num_samples,
-                       seed=args.seed, device=args.device, dtype=args.dtype)
+                       seed=args.seed, device=args.device, dtype=args.dtype, teacher_forced=args.teacher_forced)
     try:
         from sala.bench.common import run_metadata, write_json
 
@@ -59,6 +62,10 @@ def _niah(args: argparse.Namespace) -> int:
             table = format_depth_table(report, task)
             if table:
                 print("\n" + table)
+    for task in report["tasks"] if args.teacher_forced else []:
+        table = format_teacher_forced_table(report, task)
+        if table:
+            print("\n" + table)
     if args.out:
         write_json(args.out, report)
         print(f"wrote {args.out}")

@@ -13,6 +13,7 @@ import torch
 
 from sala.eval.scoring import SCORERS
 from sala.eval.tasks import TASKS, TaskSample, generate
+from sala.eval.teacher_forced import SINGLE_ANSWER_TASKS, teacher_forced_report, teacher_forced_sample
 from sala.utils.bundled import bundled_model_dir
 from sala.utils.lengths import parse_lengths  # noqa: F401  (re-exported: sala.eval.parse_lengths)
 
@@ -84,11 +85,13 @@ def predict(model: torch.nn.Module, tok, sample: TaskSample, device: torch.devic
 
 def run_tasks(model_dir: str | None, lengths: list[int], tasks: list[str] | tuple[str, ...] = ("niah_single",),
               num_samples: int = 20, seed: int = 0, device: str | None = None, dtype: str = "auto",
-              model: torch.nn.Module | None = None, tokenizer=None,
+              model: torch.nn.Module | None = None, tokenizer=None, teacher_forced: bool = False,
               log: Callable[[str], None] = print) -> dict:
     """Generate, run and score every task at every length. Returns a JSON-ready report with
     `results[task][str(length)] = {"score", "n", "mean_prompt_tokens", "examples", "misses", "by_depth"}`
-    (misses: every sample below full marks, with gold, prediction and needle depth; by_depth: `depth_buckets`)."""
+    (misses: every sample below full marks, with gold, prediction and needle depth; by_depth: `depth_buckets`).
+    teacher_forced: also score single-answer tasks with the gold answer fed in one forward pass, beside greedy
+    decoding (`sala.eval.teacher_forced`; key "teacher_forced")."""
     from sala.data.tokenizer import load_tokenizer
     from sala.train.model_factory import load_model_dir
 
@@ -121,6 +124,9 @@ def run_tasks(model_dir: str | None, lengths: list[int], tasks: list[str] | tupl
                            for s, p, x in zip(samples, preds, per_sample) if x < 100.0],
                 "by_depth": depth_buckets([s.depth for s in samples], per_sample),
             }
+            if teacher_forced and task in SINGLE_ANSWER_TASKS:
+                rows = [teacher_forced_sample(model, tok, s.input, s.outputs[0], dev) for s in samples]
+                results[task][str(L)]["teacher_forced"] = teacher_forced_report(rows, [x >= 100.0 for x in per_sample])
             log(f"{task:16s} {L:>8d} tokens: {score:6.1f}  ({len(samples)} samples, {time.time() - t0:.0f}s)")
     return {"model": str(model_dir), "tokenizer": tok.source, "lengths": lengths, "tasks": list(tasks),
             "num_samples": num_samples, "seed": seed, "results": results, "seconds": time.time() - t0}
@@ -155,6 +161,20 @@ def format_depth_table(report: dict, task: str) -> str:
         cells = [report["results"][task][str(L)]["by_depth"].get(b) for L in lengths]
         body.append(f"| {b} | " + " | ".join(f"{c['score']:.1f} ({c['n']})" if c else "—" for c in cells) + " |")
     return "\n".join([head, sep] + body)
+
+
+def format_teacher_forced_table(report: dict, task: str) -> str:
+    """Markdown table of one task's greedy and teacher-forced scores (%) by length; '' when none was run."""
+    lengths = [L for L in report["lengths"] if (report["results"][task][str(L)].get("teacher_forced") or {}).get("n")]
+    if not lengths:
+        return ""
+    cell = {L: report["results"][task][str(L)]["teacher_forced"] for L in lengths}
+    rows = [("greedy decoding, exact", "greedy_exact"), ("teacher-forced, exact", "exact"),
+            ("teacher-forced, first token", "first_token"), ("teacher-forced, answer tokens", "token_accuracy")]
+    head = f"| {task} | " + " | ".join(_fmt_len(L) for L in lengths) + " |"
+    body = [f"| {name} | " + " | ".join(f"{cell[L][key]:.1f}" for L in lengths) + " |" for name, key in rows]
+    body.append("| samples where the two differ | " + " | ".join(str(len(cell[L]["disagree"])) for L in lengths) + " |")
+    return "\n".join([head, "|---|" + "---|" * len(lengths)] + body)
 
 
 def format_table(report: dict) -> str:
