@@ -40,6 +40,10 @@ part=${1:?usage: gpu_check.sh tests|kernels|lightning|sparse|decode|latency|ab|f
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/sala_gpu}
 mkdir -p "$OUT"
+# compiled kernels (inductor's FX graph and kernel caches, Triton's) under the repo's ignored runs/, which a warm
+# device machine keeps between calls: a later call of a split run reuses the first call's compilations
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/runs/compile_cache/inductor}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/runs/compile_cache/triton}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
