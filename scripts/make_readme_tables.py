@@ -524,17 +524,21 @@ def training_section() -> list[str]:
 
 
 def _teacher_forced_lines(d: dict) -> list[str]:
-    """niah_single greedy vs teacher-forced on the same prompts (runs since the fifteenth session), bf16 and fp32."""
+    """niah_single greedy vs teacher-forced on the same prompts (runs since the fifteenth session): as evaluated, in
+    fp32, and with HyPE query scaling at inference."""
     from sala.eval.runner import format_teacher_forced_table
 
     niah = d.get("niah") or {}
+    hype = niah.get("hype_diagnostic") or {}
     out = []
-    for title, rep in (("as evaluated", niah), ("fp32 weights and activations, longest length",
-                                                (niah.get("fp32_diagnostic") or {}) | {"lengths": niah.get("lengths")})):
-        res = rep.get("results") or {}
-        if "niah_single" not in res:
+    for title, res in (("as evaluated", niah.get("results")),
+                       ("fp32 weights and activations, longest length", (niah.get("fp32_diagnostic") or {}).get("results")),
+                       (f"HyPE query scaling at inference, a = {hype.get('base', 0):g} (opt-in, not the released SALA)",
+                        hype.get("results"))):
+        by_len = (res or {}).get("niah_single")
+        if not by_len:
             continue
-        lengths = [L for L in rep["lengths"] or [] if str(L) in res["niah_single"]]
+        lengths = [L for L in niah.get("lengths") or [] if str(L) in by_len]
         table = format_teacher_forced_table({"lengths": lengths, "results": res}, "niah_single")
         if table:
             out += [f"niah_single, greedy decoding and teacher-forced on the same prompts ({title}; %):", "",

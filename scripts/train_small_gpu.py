@@ -448,6 +448,29 @@ def precision_diagnostic(n: int) -> None:
         import traceback; traceback.print_exc()
         report.setdefault("errors", {})["fp32_diagnostic"] = f"{type(e).__name__}: {e}"
 
+def hype_diagnostic(n: int) -> None:
+    """niah_single at 1x and 4x on the same prompts again with HyPE query scaling at inference (the softmax layers'
+    queries times s_t = log(t + a) / log(a), a = HYPE_EVAL_BASE, default 500 as in HypeNet; 0 skips it). The released
+    SALA does not use it (an opt-in of SalaConfig): does sharper attention at long positions recover the misses?"""
+    a = float(os.environ.get("HYPE_EVAL_BASE", "500") or 0)
+    if a <= 1:
+        return
+    try:
+        from sala.data.tokenizer import load_tokenizer
+        from sala.train.model_factory import load_model_dir
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        m = load_model_dir(f"{work}/run/final", dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
+                           device=dev)
+        m.config.hype_query_scale_base = a
+        r = run_tasks(None, [lengths[0], lengths[-1]], ["niah_single"], num_samples=n, seed=7, model=m,
+                      tokenizer=load_tokenizer(f"{work}/run/final"), teacher_forced=True)
+        report["hype_diagnostic"] = {"note": f"the same niah_single prompts, HyPE query scaling at inference (a = {a:g})",
+                                     "base": a, "results": r["results"], "seconds": r["seconds"]}
+        del m
+    except Exception as e:
+        import traceback; traceback.print_exc()
+        report.setdefault("errors", {})["hype_diagnostic"] = f"{type(e).__name__}: {e}"
+
 for task, n in samples.items():
     if time.time() - t_eval > eval_budget:
         print(f"evaluation time budget ({eval_budget:.0f}s) spent: skipping {task}")
@@ -466,6 +489,7 @@ for task, n in samples.items():
     report["eval_seconds"] = report.get("eval_seconds", 0) + r["seconds"]
     if task == "niah_single":   # before the other tasks: it bears on the target
         precision_diagnostic(n)
+        hype_diagnostic(n)
     save_summary()   # after every task: a cut-off run keeps what it measured
 if not cpu and time.time() - t_eval < eval_budget:   # diagnostic: the same model with sparse attention off (dense NoPE)
     try:

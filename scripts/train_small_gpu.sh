@@ -62,6 +62,8 @@
 #      stage and the whole decay stage, at the speeds the earlier calls logged plus REPLAN_WARMUP_SECONDS, default
 #      40, of recompilation, do not fit, the stable stage ends sooner so that the decay stage reaches its end;
 #      summary split_calls.stable_stage_replanned),
+#      HYPE_EVAL_BASE (default 500; 0: off): the evaluation also scores niah_single at 1x and 4x with HyPE query
+#      scaling at inference (summary niah.hype_diagnostic; opt-in, not the released SALA's behaviour),
 #      BRANCH=NAME (after a finished run, on the same machine with the same DATA and WORK_DIR: another decay stage
 #      from the run's stable-stage end, on the decay set DECAY_SOURCES / DECAY_MAX_DOCS / DECAY_SYNTHETIC_FRACTION
 #      give it, then niah_single as the run scores it: OUT_DIR/branch_NAME_summary.json; scripts/train_small_branch.py).

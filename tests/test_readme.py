@@ -47,9 +47,11 @@ def test_readme_shows_greedy_and_teacher_forced_niah(load_script):
           "disagree": list(range(8))}
     cell = {"score": 70.0, "n": 50, "teacher_forced": tf}
     d = {"niah": {"lengths": [4096, 16384], "results": {"niah_single": {"4096": cell, "16384": {"score": 60.0}}},
-                  "fp32_diagnostic": {"results": {"niah_single": {"16384": {**cell, "teacher_forced": tf}}}}}}
+                  "fp32_diagnostic": {"results": {"niah_single": {"16384": {**cell, "teacher_forced": tf}}}},
+                  "hype_diagnostic": {"base": 500.0, "results": {"niah_single": {"4096": cell, "16384": cell}}}}}
     lines = tables._teacher_forced_lines(d)
     assert lines.count("| teacher-forced, exact | 86.0 |") == 2 and "| greedy decoding, exact | 70.0 |" in lines
+    assert "| teacher-forced, exact | 86.0 | 86.0 |" in lines and any("a = 500" in x for x in lines)
     assert "| samples where the two differ | 8 |" in lines
     assert any("fp32" in x for x in lines) and any(x.startswith("| niah_single | 16K |") for x in lines)
     assert tables._teacher_forced_lines({"niah": {"lengths": [4096], "results": {"niah_single": {"4096": {}}}}}) == []

@@ -82,8 +82,13 @@ def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_i
     longest = str(max(int(x) for x in main))
     assert list(fp32) == [longest] and fp32[longest]["n"] == main[longest]["n"]
     assert [e["gold"] for e in fp32[longest]["examples"]] == [e["gold"] for e in main[longest]["examples"]]
+    # HyPE query scaling at inference (a = 500 by default) on the same prompts at the shortest and longest length
+    hype = summary["niah"]["hype_diagnostic"]
+    assert hype["base"] == 500 and list(hype["results"]["niah_single"]) == [str(min(map(int, main))), longest]
+    assert [e["gold"] for e in hype["results"]["niah_single"][longest]["examples"]] == \
+        [e["gold"] for e in main[longest]["examples"]]
     # niah_single teacher-forced beside greedy decoding on the same prompts, in bf16/fp32 as run and in fp32
-    for by_len in (main, fp32):
+    for by_len in (main, fp32, hype["results"]["niah_single"]):
         tf = by_len[longest]["teacher_forced"]
         assert tf["n"] == by_len[longest]["n"] and tf["greedy_exact"] == pytest.approx(by_len[longest]["score"])
     for task, by_len in summary["niah"]["results"].items():   # misses: the samples below full marks, all of them
