@@ -148,10 +148,10 @@ def test_synthetic_documents_do_not_depend_on_worker_count(monkeypatch):
 
     tok = load_tokenizer("sala")
     combos = [("niah_single", 200), ("vt", 300)]
-    monkeypatch.setattr(P.os, "cpu_count", lambda: 1)
-    serial = P._synthetic_documents(tok, combos, 70, seed=5)
-    monkeypatch.setattr(P.os, "cpu_count", lambda: 4)
-    parallel = P._synthetic_documents(tok, combos, 70, seed=5)
+    monkeypatch.setattr(P, "_cpus", lambda: 1)
+    serial = [x.tolist() for x in P._synthetic_documents(tok, combos, 70, seed=5)]
+    monkeypatch.setattr(P, "_cpus", lambda: 4)
+    parallel = [x.tolist() for x in P._synthetic_documents(tok, combos, 70, seed=5)]
     assert len(serial) == 140 and serial == parallel
     assert all(ids[0] == tok.bos_id and ids[-1] == tok.eos_id and len(ids) <= 300 for ids in serial)
     # sample j's needle depth is its own seeded draw, whichever job makes it (a job draws only its samples')
@@ -163,6 +163,28 @@ def test_synthetic_documents_do_not_depend_on_worker_count(monkeypatch):
     expected = [[tok.bos_id] + tok.encode(x.training_text()) + [tok.eos_id]
                 for x in generate("niah_single", 200 - P._DOC_SPECIAL_TOKENS, 70, tok.count, seed=5, depths=depths)]
     assert serial[:70] == expected
+
+
+def test_corpus_encoding_in_workers_equals_one_batch(monkeypatch):
+    """The corpus documents encoded by worker processes (shares of ~1 MB of text) are the tokenizer's own batch
+    encoding, in order, with BOS and EOS, as arrays of the dataset's token dtype."""
+    import importlib
+
+    from sala.data.tokenizer import load_tokenizer
+
+    P = importlib.import_module("sala.data.prepare")
+    tok = load_tokenizer("sala")
+    texts = [f"def f{i}(x):\n    return x * {i}  # doc {i}\n" * (1 + 20000 * (i % 3 == 0)) for i in range(40)]
+    texts[5] = ""   # an empty document is BOS + EOS
+    monkeypatch.setattr(P, "_cpus", lambda: 3)
+    parallel = P._encoded_documents(tok, texts)
+    monkeypatch.setattr(P, "_cpus", lambda: 1)
+    serial = P._encoded_documents(tok, texts)
+    expected = [[tok.bos_id] + ids + [tok.eos_id] for ids in tok.encode_batch(texts)]
+    assert sum(len(t) for t in texts) > 3 << 20   # several shares
+    assert [x.tolist() for x in parallel] == [x.tolist() for x in serial] == expected
+    assert {x.dtype for x in parallel} == {P.token_dtype(tok.vocab_size)}
+    assert parallel[5].tolist() == [tok.bos_id, tok.eos_id]
 
 
 def test_prepare_refuses_synthetic_lengths_too_short_for_a_task_before_any_work(tmp_path, prepare_in):

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from sala.data.corpus import iter_source_documents
-from sala.data.packed import PackedWriter
+from sala.data.packed import PackedWriter, token_dtype
 from sala.data.tokenizer import TextTokenizer, load_tokenizer
 
 
@@ -75,15 +77,10 @@ def prepare(out_dir: str, sources: list[str], tokenizer: TextTokenizer | str | N
         raise ValueError(f"no training documents found in sources {sources}")
     log(f"documents: {len(docs['train'])} train, {len(docs['val'])} held-out")
 
-    encoded: dict[str, list[list[int]]] = {}
-    for split, items in docs.items():
-        ids = []
-        for i in range(0, len(items), 2048):
-            ids.extend(tok.encode_batch([t for _, t in items[i:i + 2048]]))
-        encoded[split] = [[tok.bos_id] + x + [tok.eos_id] for x in ids]
+    encoded = {split: _encoded_documents(tok, [t for _, t in items]) for split, items in docs.items()}
     n_train = sum(map(len, encoded["train"]))
 
-    synth_docs: list[list[int]] = []
+    synth_docs: list[np.ndarray] = []
     synth_tokens = 0
     if synthetic is not None and synthetic.fraction > 0:
         if not 0 < synthetic.fraction < 1:
@@ -144,10 +141,66 @@ def _check_synthetic_fits(tok: TextTokenizer, synthetic: SyntheticMix) -> None:
                          + ". Use longer sample lengths or drop the task.")
 
 
-_WORKER_TOKENIZER: TextTokenizer | None = None   # set before forking the synthetic-sample workers
+_WORKER_TOKENIZER: TextTokenizer | None = None   # set before forking the worker processes
 
 
-def _synthetic_part(job: tuple[str, int, int, int, int, int]) -> list[list[int]]:
+def _document(tok: TextTokenizer, ids: list[int]) -> np.ndarray:
+    """[BOS] + ids + [EOS] as one array of the dataset's token dtype (arrays, not lists of Python ints, travel back
+    from the workers: unpickling ~100M ints was a serial cost of its own)."""
+    out = np.empty(len(ids) + 2, dtype=token_dtype(tok.vocab_size))
+    out[0], out[-1] = tok.bos_id, tok.eos_id
+    out[1:-1] = ids
+    return out
+
+
+def _encode_part(texts: list[str]) -> list[np.ndarray]:
+    """One worker's share of the corpus documents, encoded one by one (the workers are the parallelism)."""
+    tok = _WORKER_TOKENIZER
+    return [_document(tok, tok.encode(t)) for t in texts]
+
+
+def _in_workers(func: Callable, jobs: list, tok: TextTokenizer) -> list:
+    """[func(job) for job in jobs], in forked worker processes that share `tok` when there are several jobs and
+    CPUs (in order; the same result as serially), else in this process."""
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tok
+    workers = min(len(jobs), _cpus())
+    try:
+        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                return pool.map(func, jobs, chunksize=1)
+        return [func(j) for j in jobs]
+    finally:
+        _WORKER_TOKENIZER = None
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _encoded_documents(tok: TextTokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Every text as a [BOS] + tokens + [EOS] array, in order: the tokenizers backend encodes a batch on all CPUs
+    itself, but turning its results into ids is serial Python, so worker processes take shares of ~1 MB of text."""
+    if tok.backend != "tokenizers" or _cpus() == 1 or len(texts) < 2:
+        return [_document(tok, ids) for i in range(0, len(texts), 2048)
+                for ids in tok.encode_batch(texts[i:i + 2048])]
+    jobs, part, size = [], [], 0
+    for t in texts:
+        part.append(t)
+        size += len(t)
+        if size >= 1 << 20:
+            jobs.append(part)
+            part, size = [], 0
+    if part:
+        jobs.append(part)
+    return [doc for docs in _in_workers(_encode_part, jobs, tok) for doc in docs]
+
+
+def _synthetic_part(job: tuple[str, int, int, int, int, int]) -> list[np.ndarray]:
     """Token ids of samples [lo, hi) of one (task, length) combination of n samples (one worker's share)."""
     from sala.eval.tasks import generate
 
@@ -161,26 +214,15 @@ def _synthetic_part(job: tuple[str, int, int, int, int, int]) -> list[list[int]]
     out = []
     # the document adds BOS + answer + EOS to the prompt; generate() keeps the answer budget free
     for s in generate(task, length - _DOC_SPECIAL_TOKENS, hi, tok.count, seed=seed, depths=depth, skip=lo):
-        out.append([tok.bos_id] + tok.encode(s.training_text()) + [tok.eos_id])
+        out.append(_document(tok, tok.encode(s.training_text())))
     return out
 
 
 def _synthetic_documents(tok: TextTokenizer, combos: list[tuple[str, int]], per_combo: int,
-                         seed: int) -> list[list[int]]:
+                         seed: int) -> list[np.ndarray]:
     """`per_combo` samples of every (task, length), in combination order; generated in parallel worker
     processes (fork, where available) when there are many. The result does not depend on the worker count."""
-    global _WORKER_TOKENIZER
     step = 64
     jobs = [(t, L, per_combo, seed, lo, min(per_combo, lo + step))
             for t, L in combos for lo in range(0, per_combo, step)]
-    _WORKER_TOKENIZER = tok
-    workers = min(len(jobs), os.cpu_count() or 1)
-    try:
-        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                parts = pool.map(_synthetic_part, jobs, chunksize=1)
-        else:
-            parts = [_synthetic_part(j) for j in jobs]
-    finally:
-        _WORKER_TOKENIZER = None
-    return [ids for part in parts for ids in part]
+    return [ids for part in _in_workers(_synthetic_part, jobs, tok) for ids in part]
