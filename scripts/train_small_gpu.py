@@ -171,6 +171,8 @@ else:
             except Exception as e:   # a variant that fails is reported and not chosen; the run goes on
                 import traceback; traceback.print_exc()
                 row["error"] = f"{type(e).__name__}: {e}"
+                if torch.cuda.is_available():   # e.g. out of memory at a larger micro-batch: give it back first
+                    torch.cuda.empty_cache()
             finally:
                 restore_env(old)
                 rows.append(row)
