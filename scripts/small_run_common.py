@@ -177,6 +177,14 @@ def parse_variants(spec: str) -> list[tuple[str, list[str]]]:
     return out
 
 
+def chosen_overrides(report: dict | None) -> list[str]:
+    """The overrides of the variant a calibration report (`{"variants": rows, "chosen": name, ...}`) chose: [] for
+    the base, and without a report."""
+    if not report:
+        return []
+    return next(r["overrides"] for r in report["variants"] if r["name"] == report["chosen"])
+
+
 def split_variant(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
     """A variant's overrides as (config overrides, environment variables)."""
     config = [x for x in overrides if not x.startswith("env.")]

@@ -20,13 +20,14 @@ from sala.train.config import validate
 from sala.train.metrics import read_metrics
 from sala.eval.runner import run_tasks, format_table
 from sala.bench.common import run_metadata, write_json
-from small_run_common import (check_fused_lightning_backward, choose_variant, data_epochs, decay_set, eval_plan,
-                              long_retrieval_set, packed as packed_set, parse_variants, replan_last_call, restore_env,
-                              set_env, split_variant, synthetic_settings)
+from small_run_common import (check_fused_lightning_backward, choose_variant, chosen_overrides, data_epochs, decay_set,
+                              eval_plan, long_retrieval_set, packed as packed_set, parse_variants, replan_last_call,
+                              restore_env, set_env, split_variant, synthetic_settings)
 
 out, data, cpu = os.environ["OUT_DIR"], os.environ["DATA"], os.environ["SMALL_CPU"] == "1"
 budget = float(os.environ["TRAIN_SECONDS"])
 work = os.environ.get("WORK_DIR") or os.path.join("runs", "train_small_work")   # scratch (training runs, calibration)
+final_dir = f"{work}/run/final"   # the trained model (save_final)
 split = os.environ.get("SPLIT_CALL", "")   # "first" / "middle" / "second": one training run over several device calls
 if split not in ("", "first", "middle", "second"):
     raise SystemExit(f"SPLIT_CALL must be 'first', 'middle' or 'second', not {split!r}")
@@ -50,13 +51,19 @@ if cpu:
     base += ["model.preset=sala-tiny", "model.config={}", "stages.0.seq_len=256", "stages.1.seq_len=256", "stages.0.micro_batch=2",
              "stages.1.micro_batch=2", "stages.0.warmup_steps=2", "eval_windows=2", "log_every=2"]
 variants = parse_variants(os.environ.get("CALIBRATE_VARIANTS", ""))   # refused here, before any work, when malformed
-variant_name, variant_report = "base", None
-if resuming and split_state.get("variant", "base") != "base":   # the first call's choice, so the plan comes out the same
-    variant_name, variant_report = split_state["variant"], split_state.get("variant_report")
-    _over, _env = split_variant(split_state["variant_overrides"])
-    base += _over
-    set_env(_env)
-    print(f"calibration variant {variant_name!r} (the first call's choice): {' '.join(split_state['variant_overrides'])}")
+
+def apply_variant(overrides: list[str]) -> None:
+    """Run everything from here on with a calibration variant: its config overrides join `base`, its variables the
+    environment."""
+    over, env = split_variant(overrides)
+    base.extend(over)
+    set_env(env)
+
+variant_report = split_state.get("variant_report") if resuming else None   # the calibration variants and the choice
+if chosen_overrides(variant_report):   # the first call's choice, so that the plan comes out the same
+    apply_variant(chosen_overrides(variant_report))
+    print(f"calibration variant {variant_report['chosen']!r} (the first call's choice): "
+          f"{' '.join(chosen_overrides(variant_report))}")
 lengths, samples = eval_plan(cpu)
 cfg_path = os.path.join(os.environ["SALA_ROOT"], "configs", "train", "sala_small_gpu.yaml")
 t_all = time.time()
@@ -136,6 +143,30 @@ def tokens_per_s(sparse: bool, steps: int, extra: list[str] | None = None, **sta
     mfus = [r["mfu"] for r in steady if r["mfu"] is not None]
     return tps, (statistics.median(mfus) if mfus else None)
 
+def measure_variant(name: str, overrides: list[str]) -> dict:
+    """One calibration variant's row: its tokens/s and MFU as `tokens_per_s` measures the base, or why it has none
+    ("rejected": a fused dk/dv backward that disagrees on this GPU; "error": it failed, e.g. out of memory)."""
+    row, (over, env) = {"name": name, "overrides": overrides}, split_variant(overrides)
+    old = set_env(env)
+    try:
+        if torch.cuda.is_available() and env.get("SALA_LIGHTNING_FUSED_BWD", "0") not in ("", "0"):
+            from sala import SalaConfig   # guard: the fused dk/dv walk against the two walks, on this GPU
+            mc = SalaConfig.from_preset(full.model.preset, **full.model.config)
+            err = row["fused_backward_rel_error"] = check_fused_lightning_backward(mc.lightning_nh, mc.lightning_head_dim)
+            if not err <= 2e-2:
+                row["rejected"] = f"fused dk/dv backward differs from the two walks by {err:.3g} (limit 2e-2)"
+                print(f"variant {name!r} rejected: {row['rejected']}")
+                return row
+        row["tokens_per_s"], row["mfu"] = tokens_per_s(False, calib_steps, extra=over)
+    except Exception as e:   # a variant that fails is reported and not chosen; the run goes on
+        import traceback; traceback.print_exc()
+        row["error"] = f"{type(e).__name__}: {e}"
+        if torch.cuda.is_available():   # e.g. out of memory at a larger micro-batch: give it back first
+            torch.cuda.empty_cache()
+    finally:
+        restore_env(old)
+    return row
+
 calib_steps = 4 if cpu else 16   # log windows of 4 steps: the first compiles, the median of the other three counts
 use_compile = not cpu
 decay_sparse = True
@@ -153,42 +184,18 @@ else:
         tps_off, mfu_off = tokens_per_s(False, calib_steps)
     if variants:   # the same calibration for each variant; the fastest trains when it beats the base by VARIANT_MIN_GAIN
         min_gain = float(os.environ.get("VARIANT_MIN_GAIN", "0.01"))
-        rows = [{"name": "base", "overrides": [], "tokens_per_s": tps_off, "mfu": mfu_off}]
-        for name, overrides in variants:
-            row, (over, env) = {"name": name, "overrides": overrides}, split_variant(overrides)
-            old = set_env(env)
-            try:
-                if torch.cuda.is_available() and env.get("SALA_LIGHTNING_FUSED_BWD", "0") not in ("", "0"):
-                    from sala import SalaConfig   # guard: the fused dk/dv walk against the two walks, on this GPU
-                    mc = SalaConfig.from_preset(full.model.preset, **full.model.config)
-                    err = row["fused_backward_rel_error"] = check_fused_lightning_backward(mc.lightning_nh,
-                                                                                           mc.lightning_head_dim)
-                    if not err <= 2e-2:
-                        row["rejected"] = f"fused dk/dv backward differs from the two walks by {err:.3g} (limit 2e-2)"
-                        print(f"variant {name!r} rejected: {row['rejected']}")
-                        continue
-                row["tokens_per_s"], row["mfu"] = tokens_per_s(False, calib_steps, extra=over)
-            except Exception as e:   # a variant that fails is reported and not chosen; the run goes on
-                import traceback; traceback.print_exc()
-                row["error"] = f"{type(e).__name__}: {e}"
-                if torch.cuda.is_available():   # e.g. out of memory at a larger micro-batch: give it back first
-                    torch.cuda.empty_cache()
-            finally:
-                restore_env(old)
-                rows.append(row)
+        rows = ([{"name": "base", "overrides": [], "tokens_per_s": tps_off, "mfu": mfu_off}]
+                + [measure_variant(name, overrides) for name, overrides in variants])
         forced = os.environ.get("VARIANT") or None
-        variant_name = choose_variant({r["name"]: r.get("tokens_per_s") for r in rows}, min_gain, forced)
-        variant_report = {"variants": rows, "chosen": variant_name, "min_gain": min_gain, "forced": bool(forced)}
+        chosen = choose_variant({r["name"]: r.get("tokens_per_s") for r in rows}, min_gain, forced)
+        variant_report = {"variants": rows, "chosen": chosen, "min_gain": min_gain, "forced": bool(forced)}
         for r in rows:
             print(f"calibration variant {r['name']:>16}: " + (f"{r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s")
-                  else r.get("rejected") or r.get("error", "no measurement")) + ("  <- chosen" if r["name"] == variant_name else ""))
-        if variant_name != "base":   # everything after this (data sizes aside) runs with the variant
-            chosen = next(r for r in rows if r["name"] == variant_name)
-            over, env = split_variant(chosen["overrides"])
-            base += over
-            set_env(env)
+                  else r.get("rejected") or r.get("error", "no measurement")) + ("  <- chosen" if r["name"] == chosen else ""))
+        if chosen != "base":   # everything after this (data sizes aside) runs with the variant
+            apply_variant(chosen_overrides(variant_report))
             full = load_config(cfg_path, base)
-            tps_off, mfu_off = chosen["tokens_per_s"], chosen["mfu"]
+            tps_off, mfu_off = next((r["tokens_per_s"], r["mfu"]) for r in rows if r["name"] == chosen)
             if not os.environ.get("RETRIEVAL_MICRO_BATCH"):
                 retr_mb = full.stages[0].micro_batch
     if short_data and retr_steps:   # the retrieval stage's own speed (small windows and batches run slower per token)
@@ -303,15 +310,9 @@ if split == "second":   # the last call finishes the decay stage: the stable sta
 
 def retrieval_probe(tag: str, model_dir: str) -> None:
     """niah_single at the retrieval stage's sample length: did retrieval form there (and survive)?"""
-    from sala.data.tokenizer import load_tokenizer
-    from sala.train.model_factory import load_model_dir
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    m = load_model_dir(model_dir, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=dev)
-    r = run_tasks(None, [probe_len], ["niah_single"], num_samples=2 if cpu else 40, seed=11, model=m,
-                  tokenizer=load_tokenizer(model_dir))
+    r = run_tasks(model_dir, [probe_len], ["niah_single"], num_samples=2 if cpu else 40, seed=11)
     probe[tag] = r["results"]["niah_single"][str(probe_len)]["score"]
     print(f"retrieval probe ({tag}): niah_single at {probe_len} tokens: {probe[tag]:.1f}")
-    del m
 
 trainer = Trainer(cfg)
 split_stop = int(os.environ.get("SPLIT_STOP_AFTER", "0") or 0) if handing_over else 0
@@ -338,8 +339,8 @@ if handing_over and unfinished and summary["stopped_early"]:
 corpus_heldout = (None if handing_over and unfinished else
                   trainer.evaluate(stage_index=stage_index["stable"]))
 del trainer
-if probe_len and os.path.isdir(f"{work}/run/final") and not (handing_over and unfinished):
-    retrieval_probe("final", f"{work}/run/final")
+if probe_len and os.path.isdir(final_dir) and not (handing_over and unfinished):
+    retrieval_probe("final", final_dir)
 if torch.cuda.is_available():
     torch.cuda.empty_cache()
 recs = read_metrics(f"{work}/run/metrics.jsonl")
@@ -355,7 +356,7 @@ def mfu_stats(name):
 val = [r for r in recs if "val_loss" in r]
 # the attention the evaluation runs in the sparse layers: the final model's own setting, i.e. that of the last stage
 # trained (run 16 ended by time inside its sparse-off stable stage, so its table is of dense NoPE layers)
-final_config = f"{work}/run/final/config.json"   # absent after a call that handed over at SPLIT_STOP_AFTER
+final_config = f"{final_dir}/config.json"   # absent after a call that handed over at SPLIT_STOP_AFTER
 eval_sparse = (bool(json.load(open(final_config)).get("use_sparse_attention", True)) if os.path.exists(final_config)
                else None)
 report = {"results": {}, "lengths": lengths, "tasks": [], "status": "pending", "sparse_attention": eval_sparse}
@@ -385,7 +386,7 @@ result = {
     "data_meta": read_meta(data),
     "calibration": {"tokens_per_s_sparse_off": tps_off, "mfu_sparse_off": mfu_off,
                     "tokens_per_s_sparse_on": tps_on, "mfu_sparse_on": mfu_on,
-                    "variant": variant_name, "variants": variant_report},
+                    "variant": variant_report["chosen"] if variant_report else "base", "variants": variant_report},
     "niah": report, "niah_table": "", "total_seconds": time.time() - t_all,
 }
 if split:
@@ -402,9 +403,7 @@ if handing_over and unfinished:   # hand over to the next call: the measurements
     report["status"] = "training continues in the next call (SPLIT_CALL=middle or second)"
     save_summary()
     write_json(state_path, {"tps_off": tps_off, "mfu_off": mfu_off, "tps_retr": tps_retr, "use_compile": use_compile,
-                            "variant": variant_name, "variant_report": variant_report,
-                            "variant_overrides": split_state.get("variant_overrides") if resuming else
-                            ([] if variant_name == "base" else dict(variants)[variant_name]),
+                            "variant_report": variant_report,
                             "probe": probe, "training_seconds": summary["seconds"],
                             "call_seconds": time.time() - t_all + split_state.get("call_seconds", 0.0),
                             "calls": split_state.get("calls", 0) + 1,
@@ -438,17 +437,36 @@ except Exception as e:
 eval_budget = float(os.environ.get("EVAL_SECONDS", "150"))
 t_eval = time.time()
 
+def guarded(key: str, run):
+    """run() (a run_tasks report), or None with its error under report["errors"][key]: the evaluation goes on."""
+    try:
+        return run()
+    except Exception as e:
+        import traceback; traceback.print_exc()
+        report.setdefault("errors", {})[key] = f"{type(e).__name__}: {e}"
+        return None
+
+def niah_single_changed(lengths_: list[int], n: int, teacher_forced: bool = False, **config) -> dict:
+    """niah_single on the evaluation's prompts (seed 7) with the final model, loaded as the evaluation loads it, with
+    `config` fields changed (a diagnostic)."""
+    from sala.data.tokenizer import load_tokenizer
+    from sala.eval.runner import resolve_device_dtype
+    from sala.train.model_factory import load_model_dir
+    dev, dtype = resolve_device_dtype(None)
+    m = load_model_dir(final_dir, dtype=dtype, device=dev)
+    for key, value in config.items():
+        setattr(m.config, key, value)
+    return run_tasks(None, lengths_, ["niah_single"], num_samples=n, seed=7, model=m,
+                     tokenizer=load_tokenizer(final_dir), teacher_forced=teacher_forced)
+
 def precision_diagnostic(n: int) -> None:
     """niah_single at 4x (the target's length) on the same prompts again, with fp32 weights and activations: does
     the bf16 evaluation lose answers the model has (copy errors in the last digits of a long context)?"""
-    try:
-        r = run_tasks(f"{work}/run/final", [lengths[-1]], ["niah_single"], num_samples=n, seed=7, dtype="float32",
-                      teacher_forced=True)
+    r = guarded("fp32_diagnostic", lambda: run_tasks(final_dir, [lengths[-1]], ["niah_single"], num_samples=n, seed=7,
+                                                     dtype="float32", teacher_forced=True))
+    if r:
         report["fp32_diagnostic"] = {"note": "the same niah_single prompts at the longest length, fp32 model",
                                      "results": r["results"], "seconds": r["seconds"]}
-    except Exception as e:
-        import traceback; traceback.print_exc()
-        report.setdefault("errors", {})["fp32_diagnostic"] = f"{type(e).__name__}: {e}"
 
 def hype_diagnostic(n: int) -> None:
     """niah_single at 1x and 4x on the same prompts again with HyPE query scaling at inference (the softmax layers'
@@ -457,34 +475,22 @@ def hype_diagnostic(n: int) -> None:
     a = float(os.environ.get("HYPE_EVAL_BASE", "500") or 0)
     if a <= 1:
         return
-    try:
-        from sala.data.tokenizer import load_tokenizer
-        from sala.train.model_factory import load_model_dir
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        m = load_model_dir(f"{work}/run/final", dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
-                           device=dev)
-        m.config.hype_query_scale_base = a
-        r = run_tasks(None, [lengths[0], lengths[-1]], ["niah_single"], num_samples=n, seed=7, model=m,
-                      tokenizer=load_tokenizer(f"{work}/run/final"), teacher_forced=True)
+    r = guarded("hype_diagnostic", lambda: niah_single_changed([lengths[0], lengths[-1]], n, teacher_forced=True,
+                                                               hype_query_scale_base=a))
+    if r:
         report["hype_diagnostic"] = {"note": f"the same niah_single prompts, HyPE query scaling at inference (a = {a:g})",
                                      "base": a, "results": r["results"], "seconds": r["seconds"]}
-        del m
-    except Exception as e:
-        import traceback; traceback.print_exc()
-        report.setdefault("errors", {})["hype_diagnostic"] = f"{type(e).__name__}: {e}"
 
 for task, n in samples.items():
     if time.time() - t_eval > eval_budget:
         print(f"evaluation time budget ({eval_budget:.0f}s) spent: skipping {task}")
         report.setdefault("skipped", []).append(task)
         continue
-    try:
-        # niah_single also teacher-forced: the misses of runs 12-16 are last digits wrong, and the answer's later
-        # tokens come from the cached decoding path (sala.eval.teacher_forced says whether that path loses them)
-        r = run_tasks(f"{work}/run/final", lengths, [task], num_samples=n, seed=7, teacher_forced=task == "niah_single")
-    except Exception as e:
-        import traceback; traceback.print_exc()
-        report.setdefault("errors", {})[task] = f"{type(e).__name__}: {e}"
+    # niah_single also teacher-forced: the misses of runs 12-16 are last digits wrong, and the answer's later
+    # tokens come from the cached decoding path (sala.eval.teacher_forced says whether that path loses them)
+    r = guarded(task, lambda: run_tasks(final_dir, lengths, [task], num_samples=n, seed=7,
+                                        teacher_forced=task == "niah_single"))
+    if r is None:
         continue
     report["results"].update(r["results"])
     report["tasks"].append(task)
@@ -494,19 +500,10 @@ for task, n in samples.items():
         hype_diagnostic(n)
     save_summary()   # after every task: a cut-off run keeps what it measured
 if not cpu and time.time() - t_eval < eval_budget:   # diagnostic: the same model with sparse attention off (dense NoPE)
-    try:
-        from sala.data.tokenizer import load_tokenizer
-        from sala.train.model_factory import load_model_dir
-        m = load_model_dir(f"{work}/run/final", dtype=torch.bfloat16, device=torch.device("cuda"))
-        m.config.use_sparse_attention = False
-        r = run_tasks(None, lengths[:2], ["niah_single"], num_samples=20, seed=7, model=m,
-                      tokenizer=load_tokenizer(f"{work}/run/final"))
+    r = guarded("dense_diagnostic", lambda: niah_single_changed(lengths[:2], 20, use_sparse_attention=False))
+    if r:
         report["dense_diagnostic"] = {"note": "sparse layers run dense (use_sparse_attention=False)",
                                       "results": r["results"]}
-        del m
-    except Exception as e:
-        import traceback; traceback.print_exc()
-        report.setdefault("errors", {})["dense_diagnostic"] = f"{type(e).__name__}: {e}"
 report["status"] = "done"
 save_summary()
 table = result["niah_table"]

@@ -366,15 +366,18 @@ class SalaDecoderLayer(GradientCheckpointingLayer):
     def post_attention(self, hidden: torch.Tensor, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """Everything after it: output norm / gate / projection, residual, norm, MLP, residual. Returns the new hidden."""
         x_dtype = self.input_layernorm.output_dtype(hidden)   # the dtype of the attention layer's input
-        hidden, normed = self.add_and_norm(hidden, self.self_attn.outputs(o, gate, x_dtype))
+        return self.residual_and_mlp(hidden, self.self_attn.outputs(o, gate, x_dtype))
+
+    def residual_and_mlp(self, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """The layer after its attention module: residual, norm, MLP, residual. Returns the new hidden."""
+        hidden, normed = self.add_and_norm(hidden, attn_out)
         return self.add_residual(hidden, self.mlp(normed))
 
     def forward(self, hidden: torch.Tensor, batch: _Batch, cache: Any = None) -> torch.Tensor:
         if self.use_blocks and cache is None and batch.pad is None and batch.real_mask is None:
             q, k, v, gate = self.pre_attention(hidden, *self.self_attn.rope(batch), batch.position_ids)
             return self.post_attention(hidden, self.self_attn.attend(q, k, v, batch), gate)
-        hidden, normed = self.add_and_norm(hidden, self.self_attn(self.input_layernorm(hidden), batch, cache))
-        return self.add_residual(hidden, self.mlp(normed))
+        return self.residual_and_mlp(hidden, self.self_attn(self.input_layernorm(hidden), batch, cache))
 
 
 class SalaPreTrainedModel(PreTrainedModel):

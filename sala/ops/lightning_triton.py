@@ -160,6 +160,63 @@ def _chunk_output(rows_b, keys_b, vals_b, state, row_dec, intra, row_fac, col_fa
 
 
 @triton.jit
+def _chunk_decays(n, offs_c, valid, lg, REVERSE: tl.constexpr):
+    """A chunk of n tokens walked forward (REVERSE: backward): (row_dec, state_dec) [C] fp32. row_dec[i]: the decay of
+    the entering state when row i reads it; state_dec[i]: row i's weight in the state the chunk hands on (0 past n)."""
+    if REVERSE:
+        row_expo = tl.maximum(n - 1 - offs_c, 0)
+        state_expo = offs_c + 1
+    else:
+        row_expo = offs_c + 1
+        state_expo = tl.maximum(n - 1 - offs_c, 0)
+    return tl.exp2(lg * row_expo.to(tl.float32)), tl.where(valid, tl.exp2(lg * state_expo.to(tl.float32)), 0.0)
+
+
+@triton.jit
+def _chunk_causal(rows, bos, valid, REVERSE: tl.constexpr, INTRA: tl.constexpr):
+    """The causal mask `_chunk_output` takes: with the factored decay (INTRA 1) [C, C] from the chunk's positions
+    (loop-variant, so that no [C, C] tensor is hoisted out of the walk and kept live in registers), else `valid`
+    (the table already holds it)."""
+    causal = valid
+    if INTRA == 1:
+        local = (rows - bos).to(tl.int32)
+        # one orientation of `gap` for both directions: the transposed difference cost the reverse walk 240
+        # instead of 144 bytes of stack (sm_90, Triton 3.6; scripts/lightning_sm90_resources.py)
+        gap = local[:, None] - local[None, :]
+        if REVERSE:
+            causal = gap <= 0
+        else:
+            causal = gap >= 0
+    return causal
+
+
+@triton.jit
+def _intra_decay(offs_c, lg, C: tl.constexpr, REVERSE: tl.constexpr, FACTORED: tl.constexpr):
+    """The intra-chunk decay gamma^(i-j) on the causal side (j-i when REVERSE), once per program: (intra, row_fac,
+    col_fac). FACTORED: gamma^(i-c) * gamma^(c-j) (reverse: gamma^(c-i) * gamma^(j-c)), c = C/2, as row and column
+    factors [C] (the launcher checked |log2 gamma| * C/2 <= FACTORED_MAX_EXP for every head, so no factor
+    overflows), `intra` a placeholder; else the [C, C] table `intra`, the factors placeholders."""
+    if FACTORED:
+        centred = (offs_c - C // 2).to(tl.float32)
+        if REVERSE:
+            row_fac = tl.exp2(-lg * centred)
+            col_fac = tl.exp2(lg * centred)
+        else:
+            row_fac = tl.exp2(lg * centred)
+            col_fac = tl.exp2(-lg * centred)
+        intra = lg
+    else:
+        if REVERSE:
+            gap = offs_c[None, :] - offs_c[:, None]
+        else:
+            gap = offs_c[:, None] - offs_c[None, :]
+        intra = tl.where(gap >= 0, tl.exp2(lg * tl.maximum(gap, 0).to(tl.float32)), 0.0)
+        row_fac = lg
+        col_fac = lg
+    return intra, row_fac, col_fac
+
+
+@triton.jit
 def _segment_state_kernel(
     k_ptr, v_ptr, u_ptr, log2_decay_ptr, seg_start_ptr, seg_end_ptr, seg_ids_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -182,11 +239,7 @@ def _segment_state_kernel(
         n, valid, rows = _chunk_rows(c, n_chunks, bos, eos, offs_c, C, REVERSE)
         kb = _load_rows(k_ptr, rows, stride_kt, h, stride_kh, offs_k, valid)
         vb = _load_rows(v_ptr, rows, stride_vt, h, stride_vh, offs_v, valid)
-        if REVERSE:
-            expo = offs_c + 1
-        else:
-            expo = tl.maximum(n - 1 - offs_c, 0)
-        kdec = tl.where(valid, tl.exp2(lg * expo.to(tl.float32)), 0.0)
+        _, kdec = _chunk_decays(n, offs_c, valid, lg, REVERSE)
         acc = _state_step(acc, kb, vb, kdec, lg, n, DOT_PRECISION, UPCAST)
     u_base = u_ptr + (seg * H + h) * DK * DV
     tl.store(u_base + offs_k[:, None] * DV + offs_v[None, :], acc)
@@ -232,33 +285,16 @@ def _output_walk(q_ptr, k_ptr, v_ptr, o_ptr, state, bos, eos, lg, h, scale, intr
                  UPCAST: tl.constexpr, INTRA: tl.constexpr):
     """Walk the chunks of [bos, eos) from `state`, writing outputs; returns the state after the last chunk.
 
-    INTRA (the intra-chunk decay gamma^(i-j)): 0 the [C, C] table `intra`; 1 row_fac[i] * col_fac[j], with the
-    causal mask from the chunk's positions (loop-variant), so that no [C, C] tensor is hoisted out of the loop
-    and kept live in registers.
+    INTRA (the intra-chunk decay gamma^(i-j), `_intra_decay`): 0 the [C, C] table `intra`; 1 row_fac[i] * col_fac[j],
+    with the causal mask from the chunk's positions (`_chunk_causal`).
     """
     n_chunks = (eos - bos + C - 1) // C
     for c in range(0, n_chunks):
         n, valid, rows, qb, kb, vb = _load_chunk(q_ptr, k_ptr, v_ptr, c, n_chunks, bos, eos, h, stride_qt, stride_qh,
                                                  stride_kt, stride_kh, stride_vt, stride_vh, offs_c, offs_k, offs_v,
                                                  C, REVERSE)
-        if REVERSE:
-            q_expo = tl.maximum(n - 1 - offs_c, 0)
-            k_expo = offs_c + 1
-        else:
-            q_expo = offs_c + 1
-            k_expo = tl.maximum(n - 1 - offs_c, 0)
-        q_dec = tl.exp2(lg * q_expo.to(tl.float32))
-        k_dec = tl.where(valid, tl.exp2(lg * k_expo.to(tl.float32)), 0.0)
-        causal = valid
-        if INTRA == 1:
-            local = (rows - bos).to(tl.int32)
-            # one orientation of `gap` for both directions: the transposed difference cost the reverse walk 240
-            # instead of 144 bytes of stack (sm_90, Triton 3.6; scripts/lightning_sm90_resources.py)
-            gap = local[:, None] - local[None, :]
-            if REVERSE:
-                causal = gap <= 0
-            else:
-                causal = gap >= 0
+        q_dec, k_dec = _chunk_decays(n, offs_c, valid, lg, REVERSE)
+        causal = _chunk_causal(rows, bos, valid, REVERSE, INTRA)
         out = _chunk_output(qb, kb, vb, state, q_dec, intra, row_fac, col_fac, causal, DOT_PRECISION, UPCAST, INTRA)
         _store_rows(o_ptr, rows, stride_ot, h, stride_oh, offs_v, valid, out * scale)
         state = _state_step(state, kb, vb, k_dec, lg, n, DOT_PRECISION, UPCAST)
@@ -288,27 +324,9 @@ def _segment_output_kernel(
     state = tl.load(s_in_ptr + (seg * H + h) * DK * DV + state_offs)
     args = (stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, offs_c, offs_k,
             offs_v)
-    if INTRA_FACTORED:
-        # gamma^(i-j) = gamma^(i-c) * gamma^(c-j) (reverse: gamma^(c-i) * gamma^(j-c)), c = C/2: the launcher
-        # checked |log2 gamma| * C/2 <= FACTORED_MAX_EXP for every head, so no factor overflows
-        centred = (offs_c - C // 2).to(tl.float32)
-        if REVERSE:
-            row_fac = tl.exp2(-lg * centred)
-            col_fac = tl.exp2(lg * centred)
-        else:
-            row_fac = tl.exp2(lg * centred)
-            col_fac = tl.exp2(-lg * centred)
-        state = _output_walk(q_ptr, k_ptr, v_ptr, o_ptr, state, bos, eos, lg, h, scale, lg, row_fac, col_fac,
-                             *args, C=C, REVERSE=REVERSE, DOT_PRECISION=DOT_PRECISION, UPCAST=UPCAST, INTRA=1)
-    else:
-        # intra-chunk decay, the same for every chunk: gamma^(i-j) on the causal side (j-i when reversed)
-        if REVERSE:
-            gap = offs_c[None, :] - offs_c[:, None]
-        else:
-            gap = offs_c[:, None] - offs_c[None, :]
-        intra = tl.where(gap >= 0, tl.exp2(lg * tl.maximum(gap, 0).to(tl.float32)), 0.0)
-        state = _output_walk(q_ptr, k_ptr, v_ptr, o_ptr, state, bos, eos, lg, h, scale, intra, lg, lg,
-                             *args, C=C, REVERSE=REVERSE, DOT_PRECISION=DOT_PRECISION, UPCAST=UPCAST, INTRA=0)
+    intra, row_fac, col_fac = _intra_decay(offs_c, lg, C, REVERSE, INTRA_FACTORED)
+    state = _output_walk(q_ptr, k_ptr, v_ptr, o_ptr, state, bos, eos, lg, h, scale, intra, row_fac, col_fac, *args,
+                         C=C, REVERSE=REVERSE, DOT_PRECISION=DOT_PRECISION, UPCAST=UPCAST, INTRA=INTRA_FACTORED)
     if WANT_FINAL:
         if tl.load(seg_final_ptr + seg) != 0:
             n_seq = tl.load(seg_seq_ptr + seg)
@@ -330,12 +348,8 @@ def _dkdv_walk(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, state, bos, eos, lg,
                                                  stride_kt, stride_kh, stride_vt, stride_vh, offs_c, offs_k, offs_v,
                                                  C, True)
         dob = _load_rows(do_ptr, rows, stride_dot, h, stride_doh, offs_v, valid)
-        row_dec = tl.exp2(lg * tl.maximum(n - 1 - offs_c, 0).to(tl.float32))
-        state_dec = tl.where(valid, tl.exp2(lg * (offs_c + 1).to(tl.float32)), 0.0)
-        causal = valid
-        if INTRA == 1:
-            local = (rows - bos).to(tl.int32)
-            causal = (local[:, None] - local[None, :]) <= 0
+        row_dec, state_dec = _chunk_decays(n, offs_c, valid, lg, True)
+        causal = _chunk_causal(rows, bos, valid, True, INTRA)
         # dv: rows k, state R, chunk part (k q^T) do; dk: rows v, state R^T, chunk part (v do^T) q
         out = _chunk_output(kb, qb, dob, state, row_dec, intra, row_fac, col_fac, causal, DOT_PRECISION, UPCAST,
                             INTRA)
@@ -369,17 +383,9 @@ def _segment_dkdv_kernel(
     state = tl.load(s_in_ptr + (seg * H + h) * DK * DV + state_offs)
     args = (stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
             stride_dkt, stride_dkh, stride_dvt, stride_dvh, offs_c, offs_k, offs_v)
-    if INTRA_FACTORED:   # as in _segment_output_kernel, reversed
-        centred = (offs_c - C // 2).to(tl.float32)
-        row_fac = tl.exp2(-lg * centred)
-        col_fac = tl.exp2(lg * centred)
-        state = _dkdv_walk(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, state, bos, eos, lg, h, scale, lg, row_fac,
-                           col_fac, *args, C=C, DOT_PRECISION=DOT_PRECISION, UPCAST=UPCAST, INTRA=1)
-    else:
-        gap = offs_c[None, :] - offs_c[:, None]
-        intra = tl.where(gap >= 0, tl.exp2(lg * tl.maximum(gap, 0).to(tl.float32)), 0.0)
-        state = _dkdv_walk(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, state, bos, eos, lg, h, scale, intra, lg, lg,
-                           *args, C=C, DOT_PRECISION=DOT_PRECISION, UPCAST=UPCAST, INTRA=0)
+    intra, row_fac, col_fac = _intra_decay(offs_c, lg, C, True, INTRA_FACTORED)
+    state = _dkdv_walk(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, state, bos, eos, lg, h, scale, intra, row_fac,
+                       col_fac, *args, C=C, DOT_PRECISION=DOT_PRECISION, UPCAST=UPCAST, INTRA=INTRA_FACTORED)
     if WANT_FINAL:
         if tl.load(seg_final_ptr + seg) != 0:
             n_seq = tl.load(seg_seq_ptr + seg)

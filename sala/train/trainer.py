@@ -98,7 +98,7 @@ class Trainer:
                                                    blocks=config.model.compile_blocks)
                               if config.model.compile else model)
         decay, no_decay = [], []
-        for name, p in model.named_parameters():
+        for name, p in self._named_params:
             (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
         o = config.optim
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
