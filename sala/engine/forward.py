@@ -42,8 +42,6 @@ class ModelRunner:
     """
 
     def __init__(self, model: SalaForCausalLM, *, compile: bool = False, compile_backend: str = "inductor") -> None:
-        if model.config.attention_bias:
-            raise ValueError("engine: fused projections need bias-free linear layers (attention_bias=False)")
         self.model = model
         self.config: SalaConfig = model.config
         self.device = model.lm_head.weight.device
