@@ -294,7 +294,9 @@ class SalaLightningAttention(FusedProjections, nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cache: LightningLayerCache | None = None) -> torch.Tensor:
         q, k, v, z = self.inputs(x, *self.rope(ctx), ctx.position_ids, ctx.ops)
-        return self.outputs(self.attend(q, k, v, ctx, cache), z, x.dtype, ctx.ops)
+        o = self.attend(q, k, v, ctx, cache)
+        del q, k, v   # a long prefill chunk's q, k, v: freed before the output projection
+        return self.outputs(o, z, x.dtype, ctx.ops)
 
 
 # ----------------------------------------------------------------------------- InfLLM-V2 sparse attention layer
@@ -432,7 +434,9 @@ class SalaSparseAttention(FusedProjections, nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cache: SparseLayerCache | None = None) -> torch.Tensor:
         q, k, v, gate = self.inputs(x, *self.rope(ctx), ctx.position_ids, ctx.ops)
-        return self.outputs(self.attend(q, k, v, ctx, cache), gate, x.dtype, ctx.ops)
+        o = self.attend(q, k, v, ctx, cache)
+        del q, k, v
+        return self.outputs(o, gate, x.dtype, ctx.ops)
 
 
 # ----------------------------------------------------------------------------- MLP
@@ -536,6 +540,12 @@ class SalaDecoderLayer(GradientCheckpointingLayer):
         """The layer after its attention module: residual + norm, MLP, residual (+ `next_norm`). Returns the new
         hidden and next_norm of it (None without next_norm)."""
         hidden, normed = self.post_attention_layernorm.add_and_norm(hidden, attn_out, self.residual_scale, ops)
+        del attn_out
+        return self.mlp_and_residual(hidden, normed, ops, next_norm)
+
+    def mlp_and_residual(self, hidden: torch.Tensor, normed: torch.Tensor, ops: ElementwiseOps,
+                         next_norm: SalaRMSNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """MLP of the post-attention-normed hidden, residual (+ `next_norm`)."""
         m = self.mlp(normed, ops)
         del normed
         if next_norm is None:
@@ -554,8 +564,10 @@ class SalaDecoderLayer(GradientCheckpointingLayer):
             del normed
             return self.post_attention(hidden, self.self_attn.attend(q, k, v, ctx), gate, x_dtype, next_norm)
         attn_out = self.self_attn(normed, ctx, cache)
-        del normed
-        return self.residual_and_mlp(hidden, attn_out, ctx.ops, next_norm)
+        del normed   # long prefill chunks: each [T, hidden] activation is freed as soon as it is used
+        hidden, normed = self.post_attention_layernorm.add_and_norm(hidden, attn_out, self.residual_scale, ctx.ops)
+        del attn_out
+        return self.mlp_and_residual(hidden, normed, ctx.ops, next_norm)
 
 
 class SalaPreTrainedModel(PreTrainedModel):
