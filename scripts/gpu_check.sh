@@ -51,7 +51,7 @@ fi
 case "$part" in
   tests)
     python3 -m pytest -q -p no:cacheprovider tests/test_lightning_triton.py tests/test_infllmv2_triton.py \
-      tests/test_fused.py tests/test_engine_gpu.py -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+      tests/test_fused.py tests/engine/test_engine_gpu.py -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
   kernels)
     python3 -m sala.bench.kernels_lightning --out "$OUT/lightning_kernels_h200.json" 2>&1 | tail -20
     python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_variants_h200.json" \

@@ -10,4 +10,4 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 python3 -m sala.bench.latency --out "$OUT/latency.json" --budget-s "$BUDGET" ${LATENCY_ARGS:-} 2>&1 | tee "$OUT/latency.log"
 echo "== engine GPU test (1M-token prefill, two chunk sizes)"
-python3 -m pytest -q -m gpu tests/test_engine_gpu.py -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/gpu_test.log"
+python3 -m pytest -q -m gpu tests/engine/test_engine_gpu.py -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/gpu_test.log"

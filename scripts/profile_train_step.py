@@ -58,10 +58,10 @@ def main() -> None:
                          "in a training run: SALA_LIGHTNING_FUSED_BWD=1)")
     ap.add_argument("--mlp-concat", action="store_true",
                     help="SALA runs with fused projections: the MLP's gate/up weights concatenated, not interleaved "
-                         "(the layout before SalaMLP.interleave_fused): the A/B baseline of that change")
+                         "(fuse_projections(interleave_mlp=False)): the A/B baseline of that change")
     ap.add_argument("--no-norm-cast", action="store_true",
                     help="SALA runs: the decoder layers' norms emit fp32 under autocast, cast again by the projections "
-                         "(the model before SalaRMSNorm.autocast_output): the A/B baseline of that change")
+                         "(set_norm_output_mode('promote')): the A/B baseline of that change")
     ap.add_argument("--sites", type=int, default=0,
                     help="also record the N costliest (op, Python call site) pairs by device time: where the copies, "
                          "casts and elementwise ops of a step come from")
@@ -108,11 +108,12 @@ def main() -> None:
         model = build_model(spec, vocab_size=meta["vocab_size"], bos_id=meta.get("bos_id"),
                             eos_id=meta.get("eos_id"), pad_id=0)
         apply_throughput_options(model, spec)   # as the trainer applies them
-        # the A/B baselines: the layouts before the change, on every module that has the switch
-        for flag, attr in ((args.mlp_concat, "interleave_fused"), (args.no_norm_cast, "autocast_output")):
-            for m in model.modules() if flag else ():
-                if hasattr(m, attr):
-                    setattr(m, attr, False)
+        # the A/B baselines: the layouts before the change
+        if kind == "sala" and args.mlp_concat and model.projections_fused:
+            model.unfuse_projections()
+            model.fuse_projections(interleave_mlp=False)
+        if kind == "sala" and args.no_norm_cast:
+            model.set_norm_output_mode("promote")
         if kind == "sala":
             model.config.use_sparse_attention = sparse
         weights_bf16 = dev.type == "cuda" and not args.trainer_precision

@@ -76,7 +76,7 @@ def _loss(args: argparse.Namespace) -> int:
     from sala.bench.common import run_metadata, write_json
     from sala.eval.heldout import heldout_windows, model_heldout_loss
     from sala.eval.runner import default_model, resolve_device_dtype
-    from sala.train.model_factory import load_model_dir
+    from sala.engine.loading import load_model_dir
 
     if args.seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2 (got {args.seq_len})")

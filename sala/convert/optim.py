@@ -37,20 +37,22 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def norms_keep_input_dtype(module: torch.nn.Module):
-    """Within the block, every SALA RMSNorm returns its input's dtype.
+    """Within the block, every SALA RMSNorm returns its input's dtype (its "input" output mode).
 
     Under autocast the fp32 norm weights promote bf16 activations to fp32, so a lightning layer would get
     fp32 q/k next to a bf16 v (which its kernels reject); a bf16 model returns bf16 there, and so do we.
     """
     from sala.modeling.modeling_sala import SalaRMSNorm
 
-    handles = [m.register_forward_hook(lambda mod, inp, out: out.to(inp[0].dtype))
-               for m in module.modules() if isinstance(m, SalaRMSNorm)]
+    norms = [m for m in module.modules() if isinstance(m, SalaRMSNorm)]
+    saved = [m.output_mode for m in norms]
+    for m in norms:
+        m.set_output_mode("input")
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        for m, mode in zip(norms, saved):
+            m.set_output_mode(mode)
 
 
 def progress(total: int, desc: str, enabled: bool = True):

@@ -26,6 +26,7 @@ from sala.convert.stage1 import build_students, run_stage1
 from sala.convert.stagedir import StageDir
 from sala.convert.teacher import Teacher
 from sala.convert.transfer import lightning_layer_init
+from sala.engine.loading import load_model_dir
 from sala.eval.heldout import heldout_loss
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -201,8 +202,6 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Path:
         softmax_layers = explicit
 
     # ---- assemble the hybrid ------------------------------------------------------------------------
-    from sala.modeling.modeling_sala import SalaForCausalLM
-
     config = sala_config_for(spec, softmax_layers, opts.keep_sparse_rope, opts.sparse_preset,
                             sparse_overrides=opts.sparse_config)
     s2 = StageDir(stages, "stage2", {**s1.options, "softmax_layers": softmax_layers,
@@ -213,7 +212,7 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Path:
     del students
     histories: dict[str, list] = {}
     if s2.done():
-        model = SalaForCausalLM.from_pretrained(str(s2.path / "model"), dtype=torch.float32).to(device)
+        model = load_model_dir(s2.path / "model", device=device)
         log(f"stage 2: done earlier ({s2.path})")
     elif opts.stage2_tokens > 0:
         t0 = time.time()
@@ -229,7 +228,7 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Path:
         ft = StageDir(stages, "finetune", {**s2.options, "ft_tokens": opts.finetune_tokens,
                                            "ft_seq_len": opts.finetune_seq_len, "ft_lr": opts.finetune_lr})
         if ft.done():
-            model = SalaForCausalLM.from_pretrained(str(ft.path / "model"), dtype=torch.float32).to(device)
+            model = load_model_dir(ft.path / "model", device=device)
         else:
             t0 = time.time()
             histories["finetune"] = run_finetune(model, source, opts.finetune_tokens, opts.finetune_seq_len,

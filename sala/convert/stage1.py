@@ -16,13 +16,14 @@ from sala.convert.data import TokenSource
 from sala.convert.optim import adamw, autocast, norms_keep_input_dtype, progress, set_lr
 from sala.convert.teacher import Teacher
 from sala.modeling.configuration_sala import SalaConfig
-from sala.modeling.modeling_sala import SalaLightningAttention, _Batch
+from sala.modeling.context import ForwardContext
+from sala.modeling.modeling_sala import SalaLightningAttention
 
 
-def positions_batch(batch: int, seq_len: int, device: torch.device) -> _Batch:
+def positions_batch(batch: int, seq_len: int, device: torch.device) -> ForwardContext:
     """The per-call facts a SALA mixer needs for unpacked, unpadded rows: positions 0..T-1."""
     pos = torch.arange(seq_len, device=device)[None].expand(batch, seq_len)
-    return _Batch(pos, None, None, None)
+    return ForwardContext(pos)
 
 
 def run_student(student: SalaLightningAttention, x: torch.Tensor) -> torch.Tensor:

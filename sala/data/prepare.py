@@ -1,7 +1,7 @@
 """`sala data prepare`: documents -> tokens -> a packed, memory-mapped dataset with a held-out split.
 
 The held-out split is chosen per document (a seeded hash of the document's name), so no document is
-in both splits. Synthetic RULER-style samples (`sala.eval.tasks`) can be mixed into the training
+in both splits. Synthetic RULER-style samples (`sala.data.synthetic`) can be mixed into the training
 split as extra documents, to teach retrieval over long contexts.
 """
 from __future__ import annotations
@@ -127,7 +127,7 @@ _DOC_SPECIAL_TOKENS = 2   # BOS + EOS around every synthetic document, outside g
 
 def _check_synthetic_fits(tok: TextTokenizer, synthetic: SyntheticMix) -> None:
     """Fail before any work when a (task, length) of the mix cannot hold its task's prompt: one sample each."""
-    from sala.eval.tasks import generate
+    from sala.data.synthetic import generate
 
     too_short = []
     for task in synthetic.tasks:
@@ -202,7 +202,7 @@ def _encoded_documents(tok: TextTokenizer, texts: list[str]) -> list[np.ndarray]
 
 def _synthetic_part(job: tuple[str, int, int, int, int, int]) -> list[np.ndarray]:
     """Token ids of samples [lo, hi) of one (task, length) combination of n samples (one worker's share)."""
-    from sala.eval.tasks import generate
+    from sala.data.synthetic import generate
 
     task, length, n, seed, lo, hi = job
     tok = _WORKER_TOKENIZER

@@ -96,7 +96,7 @@ class SalaEngine:
         config = load_config_dir(path)
         if context is not None:
             _check_before_load(config, context, batch, dt, device, kwargs.get("chunk_size", DEFAULT_CHUNK_SIZE))
-        model = load_model_dir(path, device, dt)
+        model = load_model_dir(path, device=device, dtype=dt)
         return cls(model, load_tokenizer_dir(path), **kwargs)
 
     @classmethod

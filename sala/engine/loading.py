@@ -1,6 +1,7 @@
 """Building a model for the engine: a checkpoint directory, or a preset with random weights made on the device."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -62,14 +63,24 @@ def random_model(config: SalaConfig, device: torch.device | str, dtype: torch.dt
     return materialize_random(SalaForCausalLM, config, device, dtype, seed, std)
 
 
-def load_model_dir(path: str | os.PathLike, device: torch.device | str, dtype: torch.dtype) -> SalaForCausalLM:
-    """`SalaForCausalLM.from_pretrained(path)` in `dtype`, moved to `device`, in eval mode."""
+def load_model_dir(path: str | os.PathLike, *, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The one model loader: a causal LM folder saved with `save_pretrained` in `dtype`, on `device`, in eval mode.
+
+    SALA folders load as `SalaForCausalLM` (no remote code, checked first: shards, keys, shapes); other model types
+    (the dense Llama baseline of the training experiments) through transformers' AutoModelForCausalLM."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory: no config.json in it")
-    model = SalaForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type == SalaConfig.model_type:
+        model = SalaForCausalLM.from_pretrained(str(path), dtype=dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     return model.to(device).eval()
 
 

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 import torch
 
 from sala.modeling.configuration_sala import SalaConfig
+from sala.modeling.modeling_sala import MLP_SLICE_TOKENS  # the model's MLP runs in slices of this many tokens
 
 GiB = 1 << 30
 MiB = 1 << 20
-# MLP activations are computed in slices of at most this many tokens (bounds the workspace).
-MLP_SLICE_TOKENS = 8192
 # Allocator slack, CUDA graphs, kernel scratch: a fixed allowance on top of the counted workspace.
 FIXED_OVERHEAD_BYTES = 512 * MiB
 

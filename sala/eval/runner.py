@@ -93,7 +93,7 @@ def run_tasks(model_dir: str | None, lengths: list[int], tasks: list[str] | tupl
     teacher_forced: also score single-answer tasks with the gold answer fed in one forward pass, beside greedy
     decoding (`sala.eval.teacher_forced`; key "teacher_forced")."""
     from sala.data.tokenizer import load_tokenizer
-    from sala.train.model_factory import load_model_dir
+    from sala.engine.loading import load_model_dir
 
     for t in tasks:
         if t not in TASKS:

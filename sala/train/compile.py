@@ -2,19 +2,17 @@
 
 The lightning and sparse attention ops take packed-document bounds from the host (a different list every
 step), which whole-model compilation would turn into graph breaks and recompiles. What costs time around them
-in a small model is elementwise work (fp32 RMSNorms, RoPE, gates, SwiGLU, scaled residual adds): each decoder
-layer's first norm, MLP and scaled residual adds (the first with the norm after it), and each attention layer's
-`prepare` (QK-norm, RoPE, HyPE scaling) and `finish` (output norm, gate, output projection), are compiled
-separately. Their shapes are the same every step ([1, tokens per micro-batch, ...]), so each compiles once.
+in a small model is elementwise work (fp32 RMSNorms, RoPE, gates, SwiGLU, scaled residual adds); the model compiles
+those pieces itself (`SalaForCausalLM.compile_for_training`). Their shapes are the same every step ([1, tokens per
+micro-batch, ...]), so each compiles once.
 """
 from __future__ import annotations
 
 import torch
 
-
-# compiled graphs kept per function before dynamo falls back to running it eagerly: every (shape, grad mode, norm
-# kind) a run meets needs one (training and evaluation batches of the calibration and of each stage); the default 8
-# ran out in run 16's evaluations
+# Compiled graphs kept per function before dynamo falls back to running it eagerly: every (shape, grad mode, norm
+# kind) a run meets needs one (training and evaluation batches of the calibration and of each stage), more than
+# dynamo's default of 8.
 RECOMPILE_LIMIT = 64
 
 
@@ -28,39 +26,16 @@ def _raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
 
 def compile_for_training(model: torch.nn.Module, backend: str = "inductor", compile_loss: bool = False,
                          blocks: bool = False) -> torch.nn.Module:
-    """Compile `model` for training in place; returns the module to call.
+    """Compile `model` for training; returns the module to call.
 
-    SALA models: the pieces listed in the module docstring (the model object itself stays the one to call); with
-    `blocks`, instead, each decoder layer as two regions around its attention op (`SalaDecoderLayer.pre_attention`:
-    norm, projections, QK-norm and RoPE; `post_attention`: output norm, gate and projection, residual, norm, MLP,
-    residual), so a step calls 2 compiled graphs per layer instead of 6 (less host time per step, for steps the host
-    cannot keep ahead of; inference, with a cache or padding, runs the layers as before); with `compile_loss` also the
-    LM head + cross-entropy as one function (`SalaForCausalLM.lm_loss`: the cast to fp32, log-softmax and its backward
-    fuse, so the [tokens, vocab] fp32 logits are never stored; the model then returns no logits with its loss). Other
-    models (the dense Llama baseline): `torch.compile(model)`. Raises dynamo's recompile limit to RECOMPILE_LIMIT.
+    SALA models compile their own pieces in place (`SalaForCausalLM.compile_for_training`: `blocks` for two regions
+    per decoder layer, `compile_loss` for the LM head + cross-entropy as one function); the model object stays the one
+    to call. Other models (the dense Llama baseline): `torch.compile(model)`. Raises dynamo's recompile limit to
+    RECOMPILE_LIMIT.
     """
-    from sala.modeling.modeling_sala import (SalaDecoderLayer, SalaForCausalLM, SalaLightningAttention,
-                                             SalaSparseAttention)
+    from sala.modeling.modeling_sala import SalaForCausalLM
 
     _raise_recompile_limit()
     if not isinstance(model, SalaForCausalLM):
         return torch.compile(model, backend=backend)
-    for module in model.modules():
-        if isinstance(module, SalaDecoderLayer) and blocks:
-            module.pre_attention = torch.compile(module.pre_attention, backend=backend, dynamic=False)
-            module.post_attention = torch.compile(module.post_attention, backend=backend, dynamic=False)
-            module.use_blocks = True
-        elif isinstance(module, SalaDecoderLayer):
-            for child in (module.input_layernorm, module.mlp):
-                child.compile(backend=backend, dynamic=False)
-            # the residual adds with their scale, and the second norm with the add before it
-            module.add_and_norm = torch.compile(module.add_and_norm, backend=backend, dynamic=False)
-            module.add_residual = torch.compile(module.add_residual, backend=backend, dynamic=False)
-        elif isinstance(module, (SalaLightningAttention, SalaSparseAttention)) and not blocks:
-            module.prepare = torch.compile(module.prepare, backend=backend, dynamic=False)
-            module.finish = torch.compile(module.finish, backend=backend, dynamic=False)
-    model.model.norm.compile(backend=backend, dynamic=False)
-    if compile_loss:
-        model.lm_loss = torch.compile(model.lm_loss, backend=backend, dynamic=False)
-        model.loss_only = True
-    return model
+    return model.compile_for_training(backend=backend, blocks=blocks, compile_loss=compile_loss)

@@ -1,13 +1,11 @@
 """Building the model to train: a SALA preset/config, the dense Llama baseline, or a saved model folder."""
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from sala.engine.loading import load_model_dir
 from sala.train.config import ModelConfig
 
 # A small dense baseline; any LlamaConfig field can be overridden through model.config.
@@ -59,7 +57,7 @@ def build_model(spec: ModelConfig, vocab_size: int | None = None, bos_id: int | 
         cfg._attn_implementation = "sdpa"
         return LlamaForCausalLM(cfg).float()
     if spec.kind == "pretrained":
-        model = load_model_dir(spec.path, dtype=torch.float32)
+        model = load_model_dir(spec.path, device="cpu", dtype=torch.float32)
         v = model.get_input_embeddings().weight.shape[0]
         if vocab_size is not None and vocab_size > v:
             raise ValueError(f"the dataset's tokenizer has {vocab_size} tokens but the model at {spec.path} "
@@ -69,54 +67,36 @@ def build_model(spec: ModelConfig, vocab_size: int | None = None, bos_id: int | 
     raise ValueError(f"unknown model.kind {spec.kind!r}")
 
 
-def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load a causal LM saved with `save_pretrained` (SALA folders without remote code)."""
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"model folder {path} has no config.json")
-    model_type = json.loads((p / "config.json").read_text()).get("model_type")
-    if model_type == "minicpm_sala":
-        from sala import SalaForCausalLM
-
-        model = SalaForCausalLM.from_pretrained(str(p), dtype=dtype)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
-    return model.to(device)
-
-
 def is_sala(model: torch.nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) == "minicpm_sala"
 
 
 def set_fused_projections(model: torch.nn.Module, enabled: bool) -> int:
-    """Run the projections that share an input (q, k, v and the output gate of each attention layer; gate and up of
-    each MLP) as one GEMM over their concatenated weights (`sala.modeling.modeling_sala.project`): the same values,
-    one autocast cast of the input and one input-gradient GEMM per group. The decoder layers' norms, whose outputs
-    then feed one GEMM each, emit the autocast dtype themselves (`SalaRMSNorm.autocast_output`: no cast kernel, same
-    values and gradients). Returns the modules switched."""
-    n = 0
-    for m in model.modules():
-        if hasattr(type(m), "fuse_projections"):
-            m.fuse_projections = bool(enabled)
-            n += 1
-        if hasattr(m, "input_layernorm") and hasattr(m, "post_attention_layernorm"):
-            m.input_layernorm.autocast_output = m.post_attention_layernorm.autocast_output = bool(enabled)
+    """Training with fused projections on a SALA model: the projections that share an input (q, k, v and the output
+    gate of each attention layer; gate and up of each MLP, rows interleaved) as one real parameter each
+    (`SalaForCausalLM.fuse_projections`): one autocast cast of the input and one input-gradient GEMM per group. The
+    decoder layers' norms, whose outputs then feed one GEMM each, emit the autocast dtype themselves (no cast
+    kernel, same values and gradients). enabled=False undoes both. Returns the modules switched."""
+    if enabled:
+        n = model.fuse_projections(interleave_mlp=True)
+        model.set_norm_output_mode("autocast")
+    else:
+        n = model.unfuse_projections()
+        model.set_norm_output_mode("promote")
     return n
 
 
 def apply_throughput_options(model: torch.nn.Module, spec: ModelConfig) -> None:
     """The SALA-only throughput options of `spec` on `model` (fused projections, chunked loss; compile_loss and
-    compile_blocks are applied by `compile_for_training`): refused for another model, as the trainer runs them (and the step profiler)."""
+    compile_blocks are applied by `compile_for_training`): refused for another model, as the trainer runs them (and
+    the step profiler)."""
     for option in ("fuse_projections", "loss_chunk", "compile_loss", "compile_blocks"):
         if getattr(spec, option) and not is_sala(model):
             raise ValueError(f"model.{option} is for SALA models; this one is not")
     if spec.fuse_projections:
         set_fused_projections(model, True)
     if spec.loss_chunk:
-        model.loss_chunk = int(spec.loss_chunk)
+        model.set_loss_chunk(int(spec.loss_chunk))
 
 
 def set_sparse_attention(model: torch.nn.Module, enabled: bool) -> None:

@@ -45,6 +45,18 @@ def test_chunked_prefill_equals_plain_forward(chunk):
     assert engine.cache.lengths == [PROMPT_LEN]
 
 
+def test_engine_on_a_model_fused_for_training_re_fuses_its_mlp_and_keeps_the_logits():
+    """A model whose projections were fused for training (gate/up rows interleaved) is re-fused by the runner into
+    the [gate | up] halves that the fused SiLU x up op reads; the logits stay the model's."""
+    model = tiny_model(seed=4)
+    ids = torch.randint(3, 512, (PROMPT_LEN,), generator=torch.Generator().manual_seed(4)).tolist()
+    ref = model_logits(model, ids)[-1]
+    model.fuse_projections(interleave_mlp=True)
+    engine = SalaEngine(model, chunk_size=32)
+    assert model.projections_fused and not any(layer.mlp.interleave for layer in model.model.layers)
+    assert rel(engine.prefill([ids], PROMPT_LEN + 1)[0], ref) < 1e-5
+
+
 def test_compiled_prefill_equals_plain_forward_with_one_graph_per_piece():
     """compile=True (backend "eager" here: dynamo tracing without code generation, fast on a CPU) gives the
     plain forward's logits, and every compiled piece is traced once for all layers and chunk lengths (no

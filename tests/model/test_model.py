@@ -307,8 +307,9 @@ def test_forward_and_backward_under_bf16_autocast():
 
 @pytest.mark.parametrize("gates", [True, False])
 def test_fused_projections_give_the_same_logits_and_gradients(gates):
-    """set_fused_projections: one GEMM per group of projections sharing an input (with and without the output gates);
-    logits and every parameter gradient as with the separate projections (fp32: summation order only)."""
+    """set_fused_projections: one real parameter per group of projections sharing an input (with and without the
+    output gates); logits and every parameter gradient (split back into the released layout) as with the separate
+    projections (fp32: summation order only)."""
     from sala.train.model_factory import set_fused_projections
 
     ids = torch.randint(3, 200, (2, 150))
@@ -316,15 +317,57 @@ def test_fused_projections_give_the_same_logits_and_gradients(gates):
     for fused in (False, True):
         m = make_model(attn_use_output_gate=gates, use_output_gate=gates).train()
         assert set_fused_projections(m, fused) == 2 * m.config.num_hidden_layers   # attention and MLP per layer
+        assert m.projections_fused == fused
+        if fused:
+            attn = m.model.layers[0].self_attn
+            assert attn.q_proj is None and attn.qkv_proj.weight.requires_grad
+            assert m.model.layers[0].mlp.gate_up_proj is not None and m.model.layers[0].mlp.gate_proj is None
         out = m(input_ids=ids, labels=ids, use_cache=False)
         out.loss.backward()
         logits[fused] = out.logits.detach()
-        grads[fused] = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+        grads[fused] = m.released_state_dict({n: p.grad.detach().clone() for n, p in m.named_parameters()
+                                              if p.grad is not None})
     assert rel_err(logits[True], logits[False]) < 1e-6
     assert grads[True].keys() == grads[False].keys()
     assert any("o_gate" in n for n in grads[True]) == gates and any("z_proj" in n for n in grads[True]) == gates
     for n in grads[False]:
         assert rel_err(grads[True][n], grads[False][n]) < 1e-5, n
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_fused_model_saves_and_loads_the_released_layout(tmp_path, interleave):
+    """fuse_projections makes real parameters; save_pretrained still writes q_proj/k_proj/v_proj/z_proj/o_gate and
+    gate_proj/up_proj (the released layout), from_pretrained reads them back with the same logits; a released-layout
+    state dict loads into a fused model (concatenated by the load hook); unfuse_projections restores the Linears."""
+    from safetensors.torch import load_file
+
+    m = make_model()
+    ids = torch.randint(3, 200, (1, 40))
+    with torch.no_grad():
+        want = m(ids).logits
+    released = {k: v.clone() for k, v in m.state_dict().items()}
+    assert m.fuse_projections(interleave_mlp=interleave) == 2 * m.config.num_hidden_layers
+    assert "model.layers.0.self_attn.qkv_proj.weight" in m.state_dict()
+    assert not any(k.endswith("q_proj.weight") for k in m.state_dict())
+    with torch.no_grad():
+        assert rel_err(m(ids).logits, want) < 1e-6
+    m.save_pretrained(str(tmp_path))
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert saved.keys() == released.keys()
+    for k, v in released.items():
+        assert torch.equal(saved[k], v), k
+    back = SalaForCausalLM.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, want)
+    other = make_model(seed=5)
+    other.fuse_projections(interleave_mlp=interleave)
+    other.load_state_dict(released)
+    with torch.no_grad():
+        assert rel_err(other(ids).logits, want) < 1e-6
+    assert m.unfuse_projections() == 2 * m.config.num_hidden_layers and not m.projections_fused
+    assert m.state_dict().keys() == released.keys()
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, released[k]), k
 
 
 def test_chunked_loss_gives_the_same_loss_and_gradients_without_logits():
@@ -335,7 +378,7 @@ def test_chunked_loss_gives_the_same_loss_and_gradients_without_logits():
     res = {}
     for chunk in (0, 16):
         m = make_model().train()
-        m.loss_chunk = chunk
+        m.set_loss_chunk(chunk)
         out = m(input_ids=ids, labels=ids, cu_seqlens=cu, use_cache=False)
         assert (out.logits is None) == bool(chunk)
         out.loss.backward()
