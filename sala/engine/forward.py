@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from sala.engine.memory import MLP_SLICE_TOKENS
 from sala.engine.static_cache import StaticCache
 from sala.modeling.configuration_sala import SalaConfig
+from sala.modeling.fp8 import Fp8Linear, concat_fp8_linears
 from sala.modeling.modeling_sala import SalaForCausalLM, rope_cos_sin, sparse_params_from_config
 from sala.ops.dense import dense_causal_attention
 from sala.ops.fused import add_rms_norm, qk_norm_rope, rms_norm, rms_norm_gate, silu_mul
@@ -32,8 +33,14 @@ from sala.ops.lightning import lightning_attention, lightning_decode_step
 from sala.ops.slopes import lightning_log_decay
 
 
-def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, list[int]]:
-    """Concatenate bias-free Linear weights along the output dim; re-point each module at its slice."""
+def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor | Fp8Linear, list[int]]:
+    """Concatenate bias-free Linear weights along the output dim; re-point each module at its slice.
+    FP8 modules (`quantize_model_fp8`) give one stacked Fp8Linear instead of a weight (`_linear` runs either)."""
+    if any(isinstance(m, Fp8Linear) for m in linears):
+        if not all(isinstance(m, Fp8Linear) for m in linears):
+            raise ValueError("engine: a layer's fused projections must be all FP8 or all unquantized; "
+                             f"got {[type(m).__name__ for m in linears]} (skip whole groups in quantize_model_fp8)")
+        return concat_fp8_linears(linears), [m.out_features for m in linears]
     if any(m.bias is not None for m in linears):
         raise ValueError("engine: fused projections need bias-free linear layers (attention_bias=False)")
     w = torch.cat([m.weight.detach() for m in linears], dim=0)
@@ -44,6 +51,11 @@ def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, list[int]]:
         sizes.append(n)
         o += n
     return w, sizes
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor | Fp8Linear) -> torch.Tensor:
+    """x @ w^T for a fused weight tensor, or the fused Fp8Linear module's forward."""
+    return w(x) if isinstance(w, Fp8Linear) else F.linear(x, w)
 
 
 class FusedOps(NamedTuple):
@@ -76,10 +88,10 @@ def mlp_out(ops: FusedOps, layer, w_gate_up: torch.Tensor, x: torch.Tensor) -> t
     down = layer.mlp.down_proj
     T = x.shape[1]
     if T <= MLP_SLICE_TOKENS:
-        return down(ops.silu_mul(F.linear(x, w_gate_up)))
+        return down(ops.silu_mul(_linear(x, w_gate_up)))
     out = torch.empty(x.shape[:-1] + (down.weight.shape[0],), dtype=x.dtype, device=x.device)
     for a in range(0, T, MLP_SLICE_TOKENS):
-        out[:, a:a + MLP_SLICE_TOKENS] = down(ops.silu_mul(F.linear(x[:, a:a + MLP_SLICE_TOKENS], w_gate_up)))
+        out[:, a:a + MLP_SLICE_TOKENS] = down(ops.silu_mul(_linear(x[:, a:a + MLP_SLICE_TOKENS], w_gate_up)))
     return out
 
 
@@ -120,7 +132,7 @@ class ModelRunner:
         self.model = model
         self.config: SalaConfig = model.config
         self.device = model.lm_head.weight.device
-        self.dtype = model.lm_head.weight.dtype
+        self.dtype = model.model.embed_tokens.weight.dtype     # the activations' (the LM head may be FP8)
         self.params = sparse_params_from_config(self.config)
         self.layers = list(model.model.layers)
         self.sparse_ids = set(self.config.sparse_layer_ids)
@@ -130,9 +142,9 @@ class ModelRunner:
         self.decode_ops = EAGER_OPS                                             # decode (graph-captured)
         # Fused projection weights: one GEMM for q|k|v(|z or |o_gate) and one for gate|up per layer. The
         # modules' own weights become views into them, so no memory is added and the model is unchanged.
-        self.fused_attn: list[torch.Tensor] = []
+        self.fused_attn: list[torch.Tensor | Fp8Linear] = []
         self.fused_attn_split: list[list[int]] = []
-        self.fused_mlp: list[torch.Tensor] = []
+        self.fused_mlp: list[torch.Tensor | Fp8Linear] = []
         for layer in self.layers:
             a = layer.self_attn
             extra = getattr(a, "z_proj", None) if layer.mixer_type != "minicpm4" else getattr(a, "o_gate", None)
@@ -145,7 +157,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ prefill
     def project(self, i: int, x: torch.Tensor) -> list[torch.Tensor]:
         """[q, k, v, z | o_gate] of layer i for x [B, T, hidden] with one GEMM (views of one output)."""
-        return list(F.linear(x, self.fused_attn[i]).split(self.fused_attn_split[i], dim=-1))
+        return list(_linear(x, self.fused_attn[i]).split(self.fused_attn_split[i], dim=-1))
 
     def _lightning_prefill(self, i: int, attn, x: torch.Tensor, cos, sin, state: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape

@@ -226,7 +226,9 @@ class SalaLightningAttention(nn.Module):
         """o [B, T, H, D] -> [B, T, hidden]; x_dtype: the dtype of the layer's input x."""
         # o's working dtype: x's promoted by the weights' (fp32 under autocast over fp32 weights, also when the
         # decoder norm hands x over in bf16: SalaRMSNorm.autocast_output)
-        return self.finish(o, z, torch.promote_types(x_dtype, self.o_proj.weight.dtype))
+        # (an FP8 o_proj, sala.modeling.fp8.Fp8Linear, names the dtype of the Linear it replaced: compute_dtype)
+        return self.finish(o, z, torch.promote_types(x_dtype, getattr(self.o_proj, "compute_dtype",
+                                                                       self.o_proj.weight.dtype)))
 
     def forward(self, x: torch.Tensor, batch: _Batch, cache: LightningLayerCache | None) -> torch.Tensor:
         q, k, v, z = self.inputs(x, *self.rope(batch))
