@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0                      # largest finite float8_e4m3fn; beyond it the cast gives NaN, so clamp first
+FP8_MAX = 448.0                      # largest finite float8_e4m3fn (it has no inf): values are clamped to it
 MIN_SCALE = 1e-12                    # keeps all-zero rows finite: they quantize to zeros with this scale
 MIN_CAPABILITY = (8, 9)              # Ada (sm_89) and Hopper (sm_90): the first GPUs with FP8 tensor cores
 SCALED_MM_ALIGN = 16                 # torch._scaled_mm: K and N must be multiples of 16
@@ -76,7 +76,9 @@ def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize along the last dim: (fp8 like x, fp32 scale [..., 1] = max|row| / 448, at least MIN_SCALE)."""
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
-    q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)   # round to nearest even; the clamp only guards rounding
+    # round to nearest even; the clamp makes x / scale rounding past 448 saturate on every backend (e4m3fn
+    # encodes no inf, and how a cast treats overflow is not part of the format)
+    q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 
