@@ -110,7 +110,7 @@ def _quality(model, tok, windows: torch.Tensor, niah_lengths: list[int], niah_sa
 
 def bundled_quality(model_dir: str | None, device: torch.device, dtype: torch.dtype, backend: str,
                     niah_lengths: list[int], niah_samples: int, num_windows: int, seq_len: int,
-                    data: str | None = None, batch: int = 4, skip: tuple[str, ...] = (),
+                    data: str | None = None, batch: int = 4, skip: tuple[str, ...] = (), fast_accum: bool = False,
                     log: Callable[[str], None] = logger.info) -> dict:
     """The baseline (the model in `dtype`) then FP8 on the same model, prompts and windows; returns the report section."""
     from sala.data.tokenizer import load_tokenizer
@@ -132,8 +132,8 @@ def bundled_quality(model_dir: str | None, device: torch.device, dtype: torch.dt
     log(f"bundled: {str(dtype).removeprefix('torch.')}")
     base, base_logits = _quality(model, tok, windows, niah_lengths, niah_samples, batch, log)
     report["baseline"] = base
-    report["quantized_layers"] = len(quantize_model_fp8(model, backend=backend, skip=skip))
-    report["skip"] = list(skip)
+    report["quantized_layers"] = len(quantize_model_fp8(model, backend=backend, skip=skip, fast_accum=fast_accum))
+    report["skip"], report["fast_accum"] = list(skip), fast_accum
     log("bundled: fp8")
     fp8, fp8_logits = _quality(model, tok, windows, niah_lengths, niah_samples, batch, log)
     report["fp8"] = fp8
@@ -223,6 +223,7 @@ def shape_accuracy_and_speed(preset: str, device: torch.device, dtype: torch.dty
                              accuracy_tokens: int, positions: int, lengths: list[int], decode_tokens: int,
                              chunk_size: int, seed: int = 0, use_cuda_graph: bool = True,
                              budget_s: float | None = None, warmup: int | None = None, skip: tuple[str, ...] = (),
+                             fast_accum: bool = False,
                              on_update: Callable[[dict], None] | None = None,
                              log: Callable[[str], None] = logger.info) -> dict:
     """The baseline then FP8 (the same random weights, quantized in place) on a preset shape; see the module
@@ -258,8 +259,8 @@ def shape_accuracy_and_speed(preset: str, device: torch.device, dtype: torch.dty
     done = [n for n in lengths if base["speed"].get(str(n), {}).get("status") == "ok"]
     del engine
     _free(device)
-    report["quantized_layers"] = len(quantize_model_fp8(model, backend=backend, skip=skip))
-    report["skip"] = list(skip)
+    report["quantized_layers"] = len(quantize_model_fp8(model, backend=backend, skip=skip, fast_accum=fast_accum))
+    report["skip"], report["fast_accum"] = list(skip), fast_accum
     _free(device)
     engine = SalaEngine(model, None, chunk_size=chunk_size, use_cuda_graph=use_cuda_graph, check_memory=False)
     fp8: dict[str, Any] = {}
@@ -317,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=None, help="shape part: skip baseline lengths after this long")
     p.add_argument("--skip", action="append", default=[],
                    help="module name pattern left unquantized (repeatable, e.g. lm_head): accuracy variants")
+    p.add_argument("--fast-accum", action="store_true", help="FP8 GEMMs with the tensor cores' fast accumulation")
     p.add_argument("--no-cuda-graph", action="store_true")
     return p
 
@@ -347,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if "bundled" in parts:
         payload["bundled"] = bundled_quality(args.model, device, dtype, backend, _lengths(args.niah_lengths),
                                              args.niah_samples, args.windows, args.seq_len, data=args.data,
-                                             skip=tuple(args.skip))
+                                             skip=tuple(args.skip), fast_accum=args.fast_accum)
         save()
     if "shape" in parts:
         def update(section: dict) -> None:
@@ -357,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         payload["shape"] = shape_accuracy_and_speed(
             args.preset, device, dtype, backend, args.accuracy_tokens, args.positions, _lengths(args.lengths),
             args.decode_tokens, args.chunk_size, seed=args.seed, use_cuda_graph=not args.no_cuda_graph,
-            budget_s=args.budget_s, warmup=args.warmup_tokens, skip=tuple(args.skip), on_update=update)
+            budget_s=args.budget_s, warmup=args.warmup_tokens, skip=tuple(args.skip), fast_accum=args.fast_accum,
+            on_update=update)
         save()
     print(f"wrote {args.out}")
     return 0

@@ -81,14 +81,14 @@ class Fp8Linear(nn.Module):
     """y = x W^T (+ b) with W = weight (float8_e4m3fn [out, in]) * weight_scale (fp32 [out]) and x quantized per
     token at run time; x [..., in] -> y [..., out] in x.dtype.
 
-    `compute_dtype`: the dtype of the Linear it replaced (the model's activations); `backend`: see
+    `compute_dtype`: the dtype of the Linear it replaced (the model's activations); `backend`, `fast_accum`: see
     `sala.ops.fp8.fp8_linear`. Moving the module (`.to(device)`) moves the FP8 weight and its scales but never
     changes their dtypes; a dtype cast (`.to(torch.bfloat16)`) changes the bias and `compute_dtype` only.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
                  device: torch.device | str | None = None, compute_dtype: torch.dtype = torch.bfloat16,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", fast_accum: bool = False) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"Fp8Linear: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -96,6 +96,7 @@ class Fp8Linear(nn.Module):
         self.out_features = out_features
         self.compute_dtype = compute_dtype
         self.backend = backend
+        self.fast_accum = fast_accum
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device),
                                    requires_grad=False)
         self.weight_scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device),
@@ -106,11 +107,11 @@ class Fp8Linear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend: str = "auto") -> "Fp8Linear":
+    def from_linear(cls, linear: nn.Linear, backend: str = "auto", fast_accum: bool = False) -> "Fp8Linear":
         """The FP8 version of an nn.Linear (per-channel scales), on its device; the Linear is left unchanged."""
         w = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
-                     compute_dtype=w.dtype, backend=backend)
+                     compute_dtype=w.dtype, backend=backend, fast_accum=fast_accum)
         q, scale = quantize_weight_per_channel(w)
         module.weight = nn.Parameter(q, requires_grad=False)
         module.weight_scale = nn.Parameter(scale, requires_grad=False)
@@ -119,7 +120,8 @@ class Fp8Linear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale, self.bias, backend=self.backend)
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias, backend=self.backend,
+                          fast_accum=self.fast_accum)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """weight * weight_scale [out, in] in `dtype` (default compute_dtype)."""
@@ -154,7 +156,7 @@ def concat_fp8_linears(linears: list[Fp8Linear]) -> Fp8Linear:
         raise ValueError("concat_fp8_linears: fused projections need bias-free layers (attention_bias=False)")
     first = linears[0]
     fused = Fp8Linear(first.in_features, sum(m.out_features for m in linears), device="meta",
-                      compute_dtype=first.compute_dtype, backend=first.backend)
+                      compute_dtype=first.compute_dtype, backend=first.backend, fast_accum=first.fast_accum)
     weight = torch.cat([m.weight.detach() for m in linears])
     scale = torch.cat([m.weight_scale.detach() for m in linears])
     fused.weight = nn.Parameter(weight, requires_grad=False)
@@ -187,11 +189,12 @@ def fp8_target_names(model: nn.Module, *, include_lm_head: bool = True, skip: It
 
 @torch.no_grad()
 def quantize_model_fp8(model: nn.Module, *, include_lm_head: bool = True, skip: Iterable[str] = (),
-                       backend: str = "auto") -> list[str]:
+                       backend: str = "auto", fast_accum: bool = False) -> list[str]:
     """Replace the projection Linears of the decoder layers (and the LM head) by Fp8Linear, in place, one at a time
     (the bf16 weight of each is freed as it goes). `skip`: fnmatch patterns of module names left unchanged
     ("lm_head", "*.o_proj", "model.layers.0.*"). backend: "auto" (torch._scaled_mm on GPUs that run FP8, an
-    error elsewhere at the first forward) or "reference" (dequantize + matmul: CPU tests). Quantizing itself
+    error elsewhere at the first forward) or "reference" (dequantize + matmul: CPU tests); fast_accum: the
+    tensor cores' reduced-precision accumulation (`sala.ops.fp8.fp8_linear_scaled_mm`). Quantizing itself
     runs anywhere (it only needs the weights). Sets model.config.quantization_config; returns the converted names.
 
     Call it before a `SalaEngine` is built over the model (the engine stacks each layer's projections once); with
@@ -208,7 +211,7 @@ def quantize_model_fp8(model: nn.Module, *, include_lm_head: bool = True, skip: 
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child), backend=backend))
+        setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child), backend=backend, fast_accum=fast_accum))
     model.config.quantization_config = fp8_quantization_config(left)
     logger.info("FP8: %d linear layers quantized, %d left unquantized", len(names), len(left))
     return names

@@ -120,10 +120,11 @@ def fp8_linear_reference(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Te
 
 
 def fp8_linear_scaled_mm(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, fast_accum: bool = False) -> torch.Tensor:
     """`torch._scaled_mm` row-wise: x [..., K] -> [..., N] in x.dtype (computed with bf16 output, which the
     row-wise mode requires). Output columns past the last multiple of 16 (N % 16 of them) use the reference
-    arithmetic on the same quantized x, so any N works; K must be a multiple of 16."""
+    arithmetic on the same quantized x, so any N works; K must be a multiple of 16. fast_accum: the tensor cores'
+    reduced-precision accumulation (faster on Hopper, less exact; off by default)."""
     K = x.shape[-1]
     N = w_fp8.shape[0]
     if K % SCALED_MM_ALIGN:
@@ -139,7 +140,7 @@ def fp8_linear_scaled_mm(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Te
     if n16:
         # w_fp8[:n16] is a row-major [n16, K] view, so its transpose is the column-major [K, n16] operand
         parts.append(torch._scaled_mm(q, w_fp8[:n16].t(), s, w_scale[:n16].view(1, n16),
-                                      out_dtype=torch.bfloat16))
+                                      out_dtype=torch.bfloat16, use_fast_accum=fast_accum))
     if n16 < N:
         tail = (q.float() @ w_fp8[n16:].float().t()) * s * w_scale[n16:]
         parts.append(tail.to(torch.bfloat16))
@@ -151,12 +152,12 @@ def fp8_linear_scaled_mm(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Te
 
 
 def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-               *, backend: str = "auto") -> torch.Tensor:
+               *, backend: str = "auto", fast_accum: bool = False) -> torch.Tensor:
     """y = x @ W^T (+ bias) with W = w_fp8 [N, K] (float8_e4m3fn) * w_scale [N] (fp32, per output channel) and x
     [..., K] quantized per token on the fly; returns [..., N] in x.dtype.
 
     backend: "scaled_mm" (CUDA, compute capability >= 8.9), "reference" (dequantize + matmul, any device), or
-    "auto": scaled_mm where supported, else Fp8UnsupportedError."""
+    "auto": scaled_mm where supported, else Fp8UnsupportedError. fast_accum: see `fp8_linear_scaled_mm`."""
     if w_fp8.dtype != FP8_DTYPE:
         raise ValueError(f"fp8_linear: weight must be float8_e4m3fn, got {w_fp8.dtype}")
     if w_fp8.ndim != 2 or w_scale.shape != (w_fp8.shape[0],):
@@ -171,4 +172,4 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias
         check_fp8_supported(x.device)          # raises with the reason
     if backend not in ("auto", "scaled_mm"):
         raise ValueError(f"fp8_linear: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    return fp8_linear_scaled_mm(x, w_fp8, w_scale, bias)
+    return fp8_linear_scaled_mm(x, w_fp8, w_scale, bias, fast_accum=fast_accum)

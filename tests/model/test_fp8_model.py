@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from sala.cli import main
 from sala.engine import SalaEngine, SamplingParams
 from sala.engine.loading import load_model_dir
-from sala.modeling import SalaConfig, SalaForCausalLM
+from sala.modeling import SalaForCausalLM
 from sala.modeling.fp8 import (Fp8Linear, concat_fp8_linears, fp8_modules, load_fp8_checkpoint, quantize_model_fp8,
                                save_fp8_checkpoint)
 from sala.ops.fp8 import FP8_DTYPE, Fp8UnsupportedError, dequantize, quantize_per_token, quantize_weight_per_channel
@@ -275,7 +275,7 @@ def test_sala_quantize_writes_an_fp8_checkpoint_and_refuses_to_overwrite(tmp_pat
     assert stored["model.norm.weight"].dtype == torch.bfloat16     # --dtype bf16 (default) for what stays unquantized
     # the FP8 weights are those of the stored fp16 weights (quantized before any cast)
     ref = bundled(torch.float16)
-    q, s = quantize_weight_per_channel(ref.lm_head.weight.detach())
+    q, _ = quantize_weight_per_channel(ref.lm_head.weight.detach())
     assert torch.equal(stored["lm_head.weight"].view(torch.uint8), q.view(torch.uint8))
     assert main(["quantize", "--model", str(BUNDLED), "--out", str(out)]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
@@ -289,6 +289,7 @@ def test_sala_quantize_writes_an_fp8_checkpoint_and_refuses_to_overwrite(tmp_pat
 
 
 # ----------------------------------------------------------------------------- the benchmark, end to end on CPU
+@pytest.mark.slow
 def test_fp8_benchmark_runs_end_to_end_with_the_reference_path(tmp_path):
     from sala.bench import fp8 as bench
 
@@ -319,3 +320,47 @@ def test_fp8_benchmark_refuses_fp8_on_cpu_without_reference(tmp_path):
     with pytest.raises(SystemExit, match="--reference"):
         bench.main(["--out", str(tmp_path / "x.json"), "--device", "cpu"])
     assert not (tmp_path / "x.json").exists()
+
+
+# ----------------------------------------------------------------------------- GPU (run by `pytest -m gpu`)
+def _fp8_gpu_or_skip() -> None:
+    from sala.ops.fp8 import fp8_support_problem
+
+    problem = fp8_support_problem("cuda")
+    if problem is not None:
+        pytest.skip(problem)
+
+
+@pytest.mark.gpu
+def test_gpu_engine_fp8_prefill_and_graphed_decode_track_bf16():
+    _fp8_gpu_or_skip()
+    ids = torch.randint(3, 16384, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
+    sampling = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    out = {}
+    for quant in (None, "fp8"):
+        engine = SalaEngine.from_preset("sala-small", random_weights=True, device="cuda", seed=0, chunk_size=1024,
+                                        quantization=quant)
+        logits = engine.prefill([ids], len(ids) + 16)[0]
+        res = engine.generate([ids], sampling)[0]
+        out[quant] = (logits.float().cpu(), res, engine.decode_mode, engine.runner.fused_attn[0])
+    (ref, res_ref, _, _), (got, res_fp8, mode, fused) = out[None], out["fp8"]
+    assert isinstance(fused, Fp8Linear) and mode == "cuda-graph"
+    assert rel(got, ref) < 0.1
+    assert len(res_fp8.token_ids) == 16 and len(res_ref.token_ids) == 16
+
+
+@pytest.mark.gpu
+def test_gpu_bundled_model_fp8_checkpoint_and_quantize_at_load_track_bf16(tmp_path):
+    _fp8_gpu_or_skip()
+    assert main(["quantize", "--model", str(BUNDLED), "--out", str(tmp_path / "fp8")]) == 0
+    ids = text_ids(1000)[0].tolist()
+    engines = {"bf16": SalaEngine.from_pretrained(BUNDLED, device="cuda"),
+               "at_load": SalaEngine.from_pretrained(BUNDLED, device="cuda", quantization="fp8"),
+               "stored": SalaEngine.from_pretrained(tmp_path / "fp8", device="cuda")}
+    assert isinstance(engines["stored"].model.lm_head, Fp8Linear)
+    logits = {k: e.prefill([ids], len(ids) + 1)[0].float().cpu() for k, e in engines.items()}
+    assert rel(logits["at_load"], logits["bf16"]) < 0.08
+    # the checkpoint was quantized from the stored fp16 weights, the engine from their bf16 rounding: close
+    assert rel(logits["stored"], logits["at_load"]) < 0.05
+    res = engines["stored"].generate(["def fibonacci(n):\n"], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    assert len(res.token_ids) == 12 and engines["stored"].decode_mode == "cuda-graph"
