@@ -20,6 +20,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from sala.ops.dispatch import use_triton
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0                      # largest finite float8_e4m3fn (it has no inf): values are clamped to it
 MIN_SCALE = 1e-12                    # keeps all-zero rows finite: they quantize to zeros with this scale
@@ -94,9 +96,14 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic activation quantization: x [..., K] -> (fp8 [..., K], fp32 scale [..., 1]), one scale per token."""
+    """Dynamic activation quantization: x [..., K] -> (fp8 [..., K], fp32 scale [..., 1]), one scale per token.
+    On CUDA one Triton kernel (`sala.ops.fp8_triton`, the same bits); elsewhere the reference."""
     if x.dtype == FP8_DTYPE:
         raise ValueError("quantize_per_token: x is already float8_e4m3fn")
+    if x.shape[-1] and use_triton(x):
+        from sala.ops.fp8_triton import quantize_rows_triton
+
+        return quantize_rows_triton(x, FP8_MAX, MIN_SCALE, FP8_DTYPE)
     return _quantize_rows(x)
 
 

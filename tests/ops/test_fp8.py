@@ -177,3 +177,56 @@ def test_scaled_mm_on_the_gpu_matches_the_reference():
         out = fp8_linear(xs, q, s)
     graph.replay()
     torch.testing.assert_close(out, fp8_linear(xs, q, s))
+
+
+# ----------------------------------------------------------------------------- the Triton quantization kernel
+TRITON_MODULE, TRITON_PROBE = "sala.ops.fp8_triton", "_quantize_rows_kernel"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [16, 100, 2048, 2500])     # one block, a ragged block, two blocks with a ragged tail
+def test_triton_per_token_quantization_gives_the_reference_bits(triton_module, dtype, k):
+    torch.manual_seed(k)
+    x = (torch.randn(5, k) * torch.logspace(-4, 3, 5)[:, None]).to(dtype)
+    x[2] = 0                                                        # an all-zero token
+    x[3, 7] = 1e4                                                   # one outlier sets the row's scale
+    q, s = triton_module.quantize_rows_triton(x, FP8_MAX, MIN_SCALE, FP8_DTYPE)
+    q_ref, s_ref = fp8_ops._quantize_rows(x)
+    assert q.dtype == FP8_DTYPE and s.dtype == torch.float32 and s.shape == (5, 1)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def test_triton_quantization_reads_strided_rows_and_keeps_leading_dims(triton_module):
+    torch.manual_seed(5)
+    wide = torch.randn(2, 3, 96)
+    x = wide[..., 16:80]                                            # rows 96 apart, 64 wide: a column view
+    q, s = triton_module.quantize_rows_triton(x, FP8_MAX, MIN_SCALE, FP8_DTYPE)
+    q_ref, s_ref = fp8_ops._quantize_rows(x)
+    assert q.shape == (2, 3, 64) and s.shape == (2, 3, 1)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+    q0, s0 = triton_module.quantize_rows_triton(x[:0], FP8_MAX, MIN_SCALE, FP8_DTYPE)
+    assert q0.shape == (0, 3, 64) and s0.shape == (0, 3, 1)
+
+
+def test_triton_quantization_rounds_every_e4m3_value_and_midpoint_like_the_cast(triton_module):
+    """Scale 1 (the row's max is 448): every finite e4m3 value, every midpoint between neighbours (ties to even,
+    carries into the next binade), values just off the midpoints, signed zeros."""
+    grid = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
+    grid = grid[torch.isfinite(grid)].unique()                       # -448 .. 448
+    mid = (grid[1:] + grid[:-1]) / 2
+    eps = mid.abs() * 1e-6 + 1e-12
+    x = torch.cat([grid, mid, mid + eps, mid - eps, torch.tensor([0.0, -0.0, 448.0])])
+    q, s = triton_module.quantize_rows_triton(x[None], FP8_MAX, MIN_SCALE, FP8_DTYPE)
+    q_ref, s_ref = fp8_ops._quantize_rows(x[None])
+    assert float(s) == 1.0 and torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.gpu
+def test_gpu_triton_quantization_gives_the_reference_bits():
+    torch.manual_seed(6)
+    x = torch.randn(4096, 16384, device="cuda", dtype=torch.bfloat16) * 3   # a 9B MLP down-projection input
+    q, s = quantize_per_token(x)                                             # the Triton kernel on CUDA
+    q_ref, s_ref = fp8_ops._quantize_rows(x)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
