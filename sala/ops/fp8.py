@@ -141,7 +141,8 @@ def fp8_linear_scaled_mm(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Te
     x2 = x.reshape(-1, K)
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, N)
-    q, s = quantize_per_token(x2)                          # q [M, K] row-major, s [M, 1] fp32 contiguous
+    q, s = quantize_per_token(x2)
+    q, s = q.contiguous(), s.contiguous()                  # q [M, K] row-major, s [M, 1] (no-ops but for odd views)
     n16 = N - N % SCALED_MM_ALIGN
     parts = []
     if n16:
