@@ -75,7 +75,12 @@ def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     p = Path(path)
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"model folder {path} has no config.json")
-    model_type = json.loads((p / "config.json").read_text()).get("model_type")
+    raw = json.loads((p / "config.json").read_text())
+    model_type = raw.get("model_type")
+    from sala.modeling.fp8 import is_fp8_config, load_fp8_checkpoint
+
+    if model_type == "minicpm_sala" and is_fp8_config(raw):   # `sala quantize` output (docs/fp8.md): runs on GPUs
+        return load_fp8_checkpoint(p, device, dtype)
     if model_type == "minicpm_sala":
         from sala import SalaForCausalLM
 

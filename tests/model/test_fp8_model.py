@@ -364,3 +364,10 @@ def test_gpu_bundled_model_fp8_checkpoint_and_quantize_at_load_track_bf16(tmp_pa
     assert rel(logits["stored"], logits["at_load"]) < 0.05
     res = engines["stored"].generate(["def fibonacci(n):\n"], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
     assert len(res.token_ids) == 12 and engines["stored"].decode_mode == "cuda-graph"
+
+
+def test_eval_loaders_read_an_fp8_checkpoint_as_fp8(fp8_dir):
+    from sala.train.model_factory import load_model_dir as eval_load
+
+    model = eval_load(fp8_dir, torch.float32, "cpu")
+    assert len(fp8_modules(model)) == 33 and model.model.embed_tokens.weight.dtype == torch.float32
