@@ -134,13 +134,16 @@ class Fp8Linear(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         # nn.Module._apply would cast the float8 weight and fp32 scales with a dtype change (model.to(bf16)):
         # probe where `fn` sends a tensor and move them there in their own dtypes instead.
-        probe = fn(torch.zeros((), dtype=torch.float32, device=self.weight.device))
-        if probe.dtype in (torch.bfloat16, torch.float16, torch.float32) and probe.dtype != torch.float32:
+        # (a float64 probe: every cast to a model dtype changes it, a move alone does not)
+        probe = fn(torch.zeros((), dtype=torch.float64, device=self.weight.device))
+        if probe.dtype in (torch.bfloat16, torch.float16, torch.float32):
             self.compute_dtype = probe.dtype
-        for p in (self.weight, self.weight_scale):
-            p.data = torch.empty_like(p, device=probe.device) if p.is_meta else p.data.to(probe.device)
+        for name in ("weight", "weight_scale"):
+            p = getattr(self, name)
+            moved = torch.empty_like(p, device=probe.device) if p.is_meta else p.detach().to(probe.device)
+            setattr(self, name, nn.Parameter(moved, requires_grad=False))
         if self.bias is not None:
-            self.bias.data = fn(self.bias.data)
+            self.bias = nn.Parameter(fn(self.bias.detach()), requires_grad=False)
         return self
 
 

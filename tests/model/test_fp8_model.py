@@ -64,6 +64,12 @@ def test_moving_or_casting_the_module_keeps_the_fp8_weight_and_fp32_scales():
     assert fp8.bias.dtype == torch.bfloat16 and fp8.compute_dtype == torch.bfloat16
     assert torch.equal(fp8.weight.view(torch.uint8), w.view(torch.uint8))
     assert fp8(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    fp8.float()
+    assert fp8.compute_dtype == torch.float32 and fp8.bias.dtype == torch.float32 and fp8.weight.dtype == FP8_DTYPE
+    fp8.to("cpu")                                              # a move keeps the dtypes
+    assert fp8.compute_dtype == torch.float32 and fp8.weight.dtype == FP8_DTYPE
+    meta = Fp8Linear(32, 16, device="meta").to_empty(device="cpu")
+    assert meta.weight.device.type == "cpu" and meta.weight.dtype == FP8_DTYPE
 
 
 def test_stacking_quantized_rows_equals_quantizing_the_stack_bit_for_bit():
