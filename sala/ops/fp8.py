@@ -147,8 +147,16 @@ def fp8_linear_scaled_mm(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Te
     parts = []
     if n16:
         # w_fp8[:n16] is a row-major [n16, K] view, so its transpose is the column-major [K, n16] operand
-        parts.append(torch._scaled_mm(q, w_fp8[:n16].t(), s, w_scale[:n16].view(1, n16),
-                                      out_dtype=torch.bfloat16, use_fast_accum=fast_accum))
+        try:
+            parts.append(torch._scaled_mm(q, w_fp8[:n16].t(), s, w_scale[:n16].view(1, n16),
+                                          out_dtype=torch.bfloat16, use_fast_accum=fast_accum))
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:   # e.g. a torch build without the row-wise mode for this GPU generation
+            where = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+            raise Fp8UnsupportedError(f"torch._scaled_mm (row-wise fp8) failed on {where} with torch "
+                                      f"{torch.__version__}: {str(e).splitlines()[0][:200]}; upgrade torch or run "
+                                      "without quantization") from e
     if n16 < N:
         tail = (q.float() @ w_fp8[n16:].float().t()) * s * w_scale[n16:]
         parts.append(tail.to(torch.bfloat16))

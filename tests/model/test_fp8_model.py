@@ -258,6 +258,10 @@ def test_engine_refuses_fp8_on_cpu_before_loading_any_weight(monkeypatch, fp8_di
         SalaEngine.from_pretrained(fp8_dir, device="cpu")
     with pytest.raises(Fp8UnsupportedError):
         SalaEngine.from_preset("sala-tiny", random_weights=True, device="cpu", quantization="fp8")
+    from sala.engine.quantization import resolve_quantization
+
+    assert resolve_quantization("none", torch.device("cpu"), BUNDLED) is None      # bf16 checkpoints: no checks
+    assert resolve_quantization(None, torch.device("cpu"), BUNDLED) is None
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         SalaEngine.from_pretrained(BUNDLED, device="cpu", quantization="int4")
 

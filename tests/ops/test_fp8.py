@@ -230,3 +230,15 @@ def test_gpu_triton_quantization_gives_the_reference_bits():
     q, s = quantize_per_token(x)                                             # the Triton kernel on CUDA
     q_ref, s_ref = fp8_ops._quantize_rows(x)
     assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def test_a_scaled_mm_failure_becomes_one_line_that_names_torch(monkeypatch):
+    q, s = quantize_weight_per_channel(torch.randn(32, 48))
+
+    def fail(*a, **k):
+        raise RuntimeError("Only bf16 high precision output types are supported for row-wise scaling.\nmore")
+
+    monkeypatch.setattr(torch, "_scaled_mm", fail)
+    with pytest.raises(Fp8UnsupportedError) as e:
+        fp8_linear_scaled_mm(torch.randn(2, 48), q, s)
+    assert torch.__version__ in str(e.value) and "row-wise" in str(e.value) and "\n" not in str(e.value)
