@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (and weight seed with --random-weights)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    p.add_argument("--quantization", choices=["none", "fp8"], default="none",
+                   help="fp8: FP8 projection and LM-head weights (Ada/Hopper GPUs); an FP8 checkpoint loads as fp8")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly (debugging)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the prefill's elementwise work (long prompts on a GPU; the first chunk compiles)")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args)
     chunk = args.chunk_size or DEFAULT_CHUNK_SIZE
     kw = dict(device=args.device, dtype=args.dtype, chunk_size=chunk, use_cuda_graph=not args.no_cuda_graph,
-              compile=args.compile)
+              compile=args.compile, quantization=args.quantization)
     if args.preset:
         if not args.random_weights:
             raise ValueError(f"preset {args.preset!r} ships no weights: add --random-weights, or pass --model DIR")

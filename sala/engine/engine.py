@@ -23,6 +23,7 @@ from sala.engine.forward import DecodeStep, ModelRunner
 from sala.engine.loading import (default_device, load_config_dir, load_model_dir, load_tokenizer_dir, parse_dtype,
                                  random_model)
 from sala.engine.memory import MemoryPlan, check_fits, device_free_bytes, plan_memory
+from sala.engine.quantization import load_quantized_model, quantize_loaded_model, resolve_quantization
 from sala.engine.sampling import SamplingParams, StopMatcher, sample_next
 from sala.engine.static_cache import StaticCache
 from sala.modeling.configuration_sala import SalaConfig
@@ -89,20 +90,24 @@ class SalaEngine:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, context: int | None = None, batch: int = 1,
-                        **kwargs) -> "SalaEngine":
-        """Load a model directory (weights + tokenizer). With `context`, the memory plan is checked first."""
+                        quantization: str | None = None, **kwargs) -> "SalaEngine":
+        """Load a model directory (weights + tokenizer). With `context`, the memory plan is checked first.
+        quantization="fp8": FP8 projections and LM head (`sala.engine.quantization`; an FP8 checkpoint loads as
+        stored, also without it); refused before loading where the device has no FP8 GEMMs."""
         device = torch.device(device) if device is not None else default_device()
         dt = parse_dtype(dtype, device)
         config = load_config_dir(path)
+        quant = resolve_quantization(quantization, device, path)
         if context is not None:
             _check_before_load(config, context, batch, dt, device, kwargs.get("chunk_size", DEFAULT_CHUNK_SIZE))
-        model = load_model_dir(path, device=device, dtype=dt)
+        model = load_quantized_model(path, device, dt, quant) if quant else load_model_dir(path, device=device, dtype=dt)
         return cls(model, load_tokenizer_dir(path), **kwargs)
 
     @classmethod
     def from_preset(cls, name: str, *, random_weights: bool = False, device: str | torch.device | None = None,
                     dtype: str | torch.dtype | None = None, seed: int = 0, tokenizer=None, context: int | None = None,
-                    batch: int = 1, config_overrides: dict | None = None, **kwargs) -> "SalaEngine":
+                    batch: int = 1, config_overrides: dict | None = None, quantization: str | None = None,
+                    **kwargs) -> "SalaEngine":
         """A preset shape with random weights made on the device (presets ship no weights)."""
         if not random_weights:
             raise ValueError(f"preset {name!r} has no trained weights: pass random_weights=True (--random-weights) "
@@ -110,9 +115,10 @@ class SalaEngine:
         device = torch.device(device) if device is not None else default_device()
         dt = parse_dtype(dtype, device)
         config = SalaConfig.from_preset(name, **(config_overrides or {}))
+        quant = resolve_quantization(quantization, device)
         if context is not None:
             _check_before_load(config, context, batch, dt, device, kwargs.get("chunk_size", DEFAULT_CHUNK_SIZE))
-        return cls(random_model(config, device, dt, seed), tokenizer, **kwargs)
+        return cls(quantize_loaded_model(random_model(config, device, dt, seed), quant), tokenizer, **kwargs)
 
     # ------------------------------------------------------------------ kernels
     def warmup(self, max_tokens: int, batch: int = 1) -> float:

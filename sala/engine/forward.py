@@ -45,7 +45,7 @@ class ModelRunner:
         self.model = model
         self.config: SalaConfig = model.config
         self.device = model.lm_head.weight.device
-        self.dtype = model.lm_head.weight.dtype
+        self.dtype = model.model.embed_tokens.weight.dtype     # the activations' (the LM head may be FP8)
         self.compiled = compile
         self.ops = compiled_ops(compile_backend) if compile else EAGER_OPS     # prefill
         self.decode_ops = EAGER_OPS                                             # decode (graph-captured)

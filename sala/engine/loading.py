@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from sala.modeling.configuration_sala import SalaConfig
+from sala.modeling.fp8 import is_fp8_config, load_fp8_checkpoint
 from sala.modeling.modeling_sala import SalaForCausalLM
 
 # Standard deviation of random weights (benchmarks only): keeps activations of the 9B shape in range.
@@ -74,7 +75,10 @@ def load_model_dir(path: str | os.PathLike, *, device: torch.device | str = "cpu
         raise FileNotFoundError(f"model directory {path} does not exist")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory: no config.json in it")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    raw = json.loads((path / "config.json").read_text())
+    model_type = raw.get("model_type")
+    if model_type == SalaConfig.model_type and is_fp8_config(raw):   # `sala quantize` output: FP8 as stored
+        return load_fp8_checkpoint(path, device, dtype).eval()
     if model_type == SalaConfig.model_type:
         model = SalaForCausalLM.from_pretrained(str(path), dtype=dtype)
     else:

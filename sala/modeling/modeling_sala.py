@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover
 from sala.modeling.cache import LightningLayerCache, SalaCache, SparseLayerCache
 from sala.modeling.configuration_sala import SPARSE, SalaConfig
 from sala.modeling.context import DECODE, FULL, PREFILL, REFERENCE_OPS, ElementwiseOps, ForwardContext
+from sala.modeling.fp8 import Fp8Linear, concat_fp8_linears
 from sala.modeling.context import rope_cos_sin  # noqa: F401  (re-exported: the one RoPE frequency computation)
 from sala.ops.dense import dense_causal_attention
 from sala.ops.fused_reference import qk_norm_rope_reference
@@ -153,6 +154,11 @@ class FusedProjections:
 def _concat_linears(linears: list[nn.Linear], interleave: bool = False) -> nn.Linear:
     """One Linear whose output rows are those of `linears` concatenated (or, with `interleave`, two Linears' rows
     alternating); a new real parameter, the same device, dtype and requires_grad."""
+    if any(isinstance(m, Fp8Linear) for m in linears):
+        if interleave or not all(isinstance(m, Fp8Linear) for m in linears):
+            raise ValueError("fusing projections: a layer's projections must be all FP8 or all unquantized, and FP8 "
+                             f"ones cannot interleave; got {[type(m).__name__ for m in linears]}")
+        return concat_fp8_linears(linears)
     w0 = linears[0].weight
     bias = linears[0].bias is not None
     out = sum(lin.out_features for lin in linears)
@@ -289,8 +295,10 @@ class SalaLightningAttention(FusedProjections, nn.Module):
                 ops: ElementwiseOps = REFERENCE_OPS) -> torch.Tensor:
         """o [B, T, H, D] -> [B, T, hidden]; x_dtype: the dtype of the layer's input x."""
         # o's working dtype: x's promoted by the weights' (fp32 under autocast over fp32 weights, also when the
-        # decoder norm hands x over in bf16: the norm's "autocast" output mode)
-        return self.finish(o, z, torch.promote_types(x_dtype, self.o_proj.weight.dtype), ops)
+        # decoder norm hands x over in bf16: the norm's "autocast" output mode); an FP8 o_proj (sala.modeling.fp8)
+        # names the dtype of the Linear it replaced
+        w_dtype = getattr(self.o_proj, "compute_dtype", self.o_proj.weight.dtype)
+        return self.finish(o, z, torch.promote_types(x_dtype, w_dtype), ops)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cache: LightningLayerCache | None = None) -> torch.Tensor:
         q, k, v, z = self.inputs(x, *self.rope(ctx), ctx.position_ids, ctx.ops)
