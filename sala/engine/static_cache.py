@@ -46,7 +46,7 @@ class StaticCache:
         n2 = compressed_capacity(self.capacity, 4 * sp["kernel_size"], 4 * sp["kernel_stride"])
         self.sparse: dict[int, SparseBuffers] = {}
         for layer in config.sparse_layer_ids:
-            kw = {"dtype": dtype, "device": self.device}
+            kw = dict(dtype=dtype, device=self.device)
             self.sparse[layer] = SparseBuffers(
                 k=torch.zeros(batch, self.capacity, hkv, d, **kw), v=torch.zeros(batch, self.capacity, hkv, d, **kw),
                 k1=torch.zeros(batch, n1, hkv, d, **kw), k2=torch.zeros(batch, n2, hkv, d, **kw))
