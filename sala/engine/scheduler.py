@@ -52,8 +52,9 @@ logger = logging.getLogger(__name__)
 
 # Default max_model_len on CPU (no free-memory figure to size it from).
 CPU_DEFAULT_MAX_MODEL_LEN = 8192
-# Default prefix-cache budget as a fraction of the slot cache's bytes.
+# Default prefix-cache budget: this fraction of the slot cache's bytes, at least PREFIX_CACHE_MIN_BYTES.
 PREFIX_CACHE_FRACTION = 0.25
+PREFIX_CACHE_MIN_BYTES = 64 << 20
 
 _WAITING, _PREFILL, _RUNNING = "waiting", "prefill", "running"
 
@@ -131,7 +132,8 @@ class EngineCore:
         self.max_model_len = self._size(max_model_len, memory_fraction, prefix_cache_bytes, enable_prefix_cache)
         self.cache = StaticCache(self.config, max_num_seqs, self.max_model_len, self.dtype, self.device)
         if prefix_cache_bytes is None:
-            prefix_cache_bytes = int(self.cache.memory_bytes()["total"] * PREFIX_CACHE_FRACTION)
+            prefix_cache_bytes = max(PREFIX_CACHE_MIN_BYTES,
+                                     int(self.cache.memory_bytes()["total"] * PREFIX_CACHE_FRACTION))
         self.prefix_cache = PrefixCache(self.config, prefix_cache_bytes, page_size=page_size) \
             if enable_prefix_cache else None
         self.buckets = _buckets(max_num_seqs)
