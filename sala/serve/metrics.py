@@ -34,8 +34,9 @@ class _EngineStatsCollector:
             return None if value is None else CounterMetricFamily(name, doc, value=float(value))
 
         queries, hits = s.get("prefix_cache_queries"), s.get("prefix_cache_hits")
+        running = None if s.get("running") is None else s["running"] + s.get("prefilling", 0)
         families = [
-            gauge("sala_num_requests_running", "Requests in the running batch", s.get("running")),
+            gauge("sala_num_requests_running", "Requests in the running batch (prefilling or decoding)", running),
             gauge("sala_num_requests_waiting", "Requests waiting to be admitted", s.get("waiting")),
             counter("sala_prompt_tokens", "Prompt tokens of admitted requests", s.get("prompt_tokens_total")),
             counter("sala_generation_tokens", "Generated tokens", s.get("generation_tokens_total")),
@@ -43,6 +44,10 @@ class _EngineStatsCollector:
             gauge("sala_cache_pages_total", "K/V cache pages allocated at start", s.get("cache_pages_total")),
             counter("sala_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", queries),
             counter("sala_prefix_cache_hits", "Prompt tokens served from the prefix cache", hits),
+            counter("sala_prefill_tokens", "Prompt tokens computed (not served from the prefix cache)",
+                    s.get("prefill_tokens_total")),
+            counter("sala_requests_aborted", "Requests aborted (client gone)", s.get("requests_aborted")),
+            gauge("sala_prefix_cache_bytes", "Bytes held by the prefix cache", s.get("prefix_cache_bytes")),
             gauge("sala_prefix_cache_hit_rate", "Prefix-cache hits / queries (tokens) since start",
                   (hits / queries if queries else 0.0) if queries is not None and hits is not None else None),
         ]
