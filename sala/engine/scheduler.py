@@ -75,7 +75,9 @@ class _Seq:
     last_token: int = 0
     prompt_lps: list[TokenLogprob | None] | None = None
     prompt_lps_sent: bool = False
-    emitted_text_len: int = 0
+    text: str = ""                           # output text decoded so far (incrementally)
+    prefix_offset: int = 0                   # output ids [prefix_offset, read_offset) give the text's context
+    read_offset: int = 0
 
     @property
     def prompt(self) -> list[int]:
@@ -337,6 +339,18 @@ class EngineCore:
         return RequestOutput(s.req.request_id, new_ids, text, lps, plp, finished, reason, len(s.prompt),
                              s.num_cached, len(s.output_ids))
 
+    def _detokenize(self, s: _Seq, final: bool) -> str:
+        """The output text so far, extended by the new tokens' text. Only a few tokens are decoded per call
+        (the new ones and a little context before them), so a long output costs O(1) per token; a piece that
+        ends in an incomplete character waits for the next token unless `final`."""
+        ids = s.output_ids
+        before = self.tokenizer.decode(ids[s.prefix_offset:s.read_offset])
+        after = self.tokenizer.decode(ids[s.prefix_offset:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            s.text += after[len(before):]
+            s.prefix_offset, s.read_offset = s.read_offset, len(ids)
+        return s.text
+
     def _accept(self, s: _Seq, tok: int, lp: TokenLogprob | None) -> RequestOutput:
         """Take one sampled token: stop rules, text, finishing."""
         p = s.req.params
@@ -352,14 +366,14 @@ class EngineCore:
             new_ids = [tok]
             self.counters["generation_tokens_total"] += 1
             if s.matcher is not None:
-                tok_text, stopped = s.matcher.feed(self.tokenizer.decode(s.output_ids))
+                tok_text, stopped = s.matcher.feed(self._detokenize(s, final=False))
                 if stopped:
                     reason = "stop"
             if reason is None and len(s.output_ids) >= p.max_new_tokens:
                 reason = "length"
         if reason is not None:
             if s.matcher is not None and not s.matcher.stopped:
-                tok_text += s.matcher.flush(self.tokenizer.decode(s.output_ids))
+                tok_text += s.matcher.flush(self._detokenize(s, final=True))
             self.counters["requests_finished"] += 1
             out = self._output(s, new_ids, tok_text, lps, True, reason)
             self._free(s)

@@ -189,3 +189,20 @@ def test_sampling_seed_logprobs_and_stop_strings(engine, prompts):
     text = "".join(o.new_text for o in outs["stop"])
     assert outs["stop"][-1].finish_reason == "stop" and stop not in text
     assert engine.tokenizer.decode(greedy.token_ids).startswith(text)
+
+
+def test_incremental_detokenization_gives_the_full_decode(engine):
+    from types import SimpleNamespace
+
+    tok = engine.tokenizer
+    text = "Héllo wörld — naïve café 😀 数据 and\nnew   lines, ünïcödé 🎉!"
+    ids = tok.encode(text)
+    core = SimpleNamespace(tokenizer=tok)
+    s = SimpleNamespace(output_ids=[], prefix_offset=0, read_offset=0, text="")
+    seen = []
+    for i, t in enumerate(ids):
+        s.output_ids.append(t)
+        seen.append(EngineCore._detokenize(core, s, final=i == len(ids) - 1))
+        assert not seen[-1].endswith("\ufffd")
+        assert tok.decode(s.output_ids).startswith(seen[-1])       # never shows text that changes later
+    assert seen[-1] == tok.decode(ids)
