@@ -109,11 +109,12 @@ class Client:
 
     async def complete(self, prompt_ids: list[int], max_tokens: int, t0: float, keep_tokens: bool = False
                        ) -> RequestRecord:
+        """One streamed request; `keep_tokens` keeps the generated tokens' texts (to compare runs)."""
         rec = RequestRecord(prompt_tokens=len(prompt_ids), max_tokens=max_tokens)
+        # logprobs 0 (the chosen token's only): every generated token arrives as its own entry, also those
+        # whose text is not yet printable, so that inter-token gaps are per token
         body = {"model": self.model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-        if keep_tokens:
-            body["logprobs"] = 0
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, "logprobs": 0}
         tokens: list[str] = []
         start = time.perf_counter()
         rec.start_s = start - t0
@@ -137,10 +138,12 @@ class Client:
                         if not c.get("text") and not c.get("logprobs"):
                             continue
                         now = time.perf_counter()
+                        n = max(1, len((c.get("logprobs") or {}).get("tokens") or []))
                         if last is None:
                             rec.ttft_s = now - start
-                        else:
-                            rec.itl_s.append(now - last)
+                            n -= 1
+                        if n:                    # tokens that arrived together share the gap
+                            rec.itl_s.extend([(now - (last if last is not None else now)) / n] * n)
                         last = now
                         rec.text += c.get("text") or ""
                         if c.get("logprobs"):
