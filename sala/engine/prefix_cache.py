@@ -15,8 +15,9 @@ prefill uses, on the same keys, so they are identical; windows that end after P 
 prefill, which starts its windows at `compressed_lengths(P)` exactly as a prefill chunk starting at P does.
 
 Entries are reference-counted while a request that restored them runs, and evicted least-recently-used when
-the bytes held would exceed `max_bytes`; evicting a page evicts the pages and snapshots that extend it (they
-could never be reached again).
+the bytes held would exceed `max_bytes`: snapshots in least-recently-used order, and the pages that no longer
+lead to any snapshot (leaves of the page tree, as in a radix cache), so pressure shortens cached prefixes from
+their ends back to an earlier snapshot and never cuts a chain at its root.
 """
 from __future__ import annotations
 
@@ -96,12 +97,15 @@ class PrefixCache:
         self.sparse_ids = list(config.sparse_layer_ids)
         self.pages: dict[int, _Page] = {}
         self.snapshots: dict[int, _Snapshot] = {}
-        self._lru: OrderedDict[tuple[str, int], None] = OrderedDict()   # ("page"|"snap", key), oldest first
+        # Eviction candidates, oldest first: ("snap", key) for every snapshot, ("page", key) for leaf pages.
+        self._lru: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.bytes = 0
         self.evictions = 0
 
     # ------------------------------------------------------------------ bookkeeping
     def _touch(self, kind: str, key: int) -> None:
+        if kind == "page" and self.pages[key].children:
+            return                                     # not a leaf: not a candidate
         self._lru[(kind, key)] = None
         self._lru.move_to_end((kind, key))
 
@@ -134,20 +138,31 @@ class PrefixCache:
             parent = self.pages.get(page.parent)
             if parent is not None:
                 parent.children.discard(k)
+                if not parent.children:                # a leaf again; as cold as the child just dropped
+                    self._lru[("page", page.parent)] = None
+                    self._lru.move_to_end(("page", page.parent), last=False)
             stack.extend(page.children)
 
-    def _evictable(self, kind: str, key: int) -> bool:
-        if kind == "snap":
-            return self.snapshots[key].refs == 0
-        # A page in use has refs; its descendants are never in use without it being in use too.
-        return self.pages[key].refs == 0
+    def _victim(self) -> tuple[str, int] | None:
+        """What to evict next: a leaf page without a snapshot (no prefix can end there: free to drop), else the
+        least recently used snapshot; entries in use never. Dropping a chain's last snapshot turns its tail
+        pages into such leaves, so a chain shrinks back to its previous snapshot."""
+        snap = None
+        for kind, key in self._lru:
+            if kind == "page":
+                page = self.pages[key]
+                if page.refs == 0 and not page.snapshot:
+                    return kind, key
+            elif snap is None and self.snapshots[key].refs == 0:
+                snap = (kind, key)
+        return snap
 
     def _make_room(self, nbytes: int) -> bool:
-        """Evict least-recently-used entries until nbytes more fit; False if they cannot."""
+        """Evict until nbytes more fit; False if they cannot."""
         if nbytes > self.max_bytes:
             return False
         while self.bytes + nbytes > self.max_bytes:
-            victim = next(((kind, key) for kind, key in self._lru if self._evictable(kind, key)), None)
+            victim = self._victim()
             if victim is None:
                 return False
             kind, key = victim
@@ -157,6 +172,13 @@ class PrefixCache:
                 self._drop_page(key)
             self.evictions += 1
         return True
+
+    def _pin(self, key: int, n: int) -> None:
+        """Add n to the refs of page `key` and of its snapshot (if any)."""
+        if key in self.pages:
+            self.pages[key].refs += n
+        if key in self.snapshots:
+            self.snapshots[key].refs += n
 
     # ------------------------------------------------------------------ lookup / restore
     def lookup(self, ids: list[int], max_tokens: int) -> PrefixMatch | None:
@@ -239,19 +261,26 @@ class PrefixCache:
                 kv = torch.stack([torch.stack([cache.sparse[layer].k[row, a:b] for layer in self.sparse_ids]),
                                   torch.stack([cache.sparse[layer].v[row, a:b] for layer in self.sparse_ids])])
                 page = _Page(key, prev, tuple(ids[a:b]), kv)
-                if not self._make_room(page.nbytes) or (prev != _ROOT and prev not in self.pages):
+                self._pin(prev, 1)                 # never evict the prefix being extended to make room for it
+                fits = self._make_room(page.nbytes)
+                self._pin(prev, -1)
+                if not fits:
                     return done
                 self.pages[key] = page
                 self.bytes += page.nbytes
                 if prev != _ROOT:
                     self.pages[prev].children.add(key)
+                    self._lru.pop(("page", prev), None)
             self._touch("page", key)
             prev = key
             done = (i + 1) * ps
         if upto and keys[-1] not in self.snapshots:
             states = cache.states[:, row].clone()
             snap = _Snapshot(keys[-1], upto, states)
-            if self._make_room(snap.nbytes) and keys[-1] in self.pages:
+            self._pin(keys[-1], 1)
+            fits = self._make_room(snap.nbytes)
+            self._pin(keys[-1], -1)
+            if fits and keys[-1] in self.pages:
                 self.snapshots[keys[-1]] = snap
                 self.pages[keys[-1]].snapshot = True
                 self.bytes += snap.nbytes

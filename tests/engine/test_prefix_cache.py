@@ -157,3 +157,23 @@ def test_engine_answers_the_same_with_and_without_the_cache(model, chunk):
     assert st_on["prefix_cache_queries"] == sum(len(document) + len(q) for q in questions)
     assert st_on["prefill_tokens_total"] == st_off["prefill_tokens_total"] - 512
     assert st_on["prefix_cache_refs"] == 0 and st_on["free_slots"] == 2
+
+
+def test_pressure_shortens_prefixes_from_their_ends(model, runner):
+    """Under pressure old snapshots go first, and a prompt never evicts the prefix it is extending: what stays
+    is a usable prefix from the start."""
+    cfg = model.config
+    cache = StaticCache(cfg, 1, 512, torch.float32, "cpu")
+    probe = PrefixCache(cfg, max_bytes=1 << 30)
+    prefill(runner, cache, 0, doc(128, 30), 64, pc=probe)
+    page = probe.pages[page_keys(doc(128, 30))[0]].nbytes
+    snap = next(iter(probe.snapshots.values())).nbytes
+    pc = PrefixCache(cfg, max_bytes=5 * page + 2 * snap)         # room for 5 of the 7 pages and 2 snapshots
+    ids = doc(448, 31)
+    cache.reset()
+    prefill(runner, cache, 0, ids, 64, pc=pc)
+    assert pc.bytes <= pc.max_bytes and pc.evictions > 0
+    m = pc.lookup(ids, len(ids) - 1)
+    assert m is not None and m.length == 320                        # the 5 pages that fit, with a snapshot
+    assert page_keys(ids)[:5] == m.keys
+    assert len(pc.pages) == 5
