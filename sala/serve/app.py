@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -227,6 +228,30 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
             # let the cancelled pumps run their `finally` (which aborts the engine requests) now
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def until_done(events: AsyncIterator, raw: HTTPRequest) -> bool:
+        """Consume a non-streamed request's events (True); if the client disconnects first, stop, which aborts
+        the engine requests (False)."""
+        async def consume():
+            async for _ in events:
+                pass
+
+        async def disconnected():
+            while (await raw.receive())["type"] != "http.disconnect":
+                pass
+
+        work, watch = asyncio.create_task(consume()), asyncio.create_task(disconnected())
+        try:
+            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if work not in done:
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            logger.info("client disconnected before its response: request aborted")
+            return False
+        work.result()
+        return True
+
     def sse(payload: dict) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -260,7 +285,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
                                             "owned_by": "sala", "max_model_len": engine.max_model_len}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, raw: HTTPRequest):
         check_model(body.model)
         prompts = completion_prompts(body.prompt, engine.tokenizer, vocab_size)
         discard = body.max_tokens == 0
@@ -318,8 +343,8 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
 
             return streaming(events())
 
-        async for _ in run_all(streams, choices, timing):
-            pass
+        if not await until_done(run_all(streams, choices, timing), raw):
+            return Response(status_code=499)        # nobody reads it: the client is gone
         out_choices = []
         for c in choices:
             text = (c.prompt_text + c.text) if body.echo else c.text
@@ -330,7 +355,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
                 "choices": out_choices, "usage": usage(choices)}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, raw: HTTPRequest):
         check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
@@ -374,8 +399,8 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
 
             return streaming(events())
 
-        async for _ in run_all(streams, choices, timing):
-            pass
+        if not await until_done(run_all(streams, choices, timing), raw):
+            return Response(status_code=499)        # nobody reads it: the client is gone
         out_choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                         "logprobs": chat_logprobs(token_text, c.logprobs, top_n) if body.logprobs else None,
                         "finish_reason": c.finish_reason} for c in choices]

@@ -178,3 +178,22 @@ def test_healthy_after_a_burst(server):
 def test_engine_construction_errors_are_clear():
     with pytest.raises(ValueError, match="max_num_seqs"):
         make_core(max_num_seqs=0)
+
+
+def test_disconnect_before_a_non_streamed_response_aborts_the_request(server):
+    engine = server.app.state.engine
+    before = engine.stats()
+    body = {"model": "sala-test", "prompt": "def main():\n", "max_tokens": 400, "temperature": 0,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):      # the client gives up and closes its connection
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    for _ in range(10_000):                      # a hang guard only
+        s = engine.stats()
+        if s["requests_aborted"] > before["requests_aborted"] and not (s["running"] or s["prefilling"]
+                                                                         or s["waiting"]):
+            break
+        time.sleep(0.01)
+    s = engine.stats()
+    assert s["requests_aborted"] == before["requests_aborted"] + 1
+    assert s["generation_tokens_total"] - before["generation_tokens_total"] < 400
+    assert httpx.get(server.url + "/health").status_code == 200
