@@ -197,3 +197,31 @@ def test_disconnect_before_a_non_streamed_response_aborts_the_request(server):
     assert s["requests_aborted"] == before["requests_aborted"] + 1
     assert s["generation_tokens_total"] - before["generation_tokens_total"] < 400
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_bug_is_a_json_500_and_an_engine_failure_a_503():
+    core = make_core(max_model_len=256, max_num_seqs=2)
+    with serving(core) as server:
+        tok = server.app.state.engine.tokenizer
+        real_encode = tok.encode
+
+        def broken_encode(text, *a, **kw):
+            if text == "trigger a bug":
+                raise KeyError("a bug in the tokenizer")
+            return real_encode(text, *a, **kw)
+
+        tok.encode = broken_encode
+        err = _error(httpx.post(server.url + "/v1/completions", json={"prompt": "trigger a bug", "max_tokens": 2}),
+                     500)
+        assert err["type"] == "internal_server_error" and "KeyError" not in err["message"]
+        tok.encode = real_encode
+
+        def broken_step():
+            raise RuntimeError("device lost")
+
+        core.step = broken_step
+        err = _error(httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                                timeout=60), 503)
+        assert "device lost" in err["message"]
+        assert httpx.get(server.url + "/health").status_code == 503
+        _error(httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}), 503)
