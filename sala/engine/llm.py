@@ -80,6 +80,8 @@ class LLM:
         for i, (p, sp) in enumerate(zip(prompts, plist)):
             self._n += 1
             reqs.append(Request(f"llm-{self._n}", self.encode(p, add_bos), sp, logprobs, prompt_logprobs))
+        for r in reqs:
+            self.engine.check_request(r)
         results = [LLMResult(r.request_id, len(r.prompt_ids), logprobs=[] if logprobs is not None else None)
                    for r in reqs]
         index = {r.request_id: i for i, r in enumerate(reqs)}

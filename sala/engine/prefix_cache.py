@@ -101,6 +101,7 @@ class PrefixCache:
         self._lru: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.bytes = 0
         self.evictions = 0
+        self.refs = 0              # references held by running requests (acquire - release), all entries
 
     # ------------------------------------------------------------------ bookkeeping
     def _touch(self, kind: str, key: int) -> None:
@@ -112,8 +113,7 @@ class PrefixCache:
     def stats(self) -> dict:
         return {"prefix_cache_pages": len(self.pages), "prefix_cache_snapshots": len(self.snapshots),
                 "prefix_cache_bytes": self.bytes, "prefix_cache_max_bytes": self.max_bytes,
-                "prefix_cache_refs": sum(p.refs for p in self.pages.values())
-                + sum(s.refs for s in self.snapshots.values()),
+                "prefix_cache_refs": self.refs,
                 "prefix_cache_evictions": self.evictions}
 
     def _drop_snapshot(self, key: int) -> None:
@@ -181,11 +181,13 @@ class PrefixCache:
             self.snapshots[key].refs += n
 
     # ------------------------------------------------------------------ lookup / restore
-    def lookup(self, ids: list[int], max_tokens: int) -> PrefixMatch | None:
-        """The longest cached prefix of ids of at most max_tokens tokens (pages + snapshot), or None."""
+    def lookup(self, ids: list[int], max_tokens: int, keys: list[int] | None = None) -> PrefixMatch | None:
+        """The longest cached prefix of ids of at most max_tokens tokens (pages + snapshot), or None.
+        `keys`: page_keys(ids) if already computed."""
         ps = self.page_size
+        chain = page_keys(ids, ps) if keys is None else keys
         best, keys, prev = None, [], _ROOT
-        for i, key in enumerate(page_keys(ids[:max_tokens], ps)):
+        for i, key in enumerate(chain[:max_tokens // ps]):
             page = self.pages.get(key)
             if page is None or page.parent != prev or page.tokens != tuple(ids[i * ps:(i + 1) * ps]):
                 break
@@ -204,6 +206,7 @@ class PrefixCache:
             self._touch("page", key)
         self.snapshots[match.keys[-1]].refs += 1
         self._touch("snap", match.keys[-1])
+        self.refs += len(match.keys) + 1
 
     def release(self, match: PrefixMatch) -> None:
         for key in match.keys:
@@ -212,6 +215,7 @@ class PrefixCache:
         snap = self.snapshots.get(match.keys[-1])
         if snap is not None:
             snap.refs -= 1
+        self.refs -= len(match.keys) + 1
 
     @torch.no_grad()
     def restore(self, match: PrefixMatch, cache: StaticCache, row: int, group_pages: int = 256) -> None:
@@ -241,15 +245,17 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ insertion
     @torch.no_grad()
-    def store(self, ids: list[int], cache: StaticCache, row: int, upto: int, start: int = 0) -> int:
+    def store(self, ids: list[int], cache: StaticCache, row: int, upto: int, start: int = 0,
+              keys: list[int] | None = None) -> int:
         """Insert the pages of ids [start, upto) (page-aligned, already in `row` of cache, whose lengths is
         `upto`) and a snapshot of the row's lightning states at `upto`. Returns how far pages are now stored
-        for this prompt (`start` if nothing could be stored, e.g. a missing parent or no room)."""
+        for this prompt (`start` if nothing could be stored, e.g. a missing parent or no room). `keys`:
+        page_keys(ids) if already computed (a long prompt stores once per chunk)."""
         ps = self.page_size
         if upto % ps or start % ps or cache.lengths[row] != upto:
             raise ValueError(f"PrefixCache.store: upto {upto} and start {start} must be multiples of the page size "
                              f"{ps} and upto the row's length {cache.lengths[row]}")
-        keys = page_keys(ids[:upto], ps)
+        keys = page_keys(ids[:upto], ps) if keys is None else keys[:upto // ps]
         prev = keys[start // ps - 1] if start else _ROOT
         if start and prev not in self.pages:
             return start

@@ -35,7 +35,7 @@ from sala.engine.memory import (
     largest_context,
     plan_memory,
 )
-from sala.engine.prefix_cache import PAGE_SIZE, PrefixCache, PrefixMatch
+from sala.engine.prefix_cache import PAGE_SIZE, PrefixCache, PrefixMatch, page_keys
 from sala.engine.requests import (
     QueueFullError,
     Request,
@@ -71,6 +71,7 @@ class _Seq:
     stored: int = 0                          # prompt tokens stored in the prefix cache
     num_cached: int = 0
     match: PrefixMatch | None = None
+    page_keys: list[int] | None = None       # prefix-cache keys of the prompt's full pages
     output_ids: list[int] = field(default_factory=list)
     last_token: int = 0
     prompt_lps: list[TokenLogprob | None] | None = None
@@ -226,8 +227,8 @@ class EngineCore:
                 ids.add(int(self.tokenizer.eos_id))
         return ids
 
-    def add_request(self, request: Request) -> None:
-        """Queue a request. RequestError if it can never be served; QueueFullError if too many wait."""
+    def check_request(self, request: Request) -> None:
+        """Raise RequestError if the request can never be served (bad or too many tokens, duplicate id, ...)."""
         rid = request.request_id
         if rid in self.active or any(s.req.request_id == rid for s in self.waiting):
             raise RequestError(f"request id {rid!r} is already in use")
@@ -249,9 +250,14 @@ class EngineCore:
             k = getattr(request, name)
             if k is not None and not 0 <= k <= V:
                 raise RequestError(f"{name} must be in [0, {V}], got {k}")
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request. RequestError if it can never be served; QueueFullError if too many wait."""
+        self.check_request(request)
         if len(self.waiting) >= self.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({len(self.waiting)} requests waiting, "
                                  f"max_waiting {self.max_waiting}); retry later")
+        p = request.params
         gen = None
         if p.seed is not None and not p.greedy:
             gen = torch.Generator(device=self.device)
@@ -306,9 +312,10 @@ class EngineCore:
             self.counters["prompt_tokens_total"] += T
             if self.prefix_cache is not None:
                 self.counters["prefix_cache_queries"] += T
+                s.page_keys = page_keys(s.prompt, self.page_size)
                 # Prompt log-probabilities need every prompt position's hidden state: no restore then.
                 if s.req.prompt_logprobs is None:
-                    m = self.prefix_cache.lookup(s.prompt, T - 1)
+                    m = self.prefix_cache.lookup(s.prompt, T - 1, s.page_keys)
                     if m is not None:
                         self.prefix_cache.restore(m, self.cache, row)
                         self.prefix_cache.acquire(m)
@@ -462,7 +469,7 @@ class EngineCore:
                 lp = torch.log_softmax(self.runner.logits_of(h[0, :n]), dim=-1)
                 s.prompt_lps.extend(_top_logprobs(lp, s.prompt[start + 1:start + 1 + n], s.req.prompt_logprobs))
         if self.prefix_cache is not None and end % self.page_size == 0:
-            s.stored = self.prefix_cache.store(s.prompt, self.cache, row, end, s.stored)
+            s.stored = self.prefix_cache.store(s.prompt, self.cache, row, end, s.stored, s.page_keys)
         if end < T:
             return None
         logits = self.runner.logits_of(h[:, -1])

@@ -81,3 +81,12 @@ def test_sala_generate_input_output(tmp_path, capsys):
     assert [x["id"] for x in lines] == [0, 1] and all(x["completion_tokens"] == 3 for x in lines)
     assert main(["generate", "--input", str(inp), "--device", "cpu"]) != 0
     assert "--input and --output go together" in capsys.readouterr().err
+
+
+def test_a_prompt_that_never_fits_is_refused_before_anything_runs(llm):
+    from sala.engine.requests import RequestError
+
+    before = llm.engine.stats()["prompt_tokens_total"]
+    with pytest.raises(RequestError, match=r"\(130 tokens\) plus max_new_tokens \(4\) is 134 .* 128"):
+        llm.generate(["Hello", [5] * 130], SamplingParams(max_new_tokens=4), progress=False)
+    assert not llm.engine.has_unfinished() and llm.engine.stats()["prompt_tokens_total"] == before
