@@ -84,11 +84,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 class _Timing:
-    """Per-request latency metrics as the client sees them: TTFT, inter-token latency, end-to-end."""
+    """Latency metrics of one sequence as its client sees them: TTFT, inter-token latency, end-to-end, all from
+    the HTTP request's arrival (`start`, perf_counter seconds)."""
 
-    def __init__(self, metrics: ServerMetrics) -> None:
+    def __init__(self, metrics: ServerMetrics, start: float) -> None:
         self.metrics = metrics
-        self.start = time.perf_counter()
+        self.start = start
         self.last: float | None = None
 
     def tokens(self, n: int) -> None:
@@ -182,18 +183,21 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
             for rid in added:
                 engine.abort(rid)
             if isinstance(e, RequestError):
-                raise APIError(str(e), status=getattr(e, "status", 400), code="context_length_exceeded") from None
+                too_long = "length" in str(e) or "memory" in str(e)
+                raise APIError(str(e), status=getattr(e, "status", 400),
+                               code="context_length_exceeded" if too_long else None) from None
             if isinstance(e, QueueFullError):
                 raise APIError(str(e) or "the server is busy: the waiting queue is full, retry later", status=503,
                                type="service_unavailable", code="queue_full") from None
             raise
         return streams
 
-    async def run_all(streams: list, choices: list[Choice], timing: _Timing
+    async def run_all(streams: list, choices: list[Choice], start: float
                       ) -> AsyncIterator[tuple[Choice, str, list]]:
         """Yield (choice, new text, new logprobs) as outputs of any sub-request arrive; cancelling the
-        consumer aborts every unfinished sub-request."""
+        consumer aborts every unfinished sub-request. `start`: the HTTP request's arrival (latency metrics)."""
         queue: asyncio.Queue = asyncio.Queue()
+        timings = {c.index: _Timing(metrics, start) for c in choices}
 
         async def pump(stream, choice: Choice) -> None:
             try:
@@ -216,10 +220,10 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
                     raise out
                 text, lps = choice.add(out)
                 if not choice.discard_output:
-                    timing.tokens(len(out.new_token_ids))
+                    timings[choice.index].tokens(len(out.new_token_ids))
                 if out.finished:
                     pending -= 1
-                    timing.finished(choice.finish_reason)
+                    timings[choice.index].finished(choice.finish_reason)
                 yield choice, text, lps
         finally:
             for t in tasks:
@@ -241,12 +245,13 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
 
         work, watch = asyncio.create_task(consume()), asyncio.create_task(disconnected())
         try:
-            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
-        if work not in done:
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        if work.cancelled():
             logger.info("client disconnected before its response: request aborted")
             return False
         work.result()
@@ -306,7 +311,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
                                                           else "")
                 choices.append(Choice(index=index, prompt_index=i, prompt_ids=p.ids, prompt_text=text,
                                       discard_output=discard))
-        timing = _Timing(metrics)
+        start = time.perf_counter()
         streams = await submit(requests)
 
         def logprobs_of(c: Choice, new_lps: list, with_prompt: bool, offset: int) -> dict | None:
@@ -324,7 +329,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
             async def events():
                 offsets = {c.index: 0 for c in choices}
                 echoed: set[int] = set()
-                async for c, text, lps in run_all(streams, choices, timing):
+                async for c, text, lps in run_all(streams, choices, start):
                     first = body.echo and c.index not in echoed
                     if first:
                         echoed.add(c.index)
@@ -343,7 +348,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
 
             return streaming(events())
 
-        if not await until_done(run_all(streams, choices, timing), raw):
+        if not await until_done(run_all(streams, choices, start), raw):
             return Response(status_code=499)        # nobody reads it: the client is gone
         out_choices = []
         for c in choices:
@@ -373,7 +378,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
         for j in range(body.n):
             requests.append(make_request(f"{base}-{j}", prompt, sampling_params(body, limit, j), want_lp, None))
             choices.append(Choice(index=j, prompt_index=0, prompt_ids=prompt.ids, prompt_text=text))
-        timing = _Timing(metrics)
+        start = time.perf_counter()
         streams = await submit(requests)
 
         if body.stream:
@@ -387,7 +392,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
             async def events():
                 for c in choices:
                     yield chunk(c.index, {"role": "assistant", "content": ""}, None)
-                async for c, text, lps in run_all(streams, choices, timing):
+                async for c, text, lps in run_all(streams, choices, start):
                     lp = chat_logprobs(token_text, lps, top_n) if body.logprobs and lps else None
                     if text or lp:
                         yield chunk(c.index, {"content": text}, None, lp)
@@ -399,7 +404,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
 
             return streaming(events())
 
-        if not await until_done(run_all(streams, choices, timing), raw):
+        if not await until_done(run_all(streams, choices, start), raw):
             return Response(status_code=499)        # nobody reads it: the client is gone
         out_choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                         "logprobs": chat_logprobs(token_text, c.logprobs, top_n) if body.logprobs else None,
