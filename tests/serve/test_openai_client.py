@@ -22,9 +22,29 @@ def tokenizer(server):
     return server.app.state.engine.tokenizer
 
 
+def _metrics(server) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith("sala_") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 def test_models_health_metrics(server, client):
     assert [m.id for m in client.models.list().data] == ["sala-test"]
     assert httpx.get(server.url + "/health").status_code == 200
+    before = _metrics(server)
+    r = client.completions.create(model="sala-test", prompt=PROMPT, max_tokens=5, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    after = _metrics(server)
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert delta["sala_generation_tokens_total"] == r.usage.completion_tokens == 5
+    assert delta["sala_prompt_tokens_total"] == r.usage.prompt_tokens
+    assert delta["sala_time_to_first_token_seconds_count"] == 1
+    assert delta["sala_inter_token_latency_seconds_count"] == 4
+    assert delta["sala_request_latency_seconds_count"] == 1
+    assert after["sala_num_requests_running"] == after["sala_num_requests_waiting"] == 0
     text = httpx.get(server.url + "/metrics").text
     for name in ("sala_num_requests_running", "sala_num_requests_waiting", "sala_prompt_tokens_total",
                  "sala_generation_tokens_total", "sala_cache_pages_used", "sala_prefix_cache_hit_rate",
