@@ -67,10 +67,16 @@ class _Snapshot:
 
 @dataclass
 class PrefixMatch:
-    """A usable cached prefix: its length in tokens and the keys of its pages (first to last)."""
+    """A usable cached prefix: its length in tokens and the keys of its pages (first to last).
+
+    `pages_length`: tokens of the prompt's leading pages found in the cache (>= length: pages can run past the
+    last snapshot). A prefill that continues from `length` should end a chunk at `pages_length`, so a
+    snapshot lands where this prompt leaves the cached one (the end of a shared document, say).
+    """
 
     length: int
     keys: list[int]
+    pages_length: int = 0
 
 
 def page_keys(ids: list[int], page_size: int = PAGE_SIZE) -> list[int]:
@@ -197,7 +203,7 @@ class PrefixCache:
                 best = len(keys)
         if best is None:
             return None
-        return PrefixMatch(best * ps, keys[:best])
+        return PrefixMatch(best * ps, keys[:best], len(keys) * ps)
 
     def acquire(self, match: PrefixMatch) -> None:
         """Pin the match's entries (no eviction) and mark them recently used."""

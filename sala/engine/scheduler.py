@@ -72,6 +72,7 @@ class _Seq:
     num_cached: int = 0
     match: PrefixMatch | None = None
     page_keys: list[int] | None = None       # prefix-cache keys of the prompt's full pages
+    split_at: int = 0                        # where the prompt leaves a cached chain: end a chunk there
     output_ids: list[int] = field(default_factory=list)
     last_token: int = 0
     prompt_lps: list[TokenLogprob | None] | None = None
@@ -317,6 +318,7 @@ class EngineCore:
                 if s.req.prompt_logprobs is None:
                     m = self.prefix_cache.lookup(s.prompt, T - 1, s.page_keys)
                     if m is not None:
+                        s.split_at = m.pages_length
                         self.prefix_cache.restore(m, self.cache, row)
                         self.prefix_cache.acquire(m)
                         s.match, s.num_cached, s.stored = m, m.length, m.length
@@ -447,6 +449,8 @@ class EngineCore:
         ps, T = self.page_size, len(s.prompt)
         start = self.cache.lengths[s.row]
         end = min(T, start + self.chunk_size, start + budget)
+        if start < s.split_at < end:
+            end = s.split_at         # a snapshot there serves the next prompt that shares this prefix
         if end < T:
             aligned = end // ps * ps
             end = aligned if aligned > start else min(T, (start // ps + 1) * ps)
