@@ -398,9 +398,19 @@ class EngineCore:
         if greedy:
             g = torch.tensor(greedy, device=logits.device)
             toks[g] = torch.argmax(logits[g], dim=-1)
+        # Unseeded rows with equal settings sample together; a seeded row draws from its own generator.
+        groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(seqs):
-            if not s.req.params.greedy:
-                toks[i:i + 1] = sample_next(logits[i:i + 1], s.req.params, s.generator)
+            p = s.req.params
+            if p.greedy:
+                continue
+            if s.generator is not None:
+                toks[i:i + 1] = sample_next(logits[i:i + 1], p, s.generator)
+            else:
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        for rows in groups.values():
+            idx = torch.tensor(rows, device=logits.device)
+            toks[idx] = sample_next(logits[idx], seqs[rows[0]].req.params)
         tok_list = toks.tolist()
         lps: list[TokenLogprob | None] = [None] * len(seqs)
         want = [i for i, s in enumerate(seqs) if s.req.logprobs is not None]

@@ -206,3 +206,15 @@ def test_incremental_detokenization_gives_the_full_decode(engine):
         assert not seen[-1].endswith("\ufffd")
         assert tok.decode(s.output_ids).startswith(seen[-1])       # never shows text that changes later
     assert seen[-1] == tok.decode(ids)
+
+
+def test_unseeded_rows_sample_together_and_stay_in_their_filters(engine, prompts):
+    core = EngineCore(engine.model, engine.tokenizer, max_num_seqs=4, max_model_len=128, chunk_size=64)
+    torch.manual_seed(3)
+    sp = SamplingParams(max_new_tokens=4, temperature=1.0, top_k=2, ignore_eos=True)
+    outs = run(core, [Request(f"r{i}", prompts[4 + i], sp, logprobs=2) for i in range(4)])
+    for i in range(4):
+        lps = [lp for o in outs[f"r{i}"] for lp in (o.new_logprobs or [])]
+        assert len(lps) == 4
+        for lp in lps:                                             # top_k=2: always one of the two most likely
+            assert lp.token_id in [t for t, _ in lp.top]
