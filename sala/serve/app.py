@@ -337,8 +337,9 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
                     if not text and not lps and not c.finished and not first:
                         continue
                     lp = logprobs_of(c, lps, first, offsets[c.index])
-                    if lp is not None:
-                        offsets[c.index] += sum(len(t) for t in lp["tokens"])
+                    if lp is not None:              # the next chunk's offsets continue after these tokens
+                        ids = (list(c.prompt_ids) if first else []) + [e.token_id for e in lps]
+                        offsets[c.index] += sum(len(token_text.visible(t)) for t in ids)
                     yield sse({"id": base, "object": "text_completion", "created": int(time.time()),
                                "model": model_name, "choices": [{"index": c.index, "text": text, "logprobs": lp,
                                                                 "finish_reason": c.finish_reason}]})

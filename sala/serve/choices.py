@@ -11,18 +11,29 @@ from dataclasses import dataclass, field
 
 
 class TokenText:
-    """Token id -> its text (special tokens shown), cached; the strings of log-probability entries."""
+    """Token id -> its text, cached: `__call__` shows special tokens (log-probability entries name them),
+    `visible` is what the response text holds for it (special tokens skipped; text offsets count this)."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
+        self._shown: dict[int, str] = {}
+        self._visible: dict[int, str] = {}
+
+    def _decode(self, token_id: int, skip_special: bool) -> str:
+        if self.tokenizer is None:
+            return "" if skip_special else f"<{token_id}>"
+        return self.tokenizer.decode([token_id], skip_special_tokens=skip_special)
 
     def __call__(self, token_id: int) -> str:
-        s = self._cache.get(token_id)
+        s = self._shown.get(token_id)
         if s is None:
-            s = (self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer is not None
-                 else f"<{token_id}>")
-            self._cache[token_id] = s
+            s = self._shown[token_id] = self._decode(token_id, False)
+        return s
+
+    def visible(self, token_id: int) -> str:
+        s = self._visible.get(token_id)
+        if s is None:
+            s = self._visible[token_id] = self._decode(token_id, True)
         return s
 
 
@@ -88,7 +99,7 @@ def completion_logprobs(token_text: TokenText, entries: list, token_ids: list[in
         s = token_text(tid)
         tokens.append(s)
         offsets.append(offset)
-        offset += len(s)
+        offset += len(token_text.visible(tid))
         if entry is None:
             token_lps.append(None)
             tops.append(None)
