@@ -225,3 +225,45 @@ def test_a_bug_is_a_json_500_and_an_engine_failure_a_503():
         assert "device lost" in err["message"]
         assert httpx.get(server.url + "/health").status_code == 503
         _error(httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}), 503)
+
+
+def test_async_engine_applies_an_abort_before_its_next_step():
+    from sala.engine.requests import Request
+    from sala.engine.sampling import SamplingParams
+    from sala.serve.async_engine import AsyncEngine
+
+    core = make_core(max_model_len=512, max_num_seqs=2)
+    engine = AsyncEngine(core)
+    applied: list[int] = []
+    real_abort = core.abort
+
+    def recording_abort(request_id):
+        applied.append(engine.steps)
+        real_abort(request_id)
+
+    core.abort = recording_abort
+
+    async def main():
+        engine.start()
+        try:
+            stream = await engine.add(Request("r1", core.tokenizer.encode("def main():", add_bos=True),
+                                              SamplingParams(max_new_tokens=400, ignore_eos=True)))
+            seen = 0
+            async for _ in engine.outputs(stream):   # leaving the loop aborts the request
+                seen += 1
+                if seen == 3:
+                    at_abort = engine.steps
+                    break
+            for _ in range(10_000):                  # a hang guard only
+                if applied:
+                    break
+                await asyncio.sleep(0.001)
+            return at_abort
+        finally:
+            engine.shutdown()
+
+    at_abort = asyncio.run(main())
+    assert len(applied) == 1 and applied[0] - at_abort <= 1
+    s = core.stats()
+    assert s["requests_aborted"] == 1 and s["running"] == s["waiting"] == 0
+    assert 3 <= s["generation_tokens_total"] <= applied[0]     # no step ran for it after the abort
