@@ -88,3 +88,17 @@ def test_bench_serve_load_against_a_running_server(server, tmp_path):
     assert res["output_tokens"] == sum(r["max_tokens"] for r in shapes)
     assert res["ttft_s"]["count"] == 6 and res["itl_s"]["count"] == res["output_tokens"] - 6
     assert (tmp_path / "load.png").stat().st_size > 0
+
+
+def test_bench_serve_poisson_arrivals(server, tmp_path):
+    out = tmp_path / "rate.json"
+    vocab = server.app.state.engine.config.vocab_size
+    assert main(["bench", "serve", "--url", server.url, "--vocab", str(vocab), "--num-requests", "5", "--rate", "20",
+                 "--prompt-len", "16", "--output-len", "4", "--seed", "3", "--out", str(out), "--plot", "none"]) == 0
+    res = json.loads(out.read_text())["results"]
+    starts = [r["start_s"] for r in res["per_request"]]
+    assert res["failed"] == 0 and res["output_tokens"] == 20
+    assert starts == sorted(starts) and starts[-1] > starts[0]           # arrivals spread out in order
+    with pytest.raises(SystemExit):                                      # --url or --model is required
+        main(["bench", "serve"])
+    assert main(["bench", "serve", "--url", server.url, "--rate", "0", "--vocab", "100", "--out", str(out)]) == 1
