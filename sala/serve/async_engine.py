@@ -210,6 +210,12 @@ class AsyncEngine:
                 logger.exception("metrics callback failed")
 
     def _run(self) -> None:
+        device = getattr(self.core, "device", None)
+        if device is not None and getattr(device, "type", None) == "cuda":
+            import torch
+
+            # the current CUDA device is per thread: graphs and streams must be on the engine's (cuda:1, ...)
+            torch.cuda.set_device(device)
         logger.info("engine thread started")
         while not self._stop.is_set():
             self._drain_inbox(block=not self.core.has_unfinished())
