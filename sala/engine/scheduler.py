@@ -12,7 +12,8 @@ the lowest free row when one is free, and leave when they finish. Each `step()`:
 2. admission of waiting requests into free rows, restoring the longest cached prefix (`PrefixCache`);
 3. prefill chunks of admitted prompts under the step's token budget (`max_tokens_per_step` minus the decode
    tokens), chunk ends aligned to prefix-cache pages, so a very long prompt advances one chunk per step while
-   the others keep decoding. A prompt's last chunk samples its first token.
+   the others keep decoding; prompts that finish within one chunk go before longer ones. A prompt's last chunk
+   samples its first token.
 
 Sampling is per request (its own SamplingParams and torch.Generator). Greedy tokens equal those of the
 request run alone: a row's arithmetic never mixes with another row's.
@@ -500,7 +501,11 @@ class EngineCore:
             outputs.extend(self._decode(running))
         self._admit()
         budget = max(self.max_tokens_per_step - len(running), self.page_size)
-        for s in [s for s in self.active.values() if s.status == _PREFILL]:
+        # Prompts that finish within one chunk go first (a long prompt does not hold back the first token of
+        # short ones), then the others in arrival order.
+        prefilling = [s for s in self.active.values() if s.status == _PREFILL]
+        prefilling.sort(key=lambda s: len(s.prompt) - self.cache.lengths[s.row] > self.chunk_size)
+        for s in prefilling:
             while budget > 0 and s.status == _PREFILL:
                 start = self.cache.lengths[s.row]
                 end = self._chunk_end(s, budget)

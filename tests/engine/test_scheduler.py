@@ -218,3 +218,14 @@ def test_unseeded_rows_sample_together_and_stay_in_their_filters(engine, prompts
         assert len(lps) == 4
         for lp in lps:                                             # top_k=2: always one of the two most likely
             assert lp.token_id in [t for t, _ in lp.top]
+
+
+def test_a_short_prompt_is_not_held_back_by_a_long_prefill(engine, prompts):
+    core = EngineCore(engine.model, engine.tokenizer, max_num_seqs=2, max_model_len=256, chunk_size=64,
+                      max_tokens_per_step=64, enable_prefix_cache=False)
+    core.add_request(Request("long", prompts[-1], SamplingParams(max_new_tokens=1)))     # 200 tokens: 4 chunks
+    core.step()
+    core.add_request(Request("short", prompts[3], SamplingParams(max_new_tokens=1)))
+    out = core.step()                                                  # the short prompt's chunk goes first
+    assert [o.request_id for o in out] == ["short"] and out[0].finished
+    assert core.active["long"].status == "prefill"
