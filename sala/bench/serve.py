@@ -405,6 +405,8 @@ def add_arguments(p) -> None:
     p.add_argument("--vocab", type=int, default=None, help="token ids drawn below this (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--warmup-requests", type=int, default=None,
+                   help="untimed concurrent short requests first (default: the scenario's batch size)")
     p.add_argument("--out", default="bench_serve.json", help="JSON output path")
     p.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png; 'none' for none)")
     g = p.add_argument_group("in process (--model)")
@@ -431,6 +433,17 @@ def _longest_request(args) -> int:
     if args.scenario == "interference":
         return max(args.long_prompt + 1, parse_range(args.prompt_len)[1] + out)
     return parse_range(args.prompt_len)[1] + out
+
+
+def _batch_size(args) -> int:
+    """Sequences the scenario runs at once (the warm-up's concurrency)."""
+    if args.scenario == "load":
+        n = args.concurrency or args.num_requests
+    elif args.scenario == "interference":
+        n = args.streams + 1
+    else:
+        n = 1
+    return min(n, args.max_num_seqs) if args.model else n
 
 
 def _engine_kwargs(args, prefix_cache: bool) -> dict:
@@ -460,6 +473,12 @@ async def _measure(url: str, args, vocab: int) -> dict:
     client = Client(url, None, api_key=args.api_key)
     try:
         client.model = await client.served_model()
+        if args.warmup_requests:
+            # untimed: compiles kernels and captures decode graphs for the batch sizes the scenario will use
+            rng = random.Random(args.seed + 7)
+            t0 = time.perf_counter()
+            await asyncio.gather(*[client.complete(_random_prompt(rng, 64, vocab), 8, t0)
+                                   for _ in range(args.warmup_requests)])
         before = await client.metrics()
         results = await _scenario(client, args, vocab)
         after = await client.metrics()
@@ -480,6 +499,8 @@ def run(args) -> dict:
         raise ValueError(f"--rate must be > 0 requests/s, got {args.rate}")
     if args.num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
+    if args.warmup_requests is None:
+        args.warmup_requests = _batch_size(args)
     payload: dict = {"meta": run_metadata(), "scenario": args.scenario,
                      "setup": {k: v for k, v in vars(args).items() if k != "func" and not callable(v)}}
     if args.url:
@@ -504,6 +525,10 @@ def run(args) -> dict:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        from sala.engine import SalaEngine
+
+        # the sparse kernels' length-dependent variants, compiled before anything is timed (no-op on the CPU)
+        payload["kernel_warmup_s"] = SalaEngine(model, tok).warmup(_longest_request(args), _batch_size(args))
         runs = [(not args.no_prefix_cache, "results")]
         if args.scenario == "document" and args.compare_no_cache:
             runs.append((False, "results_no_cache"))
