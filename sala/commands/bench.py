@@ -46,6 +46,14 @@ def _latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from sala.bench.serve import run
+
+    payload = run(args)
+    print(f"wrote {args.out}" + (f" and {payload['plot']}" if payload.get("plot") else ""))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="GPU benchmarks (write JSON for bench/results/)")
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
@@ -70,3 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--no-baseline", action="store_true", help="skip the HF Qwen3-8B baseline")
     lat.add_argument("--compile", action="store_true", help="SALA with the compiled prefill (SalaEngine(compile=True))")
     lat.set_defaults(func=_latency)
+
+    from sala.bench.serve import add_arguments as serve_arguments
+
+    srv = bsub.add_parser("serve", help="load generator for sala serve: throughput, TTFT, inter-token latency")
+    serve_arguments(srv)
+    srv.set_defaults(func=_serve)

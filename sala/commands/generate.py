@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     inp = p.add_mutually_exclusive_group(required=True)
     inp.add_argument("--prompt", help="prompt text")
     inp.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
+    inp.add_argument("--input", help="JSONL of prompts ({\"prompt\": ..., optional \"id\" and sampling fields}): "
+                                     "batch generation with continuous batching; needs --output")
+    p.add_argument("--output", help="JSONL results for --input, in input order (appended; a re-run skips ids done)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -63,6 +66,11 @@ def _tokenizer_for_preset(vocab_size: int):
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    if args.input is not None or args.output is not None:
+        from sala.engine.llm import generate_command
+
+        return generate_command(args)
 
     from sala.engine import DEFAULT_CHUNK_SIZE, SalaEngine, SamplingParams
     from sala.engine.loading import load_config_dir

@@ -73,3 +73,21 @@ class StaticCache:
         comp = sum((b.k1.numel() + b.k2.numel()) * b.k1.element_size() for b in self.sparse.values())
         st = self.states.numel() * 4
         return {"sparse_kv": kv, "compressed_keys": comp, "lightning_states": st, "total": kv + comp + st}
+
+    def rows_view(self, batch: int) -> StaticCache:
+        """A StaticCache over rows [0, batch) of this one: every buffer a view (no copy), `lengths` shared.
+
+        A DecodeStep built on it decodes only those rows (a batch-size bucket of a serving engine); writes land in
+        this cache.
+        """
+        if not 1 <= batch <= self.batch:
+            raise ValueError(f"StaticCache.rows_view: batch {batch} must be in [1, {self.batch}]")
+        view = object.__new__(StaticCache)
+        view.capacity, view.batch, view.device, view.dtype = self.capacity, batch, self.device, self.dtype
+        view.light_index = self.light_index
+        view.states = self.states[:, :batch]
+        view.sparse = {layer: SparseBuffers(b.k[:batch], b.v[:batch], b.k1[:batch], b.k2[:batch])
+                       for layer, b in self.sparse.items()}
+        view.lengths = self.lengths
+        view.seqlens = self.seqlens[:batch]
+        return view

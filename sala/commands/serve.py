@@ -1,0 +1,73 @@
+"""`sala serve`: an OpenAI-compatible HTTP server (continuous batching, exact prefix caching)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+
+from sala.utils.bundled import BUNDLED_MODEL_DIR
+
+_SERVE_DEPS = ("fastapi", "uvicorn", "prometheus_client")
+
+
+def missing_serve_deps() -> list[str]:
+    """The packages of the `serve` extra that are not installed."""
+    return [name for name in _SERVE_DEPS if importlib.util.find_spec(name) is None]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)",
+        description="Serve a SALA model over an OpenAI-compatible HTTP API with continuous batching and prefix "
+                    "caching. Needs the serve extra: pip install 'sala-lm[serve]'.")
+    p.add_argument("--model", default=str(BUNDLED_MODEL_DIR),
+                   help="model directory or preset name (random weights) (default: the bundled model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and /v1/models lists (default: the folder or preset name)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output in tokens (default: what the memory plan allows)")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="most sequences in the running batch")
+    p.add_argument("--memory-fraction", type=float, default=0.9,
+                   help="fraction of the free device memory for weights + caches")
+    p.add_argument("--max-waiting", type=int, default=256,
+                   help="most requests waiting for admission; more are refused with 503")
+    p.add_argument("--no-prefix-cache", action="store_true", help="turn the prefix cache off")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """EngineCore.from_pretrained keyword arguments from the command's flags."""
+    kw = dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+              memory_fraction=args.memory_fraction, enable_prefix_cache=not args.no_prefix_cache,
+              max_waiting=args.max_waiting, device=args.device, dtype=args.dtype)
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def run(args: argparse.Namespace) -> int:
+    missing = missing_serve_deps()
+    if missing:
+        print(f"sala serve: error: the serve extra is not installed (missing {', '.join(missing)}): "
+              "pip install 'sala-lm[serve]'", file=sys.stderr)
+        return 1
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if not 0.0 < args.memory_fraction <= 1.0:
+        raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
+    import uvicorn
+
+    from sala.serve.server import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(args.model, served_model_name=args.served_model_name, api_key=args.api_key,
+                     engine_kwargs=engine_kwargs(args))
+    print(f"sala serve: {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

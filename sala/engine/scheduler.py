@@ -1,0 +1,525 @@
+"""EngineCore: continuous batching over one preallocated StaticCache (the serving engine's generation loop).
+
+Slots are the rows of a StaticCache of `max_num_seqs` rows x `max_model_len` tokens, allocated once (checked
+against the memory plan and `memory_fraction` of the free device memory). Requests wait in a FIFO queue, take
+the lowest free row when one is free, and leave when they finish. Each `step()`:
+
+1. one decode step for every running sequence (a CUDA-graph `GraphedDecodeStep` over the smallest batch-size
+   bucket of rows [0, b) that holds them). DecodeStep advances every row of its bucket, so the lightning states
+   of rows still prefilling are saved before and put back after, and `seqlens` is rewritten from the host
+   lengths (idle rows stay at 0; a prefilling row's stray K/V and compressed-key writes at its length are
+   overwritten by its next chunk, which starts there);
+2. admission of waiting requests into free rows, restoring the longest cached prefix (`PrefixCache`);
+3. prefill chunks of admitted prompts under the step's token budget (`max_tokens_per_step` minus the decode
+   tokens), chunk ends aligned to prefix-cache pages, so a very long prompt advances one chunk per step while
+   the others keep decoding; prompts that finish within one chunk go before longer ones. A prompt's last chunk
+   samples its first token.
+
+Sampling is per request (its own SamplingParams and torch.Generator). Greedy tokens equal those of the
+request run alone: a row's arithmetic never mixes with another row's.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from sala.engine.decode_graph import GraphedDecodeStep
+from sala.engine.forward import DecodeStep, ModelRunner
+from sala.engine.memory import (
+    check_fits,
+    device_free_bytes,
+    largest_context,
+    plan_memory,
+)
+from sala.engine.prefix_cache import PAGE_SIZE, PrefixCache, PrefixMatch, page_keys
+from sala.engine.requests import (
+    QueueFullError,
+    Request,
+    RequestError,
+    RequestOutput,
+    TokenLogprob,
+)
+from sala.engine.sampling import SamplingParams, StopMatcher, sample_next
+from sala.engine.static_cache import StaticCache
+from sala.modeling.configuration_sala import SalaConfig
+from sala.modeling.modeling_sala import SalaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+# Default max_model_len on CPU (no free-memory figure to size it from).
+CPU_DEFAULT_MAX_MODEL_LEN = 8192
+# Default prefix-cache budget: this fraction of the slot cache's bytes, at least PREFIX_CACHE_MIN_BYTES.
+PREFIX_CACHE_FRACTION = 0.25
+PREFIX_CACHE_MIN_BYTES = 64 << 20
+
+_WAITING, _PREFILL, _RUNNING = "waiting", "prefill", "running"
+
+
+@dataclass
+class _Seq:
+    req: Request
+    stop_ids: set[int]
+    matcher: StopMatcher | None
+    generator: torch.Generator | None
+    status: str = _WAITING
+    row: int = -1
+    prompt_t: torch.Tensor | None = None     # prompt ids [T] on the device
+    stored: int = 0                          # prompt tokens stored in the prefix cache
+    num_cached: int = 0
+    match: PrefixMatch | None = None
+    page_keys: list[int] | None = None       # prefix-cache keys of the prompt's full pages
+    split_at: int = 0                        # where the prompt leaves a cached chain: end a chunk there
+    output_ids: list[int] = field(default_factory=list)
+    last_token: int = 0
+    prompt_lps: list[TokenLogprob | None] | None = None
+    prompt_lps_sent: bool = False
+    text: str = ""                           # output text decoded so far (incrementally)
+    prefix_offset: int = 0                   # output ids [prefix_offset, read_offset) give the text's context
+    read_offset: int = 0
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.req.prompt_ids
+
+
+def _top_logprobs(lp: torch.Tensor, chosen: list[int], k: int) -> list[TokenLogprob]:
+    """TokenLogprob per row of log-probabilities lp [N, V] for the chosen ids (len N), with the top k."""
+    ch = lp.gather(1, torch.tensor(chosen, device=lp.device)[:, None])[:, 0].tolist()
+    if k > 0:
+        vals, idx = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+        vals, idx = vals.tolist(), idx.tolist()
+    else:
+        vals = idx = [[] for _ in chosen]
+    return [TokenLogprob(t, c, list(zip(i, v))) for t, c, i, v in zip(chosen, ch, idx, vals)]
+
+
+def _buckets(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes: powers of two below max_num_seqs, and max_num_seqs."""
+    out = [b for b in (1 << i for i in range(max_num_seqs.bit_length())) if b < max_num_seqs]
+    return out + [max_num_seqs]
+
+
+class EngineCore:
+    """Continuous batching with exact prefix caching (see the module docstring). Single-threaded: one caller."""
+
+    def __init__(self, model: SalaForCausalLM, tokenizer=None, *, max_num_seqs: int = 16,
+                 max_model_len: int | None = None, memory_fraction: float = 0.9, enable_prefix_cache: bool = True,
+                 chunk_size: int = 2048, max_tokens_per_step: int | None = None, max_waiting: int = 256,
+                 use_cuda_graph: bool = True, prefix_cache_bytes: int | None = None,
+                 page_size: int = PAGE_SIZE) -> None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if chunk_size < page_size:
+            raise ValueError(f"chunk_size ({chunk_size}) must be >= the page size ({page_size})")
+        if not 0.0 < memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
+        self.model = model.eval()
+        self.config: SalaConfig = model.config
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(model)
+        self.device = self.runner.device
+        self.dtype = self.runner.dtype
+        self.max_num_seqs = max_num_seqs
+        self.chunk_size = chunk_size
+        self.page_size = page_size
+        self.max_tokens_per_step = max_tokens_per_step or chunk_size
+        if self.max_tokens_per_step < 1:
+            raise ValueError(f"max_tokens_per_step must be >= 1, got {self.max_tokens_per_step}")
+        self.max_waiting = max_waiting
+        self.use_cuda_graph = use_cuda_graph
+        self.max_model_len = self._size(max_model_len, memory_fraction, prefix_cache_bytes, enable_prefix_cache)
+        self.cache = StaticCache(self.config, max_num_seqs, self.max_model_len, self.dtype, self.device)
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = max(PREFIX_CACHE_MIN_BYTES,
+                                     int(self.cache.memory_bytes()["total"] * PREFIX_CACHE_FRACTION))
+        self.prefix_cache = PrefixCache(self.config, prefix_cache_bytes, page_size=page_size) \
+            if enable_prefix_cache else None
+        self.buckets = _buckets(max_num_seqs)
+        self._steps: dict[int, GraphedDecodeStep] = {}
+        self.free_rows: list[int] = list(range(max_num_seqs))
+        self.waiting: deque[_Seq] = deque()
+        self.active: dict[str, _Seq] = {}         # admitted (prefill or running), by request id, admission order
+        self._aborted: list[RequestOutput] = []
+        self.counters = {"prompt_tokens_total": 0, "prefill_tokens_total": 0, "generation_tokens_total": 0,
+                         "prefix_cache_queries": 0, "prefix_cache_hits": 0, "requests_finished": 0,
+                         "requests_aborted": 0, "decode_steps": 0, "prefill_chunks": 0}
+        self._ids = itertools.count()
+        logger.info("EngineCore: %d slots x %d tokens on %s (%s), slot cache %.1f MiB, prefix cache %s",
+                    max_num_seqs, self.max_model_len, self.device, self.dtype,
+                    self.cache.memory_bytes()["total"] / 2**20,
+                    f"{prefix_cache_bytes / 2**20:.1f} MiB" if enable_prefix_cache else "off")
+
+    # ------------------------------------------------------------------ construction
+    def _size(self, max_model_len: int | None, fraction: float, prefix_bytes: int | None, prefix_on: bool) -> int:
+        """max_model_len checked against (or, if None, sized from) the free device memory."""
+        free = device_free_bytes(self.device)
+        budget = None if free is None else int(free * fraction)
+        share = 1.0 + (PREFIX_CACHE_FRACTION if prefix_on and prefix_bytes is None else 0.0)
+        extra = prefix_bytes if prefix_on and prefix_bytes is not None else 0
+        limit = self.config.max_position_embeddings
+        if max_model_len is None:
+            if budget is None:
+                max_model_len = min(limit, CPU_DEFAULT_MAX_MODEL_LEN)
+            else:
+                fit = largest_context(self.config, int((budget - extra) / share), self.max_num_seqs, self.dtype,
+                                      self.chunk_size, weights_loaded=True)
+                if fit < self.page_size:
+                    raise MemoryError(f"not enough memory for {self.max_num_seqs} sequences: at most {fit} tokens "
+                                      f"each fit in {budget / 2**30:.2f} GiB ({fraction:.0%} of the free memory); "
+                                      "lower max_num_seqs")
+                max_model_len = min(limit, fit // self.page_size * self.page_size)
+        if max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
+        if budget is not None:
+            plan = plan_memory(self.config, max_model_len, self.max_num_seqs, self.dtype, self.chunk_size)
+            cap = int((budget - extra) / share)
+            check_fits(self.config, plan, cap, weights_loaded=True,
+                       where=f"{self.device} ({fraction:.0%} of its free memory, less the prefix cache)")
+        return int(max_model_len)
+
+    @classmethod
+    def from_pretrained(cls, path_or_preset: str, *, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None, seed: int = 0, **kw) -> EngineCore:
+        """A model directory (weights + tokenizer), or a preset name with random weights (and the shipped
+        tokenizer when it fits the preset's vocabulary)."""
+        from pathlib import Path
+
+        from sala.engine.loading import (
+            default_device,
+            load_model_dir,
+            load_tokenizer_dir,
+            parse_dtype,
+            random_model,
+        )
+        from sala.modeling.configuration_sala import PRESETS
+
+        dev = torch.device(device) if device is not None else default_device()
+        dt = parse_dtype(dtype, dev)
+        if Path(path_or_preset).is_dir():
+            return cls(load_model_dir(path_or_preset, dev, dt), load_tokenizer_dir(path_or_preset), **kw)
+        if path_or_preset in PRESETS:
+            config = SalaConfig.from_preset(path_or_preset)
+            tok = None
+            try:
+                from sala.data.tokenizer import load_tokenizer
+
+                tok = load_tokenizer(None)
+                if tok.vocab_size > config.vocab_size:
+                    tok = None
+            except Exception:  # noqa: BLE001 - no shipped tokenizer: token ids only
+                tok = None
+            return cls(random_model(config, dev, dt, seed), tok, **kw)
+        raise FileNotFoundError(f"{path_or_preset!r} is neither a model directory nor a preset "
+                                f"({', '.join(PRESETS)})")
+
+    # ------------------------------------------------------------------ requests
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            eos = self.config.eos_token_id
+            ids.update(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
+            if self.tokenizer is not None and getattr(self.tokenizer, "eos_id", None) is not None:
+                ids.add(int(self.tokenizer.eos_id))
+        return ids
+
+    def check_request(self, request: Request) -> None:
+        """Raise RequestError if the request can never be served (bad or too many tokens, duplicate id, ...)."""
+        rid = request.request_id
+        if rid in self.active or any(s.req.request_id == rid for s in self.waiting):
+            raise RequestError(f"request id {rid!r} is already in use")
+        ids = request.prompt_ids
+        if not ids:
+            raise RequestError("the prompt is empty (0 tokens)")
+        V = self.config.vocab_size
+        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < V)]
+        if bad:
+            raise RequestError(f"the prompt has token ids outside the vocabulary [0, {V}): {bad[:5]}")
+        p = request.params
+        need = len(ids) + p.max_new_tokens
+        if need > self.max_model_len:
+            raise RequestError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({p.max_new_tokens}) is {need} "
+                               f"tokens, more than the maximum model length of {self.max_model_len} tokens")
+        if p.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer and this engine has none (use stop_token_ids)")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(request, name)
+            if k is not None and not 0 <= k <= V:
+                raise RequestError(f"{name} must be in [0, {V}], got {k}")
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request. RequestError if it can never be served; QueueFullError if too many wait."""
+        self.check_request(request)
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({len(self.waiting)} requests waiting, "
+                                 f"max_waiting {self.max_waiting}); retry later")
+        p = request.params
+        gen = None
+        if p.seed is not None and not p.greedy:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(p.seed)
+        matcher = StopMatcher(p.stop) if self.tokenizer is not None else None
+        self.waiting.append(_Seq(request, self._stop_ids(p), matcher, gen))
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now: its row and prefix-cache pins are freed; the next step() reports it finished
+        with finish_reason "abort". Unknown (or already finished) ids are ignored."""
+        for s in self.waiting:
+            if s.req.request_id == request_id:
+                self.waiting.remove(s)
+                break
+        else:
+            s = self.active.get(request_id)
+            if s is None:
+                return
+            self._free(s)
+        self.counters["requests_aborted"] += 1
+        self._aborted.append(self._output(s, [], "", None, True, "abort"))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.active or self._aborted)
+
+    def stats(self) -> dict:
+        ps = self.page_size
+        used = sum(math.ceil(self.cache.lengths[s.row] / ps) for s in self.active.values())
+        out = {"running": sum(s.status == _RUNNING for s in self.active.values()),
+               "prefilling": sum(s.status == _PREFILL for s in self.active.values()),
+               "waiting": len(self.waiting), "free_slots": len(self.free_rows), "max_num_seqs": self.max_num_seqs,
+               "max_model_len": self.max_model_len, "cache_pages_used": used,
+               "cache_pages_total": self.max_num_seqs * (self.cache.capacity // ps),
+               "cache_bytes": self.cache.memory_bytes()["total"]}
+        out.update(self.counters)
+        if self.prefix_cache is not None:
+            out.update(self.prefix_cache.stats())
+        return out
+
+    # ------------------------------------------------------------------ rows
+    def _admit(self) -> None:
+        while self.waiting and self.free_rows:
+            s = self.waiting.popleft()
+            self.free_rows.sort()
+            s.row = self.free_rows.pop(0)
+            row, T = s.row, len(s.prompt)
+            self.cache.states[:, row].zero_()
+            self.cache.lengths[row] = 0
+            self.cache.seqlens[row:row + 1].fill_(0)
+            s.prompt_t = torch.tensor(s.prompt, dtype=torch.long, device=self.device)
+            s.status = _PREFILL
+            self.counters["prompt_tokens_total"] += T
+            if self.prefix_cache is not None:
+                self.counters["prefix_cache_queries"] += T
+                s.page_keys = page_keys(s.prompt, self.page_size)
+                # Prompt log-probabilities need every prompt position's hidden state: no restore then.
+                if s.req.prompt_logprobs is None:
+                    m = self.prefix_cache.lookup(s.prompt, T - 1, s.page_keys)
+                    if m is not None:
+                        s.split_at = m.pages_length
+                        self.prefix_cache.restore(m, self.cache, row)
+                        self.prefix_cache.acquire(m)
+                        s.match, s.num_cached, s.stored = m, m.length, m.length
+                        self.counters["prefix_cache_hits"] += m.length
+            if s.req.prompt_logprobs is not None:
+                s.prompt_lps = [None]
+            self.active[s.req.request_id] = s
+
+    def _free(self, s: _Seq) -> None:
+        self.active.pop(s.req.request_id, None)
+        if s.match is not None and self.prefix_cache is not None:
+            self.prefix_cache.release(s.match)
+            s.match = None
+        if s.row >= 0:
+            self.cache.lengths[s.row] = 0
+            self.cache.seqlens[s.row:s.row + 1].fill_(0)
+            self.free_rows.append(s.row)
+            s.row = -1
+        s.status = "done"
+
+    # ------------------------------------------------------------------ outputs
+    def _output(self, s: _Seq, new_ids: list[int], text: str, lps: list[TokenLogprob] | None, finished: bool,
+                reason: str | None) -> RequestOutput:
+        plp = None
+        if s.prompt_lps is not None and not s.prompt_lps_sent:
+            plp, s.prompt_lps_sent = s.prompt_lps, True
+        return RequestOutput(s.req.request_id, new_ids, text, lps, plp, finished, reason, len(s.prompt),
+                             s.num_cached, len(s.output_ids))
+
+    def _detokenize(self, s: _Seq, final: bool) -> str:
+        """The output text so far, extended by the new tokens' text. Only a few tokens are decoded per call
+        (the new ones and a little context before them), so a long output costs O(1) per token; a piece that
+        ends in an incomplete character waits for the next token unless `final`."""
+        ids = s.output_ids
+        before = self.tokenizer.decode(ids[s.prefix_offset:s.read_offset])
+        after = self.tokenizer.decode(ids[s.prefix_offset:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            s.text += after[len(before):]
+            s.prefix_offset, s.read_offset = s.read_offset, len(ids)
+        return s.text
+
+    def _accept(self, s: _Seq, tok: int, lp: TokenLogprob | None) -> RequestOutput:
+        """Take one sampled token: stop rules, text, finishing."""
+        p = s.req.params
+        lps = [lp] if lp is not None else ([] if s.req.logprobs is not None else None)
+        tok_text = ""
+        reason = None
+        if tok in s.stop_ids:
+            reason = "stop"
+            new_ids = []
+            lps = [] if lps is not None else None
+        else:
+            s.output_ids.append(tok)
+            new_ids = [tok]
+            self.counters["generation_tokens_total"] += 1
+            if s.matcher is not None:
+                tok_text, stopped = s.matcher.feed(self._detokenize(s, final=False))
+                if stopped:
+                    reason = "stop"
+            if reason is None and len(s.output_ids) >= p.max_new_tokens:
+                reason = "length"
+        if reason is not None:
+            if s.matcher is not None and not s.matcher.stopped:
+                tok_text += s.matcher.flush(self._detokenize(s, final=True))
+            self.counters["requests_finished"] += 1
+            out = self._output(s, new_ids, tok_text, lps, True, reason)
+            self._free(s)
+            return out
+        s.last_token = tok
+        s.status = _RUNNING
+        return self._output(s, new_ids, tok_text, lps, False, None)
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[RequestOutput]:
+        """Sample one token for each seq from its logits row (logits [len(seqs), V] fp32)."""
+        greedy = [i for i, s in enumerate(seqs) if s.req.params.greedy]
+        toks = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        if greedy:
+            g = torch.tensor(greedy, device=logits.device)
+            toks[g] = torch.argmax(logits[g], dim=-1)
+        # Unseeded rows with equal settings sample together; a seeded row draws from its own generator.
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(seqs):
+            p = s.req.params
+            if p.greedy:
+                continue
+            if s.generator is not None:
+                toks[i:i + 1] = sample_next(logits[i:i + 1], p, s.generator)
+            else:
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        for rows in groups.values():
+            idx = torch.tensor(rows, device=logits.device)
+            toks[idx] = sample_next(logits[idx], seqs[rows[0]].req.params)
+        tok_list = toks.tolist()
+        lps: list[TokenLogprob | None] = [None] * len(seqs)
+        want = [i for i, s in enumerate(seqs) if s.req.logprobs is not None]
+        if want:
+            lp = torch.log_softmax(logits[want].float(), dim=-1)
+            k = max(seqs[i].req.logprobs for i in want)
+            got = _top_logprobs(lp, [tok_list[i] for i in want], k)
+            for i, t in zip(want, got):
+                t.top = t.top[:seqs[i].req.logprobs]
+                lps[i] = t
+        return [self._accept(s, t, lp) for s, t, lp in zip(seqs, tok_list, lps)]
+
+    # ------------------------------------------------------------------ decode
+    def _decode_step(self, b: int) -> GraphedDecodeStep:
+        st = self._steps.get(b)
+        if st is None:
+            view = self.cache if b == self.max_num_seqs else self.cache.rows_view(b)
+            st = GraphedDecodeStep(DecodeStep(self.runner, view), use_graph=self.use_cuda_graph)
+            self._steps[b] = st
+        return st
+
+    @torch.no_grad()
+    def _decode(self, seqs: list[_Seq]) -> list[RequestOutput]:
+        top = max(s.row for s in seqs) + 1
+        b = next(x for x in self.buckets if x >= top)
+        step = self._decode_step(b)
+        ids = [0] * b
+        for s in seqs:
+            ids[s.row] = s.last_token
+        # Rows of the bucket that are mid-prefill: their lightning states must survive the step.
+        keep = [s.row for s in self.active.values() if s.status == _PREFILL and s.row < b]
+        saved = self.cache.states[:, keep].clone() if keep else None
+        step.ids.copy_(torch.tensor(ids, dtype=torch.long), non_blocking=False)
+        logits = step()
+        if keep:
+            self.cache.states[:, keep] = saved
+        for s in seqs:
+            self.cache.lengths[s.row] += 1
+        self.cache.seqlens.copy_(torch.tensor(self.cache.lengths, dtype=torch.int32))
+        self.counters["decode_steps"] += 1
+        rows = torch.tensor([s.row for s in seqs], device=logits.device)
+        return self._sample(seqs, logits.index_select(0, rows))
+
+    # ------------------------------------------------------------------ prefill
+    def _chunk_end(self, s: _Seq, budget: int) -> int:
+        ps, T = self.page_size, len(s.prompt)
+        start = self.cache.lengths[s.row]
+        end = min(T, start + self.chunk_size, start + budget)
+        if start < s.split_at < end:
+            end = s.split_at         # a snapshot there serves the next prompt that shares this prefix
+        if end < T:
+            aligned = end // ps * ps
+            end = aligned if aligned > start else min(T, (start // ps + 1) * ps)
+        elif self.prefix_cache is not None and T % ps and T // ps * ps > start:
+            end = T // ps * ps       # stop at the last page boundary: its state snapshot is what follow-ups reuse
+        return end
+
+    @torch.no_grad()
+    def _prefill(self, s: _Seq, end: int) -> RequestOutput | None:
+        row = s.row
+        start = self.cache.lengths[row]
+        h = self.runner.prefill_chunk(s.prompt_t[start:end], self.cache, row)
+        self.counters["prefill_tokens_total"] += end - start
+        self.counters["prefill_chunks"] += 1
+        T = len(s.prompt)
+        if s.prompt_lps is not None:
+            # Position j predicts prompt token j + 1; the last prompt position predicts the first output.
+            n = min(end, T - 1) - start
+            if n > 0:
+                lp = torch.log_softmax(self.runner.logits_of(h[0, :n]), dim=-1)
+                s.prompt_lps.extend(_top_logprobs(lp, s.prompt[start + 1:start + 1 + n], s.req.prompt_logprobs))
+        if self.prefix_cache is not None and end % self.page_size == 0:
+            s.stored = self.prefix_cache.store(s.prompt, self.cache, row, end, s.stored, s.page_keys)
+        if end < T:
+            return None
+        logits = self.runner.logits_of(h[:, -1])
+        del h
+        return self._sample([s], logits)[0]
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        """One scheduler iteration: a decode step for the running sequences, admissions, prefill chunks under
+        the token budget. Returns an output for every request that progressed (or was aborted)."""
+        outputs, self._aborted = self._aborted, []
+        running = [s for s in self.active.values() if s.status == _RUNNING]
+        if running:
+            outputs.extend(self._decode(running))
+        self._admit()
+        budget = max(self.max_tokens_per_step - len(running), self.page_size)
+        # Prompts that finish within one chunk go first (a long prompt does not hold back the first token of
+        # short ones), then the others in arrival order.
+        prefilling = [s for s in self.active.values() if s.status == _PREFILL]
+        prefilling.sort(key=lambda s: len(s.prompt) - self.cache.lengths[s.row] > self.chunk_size)
+        for s in prefilling:
+            while budget > 0 and s.status == _PREFILL:
+                start = self.cache.lengths[s.row]
+                end = self._chunk_end(s, budget)
+                budget -= end - start
+                out = self._prefill(s, end)
+                if out is not None:
+                    outputs.append(out)
+            if budget <= 0:
+                break
+        return outputs
+
+    def run_until_done(self) -> list[RequestOutput]:
+        """Step until every queued request finished; all outputs in order (tests, offline use)."""
+        out = []
+        while self.has_unfinished():
+            out.extend(self.step())
+        return out

@@ -1,0 +1,33 @@
+"""A live `sala serve` for the tests: the bundled model's EngineCore served by uvicorn on a free loopback port."""
+from __future__ import annotations
+
+import contextlib
+
+from sala.utils.bundled import BUNDLED_MODEL_DIR
+
+MODEL_DIR = str(BUNDLED_MODEL_DIR)
+# Small enough that the CPU runs every test in steps, not minutes; large enough for several 64-token pages.
+MAX_MODEL_LEN = 1024
+
+
+def make_core(**kw):
+    """The real EngineCore on the bundled model (fp32 on the CPU)."""
+    from sala.engine.scheduler import EngineCore
+
+    kw.setdefault("max_model_len", MAX_MODEL_LEN)
+    kw.setdefault("max_num_seqs", 16)
+    kw.setdefault("device", "cpu")
+    kw.setdefault("dtype", "fp32")
+    return EngineCore.from_pretrained(MODEL_DIR, **kw)
+
+
+@contextlib.contextmanager
+def serving(core=None, *, api_key: str | None = None, served_model_name: str = "sala-test", **core_kw):
+    """A live server (yields BackgroundServer: .url, and .app.state.engine) until the block ends."""
+    from sala.serve.server import BackgroundServer, create_app
+
+    app = create_app(MODEL_DIR, served_model_name=served_model_name, api_key=api_key,
+                     core=core if core is not None else make_core(**core_kw))
+    with BackgroundServer(app) as server:
+        server.app = app
+        yield server
