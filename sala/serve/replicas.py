@@ -25,7 +25,14 @@ from typing import Any
 
 from ray import serve
 
-from sala.serve.routed_engine import ADMITTED, OUTPUT, REFUSED, RetryAfter503, RoutedEngine, RouterMetricsCollector
+from sala.serve.routed_engine import (
+    ADMITTED,
+    OUTPUT,
+    REFUSED,
+    RetryAfter503,
+    RoutedEngine,
+    RouterMetricsCollector,
+)
 from sala.serve.router import PrefixRouter
 
 logger = logging.getLogger(__name__)

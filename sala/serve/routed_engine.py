@@ -126,7 +126,7 @@ class RoutedEngine:
                 return await asyncio.wait_for(self._call(self.replicas[i], "stats"), max(5.0, self.poll_s))
             except asyncio.CancelledError:
                 raise
-            except Exception as e:             # dead, restarting or unreachable
+            except Exception as e:  # noqa: BLE001 - dead, restarting or unreachable: all mean down
                 return e
 
         results = await asyncio.gather(*(one(i) for i in range(len(self.replicas))))
@@ -172,7 +172,7 @@ class RoutedEngine:
                 self.router.finished(d.replica)
                 _cancel_quietly(gen)
                 raise
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any failure to admit: try another replica
                 self.router.finished(d.replica)
                 _cancel_quietly(gen)
                 logger.warning("replica %d failed to admit %s (%s): trying another", d.replica,
@@ -214,7 +214,7 @@ class RoutedEngine:
                                         "its last output") from None
                 except (asyncio.CancelledError, GeneratorExit):
                     raise
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - Ray's actor-died / task errors: the replica failed
                     self.failures += 1
                     self._mark_down(stream.replica)
                     self.router.finished(stream.replica)
