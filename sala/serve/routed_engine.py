@@ -84,7 +84,6 @@ class RoutedEngine:
         self.retried = 0                       # requests moved to another replica before any output
         self._streams: dict[str, RoutedStream] = {}
         self._poller: asyncio.Task | None = None
-        self.dead: BaseException | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -101,6 +100,13 @@ class RoutedEngine:
     @property
     def is_running(self) -> bool:
         return len(self.down) < len(self.replicas)
+
+    @property
+    def dead(self) -> str | None:
+        """Why nothing can be served (every replica down), else None (the app shows it in its 503s)."""
+        if self.is_running:
+            return None
+        return f"all {len(self.replicas)} engine replicas are down; Ray Serve restarts them: retry later"
 
     def stats(self) -> dict:
         """Sums over the replicas' latest stats (numbers only), plus `replicas` and `replicas_up`."""

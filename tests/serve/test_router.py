@@ -94,3 +94,118 @@ def test_bad_arguments():
         PrefixRouter(0)
     with pytest.raises(ValueError, match="max_inflight must be >= 1, got 0"):
         PrefixRouter(2, max_inflight=0)
+
+
+# ---------------------------------------------------------------------- RoutedEngine behind the app (no Ray)
+class _FakeReplica:
+    """A replica handle: `mode` "ok", "dead" (fails every call), "broken" (answers stats, fails generate), "die_before_output" (admits, then fails before
+    any output, once), "die_mid" (fails after the first output)."""
+
+    def __init__(self, mode: str = "ok") -> None:
+        self.mode = mode
+        self.served: list[str] = []
+        self.cancelled = 0
+
+    async def stats(self):
+        if self.mode == "dead":
+            raise RuntimeError("The actor died unexpectedly")
+        return {"pid": 1, "running": 0, "waiting": 0}
+
+    async def generate(self, request):
+        from sala.engine.requests import RequestOutput
+        from sala.serve.routed_engine import ADMITTED, OUTPUT
+
+        if self.mode in ("dead", "broken"):
+            raise RuntimeError("The actor died unexpectedly")
+        yield ADMITTED, None
+        if self.mode == "die_before_output":
+            self.mode = "ok"
+            raise RuntimeError("The actor died unexpectedly")
+        n = request.params.max_new_tokens
+        for k in range(n):
+            if self.mode == "die_mid" and k == 1:
+                raise RuntimeError("The actor died unexpectedly")
+            last = k == n - 1
+            yield OUTPUT, RequestOutput(request.request_id, [100 + k], f" t{k}", None, None, last,
+                                        "length" if last else None, len(request.prompt_ids), 0, k + 1)
+        self.served.append(request.request_id)
+
+
+class _FakeStream:
+    def __init__(self, replica: _FakeReplica, agen) -> None:
+        self.replica, self.agen = replica, agen
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.agen.__anext__()
+
+    def cancel(self) -> None:
+        self.replica.cancelled += 1
+
+
+def _fake_call(handle, method, *args, stream=False):
+    result = getattr(handle, method)(*args)
+    return _FakeStream(handle, result) if stream else result
+
+
+def _client(replicas):
+    from fastapi.testclient import TestClient
+
+    from sala.engine.loading import load_config_dir, load_tokenizer_dir
+    from sala.serve.app import build_app
+    from sala.serve.routed_engine import RetryAfter503, RoutedEngine
+    from sala.utils.bundled import BUNDLED_MODEL_DIR
+
+    engine = RoutedEngine(replicas, tokenizer=load_tokenizer_dir(BUNDLED_MODEL_DIR),
+                          config=load_config_dir(BUNDLED_MODEL_DIR), max_model_len=4096, call=_fake_call,
+                          poll_s=3600)
+    app = build_app(engine, model_name="m")
+    app.add_middleware(RetryAfter503)
+    return TestClient(app), engine
+
+
+def test_failed_replicas_are_routed_around_before_any_output():
+    dead, flaky = _FakeReplica("dead"), _FakeReplica("die_before_output")
+    client, engine = _client([dead, flaky, _FakeReplica()])
+    with client:
+        for i in range(3):
+            r = client.post("/v1/completions", json={"model": "m", "prompt": f"hello {i}", "max_tokens": 3})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == " t0 t1 t2"
+        assert engine.down >= {0} and engine.retried == 1      # the flaky one failed once before output
+        assert engine.router.inflight == [0, 0, 0]
+
+
+def test_failure_after_output_is_a_retryable_503():
+    client, engine = _client([_FakeReplica("die_mid"), _FakeReplica("die_mid")])
+    with client:
+        r = client.post("/v1/completions", json={"model": "m", "prompt": "hello", "max_tokens": 4})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        err = r.json()["error"]
+        assert err["type"] == "service_unavailable" and "retry" in err["message"]
+        # streamed: the headers went out with the first token, so the error is an event before [DONE]
+        r = client.post("/v1/completions", json={"model": "m", "prompt": "hello", "max_tokens": 4, "stream": True})
+        events = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
+        assert r.status_code == 200 and events[-1] == "[DONE]" and "retry" in events[-2]
+        assert engine.router.inflight == [0, 0]
+
+
+def test_no_replica_left_is_503_with_retry_after():
+    client, _ = _client([_FakeReplica("dead"), _FakeReplica("dead")])
+    with client:
+        r = client.post("/v1/chat/completions", json={"model": "m", "max_tokens": 2,
+                                                      "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert "all 2 engine replicas are down" in r.json()["error"]["message"]
+        assert client.get("/health").status_code == 503     # every replica down
+
+
+def test_every_replica_failing_the_request_is_503_replica_unavailable():
+    client, engine = _client([_FakeReplica("broken"), _FakeReplica("broken")])
+    with client:
+        r = client.post("/v1/completions", json={"model": "m", "prompt": "hello", "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "replica_unavailable"
+        assert engine.failures == 2 and engine.router.inflight == [0, 0]
