@@ -131,7 +131,7 @@ def generate_replicas_command(args) -> int:
     if args.input is None or args.output is None:
         raise ValueError("--replicas goes with --input and --output (JSONL prompts in, JSONL results out)")
     if importlib.util.find_spec("ray") is None:
-        raise ModuleNotFoundError("--replicas needs the ray extra: pip install 'sala-lm[ray]'")
+        raise RuntimeError("--replicas needs the ray extra: pip install 'sala-lm[ray]'")
     if args.preset and not args.random_weights:
         raise ValueError(f"preset {args.preset!r} ships no weights: add --random-weights, or pass --model DIR")
     if args.device:

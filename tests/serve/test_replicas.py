@@ -154,3 +154,24 @@ def test_offline_batch_over_two_replicas_is_resumable(cluster, tmp_path):
     lines = [json.loads(ln) for ln in out.read_text().splitlines()]
     assert lines[:4] == first and [r["id"] for r in lines] == [p["id"] for p in prompts]
     assert run_jsonl_replicas(MODEL, inp, out, SamplingParams(max_new_tokens=3), **kw) == 0
+
+
+def test_config_file_and_cli_arguments(capsys):
+    import yaml
+
+    from sala.cli import main
+    from sala.serve.replicas import build_app
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "serve", "ray_serve.yaml")) as f:
+        app_cfg = yaml.safe_load(f)["applications"][0]
+    assert app_cfg["import_path"] == "sala.serve.replicas:build_app"
+    args = dict(app_cfg["args"], model=MODEL)
+    assert type(build_app(args)).__name__ == "Application"          # every documented key is accepted
+    with pytest.raises(ValueError, match=r"unknown sala.serve.replicas:build_app arguments \['bogus'\]"):
+        build_app({"bogus": 1})
+    assert main(["serve", "--replicas", "-1"]) == 1
+    assert "--replicas must be >= 1, got -1" in capsys.readouterr().err
+    assert main(["serve", "--replicas", "2", "--device", "cpu"]) == 1
+    assert "--device does not go with --replicas" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--replicas", "2"]) == 1
+    assert "--replicas goes with --input and --output" in capsys.readouterr().err
