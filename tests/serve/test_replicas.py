@@ -107,9 +107,21 @@ def test_multi_turn_conversation_stays_on_one_replica_and_hits_its_cache(cluster
 
 def test_killed_replica_endpoint_keeps_answering_and_replica_restarts(cluster):
     client = cluster["client"]
-    victim = cluster["replicas"][0]
+    # a long streamed request; once its first tokens arrived, kill the process of the replica serving it
+    stream = iter(client.completions.create(model=NAME, prompt="Tell me a very long story:", max_tokens=4000,
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    assert next(stream).choices[0].text is not None
+    inflight = _state(cluster)["inflight"]
+    assert sorted(inflight) == [0, 1]
+    index = inflight.index(1)
+    victim = cluster["replicas"][index]
     old_pid = victim.pid.remote().result()
     os.kill(old_pid, signal.SIGKILL)
+    # tokens were sent: the stream ends with a clear retryable error event (no hang, bounded by max_tokens)
+    with pytest.raises(openai.APIError, match="retry"):
+        for _ in stream:
+            pass
+    assert _state(cluster)["failures"] >= 1
     # the endpoint answers at once (requests routed to the dead replica are resubmitted to the other one)
     for i in range(4):
         r = client.completions.create(model=NAME, prompt=f"Request {i} after the failure:", max_tokens=3,
@@ -118,7 +130,7 @@ def test_killed_replica_endpoint_keeps_answering_and_replica_restarts(cluster):
 
     def restarted():
         status = serve.status().applications["sala"]
-        if status.status != "RUNNING" or status.deployments["SalaReplica0"].status != "HEALTHY":
+        if status.status != "RUNNING" or status.deployments[f"SalaReplica{index}"].status != "HEALTHY":
             return None
         try:
             pid = victim.pid.remote().result(timeout_s=5)
@@ -126,7 +138,7 @@ def test_killed_replica_endpoint_keeps_answering_and_replica_restarts(cluster):
             return None
         return pid if pid != old_pid else None
 
-    new_pid = _wait(restarted, "replica 0 restarted by Ray Serve")
+    new_pid = _wait(restarted, f"replica {index} restarted by Ray Serve")
     assert new_pid != old_pid
     _wait(lambda: not _state(cluster)["down"], "the ingress sees every replica up again")
     # the restarted replica (a fresh process: its counters start at 0) takes its share of new prompts
