@@ -11,8 +11,8 @@ PrefixRouter, which picks the replica holding the longest cached prefix unless i
 least-loaded one. Faults: a replica that fails before its request produced any output is marked down and the
 request is sent to another one; once output went out, the request fails with a retryable 503. A background task
 polls every replica's `stats()`: a replica that does not answer is down (skipped by the router); one that
-answers with a new process id restarted with an empty cache (the router forgets its pages); prefix-cache
-evictions also make the router forget that replica's pages (its remembered prefixes may be gone).
+answers with a new process id restarted with an empty cache (the router forgets its pages); n prefix-cache
+evictions make the router forget that replica's n least recently routed pages.
 """
 from __future__ import annotations
 
@@ -147,8 +147,9 @@ class RoutedEngine:
                 logger.warning("replica %d restarted (pid %s -> %s): its prefix cache is empty", i,
                                old.get("pid"), s.get("pid"))
                 self.router.forget(i)
-            elif s.get("prefix_cache_evictions", 0) > old.get("prefix_cache_evictions", 0):
-                self.router.forget(i)          # which prefixes went is not reported: forget them all
+            elif old and s.get("prefix_cache_evictions", 0) > old.get("prefix_cache_evictions", 0):
+                # which entries went is not reported: the least recently routed ones are the likeliest
+                self.router.forget_oldest(i, s["prefix_cache_evictions"] - old.get("prefix_cache_evictions", 0))
             if i in self.down:
                 logger.info("replica %d is back", i)
                 self.down.discard(i)

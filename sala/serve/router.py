@@ -7,8 +7,9 @@ computed it, so their cache holds it until evicted), and routes a prompt to the 
 leading pages, unless that replica has `max_inflight` requests or more in flight (a hot conversation must not pile
 onto one replica while others idle); then, as for prompts without a cached prefix, to the least-loaded replica.
 
-Memory is bounded: at most `max_pages` keys are remembered, least recently used first out. A replica that reports
-its prefix cache evicted pages (or that restarted: its cache is empty) is dropped from the keys with `forget`.
+Memory is bounded: at most `max_pages` keys are remembered, least recently used first out. A replica that restarted
+(its cache is empty) is dropped from every key with `forget`; one whose prefix cache evicted n entries loses its n
+least recently routed keys (`forget_oldest`: its cache evicts least recently used first too).
 
 Pure Python (no Ray), not thread-safe: the ingress calls it from its one event loop.
 """
@@ -129,6 +130,18 @@ class PrefixRouter:
             holders.discard(replica)
             if not holders:
                 del self._pages[key]
+
+    def forget_oldest(self, replica: int, n: int) -> int:
+        """`replica` evicted `n` cache entries: forget its `n` least recently routed pages (its cache evicts
+        least recently used first, so these are the likeliest gone). Returns how many were forgotten."""
+        dropped = []
+        for key, holders in self._pages.items():
+            if len(dropped) >= n:
+                break
+            if replica in holders:
+                dropped.append(key)
+        self.forget(replica, dropped)
+        return len(dropped)
 
     def num_pages(self, replica: int | None = None) -> int:
         """Page keys remembered (for `replica` only when given)."""

@@ -89,6 +89,19 @@ def test_forget_evicts_a_replica_and_lru_bound():
     assert router.match_lengths(b) == [3, 0]
 
 
+def test_evictions_forget_the_least_recently_routed_pages_of_that_replica():
+    router = PrefixRouter(2)
+    old, new = page_keys(_doc(8, 3)), page_keys(_doc(9, 3))
+    router.record(0, old)
+    router.record(1, old)
+    router.record(0, new)
+    assert router.forget_oldest(0, 2) == 2          # replica 0 evicted 2 entries: its 2 oldest pages
+    assert router.match_lengths(old) == [0, 3]       # a chain cut at its root matches nothing on replica 0
+    assert router.match_lengths(new) == [3, 0]       # its recent document is still routed to it
+    assert router.forget_oldest(0, 10) == 4          # more than it holds: everything it held
+    assert router.num_pages(0) == 0 and router.num_pages(1) == 3
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="num_replicas must be >= 1, got 0"):
         PrefixRouter(0)
@@ -209,3 +222,28 @@ def test_every_replica_failing_the_request_is_503_replica_unavailable():
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "replica_unavailable"
         assert engine.failures == 2 and engine.router.inflight == [0, 0]
+
+
+def test_poll_forgets_restarted_and_evicting_replicas():
+    import asyncio
+
+    from sala.serve.routed_engine import RoutedEngine
+
+    class Stats:
+        def __init__(self):
+            self.value = {"pid": 1, "prefix_cache_evictions": 0}
+
+        async def stats(self):
+            return dict(self.value)
+
+    a, b = Stats(), Stats()
+    engine = RoutedEngine([a, b], tokenizer=None, config=None, max_model_len=100, call=_fake_call)
+    keys = page_keys(_doc(10, 4))
+    asyncio.run(engine.poll())
+    engine.router.record(0, keys)
+    engine.router.record(1, keys)
+    a.value["pid"] = 2                                     # replica 0 restarted
+    b.value["prefix_cache_evictions"] = 1                  # replica 1 evicted one entry
+    asyncio.run(engine.poll())
+    assert engine.router.match_lengths(keys) == [0, 0]     # 0: empty cache; 1: its oldest page (the root) went
+    assert engine.router.num_pages(1) == 3 and engine.stats()["replicas_up"] == 2
