@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import signal
 import sys
 import time
 
@@ -61,6 +62,10 @@ def run_replicas(args: argparse.Namespace, engine_kwargs: dict) -> int:
     serve.run(app, name=APP_NAME, route_prefix="/")
     print(f"sala serve: {args.model} x {args.replicas} replicas on http://{args.host}:{args.port}/v1 "
           "(Ctrl-C to stop)", file=sys.stderr)
+    def stop(signum, frame):                   # a container's or supervisor's stop: shut Serve down cleanly
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
