@@ -78,7 +78,7 @@ class SalaReplica:
             raise RuntimeError(f"replica {self.index}: the engine thread is not running ({self.engine.dead})")
 
     async def generate(self, request):
-        """Stream (ADMITTED, None) then (OUTPUT, RequestOutput)... until the finished one; or one
+        """Stream (ADMITTED, None) then (OUTPUT, [RequestOutput, ...])... until the finished one; or one
         (REFUSED, (kind, message)) when the engine refuses it ("request": never fits / bad; "queue_full")."""
         from sala.engine.requests import QueueFullError, RequestError
 
@@ -91,9 +91,16 @@ class SalaReplica:
             yield REFUSED, ("queue_full", str(e) or "the waiting queue is full")
             return
         yield ADMITTED, None
-        # leaving early (the ingress cancelled: client gone) runs AsyncEngine.outputs' finally: abort
-        async for out in self.engine.outputs(stream):
-            yield OUTPUT, out
+        # Outputs already queued go in one message: when the ingress reads slower than the engine steps, the
+        # per-message cost is paid once per batch, not once per token. Leaving early (the ingress cancelled:
+        # client gone) runs AsyncEngine.outputs' finally, which aborts the request.
+        outputs = self.engine.outputs(stream)
+        async for out in outputs:
+            batch = [out]
+            while not out.finished and not stream.queue.empty():
+                out = await outputs.__anext__()
+                batch.append(out)
+            yield OUTPUT, batch
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

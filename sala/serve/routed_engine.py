@@ -29,7 +29,8 @@ from sala.serve.router import PrefixRouter
 
 logger = logging.getLogger(__name__)
 
-# Message tags of the replica's `generate` stream (see sala.serve.replicas.SalaReplica.generate).
+# Message tags of the replica's `generate` stream (see sala.serve.replicas.SalaReplica.generate): (ADMITTED,
+# None), (REFUSED, (kind, message)), (OUTPUT, [RequestOutput, ...]).
 ADMITTED, OUTPUT, REFUSED = "admitted", "output", "refused"
 
 
@@ -239,11 +240,12 @@ class RoutedEngine:
                     continue
                 if tag != OUTPUT:
                     raise ReplicaFailed(f"replica {stream.replica} sent {tag!r} mid-request")
-                stream.yielded += 1
-                yield payload
-                if payload.finished:
-                    stream.finished = True
-                    return
+                for out in payload:                # the outputs the replica had queued, in order
+                    stream.yielded += 1
+                    yield out
+                    if out.finished:
+                        stream.finished = True
+                        return
         finally:
             if not stream.finished:
                 self._cancel(stream)

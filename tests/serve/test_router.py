@@ -139,8 +139,8 @@ class _FakeReplica:
             if self.mode == "die_mid" and k == 1:
                 raise RuntimeError("The actor died unexpectedly")
             last = k == n - 1
-            yield OUTPUT, RequestOutput(request.request_id, [100 + k], f" t{k}", None, None, last,
-                                        "length" if last else None, len(request.prompt_ids), 0, k + 1)
+            yield OUTPUT, [RequestOutput(request.request_id, [100 + k], f" t{k}", None, None, last,
+                                         "length" if last else None, len(request.prompt_ids), 0, k + 1)]
         self.served.append(request.request_id)
 
 
