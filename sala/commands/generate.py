@@ -40,6 +40,9 @@ def register(subparsers) -> None:
                    help="torch.compile the prefill's elementwise work (long prompts on a GPU; the first chunk compiles)")
     p.add_argument("--stats", action="store_true", help="print prompt length, TTFT and decode speed to stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    from sala.commands._replicas import add_generate_replica_args
+
+    add_generate_replica_args(p)
     p.set_defaults(func=run)
 
 
@@ -67,6 +70,10 @@ def _tokenizer_for_preset(vocab_size: int):
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    if args.replicas:
+        from sala.serve.offline_replicas import generate_replicas_command
+
+        return generate_replicas_command(args)
     if args.input is not None or args.output is not None:
         from sala.engine.llm import generate_command
 

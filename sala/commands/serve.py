@@ -40,6 +40,9 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default=None, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    from sala.commands._replicas import add_replica_args
+
+    add_replica_args(p)
     p.set_defaults(func=run)
 
 
@@ -61,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if not 0.0 < args.memory_fraction <= 1.0:
         raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
+    if args.replicas:
+        from sala.commands._replicas import run_replicas
+
+        return run_replicas(args, engine_kwargs(args))
     import uvicorn
 
     from sala.serve.server import create_app
