@@ -69,6 +69,10 @@ def _niah(args: argparse.Namespace) -> int:
         check_writable_file(args.out, "--out")
     if args.num_samples is not None and args.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.model:
+        from sala.modeling.checkpoint import check_config_json
+
+        check_config_json(args.model)
     on_gpu = (torch.device(args.device).type == "cuda") if args.device else torch.cuda.is_available()
     defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
     chosen = []
@@ -82,10 +86,6 @@ def _niah(args: argparse.Namespace) -> int:
         print(f"note: on the CPU the defaults are {' '.join(chosen)} (a GPU's are --lengths {GPU_DEFAULTS['lengths']} "
               f"--num-samples {GPU_DEFAULTS['num_samples']}); pass them to choose", file=sys.stderr)
     tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",")]
-    if args.model:
-        from sala.modeling.checkpoint import check_config_json
-
-        check_config_json(args.model)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
         report = run_tasks(args.model, parse_lengths(args.lengths), tasks, num_samples=args.num_samples,
