@@ -156,6 +156,9 @@ def run_tasks(model_dir: str | None, lengths: list[int], tasks: list[str] | tupl
                     f"{time.time() - t0:.0f}s)")
     except KeyboardInterrupt:
         done = [(t, int(L)) for t in results for L in results[t]]
+        if (where.get("task"), where.get("length")) in done:   # stopped between two cells: name the next one
+            todo = [(t, L) for t in tasks for L in lengths if (t, L) not in done]
+            where = {"task": todo[0][0], "length": todo[0][1], "samples_done": 0} if todo else {}
         report.update(partial=True, interrupted_at=where, finished=[{"task": t, "length": L} for t, L in done],
                       tasks=[t for t in tasks if results.get(t)],
                       lengths=[L for L in lengths if all(str(L) in results[t] for t in results if results[t])]
