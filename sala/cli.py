@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import pkgutil
 import sys
@@ -75,7 +76,30 @@ def describe_error(e: BaseException) -> tuple[str, int]:
             f"report it)"), 1
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is at the time of each message (it may be replaced)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _show_library_logs() -> None:
+    """Messages that sala's library modules log at INFO and above go to stderr, one plain line each."""
+    log = logging.getLogger("sala")
+    if not log.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _show_library_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

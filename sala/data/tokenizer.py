@@ -123,7 +123,10 @@ def load_tokenizer(spec: str | os.PathLike | None = None) -> TextTokenizer:
         path = shipped_tokenizer_path()
         if not path.is_file():
             raise FileNotFoundError(f"the shipped tokenizer {path} is missing (run `sala data train-tokenizer`)")
-        return TextTokenizer(Tokenizer.from_file(str(path)), "tokenizers", "sala")
+        out = TextTokenizer(Tokenizer.from_file(str(path)), "tokenizers", "sala")
+        template = _tokenizer_config(path.parent).get("chat_template")
+        out.chat_template = template if isinstance(template, str) else None
+        return out
     p = Path(spec)
     if p.is_file() and p.suffix == ".json":
         return TextTokenizer(Tokenizer.from_file(str(p)), "tokenizers", str(p))
@@ -188,7 +191,7 @@ def render_chat(tok: TextTokenizer, messages: list[dict], add_generation_prompt:
     if tok.backend == "tokenizers":   # the folder's transformers tokenizer renders it exactly as HF users get it
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(tok.source)
+        hf = AutoTokenizer.from_pretrained(str(shipped_tokenizer_path().parent) if tok.source == "sala" else tok.source)
     return hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
