@@ -130,14 +130,21 @@ def test_truncated_latest_checkpoint_falls_back_with_a_warning(packed, tmp_path)
     assert "no usable checkpoint" in r.stderr and "optim.pt" in r.stderr, r.stderr
 
 
-def test_malformed_yaml_and_unwritable_out_dir_are_one_line_errors(packed, tmp_path):
+def test_bad_config_files_and_unwritable_out_dir_are_one_line_errors(packed, tmp_path, capsys):
+    """(The subprocess case of a malformed YAML, with and without --debug, is in tests/cli/test_cli_errors.py.)"""
+    from sala.cli import main
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {kind: sala\nstages: [\n")
-    r = sala("train", bad)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and str(bad) in r.stderr and "invalid YAML at line" in r.stderr
-    r = sala(*_args(packed, _unwritable(tmp_path)))
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "is not writable" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = sala("--debug", "train", bad)
-    assert r.returncode != 0 and "Traceback" in r.stderr
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and "invalid YAML at line" in err
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"stages": [}')
+    assert main(["train", str(bad_json)]) == 2
+    assert "invalid JSON at line 1, column 13" in capsys.readouterr().err
+    assert main(["train", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(_args(packed, _unwritable(tmp_path))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not writable" in err and "out_dir" in err and len(err.splitlines()) == 1
