@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from sala.cli import main
 from sala.utils.bundled import BUNDLED_MODEL_DIR
