@@ -178,8 +178,8 @@ def test_convert_resumes_finished_stages(tmp_path, llama_dir, capsys):
     assert cli_main(base) == 0
     assert "stage 1: done earlier" in capsys.readouterr().out
     (out / "convert_report.json").unlink()
-    assert cli_main(base[:-2] + ["--softmax-layers", "none", "--stage1-lr", "5e-4"]) == 1
-    assert "finished with different options (lr)" in capsys.readouterr().err
+    assert cli_main(base[:-2] + ["--softmax-layers", "none", "--stage1-lr", "5e-4"]) == 2
+    assert "finished with other options (lr: 0.001 -> 0.0005)" in capsys.readouterr().err
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["mixer_types"] == [LIGHTNING] * 4
 
@@ -188,7 +188,7 @@ def test_unsupported_architecture_error(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
     with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported.*llama, qwen2, qwen3, minicpm"):
         read_teacher_spec(tmp_path)
-    assert cli_main(["convert", "--teacher", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert cli_main(["convert", "--teacher", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "gpt2" in capsys.readouterr().err
     (tmp_path / "config.json").write_text(json.dumps({**SMALL, "model_type": "llama", "hidden_act": "silu",
                                                       "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))

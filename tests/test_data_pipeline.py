@@ -69,8 +69,8 @@ def test_prepare_round_trip(tmp_path, prepare_in):
 def test_prepare_refuses_to_overwrite(tmp_path):
     folder, _ = _docs(tmp_path, 3)
     prepare(str(tmp_path / "p"), [str(folder)], log=lambda s: None)
-    with pytest.raises(FileExistsError):
-        prepare(str(tmp_path / "p"), [str(folder)], log=lambda s: None)
+    with pytest.raises(ValueError, match="other options .*seed: 0 -> 1.*--overwrite"):
+        prepare(str(tmp_path / "p"), [str(folder)], seed=1, log=lambda s: None)
 
 
 def test_bad_jsonl_names_line(tmp_path):

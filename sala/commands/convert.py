@@ -61,7 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--restart", action="store_true", help="discard finished stages and start over")
+    p.add_argument("--restart", "--overwrite", dest="restart", action="store_true",
+                   help="discard finished stages and start over (also when --out holds a conversion made with other "
+                        "options, which is refused otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--continue-config", default=None, metavar="TRAIN.yaml",
                    help="after converting, continue training with this `sala train` config (stages, lengths, "
@@ -83,7 +85,10 @@ def _run(args: argparse.Namespace) -> int:
         sparse_config=args.sparse_config,
         data=args.data, select_length=args.select_length, device=args.device, dtype=args.dtype, seed=args.seed,
         restart=args.restart, progress=not args.no_progress)
-    out = convert(opts)
+    from sala.utils.devices import check_device
+
+    check_device(None if args.device == "auto" else args.device)
+    out = convert(opts, log=print)
     if args.continue_config:
         from sala.convert.handover import continue_training
 

@@ -23,8 +23,12 @@ def register(subparsers) -> None:
                     help="share of training tokens made of synthetic retrieval samples (default 0)")
     pr.add_argument("--synthetic-tasks", default="niah_single,niah_multikey,niah_multivalue,vt")
     pr.add_argument("--synthetic-lengths", default="512,1024,2048", help="sample lengths in tokens, e.g. 1k,2k,4k")
-    pr.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
-    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--max-docs", type=int, default=None,
+                    help="stop after this many documents (>= 1; default: every document)")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="rebuild OUT when it holds a dataset made with other options (replaced once the new one is "
+                         "complete); without it, such a folder is refused and one with the same options is reused")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     pr.set_defaults(func=_prepare)
 
     tt = sub.add_parser("train-tokenizer", help="train a byte-level BPE on documents and save tokenizer.json")
@@ -53,7 +57,8 @@ def _prepare(args: argparse.Namespace) -> int:
         synth = SyntheticMix(fraction=args.synthetic_fraction, tasks=tuple(args.synthetic_tasks.split(",")),
                              lengths=tuple(parse_lengths(args.synthetic_lengths)), seed=args.seed + 1234)
     prepare(args.out, args.source or ["stdlib"], tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-            seed=args.seed, synthetic=synth, max_docs=args.max_docs, overwrite=args.overwrite)
+            seed=args.seed, synthetic=synth, max_docs=args.max_docs, overwrite=args.overwrite, log=print,
+            show_progress=not args.no_progress)
     return 0
 
 

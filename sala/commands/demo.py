@@ -26,6 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-dense", action="store_true", help="skip the dense comparison")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--no-progress", action="store_true", help="no prefill progress bar on stderr")
     p.set_defaults(func=run)
 
 
@@ -49,6 +50,9 @@ def _load(model_dir: Path | None, preset_note: list[str]):
     if model_dir is not None:
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir}: no config.json (not a model folder)")
+        from sala.modeling.checkpoint import check_config_json
+
+        check_config_json(model_dir)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         tok = load_tokenizer(model_dir if (model_dir / "tokenizer.json").is_file() else None)
         return model, tok, str(model_dir)
@@ -85,12 +89,17 @@ def _haystack(tok, length: int, depth: float, seed: int):
     return s
 
 
-def _answer(model, tok, ids, max_new_tokens: int) -> tuple[str, float, float]:
+# Prefill chunk of the demo: long documents report progress per chunk (the same logits as one call).
+PREFILL_CHUNK = 2048
+
+
+def _answer(model, tok, ids, max_new_tokens: int, show_progress: bool = True) -> tuple[str, float, float]:
     """Greedy answer; returns (text, prefill seconds, total seconds)."""
     from sala.eval.runner import greedy_answer
 
     t0 = time.perf_counter()
-    text, t_prefill = greedy_answer(model, ids, max_new_tokens, tok)
+    text, t_prefill = greedy_answer(model, ids, max_new_tokens, tok, chunk_size=PREFILL_CHUNK,
+                                    show_progress=show_progress)
     return text, t_prefill, time.perf_counter() - t0
 
 
@@ -123,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     for n in notes:
         print(n)
     sample = _haystack(tok, args.length, args.depth, args.seed)
-    ids = torch.tensor([tok.encode(sample.input, add_bos=True)])
+    ids = torch.tensor([tok.encode(sample.input, add_bos=tok.add_bos)])
     print(f"document: {ids.shape[1]} tokens, one needle at depth {args.depth:.0%}; the question is at the end:")
     print("  ..." + sample.input[-160:].replace("\n", " "))
     print(f"gold answer: {sample.outputs[0]}\n")
@@ -145,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                   "with random weights (time and memory only)\n")
     for name, src, m in rows:
         gc.collect()
-        text, t_pre, t_all = _answer(m, tok, ids, sample.max_new_tokens)
+        text, t_pre, t_all = _answer(m, tok, ids, sample.max_new_tokens, show_progress=not args.no_progress)
         ok = all(g in text for g in sample.outputs)
         params = sum(p.numel() for p in m.parameters()) / 1e6
         state = _cache_mb(m, ids.shape[1]) if hasattr(m.config, "mixer_types") else (

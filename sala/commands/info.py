@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from sala.commands.generate import positive_int
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("info", help="parameters by kind and the memory plan for a context and batch",
@@ -15,7 +17,7 @@ def register(subparsers) -> None:
     p.add_argument("--context", default="1M", help="tokens per sequence, prompt + new tokens (e.g. 128K, 1M)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32")
-    p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk in tokens (default 16384)")
+    p.add_argument("--chunk-size", type=positive_int, default=None, help="prefill chunk in tokens (default 16384)")
     p.add_argument("--device", default=None, help="also check the plan against this device's free memory")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
@@ -26,7 +28,9 @@ def _config(spec: str):
 
     if Path(spec).is_dir():
         from sala.engine.loading import load_config_dir
+        from sala.modeling.checkpoint import check_config_json
 
+        check_config_json(spec)
         return load_config_dir(spec), str(Path(spec))
     if spec in SalaConfig.preset_names():
         return SalaConfig.from_preset(spec), f"preset {spec}"
@@ -43,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from sala.engine.memory import check_fits, device_free_bytes, fmt_bytes, largest_context, parameter_counts, \
         plan_memory
 
+    from sala.utils.devices import check_device
+
+    check_device(args.device)
     config, name = _config(args.model)
     context = parse_length(args.context)
     if args.batch < 1:

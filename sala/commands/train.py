@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 
 
 def register(subparsers) -> None:
@@ -16,6 +17,9 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. optim.lr=1e-3 "
                                                 "stages.0.steps=50 model.config.hidden_size=256")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an out_dir that holds another run (its checkpoints are replaced once this "
+                        "run saves its first) instead of refusing")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
 
@@ -29,9 +33,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, log=print, overwrite=args.overwrite)
         summary = trainer.fit()
         trainer.info(json.dumps(summary))
     finally:
         teardown()
+    if summary.get("interrupted_by"):   # stopped by SIGTERM / SIGINT after saving: the shell's status for it
+        return 128 + int(getattr(signal, summary["interrupted_by"]))
     return 0

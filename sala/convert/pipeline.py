@@ -8,6 +8,7 @@ in OUT (config.json, model.safetensors, tokenizer files, convert_report.json, la
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -28,6 +29,9 @@ from sala.convert.teacher import Teacher
 from sala.convert.transfer import lightning_layer_init
 from sala.engine.loading import load_model_dir
 from sala.eval.heldout import heldout_loss
+from sala.utils.errors import ResumeMismatchError, UsageError, check_writable_dir
+
+logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "generation_config.json")
@@ -103,24 +107,63 @@ def _prepare_default_data(opts: ConvertOptions, stages: Path, log: Callable[[str
     if not has_tok:
         raise ValueError(f"teacher {opts.teacher} has no tokenizer files, so no training text can be tokenized; "
                          "pass --data PACKED_DIR (from `sala data prepare` with the teacher's tokenizer)")
-    prepare(str(target), ["stdlib"], tokenizer=opts.teacher, max_docs=3000, log=log)
+    prepare(str(target), ["stdlib"], tokenizer=opts.teacher, max_docs=3000, log=log, show_progress=opts.progress)
     return str(target)
 
 
-def convert(opts: ConvertOptions, log: Callable[[str], None] = print) -> Path:
-    """Run (or resume) the conversion; returns the output folder."""
+# Options that do not change the converted model: where it goes, how the run shows progress, resumes or runs.
+_NON_DEFINING = ("out", "restart", "progress", "device")
+
+
+def defining_options(opts: ConvertOptions) -> dict:
+    """The options that define a conversion's result (JSON-ready; the teacher as an absolute path)."""
+    d = {k: v for k, v in asdict(opts).items() if k not in _NON_DEFINING}
+    d["teacher"] = os.path.abspath(opts.teacher)
+    if d.get("data") not in (None, "random"):
+        d["data"] = os.path.abspath(str(d["data"]))
+    return json.loads(json.dumps(d))
+
+
+def option_differences(saved: dict, current: dict) -> list[str]:
+    """"name: saved -> current" for every defining option that differs (options only one side has are skipped)."""
+    saved = {k: v for k, v in saved.items() if k not in _NON_DEFINING}
+    if saved.get("teacher"):
+        saved["teacher"] = os.path.abspath(saved["teacher"])
+    if saved.get("data") not in (None, "random"):
+        saved["data"] = os.path.abspath(str(saved["data"]))
+    return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
+
+
+def convert(opts: ConvertOptions, log: Callable[[str], None] | None = None) -> Path:
+    """Run (or resume) the conversion; returns the output folder.
+
+    An output folder holding a finished conversion with the same options is returned as it is; one made with other
+    options is refused, listing them, unless `restart` (the new checkpoint replaces the old one when done)."""
+    log = log or logger.info
     t_start = time.time()
     out = Path(opts.out)
     spec = read_teacher_spec(opts.teacher)          # clear errors before any work
     L = spec.num_layers
     explicit = parse_layer_list(opts.softmax_layers, L)
     if not 0.0 <= opts.softmax_fraction <= 1.0:
-        raise ValueError(f"--softmax-fraction must be in [0, 1], got {opts.softmax_fraction}")
+        raise UsageError(f"--softmax-fraction must be in [0, 1], got {opts.softmax_fraction}")
     for name in ("seq_len", "batch_size"):
         if getattr(opts, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
-    if (out / "config.json").is_file() and (out / "convert_report.json").is_file() and not opts.restart:
-        log(f"{out} already holds a finished conversion (pass --restart to redo it)")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: the converted checkpoint is a folder")
+    check_writable_dir(out, "--out folder")
+    report_file = out / "convert_report.json"
+    if (out / "config.json").is_file() and report_file.is_file() and not opts.restart:
+        try:
+            saved = json.loads(report_file.read_text()).get("options") or {}
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{report_file} cannot be read ({e}): pass --restart to redo the conversion") from None
+        diffs = option_differences(saved, defining_options(opts))
+        if diffs:
+            raise ResumeMismatchError(f"{out} holds a conversion made with other options ({'; '.join(diffs)}): pass "
+                                      f"--restart (or --overwrite) to redo it, or choose another --out")
+        log(f"{out} already holds a finished conversion with these options (pass --restart to redo it)")
         return out
     stages = out / ".stages"
     if opts.restart and stages.exists():

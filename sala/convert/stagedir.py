@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sala.utils.errors import ResumeMismatchError
+
 DONE = "done.json"
 
 
@@ -24,12 +26,14 @@ class StageDir:
         f = self.path / DONE
         if not f.is_file():
             return False
-        prev = json.loads(f.read_text()).get("options")
-        if prev != json.loads(json.dumps(self.options)):
-            changed = sorted(k for k in set(prev or {}) | set(self.options)
-                             if (prev or {}).get(k) != json.loads(json.dumps(self.options)).get(k))
-            raise ValueError(f"stage {self.name!r} in {self.path} finished with different options ({', '.join(changed)}); "
-                             f"pass --restart to redo the conversion, or use another --out")
+        prev = json.loads(f.read_text()).get("options") or {}
+        now = json.loads(json.dumps(self.options))
+        if prev != now:
+            changed = [f"{k}: {prev.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(prev) | set(now))
+                       if prev.get(k) != now.get(k)]
+            raise ResumeMismatchError(f"stage {self.name!r} in {self.path} finished with other options "
+                                      f"({'; '.join(changed)}); pass --restart to redo the conversion, or use "
+                                      f"another --out")
         return True
 
     def begin(self) -> Path:

@@ -44,9 +44,25 @@ class TextTokenizer:
             eos = tok.eos_token_id
             self.eos_id = eos[0] if isinstance(eos, (list, tuple)) else eos
             self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
+        self.add_bos = self._default_add_bos()
+        self.chat_template: str | None = getattr(tok, "chat_template", None) if backend != "tokenizers" else None
+
+    def _default_add_bos(self) -> bool:
+        """Whether a prompt starts with BOS by default: the tokenizer's own setting, as transformers applies it
+        (`tok("text")` with special tokens), so the CLI and `AutoTokenizer` give the model the same ids."""
+        if self.bos_id is None:
+            return False
+        if self.backend == "tokenizers":
+            return True   # sala's BPE: tokenizer_config.json says add_bos_token (read by load_tokenizer)
+        try:
+            ids = self.tok("a", add_special_tokens=True)["input_ids"]
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot say: no BOS
+            return False
+        return bool(ids) and ids[0] == self.bos_id
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of `text` (no special tokens added unless `add_bos`)."""
+        """Token ids of `text` (no special tokens added unless `add_bos`; `self.add_bos` is the tokenizer's own
+        default for prompts)."""
         if self.backend == "tokenizers":
             ids = self.tok.encode(text, add_special_tokens=False).ids
         else:
@@ -74,9 +90,12 @@ class TextTokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if self.backend == "tokenizers":
-            self.tok.save(str(folder / "tokenizer.json"))
+            with_bos_processor(self.tok, self.add_bos).save(str(folder / "tokenizer.json"))
             cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
-                   "pad_token": PAD_TOKEN, "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}
+                   "pad_token": PAD_TOKEN, "add_bos_token": self.add_bos, "add_eos_token": False,
+                   "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}
+            if self.chat_template:
+                cfg["chat_template"] = self.chat_template
             (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         else:
             self.tok.save_pretrained(str(folder))
@@ -104,7 +123,10 @@ def load_tokenizer(spec: str | os.PathLike | None = None) -> TextTokenizer:
         path = shipped_tokenizer_path()
         if not path.is_file():
             raise FileNotFoundError(f"the shipped tokenizer {path} is missing (run `sala data train-tokenizer`)")
-        return TextTokenizer(Tokenizer.from_file(str(path)), "tokenizers", "sala")
+        out = TextTokenizer(Tokenizer.from_file(str(path)), "tokenizers", "sala")
+        template = _tokenizer_config(path.parent).get("chat_template")
+        out.chat_template = template if isinstance(template, str) else None
+        return out
     p = Path(spec)
     if p.is_file() and p.suffix == ".json":
         return TextTokenizer(Tokenizer.from_file(str(p)), "tokenizers", str(p))
@@ -113,7 +135,11 @@ def load_tokenizer(spec: str | os.PathLike | None = None) -> TextTokenizer:
         if tj.is_file():
             tok = Tokenizer.from_file(str(tj))
             if tok.token_to_id(BOS_TOKEN) is not None and tok.token_to_id(EOS_TOKEN) is not None:
-                return TextTokenizer(tok, "tokenizers", str(p))
+                out = TextTokenizer(tok, "tokenizers", str(p))
+                cfg = _tokenizer_config(p)
+                out.add_bos = bool(cfg.get("add_bos_token", True))   # sala's folders: BOS unless they say not
+                out.chat_template = cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None
+                return out
         try:
             from transformers import AutoTokenizer
 
@@ -121,6 +147,52 @@ def load_tokenizer(spec: str | os.PathLike | None = None) -> TextTokenizer:
         except Exception as e:  # noqa: BLE001 - report what went wrong in one line
             raise ValueError(f"could not load a tokenizer from folder {p}: {type(e).__name__}: {e}") from None
     raise FileNotFoundError(f"tokenizer {spec!r}: not 'sala', a tokenizer.json file or a model folder")
+
+
+def with_bos_processor(tok, add_bos: bool):
+    """A copy of `tokenizers.Tokenizer` `tok` whose post-processor prepends BOS (add_bos) or nothing, so that
+    transformers' tokenizer of a saved folder (`tok(text)`) adds BOS exactly when sala's CLI does."""
+    from tokenizers import Tokenizer, processors
+
+    out = Tokenizer.from_str(tok.to_str())
+    bos_id = out.token_to_id(BOS_TOKEN)
+    if add_bos and bos_id is not None:
+        out.post_processor = processors.TemplateProcessing(single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B",
+                                                           special_tokens=[(BOS_TOKEN, bos_id)])
+    else:
+        out.post_processor = None
+    return out
+
+
+def _tokenizer_config(folder: Path) -> dict:
+    """tokenizer_config.json of `folder` ({} when absent; UsageError naming the file when it is not valid JSON)."""
+    from sala.utils.errors import UsageError
+
+    f = folder / "tokenizer_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{f} is not valid JSON ({e}); fix or remove it") from None
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def render_chat(tok: TextTokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The prompt text of a conversation through the tokenizer's chat template (tokenizer_config.json
+    `chat_template`, rendered as transformers' `apply_chat_template` renders it). The template writes the BOS
+    itself, so encode the result without `add_bos`. UsageError when the tokenizer has no template."""
+    from sala.utils.errors import UsageError
+
+    if not tok.chat_template:
+        raise UsageError(f"tokenizer {tok.source} has no chat template (tokenizer_config.json chat_template): "
+                         f"prompt it without --chat")
+    hf = tok.tok
+    if tok.backend == "tokenizers":   # the folder's transformers tokenizer renders it exactly as HF users get it
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(shipped_tokenizer_path().parent) if tok.source == "sala" else tok.source)
+    return hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def train_bpe(texts: Iterator[str] | Iterable[str], vocab_size: int = 8192, min_frequency: int = 2) -> TextTokenizer:

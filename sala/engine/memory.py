@@ -178,9 +178,30 @@ def largest_context(config: SalaConfig, capacity: int, batch: int = 1, dtype: to
     return lo
 
 
+def system_available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+    """Memory the system can give this process without swapping (Linux MemAvailable, else physical pages that are
+    free per sysconf); None when neither can be read."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def device_free_bytes(device: torch.device | str) -> int | None:
-    """Free memory on a CUDA device (plus what this process's allocator caches), None on CPU."""
+    """Free memory on a CUDA device (plus what this process's allocator caches); on CPU the system's available
+    memory (`system_available_bytes`); None where it cannot be known."""
     device = torch.device(device)
+    if device.type == "cpu":
+        return system_available_bytes()
     if device.type != "cuda":
         return None
     free, _total = torch.cuda.mem_get_info(device)
@@ -188,12 +209,21 @@ def device_free_bytes(device: torch.device | str) -> int | None:
     return int(free + reserved_unused)
 
 
+def check_context(config: SalaConfig, context: int) -> None:
+    """Raise ValueError when `context` tokens (prompt + new tokens) exceed the model's max_position_embeddings."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and context > limit:
+        raise ValueError(f"this request needs a context of {context:,} tokens (prompt + new tokens), beyond the "
+                         f"model's limit of {limit:,} (max_position_embeddings): shorten the prompt or lower "
+                         f"--max-new-tokens")
+
+
 def check_fits(config: SalaConfig, plan: MemoryPlan, capacity: int | None, *, weights_loaded: bool = False,
                where: str = "the device") -> None:
     """Raise MemoryError (numbers + the largest context that fits) if `plan` needs more than `capacity` bytes.
 
     `weights_loaded`: the weights are already resident, so only caches and workspace must fit in `capacity`.
-    `capacity` None (CPU) means no check.
+    `capacity` None (unknown) means no memory check.
     """
     if capacity is None:
         return

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Callable
@@ -16,6 +17,9 @@ from sala.eval.tasks import TASKS, TaskSample, generate
 from sala.eval.teacher_forced import SINGLE_ANSWER_TASKS, teacher_forced_report, teacher_forced_sample
 from sala.utils.bundled import bundled_model_dir
 from sala.utils.lengths import parse_lengths  # noqa: F401  (re-exported: sala.eval.parse_lengths)
+from sala.utils.progress import progress
+
+logger = logging.getLogger(__name__)
 
 # Functions returning a default model folder (or None); `--model` may be left out when one answers.
 DEFAULT_MODEL_RESOLVERS: list[Callable[[], str | None]] = [
@@ -44,16 +48,27 @@ def resolve_device_dtype(device: str | None, dtype: str = "auto") -> tuple[torch
 
 
 @torch.no_grad()
-def greedy_answer(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, tok) -> tuple[str, float]:
+def greedy_answer(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, tok,
+                  chunk_size: int | None = None, show_progress: bool = False) -> tuple[str, float]:
     """Prefill `ids` [1, T], then greedy decoding with the model's cache until '.', a newline, EOS or
-    `max_new_tokens`. Works for SALA and transformers models. Returns (answer text, prefill seconds)."""
+    `max_new_tokens`. Works for SALA and transformers models. Returns (answer text, prefill seconds).
+    `chunk_size`: prefill in pieces of this many tokens through the cache (the same logits as one call), with a
+    progress bar of tokens done / total, tokens/s and ETA on stderr when `show_progress` (shown after 2 s)."""
     from sala.modeling import cache_keyword, output_cache
 
     key = cache_keyword(model)
     t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    T = ids.shape[1]
+    step = T if not chunk_size or chunk_size >= T else chunk_size
+    past, out = None, None
+    with progress(T, desc="prefill", unit="tok", enabled=show_progress, unit_scale=True) as bar:
+        for s in range(0, T, step):
+            extra = {key: past} if past is not None else {}
+            out = model(input_ids=ids[:, s:s + step], use_cache=True, logits_to_keep=1, **extra)
+            past = output_cache(out)
+            bar.update(min(step, T - s))
     t_prefill = time.perf_counter() - t0
-    past, new = output_cache(out), []
+    new = []
     for _ in range(max_new_tokens):
         nxt = int(out.logits[0, -1].argmax())
         if nxt == tok.eos_id:
@@ -75,8 +90,10 @@ def clean_prediction(text: str) -> str:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, tok, sample: TaskSample, device: torch.device) -> str:
-    """Greedy continuation of `sample.input` (BOS prepended), at most `sample.max_new_tokens` tokens."""
-    ids = torch.tensor([tok.encode(sample.input, add_bos=True)], dtype=torch.long, device=device)
+    """Greedy continuation of `sample.input` (BOS prepended when the tokenizer's setting says so, as
+    transformers' tokenizer does), at most `sample.max_new_tokens` tokens."""
+    ids = torch.tensor([tok.encode(sample.input, add_bos=getattr(tok, "add_bos", True))], dtype=torch.long,
+                       device=device)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=sample.max_new_tokens,
                          do_sample=False, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id
                          if tok.pad_id is not None else tok.eos_id)
@@ -86,15 +103,21 @@ def predict(model: torch.nn.Module, tok, sample: TaskSample, device: torch.devic
 def run_tasks(model_dir: str | None, lengths: list[int], tasks: list[str] | tuple[str, ...] = ("niah_single",),
               num_samples: int = 20, seed: int = 0, device: str | None = None, dtype: str = "auto",
               model: torch.nn.Module | None = None, tokenizer=None, teacher_forced: bool = False,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] | None = None, show_progress: bool = False) -> dict:
     """Generate, run and score every task at every length. Returns a JSON-ready report with
     `results[task][str(length)] = {"score", "n", "mean_prompt_tokens", "examples", "misses", "by_depth"}`
     (misses: every sample below full marks, with gold, prediction and needle depth; by_depth: `depth_buckets`).
     teacher_forced: also score single-answer tasks with the gold answer fed in one forward pass, beside greedy
-    decoding (`sala.eval.teacher_forced`; key "teacher_forced")."""
+    decoding (`sala.eval.teacher_forced`; key "teacher_forced").
+    Interrupted (KeyboardInterrupt), it returns what it finished: the report holds the (task, length) cells done,
+    "partial": true and "interrupted_at": {"task", "length", "samples_done"}. show_progress: a bar of samples
+    within each length on stderr."""
     from sala.data.tokenizer import load_tokenizer
     from sala.engine.loading import load_model_dir
 
+    log = log or logger.info
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
@@ -108,28 +131,57 @@ def run_tasks(model_dir: str | None, lengths: list[int], tasks: list[str] | tupl
     tok = tokenizer or load_tokenizer(model_dir)
     results: dict = {}
     t0 = time.time()
-    for task in tasks:
-        results[task] = {}
-        for L in lengths:
-            samples = list(generate(task, L, num_samples, tok.count, seed=seed))
-            preds = [predict(model, tok, s, dev) for s in samples]
-            score = SCORERS[task](preds, [s.outputs for s in samples])
-            per_sample = [SCORERS[task]([p], [s.outputs]) for s, p in zip(samples, preds)]
-            results[task][str(L)] = {
-                "score": score, "n": len(samples),
-                "mean_prompt_tokens": sum(s.num_tokens for s in samples) / len(samples),
-                "examples": [{"gold": s.outputs, "pred": p, "depth": s.depth} for s, p in zip(samples[:5], preds[:5])],
-                # every sample that did not score full marks, with its needle depth (where retrieval fails)
-                "misses": [{"gold": s.outputs, "pred": p, "depth": s.depth}
-                           for s, p, x in zip(samples, preds, per_sample) if x < 100.0],
-                "by_depth": depth_buckets([s.depth for s in samples], per_sample),
-            }
-            if teacher_forced and task in SINGLE_ANSWER_TASKS:
-                rows = [teacher_forced_sample(model, tok, s.input, s.outputs[0], dev) for s in samples]
-                results[task][str(L)]["teacher_forced"] = teacher_forced_report(rows, [x >= 100.0 for x in per_sample])
-            log(f"{task:16s} {L:>8d} tokens: {score:6.1f}  ({len(samples)} samples, {time.time() - t0:.0f}s)")
-    return {"model": str(model_dir), "tokenizer": tok.source, "lengths": lengths, "tasks": list(tasks),
-            "num_samples": num_samples, "seed": seed, "results": results, "seconds": time.time() - t0}
+    report = {"model": str(model_dir), "tokenizer": tok.source, "lengths": lengths, "tasks": list(tasks),
+              "num_samples": num_samples, "seed": seed, "results": results}
+    where = {}
+    try:
+        for task in tasks:
+            results[task] = {}
+            for L in lengths:
+                where = {"task": task, "length": L, "samples_done": 0}
+                samples = list(generate(task, L, num_samples, tok.count, seed=seed))
+                preds = []
+                with progress(len(samples), desc=f"{task} {L} tokens", unit="sample", enabled=show_progress) as bar:
+                    for s in samples:
+                        preds.append(predict(model, tok, s, dev))
+                        where["samples_done"] = len(preds)
+                        bar.update(1)
+                cell = _score_cell(task, samples, preds)
+                if teacher_forced and task in SINGLE_ANSWER_TASKS:
+                    per_sample = [SCORERS[task]([p], [s.outputs]) for s, p in zip(samples, preds)]
+                    rows = [teacher_forced_sample(model, tok, s.input, s.outputs[0], dev) for s in samples]
+                    cell["teacher_forced"] = teacher_forced_report(rows, [x >= 100.0 for x in per_sample])
+                results[task][str(L)] = cell
+                log(f"{task:16s} {L:>8d} tokens: {cell['score']:6.1f}  ({len(samples)} samples, "
+                    f"{time.time() - t0:.0f}s)")
+    except KeyboardInterrupt:
+        done = [(t, int(L)) for t in results for L in results[t]]
+        if (where.get("task"), where.get("length")) in done:   # stopped between two cells: name the next one
+            todo = [(t, L) for t in tasks for L in lengths if (t, L) not in done]
+            where = {"task": todo[0][0], "length": todo[0][1], "samples_done": 0} if todo else {}
+        report.update(partial=True, interrupted_at=where, finished=[{"task": t, "length": L} for t, L in done],
+                      tasks=[t for t in tasks if results.get(t)],
+                      lengths=[L for L in lengths if all(str(L) in results[t] for t in results if results[t])]
+                      if any(results.values()) else [])
+        for t in [t for t in results if not results[t]]:
+            del results[t]
+    report["seconds"] = time.time() - t0
+    return report
+
+
+def _score_cell(task: str, samples: list[TaskSample], preds: list[str]) -> dict:
+    """The report of one (task, length): score, examples, misses with depths, score by depth."""
+    score = SCORERS[task](preds, [s.outputs for s in samples])
+    per_sample = [SCORERS[task]([p], [s.outputs]) for s, p in zip(samples, preds)]
+    return {
+        "score": score, "n": len(samples),
+        "mean_prompt_tokens": sum(s.num_tokens for s in samples) / len(samples),
+        "examples": [{"gold": s.outputs, "pred": p, "depth": s.depth} for s, p in zip(samples[:5], preds[:5])],
+        # every sample that did not score full marks, with its needle depth (where retrieval fails)
+        "misses": [{"gold": s.outputs, "pred": p, "depth": s.depth}
+                   for s, p, x in zip(samples, preds, per_sample) if x < 100.0],
+        "by_depth": depth_buckets([s.depth for s in samples], per_sample),
+    }
 
 
 DEPTH_BUCKETS = 5

@@ -3,14 +3,18 @@
 Layout: `{out_dir}/checkpoints/step_{N:08d}/` with `model.pt`, `optim.pt` (full, unsharded state dicts),
 `trainer.json` and `rng_rank{r}.pt`; `{out_dir}/checkpoints/latest` names the newest. A checkpoint is
 written into `.tmp-step_{N:08d}` and renamed when complete, so a crash never leaves a half checkpoint
-under a real name; `latest` is replaced atomically too.
+under a real name; `latest` is replaced atomically too. Resuming checks the newest checkpoint's files (JSON and
+the zip archives torch writes, with their CRCs) and falls back to the previous one, with a warning, when the newest
+is truncated or corrupt.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,28 @@ import torch
 import torch.distributed as dist
 
 from sala.train.distributed import DistEnv, barrier
+from sala.utils.errors import SalaError, disk_full_error, is_disk_full
+
+logger = logging.getLogger(__name__)
+
+
+def _save(obj, path: Path) -> None:
+    """torch.save, with a full disk reported as such and naming the file (torch says "unexpected pos ...")."""
+    try:
+        torch.save(obj, path)
+    except (OSError, RuntimeError) as e:
+        if is_disk_full(e):
+            raise disk_full_error(path, e) from None
+        raise
+
+
+def _load(path: Path):
+    """torch.load of one checkpoint file, naming the file when it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise SalaError(f"checkpoint file {path} cannot be read ({type(e).__name__}: {e}); it is truncated or "
+                        f"corrupt: delete its folder to resume from an older checkpoint") from None
 
 
 def _state_dict_options(**kw):
@@ -66,8 +92,10 @@ def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, trainer_state: dict, env: DistEnv, keep: int = 2) -> Path:
-    """Write checkpoint `step` (all ranks must call this) and prune all but the newest `keep`."""
+                    optimizer: torch.optim.Optimizer, trainer_state: dict, env: DistEnv, keep: int = 2,
+                    stale: list[Path] | tuple[Path, ...] = ()) -> Path:
+    """Write checkpoint `step` (all ranks must call this) and prune all but the newest `keep`. `stale`: folders
+    of an earlier run (started again with overwrite), removed once this checkpoint is in place."""
     root = Path(ckpt_root)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
@@ -87,14 +115,22 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Mod
         msd = model.state_dict()
         osd = optimizer.state_dict()
     if env.is_main:
-        torch.save(msd, tmp / "model.pt")
-        torch.save(osd, tmp / "optim.pt")
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-    torch.save(rng_state(), tmp / f"rng_rank{env.rank}.pt")
+        _save(msd, tmp / "model.pt")
+        _save(osd, tmp / "optim.pt")
+        try:
+            (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(tmp / "trainer.json", e) from None
+            raise
+    _save(rng_state(), tmp / f"rng_rank{env.rank}.pt")
     barrier(env)
     if env.is_main:
         replace_dir(tmp, final)
         _atomic_write_text(root / "latest", final.name + "\n")
+        for old in stale:
+            if Path(old).resolve() != final.resolve():
+                shutil.rmtree(old, ignore_errors=True)
         done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -102,16 +138,65 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: torch.nn.Mod
     return final
 
 
-def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
-    """The checkpoint named by `latest`, or None when there is none."""
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """What makes checkpoint folder `path` unusable (missing or unreadable trainer.json, a missing, truncated or
+    corrupt .pt archive), or None when it reads whole. Reads every file once (CRC check), loads nothing."""
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path} does not exist"
+    try:
+        json.loads((path / "trainer.json").read_text())
+    except FileNotFoundError:
+        return f"{path / 'trainer.json'} is missing"
+    except (OSError, ValueError) as e:
+        return f"{path / 'trainer.json'} cannot be read ({e})"
+    for name in ("model.pt", "optim.pt"):
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+            if bad is not None:
+                return f"{f} is corrupt (entry {bad} fails its CRC check)"
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            return f"{f} is truncated or corrupt ({e})"
+    return None
+
+
+def list_checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:
+    """Finished checkpoint folders under `ckpt_root`, oldest first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def latest_checkpoint(ckpt_root: str | os.PathLike, warn=None) -> Path | None:
+    """The newest usable checkpoint: the one `latest` names when it reads whole, else (with a warning through
+    `warn`, default logging) the newest older one that does. None when there is none; SalaError naming every
+    problem when checkpoints exist but none is usable."""
+    warn = warn or logger.warning
     root = Path(ckpt_root)
     ptr = root / "latest"
-    if not ptr.is_file():
+    found = list_checkpoints(root)
+    if not ptr.is_file() and not found:
         return None
-    path = root / ptr.read_text().strip()
-    if not (path / "trainer.json").is_file():
-        raise RuntimeError(f"{ptr} names {path}, which is not a complete checkpoint")
-    return path
+    named = root / ptr.read_text().strip() if ptr.is_file() else None
+    candidates = list(reversed(found))
+    if named is not None:   # `latest` first, then the older ones
+        candidates = [named] + [p for p in candidates if p.name < named.name]
+    problems = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if problems:
+                warn(f"warning: the newest checkpoint is unusable ({'; '.join(problems)}); resuming from the "
+                     f"previous one, {path}")
+            return path
+        problems.append(problem)
+    raise SalaError(f"no usable checkpoint in {root}: {'; '.join(problems)}. Delete the broken folders to start "
+                    f"over, or pass resume=false to train from scratch (the checkpoints stay until replaced)")
 
 
 def read_trainer_state(path: str | os.PathLike) -> dict:
@@ -129,16 +214,16 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         opts = _state_dict_options(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
-        msd = torch.load(path / "model.pt", map_location="cpu", weights_only=False) if env.is_main else {}
+        msd = _load(path / "model.pt") if env.is_main else {}
         set_model_state_dict(model, msd, options=opts)
-        osd = torch.load(path / "optim.pt", map_location="cpu", weights_only=False) if env.is_main else {}
+        osd = _load(path / "optim.pt") if env.is_main else {}
         set_optimizer_state_dict(model, optimizer, osd, options=opts)
     else:
-        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=False))
-        optimizer.load_state_dict(torch.load(path / "optim.pt", map_location="cpu", weights_only=False))
+        model.load_state_dict(_load(path / "model.pt"))
+        optimizer.load_state_dict(_load(path / "optim.pt"))
     rng_file = path / f"rng_rank{env.rank}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(_load(rng_file))
     if env.distributed:
         dist.barrier()
     return state

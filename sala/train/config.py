@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from sala.utils.errors import UsageError
+
 MODEL_KINDS = ("sala", "llama", "pretrained")
 DECAYS = ("constant", "exponential", "linear", "cosine")
 PRECISIONS = ("auto", "bf16", "bf16-residual", "bf16-pure", "fp32")
@@ -240,17 +242,29 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     data: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
+        if not p.exists():
             raise FileNotFoundError(f"training config {path} does not exist")
+        if not p.is_file():
+            raise UsageError(f"training config {path} is a directory, not a YAML/JSON file")
         text = p.read_text()
         if p.suffix == ".json":
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
         else:
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise UsageError(f"{path}: invalid YAML{where}: {problem}; fix the file (YAML mappings look like "
+                                 f"`key: value`)") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: the top level must be a mapping")
+            raise UsageError(f"{path}: the top level must be a mapping (key: value lines), got {type(data).__name__}")
     if base:
         data = {**base, **data}
     data = json.loads(json.dumps(data))  # deep copy, tuples -> lists
@@ -324,3 +338,46 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.max_nonfinite_steps < 0:
         raise ValueError(f"max_nonfinite_steps must be >= 0 (0: stop at the first non-finite step), "
                          f"got {cfg.max_nonfinite_steps}")
+
+
+# Fields that may change between a run and its resumption: how long it trains, how it logs, saves and stops.
+# Every other field defines the run (model, data, optimizer, stage shapes, seed, precision).
+RESUMABLE_CHANGES = frozenset({
+    "out_dir", "log_every", "eval_every", "eval_windows", "save_every", "keep_checkpoints", "keep_stage_ends",
+    "resume", "resume_from", "stop_after", "time_limit_s", "max_nonfinite_steps", "peak_tflops", "progress",
+    "save_final", "device"})
+RESUMABLE_STAGE_CHANGES = frozenset({"steps", "warmup_steps", "decay", "decay_steps", "lr_end"})
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    if isinstance(value, (list, tuple)) and prefix.split(".")[-1] == "stages":
+        out = {f"{prefix}.count": len(value)}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}.{i}"))
+        return out
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def run_differences(saved: dict, current: dict) -> list[str]:
+    """The fields defining a run (`TrainConfig.to_dict()` form) that differ between a checkpoint's config and this
+    one, as "field: saved -> current" lines; [] when this config may resume that checkpoint. Fields only one side
+    has (a checkpoint written before a field existed) are not compared."""
+    a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
+    out = []
+    for key in sorted(set(a) & set(b), key=lambda k: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in k.split(".")]):
+        parts = key.split(".")
+        if parts[0] in RESUMABLE_CHANGES:
+            continue
+        if parts[0] == "stages" and len(parts) == 3 and parts[2] in RESUMABLE_STAGE_CHANGES:
+            continue
+        if key == "data.path" and a.get(key) and b.get(key) and \
+                Path(str(a[key])).expanduser().resolve() == Path(str(b[key])).expanduser().resolve():
+            continue
+        if a[key] != b[key]:
+            out.append(f"{key}: {a[key]!r} -> {b[key]!r}")
+    return out

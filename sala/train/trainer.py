@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import re
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,13 +24,16 @@ import torch
 from sala.data.batching import collate_windows, num_loss_tokens
 from sala.data.packed import PackedDataset, Window, read_meta
 from sala.train import checkpoint as ckpt
-from sala.train.config import StageConfig, TrainConfig
+from sala.train.config import StageConfig, TrainConfig, run_differences
 from sala.train.distributed import DistEnv, all_reduce_sum, barrier, setup, shard_model
 from sala.train.compile import compile_for_training
 from sala.train.flops import peak_tflops, train_step_flops
 from sala.train.metrics import MetricsLog
 from sala.train.model_factory import apply_throughput_options, build_model, is_sala, set_sparse_attention
 from sala.train.schedule import stage_lr
+from sala.utils.errors import ResumeMismatchError, check_writable_dir
+
+logger = logging.getLogger(__name__)
 
 
 def set_trainable(model: torch.nn.Module, patterns: list[str] | None) -> int:
@@ -58,16 +64,21 @@ class Trainer:
     """Trains `config.model` on `config.data` through `config.stages`.
 
     `model` may be passed in (e.g. a converted model) instead of being built from the config.
-    `fit()` returns a summary dict (final step, last losses, held-out loss, tokens, seconds).
+    `fit()` returns a summary dict (final step, last losses, held-out loss, tokens, seconds); SIGTERM or SIGINT
+    during `fit()` saves a checkpoint after the current step and returns (summary "interrupted_by").
+    Resuming checks that the checkpoint's run had the same defining options (`run_differences`);
+    `overwrite=True` starts again instead, and the older checkpoints go once the new run saved its first.
     """
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, overwrite: bool = False):
         self.cfg = config
         self.env: DistEnv = setup(config.device)
-        self._log = log or print
-        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self._log = log or logger.info
         self.out_dir = Path(config.out_dir)
+        if self.env.is_main:   # before any work: a run that cannot save is refused now, not at its first checkpoint
+            check_writable_dir(self.out_dir, "training output folder (out_dir)")
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.meta = read_meta(config.data.path or config.stages[0].data)
         if model is None:
             model = build_model(config.model, vocab_size=self.meta["vocab_size"], bos_id=self.meta.get("bos_id"),
@@ -122,13 +133,26 @@ class Trainer:
         self.state = {"global_step": 0, "stage": 0, "stage_step": 0, "data_pos": 0, "tokens": 0, "skipped_steps": 0}
         self.ckpt_root = self.out_dir / "checkpoints"
         resume_step = None
-        path = ckpt.latest_checkpoint(self.ckpt_root) if config.resume else None
+        self._stale_checkpoints: list[Path] = []
+        path = None
+        if config.resume and not overwrite:
+            path = ckpt.latest_checkpoint(self.ckpt_root, warn=self.info)
+            if path is not None:
+                diffs = run_differences(ckpt.read_trainer_state(path).get("config") or {}, config.to_dict())
+                if diffs:
+                    raise ResumeMismatchError(
+                        f"{self.out_dir} holds a run with other options than this config, so it cannot be resumed "
+                        f"({'; '.join(diffs)}); use another out_dir, restore those options, or pass --overwrite "
+                        f"to start again (its checkpoints are replaced once the new run saves its first)")
+        elif overwrite:
+            self._stale_checkpoints = ckpt.list_checkpoints(self.ckpt_root)
         if path is None and config.resume_from:   # a branch: another run's checkpoint, this run's stages and data
             path = Path(config.resume_from)
             if not (path / "trainer.json").is_file():
                 raise FileNotFoundError(f"resume_from={config.resume_from}: not a checkpoint folder (no trainer.json)")
         if path is not None:
             self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.env)["state"]
+            self._stale_checkpoints = []
             self.state.setdefault("skipped_steps", 0)   # checkpoints written before the count existed
             stage, step, steps = self.state["stage"], self.state["stage_step"], [st.steps for st in config.stages]
             if stage > len(steps) or (stage < len(steps) and step > steps[stage]):
@@ -141,6 +165,7 @@ class Trainer:
             (self.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.env.is_main, resume_step=resume_step)
         self.history: list[dict] = []
+        self._signal: int | None = None   # SIGTERM / SIGINT received during fit()
 
     # ------------------------------------------------------------------ helpers
     def info(self, msg: str) -> None:
@@ -226,9 +251,37 @@ class Trainer:
         """Checkpoint now (model, optimizer, schedule position, data position, RNG) under `out_dir/checkpoints`;
         `resume: true` continues from the newest one exactly. Returns its folder."""
         self._flush_nonfinite()
-        return ckpt.save_checkpoint(self.ckpt_root, self.state["global_step"], self.model, self.optimizer,
-                                    {"state": self.state, "config": self.cfg.to_dict()}, self.env,
-                                    keep=self.cfg.keep_checkpoints)
+        saved = ckpt.save_checkpoint(self.ckpt_root, self.state["global_step"], self.model, self.optimizer,
+                                     {"state": self.state, "config": self.cfg.to_dict()}, self.env,
+                                     keep=self.cfg.keep_checkpoints, stale=self._stale_checkpoints)
+        self._stale_checkpoints = []
+        return saved
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While training, SIGTERM and SIGINT ask for a checkpoint after the current step (a second one stops at
+        once); the previous handlers come back afterwards. Only the main thread can install handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+
+        def handler(signum, frame):
+            if self._signal is not None:   # asked twice: stop now
+                for s, h in previous.items():
+                    signal.signal(s, h)
+                raise KeyboardInterrupt
+            self._signal = signum
+            self.info(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+                      f"(send it again to stop at once, without saving)")
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            previous[s] = signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     def _keep_stage_end(self, src: Path, stage_index: int, name: str) -> None:
         """Copy checkpoint `src`, written at the end of stage `stage_index`, to out_dir/stage_ends/<i>_<name>, which
@@ -302,6 +355,10 @@ class Trainer:
 
     def fit(self) -> dict:
         """Run the remaining stages; returns a summary."""
+        with self._stop_on_signals():
+            return self._fit()
+
+    def _fit(self) -> dict:
         cfg, env = self.cfg, self.env
         t_start = time.time()
         total = cfg.total_steps()
@@ -311,7 +368,7 @@ class Trainer:
 
             bar = tqdm(total=total, initial=self.state["global_step"], desc="train", dynamic_ncols=True)
         last_eval = None
-        stopped = timed_out = False
+        stopped = timed_out = interrupted = False
         self.model.train()
         while self.state["stage"] < len(cfg.stages) and not (stopped or timed_out):
             si = self.state["stage"]
@@ -345,7 +402,9 @@ class Trainer:
                     flops += self._step_flops(windows, self._sparse_active())
                     micro.append(collate_windows(windows, self.layout))
                 n_local = sum(num_loss_tokens(b) for b in micro)
-                n_global, flops = all_reduce_sum([float(n_local), flops], env)
+                # the stop request rides on this step's reduction, so every rank stops after the same step
+                n_global, flops, stop_asked = all_reduce_sum([float(n_local), flops, float(self._signal is not None)],
+                                                             env)
                 step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
                 for b in micro:
                     nt = num_loss_tokens(b)
@@ -400,13 +459,19 @@ class Trainer:
                 if cfg.eval_every and gstep % cfg.eval_every == 0 or final_of_stage:
                     last_eval = self._evaluate_and_log(si)
                     win_t0 = time.time()
+                saved_now = None
                 if (cfg.save_every and gstep % cfg.save_every == 0) or final_of_stage:
-                    saved = self.save_checkpoint()
+                    saved_now = saved = self.save_checkpoint()
                     if final_of_stage and cfg.keep_stage_ends:
                         self._keep_stage_end(saved, si, st.name)
                     win_t0 = time.time()
                 if cfg.stop_after is not None and gstep >= cfg.stop_after:
                     stopped = True
+                if stop_asked > 0 or (not env.distributed and self._signal is not None):
+                    stopped = interrupted = True
+                    where = saved_now or self.save_checkpoint()
+                    self.info(f"stopped at step {gstep} on request: checkpoint {where}; run the same command "
+                              f"again to resume")
                 if cfg.time_limit_s is not None and time.time() - t_start > cfg.time_limit_s and not timed_out:
                     timed_out = True
                     self.info(f"time limit of {cfg.time_limit_s:.0f}s reached at step {gstep}: stopping early")
@@ -423,6 +488,8 @@ class Trainer:
                    "seconds": time.time() - t_start, "val_loss": last_eval, "params": self.num_params,
                    "stopped_early": stopped, "time_limit_reached": timed_out,
                    "skipped_steps": self.state["skipped_steps"]}
+        if interrupted:
+            summary["interrupted_by"] = signal.Signals(self._signal).name if self._signal else "signal"
         if not stopped and cfg.save_final:
             self.save_model(self.out_dir / "final")
             summary["final_model"] = str(self.out_dir / "final")

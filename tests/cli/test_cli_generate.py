@@ -64,14 +64,14 @@ def test_generate_prompt_file_and_sampling_options(model_dir, tmp_path, capsys):
 
 
 def test_generate_errors_are_clear(model_dir, tmp_path, capsys):
-    assert main(["generate", "--preset", "sala-tiny", "--prompt", "x"]) == 1
+    assert main(["generate", "--preset", "sala-tiny", "--prompt", "x"]) == 2
     assert "--random-weights" in capsys.readouterr().err
-    assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 1
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "no config.json" in capsys.readouterr().err
-    assert main(["generate", "--model", str(model_dir), "--prompt-file", str(tmp_path / "missing.txt")]) == 1
+    assert main(["generate", "--model", str(model_dir), "--prompt-file", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err
     if not (BUNDLED_MODEL / "config.json").exists():
-        assert main(["generate", "--prompt", "x"]) == 1
+        assert main(["generate", "--prompt", "x"]) == 2
         assert "pass --model" in capsys.readouterr().err
 
 
@@ -81,7 +81,7 @@ def test_generate_preset_with_random_weights(capsys):
     assert rc == 0
     assert "generated 3" in capsys.readouterr().err
     # the shipped tokenizer does not fit sala-tiny's 512-token vocabulary: a clear refusal
-    assert main(["generate", "--preset", "sala-tiny", "--random-weights", "--prompt", "hi", "--device", "cpu"]) == 1
+    assert main(["generate", "--preset", "sala-tiny", "--random-weights", "--prompt", "hi", "--device", "cpu"]) == 2
     assert "vocabulary (512)" in capsys.readouterr().err
 
 
@@ -93,5 +93,5 @@ def test_info_prints_parameters_and_plan(model_dir, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["plan"]["batch"] == 2 and data["plan"]["context"] == 4096
     assert data["plan"]["sparse_kv"] == 2 * 2 * 2 * 2 * 16 * 2 * 4096      # 2 layers, k+v, batch 2, 2 heads, d 16
-    assert main(["info", "no-such-model"]) == 1
+    assert main(["info", "no-such-model"]) == 2
     assert "neither a model directory nor a preset" in capsys.readouterr().err

@@ -24,5 +24,5 @@ def test_demo_runs_with_a_model_folder(tmp_path, capsys):
 
 
 def test_demo_rejects_bad_arguments(tmp_path, capsys):
-    assert cli_main(["demo", "--model", str(tmp_path), "--length", "300"]) == 1
+    assert cli_main(["demo", "--model", str(tmp_path), "--length", "300"]) == 2
     assert "no config.json" in capsys.readouterr().err

@@ -1,0 +1,92 @@
+"""`sala eval niah` on interruption writes what it finished (marked partial); its CPU defaults say what they are;
+long waits show progress (generate's prefill, eval's samples, the demo's prefill); the README's transformers
+example runs as written."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sala.cli import main
+from sala.utils.bundled import BUNDLED_MODEL_DIR
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_eval_writes_the_finished_part(tmp_path, sig):
+    out = tmp_path / "report.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # the second length has many samples: the signal arrives while it runs
+    proc = subprocess.Popen([sys.executable, "-m", "sala.cli", "eval", "niah", "--lengths", "512,4k",
+                             "--num-samples", "6", "--device", "cpu", "--out", str(out), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    try:
+        deadline = time.monotonic() + 600
+        for line in proc.stdout:            # the first finished cell is printed as "niah_single   512 tokens: ..."
+            lines.append(line)
+            if re.match(r"niah_single\s+512 tokens:", line):
+                break
+            assert time.monotonic() < deadline
+        proc.send_signal(sig)
+        rest, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "partial" in err
+    report = json.loads(out.read_text())
+    assert report["partial"] is True
+    assert list(report["results"]["niah_single"]) == ["512"] and report["results"]["niah_single"]["512"]["n"] == 6
+    assert report["interrupted_at"]["length"] == 4096 and report["interrupted_at"]["samples_done"] < 6
+    assert report["lengths"] == [512] and report["finished"] == [{"task": "niah_single", "length": 512}]
+    assert "| niah_single |" in rest
+
+
+def test_cpu_defaults_are_printed_and_used(tmp_path, capsys):
+    out = tmp_path / "r.json"                     # --device cpu: the CPU's defaults, on any machine
+    assert main(["eval", "niah", "--lengths", "512", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "on the CPU the defaults are --num-samples 5" in err and "--lengths 1k,4k,16k,64k" in err
+    report = json.loads(out.read_text())
+    assert report["num_samples"] == 5 and "partial" not in report
+
+
+def test_progress_bars_report_tokens_and_samples(tmp_path, capsys, monkeypatch):
+    from sala.utils import progress
+
+    monkeypatch.setattr(progress, "DEFAULT_DELAY_S", 0.0)     # show every bar at once (no wait needed)
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("word " * 600)
+    assert main(["generate", "--prompt-file", str(prompt), "--max-new-tokens", "2", "--device", "cpu",
+                 "--chunk-size", "128"]) == 0
+    err = capsys.readouterr().err
+    assert "prefill" in err and re.search(r"\d+/\d+ \[", err) and "tok/s" in err, err
+    n = int(re.findall(r"(\d+)/(\d+) \[", err)[-1][1])
+    assert n > 600
+    assert main(["eval", "niah", "--lengths", "512", "--num-samples", "2", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "niah_single 512 tokens" in err and "2/2" in err, err
+    assert main(["demo", "--length", "512", "--no-dense"]) == 0
+    assert "prefill" in capsys.readouterr().err
+
+
+def test_readme_transformers_example_runs_as_written():
+    """The README's plain-transformers block, with the bundled model's path and the CPU for "cuda"."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(import sala, torch\nfrom transformers import AutoModelForCausalLM.*?)```", text,
+                      re.S)
+    assert block, "the README's transformers example is missing"
+    code = block.group(1).replace("path/to/MiniCPM-SALA", str(BUNDLED_MODEL_DIR)).replace('"cuda"', '"cpu"')
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("<|bos|>The capital of France is")
