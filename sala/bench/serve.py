@@ -337,7 +337,7 @@ def build_model(spec: str, device: str | None, dtype: str | None, seed: int = 0)
     dev = torch.device(device) if device else default_device()
     dt = parse_dtype(dtype, dev)
     if Path(spec).is_dir():
-        return load_model_dir(spec, dev, dt), load_tokenizer_dir(spec)
+        return load_model_dir(spec, device=dev, dtype=dt), load_tokenizer_dir(spec)
     return random_model(SalaConfig.from_preset(spec), dev, dt, seed), None
 
 

@@ -203,7 +203,7 @@ class EngineCore:
         dev = torch.device(device) if device is not None else default_device()
         dt = parse_dtype(dtype, dev)
         if Path(path_or_preset).is_dir():
-            return cls(load_model_dir(path_or_preset, dev, dt), load_tokenizer_dir(path_or_preset), **kw)
+            return cls(load_model_dir(path_or_preset, device=dev, dtype=dt), load_tokenizer_dir(path_or_preset), **kw)
         if path_or_preset in PRESETS:
             config = SalaConfig.from_preset(path_or_preset)
             tok = None

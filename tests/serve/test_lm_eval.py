@@ -98,7 +98,7 @@ def test_lm_eval_local_completions_matches_in_process(monkeypatch):
             "max_length": 1024})
         stats = server.app.state.engine.stats()
 
-    model = load_model_dir(MODEL_DIR, torch.device("cpu"), torch.float32)
+    model = load_model_dir(MODEL_DIR, device=torch.device("cpu"), dtype=torch.float32)
     local = evaluate(InProcessSala(model, AutoTokenizer.from_pretrained(MODEL_DIR)))
 
     # every request's answer: log-likelihoods within float tolerance (cached decode vs whole forward), the same

@@ -119,7 +119,7 @@ def test_echo_logprobs_match_the_model(client, tokenizer):
     assert lp.tokens[0] == "<|bos|>" and lp.text_offset[:2] == [0, 0]       # BOS: shown, no text
     for tok, off in zip(lp.tokens[1:], lp.text_offset[1:]):
         assert r.choices[0].text[off:off + len(tok)] == tok
-    model = load_model_dir(MODEL_DIR, torch.device("cpu"), torch.float32)
+    model = load_model_dir(MODEL_DIR, device=torch.device("cpu"), dtype=torch.float32)
     with torch.no_grad():
         ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     for i in range(1, len(ids)):
