@@ -208,7 +208,7 @@ def _synthetic_part(job: tuple[str, int, int, int, int, int]) -> list[np.ndarray
     tok = _WORKER_TOKENIZER
     def depth(j: int) -> float:
         """Sample j's needle depth, drawn only for the samples this job makes (a list of all n per job made
-        building a large mix quadratic: 2,000 jobs x 64K seeded generators for run 8's retrieval set)."""
+        building a large mix quadratic: thousands of jobs times tens of thousands of seeded generators)."""
         return random.Random(f"{seed}/{task}/{length}/{j}").random()
 
     out = []
