@@ -1,6 +1,6 @@
 #!/bin/bash
 # Sequential runs (one process at a time); same data, same data order, same model seed.
-P=/work/main/.venv/bin/python
+cd "$(dirname "$0")"; P=${PYTHON:-python3}   # from its folder; PYTHON: an interpreter with sala installed
 S=500; E=100
 $P train.py A_sala_init0.1_lr3e-3      --arch sala  --init 0.1  --lr 3e-3 --steps $S --eval-every $E > logs/A.log 2>&1
 $P train.py B_sala_init0.02_lr3e-3     --arch sala  --init 0.02 --lr 3e-3 --steps $S --eval-every $E > logs/B.log 2>&1

@@ -5,7 +5,7 @@
 #   E2: learning rate 1e-3 (the never-run run E);   H: learning rate 6e-3;
 #   A3: A2 continued to 2500 steps (does the hybrid get there, and when?).
 # Two at a time, one thread each.
-P=/work/main/.venv/bin/python
+cd "$(dirname "$0")"; P=${PYTHON:-python3}   # from its folder; PYTHON: an interpreter with sala installed
 $P prep_multiquery.py
 $P train.py G_sala_multiquery256_init0.1_lr3e-3_1000 --arch sala --init 0.1 --lr 3e-3 --steps 1000 --eval-every 200 \
   --data /work/exp_niah/data_multiquery.pt > logs/G.log 2>&1 &
