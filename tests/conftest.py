@@ -47,13 +47,25 @@ def triton_module(request):
         importlib.reload(module)  # leave the module as a fresh import would build it
 
 
+def _script_path(name: str) -> Path:
+    """scripts/<name> or experiments/<experiment>/<name> (the one file of that name; they are not packages)."""
+    root = Path(__file__).resolve().parents[1]
+    found = [p for p in [root / "scripts" / name, *sorted((root / "experiments").glob(f"*/{name}"))] if p.is_file()]
+    assert len(found) == 1, f"{name}: expected one script under scripts/ or experiments/*/, found {found}"
+    return found[0]
+
+
 @pytest.fixture
 def load_script():
-    """load_script(name) imports scripts/<name>.py as a module (the scripts folder is not a package)."""
-    root = Path(__file__).resolve().parents[1]
+    """load_script(name) imports <name>.py from scripts/ or experiments/<experiment>/ as a module, with its folder
+    on sys.path (where an experiment's helper modules live)."""
+    import sys
 
     def load(name: str):
-        spec = importlib.util.spec_from_file_location(name, root / "scripts" / f"{name}.py")
+        path = _script_path(f"{name}.py")
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
@@ -63,7 +75,8 @@ def load_script():
 
 @pytest.fixture
 def run_script():
-    """run_script(argv, cwd, **env) runs scripts/<argv[0]> (python or bash by its suffix) in a subprocess with the
+    """run_script(argv, cwd, **env) runs <argv[0]> from scripts/ or experiments/<experiment>/ (python or bash by its
+    suffix) in a subprocess with the
     repository on PYTHONPATH, this interpreter first on PATH, TRITON_INTERPRET unset and `env` added; it fails the
     test with the script's output tail unless it exits 0, and returns its stdout."""
     import subprocess
@@ -72,7 +85,7 @@ def run_script():
     root = Path(__file__).resolve().parents[1]
 
     def run(argv: list[str], cwd: Path, **env: str) -> str:
-        script = root / "scripts" / argv[0]
+        script = _script_path(argv[0])
         full_env = {**os.environ, "PYTHONPATH": str(root),
                     "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **env}
         full_env.pop("TRITON_INTERPRET", None)

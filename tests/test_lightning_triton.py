@@ -383,13 +383,13 @@ def test_unsupported_head_dim_is_refused(config):
 
 
 def test_train_small_fused_backward_guard_passes_the_kernel_and_catches_a_wrong_one(lt, config, monkeypatch):
-    """scripts/small_run_common.check_fused_lightning_backward, the guard a calibration variant with
+    """experiments/train_small/small_run_common.check_fused_lightning_backward, the guard a calibration variant with
     env.SALA_LIGHTNING_FUSED_BWD=1 runs before training with it: the fused dk/dv walk agrees with the two walks, and
     a fused walk that returns a wrong dk is caught."""
     import importlib
     from pathlib import Path
 
-    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    scripts = str(Path(__file__).resolve().parents[1] / "experiments" / "train_small")
     monkeypatch.syspath_prepend(scripts)
     common = importlib.import_module("small_run_common")
     config.chunk, config.block_v, config.chunks_per_segment = 16, 16, 2

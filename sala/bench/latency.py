@@ -237,8 +237,7 @@ def run(lengths=DEFAULT_LENGTHS, decode_tokens: int = 1024, out_path: str = "lat
     payload["sala_load_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     # compile the kernels, capture a graph once; one full prefill chunk plus a partial one, so that the timed
-    # requests meet no first-use cost of the chunk's shapes (a 256K-only run at 32K chunks measured 10.48 s
-    # without it, against 9.98 s warm: bench/results/latency_256k_chunk32k_h200.json, prefill_gaps_256k_h200.json)
+    # requests meet no first-use cost of the chunk's shapes (without it the first timed prefill pays them)
     measure_sala(engine, warmup_tokens(chunk_size), 16, seed)
     payload["sala_warmup_s"] = round(time.perf_counter() - t, 2)
     # the kernel variants that depend on the context length (top-k row widths, decode-selection capacity
@@ -289,7 +288,7 @@ def run(lengths=DEFAULT_LENGTHS, decode_tokens: int = 1024, out_path: str = "lat
 
 
 def _targets(p: dict) -> dict:
-    """The issue's targets, checked against this run."""
+    """The latency targets (docs/results.md), checked against this run."""
     s, b = p["sala"], p["baseline"]
     out: dict[str, Any] = {}
     k256, k1m, k2m = "262144", "1048576", "2097152"

@@ -4,7 +4,7 @@
 kernel that would fail to compile, or would need more shared memory than an H100/H200 block may use, shows here
 instead of on the borrowed GPU; cuobjdump (shipped with Triton) reads registers and stack (spill) bytes from the
 cubin. Results depend on the installed Triton. Used by `tests/test_triton_sm90_compile.py` and
-`scripts/lightning_sm90_resources.py`; timing still needs the GPU.
+`experiments/profiling/lightning_sm90_resources.py`; timing still needs the GPU.
 """
 from __future__ import annotations
 
