@@ -28,6 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the folder or preset name)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--quantization", choices=["none", "fp8"], default="none",
+                   help="fp8: FP8 projection and LM-head weights, quantized at load (Hopper/Ada GPUs; docs/fp8.md)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output in tokens (default: what the memory plan allows)")
     p.add_argument("--max-num-seqs", type=int, default=16, help="most sequences in the running batch")
@@ -50,7 +52,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     """EngineCore.from_pretrained keyword arguments from the command's flags."""
     kw = dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
               memory_fraction=args.memory_fraction, enable_prefix_cache=not args.no_prefix_cache,
-              max_waiting=args.max_waiting, device=args.device, dtype=args.dtype)
+              max_waiting=args.max_waiting, device=args.device, dtype=args.dtype,
+              quantization=None if args.quantization == "none" else args.quantization)
     return {k: v for k, v in kw.items() if v is not None}
 
 

@@ -186,9 +186,11 @@ class EngineCore:
 
     @classmethod
     def from_pretrained(cls, path_or_preset: str, *, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, seed: int = 0, **kw) -> EngineCore:
+                        dtype: str | torch.dtype | None = None, seed: int = 0, quantization: str | None = None,
+                        **kw) -> EngineCore:
         """A model directory (weights + tokenizer), or a preset name with random weights (and the shipped
-        tokenizer when it fits the preset's vocabulary)."""
+        tokenizer when it fits the preset's vocabulary). quantization="fp8": FP8 projections and LM head
+        (`sala.engine.quantization`; refused before loading where the device cannot run FP8)."""
         from pathlib import Path
 
         from sala.engine.loading import (
@@ -200,10 +202,15 @@ class EngineCore:
         )
         from sala.modeling.configuration_sala import PRESETS
 
+        from sala.engine.quantization import load_quantized_model, quantize_loaded_model, resolve_quantization
+
         dev = torch.device(device) if device is not None else default_device()
         dt = parse_dtype(dtype, dev)
         if Path(path_or_preset).is_dir():
-            return cls(load_model_dir(path_or_preset, device=dev, dtype=dt), load_tokenizer_dir(path_or_preset), **kw)
+            quant = resolve_quantization(quantization, dev, path_or_preset)
+            model = (load_quantized_model(path_or_preset, dev, dt, quant) if quant
+                     else load_model_dir(path_or_preset, device=dev, dtype=dt))
+            return cls(model, load_tokenizer_dir(path_or_preset), **kw)
         if path_or_preset in PRESETS:
             config = SalaConfig.from_preset(path_or_preset)
             tok = None
@@ -215,7 +222,8 @@ class EngineCore:
                     tok = None
             except Exception:  # noqa: BLE001 - no shipped tokenizer: token ids only
                 tok = None
-            return cls(random_model(config, dev, dt, seed), tok, **kw)
+            quant = resolve_quantization(quantization, dev)
+            return cls(quantize_loaded_model(random_model(config, dev, dt, seed), quant), tok, **kw)
         raise FileNotFoundError(f"{path_or_preset!r} is neither a model directory nor a preset "
                                 f"({', '.join(PRESETS)})")
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sala.ops.dispatch import use_triton
+from sala.utils.errors import SalaError
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0                      # largest finite float8_e4m3fn (it has no inf): values are clamped to it
@@ -30,8 +31,8 @@ SCALED_MM_ALIGN = 16                 # torch._scaled_mm: K and N must be multipl
 BACKENDS = ("auto", "scaled_mm", "reference")
 
 
-class Fp8UnsupportedError(RuntimeError):
-    """FP8 execution was asked for on a device that has no FP8 matrix multiply."""
+class Fp8UnsupportedError(SalaError, RuntimeError):
+    """FP8 execution was asked for on a device that has no FP8 matrix multiply (a one-line error at the CLI)."""
 
 
 def fp8_support_problem(device: torch.device | str) -> str | None:
