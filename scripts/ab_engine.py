@@ -40,10 +40,10 @@ SETTINGS = settings_for(("band", "decode"))
 
 
 def _apply(setting: dict, engine=None) -> None:
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     if "band" in setting:
-        tri.TUNING["band_split"] = setting["band"]
+        triton_utils.TUNING["band_split"] = setting["band"]
     if "decode" in setting:
         os.environ["SALA_SPARSE_DECODE"] = "splitk" if setting["decode"] == "split" else "single"
         os.environ["SALA_SPARSE_DECODE_SELECT"] = setting["decode"]
@@ -75,15 +75,15 @@ def run(lengths: list[int], reps: int, decode_tokens: int, preset: str, out: str
         if not torch.cuda.is_available():
             raise RuntimeError("scripts/ab_engine.py needs a CUDA GPU")
         engine = SalaEngine.from_preset(preset, random_weights=True, device="cuda", dtype="bf16", seed=0)
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
-    saved = (tri.TUNING["band_split"], {e: os.environ.get(e) for e in ("SALA_SPARSE_DECODE", "SALA_SPARSE_DECODE_SELECT")})
+    saved = (triton_utils.TUNING["band_split"], {e: os.environ.get(e) for e in ("SALA_SPARSE_DECODE", "SALA_SPARSE_DECODE_SELECT")})
     runner = getattr(engine, "runner", None)
     saved_ops = (runner.ops, runner.decode_ops) if runner is not None else None
     try:
         return _run(lengths, reps, decode_tokens, preset, out, warmup_tokens, measure, engine, settings)
     finally:
-        tri.TUNING["band_split"] = saved[0]
+        triton_utils.TUNING["band_split"] = saved[0]
         if saved_ops is not None:
             runner.ops, runner.decode_ops = saved_ops
         for e, v in saved[1].items():

@@ -6,7 +6,7 @@ released shape (32 query heads, 2 KV heads, d 128), split into the pooled-score 
   python3 scripts/profile_selection.py --lengths 131072 --variant old=select_split_k2:0,select_mask_after_sum:0
 
 --variant NAME=KEY:VALUE[,KEY:VALUE...] (repeatable) also times `select_blocks` with those
-`sala.ops.infllmv2_triton.TUNING` values, in the same process on the same inputs, and records the fraction of
+`sala.ops.infllmv2.triton_utils.TUNING` values, in the same process on the same inputs, and records the fraction of
 index rows that differ from the default's.
   (on the CPU, to check the script: TRITON_INTERPRET=1 SALA_KERNELS=triton ... --lengths 8192 --queries 64)
 """
@@ -37,7 +37,7 @@ def _median_ms(fn, reps: int) -> float:
 
 def parse_variant(text: str) -> tuple[str, dict]:
     """'name=key:value,key:value' -> (name, {key: value}); values are ints (0/1 for switches)."""
-    from sala.ops.infllmv2_triton import TUNING
+    from sala.ops.infllmv2.triton_utils import TUNING
 
     name, sep, body = text.partition("=")
     if not sep or not name or not body:
@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/profile_selection.json")
     ap.add_argument("--variant", action="append", default=[], help="NAME=KEY:VALUE[,KEY:VALUE...] (see above)")
     args = ap.parse_args()
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     variants = [parse_variant(v) for v in args.variant]
 
@@ -97,7 +97,7 @@ def main() -> None:
                 torch.cuda.synchronize()
         row = {"T": T, "queries": Tq, "select_ms": whole_ms, "kernels": device_kernel_table(prof)}
         for name, flips in variants:
-            with tri.tuning(**flips):
+            with triton_utils.tuning(**flips):
                 got = run()                                    # compile
                 ms = _median_ms(run, reps) if dev == "cuda" else None
             differ = (got != base).any(dim=-1).float().mean().item()

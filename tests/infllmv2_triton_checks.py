@@ -12,7 +12,7 @@ import traceback
 
 import torch
 
-from sala.ops import infllmv2_reference as ref
+from sala.ops.infllmv2 import reference as ref
 from sala.ops.infllmv2 import (SparseParams, block_sparse_attention, compress_keys, compressed_lengths,
                                infllmv2_attention, infllmv2_decode, select_blocks, update_compressed_keys)
 
@@ -75,15 +75,17 @@ def check_select():
     reach mask-free K1 and K2 tiles, the third spanning several K2 tiles of the interpreter's 16 windows; in the
     fourth, programs straddle the end of the first K2 tile, position 271; the fifth has 3 heads per group, so
     padded head rows)."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     for flags in ({}, dict(select_split_k2=False, select_mask_after_sum=False, select_pool_gather=False),
                   dict(select_branch_mask=True)):
         with _tuning(**flags):
-            _check_select_cases(tri)
+            _check_select_cases()
 
 
-def _check_select_cases(tri):
+def _check_select_cases():
+    from sala.ops.infllmv2 import triton_selection
+
     for B, G, q_offset, Tq, seed in ((1, 2, 0, 100, 1), (2, 4, 90, 20, 2), (1, 2, 300, 21, 3), (1, 2, 250, 40, 4),
                                      (1, 3, 200, 30, 5)):
         q, k, _ = _qkv(B, q_offset + Tq, 2, G, 16, seed, Tq=Tq)
@@ -93,7 +95,7 @@ def _check_select_cases(tri):
         want = ref.select_blocks_ref(q.double(), k1.double(), k2.double(), pos, SMALL, 0.25)
         assert_same_selection(got, want, q, k1, k2, pos, SMALL, 0.25)
         n_blocks = (q_offset + Tq - 1) // SMALL.block_size + 1
-        pooled = tri.pooled_block_scores_triton(q, k1, k2, pos.to(torch.int32), SMALL, 0.25, n_blocks)
+        pooled = triton_selection.pooled_block_scores_triton(q, k1, k2, pos.to(torch.int32), SMALL, 0.25, n_blocks)
         want_pooled = ref.pooled_block_scores_ref(q.double(), k1.double(), k2.double(), pos, SMALL, 0.25, n_blocks)
         torch.testing.assert_close(pooled.double(), want_pooled, rtol=1e-4, atol=1e-6)
 
@@ -104,11 +106,11 @@ def check_topk():
     (forced) and -inf (future) columns, rows with fewer finite columns than k, negative and -0.0 values, ties
     (lowest columns win, a subset of the tied ones), and `limits` with NaN garbage past each row's limit (never
     read). The compact path is checked to handle some rows itself and to hand others to the bisection kernel."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     for compact, early in ((False, True), (False, False), (True, True)):
         with _tuning(topk_compact=compact, topk_early_exit=early):
-            _check_topk_cases(tri)
+            _check_topk_cases()
     with _tuning(topk_compact=True):
         g = torch.Generator().manual_seed(6)
         x = torch.rand(4, 5000, generator=g)
@@ -116,13 +118,15 @@ def check_topk():
         x[1, :4960] = 0.5                                # all tied: more candidates than CAP -> bisection
         x[2, 100:] = float("-inf")                       # fewer finite columns than k
         x[3, :] = torch.randn(5000, generator=g)         # no forced blocks, negative values
-        got, flags = tri._topk_blocks(x, 96, None)
+        got, flags = triton_topk.topk_blocks_flagged(x, 96, None)
     _assert_topk_close(got, x, 96)
     assert flags.tolist() == [0, 1, 0, 0], flags
     assert got[1].tolist() == list(range(56)) + list(range(4960, 5000)), got[1]
 
 
-def _check_topk_cases(tri):
+def _check_topk_cases():
+    from sala.ops.infllmv2 import triton_topk
+
     g = torch.Generator().manual_seed(5)
     for B, H, T, n, K in ((1, 2, 5, 7, 10), (2, 2, 9, 40, 10), (1, 1, 3, 300, 96), (1, 1, 4, 33, 6)):
         x = torch.rand(B, H, T, n, generator=g)
@@ -131,22 +135,22 @@ def _check_topk_cases(tri):
         x[0, 0, -1, :] = float("-inf")
         x[0, -1, 0] = torch.randn(n, generator=g)
         x[0, -1, 0, 1] = -0.0
-        _assert_topk_close(tri.topk_blocks_triton(x, K), x, K)
+        _assert_topk_close(triton_topk.topk_blocks_triton(x, K), x, K)
         lim = torch.randint(1, n + 1, (B, T), generator=g, dtype=torch.int32)
         past = (torch.arange(n)[None, None, None, :] >= lim[:, None, :, None]).expand_as(x)
         assert not torch.equal(lim, torch.full_like(lim, n))
         y, want_in = x.clone(), x.clone()
         y[past], want_in[past] = float("nan"), float("-inf")
-        _assert_topk_close(tri.topk_blocks_triton(y, K, limits=lim), want_in, K)
+        _assert_topk_close(triton_topk.topk_blocks_triton(y, K, limits=lim), want_in, K)
     x = torch.full((2, 12), 0.25)                        # all tied: the lowest columns
     x[1, 5:] = float("-inf")
-    got = tri.topk_blocks_triton(x, 4)
+    got = triton_topk.topk_blocks_triton(x, 4)
     assert got.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]], got
     x = -torch.rand(3, 40, generator=g)                  # exactly K non-negative values: done before any pass
     x[0, 5:15] = torch.rand(10, generator=g)
     x[1, 7:17] = 1.0 + torch.arange(10.0)                # K-th and (K+1)-th far apart: an early cut-off
     x[2, :] = torch.tensor([0.5, 0.25] * 20)             # ties at the cut-off: every pass, lowest columns
-    got = tri.topk_blocks_triton(x, 10)
+    got = triton_topk.topk_blocks_triton(x, 10)
     _assert_topk_close(got, x, 10)
     assert got[0].tolist() == list(range(5, 15)) and got[1].tolist() == list(range(7, 17)), got
     assert got[2].tolist() == list(range(0, 40, 2))[:10], got
@@ -172,10 +176,10 @@ def _attention_case(seed, B=1, G=2):
 
 
 def _tuning(**values):
-    """Context: these sala.ops.infllmv2_triton.TUNING values inside the block (`tuning`)."""
-    from sala.ops import infllmv2_triton as tri
+    """Context: these sala.ops.infllmv2.triton_utils.TUNING values inside the block (`tuning`)."""
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
-    return tri.tuning(**values)
+    return triton_utils.tuning(**values)
 
 
 def check_forward():
@@ -241,16 +245,16 @@ def _decode_case(S: int, G: int, seed: int, lengths: list[int], fill: float = 0.
 
 def check_decode():
     """Both decode paths vs the reference: the default splits and the single-program kernels (opt-out)."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     qd, k, v, k1c, k2c, lengths = _decode_case(120, 2, 6, [120, 85])
-    with _Spy(tri, "sparse_decode_splitk") as sk, _Spy(tri, "pooled_block_scores_decode_split") as ss:
+    with _Spy(triton_decode, "sparse_decode_splitk") as sk, _Spy(triton_decode, "pooled_block_scores_decode_split") as ss:
         got_split = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL)
     assert (sk.calls, ss.calls) == (1, 1), (sk.calls, ss.calls)
     _variant("SALA_SPARSE_DECODE", "single")
     _variant("SALA_SPARSE_DECODE_SELECT", "single")
     try:
-        with _Spy(tri, "sparse_attention_fwd") as sa, _Spy(tri, "pooled_block_scores_triton") as sp:
+        with _Spy(triton_attention, "sparse_attention_fwd") as sa, _Spy(triton_selection, "pooled_block_scores_triton") as sp:
             got = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL)
         assert (sa.calls, sp.calls) == (1, 1), (sa.calls, sp.calls)
     finally:
@@ -314,7 +318,7 @@ def check_band_split_forward():
     blocks: 2 batch rows at an odd query offset (a band tile holds two key bases and two query blocks), NaN-poisoned
     outputs, one and two init blocks; the whole layer with and without the split; it really ran. (bf16: the GPU
     test; Triton's interpreter has no bf16 arithmetic.)"""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     for p, (B, T, Tq, Hkv) in ((BAND, (2, 150, 37, 2)), (BAND_INIT2, (1, 136, 136, 1))):
         q, k, v = _qkv(B, T, Hkv, 2, 16, 21, Tq=Tq)
@@ -326,7 +330,7 @@ def check_band_split_forward():
         _mode("reference")
         want = block_sparse_attention(qs.double(), k.double(), v.double(), idx, p, q_offset=so)
         _mode("triton")
-        with _tuning(band_split=True), _Launches(tri, "_sparse_band_fwd_kernel") as spy, _PoisonedEmpty():
+        with _tuning(band_split=True), _Launches(triton_attention, "_sparse_band_fwd_kernel") as spy, _PoisonedEmpty():
             got = block_sparse_attention(qs, k, v, idx, p, q_offset=so, forced_blocks=True)
             walk = block_sparse_attention(qs, k, v, idx, p, q_offset=so)          # forced_blocks not promised
         assert spy.calls == 1, spy.calls
@@ -345,7 +349,7 @@ def check_band_split_forward():
 def check_band_split_lse_and_backward():
     """The band split's lse equals the one-walk kernel's (the backward reads it); gradients through the layer with
     the split (and with the dq split, TUNING["band_split_dq"]) equal those without it; the dq kernels directly."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     p = BAND
     T = 136
@@ -358,15 +362,15 @@ def check_band_split_lse_and_backward():
     kf, vf = k.reshape(-1, 1, 16), v.reshape(-1, 1, 16)
     pos = (dp + torch.arange(Tq)).repeat(2).to(torch.int32)
     kbase = torch.arange(2).repeat_interleave(Tq) * T
-    o_b, lse_b = tri.sparse_attention_fwd(qf, kf, vf, idx, pos, kbase, p.block_size, 0.25,
+    o_b, lse_b = triton_attention.sparse_attention_fwd(qf, kf, vf, idx, pos, kbase, p.block_size, 0.25,
                                           band=(p.init_blocks, p.local_blocks))
-    o_w, lse_w = tri.sparse_attention_fwd(qf, kf, vf, idx, pos, kbase, p.block_size, 0.25)
+    o_w, lse_w = triton_attention.sparse_attention_fwd(qf, kf, vf, idx, pos, kbase, p.block_size, 0.25)
     torch.testing.assert_close(o_b, o_w, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(lse_b, lse_w, atol=2e-5, rtol=1e-5)
     do = torch.randn(q.shape)
     grads = []
     for on, dq_band in ((True, False), (False, False), (True, True)):
-        with _tuning(band_split=on, band_split_dq=dq_band), _Launches(tri, "_sparse_band_bwd_dq_kernel") as spy:
+        with _tuning(band_split=on, band_split_dq=dq_band), _Launches(triton_attention, "_sparse_band_bwd_dq_kernel") as spy:
             leaves = [t[:1].clone().requires_grad_() for t in (q, k, v)]
             grads.append(torch.autograd.grad(infllmv2_attention(*leaves, p), leaves, do[:1]))
         assert spy.calls == int(dq_band), (on, dq_band, spy.calls)
@@ -379,8 +383,8 @@ def check_band_split_lse_and_backward():
     _, gbase, gid_kstart, gid_blk = _flat_tables(2, Tq, T, p.block_size, dp)
     tail = (gbase, 2 * -(-T // p.block_size), gid_kstart, gid_blk, p.block_size, 0.25)
     with _PoisonedEmpty():
-        dq_b = tri.sparse_attention_bwd(*args, *tail, band=(p.init_blocks, p.local_blocks))[0]
-    dq_w = tri.sparse_attention_bwd(*args, *tail)[0]
+        dq_b = triton_attention.sparse_attention_bwd(*args, *tail, band=(p.init_blocks, p.local_blocks))[0]
+    dq_w = triton_attention.sparse_attention_bwd(*args, *tail)[0]
     assert torch.isfinite(dq_b).all()
     torch.testing.assert_close(dq_b, dq_w, atol=5e-5, rtol=1e-4)
 
@@ -449,7 +453,7 @@ def _flat_tables(B, Tq, Tk, bs, q_offset):
 def check_tiled_forward():
     """B = 2, odd Tq (tiles straddle sequences, a tail tile), G = 4; NaN keys no query may see; NaN-filled
     output buffer (every row must be written)."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     B, Tq, q_offset, Tk = 2, 23, 70, 101
     q, k, v = _qkv(B, Tk, 2, 4, 16, 7, Tq=Tq)
@@ -458,12 +462,12 @@ def check_tiled_forward():
     k[:, q_offset + Tq:], v[:, q_offset + Tq:] = float("nan"), float("nan")
     _variant("SALA_SPARSE_ATTN", "tiled")
     try:
-        with _Spy(tri, "sparse_attention_fwd_tiled") as spy:
+        with _Spy(triton_attention, "sparse_attention_fwd_tiled") as spy:
             got = block_sparse_attention(q, k, v, idx, SMALL, q_offset=q_offset)
         assert spy.calls == 1, spy.calls
         pos, gbase, gks, gblk = _flat_tables(B, Tq, Tk, 16, q_offset)
         o = torch.full((B * Tq, 8, 16), float("nan"))
-        tri.sparse_attention_fwd_tiled(q.reshape(B * Tq, 8, 16), k.reshape(B * Tk, 2, 16), v.reshape(B * Tk, 2, 16),
+        triton_attention.sparse_attention_fwd_tiled(q.reshape(B * Tq, 8, 16), k.reshape(B * Tk, 2, 16), v.reshape(B * Tk, 2, 16),
                                        idx, pos, gbase, gks, gblk, 16, 0.25, o=o)
     finally:
         _variant("SALA_SPARSE_ATTN", None)
@@ -476,7 +480,7 @@ def check_tiled_forward():
 
 def check_tiled_union():
     """Tile unions: sorted unique global blocks, membership bits exactly the tokens that selected each block."""
-    from sala.ops.infllmv2_triton import tile_block_union
+    from sala.ops.infllmv2.triton_attention import tile_block_union
 
     q, k, v, idx = _attention_case(8, B=2)
     gbase = torch.arange(2).repeat_interleave(24) * 7
@@ -498,7 +502,7 @@ def check_tiled_union():
 
 def check_tiled_varlen_backward():
     """Packed documents (one shorter than the dense prefix, odd lengths), G = 2 padded rows: fwd + dq, dk, dv."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     q, k, v = _qkv(1, 151, 2, 2, 16, 9)
     cu = torch.tensor([0, 67, 80, 151])
@@ -509,7 +513,7 @@ def check_tiled_varlen_backward():
         _variant("SALA_SPARSE_ATTN", "tiled")
         try:
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            with _Spy(tri, "sparse_attention_fwd_tiled") as fwd, _Spy(tri, "sparse_attention_bwd_tiled") as bwd:
+            with _Spy(triton_attention, "sparse_attention_fwd_tiled") as fwd, _Spy(triton_attention, "sparse_attention_bwd_tiled") as bwd:
                 out = infllmv2_attention(*leaves, SMALL, cu_seqlens=cu)
                 res.append((out.detach(), *torch.autograd.grad(out, leaves, do)))
             assert (fwd.calls, bwd.calls) == ((1, 1) if mode == "triton" else (0, 0)), (mode, fwd.calls, bwd.calls)
@@ -522,20 +526,20 @@ def check_tiled_varlen_backward():
 
 def check_splitk_decode():
     """Split-K decode vs the reference: 2 sequences, stale NaN cache slots, NaN-filled output buffer."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     qd, k, v, k1c, k2c, lengths = _decode_case(120, 4, 10, [117, 85], poison_kv=True)
-    saved = tri.TUNING["decode_min_programs"]
+    saved = triton_utils.TUNING["decode_min_programs"]
     _variant("SALA_SPARSE_DECODE", "splitk")
     try:
-        with _Spy(tri, "sparse_decode_splitk") as spy:
-            tri.TUNING["decode_min_programs"] = 8      # 2 splits of 2 blocks (K = 4): the combine is exercised
+        with _Spy(triton_decode, "sparse_decode_splitk") as spy:
+            triton_utils.TUNING["decode_min_programs"] = 8      # 2 splits of 2 blocks (K = 4): the combine is exercised
             got = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL, out=torch.full_like(qd, float("nan")))
-            tri.TUNING["decode_min_programs"] = 64     # one block per split (more splits than blocks: clamped)
+            triton_utils.TUNING["decode_min_programs"] = 64     # one block per split (more splits than blocks: clamped)
             got1 = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL)
         assert spy.calls == 2, spy.calls
     finally:
-        tri.TUNING["decode_min_programs"] = saved
+        triton_utils.TUNING["decode_min_programs"] = saved
         _variant("SALA_SPARSE_DECODE", None)
     _mode("reference")
     want = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL)
@@ -548,20 +552,20 @@ def check_splitk_decode():
 def check_split_decode_select():
     """SALA_SPARSE_DECODE_SELECT=split: pooled scores and indices vs the reference for 3 sequences (long, short,
     dense regime) with NaN-poisoned unused K/V/K1/K2 cache slots; K2 and K1 both split over several programs."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     B, S = 3, 320
     qd, k, v, k1c, k2c, lengths = _decode_case(S, 4, 11, [317, 150, 40], fill=float("nan"), poison_kv=True)
     n2 = compressed_lengths(S, SMALL)[1]
     pos = lengths.long() - 1
     n_blocks = S // SMALL.block_size
-    saved = tri.TUNING["decode_select_programs"]
+    saved = triton_utils.TUNING["decode_select_programs"]
     try:
-        tri.TUNING["decode_select_programs"] = 64
-        splits2 = tri.decode_select_splits(B, 2, n2, 16)[0]
-        splits1 = tri.decode_select_splits(B, 2, n_blocks, tri._select_nb(4))[0]
+        triton_utils.TUNING["decode_select_programs"] = 64
+        splits2 = triton_decode.decode_select_splits(B, 2, n2, 16)[0]
+        splits1 = triton_decode.decode_select_splits(B, 2, n_blocks, triton_utils.select_nb(4))[0]
         assert splits2 >= 2 and splits1 >= 3, (splits2, splits1)
-        pooled = tri.pooled_block_scores_decode_split(qd, k1c, k2c, pos.to(torch.int32), SMALL, 0.25, n_blocks)
+        pooled = triton_decode.pooled_block_scores_decode_split(qd, k1c, k2c, pos.to(torch.int32), SMALL, 0.25, n_blocks)
         want = ref.pooled_block_scores_ref(qd[:, None].double(), k1c.double(), k2c.double(), pos[:, None], SMALL,
                                            0.25, n_blocks)
         fin = torch.isfinite(want)
@@ -571,11 +575,11 @@ def check_split_decode_select():
                               ref.topk_block_indices(want, SMALL.total_blocks), qd[:, None], k1c, k2c, pos[:, None],
                               SMALL, 0.25)
         _variant("SALA_SPARSE_DECODE_SELECT", "split")
-        with _Spy(tri, "pooled_block_scores_decode_split") as spy:
+        with _Spy(triton_decode, "pooled_block_scores_decode_split") as spy:
             got = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL, out=torch.full_like(qd, float("nan")))
         assert spy.calls == 1, spy.calls
     finally:
-        tri.TUNING["decode_select_programs"] = saved
+        triton_utils.TUNING["decode_select_programs"] = saved
         _variant("SALA_SPARSE_DECODE_SELECT", None)
     _mode("reference")
     want_o = infllmv2_decode(qd, k, v, k1c, k2c, lengths, SMALL)
@@ -595,9 +599,9 @@ def _fused_varlen_grads(q, k, v, cu, do, params):
 
 def check_warmup_length_classes():
     """The warm-up's tiny launches run for real (top-k with and without limits, split decode selection, batch 2)."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
-    n = tri.warmup_length_classes(300, SMALL, batch=2, heads=(4, 2, 16), device="cpu", dtype=torch.float32)
+    n = triton_decode.warmup_length_classes(300, SMALL, batch=2, heads=(4, 2, 16), device="cpu", dtype=torch.float32)
     assert n == 2 * 2 + 2, n       # row widths 16 and 32; capacities 256 and 512 share one split class (SP2 2)
 
 
@@ -606,9 +610,9 @@ def check_tuning_sweep():
     whose output matched (tiny shape; the interpreter ignores tile sizes, not the branch-mask flag or the
     blocks per iteration)."""
     from sala.bench import kernels_sparse as ks
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
-    saved = dict(tri.TUNING)
+    saved = dict(triton_utils.TUNING)
     try:
         out = ks.sweep(100, device="cpu", params=SMALL, heads=(4, 2, 16), dtype=torch.float32, warmup=0, rep=1,
                        select_configs=[(128, 64, 8, None, False), (128, 64, 8, None, True)],
@@ -621,8 +625,8 @@ def check_tuning_sweep():
         assert out["chosen"]["fwd_blocks_per_iter"] in (1, 2)
         assert out["chosen"]["band_rows"] in (64, 128)
     finally:
-        tri.TUNING.clear()
-        tri.TUNING.update(saved)
+        triton_utils.TUNING.clear()
+        triton_utils.TUNING.update(saved)
 
 
 def check_fused_varlen():
@@ -630,8 +634,8 @@ def check_fused_varlen():
     queries, a short dense one and an empty one; (a) dense positions in the block-sparse kernel, (b) dense prefixes
     through a varlen dense fn (stand-in for FlashAttention varlen) with selection cut into 3 query chunks,
     (c) an all-dense row (one masked SDPA), (d) dense prefixes by one masked SDPA (the CPU route)."""
-    from sala.ops import infllmv2_triton as tri
-    from sala.ops import infllmv2_varlen as iv
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
+    from sala.ops.infllmv2 import varlen as iv
     from sala.ops.dense import dense_causal_attention
 
     q, k, v = _qkv(1, 76, 1, 2, 16, 12)
@@ -646,16 +650,16 @@ def check_fused_varlen():
     want = _fused_varlen_grads(q, k, v, cu, do, TINY)
     want_dense = _fused_varlen_grads(q[:, :30], k[:, :30], v[:, :30], torch.tensor([0, 12, 30]), do[:, :30], TINY)
     _mode("triton")
-    real_fn, saved_chunk = iv._dense_prefix_fn, tri.TUNING["select_chunk_bytes"]
+    real_fn, saved_chunk = iv._dense_prefix_fn, triton_utils.TUNING["select_chunk_bytes"]
     _variant("SALA_SPARSE_VARLEN", "fused")
     try:
-        with _Spy(iv, "infllmv2_varlen_fused") as fused, _Spy(tri, "varlen_pooled_block_scores") as sel:
+        with _Spy(iv, "infllmv2_varlen_fused") as fused, _Spy(triton_selection, "varlen_pooled_block_scores") as sel:
             iv._dense_prefix_fn = lambda q, n: None
             assert iv.dense_route(q, torch.tensor([36, 5, 35]), TINY) == "sparse_kernel"
             got_a = _fused_varlen_grads(q, k, v, cu, do, TINY)
             assert sel.calls == 1, sel.calls
             iv._dense_prefix_fn = lambda q, n: ("stand-in", dense_prefixes)
-            tri.TUNING["select_chunk_bytes"] = 4 * 1 * 5 * 3       # 3 sparse queries (of 7) per chunk, 5 blocks
+            triton_utils.TUNING["select_chunk_bytes"] = 4 * 1 * 5 * 3       # 3 sparse queries (of 7) per chunk, 5 blocks
             got_b = _fused_varlen_grads(q, k, v, cu, do, TINY)
             assert sel.calls == 4, sel.calls
             iv._dense_prefix_fn = real_fn                            # CPU: one masked SDPA for the dense prefixes
@@ -665,7 +669,7 @@ def check_fused_varlen():
             got_c = _fused_varlen_grads(q[:, :30], k[:, :30], v[:, :30], torch.tensor([0, 12, 30]), do[:, :30], TINY)
         assert fused.calls == 4, fused.calls
     finally:
-        iv._dense_prefix_fn, tri.TUNING["select_chunk_bytes"] = real_fn, saved_chunk
+        iv._dense_prefix_fn, triton_utils.TUNING["select_chunk_bytes"] = real_fn, saved_chunk
         _variant("SALA_SPARSE_VARLEN", None)
     for got in (got_a, got_b, got_d):
         for g, w in zip(got, want):

@@ -9,16 +9,16 @@ import pytest
 
 def test_ab_engine_applies_each_setting_and_summarises(tmp_path, monkeypatch, load_script):
     pytest.importorskip("triton")
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     ab = load_script("ab_engine")
-    monkeypatch.setitem(tri.TUNING, "band_split", True)
+    monkeypatch.setitem(triton_utils.TUNING, "band_split", True)
     for env in ("SALA_SPARSE_DECODE", "SALA_SPARSE_DECODE_SELECT"):
         monkeypatch.setenv(env, "default")
     seen = []
 
     def fake_measure(engine, n, decode_tokens, seed):
-        band, dec, sel = tri.TUNING["band_split"], os.environ["SALA_SPARSE_DECODE"], os.environ["SALA_SPARSE_DECODE_SELECT"]
+        band, dec, sel = triton_utils.TUNING["band_split"], os.environ["SALA_SPARSE_DECODE"], os.environ["SALA_SPARSE_DECODE_SELECT"]
         seen.append((n, band, dec, sel))
         # a setting-dependent result, so the medians can be checked per setting
         return {"status": "ok", "ttft_s": n / 1000 + (0.0 if band else 0.5),
@@ -36,7 +36,7 @@ def test_ab_engine_applies_each_setting_and_summarises(tmp_path, monkeypatch, lo
     assert s["2000/band_off+decode_single"] == {"ttft_s_median": 2.5, "decode_tokens_per_s_median": 50.0}
     assert s["1000/band_on+decode_split"] == {"ttft_s_median": 1.0, "decode_tokens_per_s_median": 100.0}
     assert p["settings"] == [ab._name(x) for x in ab.SETTINGS]
-    assert tri.TUNING["band_split"] is True and os.environ["SALA_SPARSE_DECODE"] == "default"   # restored
+    assert triton_utils.TUNING["band_split"] is True and os.environ["SALA_SPARSE_DECODE"] == "default"   # restored
 
 
 def test_ab_engine_fused_axis_swaps_the_runners_ops_and_restores_them(monkeypatch, load_script):

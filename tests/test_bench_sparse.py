@@ -31,19 +31,19 @@ def test_tuning_variant_measures_and_restores_tuning(monkeypatch):
     from the default), and reject unknown variant names."""
     import pytest
 
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     timed = []
-    monkeypatch.setattr(ks, "bench_ms", lambda fn, warmup=0, rep=0: (timed.append(dict(tri.TUNING)), fn(), 2.0)[2])
+    monkeypatch.setattr(ks, "bench_ms", lambda fn, warmup=0, rep=0: (timed.append(dict(triton_utils.TUNING)), fn(), 2.0)[2])
     p = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, topk=2, init_blocks=1, window_size=32)
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 120, h, 16, generator=g) for h in (4, 2, 2))
     for name, (key, value) in ks._TUNING_VARIANTS.items():
-        before = tri.TUNING[key]
+        before = triton_utils.TUNING[key]
         res = {"sdpa_fwd_ms": 4.0}
         timed.clear()
         ks._measure_tuning_variant(name, 120, p, q, k, v, res, 1, 1)
-        assert tri.TUNING[key] == before and all(t[key] == value for t in timed)
+        assert triton_utils.TUNING[key] == before and all(t[key] == value for t in timed)
         assert len(timed) == {"noband": 3, "nobanddq": 4}.get(name, 2), (name, len(timed))
         assert res[f"{name}_select_ms"] == 2.0 and res[f"{name}_speedup_fwd_vs_sdpa"] == 2.0
         assert res[f"{name}_rows_differing_from_default"] == 0.0      # the reference path ignores TUNING

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from sala.ops import infllmv2_reference as ref
+from sala.ops.infllmv2 import reference as ref
 from sala.ops.dense import dense_causal_attention
 from sala.ops.infllmv2 import (SparseParams, block_sparse_attention, compress_keys, compressed_lengths,
                                infllmv2_attention, infllmv2_decode, select_blocks, update_compressed_keys)
@@ -317,7 +317,7 @@ def test_no_quadratic_temporaries(monkeypatch):
 def test_inference_is_query_chunked_without_concatenation(monkeypatch):
     """No-grad forward: selection and attention see at most _NO_GRAD_QUERY_CHUNK queries at a time (block indices
     O(chunk * k), not O(N * k)) and the pieces land in one preallocated output, equal to the unchunked result."""
-    import sala.ops.infllmv2 as mod
+    import sala.ops.infllmv2.attention as mod
 
     q, k, v = _qkv(1, 200, 2, 2, 8, seed=31)
     with torch.no_grad():
@@ -454,6 +454,7 @@ def test_dense_packed_rows_use_the_varlen_fn(monkeypatch):
 def test_masked_reference_equals_gather_reference(monkeypatch):
     """The reference's two forms (one masked SDPA for short contexts, per-query gather otherwise) agree."""
     import sala.ops.infllmv2 as I
+    import sala.ops.infllmv2.sparse_attention as sparse_attention
     p = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, topk=2, init_blocks=1, window_size=32)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 200, h, 16, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
@@ -462,7 +463,7 @@ def test_masked_reference_equals_gather_reference(monkeypatch):
                           q_offset=100)
     monkeypatch.setenv("SALA_KERNELS", "reference")
     masked = I.block_sparse_attention(qs, k, v, idx, p, q_offset=100)
-    monkeypatch.setattr(I, "_MASKED_REF_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(sparse_attention, "_MASKED_REF_MAX_ELEMENTS", 0)
     gathered = I.block_sparse_attention(qs, k, v, idx, p, q_offset=100)
     torch.testing.assert_close(masked, gathered, rtol=1e-12, atol=1e-12)
     for a, b in zip(torch.autograd.grad(masked.sum(), (q, k, v)), torch.autograd.grad(gathered.sum(), (q, k, v))):

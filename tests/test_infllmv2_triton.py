@@ -39,7 +39,8 @@ def test_triton_interpreter(interpreter_results, name):
 
 @pytest.mark.parametrize("B, Hkv, K", [(1, 2, 96), (4, 2, 96), (64, 2, 96), (1, 1, 3)])
 def test_decode_splits_cover_the_selection(B, Hkv, K):
-    from sala.ops.infllmv2_triton import TUNING, decode_splits
+    from sala.ops.infllmv2.triton_decode import decode_splits
+    from sala.ops.infllmv2.triton_utils import TUNING
 
     splits, per = decode_splits(B, Hkv, K)
     assert splits * per >= K and (splits - 1) * per < K            # every block in exactly one split, none empty
@@ -51,7 +52,8 @@ def test_decode_splits_cover_the_selection(B, Hkv, K):
 @pytest.mark.parametrize("B, Hkv, n, unit", [(1, 2, 16384, 16), (1, 2, 16383, 64), (8, 2, 16384, 16), (1, 2, 20, 4),
                                              (64, 2, 100, 16), (1, 1, 1, 16)])
 def test_decode_select_splits_cover_the_keys(B, Hkv, n, unit):
-    from sala.ops.infllmv2_triton import TUNING, decode_select_splits
+    from sala.ops.infllmv2.triton_decode import decode_select_splits
+    from sala.ops.infllmv2.triton_utils import TUNING
 
     splits, per = decode_select_splits(B, Hkv, n, unit)
     assert per % unit == 0 and splits * per >= n and (splits - 1) * per < n     # every item in one split, none empty
@@ -78,14 +80,14 @@ def _released_case(T=8192, Tq=1024, seed=0):
 def test_gpu_selection_matches_reference(monkeypatch, tuning):
     """Default kernels, every-tile visibility masks, and the opt-in branch-masked selection and compact top-k
     (TUNING flips)."""
-    from sala.ops import infllmv2_reference as ref
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import reference as ref
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
     from sala.ops.infllmv2 import compress_keys, select_blocks
 
     for key, value in tuning.items():
-        monkeypatch.setitem(tri.TUNING, key, value)
+        monkeypatch.setitem(triton_utils.TUNING, key, value)
     p, q, k, v = _released_case()
-    if tuning.get("select_branch_mask") and tri._triton_version() < tri.BRANCH_MASK_MIN_TRITON:
+    if tuning.get("select_branch_mask") and triton_utils.triton_version() < triton_utils.BRANCH_MASK_MIN_TRITON:
         with pytest.raises(RuntimeError, match="select_branch_mask'] needs Triton >= 3.9"):
             select_blocks(q, compress_keys(k, 32, 16), compress_keys(k, 128, 64), p, q_offset=8192 - 1024)
         return
@@ -105,17 +107,17 @@ def test_gpu_topk_kernel_matches_torch_topk(monkeypatch, n, compact, early):
     """The top-k kernels at 1M-token row widths (16384 blocks) on pooled-like rows: 34 forced (+inf) blocks, a
     -inf tail; with TUNING["topk_compact"] most rows take the compact path (flag 0); the bisection with and
     without its early exit (TUNING["topk_early_exit"]), up to 16384 columns (TUNING["topk_max_cols"])."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
-    monkeypatch.setitem(tri.TUNING, "topk_compact", compact)
-    monkeypatch.setitem(tri.TUNING, "topk_early_exit", early)
-    monkeypatch.setitem(tri.TUNING, "topk_max_cols", max(n, tri.TOPK_MAX_COLS))
+    monkeypatch.setitem(triton_utils.TUNING, "topk_compact", compact)
+    monkeypatch.setitem(triton_utils.TUNING, "topk_early_exit", early)
+    monkeypatch.setitem(triton_utils.TUNING, "topk_max_cols", max(n, triton_utils.TOPK_MAX_COLS))
     g = torch.Generator(device="cuda").manual_seed(n)
     x = torch.rand(512, n, device="cuda", generator=g) ** 4
     x[:, n // 2 - 34:n // 2] = float("inf")
     x[:, n // 2:] = float("-inf")
-    assert n <= tri.topk_max_cols()
-    got, flags = tri._topk_blocks(x, 96, None)
+    assert n <= triton_topk.topk_max_cols()
+    got, flags = triton_topk.topk_blocks_flagged(x, 96, None)
     checks._assert_topk_close(got.cpu(), x.cpu(), 96)
     if compact:
         assert flags.float().mean().item() < 0.05
@@ -127,10 +129,10 @@ def test_gpu_band_split_matches_reference(monkeypatch, band_rows):
     """Band split at the released shape, bf16: 2 batch rows of 700 queries at an offset that is not a multiple
     of the block (band tiles straddle query blocks and the two rows' key bases), forward output and lse vs the
     one-walk kernel, output vs the fp32 reference."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
     from sala.ops.infllmv2 import block_sparse_attention, compress_keys, select_blocks
 
-    monkeypatch.setitem(tri.TUNING, "band_rows", band_rows)
+    monkeypatch.setitem(triton_utils.TUNING, "band_rows", band_rows)
     monkeypatch.setenv("SALA_KERNELS", "triton")
     g = torch.Generator(device="cuda").manual_seed(band_rows)
     T, Tq = 9000, 700
@@ -154,8 +156,8 @@ def test_gpu_band_split_matches_reference(monkeypatch, band_rows):
     pos = (off + torch.arange(Tq, device="cuda")).repeat(2).to(torch.int32)
     kbase = torch.arange(2, device="cuda").repeat_interleave(Tq) * T
     args = (q.reshape(-1, 32, 128), k.reshape(-1, 2, 128), v.reshape(-1, 2, 128), idx, pos, kbase, 64, 128 ** -0.5)
-    _, lse_b = tri.sparse_attention_fwd(*args, band=(p.init_blocks, p.local_blocks))
-    _, lse_w = tri.sparse_attention_fwd(*args)
+    _, lse_b = triton_attention.sparse_attention_fwd(*args, band=(p.init_blocks, p.local_blocks))
+    _, lse_w = triton_attention.sparse_attention_fwd(*args)
     torch.testing.assert_close(lse_b, lse_w, atol=1e-3, rtol=1e-4)
 
 
@@ -163,7 +165,7 @@ def test_gpu_band_split_matches_reference(monkeypatch, band_rows):
 def test_gpu_band_split_dq_matches_walk(monkeypatch):
     """TUNING["band_split_dq"] at the released shape, bf16, 2 rows at an unaligned offset: dq, dk, dv equal the
     one-walk backward's (same forward, same selected blocks)."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
     from sala.ops.infllmv2 import SparseParams, block_sparse_attention, compress_keys, select_blocks
 
     monkeypatch.setenv("SALA_KERNELS", "triton")
@@ -177,7 +179,7 @@ def test_gpu_band_split_dq_matches_walk(monkeypatch):
     do = torch.randn_like(q)
     grads = []
     for on in (False, True):
-        monkeypatch.setitem(tri.TUNING, "band_split_dq", on)
+        monkeypatch.setitem(triton_utils.TUNING, "band_split_dq", on)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = block_sparse_attention(*leaves, idx, p, q_offset=T - Tq, forced_blocks=True)
         grads.append([x.float() for x in torch.autograd.grad(out, leaves, do)])
@@ -234,8 +236,8 @@ def test_gpu_decode_matches_prefill(monkeypatch, variant, select):
 @pytest.mark.gpu
 def test_gpu_split_decode_selection_matches_reference(monkeypatch):
     """Split-N decode selection at the released shape (64K cache, 3 sequences, NaN in unused K1/K2 slots)."""
-    from sala.ops import infllmv2_reference as ref
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import reference as ref
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
     from sala.ops.infllmv2 import SparseParams, compressed_lengths, update_compressed_keys
 
     p, S = SparseParams(), 65536
@@ -248,7 +250,7 @@ def test_gpu_split_decode_selection_matches_reference(monkeypatch):
     k2c = torch.full((3, n2, 2, 128), float("nan"), device="cuda", dtype=k.dtype)
     update_compressed_keys(k, k1c, k2c, lengths, p, new_tokens=S)
     pos = lengths - 1
-    got = tri.pooled_block_scores_decode_split(q, k1c, k2c, pos, p, 128 ** -0.5, S // 64)
+    got = triton_decode.pooled_block_scores_decode_split(q, k1c, k2c, pos, p, 128 ** -0.5, S // 64)
     want = ref.pooled_block_scores_ref(q[:, None].double(), k1c.double(), k2c.double(), pos.long()[:, None], p,
                                        128 ** -0.5, S // 64)
     fin = torch.isfinite(want)
@@ -264,7 +266,7 @@ def test_gpu_split_decode_selection_matches_reference(monkeypatch):
 def test_gpu_fused_varlen_matches_reference(monkeypatch, route):
     """SALA_SPARSE_VARLEN=fused vs the reference per-document path at the released shape, forward and backward;
     dense prefixes by the automatic route (FlashAttention varlen where this torch has it) or the sparse kernel."""
-    from sala.ops import infllmv2_varlen as iv
+    from sala.ops.infllmv2 import varlen as iv
     from sala.ops.infllmv2 import infllmv2_attention
 
     if route == "sparse_kernel":
@@ -289,30 +291,30 @@ def test_gpu_fused_varlen_matches_reference(monkeypatch, route):
 def test_warmup_covers_every_length_class(monkeypatch, max_tokens, batch):
     """warmup_length_classes compiles each top-k row-width class (with and without limits) and each decode-selection
     SP2 class that any context up to max_tokens would meet (the kernels themselves replaced by recorders)."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
     from sala.ops.infllmv2 import SparseParams
-    from sala.ops.infllmv2_reference import n_windows
+    from sala.ops.infllmv2.reference import n_windows
 
     p = SparseParams()
     topk_seen, sp2_seen = set(), set()
-    monkeypatch.setattr(tri, "_topk_blocks", lambda x, K, lim: topk_seen.add((max(16, tri._pow2(x.shape[-1])),
+    monkeypatch.setattr(triton_decode, "topk_blocks_flagged", lambda x, K, lim: topk_seen.add((max(16, triton_utils.pow2(x.shape[-1])),
                                                                                 lim is not None, x.shape[0])))
 
     def record_split(q, k1, k2, pos, params, scale, n_blocks):
         assert q.shape[0] == k1.shape[0] == k2.shape[0] == pos.shape[0] == batch
-        sp2_seen.add(max(2, tri._pow2(tri.decode_select_splits(batch, 2, k2.shape[1], 64)[0])))
+        sp2_seen.add(max(2, triton_utils.pow2(triton_decode.decode_select_splits(batch, 2, k2.shape[1], triton_utils.k2_tile())[0])))
 
-    monkeypatch.setattr(tri, "pooled_block_scores_decode_split", record_split)
-    n = tri.warmup_length_classes(max_tokens, p, batch=batch, device="cpu")
+    monkeypatch.setattr(triton_decode, "pooled_block_scores_decode_split", record_split)
+    n = triton_decode.warmup_length_classes(max_tokens, p, batch=batch, device="cpu")
     assert n == len(topk_seen) + 2 * len(sp2_seen)       # launches: 2 per top-k class, 2 per split class
     max_blocks = -(-max_tokens // 64) + 1
-    want_nc = {max(16, tri._pow2(b)) for b in range(1, max_blocks + 1) if b <= tri.topk_max_cols()}
+    want_nc = {max(16, triton_utils.pow2(b)) for b in range(1, max_blocks + 1) if b <= triton_topk.topk_max_cols()}
     assert {nc for nc, lim, _ in topk_seen if lim} == want_nc
     assert {nc for nc, lim, rows in topk_seen if not lim and rows == batch} == want_nc
     want_sp2 = set()
     for cap in range(128, max_tokens + 1, 128):          # every decode cache capacity up to max_tokens
         n2 = int(n_windows(torch.tensor(cap), p.k2_kernel, p.k2_stride))
-        want_sp2.add(max(2, tri._pow2(tri.decode_select_splits(batch, 2, max(1, n2), 64)[0])))
+        want_sp2.add(max(2, triton_utils.pow2(triton_decode.decode_select_splits(batch, 2, max(1, n2), triton_utils.k2_tile())[0])))
     assert want_sp2 <= sp2_seen, (want_sp2, sp2_seen)
 
 

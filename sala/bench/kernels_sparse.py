@@ -78,11 +78,11 @@ _SWITCH_VARIANTS = ("default", "splitk", "splitsel", "splitsel_splitk", "fusedva
 @contextlib.contextmanager
 def _variant(name: str):
     """Kernel variant `name` (default | tiled | tiledN | splitk) for the duration of the block."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     envs = ("SALA_SPARSE_ATTN", "SALA_SPARSE_DECODE", "SALA_SPARSE_DECODE_SELECT", "SALA_SPARSE_VARLEN")
     saved_env = {e: os.environ.get(e) for e in envs}
-    saved_tm = tri.TUNING["tiled_tokens"]
+    saved_tm = triton_utils.TUNING["tiled_tokens"]
     try:
         if name not in _SWITCH_VARIANTS and not name.startswith("tiled"):
             raise ValueError(f"unknown variant {name!r} (default, tiled, tiledN, {', '.join(_SWITCH_VARIANTS[1:])})")
@@ -92,10 +92,10 @@ def _variant(name: str):
         os.environ["SALA_SPARSE_DECODE_SELECT"] = "split" if name.startswith("splitsel") else "single"
         os.environ["SALA_SPARSE_VARLEN"] = "fused" if name == "fusedvarlen" else "default"
         if name.startswith("tiled") and name != "tiled":
-            tri.TUNING["tiled_tokens"] = int(name[5:])
+            triton_utils.TUNING["tiled_tokens"] = int(name[5:])
         yield
     finally:
-        tri.TUNING["tiled_tokens"] = saved_tm
+        triton_utils.TUNING["tiled_tokens"] = saved_tm
         for e, v in saved_env.items():
             if v is None:
                 os.environ.pop(e, None)
@@ -103,7 +103,7 @@ def _variant(name: str):
                 os.environ[e] = v
 
 
-# variants that flip a TUNING value of sala.ops.infllmv2_triton (measured beside the default in the same process)
+# variants that flip a TUNING value of sala.ops.infllmv2.triton_utils (measured beside the default in the same process)
 TUNING_VARIANT_MAX_LEN = 1048576   # longer rows: the default only (one whole forward at 2M takes ~10 s)
 _TUNING_VARIANTS = {"topkcompact": ("topk_compact", True), "branchmask": ("select_branch_mask", True),
                     "noband": ("band_split", False), "nobanddq": ("band_split_dq", False),
@@ -118,7 +118,7 @@ def _measure_tuning_variant(name: str, T: int, p: SparseParams, q, k, v, res: di
     """`<name>_*` fields: selection and whole forward with one TUNING value flipped, and the share of sparse
     queries whose selected blocks differ from the default's (ties at the cut-off aside, ~0); plus the variant's
     extras: the attention alone and its output against the default's, forward+backward, or peak memory."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     key, value = _TUNING_VARIANTS[name]
     extras = _VARIANT_EXTRAS.get(name, ())
@@ -132,7 +132,7 @@ def _measure_tuning_variant(name: str, T: int, p: SparseParams, q, k, v, res: di
         if "attention" in extras and T <= 262144:         # the default's attention output, to compare against
             idx = select_blocks(qs, k1, k2, p, q_offset=dp)
             o_default = block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True).float()
-        with tri.tuning(**{key: value}):
+        with triton_utils.tuning(**{key: value}):
             res[f"{name}_select_ms"] = bench_ms(lambda: select_blocks(qs, k1, k2, p, q_offset=dp), w, r)
             res[f"{name}_whole_fwd_ms"] = bench_ms(lambda: infllmv2_attention(q, k, v, p), w, r)
             got = select_blocks(qs[:, -n:], k1, k2, p, q_offset=T - n)
@@ -177,7 +177,7 @@ def check_variants(variants) -> list[str]:
 
 def _measure_tiled(name: str, T: int, p: SparseParams, q, k, v, res: dict, backward: bool, w: int, r: int) -> None:
     """`<name>_*` fields: the tiled kernels at length T (same inputs and SDPA baselines as the default)."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     dp = p.dense_positions
     with _variant(name), torch.no_grad():
@@ -195,9 +195,9 @@ def _measure_tiled(name: str, T: int, p: SparseParams, q, k, v, res: dict, backw
             res[f"{name}_attention_fwd_ms"] = bench_ms(
                 lambda: block_sparse_attention(qs, k, v, idx, p, q_offset=dp), w, r)
             gbase = torch.zeros(idx.shape[2], dtype=torch.int64, device=q.device)
-            _, _, count = tri.tile_block_union(idx, gbase, tri._tiled_tokens())
+            _, _, count = triton_attention.tile_block_union(idx, gbase, triton_attention._tiled_tokens())
             res[f"{name}_union_blocks_per_tile"] = float(count.float().mean())
-            res[f"{name}_tokens_per_tile"] = tri._tiled_tokens()
+            res[f"{name}_tokens_per_tile"] = triton_attention._tiled_tokens()
             o_t = block_sparse_attention(qs, k, v, idx, p, q_offset=dp)
             with _variant("default"):
                 o_d = block_sparse_attention(qs, k, v, idx, p, q_offset=dp)
@@ -214,8 +214,8 @@ def _measure_tiled(name: str, T: int, p: SparseParams, q, k, v, res: dict, backw
 
 def _measure_decode(T: int, p: SparseParams, q, k, v, res: dict, w: int, r: int) -> None:
     """Batch-1 decode of the token at position T - 1: default vs split-K (whole step and attention part)."""
-    from sala.ops import infllmv2_reference as ref
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import reference as ref
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
     from sala.ops.infllmv2 import infllmv2_decode
 
     with torch.no_grad():
@@ -230,24 +230,24 @@ def _measure_decode(T: int, p: SparseParams, q, k, v, res: dict, w: int, r: int)
             got = infllmv2_decode(q1, k, v, k1, k2, lens, p)
         res["decode_splitk_max_abs_diff_vs_default"] = float((want.float() - got.float()).abs().max())
         pos = torch.tensor([T - 1], dtype=torch.int32, device=q.device)
-        pooled = tri.pooled_block_scores_triton(q1[:, None], k1, k2, pos[:, None], p, D ** -0.5,
+        pooled = triton_selection.pooled_block_scores_triton(q1[:, None], k1, k2, pos[:, None], p, D ** -0.5,
                                                 -(-T // p.block_size))
         idx = ref.topk_block_indices(pooled, p.total_blocks)
         kf, vf = k.reshape(T, HKV, D), v.reshape(T, HKV, D)
         kbase = torch.zeros(1, dtype=torch.int64, device=q.device)
         res["decode_attention_ms"] = bench_ms(
-            lambda: tri.sparse_attention_fwd(q1, kf, vf, idx, pos, kbase, p.block_size, D ** -0.5), 3, 10)
+            lambda: triton_attention.sparse_attention_fwd(q1, kf, vf, idx, pos, kbase, p.block_size, D ** -0.5), 3, 10)
         res["decode_attention_splitk_ms"] = bench_ms(
-            lambda: tri.sparse_decode_splitk(q1, kf, vf, idx, pos, kbase, p.block_size, D ** -0.5), 3, 10)
-        res["decode_splitk_programs"] = HKV * tri.decode_splits(1, HKV, p.total_blocks)[0]
+            lambda: triton_decode.sparse_decode_splitk(q1, kf, vf, idx, pos, kbase, p.block_size, D ** -0.5), 3, 10)
+        res["decode_splitk_programs"] = HKV * triton_decode.decode_splits(1, HKV, p.total_blocks)[0]
         del k1, k2, pooled, idx
 
 
 def _measure_decode_select(T: int, p: SparseParams, q, k, v, res: dict) -> None:
     """`splitsel_*`: batch-1 decode of the token at position T - 1 with the split-N selection vs the default one
     (whole step, selection alone incl. top-k, and with split-K attention), all in this process."""
-    from sala.ops import infllmv2_reference as ref
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import reference as ref
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
     from sala.ops.infllmv2 import infllmv2_decode
 
     with torch.no_grad():
@@ -265,15 +265,15 @@ def _measure_decode_select(T: int, p: SparseParams, q, k, v, res: dict) -> None:
                 outs[name] = infllmv2_decode(q1, k, v, k1, k2, lens, p).float()
         res["splitsel_max_abs_diff_vs_default"] = float((outs["splitsel"] - outs["default"]).abs().max())
         res["splitsel_default_select_ms"] = bench_ms(lambda: ref.topk_block_indices(
-            tri.pooled_block_scores_triton(q1[:, None], k1, k2, pos[:, None], p, s, nb), p.total_blocks), 3, 10)
+            triton_selection.pooled_block_scores_triton(q1[:, None], k1, k2, pos[:, None], p, s, nb), p.total_blocks), 3, 10)
         res["splitsel_select_ms"] = bench_ms(lambda: ref.topk_block_indices(
-            tri.pooled_block_scores_decode_split(q1, k1, k2, pos, p, s, nb), p.total_blocks), 3, 10)
-        i_d = ref.topk_block_indices(tri.pooled_block_scores_triton(q1[:, None], k1, k2, pos[:, None], p, s, nb),
+            triton_decode.pooled_block_scores_decode_split(q1, k1, k2, pos, p, s, nb), p.total_blocks), 3, 10)
+        i_d = ref.topk_block_indices(triton_selection.pooled_block_scores_triton(q1[:, None], k1, k2, pos[:, None], p, s, nb),
                                      p.total_blocks)
-        i_s = ref.topk_block_indices(tri.pooled_block_scores_decode_split(q1, k1, k2, pos, p, s, nb), p.total_blocks)
+        i_s = ref.topk_block_indices(triton_decode.pooled_block_scores_decode_split(q1, k1, k2, pos, p, s, nb), p.total_blocks)
         res["splitsel_indices_equal_default"] = bool(torch.equal(i_d, i_s))
         r = p.block_size // p.kernel_stride
-        res["splitsel_programs"] = HKV * tri.decode_select_splits(1, HKV, nb, tri._select_nb(r))[0]
+        res["splitsel_programs"] = HKV * triton_decode.decode_select_splits(1, HKV, nb, triton_utils.select_nb(r))[0]
         del k1, k2
 
 
@@ -285,7 +285,7 @@ def measure_fused_varlen(rows=VARLEN_ROWS, *, params: SparseParams | None = None
                          dtype: torch.dtype = torch.bfloat16, heads: tuple[int, int, int] = (HQ, HKV, D)) -> list[dict]:
     """Per-document (`SALA_SPARSE_VARLEN=default`) vs fused packed attention (released head shape and params, bf16,
     unless given: the CPU smoke test of this bench uses tiny ones)."""
-    from sala.ops import infllmv2_varlen as iv
+    from sala.ops.infllmv2 import varlen as iv
 
     p = SparseParams() if params is None else params
     hq, hkv, hd = heads
@@ -478,9 +478,9 @@ def sweep(T: int = 131072, *, device: str = "cuda", params: SparseParams | None 
           heads: tuple[int, int, int] = (HQ, HKV, D), select_configs=None, fwd_configs=None, band_configs=None,
           dtype: torch.dtype = torch.bfloat16, warmup: int = 1, rep: int = 3) -> dict:
     """Time the selection and attention kernels under several launch settings at length T; keep the fastest
-    whose output matches the first setting's (in sala.ops.infllmv2_triton.TUNING, for the rest of this process).
+    whose output matches the first setting's (in sala.ops.infllmv2.triton_utils.TUNING, for the rest of this process).
     heads: (query heads, KV heads, head dim). CPU (interpreter) use is for tests with tiny shapes."""
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
     p = params or SparseParams()
     dev = device
@@ -497,7 +497,7 @@ def sweep(T: int = 131072, *, device: str = "cuda", params: SparseParams | None 
     want = None
     for cfg in select_configs or SELECT_CONFIGS:
         rows, tile, warps, stages, branch = cfg
-        tri.TUNING.update(select_rows=rows, select_k1_tile=tile, select_warps=warps, select_stages=stages,
+        triton_utils.TUNING.update(select_rows=rows, select_k1_tile=tile, select_warps=warps, select_stages=stages,
                           select_branch_mask=branch)
         try:
             ms = bench_ms(lambda: select_blocks(qs, k1, k2, p, q_offset=dp), warmup, rep)
@@ -511,7 +511,7 @@ def sweep(T: int = 131072, *, device: str = "cuda", params: SparseParams | None 
         if rows_differ < 0.01:
             best = min(best, (ms, cfg), key=lambda x: x[0])
     rows, tile, warps, stages, branch = best[1]
-    tri.TUNING.update(select_rows=rows, select_k1_tile=tile, select_warps=warps, select_stages=stages,
+    triton_utils.TUNING.update(select_rows=rows, select_k1_tile=tile, select_warps=warps, select_stages=stages,
                       select_branch_mask=branch)
     idx = select_blocks(qs, k1, k2, p, q_offset=dp)
 
@@ -519,19 +519,19 @@ def sweep(T: int = 131072, *, device: str = "cuda", params: SparseParams | None 
         return block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True)
 
     def set_fwd(cfg):
-        tri.TUNING.update(fwd_warps=cfg[0], fwd_stages=cfg[1], fwd_blocks_per_iter=cfg[2])
+        triton_utils.TUNING.update(fwd_warps=cfg[0], fwd_stages=cfg[1], fwd_blocks_per_iter=cfg[2])
 
     def set_band(cfg):
-        tri.TUNING.update(band_rows=cfg[0], band_warps=cfg[1], band_stages=cfg[2])
+        triton_utils.TUNING.update(band_rows=cfg[0], band_warps=cfg[1], band_stages=cfg[2])
 
     best, ref_out = _sweep_attention(fwd_configs or FWD_CONFIGS, set_fwd, attend, None, out["attention_fwd"],
                                      warmup, rep)
     set_fwd(best)
-    if tri.TUNING["band_split"]:
+    if triton_utils.TUNING["band_split"]:
         best, _ = _sweep_attention(band_configs or BAND_CONFIGS, set_band, attend, ref_out, out["band"], warmup, rep)
         if best is not None:
             set_band(best)
-    out["chosen"] = dict(tri.TUNING)
+    out["chosen"] = dict(triton_utils.TUNING)
     print("sweep", out, flush=True)
     del q, k, v, k1, k2, idx
     if dev == "cuda":
@@ -560,9 +560,9 @@ def run(lengths=DEFAULT_LENGTHS, out_path: str | None = None, with_fla: bool = T
                "results": []}
     if tune:
         payload["tuning_sweep"] = sweep()
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import triton_attention, triton_decode, triton_selection, triton_topk, triton_utils
 
-    payload["tuning"] = dict(tri.TUNING)
+    payload["tuning"] = dict(triton_utils.TUNING)
     if variants != ["default"]:
         payload["variants"] = variants
     t0 = time.time()

@@ -12,12 +12,8 @@ Conventions (see docs/sparse.md):
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from sala.ops.infllmv2 import SparseParams
+from sala.ops.infllmv2.params import SparseParams, n_windows
 
 # Elements of the largest chunked temporary (fp32): ~256 MiB.
 _CHUNK_ELEMENTS = 1 << 26
@@ -36,14 +32,8 @@ def compress_keys_ref(k: torch.Tensor, kernel_size: int, stride: int) -> torch.T
     return windows.mean(dim=-1).to(k.dtype)
 
 
-def n_windows(length: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-    """Number of full windows in `length` keys (elementwise, integer tensors)."""
-    return torch.where(length >= kernel, torch.div(length - kernel, stride, rounding_mode="floor") + 1,
-                       torch.zeros_like(length))
-
-
 def update_compressed_keys_ref(k_cache: torch.Tensor, k1_cache: torch.Tensor, k2_cache: torch.Tensor,
-                               cache_seqlens: torch.Tensor, params: "SparseParams", new_tokens: int = 1) -> None:
+                               cache_seqlens: torch.Tensor, params: SparseParams, new_tokens: int = 1) -> None:
     """Write, in place, every K1/K2 window completed by the last `new_tokens` keys of each sequence.
 
     k_cache [B, S, Hkv, D]; k1_cache [B, S1, Hkv, D]; k2_cache [B, S2, Hkv, D]; cache_seqlens int [B] (lengths
@@ -69,7 +59,7 @@ def update_compressed_keys_ref(k_cache: torch.Tensor, k1_cache: torch.Tensor, k2
 
 
 def pooled_block_scores_ref(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, pos: torch.Tensor,
-                            params: "SparseParams", scale: float, n_blocks: int) -> torch.Tensor:
+                            params: SparseParams, scale: float, n_blocks: int) -> torch.Tensor:
     """Block scores after max-pooling and forcing: [B, Hkv, Tq, n_blocks] in fp32/fp64.
 
     +inf for forced blocks (init and local), -inf for blocks after the query's own block. Stage-1 score of
@@ -136,7 +126,7 @@ def topk_block_indices(pooled: torch.Tensor, total_blocks: int) -> torch.Tensor:
 
 
 def select_blocks_ref(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, pos: torch.Tensor,
-                      params: "SparseParams", scale: float) -> torch.Tensor:
+                      params: SparseParams, scale: float) -> torch.Tensor:
     """Selected blocks int32 [B, Hkv, Tq, total_blocks] for queries at positions pos [B, Tq]."""
     B, Tq = pos.shape
     Hkv = k1.shape[2]
