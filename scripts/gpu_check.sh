@@ -50,15 +50,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 case "$part" in
   tests)
-    python3 -m pytest -q -p no:cacheprovider tests/test_lightning_triton.py tests/test_infllmv2_triton.py \
-      tests/test_fused.py tests/test_engine_gpu.py -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    python3 -m pytest -q -p no:cacheprovider tests/ops/test_lightning_triton.py tests/test_infllmv2_triton.py \
+      tests/ops/test_fused.py tests/test_engine_gpu.py -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
   kernels)
     python3 -m sala.bench.kernels_lightning --out "$OUT/lightning_kernels_h200.json" 2>&1 | tail -20
     python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_variants_h200.json" \
       --lengths 32768,131072,524288,1048576 --no-fla --variants default,splitk,splitsel,fusedvarlen,tiled8 \
       --time-budget-s 300 2>&1 | tail -20 ;;
   lightning)
-    python3 -m pytest -q -p no:cacheprovider tests/test_lightning_triton.py tests/test_triton_sm90_compile.py \
+    python3 -m pytest -q -p no:cacheprovider tests/ops/test_lightning_triton.py tests/ops/test_triton_sm90_compile.py \
       -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests_lightning.log" | tail -3
     python3 -m sala.bench.kernels_lightning --out "$OUT/lightning_kernels_h200.json" 2>&1 | grep -v "^tune" | tail -20 ;;
   sparse)
@@ -86,7 +86,7 @@ case "$part" in
     python3 scripts/ab_engine.py --lengths "${AB_LENGTHS:-64K,128K}" --reps 2 --decode-tokens 256 \
       --out "$OUT/engine_ab_h200.json" 2>&1 | grep -v USDT | tail -9 ;;
   fused)
-    python3 -m pytest -q -p no:cacheprovider tests/test_fused.py 2>&1 | tee "$OUT/gpu_tests_fused.log" | tail -3
+    python3 -m pytest -q -p no:cacheprovider tests/ops/test_fused.py 2>&1 | tee "$OUT/gpu_tests_fused.log" | tail -3
     python3 scripts/ab_engine.py --axes fused --lengths "${AB_LENGTHS:-64K,256K}" --reps 2 --decode-tokens 256 \
       --out "$OUT/engine_ab_fused_h200.json" 2>&1 | grep -v USDT | tail -7 ;;
   gaps)
