@@ -46,6 +46,16 @@ def _latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cpu_prefill(args: argparse.Namespace) -> int:
+    from sala.bench.cpu_prefill import DEFAULT_LENGTHS, DEFAULT_MODEL, run
+
+    out = args.out or "bench_cpu_prefill.json"
+    run(args.lengths or list(DEFAULT_LENGTHS), out, args.model or DEFAULT_MODEL, args.repeats,
+        args.baseline_max, not args.no_baseline)
+    print(f"wrote {out}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="GPU benchmarks (write JSON for bench/results/)")
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
@@ -70,3 +80,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--no-baseline", action="store_true", help="skip the HF Qwen3-8B baseline")
     lat.add_argument("--compile", action="store_true", help="SALA with the compiled prefill (SalaEngine(compile=True))")
     lat.set_defaults(func=_latency)
+
+    cpu = bsub.add_parser("cpu-prefill", help="CPU prefill of the bundled model per length vs the previous sparse "
+                                              "CPU path")
+    cpu.add_argument("--lengths", type=lengths_arg, default=None, help="e.g. 4k,8k,16k,64k (the default)")
+    cpu.add_argument("--out", default=None, help="JSON output path")
+    cpu.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    cpu.add_argument("--repeats", type=int, default=3, help="timed runs per length up to 16K tokens (median)")
+    cpu.add_argument("--baseline-max", type=length_arg, default=16384,
+                     help="longest prompt timed with the previous path")
+    cpu.add_argument("--no-baseline", action="store_true", help="skip the previous path")
+    cpu.set_defaults(func=_cpu_prefill)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sala.ops.dispatch import triton_available, use_triton
-from sala.ops.infllmv2 import reference as ref
+from sala.ops.infllmv2.blockwise_reference import select_blocks_blockwise
 from sala.ops.infllmv2.params import SparseParams, check_qkv, softmax_scale
 
 if triton_available():
@@ -32,4 +32,5 @@ def select_blocks(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, params: S
     with torch.no_grad():
         if use_triton(q, k1, k2):
             return tri.select_blocks_triton(q, k1, k2, pos, params, s, pos_max=q_offset + Tq - 1)
-        return ref.select_blocks_ref(q, k1, k2, pos, params, s)
+        # select_blocks_ref's result; each chunk of queries scores only the compressed keys it can see
+        return select_blocks_blockwise(q, k1, k2, pos, params, s)

@@ -5,6 +5,7 @@ import torch
 
 from sala.ops.dispatch import triton_available, use_triton
 from sala.ops.infllmv2 import reference as ref
+from sala.ops.infllmv2.blockwise_reference import sparse_attention_blockwise_ref
 from sala.ops.infllmv2.params import SparseParams, check_qkv, kernel_variant, softmax_scale
 
 if triton_available():
@@ -58,8 +59,12 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                          f"keys up to there, but k has {Tk}")
     dev = q.device
     bs = params.block_size
-    if not use_triton(q, k, v) and B * Hkv * Tq * Tk <= _MASKED_REF_MAX_ELEMENTS:
-        return ref.sparse_attention_masked_ref(q, k, v, block_idx, q_offset, bs, softmax_scale(q, scale))
+    if not use_triton(q, k, v):
+        # references: one masked SDPA call for short inputs; above, the block-grouped attention (its cost per query
+        # does not grow with the context, sala.ops.infllmv2.blockwise_reference)
+        if B * Hkv * Tq * Tk <= _MASKED_REF_MAX_ELEMENTS:
+            return ref.sparse_attention_masked_ref(q, k, v, block_idx, q_offset, bs, softmax_scale(q, scale))
+        return sparse_attention_blockwise_ref(q, k, v, block_idx, q_offset, bs, softmax_scale(q, scale))
     nbk = -(-Tk // bs)
     pos = (q_offset + torch.arange(Tq, device=dev)).repeat(B)
     brow = torch.arange(B, device=dev).repeat_interleave(Tq)
