@@ -7,7 +7,7 @@
 #   OUT=/dir bash scripts/gpu_check.sh lightning  # lightning GPU tests, then lightning vs fla only (launch sweep at 64K with registers/spills)
 #   OUT=/dir bash scripts/gpu_check.sh sparse     # sparse GPU tests, sparse layer vs SDPA/fla 32K..2M
 #                                                 # (TUNE=1: sweep launch settings at 128K first;
-#                                                 #  SPARSE_VARIANTS=noband,nobanddq,chunk1g: TUNING flips too;
+#                                                 #  SPARSE_VARIANTS=chunk1g,decode: variants too;
 #                                                 #  PROFILE=1: selection time by kernel at 128K and 1M;
 #                                                 #  SPARSE_INPUT_SMOOTHING=16: neighbour-correlated inputs,
 #                                                 #  JSON sparse_kernels_smooth16_h200.json;
@@ -50,12 +50,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 case "$part" in
   tests)
-    python3 -m pytest -q -p no:cacheprovider tests/ops/test_lightning_triton.py tests/test_infllmv2_triton.py \
+    python3 -m pytest -q -p no:cacheprovider tests/ops/test_lightning_triton.py tests/ops/test_infllmv2_triton.py \
       tests/ops/test_fused.py tests/test_engine_gpu.py -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
   kernels)
     python3 -m sala.bench.kernels_lightning --out "$OUT/lightning_kernels_h200.json" 2>&1 | tail -20
     python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_variants_h200.json" \
-      --lengths 32768,131072,524288,1048576 --no-fla --variants default,splitk,splitsel,fusedvarlen,tiled8 \
+      --lengths 32768,131072,524288,1048576 --no-fla --variants default,decode,chunk1g \
       --time-budget-s 300 2>&1 | tail -20 ;;
   lightning)
     python3 -m pytest -q -p no:cacheprovider tests/ops/test_lightning_triton.py tests/ops/test_triton_sm90_compile.py \
@@ -63,7 +63,7 @@ case "$part" in
     python3 -m sala.bench.kernels_lightning --out "$OUT/lightning_kernels_h200.json" 2>&1 | grep -v "^tune" | tail -20 ;;
   sparse)
     if [ -z "${SPARSE_SKIP_TESTS:-}" ]; then
-      python3 -m pytest -q -p no:cacheprovider tests/test_infllmv2_triton.py -k "not interpreter" \
+      python3 -m pytest -q -p no:cacheprovider tests/ops/test_infllmv2_triton.py -k "not interpreter" \
         2>&1 | tee "$OUT/gpu_tests_sparse.log" | tail -5
     fi
     python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_kernels${SPARSE_INPUT_SMOOTHING:+_smooth$SPARSE_INPUT_SMOOTHING}_h200.json" \
@@ -77,8 +77,8 @@ case "$part" in
     fi ;;
   decode)
     python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_decode_variants_h200.json" --lengths 131072,1048576 \
-      --no-fla --variants default,splitk,splitsel --time-budget-s 150 2>&1 | tail -4 | cut -c1-600
-    SALA_SPARSE_DECODE=splitk SALA_SPARSE_DECODE_SELECT=split python3 -m sala.bench.latency --lengths 1M \
+      --no-fla --variants default,decode --time-budget-s 150 2>&1 | tail -4 | cut -c1-600
+    python3 -m sala.bench.latency --lengths 1M \
       --no-baseline --no-profile --no-plots --out "$OUT/latency_1m_split_decode_h200.json" 2>&1 | grep -v USDT | tail -3 ;;
   latency)
     OUT="$OUT" bash scripts/gpu_latency.sh "${2:-480}" ;;

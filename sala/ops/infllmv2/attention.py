@@ -13,7 +13,7 @@ import torch
 
 from sala.ops.dense import dense_causal_attention
 from sala.ops.infllmv2.compression import compress_keys
-from sala.ops.infllmv2.params import SparseParams, check_qkv, softmax_scale
+from sala.ops.infllmv2.params import SparseKernelConfig, SparseParams, check_qkv, softmax_scale
 from sala.ops.infllmv2.selection import select_blocks
 from sala.ops.infllmv2.sparse_attention import block_sparse_attention
 from sala.ops.infllmv2.varlen import infllmv2_varlen_attention
@@ -28,12 +28,14 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 def infllmv2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: SparseParams, *,
                        scale: float | None = None, k1: torch.Tensor | None = None, k2: torch.Tensor | None = None,
-                       cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                       cu_seqlens: torch.Tensor | None = None,
+                       kernel_config: SparseKernelConfig | None = None) -> torch.Tensor:
     """InfLLM-V2 attention of q [B, Tq, Hq, D] at the last Tq positions of k, v [B, Tk, Hkv, D].
 
     k1/k2: compressed keys of the whole k if the caller keeps them (else computed here). cu_seqlens (B == 1,
     Tq == Tk): packed documents, each with positions from 0. Positions < params.dense_positions use dense SDPA,
     later ones select blocks and attend to them. Differentiable w.r.t. q, k, v. Returns [B, Tq, Hq, D].
+    kernel_config: Triton launch settings (None: the defaults; they never change the result).
     """
     check_qkv("infllmv2_attention", q, k, v)
     B, Tq, Hq, D = q.shape
@@ -44,7 +46,7 @@ def infllmv2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params
     if cu_seqlens is not None:
         if k1 is not None or k2 is not None:
             raise ValueError("infllmv2_attention: k1/k2 cannot be passed with cu_seqlens (computed per document)")
-        return infllmv2_varlen_attention(q, k, v, params, s, cu_seqlens)
+        return infllmv2_varlen_attention(q, k, v, params, s, cu_seqlens, kernel_config)
     q_off = Tk - Tq
     dp = params.dense_positions
     n_dense = min(max(dp - q_off, 0), Tq)
@@ -69,8 +71,9 @@ def infllmv2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params
             a, b = n_dense + c0, min(Tq, n_dense + c0 + chunk)
             qc = q[:, a:b]
             off = q_off + a
-            idx = select_blocks(qc.detach(), k1, k2, params, q_offset=off, scale=s)
-            o_s = block_sparse_attention(qc, k, v, idx, params, q_offset=off, scale=s, forced_blocks=True)
+            idx = select_blocks(qc.detach(), k1, k2, params, q_offset=off, scale=s, kernel_config=kernel_config)
+            o_s = block_sparse_attention(qc, k, v, idx, params, q_offset=off, scale=s, forced_blocks=True,
+                                         kernel_config=kernel_config)
             if out is None:
                 parts.append(o_s)
             else:

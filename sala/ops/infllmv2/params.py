@@ -1,8 +1,7 @@
-"""InfLLM-V2 settings and the length arithmetic every other module of the package shares (a leaf: imports no
-other module of the package)."""
+"""InfLLM-V2 settings, the Triton launch settings and the length arithmetic every other module of the package
+shares (a leaf: imports no other module of the package)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -97,20 +96,61 @@ def check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None 
                          f"{k.shape[2]} (k {tuple(k.shape)})")
 
 
-# Triton kernel variants, read at call time (docs/sparse.md): env var -> (allowed values, default).
-_VARIANTS = {"SALA_SPARSE_ATTN": (("default", "tiled"), "default"),
-             "SALA_SPARSE_DECODE": (("splitk", "single"), "splitk"),
-             "SALA_SPARSE_DECODE_SELECT": (("split", "single"), "split"),
-             "SALA_SPARSE_VARLEN": (("default", "fused"), "default")}
+@dataclass(frozen=True)
+class SparseKernelConfig:
+    """Launch settings of the InfLLM-V2 Triton kernels (GPU). Pass one as `kernel_config=` to the ops; None means
+    these defaults, tuned on the H100/H200 at the released shape (docs/results.md). They change speed and memory,
+    never the result (the selection up to the tie rule, which every setting keeps). Triton's interpreter uses
+    small fixed tiles instead of the tile sizes here.
+
+    Stage-1 selection: `select_rows` query rows (tokens x padded group heads) per program, `select_k1_tile` K1
+    windows per iteration (a multiple of block_size / kernel_stride), `select_warps`, `select_stages`;
+    `select_chunk_bytes` bounds the pooled-score buffer of one query chunk (fp32), hence the selection's peak
+    memory. Top-k: rows of up to `topk_max_cols` blocks use the Triton top-k, wider ones `torch.topk` (faster
+    there). Attention: per-token forward / dq walk with `fwd_warps`, `fwd_stages` and `fwd_blocks_per_iter`
+    selected blocks per iteration; the forced blocks (init + local band) as dense tiles of `band_rows` queries
+    (`band_warps`, `band_stages`) in the forward and `band_dq_rows` (`band_dq_warps`, `band_dq_stages`) in dq.
+    Decode: split-K attention with at least `decode_min_programs` programs and split-N selection with at least
+    `decode_select_programs` (when the selection / the cache is large enough). A stages value of None leaves
+    the choice to Triton."""
+
+    select_rows: int = 128
+    select_k1_tile: int = 64
+    select_warps: int = 8
+    select_stages: int | None = 3
+    select_chunk_bytes: int = 256 << 20
+    topk_max_cols: int = 4096
+    band_rows: int = 128
+    band_warps: int = 8
+    band_stages: int | None = 3
+    band_dq_rows: int = 64
+    band_dq_warps: int = 4
+    band_dq_stages: int | None = 2
+    fwd_warps: int = 4
+    fwd_stages: int | None = 2
+    fwd_blocks_per_iter: int = 2
+    decode_min_programs: int = 64
+    decode_select_programs: int = 256
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if value is None and name.endswith("_stages"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SparseKernelConfig.{name} must be a positive int, got {value!r}")
+        for name in ("select_rows", "select_k1_tile", "band_rows", "band_dq_rows"):
+            value = getattr(self, name)
+            if value & (value - 1) or value < 16:
+                raise ValueError(f"SparseKernelConfig.{name} must be a power of two >= 16, got {value}")
 
 
-def kernel_variant(env: str) -> str:
-    """The validated value of a kernel-variant env var (SALA_SPARSE_ATTN, SALA_SPARSE_DECODE,
-    SALA_SPARSE_DECODE_SELECT, SALA_SPARSE_VARLEN); unset, empty or `default` give the variable's default."""
-    allowed, default = _VARIANTS[env]
-    value = os.environ.get(env, default).strip().lower() or default
-    if value == "default":
-        value = default
-    if value not in allowed:
-        raise ValueError(f"{env}={value!r} is not one of {', '.join(allowed)} (or default = {default})")
-    return value
+DEFAULT_KERNEL_CONFIG = SparseKernelConfig()
+
+
+def kernel_config_or_default(config: SparseKernelConfig | None) -> SparseKernelConfig:
+    """`config`, or the defaults when None; anything else is refused with a one-line error."""
+    if config is None:
+        return DEFAULT_KERNEL_CONFIG
+    if not isinstance(config, SparseKernelConfig):
+        raise TypeError(f"kernel_config must be a SparseKernelConfig or None, got {type(config).__name__}")
+    return config

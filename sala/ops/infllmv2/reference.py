@@ -24,7 +24,8 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def compress_keys_ref(k: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
-    """Mean of every full window: k [B, T, Hkv, D] -> [B, n, Hkv, D], n = (T - kernel) // stride + 1 (0 if T < kernel)."""
+    """Mean of every full window: k [B, T, Hkv, D] -> [B, n, Hkv, D], n = (T - kernel) // stride + 1 (0 if
+    T < kernel)."""
     B, T, H, D = k.shape
     if T < kernel_size:
         return k.new_zeros(B, 0, H, D)
@@ -112,17 +113,27 @@ def pooled_block_scores_ref(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
 def topk_block_indices(pooled: torch.Tensor, total_blocks: int) -> torch.Tensor:
     """Top-`total_blocks` of pooled scores [.., n_blocks] -> int32 [.., total_blocks], ascending, -1 padded.
 
-    Blocks scored -inf (after the query's own block) are never selected.
+    Blocks scored -inf (after the query's own block) are never selected. Tie rule (docs/sparse.md): with K =
+    total_blocks, every block scored above the K-th largest score is kept, and among the blocks scored exactly
+    that much the lowest indices fill the remaining slots (as the Triton top-k does). Stated explicitly here
+    because `torch.topk` leaves the order of equal values unspecified, and adjacent blocks often tie (their
+    max-pooling windows share one K1 window). No host synchronisation.
     """
     n = pooled.shape[-1]
-    if n < total_blocks:
-        pad = pooled.new_full(pooled.shape[:-1] + (total_blocks - n,), float("-inf"))
+    K = total_blocks
+    if n < K:
+        pad = pooled.new_full(pooled.shape[:-1] + (K - n,), float("-inf"))
         pooled = torch.cat([pooled, pad], dim=-1)
-    vals, idx = torch.topk(pooled, total_blocks, dim=-1, sorted=False)
-    big = torch.iinfo(torch.int32).max
-    idx = torch.where(vals > float("-inf"), idx, torch.full_like(idx, big))
-    idx = torch.sort(idx, dim=-1).values
-    return torch.where(idx == big, torch.full_like(idx, -1), idx).to(torch.int32)
+    cut = torch.topk(pooled, K, dim=-1, sorted=True).values[..., K - 1:]        # the K-th largest score [.., 1]
+    above = pooled > cut
+    tie = pooled == cut
+    need = K - above.sum(dim=-1, keepdim=True, dtype=torch.int32)
+    sel = (above | (tie & (torch.cumsum(tie, dim=-1, dtype=torch.int32) <= need))) & (pooled > float("-inf"))
+    slot = torch.cumsum(sel, dim=-1, dtype=torch.int32) - 1                     # ascending slot of each selected block
+    out = torch.full(pooled.shape[:-1] + (K + 1,), -1, dtype=torch.int32, device=pooled.device)
+    cols = torch.arange(pooled.shape[-1], dtype=torch.int32, device=pooled.device).expand_as(slot)
+    out.scatter_(-1, torch.where(sel, slot, K).to(torch.int64), torch.where(sel, cols, -1))
+    return out[..., :K]
 
 
 def select_blocks_ref(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, pos: torch.Tensor,

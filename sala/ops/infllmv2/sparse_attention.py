@@ -6,33 +6,31 @@ import torch
 from sala.ops.dispatch import triton_available, use_triton
 from sala.ops.infllmv2 import reference as ref
 from sala.ops.infllmv2.blockwise_reference import sparse_attention_blockwise_ref
-from sala.ops.infllmv2.params import SparseParams, check_qkv, kernel_variant, softmax_scale
+from sala.ops.infllmv2.params import (SparseKernelConfig, SparseParams, check_qkv, kernel_config_or_default,
+                                      softmax_scale)
 
 if triton_available():
     from sala.ops.infllmv2 import triton_attention as tri
-    from sala.ops.infllmv2.triton_utils import TUNING
 else:  # pragma: no cover - without triton every call takes the reference path
-    tri = TUNING = None
+    tri = None
 
 # Reference path: below this many mask entries (B*Hkv*Tq*Tk bytes) one masked SDPA call replaces the gather.
 _MASKED_REF_MAX_ELEMENTS = 1 << 26
 
 
 def sparse_attention_flat(qf, kf, vf, block_idx, pos, kbase, gbase, gid_kstart, gid_blk, n_gid, params, scale,
-                          forced_blocks: bool = False):
+                          forced_blocks: bool = False, kernel_config: SparseKernelConfig | None = None):
     """Flat block-sparse attention: qf [N, Hq, D], kf, vf [Nk, Hkv, D], block_idx [B', Hkv, Tq', K] with
     B'*Tq' = N; pos [N] position of each query in its sequence, kbase [N] flat index of its sequence's first key,
     gbase [N] global id of its sequence's first key block, gid_kstart / gid_blk [n_gid] first flat key and
     in-sequence number of every global key block. forced_blocks: block_idx came from the selection with params
     (init and local blocks in every row), so the Triton forward may run those as dense query tiles; kbase must
-    ascend. Returns [N, Hq, D]."""
+    ascend. kernel_config: Triton launch settings (None: the defaults). Returns [N, Hq, D]."""
     if use_triton(qf, kf, vf):
         args = (qf, kf, vf, block_idx, pos.to(torch.int32), kbase.to(torch.int64), gbase.to(torch.int64),
                 gid_kstart.to(torch.int64), gid_blk.to(torch.int32), n_gid, params.block_size, scale)
-        if kernel_variant("SALA_SPARSE_ATTN") == "tiled":
-            return tri.TiledSparseAttentionFn.apply(*args)
-        band = (params.init_blocks, params.local_blocks) if forced_blocks and TUNING["band_split"] else None
-        return tri.SparseAttentionFn.apply(*args, band)
+        band = (params.init_blocks, params.local_blocks) if forced_blocks else None
+        return tri.SparseAttentionFn.apply(*args, band, kernel_config_or_default(kernel_config))
     idx = block_idx.permute(0, 2, 1, 3).reshape(qf.shape[0], block_idx.shape[1], block_idx.shape[3])
     return ref.sparse_attention_flat_ref(qf, kf, vf, idx, pos.to(torch.int64), kbase.to(torch.int64),
                                          params.block_size, scale)
@@ -40,13 +38,15 @@ def sparse_attention_flat(qf, kf, vf, block_idx, pos, kbase, gbase, gid_kstart, 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
                            params: SparseParams, *, q_offset: int, scale: float | None = None,
-                           forced_blocks: bool = False) -> torch.Tensor:
+                           forced_blocks: bool = False, kernel_config: SparseKernelConfig | None = None
+                           ) -> torch.Tensor:
     """Attention of q [B, Tq, Hq, D] (positions q_offset..) over the selected blocks of k, v [B, Tk, Hkv, D].
 
     block_idx int32 [B, Hkv, Tq, K] (-1 = none). Token-level causal mask inside the own block; one softmax over
     the union of the selected tokens. Differentiable w.r.t. q, k, v. Returns o [B, Tq, Hq, D] in q.dtype.
     forced_blocks=True promises that block_idx comes from `select_blocks` with the same params (the init blocks
     and the local band are in every row); the GPU forward then runs those blocks as dense query tiles.
+    kernel_config: Triton launch settings (None: the defaults).
     """
     check_qkv("block_sparse_attention", q, k, v)
     B, Tq, Hq, D = q.shape
@@ -72,5 +72,5 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     o = sparse_attention_flat(q.reshape(B * Tq, Hq, D), k.reshape(B * Tk, Hkv, D), v.reshape(B * Tk, Hkv, D),
                               block_idx.to(torch.int32), pos, brow * Tk, brow * nbk,
                               torch.div(g, nbk, rounding_mode="floor") * Tk + (g % nbk) * bs, g % nbk, B * nbk,
-                              params, softmax_scale(q, scale), forced_blocks)
+                              params, softmax_scale(q, scale), forced_blocks, kernel_config)
     return o.reshape(B, Tq, Hq, D)

@@ -5,27 +5,24 @@ import torch
 import triton
 import triton.language as tl
 from sala.ops.dispatch import interpreter_enabled
-from sala.ops.infllmv2.triton_utils import (
-    LOG2E,
-    TUNING,
-    launch_stages,
-    online_softmax,
-    pow2,
-)
+from sala.ops.infllmv2.params import DEFAULT_KERNEL_CONFIG, SparseKernelConfig
+from sala.ops.infllmv2.triton_utils import LOG2E, launch_stages, online_softmax, pow2
 
 _BIG_I32 = tl.constexpr(1 << 30)           # "no row" sentinels of the band kernel's min-reductions
 _BIG_I64 = tl.constexpr(1 << 62)
 
 
-def _kpi(K: int) -> int:
-    kpi = TUNING["fwd_blocks_per_iter"]
+def _kpi(K: int, config: SparseKernelConfig) -> int:
+    """Selected blocks per iteration of the per-token walks (1 where K is not a multiple of the setting)."""
+    kpi = config.fwd_blocks_per_iter
     return kpi if K % kpi == 0 else 1
 
 
 @triton.jit
 def _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, blk_lo, blk_hi, K: tl.constexpr, BS: tl.constexpr):
     """Keys of selected-block slots kk.. (len(c) // BS blocks) of one query at position pos: the key mask [len(c)]
-    (slot < K, blk_lo <= block < blk_hi, causal) and the K/V element offsets [len(c), D] of kv head h (rows kb + key)."""
+    (slot < K, blk_lo <= block < blk_hi, causal) and the K/V element offsets [len(c), D] of kv head h (rows
+    kb + key)."""
     slot = kk + c // BS
     blk = tl.load(ibase + slot, mask=slot < K, other=-1)
     key = blk * BS + c % BS
@@ -173,7 +170,8 @@ def _sparse_band_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, kbase_
             m, l, acc = _band_step(qv, m, l, acc, k_ptr, v_ptr, kb, c, d, cur, h, skn, skh, pos, rows & (kb >= lo),
                                    pmax, scale_log2, BS)
         l_safe = tl.where(l > 0, l, 1.0)
-        tl.store(o_ptr + tok64[:, None] * son + hq * soh + d[None, :], (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
+        tl.store(o_ptr + tok64[:, None] * son + hq * soh + d[None, :],
+                 (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
                  mask=rows[:, None])
         tl.store(lse_ptr + tok64 * sln + hq, m + tl.log2(l_safe), mask=rows)
         cur = _next_kbase(inb, kbr, cur)
@@ -320,17 +318,18 @@ def _band_slots(K: int, band: tuple[int, int] | None) -> tuple[int, int, dict]:
     return init, max(init, K - local - 1), dict(BAND=True, INIT=init, LOCAL=local)
 
 
-def _band_rows(key: str) -> int:
-    """Queries per band program: TUNING[key] on the GPU, 16 in the interpreter."""
-    return 16 if interpreter_enabled() else TUNING[key]
+def _band_rows(rows: int) -> int:
+    """Queries per band program: the configured value on the GPU, 16 in the interpreter."""
+    return 16 if interpreter_enabled() else rows
 
 
-def sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale, band: tuple[int, int] | None = None):
+def sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale, band: tuple[int, int] | None = None,
+                         config: SparseKernelConfig = DEFAULT_KERNEL_CONFIG):
     """q [N, Hq, D] flat queries (N = B*Tq of block_idx [B, Hkv, Tq, K]); k, v [Nk, Hkv, D] -> (o, lse log2).
 
     band = (init_blocks, local_blocks): block_idx comes from the selection with these forced blocks (init blocks
     and the local band qb - local .. qb are in every row). The forced blocks then run as dense query tiles
-    (`_sparse_band_fwd_kernel`, K/V shared by TUNING["band_rows"] queries) and the per-token kernel walks only
+    (`_sparse_band_fwd_kernel`, K/V shared by config.band_rows queries) and the per-token kernel walks only
     the K - init - local - 1 other slots, merging into the band's softmax state. Same result, less traffic.
     Requires kbase ascending along the flat queries (batch rows and documents in order)."""
     N, Hq, D = q.shape
@@ -343,18 +342,18 @@ def sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale, band
         return o, lse
     k0, k1, extra = _band_slots(K, band)
     if band is not None:
-        bm = _band_rows("band_rows")
+        bm = _band_rows(config.band_rows)
         _sparse_band_fwd_kernel[(triton.cdiv(N, bm), Hq)](
             q, k, v, o, lse, pos, kbase, N, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             o.stride(0), o.stride(1), lse.stride(0), G=G, D=D, BS=block_size, BM=bm, INIT=band[0], LOCAL=band[1],
-            num_warps=TUNING["band_warps"], **launch_stages("band_stages"))
+            num_warps=config.band_warps, **launch_stages(config.band_stages))
         if k1 == k0:
             return o, lse
     _sparse_fwd_kernel[(N, Hkv)](q, k, v, o, lse, block_idx, pos, kbase, Tq, scale * LOG2E,
                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
                                  lse.stride(0), block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
-                                 G=G, GP=_fwd_config(G), D=D, BS=block_size, K=K, KPI=_kpi(K), K0=k0, K1=k1,
-                                 num_warps=TUNING["fwd_warps"], **launch_stages("fwd_stages"), **extra)
+                                 G=G, GP=_fwd_config(G), D=D, BS=block_size, K=K, KPI=_kpi(K, config), K0=k0, K1=k1,
+                                 num_warps=config.fwd_warps, **launch_stages(config.fwd_stages), **extra)
     return o, lse
 
 
@@ -386,7 +385,8 @@ def _invert_block_idx(block_idx, gbase, n_gid, seg_len):
 
 
 def sparse_attention_bwd(do, q, k, v, o, lse, block_idx, pos, kbase, gbase, n_gid, gid_kstart, gid_blk,
-                         block_size, scale, band: tuple[int, int] | None = None):
+                         block_size, scale, band: tuple[int, int] | None = None,
+                         config: SparseKernelConfig = DEFAULT_KERNEL_CONFIG):
     """band = (init_blocks, local_blocks) as in `sparse_attention_fwd`: dq of the forced blocks by dense query
     tiles (`_sparse_band_bwd_dq_kernel`), the per-token dq walk over the other slots only. dk, dv unchanged."""
     N, Hq, D = q.shape
@@ -399,17 +399,17 @@ def sparse_attention_bwd(do, q, k, v, o, lse, block_idx, pos, kbase, gbase, n_gi
     GP = _fwd_config(G)
     k0, k1, extra = _band_slots(K, band)
     if band is not None and N:
-        bm = _band_rows("band_dq_rows")
+        bm = _band_rows(config.band_dq_rows)
         _sparse_band_bwd_dq_kernel[(triton.cdiv(N, bm), Hq)](
             q, k, v, do, lse, delta, dq, pos, kbase, N, scale * LOG2E, scale, q.stride(0), q.stride(1),
             k.stride(0), k.stride(1), lse.stride(0), G=G, D=D, BS=block_size, BM=bm, INIT=band[0], LOCAL=band[1],
-            num_warps=TUNING["band_dq_warps"], **launch_stages("band_dq_stages"))
+            num_warps=config.band_dq_warps, **launch_stages(config.band_dq_stages))
     if k1 > k0 and N:
         _sparse_bwd_dq_kernel[(N, Hkv)](q, k, v, do, lse, delta, dq, block_idx, pos, kbase, Tq, scale * LOG2E,
                                         scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
                                         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
-                                        G=G, GP=GP, D=D, BS=block_size, K=K, KPI=_kpi(K), K0=k0, K1=k1,
-                                        num_warps=TUNING["fwd_warps"], **launch_stages("fwd_stages"), **extra)
+                                        G=G, GP=GP, D=D, BS=block_size, K=K, KPI=_kpi(K, config), K0=k0, K1=k1,
+                                        num_warps=config.fwd_warps, **launch_stages(config.fwd_stages), **extra)
     dk, dv = _sparse_bwd_dkdv(do, q, k, v, lse, delta, block_idx, pos, gbase, n_gid, gid_kstart, gid_blk,
                               block_size, scale)
     return dq, dk, dv
@@ -440,238 +440,17 @@ class SparseAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, block_idx, pos, kbase, gbase, gid_kstart, gid_blk, n_gid, block_size, scale,
-                band=None):
+                band=None, config=DEFAULT_KERNEL_CONFIG):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse = sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale, band)
+        o, lse = sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale, band, config)
         ctx.save_for_backward(q, k, v, o, lse, block_idx, pos, kbase, gbase, gid_kstart, gid_blk)
-        ctx.meta = (n_gid, block_size, scale, band)
+        ctx.meta = (n_gid, block_size, scale, band, config)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, block_idx, pos, kbase, gbase, gid_kstart, gid_blk = ctx.saved_tensors
-        n_gid, block_size, scale, band = ctx.meta
+        n_gid, block_size, scale, band, config = ctx.meta
         dq, dk, dv = sparse_attention_bwd(do, q, k, v, o, lse, block_idx, pos, kbase, gbase, n_gid, gid_kstart,
-                                          gid_blk, block_size, scale, band if TUNING["band_split_dq"] else None)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# query-tiled block-sparse attention (SALA_SPARSE_ATTN=tiled)
-# ----------------------------------------------------------------------------------------------------------
-def _tiled_tokens() -> int:
-    tm = 4 if interpreter_enabled() else int(TUNING["tiled_tokens"])
-    if tm < 1 or tm > 16 or tm & (tm - 1):
-        raise ValueError(f"infllmv2 tiled attention: TUNING['tiled_tokens'] must be a power of two in 1..16, got {tm}")
-    return tm
-
-
-def _tiled_rows(G: int, TM: int) -> int:
-    """Padded group width GP so that TM * GP >= 16 (tl.dot's minimum M)."""
-    return max(pow2(G), 16 // TM)
-
-
-def tile_block_union(block_idx: torch.Tensor, gbase: torch.Tensor, TM: int):
-    """Per (kv head, tile of TM flat tokens): sorted unique global key blocks and token membership (device only).
-
-    block_idx int [B, Hkv, Tq, K] (-1 = none; flat token n = b * Tq + t), gbase int64 [N] global block id of the
-    first key block of token n's sequence. Returns (union int32 [Hkv, n_tiles, TM*K] (-1 padded), member int32
-    [Hkv, n_tiles, TM*K] (bit j: token j of the tile selected the block), count int32 [Hkv, n_tiles]).
-    """
-    B, H, Tq, K = block_idx.shape
-    N = B * Tq
-    n_tiles = triton.cdiv(N, TM)
-    big = torch.iinfo(torch.int32).max
-    dev = block_idx.device
-    idx = block_idx.permute(1, 0, 2, 3).reshape(H, N, K)
-    gid = torch.where(idx >= 0, gbase.to(torch.int32)[None, :, None] + idx.to(torch.int32),
-                      torch.full((), big, dtype=torch.int32, device=dev))
-    if n_tiles * TM != N:
-        gid = torch.cat([gid, gid.new_full((H, n_tiles * TM - N, K), big)], dim=1)
-    gid = gid.reshape(H, n_tiles, TM * K)
-    sv, order = torch.sort(gid, dim=-1)
-    first = torch.ones_like(sv, dtype=torch.bool)
-    first[..., 1:] = sv[..., 1:] != sv[..., :-1]
-    valid = sv != big
-    slot = torch.cumsum(first, dim=-1, dtype=torch.int32).sub_(1).to(torch.int64)
-    union = torch.full_like(sv, -1)
-    union.scatter_(-1, slot, torch.where(valid, sv, torch.full_like(sv, -1)))
-    bit = torch.bitwise_left_shift(torch.ones((), dtype=torch.int32, device=dev),
-                                   torch.div(order, K, rounding_mode="floor").to(torch.int32))
-    member = torch.zeros_like(sv)
-    member.scatter_add_(-1, slot, torch.where(valid, bit, torch.zeros_like(bit)))
-    count = (first & valid).sum(-1, dtype=torch.int32)
-    return union, member, count
-
-
-@triton.jit
-def _tile_query_rows(tile, N, pos_ptr, G: tl.constexpr, GP: tl.constexpr, TM: tl.constexpr):
-    """The TM * GP rows of one query tile (token, head slot): their token slot, head slot, flat token, validity
-    and position, plus the tile's TM token slots and positions."""
-    ROWS: tl.constexpr = TM * GP
-    r = tl.arange(0, ROWS)
-    tok_r = r // GP
-    g = r % GP
-    n_r = tile * TM + tok_r
-    row_ok = (n_r < N) & (g < G)
-    pos_r = tl.load(pos_ptr + n_r, mask=n_r < N, other=-1)
-    tok = tl.arange(0, TM)
-    n_t = tile * TM + tok
-    pos_t = tl.load(pos_ptr + n_t, mask=n_t < N, other=-1)
-    return tok_r, g, n_r, row_ok, pos_r, tok, pos_t
-
-
-@triton.jit
-def _tiled_union_block(union_ptr, member_ptr, gid_kstart_ptr, gid_blk_ptr, ubase, u, tok, tok_r, pos_t, pos_r,
-                       c, d, h, skn, skh, Nk, BS: tl.constexpr):
-    """Union block u of a tile: key offsets [BS, D], key-column load mask [BS], per-row attend mask [ROWS, BS]."""
-    gid = tl.load(union_ptr + ubase + u)
-    bits = tl.load(member_ptr + ubase + u)
-    ks = tl.load(gid_kstart_ptr + gid).to(tl.int64)
-    blk = tl.load(gid_blk_ptr + gid)
-    kp = blk * BS + c
-    mem_t = ((bits >> tok) & 1) != 0
-    col_ok = tl.max(tl.where(mem_t[:, None] & (kp[None, :] <= pos_t[:, None]), 1, 0), axis=0) > 0
-    col_ok = col_ok & ((ks + c.to(tl.int64)) < Nk)
-    mem_r = ((bits >> tok_r) & 1) != 0
-    ok = mem_r[:, None] & (kp[None, :] <= pos_r[:, None]) & col_ok[None, :]
-    kptr = (ks + c.to(tl.int64))[:, None] * skn + h * skh + d[None, :]
-    return kptr, col_ok, ok
-
-
-@triton.jit
-def _sparse_fwd_tiled_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, union_ptr, member_ptr, count_ptr, pos_ptr,
-                             gid_kstart_ptr, gid_blk_ptr, N, Nk, n_tiles, scale_log2,
-                             sqn, sqh, skn, skh, son, soh, sln, suh, sut,
-                             G: tl.constexpr, GP: tl.constexpr, TM: tl.constexpr, D: tl.constexpr,
-                             BS: tl.constexpr):
-    tile = tl.program_id(0)
-    h = tl.program_id(1)
-    ROWS: tl.constexpr = TM * GP
-    tok_r, g, n_r, row_ok, pos_r, tok, pos_t = _tile_query_rows(tile, N, pos_ptr, G, GP, TM)
-    d = tl.arange(0, D)
-    c = tl.arange(0, BS)
-    qrow = n_r.to(tl.int64)[:, None] * sqn + (h * G + g)[:, None] * sqh + d[None, :]
-    qv = tl.load(q_ptr + qrow, mask=row_ok[:, None], other=0.0)
-    m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([ROWS], dtype=tl.float32)
-    acc = tl.zeros([ROWS, D], dtype=tl.float32)
-    ubase = h.to(tl.int64) * suh + tile.to(tl.int64) * sut
-    cnt = tl.load(count_ptr + h * n_tiles + tile)
-    for u in range(0, cnt):
-        kptr, col_ok, ok = _tiled_union_block(union_ptr, member_ptr, gid_kstart_ptr, gid_blk_ptr, ubase, u, tok, tok_r,
-                                              pos_t, pos_r, c, d, h, skn, skh, Nk, BS)
-        kt = tl.load(k_ptr + kptr, mask=col_ok[:, None], other=0.0)
-        s = tl.where(ok, tl.dot(qv, tl.trans(kt)) * scale_log2, float("-inf"))
-        m, alpha, p, l = online_softmax(s, m, l)
-        vt = tl.load(v_ptr + kptr, mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-    l_safe = tl.where(l > 0, l, 1.0)
-    o = acc / l_safe[:, None]
-    orow = n_r.to(tl.int64)[:, None] * son + (h * G + g)[:, None] * soh + d[None, :]
-    tl.store(o_ptr + orow, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_ptr + n_r.to(tl.int64) * sln + h * G + g, m + tl.log2(l_safe), mask=row_ok)
-
-
-@triton.jit
-def _sparse_bwd_dq_tiled_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, union_ptr, member_ptr,
-                                count_ptr, pos_ptr, gid_kstart_ptr, gid_blk_ptr, N, Nk, n_tiles, scale_log2, scale,
-                                sqn, sqh, skn, skh, sln, suh, sut,
-                                G: tl.constexpr, GP: tl.constexpr, TM: tl.constexpr, D: tl.constexpr,
-                                BS: tl.constexpr):
-    tile = tl.program_id(0)
-    h = tl.program_id(1)
-    ROWS: tl.constexpr = TM * GP
-    tok_r, g, n_r, row_ok, pos_r, tok, pos_t = _tile_query_rows(tile, N, pos_ptr, G, GP, TM)
-    d = tl.arange(0, D)
-    c = tl.arange(0, BS)
-    rows = n_r.to(tl.int64)[:, None] * sqn + (h * G + g)[:, None] * sqh + d[None, :]
-    qv = tl.load(q_ptr + rows, mask=row_ok[:, None], other=0.0)
-    dov = tl.load(do_ptr + rows, mask=row_ok[:, None], other=0.0)
-    lrow = n_r.to(tl.int64) * sln + h * G + g
-    lse = tl.load(lse_ptr + lrow, mask=row_ok, other=0.0)
-    delta = tl.load(delta_ptr + lrow, mask=row_ok, other=0.0)
-    dq = tl.zeros([ROWS, D], dtype=tl.float32)
-    ubase = h.to(tl.int64) * suh + tile.to(tl.int64) * sut
-    cnt = tl.load(count_ptr + h * n_tiles + tile)
-    for u in range(0, cnt):
-        kptr, col_ok, ok = _tiled_union_block(union_ptr, member_ptr, gid_kstart_ptr, gid_blk_ptr, ubase, u, tok, tok_r,
-                                              pos_t, pos_r, c, d, h, skn, skh, Nk, BS)
-        kt = tl.load(k_ptr + kptr, mask=col_ok[:, None], other=0.0)
-        vt = tl.load(v_ptr + kptr, mask=col_ok[:, None], other=0.0)
-        dq += _dq_block(qv, dov, kt, vt, lse, delta, ok & row_ok[:, None], scale_log2)
-    tl.store(dq_ptr + rows, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-
-def sparse_attention_fwd_tiled(q, k, v, block_idx, pos, gbase, gid_kstart, gid_blk, block_size, scale, *,
-                               union=None, o=None):
-    """Query-tiled forward; same contract as `sparse_attention_fwd` plus the global key-block tables.
-
-    gbase int64 [N]: global block id of each query's first key block; gid_kstart int64 / gid_blk int32
-    [n_gid]: flat first key and in-sequence block number of every global block. union: a precomputed
-    `tile_block_union` result (else built here). o: optional output buffer [N, Hq, D]. Returns (o, lse log2).
-    """
-    N, Hq, D = q.shape
-    Nk, Hkv = k.shape[0], k.shape[1]
-    G = Hq // Hkv
-    TM = _tiled_tokens()
-    o = torch.empty_like(q) if o is None else o
-    lse = torch.empty(N, Hq, dtype=torch.float32, device=q.device)
-    if N == 0:
-        return o, lse
-    un, member, count = tile_block_union(block_idx, gbase, TM) if union is None else union
-    n_tiles = un.shape[1]
-    _sparse_fwd_tiled_kernel[(n_tiles, Hkv)](
-        q, k, v, o, lse, un, member, count, pos, gid_kstart, gid_blk, N, Nk, n_tiles, scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1), lse.stride(0),
-        un.stride(0), un.stride(1),
-        G=G, GP=_tiled_rows(G, TM), TM=TM, D=D, BS=block_size,
-        num_warps=TUNING["tiled_warps"] if not interpreter_enabled() else 4, **launch_stages("tiled_stages"))
-    return o, lse
-
-
-def sparse_attention_bwd_tiled(do, q, k, v, o, lse, block_idx, union, pos, gbase, n_gid, gid_kstart, gid_blk,
-                               block_size, scale):
-    """dq by the tiled walk (same unions as the forward); dk, dv by the KV-block-owned inverted-index kernel."""
-    N, Hq, D = q.shape
-    Nk, Hkv, _ = k.shape
-    G = Hq // Hkv
-    TM = _tiled_tokens()
-    do = do.contiguous()
-    delta = (do.float() * o.float()).sum(-1)                               # [N, Hq]
-    dq = torch.empty_like(q)
-    un, member, count = union
-    n_tiles = un.shape[1]
-    _sparse_bwd_dq_tiled_kernel[(n_tiles, Hkv)](
-        q, k, v, do, lse, delta, dq, un, member, count, pos, gid_kstart, gid_blk, N, Nk, n_tiles,
-        scale * LOG2E, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),
-        un.stride(0), un.stride(1),
-        G=G, GP=_tiled_rows(G, TM), TM=TM, D=D, BS=block_size,
-        num_warps=TUNING["tiled_warps"] if not interpreter_enabled() else 4, **launch_stages("tiled_stages"))
-    dk, dv = _sparse_bwd_dkdv(do, q, k, v, lse, delta, block_idx, pos, gbase, n_gid, gid_kstart, gid_blk,
-                              block_size, scale)
-    return dq, dk, dv
-
-
-class TiledSparseAttentionFn(torch.autograd.Function):
-    """Block-sparse attention on flat tokens with the query-tiled kernels (SALA_SPARSE_ATTN=tiled)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, block_idx, pos, kbase, gbase, gid_kstart, gid_blk, n_gid, block_size, scale):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        union = tile_block_union(block_idx, gbase, _tiled_tokens())
-        o, lse = sparse_attention_fwd_tiled(q, k, v, block_idx, pos, gbase, gid_kstart, gid_blk, block_size,
-                                            scale, union=union)
-        if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(q, k, v, o, lse, block_idx, pos, gbase, gid_kstart, gid_blk, *union)
-        ctx.meta = (n_gid, block_size, scale)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, block_idx, pos, gbase, gid_kstart, gid_blk, *union = ctx.saved_tensors
-        n_gid, block_size, scale = ctx.meta
-        dq, dk, dv = sparse_attention_bwd_tiled(do, q, k, v, o, lse, block_idx, tuple(union), pos, gbase, n_gid,
-                                                gid_kstart, gid_blk, block_size, scale)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
-
+                                          gid_blk, block_size, scale, band, config)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None

@@ -58,37 +58,3 @@ def compress_keys_triton(k: torch.Tensor, kernel: int, stride: int) -> torch.Ten
 def update_compressed_keys_triton(k_cache, k1_cache, k2_cache, cache_seqlens, params, new_tokens: int) -> None:
     compress_windows(k_cache, k1_cache, cache_seqlens, params.kernel_size, params.kernel_stride, new_tokens)
     compress_windows(k_cache, k2_cache, cache_seqlens, params.k2_kernel, params.k2_stride, new_tokens)
-
-
-
-@triton.jit(do_not_specialize=["n_win"])
-def _compress_flat_kernel(k_ptr, out_ptr, start_ptr, n_win, skt, skh, sot, soh,
-                          KERNEL: tl.constexpr, D: tl.constexpr, BJ: tl.constexpr):
-    """Program (window tile, head): out[w] = mean of k[start[w] .. start[w] + KERNEL) (flat tokens)."""
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    w = pid * BJ + tl.arange(0, BJ)
-    wm = w < n_win
-    st = tl.load(start_ptr + w, mask=wm, other=0).to(tl.int64)
-    d = tl.arange(0, D)
-    acc = tl.zeros([BJ, D], dtype=tl.float32)
-    for c in range(KERNEL):
-        kp = k_ptr + (st + c)[:, None] * skt + h * skh + d[None, :]
-        acc += tl.load(kp, mask=wm[:, None], other=0.0).to(tl.float32)
-    acc = acc / KERNEL
-    tl.store(out_ptr + w.to(tl.int64)[:, None] * sot + h * soh + d[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=wm[:, None])
-
-
-def compress_flat(k: torch.Tensor, starts: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Mean-pooled windows of flat keys: k [T, H, D], starts int64 [W] (first token of each window, all windows
-    inside k) -> [W, H, D] in k.dtype (fp32 accumulation)."""
-    T, H, D = k.shape
-    W = starts.shape[0]
-    out = torch.empty(W, H, D, dtype=k.dtype, device=k.device)
-    if W:
-        BJ = 16
-        _compress_flat_kernel[(triton.cdiv(W, BJ), H)](k, out, starts, W, k.stride(0), k.stride(1), out.stride(0),
-                                                       out.stride(1), KERNEL=kernel, D=D, BJ=BJ)
-    return out
-

@@ -4,16 +4,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from sala.ops.infllmv2.params import compressed_lengths
-from sala.ops.infllmv2.triton_topk import topk_blocks_flagged, topk_max_cols
-from sala.ops.infllmv2.triton_utils import (
-    LOG2E,
-    TUNING,
-    k2_tile,
-    online_softmax,
-    pow2,
-    select_nb,
-)
+from sala.ops.infllmv2.params import DEFAULT_KERNEL_CONFIG, SparseKernelConfig, SparseParams, compressed_lengths
+from sala.ops.infllmv2.triton_topk import topk_blocks_triton
+from sala.ops.infllmv2.triton_utils import LOG2E, check_selection, k2_tile, online_softmax, pow2, select_nb
 
 
 @triton.jit
@@ -78,14 +71,16 @@ def _splitk_combine_kernel(po_ptr, plse_ptr, o_ptr, spb, sph, sps, spg, slb, slh
     tl.store(o_ptr + b.to(tl.int64) * sob + hq * soh + d, o.to(o_ptr.dtype.element_ty))
 
 
-def decode_splits(B: int, Hkv: int, K: int) -> tuple[int, int]:
-    """(splits, blocks per split) so that B * Hkv * splits >= TUNING['decode_min_programs'] when K allows."""
-    want = max(1, -(-int(TUNING["decode_min_programs"]) // max(1, B * Hkv)))
+def decode_splits(B: int, Hkv: int, K: int, min_programs: int = DEFAULT_KERNEL_CONFIG.decode_min_programs
+                  ) -> tuple[int, int]:
+    """(splits, blocks per split) so that B * Hkv * splits >= min_programs when K allows."""
+    want = max(1, -(-int(min_programs) // max(1, B * Hkv)))
     bps = max(1, -(-K // min(K, want)))
     return -(-K // bps), bps
 
 
-def sparse_decode_splitk(q, k, v, block_idx, pos, kbase, block_size, scale):
+def sparse_decode_splitk(q, k, v, block_idx, pos, kbase, block_size, scale,
+                         config: SparseKernelConfig = DEFAULT_KERNEL_CONFIG):
     """Flash-decoding over selected blocks: q [B, Hq, D]; k, v [B*S, Hkv, D] flat caches; block_idx [B, Hkv, 1, K];
     pos int32 [B] (position of the new token); kbase int64 [B]. Returns o [B, Hq, D] in q.dtype."""
     B, Hq, D = q.shape
@@ -93,7 +88,7 @@ def sparse_decode_splitk(q, k, v, block_idx, pos, kbase, block_size, scale):
     G = Hq // Hkv
     K = block_idx.shape[-1]
     GP = max(16, pow2(G))
-    nsplit, bps = decode_splits(B, Hkv, K)
+    nsplit, bps = decode_splits(B, Hkv, K, config.decode_min_programs)
     po = torch.empty(B, Hkv, nsplit, GP, D, dtype=torch.float32, device=q.device)
     plse = torch.empty(B, Hkv, nsplit, GP, dtype=torch.float32, device=q.device)
     o = torch.empty_like(q)
@@ -220,16 +215,19 @@ def _decode_pool_split_kernel(q_ptr, k1_ptr, pos_ptr, plse_ptr, out_ptr, cap1, n
             tl.store(obase + blk, pooled, mask=(blk < b_lo + bps) & (blk < n_cols))
 
 
-def decode_select_splits(B: int, Hkv: int, n_items: int, unit: int) -> tuple[int, int]:
+def decode_select_splits(B: int, Hkv: int, n_items: int, unit: int,
+                         min_programs: int = DEFAULT_KERNEL_CONFIG.decode_select_programs) -> tuple[int, int]:
     """(splits, items per split) over n_items (blocks or K2 columns) so that B * Hkv * splits >=
-    TUNING['decode_select_programs'] when n_items allows; items per split a multiple of `unit`."""
-    want = max(1, -(-int(TUNING["decode_select_programs"]) // max(1, B * Hkv)))
+    min_programs when n_items allows; items per split a multiple of `unit`."""
+    want = max(1, -(-int(min_programs) // max(1, B * Hkv)))
     n_units = max(1, -(-n_items // unit))
     per = -(-n_units // min(n_units, want)) * unit
     return max(1, -(-n_items // per)), per
 
 
-def pooled_block_scores_decode_split(q, k1, k2, pos, params, scale, n_blocks) -> torch.Tensor:
+def pooled_block_scores_decode_split(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, pos: torch.Tensor,
+                                     params: SparseParams, scale: float, n_blocks: int,
+                                     config: SparseKernelConfig = DEFAULT_KERNEL_CONFIG) -> torch.Tensor:
     """Decode stage 1 split over the compressed keys: q [B, Hq, D], k1/k2 caches [B, S1|S2, Hkv, D], pos int32 [B]
     (position of the new token) -> pooled block scores fp32 [B, Hkv, 1, n_blocks] (as `pooled_block_scores_ref`).
 
@@ -239,23 +237,21 @@ def pooled_block_scores_decode_split(q, k1, k2, pos, params, scale, n_blocks) ->
     G = Hq // Hkv
     r = params.block_size // params.kernel_stride
     halo = (params.kernel_size - 1) // params.kernel_stride
-    if halo > r or r & (r - 1) or D & (D - 1) or D < 16:
-        raise ValueError(f"infllmv2 Triton selection needs block_size/kernel_stride a power of two ({r}), "
-                         f"(kernel_size-1)//kernel_stride <= that ({halo}), head_dim a power of two >= 16 ({D})")
+    check_selection(r, halo, D, scale)
     out = torch.full((B, Hkv, 1, n_blocks), float("-inf"), dtype=torch.float32, device=q.device)
     if B == 0 or n_blocks == 0:
         return out
     GP = max(16, pow2(G))
     BN2 = k2_tile()
-    nsplit2, cps = decode_select_splits(B, Hkv, max(1, k2.shape[1]), BN2)
+    nsplit2, cps = decode_select_splits(B, Hkv, max(1, k2.shape[1]), BN2, config.decode_select_programs)
     plse = torch.empty(B, Hkv, nsplit2, GP, dtype=torch.float32, device=q.device)
     pos = pos.to(torch.int32).contiguous()
     _decode_lse_split_kernel[(nsplit2, Hkv, B)](
         q, k2, pos, plse, k2.shape[1], cps, scale * LOG2E, q.stride(0), q.stride(1),
         k2.stride(0), k2.stride(1), k2.stride(2), plse.stride(0), plse.stride(1), plse.stride(2),
         G=G, GP=GP, D=D, K2K=params.k2_kernel, K2S=params.k2_stride, BN2=BN2, num_warps=4)
-    NB = select_nb(r)
-    nsplit, bps = decode_select_splits(B, Hkv, n_blocks, NB)
+    NB = select_nb(r, config.select_k1_tile)
+    nsplit, bps = decode_select_splits(B, Hkv, n_blocks, NB, config.decode_select_programs)
     _decode_pool_split_kernel[(nsplit, Hkv, B)](
         q, k1, pos, plse, out, k1.shape[1], n_blocks, nsplit2, bps, scale * LOG2E, q.stride(0), q.stride(1),
         k1.stride(0), k1.stride(1), k1.stride(2), plse.stride(0), plse.stride(1), plse.stride(2),
@@ -265,37 +261,40 @@ def pooled_block_scores_decode_split(q, k1, k2, pos, params, scale, n_blocks) ->
     return out
 
 
-def warmup_length_classes(max_tokens: int, params, *, batch: int = 1, heads: tuple[int, int, int] = (32, 2, 128),
-                          device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16) -> int:
+def warmup_length_classes(max_tokens: int, params: SparseParams, *, batch: int = 1,
+                          heads: tuple[int, int, int] = (32, 2, 128), device: str | torch.device = "cuda",
+                          dtype: torch.dtype = torch.bfloat16, config: SparseKernelConfig | None = None) -> int:
     """Compile, on tiny inputs, the kernel variants whose Triton specialisation depends on the context length,
     for every context up to `max_tokens`: the top-k kernel per row-width class (powers of two up to
-    `topk_max_cols()`; prefill rows with per-query limits, decode rows without) and the split decode selection
+    `config.topk_max_cols`; prefill rows with per-query limits, decode rows without) and the split decode selection
     per cache-capacity class at this decode batch. Without it the first request at each new length class pays
     those compilations inside its latency. heads = (query heads, KV heads, head dim). Returns the launches made."""
+    config = DEFAULT_KERNEL_CONFIG if config is None else config
     Hq, Hkv, D = heads
     K = params.total_blocks
     max_blocks = -(-int(max_tokens) // params.block_size) + 1
     launches = 0
     g = torch.Generator(device=device).manual_seed(0)
     nc = 16
-    while nc <= min(topk_max_cols(), max(16, pow2(max_blocks))):
+    while nc <= min(config.topk_max_cols, max(16, pow2(max_blocks))):
         x = torch.rand(1, Hkv, 1, nc, device=device, generator=g)
-        topk_blocks_flagged(x, K, torch.full((1, 1), nc - 1, dtype=torch.int32, device=device))
-        topk_blocks_flagged(torch.rand(batch, Hkv, 1, nc, device=device, generator=g), K, None)
+        topk_blocks_triton(x, K, limits=torch.full((1, 1), nc - 1, dtype=torch.int32, device=device),
+                           max_cols=config.topk_max_cols)
+        topk_blocks_triton(torch.rand(batch, Hkv, 1, nc, device=device, generator=g), K, max_cols=config.topk_max_cols)
         launches += 2
         nc *= 2
     seen = set()
     cap = 256
     while cap < 2 * max_tokens:       # capacities double: every power-of-two class of decode splits is met
         n1, n2 = compressed_lengths(cap, params)
-        sp2 = max(2, pow2(decode_select_splits(batch, Hkv, max(1, n2), k2_tile())[0]))
+        sp2 = max(2, pow2(decode_select_splits(batch, Hkv, max(1, n2), k2_tile(), config.decode_select_programs)[0]))
         if sp2 not in seen:
             seen.add(sp2)
             q = torch.zeros(batch, Hq, D, device=device, dtype=dtype)
             k1 = torch.zeros(batch, max(1, n1), Hkv, D, device=device, dtype=dtype)
             k2 = torch.zeros(batch, max(1, n2), Hkv, D, device=device, dtype=dtype)
             pos = torch.full((batch,), cap - 1, dtype=torch.int32, device=device)
-            pooled_block_scores_decode_split(q, k1, k2, pos, params, D ** -0.5, -(-cap // params.block_size))
+            pooled_block_scores_decode_split(q, k1, k2, pos, params, D ** -0.5, -(-cap // params.block_size), config)
             launches += 2
         cap *= 2
     return launches

@@ -1,23 +1,15 @@
-"""Triton kernels of InfLLM-V2 stage-1 selection (pooled block scores) for prefill and packed rows."""
+"""Triton kernels of InfLLM-V2 stage-1 selection for prefill: pooled block scores, then the top-k."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
 from sala.ops.dispatch import interpreter_enabled
+from sala.ops.infllmv2.params import DEFAULT_KERNEL_CONFIG, SparseKernelConfig, SparseParams
 from sala.ops.infllmv2.reference import topk_block_indices
-from sala.ops.infllmv2.triton_topk import topk_blocks_triton, topk_max_cols
-from sala.ops.infllmv2.triton_utils import (
-    LOG2E,
-    TUNING,
-    branch_mask,
-    check_selection,
-    k2_tile,
-    launch_stages,
-    pow2,
-    select_masks,
-    select_nb,
-)
+from sala.ops.infllmv2.triton_topk import topk_blocks_triton
+from sala.ops.infllmv2.triton_utils import LOG2E, check_selection, k2_tile, launch_stages, pow2, select_nb
 
 
 @triton.jit
@@ -42,50 +34,37 @@ def _k2_lse_tile(qv, k2base, s2t, j0, n2, pos_row, m, l, scale_log2, d, BN2: tl.
 
 @triton.jit
 def _select_k2_lse(qv, k2base, s2t, pos_row, pos_min, pos_max, scale_log2, d, ROWS: tl.constexpr,
-                   K2K: tl.constexpr, K2S: tl.constexpr, BN2: tl.constexpr, BRANCH_MASK: tl.constexpr,
-                   SPLIT: tl.constexpr):
+                   K2K: tl.constexpr, K2S: tl.constexpr, BN2: tl.constexpr):
     """Stage-1 selection, pass 1: log2-sum-exp [ROWS] of the query rows qv [ROWS, D] (positions pos_row) over the
     K2 windows they see, read from k2base + window * s2t (0 where none is visible). pos_min: the smallest position
-    of the program's valid tokens. BRANCH_MASK: skip the visibility mask on tiles every row sees (a branch per
-    tile). SPLIT: the tiles every row sees run in a first loop without masks, the rest (the last one or two for
-    consecutive positions) in a second, masked loop that is not software-pipelined (no extra shared memory)."""
+    of the program's valid tokens. The tiles every row sees run in a first loop without masks, the rest (the last
+    one or two for consecutive positions) in a second, masked loop that is not software-pipelined (no extra
+    shared memory)."""
     n2 = tl.where(pos_max >= K2K - 1, (tl.maximum(pos_max - K2K + 1, 0)) // K2S + 1, 0)
     m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l = tl.zeros([ROWS], dtype=tl.float32)
-    if SPLIT:
-        n2_all = tl.where(pos_min >= K2K - 1, (tl.maximum(pos_min - K2K + 1, 0)) // K2S + 1, 0)
-        full_end = (n2_all // BN2) * BN2
-        for j0 in range(0, full_end, BN2):
-            m, l = _k2_lse_tile(qv, k2base, s2t, j0, n2, pos_row, m, l, scale_log2, d, BN2, K2K, K2S, False)
-        for j0 in tl.range(full_end, n2, BN2, num_stages=1):
-            m, l = _k2_lse_tile(qv, k2base, s2t, j0, n2, pos_row, m, l, scale_log2, d, BN2, K2K, K2S, True)
-    elif BRANCH_MASK:   # visibility masks only on tiles some row does not see in full
-        for j0 in range(0, n2, BN2):
-            if (j0 + BN2 - 1) * K2S + K2K - 1 > pos_min:
-                m, l = _k2_lse_tile(qv, k2base, s2t, j0, n2, pos_row, m, l, scale_log2, d, BN2, K2K, K2S, True)
-            else:
-                m, l = _k2_lse_tile(qv, k2base, s2t, j0, n2, pos_row, m, l, scale_log2, d, BN2, K2K, K2S, False)
-    else:
-        for j0 in range(0, n2, BN2):
-            m, l = _k2_lse_tile(qv, k2base, s2t, j0, n2, pos_row, m, l, scale_log2, d, BN2, K2K, K2S, True)
+    n2_all = tl.where(pos_min >= K2K - 1, (tl.maximum(pos_min - K2K + 1, 0)) // K2S + 1, 0)
+    full_end = (n2_all // BN2) * BN2
+    for j0 in range(0, full_end, BN2):
+        m, l = _k2_lse_tile(qv, k2base, s2t, j0, n2, pos_row, m, l, scale_log2, d, BN2, K2K, K2S, False)
+    for j0 in tl.range(full_end, n2, BN2, num_stages=1):
+        m, l = _k2_lse_tile(qv, k2base, s2t, j0, n2, pos_row, m, l, scale_log2, d, BN2, K2K, K2S, True)
     return tl.where(l > 0, m + tl.log2(tl.maximum(l, 1e-30)), 0.0)
 
 
 @triton.jit
-def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_min, pos_max, tok_ok, obase, n_cols,
-                          scale_log2, d, BQ: tl.constexpr, GP: tl.constexpr, K1K: tl.constexpr, K1S: tl.constexpr,
+def _select_k1_pool_store(qv, lse, k1base, s1t, row_ok, pos_tok, pos_max, tok_ok, obase, n_cols, scale_log2, d,
+                          BQ: tl.constexpr, GP: tl.constexpr, K1K: tl.constexpr, K1S: tl.constexpr,
                           BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr, INIT: tl.constexpr,
-                          LOCAL: tl.constexpr, NB: tl.constexpr, BRANCH_MASK: tl.constexpr,
-                          MASK_AFTER_SUM: tl.constexpr, POOL_GATHER: tl.constexpr = False):
+                          LOCAL: tl.constexpr, NB: tl.constexpr):
     """Stage-1 selection, pass 2: K1 probabilities (normalised by pass 1's lse), summed over the GP head slots of
     each of the BQ tokens, max-pooled into blocks, forced init/local blocks (+inf) and future blocks (-inf);
-    stored at obase [BQ, 1] + block for tokens with tok_ok and blocks < n_cols. BRANCH_MASK: tiles every row
-    sees in full (up to pos_min) skip the visibility mask (padded rows get lse = +inf, so they add 0).
-    MASK_AFTER_SUM: visibility depends on the token only (its G rows share a position), so the mask is applied
-    to the [BQ, BN1] head sums instead of the [BQ * GP, BN1] probabilities (invisible windows may sum to +inf
-    before the mask; the mask is a select, so nothing of them remains). POOL_GATHER: each block's R = 4 windows
-    by two register splits (no reduction) and the halo window (HALO = 1) shifted one block by `tl.gather`
-    (other R / HALO: the max reduction, still with the gather)."""
+    stored at obase [BQ, 1] + block for tokens with tok_ok and blocks < n_cols. Padded rows get lse = +inf, so
+    they add 0. Visibility depends on the token only (its G rows share a position), so the mask is applied to
+    the [BQ, BN1] head sums instead of the [BQ * GP, BN1] probabilities (invisible windows may sum to +inf
+    before the mask; the mask is a select, so nothing of them remains). Pooling: with R = 4 and HALO = 1 each
+    block's windows by two register splits (no reduction), otherwise a max reduction; the halo window shifted
+    one block by `tl.gather`."""
     BN1: tl.constexpr = NB * R
     qblk_tok = tl.where(pos_tok >= 0, pos_tok // BS, -1)
     qblk_max = tl.max(qblk_tok, axis=0)
@@ -97,23 +76,10 @@ def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_mi
     for b0 in range(0, qblk_max + 1, NB):
         j = b0 * R + tl.arange(0, BN1)
         kk = tl.load(k1base + j.to(tl.int64)[:, None] * s1t + d[None, :], mask=(j < n1)[:, None], other=0.0)
-        if MASK_AFTER_SUM:
-            p = tl.exp2(tl.fma(tl.dot(qv, tl.trans(kk)), scale_log2, -lse_pad[:, None]))
-        elif BRANCH_MASK:   # the scale is applied inside each branch so that it fuses with the lse (one FMA)
-            qk = tl.dot(qv, tl.trans(kk))
-            if (b0 * R + BN1 - 1) * K1S + K1K - 1 <= pos_min:
-                p = tl.exp2(tl.fma(qk, scale_log2, -lse_pad[:, None]))
-            else:
-                vis = ((j[None, :] * K1S + (K1K - 1)) <= pos_row[:, None]) & row_ok[:, None]
-                p = tl.where(vis, tl.exp2(tl.fma(qk, scale_log2, -lse[:, None])), 0.0)
-        else:
-            s = tl.dot(qv, tl.trans(kk)) * scale_log2
-            vis = ((j[None, :] * K1S + (K1K - 1)) <= pos_row[:, None]) & row_ok[:, None]
-            p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.exp2(tl.fma(tl.dot(qv, tl.trans(kk)), scale_log2, -lse_pad[:, None]))
         ps = tl.sum(tl.reshape(p, (BQ, GP, BN1)), axis=1)                       # [BQ, BN1]
-        if MASK_AFTER_SUM:
-            ps = tl.where((j[None, :] * K1S + (K1K - 1)) <= pos_tok[:, None], ps, 0.0)
-        if POOL_GATHER and R == 4 and HALO == 1:   # windows of a block by register splits, no reductions
+        ps = tl.where((j[None, :] * K1S + (K1K - 1)) <= pos_tok[:, None], ps, 0.0)
+        if R == 4 and HALO == 1:   # windows of a block by register splits, no reductions
             even, odd = tl.split(tl.reshape(ps, (BQ, NB, 2, 2)))                 # windows 0,2 and 1,3
             w0, w2 = tl.split(even)
             w1, w3 = tl.split(odd)
@@ -123,10 +89,7 @@ def _select_k1_pool_store(qv, lse, k1base, s1t, pos_row, row_ok, pos_tok, pos_mi
             p3 = tl.reshape(ps, (BQ, NB, R))
             m_in = tl.max(p3, axis=2)                                           # [BQ, NB]
             tail = tl.max(tl.where(ci[None, None, :] >= R - HALO, p3, 0.0), axis=2)  # last HALO columns
-        if POOL_GATHER:
-            shifted = tl.gather(tail, tl.broadcast_to(tl.maximum(bi - 1, 0)[None, :], (BQ, NB)), axis=1)
-        else:
-            shifted = tl.max(tl.where(bi[None, :, None] == bi[None, None, :] - 1, tail[:, :, None], 0.0), axis=1)
+        shifted = tl.gather(tail, tl.broadcast_to(tl.maximum(bi - 1, 0)[None, :], (BQ, NB)), axis=1)
         shifted = tl.where(bi[None, :] == 0, carry[:, None], shifted)
         pooled = tl.maximum(m_in, shifted)
         carry = tl.max(tl.where(bi[None, :] == NB - 1, tail, 0.0), axis=1)
@@ -144,9 +107,7 @@ def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
                          G: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr,
                          K1K: tl.constexpr, K1S: tl.constexpr, K2K: tl.constexpr, K2S: tl.constexpr,
                          BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr,
-                         INIT: tl.constexpr, LOCAL: tl.constexpr, BN2: tl.constexpr, NB: tl.constexpr,
-                         BRANCH_MASK: tl.constexpr, SPLIT_K2: tl.constexpr, MASK_AFTER_SUM: tl.constexpr,
-                         POOL_GATHER: tl.constexpr = False):
+                         INIT: tl.constexpr, LOCAL: tl.constexpr, BN2: tl.constexpr, NB: tl.constexpr):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -165,14 +126,16 @@ def _block_scores_kernel(q_ptr, k1_ptr, k2_ptr, pos_ptr, out_ptr,
     qv = tl.load(qp, mask=row_ok[:, None], other=0.0)
 
     lse = _select_k2_lse(qv, k2_ptr + b.to(tl.int64) * s2b + h * s2h, s2t, pos_row, pos_min, pos_max, scale_log2, d,
-                         ROWS, K2K, K2S, BN2, BRANCH_MASK, SPLIT_K2)
+                         ROWS, K2K, K2S, BN2)
     obase = out_ptr + b.to(tl.int64) * sob + h * soh + t_tok.to(tl.int64)[:, None] * sot
-    _select_k1_pool_store(qv, lse, k1_ptr + b.to(tl.int64) * s1b + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_min,
-                          pos_max, t_tok < Tq, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT,
-                          LOCAL, NB, BRANCH_MASK, MASK_AFTER_SUM, POOL_GATHER)
+    _select_k1_pool_store(qv, lse, k1_ptr + b.to(tl.int64) * s1b + h * s1h, s1t, row_ok, pos_tok, pos_max,
+                          t_tok < Tq, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT, LOCAL, NB)
 
 
-def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks, *, fill: bool = True) -> torch.Tensor:
+def pooled_block_scores_triton(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, pos: torch.Tensor,
+                               params: SparseParams, scale: float, n_blocks: int,
+                               config: SparseKernelConfig = DEFAULT_KERNEL_CONFIG, *,
+                               fill: bool = True) -> torch.Tensor:
     """Same contract as `pooled_block_scores_ref` (fp32 output); pos int32 [B, Tq].
 
     fill=False: columns after each query's own block (pos // block_size) may hold garbage instead of -inf (for
@@ -192,11 +155,11 @@ def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks, *, fill:
     if Tq == 1:
         BQ = 1
     else:
-        rows = 16 if interpreter_enabled() else TUNING["select_rows"]
+        rows = 16 if interpreter_enabled() else config.select_rows
         BQ = max(1, min(rows // GP, pow2(Tq)))
     if BQ * GP < 16:
         GP = 16 // BQ
-    NB = max(16 // r, 2) if interpreter_enabled() else max(TUNING["select_k1_tile"] // r, 2)
+    NB = select_nb(r, config.select_k1_tile)
     pos = pos.to(torch.int32).contiguous()
     grid = (triton.cdiv(Tq, BQ), Hkv, B)
     _block_scores_kernel[grid](q, k1, k2, pos, out, Tq, n_blocks, scale * LOG2E,
@@ -206,16 +169,17 @@ def pooled_block_scores_triton(q, k1, k2, pos, params, scale, n_blocks, *, fill:
                                G=G, GP=GP, BQ=BQ, D=D, K1K=params.kernel_size, K1S=params.kernel_stride,
                                K2K=params.k2_kernel, K2S=params.k2_stride, BS=params.block_size, R=r, HALO=halo,
                                INIT=params.init_blocks, LOCAL=params.local_blocks, BN2=k2_tile(),
-                               NB=NB, BRANCH_MASK=branch_mask(), **select_masks(),
-                               num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4, **launch_stages("select_stages"))
+                               NB=NB, num_warps=config.select_warps if BQ * GP >= 64 else 4,
+                               **launch_stages(config.select_stages))
     return out
 
 
-def select_blocks_triton(q, k1, k2, pos, params, scale, *, pos_max: int | None = None,
-                         chunk_bytes: int | None = None) -> torch.Tensor:
-    """Block indices int32 [B, Hkv, Tq, total]; queries processed in chunks whose scores fit `chunk_bytes`.
-
-    pos_max: an upper bound of pos on the host (else taken from pos with one sync).
+def select_blocks_triton(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, pos: torch.Tensor,
+                         params: SparseParams, scale: float, config: SparseKernelConfig = DEFAULT_KERNEL_CONFIG, *,
+                         pos_max: int | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
+    """Block indices int32 [B, Hkv, Tq, total]; queries processed in chunks whose scores fit `chunk_bytes`
+    (default config.select_chunk_bytes). Rows of more than config.topk_max_cols blocks take the reference top-k
+    (same tie rule). pos_max: an upper bound of pos on the host (else taken from pos with one sync).
     """
     B, Tq = pos.shape
     Hkv = k1.shape[2]
@@ -225,98 +189,17 @@ def select_blocks_triton(q, k1, k2, pos, params, scale, *, pos_max: int | None =
     if pos_max is None:
         pos_max = int(pos.max().item())
     n_blocks = pos_max // params.block_size + 1
-    chunk_bytes = TUNING["select_chunk_bytes"] if chunk_bytes is None else chunk_bytes
+    chunk_bytes = config.select_chunk_bytes if chunk_bytes is None else chunk_bytes
     chunk = max(16, chunk_bytes // (4 * B * Hkv * max(n_blocks, 1)))
-    fused = n_blocks <= topk_max_cols()
+    fused = n_blocks <= config.topk_max_cols
     for c0 in range(0, Tq, chunk):
         c1 = min(Tq, c0 + chunk)
-        pooled = pooled_block_scores_triton(q[:, c0:c1], k1, k2, pos[:, c0:c1], params, scale, n_blocks,
+        pooled = pooled_block_scores_triton(q[:, c0:c1], k1, k2, pos[:, c0:c1], params, scale, n_blocks, config,
                                             fill=not fused)
         if fused:   # only columns up to each query's own block were written
             lim = torch.div(pos[:, c0:c1], params.block_size, rounding_mode="floor").to(torch.int32) + 1
-            out[:, :, c0:c1] = topk_blocks_triton(pooled, params.total_blocks, limits=lim)
+            out[:, :, c0:c1] = topk_blocks_triton(pooled, params.total_blocks, limits=lim,
+                                                  max_cols=config.topk_max_cols)
         else:
             out[:, :, c0:c1] = topk_block_indices(pooled, params.total_blocks)
-    return out
-
-
-@triton.jit(do_not_specialize=["tile_lo", "row_lo", "row_hi", "n_cols", "soh", "sot"])
-def _varlen_block_scores_kernel(q_ptr, k1_ptr, k2_ptr, sq_tok_ptr, sq_pos_ptr, tile_ptr, out_ptr,
-                                tile_lo, row_lo, row_hi, n_cols, scale_log2,
-                                sqn, sqh, s1t, s1h, s2t, s2h, stt, soh, sot,
-                                G: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr,
-                                K1K: tl.constexpr, K1S: tl.constexpr, K2K: tl.constexpr, K2S: tl.constexpr,
-                                BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr,
-                                INIT: tl.constexpr, LOCAL: tl.constexpr, BN2: tl.constexpr, NB: tl.constexpr,
-                                BRANCH_MASK: tl.constexpr, SPLIT_K2: tl.constexpr, MASK_AFTER_SUM: tl.constexpr,
-                                POOL_GATHER: tl.constexpr = False):
-    """`_block_scores_kernel` for packed documents: program (tile, kv head); a tile holds <= BQ consecutive sparse
-    queries of one document. tile table int64 [n_tiles, 4]: first sparse query, count, K1 offset and K2 offset
-    of the document in the flat compressed keys. Writes pooled rows [row_lo, row_hi) of the sparse queries."""
-    tile = tile_lo + tl.program_id(0)
-    h = tl.program_id(1)
-    ROWS: tl.constexpr = BQ * GP
-    first = tl.load(tile_ptr + tile * stt)
-    count = tl.load(tile_ptr + tile * stt + 1)
-    k1off = tl.load(tile_ptr + tile * stt + 2)
-    k2off = tl.load(tile_ptr + tile * stt + 3)
-    rows = tl.arange(0, ROWS)
-    g = rows % GP
-    i_row = rows // GP
-    si_row = first + i_row
-    in_row = (i_row < count) & (si_row >= row_lo) & (si_row < row_hi)
-    row_ok = in_row & (g < G)
-    pos_row = tl.load(sq_pos_ptr + si_row, mask=in_row, other=-1)
-    tok_row = tl.load(sq_tok_ptr + si_row, mask=in_row, other=0).to(tl.int64)
-    i_tok = tl.arange(0, BQ)
-    si_tok = first + i_tok
-    tok_ok = (i_tok < count) & (si_tok >= row_lo) & (si_tok < row_hi)
-    pos_tok = tl.load(sq_pos_ptr + si_tok, mask=tok_ok, other=-1)
-    pos_max = tl.max(pos_tok, axis=0)
-    pos_min = tl.min(tl.where(tok_ok, pos_tok, 2147483647), axis=0)
-    d = tl.arange(0, D)
-    qv = tl.load(q_ptr + tok_row[:, None] * sqn + (h * G + g)[:, None] * sqh + d[None, :], mask=row_ok[:, None],
-                 other=0.0)
-
-    lse = _select_k2_lse(qv, k2_ptr + k2off * s2t + h * s2h, s2t, pos_row, pos_min, pos_max, scale_log2, d, ROWS,
-                         K2K, K2S, BN2, BRANCH_MASK, SPLIT_K2)
-    obase = out_ptr + h.to(tl.int64) * soh + (si_tok - row_lo).to(tl.int64)[:, None] * sot
-    _select_k1_pool_store(qv, lse, k1_ptr + k1off * s1t + h * s1h, s1t, pos_row, row_ok, pos_tok, pos_min, pos_max,
-                          tok_ok, obase, n_cols, scale_log2, d, BQ, GP, K1K, K1S, BS, R, HALO, INIT, LOCAL, NB,
-                          BRANCH_MASK, MASK_AFTER_SUM, POOL_GATHER)
-
-
-def varlen_select_tokens(G: int) -> int:
-    """Sparse queries per program (tile) of the varlen selection kernel."""
-    rows = 16 if interpreter_enabled() else TUNING["select_rows"]
-    return max(1, rows // pow2(G))
-
-
-def varlen_pooled_block_scores(q, k1, k2, sq_tok, sq_pos, tiles, tile_lo, tile_hi, row_lo, row_hi, params,
-                               scale, n_blocks) -> torch.Tensor:
-    """Pooled block scores fp32 [Hkv, row_hi - row_lo, n_blocks] of sparse queries row_lo..row_hi-1 of a packed row.
-
-    q [T, Hq, D] flat queries; k1/k2 [W1|W2, Hkv, D] flat compressed keys of all documents; sq_tok int64 /
-    sq_pos int32 [Ns]: flat token and in-document position of every sparse query; tiles int64 [n_tiles, 4]
-    (see `_varlen_block_scores_kernel`); tiles tile_lo..tile_hi-1 cover the rows."""
-    T, Hq, D = q.shape
-    Hkv = k1.shape[1]
-    G = Hq // Hkv
-    r = params.block_size // params.kernel_stride
-    halo = (params.kernel_size - 1) // params.kernel_stride
-    check_selection(r, halo, D, scale)
-    out = torch.full((Hkv, row_hi - row_lo, n_blocks), float("-inf"), dtype=torch.float32, device=q.device)
-    if row_hi <= row_lo or tile_hi <= tile_lo:
-        return out
-    BQ = varlen_select_tokens(G)
-    GP = max(pow2(G), -(-16 // BQ))
-    NB = select_nb(r)
-    _varlen_block_scores_kernel[(tile_hi - tile_lo, Hkv)](
-        q, k1, k2, sq_tok, sq_pos, tiles, out, tile_lo, row_lo, row_hi, n_blocks, scale * LOG2E,
-        q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), k2.stride(0), k2.stride(1), tiles.stride(0),
-        out.stride(0), out.stride(1),
-        G=G, GP=GP, BQ=BQ, D=D, K1K=params.kernel_size, K1S=params.kernel_stride, K2K=params.k2_kernel,
-        K2S=params.k2_stride, BS=params.block_size, R=r, HALO=halo, INIT=params.init_blocks,
-        LOCAL=params.local_blocks, BN2=k2_tile(), NB=NB,
-        BRANCH_MASK=branch_mask(), **select_masks(), num_warps=TUNING["select_warps"] if BQ * GP >= 64 else 4, **launch_stages("select_stages"))
     return out
