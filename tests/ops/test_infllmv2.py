@@ -375,7 +375,7 @@ def expected_tie_indices(T: int, q_offset: int, free: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32)[None, None].expand(1, 2, -1, -1)
 
 
-def test_topk_ties_go_to_the_lowest_block_index():
+def test_topk_ties_go_to_the_lowest_block_index(monkeypatch):
     x = torch.tensor([[5.0, 3, 3, 3, 1], [1, 1, 1, 1, 1], [2, -math.inf, -math.inf, -math.inf, -math.inf],
                       [math.inf, 0, math.inf, 0, 0], [0, 7, 0, 7, 7]])
     assert ref.topk_block_indices(x, 2).tolist() == [[0, 1], [0, 1], [0, -1], [0, 2], [1, 3]]
@@ -391,6 +391,8 @@ def test_topk_ties_go_to_the_lowest_block_index():
         want = [i for i in range(40) if row[i] > cut]
         want += [i for i in range(40) if row[i] == cut][:7 - len(want)]
         assert idx.tolist() == sorted(want)
+    monkeypatch.setattr(ref, "_TOPK_CHUNK_ELEMENTS", 100)          # rows in chunks of 2: the same result
+    assert torch.equal(ref.topk_block_indices(y.view(8, 8, 40), 7), got.view(8, 8, 7))
 
 
 @pytest.mark.parametrize("kind", ["flat", "shared"])

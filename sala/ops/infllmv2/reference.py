@@ -17,6 +17,8 @@ from sala.ops.infllmv2.params import SparseParams, n_windows
 
 # Elements of the largest chunked temporary (fp32): ~256 MiB.
 _CHUNK_ELEMENTS = 1 << 26
+# Scores per chunk of rows in the top-k (its int64 scatter index is the largest temporary: 32 MiB).
+_TOPK_CHUNK_ELEMENTS = 1 << 22
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -117,23 +119,35 @@ def topk_block_indices(pooled: torch.Tensor, total_blocks: int) -> torch.Tensor:
     total_blocks, every block scored above the K-th largest score is kept, and among the blocks scored exactly
     that much the lowest indices fill the remaining slots (as the Triton top-k does). Stated explicitly here
     because `torch.topk` leaves the order of equal values unspecified, and adjacent blocks often tie (their
-    max-pooling windows share one K1 window). No host synchronisation.
+    max-pooling windows share one K1 window). Rows are processed in chunks of about `_TOPK_CHUNK_ELEMENTS`
+    scores, so the temporaries stay small for wide rows; no host synchronisation.
     """
     n = pooled.shape[-1]
     K = total_blocks
     if n < K:
         pad = pooled.new_full(pooled.shape[:-1] + (K - n,), float("-inf"))
         pooled = torch.cat([pooled, pad], dim=-1)
-    cut = torch.topk(pooled, K, dim=-1, sorted=True).values[..., K - 1:]        # the K-th largest score [.., 1]
-    above = pooled > cut
-    tie = pooled == cut
+        n = K
+    rows = pooled.reshape(-1, n)
+    out = torch.empty(rows.shape[0], K, dtype=torch.int32, device=pooled.device)
+    step = max(1, _TOPK_CHUNK_ELEMENTS // n)
+    for r0 in range(0, rows.shape[0], step):
+        out[r0:r0 + step] = _topk_rows(rows[r0:r0 + step], K)
+    return out.reshape(pooled.shape[:-1] + (K,))
+
+
+def _topk_rows(x: torch.Tensor, K: int) -> torch.Tensor:
+    """`topk_block_indices` of rows x [R, n] (n >= K)."""
+    cut = torch.topk(x, K, dim=-1, sorted=True).values[:, K - 1:]                # the K-th largest score [R, 1]
+    above = x > cut
+    tie = x == cut
     need = K - above.sum(dim=-1, keepdim=True, dtype=torch.int32)
-    sel = (above | (tie & (torch.cumsum(tie, dim=-1, dtype=torch.int32) <= need))) & (pooled > float("-inf"))
+    sel = (above | (tie & (torch.cumsum(tie, dim=-1, dtype=torch.int32) <= need))) & (x > float("-inf"))
     slot = torch.cumsum(sel, dim=-1, dtype=torch.int32) - 1                     # ascending slot of each selected block
-    out = torch.full(pooled.shape[:-1] + (K + 1,), -1, dtype=torch.int32, device=pooled.device)
-    cols = torch.arange(pooled.shape[-1], dtype=torch.int32, device=pooled.device).expand_as(slot)
+    out = torch.full((x.shape[0], K + 1), -1, dtype=torch.int32, device=x.device)
+    cols = torch.arange(x.shape[-1], dtype=torch.int32, device=x.device).expand_as(slot)
     out.scatter_(-1, torch.where(sel, slot, K).to(torch.int64), torch.where(sel, cols, -1))
-    return out[..., :K]
+    return out[:, :K]
 
 
 def select_blocks_ref(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, pos: torch.Tensor,
