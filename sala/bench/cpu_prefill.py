@@ -74,13 +74,16 @@ def run(lengths: list[int] = DEFAULT_LENGTHS, out_path: str = "cpu_prefill_cpu.j
     """Time CPU prefill per length (ours, and the previous path up to baseline_max), write JSON, return it.
     threads: torch's intra-op threads (None: torch's default)."""
     from sala.engine import SalaEngine
+    from sala.modeling.modeling_sala import sparse_params_from_config
 
     if threads is not None:
         torch.set_num_threads(threads)
     engine = SalaEngine.from_pretrained(model, device="cpu", dtype=torch.float32)
     vocab = engine.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
-    engine.prefill([torch.randint(3, vocab, (512,), generator=gen).tolist()], 512)   # warm-up
+    # warm-up past the dense positions, so the sparse layers' paths have run once before the first timed prefill
+    warm = sparse_params_from_config(engine.config).dense_positions + 512
+    engine.prefill([torch.randint(3, vocab, (warm,), generator=gen).tolist()], warm)
     rows: list[dict[str, Any]] = []
     for n in lengths:
         ids = torch.randint(3, vocab, (n,), generator=gen).tolist()
