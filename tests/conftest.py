@@ -8,6 +8,13 @@ import torch
 
 # Reference ops by default on CPU; kernel tests set SALA_KERNELS themselves.
 os.environ.setdefault("SALA_KERNELS", "auto")
+# The one way Triton kernels run on a machine without a GPU: Triton's interpreter for the whole session. Triton
+# decides at decoration time (its own helpers such as tl.cdiv when triton is imported) whether a kernel is
+# interpreted, so this is set here, before any test module imports triton. With SALA_KERNELS=auto, CPU tensors
+# still take the references; tests select the kernels with the `triton_module` fixture (SALA_KERNELS=triton).
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -19,32 +26,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def interpreted(fn) -> bool:
+    """Whether a @triton.jit kernel was built for Triton's interpreter."""
+    return type(fn).__name__ == "InterpretedFunction"
+
+
 @pytest.fixture(scope="module")
 def triton_module(request):
-    """The module named by the test module's TRITON_MODULE with SALA_KERNELS=triton and, on a CPU-only machine,
-    TRITON_INTERPRET=1: it is re-imported so that its kernels are built as interpreted functions (Triton decides
-    that when a kernel is decorated). Its `_empty` output allocator is NaN-poisoned, so any element a kernel
-    forgets to write shows up. Everything is restored afterwards."""
+    """The module named by the test module's TRITON_MODULE (one of its kernels named by TRITON_PROBE) with
+    SALA_KERNELS=triton: compiled kernels on a GPU, the interpreter on a CPU-only machine (set for the session
+    above). If it has an `_empty` output allocator, that is NaN-poisoned, so any element a kernel forgets to write
+    shows up. Everything is restored afterwards."""
     mp = pytest.MonkeyPatch()
     mp.setenv("SALA_KERNELS", "triton")
     module = importlib.import_module(request.module.TRITON_MODULE)
-    probe = request.module.TRITON_PROBE                     # a kernel of the module
-
-    def interpreted() -> bool:
-        return type(getattr(module, probe)).__name__ == "InterpretedFunction"
-
-    on_cpu = not torch.cuda.is_available()
-    if on_cpu:
-        mp.setenv("TRITON_INTERPRET", "1")
-        if not interpreted():
-            importlib.reload(module)
-        assert interpreted(), "Triton kernels did not switch to the interpreter"
-    mp.setattr(module, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                          device=device))
+    if not ON_GPU:
+        assert interpreted(getattr(module, request.module.TRITON_PROBE)), (
+            f"{request.module.TRITON_MODULE}: Triton kernels are not interpreted on this CPU-only machine "
+            f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}; unset it or set it to 1)")
+    if hasattr(module, "_empty"):
+        mp.setattr(module, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                              device=device))
     yield module
     mp.undo()
-    if on_cpu and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        importlib.reload(module)  # leave the module as a fresh import would build it
 
 
 def _script_path(name: str) -> Path:

@@ -1,12 +1,10 @@
 """Same-process A/B of sparse kernel settings end to end: TTFT and decode speed of SalaEngine.generate under
 each setting, interleaved and repeated so that host and clock drift hit every setting alike.
 
-Axes (`--axes`, default band,decode; every combination of the chosen axes is one setting):
-- band: the band split of the sparse forward on/off (TUNING["band_split"], prefill only);
-- decode: the sparse decode kernels split/single (SALA_SPARSE_DECODE + SALA_SPARSE_DECODE_SELECT);
+Axes (`--axes`, default fused; every combination of the chosen axes is one setting):
 - fused: the fused elementwise kernels (sala.ops.fused) on, or the unfused torch ops (prefill and decode).
 
-    python experiments/profiling/ab_engine.py --out ab.json [--axes band,decode] [--lengths 64K,128K] [--reps 2]
+    python experiments/profiling/ab_engine.py --out ab.json [--axes fused] [--lengths 64K,128K] [--reps 2]
 
 Needs a CUDA GPU (random 9B-shape weights by default; --preset picks another shape).
 """
@@ -14,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import statistics
 import sys
 import time
@@ -25,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from sala.bench.common import run_metadata, write_json  # noqa: E402
 from sala.utils.lengths import parse_lengths  # noqa: E402
 
-AXES = {"band": (True, False), "decode": ("split", "single"), "fused": (True, False)}
+AXES = {"fused": (True, False)}
 
 
 def settings_for(axes: tuple[str, ...]) -> list[dict]:
@@ -36,17 +33,10 @@ def settings_for(axes: tuple[str, ...]) -> list[dict]:
     return [dict(zip(axes, combo)) for combo in itertools.product(*(AXES[a] for a in axes))]
 
 
-SETTINGS = settings_for(("band", "decode"))
+SETTINGS = settings_for(("fused",))
 
 
 def _apply(setting: dict, engine=None) -> None:
-    from sala.ops import infllmv2_triton as tri
-
-    if "band" in setting:
-        tri.TUNING["band_split"] = setting["band"]
-    if "decode" in setting:
-        os.environ["SALA_SPARSE_DECODE"] = "splitk" if setting["decode"] == "split" else "single"
-        os.environ["SALA_SPARSE_DECODE_SELECT"] = setting["decode"]
     if "fused" in setting:
         from sala.engine.forward import EAGER_OPS, REFERENCE_OPS
 
@@ -61,7 +51,7 @@ def _name(setting: dict) -> str:
 
 
 def run(lengths: list[int], reps: int, decode_tokens: int, preset: str, out: str | None,
-        warmup_tokens: int = 12288, measure=None, engine=None, axes: tuple[str, ...] = ("band", "decode")) -> dict:
+        warmup_tokens: int = 12288, measure=None, engine=None, axes: tuple[str, ...] = ("fused",)) -> dict:
     """measure(engine, n, decode_tokens, seed) -> dict (default: sala.bench.latency.measure_sala); engine: built
     from the preset when None (tests pass stand-ins for both); axes: which settings vary (keys of AXES)."""
     settings = settings_for(tuple(axes))
@@ -75,22 +65,13 @@ def run(lengths: list[int], reps: int, decode_tokens: int, preset: str, out: str
         if not torch.cuda.is_available():
             raise RuntimeError("experiments/profiling/ab_engine.py needs a CUDA GPU")
         engine = SalaEngine.from_preset(preset, random_weights=True, device="cuda", dtype="bf16", seed=0)
-    from sala.ops import infllmv2_triton as tri
-
-    saved = (tri.TUNING["band_split"], {e: os.environ.get(e) for e in ("SALA_SPARSE_DECODE", "SALA_SPARSE_DECODE_SELECT")})
     runner = getattr(engine, "runner", None)
     saved_ops = (runner.ops, runner.decode_ops) if runner is not None else None
     try:
         return _run(lengths, reps, decode_tokens, preset, out, warmup_tokens, measure, engine, settings)
     finally:
-        tri.TUNING["band_split"] = saved[0]
         if saved_ops is not None:
             runner.ops, runner.decode_ops = saved_ops
-        for e, v in saved[1].items():
-            if v is None:
-                os.environ.pop(e, None)
-            else:
-                os.environ[e] = v
 
 
 def _run(lengths, reps, decode_tokens, preset, out, warmup_tokens, measure, engine, settings) -> dict:
@@ -125,7 +106,7 @@ def _run(lengths, reps, decode_tokens, preset, out, warmup_tokens, measure, engi
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--axes", default="band,decode", help=f"comma-separated, from {','.join(AXES)}")
+    ap.add_argument("--axes", default="fused", help=f"comma-separated, from {','.join(AXES)}")
     ap.add_argument("--lengths", default="64K,128K")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=256)

@@ -25,9 +25,9 @@ from sala.ops import lightning_triton as lt  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="*", default=None, help="chunk,block_v,warps,stages (default: CONFIG's)")
+    ap.add_argument("--configs", nargs="*", default=None, help="chunk,block_v,warps,stages (default: DEFAULT_CONFIG's)")
     args = ap.parse_args()
-    c = lt.CONFIG
+    c = lt.DEFAULT_CONFIG
     configs = [tuple(int(x) for x in s.split(",")) for s in args.configs] if args.configs else \
         [(c.chunk, c.block_v, c.num_warps, c.num_stages)]
     print(f"triton {triton.__version__}")

@@ -3,10 +3,10 @@ released shape (32 query heads, 2 KV heads, d 128), split into the pooled-score 
 `torch.topk` and the index sort, plus the whole call timed with CUDA events.
 
   python3 experiments/profiling/profile_selection.py --lengths 131072,1048576 --out runs/profile_selection.json
-  python3 experiments/profiling/profile_selection.py --lengths 131072 --variant old=select_split_k2:0,select_mask_after_sum:0
+  python3 experiments/profiling/profile_selection.py --lengths 131072 --variant rows64=select_rows:64,select_warps:4
 
 --variant NAME=KEY:VALUE[,KEY:VALUE...] (repeatable) also times `select_blocks` with those
-`sala.ops.infllmv2_triton.TUNING` values, in the same process on the same inputs, and records the fraction of
+`SparseKernelConfig` fields (passed as kernel_config=), in the same process on the same inputs, and records the fraction of
 index rows that differ from the default's.
   (on the CPU, to check the script: TRITON_INTERPRET=1 SALA_KERNELS=triton ... --lengths 8192 --queries 64)
 """
@@ -37,17 +37,18 @@ def _median_ms(fn, reps: int) -> float:
 
 def parse_variant(text: str) -> tuple[str, dict]:
     """'name=key:value,key:value' -> (name, {key: value}); values are ints (0/1 for switches)."""
-    from sala.ops.infllmv2_triton import TUNING
+    from sala.ops.infllmv2 import SparseKernelConfig
 
+    fields = sorted(SparseKernelConfig.__dataclass_fields__)
     name, sep, body = text.partition("=")
     if not sep or not name or not body:
         raise SystemExit(f"--variant needs NAME=KEY:VALUE[,KEY:VALUE...], got {text!r}")
     flips = {}
     for item in body.split(","):
         key, sep, value = item.partition(":")
-        if not sep or key not in TUNING:
-            raise SystemExit(f"--variant {text!r}: {key!r} is not a TUNING key:value "
-                             f"(keys: {', '.join(sorted(TUNING))})")
+        if not sep or key not in fields:
+            raise SystemExit(f"--variant {text!r}: {key!r} is not a SparseKernelConfig field:value "
+                             f"(fields: {', '.join(fields)})")
         try:
             flips[key] = int(value)
         except ValueError:
@@ -68,7 +69,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/profile_selection.json")
     ap.add_argument("--variant", action="append", default=[], help="NAME=KEY:VALUE[,KEY:VALUE...] (see above)")
     args = ap.parse_args()
-    from sala.ops import infllmv2_triton as tri
+    from sala.ops.infllmv2 import SparseKernelConfig
 
     variants = [parse_variant(v) for v in args.variant]
 
@@ -84,8 +85,8 @@ def main() -> None:
         k1 = compress_keys(k, p.kernel_size, p.kernel_stride)
         k2 = compress_keys(k, p.k2_kernel, p.k2_stride)
 
-        def run():
-            return select_blocks(q, k1, k2, p, q_offset=T - Tq)
+        def run(config=None):
+            return select_blocks(q, k1, k2, p, q_offset=T - Tq, kernel_config=config)
 
         base = run()                                           # compile; the default's indices
         reps = 3 if T <= 262144 else 1
@@ -97,9 +98,9 @@ def main() -> None:
                 torch.cuda.synchronize()
         row = {"T": T, "queries": Tq, "select_ms": whole_ms, "kernels": device_kernel_table(prof)}
         for name, flips in variants:
-            with tri.tuning(**flips):
-                got = run()                                    # compile
-                ms = _median_ms(run, reps) if dev == "cuda" else None
+            config = SparseKernelConfig(**flips)
+            got = run(config)                                  # compile
+            ms = _median_ms(lambda: run(config), reps) if dev == "cuda" else None
             differ = (got != base).any(dim=-1).float().mean().item()
             row[f"{name}_select_ms"] = ms
             row[f"{name}_rows_differing_from_default"] = differ

@@ -53,9 +53,6 @@ def main() -> None:
     ap.add_argument("--compile-blocks", action="store_true",
                     help="compiled SALA runs: each decoder layer as two compiled regions around its attention op "
                          "(model.compile_blocks): fewer compiled calls, less host time per step")
-    ap.add_argument("--fused-dkdv", action="store_true",
-                    help="the lightning backward computes dk and dv in one reverse walk (LightningConfig.fused_dkdv; "
-                         "in a training run: SALA_LIGHTNING_FUSED_BWD=1)")
     ap.add_argument("--mlp-concat", action="store_true",
                     help="SALA runs with fused projections: the MLP's gate/up weights concatenated, not interleaved "
                          "(fuse_projections(interleave_mlp=False)): the A/B baseline of that change")
@@ -73,9 +70,6 @@ def main() -> None:
         return vary(args)
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.fused_dkdv:
-        from sala.ops import lightning_triton
-        lightning_triton.CONFIG.fused_dkdv = True
     meta = read_meta(args.data)
     ds = PackedDataset(args.data, "train", args.seq_len, align_docs=True, shuffle=True, seed=0)
     windows = [ds.sample(j) for j in range(args.micro_batch)]

@@ -12,12 +12,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import sys
+import logging
 from typing import Any
 
 import torch
 
 from sala.bench.common import bench_ms, device_kernel_table, run_metadata, write_json
+from sala.ops.lightning_plan import DEFAULT_CONFIG, LightningConfig
+
+log = logging.getLogger(__name__)
 
 HEADS, HEAD_DIM, DTYPE = 32, 128, torch.bfloat16
 REF_PREFIX = 16384  # fp32 reference length: longer runs are checked on their first REF_PREFIX tokens (causal)
@@ -41,7 +44,7 @@ def _load_fla():
     try:
         from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
     except Exception as exc:  # fla is an optional benchmark dependency
-        print(f"fla not available ({exc}); measuring ours only", file=sys.stderr)
+        log.warning("fla not available (%s); measuring ours only", exc)
         return None
     return chunk_simple_gla, fused_recurrent_simple_gla
 
@@ -57,16 +60,15 @@ def _kernel_resources(lt) -> dict:
             for role, k in lt.LAST_KERNELS.items()}
 
 
-def _tune_forward(t: int, log_decay: torch.Tensor) -> dict:
-    """Time a few launch configurations of the forward at length t; keep the fastest in CONFIG."""
+def _tune_forward(t: int, log_decay: torch.Tensor, base: LightningConfig) -> tuple[dict, LightningConfig]:
+    """Time a few launch configurations of the forward at length t: (the trials, the fastest config)."""
     from sala.ops import lightning_triton as lt
     from sala.ops.lightning import lightning_attention
 
     q, k, v = _inputs(t)
-    base = lt.CONFIG
     trials = []
     # (chunk, V tile, warps, stages, factored intra-chunk decay) -> segment lengths in chunks (0: automatic); the
-    # table-decay settings kept are the best of the earlier, wider sweeps (bench/results/lightning_sweep_spills_h200.json)
+    # table-decay settings kept are the best of earlier, wider sweeps
     grid = [((64, 64, 4, 2, False), (0, 64)), ((128, 128, 8, 2, False), (0, 64)),
             ((64, 64, 4, 2, True), (0, 64)), ((128, 128, 8, 2, True), (0, 32, 64)), ((128, 128, 8, 3, True), (0,)),
             ((64, 128, 8, 2, True), (0,)), ((128, 64, 8, 2, True), (0,))]
@@ -74,26 +76,24 @@ def _tune_forward(t: int, log_decay: torch.Tensor) -> dict:
         for cps in cps_list:
             cfg = dataclasses.replace(base, chunk=chunk, block_v=block_v, num_warps=warps, num_stages=stages,
                                       chunks_per_segment=cps, intra_factored=factored)
-            lt.CONFIG = cfg
             try:
-                ms = bench_ms(lambda: lightning_attention(q, k, v, log_decay), warmup=2, rep=10)
+                ms = bench_ms(lambda: lightning_attention(q, k, v, log_decay, config=cfg), warmup=2, rep=10)
             except Exception as exc:  # a config that does not compile (e.g. out of shared memory)
                 trials.append({"config": dataclasses.asdict(cfg), "error": repr(exc)[:200]})
                 continue
             trials.append({"config": dataclasses.asdict(cfg), "fwd_ms": ms, "kernels": _kernel_resources(lt)})
-            print(f"tune T={t} chunk={chunk} bv={block_v} warps={warps} stages={stages} cps={cps} "
-                  f"factored={factored}: {ms:.3f} ms {_kernel_resources(lt)}", flush=True)
+            log.info("tune T=%d chunk=%d bv=%d warps=%d stages=%d cps=%d factored=%s: %.3f ms %s", t, chunk,
+                     block_v, warps, stages, cps, factored, ms, _kernel_resources(lt))
     # chosen among automatic segment lengths only: one setting serves every T of the run, and a fixed segment length
-    # tuned at 64K starves short sequences of programs (the 2026-12-04 run chose 64 chunks: 0.56x fla at 4K)
+    # tuned at one long T starves short sequences of programs
     ok = [x for x in trials if "fwd_ms" in x and x["config"]["chunks_per_segment"] == 0]
     best = min(ok, key=lambda x: x["fwd_ms"]) if ok else {"config": dataclasses.asdict(base)}
-    lt.CONFIG = lt.LightningConfig(**best["config"])
     del q, k, v
     _free()
-    return {"length": t, "trials": trials, "chosen": best}
+    return {"length": t, "trials": trials, "chosen": best}, LightningConfig(**best["config"])
 
 
-def _decode_graph_us(q, k, v, log_decay, state, out, n: int = 100) -> float:
+def _decode_graph_us(q, k, v, log_decay, state, out, config: LightningConfig, n: int = 100) -> float:
     """Microseconds per decode step of a replayed one-step CUDA graph (the state bandwidth bound)."""
     from sala.ops.lightning import lightning_decode_step
 
@@ -102,11 +102,11 @@ def _decode_graph_us(q, k, v, log_decay, state, out, n: int = 100) -> float:
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
-            lightning_decode_step(q, k, v, log_decay, state, scale=scale, out=out)
+            lightning_decode_step(q, k, v, log_decay, state, scale=scale, out=out, config=config)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        lightning_decode_step(q, k, v, log_decay, state, scale=scale, out=out)
+        lightning_decode_step(q, k, v, log_decay, state, scale=scale, out=out, config=config)
 
     def graph_loop():
         for _ in range(n):
@@ -116,38 +116,37 @@ def _decode_graph_us(q, k, v, log_decay, state, out, n: int = 100) -> float:
     return us
 
 
-def _tune_decode(batch: int, log_decay: torch.Tensor) -> dict:
-    """Time the decode kernel's launch settings (V tile, warps) in a CUDA graph at `batch`; keep the fastest."""
-    from sala.ops import lightning_triton as lt
-
+def _tune_decode(batch: int, log_decay: torch.Tensor, base: LightningConfig) -> tuple[dict, LightningConfig]:
+    """Time the decode kernel's launch settings (V tile, warps) in a CUDA graph at `batch`: (the trials, `base`
+    with the fastest)."""
     g = torch.Generator(device="cuda").manual_seed(batch)
     q, k, v = (torch.randn(batch, HEADS, HEAD_DIM, generator=g, device="cuda", dtype=DTYPE) for _ in range(3))
     state = torch.randn(batch, HEADS, HEAD_DIM, HEAD_DIM, generator=g, device="cuda") * 0.1
     out = torch.empty(batch, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
-    base, trials = lt.CONFIG, []
+    trials = []
     for block_v in (16, 32, 64, 128):
         for warps in (1, 2, 4, 8):
             cfg = dataclasses.replace(base, decode_block_v=block_v, decode_num_warps=warps)
-            lt.CONFIG = cfg
             try:
-                us = _decode_graph_us(q, k, v, log_decay, state, out)
+                us = _decode_graph_us(q, k, v, log_decay, state, out, cfg)
             except Exception as exc:  # a setting that does not compile or launch
                 trials.append({"decode_block_v": block_v, "decode_num_warps": warps, "error": repr(exc)[:200]})
                 continue
             trials.append({"decode_block_v": block_v, "decode_num_warps": warps, "graph_us": us,
                            "state_GBps": 2 * state.numel() * 4 / (us * 1e-6) / 1e9})
-            print(f"tune decode B={batch} bv={block_v} warps={warps}: {us:.1f} us", flush=True)
+            log.info("tune decode B=%d bv=%d warps=%d: %.1f us", batch, block_v, warps, us)
     ok = [x for x in trials if "graph_us" in x]
     best = min(ok, key=lambda x: x["graph_us"]) if ok else None
-    lt.CONFIG = base if best is None else dataclasses.replace(
+    chosen = base if best is None else dataclasses.replace(
         base, decode_block_v=best["decode_block_v"], decode_num_warps=best["decode_num_warps"])
     del q, k, v, state, out
     _free()
     return {"batch": batch, "trials": trials, "chosen": best,
-            "default": {"decode_block_v": base.decode_block_v, "decode_num_warps": base.decode_num_warps}}
+            "default": {"decode_block_v": base.decode_block_v, "decode_num_warps": base.decode_num_warps}}, chosen
 
 
-def _prefill(lengths: list[int], fwd_bwd_max: int, log_decay: torch.Tensor, fla) -> list[dict]:
+def _prefill(lengths: list[int], fwd_bwd_max: int, log_decay: torch.Tensor, fla, config: LightningConfig
+             ) -> list[dict]:
     from sala.ops.lightning import lightning_attention
     from sala.ops.lightning_reference import lightning_attention_chunked
 
@@ -156,7 +155,7 @@ def _prefill(lengths: list[int], fwd_bwd_max: int, log_decay: torch.Tensor, fla)
     for t in lengths:
         row: dict[str, Any] = {"T": t, "batch": 1, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16"}
         q, k, v = _inputs(t)
-        ours = lambda: lightning_attention(q, k, v, log_decay, scale=scale)  # noqa: E731
+        ours = lambda: lightning_attention(q, k, v, log_decay, scale=scale, config=config)  # noqa: E731
         row["ours_fwd_ms"] = bench_ms(ours)
         o_ours = ours()[0]
         row["ours_finite"] = bool(torch.isfinite(o_ours).all())
@@ -185,10 +184,12 @@ def _prefill(lengths: list[int], fwd_bwd_max: int, log_decay: torch.Tensor, fla)
                     fn(qg, kg, vg)[0].backward(do)
                 return step
 
-            row["ours_fwd_bwd_ms"] = bench_ms(fwd_bwd(lambda a, b, c: lightning_attention(a, b, c, log_decay,
-                                                                                         scale=scale)))
+            def ours_step(a, b, c):
+                return lightning_attention(a, b, c, log_decay, scale=scale, config=config)
+
+            row["ours_fwd_bwd_ms"] = bench_ms(fwd_bwd(ours_step))
             if t <= 4096:  # gradient error against the fp32 reference
-                fwd_bwd(lambda a, b, c: lightning_attention(a, b, c, log_decay, scale=scale))()
+                fwd_bwd(ours_step)()
                 g_ours = [x.grad.clone() for x in (qg, kg, vg)]
                 qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
                 lightning_attention_chunked(qr, kr, vr, log_decay, scale=scale)[0].backward(do.float())
@@ -205,12 +206,12 @@ def _prefill(lengths: list[int], fwd_bwd_max: int, log_decay: torch.Tensor, fla)
             del qg, kg, vg, do
         del q, k, v
         _free()
-        print(row, flush=True)
+        log.info("%s", row)
         rows.append(row)
     return rows
 
 
-def _decode(batches: list[int], log_decay: torch.Tensor, fla) -> list[dict]:
+def _decode(batches: list[int], log_decay: torch.Tensor, fla, config: LightningConfig) -> list[dict]:
     from sala.ops.lightning import lightning_decode_step
     from sala.ops.lightning_reference import lightning_decode_step_reference
 
@@ -225,30 +226,24 @@ def _decode(batches: list[int], log_decay: torch.Tensor, fla) -> list[dict]:
                                "state_rw_bytes": 2 * state_bytes}
         # error of one step against the fp32 reference (same starting state)
         s_ours, s_ref = state.clone(), state.clone()
-        o_ours = lightning_decode_step(q, k, v, log_decay, s_ours, scale=scale)
+        o_ours = lightning_decode_step(q, k, v, log_decay, s_ours, scale=scale, config=config)
         o_ref = lightning_decode_step_reference(q.float(), k.float(), v.float(), log_decay, s_ref, scale=scale)
         row["ours_rel_err"] = _rel_err(o_ours, o_ref)
         row["ours_state_rel_err"] = _rel_err(s_ours, s_ref)
         out = torch.empty(b, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
-        row["ours_us"] = 1e3 * bench_ms(lambda: lightning_decode_step(q, k, v, log_decay, s_ours, scale=scale,
-                                                                      out=out), warmup=10, rep=200)
-        # many steps back to back (host launch rate vs GPU time)
         n = 100
+        # the launch cache (config.fast_launch) against Triton's own launch: one call, and many back to back (host
+        # launch rate vs GPU time)
+        for suffix, cfg in (("", config), ("_jit_launch", dataclasses.replace(config, fast_launch=False))):
+            def step(cfg=cfg):
+                lightning_decode_step(q, k, v, log_decay, s_ours, scale=scale, out=out, config=cfg)
 
-        def loop():
-            for _ in range(n):
-                lightning_decode_step(q, k, v, log_decay, s_ours, scale=scale, out=out)
-        row["ours_us_back_to_back"] = 1e3 * bench_ms(loop, warmup=2, rep=5) / n
-        from sala.ops import lightning_triton as lt   # the same without the decode launch cache (Triton's launch)
-        cached, lt._FAST_LAUNCH = lt._FAST_LAUNCH, False
-        try:
-            row["ours_us_back_to_back_jit_launch"] = 1e3 * bench_ms(loop, warmup=2, rep=5) / n
-            row["ours_us_jit_launch"] = 1e3 * bench_ms(lambda: lightning_decode_step(q, k, v, log_decay, s_ours,
-                                                                                     scale=scale, out=out),
-                                                       warmup=10, rep=200)
-        finally:
-            lt._FAST_LAUNCH = cached
-        row["ours_graph_us"] = _decode_graph_us(q, k, v, log_decay, s_ours, out, n)   # CUDA graph of one step
+            def loop(step=step):
+                for _ in range(n):
+                    step()
+            row[f"ours_us{suffix}"] = 1e3 * bench_ms(step, warmup=10, rep=200)
+            row[f"ours_us_back_to_back{suffix}"] = 1e3 * bench_ms(loop, warmup=2, rep=5) / n
+        row["ours_graph_us"] = _decode_graph_us(q, k, v, log_decay, s_ours, out, config, n)   # CUDA graph of one step
         row["ours_graph_state_GBps"] = 2 * state_bytes / (row["ours_graph_us"] * 1e-6) / 1e9
         if fla is not None:
             q1, k1, v1 = q[:, None], k[:, None], v[:, None]
@@ -260,17 +255,17 @@ def _decode(batches: list[int], log_decay: torch.Tensor, fla) -> list[dict]:
             row["speedup_vs_fla"] = row["fla_us"] / row["ours_us"]
         del state, s_ours, s_ref
         _free()
-        print(row, flush=True)
+        log.info("%s", row)
         rows.append(row)
     return rows
 
 
-def _long_finite(t: int, log_decay: torch.Tensor) -> dict:
+def _long_finite(t: int, log_decay: torch.Tensor, config: LightningConfig) -> dict:
     """Our forward at a very long length: outputs and final state must stay finite."""
     from sala.ops.lightning import lightning_attention
 
     q, k, v = _inputs(t, seed=7)
-    o, f = lightning_attention(q, k, v, log_decay, output_final_state=True)
+    o, f = lightning_attention(q, k, v, log_decay, output_final_state=True, config=config)
     res = {"T": t, "output_finite": bool(torch.isfinite(o).all()), "final_state_finite": bool(torch.isfinite(f).all()),
            "output_abs_max": float(o.abs().max())}
     del q, k, v, o, f
@@ -278,7 +273,7 @@ def _long_finite(t: int, log_decay: torch.Tensor) -> dict:
     return res
 
 
-def _kernel_breakdown(t: int, log_decay: torch.Tensor, reps: int = 5) -> dict:
+def _kernel_breakdown(t: int, log_decay: torch.Tensor, config: LightningConfig, reps: int = 5) -> dict:
     """Device time per call of each of our kernels (segment states, scan, outputs) at length t, forward and
     forward + backward, from torch.profiler: where the forward's time goes against fla's."""
     from sala.ops.lightning import lightning_attention
@@ -288,11 +283,11 @@ def _kernel_breakdown(t: int, log_decay: torch.Tensor, reps: int = 5) -> dict:
     do = torch.randn_like(q)
 
     def fwd():
-        lightning_attention(q, k, v, log_decay)
+        lightning_attention(q, k, v, log_decay, config=config)
 
     def fwd_bwd():
         qg.grad = kg.grad = vg.grad = None
-        lightning_attention(qg, kg, vg, log_decay)[0].backward(do)
+        lightning_attention(qg, kg, vg, log_decay, config=config)[0].backward(do)
 
     out: dict[str, Any] = {"T": t, "reps": reps}
     for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
@@ -319,7 +314,6 @@ def run(lengths: list[int] = DEFAULT_LENGTHS, decode_batches: list[int] = DEFAUL
     """Run the benchmark on the current CUDA device and write JSON to `out_path`. Returns the payload."""
     if not torch.cuda.is_available():
         raise RuntimeError("the lightning kernel benchmark needs a CUDA GPU")
-    from sala.ops import lightning_triton as lt
     from sala.ops.slopes import lightning_log_decay
 
     log_decay = lightning_log_decay(HEADS, "cuda")
@@ -330,18 +324,24 @@ def run(lengths: list[int] = DEFAULT_LENGTHS, decode_batches: list[int] = DEFAUL
                                          "speedup = fla time / our time (> 1: ours faster)",
                                          "decode ours_us: one call timed by CUDA events incl. host launch; "
                                          "graph: per step of a replayed one-step CUDA graph"]}
-    payload["tuning"] = _tune_forward(tune_length, log_decay) if tune_length else None
-    payload["decode_tuning"] = _tune_decode(max(decode_batches), log_decay) if tune_length and decode_batches else None
-    payload["config"] = dataclasses.asdict(lt.CONFIG)
+    # the tuned launch settings (the defaults without tuning) are passed to every measurement below
+    config = DEFAULT_CONFIG
+    payload["tuning"] = payload["decode_tuning"] = None
+    if tune_length:
+        payload["tuning"], config = _tune_forward(tune_length, log_decay, config)
+        if decode_batches:
+            payload["decode_tuning"], config = _tune_decode(max(decode_batches), log_decay, config)
+    payload["config"] = dataclasses.asdict(config)
+    payload["default_config"] = dataclasses.asdict(DEFAULT_CONFIG)
     if tune_length:
         try:
-            payload["kernel_breakdown"] = _kernel_breakdown(tune_length, log_decay)
+            payload["kernel_breakdown"] = _kernel_breakdown(tune_length, log_decay, config)
         except Exception as exc:  # the profiler is a diagnostic; the benchmark goes on without it
             payload["kernel_breakdown"] = {"error": repr(exc)[:200]}
-    payload["prefill"] = _prefill(lengths, fwd_bwd_max, log_decay, fla)
-    payload["decode"] = _decode(decode_batches, log_decay, fla)
+    payload["prefill"] = _prefill(lengths, fwd_bwd_max, log_decay, fla, config)
+    payload["decode"] = _decode(decode_batches, log_decay, fla, config)
     if finite_length:
-        payload["long_finite"] = _long_finite(finite_length, log_decay)
+        payload["long_finite"] = _long_finite(finite_length, log_decay, config)
     payload["fla"] = fla is not None
     write_json(out_path, payload)
     return payload
@@ -382,6 +382,7 @@ def main(args: list[str] | None = None) -> int:
     p.add_argument("--finite-length", type=int, default=2 * 1024 * 1024, help="0: skip the long finiteness run")
     p.add_argument("--no-fla", action="store_true")
     a = p.parse_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.table:
         import json
 

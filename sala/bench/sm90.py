@@ -3,7 +3,7 @@
 `triton.compile` with an explicit sm_90 target runs the whole NVIDIA pipeline (TTGIR, LLVM, ptxas) on the CPU, so a
 kernel that would fail to compile, or would need more shared memory than an H100/H200 block may use, shows here
 instead of on the borrowed GPU; cuobjdump (shipped with Triton) reads registers and stack (spill) bytes from the
-cubin. Results depend on the installed Triton. Used by `tests/test_triton_sm90_compile.py` and
+cubin. Results depend on the installed Triton. Used by `tests/ops/test_triton_sm90_compile.py` and
 `experiments/profiling/lightning_sm90_resources.py`; timing still needs the GPU.
 """
 from __future__ import annotations

@@ -54,6 +54,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cpu_prefill(args: argparse.Namespace) -> int:
+    from sala.bench.cpu_prefill import DEFAULT_LENGTHS, DEFAULT_MODEL, run
+
+    out = args.out or "bench_cpu_prefill.json"
+    run(args.lengths or list(DEFAULT_LENGTHS), out, args.model or DEFAULT_MODEL, args.repeats,
+        args.baseline_max, not args.no_baseline)
+    print(f"wrote {out}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="GPU benchmarks (write JSON for bench/results/)")
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
@@ -64,8 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--out", default=None, help="JSON output path")
     k.add_argument("--no-baseline", action="store_true", help="skip the fla / SDPA baselines")
     k.add_argument("--variants", default=None,
-                   help="sparse: kernel variants measured beside the default, comma separated (tiled, tiledN, "
-                        "splitk, splitsel, fusedvarlen, topkcompact, branchmask, noband, nobanddq, chunk1g)")
+                   help="sparse: variants measured beside the default, comma separated (chunk1g, decode)")
     k.add_argument("--tune", action="store_true", help="sparse: sweep launch settings at 128K first")
     k.add_argument("--backward-max-len", type=length_arg, default=None,
                    help="sparse: longest T timed forward+backward (default 1M; the forward runs at every length)")
@@ -84,3 +93,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     srv = bsub.add_parser("serve", help="load generator for sala serve: throughput, TTFT, inter-token latency")
     serve_arguments(srv)
     srv.set_defaults(func=_serve)
+
+    cpu = bsub.add_parser("cpu-prefill", help="CPU prefill of the bundled model per length vs the previous sparse "
+                                              "CPU path")
+    cpu.add_argument("--lengths", type=lengths_arg, default=None, help="e.g. 4k,8k,16k,64k (the default)")
+    cpu.add_argument("--out", default=None, help="JSON output path")
+    cpu.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    cpu.add_argument("--repeats", type=int, default=3, help="timed runs per length up to 16K tokens (median)")
+    cpu.add_argument("--baseline-max", type=length_arg, default=16384,
+                     help="longest prompt timed with the previous path")
+    cpu.add_argument("--no-baseline", action="store_true", help="skip the previous path")
+    cpu.set_defaults(func=_cpu_prefill)

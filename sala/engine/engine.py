@@ -136,7 +136,7 @@ class SalaEngine:
         probe = torch.empty(0, device=self.device)
         if SPARSE not in self.config.mixer_types or not use_triton(probe):
             return 0.0
-        from sala.ops.infllmv2_triton import warmup_length_classes
+        from sala.ops.infllmv2.triton_decode import warmup_length_classes
 
         c = self.config
         with torch.no_grad():

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from sala.ops.dispatch import use_triton
+from sala.ops.lightning_plan import LightningConfig
 from sala.ops.lightning_reference import lightning_attention_chunked, lightning_decode_step_reference
 
 _FLOAT_INPUTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -79,14 +80,16 @@ def _check_cu_seqlens(cu_seqlens: Tensor, batch: int, length: int) -> int:
 
 def lightning_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None = None,
                         initial_state: Tensor | None = None, output_final_state: bool = False,
-                        cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                        cu_seqlens: Tensor | None = None, *, config: LightningConfig | None = None
+                        ) -> tuple[Tensor, Tensor | None]:
     """Causal lightning attention over whole sequences (prefill / training).
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; log_decay: [H] (log gamma, negative); scale defaults to Dk**-0.5.
     initial_state: [N, H, Dk, Dv] fp32 (N = B, or the number of packed sequences with cu_seqlens, B == 1).
     cu_seqlens: int32/int64 [N+1] offsets (first 0, last T); each sequence sees only its own tokens.
     Returns (o [B, T, H, Dv] in q.dtype, final state [N, H, Dk, Dv] fp32 if output_final_state else None).
-    Differentiable w.r.t. q, k, v and initial_state.
+    Differentiable w.r.t. q, k, v and initial_state. config: launch settings of the Triton kernels (None: the
+    defaults, `sala.ops.lightning_plan.DEFAULT_CONFIG`); the reference ignores it.
     """
     _check_common(q, k, v, log_decay, 4, "[B, T, H, D]")
     batch, length, heads, dk = q.shape
@@ -102,7 +105,7 @@ def lightning_attention(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scal
         from sala.ops import lightning_triton
 
         return lightning_triton.lightning_attention_triton(
-            q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+            q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, config)
     return lightning_attention_chunked(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
 
 
@@ -138,18 +141,20 @@ def _check_decode_args(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state
 
 
 def lightning_decode_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor,
-                          scale: float | None = None, out: Tensor | None = None) -> Tensor:
+                          scale: float | None = None, out: Tensor | None = None, *,
+                          config: LightningConfig | None = None) -> Tensor:
     """One new token per sequence: state <- gamma*state + k^T v (IN PLACE), o = scale * q state.
 
     q, k: [B, H, Dk]; v: [B, H, Dv]; state: [B, H, Dk, Dv] fp32; out: optional [B, H, Dv] in q.dtype to
-    write into (no allocation, CUDA-graph friendly). Returns o [B, H, Dv] in q.dtype.
+    write into (no allocation, CUDA-graph friendly). Returns o [B, H, Dv] in q.dtype. config: as for
+    `lightning_attention`.
     """
     if not _decode_args_ok(q, k, v, log_decay, state, out):
         _check_decode_args(q, k, v, log_decay, state, out)
     if use_triton(q, k, v):
         from sala.ops import lightning_triton
 
-        return lightning_triton.lightning_decode_step_triton(q, k, v, log_decay, state, scale, out)
+        return lightning_triton.lightning_decode_step_triton(q, k, v, log_decay, state, scale, out, config)
     o = lightning_decode_step_reference(q, k, v, log_decay, state, scale)
     if out is not None:
         out.copy_(o)

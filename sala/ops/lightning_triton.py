@@ -18,14 +18,13 @@ Backward: dq is the same forward pass with (q, k, v, S0) -> (do, v, k, S0^T); dk
 time-reversed pass (flag REVERSE) with (k, q, do) and (v, do, q), whose reversed "initial state" is the
 gradient of the final state and whose reversed final state gives the gradient of the initial state.
 
-All kernels run under TRITON_INTERPRET=1 (fixed configurations, no autotuning).
+Launch settings come from a frozen `LightningConfig` (sala.ops.lightning_plan, with the segment planning);
+launches go through `sala.ops.triton_launch`. All kernels run under TRITON_INTERPRET=1 (fixed configurations, no
+autotuning).
 """
 from __future__ import annotations
 
-import functools
-import os
 import weakref
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -33,6 +32,8 @@ import triton.language as tl
 from torch import Tensor
 
 from sala.ops.dispatch import interpreter_enabled
+from sala.ops.lightning_plan import DEFAULT_CONFIG, LightningConfig, Segments, block_v, chunk_and_warps, segments_for
+from sala.ops.triton_launch import launch
 
 LOG2E = 1.4426950408889634
 # the factored intra-chunk decay multiplies a score by gamma^(i-c) (up to 2^FACTORED_MAX_EXP) before gamma^(c-j):
@@ -41,34 +42,8 @@ LOG2E = 1.4426950408889634
 FACTORED_MAX_EXP = 90.0
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
+__all__ = ["DEFAULT_CONFIG", "LightningConfig", "lightning_attention_triton", "lightning_decode_step_triton"]
 
-@dataclass
-class LightningConfig:
-    """Launch parameters (module-level `CONFIG`; benchmarks may change it)."""
-
-    # defaults: the fastest of the forward sweep at T=64K with automatic segments, 32 heads x 128, bf16 on an H200
-    # (bench/results/lightning_kernels_h200.json: factored decay 1.40 ms against the table's 1.58 ms, register spills
-    # 14 against 52 bytes); head dims > 128 fall back to 64/64/4 warps
-    chunk: int = 128           # tokens per chunk (C)
-    block_v: int = 128         # V tile of the state (BV)
-    num_warps: int = 8
-    num_stages: int = 2
-    chunks_per_segment: int = 0   # 0: choose from the work size (see `_chunks_per_segment`)
-    min_chunks_per_segment: int = 8
-    programs_per_sm: int = 4   # target parallel programs per SM when choosing segments
-    decode_block_v: int = 64    # decode sweep at batch 64 in a CUDA graph: 73 us against 82 us at 32 / 4 warps
-    decode_num_warps: int = 8
-    # intra-chunk decay of the output kernel: False builds the [C, C] table gamma^(i-j) once per program (it
-    # stays live in registers: C*C/threads of them); True applies it per chunk as gamma^(i-c) * gamma^(c-j)
-    # with c = C/2 (two [C] vectors) when every head has |log2 gamma| * C/2 <= FACTORED_MAX_EXP, else the table
-    intra_factored: bool = True
-    # backward: dk and dv in one reverse walk over the state both read (R = decayed sum of q^T do), instead of two
-    # walks, each with its own entering-state pass (`_dkdv_pass`; head dims <= 128). Off until measured on a GPU;
-    # SALA_LIGHTNING_FUSED_BWD=1 turns it on too
-    fused_dkdv: bool = False
-
-
-CONFIG = LightningConfig()
 # the compiled kernels of the latest launches by role ("state", "output"): benchmarks read their
 # registers and spills (`n_regs`, `n_spills`) next to the timings
 LAST_KERNELS: dict[str, object] = {}
@@ -334,65 +309,6 @@ def _segment_output_kernel(
 
 
 @triton.jit
-def _dkdv_walk(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, state, bos, eos, lg, h, scale, intra, row_fac, col_fac,
-               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-               stride_dkt, stride_dkh, stride_dvt, stride_dvh, offs_c, offs_k, offs_v,
-               C: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTRA: tl.constexpr):
-    """Reverse walk of [bos, eos) from R [DK, DV] (the decayed sum of q_s^T do_s over the later tokens s), writing
-    dv_t = scale * (k_t R_t + intra-chunk part) and dk_t = scale * (v_t R_t^T + intra-chunk part): the two reverse
-    passes of the backward (`_output_walk` with the roles (k, q, do) and (v, do, q)) sharing one state. Returns the
-    state before the segment's first token."""
-    n_chunks = (eos - bos + C - 1) // C
-    for c in range(0, n_chunks):
-        n, valid, rows, qb, kb, vb = _load_chunk(q_ptr, k_ptr, v_ptr, c, n_chunks, bos, eos, h, stride_qt, stride_qh,
-                                                 stride_kt, stride_kh, stride_vt, stride_vh, offs_c, offs_k, offs_v,
-                                                 C, True)
-        dob = _load_rows(do_ptr, rows, stride_dot, h, stride_doh, offs_v, valid)
-        row_dec, state_dec = _chunk_decays(n, offs_c, valid, lg, True)
-        causal = _chunk_causal(rows, bos, valid, True, INTRA)
-        # dv: rows k, state R, chunk part (k q^T) do; dk: rows v, state R^T, chunk part (v do^T) q
-        out = _chunk_output(kb, qb, dob, state, row_dec, intra, row_fac, col_fac, causal, DOT_PRECISION, UPCAST,
-                            INTRA)
-        _store_rows(dv_ptr, rows, stride_dvt, h, stride_dvh, offs_v, valid, out * scale)
-        out = _chunk_output(vb, dob, qb, tl.trans(state), row_dec, intra, row_fac, col_fac, causal, DOT_PRECISION,
-                            UPCAST, INTRA)
-        _store_rows(dk_ptr, rows, stride_dkt, h, stride_dkh, offs_k, valid, out * scale)
-        state = _state_step(state, qb, dob, state_dec, lg, n, DOT_PRECISION, UPCAST)
-    return state
-
-
-@triton.jit
-def _segment_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, s_in_ptr, final_ptr, log2_decay_ptr,
-    seg_start_ptr, seg_end_ptr, seg_seq_ptr, seg_final_ptr, scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, WANT_FINAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTRA_FACTORED: tl.constexpr,
-):
-    """dk and dv of one (segment, head), walking its chunks in reverse from the entering state (all of V)."""
-    seg = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    bos = tl.load(seg_start_ptr + seg)
-    eos = tl.load(seg_end_ptr + seg)
-    lg = tl.load(log2_decay_ptr + h)
-    offs_c = tl.arange(0, C)
-    offs_k = tl.arange(0, DK)
-    offs_v = tl.arange(0, DV)
-    state_offs = offs_k[:, None] * DV + offs_v[None, :]
-    state = tl.load(s_in_ptr + (seg * H + h) * DK * DV + state_offs)
-    args = (stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-            stride_dkt, stride_dkh, stride_dvt, stride_dvh, offs_c, offs_k, offs_v)
-    intra, row_fac, col_fac = _intra_decay(offs_c, lg, C, True, INTRA_FACTORED)
-    state = _dkdv_walk(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, state, bos, eos, lg, h, scale, intra, row_fac,
-                       col_fac, *args, C=C, DOT_PRECISION=DOT_PRECISION, UPCAST=UPCAST, INTRA=INTRA_FACTORED)
-    if WANT_FINAL:
-        if tl.load(seg_final_ptr + seg) != 0:
-            n_seq = tl.load(seg_seq_ptr + seg)
-            tl.store(final_ptr + (n_seq * H + h) * DK * DV + state_offs, state)
-
-
-@triton.jit
 def _decode_step_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, state_ptr, log_decay_ptr, scale,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh,
@@ -423,82 +339,6 @@ def _check_head_dims(dk: int, dv: int) -> None:
                              f"{SUPPORTED_HEAD_DIMS} (set SALA_KERNELS=reference to use the PyTorch reference)")
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
-
-
-def _chunks_per_segment(seq_lens: list[int], heads: int, v_tiles: int, chunk: int, device: torch.device) -> int:
-    """Segment length in chunks: enough segments to fill the GPU, each long enough to amortise its state."""
-    cfg = CONFIG
-    if cfg.chunks_per_segment > 0:
-        return cfg.chunks_per_segment
-    env = os.environ.get("SALA_LIGHTNING_SEGMENT_CHUNKS")
-    if env:
-        return max(1, int(env))
-    total_chunks = sum(-(-n // chunk) for n in seq_lens)
-    target_programs = cfg.programs_per_sm * _num_sms(device)
-    # programs = segments * heads * v_tiles ~ target  ->  segments ~ target / (heads * v_tiles)
-    want_segments = max(1, target_programs // max(1, heads * v_tiles))
-    per_seg = -(-total_chunks // want_segments)
-    return max(cfg.min_chunks_per_segment, per_seg)
-
-
-@dataclass
-class _Segments:
-    """Segment tables (int64 on the device, so token offsets times strides never overflow)."""
-
-    start: Tensor        # [S] first token
-    end: Tensor          # [S] one past the last token
-    seq: Tensor          # [S] sequence index
-    last: Tensor         # [S] 1 for the last segment of its sequence
-    first: Tensor        # [S] 1 for the first segment of its sequence
-    seq_ptr: Tensor      # [N+1] segments of sequence n are seq_ptr[n]:seq_ptr[n+1]
-    not_last_ids: Tensor   # segments needing a state contribution in the forward direction
-    not_first_ids: Tensor  # ... in the reverse direction
-    num_segments: int
-    num_seqs: int
-
-
-@functools.lru_cache(maxsize=64)
-def _build_segments(bounds: tuple[tuple[int, int], ...], seg_tokens: int, device: torch.device) -> _Segments:
-    start, end, seq, last, first, ptr = [], [], [], [], [], [0]
-    for n, (a, b) in enumerate(bounds):
-        s = a
-        count = 0
-        while s < b:
-            e = min(b, s + seg_tokens)
-            start.append(s), end.append(e), seq.append(n)
-            first.append(1 if s == a else 0)
-            last.append(1 if e == b else 0)
-            s = e
-            count += 1
-        ptr.append(ptr[-1] + count)
-    not_last = [i for i, x in enumerate(last) if not x]
-    not_first = [i for i, x in enumerate(first) if not x]
-
-    def dev(values: list[int]) -> Tensor:
-        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
-
-    return _Segments(dev(start), dev(end), dev(seq), dev(last), dev(first), dev(ptr), dev(not_last),
-                     dev(not_first), len(start), len(bounds))
-
-
-def _segments_for(batch: int, length: int, cu_seqlens: Tensor | None, heads: int, dk: int, dv: int,
-                  device: torch.device) -> _Segments:
-    """Segments for the pass whose state is [dk, dv] (its chunk size and V tiles decide the split)."""
-    chunk, _ = _chunk_and_warps(dk, dv)
-    v_tiles = dv // _block_v(dv, dk)
-    if cu_seqlens is None:
-        bounds = tuple((b * length, (b + 1) * length) for b in range(batch))
-    else:
-        offs = [int(x) for x in cu_seqlens.tolist()]
-        bounds = tuple((offs[i], offs[i + 1]) for i in range(len(offs) - 1))
-    per_seg = _chunks_per_segment([b - a for a, b in bounds], heads, v_tiles, chunk, device)
-    return _build_segments(bounds, per_seg * chunk, device)
-
-
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """Uninitialised buffer (one place, so tests can poison every kernel output with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -508,23 +348,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _large_dims(dk: int, dv: int) -> bool:
-    return max(dk, dv) > 128
-
-
-def _block_v(dv: int, dk: int = 0) -> int:
-    return min(64 if _large_dims(dk, dv) else CONFIG.block_v, dv)
-
-
-def _chunk_and_warps(dk: int, dv: int) -> tuple[int, int]:
-    """Chunk size and warps: the configured ones, capped for head dims > 128 (register pressure)."""
-    if _large_dims(dk, dv):
-        return min(64, CONFIG.chunk), 4
-    return CONFIG.chunk, CONFIG.num_warps
-
-
-def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: float, segs: _Segments,
-                  init: Tensor | None, want_final: bool, reverse: bool,
+def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: float, segs: Segments,
+                  init: Tensor | None, want_final: bool, reverse: bool, config: LightningConfig,
                   max_abs_log2_decay: float | None = None) -> tuple[Tensor, Tensor | None]:
     """One direction of the chunked recurrence over packed [TT, H, D] tensors (last dim contiguous).
 
@@ -536,27 +361,25 @@ def _chunked_pass(q: Tensor, k: Tensor, v: Tensor, log2_decay: Tensor, scale: fl
     """
     tt, heads, dk = q.shape
     dv = v.shape[-1]
-    cfg = CONFIG
-    bv = _block_v(dv, dk)
-    chunk, warps = _chunk_and_warps(dk, dv)
-    prec = _dot_precision(q.dtype)
-    upcast = interpreter_enabled()
+    bv = block_v(config, dv, dk)
+    chunk, warps = chunk_and_warps(config, dk, dv)
     o = _empty((tt, heads, dv), q.dtype, q.device)
-    s_in, final = _entering_states(k, v, log2_decay, segs, init, want_final, reverse, bv, chunk, warps)
+    s_in, final = _entering_states(k, v, log2_decay, segs, init, want_final, reverse, bv, chunk, warps, config)
     if segs.num_segments:
-        LAST_KERNELS["output"] = _launch(
+        LAST_KERNELS["output"] = launch(
             _segment_output_kernel, (segs.num_segments, heads, dv // bv),
             (q, k, v, o, s_in, final, log2_decay, segs.start, segs.end, segs.seq,
              segs.first if reverse else segs.last, float(scale),
              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1)),
             dict(H=heads, DK=dk, DV=dv, BV=bv, C=chunk, REVERSE=reverse, WANT_FINAL=want_final,
-                 DOT_PRECISION=prec, UPCAST=upcast, INTRA_FACTORED=_use_factored(max_abs_log2_decay, chunk)),
-            warps, cfg.num_stages)
+                 DOT_PRECISION=_dot_precision(q.dtype), UPCAST=interpreter_enabled(),
+                 INTRA_FACTORED=_use_factored(max_abs_log2_decay, chunk)),
+            warps, config.num_stages, fast=config.fast_launch)
     return o, (final if want_final else None)
 
 
-def _entering_states(k: Tensor, v: Tensor, log2_decay: Tensor, segs: _Segments, init: Tensor | None, want_final: bool,
-                     reverse: bool, bv: int, chunk: int, warps: int) -> tuple[Tensor, Tensor]:
+def _entering_states(k: Tensor, v: Tensor, log2_decay: Tensor, segs: Segments, init: Tensor | None, want_final: bool,
+                     reverse: bool, bv: int, chunk: int, warps: int, config: LightningConfig) -> tuple[Tensor, Tensor]:
     """The state entering every segment (`_segment_state_kernel` over the segments, then `_segment_scan_kernel`
     along each sequence): s_in [S, H, Dk, Dv] fp32, and final [N, H, Dk, Dv] (the state each sequence hands on, to
     be completed by the output pass; s_in itself when not `want_final`)."""
@@ -568,47 +391,17 @@ def _entering_states(k: Tensor, v: Tensor, log2_decay: Tensor, segs: _Segments, 
     state_ids = segs.not_first_ids if reverse else segs.not_last_ids
     u = _empty(tuple(s_in.shape), torch.float32, k.device) if state_ids.numel() else s_in
     if state_ids.numel():
-        LAST_KERNELS["state"] = _launch(
+        LAST_KERNELS["state"] = launch(
             _segment_state_kernel, (state_ids.numel(), heads, dv // bv),
             (k, v, u, log2_decay, segs.start, segs.end, state_ids, k.stride(0), k.stride(1), v.stride(0), v.stride(1)),
             dict(H=heads, DK=dk, DV=dv, BV=bv, C=chunk, REVERSE=reverse, DOT_PRECISION=prec, UPCAST=upcast),
-            warps, CONFIG.num_stages)
+            warps, config.num_stages, fast=config.fast_launch)
     scan_block = min(1024, dk * dv)
-    _launch(_segment_scan_kernel, (segs.num_seqs, heads, dk * dv // scan_block),
-            (u, s_in, init if init is not None else s_in, final, log2_decay, segs.start, segs.end, segs.seq_ptr),
-            dict(H=heads, DK=dk, DV=dv, BLOCK=scan_block, HAS_INIT=init is not None, WANT_FINAL=want_final,
-                 REVERSE=reverse), 4)
+    launch(_segment_scan_kernel, (segs.num_seqs, heads, dk * dv // scan_block),
+           (u, s_in, init if init is not None else s_in, final, log2_decay, segs.start, segs.end, segs.seq_ptr),
+           dict(H=heads, DK=dk, DV=dv, BLOCK=scan_block, HAS_INIT=init is not None, WANT_FINAL=want_final,
+                REVERSE=reverse), 4, fast=config.fast_launch)
     return s_in, final
-
-
-def _fused_dkdv_enabled(dk: int, dv: int) -> bool:
-    """Whether the backward computes dk and dv in one reverse walk (`LightningConfig.fused_dkdv`)."""
-    on = CONFIG.fused_dkdv or os.environ.get("SALA_LIGHTNING_FUSED_BWD", "0") not in ("", "0")
-    return on and not _large_dims(dk, dv)
-
-
-def _dkdv_pass(qp: Tensor, kp: Tensor, vp: Tensor, dop: Tensor, log2_decay: Tensor, scale: float, segs: _Segments,
-               init: Tensor | None, want_final: bool, max_abs_log2_decay: float | None
-               ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """dk [TT, H, Dk] (k's dtype) and dv [TT, H, Dv] (v's dtype) of the lightning backward in one reverse walk: both read R_t = sum_{s>=t} gamma^(s-t) q_s^T do_s (+ the decayed `init`, the final state's
-    gradient / scale), dv_t = scale k_t R_t, dk_t = scale v_t R_t^T. Returns (dk, dv, the state before each
-    sequence's first token [N, H, Dk, Dv] when `want_final`)."""
-    tt, heads, dk = qp.shape
-    dv = vp.shape[-1]
-    chunk, warps = _chunk_and_warps(dk, dv)
-    s_in, final = _entering_states(qp, dop, log2_decay, segs, init, want_final, True, _block_v(dv, dk), chunk, warps)
-    dk_ = _empty((tt, heads, dk), kp.dtype, qp.device)
-    dv_ = _empty((tt, heads, dv), vp.dtype, qp.device)
-    if segs.num_segments:
-        LAST_KERNELS["dkdv"] = _launch(
-            _segment_dkdv_kernel, (segs.num_segments, heads),
-            (qp, kp, vp, dop, dk_, dv_, s_in, final, log2_decay, segs.start, segs.end, segs.seq, segs.first,
-             float(scale), qp.stride(0), qp.stride(1), kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
-             dop.stride(0), dop.stride(1), dk_.stride(0), dk_.stride(1), dv_.stride(0), dv_.stride(1)),
-            dict(H=heads, DK=dk, DV=dv, C=chunk, WANT_FINAL=want_final, DOT_PRECISION=_dot_precision(qp.dtype),
-                 UPCAST=interpreter_enabled(), INTRA_FACTORED=_use_factored(max_abs_log2_decay, chunk)),
-            warps, CONFIG.num_stages)
-    return dk_, dv_, (final if want_final else None)
 
 
 # per-tensor memos of a log_decay tensor: id -> (weak reference, version, value); identity-keyed (a tensor's == is
@@ -652,13 +445,13 @@ def _log2_decay(log_decay: Tensor) -> Tensor:
                  reads_host=False)
 
 
-def _max_abs_log2_decay(log_decay: Tensor) -> float | None:
-    """max_h |log2 gamma_h| of a log_decay tensor when CONFIG.intra_factored asks for it, else None.
+def _max_abs_log2_decay(log_decay: Tensor, config: LightningConfig) -> float | None:
+    """max_h |log2 gamma_h| of a log_decay tensor when config.intra_factored asks for it, else None.
 
     Read once per tensor (one host sync; a model's decays are fixed buffers) and remembered until the tensor
     changes in place; None while a CUDA graph is being captured and the tensor was not seen before.
     """
-    if not CONFIG.intra_factored:
+    if not config.intra_factored:
         return None
     return _memo(_DECAY_RANGE, log_decay, lambda t: float(t.detach().abs().max()) * LOG2E, reads_host=True)
 
@@ -676,7 +469,7 @@ def _packed(x: Tensor) -> Tensor:
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float, initial_state: Tensor | None,
-             output_final_state: bool, cu_seqlens: Tensor | None):
+             output_final_state: bool, cu_seqlens: Tensor | None, config: LightningConfig):
     """The chunked forward pass: (o [B, T, H, Dv], final state or None, what the backward needs)."""
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
@@ -684,28 +477,30 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float, i
     log2_decay = _log2_decay(log_decay)
     qp, kp, vp = _packed(q), _packed(k), _packed(v)
     init = None if initial_state is None else initial_state.detach().to(torch.float32).contiguous()
-    segs = _segments_for(batch, length, cu_seqlens, heads, dk, dv, q.device)
-    lg_max = _max_abs_log2_decay(log_decay)
-    o, final = _chunked_pass(qp, kp, vp, log2_decay, scale, segs, init, output_final_state, reverse=False,
-                             max_abs_log2_decay=lg_max)
+    segs = segments_for(config, batch, length, cu_seqlens, heads, dk, dv, q.device)
+    lg_max = _max_abs_log2_decay(log_decay, config)
+    o, final = _chunked_pass(qp, kp, vp, log2_decay, scale, segs, init, output_final_state, False, config, lg_max)
     return o.view(batch, length, heads, dv), final, (qp, kp, vp, log2_decay, init, lg_max)
 
 
 class _LightningFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens):
+    def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, config):
         batch, length = q.shape[:2]
         o, final, (qp, kp, vp, log2_decay, init, lg_max) = _forward(q, k, v, log_decay, scale, initial_state,
-                                                                    output_final_state, cu_seqlens)
+                                                                    output_final_state, cu_seqlens, config)
         ctx.save_for_backward(qp, kp, vp, log2_decay, init if init is not None else torch.empty(0))
         ctx.meta = (batch, length, scale, initial_state is not None,
-                    initial_state.dtype if initial_state is not None else None, cu_seqlens, lg_max)
+                    initial_state.dtype if initial_state is not None else None, cu_seqlens, lg_max, config)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
+        """dq: the forward pass with (do, v, k, S0^T); dv and dk: the reverse passes with (k, q, do) and (v, do, q),
+        whose reversed initial state is the final state's gradient and whose reversed final state gives the
+        initial state's gradient."""
         qp, kp, vp, log2_decay, init = ctx.saved_tensors
-        batch, length, scale, has_init, init_dtype, cu_seqlens, lg_max = ctx.meta
+        batch, length, scale, has_init, init_dtype, cu_seqlens, lg_max, config = ctx.meta
         heads, dk, dv = qp.shape[1], qp.shape[2], vp.shape[2]
         dop = _packed(do.to(qp.dtype))
         need_q, need_k, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
@@ -715,55 +510,50 @@ class _LightningFunction(torch.autograd.Function):
         if dfinal is not None:
             rev_init = (dfinal.to(torch.float32) / scale).contiguous()
         if need_q:
-            segs_q = _segments_for(batch, length, cu_seqlens, heads, dv, dk, qp.device)
+            segs_q = segments_for(config, batch, length, cu_seqlens, heads, dv, dk, qp.device)
             init_t = init.transpose(-1, -2).contiguous() if has_init else None
-            dq, _ = _chunked_pass(dop, vp, kp, log2_decay, scale, segs_q, init_t, False, reverse=False,
-                                  max_abs_log2_decay=lg_max)
+            dq, _ = _chunked_pass(dop, vp, kp, log2_decay, scale, segs_q, init_t, False, False, config, lg_max)
             dq = dq.view(batch, length, heads, dk)
-        if need_k and need_v and _fused_dkdv_enabled(dk, dv):   # both in one reverse walk
-            segs_v = _segments_for(batch, length, cu_seqlens, heads, dk, dv, qp.device)
-            dk_, dv_, g = _dkdv_pass(qp, kp, vp, dop, log2_decay, scale, segs_v, rev_init, need_init, lg_max)
-            if need_init:
-                dinit = (g * scale).to(init_dtype)
-            return (dq, dk_.view(batch, length, heads, dk), dv_.view(batch, length, heads, dv), None, None, dinit,
-                    None, None)
         if need_v or need_init:
-            segs_v = _segments_for(batch, length, cu_seqlens, heads, dk, dv, qp.device)
-            dv_, g = _chunked_pass(kp, qp, dop, log2_decay, scale, segs_v, rev_init, need_init, reverse=True,
-                                   max_abs_log2_decay=lg_max)
+            segs_v = segments_for(config, batch, length, cu_seqlens, heads, dk, dv, qp.device)
+            dv_, g = _chunked_pass(kp, qp, dop, log2_decay, scale, segs_v, rev_init, need_init, True, config, lg_max)
             dv_ = dv_.view(batch, length, heads, dv)
             if need_init:
                 dinit = (g * scale).to(init_dtype)
         if need_k:
-            segs_k = _segments_for(batch, length, cu_seqlens, heads, dv, dk, qp.device)
+            segs_k = segments_for(config, batch, length, cu_seqlens, heads, dv, dk, qp.device)
             rev_init_t = rev_init.transpose(-1, -2).contiguous() if rev_init is not None else None
-            dk_, _ = _chunked_pass(vp, dop, qp, log2_decay, scale, segs_k, rev_init_t, False, reverse=True,
-                                   max_abs_log2_decay=lg_max)
+            dk_, _ = _chunked_pass(vp, dop, qp, log2_decay, scale, segs_k, rev_init_t, False, True, config, lg_max)
             dk_ = dk_.view(batch, length, heads, dk)
-        return dq, dk_, (dv_ if need_v else None), None, None, dinit, None, None
+        return dq, dk_, (dv_ if need_v else None), None, None, dinit, None, None, None
 
 
 def lightning_attention_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, scale: float | None,
                                initial_state: Tensor | None, output_final_state: bool,
-                               cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Triton path of `sala.ops.lightning.lightning_attention` (inputs already validated)."""
+                               cu_seqlens: Tensor | None, config: LightningConfig | None = None
+                               ) -> tuple[Tensor, Tensor | None]:
+    """Triton path of `sala.ops.lightning.lightning_attention` (inputs already validated); config None: the
+    defaults."""
     if q.dtype == torch.float64:
         raise ValueError("lightning (Triton): float64 inputs are not supported; use SALA_KERNELS=reference")
+    config = DEFAULT_CONFIG if config is None else config
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, initial_state)):
         return _LightningFunction.apply(q, k, v, log_decay, scale, initial_state, bool(output_final_state),
-                                        cu_seqlens)
+                                        cu_seqlens, config)
     # nothing to differentiate (inference, or inputs without grad): no autograd node, nothing kept for a backward
-    o, final, _ = _forward(q, k, v, log_decay, scale, initial_state, bool(output_final_state), cu_seqlens)
+    o, final, _ = _forward(q, k, v, log_decay, scale, initial_state, bool(output_final_state), cu_seqlens, config)
     return o, final
 
 
 def lightning_decode_step_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor,
-                                 scale: float | None = None, out: Tensor | None = None) -> Tensor:
+                                 scale: float | None = None, out: Tensor | None = None,
+                                 config: LightningConfig | None = None) -> Tensor:
     """Triton decode step: one launch, no host sync; allocates only `o` (nothing when `out` is given).
 
-    State must be contiguous fp32 [B, H, Dk, Dv]; q, k, v need a contiguous last dim.
+    State must be contiguous fp32 [B, H, Dk, Dv]; q, k, v need a contiguous last dim. config None: the defaults.
     """
+    config = DEFAULT_CONFIG if config is None else config
     batch, heads, dk = q.shape
     dv = v.shape[-1]
     if dk not in SUPPORTED_HEAD_DIMS or dv not in SUPPORTED_HEAD_DIMS:
@@ -778,61 +568,9 @@ def lightning_decode_step_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Ten
     scale = dk ** -0.5 if scale is None else float(scale)
     o = out if out is not None else _empty((batch, heads, dv), q.dtype, q.device)
     os_ = o.stride()
-    bv = min(CONFIG.decode_block_v, dv)
+    bv = min(config.decode_block_v, dv)
     grid = (batch, heads, dv // bv)
-    _launch(_decode_step_kernel, grid,
-            (q, k, v, o, state, log_decay, scale, qs[0], qs[1], ks[0], ks[1], vs[0], vs[1], os_[0], os_[1]),
-            dict(H=heads, DK=dk, DV=dv, BV=bv), CONFIG.decode_num_warps)
+    launch(_decode_step_kernel, grid,
+           (q, k, v, o, state, log_decay, scale, qs[0], qs[1], ks[0], ks[1], vs[0], vs[1], os_[0], os_[1]),
+           dict(H=heads, DK=dk, DV=dv, BV=bv), config.decode_num_warps, fast=config.fast_launch)
     return o
-
-
-# Decode steps run once per layer and token, and a forward call's host time before its first kernel is GPU idle time
-# in a timed call, so launch cost matters (issue target: <= 30 us a decode call). Triton's launcher binds and
-# specializes every argument on each call. The compiled kernel of a launch whose pointers are all 16-byte aligned
-# is kept here under everything Triton specializes on (the function, dtypes, device, the exact integer arguments,
-# the constexprs, warps and stages), and later calls with the same key launch it directly.
-# SALA_FAST_LAUNCH=0 turns this off.
-_FAST_LAUNCH = os.environ.get("SALA_FAST_LAUNCH", "1") != "0"
-_LAUNCH_CACHE: dict[tuple, object] = {}
-
-
-def _disable_fast_launch() -> None:
-    global _FAST_LAUNCH
-    _FAST_LAUNCH = False
-    _LAUNCH_CACHE.clear()
-
-
-def _launch(fn, grid: tuple[int, ...], args: tuple, consts: dict, num_warps: int, num_stages: int | None = None):
-    """`fn[grid](*args, **consts, num_warps=, num_stages=)`, through the launch cache where it may serve (CUDA, every
-    pointer 16-byte aligned, no launch hooks). `consts` holds the constexprs in the kernel's signature order.
-    Returns the compiled kernel."""
-    ptrs = [a for a in args if isinstance(a, Tensor)]
-    fast = _FAST_LAUNCH and ptrs[0].is_cuda and not any(p.data_ptr() & 15 for p in ptrs)
-    if fast:
-        key = (fn, num_warps, num_stages, ptrs[0].get_device(), tuple(p.dtype for p in ptrs),
-               tuple(a for a in args if isinstance(a, int)), tuple(consts.items()))
-        kernel = _LAUNCH_CACHE.get(key)
-        if kernel is not None and _no_launch_hooks():
-            try:
-                kernel.run(*grid, torch.cuda.current_stream(ptrs[0].device).cuda_stream, kernel.function,
-                           kernel.packed_metadata, None, None, None, *args, *consts.values())
-                return kernel
-            except TypeError:   # a Triton whose launcher takes other arguments: its own launch from now on
-                _disable_fast_launch()
-    opts = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
-    kernel = fn[grid](*args, **consts, **opts)
-    if (fast and _FAST_LAUNCH and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata"))
-            and list(getattr(fn, "arg_names", []))[len(args):] == list(consts)):   # positional order = signature
-        _LAUNCH_CACHE[key] = kernel
-    return kernel
-
-
-_TRITON_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)   # where launch hooks are registered
-
-
-def _no_launch_hooks() -> bool:
-    """No launch hooks registered (a profiler's would be skipped by a direct launch): None or an empty HookChain."""
-    if _TRITON_RUNTIME is None:
-        return False
-    hooks = (getattr(_TRITON_RUNTIME, "launch_enter_hook", None), getattr(_TRITON_RUNTIME, "launch_exit_hook", None))
-    return all(h is None or not getattr(h, "calls", True) for h in hooks)

@@ -16,7 +16,7 @@ def test_profile_reports_call_sites(tmp_path, run_script, prepare_in):
     prepare_in(tmp_path, "packed", ["docs"], tokenizer="sala", val_fraction=0.1, seed=0)
     out = tmp_path / "prof.json"
     run_script(["profile_train_step.py", "--data", str(tmp_path / "packed"), "--preset", "sala-tiny", "--seq-len", "128",
-                "--micro-batch", "2", "--steps", "1", "--only", "sala_sparse_off", "--sites", "8", "--fuse-projections", "--loss-chunk", "64", "--fused-dkdv",
+                "--micro-batch", "2", "--steps", "1", "--only", "sala_sparse_off", "--sites", "8", "--fuse-projections", "--loss-chunk", "64",
                 "--config", "hidden_size=96,num_attention_heads=6,num_key_value_heads=3,lightning_nh=6,lightning_nkv=6",
                 "--out", str(out)],
                tmp_path)
@@ -28,7 +28,7 @@ def test_profile_reports_call_sites(tmp_path, run_script, prepare_in):
     # the model's own frames name where the time is spent (file and line inside sala/)
     assert any(f.startswith("sala/") or "/sala/" in f for s in sites for f in s["stack"]), sites
     args = json.loads(out.read_text())["args"]
-    assert args["fuse_projections"] is True and args["loss_chunk"] == 64 and args["fused_dkdv"] is True
+    assert args["fuse_projections"] is True and args["loss_chunk"] == 64
     # --config widened the preset (hidden 64 -> 96): the profiled model is that one
     from sala.train.config import ModelConfig
     from sala.train.model_factory import build_model

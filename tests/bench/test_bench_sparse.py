@@ -1,5 +1,5 @@
 """The sparse benchmark on the CPU: forward+backward timing runs the three computations it names (timer stubbed),
-tuning variants restore TUNING, and its correlated inputs."""
+config variants pass their own config, and its correlated inputs."""
 import pytest
 import torch
 
@@ -25,36 +25,32 @@ def test_fwd_bwd_timing_runs_whole_attention_and_sdpa(monkeypatch):
     assert set(ks._fwd_bwd_ms(q, k, v, p, 1, 1)) == {"whole_fwd_bwd_ms", "attention_fwd_bwd_ms"}
 
 
-def test_tuning_variant_measures_and_restores_tuning(monkeypatch):
-    """`topkcompact` / `branchmask` / `noband` flip their TUNING value only while measuring, record selection,
-    whole forward and index agreement with the default (noband: also the attention alone and its output difference
-    from the default), and reject unknown variant names."""
-    import pytest
+def test_config_variant_passes_its_config_and_changes_nothing_global(monkeypatch):
+    """`chunk1g` measures selection and the whole forward with its own SparseKernelConfig passed as kernel_config=
+    (the run's config elsewhere), records index agreement with the run config's selection, and unknown variant
+    names are refused."""
+    from sala.ops.infllmv2 import SparseKernelConfig
 
-    from sala.ops import infllmv2_triton as tri
-
-    timed = []
-    monkeypatch.setattr(ks, "bench_ms", lambda fn, warmup=0, rep=0: (timed.append(dict(tri.TUNING)), fn(), 2.0)[2])
+    seen = []
+    real_select, real_attention = ks.select_blocks, ks.infllmv2_attention
+    monkeypatch.setattr(ks, "select_blocks",
+                        lambda *a, **kw: (seen.append(kw["kernel_config"]), real_select(*a, **kw))[1])
+    monkeypatch.setattr(ks, "infllmv2_attention",
+                        lambda *a, **kw: (seen.append(kw["kernel_config"]), real_attention(*a, **kw))[1])
+    monkeypatch.setattr(ks, "bench_ms", lambda fn, warmup=0, rep=0: (fn(), 2.0)[1])
     p = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, topk=2, init_blocks=1, window_size=32)
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 120, h, 16, generator=g) for h in (4, 2, 2))
-    for name, (key, value) in ks._TUNING_VARIANTS.items():
-        before = tri.TUNING[key]
-        res = {"sdpa_fwd_ms": 4.0}
-        timed.clear()
-        ks._measure_tuning_variant(name, 120, p, q, k, v, res, 1, 1)
-        assert tri.TUNING[key] == before and all(t[key] == value for t in timed)
-        assert len(timed) == {"noband": 3, "nobanddq": 4}.get(name, 2), (name, len(timed))
-        assert res[f"{name}_select_ms"] == 2.0 and res[f"{name}_speedup_fwd_vs_sdpa"] == 2.0
-        assert res[f"{name}_rows_differing_from_default"] == 0.0      # the reference path ignores TUNING
-        if name == "nobanddq":
-            assert res["nobanddq_whole_fwd_bwd_ms"] == res["nobanddq_attention_fwd_bwd_ms"] == 2.0
-        if name == "noband":
-            assert res["noband_attention_fwd_ms"] == 2.0
-            assert res["noband_attention_max_abs_diff_vs_default"] == 0.0
-    assert ks.check_variants(["topkcompact", "branchmask"]) == ["topkcompact", "branchmask"]
-    with pytest.raises(ValueError, match="topkcompact"):
-        ks.check_variants(["topk"])
+    base = SparseKernelConfig(fwd_warps=8)
+    res = {"sdpa_fwd_ms": 4.0}
+    ks._measure_config_variant("chunk1g", 120, p, q, k, v, res, 1, 1, base)
+    variant = SparseKernelConfig(fwd_warps=8, select_chunk_bytes=1 << 30)
+    assert seen[0] == base and set(seen[1:]) == {variant}, seen
+    assert res["chunk1g_select_ms"] == 2.0 and res["chunk1g_speedup_fwd_vs_sdpa"] == 2.0
+    assert res["chunk1g_rows_differing_from_default"] == 0.0
+    assert ks.check_variants(["default", "chunk1g", "decode"]) == ["default", "chunk1g", "decode"]
+    with pytest.raises(ValueError, match="unknown variants \\['tiled'\\]"):
+        ks.check_variants(["tiled"])
 
 
 def test_smooth_tokens_keeps_variance_and_correlates_neighbours():

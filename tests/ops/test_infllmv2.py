@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from sala.ops import infllmv2_reference as ref
+from sala.ops.infllmv2 import reference as ref
 from sala.ops.dense import dense_causal_attention
 from sala.ops.infllmv2 import (SparseParams, block_sparse_attention, compress_keys, compressed_lengths,
                                infllmv2_attention, infllmv2_decode, select_blocks, update_compressed_keys)
@@ -251,10 +251,7 @@ def test_prefill_in_pieces_equals_one_shot():
     torch.testing.assert_close(infllmv2_attention(q[:, 100:], k, v, SMALL, k1=k1, k2=k2), full[:, 100:])
 
 
-@pytest.mark.parametrize("varlen", ["default", "fused"])
-def test_varlen_equals_separate_calls(monkeypatch, varlen):
-    """The fused switch (a Triton path) leaves the reference packed path intact."""
-    monkeypatch.setenv("SALA_SPARSE_VARLEN", varlen)
+def test_varlen_equals_separate_calls():
     lens = [70, 20, 99]
     q, k, v = _qkv(1, sum(lens), 2, 2, 8, seed=17)
     cu = torch.tensor([0, 70, 90, 189])
@@ -317,7 +314,7 @@ def test_no_quadratic_temporaries(monkeypatch):
 def test_inference_is_query_chunked_without_concatenation(monkeypatch):
     """No-grad forward: selection and attention see at most _NO_GRAD_QUERY_CHUNK queries at a time (block indices
     O(chunk * k), not O(N * k)) and the pieces land in one preallocated output, equal to the unchunked result."""
-    import sala.ops.infllmv2 as mod
+    import sala.ops.infllmv2.attention as mod
 
     q, k, v = _qkv(1, 200, 2, 2, 8, seed=31)
     with torch.no_grad():
@@ -347,22 +344,92 @@ def test_inference_is_query_chunked_without_concatenation(monkeypatch):
     torch.testing.assert_close(out, full)
 
 
-@pytest.mark.parametrize("env, default, good", [("SALA_SPARSE_ATTN", "default", "tiled"),
-                                                ("SALA_SPARSE_DECODE", "splitk", "single"),
-                                                ("SALA_SPARSE_DECODE_SELECT", "split", "single"),
-                                                ("SALA_SPARSE_VARLEN", "default", "fused")])
-def test_kernel_variant_env(monkeypatch, env, default, good):
-    from sala.ops.infllmv2 import kernel_variant
+# ------------------------------------------------------------------------------------------- tie rule
+# Ties at the top-k cut-off go to the lowest block index on every path (docs/sparse.md, "Tie rule").
+TIES = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, topk=3, init_blocks=1, window_size=32)
 
-    monkeypatch.delenv(env, raising=False)
-    assert kernel_variant(env) == default
-    monkeypatch.setenv(env, "Default")
-    assert kernel_variant(env) == default
-    monkeypatch.setenv(env, good.upper())
-    assert kernel_variant(env) == good
-    monkeypatch.setenv(env, "fast")
-    with pytest.raises(ValueError, match=f"{env}='fast'"):
-        kernel_variant(env)
+
+def tie_case(kind: str, T: int = 200, D: int = 16):
+    """q [1, T, 4, D], k [1, T, 2, D] whose pooled block scores tie exactly at the cut-off of TIES (one free slot
+    beside the init block, the local band and the own block). "flat": k = 0, so every K1 window and every block
+    scores the same. "shared": k = 0 except the keys of K1 window 4*5 + 3 = 23, the one window that blocks 5 and
+    6 share (halo), so those two blocks tie above all others. Returns (q, k, v, the expected free block)."""
+    q = torch.ones(1, T, 4, D)
+    k = torch.zeros(1, T, 2, D)
+    if kind == "shared":
+        k[:, 23 * 4:23 * 4 + 8] = 1.0
+    v = torch.randn(1, T, 2, D, generator=torch.Generator().manual_seed(3))
+    return q, k, v, {"flat": 1, "shared": 5}[kind]
+
+
+def expected_tie_indices(T: int, q_offset: int, free: int) -> torch.Tensor:
+    """Blocks [B=1, Hkv=2, Tq, total_blocks] of the tie cases: init block 0, the free block when it is not forced, the local
+    band and the own block, ascending, -1 padded."""
+    rows = []
+    for p in range(q_offset, T):
+        qb = p // TIES.block_size
+        forced = {0, *range(max(qb - TIES.local_blocks, 0), qb + 1)}
+        candidates = [b for b in range(qb + 1) if b not in forced]
+        chosen = sorted(forced | ({free} if free in candidates else set(candidates[:1])))
+        rows.append(chosen + [-1] * (TIES.total_blocks - len(chosen)))
+    return torch.tensor(rows, dtype=torch.int32)[None, None].expand(1, 2, -1, -1)
+
+
+def test_topk_ties_go_to_the_lowest_block_index(monkeypatch):
+    x = torch.tensor([[5.0, 3, 3, 3, 1], [1, 1, 1, 1, 1], [2, -math.inf, -math.inf, -math.inf, -math.inf],
+                      [math.inf, 0, math.inf, 0, 0], [0, 7, 0, 7, 7]])
+    assert ref.topk_block_indices(x, 2).tolist() == [[0, 1], [0, 1], [0, -1], [0, 2], [1, 3]]
+    assert ref.topk_block_indices(x, 3).tolist() == [[0, 1, 2], [0, 1, 2], [0, -1, -1], [0, 1, 2], [1, 3, 4]]
+    assert ref.topk_block_indices(x[:, :2], 3).tolist() == [[0, 1, -1], [0, 1, -1], [0, -1, -1], [0, 1, -1],
+                                                           [0, 1, -1]]
+    # many rows, random ties: the result is "all above the K-th value + the lowest-index ties"
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (64, 40), generator=g).float()
+    got = ref.topk_block_indices(y, 7)
+    for row, idx in zip(y, got):
+        cut = row.sort(descending=True).values[6]
+        want = [i for i in range(40) if row[i] > cut]
+        want += [i for i in range(40) if row[i] == cut][:7 - len(want)]
+        assert idx.tolist() == sorted(want)
+    monkeypatch.setattr(ref, "_TOPK_CHUNK_ELEMENTS", 100)          # rows in chunks of 2: the same result
+    assert torch.equal(ref.topk_block_indices(y.view(8, 8, 40), 7), got.view(8, 8, 7))
+
+
+@pytest.mark.parametrize("kind", ["flat", "shared"])
+def test_selection_ties_go_to_the_lowest_block_index(kind):
+    """Constructed exact ties in stage 1 (all windows equal; two adjacent blocks sharing one K1 window maximum):
+    prefill selection and decode selection of the reference keep the lowest block index."""
+    from sala.ops.infllmv2.decode import decode_select_blocks
+
+    q, k, _, free = tie_case(kind)
+    k1, k2 = compress_keys(k, 8, 4), compress_keys(k, 32, 16)
+    pooled = ref.pooled_block_scores_ref(q[:, 150:151].double(), k1.double(), k2.double(), torch.tensor([[150]]),
+                                         TIES, 0.25, 10)
+    free_scores = pooled[0, 0, 0, 1:7]                      # query block 9: blocks 1..6 are not forced
+    assert free_scores.isfinite().all() and (free_scores == free_scores.max()).sum() == (6 if kind == "flat" else 2)
+    idx = select_blocks(q[:, 64:], k1, k2, TIES, q_offset=64, scale=0.25)
+    assert torch.equal(idx, expected_tie_indices(200, 64, free))
+    n1, n2 = compressed_lengths(256, TIES)
+    k1c, k2c = torch.zeros(2, n1, 2, 16), torch.zeros(2, n2, 2, 16)
+    kc = torch.cat([k, k], 0)
+    kc = torch.cat([kc, torch.zeros(2, 56, 2, 16)], 1)
+    lengths = torch.tensor([200, 150])
+    update_compressed_keys(kc, k1c, k2c, lengths, TIES, new_tokens=200)
+    dec = decode_select_blocks(torch.cat([q[:, 199], q[:, 149]], 0), k1c, k2c, lengths, TIES, 16, scale=0.25)
+    want = expected_tie_indices(200, 64, free)[0, :, [199 - 64, 149 - 64]]      # [Hkv, 2 tokens, K]
+    assert torch.equal(dec[:, :, 0], want.permute(1, 0, 2))
+
+
+def test_kernel_config_is_validated():
+    from sala.ops.infllmv2 import SparseKernelConfig
+
+    assert SparseKernelConfig().select_chunk_bytes == 256 << 20
+    with pytest.raises(ValueError, match="SparseKernelConfig.select_rows must be a power of two"):
+        SparseKernelConfig(select_rows=100)
+    with pytest.raises(ValueError, match="SparseKernelConfig.fwd_warps must be a positive int"):
+        SparseKernelConfig(fwd_warps=0)
+    with pytest.raises(TypeError, match="kernel_config must be a SparseKernelConfig"):
+        infllmv2_attention(*_qkv(1, 80, 2, 2, 8)[:3], SMALL, kernel_config={"select_rows": 64})
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -454,6 +521,7 @@ def test_dense_packed_rows_use_the_varlen_fn(monkeypatch):
 def test_masked_reference_equals_gather_reference(monkeypatch):
     """The reference's two forms (one masked SDPA for short contexts, per-query gather otherwise) agree."""
     import sala.ops.infllmv2 as I
+    import sala.ops.infllmv2.sparse_attention as sparse_attention
     p = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, topk=2, init_blocks=1, window_size=32)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 200, h, 16, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
@@ -462,7 +530,7 @@ def test_masked_reference_equals_gather_reference(monkeypatch):
                           q_offset=100)
     monkeypatch.setenv("SALA_KERNELS", "reference")
     masked = I.block_sparse_attention(qs, k, v, idx, p, q_offset=100)
-    monkeypatch.setattr(I, "_MASKED_REF_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(sparse_attention, "_MASKED_REF_MAX_ELEMENTS", 0)
     gathered = I.block_sparse_attention(qs, k, v, idx, p, q_offset=100)
     torch.testing.assert_close(masked, gathered, rtol=1e-12, atol=1e-12)
     for a, b in zip(torch.autograd.grad(masked.sum(), (q, k, v)), torch.autograd.grad(gathered.sum(), (q, k, v))):

@@ -1,19 +1,21 @@
 """Triton lightning kernels vs the PyTorch reference.
 
-On a CPU-only machine the kernels run in Triton's interpreter: a module fixture sets TRITON_INTERPRET=1
-and SALA_KERNELS=triton and (re)imports sala.ops.lightning_triton so its kernels are built as interpreted
-functions (Triton decides that when a kernel is decorated, so the module must be imported after the
-variable is set). On a CUDA machine the same tests run the compiled kernels on the GPU.
-Every kernel output buffer is pre-filled with NaN, so any element a kernel forgets to write shows up.
+On a CPU-only machine the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 for the
+session); on a CUDA machine the same tests run the compiled kernels on the GPU. The `triton_module` fixture sets
+SALA_KERNELS=triton and pre-fills every kernel output buffer with NaN, so any element a kernel forgets to write
+shows up. Launch settings are frozen `LightningConfig`s passed to each call.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
+from sala.ops import triton_launch
 from sala.ops.lightning import lightning_attention, lightning_decode_step
+from sala.ops.lightning_plan import LightningConfig
 from sala.ops.lightning_reference import lightning_attention_chunked, lightning_decode_step_reference
 from sala.ops.slopes import lightning_log_decay
 
@@ -26,18 +28,14 @@ TRITON_MODULE, TRITON_PROBE = "sala.ops.lightning_triton", "_segment_output_kern
 @pytest.fixture(scope="module")
 def lt(triton_module):
     """sala.ops.lightning_triton, kernels on (the interpreter on CPU), NaN-poisoned buffers (tests/conftest.py)."""
-    saved = triton_module.CONFIG
-    yield triton_module
-    triton_module.CONFIG = saved
+    return triton_module
 
 
 @pytest.fixture
 def config(lt):
-    """A fresh launch config per test: 64-token chunks (more chunk boundaries at small T); tests shrink
-    chunks/segments further to cover multi-segment scans."""
-    lt.CONFIG = lt.LightningConfig(chunk=64, block_v=64, num_warps=4)
-    yield lt.CONFIG
-    lt.CONFIG = lt.LightningConfig()
+    """The tests' base launch config: 64-token chunks (more chunk boundaries at small T); tests shrink
+    chunks/segments further (dataclasses.replace) to cover multi-segment scans."""
+    return LightningConfig(chunk=64, block_v=64, num_warps=4)
 
 
 def inputs(b, t, h, dk, dv, dtype, seed=0, n_states=None):
@@ -67,11 +65,11 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
     (torch.float32, 1, 16, 16, 0, True), (torch.bfloat16, 63, 32, 32, 0, True), (torch.float32, 65, 64, 64, 1, False),
     (torch.bfloat16, 65, 64, 64, 1, True), (torch.float32, 150, 32, 64, 1, True), (torch.bfloat16, 130, 64, 32, 2, False)])
 def test_forward_matches_reference(config, dtype, t, dk, dv, seg, factored):
-    config.chunks_per_segment, config.intra_factored = seg, factored
+    config = replace(config, chunks_per_segment=seg, intra_factored=factored)
     h = 2
     q, k, v, s0 = inputs(2, t, h, dk, dv, dtype, seed=t)
     ld = lightning_log_decay(h, DEVICE)
-    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True)
+    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True, config=config)
     _, (o_ref, f_ref) = reference(q, k, v, ld, initial_state=s0, output_final_state=True)
     assert o.dtype == dtype and o.shape == (2, t, h, dv) and f.dtype == torch.float32
     assert torch.isfinite(o).all() and torch.isfinite(f).all()
@@ -89,9 +87,9 @@ def test_forward_reads_strided_views_of_a_fused_projection(config):
     assert not v.is_contiguous()
     ld = lightning_log_decay(h, DEVICE)
     s0 = torch.randn(1, h, d, d, generator=g).to(DEVICE)
-    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True)
+    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True, config=config)
     o2, f2 = lightning_attention(q.contiguous(), k.contiguous(), v.contiguous(), ld, initial_state=s0,
-                                 output_final_state=True)
+                                 output_final_state=True, config=config)
     assert torch.equal(o, o2) and torch.equal(f, f2)
     _, (o_ref, _) = reference(q, k, v, ld, initial_state=s0, output_final_state=True)
     assert rel_err(o, o_ref) < TOL[torch.bfloat16]
@@ -100,20 +98,20 @@ def test_forward_reads_strided_views_of_a_fused_projection(config):
 def test_forward_without_states_and_custom_scale(config):
     q, k, v, _ = inputs(1, 40, 2, 32, 32, torch.float32, seed=1)
     ld = lightning_log_decay(2, DEVICE)
-    o, f = lightning_attention(q, k, v, ld, scale=0.25)
+    o, f = lightning_attention(q, k, v, ld, scale=0.25, config=config)
     assert f is None
     assert rel_err(o, reference(q, k, v, ld, scale=0.25)[1][0]) < 1e-4
 
 
 @pytest.mark.parametrize("chunk, seg", [(64, 0), (16, 1), (16, 3)])
 def test_varlen_with_initial_states(config, chunk, seg):
-    config.chunk, config.chunks_per_segment = chunk, seg
+    config = replace(config, chunk=chunk, chunks_per_segment=seg)
     lens = [17, 0, 64, 50, 1]
     h = 2
     q, k, v, s0 = inputs(1, sum(lens), h, 32, 32, torch.float32, seed=2, n_states=len(lens))
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     ld = lightning_log_decay(h, DEVICE)
-    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True, cu_seqlens=cu, config=config)
     _, (o_ref, f_ref) = reference(q, k, v, ld, initial_state=s0, output_final_state=True, cu_seqlens=cu)
     assert rel_err(o, o_ref) < 1e-4
     assert rel_err(f, f_ref) < 1e-4
@@ -136,10 +134,12 @@ def backward_case(t, dk, dv, dtype, varlen, seed, grad_seed, h=2):
     return q, k, v, s0, cu, lightning_log_decay(h, DEVICE), do, dfin
 
 
-def grads_of(q, k, v, s0, cu, ld, do, dfin, attention=lightning_attention):
-    """dq, dk, dv, dS0 of <o, do> + <final, dfin> (the reference: on fp32 copies of q, k, v)."""
-    if attention is lightning_attention:
-        o, f = attention(q, k, v, ld, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+def grads_of(q, k, v, s0, cu, ld, do, dfin, config=None):
+    """dq, dk, dv, dS0 of <o, do> + <final, dfin> through the kernels with `config`, or, with config None, the
+    reference (on fp32 copies of q, k, v)."""
+    if config is not None:
+        o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True, cu_seqlens=cu,
+                                   config=config)
         return torch.autograd.grad((o.float() * do.float()).sum() + (f * dfin).sum(), (q, k, v, s0))
     (qr, kr, vr), (o, f) = reference(q, k, v, ld, initial_state=s0, output_final_state=True, cu_seqlens=cu)
     return torch.autograd.grad((o * do.float()).sum() + (f * dfin).sum(), (qr, kr, vr, s0))
@@ -149,35 +149,12 @@ def grads_of(q, k, v, s0, cu, ld, do, dfin, attention=lightning_attention):
     (torch.float32, 70, 32, 32, 0, False, True), (torch.bfloat16, 70, 32, 32, 0, False, False),
     (torch.float32, 100, 16, 32, 1, False, False), (torch.bfloat16, 100, 32, 16, 1, True, True)])
 def test_backward_matches_reference(config, dtype, t, dk, dv, seg, varlen, factored):
-    config.chunks_per_segment, config.intra_factored = seg, factored
+    config = replace(config, chunks_per_segment=seg, intra_factored=factored)
     case = backward_case(t, dk, dv, dtype, varlen, seed=3, grad_seed=9)
-    grads, grads_ref = grads_of(*case), grads_of(*case, attention=reference)
+    grads, grads_ref = grads_of(*case, config=config), grads_of(*case)
     for name, a, b in zip(("dq", "dk", "dv", "dS0"), grads, grads_ref):
         assert a.shape == b.shape, name
         assert torch.isfinite(a).all(), name
-        assert rel_err(a, b) < TOL[dtype], name
-
-
-@pytest.mark.parametrize("dtype, t, dk, dv, seg, varlen, factored", [
-    (torch.float32, 70, 32, 32, 0, False, False), (torch.float32, 100, 16, 32, 1, True, True),
-    (torch.bfloat16, 130, 32, 16, 1, True, False)])
-def test_fused_dkdv_backward_matches_reference_and_the_two_walks(lt, config, dtype, t, dk, dv, seg, varlen,
-                                                                 factored):
-    """LightningConfig.fused_dkdv: dk and dv from one reverse walk equal the reference (and the two separate walks),
-    with initial states, the final state's gradient, varlen packing and several segments per sequence."""
-    config.chunks_per_segment, config.intra_factored = seg, factored
-    case = backward_case(t, dk, dv, dtype, varlen, seed=5, grad_seed=11)
-    runs = []
-    for fused in (True, False):
-        config.fused_dkdv = fused
-        lt.LAST_KERNELS.pop("dkdv", None)
-        runs.append(grads_of(*case))
-        assert ("dkdv" in lt.LAST_KERNELS) == fused   # the fused kernel ran exactly when asked for
-    grads_ref = grads_of(*case, attention=reference)
-    for name, a, b, c in zip(("dq", "dk", "dv", "dS0"), runs[0], runs[1], grads_ref):
-        assert a.shape == c.shape and a.dtype == b.dtype, name
-        assert torch.isfinite(a).all(), name
-        assert rel_err(a, c) < TOL[dtype], name
         assert rel_err(a, b) < TOL[dtype], name
 
 
@@ -185,7 +162,7 @@ def test_backward_without_initial_state_or_final_grad(config):
     q, k, v, _ = inputs(1, 80, 2, 32, 32, torch.float32, seed=4)
     ld = lightning_log_decay(2, DEVICE)
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-    o, _ = lightning_attention(q, k, v, ld)
+    o, _ = lightning_attention(q, k, v, ld, config=config)
     grads = torch.autograd.grad(o.square().sum(), (q, k, v))
     (qr, kr, vr), (o_r, _) = reference(q, k, v, ld)
     grads_ref = torch.autograd.grad(o_r.square().sum(), (qr, kr, vr))
@@ -204,7 +181,7 @@ def test_decode_step_matches_reference_and_chunked(config, dtype, dk, dv, b):
     out = torch.full((b, h, dv), float("nan"), dtype=dtype, device=DEVICE)
     outs = []
     for i in range(steps):
-        ret = lightning_decode_step(q[:, i], k[:, i], v[:, i], ld, state, out=out)
+        ret = lightning_decode_step(q[:, i], k[:, i], v[:, i], ld, state, out=out, config=config)
         assert ret is out and torch.isfinite(out).all()
         o_ref = lightning_decode_step_reference(q[:, i], k[:, i], v[:, i], ld, state_ref)
         assert rel_err(out, o_ref) < TOL[dtype]
@@ -214,13 +191,13 @@ def test_decode_step_matches_reference_and_chunked(config, dtype, dk, dv, b):
     _, (o_c, f_c) = reference(q, k, v, ld, initial_state=s0, output_final_state=True)
     assert rel_err(torch.stack(outs, 1), o_c) < TOL[dtype]
     assert rel_err(state, f_c) < 1e-5
-    o_alloc = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], ld, state)
+    o_alloc = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], ld, state, config=config)
     assert o_alloc.dtype == dtype and o_alloc.shape == (b, h, dv)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode launch cache serves CUDA launches only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_cached_launch_equals_the_jit_launch(lt, config, dtype, monkeypatch):
+def test_decode_cached_launch_equals_the_jit_launch(lt, config, dtype):
     """Direct launches of the cached decode kernel give bit-identical outputs and states to Triton's own launch,
     for contiguous inputs and for strided views of a fused projection (a different cache key)."""
     b, h, d = 3, 4, 64
@@ -231,13 +208,13 @@ def test_decode_cached_launch_equals_the_jit_launch(lt, config, dtype, monkeypat
     for views in (False, True):
         outs, states = [], []
         for cached in (False, True):
-            monkeypatch.setattr(lt, "_FAST_LAUNCH", cached)
             state = s0.clone()
             steps = []
             for t in range(4):
                 q, k, v = (qkv[t, ..., i * d:(i + 1) * d] if views else qkv[t, ..., i * d:(i + 1) * d].contiguous()
                            for i in range(3))
-                steps.append(lightning_decode_step(q, k, v, ld, state).clone())
+                steps.append(lightning_decode_step(q, k, v, ld, state,
+                                                   config=replace(config, fast_launch=cached)).clone())
             outs.append(torch.stack(steps)), states.append(state)
         assert torch.equal(outs[0], outs[1]) and torch.equal(states[0], states[1])
         ref_state = s0.clone()
@@ -245,17 +222,17 @@ def test_decode_cached_launch_equals_the_jit_launch(lt, config, dtype, monkeypat
             q, k, v = (qkv[t, ..., i * d:(i + 1) * d].float() for i in range(3))
             o_ref = lightning_decode_step_reference(q, k, v, ld, ref_state)
             assert rel_err(outs[1][t], o_ref) < TOL[dtype]
-    assert lt._LAUNCH_CACHE   # the cache was used
+    assert any(key[0] is lt._decode_step_kernel for key in triton_launch._CACHE)   # the cache was used
 
 
 def test_strongest_decay_long_chunk_finite(config):
     # head 0 of 32 has gamma ~ 0.43: gamma^-128 would overflow fp32; chunk 128 must stay finite
-    config.chunk = 128
+    config = replace(config, chunk=128)
     h = 2
     q, k, v, s0 = inputs(1, 140, h, 16, 16, torch.float32, seed=6)
     ld = lightning_log_decay(32, DEVICE)[[0, 31]]  # the fastest and the slowest decay of 32 heads
     assert ld[0].item() < -0.8
-    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True)
+    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True, config=config)
     _, (o_r, f_r) = reference(q, k, v, ld, initial_state=s0, output_final_state=True)
     assert torch.isfinite(o).all() and rel_err(o, o_r) < 1e-4 and rel_err(f, f_r) < 1e-4
 
@@ -264,16 +241,16 @@ def test_strongest_decay_long_chunk_finite(config):
 def test_factored_intra_decay_forward_and_backward(lt, config, dtype, chunk):
     """intra_factored: gamma^(i-c) * gamma^(c-j) per chunk when every head's |log2 gamma| * C/2 is within
     FACTORED_MAX_EXP (log gamma = -3 at chunk 16), the [C, C] table otherwise (at chunk 64): exact either way."""
-    config.chunk, config.block_v, config.chunks_per_segment, config.intra_factored = chunk, 32, 1, True
+    config = replace(config, chunk=chunk, block_v=32, chunks_per_segment=1, intra_factored=True)
     ld = torch.tensor([-3.0, -0.85, -0.01], device=DEVICE)
-    fast = lt._max_abs_log2_decay(ld)
+    fast = lt._max_abs_log2_decay(ld, config)
     assert fast == pytest.approx(3.0 / math.log(2), rel=1e-6)
     assert lt._use_factored(fast, chunk) == (chunk == 16)
     q, k, v, s0 = inputs(2, 150, 3, 32, 32, dtype, seed=11)
     for x in (q, k, v, s0):
         x.requires_grad_()
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(12)).to(DEVICE)
-    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True)
+    o, f = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True, config=config)
     grads = torch.autograd.grad((o.float() * do).sum() + f.sum(), (q, k, v, s0))
     (qr, kr, vr), (o_r, f_r) = reference(q, k, v, ld, initial_state=s0, output_final_state=True)
     grads_ref = torch.autograd.grad((o_r * do).sum() + f_r.sum(), (qr, kr, vr, s0))
@@ -283,15 +260,15 @@ def test_factored_intra_decay_forward_and_backward(lt, config, dtype, chunk):
 
 
 def test_decay_range_is_read_once_and_again_after_an_in_place_change(lt, config):
-    config.intra_factored = True
+    config = replace(config, intra_factored=True)
     ld = torch.tensor([-0.5, -0.1], device=DEVICE)
-    assert lt._max_abs_log2_decay(ld) == pytest.approx(0.5 / math.log(2), rel=1e-6)
-    assert lt._max_abs_log2_decay(ld) == pytest.approx(0.5 / math.log(2), rel=1e-6)   # remembered
-    ld.mul_(8.0)                                                                          # version changes
-    assert lt._max_abs_log2_decay(ld) == pytest.approx(4.0 / math.log(2), rel=1e-6)
-    assert not lt._use_factored(lt._max_abs_log2_decay(ld), 64) and lt._use_factored(0.5, 64)
-    config.intra_factored = False
-    assert lt._max_abs_log2_decay(ld) is None and not lt._use_factored(None, 16)
+    assert lt._max_abs_log2_decay(ld, config) == pytest.approx(0.5 / math.log(2), rel=1e-6)
+    assert lt._max_abs_log2_decay(ld, config) == pytest.approx(0.5 / math.log(2), rel=1e-6)   # remembered
+    ld.mul_(8.0)                                                                                  # version changes
+    assert lt._max_abs_log2_decay(ld, config) == pytest.approx(4.0 / math.log(2), rel=1e-6)
+    assert not lt._use_factored(lt._max_abs_log2_decay(ld, config), 64) and lt._use_factored(0.5, 64)
+    config = replace(config, intra_factored=False)
+    assert lt._max_abs_log2_decay(ld, config) is None and not lt._use_factored(None, 16)
 
 
 def test_log2_decay_is_computed_once_per_tensor_and_again_after_an_in_place_change(lt, config):
@@ -308,14 +285,14 @@ def test_log2_decay_is_computed_once_per_tensor_and_again_after_an_in_place_chan
         ld_inf = torch.tensor([-0.25], device=DEVICE)
         a, b = lt._log2_decay(ld_inf), lt._log2_decay(ld_inf)
         assert a is not b and torch.allclose(a, ld_inf / math.log(2))
-        config.intra_factored = True
-        assert lt._max_abs_log2_decay(ld_inf) == pytest.approx(0.25 / math.log(2), rel=1e-6)
+        config = replace(config, intra_factored=True)
+        assert lt._max_abs_log2_decay(ld_inf, config) == pytest.approx(0.25 / math.log(2), rel=1e-6)
     # the forward pass itself, with a decay tensor changed in place between two calls, follows the new decay
     q, k, v, _ = inputs(1, 80, 2, 16, 16, torch.float32, seed=4)
     ld2 = lightning_log_decay(2, DEVICE).clone()
-    lightning_attention(q, k, v, ld2)
+    lightning_attention(q, k, v, ld2, config=config)
     ld2.mul_(0.5)
-    o, _ = lightning_attention(q, k, v, ld2)
+    o, _ = lightning_attention(q, k, v, ld2, config=config)
     _, (o_ref, _) = reference(q, k, v, ld2)
     assert rel_err(o, o_ref) < TOL[torch.float32]
 
@@ -325,20 +302,20 @@ def test_forward_without_grad_builds_no_autograd_node_and_matches(config):
     equal those of the differentiable path bit for bit."""
     q, k, v, s0 = inputs(2, 150, 2, 16, 16, torch.float32, seed=8)
     ld = lightning_log_decay(2, DEVICE)
-    o_plain, f_plain = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True)
+    o_plain, f_plain = lightning_attention(q, k, v, ld, initial_state=s0, output_final_state=True, config=config)
     assert o_plain.grad_fn is None and f_plain.grad_fn is None
     qg = q.detach().clone().requires_grad_()
-    o_grad, f_grad = lightning_attention(qg, k, v, ld, initial_state=s0, output_final_state=True)
+    o_grad, f_grad = lightning_attention(qg, k, v, ld, initial_state=s0, output_final_state=True, config=config)
     assert o_grad.grad_fn is not None
     assert torch.equal(o_plain, o_grad.detach()) and torch.equal(f_plain, f_grad.detach())
     with torch.no_grad():
-        o_ng, _ = lightning_attention(qg, k, v, ld, initial_state=s0, output_final_state=True)
+        o_ng, _ = lightning_attention(qg, k, v, ld, initial_state=s0, output_final_state=True, config=config)
     assert o_ng.grad_fn is None and torch.equal(o_ng, o_plain)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the launch cache serves CUDA launches only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_forward_backward_cached_launch_equals_the_jit_launch(lt, config, dtype, monkeypatch):
+def test_forward_backward_cached_launch_equals_the_jit_launch(lt, config, dtype):
     """The chunked forward and backward launched through the launch cache give bit-identical outputs, final states
     and gradients to Triton's own launches (second calls hit the cache), for two lengths (other grids, same keys)."""
     ld = lightning_log_decay(4, DEVICE)
@@ -346,19 +323,19 @@ def test_forward_backward_cached_launch_equals_the_jit_launch(lt, config, dtype,
         q, k, v, s0 = inputs(2, t, 4, 64, 64, dtype, seed=t)
         results = []
         for cached in (False, True, True):
-            monkeypatch.setattr(lt, "_FAST_LAUNCH", cached)
             xs = [x.detach().clone().requires_grad_() for x in (q, k, v, s0)]
-            o, f = lightning_attention(*xs[:3], ld, initial_state=xs[3], output_final_state=True)
+            o, f = lightning_attention(*xs[:3], ld, initial_state=xs[3], output_final_state=True,
+                                       config=replace(config, fast_launch=cached))
             (o.float().square().mean() + f.square().mean()).backward()
             results.append([o.detach(), f.detach()] + [x.grad for x in xs])
         for got in results[1:]:
             assert all(torch.equal(a, b) for a, b in zip(results[0], got))
-    assert any(key[0] is lt._segment_output_kernel for key in lt._LAUNCH_CACHE)
+    assert any(key[0] is lt._segment_output_kernel for key in triton_launch._CACHE)
 
 
 def test_default_config_forward_and_backward(lt):
-    """The shipped defaults (128-token chunks, 128-wide V tiles) on a tail-heavy varlen batch."""
-    lt.CONFIG = lt.LightningConfig()
+    """The shipped defaults (config None: 128-token chunks, 128-wide V tiles) on a tail-heavy varlen batch."""
+    assert lt.DEFAULT_CONFIG == LightningConfig() and LightningConfig().chunk == 128
     cu = torch.tensor([0, 129, 131, 150], dtype=torch.int64, device=DEVICE)
     q, k, v, s0 = inputs(1, 150, 2, 32, 64, torch.bfloat16, seed=8, n_states=3)
     ld = lightning_log_decay(2, DEVICE)
@@ -377,29 +354,18 @@ def test_unsupported_head_dim_is_refused(config):
     q, k, v, _ = inputs(1, 4, 2, 24, 24, torch.float32)
     ld = lightning_log_decay(2, DEVICE)
     with pytest.raises(ValueError, match=r"head dim Dk=24 is not supported"):
-        lightning_attention(q, k, v, ld)
+        lightning_attention(q, k, v, ld, config=config)
     with pytest.raises(ValueError, match=r"float64 inputs are not supported"):
         lightning_attention(q.double(), k.double(), v.double(), ld)
 
 
-def test_train_small_fused_backward_guard_passes_the_kernel_and_catches_a_wrong_one(lt, config, monkeypatch):
-    """experiments/train_small/small_run_common.check_fused_lightning_backward, the guard a calibration variant with
-    env.SALA_LIGHTNING_FUSED_BWD=1 runs before training with it: the fused dk/dv walk agrees with the two walks, and
-    a fused walk that returns a wrong dk is caught."""
-    import importlib
-    from pathlib import Path
-
-    scripts = str(Path(__file__).resolve().parents[1] / "experiments" / "train_small")
-    monkeypatch.syspath_prepend(scripts)
-    common = importlib.import_module("small_run_common")
-    config.chunk, config.block_v, config.chunks_per_segment = 16, 16, 2
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    kw = dict(heads=2, head_dim=16, tokens=90, docs=3, device=device, dtype=torch.float32)
-    assert common.check_fused_lightning_backward(**kw) < 1e-4
-    real = lt._dkdv_pass
-
-    def wrong(*a, **k):
-        dk, dv, g = real(*a, **k)
-        return dk * 1.05, dv, g
-    monkeypatch.setattr(lt, "_dkdv_pass", wrong)
-    assert 0.04 < common.check_fused_lightning_backward(**kw) < 0.06
+def test_config_is_frozen_and_checked():
+    """A LightningConfig cannot be changed after it is made (callers pass their own), and bad values are refused
+    with the field's name."""
+    cfg = LightningConfig()
+    with pytest.raises(AttributeError):
+        cfg.chunk = 64
+    with pytest.raises(ValueError, match="LightningConfig.chunk must be a power of two"):
+        LightningConfig(chunk=48)
+    with pytest.raises(ValueError, match="LightningConfig.chunks_per_segment"):
+        LightningConfig(chunks_per_segment=-1)

@@ -12,15 +12,13 @@ Conventions (see docs/sparse.md):
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from sala.ops.infllmv2 import SparseParams
+from sala.ops.infllmv2.params import SparseParams, n_windows
 
 # Elements of the largest chunked temporary (fp32): ~256 MiB.
 _CHUNK_ELEMENTS = 1 << 26
+# Scores per chunk of rows in the top-k (its int64 scatter index is the largest temporary: 32 MiB).
+_TOPK_CHUNK_ELEMENTS = 1 << 22
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -28,7 +26,8 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def compress_keys_ref(k: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
-    """Mean of every full window: k [B, T, Hkv, D] -> [B, n, Hkv, D], n = (T - kernel) // stride + 1 (0 if T < kernel)."""
+    """Mean of every full window: k [B, T, Hkv, D] -> [B, n, Hkv, D], n = (T - kernel) // stride + 1 (0 if
+    T < kernel)."""
     B, T, H, D = k.shape
     if T < kernel_size:
         return k.new_zeros(B, 0, H, D)
@@ -36,14 +35,8 @@ def compress_keys_ref(k: torch.Tensor, kernel_size: int, stride: int) -> torch.T
     return windows.mean(dim=-1).to(k.dtype)
 
 
-def n_windows(length: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-    """Number of full windows in `length` keys (elementwise, integer tensors)."""
-    return torch.where(length >= kernel, torch.div(length - kernel, stride, rounding_mode="floor") + 1,
-                       torch.zeros_like(length))
-
-
 def update_compressed_keys_ref(k_cache: torch.Tensor, k1_cache: torch.Tensor, k2_cache: torch.Tensor,
-                               cache_seqlens: torch.Tensor, params: "SparseParams", new_tokens: int = 1) -> None:
+                               cache_seqlens: torch.Tensor, params: SparseParams, new_tokens: int = 1) -> None:
     """Write, in place, every K1/K2 window completed by the last `new_tokens` keys of each sequence.
 
     k_cache [B, S, Hkv, D]; k1_cache [B, S1, Hkv, D]; k2_cache [B, S2, Hkv, D]; cache_seqlens int [B] (lengths
@@ -69,7 +62,7 @@ def update_compressed_keys_ref(k_cache: torch.Tensor, k1_cache: torch.Tensor, k2
 
 
 def pooled_block_scores_ref(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, pos: torch.Tensor,
-                            params: "SparseParams", scale: float, n_blocks: int) -> torch.Tensor:
+                            params: SparseParams, scale: float, n_blocks: int) -> torch.Tensor:
     """Block scores after max-pooling and forcing: [B, Hkv, Tq, n_blocks] in fp32/fp64.
 
     +inf for forced blocks (init and local), -inf for blocks after the query's own block. Stage-1 score of
@@ -122,21 +115,43 @@ def pooled_block_scores_ref(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
 def topk_block_indices(pooled: torch.Tensor, total_blocks: int) -> torch.Tensor:
     """Top-`total_blocks` of pooled scores [.., n_blocks] -> int32 [.., total_blocks], ascending, -1 padded.
 
-    Blocks scored -inf (after the query's own block) are never selected.
+    Blocks scored -inf (after the query's own block) are never selected. Tie rule (docs/sparse.md): with K =
+    total_blocks, every block scored above the K-th largest score is kept, and among the blocks scored exactly
+    that much the lowest indices fill the remaining slots (as the Triton top-k does). Stated explicitly here
+    because `torch.topk` leaves the order of equal values unspecified, and adjacent blocks often tie (their
+    max-pooling windows share one K1 window). Rows are processed in chunks of about `_TOPK_CHUNK_ELEMENTS`
+    scores, so the temporaries stay small for wide rows; no host synchronisation.
     """
     n = pooled.shape[-1]
-    if n < total_blocks:
-        pad = pooled.new_full(pooled.shape[:-1] + (total_blocks - n,), float("-inf"))
+    K = total_blocks
+    if n < K:
+        pad = pooled.new_full(pooled.shape[:-1] + (K - n,), float("-inf"))
         pooled = torch.cat([pooled, pad], dim=-1)
-    vals, idx = torch.topk(pooled, total_blocks, dim=-1, sorted=False)
-    big = torch.iinfo(torch.int32).max
-    idx = torch.where(vals > float("-inf"), idx, torch.full_like(idx, big))
-    idx = torch.sort(idx, dim=-1).values
-    return torch.where(idx == big, torch.full_like(idx, -1), idx).to(torch.int32)
+        n = K
+    rows = pooled.reshape(-1, n)
+    out = torch.empty(rows.shape[0], K, dtype=torch.int32, device=pooled.device)
+    step = max(1, _TOPK_CHUNK_ELEMENTS // n)
+    for r0 in range(0, rows.shape[0], step):
+        out[r0:r0 + step] = _topk_rows(rows[r0:r0 + step], K)
+    return out.reshape(pooled.shape[:-1] + (K,))
+
+
+def _topk_rows(x: torch.Tensor, K: int) -> torch.Tensor:
+    """`topk_block_indices` of rows x [R, n] (n >= K)."""
+    cut = torch.topk(x, K, dim=-1, sorted=True).values[:, K - 1:]                # the K-th largest score [R, 1]
+    above = x > cut
+    tie = x == cut
+    need = K - above.sum(dim=-1, keepdim=True, dtype=torch.int32)
+    sel = (above | (tie & (torch.cumsum(tie, dim=-1, dtype=torch.int32) <= need))) & (x > float("-inf"))
+    slot = torch.cumsum(sel, dim=-1, dtype=torch.int32) - 1                     # ascending slot of each selected block
+    out = torch.full((x.shape[0], K + 1), -1, dtype=torch.int32, device=x.device)
+    cols = torch.arange(x.shape[-1], dtype=torch.int32, device=x.device).expand_as(slot)
+    out.scatter_(-1, torch.where(sel, slot, K).to(torch.int64), torch.where(sel, cols, -1))
+    return out[:, :K]
 
 
 def select_blocks_ref(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, pos: torch.Tensor,
-                      params: "SparseParams", scale: float) -> torch.Tensor:
+                      params: SparseParams, scale: float) -> torch.Tensor:
     """Selected blocks int32 [B, Hkv, Tq, total_blocks] for queries at positions pos [B, Tq]."""
     B, Tq = pos.shape
     Hkv = k1.shape[2]

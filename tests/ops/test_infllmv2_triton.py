@@ -1,7 +1,7 @@
 """Triton InfLLM-V2 kernels vs the PyTorch reference.
 
 CPU: the kernels run under Triton's interpreter in a subprocess (TRITON_INTERPRET must be set before triton is
-imported), one process for all checks of tests/infllmv2_triton_checks.py; each check is reported as a test.
+imported), one process for all checks of tests/ops/infllmv2_triton_checks.py; each check is reported as a test.
 GPU (@pytest.mark.gpu): compiled kernels at the released shape against the reference.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "ops"))
 import infllmv2_triton_checks as checks  # noqa: E402  (module import does not import triton)
 
 
@@ -26,7 +26,7 @@ import infllmv2_triton_checks as checks  # noqa: E402  (module import does not i
 def interpreter_results() -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1", SALA_KERNELS="triton",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "infllmv2_triton_checks.py")], env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ops" / "infllmv2_triton_checks.py")], env=env,
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -39,11 +39,13 @@ def test_triton_interpreter(interpreter_results, name):
 
 @pytest.mark.parametrize("B, Hkv, K", [(1, 2, 96), (4, 2, 96), (64, 2, 96), (1, 1, 3)])
 def test_decode_splits_cover_the_selection(B, Hkv, K):
-    from sala.ops.infllmv2_triton import TUNING, decode_splits
+    from sala.ops.infllmv2 import SparseKernelConfig
+    from sala.ops.infllmv2.triton_decode import decode_splits
 
-    splits, per = decode_splits(B, Hkv, K)
+    min_programs = SparseKernelConfig().decode_min_programs
+    splits, per = decode_splits(B, Hkv, K, min_programs)
     assert splits * per >= K and (splits - 1) * per < K            # every block in exactly one split, none empty
-    assert B * Hkv * splits >= min(TUNING["decode_min_programs"], B * Hkv * K)
+    assert B * Hkv * splits >= min(min_programs, B * Hkv * K)
     if (B, Hkv, K) == (1, 2, 96):
         assert B * Hkv * splits >= 32                                # batch-1 decode fills >= 32 programs
 
@@ -51,11 +53,13 @@ def test_decode_splits_cover_the_selection(B, Hkv, K):
 @pytest.mark.parametrize("B, Hkv, n, unit", [(1, 2, 16384, 16), (1, 2, 16383, 64), (8, 2, 16384, 16), (1, 2, 20, 4),
                                              (64, 2, 100, 16), (1, 1, 1, 16)])
 def test_decode_select_splits_cover_the_keys(B, Hkv, n, unit):
-    from sala.ops.infllmv2_triton import TUNING, decode_select_splits
+    from sala.ops.infllmv2 import SparseKernelConfig
+    from sala.ops.infllmv2.triton_decode import decode_select_splits
 
-    splits, per = decode_select_splits(B, Hkv, n, unit)
+    min_programs = SparseKernelConfig().decode_select_programs
+    splits, per = decode_select_splits(B, Hkv, n, unit, min_programs)
     assert per % unit == 0 and splits * per >= n and (splits - 1) * per < n     # every item in one split, none empty
-    assert B * Hkv * splits >= min(TUNING["decode_select_programs"], B * Hkv * -(-n // unit))
+    assert B * Hkv * splits >= min(min_programs, B * Hkv * -(-n // unit))
     if (B, Hkv, n) == (1, 2, 16384):
         assert B * Hkv * splits >= 64                                            # batch-1 decode at 1M: >= 64 programs
 
@@ -72,53 +76,36 @@ def _released_case(T=8192, Tq=1024, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tuning", [{}, {"select_split_k2": False, "select_mask_after_sum": False,
-                                         "select_pool_gather": False},
-                                    {"select_branch_mask": True}, {"topk_compact": True}])
-def test_gpu_selection_matches_reference(monkeypatch, tuning):
-    """Default kernels, every-tile visibility masks, and the opt-in branch-masked selection and compact top-k
-    (TUNING flips)."""
-    from sala.ops import infllmv2_reference as ref
-    from sala.ops import infllmv2_triton as tri
-    from sala.ops.infllmv2 import compress_keys, select_blocks
+@pytest.mark.parametrize("topk_max_cols", [4096, 64])
+def test_gpu_selection_matches_reference(monkeypatch, topk_max_cols):
+    """Selection kernels vs the fp64 reference; the top-k by the kernel and by the wide-row torch fallback."""
+    from sala.ops.infllmv2 import SparseKernelConfig, compress_keys, select_blocks
+    from sala.ops.infllmv2 import reference as ref
 
-    for key, value in tuning.items():
-        monkeypatch.setitem(tri.TUNING, key, value)
     p, q, k, v = _released_case()
-    if tuning.get("select_branch_mask") and tri._triton_version() < tri.BRANCH_MASK_MIN_TRITON:
-        with pytest.raises(RuntimeError, match="select_branch_mask'] needs Triton >= 3.9"):
-            select_blocks(q, compress_keys(k, 32, 16), compress_keys(k, 128, 64), p, q_offset=8192 - 1024)
-        return
     k1, k2 = compress_keys(k, 32, 16), compress_keys(k, 128, 64)
     torch.testing.assert_close(k1.float(), ref.compress_keys_ref(k, 32, 16).float())
     monkeypatch.setenv("SALA_KERNELS", "triton")
-    got = select_blocks(q, k1, k2, p, q_offset=8192 - 1024)
+    got = select_blocks(q, k1, k2, p, q_offset=8192 - 1024, kernel_config=SparseKernelConfig(topk_max_cols=topk_max_cols))
     pos = (7168 + torch.arange(1024, device="cuda"))[None]
     checks.assert_same_selection(got, ref.select_blocks_ref(q.double(), k1.double(), k2.double(), pos, p,
                                                             128 ** -0.5), q, k1, k2, pos, p, 128 ** -0.5, rel=2e-3)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n, compact, early", [(2048, False, True), (2048, False, False), (2048, True, True),
-                                              (16384, True, True), (16384, False, True)])
-def test_gpu_topk_kernel_matches_torch_topk(monkeypatch, n, compact, early):
-    """The top-k kernels at 1M-token row widths (16384 blocks) on pooled-like rows: 34 forced (+inf) blocks, a
-    -inf tail; with TUNING["topk_compact"] most rows take the compact path (flag 0); the bisection with and
-    without its early exit (TUNING["topk_early_exit"]), up to 16384 columns (TUNING["topk_max_cols"])."""
-    from sala.ops import infllmv2_triton as tri
+@pytest.mark.parametrize("n", [2048, 16384])
+def test_gpu_topk_kernel_matches_torch_topk(n):
+    """The top-k kernel at 1M-token row widths (16384 blocks) on pooled-like rows: 34 forced (+inf) blocks, a -inf
+    tail, ties in the low scores (lowest columns win)."""
+    from sala.ops.infllmv2 import reference as ref
+    from sala.ops.infllmv2 import triton_topk
 
-    monkeypatch.setitem(tri.TUNING, "topk_compact", compact)
-    monkeypatch.setitem(tri.TUNING, "topk_early_exit", early)
-    monkeypatch.setitem(tri.TUNING, "topk_max_cols", max(n, tri.TOPK_MAX_COLS))
     g = torch.Generator(device="cuda").manual_seed(n)
-    x = torch.rand(512, n, device="cuda", generator=g) ** 4
+    x = (torch.rand(512, n, device="cuda", generator=g) * 64).floor() ** 4
     x[:, n // 2 - 34:n // 2] = float("inf")
     x[:, n // 2:] = float("-inf")
-    assert n <= tri.topk_max_cols()
-    got, flags = tri._topk_blocks(x, 96, None)
-    checks._assert_topk_close(got.cpu(), x.cpu(), 96)
-    if compact:
-        assert flags.float().mean().item() < 0.05
+    got = triton_topk.topk_blocks_triton(x, 96, max_cols=n)
+    assert torch.equal(got, ref.topk_block_indices(x, 96))
 
 
 @pytest.mark.gpu
@@ -127,10 +114,9 @@ def test_gpu_band_split_matches_reference(monkeypatch, band_rows):
     """Band split at the released shape, bf16: 2 batch rows of 700 queries at an offset that is not a multiple
     of the block (band tiles straddle query blocks and the two rows' key bases), forward output and lse vs the
     one-walk kernel, output vs the fp32 reference."""
-    from sala.ops import infllmv2_triton as tri
-    from sala.ops.infllmv2 import block_sparse_attention, compress_keys, select_blocks
+    from sala.ops.infllmv2 import SparseKernelConfig, block_sparse_attention, compress_keys, select_blocks, triton_attention
 
-    monkeypatch.setitem(tri.TUNING, "band_rows", band_rows)
+    config = SparseKernelConfig(band_rows=band_rows)
     monkeypatch.setenv("SALA_KERNELS", "triton")
     g = torch.Generator(device="cuda").manual_seed(band_rows)
     T, Tq = 9000, 700
@@ -142,8 +128,8 @@ def test_gpu_band_split_matches_reference(monkeypatch, band_rows):
     p = SparseParams()
     off = T - Tq
     idx = select_blocks(q, compress_keys(k, 32, 16), compress_keys(k, 128, 64), p, q_offset=off)
-    got = block_sparse_attention(q, k, v, idx, p, q_offset=off, forced_blocks=True)
-    walk = block_sparse_attention(q, k, v, idx, p, q_offset=off)
+    got = block_sparse_attention(q, k, v, idx, p, q_offset=off, forced_blocks=True, kernel_config=config)
+    walk = block_sparse_attention(q, k, v, idx, p, q_offset=off, kernel_config=config)
     monkeypatch.setenv("SALA_KERNELS", "reference")
     want = block_sparse_attention(q.float(), k.float(), v.float(), idx, p, q_offset=off)
     for out in (got, walk):
@@ -154,16 +140,15 @@ def test_gpu_band_split_matches_reference(monkeypatch, band_rows):
     pos = (off + torch.arange(Tq, device="cuda")).repeat(2).to(torch.int32)
     kbase = torch.arange(2, device="cuda").repeat_interleave(Tq) * T
     args = (q.reshape(-1, 32, 128), k.reshape(-1, 2, 128), v.reshape(-1, 2, 128), idx, pos, kbase, 64, 128 ** -0.5)
-    _, lse_b = tri.sparse_attention_fwd(*args, band=(p.init_blocks, p.local_blocks))
-    _, lse_w = tri.sparse_attention_fwd(*args)
+    _, lse_b = triton_attention.sparse_attention_fwd(*args, band=(p.init_blocks, p.local_blocks), config=config)
+    _, lse_w = triton_attention.sparse_attention_fwd(*args)
     torch.testing.assert_close(lse_b, lse_w, atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.gpu
 def test_gpu_band_split_dq_matches_walk(monkeypatch):
-    """TUNING["band_split_dq"] at the released shape, bf16, 2 rows at an unaligned offset: dq, dk, dv equal the
-    one-walk backward's (same forward, same selected blocks)."""
-    from sala.ops import infllmv2_triton as tri
+    """The band split (forward and dq) at the released shape, bf16, 2 rows at an unaligned offset: dq, dk, dv equal
+    the one-walk backward's (forced_blocks not promised; same selected blocks)."""
     from sala.ops.infllmv2 import SparseParams, block_sparse_attention, compress_keys, select_blocks
 
     monkeypatch.setenv("SALA_KERNELS", "triton")
@@ -176,10 +161,9 @@ def test_gpu_band_split_dq_matches_walk(monkeypatch):
     idx = select_blocks(q, compress_keys(k, 32, 16), compress_keys(k, 128, 64), p, q_offset=T - Tq)
     do = torch.randn_like(q)
     grads = []
-    for on in (False, True):
-        monkeypatch.setitem(tri.TUNING, "band_split_dq", on)
+    for forced in (False, True):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = block_sparse_attention(*leaves, idx, p, q_offset=T - Tq, forced_blocks=True)
+        out = block_sparse_attention(*leaves, idx, p, q_offset=T - Tq, forced_blocks=forced)
         grads.append([x.float() for x in torch.autograd.grad(out, leaves, do)])
     for got, want in zip(grads[1], grads[0]):
         assert torch.isfinite(got).all()
@@ -187,11 +171,9 @@ def test_gpu_band_split_dq_matches_walk(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["default", "tiled"])
-def test_gpu_attention_fwd_bwd_matches_reference(monkeypatch, variant):
+def test_gpu_attention_fwd_bwd_matches_reference(monkeypatch):
     from sala.ops.infllmv2 import block_sparse_attention, compress_keys, select_blocks
 
-    monkeypatch.setenv("SALA_SPARSE_ATTN", variant)
     p, q, k, v = _released_case(Tq=256)
     idx = select_blocks(q, compress_keys(k, 32, 16), compress_keys(k, 128, 64), p, q_offset=8192 - 256)
     do = torch.randn_like(q)
@@ -208,14 +190,10 @@ def test_gpu_attention_fwd_bwd_matches_reference(monkeypatch, variant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant, select", [("single", "single"), ("splitk", "single"), ("single", "split"),
-                                             ("splitk", "split")])
-def test_gpu_decode_matches_prefill(monkeypatch, variant, select):
+def test_gpu_decode_matches_prefill(monkeypatch):
     from sala.ops.infllmv2 import compressed_lengths, infllmv2_attention, infllmv2_decode, update_compressed_keys
 
     monkeypatch.setenv("SALA_KERNELS", "triton")
-    monkeypatch.setenv("SALA_SPARSE_DECODE", variant)
-    monkeypatch.setenv("SALA_SPARSE_DECODE_SELECT", select)
     p, q, k, v = _released_case(T=7000, Tq=7000)
     lengths = torch.tensor([7000], dtype=torch.int32, device="cuda")
     n1, n2 = compressed_lengths(8192, p)
@@ -234,9 +212,8 @@ def test_gpu_decode_matches_prefill(monkeypatch, variant, select):
 @pytest.mark.gpu
 def test_gpu_split_decode_selection_matches_reference(monkeypatch):
     """Split-N decode selection at the released shape (64K cache, 3 sequences, NaN in unused K1/K2 slots)."""
-    from sala.ops import infllmv2_reference as ref
-    from sala.ops import infllmv2_triton as tri
-    from sala.ops.infllmv2 import SparseParams, compressed_lengths, update_compressed_keys
+    from sala.ops.infllmv2 import reference as ref
+    from sala.ops.infllmv2 import SparseParams, compressed_lengths, triton_decode, update_compressed_keys
 
     p, S = SparseParams(), 65536
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -248,7 +225,7 @@ def test_gpu_split_decode_selection_matches_reference(monkeypatch):
     k2c = torch.full((3, n2, 2, 128), float("nan"), device="cuda", dtype=k.dtype)
     update_compressed_keys(k, k1c, k2c, lengths, p, new_tokens=S)
     pos = lengths - 1
-    got = tri.pooled_block_scores_decode_split(q, k1c, k2c, pos, p, 128 ** -0.5, S // 64)
+    got = triton_decode.pooled_block_scores_decode_split(q, k1c, k2c, pos, p, 128 ** -0.5, S // 64)
     want = ref.pooled_block_scores_ref(q[:, None].double(), k1c.double(), k2c.double(), pos.long()[:, None], p,
                                        128 ** -0.5, S // 64)
     fin = torch.isfinite(want)
@@ -259,60 +236,33 @@ def test_gpu_split_decode_selection_matches_reference(monkeypatch):
                                  pos.long()[:, None], p, 128 ** -0.5, rel=2e-3)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("route", ["auto", "sparse_kernel"])
-def test_gpu_fused_varlen_matches_reference(monkeypatch, route):
-    """SALA_SPARSE_VARLEN=fused vs the reference per-document path at the released shape, forward and backward;
-    dense prefixes by the automatic route (FlashAttention varlen where this torch has it) or the sparse kernel."""
-    from sala.ops import infllmv2_varlen as iv
-    from sala.ops.infllmv2 import infllmv2_attention
-
-    if route == "sparse_kernel":
-        monkeypatch.setattr(iv, "_dense_prefix_fn", lambda q, n: None)
-
-    p, q, k, v = _released_case(T=12700, Tq=12700)       # 362 sparse queries (reference backward memory ~5 GB)
-    cu = torch.tensor([0, 6400, 6400, 6450, 12700], device="cuda", dtype=torch.int32)
-    do = torch.randn_like(q)
-    res = []
-    for mode, varlen in (("triton", "fused"), ("reference", "default")):
-        monkeypatch.setenv("SALA_KERNELS", mode)
-        monkeypatch.setenv("SALA_SPARSE_VARLEN", varlen)
-        leaves = [t.float().requires_grad_() if mode == "reference" else t.clone().requires_grad_() for t in (q, k, v)]
-        out = infllmv2_attention(*leaves, p, cu_seqlens=cu)
-        res.append([out.float(), *[t.float() for t in torch.autograd.grad(out, leaves, do.to(out.dtype))]])
-    for got, want in zip(*res):
-        err = (got - want).norm() / want.norm()
-        assert err < 2e-2, float(err)
-
-
 @pytest.mark.parametrize("max_tokens, batch", [(70000, 1), (300000, 1), (20000, 4), (1000, 1)])
 def test_warmup_covers_every_length_class(monkeypatch, max_tokens, batch):
     """warmup_length_classes compiles each top-k row-width class (with and without limits) and each decode-selection
     SP2 class that any context up to max_tokens would meet (the kernels themselves replaced by recorders)."""
-    from sala.ops import infllmv2_triton as tri
-    from sala.ops.infllmv2 import SparseParams
-    from sala.ops.infllmv2_reference import n_windows
+    from sala.ops.infllmv2 import SparseKernelConfig, SparseParams, triton_decode, triton_utils
+    from sala.ops.infllmv2.params import n_windows
 
     p = SparseParams()
     topk_seen, sp2_seen = set(), set()
-    monkeypatch.setattr(tri, "_topk_blocks", lambda x, K, lim: topk_seen.add((max(16, tri._pow2(x.shape[-1])),
-                                                                                lim is not None, x.shape[0])))
+    monkeypatch.setattr(triton_decode, "topk_blocks_triton", lambda x, K, limits=None, max_cols=0: topk_seen.add(
+        (max(16, triton_utils.pow2(x.shape[-1])), limits is not None, x.shape[0])))
 
-    def record_split(q, k1, k2, pos, params, scale, n_blocks):
+    def record_split(q, k1, k2, pos, params, scale, n_blocks, config):
         assert q.shape[0] == k1.shape[0] == k2.shape[0] == pos.shape[0] == batch
-        sp2_seen.add(max(2, tri._pow2(tri.decode_select_splits(batch, 2, k2.shape[1], 64)[0])))
+        sp2_seen.add(max(2, triton_utils.pow2(triton_decode.decode_select_splits(batch, 2, k2.shape[1], triton_utils.k2_tile())[0])))
 
-    monkeypatch.setattr(tri, "pooled_block_scores_decode_split", record_split)
-    n = tri.warmup_length_classes(max_tokens, p, batch=batch, device="cpu")
+    monkeypatch.setattr(triton_decode, "pooled_block_scores_decode_split", record_split)
+    n = triton_decode.warmup_length_classes(max_tokens, p, batch=batch, device="cpu")
     assert n == len(topk_seen) + 2 * len(sp2_seen)       # launches: 2 per top-k class, 2 per split class
     max_blocks = -(-max_tokens // 64) + 1
-    want_nc = {max(16, tri._pow2(b)) for b in range(1, max_blocks + 1) if b <= tri.topk_max_cols()}
+    want_nc = {max(16, triton_utils.pow2(b)) for b in range(1, max_blocks + 1) if b <= SparseKernelConfig().topk_max_cols}
     assert {nc for nc, lim, _ in topk_seen if lim} == want_nc
     assert {nc for nc, lim, rows in topk_seen if not lim and rows == batch} == want_nc
     want_sp2 = set()
     for cap in range(128, max_tokens + 1, 128):          # every decode cache capacity up to max_tokens
         n2 = int(n_windows(torch.tensor(cap), p.k2_kernel, p.k2_stride))
-        want_sp2.add(max(2, tri._pow2(tri.decode_select_splits(batch, 2, max(1, n2), 64)[0])))
+        want_sp2.add(max(2, triton_utils.pow2(triton_decode.decode_select_splits(batch, 2, max(1, n2), triton_utils.k2_tile())[0])))
     assert want_sp2 <= sp2_seen, (want_sp2, sp2_seen)
 
 

@@ -1,0 +1,119 @@
+"""Triton top-k of pooled block scores (radix select on the float bits, one program per row).
+
+Tie rule (docs/sparse.md): among equal scores at the cut-off the lowest block indices are kept, as in the
+reference `topk_block_indices`; the rows wider than the kernel takes go to that reference.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sala.ops.infllmv2.params import DEFAULT_KERNEL_CONFIG
+from sala.ops.infllmv2.reference import topk_block_indices
+from sala.ops.infllmv2.triton_utils import pow2
+
+_NEG_INF_KEY = tl.constexpr(-2139095041)   # order-preserving int32 image of -inf (0xFF800000 ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _topk_row_keys(x_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt, NC: tl.constexpr, HAS_LIM: tl.constexpr):
+    """Order-preserving int32 images [NC] of row r's values (float bits, magnitude bits flipped for negatives);
+    columns past the row's limit (or n_cols) read as -inf."""
+    cols = tl.arange(0, NC)
+    n = n_cols
+    if HAS_LIM:
+        b = r // (H * T)
+        t = r % T
+        n = tl.minimum(tl.load(lim_ptr + b.to(tl.int64) * slb + t.to(tl.int64) * slt), n_cols)
+    x = tl.load(x_ptr + r.to(tl.int64) * sxr + cols, mask=cols < n, other=float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _topk_store(out_ptr, r, sel, K: tl.constexpr, KP: tl.constexpr, NC: tl.constexpr):
+    """Write the columns where sel [NC] is set, ascending, then -1 up to K, at out + r * K."""
+    cols = tl.arange(0, NC)
+    slot = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    obase = out_ptr + r.to(tl.int64) * K
+    tl.store(obase + slot, cols, mask=sel)
+    kk = tl.arange(0, KP)
+    n_sel = tl.sum(sel.to(tl.int32), axis=0)
+    tl.store(obase + kk, tl.full([KP], -1, tl.int32), mask=(kk >= n_sel) & (kk < K))
+
+
+@triton.jit
+def _topk_bisect_row(x_ptr, out_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt,
+                     K: tl.constexpr, KP: tl.constexpr, NC: tl.constexpr, HAS_LIM: tl.constexpr):
+    """Top-K of row r by bisection: the K-th largest image is found bit by bit (up to 31 counting passes over the
+    row, held in registers); ties at the cut-off go to the lowest columns (docs/sparse.md, "Tie rule"). The
+    bisection stops at the first candidate cut-off that exactly K images reach (then "image >= cut-off" is the
+    answer; on distinct values that happens once the bits of the K-th and (K+1)-th largest part)."""
+    key = _topk_row_keys(x_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt, NC, HAS_LIM)
+    valid = key > _NEG_INF_KEY
+    n_valid = tl.sum(valid.to(tl.int32), axis=0)
+    # the K-th largest image: sign first, then bits 30..0 (setting a bit raises a two's-complement value)
+    n_nonneg = tl.sum((key >= 0).to(tl.int32), axis=0)
+    thr = tl.where(n_nonneg >= K, 0, -2147483647 - 1)
+    bit = 30
+    exact = n_nonneg == K
+    while (bit >= 0) & (exact == 0):
+        cand = thr | (1 << bit)
+        cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
+        thr = tl.where(cnt >= K, cand, thr)
+        exact = cnt == K
+        bit -= 1
+    above = key > thr
+    need = K - tl.sum(above.to(tl.int32), axis=0)
+    tie = key == thr
+    sel = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
+    sel = tl.where(n_valid <= K, valid, sel)
+    _topk_store(out_ptr, r, sel, K, KP, NC)
+
+
+@triton.jit(do_not_specialize=["n_cols", "H", "T", "sxr", "slb", "slt"])
+def _topk_blocks_kernel(x_ptr, out_ptr, lim_ptr, n_cols, H, T, sxr, slb, slt,
+                        K: tl.constexpr, KP: tl.constexpr, NC: tl.constexpr, HAS_LIM: tl.constexpr):
+    """Row r of x [R, n_cols] fp32 -> the column indices of its K largest values other than -inf, ascending,
+    -1 padded, at out + r * K (`_topk_bisect_row`). With HAS_LIM, row r = (b, h, t) of [B, H, T] reads only
+    its first lim[b, t] columns."""
+    _topk_bisect_row(x_ptr, out_ptr, lim_ptr, tl.program_id(0), n_cols, H, T, sxr, slb, slt, K, KP, NC, HAS_LIM)
+
+
+def topk_blocks_triton(pooled: torch.Tensor, total_blocks: int, *, limits: torch.Tensor | None = None,
+                       max_cols: int = DEFAULT_KERNEL_CONFIG.topk_max_cols) -> torch.Tensor:
+    """`topk_block_indices` in one kernel: pooled fp32 [..., n] -> int32 [..., total_blocks], ascending, -1 padded.
+
+    limits: int32 [B, T] for pooled [B, H, T, n]: row (b, h, t) considers only its first limits[b, t] columns
+    (the rest may be garbage). Rows wider than `max_cols` (SparseKernelConfig.topk_max_cols) fall back to
+    `topk_block_indices` (faster there), which keeps the same tie rule.
+    """
+    n = pooled.shape[-1]
+    if n > max_cols or pooled.dtype != torch.float32:
+        if limits is not None:
+            raise ValueError(f"topk_blocks_triton: limits need fp32 rows of <= {max_cols} columns, got "
+                             f"{n} columns of {pooled.dtype}")
+        return topk_block_indices(pooled, total_blocks)
+    lead = pooled.shape[:-1]
+    out = torch.empty(*lead, total_blocks, dtype=torch.int32, device=pooled.device)
+    x = pooled.reshape(-1, n)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    R = x.shape[0]
+    if R == 0:
+        return out
+    if limits is not None:
+        if pooled.dim() != 4 or limits.shape != (pooled.shape[0], pooled.shape[2]):
+            raise ValueError(f"topk_blocks_triton: limits {tuple(limits.shape)} must be [B, T] of pooled "
+                             f"[B, H, T, n] {tuple(pooled.shape)}")
+        H, T, lim = pooled.shape[1], pooled.shape[2], limits.to(torch.int32)
+        slb, slt = lim.stride(0), lim.stride(1)
+    else:
+        H, T, lim, slb, slt = 1, 1, x, 0, 0
+    NC = max(16, pow2(n))
+    KP = max(16, pow2(total_blocks))
+    warps = 4 if NC <= 2048 else (8 if NC <= 8192 else 16)
+    _topk_blocks_kernel[(R,)](x, out, lim, n, H, T, x.stride(0), slb, slt, K=total_blocks, KP=KP, NC=NC,
+                              HAS_LIM=limits is not None, num_warps=warps)
+    return out
