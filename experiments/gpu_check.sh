@@ -7,7 +7,7 @@
 #   OUT=/dir bash experiments/gpu_check.sh lightning  # lightning GPU tests, then lightning vs fla only (launch sweep at 64K with registers/spills)
 #   OUT=/dir bash experiments/gpu_check.sh sparse     # sparse GPU tests, sparse layer vs SDPA/fla 32K..2M
 #                                                 # (TUNE=1: sweep launch settings at 128K first;
-#                                                 #  SPARSE_VARIANTS=noband,nobanddq,chunk1g: TUNING flips too;
+#                                                 #  SPARSE_VARIANTS=chunk1g,decode: variants too;
 #                                                 #  PROFILE=1: selection time by kernel at 128K and 1M;
 #                                                 #  SPARSE_INPUT_SMOOTHING=16: neighbour-correlated inputs,
 #                                                 #  JSON sparse_kernels_smooth16_h200.json;
@@ -16,7 +16,7 @@
 #   OUT=/dir bash experiments/gpu_check.sh decode     # sparse decode variants (split-K attention, split-N selection)
 #                                                 # at 128K and 1M, then 1M end to end with both switched on
 #   OUT=/dir bash experiments/gpu_check.sh latency    # SALA 9B shape vs HF Qwen3-8B shape, 64K..2M -> JSON + PNG
-#   OUT=/dir bash experiments/gpu_check.sh ab         # same-process A/B: band split x decode kernels at 64K, 128K
+#   OUT=/dir bash experiments/gpu_check.sh ab         # same-process A/B: fused elementwise kernels at 64K, 128K
 #   OUT=/dir bash experiments/gpu_check.sh fused      # fused elementwise kernels: GPU tests, then a same-process
 #                                                 # A/B against the unfused torch ops at 64K and 256K
 #   OUT=/dir bash experiments/gpu_check.sh gaps       # a 128K prefill: wall vs GPU busy time, host syncs by call site
@@ -50,20 +50,20 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 case "$part" in
   tests)
-    python3 -m pytest -q -p no:cacheprovider tests/test_lightning_triton.py tests/test_infllmv2_triton.py \
-      tests/test_fused.py tests/test_engine_gpu.py -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    python3 -m pytest -q -p no:cacheprovider tests/ops/test_lightning_triton.py tests/ops/test_infllmv2_triton.py \
+      tests/ops/test_fused.py tests/engine/test_engine_gpu.py -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
   kernels)
     python3 -m sala.bench.kernels_lightning --out "$OUT/lightning_kernels_h200.json" 2>&1 | tail -20
     python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_variants_h200.json" \
-      --lengths 32768,131072,524288,1048576 --no-fla --variants default,splitk,splitsel,fusedvarlen,tiled8 \
+      --lengths 32768,131072,524288,1048576 --no-fla --variants default,chunk1g,decode \
       --time-budget-s 300 2>&1 | tail -20 ;;
   lightning)
-    python3 -m pytest -q -p no:cacheprovider tests/test_lightning_triton.py tests/test_triton_sm90_compile.py \
+    python3 -m pytest -q -p no:cacheprovider tests/ops/test_lightning_triton.py tests/ops/test_triton_sm90_compile.py \
       -k "not interpreter" 2>&1 | tee "$OUT/gpu_tests_lightning.log" | tail -3
     python3 -m sala.bench.kernels_lightning --out "$OUT/lightning_kernels_h200.json" 2>&1 | grep -v "^tune" | tail -20 ;;
   sparse)
     if [ -z "${SPARSE_SKIP_TESTS:-}" ]; then
-      python3 -m pytest -q -p no:cacheprovider tests/test_infllmv2_triton.py -k "not interpreter" \
+      python3 -m pytest -q -p no:cacheprovider tests/ops/test_infllmv2_triton.py -k "not interpreter" \
         2>&1 | tee "$OUT/gpu_tests_sparse.log" | tail -5
     fi
     python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_kernels${SPARSE_INPUT_SMOOTHING:+_smooth$SPARSE_INPUT_SMOOTHING}_h200.json" \
@@ -77,8 +77,8 @@ case "$part" in
     fi ;;
   decode)
     python3 -m sala.bench.kernels_sparse --out "$OUT/sparse_decode_variants_h200.json" --lengths 131072,1048576 \
-      --no-fla --variants default,splitk,splitsel --time-budget-s 150 2>&1 | tail -4 | cut -c1-600
-    SALA_SPARSE_DECODE=splitk SALA_SPARSE_DECODE_SELECT=split python3 -m sala.bench.latency --lengths 1M \
+      --no-fla --variants default,decode --time-budget-s 150 2>&1 | tail -4 | cut -c1-600
+    python3 -m sala.bench.latency --lengths 1M \
       --no-baseline --no-profile --no-plots --out "$OUT/latency_1m_split_decode_h200.json" 2>&1 | grep -v USDT | tail -3 ;;
   latency)
     OUT="$OUT" bash experiments/gpu_latency.sh "${2:-480}" ;;
@@ -86,7 +86,7 @@ case "$part" in
     python3 experiments/profiling/ab_engine.py --lengths "${AB_LENGTHS:-64K,128K}" --reps 2 --decode-tokens 256 \
       --out "$OUT/engine_ab_h200.json" 2>&1 | grep -v USDT | tail -9 ;;
   fused)
-    python3 -m pytest -q -p no:cacheprovider tests/test_fused.py 2>&1 | tee "$OUT/gpu_tests_fused.log" | tail -3
+    python3 -m pytest -q -p no:cacheprovider tests/ops/test_fused.py 2>&1 | tee "$OUT/gpu_tests_fused.log" | tail -3
     python3 experiments/profiling/ab_engine.py --axes fused --lengths "${AB_LENGTHS:-64K,256K}" --reps 2 --decode-tokens 256 \
       --out "$OUT/engine_ab_fused_h200.json" 2>&1 | grep -v USDT | tail -7 ;;
   gaps)

@@ -274,7 +274,7 @@ def parse_variants(spec: str) -> list[tuple[str, list[str]]]:
 
     A key is a config override as `sala train` takes it on the command line (model.compile_blocks=true,
     stages.0.micro_batch=32, ...) or env.NAME (an environment variable set while the variant runs, e.g.
-    env.SALA_LIGHTNING_FUSED_BWD=1). Values may not contain ',' or ';'. "base" is the config as it stands."""
+    env.TORCHINDUCTOR_MAX_AUTOTUNE=1). Values may not contain ',' or ';'. "base" is the config as it stands."""
     out: list[tuple[str, list[str]]] = []
     for part in (p.strip() for p in spec.split(";")):
         if not part:
@@ -337,35 +337,3 @@ def choose_variant(measured: dict[str, float | None], min_gain: float, force: st
         return max(ok, key=ok.get) if ok else "base"
     best = max(ok, key=ok.get)
     return best if ok[best] > ok["base"] * (1.0 + min_gain) else "base"
-
-
-def check_fused_lightning_backward(heads: int, head_dim: int, tokens: int = 4096, docs: int = 4, seed: int = 0,
-                                   device: str = "cuda", dtype=None) -> float:
-    """Relative error of the lightning backward's dk and dv with SALA_LIGHTNING_FUSED_BWD=1 against the two-walk
-    backward, on random inputs (bf16 by default) of one packed micro-batch ([1, tokens, heads, head_dim], `docs`
-    documents): the guard before a calibration variant trains with the fused walk on a GPU. Returns the larger of
-    ||fused - two walks|| / ||two walks|| over dk and dv."""
-    import torch
-
-    from sala.ops.lightning import lightning_attention
-    from sala.ops.slopes import lightning_log_decay
-
-    g = torch.Generator().manual_seed(seed)
-    shape = (1, tokens, heads, head_dim)
-    q, k, v, do = (torch.randn(shape, generator=g).to(device, dtype or torch.bfloat16) for _ in range(4))
-    cuts = torch.randperm(tokens - 1, generator=g)[:docs - 1] + 1
-    cu = torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([tokens])]).to(device, torch.int32)
-    log_decay = lightning_log_decay(heads, device=torch.device(device))
-
-    def grads(fused: str) -> tuple:
-        old = set_env({"SALA_LIGHTNING_FUSED_BWD": fused})
-        try:
-            qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-            o, _ = lightning_attention(qq, kk, vv, log_decay, cu_seqlens=cu)
-            o.backward(do)
-            return kk.grad.float(), vv.grad.float()
-        finally:
-            restore_env(old)
-
-    two, one = grads("0"), grads("1")
-    return max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(one, two))

@@ -261,10 +261,10 @@ def test_calibration_variants_parse_and_choose():
     (which must have been measured), and no choice of a variant that failed (None)."""
     common = _small_run_common()
     got = common.parse_variants(" blocks:model.compile_blocks=true ; both:model.compile_blocks=true,"
-                                "env.SALA_LIGHTNING_FUSED_BWD=1;")
+                                "env.TORCHINDUCTOR_MAX_AUTOTUNE=1;")
     assert got == [("blocks", ["model.compile_blocks=true"]),
-                   ("both", ["model.compile_blocks=true", "env.SALA_LIGHTNING_FUSED_BWD=1"])]
-    assert common.split_variant(got[1][1]) == (["model.compile_blocks=true"], {"SALA_LIGHTNING_FUSED_BWD": "1"})
+                   ("both", ["model.compile_blocks=true", "env.TORCHINDUCTOR_MAX_AUTOTUNE=1"])]
+    assert common.split_variant(got[1][1]) == (["model.compile_blocks=true"], {"TORCHINDUCTOR_MAX_AUTOTUNE": "1"})
     assert common.parse_variants("") == []
     for spec, message in [("blocks", "is not 'name:key=value"), ("x:a=1;x:b=2", "used twice"),
                           ("base:a=1", "reserved"), ("x:=1", "where key=value was expected"), (":a=1", "is not")]:
