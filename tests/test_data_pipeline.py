@@ -11,7 +11,7 @@ from sala.data import (PackedDataset, PackedTokens, collate_windows, load_tokeni
                        prepare, stdlib_corpus_files, window_starts)
 from sala.data.corpus import iter_source_documents
 from sala.data.packed import Window
-from sala.data.tokenizer import shipped_tokenizer_path
+from sala.modeling.tokenizer import shipped_tokenizer_path
 
 
 def test_shipped_tokenizer_round_trip_and_size():
@@ -142,7 +142,7 @@ def test_synthetic_documents_do_not_depend_on_worker_count(monkeypatch):
     """Parallel synthetic-sample generation gives the same documents, in the same order, as one process."""
     import importlib
 
-    from sala.data.tokenizer import load_tokenizer
+    from sala.modeling.tokenizer import load_tokenizer
 
     P = importlib.import_module("sala.data.prepare")
 
@@ -170,7 +170,7 @@ def test_corpus_encoding_in_workers_equals_one_batch(monkeypatch):
     encoding, in order, with BOS and EOS, as arrays of the dataset's token dtype."""
     import importlib
 
-    from sala.data.tokenizer import load_tokenizer
+    from sala.modeling.tokenizer import load_tokenizer
 
     P = importlib.import_module("sala.data.prepare")
     tok = load_tokenizer("sala")

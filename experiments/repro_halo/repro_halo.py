@@ -66,7 +66,7 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- prepare (CPU)
 def cmd_prepare(args) -> None:
     from sala.data.prepare import SyntheticMix, prepare
-    from sala.data.tokenizer import load_tokenizer
+    from sala.modeling.tokenizer import load_tokenizer
     from sala.eval.tasks import generate, write_jsonl
 
     data = Path(args.data)
@@ -248,7 +248,7 @@ def evaluate(model_dir: str, data: str, deadline: float, lengths=None, max_sampl
 
     import sala  # noqa: F401
     from sala.convert.data import TokenSource
-    from sala.data.tokenizer import load_tokenizer
+    from sala.modeling.tokenizer import load_tokenizer
     from sala.eval.heldout import model_heldout_loss
     from sala.eval.runner import greedy_answer
     from sala.eval.scoring import string_match_all

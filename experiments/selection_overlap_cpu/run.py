@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import sala.ops.infllmv2 as I  # noqa: E402
 from sala.data.corpus import iter_source_documents  # noqa: E402
-from sala.data.tokenizer import load_tokenizer  # noqa: E402
+from sala.modeling.tokenizer import load_tokenizer  # noqa: E402
 from sala.train.model_factory import load_model_dir  # noqa: E402
 from sala.utils.bundled import bundled_model_dir  # noqa: E402
 

@@ -453,7 +453,7 @@ def guarded(key: str, run):
 def niah_single_changed(lengths_: list[int], n: int, teacher_forced: bool = False, **config) -> dict:
     """niah_single on the evaluation's prompts (seed 7) with the final model, loaded as the evaluation loads it, with
     `config` fields changed (a diagnostic)."""
-    from sala.data.tokenizer import load_tokenizer
+    from sala.modeling.tokenizer import load_tokenizer
     from sala.eval.runner import resolve_device_dtype
     from sala.train.model_factory import load_model_dir
     dev, dtype = resolve_device_dtype(None)

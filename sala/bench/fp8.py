@@ -113,7 +113,7 @@ def bundled_quality(model_dir: str | None, device: torch.device, dtype: torch.dt
                     data: str | None = None, batch: int = 4, skip: tuple[str, ...] = (), fast_accum: bool = False,
                     log: Callable[[str], None] = logger.info) -> dict:
     """The baseline (the model in `dtype`) then FP8 on the same model, prompts and windows; returns the report section."""
-    from sala.data.tokenizer import load_tokenizer
+    from sala.modeling.tokenizer import load_tokenizer
     from sala.engine.loading import load_model_dir
     from sala.eval.heldout import heldout_windows
     from sala.eval.runner import default_model

@@ -64,7 +64,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
     from sala.data.corpus import iter_source_documents
-    from sala.data.tokenizer import train_bpe
+    from sala.modeling.tokenizer import train_bpe
 
     texts = (t for s in (args.source or ["stdlib"]) for _, t in iter_source_documents(s))
     tok = train_bpe(texts, vocab_size=args.vocab_size)
@@ -74,7 +74,7 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from sala.data.tokenizer import load_tokenizer
+    from sala.modeling.tokenizer import load_tokenizer
     from sala.eval.runner import parse_lengths
     from sala.eval.tasks import generate, write_jsonl
 

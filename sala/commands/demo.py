@@ -45,7 +45,7 @@ def _load(model_dir: Path | None, preset_note: list[str]):
     from transformers import AutoModelForCausalLM
 
     import sala  # noqa: F401  (registers SALA with the Auto classes)
-    from sala.data.tokenizer import load_tokenizer
+    from sala.modeling.tokenizer import load_tokenizer
 
     if model_dir is not None:
         if not (model_dir / "config.json").is_file():

@@ -96,7 +96,7 @@ def _read_prompt(args) -> str:
 
 
 def _tokenizer_for_preset(vocab_size: int):
-    from sala.data.tokenizer import load_tokenizer
+    from sala.modeling.tokenizer import load_tokenizer
 
     tok = load_tokenizer(None)
     if tok.vocab_size > vocab_size:
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
                                     "`sala generate` needs one to read the prompt")
     add_bos = tok.add_bos and not args.no_bos
     if args.chat:
-        from sala.data.tokenizer import render_chat
+        from sala.modeling.tokenizer import render_chat
 
         prompt = render_chat(tok, [{"role": "user", "content": prompt}])
         add_bos = False   # the template writes BOS itself

@@ -82,7 +82,7 @@ def _save_students(students: torch.nn.Module, path: Path) -> None:
 
 def _tokenizer_for(opts: ConvertOptions, source: TokenSource, vocab_size: int):
     """The teacher's tokenizer (or the data's) when it fits the teacher vocabulary, else None."""
-    from sala.data.tokenizer import load_tokenizer
+    from sala.modeling.tokenizer import load_tokenizer
 
     for cand in (Path(opts.teacher), source.tokenizer_dir):
         if cand is None or not ((cand / "tokenizer.json").is_file() or (cand / "tokenizer_config.json").is_file()):

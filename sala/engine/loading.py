@@ -96,8 +96,8 @@ def load_config_dir(path: str | os.PathLike) -> SalaConfig:
 
 
 def load_tokenizer_dir(path: str | os.PathLike):
-    """The tokenizer stored in a model directory (sala.data.tokenizer.TextTokenizer), or None if it has none."""
-    from sala.data.tokenizer import load_tokenizer
+    """The tokenizer stored in a model directory (sala.modeling.tokenizer.TextTokenizer), or None if it has none."""
+    from sala.modeling.tokenizer import load_tokenizer
 
     path = Path(path)
     if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):

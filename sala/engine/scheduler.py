@@ -215,7 +215,7 @@ class EngineCore:
             config = SalaConfig.from_preset(path_or_preset)
             tok = None
             try:
-                from sala.data.tokenizer import load_tokenizer
+                from sala.modeling.tokenizer import load_tokenizer
 
                 tok = load_tokenizer(None)
                 if tok.vocab_size > config.vocab_size:

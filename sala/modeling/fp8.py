@@ -119,6 +119,11 @@ class Fp8Linear(nn.Module):
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return module
 
+    @classmethod
+    def concat(cls, linears: list["Fp8Linear"]) -> "Fp8Linear":
+        """One module for several that share their input (`concat_fp8_linears`); what fusing projections calls."""
+        return concat_fp8_linears(linears)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.weight_scale, self.bias, backend=self.backend,
                           fast_accum=self.fast_accum)

@@ -25,7 +25,6 @@ except ImportError:  # pragma: no cover
 from sala.modeling.cache import LightningLayerCache, SalaCache, SparseLayerCache
 from sala.modeling.configuration_sala import SPARSE, SalaConfig
 from sala.modeling.context import DECODE, FULL, PREFILL, REFERENCE_OPS, ElementwiseOps, ForwardContext
-from sala.modeling.fp8 import Fp8Linear, concat_fp8_linears
 from sala.modeling.context import rope_cos_sin  # noqa: F401  (re-exported: the one RoPE frequency computation)
 from sala.ops.dense import dense_causal_attention
 from sala.ops.fused_reference import qk_norm_rope_reference
@@ -154,11 +153,13 @@ class FusedProjections:
 def _concat_linears(linears: list[nn.Linear], interleave: bool = False) -> nn.Linear:
     """One Linear whose output rows are those of `linears` concatenated (or, with `interleave`, two Linears' rows
     alternating); a new real parameter, the same device, dtype and requires_grad."""
-    if any(isinstance(m, Fp8Linear) for m in linears):
-        if interleave or not all(isinstance(m, Fp8Linear) for m in linears):
+    if any(type(m) is not nn.Linear for m in linears):   # quantized modules (sala.modeling.fp8) fuse themselves
+        kinds = {type(m) for m in linears}
+        concat = getattr(next(iter(kinds)), "concat", None)
+        if interleave or len(kinds) != 1 or concat is None:
             raise ValueError("fusing projections: a layer's projections must be all FP8 or all unquantized, and FP8 "
                              f"ones cannot interleave; got {[type(m).__name__ for m in linears]}")
-        return concat_fp8_linears(linears)
+        return concat(linears)
     w0 = linears[0].weight
     bias = linears[0].bias is not None
     out = sum(lin.out_features for lin in linears)

@@ -177,7 +177,7 @@ def test_hf_tokenizer_and_cli_give_the_same_text_and_chat(bundled, capsys):
                  "8", "--device", "cpu", "--no-progress"]) == 0
     assert capsys.readouterr().out == hf + "\n"
     # --chat renders the tokenizer's template, the same text transformers renders
-    from sala.data.tokenizer import load_tokenizer, render_chat
+    from sala.modeling.tokenizer import load_tokenizer, render_chat
 
     msgs = [{"role": "user", "content": "hi"}]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -189,7 +189,7 @@ def test_hf_tokenizer_and_cli_give_the_same_text_and_chat(bundled, capsys):
 
 
 def test_chat_without_a_template_is_refused(tmp_path, capsys):
-    from sala.data.tokenizer import load_tokenizer
+    from sala.modeling.tokenizer import load_tokenizer
     from sala.modeling import SalaConfig, SalaForCausalLM
 
     tok = load_tokenizer(None)

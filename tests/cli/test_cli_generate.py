@@ -8,7 +8,7 @@ import torch
 
 from sala.cli import main
 from sala.commands.generate import BUNDLED_MODEL
-from sala.data.tokenizer import train_bpe
+from sala.modeling.tokenizer import train_bpe
 from sala.engine import SalaEngine, SamplingParams
 from sala.modeling import SalaConfig, SalaForCausalLM
 

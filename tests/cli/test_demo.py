@@ -9,7 +9,7 @@ from sala.modeling.modeling_sala import SalaForCausalLM
 
 
 def test_demo_runs_with_a_model_folder(tmp_path, capsys):
-    from sala.data.tokenizer import load_tokenizer
+    from sala.modeling.tokenizer import load_tokenizer
 
     tok = load_tokenizer(None)
     torch.manual_seed(0)

@@ -31,7 +31,7 @@ def text_ids(n: int = 400) -> torch.Tensor:
     """Tokens of a standard-library source file: the bundled model's training domain (Python code)."""
     import textwrap
 
-    from sala.data.tokenizer import load_tokenizer
+    from sala.modeling.tokenizer import load_tokenizer
 
     ids = load_tokenizer(BUNDLED).encode(Path(textwrap.__file__).read_text(), add_bos=True)
     return torch.tensor([ids[:n]])
