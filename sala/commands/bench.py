@@ -54,6 +54,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec(args: argparse.Namespace) -> int:
+    from sala.bench.spec import run
+
+    payload = run(args)
+    s = payload["summary"]
+    print(f"wrote {args.out}: identical outputs {s['all_identical']}, speed-up mean {s['mean_speedup']}, "
+          f"min {s['min_speedup']}" + (f"; verify/decode {payload['cost']['verify_ratio']:.2f}x"
+                                       if "cost" in payload else ""))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="GPU benchmarks (write JSON for bench/results/)")
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
@@ -84,3 +95,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     srv = bsub.add_parser("serve", help="load generator for sala serve: throughput, TTFT, inter-token latency")
     serve_arguments(srv)
     srv.set_defaults(func=_serve)
+
+    from sala.bench.spec import add_arguments as spec_arguments
+
+    sp = bsub.add_parser("spec", help="speculative decoding: greedy tokens/s with and without drafts on "
+                                      "copy-heavy long-context tasks; verify-step cost")
+    spec_arguments(sp)
+    sp.set_defaults(func=_spec)
