@@ -154,8 +154,8 @@ def run(args) -> dict:
     bad = [t for t in tasks if t not in ("quote", "vt")]
     if bad:
         raise ValueError(f"--tasks: unknown {bad}; choose from quote, vt")
-    kw = dict(device=args.device, dtype=args.dtype, max_num_seqs=1, enable_prefix_cache=False,
-              max_model_len=-(-(max(lengths) + args.max_new_tokens + 64) // 64) * 64)
+    kw = {"device": args.device, "dtype": args.dtype, "max_num_seqs": 1, "enable_prefix_cache": False,
+              "max_model_len": -(-(max(lengths) + args.max_new_tokens + 64) // 64) * 64}
     plain = EngineCore.from_pretrained(str(src), **kw)
     spec = EngineCore(plain.model, plain.tokenizer, **{k: v for k, v in kw.items() if k not in ("device", "dtype")},
                       speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)

@@ -14,8 +14,17 @@ from sala.engine.loading import random_model
 from sala.engine.requests import Request
 from sala.engine.sampling import SamplingParams
 from sala.engine.scheduler import EngineCore
-from sala.engine.speculative import (AdaptiveK, ModelDrafter, NgramDrafter, accept_drafts, make_drafter,
-                                     rollback_row, snapshot_row, target_probs, verify_row)
+from sala.engine.speculative import (
+    AdaptiveK,
+    ModelDrafter,
+    NgramDrafter,
+    accept_drafts,
+    make_drafter,
+    rollback_row,
+    snapshot_row,
+    target_probs,
+    verify_row,
+)
 from sala.engine.static_cache import StaticCache
 from sala.modeling.configuration_sala import SalaConfig
 from sala.ops.infllmv2 import compressed_lengths
@@ -272,7 +281,7 @@ def test_draft_model_speculation_gives_the_plain_greedy_tokens(model, other_mode
     for draft, expect_all in ((model, True), (other_model, False)):
         core = _core(model, speculative="ngram", num_speculative_tokens=3)
         core.drafter = ModelDrafter(draft)
-        toks, last = _run(core, PROMPTS[3:], SamplingParams(max_new_tokens=16, ignore_eos=True))
+        toks, _last = _run(core, PROMPTS[3:], SamplingParams(max_new_tokens=16, ignore_eos=True))
         assert toks["0"] == plain["3"][:16]
         rate = core.stats()["spec_accepted_tokens_total"] / core.stats()["spec_draft_tokens_total"]
         assert (rate == 1.0) if expect_all else (rate < 1.0)
@@ -297,7 +306,7 @@ def test_sampling_with_speculation_is_seeded_and_stops_at_max_tokens(model):
 
 
 def test_logprobs_with_speculation_equal_plain(model):
-    req = dict(params=SamplingParams(max_new_tokens=20, ignore_eos=True), logprobs=2)
+    req = {"params": SamplingParams(max_new_tokens=20, ignore_eos=True), "logprobs": 2}
 
     def run(core):
         core.add_request(Request("x", PROMPTS[0], **req))
