@@ -4,16 +4,16 @@ adaptive number of draft tokens per request."""
 from sala.engine.speculative.accept import accept_drafts, target_probs
 from sala.engine.speculative.adaptive import AdaptiveK
 from sala.engine.speculative.drafts import (
-           Drafter,
-           ModelDrafter,
-           NgramDrafter,
-           make_drafter,
+    Drafter,
+    ModelDrafter,
+    NgramDrafter,
+    make_drafter,
 )
 from sala.engine.speculative.verify import (
-           SpecStats,
-           rollback_row,
-           snapshot_row,
-           verify_row,
+    SpecStats,
+    rollback_row,
+    snapshot_row,
+    verify_row,
 )
 
 __all__ = ["AdaptiveK", "Drafter", "ModelDrafter", "NgramDrafter", "SpecStats", "accept_drafts", "make_drafter",
