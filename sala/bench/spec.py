@@ -9,7 +9,8 @@ acceptance rate and tokens per verify step.
 
 `--cost-preset` adds the cost side: on that preset shape with random weights, at `--cost-context` tokens, the
 time of one verify step over `--cost-k` drafts (+ the last token) against one plain decode step, and of a verify
-step followed by the rollback of half of its drafts (snapshot restore + replay).
+step followed by the rollback of half of its drafts (snapshot restore + the lightning layers over the kept
+positions).
 """
 from __future__ import annotations
 
@@ -127,8 +128,8 @@ def _cost(preset: str, context: int, k: int, device, dtype, seed: int) -> dict:
 
     def verify_rollback() -> None:
         s = snapshot_row(cache, 0)
-        verify_row(runner, cache, 0, drafts)
-        rollback_row(runner, cache, 0, s, context, drafts[:1 + k // 2])
+        _, inputs = verify_row(runner, cache, 0, drafts)
+        rollback_row(runner, cache, 0, s, context, 1 + k // 2, inputs)
         reset()
 
     d = bench_ms(decode)

@@ -510,10 +510,11 @@ class EngineCore:
         """One verify step of a request over its drafts; emits the accepted drafts and one target token."""
         row, start, k = s.row, self.cache.lengths[s.row], len(drafts)
         snap = snapshot_row(self.cache, row)
-        logits = verify_row(self.runner, self.cache, row, [s.last_token] + drafts)
+        logits, inputs = verify_row(self.runner, self.cache, row, [s.last_token] + drafts)
         toks, a = accept_drafts(logits, drafts, s.req.params, s.generator)
         if a < k:
-            rollback_row(self.runner, self.cache, row, snap, start, [s.last_token] + drafts[:a])
+            rollback_row(self.runner, self.cache, row, snap, start, 1 + a, inputs)
+        del inputs
         self.counters["spec_verify_steps"] += 1
         self.counters["spec_draft_tokens_total"] += k
         self.counters["spec_accepted_tokens_total"] += a

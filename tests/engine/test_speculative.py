@@ -190,10 +190,10 @@ def test_rollback_equals_plain_decoding_of_the_accepted_tokens(model, start, dra
     for c in (spec, ref):
         runner.prefill_chunk(torch.tensor(prompt), c, 0)
     snap = snapshot_row(spec, 0)
-    logits = verify_row(runner, spec, 0, tail)
+    logits, inputs = verify_row(runner, spec, 0, tail)
     assert logits.shape == (drafts + 1, CFG.vocab_size) and spec.lengths[0] == start + drafts + 1
     keep = tail[:1 + accepted]
-    rollback_row(runner, spec, 0, snap, start, keep)
+    rollback_row(runner, spec, 0, snap, start, len(keep), inputs)
     ref_logits = _plain_decode(runner, ref, 0, keep)
     _compare_rows(spec, ref, 0)
     # The verify step's logits at the kept positions are those of plain decoding.

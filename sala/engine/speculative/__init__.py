@@ -10,11 +10,24 @@ from sala.engine.speculative.drafts import (
     make_drafter,
 )
 from sala.engine.speculative.verify import (
+    LightningInputs,
     SpecStats,
     rollback_row,
     snapshot_row,
     verify_row,
 )
 
-__all__ = ["AdaptiveK", "Drafter", "ModelDrafter", "NgramDrafter", "SpecStats", "accept_drafts", "make_drafter",
-           "rollback_row", "snapshot_row", "target_probs", "verify_row"]
+__all__ = [
+    "AdaptiveK",
+    "Drafter",
+    "LightningInputs",
+    "ModelDrafter",
+    "NgramDrafter",
+    "SpecStats",
+    "accept_drafts",
+    "make_drafter",
+    "rollback_row",
+    "snapshot_row",
+    "target_probs",
+    "verify_row",
+]

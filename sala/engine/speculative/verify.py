@@ -10,9 +10,9 @@ accepted, the row must hold exactly L + 1 + a tokens:
   and prefill chunks / `update_compressed_keys` write windows from n(length before) on, so a window that a
   rejected token completed is invisible and is recomputed from the true keys when the sequence reaches its end;
 - lightning states are recurrent, so they are restored from a snapshot taken before the step ([n_lightning, H,
-  Dk, Dv] fp32 for the row) and the accepted tokens are replayed (a second, shorter chunk over the 1 + a kept
-  tokens). The replay writes the same K/V and compressed keys again, so the whole row equals a prefill of
-  exactly the accepted tokens.
+  Dk, Dv] fp32 for the row) and advanced over the 1 + a kept positions by each lightning layer alone, from its
+  inputs captured during the verify step. That is what a replay of the kept tokens through the whole model
+  would compute for those layers, without the replay's MLPs, sparse layers and lm_head (measured faster).
 """
 from __future__ import annotations
 
@@ -51,23 +51,46 @@ def snapshot_row(cache: StaticCache, row: int) -> torch.Tensor:
     return cache.states[:, row].clone()
 
 
-@torch.no_grad()
-def verify_row(runner: ModelRunner, cache: StaticCache, row: int, ids: list[int]) -> torch.Tensor:
-    """Run ids (the last accepted token then the drafts) after the row's cached tokens; logits [len(ids), V] fp32
-    (row j predicts the token after ids[j]). The row then holds all of ids."""
-    t = torch.tensor(ids, dtype=torch.long, device=runner.device)
-    h = runner.prefill_chunk(t, cache, row)
-    return runner.logits_of(h[0])
+class LightningInputs:
+    """The lightning layers' inputs during one verify step: layer -> (x [1, T, hidden], cos, sin)."""
+
+    def __init__(self) -> None:
+        self.inputs: dict[int, tuple] = {}
 
 
 @torch.no_grad()
-def rollback_row(runner: ModelRunner, cache: StaticCache, row: int, snapshot: torch.Tensor, start: int,
-                 keep: list[int]) -> None:
-    """Make the row hold exactly its first `start` tokens plus `keep` (the last accepted token and the accepted
-    drafts), after a verify step from `start` that appended more: lightning states from `snapshot` (taken at
-    `start`), then `keep` replayed."""
+def verify_row(runner: ModelRunner, cache: StaticCache, row: int, ids: list[int]
+               ) -> tuple[torch.Tensor, LightningInputs]:
+    """Run ids (the last accepted token then the drafts) after the row's cached tokens through the prefill-chunk
+    path. Returns logits [len(ids), V] fp32 (row j predicts the token after ids[j]) and each lightning layer's
+    input (for `rollback_row`). The row then holds all of ids."""
+    cap = LightningInputs()
+    inner = runner._lightning_prefill
+
+    def capturing(i, attn, x, cos, sin, state):
+        cap.inputs[i] = (x, cos, sin)
+        return inner(i, attn, x, cos, sin, state)
+
+    runner._lightning_prefill = capturing
+    try:
+        h = runner.prefill_chunk(torch.tensor(ids, dtype=torch.long, device=runner.device), cache, row)
+    finally:
+        del runner._lightning_prefill
+    return runner.logits_of(h[0]), cap
+
+
+@torch.no_grad()
+def rollback_row(runner: ModelRunner, cache: StaticCache, row: int, snapshot: torch.Tensor, start: int, keep: int,
+                 cap: LightningInputs) -> None:
+    """Make the row hold exactly its first `start` tokens plus the first `keep` tokens of the verify step that
+    began at `start` (the last accepted token and the accepted drafts). Lightning states: `snapshot` (taken at
+    `start`) advanced over the kept positions from the captured layer inputs (each lightning layer's projection
+    and scan only; by causality those inputs are what a replay of the kept tokens would compute). Sparse K/V
+    and K1/K2 only need the length (module docstring)."""
     cache.states[:, row] = snapshot
-    cache.lengths[row] = start
-    cache.seqlens[row:row + 1].fill_(start)
-    if keep:
-        runner.prefill_chunk(torch.tensor(keep, dtype=torch.long, device=runner.device), cache, row)
+    for i, (x, cos, sin) in cap.inputs.items():
+        runner._lightning_prefill(i, runner.layers[i].self_attn, x[:, :keep],
+                                  None if cos is None else cos[:, :keep], None if sin is None else sin[:, :keep],
+                                  cache.state(i)[row:row + 1])
+    cache.lengths[row] = start + keep
+    cache.seqlens[row:row + 1].fill_(start + keep)
