@@ -85,3 +85,29 @@ def test_streamed_chat_reports_speculative_counts_with_usage(spec_server):
     assert final["usage"]["completion_tokens"] >= 1
     assert set(final["speculative"]) >= {"draft_tokens", "accepted_tokens", "acceptance_rate",
                                          "mean_accepted_length"}
+
+
+def test_serve_flags_reach_the_engine():
+    from sala.cli import build_parser
+    from sala.commands.serve import engine_kwargs
+
+    args = build_parser().parse_args(["serve", "--speculative", "ngram", "--num-speculative-tokens", "6"])
+    kw = engine_kwargs(args)
+    assert kw["speculative"] == "ngram" and kw["num_speculative_tokens"] == 6
+    assert "speculative" not in engine_kwargs(build_parser().parse_args(["serve"]))
+
+
+def test_sala_generate_with_ngram_drafts_prints_the_plain_greedy_text(capsys):
+    from sala.cli import main
+
+    prompt = PASSAGE * 2 + "The river keeper"
+    outs = []
+    for extra in ([], ["--speculative", "ngram", "--num-speculative-tokens", "5", "--stats"]):
+        assert main(["generate", "--prompt", prompt, "--max-new-tokens", "24", "--device", "cpu", "--ignore-eos",
+                     *extra]) == 0
+        cap = capsys.readouterr()
+        outs.append(cap.out)
+    assert outs[0] == outs[1] and len(outs[0].strip()) > 0
+    assert "acceptance" in cap.err
+    with pytest.raises(ValueError, match="ngram"):
+        main(["generate", "--prompt", "x", "--speculative", "bogus", "--device", "cpu", "--debug"])
