@@ -91,6 +91,8 @@ class _Seq:
     read_offset: int = 0
     adaptive: AdaptiveK | None = None        # speculative decoding: this request's k
     spec: SpecStats | None = None
+    context: torch.Tensor | None = None      # prompt + output ids on the host (the drafter's input), filled
+    context_len: int = 0                     # incrementally so a long prompt is not converted every step
 
     @property
     def prompt(self) -> list[int]:
@@ -503,7 +505,15 @@ class EngineCore:
         k = min(k, s.req.params.max_new_tokens - len(s.output_ids) - 1, room)
         if k <= 0:
             return []
-        return self.drafter.propose(s.prompt + s.output_ids, k)[:k]
+        if s.context is None:
+            s.context = torch.empty(len(s.prompt) + s.req.params.max_new_tokens, dtype=torch.long)
+            s.context[:len(s.prompt)] = torch.tensor(s.prompt, dtype=torch.long)
+            s.context_len = len(s.prompt)
+        n = len(s.prompt) + len(s.output_ids)
+        if n > s.context_len:
+            s.context[s.context_len:n] = torch.tensor(s.output_ids[s.context_len - len(s.prompt):], dtype=torch.long)
+            s.context_len = n
+        return self.drafter.propose(s.context[:n], k)[:k]
 
     @torch.no_grad()
     def _verify(self, s: _Seq, drafts: list[int]) -> RequestOutput:

@@ -11,9 +11,10 @@ logger = logging.getLogger(__name__)
 
 
 class Drafter(Protocol):
-    """Proposes up to k next tokens after `context` (prompt + output so far, the last token included)."""
+    """Proposes up to k next tokens after `context` (prompt + output so far, the last token included; a list or
+    a 1-D int64 CPU tensor)."""
 
-    def propose(self, context: list[int], k: int) -> list[int]: ...
+    def propose(self, context: list[int] | torch.Tensor, k: int) -> list[int]: ...
 
 
 class NgramDrafter:
@@ -26,11 +27,11 @@ class NgramDrafter:
             raise ValueError(f"ngram drafts: need 1 <= min_n <= max_n, got min_n {min_n}, max_n {max_n}")
         self.max_n, self.min_n = max_n, min_n
 
-    def propose(self, context: list[int], k: int) -> list[int]:
+    def propose(self, context: list[int] | torch.Tensor, k: int) -> list[int]:
         L = len(context)
         if k < 1 or L < 2:
             return []
-        t = torch.tensor(context, dtype=torch.long)
+        t = context if isinstance(context, torch.Tensor) else torch.tensor(context, dtype=torch.long)
         for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
             tail = t[L - n:]
             # Windows starting at 0 .. L-n-1 (the tail itself excluded); the match must be followed by a token.
@@ -40,7 +41,7 @@ class NgramDrafter:
             hits = torch.nonzero((win == tail).all(dim=1))[:, 0]
             if hits.numel():
                 start = int(hits[-1]) + n            # the most recent match
-                return context[start:start + k]
+                return t[start:start + k].tolist()
         return []
 
 
@@ -77,8 +78,8 @@ class ModelDrafter:
         return cls(model, vocab)
 
     @torch.no_grad()
-    def propose(self, context: list[int], k: int) -> list[int]:
-        ids = torch.tensor([context], dtype=torch.long, device=self.device)
+    def propose(self, context: list[int] | torch.Tensor, k: int) -> list[int]:
+        ids = torch.as_tensor(context, dtype=torch.long).reshape(1, -1).to(self.device)
         out: list[int] = []
         for _ in range(k):
             logits = self.model(input_ids=ids).logits[0, -1]
