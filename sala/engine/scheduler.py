@@ -138,7 +138,7 @@ class EngineCore:
                  chunk_size: int = 2048, max_tokens_per_step: int | None = None, max_waiting: int = 256,
                  use_cuda_graph: bool = True, prefix_cache_bytes: int | None = None,
                  page_size: int = PAGE_SIZE, speculative: str | None = None,
-                 num_speculative_tokens: int = 4) -> None:
+                 num_speculative_tokens: int = 4, speculative_max_batch: int = 8) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if chunk_size < page_size:
@@ -164,6 +164,9 @@ class EngineCore:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
         self.speculative = speculative
         self.num_speculative_tokens = num_speculative_tokens
+        # Verify steps run one row at a time, so with many running sequences the batched decode step (one
+        # forward for all of them) wins: above this many, every request decodes plainly.
+        self.speculative_max_batch = speculative_max_batch
         self.drafter = (make_drafter(speculative, device=model.lm_head.weight.device,
                                      dtype=model.lm_head.weight.dtype, target_vocab=model.config.vocab_size)
                         if speculative else None)
@@ -583,7 +586,8 @@ class EngineCore:
         the token budget. Returns an output for every request that progressed (or was aborted)."""
         outputs, self._aborted = self._aborted, []
         running = [s for s in self.active.values() if s.status == _RUNNING]
-        drafts = {s.req.request_id: d for s in running if (d := self._drafts(s))}
+        drafts = ({s.req.request_id: d for s in running if (d := self._drafts(s))}
+                  if len(running) <= self.speculative_max_batch else {})
         plain = [s for s in running if s.req.request_id not in drafts]
         if plain:
             outputs.extend(self._decode(plain, [s.row for s in running if s.req.request_id in drafts]))

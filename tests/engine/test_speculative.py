@@ -316,3 +316,13 @@ def test_logprobs_with_speculation_equal_plain(model):
     b = run(_core(model, speculative="ngram"))
     assert [x.token_id for x in a] == [x.token_id for x in b] and len(a) == 20
     assert all(math.isclose(x.logprob, y.logprob, abs_tol=1e-3) for x, y in zip(a, b))
+
+
+def test_no_verify_steps_above_the_speculative_batch_limit(model, plain):
+    # A limit of 1: verify steps only while one request decodes; 0: never.
+    for limit in (1, 0):
+        core = _core(model, speculative="ngram", speculative_max_batch=limit)
+        toks, _ = _run(core, PROMPTS[:2], SamplingParams(max_new_tokens=8, ignore_eos=True))
+        assert toks == {k: plain[k][:8] for k in ("0", "1")}
+        if limit == 0:
+            assert core.stats()["spec_verify_steps"] == 0
