@@ -419,6 +419,8 @@ def add_arguments(p) -> None:
     g.add_argument("--dtype", default=None)
     g.add_argument("--sequential-baseline", type=int, default=0, metavar="K",
                    help="first time K requests one after another through SalaEngine.generate (same weights)")
+    g.add_argument("--speculative", default=None, metavar="ngram|draft:DIR", help="speculative decoding")
+    g.add_argument("--num-speculative-tokens", type=int, default=4)
     g.add_argument("--compare-no-cache", action="store_true",
                    help="document: rerun with the prefix cache off and compare the answers")
     g.add_argument("--bandwidth-gbs", type=float, default=None,
@@ -452,6 +454,9 @@ def _engine_kwargs(args, prefix_cache: bool) -> dict:
               max_waiting=max(256, args.num_requests))
     if args.chunk_size:
         kw["chunk_size"] = args.chunk_size
+    if getattr(args, "speculative", None):
+        kw["speculative"] = args.speculative
+        kw["num_speculative_tokens"] = args.num_speculative_tokens
     return {k: v for k, v in kw.items() if v is not None}
 
 
@@ -487,6 +492,10 @@ async def _measure(url: str, args, vocab: int) -> dict:
     q = after.get("sala_prefix_cache_queries_total", 0.0) - before.get("sala_prefix_cache_queries_total", 0.0)
     h = after.get("sala_prefix_cache_hits_total", 0.0) - before.get("sala_prefix_cache_hits_total", 0.0)
     results["prefix_cache_hit_rate"] = h / q if q > 0 else None
+    d = after.get("sala_spec_draft_tokens_total", 0.0) - before.get("sala_spec_draft_tokens_total", 0.0)
+    a = after.get("sala_spec_accepted_tokens_total", 0.0) - before.get("sala_spec_accepted_tokens_total", 0.0)
+    if d > 0:      # a speculating server: drafted / accepted tokens and the acceptance rate of this run
+        results["speculative"] = {"draft_tokens": d, "accepted_tokens": a, "acceptance_rate": a / d}
     results["server_model"] = client.model
     return results
 

@@ -64,6 +64,17 @@ def _cpu_prefill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec(args: argparse.Namespace) -> int:
+    from sala.bench.spec import run
+
+    payload = run(args)
+    s = payload["summary"]
+    print(f"wrote {args.out}: identical outputs {s['all_identical']}, speed-up mean {s['mean_speedup']}, "
+          f"min {s['min_speedup']}" + (f"; verify/decode {payload['cost']['verify_ratio']:.2f}x"
+                                       if "cost" in payload else ""))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="GPU benchmarks (write JSON for bench/results/)")
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
@@ -104,3 +115,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="longest prompt timed with the previous path")
     cpu.add_argument("--no-baseline", action="store_true", help="skip the previous path")
     cpu.set_defaults(func=_cpu_prefill)
+
+    from sala.bench.spec import add_arguments as spec_arguments
+
+    sp = bsub.add_parser("spec", help="speculative decoding: greedy tokens/s with and without drafts on "
+                                      "copy-heavy long-context tasks; verify-step cost")
+    spec_arguments(sp)
+    sp.set_defaults(func=_spec)

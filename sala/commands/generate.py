@@ -74,6 +74,10 @@ def register(subparsers) -> None:
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly (debugging)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the prefill's elementwise work (long prompts on a GPU; the first chunk compiles)")
+    p.add_argument("--speculative", default=None, metavar="ngram|draft:DIR",
+                   help="speculative decoding: n-gram prompt lookup, or a draft model directory (same tokenizer)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4,
+                   help="most draft tokens per verify step (adaptive; default 4)")
     p.add_argument("--stats", action="store_true", help="print prompt length, TTFT and decode speed to stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     from sala.commands._replicas import add_generate_replica_args
@@ -152,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
     if not prompt and not args.chat:
         raise UsageError("the prompt is empty: give --prompt TEXT or a --prompt-file with text")
     chunk = args.chunk_size or (DEFAULT_CHUNK_SIZE if device.type == "cuda" else CPU_CHUNK_SIZE)
+    if args.speculative:
+        return _generate_speculative(args, prompt, sampling, chunk)
     kw = dict(device=args.device, dtype=args.dtype, chunk_size=chunk, use_cuda_graph=not args.no_cuda_graph,
               compile=args.compile, quantization=args.quantization)
     if args.preset:
@@ -217,3 +223,68 @@ def run(args: argparse.Namespace) -> int:
               f"TTFT {r.ttft_s:.3f} s, decode {r.decode_tokens_per_s:.1f} tokens/s, {dev}, "
               f"decode {engine.decode_mode}]", file=sys.stderr)
     return 0
+
+
+def _generate_speculative(args, prompt: str, sampling, chunk: int) -> int:
+    """One prompt through EngineCore with speculative decoding, streamed to stdout."""
+    import time
+
+    from sala.engine.requests import Request
+    from sala.engine.scheduler import EngineCore
+
+    if args.preset and not args.random_weights:
+        raise ValueError(f"preset {args.preset!r} ships no weights: add --random-weights, or pass --model DIR")
+    if args.random_weights and not args.preset:
+        raise ValueError("--random-weights goes with --preset, not with --model")
+    source = args.preset or args.model or bundled_model_dir()
+    if source is None:
+        raise FileNotFoundError(f"no model given and no bundled model at {BUNDLED_MODEL}: pass --model DIR")
+    if args.num_speculative_tokens < 0:
+        raise ValueError(f"--num-speculative-tokens must be >= 0, got {args.num_speculative_tokens}")
+    from sala.engine.loading import load_tokenizer_dir
+
+    tok = _tokenizer_for_preset(_preset_vocab(args.preset)) if args.preset else load_tokenizer_dir(str(source))
+    if tok is None:
+        raise FileNotFoundError(f"{source} has no tokenizer: `sala generate` needs one to read the prompt")
+    ids = tok.encode(prompt, add_bos=not args.no_bos)
+    page = 64
+    max_len = -(-(len(ids) + sampling.max_new_tokens) // page) * page
+    kw = dict(device=args.device, dtype=None if args.dtype == "auto" else args.dtype, max_num_seqs=1,
+              max_model_len=max_len, enable_prefix_cache=False, chunk_size=max(chunk, page),
+              use_cuda_graph=not args.no_cuda_graph, speculative=args.speculative,
+              num_speculative_tokens=args.num_speculative_tokens, quantization=args.quantization)
+    if args.preset:
+        kw["seed"] = args.seed or 0
+    core = EngineCore.from_pretrained(str(source), **kw)
+    core.tokenizer = tok
+    t0 = time.perf_counter()
+    core.add_request(Request("0", ids, sampling))
+    last, first_at = None, None
+    out = sys.stdout
+    while core.has_unfinished():
+        for o in core.step():
+            if o.new_token_ids and first_at is None:
+                first_at = time.perf_counter()
+            if o.new_text:
+                out.write(o.new_text)
+                out.flush()
+            last = o
+    out.write("\n")
+    out.flush()
+    if args.stats and last is not None:
+        end = time.perf_counter()
+        n = last.num_output_tokens
+        rate = (n - 1) / (end - first_at) if first_at is not None and n > 1 and end > first_at else 0.0
+        sp = last.speculative or {}
+        print(f"[prompt {len(ids)} tokens, generated {n} ({last.finish_reason}), TTFT "
+              f"{(first_at or end) - t0:.3f} s, decode {rate:.1f} tokens/s, speculative {args.speculative}: "
+              f"acceptance {sp.get('acceptance_rate', 0.0):.2f}, {sp.get('mean_accepted_length', 0.0):.2f} "
+              "tokens per verify step]", file=sys.stderr)
+    return 0
+
+
+def _preset_vocab(preset: str) -> int:
+    """The vocabulary size of a preset shape."""
+    from sala.modeling import SalaConfig
+
+    return SalaConfig.from_preset(preset).vocab_size

@@ -38,6 +38,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-waiting", type=int, default=256,
                    help="most requests waiting for admission; more are refused with 503")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the prefix cache off")
+    p.add_argument("--speculative", default=None, metavar="ngram|draft:DIR",
+                   help="speculative decoding: n-gram prompt lookup, or a draft model directory (same tokenizer)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4,
+                   help="most draft tokens per verify step (adaptive per request; default 4)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -53,7 +57,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kw = dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
               memory_fraction=args.memory_fraction, enable_prefix_cache=not args.no_prefix_cache,
               max_waiting=args.max_waiting, device=args.device, dtype=args.dtype,
-              quantization=None if args.quantization == "none" else args.quantization)
+              quantization=None if args.quantization == "none" else args.quantization,
+              speculative=getattr(args, "speculative", None),
+              num_speculative_tokens=getattr(args, "num_speculative_tokens", None))
     return {k: v for k, v in kw.items() if v is not None}
 
 

@@ -261,6 +261,9 @@ def generate_command(args) -> int:
               "use_cuda_graph": not args.no_cuda_graph}
     if args.chunk_size:
         kw["chunk_size"] = args.chunk_size
+    if getattr(args, "speculative", None):
+        kw["speculative"] = args.speculative
+        kw["num_speculative_tokens"] = args.num_speculative_tokens
     if args.preset:
         kw["seed"] = args.seed or 0
     llm = LLM(str(source), **kw)

@@ -66,3 +66,5 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int            # prompt tokens served from the prefix cache
     num_output_tokens: int            # so far
+    # Speculative decoding counts so far (SpecStats.as_dict()); None when the engine does not speculate.
+    speculative: dict | None = None

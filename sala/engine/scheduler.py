@@ -17,6 +17,12 @@ the lowest free row when one is free, and leave when they finish. Each `step()`:
 
 Sampling is per request (its own SamplingParams and torch.Generator). Greedy tokens equal those of the
 request run alone: a row's arithmetic never mixes with another row's.
+
+Speculative decoding (`speculative="ngram"` or `"draft:DIR"`): a running request that gets drafts this step
+(up to its adaptive k, `AdaptiveK`) is left out of the batched decode step and runs a verify step instead: one
+chunk over its last token and the drafts on its own row, acceptance (greedy prefix, or rejection sampling that
+keeps the target distribution), and an exact rollback of the row to the accepted tokens
+(`sala.engine.speculative.verify`). Requests without drafts decode in the batch as usual.
 """
 from __future__ import annotations
 
@@ -45,6 +51,8 @@ from sala.engine.requests import (
     TokenLogprob,
 )
 from sala.engine.sampling import SamplingParams, StopMatcher, sample_next
+from sala.engine.speculative import (AdaptiveK, SpecStats, accept_drafts, make_drafter, rollback_row,
+                                     snapshot_row, verify_row)
 from sala.engine.static_cache import StaticCache
 from sala.modeling.configuration_sala import SalaConfig
 from sala.modeling.modeling_sala import SalaForCausalLM
@@ -81,6 +89,10 @@ class _Seq:
     text: str = ""                           # output text decoded so far (incrementally)
     prefix_offset: int = 0                   # output ids [prefix_offset, read_offset) give the text's context
     read_offset: int = 0
+    adaptive: AdaptiveK | None = None        # speculative decoding: this request's k
+    spec: SpecStats | None = None
+    context: torch.Tensor | None = None      # prompt + output ids on the host (the drafter's input), filled
+    context_len: int = 0                     # incrementally so a long prompt is not converted every step
 
     @property
     def prompt(self) -> list[int]:
@@ -98,6 +110,20 @@ def _top_logprobs(lp: torch.Tensor, chosen: list[int], k: int) -> list[TokenLogp
     return [TokenLogprob(t, c, list(zip(i, v))) for t, c, i, v in zip(chosen, ch, idx, vals)]
 
 
+def _merge(outs: list[RequestOutput]) -> RequestOutput:
+    """One RequestOutput for several tokens of one request taken in one step (a verify step's)."""
+    last = outs[-1]
+    if len(outs) == 1:
+        return last
+    lps = None
+    if last.new_logprobs is not None:
+        lps = [lp for o in outs for lp in (o.new_logprobs or [])]
+    plp = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None)
+    return RequestOutput(last.request_id, [t for o in outs for t in o.new_token_ids], "".join(o.new_text for o in outs),
+                         lps, plp, last.finished, last.finish_reason, last.num_prompt_tokens, last.num_cached_tokens,
+                         last.num_output_tokens, last.speculative)
+
+
 def _buckets(max_num_seqs: int) -> list[int]:
     """Decode batch sizes: powers of two below max_num_seqs, and max_num_seqs."""
     out = [b for b in (1 << i for i in range(max_num_seqs.bit_length())) if b < max_num_seqs]
@@ -111,7 +137,8 @@ class EngineCore:
                  max_model_len: int | None = None, memory_fraction: float = 0.9, enable_prefix_cache: bool = True,
                  chunk_size: int = 2048, max_tokens_per_step: int | None = None, max_waiting: int = 256,
                  use_cuda_graph: bool = True, prefix_cache_bytes: int | None = None,
-                 page_size: int = PAGE_SIZE) -> None:
+                 page_size: int = PAGE_SIZE, speculative: str | None = None,
+                 num_speculative_tokens: int = 4, speculative_max_batch: int = 8) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if chunk_size < page_size:
@@ -133,6 +160,16 @@ class EngineCore:
         if self.max_tokens_per_step < 1:
             raise ValueError(f"max_tokens_per_step must be >= 1, got {self.max_tokens_per_step}")
         self.max_waiting = max_waiting
+        if num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
+        self.speculative = speculative
+        self.num_speculative_tokens = num_speculative_tokens
+        # Verify steps run one row at a time, so with many running sequences the batched decode step (one
+        # forward for all of them) wins: above this many, every request decodes plainly.
+        self.speculative_max_batch = speculative_max_batch
+        self.drafter = (make_drafter(speculative, device=model.lm_head.weight.device,
+                                     dtype=model.lm_head.weight.dtype, target_vocab=model.config.vocab_size)
+                        if speculative else None)
         self.use_cuda_graph = use_cuda_graph
         self.max_model_len = self._size(max_model_len, memory_fraction, prefix_cache_bytes, enable_prefix_cache)
         self.cache = StaticCache(self.config, max_num_seqs, self.max_model_len, self.dtype, self.device)
@@ -149,7 +186,8 @@ class EngineCore:
         self._aborted: list[RequestOutput] = []
         self.counters = {"prompt_tokens_total": 0, "prefill_tokens_total": 0, "generation_tokens_total": 0,
                          "prefix_cache_queries": 0, "prefix_cache_hits": 0, "requests_finished": 0,
-                         "requests_aborted": 0, "decode_steps": 0, "prefill_chunks": 0}
+                         "requests_aborted": 0, "decode_steps": 0, "prefill_chunks": 0,
+                         "spec_verify_steps": 0, "spec_draft_tokens_total": 0, "spec_accepted_tokens_total": 0}
         self._ids = itertools.count()
         logger.info("EngineCore: %d slots x %d tokens on %s (%s), slot cache %.1f MiB, prefix cache %s",
                     max_num_seqs, self.max_model_len, self.device, self.dtype,
@@ -273,7 +311,10 @@ class EngineCore:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(p.seed)
         matcher = StopMatcher(p.stop) if self.tokenizer is not None else None
-        self.waiting.append(_Seq(request, self._stop_ids(p), matcher, gen))
+        seq = _Seq(request, self._stop_ids(p), matcher, gen)
+        if self.drafter is not None:
+            seq.adaptive, seq.spec = AdaptiveK(self.num_speculative_tokens), SpecStats()
+        self.waiting.append(seq)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now: its row and prefix-cache pins are freed; the next step() reports it finished
@@ -355,7 +396,7 @@ class EngineCore:
         if s.prompt_lps is not None and not s.prompt_lps_sent:
             plp, s.prompt_lps_sent = s.prompt_lps, True
         return RequestOutput(s.req.request_id, new_ids, text, lps, plp, finished, reason, len(s.prompt),
-                             s.num_cached, len(s.output_ids))
+                             s.num_cached, len(s.output_ids), s.spec.as_dict() if s.spec is not None else None)
 
     def _detokenize(self, s: _Seq, final: bool) -> str:
         """The output text so far, extended by the new tokens' text. Only a few tokens are decoded per call
@@ -442,7 +483,7 @@ class EngineCore:
         return st
 
     @torch.no_grad()
-    def _decode(self, seqs: list[_Seq]) -> list[RequestOutput]:
+    def _decode(self, seqs: list[_Seq], also_keep: list[int] = ()) -> list[RequestOutput]:
         top = max(s.row for s in seqs) + 1
         b = next(x for x in self.buckets if x >= top)
         step = self._decode_step(b)
@@ -451,6 +492,7 @@ class EngineCore:
             ids[s.row] = s.last_token
         # Rows of the bucket that are mid-prefill: their lightning states must survive the step.
         keep = [s.row for s in self.active.values() if s.status == _PREFILL and s.row < b]
+        keep += [r for r in also_keep if r < b]      # rows verifying drafts this step
         saved = self.cache.states[:, keep].clone() if keep else None
         step.ids.copy_(torch.tensor(ids, dtype=torch.long), non_blocking=False)
         logits = step()
@@ -462,6 +504,53 @@ class EngineCore:
         self.counters["decode_steps"] += 1
         rows = torch.tensor([s.row for s in seqs], device=logits.device)
         return self._sample(seqs, logits.index_select(0, rows))
+
+    # ------------------------------------------------------------------ speculative decoding
+    def _drafts(self, s: _Seq) -> list[int]:
+        """Draft tokens for a running request this step ([] = decode plainly)."""
+        if s.adaptive is None:
+            return []
+        k = s.adaptive.next_k()
+        # At most the tokens still allowed (the verify step adds one of its own) and the row's room.
+        room = self.cache.capacity - self.cache.lengths[s.row] - 1
+        k = min(k, s.req.params.max_new_tokens - len(s.output_ids) - 1, room)
+        if k <= 0:
+            return []
+        if s.context is None:
+            s.context = torch.empty(len(s.prompt) + s.req.params.max_new_tokens, dtype=torch.long)
+            s.context[:len(s.prompt)] = torch.tensor(s.prompt, dtype=torch.long)
+            s.context_len = len(s.prompt)
+        n = len(s.prompt) + len(s.output_ids)
+        if n > s.context_len:
+            s.context[s.context_len:n] = torch.tensor(s.output_ids[s.context_len - len(s.prompt):], dtype=torch.long)
+            s.context_len = n
+        return self.drafter.propose(s.context[:n], k)[:k]
+
+    @torch.no_grad()
+    def _verify(self, s: _Seq, drafts: list[int]) -> RequestOutput:
+        """One verify step of a request over its drafts; emits the accepted drafts and one target token."""
+        row, start, k = s.row, self.cache.lengths[s.row], len(drafts)
+        snap = snapshot_row(self.cache, row)
+        logits, inputs = verify_row(self.runner, self.cache, row, [s.last_token] + drafts)
+        toks, a = accept_drafts(logits, drafts, s.req.params, s.generator)
+        if a < k:
+            rollback_row(self.runner, self.cache, row, snap, start, 1 + a, inputs)
+        del inputs
+        self.counters["spec_verify_steps"] += 1
+        self.counters["spec_draft_tokens_total"] += k
+        self.counters["spec_accepted_tokens_total"] += a
+        s.spec.add(k, a)
+        s.adaptive.update(k, a)
+        lps: list[TokenLogprob | None] = [None] * len(toks)
+        if s.req.logprobs is not None:
+            lp = torch.log_softmax(logits[:len(toks)], dim=-1)
+            lps = _top_logprobs(lp, toks, s.req.logprobs)
+        outs = []
+        for tok, lp in zip(toks, lps):
+            outs.append(self._accept(s, tok, lp))
+            if outs[-1].finished:
+                break
+        return _merge(outs)
 
     # ------------------------------------------------------------------ prefill
     def _chunk_end(self, s: _Seq, budget: int) -> int:
@@ -505,10 +594,17 @@ class EngineCore:
         the token budget. Returns an output for every request that progressed (or was aborted)."""
         outputs, self._aborted = self._aborted, []
         running = [s for s in self.active.values() if s.status == _RUNNING]
-        if running:
-            outputs.extend(self._decode(running))
+        drafts = ({s.req.request_id: d for s in running if (d := self._drafts(s))}
+                  if len(running) <= self.speculative_max_batch else {})
+        plain = [s for s in running if s.req.request_id not in drafts]
+        if plain:
+            outputs.extend(self._decode(plain, [s.row for s in running if s.req.request_id in drafts]))
+        for s in running:
+            if s.req.request_id in drafts:
+                outputs.append(self._verify(s, drafts[s.req.request_id]))
         self._admit()
-        budget = max(self.max_tokens_per_step - len(running), self.page_size)
+        spent = len(running) + sum(len(d) for d in drafts.values())
+        budget = max(self.max_tokens_per_step - spent, self.page_size)
         # Prompts that finish within one chunk go first (a long prompt does not hold back the first token of
         # short ones), then the others in arrival order.
         prefilling = [s for s in self.active.values() if s.status == _PREFILL]

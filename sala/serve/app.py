@@ -29,7 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sala.serve.async_engine import AsyncEngine
 from sala.serve.chat import ChatTemplate
-from sala.serve.choices import Choice, TokenText, chat_logprobs, completion_logprobs, usage
+from sala.serve.choices import (Choice, TokenText, chat_logprobs, completion_logprobs, speculative_stats,
+                                usage)
 from sala.serve.metrics import CONTENT_TYPE, ServerMetrics
 from sala.serve.prompts import PromptInput, check_length, completion_prompts, encode_text, sampling_params
 from sala.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
@@ -105,6 +106,12 @@ class _Timing:
     def finished(self, reason: str | None) -> None:
         self.metrics.request_latency.observe(time.perf_counter() - self.start)
         self.metrics.requests.labels(finish_reason=reason or "unknown").inc()
+
+
+def _spec(choices: list[Choice]) -> dict:
+    """{"speculative": counts} for a response when the engine speculates, else {}."""
+    st = speculative_stats(choices)
+    return {} if st is None else {"speculative": st}
 
 
 def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = None,
@@ -345,7 +352,8 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
                                                                 "finish_reason": c.finish_reason}]})
                 if include_usage:
                     yield sse({"id": base, "object": "text_completion", "created": int(time.time()),
-                               "model": model_name, "choices": [], "usage": usage(choices)})
+                               "model": model_name, "choices": [], "usage": usage(choices),
+                               **_spec(choices)})
 
             return streaming(events())
 
@@ -358,7 +366,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
                                 "logprobs": logprobs_of(c, c.logprobs, body.echo, 0),
                                 "finish_reason": c.finish_reason})
         return {"id": base, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                "choices": out_choices, "usage": usage(choices)}
+                "choices": out_choices, "usage": usage(choices), **_spec(choices)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: HTTPRequest):
@@ -401,7 +409,8 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
                         yield chunk(c.index, {}, c.finish_reason)
                 if include_usage:
                     yield sse({"id": base, "object": "chat.completion.chunk", "created": int(time.time()),
-                               "model": model_name, "choices": [], "usage": usage(choices)})
+                               "model": model_name, "choices": [], "usage": usage(choices),
+                               **_spec(choices)})
 
             return streaming(events())
 
@@ -411,6 +420,6 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
                         "logprobs": chat_logprobs(token_text, c.logprobs, top_n) if body.logprobs else None,
                         "finish_reason": c.finish_reason} for c in choices]
         return {"id": base, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                "choices": out_choices, "usage": usage(choices)}
+                "choices": out_choices, "usage": usage(choices), **_spec(choices)}
 
     return app

@@ -55,11 +55,14 @@ class Choice:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     finished: bool = False
+    speculative: dict | None = None                           # the engine's SpecStats of this choice
 
     def add(self, out) -> tuple[str, list]:
         """Take one RequestOutput; returns (new text, new TokenLogprobs) to stream."""
         self.num_prompt_tokens = out.num_prompt_tokens
         self.num_cached_tokens = out.num_cached_tokens
+        if getattr(out, "speculative", None) is not None:
+            self.speculative = out.speculative
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = list(out.prompt_logprobs)
         if out.finished:
@@ -88,6 +91,21 @@ def usage(choices: list[Choice]) -> dict:
     completion = sum(c.num_output_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def speculative_stats(choices: list[Choice]) -> dict | None:
+    """Speculative-decoding counts over all choices (draft and accepted tokens, verify steps, acceptance rate,
+    tokens per verify step), or None when the engine does not speculate. An extra response field: OpenAI clients
+    ignore it."""
+    stats = [c.speculative for c in choices if c.speculative is not None]
+    if not stats:
+        return None
+    drafted = sum(s["draft_tokens"] for s in stats)
+    accepted = sum(s["accepted_tokens"] for s in stats)
+    steps = sum(s["verify_steps"] for s in stats)
+    return {"draft_tokens": drafted, "accepted_tokens": accepted, "verify_steps": steps,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "mean_accepted_length": (accepted + steps) / steps if steps else 0.0}
 
 
 def completion_logprobs(token_text: TokenText, entries: list, token_ids: list[int], start_offset: int = 0

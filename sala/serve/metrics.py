@@ -48,6 +48,10 @@ class _EngineStatsCollector:
                     s.get("prefill_tokens_total")),
             counter("sala_requests_aborted", "Requests aborted (client gone)", s.get("requests_aborted")),
             gauge("sala_prefix_cache_bytes", "Bytes held by the prefix cache", s.get("prefix_cache_bytes")),
+            counter("sala_spec_draft_tokens", "Draft tokens proposed to verify steps (speculative decoding)",
+                    s.get("spec_draft_tokens_total")),
+            counter("sala_spec_accepted_tokens", "Draft tokens accepted by verify steps (speculative decoding)",
+                    s.get("spec_accepted_tokens_total")),
             gauge("sala_prefix_cache_hit_rate", "Prefix-cache hits / queries (tokens) since start",
                   (hits / queries if queries else 0.0) if queries is not None and hits is not None else None),
         ]

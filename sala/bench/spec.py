@@ -1,0 +1,191 @@
+"""`sala bench spec`: speculative decoding, greedy, plain vs n-gram drafts (or a draft model) in one run.
+
+Tasks (copy-heavy long context, prompts built from `sala.eval` pieces):
+- `quote`: a document of pseudo-word paragraphs; the prompt asks to quote one paragraph, giving its first words;
+- `vt`: RULER variable tracking (`sala.eval.tasks`, task "vt"): a chain of assignments hidden in filler.
+For every sample both engines (`EngineCore`, one sequence, prefix cache off) decode the same greedy tokens; the
+output reports decode tokens/s (first token to last), the speed-up, whether the outputs are identical, and the
+acceptance rate and tokens per verify step.
+
+`--cost-preset` adds the cost side: on that preset shape with random weights, at `--cost-context` tokens, the
+time of one verify step over `--cost-k` drafts (+ the last token) against one plain decode step, and of a verify
+step followed by the rollback of half of its drafts (snapshot restore + the lightning layers over the kept
+positions).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(p) -> None:
+    from sala.utils.lengths import length_arg, lengths_arg
+
+    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("--tasks", default="quote,vt", help="comma separated: quote, vt")
+    p.add_argument("--lengths", type=lengths_arg, default=None, help="prompt lengths, e.g. 16k,64k (default 16k)")
+    p.add_argument("--num-samples", type=int, default=2, help="samples per task and length")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--speculative", default="ngram", help="ngram or draft:DIR")
+    p.add_argument("--num-speculative-tokens", type=int, default=8)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cost-preset", default=None, help="also time verify vs decode at this preset's shape "
+                   "(random weights), e.g. minicpm-sala-9b")
+    p.add_argument("--cost-context", type=length_arg, default=65536)
+    p.add_argument("--cost-k", type=int, default=8)
+    p.add_argument("--out", default="bench_spec.json")
+
+
+def quote_prompt(tok, length: int, rng: random.Random) -> str:
+    """A document of about `length` tokens of pseudo-word paragraphs and a request to quote one of them."""
+    from sala.eval.words import pseudo_words
+
+    paras: list[str] = []
+    n = 0
+    while n < length - 200:
+        p = " ".join(pseudo_words(60, rng)).capitalize() + "."
+        paras.append(p)
+        n += len(tok.encode(p + "\n\n", add_bos=False))
+    pick = paras[rng.randrange(len(paras))]
+    head = " ".join(pick.split()[:6])
+    return ("Document:\n\n" + "\n\n".join(paras) + f"\n\nQuote the paragraph of the document that begins with "
+            f"\"{head}\", word for word.\nQuote: {head}")
+
+
+def vt_prompt(tok, length: int, index: int, seed: int) -> str:
+    from sala.eval.tasks import generate
+
+    s = next(generate("vt", length, index + 1, lambda t: len(tok.encode(t, add_bos=True)), seed=seed, skip=index))
+    return s.input
+
+
+def _decode_run(core, ids: list[int], max_new: int) -> dict:
+    from sala.engine.requests import Request
+    from sala.engine.sampling import SamplingParams
+
+    core.add_request(Request(f"r{time.monotonic_ns()}", ids, SamplingParams(max_new_tokens=max_new)))
+    toks: list[int] = []
+    first = last = None
+    spec = None
+    while core.has_unfinished():
+        outs = core.step()
+        if core.device.type == "cuda":
+            torch.cuda.synchronize(core.device)
+        now = time.perf_counter()
+        for o in outs:
+            if o.new_token_ids:
+                first = now if first is None else first
+                last = now
+            toks.extend(o.new_token_ids)
+            spec = o.speculative
+    rate = (len(toks) - 1) / (last - first) if first is not None and last > first else None
+    return {"tokens": toks, "decode_tokens_per_s": rate, "speculative": spec}
+
+
+def _cost(preset: str, context: int, k: int, device, dtype, seed: int) -> dict:
+    """Verify step over k drafts + 1 vs one plain decode step at `context` tokens (one sequence)."""
+    from sala.bench.common import bench_ms
+    from sala.engine.decode_graph import GraphedDecodeStep
+    from sala.engine.forward import DecodeStep, ModelRunner
+    from sala.engine.loading import default_device, parse_dtype, random_model
+    from sala.engine.speculative import rollback_row, snapshot_row, verify_row
+    from sala.engine.static_cache import StaticCache
+    from sala.modeling.configuration_sala import SalaConfig
+
+    dev = torch.device(device) if device else default_device()
+    dt = parse_dtype(dtype, dev)
+    cfg = SalaConfig.from_preset(preset)
+    runner = ModelRunner(random_model(cfg, dev, dt, seed))
+    cache = StaticCache(cfg, 1, context + k + 64, dt, dev)
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, cfg.vocab_size, (context,), generator=g).to(dev)
+    for s in range(0, context, 16384):
+        runner.prefill_chunk(prompt[s:s + 16384], cache, 0)
+    snap = snapshot_row(cache, 0)
+    drafts = torch.randint(3, cfg.vocab_size, (k + 1,), generator=g).tolist()
+
+    def reset() -> None:
+        cache.states[:, 0] = snap
+        cache.lengths[0] = context
+        cache.seqlens.fill_(context)
+
+    step = GraphedDecodeStep(DecodeStep(runner, cache))
+
+    def decode() -> None:
+        step()
+        reset()
+
+    def verify() -> None:
+        verify_row(runner, cache, 0, drafts)
+        reset()
+
+    def verify_rollback() -> None:
+        s = snapshot_row(cache, 0)
+        _, inputs = verify_row(runner, cache, 0, drafts)
+        rollback_row(runner, cache, 0, s, context, 1 + k // 2, inputs)
+        reset()
+
+    d = bench_ms(decode)
+    v = bench_ms(verify)
+    vr = bench_ms(verify_rollback)
+    return {"preset": preset, "context": context, "k": k, "decode_step_ms": d, "verify_step_ms": v,
+            "verify_ratio": v / d, "verify_rollback_ms": vr, "verify_rollback_ratio": vr / d,
+            "decode_mode": step.mode}
+
+
+def run(args) -> dict:
+    from sala.bench.common import run_metadata, write_json
+    from sala.engine.scheduler import EngineCore
+    from sala.utils.bundled import bundled_model_dir
+
+    payload: dict = {"meta": run_metadata(), "setup": {k: v for k, v in vars(args).items()
+                                                       if k != "func" and not callable(v)}}
+    lengths = args.lengths or [16384]
+    src = args.model or bundled_model_dir()
+    if src is None:
+        raise FileNotFoundError("no model given and no bundled model: pass --model DIR")
+    tasks = [t for t in args.tasks.split(",") if t]
+    bad = [t for t in tasks if t not in ("quote", "vt")]
+    if bad:
+        raise ValueError(f"--tasks: unknown {bad}; choose from quote, vt")
+    kw = {"device": args.device, "dtype": args.dtype, "max_num_seqs": 1, "enable_prefix_cache": False,
+              "max_model_len": -(-(max(lengths) + args.max_new_tokens + 64) // 64) * 64}
+    plain = EngineCore.from_pretrained(str(src), **kw)
+    spec = EngineCore(plain.model, plain.tokenizer, **{k: v for k, v in kw.items() if k not in ("device", "dtype")},
+                      speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
+    tok = plain.tokenizer
+    rows = []
+    for task in tasks:
+        for length in lengths:
+            for i in range(args.num_samples):
+                rng = random.Random(f"{args.seed}/{task}/{length}/{i}")
+                text = quote_prompt(tok, length, rng) if task == "quote" else vt_prompt(tok, length, i, args.seed)
+                ids = tok.encode(text, add_bos=True)[-(kw["max_model_len"] - args.max_new_tokens):]
+                a = _decode_run(plain, ids, args.max_new_tokens)
+                b = _decode_run(spec, ids, args.max_new_tokens)
+                row = {"task": task, "length": length, "index": i, "prompt_tokens": len(ids),
+                       "output_tokens": len(a["tokens"]), "identical": a["tokens"] == b["tokens"],
+                       "plain_tokens_per_s": a["decode_tokens_per_s"], "spec_tokens_per_s": b["decode_tokens_per_s"],
+                       "speedup": (b["decode_tokens_per_s"] / a["decode_tokens_per_s"]
+                                   if a["decode_tokens_per_s"] and b["decode_tokens_per_s"] else None),
+                       "speculative": b["speculative"]}
+                logger.info("spec bench %s", row)
+                rows.append(row)
+    payload["results"] = rows
+    sp = [r["speedup"] for r in rows if r["speedup"]]
+    payload["summary"] = {"all_identical": all(r["identical"] for r in rows),
+                          "min_speedup": min(sp) if sp else None,
+                          "mean_speedup": sum(sp) / len(sp) if sp else None,
+                          "engine": {k: v for k, v in spec.stats().items() if k.startswith("spec_")}}
+    if args.cost_preset:
+        del plain, spec
+        payload["cost"] = _cost(args.cost_preset, args.cost_context, args.cost_k, args.device, args.dtype, args.seed)
+    write_json(args.out, payload)
+    return payload

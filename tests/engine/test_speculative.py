@@ -1,0 +1,328 @@
+"""Speculative decoding, CPU: drafts, acceptance (greedy and rejection sampling against synthetic p and q),
+exact rollback of a StaticCache row after a verify step with rejections, and EngineCore greedy outputs equal with
+and without speculation (n-gram and draft models; batched and alone) on a tiny model whose decoding crosses the
+dense/sparse threshold and K1/K2 window boundaries."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sala.engine.forward import DecodeStep, ModelRunner
+from sala.engine.loading import random_model
+from sala.engine.requests import Request
+from sala.engine.sampling import SamplingParams
+from sala.engine.scheduler import EngineCore
+from sala.engine.speculative import (
+    AdaptiveK,
+    ModelDrafter,
+    NgramDrafter,
+    accept_drafts,
+    make_drafter,
+    rollback_row,
+    snapshot_row,
+    target_probs,
+    verify_row,
+)
+from sala.engine.static_cache import StaticCache
+from sala.modeling.configuration_sala import SalaConfig
+from sala.ops.infllmv2 import compressed_lengths
+
+# sala-tiny: K1 windows of 8 keys every 4, K2 windows of 32 every 16, dense below 128 tokens.
+CFG = SalaConfig.from_preset("sala-tiny")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(CFG, torch.device("cpu"), torch.float32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def other_model():
+    return random_model(CFG, torch.device("cpu"), torch.float32, seed=1)
+
+
+def _repetitive(n: int, seed: int) -> list[int]:
+    """A prompt of n tokens that repeats a random phrase (n-gram drafts find matches in it)."""
+    g = torch.Generator().manual_seed(seed)
+    phrase = torch.randint(3, CFG.vocab_size, (23,), generator=g).tolist()
+    return [1] + (phrase * (n // len(phrase) + 1))[:n - 1]
+
+
+# ------------------------------------------------------------------------------------------------ drafts
+def test_ngram_proposes_what_followed_the_most_recent_longest_match():
+    d = NgramDrafter(max_n=3, min_n=1)
+    ctx = [5, 6, 7, 8, 9, 1, 6, 7, 4, 4, 5, 6, 7]
+    # Tail [5, 6, 7] occurs at 0 (followed by 8, 9); [6, 7] also at 6 but the 3-gram wins.
+    assert d.propose(ctx, 2) == [8, 9]
+    # Tail [7] only: the most recent earlier 7 is at 7, followed by 4, 4, 5.
+    assert d.propose([1, 7, 2, 9, 7, 4, 4, 5, 3, 7], 3) == [4, 4, 5]
+    assert d.propose([1, 2, 3], 4) == []          # no match
+    assert d.propose([1, 2, 1], 5) == [2, 1]      # proposals stop at the context's end
+    assert d.propose([1, 2, 1], 0) == []
+    with pytest.raises(ValueError, match="min_n"):
+        NgramDrafter(max_n=1, min_n=2)
+    with pytest.raises(ValueError, match="ngram"):
+        make_drafter("lookahead")
+
+
+def test_model_drafter_proposes_the_draft_models_greedy_tokens(model):
+    ctx = _repetitive(20, 3)
+    drafts = ModelDrafter(model).propose(ctx, 3)
+    ids = list(ctx)
+    for _ in range(3):
+        ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    assert drafts == ids[len(ctx):]
+
+
+def test_adaptive_k_backs_off_to_plain_decoding_and_probes_again():
+    a = AdaptiveK(8, window=2, low=0.3, high=0.7, probe_after=3)
+    assert a.next_k() == 8
+    for _ in range(2):
+        a.update(8, 0)
+    assert a.next_k() == 4
+    for k in (4, 2, 1):
+        for _ in range(2):
+            a.update(k, 0)
+    assert [a.next_k() for _ in range(3)] == [0, 0, 0]    # plain decoding for probe_after steps
+    assert a.next_k() == 1                                 # then a probe
+    for _ in range(2):
+        a.update(1, 1)
+    assert a.next_k() == 2                                 # accepted: grows again
+
+
+# ------------------------------------------------------------------------------------------------ acceptance
+def test_greedy_acceptance_takes_the_longest_matching_prefix_then_the_targets_token():
+    V = 10
+    best = [3, 5, 7, 2]
+    logits = torch.full((4, V), -1.0)
+    logits[torch.arange(4), torch.tensor(best)] = 1.0
+    assert accept_drafts(logits, [3, 5, 7], SamplingParams()) == ([3, 5, 7, 2], 3)
+    assert accept_drafts(logits, [3, 4, 7], SamplingParams()) == ([3, 5], 1)
+    assert accept_drafts(logits, [9, 5, 7], SamplingParams()) == ([3], 0)
+
+
+def _tv(counts: torch.Tensor, p: torch.Tensor) -> float:
+    return 0.5 * float((counts / counts.sum() - p).abs().sum())
+
+
+def _tv_bound(p: torch.Tensor, n: int) -> float:
+    """4 standard deviations of the summed absolute deviations (each |p_hat - p| has sd sqrt(p(1-p)/n))."""
+    return 0.5 * 4 * float(torch.sqrt(p * (1 - p) / n).sum())
+
+
+@pytest.mark.parametrize("with_q", [False, True])
+def test_rejection_sampling_keeps_the_target_distribution(with_q):
+    V, k, N = 5, 2, 4000
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(k + 1, V, generator=g) * 1.5
+    params = SamplingParams(temperature=0.8, top_k=4, seed=0)
+    p = target_probs(logits, params)
+    assert p.eq(0).sum(dim=1).eq(1).all()                   # top_k = 4 of 5 applied to p
+    q = torch.softmax(torch.randn(k, V, generator=g), dim=-1) if with_q else None
+    gen = torch.Generator().manual_seed(1)
+    fixed = p[:k].argmax(dim=-1).tolist()
+    first = torch.zeros(V)
+    second = torch.zeros(V)           # the second token, given the first draft was accepted
+    for _ in range(N):
+        if q is None:
+            drafts = fixed            # deterministic drafts (point masses): each position's likeliest token
+        else:
+            drafts = [int(torch.multinomial(q[i], 1, generator=gen)) for i in range(k)]
+        toks, a = accept_drafts(logits, drafts, params, gen, q)
+        assert toks[:a] == drafts[:a] and len(toks) == a + 1
+        first[toks[0]] += 1
+        if a >= 1:
+            second[toks[1]] += 1
+    assert _tv(first, p[0]) < _tv_bound(p[0], N)
+    assert second.sum() > N / 10
+    assert _tv(second, p[1]) < _tv_bound(p[1], int(second.sum()))
+    # The bound is tight enough to catch a wrong scheme: always accepting gives the point mass, far from p.
+    wrong = torch.zeros(V)
+    wrong[int(p[0].argmax())] = N
+    assert _tv(wrong, p[0]) > 3 * _tv_bound(p[0], N)
+
+
+# ------------------------------------------------------------------------------------------------ rollback
+def _compare_rows(a: StaticCache, b: StaticCache, row: int, atol: float = 1e-4) -> None:
+    n = a.lengths[row]
+    assert n == b.lengths[row] and int(a.seqlens[row]) == int(b.seqlens[row]) == n
+    torch.testing.assert_close(a.states[:, row], b.states[:, row], atol=atol, rtol=1e-4)
+    n1, n2 = _n12(n)
+    for layer in a.sparse:
+        x, y = a.sparse[layer], b.sparse[layer]
+        torch.testing.assert_close(x.k[row, :n], y.k[row, :n], atol=atol, rtol=1e-4)
+        torch.testing.assert_close(x.v[row, :n], y.v[row, :n], atol=atol, rtol=1e-4)
+        torch.testing.assert_close(x.k1[row, :n1], y.k1[row, :n1], atol=atol, rtol=1e-4)
+        torch.testing.assert_close(x.k2[row, :n2], y.k2[row, :n2], atol=atol, rtol=1e-4)
+
+
+def _n12(n: int) -> tuple[int, int]:
+    from sala.modeling.modeling_sala import sparse_params_from_config
+
+    return compressed_lengths(n, sparse_params_from_config(CFG))
+
+
+def _plain_decode(runner: ModelRunner, cache: StaticCache, row: int, ids: list[int]) -> torch.Tensor:
+    """Feed ids one decode step at a time to `row` (a 1-row cache); the last step's logits [V]."""
+    step = DecodeStep(runner, cache)
+    logits = None
+    for t in ids:
+        step.ids.fill_(t)
+        logits = step()[row].clone()
+        cache.lengths[row] += 1
+    return logits
+
+
+@pytest.mark.parametrize("start,drafts,accepted", [
+    (125, 7, 2),     # rejected tokens complete the K1 window ending at 132 and cross the dense length 128
+    (109, 8, 0),     # the K2 window ending at 112 (32 every 16) completed by a rejected token; nothing accepted
+    (140, 6, 5),     # sparse already; one rejection at the end
+])
+def test_rollback_equals_plain_decoding_of_the_accepted_tokens(model, start, drafts, accepted):
+    runner = ModelRunner(model)
+    prompt = _repetitive(start, 5)
+    g = torch.Generator().manual_seed(start)
+    tail = torch.randint(3, CFG.vocab_size, (drafts + 1,), generator=g).tolist()   # last token + drafts
+    spec = StaticCache(CFG, 1, 256, torch.float32, "cpu")
+    ref = StaticCache(CFG, 1, 256, torch.float32, "cpu")
+    for c in (spec, ref):
+        runner.prefill_chunk(torch.tensor(prompt), c, 0)
+    snap = snapshot_row(spec, 0)
+    logits, inputs = verify_row(runner, spec, 0, tail)
+    assert logits.shape == (drafts + 1, CFG.vocab_size) and spec.lengths[0] == start + drafts + 1
+    keep = tail[:1 + accepted]
+    rollback_row(runner, spec, 0, snap, start, len(keep), inputs)
+    ref_logits = _plain_decode(runner, ref, 0, keep)
+    _compare_rows(spec, ref, 0)
+    # The verify step's logits at the kept positions are those of plain decoding.
+    torch.testing.assert_close(logits[accepted], ref_logits, atol=1e-3, rtol=1e-3)
+    # Both go on decoding the same tokens (through the windows the rejected tokens had completed) identically.
+    more = torch.randint(3, CFG.vocab_size, (12,), generator=g).tolist()
+    a = _plain_decode(runner, spec, 0, more)
+    b = _plain_decode(runner, ref, 0, more)
+    _compare_rows(spec, ref, 0)
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_without_restoring_the_states_rollback_would_be_wrong(model):
+    # Guards the test above: truncating the lengths alone leaves the rejected tokens in the lightning states.
+    runner = ModelRunner(model)
+    prompt = _repetitive(60, 2)
+    spec = StaticCache(CFG, 1, 128, torch.float32, "cpu")
+    ref = StaticCache(CFG, 1, 128, torch.float32, "cpu")
+    for c in (spec, ref):
+        runner.prefill_chunk(torch.tensor(prompt), c, 0)
+    verify_row(runner, spec, 0, [5, 6, 7, 8])
+    spec.lengths[0] = 61
+    spec.seqlens.fill_(61)
+    _plain_decode(runner, ref, 0, [5])
+    with pytest.raises(AssertionError):
+        _compare_rows(spec, ref, 0)
+
+
+# ------------------------------------------------------------------------------------------------ engine
+def _run(core: EngineCore, prompts: list[list[int]], params: SamplingParams) -> tuple[dict, dict]:
+    for i, p in enumerate(prompts):
+        core.add_request(Request(str(i), p, params))
+    toks: dict[str, list[int]] = {}
+    last: dict = {}
+    for _ in range(10_000):
+        if not core.has_unfinished():
+            break
+        for o in core.step():
+            toks.setdefault(o.request_id, []).extend(o.new_token_ids)
+            last[o.request_id] = o
+    assert not core.has_unfinished()
+    return toks, last
+
+
+def _core(model, **kw) -> EngineCore:
+    return EngineCore(model, None, max_num_seqs=4, max_model_len=256, chunk_size=64, enable_prefix_cache=False,
+                      use_cuda_graph=False, **kw)
+
+
+# Prompts of 100..120 tokens and 40 new: decoding crosses the dense length (128), K1 windows every 4 and K2
+# windows every 16 tokens, and the pages of 16 tokens.
+PROMPTS = [_repetitive(100, 11), _repetitive(117, 12), [1] + list(range(40, 150)), _repetitive(120, 14)]
+NEW = SamplingParams(max_new_tokens=40, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def plain(model):
+    return _run(_core(model), PROMPTS, NEW)[0]
+
+
+def test_ngram_speculation_gives_the_plain_greedy_tokens_batched(model, plain):
+    core = _core(model, speculative="ngram", num_speculative_tokens=6)
+    toks, last = _run(core, PROMPTS, NEW)
+    assert toks == plain
+    st = core.stats()
+    assert st["spec_verify_steps"] > 0 and st["spec_accepted_tokens_total"] > 0
+    assert st["spec_draft_tokens_total"] == sum(o.speculative["draft_tokens"] for o in last.values())
+    for o in last.values():
+        s = o.speculative
+        assert 0.0 <= s["acceptance_rate"] <= 1.0
+        assert s["verify_steps"] == 0 or 1.0 <= s["mean_accepted_length"] <= 7.0
+    # Copy-heavy prompts: drafts save decode steps (fewer model calls than tokens).
+    assert st["decode_steps"] + st["spec_verify_steps"] < sum(len(t) for t in plain.values()) // 2 + 40
+
+
+def test_ngram_speculation_alone_equals_batched(model, plain):
+    for i in (1, 2):
+        toks, _ = _run(_core(model, speculative="ngram", num_speculative_tokens=4), [PROMPTS[i]], NEW)
+        assert toks["0"] == plain[str(i)]
+
+
+def test_draft_model_speculation_gives_the_plain_greedy_tokens(model, other_model, plain):
+    # The target as its own draft (every draft accepted) and another model's drafts (mostly rejected).
+    # The draft model recomputes the whole context per draft token: one prompt, 16 tokens (past 128).
+    for draft, expect_all in ((model, True), (other_model, False)):
+        core = _core(model, speculative="ngram", num_speculative_tokens=3)
+        core.drafter = ModelDrafter(draft)
+        toks, _last = _run(core, PROMPTS[3:], SamplingParams(max_new_tokens=16, ignore_eos=True))
+        assert toks["0"] == plain["3"][:16]
+        rate = core.stats()["spec_accepted_tokens_total"] / core.stats()["spec_draft_tokens_total"]
+        assert (rate == 1.0) if expect_all else (rate < 1.0)
+
+
+def test_draft_model_from_a_directory(model, tmp_path, plain):
+    model.save_pretrained(tmp_path / "draft")
+    core = _core(model, speculative=f"draft:{tmp_path / 'draft'}", num_speculative_tokens=2)
+    assert isinstance(core.drafter, ModelDrafter)
+    toks, _ = _run(core, PROMPTS[:1], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert toks["0"] == plain["0"][:6]
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        _core(model, speculative=f"draft:{tmp_path / 'missing'}")
+
+
+def test_sampling_with_speculation_is_seeded_and_stops_at_max_tokens(model):
+    params = SamplingParams(max_new_tokens=30, temperature=0.7, top_p=0.9, seed=3, ignore_eos=True)
+    a, la = _run(_core(model, speculative="ngram", num_speculative_tokens=4), PROMPTS[:2], params)
+    b, _ = _run(_core(model, speculative="ngram", num_speculative_tokens=4), PROMPTS[:2], params)
+    assert a == b and all(len(t) == 30 for t in a.values())
+    assert all(o.num_output_tokens == 30 and o.finish_reason == "length" for o in la.values())
+
+
+def test_logprobs_with_speculation_equal_plain(model):
+    req = {"params": SamplingParams(max_new_tokens=20, ignore_eos=True), "logprobs": 2}
+
+    def run(core):
+        core.add_request(Request("x", PROMPTS[0], **req))
+        return [lp for o in core.run_until_done() for lp in (o.new_logprobs or [])]
+
+    a = run(_core(model))
+    b = run(_core(model, speculative="ngram"))
+    assert [x.token_id for x in a] == [x.token_id for x in b] and len(a) == 20
+    assert all(math.isclose(x.logprob, y.logprob, abs_tol=1e-3) for x, y in zip(a, b))
+
+
+def test_no_verify_steps_above_the_speculative_batch_limit(model, plain):
+    # A limit of 1: verify steps only while one request decodes; 0: never.
+    for limit in (1, 0):
+        core = _core(model, speculative="ngram", speculative_max_batch=limit)
+        toks, _ = _run(core, PROMPTS[:2], SamplingParams(max_new_tokens=8, ignore_eos=True))
+        assert toks == {k: plain[k][:8] for k in ("0", "1")}
+        if limit == 0:
+            assert core.stats()["spec_verify_steps"] == 0
