@@ -108,7 +108,7 @@ def main() -> None:
             print(f"T={T} {name}: {ms} ms (default {whole_ms}), rows differing {differ}", flush=True)
         print(row, flush=True)
         results.append(row)
-        del q, k, k1, k2, base
+        q = k = k1 = k2 = base = None  # free the memory
     write_json(args.out, {"meta": run_metadata(), "op": "infllmv2 select_blocks",
                           "shape": {"Hq": 32, "Hkv": 2, "head_dim": 128, "dtype": str(dt)},
                           "results": results})

@@ -186,7 +186,7 @@ def main() -> None:
             print(f"   kernel {r['ms']:9.2f} ms {r['calls']:6d}x  {r['name'][:110]}")
         for r in run.get("sites", [])[:12]:
             print(f"   site {r['self_ms']:9.2f} ms {r['calls']:6d}x  {r['op']}  <- {' <- '.join(r['stack'][:2])}")
-        del model, opt, fwd
+        model = opt = fwd = None  # free the memory
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     write_json(args.out, result)

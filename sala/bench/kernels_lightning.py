@@ -88,7 +88,7 @@ def _tune_forward(t: int, log_decay: torch.Tensor, base: LightningConfig) -> tup
     # tuned at one long T starves short sequences of programs
     ok = [x for x in trials if "fwd_ms" in x and x["config"]["chunks_per_segment"] == 0]
     best = min(ok, key=lambda x: x["fwd_ms"]) if ok else {"config": dataclasses.asdict(base)}
-    del q, k, v
+    q = k = v = None  # free the memory
     _free()
     return {"length": t, "trials": trials, "chosen": best}, LightningConfig(**best["config"])
 
@@ -112,7 +112,7 @@ def _decode_graph_us(q, k, v, log_decay, state, out, config: LightningConfig, n:
         for _ in range(n):
             graph.replay()
     us = 1e3 * bench_ms(graph_loop, warmup=2, rep=5) / n
-    del graph
+    graph = None  # free the memory
     return us
 
 
@@ -139,7 +139,7 @@ def _tune_decode(batch: int, log_decay: torch.Tensor, base: LightningConfig) -> 
     best = min(ok, key=lambda x: x["graph_us"]) if ok else None
     chosen = base if best is None else dataclasses.replace(
         base, decode_block_v=best["decode_block_v"], decode_num_warps=best["decode_num_warps"])
-    del q, k, v, state, out
+    q = k = v = state = out = None  # free the memory
     _free()
     return {"batch": batch, "trials": trials, "chosen": best,
             "default": {"decode_block_v": base.decode_block_v, "decode_num_warps": base.decode_num_warps}}, chosen
@@ -164,15 +164,15 @@ def _prefill(lengths: list[int], fwd_bwd_max: int, log_decay: torch.Tensor, fla,
                                           log_decay, scale=scale)[0]
         row["ref_tokens"] = n_ref
         row["ours_rel_err"] = _rel_err(o_ours[:, :n_ref], ref)
-        del o_ours
+        o_ours = None  # free the memory
         if fla is not None:
             chunk_fla = lambda: fla[0](q, k, v, g_gamma=log_decay, scale=scale)  # noqa: E731
             row["fla_fwd_ms"] = bench_ms(chunk_fla)
             row["fwd_speedup_vs_fla"] = row["fla_fwd_ms"] / row["ours_fwd_ms"]
             o_fla = chunk_fla()[0]
             row["fla_rel_err"] = _rel_err(o_fla[:, :n_ref], ref)
-            del o_fla
-        del ref
+            o_fla = None  # free the memory
+        ref = None  # free the memory
         _free()
         if t <= fwd_bwd_max:
             qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
@@ -203,8 +203,8 @@ def _prefill(lengths: list[int], fwd_bwd_max: int, log_decay: torch.Tensor, fla,
                     fwd_bwd(lambda a, b, c: fla[0](a, b, c, g_gamma=log_decay, scale=scale))()
                     row["fla_grad_rel_err"] = {n: _rel_err(a.grad, b.grad) for n, a, b in
                                                zip(("dq", "dk", "dv"), (qg, kg, vg), (qr, kr, vr))}
-            del qg, kg, vg, do
-        del q, k, v
+            qg = kg = vg = do = None  # free the memory
+        q = k = v = None  # free the memory
         _free()
         log.info("%s", row)
         rows.append(row)
@@ -253,7 +253,7 @@ def _decode(batches: list[int], log_decay: torch.Tensor, fla, config: LightningC
             o_fla, _ = fused()
             row["fla_rel_err"] = _rel_err(o_fla[:, 0], o_ref)
             row["speedup_vs_fla"] = row["fla_us"] / row["ours_us"]
-        del state, s_ours, s_ref
+        state = s_ours = s_ref = None  # free the memory
         _free()
         log.info("%s", row)
         rows.append(row)
@@ -268,7 +268,7 @@ def _long_finite(t: int, log_decay: torch.Tensor, config: LightningConfig) -> di
     o, f = lightning_attention(q, k, v, log_decay, output_final_state=True, config=config)
     res = {"T": t, "output_finite": bool(torch.isfinite(o).all()), "final_state_finite": bool(torch.isfinite(f).all()),
            "output_abs_max": float(o.abs().max())}
-    del q, k, v, o, f
+    q = k = v = o = f = None  # free the memory
     _free()
     return res
 
@@ -299,7 +299,7 @@ def _kernel_breakdown(t: int, log_decay: torch.Tensor, config: LightningConfig, 
             torch.cuda.synchronize()
         out[name] = {r["name"][:80]: {"calls_per_op": r["calls"] / reps, "ms_per_op": r["device_ms"] / reps}
                      for r in device_kernel_table(prof, top=8)}
-    del q, k, v, qg, kg, vg, do
+    q = k = v = qg = kg = vg = do = None  # free the memory
     _free()
     return out
 

@@ -98,10 +98,8 @@ def _measure_config_variant(name: str, T: int, p: SparseParams, q, k, v, res: di
             out = torch.empty_like(q)
             res[f"{name}_whole_fwd_peak_extra_gib"] = _peak_extra_gib(
                 lambda: out.copy_(infllmv2_attention(q, k, v, p, kernel_config=cfg)), torch.cuda.memory_allocated())
-            del out
-        del k1, k2, want, got
-
-
+            out = None  # free the memory
+        k1 = k2 = want = got = None  # free the memory
 def _measure_decode(T: int, p: SparseParams, q, k, v, res: dict, config: SparseKernelConfig) -> None:
     """Batch-1 decode of the token at position T - 1 (cache capacity T): whole step, selection alone and the
     attention part (step minus selection)."""
@@ -113,9 +111,7 @@ def _measure_decode(T: int, p: SparseParams, q, k, v, res: dict, config: SparseK
         res["decode_select_ms"] = bench_ms(lambda: decode_select_blocks(
             q1, k1, k2, lens, p, -(-T // p.block_size), kernel_config=config), 3, 10)
         res["decode_attention_ms"] = res["decode_ms"] - res["decode_select_ms"]
-        del k1, k2
-
-
+        k1 = k2 = None  # free the memory
 def _reps(T: int) -> tuple[int, int]:
     return (1, 3) if T >= 262144 else (2, 5)
 
@@ -188,7 +184,7 @@ def _measure(T: int, p: SparseParams, with_fla: bool, backward: bool, dense_fwd_
             res["attention_fwd_ms"] = bench_ms(
                 lambda: block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True,
                                         kernel_config=config), w, r)
-            del idx
+            idx = None  # free the memory
         if T <= dense_fwd_max:
             res["sdpa_fwd_ms"] = bench_ms(lambda: dense_causal_attention(q, k, v), w, r)
             res["speedup_fwd_vs_sdpa"] = res["sdpa_fwd_ms"] / res["whole_fwd_ms"]
@@ -204,10 +200,10 @@ def _measure(T: int, p: SparseParams, with_fla: bool, backward: bool, dense_fwd_
                 idx_all = full_idx.permute(0, 2, 1, 3).to(torch.int32).contiguous()
                 res["attention_full_T_fwd_ms"] = bench_ms(
                     lambda: block_sparse_attention(q, k, v, idx_all, p, q_offset=0, kernel_config=config), w, r)
-                del full_idx, idx_all
+                full_idx = idx_all = None  # free the memory
             except Exception as ex:  # fla missing or failing: recorded, not fatal
                 res["fla_nsa_error"] = repr(ex)[:300]
-        del k1, k2, out
+        k1 = k2 = out = None  # free the memory
     if backward:
         res.update(_fwd_bwd_ms(q, k, v, p, w, r, with_sdpa=T <= dense_bwd_max, config=config))
         if "sdpa_fwd_bwd_ms" in res:
@@ -217,7 +213,7 @@ def _measure(T: int, p: SparseParams, with_fla: bool, backward: bool, dense_fwd_
             _measure_decode(T, p, q, k, v, res, config or SparseKernelConfig())
         elif name in CONFIG_VARIANTS and T <= VARIANT_MAX_LEN:
             _measure_config_variant(name, T, p, q, k, v, res, w, r, config or SparseKernelConfig())
-    del q, k, v
+    q = k = v = None  # free the memory
     gc.collect()
     torch.cuda.empty_cache()
     return res
@@ -259,7 +255,7 @@ def _sweep_attention(base: SparseKernelConfig, settings, make, attend, ref, log:
         ref = o if ref is None else ref
         diff = (o.float() - ref.float()).abs().max().item()
         log.append({"config": list(setting), "ms": ms, "max_abs_diff_vs_first": diff})
-        del o
+        o = None  # free the memory
         if diff < 1e-2 and ms < best[0]:
             best = (ms, cfg)
     return best[1], ref
@@ -309,7 +305,7 @@ def sweep(T: int = 131072, *, device: str = "cuda", params: SparseParams | None 
                                  warmup, rep)
     out["chosen"] = dataclasses.asdict(chosen)
     logger.info("sweep: %s", out)
-    del q, k, v, k1, k2, idx
+    q = k = v = k1 = k2 = idx = None  # free the memory
     if dev == "cuda":
         torch.cuda.empty_cache()
     return chosen, out

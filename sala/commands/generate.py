@@ -156,8 +156,6 @@ def run(args: argparse.Namespace) -> int:
     if not prompt and not args.chat:
         raise UsageError("the prompt is empty: give --prompt TEXT or a --prompt-file with text")
     chunk = args.chunk_size or (DEFAULT_CHUNK_SIZE if device.type == "cuda" else CPU_CHUNK_SIZE)
-    if args.speculative:
-        return _generate_speculative(args, prompt, sampling, chunk)
     kw = dict(device=args.device, dtype=args.dtype, chunk_size=chunk, use_cuda_graph=not args.no_cuda_graph,
               compile=args.compile, quantization=args.quantization)
     if args.preset:
@@ -194,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, stop=stops, stop_token_ids=list(args.stop_token_id),
                               ignore_eos=args.ignore_eos, seed=args.seed)
+    if args.speculative:
+        return _generate_speculative(args, prompt, sampling, chunk)
     if args.preset:
         engine = SalaEngine.from_preset(args.preset, random_weights=True, seed=args.seed or 0, tokenizer=tok,
                                         context=n_prompt + args.max_new_tokens, **kw)

@@ -59,7 +59,7 @@ from sala.modeling.modeling_sala import SalaForCausalLM
 
 logger = logging.getLogger(__name__)
 
-# Default max_model_len on CPU (no free-memory figure to size it from).
+# Default max_model_len on CPU (at most what the available RAM holds).
 CPU_DEFAULT_MAX_MODEL_LEN = 8192
 # Default prefix-cache budget: this fraction of the slot cache's bytes, at least PREFIX_CACHE_MIN_BYTES.
 PREFIX_CACHE_FRACTION = 0.25
@@ -213,6 +213,8 @@ class EngineCore:
                                       f"each fit in {budget / 2**30:.2f} GiB ({fraction:.0%} of the free memory); "
                                       "lower max_num_seqs")
                 max_model_len = min(limit, fit // self.page_size * self.page_size)
+                if self.device.type == "cpu":   # CPU prefill is slow: a short default, sized to the RAM at most
+                    max_model_len = min(max_model_len, CPU_DEFAULT_MAX_MODEL_LEN)
         if max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
         if budget is not None:

@@ -117,10 +117,8 @@ def run_jsonl_replicas(source: str, input_path, output_path, base: SamplingParam
     finally:
         if bar is not None:
             bar.close()
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        for w in workers:
-            ray.kill(w)
+        for w in workers:           # killing an actor ends its running and queued tasks (force-cancel is not
+            ray.kill(w)             # supported for actor tasks)
     return written
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 SCRIPT = "train_small_gpu.py"
 
@@ -314,6 +315,8 @@ def test_replan_last_call_reads_the_checkpoint_position_and_logged_speeds(tmp_pa
         ck.mkdir(parents=True, exist_ok=True)
         (ck / "trainer.json").write_text(json.dumps({"state": {"stage": stage, "stage_step": stage_step,
                                                                "global_step": global_step}}))
+        for name in ("model.pt", "optim.pt"):     # whole archives: a checkpoint the trainer would resume from
+            torch.save({}, ck / name)
         (run / "checkpoints" / "latest").write_text(ck.name)
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 

@@ -288,7 +288,7 @@ def test_sala_quantize_writes_an_fp8_checkpoint_and_refuses_to_overwrite(tmp_pat
     ref = bundled(torch.float16)
     q, _ = quantize_weight_per_channel(ref.lm_head.weight.detach())
     assert torch.equal(stored["lm_head.weight"].view(torch.uint8), q.view(torch.uint8))
-    assert main(["quantize", "--model", str(BUNDLED), "--out", str(out)]) == 1
+    assert main(["quantize", "--model", str(BUNDLED), "--out", str(out)]) == 2   # a usage error
     assert "refusing to overwrite" in capsys.readouterr().err
     assert main(["quantize", "--model", str(out), "--out", str(tmp_path / "again")]) == 1
     assert "already an FP8 checkpoint" in capsys.readouterr().err
@@ -377,8 +377,8 @@ def test_gpu_bundled_model_fp8_checkpoint_and_quantize_at_load_track_bf16(tmp_pa
     assert len(res.token_ids) == 12 and engines["stored"].decode_mode == "cuda-graph"
 
 
-def test_eval_loaders_read_an_fp8_checkpoint_as_fp8(fp8_dir):
-    from sala.train.model_factory import load_model_dir as eval_load
+def test_the_one_loader_reads_an_fp8_checkpoint_as_fp8(fp8_dir):
+    from sala.engine.loading import load_model_dir
 
-    model = eval_load(fp8_dir, torch.float32, "cpu")
+    model = load_model_dir(fp8_dir, device="cpu", dtype=torch.float32)
     assert len(fp8_modules(model)) == 33 and model.model.embed_tokens.weight.dtype == torch.float32

@@ -101,4 +101,4 @@ def test_bench_serve_poisson_arrivals(server, tmp_path):
     assert starts == sorted(starts) and starts[-1] > starts[0]           # arrivals spread out in order
     with pytest.raises(SystemExit):                                      # --url or --model is required
         main(["bench", "serve"])
-    assert main(["bench", "serve", "--url", server.url, "--rate", "0", "--vocab", "100", "--out", str(out)]) == 1
+    assert main(["bench", "serve", "--url", server.url, "--rate", "0", "--vocab", "100", "--out", str(out)]) == 2

@@ -181,9 +181,9 @@ def test_config_file_and_cli_arguments(capsys):
     assert type(build_app(args)).__name__ == "Application"          # every documented key is accepted
     with pytest.raises(ValueError, match=r"unknown sala.serve.replicas:build_app arguments \['bogus'\]"):
         build_app({"bogus": 1})
-    assert main(["serve", "--replicas", "-1"]) == 1
+    assert main(["serve", "--replicas", "-1"]) == 2
     assert "--replicas must be >= 1, got -1" in capsys.readouterr().err
-    assert main(["serve", "--replicas", "2", "--device", "cpu"]) == 1
+    assert main(["serve", "--replicas", "2", "--device", "cpu"]) == 2
     assert "--device does not go with --replicas" in capsys.readouterr().err
-    assert main(["generate", "--prompt", "x", "--replicas", "2"]) == 1
+    assert main(["generate", "--prompt", "x", "--replicas", "2"]) == 2
     assert "--replicas goes with --input and --output" in capsys.readouterr().err
