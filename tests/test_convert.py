@@ -8,10 +8,10 @@ import torch
 
 import sala  # noqa: F401  (registers SALA with the Auto classes)
 from sala.cli import main as cli_main
+from sala.convert.data import TokenSource
 from sala.convert.families import read_teacher_spec, sala_config_for
 from sala.convert.selection import choose_softmax_layers, parse_layer_list
 from sala.convert.stage1 import build_students, relative_mse, run_stage1, run_student
-from sala.convert.data import TokenSource
 from sala.convert.teacher import Teacher
 from sala.convert.transfer import expand_kv, lightning_layer_init, transfer_state_dict
 from sala.modeling.configuration_sala import LIGHTNING, SPARSE

@@ -1,7 +1,11 @@
 """Generate niah_single training/eval texts once (fixed seeds), tokenize, cache to data.pt."""
-import torch, sys
+import sys
+
+import torch
+
 from sala.eval.tasks import generate
 from sala.modeling.tokenizer import load_tokenizer
+
 torch.set_num_threads(1)
 tok = load_tokenizer(None)
 LEN = int(sys.argv[1]) if len(sys.argv) > 1 else 288

@@ -1,5 +1,6 @@
 """results.jsonl -> results.md (table over checkpoints) and results.json."""
 import json
+
 runs = [json.loads(l) for l in open("/work/exp_niah/results.jsonl")]
 json.dump(runs, open("/work/exp_niah/results.json", "w"), indent=1)
 rows = ["| run | params | step | tokens | train loss (last 20) | answer CE | all-token acc | first-token acc | later-token acc |",

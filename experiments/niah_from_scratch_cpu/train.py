@@ -1,7 +1,13 @@
 """One controlled niah_single from-scratch run. Usage:
   python train.py NAME --arch sala|llama --init 0.1 --lr 3e-3 --attn-rope 0|1 --steps 600 --eval-every 100
 Appends a JSON line with the checkpoint metrics to results.jsonl."""
-import argparse, json, time, torch, torch.nn.functional as F
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
 torch.set_num_threads(1)
 ap = argparse.ArgumentParser()
 ap.add_argument("name"); ap.add_argument("--arch", default="sala"); ap.add_argument("--init", type=float, default=0.1)

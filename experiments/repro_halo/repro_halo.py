@@ -66,8 +66,8 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- prepare (CPU)
 def cmd_prepare(args) -> None:
     from sala.data.prepare import SyntheticMix, prepare
-    from sala.modeling.tokenizer import load_tokenizer
     from sala.eval.tasks import generate, write_jsonl
+    from sala.modeling.tokenizer import load_tokenizer
 
     data = Path(args.data)
     if not (data / "meta.json").is_file():
@@ -248,11 +248,11 @@ def evaluate(model_dir: str, data: str, deadline: float, lengths=None, max_sampl
 
     import sala  # noqa: F401
     from sala.convert.data import TokenSource
-    from sala.modeling.tokenizer import load_tokenizer
     from sala.eval.heldout import model_heldout_loss
     from sala.eval.runner import greedy_answer
     from sala.eval.scoring import string_match_all
     from sala.eval.tasks import read_jsonl
+    from sala.modeling.tokenizer import load_tokenizer
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

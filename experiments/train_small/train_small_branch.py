@@ -13,13 +13,13 @@ import shutil
 import time
 
 import torch
+from small_run_common import data_epochs, decay_set, eval_plan, parse_options
 
 from sala.bench.common import run_metadata, write_json
 from sala.data import read_meta
 from sala.eval.runner import format_table, run_tasks
 from sala.train import Trainer, load_config
 from sala.train.metrics import read_metrics
-from small_run_common import data_epochs, decay_set, eval_plan, parse_options
 
 t0 = time.time()
 opt = parse_options()

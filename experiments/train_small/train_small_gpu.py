@@ -18,16 +18,28 @@ import statistics
 import time
 
 import torch
+from small_run_common import (
+    choose_variant,
+    chosen_overrides,
+    data_epochs,
+    decay_set,
+    eval_plan,
+    long_retrieval_set,
+    parse_options,
+    parse_variants,
+    replan_last_call,
+    restore_env,
+    set_env,
+    split_variant,
+)
+from small_run_common import packed as packed_set
 
+from sala.bench.common import run_metadata, write_json
 from sala.data import read_meta
+from sala.eval.runner import format_table, run_tasks
 from sala.train import Trainer, load_config
 from sala.train.config import validate
 from sala.train.metrics import read_metrics
-from sala.eval.runner import run_tasks, format_table
-from sala.bench.common import run_metadata, write_json
-from small_run_common import (choose_variant, chosen_overrides, data_epochs, decay_set,
-                              eval_plan, long_retrieval_set, packed as packed_set, parse_options, parse_variants,
-                              replan_last_call, restore_env, set_env, split_variant)
 
 opt = parse_options()
 if opt.branch:   # another decay stage of a finished run: its own script, the same options
@@ -453,8 +465,8 @@ def guarded(key: str, run):
 def niah_single_changed(lengths_: list[int], n: int, teacher_forced: bool = False, **config) -> dict:
     """niah_single on the evaluation's prompts (seed 7) with the final model, loaded as the evaluation loads it, with
     `config` fields changed (a diagnostic)."""
-    from sala.modeling.tokenizer import load_tokenizer
     from sala.eval.runner import resolve_device_dtype
+    from sala.modeling.tokenizer import load_tokenizer
     from sala.train.model_factory import load_model_dir
     dev, dtype = resolve_device_dtype(None)
     m = load_model_dir(final_dir, dtype=dtype, device=dev)

@@ -113,11 +113,11 @@ def bundled_quality(model_dir: str | None, device: torch.device, dtype: torch.dt
                     data: str | None = None, batch: int = 4, skip: tuple[str, ...] = (), fast_accum: bool = False,
                     log: Callable[[str], None] = logger.info) -> dict:
     """The baseline (the model in `dtype`) then FP8 on the same model, prompts and windows; returns the report section."""
-    from sala.modeling.tokenizer import load_tokenizer
     from sala.engine.loading import load_model_dir
     from sala.eval.heldout import heldout_windows
     from sala.eval.runner import default_model
     from sala.modeling.fp8 import quantize_model_fp8
+    from sala.modeling.tokenizer import load_tokenizer
 
     model_dir = model_dir or default_model()
     tok = load_tokenizer(model_dir)

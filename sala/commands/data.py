@@ -74,9 +74,9 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from sala.modeling.tokenizer import load_tokenizer
     from sala.eval.runner import parse_lengths
     from sala.eval.tasks import generate, write_jsonl
+    from sala.modeling.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     n = 0

@@ -12,7 +12,8 @@ import gc
 import time
 from pathlib import Path
 
-from sala.utils.bundled import BUNDLED_MODEL_DIR as BUNDLED_MODEL, bundled_model_dir
+from sala.utils.bundled import BUNDLED_MODEL_DIR as BUNDLED_MODEL
+from sala.utils.bundled import bundled_model_dir
 
 
 def register(subparsers) -> None:

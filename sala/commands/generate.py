@@ -6,7 +6,8 @@ import re
 import sys
 from pathlib import Path
 
-from sala.utils.bundled import BUNDLED_MODEL_DIR as BUNDLED_MODEL, bundled_model_dir
+from sala.utils.bundled import BUNDLED_MODEL_DIR as BUNDLED_MODEL
+from sala.utils.bundled import bundled_model_dir
 from sala.utils.errors import UsageError
 
 # Prefill chunk on the CPU when --chunk-size is not given: small enough that a long prompt reports progress.

@@ -7,10 +7,18 @@ import sys
 import pytest
 import torch
 
-from sala.ops.infllmv2 import reference as ref
 from sala.ops.dense import dense_causal_attention
-from sala.ops.infllmv2 import (SparseParams, block_sparse_attention, compress_keys, compressed_lengths,
-                               infllmv2_attention, infllmv2_decode, select_blocks, update_compressed_keys)
+from sala.ops.infllmv2 import (
+    SparseParams,
+    block_sparse_attention,
+    compress_keys,
+    compressed_lengths,
+    infllmv2_attention,
+    infllmv2_decode,
+    select_blocks,
+    update_compressed_keys,
+)
+from sala.ops.infllmv2 import reference as ref
 
 # block 16, kernel 8 / stride 4 (K2: 32 / 16), topk 2 + window 32 (2 local blocks) -> 4 blocks, sparse from 64
 SMALL = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, topk=2, init_blocks=1, window_size=32)

@@ -114,7 +114,13 @@ def test_gpu_band_split_matches_reference(monkeypatch, band_rows):
     """Band split at the released shape, bf16: 2 batch rows of 700 queries at an offset that is not a multiple
     of the block (band tiles straddle query blocks and the two rows' key bases), forward output and lse vs the
     one-walk kernel, output vs the fp32 reference."""
-    from sala.ops.infllmv2 import SparseKernelConfig, block_sparse_attention, compress_keys, select_blocks, triton_attention
+    from sala.ops.infllmv2 import (
+        SparseKernelConfig,
+        block_sparse_attention,
+        compress_keys,
+        select_blocks,
+        triton_attention,
+    )
 
     config = SparseKernelConfig(band_rows=band_rows)
     monkeypatch.setenv("SALA_KERNELS", "triton")
@@ -212,8 +218,8 @@ def test_gpu_decode_matches_prefill(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_split_decode_selection_matches_reference(monkeypatch):
     """Split-N decode selection at the released shape (64K cache, 3 sequences, NaN in unused K1/K2 slots)."""
-    from sala.ops.infllmv2 import reference as ref
     from sala.ops.infllmv2 import SparseParams, compressed_lengths, triton_decode, update_compressed_keys
+    from sala.ops.infllmv2 import reference as ref
 
     p, S = SparseParams(), 65536
     g = torch.Generator(device="cuda").manual_seed(3)
