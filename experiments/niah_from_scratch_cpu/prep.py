@@ -19,7 +19,8 @@ def build(seed, n):
         assert full[:len(p)] == p, "prompt tokenization not a prefix"
         num = tok.encode(" " + s.outputs[0])     # tokens of the number alone
         assert full[len(p):len(p) + len(num)] == num, (full[len(p):], num)
-        seqs.append(full); ans_spans.append((len(p), len(p) + len(num)))
+        seqs.append(full)
+        ans_spans.append((len(p), len(p) + len(num)))
     return seqs, ans_spans
 
 tr, trs = build(1234, NTRAIN)

@@ -169,7 +169,8 @@ def measure_variant(name: str, overrides: list[str]) -> dict:
     try:
         row["tokens_per_s"], row["mfu"] = tokens_per_s(False, calib_steps, extra=over)
     except Exception as e:   # a variant that fails is reported and not chosen; the run goes on
-        import traceback; traceback.print_exc()
+        import traceback
+        traceback.print_exc()
         row["error"] = f"{type(e).__name__}: {e}"
         if torch.cuda.is_available():   # e.g. out of memory at a larger micro-batch: give it back first
             torch.cuda.empty_cache()
@@ -188,7 +189,8 @@ else:
     try:
         tps_off, mfu_off = tokens_per_s(False, calib_steps)
     except Exception as e:  # keep the run alive: train without torch.compile
-        import traceback; traceback.print_exc()
+        import traceback
+        traceback.print_exc()
         print(f"compiled training failed ({type(e).__name__}: {e}); training without torch.compile")
         use_compile = False
         tps_off, mfu_off = tokens_per_s(False, calib_steps)
@@ -442,10 +444,14 @@ try:
     b = [r["tokens"] / 1e6 for r in train_logs if r["stage"] == stage_index["decay"]]
     if b:
         ax.axvline(b[0], color="gray", ls="--", lw=1, label="decay, sparse on")
-    ax.set_xlabel("training tokens (M)"); ax.set_ylabel("loss (nats/token)")
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("loss (nats/token)")
     ax.set_title(f"SALA-small ({summary['params'] / 1e6:.0f}M params), 4K context")
-    ax2 = ax.twinx(); ax2.plot([r["tokens"] / 1e6 for r in train_logs], [r["lr"] for r in train_logs], color="k", alpha=0.3, lw=1)
-    ax2.set_ylabel("learning rate"); ax.legend(loc="upper right"); fig.tight_layout()
+    ax2 = ax.twinx()
+    ax2.plot([r["tokens"] / 1e6 for r in train_logs], [r["lr"] for r in train_logs], color="k", alpha=0.3, lw=1)
+    ax2.set_ylabel("learning rate")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
     fig.savefig(os.path.join(out, "loss.png"), dpi=120)
 except Exception as e:
     print("plot failed:", e)
@@ -458,7 +464,8 @@ def guarded(key: str, run):
     try:
         return run()
     except Exception as e:
-        import traceback; traceback.print_exc()
+        import traceback
+        traceback.print_exc()
         report.setdefault("errors", {})[key] = f"{type(e).__name__}: {e}"
         return None
 
