@@ -79,7 +79,10 @@ def _error(r: httpx.Response, status: int) -> dict:
 
 def test_bad_inputs_get_openai_errors(server):
     url = server.url
-    post = lambda path, **kw: httpx.post(url + path, timeout=60, **kw)
+
+    def post(path, **kw):
+        return httpx.post(url + path, timeout=60, **kw)
+
     ok = {"model": "sala-test", "prompt": "hi", "max_tokens": 2}
     for bad, param in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 0}, "n"),
                        ({"logprobs": 99}, "logprobs"), ({"max_tokens": -3}, "max_tokens"), ({"stop": [""]}, "stop"),
