@@ -129,7 +129,8 @@ def measure_sala(engine, n: int, decode_tokens: int, seed: int) -> dict[str, Any
     except torch.OutOfMemoryError as e:
         engine.cache = None
         _free_cuda()
-        return {"status": "OOM", "error": str(e).splitlines()[0][:200], "peak_gib": _gib(torch.cuda.max_memory_allocated())}
+        return {"status": "OOM", "error": str(e).splitlines()[0][:200],
+                "peak_gib": _gib(torch.cuda.max_memory_allocated())}
     out = {"status": "ok", "ttft_s": res.ttft_s, "e2e_s": res.total_s, "decode_tokens": len(res.token_ids),
            "decode_tokens_per_s": res.decode_tokens_per_s, "peak_gib": _gib(torch.cuda.max_memory_allocated()),
            "decode_mode": engine.decode_mode, "first_tokens": res.token_ids[:4]}
@@ -152,7 +153,8 @@ def profile_sala(engine, seed: int, n: int = 32768, steps: int = 8) -> dict[str,
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             engine.prefill([ids], n + steps + 1)
             torch.cuda.synchronize()
-        out[f"prefill_{n}"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+        out[f"prefill_{n}"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
+                                                        max_name_column_width=60)
         step = DecodeStep(engine.runner, engine.cache)
         step()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -74,7 +74,8 @@ def register(subparsers) -> None:
                    help="fp8: FP8 projection and LM-head weights (Ada/Hopper GPUs); an FP8 checkpoint loads as fp8")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly (debugging)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the prefill's elementwise work (long prompts on a GPU; the first chunk compiles)")
+                   help="torch.compile the prefill's elementwise work "
+                        "(long prompts on a GPU; the first chunk compiles)")
     p.add_argument("--speculative", default=None, metavar="ngram|draft:DIR",
                    help="speculative decoding: n-gram prompt lookup, or a draft model directory (same tokenizer)")
     p.add_argument("--num-speculative-tokens", type=int, default=4,

@@ -106,7 +106,8 @@ class SalaEngine:
         quant = resolve_quantization(quantization, device, path)
         if context is not None:
             _check_before_load(config, context, batch, dt, device, kwargs.get("chunk_size", DEFAULT_CHUNK_SIZE))
-        model = load_quantized_model(path, device, dt, quant) if quant else load_model_dir(path, device=device, dtype=dt)
+        model = (load_quantized_model(path, device, dt, quant) if quant
+                 else load_model_dir(path, device=device, dtype=dt))
         return cls(model, load_tokenizer_dir(path), **kwargs)
 
     @classmethod
