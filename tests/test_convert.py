@@ -261,7 +261,8 @@ def test_convert_hands_over_to_the_trainer(tmp_path, llama_dir, capsys):
         "optim: {lr: 1.0e-3}\nprogress: false\nlog_every: 1\neval_windows: 1\n")
     out = tmp_path / "sala"
     args = ["convert", "--teacher", str(llama_dir), "--out", str(out), "--data", "random", "--seq-len", "32",
-            "--batch-size", "2", "--stage1-tokens", "64", "--stage2-tokens", "64", "--no-progress", "--dtype", "float32",
+            "--batch-size", "2", "--stage1-tokens", "64", "--stage2-tokens", "64", "--no-progress",
+            "--dtype", "float32",
             "--sparse-config", '{"dense_len": 64, "block_size": 16, "kernel_size": 8, "kernel_stride": 4, "topk": 2, '
                                '"window_size": 32}',
             "--continue-config", str(tmp_path / "train.yaml"), "--continue-set", f"data.path={tmp_path / 'data'}"]
