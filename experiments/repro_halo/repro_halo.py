@@ -125,7 +125,8 @@ def train_teacher(data: str, out: str, seconds: float, shape: dict, batch: int =
         elif step == 20:   # estimate the total number of steps from the measured speed
             est_steps = int(seconds / (el / 20))
         total = est_steps or 10**9
-        f = (step + 1) / warmup if step < warmup else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, (step - warmup) / max(1, total - warmup))))
+        f = ((step + 1) / warmup if step < warmup
+             else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, (step - warmup) / max(1, total - warmup)))))
         for g in opt.param_groups:
             g["lr"] = lr * f
         ids = src.train_batch(batch, seq_len, doc_start_share=doc_start_share).to(dev)
@@ -206,7 +207,8 @@ def convert_variant(teacher: str, out: str, variant: str, data: str, teacher_tok
     convert(ConvertOptions(
         teacher=teacher, out=str(conv), softmax_layers=layers, keep_sparse_rope=keep_rope, data=data,
         stage1_tokens=budget["stage1"], stage2_tokens=budget["stage2"], finetune_tokens=budget["finetune"],
-        seq_len=min(512, TRAIN_LEN), finetune_seq_len=TRAIN_LEN, batch_size=batch, finetune_batch_size=16, finetune_lr=3e-4, stage2_lr=5e-4,
+        seq_len=min(512, TRAIN_LEN), finetune_seq_len=TRAIN_LEN, batch_size=batch, finetune_batch_size=16,
+        finetune_lr=3e-4, stage2_lr=5e-4,
         sparse_config=SPARSE, select_length=TRAIN_LEN, select_samples=4, dtype="float32", progress=False),
         log=log)
     report = json.loads((conv / "convert_report.json").read_text())
@@ -311,7 +313,8 @@ def cmd_gpu(args) -> None:
 
     res: dict = {"meta": run_metadata(), "config": {"teacher": REPRO_TEACHER, "bundle_teacher": BUNDLE_TEACHER,
                  "sparse_config": SPARSE, "fractions": FRACTIONS,
-                 "teacher_doc_start_share": TEACHER_DOC_START_SHARE, "bundle_seconds": args.bundle_seconds, "train_len": TRAIN_LEN,
+                 "teacher_doc_start_share": TEACHER_DOC_START_SHARE, "bundle_seconds": args.bundle_seconds,
+                 "train_len": TRAIN_LEN,
                  "eval_lengths": EVAL_LENGTHS, "eval_samples": EVAL_SAMPLES, "tasks": TASKS}, "steps": {}}
     path = out / "repro_results.json"
 
@@ -353,8 +356,9 @@ def cmd_gpu(args) -> None:
     conv("sala")
     b = None   # --bundle-seconds 0: the bundled model is not rebuilt (its time goes to the teacher)
     if args.bundle_seconds > 0:
-        b = step("bundle_teacher", lambda: train_teacher(args.data, str(work / "bundle_teacher"), args.bundle_seconds,
-                                                         BUNDLE_TEACHER, batch=16, lr=3e-3, max_steps=args.bundle_steps))
+        b = step("bundle_teacher",
+                 lambda: train_teacher(args.data, str(work / "bundle_teacher"), args.bundle_seconds,
+                                       BUNDLE_TEACHER, batch=16, lr=3e-3, max_steps=args.bundle_steps))
         res["bundle_teacher_train"] = b
     if b is not None:
         rb = step("bundle_convert", lambda: convert_variant(str(work / "bundle_teacher"), str(work / "bundle_sala"),
@@ -374,7 +378,8 @@ def cmd_gpu(args) -> None:
     names = [n for n in ("teacher", "sala", "all_lightning", "sala_rope") if (work / n / "config.json").is_file()]
     for i, name in enumerate(names):
         share = (args.total_seconds - (time.time() - t_start) - 15) / (len(names) - i)
-        r = step(f"eval_{name}", lambda name=name, share=share: evaluate(str(work / name), args.data, time.time() + share))
+        r = step(f"eval_{name}",
+                 lambda name=name, share=share: evaluate(str(work / name), args.data, time.time() + share))
         res["eval"][name] = r
     for name in ("bundle_teacher", "bundle_sala"):
         if (work / name / "config.json").is_file() and args.total_seconds - (time.time() - t_start) > 20:
@@ -460,7 +465,8 @@ def cmd_plot(args) -> None:
     axes[-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.png, dpi=120)
-    rows = ["| model | held-out loss @2K | " + " | ".join(f"{t} {L // TRAIN_LEN}x" for t in TASKS for L in EVAL_LENGTHS) + " |",
+    rows = ["| model | held-out loss @2K | "
+            + " | ".join(f"{t} {L // TRAIN_LEN}x" for t in TASKS for L in EVAL_LENGTHS) + " |",
             "|---|---|" + "---|" * (len(TASKS) * len(EVAL_LENGTHS))]
     for n in names:
         cells = []
