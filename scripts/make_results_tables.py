@@ -101,7 +101,8 @@ def targets_section() -> list[str]:
         if r128:
             # the dq band split was measured as a variant in this run and is the default since
             fb = r128.get("banddq_speedup_fwd_bwd_vs_sdpa", r128["speedup_fwd_bwd_vs_sdpa"])
-            fb_note = " (dq band split, the default since; same run)" if "banddq_speedup_fwd_bwd_vs_sdpa" in r128 else ""
+            fb_note = (" (dq band split, the default since; same run)"
+                       if "banddq_speedup_fwd_bwd_vs_sdpa" in r128 else "")
             rows += [("sparse whole forward vs SDPA at 128K", ">= 5x", f"{r128['speedup_fwd_vs_sdpa']:.2f}x",
                       r128["speedup_fwd_vs_sdpa"] >= 5),
                      ("sparse fwd+bwd vs SDPA at 128K", ">= 4.6x", f"{fb:.2f}x{fb_note}", fb >= 4.6),
@@ -148,7 +149,8 @@ def targets_section() -> list[str]:
         ls, lt = rp["eval"]["sala"]["heldout"]["loss"], rp["eval"]["teacher"]["heldout"]["loss"]
         frac = rp.get("convert", {}).get("sala", {}).get("fraction_of_teacher_tokens", 1.0)
         rows.append(("converted SALA held-out loss vs teacher, <= 25% of its tokens", "within 5%",
-                     f"{100 * (ls / lt - 1):+.1f}% with {100 * frac:.0f}% of the tokens", ls <= 1.05 * lt and frac <= 0.25))
+                     f"{100 * (ls / lt - 1):+.1f}% with {100 * frac:.0f}% of the tokens",
+                     ls <= 1.05 * lt and frac <= 0.25))
         r16 = rp["eval"]["sala"]["tasks"].get(f"niah_single@{16 * 2048}", {})
         if r16.get("accuracy") is not None:
             rows.append(("converted SALA single needle at 16x training length", ">= 90%",
@@ -189,8 +191,9 @@ def lightning_section() -> list[str]:
                         f"{r['ours_rel_err']:.1e} / {fla_err}"))
     cfg = d.get("config") or {}
     if cfg:
-        out += ["", f"Launch settings of this run (the forward sweep's fastest at 64K): {cfg.get('chunk')}-token chunks, "
-                    f"V tile {cfg.get('block_v')}, {cfg.get('num_warps')} warps, {cfg.get('num_stages')} stages, "
+        out += ["", "Launch settings of this run (the forward sweep's fastest at 64K): "
+                    f"{cfg.get('chunk')}-token chunks, V tile {cfg.get('block_v')}, {cfg.get('num_warps')} warps, "
+                    f"{cfg.get('num_stages')} stages, "
                     f"segments of {cfg.get('chunks_per_segment') or 'automatic'} chunks, intra-chunk decay "
                     f"{'factored' if cfg.get('intra_factored') else 'table'}."]
     kb = d.get("kernel_breakdown") or {}
@@ -241,7 +244,8 @@ def _band_lines(d: dict) -> list[str]:
     rows = [r for r in d["results"] if r.get("noband_attention_fwd_ms") and r.get("attention_fwd_ms")]
     if not rows:
         return []
-    cells = "; ".join(f"{_len(r['T'])}: {r['attention_fwd_ms']:.1f} vs {r['noband_attention_fwd_ms']:.1f} ms" for r in rows)
+    cells = "; ".join(f"{_len(r['T'])}: {r['attention_fwd_ms']:.1f} vs {r['noband_attention_fwd_ms']:.1f} ms"
+                      for r in rows)
     out = ["Band split (forced init + local blocks as dense query tiles, the rest per token; docs/sparse.md) "
            f"against one walk over all 96 blocks, attention forward, same run: {cells}.", ""]
     dq = [r for r in d["results"] if r.get("banddq_whole_fwd_bwd_ms") and r.get("whole_fwd_bwd_ms")]
@@ -259,7 +263,8 @@ def selection_profile_lines() -> list[str]:
     runs = [(n, d) for n, d in runs if d]
     if not runs:
         return []
-    out = ["Where selection's time goes (`experiments/profiling/profile_selection.py`, CUDA kernel time of all queries): "
+    out = ["Where selection's time goes (`experiments/profiling/profile_selection.py`, "
+           "CUDA kernel time of all queries): "
            + ", ".join(f"`bench/results/{n}` (commit {_commit(d)})" for n, d in runs) + ".", "",
            *_header("file", "T", "select (ms)", "pooled-score kernel (ms)", "top-k (ms)", "-inf fill + sort (ms)")]
     for name, d in runs:
@@ -319,8 +324,8 @@ def latency_section() -> list[str]:
 
 
 def _ab_table(name: str, title: str, defaults: str) -> tuple[dict, list[str]]:
-    """An experiments/profiling/ab_engine.py run (`bench/results/<name>`): settings interleaved in one process, medians per
-    (length, setting). Returns the run and its table lines ({} and [] when the file is absent)."""
+    """An experiments/profiling/ab_engine.py run (`bench/results/<name>`): settings interleaved in one process,
+    medians per (length, setting). Returns the run and its table lines ({} and [] when the file is absent)."""
     d = _load(name)
     if not d:
         return {}, []
@@ -339,7 +344,8 @@ def _ab_table(name: str, title: str, defaults: str) -> tuple[dict, list[str]]:
 
 def fused_ab_section() -> list[str]:
     """The fused elementwise kernels against the unfused torch ops, end to end, same process."""
-    d, out = _ab_table("engine_ab_fused_h200.json", "Fused elementwise kernels against the unfused torch ops, end to end",
+    d, out = _ab_table("engine_ab_fused_h200.json",
+                       "Fused elementwise kernels against the unfused torch ops, end to end",
                        "Default: fused on (`sala/ops/fused.py`: residual + RMSNorm, QK-norm + RoPE, output norm + "
                        "gate, SiLU x up, in prefill and decode).")
     if not d:
@@ -358,9 +364,11 @@ def _heldout_text(d: dict) -> str:
     stage's dataset, which is the decay set when the run has one)."""
     t = d["training"]
     if t.get("corpus_heldout_loss") is not None:
-        return f"held-out loss on the corpus {t['corpus_heldout_loss']:.2f}, on the decay stage's data {t['heldout_loss']:.2f}"
+        return (f"held-out loss on the corpus {t['corpus_heldout_loss']:.2f}, "
+                f"on the decay stage's data {t['heldout_loss']:.2f}")
     if d.get("decay_stage_data"):
-        return f"held-out loss {t['heldout_loss']:.2f} on the decay stage's data (its held-out split, stdlib + synthetic)"
+        return (f"held-out loss {t['heldout_loss']:.2f} on the decay stage's data "
+                "(its held-out split, stdlib + synthetic)")
     return f"held-out loss {t['heldout_loss']:.2f}"
 
 
@@ -381,8 +389,9 @@ def training_section() -> list[str]:
     dm = d.get("data_meta") or {}
     syn = (dm.get("synthetic") or {}).get("fraction")
     tasks = (dm.get("synthetic") or {}).get("tasks") or []
-    data = (f"{' + '.join(dm.get('sources', []))}, {dm['splits']['train']['tokens'] / 1e6:.0f}M training tokens"
-            + (f" ({100 * syn:.0f}% synthetic retrieval samples: {', '.join(tasks)})" if syn else "")) if dm else d["config"]["data"]["path"]
+    data = ((f"{' + '.join(dm.get('sources', []))}, {dm['splits']['train']['tokens'] / 1e6:.0f}M training tokens"
+             + (f" ({100 * syn:.0f}% synthetic retrieval samples: {', '.join(tasks)})" if syn else ""))
+            if dm else d["config"]["data"]["path"])
     if d.get("decay_stage_data"):
         data += "; the decay stage on the standard library plus synthetic samples (a separate packed set)"
     warm = d.get("retrieval_warmup")
@@ -409,18 +418,22 @@ def training_section() -> list[str]:
         earlier = split.get("earlier_calls_seconds", split.get("first_call_seconds")) or 0
         calls = split.get("calls", 2)
         data += (f"; one run over {calls} device calls on one warm machine (`--split-call first`, "
-                 + ("`middle`, " if calls > 2 else "") + f"then `second`: {earlier:.0f} s, then {d['total_seconds'] - earlier:.0f} s)")
+                 + ("`middle`, " if calls > 2 else "")
+                 + f"then `second`: {earlier:.0f} s, then {d['total_seconds'] - earlier:.0f} s)")
     unfinished = (d.get("niah") or {}).get("status") == "pending"   # the script saves after every finished task
     out = ["## Training the small SALA model", "",
            f"`bench/results/train_small_summary.json` ({_device(d)}); metrics `train_small_metrics.jsonl`, loss plot "
            "`train_small_loss.png`.", "",
-           f"{d['params'] / 1e6:.1f}M parameters (sala-small{_shape(d)}, vocab 8192), {t['tokens'] / 1e6:.1f}M tokens in "
+           f"{d['params'] / 1e6:.1f}M parameters (sala-small{_shape(d)}, vocab 8192), "
+           f"{t['tokens'] / 1e6:.1f}M tokens in "
            f"{t['seconds']:.0f} s at 4K context{', torch.compile' if d.get('compiled') else ''}; data: {data}; "
            f"{_heldout_text(d)}; final train loss {t['final_train_loss']:.2f}.",
            "", *_header("stage", "tokens/s", "TFLOP/s", "MFU"),
-           f"| sparse off (stable LR) | {off.get('median_tokens_per_s') or 0:,.0f} | {_f(off.get('median_tflops'), 1)} | "
+           f"| sparse off (stable LR) | {off.get('median_tokens_per_s') or 0:,.0f} | "
+           f"{_f(off.get('median_tflops'), 1)} | "
            f"{_f(100 * (off.get('median_mfu') or 0), 1, '%')} |",
-           f"| sparse on (exponential decay) | {on.get('median_tokens_per_s') or 0:,.0f} | {_f(on.get('median_tflops'), 1)} | "
+           f"| sparse on (exponential decay) | {on.get('median_tokens_per_s') or 0:,.0f} | "
+           f"{_f(on.get('median_tflops'), 1)} | "
            f"{_f(100 * (on.get('median_mfu') or 0), 1, '%')} |", "", "Synthetic retrieval accuracy after training (%)"
            + (" (the evaluation was cut short by the device call's time limit: the tasks shown are those it finished)"
               if unfinished else "") + ":", "",
@@ -437,7 +450,8 @@ def _teacher_forced_lines(d: dict) -> list[str]:
     hype = niah.get("hype_diagnostic") or {}
     out = []
     for title, res in (("as evaluated", niah.get("results")),
-                       ("fp32 weights and activations, longest length", (niah.get("fp32_diagnostic") or {}).get("results")),
+                       ("fp32 weights and activations, longest length",
+                        (niah.get("fp32_diagnostic") or {}).get("results")),
                        (f"HyPE query scaling at inference, a = {hype.get('base', 0):g} (opt-in, not the released SALA)",
                         hype.get("results"))):
         by_len = (res or {}).get("niah_single")
@@ -501,14 +515,15 @@ def levers_section() -> list[str]:
         cfg = parse_overrides(a.get("config") or "")
         shape = (f"{cfg.get('num_hidden_layers', a.get('layers'))} x {cfg.get('hidden_size', 512)}"
                  + (f", MLP {cfg['intermediate_size']}" if "intermediate_size" in cfg else ""))
-        flags = [f for f, on in (("fuse_projections", a.get("fuse_projections")), ("compile_loss", a.get("compile_loss")),
-                                 (f"loss_chunk {a.get('loss_chunk')}", a.get("loss_chunk")),
-                                 ("bf16 residual", a.get("bf16_residual")),
-                                 ("compiled blocks", a.get("compile_blocks")),
-                                 ("lightning dk+dv in one walk", a.get("fused_dkdv")),
-                                 # profiles before SalaMLP.interleave_fused have no mlp_concat: concatenated
-                                 ("MLP gate/up interleaved", a.get("fuse_projections") and a.get("mlp_concat") is False),
-                                 ("fp32 norm outputs", a.get("no_norm_cast"))) if on]
+        flags = [f for f, on in (
+            ("fuse_projections", a.get("fuse_projections")), ("compile_loss", a.get("compile_loss")),
+            (f"loss_chunk {a.get('loss_chunk')}", a.get("loss_chunk")),
+            ("bf16 residual", a.get("bf16_residual")),
+            ("compiled blocks", a.get("compile_blocks")),
+            ("lightning dk+dv in one walk", a.get("fused_dkdv")),
+            # profiles before SalaMLP.interleave_fused have no mlp_concat: concatenated
+            ("MLP gate/up interleaved", a.get("fuse_projections") and a.get("mlp_concat") is False),
+            ("fp32 norm outputs", a.get("no_norm_cast"))) if on]
         if a.get("micro_batch", 16) != 16:
             flags.append(f"micro-batch {a['micro_batch']}")
         if "sala_data" in str(a.get("data", "")):
@@ -540,7 +555,8 @@ def continue_section() -> list[str]:
     lengths = [str(n) for n in d["lengths"]]
     cols = [f"{_len(int(n))} ({int(n) // d['args']['train_len']}x)" for n in lengths]
     out = ["## Continual training of the converted model", "",
-           f"`bench/results/continue_bundled_h200.json` ({_device(d)}, `experiments/continue_bundled/continue_bundled.py`): the bundled SALA "
+           f"`bench/results/continue_bundled_h200.json` ({_device(d)}, "
+           "`experiments/continue_bundled/continue_bundled.py`): the bundled SALA "
            f"model (converted from its teacher at {_len(d['args']['train_len'])}) trained on by `sala train` for "
            f"{t['tokens'] / 1e6:.0f}M tokens ({t['seconds']:.0f} s) at {_len(d['args']['train_len'])} on the "
            "standard library plus 60% synthetic retrieval samples, sparse attention on, warmup then exponential "
@@ -554,7 +570,8 @@ def continue_section() -> list[str]:
         out += ["", f"Held-out LM loss on {h['windows']} windows of {_len(h['seq_len'])} of `{h['data']}` "
                     f"(`continue_bundled_heldout_cpu.json`, `sala eval loss`): "
                     + ", ".join(f"`{k}` {v:.3f}" for k, v in h["losses"].items())
-                    + ". `runs/bundled_before` is the model right after conversion; the continued model (now `sala/assets/model`) retrieves better and predicts text better."]
+                    + ". `runs/bundled_before` is the model right after conversion; the continued model "
+                      "(now `sala/assets/model`) retrieves better and predicts text better."]
     return out + [""]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from safetensors.torch import save_file
 
 # Fields of the released config.json that this project does not model itself; they must load unchanged.

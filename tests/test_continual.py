@@ -37,7 +37,8 @@ def _digest(folder) -> dict:
 def test_token_budget_trains_a_copy_and_leaves_the_input_alone(setup, tmp_path):
     before = _digest(setup / "model")
     run = continue_training(setup / "model", setup / "packed", tmp_path / "run", tokens=10 * 4 * 64, seq_len=64,
-                            micro_batch=4, lr=3e-3, lr_end_ratio=0.1, warmup_steps=2, progress=False, log=lambda s: None)
+                            micro_batch=4, lr=3e-3, lr_end_ratio=0.1, warmup_steps=2, progress=False,
+                            log=lambda s: None)
     assert run["steps"] == 10 and run["tokens"] == 10 * 4 * 64
     assert _digest(setup / "model") == before
     old = load_model_dir(str(setup / "model"), dtype=torch.float32, device=torch.device("cpu")).state_dict()

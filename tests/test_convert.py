@@ -8,10 +8,10 @@ import torch
 
 import sala  # noqa: F401  (registers SALA with the Auto classes)
 from sala.cli import main as cli_main
+from sala.convert.data import TokenSource
 from sala.convert.families import read_teacher_spec, sala_config_for
 from sala.convert.selection import choose_softmax_layers, parse_layer_list
 from sala.convert.stage1 import build_students, relative_mse, run_stage1, run_student
-from sala.convert.data import TokenSource
 from sala.convert.teacher import Teacher
 from sala.convert.transfer import expand_kv, lightning_layer_init, transfer_state_dict
 from sala.modeling.configuration_sala import LIGHTNING, SPARSE
@@ -261,7 +261,8 @@ def test_convert_hands_over_to_the_trainer(tmp_path, llama_dir, capsys):
         "optim: {lr: 1.0e-3}\nprogress: false\nlog_every: 1\neval_windows: 1\n")
     out = tmp_path / "sala"
     args = ["convert", "--teacher", str(llama_dir), "--out", str(out), "--data", "random", "--seq-len", "32",
-            "--batch-size", "2", "--stage1-tokens", "64", "--stage2-tokens", "64", "--no-progress", "--dtype", "float32",
+            "--batch-size", "2", "--stage1-tokens", "64", "--stage2-tokens", "64", "--no-progress",
+            "--dtype", "float32",
             "--sparse-config", '{"dense_len": 64, "block_size": 16, "kernel_size": 8, "kernel_stride": 4, "topk": 2, '
                                '"window_size": 32}',
             "--continue-config", str(tmp_path / "train.yaml"), "--continue-set", f"data.path={tmp_path / 'data'}"]

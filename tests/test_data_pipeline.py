@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from sala.data import (PackedDataset, PackedTokens, collate_windows, load_tokenizer, positions_from_starts,
-                       prepare, stdlib_corpus_files, window_starts)
+from sala.data import (
+    PackedDataset,
+    PackedTokens,
+    collate_windows,
+    load_tokenizer,
+    positions_from_starts,
+    prepare,
+    stdlib_corpus_files,
+    window_starts,
+)
 from sala.data.corpus import iter_source_documents
 from sala.data.packed import Window
 from sala.modeling.tokenizer import shipped_tokenizer_path

@@ -18,7 +18,8 @@ def packed(tmp_path_factory, prepare_in):
     root = tmp_path_factory.mktemp("evalloss")
     (root / "docs").mkdir()
     for i in range(30):
-        (root / "docs" / f"d{i}.txt").write_text(" ".join(f"word{j % 17} value{(i * j) % 11}" for j in range(200)) + "\n")
+        (root / "docs" / f"d{i}.txt").write_text(" ".join(f"word{j % 17} value{(i * j) % 11}" for j in range(200))
+                                                 + "\n")
     prepare_in(root, "packed", ["docs"], val_fraction=0.2, seed=0)
     return root / "packed"
 

@@ -59,7 +59,8 @@ def test_multiquery_answers_every_other_key_from_its_needle(tok, length):
     assert sorted(k for k, _ in answered) == sorted(keys[1:])
     assert all(needles[k] == v for k, v in answered)
     assert s.input.endswith(f"number for {keys[0]} in the text above is:")
-    assert s.input.rindex("\n") > max(s.input.index(f"is: {v}.") for v in needles.values())   # questions after the haystack
+    # the questions come after the haystack
+    assert s.input.rindex("\n") > max(s.input.index(f"is: {v}.") for v in needles.values())
 
 
 def test_generation_is_deterministic_and_seeded(tok):
@@ -112,11 +113,13 @@ def test_depth_buckets_and_depth_table():
                  "0.8-1.0": {"score": 50.0, "n": 1}}   # depth 1.0 in the last bucket, no depth: left out
     assert depth_buckets([None, None], [100.0, 0.0]) == {}
     report = {"lengths": [1024, 4096], "tasks": ["niah_single", "vt"],
-              "results": {"niah_single": {"1024": {"by_depth": b}, "4096": {"by_depth": {"0.0-0.2": {"score": 0.0, "n": 3}}}},
+              "results": {"niah_single": {"1024": {"by_depth": b},
+                                          "4096": {"by_depth": {"0.0-0.2": {"score": 0.0, "n": 3}}}},
                           "vt": {"1024": {"by_depth": {}}, "4096": {"by_depth": {}}}}}
     table = format_depth_table(report, "niah_single").splitlines()
     assert table[0] == "| niah_single: depth | 1K | 4K |"
-    assert table[2:] == ["| 0.0-0.2 | 50.0 (2) | 0.0 (3) |", "| 0.4-0.6 | 100.0 (1) | — |", "| 0.8-1.0 | 50.0 (1) | — |"]
+    assert table[2:] == ["| 0.0-0.2 | 50.0 (2) | 0.0 (3) |", "| 0.4-0.6 | 100.0 (1) | — |",
+                         "| 0.8-1.0 | 50.0 (1) | — |"]
     assert format_depth_table(report, "vt") == ""
 
 

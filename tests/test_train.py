@@ -9,7 +9,8 @@ import pytest
 from sala.train import StageConfig, Trainer, load_config, schedule, stage_lr
 from sala.train.metrics import read_metrics
 
-LLAMA_TINY = "model.config={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 1}"
+LLAMA_TINY = ("model.config={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
+              "num_key_value_heads: 1}")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,8 @@ def test_exact_resume_matches_uninterrupted_run(packed, tmp_path):
               " {steps: 3, seq_len: 32, micro_batch: 2, decay: exponential, lr_end: 1.0e-4}]"]
     full = Trainer(_cfg(packed, tmp_path / "a", *common), log=lambda s: None)
     full.fit()
-    ref = [(r["step"], r["step_loss"], r["lr"]) for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "step_loss" in r]
+    ref = [(r["step"], r["step_loss"], r["lr"])
+           for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "step_loss" in r]
     assert len(ref) == 6
     # interrupted after step 5: the newest checkpoint is the one written at the stage boundary (step 3)
     first = Trainer(_cfg(packed, tmp_path / "b", *common, "stop_after=5"), log=lambda s: None)
@@ -144,7 +146,8 @@ def test_exact_resume_matches_uninterrupted_run(packed, tmp_path):
     resumed = Trainer(_cfg(packed, tmp_path / "b", *common), log=lambda s: None)
     assert resumed.state["global_step"] == 3 and resumed.state["stage"] == 1
     resumed.fit()
-    got = [(r["step"], r["step_loss"], r["lr"]) for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "step_loss" in r]
+    got = [(r["step"], r["step_loss"], r["lr"])
+           for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "step_loss" in r]
     assert [g[0] for g in got] == [1, 2, 3, 4, 5, 6]
     for (s1, l1, lr1), (s2, l2, lr2) in zip(ref, got):
         assert s1 == s2 and lr1 == lr2

@@ -22,8 +22,8 @@ def main() -> None:
     import torch
 
     from sala.bench.common import run_metadata, write_json
-    from sala.modeling.tokenizer import load_tokenizer
     from sala.eval.runner import default_model, resolve_device_dtype, run_tasks
+    from sala.modeling.tokenizer import load_tokenizer
     from sala.train.continual import continue_training
     from sala.train.model_factory import load_model_dir
 

@@ -1,7 +1,11 @@
 """Generate niah_single training/eval texts once (fixed seeds), tokenize, cache to data.pt."""
-import torch, sys
+import sys
+
+import torch
+
 from sala.eval.tasks import generate
 from sala.modeling.tokenizer import load_tokenizer
+
 torch.set_num_threads(1)
 tok = load_tokenizer(None)
 LEN = int(sys.argv[1]) if len(sys.argv) > 1 else 288
@@ -15,7 +19,8 @@ def build(seed, n):
         assert full[:len(p)] == p, "prompt tokenization not a prefix"
         num = tok.encode(" " + s.outputs[0])     # tokens of the number alone
         assert full[len(p):len(p) + len(num)] == num, (full[len(p):], num)
-        seqs.append(full); ans_spans.append((len(p), len(p) + len(num)))
+        seqs.append(full)
+        ans_spans.append((len(p), len(p) + len(num)))
     return seqs, ans_spans
 
 tr, trs = build(1234, NTRAIN)

@@ -1,8 +1,10 @@
 """Training texts of niah_multiquery at 256 tokens (two needles and their questions need ~150), as many as prep.py's
 Writes /work/exp_niah/data_multiquery.pt: the runs trained on it are scored on the same niah_single prompts."""
 import torch
+
 from sala.eval.tasks import generate
 from sala.modeling.tokenizer import load_tokenizer
+
 torch.set_num_threads(1)
 tok = load_tokenizer(None)
 D = torch.load("/work/exp_niah/data.pt")

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from sala.modeling.tokenizer import load_tokenizer
 from sala.eval.tasks import generate
 from sala.eval.teacher_forced import teacher_forced_report, teacher_forced_sample
 from sala.modeling import SalaConfig, SalaForCausalLM
+from sala.modeling.tokenizer import load_tokenizer
 
 ap = argparse.ArgumentParser()
 ap.add_argument("name")

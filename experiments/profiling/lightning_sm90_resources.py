@@ -6,7 +6,7 @@ factored intra-chunk decay and the reverse walk's mask were chosen before a GPU 
 The result depends on the installed Triton (the H200 has 3.6: `pip install --target DIR triton==3.6.0` and put DIR
 first on PYTHONPATH to match it).
 
-    python experiments/profiling/lightning_sm90_resources.py                      # default launch settings, both directions
+    python experiments/profiling/lightning_sm90_resources.py          # default launch settings, both directions
     python experiments/profiling/lightning_sm90_resources.py --configs 128,128,8,2 64,64,4,2
 """
 from __future__ import annotations

@@ -6,8 +6,8 @@ released shape (32 query heads, 2 KV heads, d 128), split into the pooled-score 
   python3 experiments/profiling/profile_selection.py --lengths 131072 --variant rows64=select_rows:64,select_warps:4
 
 --variant NAME=KEY:VALUE[,KEY:VALUE...] (repeatable) also times `select_blocks` with those
-`SparseKernelConfig` fields (passed as kernel_config=), in the same process on the same inputs, and records the fraction of
-index rows that differ from the default's.
+`SparseKernelConfig` fields (passed as kernel_config=), in the same process on the same inputs, and records the
+fraction of index rows that differ from the default's.
   (on the CPU, to check the script: TRITON_INTERPRET=1 SALA_KERNELS=triton ... --lengths 8192 --queries 64)
 """
 from __future__ import annotations

@@ -35,11 +35,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time the model as the trainer compiles it")
     ap.add_argument("--out", default="runs/profile_train.json")
-    ap.add_argument("--layers", type=int, default=0, help="SALA layers (0: the preset's; 12 = configs/train/sala_small_gpu.yaml)")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="SALA layers (0: the preset's; 12 = configs/train/sala_small_gpu.yaml)")
     ap.add_argument("--trainer-precision", action="store_true",
                     help="fp32 weights under bf16 autocast, as the trainer runs them (default: bf16 weights)")
     ap.add_argument("--bf16-residual", action="store_true",
-                    help="with --trainer-precision: the trainer's precision bf16-residual (bf16 hidden states between layers)")
+                    help="with --trainer-precision: the trainer's precision bf16-residual "
+                         "(bf16 hidden states between layers)")
     ap.add_argument("--config", default="",
                     help="SALA model config overrides as key=value,... (e.g. hidden_size=640,intermediate_size=1920,"
                          "num_attention_heads=10,lightning_nh=10,lightning_nkv=10,num_hidden_layers=8): a wider model")
@@ -49,7 +51,8 @@ def main() -> None:
     ap.add_argument("--loss-chunk", type=int, default=0,
                     help="SALA runs: the loss over chunks of this many tokens, no full logits (model.loss_chunk)")
     ap.add_argument("--compile-loss", action="store_true",
-                    help="compiled SALA runs: the LM head + cross-entropy compiled as one function (model.compile_loss)")
+                    help="compiled SALA runs: the LM head + cross-entropy compiled as one function "
+                         "(model.compile_loss)")
     ap.add_argument("--compile-blocks", action="store_true",
                     help="compiled SALA runs: each decoder layer as two compiled regions around its attention op "
                          "(model.compile_blocks): fewer compiled calls, less host time per step")
@@ -152,7 +155,8 @@ def main() -> None:
                     sync()
                 run.update(gpu_activity(light))
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-            stack_cfg = ({"with_stack": True, "experimental_config": torch._C._profiler._ExperimentalConfig(verbose=True)}
+            stack_cfg = ({"with_stack": True,
+                          "experimental_config": torch._C._profiler._ExperimentalConfig(verbose=True)}
                          if args.sites else {})   # verbose: the Python frames reach each event
             with profile(activities=acts, **stack_cfg) as prof:
                 step()

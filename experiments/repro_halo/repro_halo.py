@@ -66,8 +66,8 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- prepare (CPU)
 def cmd_prepare(args) -> None:
     from sala.data.prepare import SyntheticMix, prepare
-    from sala.modeling.tokenizer import load_tokenizer
     from sala.eval.tasks import generate, write_jsonl
+    from sala.modeling.tokenizer import load_tokenizer
 
     data = Path(args.data)
     if not (data / "meta.json").is_file():
@@ -125,7 +125,8 @@ def train_teacher(data: str, out: str, seconds: float, shape: dict, batch: int =
         elif step == 20:   # estimate the total number of steps from the measured speed
             est_steps = int(seconds / (el / 20))
         total = est_steps or 10**9
-        f = (step + 1) / warmup if step < warmup else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, (step - warmup) / max(1, total - warmup))))
+        f = ((step + 1) / warmup if step < warmup
+             else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, (step - warmup) / max(1, total - warmup)))))
         for g in opt.param_groups:
             g["lr"] = lr * f
         ids = src.train_batch(batch, seq_len, doc_start_share=doc_start_share).to(dev)
@@ -206,7 +207,8 @@ def convert_variant(teacher: str, out: str, variant: str, data: str, teacher_tok
     convert(ConvertOptions(
         teacher=teacher, out=str(conv), softmax_layers=layers, keep_sparse_rope=keep_rope, data=data,
         stage1_tokens=budget["stage1"], stage2_tokens=budget["stage2"], finetune_tokens=budget["finetune"],
-        seq_len=min(512, TRAIN_LEN), finetune_seq_len=TRAIN_LEN, batch_size=batch, finetune_batch_size=16, finetune_lr=3e-4, stage2_lr=5e-4,
+        seq_len=min(512, TRAIN_LEN), finetune_seq_len=TRAIN_LEN, batch_size=batch, finetune_batch_size=16,
+        finetune_lr=3e-4, stage2_lr=5e-4,
         sparse_config=SPARSE, select_length=TRAIN_LEN, select_samples=4, dtype="float32", progress=False),
         log=log)
     report = json.loads((conv / "convert_report.json").read_text())
@@ -248,11 +250,11 @@ def evaluate(model_dir: str, data: str, deadline: float, lengths=None, max_sampl
 
     import sala  # noqa: F401
     from sala.convert.data import TokenSource
-    from sala.modeling.tokenizer import load_tokenizer
     from sala.eval.heldout import model_heldout_loss
     from sala.eval.runner import greedy_answer
     from sala.eval.scoring import string_match_all
     from sala.eval.tasks import read_jsonl
+    from sala.modeling.tokenizer import load_tokenizer
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -311,7 +313,8 @@ def cmd_gpu(args) -> None:
 
     res: dict = {"meta": run_metadata(), "config": {"teacher": REPRO_TEACHER, "bundle_teacher": BUNDLE_TEACHER,
                  "sparse_config": SPARSE, "fractions": FRACTIONS,
-                 "teacher_doc_start_share": TEACHER_DOC_START_SHARE, "bundle_seconds": args.bundle_seconds, "train_len": TRAIN_LEN,
+                 "teacher_doc_start_share": TEACHER_DOC_START_SHARE, "bundle_seconds": args.bundle_seconds,
+                 "train_len": TRAIN_LEN,
                  "eval_lengths": EVAL_LENGTHS, "eval_samples": EVAL_SAMPLES, "tasks": TASKS}, "steps": {}}
     path = out / "repro_results.json"
 
@@ -353,8 +356,9 @@ def cmd_gpu(args) -> None:
     conv("sala")
     b = None   # --bundle-seconds 0: the bundled model is not rebuilt (its time goes to the teacher)
     if args.bundle_seconds > 0:
-        b = step("bundle_teacher", lambda: train_teacher(args.data, str(work / "bundle_teacher"), args.bundle_seconds,
-                                                         BUNDLE_TEACHER, batch=16, lr=3e-3, max_steps=args.bundle_steps))
+        b = step("bundle_teacher",
+                 lambda: train_teacher(args.data, str(work / "bundle_teacher"), args.bundle_seconds,
+                                       BUNDLE_TEACHER, batch=16, lr=3e-3, max_steps=args.bundle_steps))
         res["bundle_teacher_train"] = b
     if b is not None:
         rb = step("bundle_convert", lambda: convert_variant(str(work / "bundle_teacher"), str(work / "bundle_sala"),
@@ -374,7 +378,8 @@ def cmd_gpu(args) -> None:
     names = [n for n in ("teacher", "sala", "all_lightning", "sala_rope") if (work / n / "config.json").is_file()]
     for i, name in enumerate(names):
         share = (args.total_seconds - (time.time() - t_start) - 15) / (len(names) - i)
-        r = step(f"eval_{name}", lambda name=name, share=share: evaluate(str(work / name), args.data, time.time() + share))
+        r = step(f"eval_{name}",
+                 lambda name=name, share=share: evaluate(str(work / name), args.data, time.time() + share))
         res["eval"][name] = r
     for name in ("bundle_teacher", "bundle_sala"):
         if (work / name / "config.json").is_file() and args.total_seconds - (time.time() - t_start) > 20:
@@ -460,7 +465,8 @@ def cmd_plot(args) -> None:
     axes[-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.png, dpi=120)
-    rows = ["| model | held-out loss @2K | " + " | ".join(f"{t} {L // TRAIN_LEN}x" for t in TASKS for L in EVAL_LENGTHS) + " |",
+    rows = ["| model | held-out loss @2K | "
+            + " | ".join(f"{t} {L // TRAIN_LEN}x" for t in TASKS for L in EVAL_LENGTHS) + " |",
             "|---|---|" + "---|" * (len(TASKS) * len(EVAL_LENGTHS))]
     for n in names:
         cells = []
@@ -485,26 +491,47 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     add_parser = sub.add_parser
     sub.add_parser = lambda name, **kw: add_parser(name, parents=[common], **kw)
-    a = sub.add_parser("prepare"); a.add_argument("--data", default="repro_data"); a.add_argument("--max-docs", type=int, default=1000)
+    a = sub.add_parser("prepare")
+    a.add_argument("--data", default="repro_data")
+    a.add_argument("--max-docs", type=int, default=1000)
     a.set_defaults(func=cmd_prepare)
-    a = sub.add_parser("teacher"); a.add_argument("--data", default="repro_data"); a.add_argument("--out", required=True)
-    a.add_argument("--seconds", type=float, default=100); a.add_argument("--bundle", action="store_true")
+    a = sub.add_parser("teacher")
+    a.add_argument("--data", default="repro_data")
+    a.add_argument("--out", required=True)
+    a.add_argument("--seconds", type=float, default=100)
+    a.add_argument("--bundle", action="store_true")
     a.add_argument("--steps", type=int, default=None, help="train this many steps instead of --seconds")
     a.set_defaults(func=cmd_teacher)
-    a = sub.add_parser("convert"); a.add_argument("--data", default="repro_data"); a.add_argument("--teacher", required=True)
-    a.add_argument("--out", required=True); a.set_defaults(func=cmd_convert)
-    a = sub.add_parser("eval"); a.add_argument("--data", default="repro_data"); a.add_argument("--models", required=True)
-    a.add_argument("--out", required=True); a.add_argument("--seconds", type=float, default=120); a.set_defaults(func=cmd_eval)
-    a = sub.add_parser("gpu"); a.add_argument("--data", default="repro_data"); a.add_argument("--work", default="/tmp/repro")
-    a.add_argument("--out", required=True); a.add_argument("--teacher-seconds", type=float, default=100)
-    a.add_argument("--bundle-seconds", type=float, default=45, help="0: skip the bundled model"); a.add_argument("--total-seconds", type=float, default=390)
+    a = sub.add_parser("convert")
+    a.add_argument("--data", default="repro_data")
+    a.add_argument("--teacher", required=True)
+    a.add_argument("--out", required=True)
+    a.set_defaults(func=cmd_convert)
+    a = sub.add_parser("eval")
+    a.add_argument("--data", default="repro_data")
+    a.add_argument("--models", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--seconds", type=float, default=120)
+    a.set_defaults(func=cmd_eval)
+    a = sub.add_parser("gpu")
+    a.add_argument("--data", default="repro_data")
+    a.add_argument("--work", default="/tmp/repro")
+    a.add_argument("--out", required=True)
+    a.add_argument("--teacher-seconds", type=float, default=100)
+    a.add_argument("--bundle-seconds", type=float, default=45, help="0: skip the bundled model")
+    a.add_argument("--total-seconds", type=float, default=390)
     a.add_argument("--teacher-steps", type=int, default=None, help="train the teacher this many steps, not seconds")
     a.add_argument("--bundle-steps", type=int, default=None, help="the bundled model's teacher: steps, not seconds")
     a.set_defaults(func=cmd_gpu)
-    a = sub.add_parser("bundle"); a.add_argument("--sala", required=True); a.add_argument("--teacher", default=None)
+    a = sub.add_parser("bundle")
+    a.add_argument("--sala", required=True)
+    a.add_argument("--teacher", default=None)
     a.set_defaults(func=cmd_bundle)
-    a = sub.add_parser("plot"); a.add_argument("--results", required=True); a.add_argument("--png", required=True)
-    a.add_argument("--table", required=True); a.set_defaults(func=cmd_plot)
+    a = sub.add_parser("plot")
+    a.add_argument("--results", required=True)
+    a.add_argument("--png", required=True)
+    a.add_argument("--table", required=True)
+    a.set_defaults(func=cmd_plot)
     args = p.parse_args()
     configure(args.tiny, args.continue_fraction, args.teacher_doc_share)
     args.func(args)

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import sala.ops.infllmv2 as I  # noqa: E402
 from run import tile_stats  # noqa: E402
+
+import sala.ops.infllmv2 as I  # noqa: E402
 from sala.bench.kernels_sparse import HKV, HQ, D, smooth_tokens  # noqa: E402
 
 T, NQ = 131072, 1024   # the last 1024 queries of a 128K sequence (CPU reference selection)

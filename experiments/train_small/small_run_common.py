@@ -66,22 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this share of the sparse-off tokens becomes a first stage on short retrieval samples")
     r.add_argument("--retrieval-seq-len", type=int, default=0,
                    help="that stage's window (0: the stable stage's), on samples of a quarter and half of it")
-    r.add_argument("--retrieval-tasks", type=_names, default=None, help="that stage's tasks (default --synthetic-tasks)")
+    r.add_argument("--retrieval-tasks", type=_names, default=None,
+                   help="that stage's tasks (default --synthetic-tasks)")
     r.add_argument("--retrieval-steps", type=int, default=0,
                    help="that stage's optimizer steps instead of a share of the tokens")
-    r.add_argument("--retrieval-micro-batch", type=int, default=0, help="that stage's micro-batch (0: the stable one's)")
+    r.add_argument("--retrieval-micro-batch", type=int, default=0,
+                   help="that stage's micro-batch (0: the stable one's)")
     r.add_argument("--retrieval-max-share", type=float, default=0.5,
                    help="with a time plan: at most this share of the training time goes to that stage")
     r.add_argument("--retrieval-long-steps", type=int, default=0,
                    help="a second retrieval stage of this many steps in --retrieval-long-seq-len windows")
     r.add_argument("--retrieval-long-seq-len", type=int, default=0, help="its window (0: the stable stage's)")
     r.add_argument("--retrieval-data-dir", default=None,
-                   help="build the retrieval datasets there (retrieval_short*, retrieval_long*) instead of next to --data")
+                   help="build the retrieval datasets there (retrieval_short*, retrieval_long*) "
+                        "instead of next to --data")
     r.add_argument("--retrieval-data-epochs", type=float, default=1.0,
                    help="the retrieval datasets hold 1/this of the tokens their stages read")
     c = p.add_argument_group("calibration variants")
     c.add_argument("--calibrate-variants", default="",
-                   help="'name:key=value,...;name2:...': config overrides (or env.NAME=VALUE) calibrated beside the base")
+                   help="'name:key=value,...;name2:...': config overrides (or env.NAME=VALUE) "
+                        "calibrated beside the base")
     c.add_argument("--variant-min-gain", type=float, default=0.01,
                    help="a variant trains when it beats the base by more than this fraction")
     c.add_argument("--variant", default=None, help="force this calibrated variant")
@@ -191,7 +195,8 @@ def decay_set(opt: argparse.Namespace) -> str | None:
     sources = list(opt.decay_sources)
     max_docs = opt.decay_max_docs or None
     fraction = float(opt.decay_synthetic_fraction)
-    tag = (("" if sources == ["stdlib"] and not max_docs else "_" + "-".join(sources) + (f"_{max_docs}" if max_docs else ""))
+    tag = (("" if sources == ["stdlib"] and not max_docs
+            else "_" + "-".join(sources) + (f"_{max_docs}" if max_docs else ""))
            + ("" if fraction == 0.6 else f"_syn{round(100 * fraction)}"))   # 0.6: the recipe's share, untagged
     lengths, tasks = opt.synthetic_lengths, opt.synthetic_tasks
     return packed(data.rstrip("/") + "_decay" + tag, sources, fraction, lengths,

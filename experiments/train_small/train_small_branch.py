@@ -13,13 +13,13 @@ import shutil
 import time
 
 import torch
+from small_run_common import data_epochs, decay_set, eval_plan, parse_options
 
 from sala.bench.common import run_metadata, write_json
 from sala.data import read_meta
 from sala.eval.runner import format_table, run_tasks
 from sala.train import Trainer, load_config
 from sala.train.metrics import read_metrics
-from small_run_common import data_epochs, decay_set, eval_plan, parse_options
 
 t0 = time.time()
 opt = parse_options()
@@ -31,17 +31,19 @@ if not name or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
 work = opt.work_dir
 run_config = os.path.join(work, "run", "config.json")
 if not os.path.isfile(run_config):
-    raise SystemExit(f"--branch {name}: {run_config} is missing: run the whole training first, on this machine, with the "
-                     "same --data and --work-dir (a device machine keeps them only while it stays warm)")
+    raise SystemExit(f"--branch {name}: {run_config} is missing: run the whole training first, on this machine, "
+                     "with the same --data and --work-dir (a device machine keeps them only while it stays warm)")
 stages = json.load(open(run_config))["stages"]
 names = [st["name"] for st in stages]
 if "stable" not in names or names[-1] != "decay":
-    raise SystemExit(f"--branch {name}: the run's stages are {names}; a branch needs a 'stable' stage and a final 'decay'")
+    raise SystemExit(f"--branch {name}: the run's stages are {names}; "
+                     "a branch needs a 'stable' stage and a final 'decay'")
 i_stable = names.index("stable")
 start = os.path.join(work, "run", "stage_ends", f"{i_stable}_stable")
 if not os.path.isfile(os.path.join(start, "trainer.json")):
     raise SystemExit(f"--branch {name}: {start} is missing: the run did not keep its stable-stage end (it needs "
-                     "keep_stage_ends, which experiments/train_small/train_small_gpu.py sets since the branches came) or has not reached it")
+                     "keep_stage_ends, which experiments/train_small/train_small_gpu.py sets since the branches came) "
+                     "or has not reached it")
 decay_data = decay_set(opt) or data
 branch_dir = os.path.join(work, f"branch_{name}")
 shutil.rmtree(branch_dir, ignore_errors=True)

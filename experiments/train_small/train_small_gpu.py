@@ -18,16 +18,28 @@ import statistics
 import time
 
 import torch
+from small_run_common import (
+    choose_variant,
+    chosen_overrides,
+    data_epochs,
+    decay_set,
+    eval_plan,
+    long_retrieval_set,
+    parse_options,
+    parse_variants,
+    replan_last_call,
+    restore_env,
+    set_env,
+    split_variant,
+)
+from small_run_common import packed as packed_set
 
+from sala.bench.common import run_metadata, write_json
 from sala.data import read_meta
+from sala.eval.runner import format_table, run_tasks
 from sala.train import Trainer, load_config
 from sala.train.config import validate
 from sala.train.metrics import read_metrics
-from sala.eval.runner import run_tasks, format_table
-from sala.bench.common import run_metadata, write_json
-from small_run_common import (choose_variant, chosen_overrides, data_epochs, decay_set,
-                              eval_plan, long_retrieval_set, packed as packed_set, parse_options, parse_variants,
-                              replan_last_call, restore_env, set_env, split_variant)
 
 opt = parse_options()
 if opt.branch:   # another decay stage of a finished run: its own script, the same options
@@ -46,9 +58,9 @@ state_path = os.path.join(work, "split_state.json")
 split_state: dict = {}
 if resuming:
     if not os.path.isfile(state_path):
-        raise SystemExit(f"--split-call {split}: {state_path} is missing. The first call did not finish its part, or this "
-                         "is a fresh machine (a device machine keeps ignored files only while it stays warm): run the "
-                         "whole thing again with --split-call first")
+        raise SystemExit(f"--split-call {split}: {state_path} is missing. The first call did not finish its part, "
+                         "or this is a fresh machine (a device machine keeps ignored files only while it stays "
+                         "warm): run the whole thing again with --split-call first")
     split_state = json.load(open(state_path))
     if split_state.get("finished"):
         raise SystemExit(f"--split-call {split}: an earlier call finished the whole run ({state_path}); nothing to do")
@@ -56,8 +68,9 @@ else:
     shutil.rmtree(work, ignore_errors=True)
 base = [f"data.path={data}", "progress=false"]
 if cpu:
-    base += ["model.preset=sala-tiny", "model.config={}", "stages.0.seq_len=256", "stages.1.seq_len=256", "stages.0.micro_batch=2",
-             "stages.1.micro_batch=2", "stages.0.warmup_steps=2", "eval_windows=2", "log_every=2"]
+    base += ["model.preset=sala-tiny", "model.config={}", "stages.0.seq_len=256", "stages.1.seq_len=256",
+             "stages.0.micro_batch=2", "stages.1.micro_batch=2", "stages.0.warmup_steps=2", "eval_windows=2",
+             "log_every=2"]
 variants = parse_variants(opt.calibrate_variants)   # refused here, before any work, when malformed
 
 def apply_variant(overrides: list[str]) -> None:
@@ -157,7 +170,8 @@ def measure_variant(name: str, overrides: list[str]) -> dict:
     try:
         row["tokens_per_s"], row["mfu"] = tokens_per_s(False, calib_steps, extra=over)
     except Exception as e:   # a variant that fails is reported and not chosen; the run goes on
-        import traceback; traceback.print_exc()
+        import traceback
+        traceback.print_exc()
         row["error"] = f"{type(e).__name__}: {e}"
         if torch.cuda.is_available():   # e.g. out of memory at a larger micro-batch: give it back first
             torch.cuda.empty_cache()
@@ -171,12 +185,14 @@ decay_sparse = True
 tps_retr = None
 t_data = time.time() - t_all   # data preparation (building the packed sets when missing)
 if resuming:   # the first call's measurements, so that the plan below comes out the same
-    tps_off, mfu_off, tps_retr, use_compile = (split_state[k] for k in ("tps_off", "mfu_off", "tps_retr", "use_compile"))
+    tps_off, mfu_off, tps_retr, use_compile = (split_state[k]
+                                               for k in ("tps_off", "mfu_off", "tps_retr", "use_compile"))
 else:
     try:
         tps_off, mfu_off = tokens_per_s(False, calib_steps)
     except Exception as e:  # keep the run alive: train without torch.compile
-        import traceback; traceback.print_exc()
+        import traceback
+        traceback.print_exc()
         print(f"compiled training failed ({type(e).__name__}: {e}); training without torch.compile")
         use_compile = False
         tps_off, mfu_off = tokens_per_s(False, calib_steps)
@@ -188,8 +204,10 @@ else:
         chosen = choose_variant({r["name"]: r.get("tokens_per_s") for r in rows}, min_gain, forced)
         variant_report = {"variants": rows, "chosen": chosen, "min_gain": min_gain, "forced": bool(forced)}
         for r in rows:
-            print(f"calibration variant {r['name']:>16}: " + (f"{r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s")
-                  else r.get("rejected") or r.get("error", "no measurement")) + ("  <- chosen" if r["name"] == chosen else ""))
+            print(f"calibration variant {r['name']:>16}: "
+                  + (f"{r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s")
+                     else r.get("rejected") or r.get("error", "no measurement"))
+                  + ("  <- chosen" if r["name"] == chosen else ""))
         if chosen != "base":   # everything after this (data sizes aside) runs with the variant
             apply_variant(chosen_overrides(variant_report))
             full = load_config(cfg_path, base)
@@ -224,7 +242,8 @@ print(f"data {t_data:.0f}s, calibration {t_cal - t_data:.0f}s: sparse off {tps_o
 ov = base + compile_overrides() + [
              f"out_dir={work}/run", "resume=false", f"stages.0.steps={steps_off}", f"stages.1.steps={steps_on}",
              "time_limit_s=null" if limit is None else f"time_limit_s={limit:.0f}",
-             f"stages.0.warmup_steps={min(50, steps_off // 5)}", f"stages.1.sparse={str(decay_sparse).lower()}", f"eval_every={max(10, (steps_off + steps_on) // 6)}",
+             f"stages.0.warmup_steps={min(50, steps_off // 5)}", f"stages.1.sparse={str(decay_sparse).lower()}",
+             f"eval_every={max(10, (steps_off + steps_on) // 6)}",
              "keep_stage_ends=true"]   # the stable stage's end: where train_small_branch.py starts other decay stages
 if decay_data:
     ov.append(f"stages.1.data={decay_data}")
@@ -270,7 +289,8 @@ if long_data:   # before the stable stage, which gives up the steps' time (same 
                             warmup_steps=0 if i_stable else min(stable.warmup_steps, n_long)),
         dataclasses.replace(stable, steps=max(1, stable.steps - round(n_long * per_step)), warmup_steps=0)]
     print(f"long retrieval stage: {n_long} steps of {stable.micro_batch} x {long_seq} tokens on {long_data} "
-          f"(samples of {', '.join(map(str, long_lengths))} tokens), then {cfg.stages[i_stable + 1].steps} stable steps")
+          f"(samples of {', '.join(map(str, long_lengths))} tokens), "
+          f"then {cfg.stages[i_stable + 1].steps} stable steps")
 validate(cfg)   # the stages assembled above obey the config rules (e.g. warmup within each stage's steps)
 stage_index = {st.name: i for i, st in enumerate(cfg.stages)}
 # how many times each stage reads its dataset: a small set read many times makes the held-out loss rise
@@ -355,7 +375,8 @@ def mfu_stats(name):
     stage = stage_index[name]
     xs = [r["mfu"] for r in train_logs if r["stage"] == stage and r["mfu"] is not None][1:]
     ts = [r["tokens_per_s"] for r in train_logs if r["stage"] == stage][1:]
-    return {"median_mfu": statistics.median(xs) if xs else None, "median_tokens_per_s": statistics.median(ts) if ts else None,
+    return {"median_mfu": statistics.median(xs) if xs else None,
+            "median_tokens_per_s": statistics.median(ts) if ts else None,
             "median_tflops": statistics.median([r["tflops"] for r in train_logs if r["stage"] == stage][1:] or [0])}
 val = [r for r in recs if "val_loss" in r]
 # the attention the evaluation runs in the sparse layers: the final model's own setting, i.e. that of the last stage
@@ -379,7 +400,8 @@ result = {
                  "heldout_curve_note": "each point on the held-out split of its stage's own dataset",
                  "data_epochs": stage_epochs},
     "decay_stage_sparse": decay_sparse, "decay_stage_data": decay_data, "compiled": use_compile,
-    "retrieval_warmup": {"share": warm_share, "steps": cfg.stages[0].steps, "steps_requested": retr_steps or None, "data": short_data,
+    "retrieval_warmup": {"share": warm_share, "steps": cfg.stages[0].steps, "steps_requested": retr_steps or None,
+                         "data": short_data,
                          "seq_len": cfg.stages[0].seq_len, "micro_batch": cfg.stages[0].micro_batch,
                          "tokens_per_s": tps_retr}
     if short_data else None,
@@ -430,10 +452,14 @@ try:
     b = [r["tokens"] / 1e6 for r in train_logs if r["stage"] == stage_index["decay"]]
     if b:
         ax.axvline(b[0], color="gray", ls="--", lw=1, label="decay, sparse on")
-    ax.set_xlabel("training tokens (M)"); ax.set_ylabel("loss (nats/token)")
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("loss (nats/token)")
     ax.set_title(f"SALA-small ({summary['params'] / 1e6:.0f}M params), 4K context")
-    ax2 = ax.twinx(); ax2.plot([r["tokens"] / 1e6 for r in train_logs], [r["lr"] for r in train_logs], color="k", alpha=0.3, lw=1)
-    ax2.set_ylabel("learning rate"); ax.legend(loc="upper right"); fig.tight_layout()
+    ax2 = ax.twinx()
+    ax2.plot([r["tokens"] / 1e6 for r in train_logs], [r["lr"] for r in train_logs], color="k", alpha=0.3, lw=1)
+    ax2.set_ylabel("learning rate")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
     fig.savefig(os.path.join(out, "loss.png"), dpi=120)
 except Exception as e:
     print("plot failed:", e)
@@ -446,15 +472,16 @@ def guarded(key: str, run):
     try:
         return run()
     except Exception as e:
-        import traceback; traceback.print_exc()
+        import traceback
+        traceback.print_exc()
         report.setdefault("errors", {})[key] = f"{type(e).__name__}: {e}"
         return None
 
 def niah_single_changed(lengths_: list[int], n: int, teacher_forced: bool = False, **config) -> dict:
     """niah_single on the evaluation's prompts (seed 7) with the final model, loaded as the evaluation loads it, with
     `config` fields changed (a diagnostic)."""
-    from sala.modeling.tokenizer import load_tokenizer
     from sala.eval.runner import resolve_device_dtype
+    from sala.modeling.tokenizer import load_tokenizer
     from sala.train.model_factory import load_model_dir
     dev, dtype = resolve_device_dtype(None)
     m = load_model_dir(final_dir, dtype=dtype, device=dev)
@@ -482,7 +509,8 @@ def hype_diagnostic(n: int) -> None:
     r = guarded("hype_diagnostic", lambda: niah_single_changed([lengths[0], lengths[-1]], n, teacher_forced=True,
                                                                hype_query_scale_base=a))
     if r:
-        report["hype_diagnostic"] = {"note": f"the same niah_single prompts, HyPE query scaling at inference (a = {a:g})",
+        report["hype_diagnostic"] = {"note": "the same niah_single prompts, HyPE query scaling at inference "
+                                             f"(a = {a:g})",
                                      "base": a, "results": r["results"], "seconds": r["seconds"]}
 
 for task, n in samples.items():
@@ -512,5 +540,6 @@ report["status"] = "done"
 save_summary()
 table = result["niah_table"]
 print(table)
-print(json.dumps({k: result["training"][k] for k in ("steps", "tokens", "seconds", "skipped_steps", "final_train_loss", "heldout_loss", "corpus_heldout_loss",
+print(json.dumps({k: result["training"][k] for k in ("steps", "tokens", "seconds", "skipped_steps", "final_train_loss",
+                                                      "heldout_loss", "corpus_heldout_loss",
                                                       "stable_sparse_off", "decay_sparse_on")}, indent=1))

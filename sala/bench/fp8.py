@@ -112,12 +112,13 @@ def bundled_quality(model_dir: str | None, device: torch.device, dtype: torch.dt
                     niah_lengths: list[int], niah_samples: int, num_windows: int, seq_len: int,
                     data: str | None = None, batch: int = 4, skip: tuple[str, ...] = (), fast_accum: bool = False,
                     log: Callable[[str], None] = logger.info) -> dict:
-    """The baseline (the model in `dtype`) then FP8 on the same model, prompts and windows; returns the report section."""
-    from sala.modeling.tokenizer import load_tokenizer
+    """The baseline (the model in `dtype`) then FP8 on the same model, prompts and windows; returns the report
+    section."""
     from sala.engine.loading import load_model_dir
     from sala.eval.heldout import heldout_windows
     from sala.eval.runner import default_model
     from sala.modeling.fp8 import quantize_model_fp8
+    from sala.modeling.tokenizer import load_tokenizer
 
     model_dir = model_dir or default_model()
     tok = load_tokenizer(model_dir)
@@ -227,7 +228,8 @@ def shape_accuracy_and_speed(preset: str, device: torch.device, dtype: torch.dty
                              on_update: Callable[[dict], None] | None = None,
                              log: Callable[[str], None] = logger.info) -> dict:
     """The baseline then FP8 (the same random weights, quantized in place) on a preset shape; see the module
-    docstring. FP8 measures exactly the lengths the baseline completed. Returns the report section (logits compared, not stored)."""
+    docstring. FP8 measures exactly the lengths the baseline completed. Returns the report section (logits
+    compared, not stored)."""
     from sala.bench.latency import warmup_tokens
     from sala.engine import SalaEngine
     from sala.engine.loading import random_model

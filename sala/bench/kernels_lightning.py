@@ -356,15 +356,18 @@ def markdown_table(payload: dict) -> str:
              "| rel err ours / fla |", "|---|---|---|---|---|---|---|---|"]
     for r in payload.get("prefill", []):
         lines.append(f"| {r['T']} | {f(r.get('ours_fwd_ms'))} | {f(r.get('fla_fwd_ms'))} | "
-                     f"{f(r.get('fwd_speedup_vs_fla'))}x | {f(r.get('ours_fwd_bwd_ms'))} | {f(r.get('fla_fwd_bwd_ms'))} | "
+                     f"{f(r.get('fwd_speedup_vs_fla'))}x | {f(r.get('ours_fwd_bwd_ms'))} | "
+                     f"{f(r.get('fla_fwd_bwd_ms'))} | "
                      f"{f(r.get('fwd_bwd_speedup_vs_fla'))}x | {f(r.get('ours_rel_err'), '{:.1e}')} / "
                      f"{f(r.get('fla_rel_err'), '{:.1e}')} |")
     lines += ["", "| decode batch | ours us/call | ours us/call back to back | same, Triton's launch | "
                   "ours in CUDA graph us | state GB/s (graph) | fla us/call | speedup |",
               "|---|---|---|---|---|---|---|---|"]
     for r in payload.get("decode", []):
-        lines.append(f"| {r['batch']} | {f(r.get('ours_us'), '{:.1f}')} | {f(r.get('ours_us_back_to_back'), '{:.1f}')} | "
-                     f"{f(r.get('ours_us_back_to_back_jit_launch'), '{:.1f}')} | {f(r.get('ours_graph_us'), '{:.1f}')} | "
+        lines.append(f"| {r['batch']} | {f(r.get('ours_us'), '{:.1f}')} | "
+                     f"{f(r.get('ours_us_back_to_back'), '{:.1f}')} | "
+                     f"{f(r.get('ours_us_back_to_back_jit_launch'), '{:.1f}')} | "
+                     f"{f(r.get('ours_graph_us'), '{:.1f}')} | "
                      f"{f(r.get('ours_graph_state_GBps'), '{:.0f}')} | {f(r.get('fla_us'), '{:.1f}')} | "
                      f"{f(r.get('speedup_vs_fla'))}x |")
     return "\n".join(lines)

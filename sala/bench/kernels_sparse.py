@@ -33,8 +33,15 @@ import torch
 
 from sala.bench.common import bench_ms, run_metadata, write_json
 from sala.ops.dense import dense_causal_attention
-from sala.ops.infllmv2 import (SparseKernelConfig, SparseParams, block_sparse_attention, compress_keys,
-                               infllmv2_attention, infllmv2_decode, select_blocks)
+from sala.ops.infllmv2 import (
+    SparseKernelConfig,
+    SparseParams,
+    block_sparse_attention,
+    compress_keys,
+    infllmv2_attention,
+    infllmv2_decode,
+    select_blocks,
+)
 from sala.ops.infllmv2.decode import decode_select_blocks
 
 logger = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import time
 from typing import Any
@@ -22,6 +23,8 @@ import torch
 
 from sala.bench.common import run_metadata, write_json
 from sala.utils.lengths import parse_length
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_LENGTHS = (65536, 131072, 262144, 524288, 1048576, 2097152)
 QWEN3_8B_SHAPE = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
@@ -129,7 +132,8 @@ def measure_sala(engine, n: int, decode_tokens: int, seed: int) -> dict[str, Any
     except torch.OutOfMemoryError as e:
         engine.cache = None
         _free_cuda()
-        return {"status": "OOM", "error": str(e).splitlines()[0][:200], "peak_gib": _gib(torch.cuda.max_memory_allocated())}
+        return {"status": "OOM", "error": str(e).splitlines()[0][:200],
+                "peak_gib": _gib(torch.cuda.max_memory_allocated())}
     out = {"status": "ok", "ttft_s": res.ttft_s, "e2e_s": res.total_s, "decode_tokens": len(res.token_ids),
            "decode_tokens_per_s": res.decode_tokens_per_s, "peak_gib": _gib(torch.cuda.max_memory_allocated()),
            "decode_mode": engine.decode_mode, "first_tokens": res.token_ids[:4]}
@@ -152,7 +156,8 @@ def profile_sala(engine, seed: int, n: int = 32768, steps: int = 8) -> dict[str,
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             engine.prefill([ids], n + steps + 1)
             torch.cuda.synchronize()
-        out[f"prefill_{n}"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+        out[f"prefill_{n}"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
+                                                        max_name_column_width=60)
         step = DecodeStep(engine.runner, engine.cache)
         step()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -166,7 +171,7 @@ def profile_sala(engine, seed: int, n: int = 32768, steps: int = 8) -> dict[str,
     engine.cache = None
     _free_cuda()
     for k, v in out.items():
-        print(f"== profile {k}\n{v}", flush=True)
+        logger.info("== profile %s\n%s", k, v)
     return out
 
 
@@ -219,7 +224,7 @@ def run(lengths=DEFAULT_LENGTHS, decode_tokens: int = 1024, out_path: str = "lat
         for n in [n for n in lengths if n <= baseline_max_len]:
             r = measure_baseline(model, n, decode_tokens, baseline_decode_tokens, seed)
             payload["baseline"][str(n)] = r
-            print(f"baseline {n:>8}: {r}", flush=True)
+            logger.info("baseline %8s: %s", n, r)
             save()
             if r["status"] == "OOM":
                 break
@@ -273,7 +278,7 @@ def run(lengths=DEFAULT_LENGTHS, decode_tokens: int = 1024, out_path: str = "lat
                 r["ttft_speedup_vs_baseline"] = b["ttft_s"] / r["ttft_s"]
                 r["e2e_speedup_vs_baseline"] = b["e2e_s"] / r["e2e_s_1024"]
         payload["sala"][str(n)] = r
-        print(f"sala     {n:>8}: {r}", flush=True)
+        logger.info("sala     %8s: %s", n, r)
         save()
     payload["targets"] = _targets(payload)
     save()
@@ -283,7 +288,7 @@ def run(lengths=DEFAULT_LENGTHS, decode_tokens: int = 1024, out_path: str = "lat
 
             plot_latency(payload, os.path.dirname(os.path.abspath(out_path)))
         except Exception as e:  # noqa: BLE001 - plots are optional on the device
-            print(f"plots skipped: {type(e).__name__}: {e}", flush=True)
+            logger.warning("plots skipped: %s: %s", type(e).__name__, e)
     return payload
 
 
@@ -319,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true",
                     help="SalaEngine(compile=True): torch.compile the prefill's elementwise pieces (warm-up compiles)")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")   # run()'s progress lines, on stderr
     run([parse_length(x) for x in args.lengths.split(",") if x.strip()], args.decode_tokens, args.out,
         baseline=not args.no_baseline, baseline_max_len=parse_length(args.baseline_max_len),
         baseline_decode_tokens=args.baseline_decode_tokens, chunk_size=args.chunk_size, budget_s=args.budget_s,

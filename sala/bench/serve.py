@@ -561,7 +561,8 @@ def run(args) -> dict:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         if "results_no_cache" in payload:
-            payload["same_answers_as_no_cache"] = payload["results"]["answers"] == payload["results_no_cache"]["answers"]
+            payload["same_answers_as_no_cache"] = (payload["results"]["answers"]
+                                                   == payload["results_no_cache"]["answers"])
         base = payload.get("sequential_baseline", {}).get("output_tokens_per_s")
         if base and payload["results"].get("output_tokens_per_s"):
             payload["speedup_vs_sequential"] = payload["results"]["output_tokens_per_s"] / base

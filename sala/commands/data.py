@@ -16,7 +16,8 @@ def register(subparsers) -> None:
                     help="'stdlib' (Python's standard library: *.py, *.txt, *.rst; the default), 'python-packages' "
                          "(the installed packages' *.py, *.txt, *.rst, *.md), a text file, a "
                          "folder, a .jsonl file (field 'text'; or FILE.jsonl:FIELD). Repeatable.")
-    pr.add_argument("--tokenizer", default="sala", help="'sala' (the shipped 8K BPE), a tokenizer.json or a model folder")
+    pr.add_argument("--tokenizer", default="sala",
+                    help="'sala' (the shipped 8K BPE), a tokenizer.json or a model folder")
     pr.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (default 0.02)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--synthetic-fraction", type=float, default=0.0,
@@ -74,9 +75,9 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from sala.modeling.tokenizer import load_tokenizer
     from sala.eval.runner import parse_lengths
     from sala.eval.tasks import generate, write_jsonl
+    from sala.modeling.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     n = 0

@@ -12,7 +12,8 @@ import gc
 import time
 from pathlib import Path
 
-from sala.utils.bundled import BUNDLED_MODEL_DIR as BUNDLED_MODEL, bundled_model_dir
+from sala.utils.bundled import BUNDLED_MODEL_DIR as BUNDLED_MODEL
+from sala.utils.bundled import bundled_model_dir
 
 
 def register(subparsers) -> None:
@@ -128,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.depth <= 1.0:
         raise ValueError(f"--depth must be in [0, 1], got {args.depth}")
     if model.config.vocab_size < tok.vocab_size:
-        raise ValueError(f"model vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's ({tok.vocab_size})")
+        raise ValueError(f"model vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
+                         f"({tok.vocab_size})")
     for n in notes:
         print(n)
     sample = _haystack(tok, args.length, args.depth, args.seed)
@@ -139,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
 
     rows = []
     n_sparse = model.config.mixer_types.count("minicpm4")
-    rows.append((f"SALA ({n_sparse} sparse + {model.config.num_hidden_layers - n_sparse} lightning layers)", source, model))
+    rows.append((f"SALA ({n_sparse} sparse + {model.config.num_hidden_layers - n_sparse} lightning layers)",
+                 source, model))
     if not args.no_dense:
         dense_dir = Path(args.dense) if args.dense else (model_dir / "teacher" if model_dir is not None else None)
         if dense_dir is not None and (dense_dir / "config.json").is_file():

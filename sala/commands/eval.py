@@ -135,10 +135,9 @@ def _raise_interrupt(signum, frame):
 
 def _loss(args: argparse.Namespace) -> int:
     from sala.bench.common import run_metadata, write_json
+    from sala.engine.loading import load_model_dir
     from sala.eval.heldout import heldout_windows, model_heldout_loss
     from sala.eval.runner import default_model, resolve_device_dtype
-    from sala.engine.loading import load_model_dir
-
     from sala.utils.devices import check_device
     from sala.utils.errors import check_writable_file
 

@@ -6,7 +6,8 @@ import re
 import sys
 from pathlib import Path
 
-from sala.utils.bundled import BUNDLED_MODEL_DIR as BUNDLED_MODEL, bundled_model_dir
+from sala.utils.bundled import BUNDLED_MODEL_DIR as BUNDLED_MODEL
+from sala.utils.bundled import bundled_model_dir
 from sala.utils.errors import UsageError
 
 # Prefill chunk on the CPU when --chunk-size is not given: small enough that a long prompt reports progress.
@@ -73,7 +74,8 @@ def register(subparsers) -> None:
                    help="fp8: FP8 projection and LM-head weights (Ada/Hopper GPUs); an FP8 checkpoint loads as fp8")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly (debugging)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the prefill's elementwise work (long prompts on a GPU; the first chunk compiles)")
+                   help="torch.compile the prefill's elementwise work "
+                        "(long prompts on a GPU; the first chunk compiles)")
     p.add_argument("--speculative", default=None, metavar="ngram|draft:DIR",
                    help="speculative decoding: n-gram prompt lookup, or a draft model directory (same tokenizer)")
     p.add_argument("--num-speculative-tokens", type=int, default=4,

@@ -44,9 +44,14 @@ def run(args: argparse.Namespace) -> int:
     from sala.bench.latency import parse_length
     from sala.engine import DEFAULT_CHUNK_SIZE
     from sala.engine.loading import parse_dtype
-    from sala.engine.memory import check_fits, device_free_bytes, fmt_bytes, largest_context, parameter_counts, \
-        plan_memory
-
+    from sala.engine.memory import (
+        check_fits,
+        device_free_bytes,
+        fmt_bytes,
+        largest_context,
+        parameter_counts,
+        plan_memory,
+    )
     from sala.utils.devices import check_device
 
     check_device(args.device)

@@ -293,7 +293,8 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] | None = None) -> P
     with torch.no_grad():
         t_loss = heldout_loss(logits_of(teacher.model), heldout)
         s_loss = heldout_loss(logits_of(model), heldout)
-    dtype = {"auto": spec.torch_dtype, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(opts.dtype)
+    dtype = {"auto": spec.torch_dtype, "float32": "float32", "bfloat16": "bfloat16",
+             "float16": "float16"}.get(opts.dtype)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16; got {opts.dtype!r}")
     final = model.to("cpu", getattr(torch, dtype))

@@ -10,7 +10,7 @@ import random
 
 import torch
 
-from sala.eval.heldout import LogitsFn   # int64 [B, T] -> fp32 logits [B, T, V]
+from sala.eval.heldout import LogitsFn  # int64 [B, T] -> fp32 logits [B, T, V]
 
 RECALL_TASKS = ("niah_single", "niah_multikey", "vt")
 

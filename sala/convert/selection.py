@@ -83,8 +83,10 @@ def parse_layer_list(text: str, num_layers: int) -> list[int] | None:
     try:
         layers = sorted({int(x) for x in t.split(",") if x.strip()})
     except ValueError:
-        raise ValueError(f"--softmax-layers must be 'auto', 'none' or comma-separated layer indices, got {text!r}") from None
+        raise ValueError(f"--softmax-layers must be 'auto', 'none' or comma-separated layer indices, "
+                         f"got {text!r}") from None
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(f"--softmax-layers {bad} out of range: the teacher has {num_layers} layers (0..{num_layers - 1})")
+        raise ValueError(f"--softmax-layers {bad} out of range: the teacher has {num_layers} layers "
+                         f"(0..{num_layers - 1})")
     return layers

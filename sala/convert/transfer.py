@@ -25,7 +25,8 @@ LAYER_COPY = ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.
 
 def _get(sd: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     if name not in sd:
-        raise ValueError(f"teacher checkpoint has no tensor {name!r} (is it a {', '.join(['llama', 'qwen2', 'qwen3', 'minicpm'])} "
+        raise ValueError(f"teacher checkpoint has no tensor {name!r} "
+                         f"(is it a {', '.join(['llama', 'qwen2', 'qwen3', 'minicpm'])} "
                          f"checkpoint in the transformers layout?)")
     return sd[name]
 
@@ -73,7 +74,8 @@ def _biases(out: dict[str, torch.Tensor], teacher_sd: dict[str, torch.Tensor], s
             gate: str) -> None:
     """Biases a biased SALA config has but the teacher may not: zeros (o_proj's copied when present)."""
     if "o_proj.bias" in out:
-        out["o_proj.bias"] = teacher_sd[p + "o_proj.bias"].clone() if spec.o_bias else torch.zeros_like(out["o_proj.bias"])
+        out["o_proj.bias"] = (teacher_sd[p + "o_proj.bias"].clone() if spec.o_bias
+                              else torch.zeros_like(out["o_proj.bias"]))
     if gate in out:
         out[gate] = torch.zeros_like(out[gate])
     for name in ("q_proj.bias", "k_proj.bias", "v_proj.bias"):
@@ -133,5 +135,6 @@ def transfer_state_dict(teacher_sd: dict[str, torch.Tensor], spec: TeacherSpec, 
                            f"unexpected {sorted(extra)[:6]}")
     for k, v in out.items():
         if v.shape != fresh_sd[k].shape:
-            raise ValueError(f"teacher tensor for {k} has shape {list(v.shape)}, SALA expects {list(fresh_sd[k].shape)}")
+            raise ValueError(f"teacher tensor for {k} has shape {list(v.shape)}, "
+                             f"SALA expects {list(fresh_sd[k].shape)}")
     return {k: v.to(fresh_sd[k].dtype) for k, v in out.items()}

@@ -64,7 +64,8 @@ class TaskSample:
         return TaskSample(**json.loads(line))
 
 
-def _fit(build: Callable[[int], str], budget: int, count: Callable[[str], int], hint: int | None) -> tuple[str, int, int]:
+def _fit(build: Callable[[int], str], budget: int, count: Callable[[str], int],
+         hint: int | None) -> tuple[str, int, int]:
     """Largest n with count(build(n)) <= budget (binary search). Returns (text, n, tokens)."""
     def ok(n: int) -> tuple[bool, str, int]:
         text = build(n)
@@ -174,7 +175,8 @@ def multiquery_keys(length: int) -> int:
     return max(2, min(16, length // 256))
 
 
-def _niah_multiquery(rng: random.Random, depth: float, length: int) -> tuple[Callable[[int], str], list[str], str, dict]:
+def _niah_multiquery(rng: random.Random, depth: float,
+                     length: int) -> tuple[Callable[[int], str], list[str], str, dict]:
     keys = _distinct(rng, multiquery_keys(length), needle_key)
     values = [magic_number(rng) for _ in keys]
     needles = [_needle(k, v) for k, v in zip(keys, values)]
@@ -257,7 +259,8 @@ def generate(task: str, length: int, num_samples: int, count_tokens: Callable[[s
             # RULER repeats each common word 30 times; short prompts cannot hold that many, so the
             # repetition shrinks until the common words fill at most half of the budget.
             for freq in (30, 20, 10, 6, 4):
-                build, outputs, answer, meta = _cwe(random.Random(f"{seed}/{task}/{length}/{i}"), length, freq_common=freq)
+                build, outputs, answer, meta = _cwe(random.Random(f"{seed}/{task}/{length}/{i}"), length,
+                                                    freq_common=freq)
                 if count_tokens(build(0)) <= (length - mnt) // 2:
                     break
             meta = {"freq_common": freq}

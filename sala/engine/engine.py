@@ -20,8 +20,14 @@ import torch
 
 from sala.engine.decode_graph import GraphedDecodeStep
 from sala.engine.forward import DecodeStep, ModelRunner
-from sala.engine.loading import (default_device, load_config_dir, load_model_dir, load_tokenizer_dir, parse_dtype,
-                                 random_model)
+from sala.engine.loading import (
+    default_device,
+    load_config_dir,
+    load_model_dir,
+    load_tokenizer_dir,
+    parse_dtype,
+    random_model,
+)
 from sala.engine.memory import MemoryPlan, check_fits, device_free_bytes, plan_memory
 from sala.engine.quantization import load_quantized_model, quantize_loaded_model, resolve_quantization
 from sala.engine.sampling import SamplingParams, StopMatcher, sample_next
@@ -100,7 +106,8 @@ class SalaEngine:
         quant = resolve_quantization(quantization, device, path)
         if context is not None:
             _check_before_load(config, context, batch, dt, device, kwargs.get("chunk_size", DEFAULT_CHUNK_SIZE))
-        model = load_quantized_model(path, device, dt, quant) if quant else load_model_dir(path, device=device, dtype=dt)
+        model = (load_quantized_model(path, device, dt, quant) if quant
+                 else load_model_dir(path, device=device, dtype=dt))
         return cls(model, load_tokenizer_dir(path), **kwargs)
 
     @classmethod

@@ -51,8 +51,15 @@ from sala.engine.requests import (
     TokenLogprob,
 )
 from sala.engine.sampling import SamplingParams, StopMatcher, sample_next
-from sala.engine.speculative import (AdaptiveK, SpecStats, accept_drafts, make_drafter, rollback_row,
-                                     snapshot_row, verify_row)
+from sala.engine.speculative import (
+    AdaptiveK,
+    SpecStats,
+    accept_drafts,
+    make_drafter,
+    rollback_row,
+    snapshot_row,
+    verify_row,
+)
 from sala.engine.static_cache import StaticCache
 from sala.modeling.configuration_sala import SalaConfig
 from sala.modeling.modeling_sala import SalaForCausalLM
@@ -240,9 +247,8 @@ class EngineCore:
             parse_dtype,
             random_model,
         )
-        from sala.modeling.configuration_sala import PRESETS
-
         from sala.engine.quantization import load_quantized_model, quantize_loaded_model, resolve_quantization
+        from sala.modeling.configuration_sala import PRESETS
 
         dev = torch.device(device) if device is not None else default_device()
         dt = parse_dtype(dtype, dev)

@@ -23,7 +23,8 @@ def windows_of(tokens, num: int, seq_len: int, where: str = "held-out split") ->
     if n == 0:
         raise ValueError(f"{where} has {len(tokens)} tokens, fewer than seq_len={seq_len}")
     step = len(tokens) // n
-    return torch.from_numpy(np.stack([np.asarray(tokens[i * step:i * step + seq_len], dtype=np.int64) for i in range(n)]))
+    return torch.from_numpy(np.stack([np.asarray(tokens[i * step:i * step + seq_len], dtype=np.int64)
+                                      for i in range(n)]))
 
 
 def heldout_windows(data: str | Path, num: int, seq_len: int, split: str = "val") -> torch.Tensor:

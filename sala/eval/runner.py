@@ -112,8 +112,8 @@ def run_tasks(model_dir: str | None, lengths: list[int], tasks: list[str] | tupl
     Interrupted (KeyboardInterrupt), it returns what it finished: the report holds the (task, length) cells done,
     "partial": true and "interrupted_at": {"task", "length", "samples_done"}. show_progress: a bar of samples
     within each length on stderr."""
-    from sala.modeling.tokenizer import load_tokenizer
     from sala.engine.loading import load_model_dir
+    from sala.modeling.tokenizer import load_tokenizer
 
     log = log or logger.info
     if num_samples < 1:

@@ -3,8 +3,7 @@ layers which mode they run in (`ForwardContext`), its hybrid cache, checkpoint c
 from sala.modeling.cache import SalaCache
 from sala.modeling.configuration_sala import SalaConfig
 from sala.modeling.context import ForwardContext
-from sala.modeling.modeling_sala import (SalaForCausalLM, SalaModel, SalaPreTrainedModel, cache_keyword,
-                                         output_cache)
+from sala.modeling.modeling_sala import SalaForCausalLM, SalaModel, SalaPreTrainedModel, cache_keyword, output_cache
 
 __all__ = ["SalaConfig", "SalaCache", "ForwardContext", "SalaForCausalLM", "SalaModel", "SalaPreTrainedModel",
            "cache_keyword", "output_cache"]

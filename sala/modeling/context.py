@@ -19,8 +19,13 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from sala.ops import fused
-from sala.ops.fused_reference import (add_rms_norm_reference, qk_norm_rope_reference, rms_norm_gate_reference,
-                                      rms_norm_reference, silu_mul_reference)
+from sala.ops.fused_reference import (
+    add_rms_norm_reference,
+    qk_norm_rope_reference,
+    rms_norm_gate_reference,
+    rms_norm_reference,
+    silu_mul_reference,
+)
 
 FULL, PREFILL, DECODE = "full", "prefill", "decode"
 

@@ -27,7 +27,14 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from sala.ops.fp8 import BACKENDS, FP8_DTYPE, SCALED_MM_ALIGN, dequantize_weight, fp8_linear, quantize_weight_per_channel
+from sala.ops.fp8 import (
+    BACKENDS,
+    FP8_DTYPE,
+    SCALED_MM_ALIGN,
+    dequantize_weight,
+    fp8_linear,
+    quantize_weight_per_channel,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -24,12 +24,25 @@ except ImportError:  # pragma: no cover
 
 from sala.modeling.cache import LightningLayerCache, SalaCache, SparseLayerCache
 from sala.modeling.configuration_sala import SPARSE, SalaConfig
-from sala.modeling.context import DECODE, FULL, PREFILL, REFERENCE_OPS, ElementwiseOps, ForwardContext
-from sala.modeling.context import rope_cos_sin  # noqa: F401  (re-exported: the one RoPE frequency computation)
+from sala.modeling.context import (
+    DECODE,
+    FULL,
+    PREFILL,
+    REFERENCE_OPS,
+    ElementwiseOps,
+    ForwardContext,
+    rope_cos_sin,  # noqa: F401  (re-exported: the one RoPE frequency computation)
+)
 from sala.ops.dense import dense_causal_attention
 from sala.ops.fused_reference import qk_norm_rope_reference
-from sala.ops.infllmv2 import (SparseParams, compress_window_range, compressed_lengths, infllmv2_attention,
-                               infllmv2_decode, update_compressed_keys)
+from sala.ops.infllmv2 import (
+    SparseParams,
+    compress_window_range,
+    compressed_lengths,
+    infllmv2_attention,
+    infllmv2_decode,
+    update_compressed_keys,
+)
 from sala.ops.lightning import lightning_attention, lightning_decode_step
 from sala.ops.linear_cross_entropy import linear_cross_entropy
 from sala.ops.slopes import lightning_log_decay

@@ -31,6 +31,6 @@ from sala.ops.slopes import alibi_slopes, lightning_log_decay
 __all__ = [
     "LightningConfig", "SparseParams", "add_rms_norm", "alibi_slopes", "block_sparse_attention", "compress_keys",
     "dense_causal_attention", "infllmv2_attention", "infllmv2_decode", "kernel_mode", "lightning_attention",
-    "lightning_decode_step", "lightning_log_decay", "linear_cross_entropy", "qk_norm_rope", "rms_norm", "rms_norm_gate", "select_blocks",
-    "silu_mul", "update_compressed_keys", "use_triton",
+    "lightning_decode_step", "lightning_log_decay", "linear_cross_entropy", "qk_norm_rope", "rms_norm", "rms_norm_gate",
+    "select_blocks", "silu_mul", "update_compressed_keys", "use_triton",
 ]

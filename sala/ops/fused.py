@@ -13,8 +13,13 @@ import torch
 from torch import Tensor
 
 from sala.ops.dispatch import use_triton
-from sala.ops.fused_reference import (add_rms_norm_reference, qk_norm_rope_reference, rms_norm_gate_reference,
-                                      rms_norm_reference, silu_mul_reference)
+from sala.ops.fused_reference import (
+    add_rms_norm_reference,
+    qk_norm_rope_reference,
+    rms_norm_gate_reference,
+    rms_norm_reference,
+    silu_mul_reference,
+)
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ROW = 65536            # longest normalised row (elements) the row kernel takes in one program

@@ -29,8 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sala.serve.async_engine import AsyncEngine
 from sala.serve.chat import ChatTemplate
-from sala.serve.choices import (Choice, TokenText, chat_logprobs, completion_logprobs, speculative_stats,
-                                usage)
+from sala.serve.choices import Choice, TokenText, chat_logprobs, completion_logprobs, speculative_stats, usage
 from sala.serve.metrics import CONTENT_TYPE, ServerMetrics
 from sala.serve.prompts import PromptInput, check_length, completion_prompts, encode_text, sampling_params
 from sala.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest

@@ -369,7 +369,8 @@ def run_differences(saved: dict, current: dict) -> list[str]:
     has (a checkpoint written before a field existed) are not compared."""
     a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
     out = []
-    for key in sorted(set(a) & set(b), key=lambda k: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in k.split(".")]):
+    for key in sorted(set(a) & set(b),
+                      key=lambda k: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in k.split(".")]):
         parts = key.split(".")
         if parts[0] in RESUMABLE_CHANGES:
             continue

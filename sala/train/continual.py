@@ -63,7 +63,8 @@ def continue_training(model_dir: str | Path, data: str | Path, out_dir: str | Pa
     tps = None
     if tokens is not None:
         if tokens < per_step:
-            raise ValueError(f"tokens={tokens:,} is less than one step ({micro_batch} x {seq_len} = {per_step:,} tokens)")
+            raise ValueError(f"tokens={tokens:,} is less than one step "
+                             f"({micro_batch} x {seq_len} = {per_step:,} tokens)")
         steps = math.ceil(tokens / per_step)
         limit = None
     else:

@@ -57,7 +57,8 @@ def attention_forward_flops(config, doc_lengths: Iterable[int], sparse_active: b
     """Forward attention FLOPs of all layers for documents of the given lengths."""
     sc = getattr(config, "sparse_config", None) or {}
     dense_len = sc.get("dense_len", float("inf")) if isinstance(sc, dict) else float("inf")
-    cap = (sc.get("topk", 64) * sc.get("block_size", 64) + sc.get("window_size", 2048)) if isinstance(sc, dict) and sc else None
+    cap = ((sc.get("topk", 64) * sc.get("block_size", 64) + sc.get("window_size", 2048))
+           if isinstance(sc, dict) and sc else None)
     lengths = [int(x) for x in doc_lengths]
     total = 0.0
     for layer in layer_kinds(config):

@@ -24,9 +24,9 @@ import torch
 from sala.data.batching import collate_windows, num_loss_tokens
 from sala.data.packed import PackedDataset, Window, read_meta
 from sala.train import checkpoint as ckpt
+from sala.train.compile import compile_for_training
 from sala.train.config import StageConfig, TrainConfig, run_differences
 from sala.train.distributed import DistEnv, all_reduce_sum, barrier, setup, shard_model
-from sala.train.compile import compile_for_training
 from sala.train.flops import peak_tflops, train_step_flops
 from sala.train.metrics import MetricsLog
 from sala.train.model_factory import apply_throughput_options, build_model, is_sala, set_sparse_attention

@@ -164,8 +164,9 @@ def test_stop_strings_interpret_escapes(bundled, capsys):
 
 def test_hf_tokenizer_and_cli_give_the_same_text_and_chat(bundled, capsys):
     """The README's transformers example and `sala generate` agree: the tokenizer's own BOS setting decides."""
-    import sala  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import sala  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(str(bundled), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(bundled))
@@ -189,8 +190,8 @@ def test_hf_tokenizer_and_cli_give_the_same_text_and_chat(bundled, capsys):
 
 
 def test_chat_without_a_template_is_refused(tmp_path, capsys):
-    from sala.modeling.tokenizer import load_tokenizer
     from sala.modeling import SalaConfig, SalaForCausalLM
+    from sala.modeling.tokenizer import load_tokenizer
 
     tok = load_tokenizer(None)
     tok.chat_template = None

@@ -8,9 +8,9 @@ import torch
 
 from sala.cli import main
 from sala.commands.generate import BUNDLED_MODEL
-from sala.modeling.tokenizer import train_bpe
 from sala.engine import SalaEngine, SamplingParams
 from sala.modeling import SalaConfig, SalaForCausalLM
+from sala.modeling.tokenizer import train_bpe
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "a long context model reads whole books",
          "sparse and linear attention layers", "hello world, hello sala"] * 20

@@ -1,4 +1,5 @@
-"""experiments/profiling/ab_engine.py: every setting really applied while measured, interleaved order, medians per setting."""
+"""experiments/profiling/ab_engine.py: every setting really applied while measured, interleaved order, medians per
+setting."""
 from __future__ import annotations
 
 import json

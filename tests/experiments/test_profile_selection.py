@@ -1,4 +1,5 @@
-"""experiments/profiling/profile_selection.py: --variant NAME=KEY:VALUE,... parses into SparseKernelConfig fields, bad ones are refused."""
+"""experiments/profiling/profile_selection.py: --variant NAME=KEY:VALUE,... parses into SparseKernelConfig fields,
+bad ones are refused."""
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
-"""experiments/profiling/profile_train_step.py on the CPU: step time and top ops per run, and with --sites the costliest ops grouped
-by the project code that called them (the tool that locates a step's copies and casts on the GPU)."""
+"""experiments/profiling/profile_train_step.py on the CPU: step time and top ops per run, and with --sites the
+costliest ops grouped by the project code that called them (the tool that locates a step's copies and casts on the
+GPU)."""
 from __future__ import annotations
 
 import json
@@ -15,8 +16,9 @@ def test_profile_reports_call_sites(tmp_path, run_script, prepare_in):
         (docs / f"d{i}.txt").write_text(" ".join(f"word{j % 13} item {i}" for j in range(200)) + "\n")
     prepare_in(tmp_path, "packed", ["docs"], tokenizer="sala", val_fraction=0.1, seed=0)
     out = tmp_path / "prof.json"
-    run_script(["profile_train_step.py", "--data", str(tmp_path / "packed"), "--preset", "sala-tiny", "--seq-len", "128",
-                "--micro-batch", "2", "--steps", "1", "--only", "sala_sparse_off", "--sites", "8", "--fuse-projections", "--loss-chunk", "64",
+    run_script(["profile_train_step.py", "--data", str(tmp_path / "packed"), "--preset", "sala-tiny",
+                "--seq-len", "128", "--micro-batch", "2", "--steps", "1", "--only", "sala_sparse_off", "--sites", "8",
+                "--fuse-projections", "--loss-chunk", "64",
                 "--config", "hidden_size=96,num_attention_heads=6,num_key_value_heads=3,lightning_nh=6,lightning_nkv=6",
                 "--out", str(out)],
                tmp_path)
@@ -33,7 +35,8 @@ def test_profile_reports_call_sites(tmp_path, run_script, prepare_in):
     from sala.train.config import ModelConfig
     from sala.train.model_factory import build_model
 
-    tiny = sum(p.numel() for p in build_model(ModelConfig(kind="sala", preset="sala-tiny"), vocab_size=8192).parameters())
+    tiny = sum(p.numel()
+               for p in build_model(ModelConfig(kind="sala", preset="sala-tiny"), vocab_size=8192).parameters())
     wide = build_model(ModelConfig(kind="sala", preset="sala-tiny", config={
         "hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 3, "lightning_nh": 6, "lightning_nkv": 6}),
         vocab_size=8192)

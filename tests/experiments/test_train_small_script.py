@@ -69,7 +69,8 @@ def test_train_small_gpu_dry_run_with_all_stages(tmp_path, run_script, prepare_i
         # the long steps come out of the stable stage (same window and batch), which keeps a third of its steps
         assert stages[2]["steps"] >= (stages[1]["steps"] + stages[2]["steps"]) // 3
         stages = [stages[0]] + stages[2:]   # the rest as without the long stage
-    short = ("_short" if retrieval_seq is None else f"_short{retrieval_seq}") + ("_niah_single" if retrieval_steps else "")
+    short = (("_short" if retrieval_seq is None else f"_short{retrieval_seq}")
+             + ("_niah_single" if retrieval_steps else ""))
     assert stages[0]["data"] == prefix + short and stages[2]["data"] == str(data) + "_decay"
     seq = retrieval_seq or stages[1]["seq_len"]
     assert stages[0]["seq_len"] == seq == summary["retrieval_warmup"]["seq_len"]

@@ -14,8 +14,14 @@ from sala.cli import main
 from sala.engine import SalaEngine, SamplingParams
 from sala.engine.loading import load_model_dir
 from sala.modeling import SalaForCausalLM
-from sala.modeling.fp8 import (Fp8Linear, concat_fp8_linears, fp8_modules, load_fp8_checkpoint, quantize_model_fp8,
-                               save_fp8_checkpoint)
+from sala.modeling.fp8 import (
+    Fp8Linear,
+    concat_fp8_linears,
+    fp8_modules,
+    load_fp8_checkpoint,
+    quantize_model_fp8,
+    save_fp8_checkpoint,
+)
 from sala.ops.fp8 import FP8_DTYPE, Fp8UnsupportedError, dequantize, quantize_per_token, quantize_weight_per_channel
 from sala.utils.bundled import BUNDLED_MODEL_DIR
 

@@ -13,10 +13,18 @@ import traceback
 
 import torch
 
+from sala.ops.infllmv2 import (
+    SparseKernelConfig,
+    SparseParams,
+    block_sparse_attention,
+    compress_keys,
+    compressed_lengths,
+    infllmv2_attention,
+    infllmv2_decode,
+    select_blocks,
+    update_compressed_keys,
+)
 from sala.ops.infllmv2 import reference as ref
-from sala.ops.infllmv2 import (SparseKernelConfig, SparseParams, block_sparse_attention, compress_keys,
-                               compressed_lengths, infllmv2_attention, infllmv2_decode, select_blocks,
-                               update_compressed_keys)
 
 SMALL = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, topk=2, init_blocks=1, window_size=32)
 

@@ -6,9 +6,20 @@ import torch
 import torch.nn.functional as F
 
 from sala.ops import fp8 as fp8_ops
-from sala.ops.fp8 import (FP8_DTYPE, FP8_MAX, MIN_SCALE, Fp8UnsupportedError, check_fp8_supported, dequantize,
-                          dequantize_weight, fp8_linear, fp8_linear_reference, fp8_linear_scaled_mm,
-                          quantize_per_token, quantize_weight_per_channel)
+from sala.ops.fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    MIN_SCALE,
+    Fp8UnsupportedError,
+    check_fp8_supported,
+    dequantize,
+    dequantize_weight,
+    fp8_linear,
+    fp8_linear_reference,
+    fp8_linear_scaled_mm,
+    quantize_per_token,
+    quantize_weight_per_channel,
+)
 
 
 def _bound(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

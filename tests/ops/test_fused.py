@@ -9,8 +9,13 @@ import torch.nn.functional as F
 
 from sala.modeling.modeling_sala import SalaRMSNorm, apply_rope, rope_cos_sin
 from sala.ops import fused
-from sala.ops.fused_reference import (add_rms_norm_reference, qk_norm_rope_reference, rms_norm_gate_reference,
-                                      rms_norm_reference, silu_mul_reference)
+from sala.ops.fused_reference import (
+    add_rms_norm_reference,
+    qk_norm_rope_reference,
+    rms_norm_gate_reference,
+    rms_norm_reference,
+    silu_mul_reference,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

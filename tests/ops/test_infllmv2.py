@@ -7,10 +7,18 @@ import sys
 import pytest
 import torch
 
-from sala.ops.infllmv2 import reference as ref
 from sala.ops.dense import dense_causal_attention
-from sala.ops.infllmv2 import (SparseParams, block_sparse_attention, compress_keys, compressed_lengths,
-                               infllmv2_attention, infllmv2_decode, select_blocks, update_compressed_keys)
+from sala.ops.infllmv2 import (
+    SparseParams,
+    block_sparse_attention,
+    compress_keys,
+    compressed_lengths,
+    infllmv2_attention,
+    infllmv2_decode,
+    select_blocks,
+    update_compressed_keys,
+)
+from sala.ops.infllmv2 import reference as ref
 
 # block 16, kernel 8 / stride 4 (K2: 32 / 16), topk 2 + window 32 (2 local blocks) -> 4 blocks, sparse from 64
 SMALL = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, topk=2, init_blocks=1, window_size=32)
@@ -67,7 +75,8 @@ def naive_select(q, k, p: SparseParams, q_offset: int, scale: float):
                 blocks = []
                 for blk in range(qb + 1):
                     lo, hi = blk * p.block_size, blk * p.block_size + p.block_size   # block tokens [lo, hi)
-                    over = [score[j] for j in vis1 if p.kernel_stride * j < hi and p.kernel_stride * j + p.kernel_size > lo]
+                    over = [score[j] for j in vis1
+                            if p.kernel_stride * j < hi and p.kernel_stride * j + p.kernel_size > lo]
                     s = max(over) if over else 0.0
                     if blk < p.init_blocks or qb - p.local_blocks <= blk <= qb:
                         s = math.inf
@@ -363,8 +372,8 @@ def tie_case(kind: str, T: int = 200, D: int = 16):
 
 
 def expected_tie_indices(T: int, q_offset: int, free: int) -> torch.Tensor:
-    """Blocks [B=1, Hkv=2, Tq, total_blocks] of the tie cases: init block 0, the free block when it is not forced, the local
-    band and the own block, ascending, -1 padded."""
+    """Blocks [B=1, Hkv=2, Tq, total_blocks] of the tie cases: init block 0, the free block when it is not forced, the
+    local band and the own block, ascending, -1 padded."""
     rows = []
     for p in range(q_offset, T):
         qb = p // TIES.block_size

@@ -86,7 +86,8 @@ def test_gpu_selection_matches_reference(monkeypatch, topk_max_cols):
     k1, k2 = compress_keys(k, 32, 16), compress_keys(k, 128, 64)
     torch.testing.assert_close(k1.float(), ref.compress_keys_ref(k, 32, 16).float())
     monkeypatch.setenv("SALA_KERNELS", "triton")
-    got = select_blocks(q, k1, k2, p, q_offset=8192 - 1024, kernel_config=SparseKernelConfig(topk_max_cols=topk_max_cols))
+    got = select_blocks(q, k1, k2, p, q_offset=8192 - 1024,
+                        kernel_config=SparseKernelConfig(topk_max_cols=topk_max_cols))
     pos = (7168 + torch.arange(1024, device="cuda"))[None]
     checks.assert_same_selection(got, ref.select_blocks_ref(q.double(), k1.double(), k2.double(), pos, p,
                                                             128 ** -0.5), q, k1, k2, pos, p, 128 ** -0.5, rel=2e-3)
@@ -114,7 +115,13 @@ def test_gpu_band_split_matches_reference(monkeypatch, band_rows):
     """Band split at the released shape, bf16: 2 batch rows of 700 queries at an offset that is not a multiple
     of the block (band tiles straddle query blocks and the two rows' key bases), forward output and lse vs the
     one-walk kernel, output vs the fp32 reference."""
-    from sala.ops.infllmv2 import SparseKernelConfig, block_sparse_attention, compress_keys, select_blocks, triton_attention
+    from sala.ops.infllmv2 import (
+        SparseKernelConfig,
+        block_sparse_attention,
+        compress_keys,
+        select_blocks,
+        triton_attention,
+    )
 
     config = SparseKernelConfig(band_rows=band_rows)
     monkeypatch.setenv("SALA_KERNELS", "triton")
@@ -212,8 +219,8 @@ def test_gpu_decode_matches_prefill(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_split_decode_selection_matches_reference(monkeypatch):
     """Split-N decode selection at the released shape (64K cache, 3 sequences, NaN in unused K1/K2 slots)."""
-    from sala.ops.infllmv2 import reference as ref
     from sala.ops.infllmv2 import SparseParams, compressed_lengths, triton_decode, update_compressed_keys
+    from sala.ops.infllmv2 import reference as ref
 
     p, S = SparseParams(), 65536
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -250,19 +257,22 @@ def test_warmup_covers_every_length_class(monkeypatch, max_tokens, batch):
 
     def record_split(q, k1, k2, pos, params, scale, n_blocks, config):
         assert q.shape[0] == k1.shape[0] == k2.shape[0] == pos.shape[0] == batch
-        sp2_seen.add(max(2, triton_utils.pow2(triton_decode.decode_select_splits(batch, 2, k2.shape[1], triton_utils.k2_tile())[0])))
+        splits = triton_decode.decode_select_splits(batch, 2, k2.shape[1], triton_utils.k2_tile())[0]
+        sp2_seen.add(max(2, triton_utils.pow2(splits)))
 
     monkeypatch.setattr(triton_decode, "pooled_block_scores_decode_split", record_split)
     n = triton_decode.warmup_length_classes(max_tokens, p, batch=batch, device="cpu")
     assert n == len(topk_seen) + 2 * len(sp2_seen)       # launches: 2 per top-k class, 2 per split class
     max_blocks = -(-max_tokens // 64) + 1
-    want_nc = {max(16, triton_utils.pow2(b)) for b in range(1, max_blocks + 1) if b <= SparseKernelConfig().topk_max_cols}
+    want_nc = {max(16, triton_utils.pow2(b))
+               for b in range(1, max_blocks + 1) if b <= SparseKernelConfig().topk_max_cols}
     assert {nc for nc, lim, _ in topk_seen if lim} == want_nc
     assert {nc for nc, lim, rows in topk_seen if not lim and rows == batch} == want_nc
     want_sp2 = set()
     for cap in range(128, max_tokens + 1, 128):          # every decode cache capacity up to max_tokens
         n2 = int(n_windows(torch.tensor(cap), p.k2_kernel, p.k2_stride))
-        want_sp2.add(max(2, triton_utils.pow2(triton_decode.decode_select_splits(batch, 2, max(1, n2), triton_utils.k2_tile())[0])))
+        splits = triton_decode.decode_select_splits(batch, 2, max(1, n2), triton_utils.k2_tile())[0]
+        want_sp2.add(max(2, triton_utils.pow2(splits)))
     assert want_sp2 <= sp2_seen, (want_sp2, sp2_seen)
 
 

@@ -62,8 +62,9 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 
 
 @pytest.mark.parametrize("dtype, t, dk, dv, seg, factored", [
-    (torch.float32, 1, 16, 16, 0, True), (torch.bfloat16, 63, 32, 32, 0, True), (torch.float32, 65, 64, 64, 1, False),
-    (torch.bfloat16, 65, 64, 64, 1, True), (torch.float32, 150, 32, 64, 1, True), (torch.bfloat16, 130, 64, 32, 2, False)])
+    (torch.float32, 1, 16, 16, 0, True), (torch.bfloat16, 63, 32, 32, 0, True),
+    (torch.float32, 65, 64, 64, 1, False), (torch.bfloat16, 65, 64, 64, 1, True),
+    (torch.float32, 150, 32, 64, 1, True), (torch.bfloat16, 130, 64, 32, 2, False)])
 def test_forward_matches_reference(config, dtype, t, dk, dv, seg, factored):
     config = replace(config, chunks_per_segment=seg, intra_factored=factored)
     h = 2

@@ -1,4 +1,5 @@
-"""The sparse, lightning and fused Triton kernels compile for Hopper (sm_90) at the released shape and the default launch settings, on the CPU.
+"""The sparse, lightning and fused Triton kernels compile for Hopper (sm_90) at the released shape and the default
+launch settings, on the CPU.
 
 The interpreter checks semantics but not what only the GPU compiler sees: layouts, software pipelining and shared
 memory. `triton.compile` with an explicit sm_90 target runs the whole NVIDIA pipeline (TTGIR, LLVM, ptxas) without
@@ -65,7 +66,8 @@ def test_attention_kernels_compile_for_sm90_with_the_default_config(band):
     if band:
         fwd.update(K0=P.init_blocks, K1=K - P.local_blocks - 1, BAND=True, INIT=P.init_blocks,
                    LOCAL=P.local_blocks)
-    walks = ((triton_attention._sparse_fwd_kernel, triton_attention._sparse_band_fwd_kernel, "band", {"o_ptr": "*bf16"}),
+    walks = ((triton_attention._sparse_fwd_kernel, triton_attention._sparse_band_fwd_kernel, "band",
+              {"o_ptr": "*bf16"}),
              (triton_attention._sparse_bwd_dq_kernel, triton_attention._sparse_band_bwd_dq_kernel, "band_dq",
               {"do_ptr": "*bf16", "delta_ptr": "*fp32", "dq_ptr": "*bf16"}))
     for walk, band_kernel, prefix, own_ptrs in walks:

@@ -12,9 +12,9 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from lm_eval.api.model import TemplateLM
+from lm_eval.api.model import TemplateLM  # noqa: E402  (after pytest.importorskip)
 
-from tests.serve.live import MODEL_DIR, serving
+from tests.serve.live import MODEL_DIR, serving  # noqa: E402  (after pytest.importorskip)
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 TASKS = ["sala_serve_mc", "sala_serve_gen"]

@@ -10,7 +10,8 @@ import pytest
 
 from tests.serve.live import make_core, serving
 
-WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega"]
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu",
+         "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega"]
 
 
 def _prompt(i: int, words: int) -> str:
@@ -79,7 +80,10 @@ def _error(r: httpx.Response, status: int) -> dict:
 
 def test_bad_inputs_get_openai_errors(server):
     url = server.url
-    post = lambda path, **kw: httpx.post(url + path, timeout=60, **kw)
+
+    def post(path, **kw):
+        return httpx.post(url + path, timeout=60, **kw)
+
     ok = {"model": "sala-test", "prompt": "hi", "max_tokens": 2}
     for bad, param in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 0}, "n"),
                        ({"logprobs": 99}, "logprobs"), ({"max_tokens": -3}, "max_tokens"), ({"stop": [""]}, "stop"),

@@ -7,7 +7,7 @@ import torch
 
 openai = pytest.importorskip("openai")
 
-from tests.serve.live import MODEL_DIR
+from tests.serve.live import MODEL_DIR  # noqa: E402  (after pytest.importorskip)
 
 PROMPT = "def fibonacci(n):\n    "
 

@@ -18,7 +18,7 @@ serve = pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from sala.utils.bundled import BUNDLED_MODEL_DIR
+from sala.utils.bundled import BUNDLED_MODEL_DIR  # noqa: E402  (after pytest.importorskip)
 
 MODEL = str(BUNDLED_MODEL_DIR)
 NAME = os.path.basename(MODEL.rstrip("/"))

@@ -111,8 +111,8 @@ def test_bad_arguments():
 
 # ---------------------------------------------------------------------- RoutedEngine behind the app (no Ray)
 class _FakeReplica:
-    """A replica handle: `mode` "ok", "dead" (fails every call), "broken" (answers stats, fails generate), "die_before_output" (admits, then fails before
-    any output, once), "die_mid" (fails after the first output)."""
+    """A replica handle: `mode` "ok", "dead" (fails every call), "broken" (answers stats, fails generate),
+    "die_before_output" (admits, then fails before any output, once), "die_mid" (fails after the first output)."""
 
     def __init__(self, mode: str = "ok") -> None:
         self.mode = mode

@@ -10,9 +10,9 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from sala.engine.requests import Request
-from sala.engine.sampling import SamplingParams
-from tests.serve.live import make_core, serving
+from sala.engine.requests import Request  # noqa: E402  (after pytest.importorskip)
+from sala.engine.sampling import SamplingParams  # noqa: E402  (after pytest.importorskip)
+from tests.serve.live import make_core, serving  # noqa: E402  (after pytest.importorskip)
 
 MAX_LEN = 2304
 PASSAGE = ("The river keeper opened the gate at dawn, counted the boats, and wrote the number in the ledger. "

@@ -7,8 +7,13 @@ import torch
 
 from sala.ops.dispatch import triton_available, use_triton
 from sala.ops.infllmv2 import reference as ref
-from sala.ops.infllmv2.params import (SparseKernelConfig, SparseParams, check_qkv, kernel_config_or_default,
-                                      softmax_scale)
+from sala.ops.infllmv2.params import (
+    SparseKernelConfig,
+    SparseParams,
+    check_qkv,
+    kernel_config_or_default,
+    softmax_scale,
+)
 
 if triton_available():
     from sala.ops.infllmv2 import triton_decode

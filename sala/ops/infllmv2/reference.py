@@ -13,6 +13,7 @@ Conventions (see docs/sparse.md):
 from __future__ import annotations
 
 import torch
+
 from sala.ops.infllmv2.params import SparseParams, n_windows
 
 # Elements of the largest chunked temporary (fp32): ~256 MiB.

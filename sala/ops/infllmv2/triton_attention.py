@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from sala.ops.dispatch import interpreter_enabled
 from sala.ops.infllmv2.params import DEFAULT_KERNEL_CONFIG, SparseKernelConfig
 from sala.ops.infllmv2.triton_utils import LOG2E, launch_stages, online_softmax, pow2

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from sala.ops.infllmv2.triton_utils import pow2
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from sala.ops.infllmv2.params import DEFAULT_KERNEL_CONFIG, SparseKernelConfig, SparseParams, compressed_lengths
 from sala.ops.infllmv2.triton_topk import topk_blocks_triton
 from sala.ops.infllmv2.triton_utils import LOG2E, check_selection, k2_tile, online_softmax, pow2, select_nb
