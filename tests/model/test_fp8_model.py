@@ -296,7 +296,7 @@ def test_sala_quantize_writes_an_fp8_checkpoint_and_refuses_to_overwrite(tmp_pat
     assert torch.equal(stored["lm_head.weight"].view(torch.uint8), q.view(torch.uint8))
     assert main(["quantize", "--model", str(BUNDLED), "--out", str(out)]) == 2   # a usage error
     assert "refusing to overwrite" in capsys.readouterr().err
-    assert main(["quantize", "--model", str(out), "--out", str(tmp_path / "again")]) == 1
+    assert main(["quantize", "--model", str(out), "--out", str(tmp_path / "again")]) == 2
     assert "already an FP8 checkpoint" in capsys.readouterr().err
     assert main(["quantize", "--model", str(BUNDLED), "--out", str(out), "--overwrite", "--no-lm-head",
                  "--skip", "*.down_proj"]) == 0

@@ -22,6 +22,8 @@ import torch
 
 from sala.engine.forward import ModelRunner
 from sala.engine.static_cache import StaticCache
+from sala.modeling.context import PREFILL, ForwardContext
+from sala.modeling.modeling_sala import SalaLightningAttention
 
 
 @dataclass
@@ -52,10 +54,16 @@ def snapshot_row(cache: StaticCache, row: int) -> torch.Tensor:
 
 
 class LightningInputs:
-    """The lightning layers' inputs during one verify step: layer -> (x [1, T, hidden], cos, sin)."""
+    """The lightning layers' inputs during one verify step: layer index -> (x [1, T, hidden] normed layer input,
+    position_ids [1, T])."""
 
     def __init__(self) -> None:
-        self.inputs: dict[int, tuple] = {}
+        self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _lightning_layers(runner: ModelRunner) -> list[tuple[int, SalaLightningAttention]]:
+    return [(i, layer.self_attn) for i, layer in enumerate(runner.model.model.layers)
+            if isinstance(layer.self_attn, SalaLightningAttention)]
 
 
 @torch.no_grad()
@@ -65,17 +73,19 @@ def verify_row(runner: ModelRunner, cache: StaticCache, row: int, ids: list[int]
     path. Returns logits [len(ids), V] fp32 (row j predicts the token after ids[j]) and each lightning layer's
     input (for `rollback_row`). The row then holds all of ids."""
     cap = LightningInputs()
-    inner = runner._lightning_prefill
 
-    def capturing(i, attn, x, cos, sin, state):
-        cap.inputs[i] = (x, cos, sin)
-        return inner(i, attn, x, cos, sin, state)
+    def hook(i: int):
+        def record(module, args):
+            x, ctx = args[0], args[1]
+            cap.inputs[i] = (x, ctx.position_ids)
+        return record
 
-    runner._lightning_prefill = capturing
+    handles = [attn.register_forward_pre_hook(hook(i)) for i, attn in _lightning_layers(runner)]
     try:
         h = runner.prefill_chunk(torch.tensor(ids, dtype=torch.long, device=runner.device), cache, row)
     finally:
-        del runner._lightning_prefill
+        for handle in handles:
+            handle.remove()
     return runner.logits_of(h[0]), cap
 
 
@@ -84,13 +94,13 @@ def rollback_row(runner: ModelRunner, cache: StaticCache, row: int, snapshot: to
                  cap: LightningInputs) -> None:
     """Make the row hold exactly its first `start` tokens plus the first `keep` tokens of the verify step that
     began at `start` (the last accepted token and the accepted drafts). Lightning states: `snapshot` (taken at
-    `start`) advanced over the kept positions from the captured layer inputs (each lightning layer's projection
-    and scan only; by causality those inputs are what a replay of the kept tokens would compute). Sparse K/V
-    and K1/K2 only need the length (module docstring)."""
+    `start`) advanced over the kept positions by each lightning layer alone, from its captured input (by
+    causality those inputs are what a replay of the kept tokens would compute). Sparse K/V and K1/K2 only need
+    the length (module docstring)."""
     cache.states[:, row] = snapshot
-    for i, (x, cos, sin) in cap.inputs.items():
-        runner._lightning_prefill(i, runner.layers[i].self_attn, x[:, :keep],
-                                  None if cos is None else cos[:, :keep], None if sin is None else sin[:, :keep],
-                                  cache.state(i)[row:row + 1])
+    layers = dict(_lightning_layers(runner))
+    for i, (x, positions) in cap.inputs.items():
+        ctx = ForwardContext(positions[:, :keep], ops=runner.ops, mode=PREFILL, cache=cache, row=row, start=start)
+        layers[i](x[:, :keep], ctx)      # updates the row's state of layer i; the output is not needed
     cache.lengths[row] = start + keep
     cache.seqlens[row:row + 1].fill_(start + keep)
