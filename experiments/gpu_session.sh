@@ -34,8 +34,9 @@ case "$part" in
     step serve_load 180 python3 -m sala.cli bench serve --model minicpm-sala-9b --scenario load --num-requests 32 \
       --concurrency 32 --prompt-len 4096 --output-len 256 --max-num-seqs 32 --max-model-len 4608 \
       --sequential-baseline 2 --out "$OUT/serve_load_$gpu.json" --plot "$OUT/serve_load_$gpu.png"
-    step spec_cost 120 python3 -m sala.cli bench spec --tasks quote,vt --lengths 4k --num-samples 2 \
-      --max-new-tokens 64 --speculative ngram --cost-preset minicpm-sala-9b --cost-context 65536 --cost-k 8 \
+    step spec 150 python3 -m sala.cli bench spec --tasks quote,vt --lengths 16k,64k --num-samples 2 \
+      --max-new-tokens 128 --speculative ngram --num-speculative-tokens 8 --cost-preset minicpm-sala-9b \
+      --cost-context 65536 --cost-k 8 \
       --out "$OUT/spec_$gpu.json"
     step fp8_shape 90 python3 -m sala.bench.fp8 --parts shape --lengths 65536,262144 --out "$OUT/fp8_shape_$gpu.json" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
