@@ -8,7 +8,7 @@
 # `one` needs runs/baseline (the tree before the one-forward redesign: `git archive 7c62c84 sala | tar -x -C
 # runs/baseline`, carried). Each line: timeout SECONDS, then the command.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh one|two}
+part=${1:?usage: gpu_session.sh one|two|three}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/sala_gpu}
 mkdir -p "$OUT"
@@ -39,6 +39,16 @@ case "$part" in
       --cost-context 65536 --cost-k 8 \
       --out "$OUT/spec_$gpu.json"
     step fp8_shape 90 python3 -m sala.bench.fp8 --parts shape --lengths 65536,262144 --out "$OUT/fp8_shape_$gpu.json" ;;
+  three)  # one call after `one`: the regression by part, then the first targets of `two`
+    step regression 150 python3 experiments/regression/gpu_regression.py --tree base=runs/baseline --tree new=. \
+      --parts sparse,lightning,engine,train --out "$OUT/regression_one_forward_$gpu.json"
+    step serve_document 170 python3 -m sala.cli bench serve --model minicpm-sala-9b --scenario document \
+      --doc-len 131072 --questions 5 --question-len 64 --output-len 32 --max-num-seqs 4 --max-model-len 139264 \
+      --compare-no-cache --out "$OUT/serve_document_$gpu.json" --plot "$OUT/serve_document_$gpu.png"
+    step spec 110 python3 -m sala.cli bench spec --tasks quote,vt --lengths 16k --num-samples 2 \
+      --max-new-tokens 128 --speculative ngram --num-speculative-tokens 8 --cost-preset minicpm-sala-9b \
+      --cost-context 65536 --cost-k 8 --out "$OUT/spec_$gpu.json"
+    step fp8_shape 80 python3 -m sala.bench.fp8 --parts shape --lengths 65536 --out "$OUT/fp8_shape_$gpu.json" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

@@ -143,7 +143,7 @@ def worker(parts: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tree", action="append", default=[], help="NAME=DIR, a source tree (repeat; first = base)")
-    ap.add_argument("--parts", default="sparse,lightning,train,engine")
+    ap.add_argument("--parts", default="sparse,lightning,engine,train")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "regression.json"))
     ap.add_argument("--worker-json", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -159,19 +159,21 @@ def main() -> None:
     results: dict = {}
     for name, tree in trees:
         tree = os.path.abspath(tree)
-        fd, tmp = tempfile.mkstemp(suffix=".json")
-        os.close(fd)
-        env = {**os.environ, "PYTHONPATH": tree, "PYTHONUNBUFFERED": "1"}
-        env.pop("SALA_KERNELS", None)
+        results[name] = {"tree": tree}
         t0 = time.time()
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker-json", tmp, "--parts",
-                               args.parts], cwd=tree, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            results[name] = {"error": done.stderr[-4000:]}
-        else:
-            with open(tmp) as f:
-                results[name] = json.load(f)
-        results[name]["tree"] = tree
+        for part in parts:      # one process per part: a part that fails leaves the others' numbers
+            fd, tmp = tempfile.mkstemp(suffix=".json")
+            os.close(fd)
+            env = {**os.environ, "PYTHONPATH": tree, "PYTHONUNBUFFERED": "1"}
+            env.pop("SALA_KERNELS", None)
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker-json", tmp, "--parts", part],
+                                  cwd=tree, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                results[name][f"{part}_error"] = done.stderr[-1500:]
+            else:
+                with open(tmp) as f:
+                    results[name].update(json.load(f))
+            os.unlink(tmp)
         results[name]["wall_s"] = round(time.time() - t0, 1)
         print(name, json.dumps(results[name])[:2000], flush=True)
     base_name = trees[0][0]
