@@ -8,7 +8,7 @@
 # `one` needs runs/baseline (the tree before the one-forward redesign: `git archive 7c62c84 sala | tar -x -C
 # runs/baseline`, carried). Each line: timeout SECONDS, then the command.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh one|two|three}
+part=${1:?usage: gpu_session.sh one|two|three|four}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/sala_gpu}
 mkdir -p "$OUT"
@@ -49,6 +49,19 @@ case "$part" in
       --max-new-tokens 128 --speculative ngram --num-speculative-tokens 8 --cost-preset minicpm-sala-9b \
       --cost-context 65536 --cost-k 8 --out "$OUT/spec_$gpu.json"
     step fp8_shape 80 python3 -m sala.bench.fp8 --parts shape --lengths 65536 --out "$OUT/fp8_shape_$gpu.json" ;;
+  four)   # after `three`: the training step, the serve and spec targets with the serve wheels, GPU tests
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site:$PYTHONPATH
+    step regression_train 90 python3 experiments/regression/gpu_regression.py --tree base=runs/baseline --tree new=. \
+      --parts train --out "$OUT/regression_train_$gpu.json"
+    step serve_document 160 python3 -m sala.cli bench serve --model minicpm-sala-9b --scenario document \
+      --doc-len 131072 --questions 5 --question-len 64 --output-len 32 --max-num-seqs 4 --max-model-len 139264 \
+      --compare-no-cache --out "$OUT/serve_document_$gpu.json" --plot "$OUT/serve_document_$gpu.png"
+    step spec 100 python3 -m sala.cli bench spec --tasks quote,vt --lengths 16k --num-samples 2 \
+      --max-new-tokens 128 --speculative ngram --num-speculative-tokens 8 --cost-preset minicpm-sala-9b \
+      --cost-context 65536 --cost-k 8 --out "$OUT/spec_$gpu.json"
+    step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_scheduler_gpu.py \
+      tests/ops/test_fp8.py tests/model/test_fp8_model.py ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

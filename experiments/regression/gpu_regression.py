@@ -111,7 +111,7 @@ def worker(parts: list[str]) -> dict:
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss   # as the trainer calls it
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

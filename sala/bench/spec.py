@@ -45,7 +45,7 @@ def add_arguments(p) -> None:
 
 def quote_prompt(tok, length: int, rng: random.Random) -> str:
     """A document of about `length` tokens of pseudo-word paragraphs and a request to quote one of them."""
-    from sala.eval.words import pseudo_words
+    from sala.data.words import pseudo_words
 
     paras: list[str] = []
     n = 0

@@ -451,6 +451,8 @@ class SalaSparseAttention(FusedProjections, nn.Module):
             else:
                 cache.append(b, k[b, p:], v[b, p:], B)
                 kb, vb, k1, k2 = cache.sequence(b)
+                if torch.is_grad_enabled():   # views of buffers the next rows' appends write: autograd saves copies
+                    kb, vb = kb.clone(), vb.clone()
                 o[b:b + 1, p:] = self._attend(q[b:b + 1, p:], kb, vb, k1, k2)
         return o
 
@@ -817,7 +819,8 @@ class SalaModel(SalaPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         B, T = inputs_embeds.shape[:2]
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:   # a forward that builds a graph (training) keeps no cache unless asked to
+            use_cache = self.config.use_cache and not torch.is_grad_enabled()
         if self.training and self.gradient_checkpointing:
             use_cache = False
         if use_cache and past_key_values is None:

@@ -35,8 +35,10 @@ def test_graph_buckets_and_batching_equal_alone():
                       max_tokens_per_step=384)
     got = _run(core, [Request(str(i), p, sp) for i, p in enumerate(prompts)])
     assert [got[str(i)] for i in range(len(prompts))] == alone
-    assert core._steps and all(st.mode == "cuda-graph" for st in core._steps.values())
-    assert len(core._steps) > 1                                       # several buckets were used
+    assert sorted(core._steps) == [8]        # the batch kept rows up to the last in use: the full bucket
+    # a request alone in the same engine: row 0, the one-row graph, the same tokens
+    assert _run(core, [Request("solo", prompts[1], sp)])["solo"] == alone[1]
+    assert sorted(core._steps) == [1, 8] and all(st.mode == "cuda-graph" for st in core._steps.values())
     st = core.stats()
     assert st["free_slots"] == 8 and st["cache_pages_used"] == 0 and st["prefix_cache_refs"] == 0
 
