@@ -1,7 +1,8 @@
 """Bad input meets one line naming the file, field or value (exit 2), never a traceback; `--debug` keeps it.
 
 Most cases run `sala.cli.main` (the console script's entry point) in this process; the cases where the process
-boundary matters (tracebacks, signals, a fresh interpreter without `import sala`) run `python -m sala.cli`."""
+boundary matters (the interpreter's traceback under --debug, a fresh interpreter without `import sala`) run a
+subprocess."""
 from __future__ import annotations
 
 import errno
@@ -65,11 +66,13 @@ def docs(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- generic
-def test_traceback_only_with_debug(tmp_path):
+def test_traceback_only_with_debug(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages: [\n")
-    r = run_cli("train", bad)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "invalid YAML at line" in r.stderr, r.stderr
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "invalid YAML at line" in err, err
+    # --debug lets the exception leave `sala.cli.main`: the interpreter of `python -m sala.cli` prints the traceback
     r = run_cli("--debug", "train", bad)
     assert r.returncode != 0 and "Traceback" in r.stderr
 
@@ -204,20 +207,28 @@ def test_chat_without_a_template_is_refused(tmp_path, capsys):
 
 
 def test_auto_model_without_import_sala_says_what_to_do():
+    """A fresh interpreter: without `import sala`, transformers asks for trust_remote_code; with it, the folder's
+    auto_map loads the installed package's class; with sala imported (sala/__init__ registers the classes), the
+    plain call of the README's transformers example (run in-process by tests/eval/test_eval_interrupt.py) loads
+    the package's class too."""
     code = ("from transformers import AutoModelForCausalLM\n"
             "try:\n"
             f"    AutoModelForCausalLM.from_pretrained({str(BUNDLED_MODEL_DIR)!r})\n"
             "except Exception as e:\n"
             "    print('ERROR', e)\n"
             f"m = AutoModelForCausalLM.from_pretrained({str(BUNDLED_MODEL_DIR)!r}, trust_remote_code=True)\n"
-            "print(type(m).__name__)\n")
+            "print('REMOTE', type(m).__name__)\n"
+            "import sala\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(BUNDLED_MODEL_DIR)!r})\n"
+            "print('IMPORTED', type(m).__module__, type(m).__name__)\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().endswith("SalaForCausalLM")
+    lines = r.stdout.strip().splitlines()
+    assert lines[-2:] == ["REMOTE SalaForCausalLM", "IMPORTED sala.modeling.modeling_sala SalaForCausalLM"], r.stdout
     # a fresh interpreter: the class comes from the folder's auto_map, so transformers asks for trust_remote_code
     # (or `import sala`), not for a newer transformers
-    assert "trust_remote_code" in r.stdout and "update" not in r.stdout.lower()
+    assert "ERROR" in r.stdout and "trust_remote_code" in r.stdout and "update" not in r.stdout.lower()
 
 
 # --------------------------------------------------------------------------- data prepare

@@ -57,8 +57,7 @@ def cluster():
         yield {"url": url, "ingress": ingress, "replicas": replicas,
                "client": openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)}
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()          # stops the cluster this fixture started, Serve's actors with it (no graceful drain)
 
 
 def _state(cluster) -> dict:
@@ -150,21 +149,26 @@ def test_killed_replica_endpoint_keeps_answering_and_replica_restarts(cluster):
 
 
 def test_offline_batch_over_two_replicas_is_resumable(cluster, tmp_path):
+    """Resumable both ways: after lines written by the single-process `run_jsonl`, the replicas generate only the
+    rest (in input order, over both replicas); a re-run over what the replicas wrote generates nothing."""
+    from sala.engine.llm import LLM, run_jsonl
     from sala.engine.sampling import SamplingParams
     from sala.serve.offline_replicas import run_jsonl_replicas
 
     inp, out = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
     prompts = [{"id": f"p{i}", "prompt": f"Item {i}: a short prompt"} for i in range(6)]
-    inp.write_text("".join(json.dumps(p) + "\n" for p in prompts[:4]))
+    inp.write_text("".join(json.dumps(p) + "\n" for p in prompts[:2]))
+    assert run_jsonl(LLM(MODEL, device="cpu"), inp, out, SamplingParams(max_new_tokens=3), progress=False) == 2
+    first = [json.loads(ln) for ln in out.read_text().splitlines()]
+    # more prompts: the replicas keep what was written and generate only the new ones (4 prompts: a chunk of one
+    # each, so both replicas work and results come back out of order)
+    inp.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     kw = {"replicas": 2, "replica_cpus": 0, "replica_gpus": 0, "progress": False}
     assert run_jsonl_replicas(MODEL, inp, out, SamplingParams(max_new_tokens=3), **kw) == 4
-    first = [json.loads(ln) for ln in out.read_text().splitlines()]
-    assert [r["id"] for r in first] == ["p0", "p1", "p2", "p3"] and all(r["completion_tokens"] == 3 for r in first)
-    # more prompts: a re-run keeps what was written and generates only the new ones
-    inp.write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    assert run_jsonl_replicas(MODEL, inp, out, SamplingParams(max_new_tokens=3), **kw) == 2
     lines = [json.loads(ln) for ln in out.read_text().splitlines()]
-    assert lines[:4] == first and [r["id"] for r in lines] == [p["id"] for p in prompts]
+    assert lines[:2] == first and [r["id"] for r in lines] == [p["id"] for p in prompts]
+    assert all(r["completion_tokens"] == 3 and r["prompt"] == p["prompt"] for r, p in zip(lines, prompts))
+    assert set(lines[2]) == set(first[0])                       # the same fields as `run_jsonl` writes
     assert run_jsonl_replicas(MODEL, inp, out, SamplingParams(max_new_tokens=3), **kw) == 0
 
 
