@@ -114,8 +114,9 @@ def test_progress_bars_report_tokens_and_samples(tmp_path, capsys, monkeypatch):
 def test_readme_transformers_example_runs_as_written(capsys):
     """The README's plain-transformers block, with the bundled model's path and the CPU for "cuda", run like the
     README's runnable blocks (tests/docs/test_readme.py): in this process, with fresh globals. The block starts
-    with `import sala` (the pattern below requires it), which registers the model with transformers; that
-    `import sala` alone does so in a fresh interpreter is checked by tests/cli/test_cli_errors.py."""
+    with `import sala` (the pattern below requires it), which registers the model with transformers; a fresh
+    interpreter, without and then with sala imported, is tests/cli/test_cli_errors.py's
+    test_auto_model_without_import_sala_says_what_to_do."""
     text = (ROOT / "README.md").read_text()
     block = re.search(r"```python\n(import sala, torch\nfrom transformers import AutoModelForCausalLM.*?)```", text,
                       re.S)

@@ -160,8 +160,8 @@ def test_offline_batch_over_two_replicas_is_resumable(cluster, tmp_path):
     inp.write_text("".join(json.dumps(p) + "\n" for p in prompts[:2]))
     assert run_jsonl(LLM(MODEL, device="cpu"), inp, out, SamplingParams(max_new_tokens=3), progress=False) == 2
     first = [json.loads(ln) for ln in out.read_text().splitlines()]
-    # more prompts: the replicas keep what was written and generate only the new ones (4 prompts: a chunk of one
-    # each, so both replicas work and results come back out of order)
+    # more prompts: the replicas keep what was written and generate only the new ones (4 prompts over 2 replicas:
+    # chunks of one prompt, two per replica, written in input order whichever finishes first)
     inp.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     kw = {"replicas": 2, "replica_cpus": 0, "replica_gpus": 0, "progress": False}
     assert run_jsonl_replicas(MODEL, inp, out, SamplingParams(max_new_tokens=3), **kw) == 4
