@@ -189,16 +189,11 @@ def test_fsdp2_two_cpu_ranks_match_one_process(packed, tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("{}\n")
     cmd[cmd.index("/dev/null")] = str(empty)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:    # the one-process run here while the ranks start
-        single = Trainer(load_config(str(empty), [f"out_dir={tmp_path}/one", "stages.0.micro_batch=2",
-                                                  "stages.0.grad_accum=2", *common]), log=lambda s: None)
-        single.fit()
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, stderr[-3000:]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    single = Trainer(load_config(str(empty), [f"out_dir={tmp_path}/one", "stages.0.micro_batch=2",
+                                              "stages.0.grad_accum=2", *common]), log=lambda s: None)
+    single.fit()
     a = [r["step_loss"] for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if "step_loss" in r]
     b = [r["step_loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "step_loss" in r]
     assert len(a) == len(b) == 3
