@@ -1,7 +1,8 @@
 """Bad input meets one line naming the file, field or value (exit 2), never a traceback; `--debug` keeps it.
 
 Most cases run `sala.cli.main` (the console script's entry point) in this process; the cases where the process
-boundary matters (tracebacks, signals, a fresh interpreter without `import sala`) run `python -m sala.cli`."""
+boundary matters (the interpreter's traceback under --debug, a fresh interpreter without `import sala`) run a
+subprocess."""
 from __future__ import annotations
 
 import errno
@@ -21,10 +22,47 @@ from sala.utils.bundled import BUNDLED_MODEL_DIR
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_cli(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **kw.pop("env", {})}
-    return subprocess.run([sys.executable, "-m", "sala.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, **kw)
+class Started:
+    """A subprocess started now and read when a test needs its result (once; the result is kept)."""
+
+    def __init__(self, cmd: list[str], env: dict) -> None:
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self._result: subprocess.CompletedProcess | None = None
+
+    def result(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        if self._result is None:
+            out, err = self.proc.communicate(timeout=timeout)
+            self._result = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+        return self._result
+
+
+AUTO_MODEL_CODE = ("from transformers import AutoModelForCausalLM\n"
+                   "try:\n"
+                   f"    AutoModelForCausalLM.from_pretrained({str(BUNDLED_MODEL_DIR)!r})\n"
+                   "except Exception as e:\n"
+                   "    print('ERROR', e)\n"
+                   f"m = AutoModelForCausalLM.from_pretrained({str(BUNDLED_MODEL_DIR)!r}, trust_remote_code=True)\n"
+                   "print('REMOTE', type(m).__name__)\n"
+                   "import sala\n"
+                   f"m = AutoModelForCausalLM.from_pretrained({str(BUNDLED_MODEL_DIR)!r})\n"
+                   "print('IMPORTED', type(m).__module__, type(m).__name__)\n")
+
+
+@pytest.fixture(scope="module")
+def fresh_interpreters(tmp_path_factory):
+    """The two checks that need an interpreter of their own, both started by the module's first test: they
+    mostly import torch and transformers, beside each other and beside the in-process tests that follow.
+    "debug": `python -m sala.cli --debug train BAD.yaml`; "auto_model": AUTO_MODEL_CODE."""
+    bad = tmp_path_factory.mktemp("debug") / "bad.yaml"
+    bad.write_text("stages: [\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    started = {"debug": Started([sys.executable, "-m", "sala.cli", "--debug", "train", str(bad)], env),
+               "auto_model": Started([sys.executable, "-c", AUTO_MODEL_CODE], env)}
+    yield started
+    for s in started.values():
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.communicate()
 
 
 def one_line_error(capsys, *needles):
@@ -65,12 +103,14 @@ def docs(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- generic
-def test_traceback_only_with_debug(tmp_path):
+def test_traceback_only_with_debug(tmp_path, capsys, fresh_interpreters):
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages: [\n")
-    r = run_cli("train", bad)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "invalid YAML at line" in r.stderr, r.stderr
-    r = run_cli("--debug", "train", bad)
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "invalid YAML at line" in err, err
+    # --debug lets the exception leave `sala.cli.main`: the interpreter of `python -m sala.cli` prints the traceback
+    r = fresh_interpreters["debug"].result()
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
@@ -203,21 +243,18 @@ def test_chat_without_a_template_is_refused(tmp_path, capsys):
     one_line_error(capsys, "no chat template", "without --chat")
 
 
-def test_auto_model_without_import_sala_says_what_to_do():
-    code = ("from transformers import AutoModelForCausalLM\n"
-            "try:\n"
-            f"    AutoModelForCausalLM.from_pretrained({str(BUNDLED_MODEL_DIR)!r})\n"
-            "except Exception as e:\n"
-            "    print('ERROR', e)\n"
-            f"m = AutoModelForCausalLM.from_pretrained({str(BUNDLED_MODEL_DIR)!r}, trust_remote_code=True)\n"
-            "print(type(m).__name__)\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+def test_auto_model_without_import_sala_says_what_to_do(fresh_interpreters):
+    """A fresh interpreter (AUTO_MODEL_CODE): without `import sala`, transformers asks for trust_remote_code; with
+    it, the folder's auto_map loads the installed package's class; with sala imported (sala/__init__ registers the
+    classes), the plain call of the README's transformers example (run in-process by
+    tests/eval/test_eval_interrupt.py) loads the package's class too."""
+    r = fresh_interpreters["auto_model"].result()
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().endswith("SalaForCausalLM")
+    lines = r.stdout.strip().splitlines()
+    assert lines[-2:] == ["REMOTE SalaForCausalLM", "IMPORTED sala.modeling.modeling_sala SalaForCausalLM"], r.stdout
     # a fresh interpreter: the class comes from the folder's auto_map, so transformers asks for trust_remote_code
     # (or `import sala`), not for a newer transformers
-    assert "trust_remote_code" in r.stdout and "update" not in r.stdout.lower()
+    assert "ERROR" in r.stdout and "trust_remote_code" in r.stdout and "update" not in r.stdout.lower()
 
 
 # --------------------------------------------------------------------------- data prepare

@@ -20,13 +20,28 @@ from sala.utils.bundled import BUNDLED_MODEL_DIR
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_eval_writes_the_finished_part(tmp_path, sig):
+NIAH_ARGS = ["eval", "niah", "--lengths", "512,4k", "--num-samples", "6", "--device", "cpu", "--no-progress"]
+
+
+def _check_partial_report(out: Path, returncode: int, stdout: str, stderr: str) -> None:
+    """Stopped during the second length (many samples): the finished cell is written, marked partial."""
+    assert returncode == 130, stderr
+    assert "Traceback" not in stderr and "partial" in stderr
+    report = json.loads(out.read_text())
+    assert report["partial"] is True
+    assert list(report["results"]["niah_single"]) == ["512"] and report["results"]["niah_single"]["512"]["n"] == 6
+    assert report["interrupted_at"]["length"] == 4096 and report["interrupted_at"]["samples_done"] < 6
+    assert report["lengths"] == [512] and report["finished"] == [{"task": "niah_single", "length": 512}]
+    assert "| niah_single |" in stdout
+
+
+def test_sigterm_to_the_process_writes_the_finished_part(tmp_path):
+    """A real process stopped by SIGTERM from outside (the handler `sala eval` installs turns it into Ctrl-C's
+    KeyboardInterrupt); the exit status the shell sees is 130."""
     out = tmp_path / "report.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     # the second length has many samples: the signal arrives while it runs
-    proc = subprocess.Popen([sys.executable, "-m", "sala.cli", "eval", "niah", "--lengths", "512,4k",
-                             "--num-samples", "6", "--device", "cpu", "--out", str(out), "--no-progress"],
+    proc = subprocess.Popen([sys.executable, "-m", "sala.cli", *NIAH_ARGS, "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines = []
     try:
@@ -36,19 +51,36 @@ def test_interrupted_eval_writes_the_finished_part(tmp_path, sig):
             if re.match(r"niah_single\s+512 tokens:", line):
                 break
             assert time.monotonic() < deadline
-        proc.send_signal(sig)
+        proc.send_signal(signal.SIGTERM)
         rest, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "partial" in err
-    report = json.loads(out.read_text())
-    assert report["partial"] is True
-    assert list(report["results"]["niah_single"]) == ["512"] and report["results"]["niah_single"]["512"]["n"] == 6
-    assert report["interrupted_at"]["length"] == 4096 and report["interrupted_at"]["samples_done"] < 6
-    assert report["lengths"] == [512] and report["finished"] == [{"task": "niah_single", "length": 512}]
-    assert "| niah_single |" in rest
+    _check_partial_report(out, proc.returncode, rest, err)
+
+
+def test_sigint_writes_the_finished_part(tmp_path, capsys, monkeypatch):
+    """Ctrl-C (Python's own SIGINT handler raises KeyboardInterrupt): SIGINT comes to this process as the first
+    sample of the second length starts."""
+    from sala.eval import runner
+
+    out = tmp_path / "report.json"
+    predict, calls = runner.predict, []
+
+    def predict_then_interrupt(model, tok, sample, dev):
+        calls.append(sample)
+        if len(calls) == 7:                 # 6 samples of 512 tokens done: the first of 4k
+            os.kill(os.getpid(), signal.SIGINT)
+        return predict(model, tok, sample, dev)
+
+    monkeypatch.setattr(runner, "predict", predict_then_interrupt)
+    try:
+        rc = main([*NIAH_ARGS, "--out", str(out)])
+    except KeyboardInterrupt:
+        pytest.fail("SIGINT during the evaluation escaped `sala eval` as KeyboardInterrupt")
+    assert len(calls) == 7
+    captured = capsys.readouterr()
+    _check_partial_report(out, rc, captured.out, captured.err)
 
 
 def test_cpu_defaults_are_printed_and_used(tmp_path, capsys):
@@ -79,14 +111,17 @@ def test_progress_bars_report_tokens_and_samples(tmp_path, capsys, monkeypatch):
     assert "prefill" in capsys.readouterr().err
 
 
-def test_readme_transformers_example_runs_as_written():
-    """The README's plain-transformers block, with the bundled model's path and the CPU for "cuda"."""
+def test_readme_transformers_example_runs_as_written(capsys):
+    """The README's plain-transformers block, with the bundled model's path and the CPU for "cuda", run like the
+    README's runnable blocks (tests/docs/test_readme.py): in this process, with fresh globals. The block starts
+    with `import sala` (the pattern below requires it), which registers the model with transformers; a fresh
+    interpreter, without and then with sala imported, is tests/cli/test_cli_errors.py's
+    test_auto_model_without_import_sala_says_what_to_do."""
     text = (ROOT / "README.md").read_text()
     block = re.search(r"```python\n(import sala, torch\nfrom transformers import AutoModelForCausalLM.*?)```", text,
                       re.S)
     assert block, "the README's transformers example is missing"
     code = block.group(1).replace("path/to/MiniCPM-SALA", str(BUNDLED_MODEL_DIR)).replace('"cuda"', '"cpu"')
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("<|bos|>The capital of France is")
+    capsys.readouterr()
+    exec(compile(code, str(ROOT / "README.md"), "exec"), {"__name__": "__main__"})
+    assert capsys.readouterr().out.startswith("<|bos|>The capital of France is")

@@ -1,6 +1,7 @@
 """`sala serve --replicas` on a local Ray cluster: two CPU replicas of the bundled model behind one endpoint.
 
-One Ray cluster for the module (2 CPUs: one per replica; the ingress and the offline workers reserve none).
+One Ray cluster for the module (2 CPUs: one per replica; the ingress and the offline workers reserve none); the
+offline batch runs first, Serve's application after it.
 Waits are bounded loops of short polls, never fixed sleeps.
 """
 from __future__ import annotations
@@ -41,28 +42,58 @@ def _wait(cond, what: str, polls: int = 600, step_s: float = 0.25):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    from sala.serve.replicas import APP_NAME, build
-
+def ray_cluster():
+    """The module's local Ray (the offline batch runs on it before Serve starts, without Serve's polling beside
+    it); shutting it down stops everything started on it, Serve's actors included (no graceful drain)."""
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
     try:
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build(MODEL, replicas=2, replica_cpus=1, replica_gpus=0, poll_s=0.25, health_check_period_s=1.0,
-                    health_check_timeout_s=10.0, max_inflight=8)
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        ingress = serve.get_deployment_handle("SalaIngress", app_name=APP_NAME)
-        replicas = [serve.get_deployment_handle(f"SalaReplica{i}", app_name=APP_NAME) for i in range(2)]
-        yield {"url": url, "ingress": ingress, "replicas": replicas,
-               "client": openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)}
+        yield
     finally:
-        serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_cluster):
+    from sala.serve.replicas import APP_NAME, build
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build(MODEL, replicas=2, replica_cpus=1, replica_gpus=0, poll_s=0.25, health_check_period_s=1.0,
+                health_check_timeout_s=10.0, max_inflight=8)
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    ingress = serve.get_deployment_handle("SalaIngress", app_name=APP_NAME)
+    replicas = [serve.get_deployment_handle(f"SalaReplica{i}", app_name=APP_NAME) for i in range(2)]
+    yield {"url": url, "ingress": ingress, "replicas": replicas,
+           "client": openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)}
 
 
 def _state(cluster) -> dict:
     return cluster["ingress"].router_state.remote().result()
+
+
+def test_offline_batch_over_two_replicas_is_resumable(ray_cluster, tmp_path):
+    """Resumable both ways: after lines written by the single-process `run_jsonl`, the replicas generate only the
+    rest (in input order, over both replicas); a re-run over what the replicas wrote generates nothing."""
+    from sala.engine.llm import LLM, run_jsonl
+    from sala.engine.sampling import SamplingParams
+    from sala.serve.offline_replicas import run_jsonl_replicas
+
+    inp, out = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
+    prompts = [{"id": f"p{i}", "prompt": f"Item {i}: a short prompt"} for i in range(6)]
+    inp.write_text("".join(json.dumps(p) + "\n" for p in prompts[:2]))
+    assert run_jsonl(LLM(MODEL, device="cpu"), inp, out, SamplingParams(max_new_tokens=3), progress=False) == 2
+    first = [json.loads(ln) for ln in out.read_text().splitlines()]
+    # more prompts: the replicas keep what was written and generate only the new ones (4 prompts over 2 replicas:
+    # chunks of one prompt, two per replica, written in input order whichever finishes first)
+    inp.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    kw = {"replicas": 2, "replica_cpus": 0, "replica_gpus": 0, "progress": False}
+    assert run_jsonl_replicas(MODEL, inp, out, SamplingParams(max_new_tokens=3), **kw) == 4
+    lines = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert lines[:2] == first and [r["id"] for r in lines] == [p["id"] for p in prompts]
+    assert all(r["completion_tokens"] == 3 and r["prompt"] == p["prompt"] for r, p in zip(lines, prompts))
+    assert set(lines[2]) == set(first[0])                       # the same fields as `run_jsonl` writes
+    assert run_jsonl_replicas(MODEL, inp, out, SamplingParams(max_new_tokens=3), **kw) == 0
 
 
 def test_openai_client_completions_chat_and_streaming(cluster):
@@ -147,25 +178,6 @@ def test_killed_replica_endpoint_keeps_answering_and_replica_restarts(cluster):
                                       temperature=0)
         assert r.usage.completion_tokens == 2
     assert victim.stats.remote().result()["requests_finished"] >= 1
-
-
-def test_offline_batch_over_two_replicas_is_resumable(cluster, tmp_path):
-    from sala.engine.sampling import SamplingParams
-    from sala.serve.offline_replicas import run_jsonl_replicas
-
-    inp, out = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
-    prompts = [{"id": f"p{i}", "prompt": f"Item {i}: a short prompt"} for i in range(6)]
-    inp.write_text("".join(json.dumps(p) + "\n" for p in prompts[:4]))
-    kw = {"replicas": 2, "replica_cpus": 0, "replica_gpus": 0, "progress": False}
-    assert run_jsonl_replicas(MODEL, inp, out, SamplingParams(max_new_tokens=3), **kw) == 4
-    first = [json.loads(ln) for ln in out.read_text().splitlines()]
-    assert [r["id"] for r in first] == ["p0", "p1", "p2", "p3"] and all(r["completion_tokens"] == 3 for r in first)
-    # more prompts: a re-run keeps what was written and generates only the new ones
-    inp.write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    assert run_jsonl_replicas(MODEL, inp, out, SamplingParams(max_new_tokens=3), **kw) == 2
-    lines = [json.loads(ln) for ln in out.read_text().splitlines()]
-    assert lines[:4] == first and [r["id"] for r in lines] == [p["id"] for p in prompts]
-    assert run_jsonl_replicas(MODEL, inp, out, SamplingParams(max_new_tokens=3), **kw) == 0
 
 
 def test_config_file_and_cli_arguments(capsys):

@@ -1,5 +1,8 @@
 """`sala train` as a user meets it: signals save a checkpoint, resume checks what it resumes, broken checkpoints
-fall back, bad configs and unwritable folders are one-line errors (subprocesses, the tiny CPU config)."""
+fall back, bad configs and unwritable folders are one-line errors (the tiny CPU config).
+
+The runs go through `sala.cli.main` (the console script's entry point) in this process; one real process is
+stopped by SIGTERM from outside, as a scheduler stops it (the exit status the shell sees included)."""
 from __future__ import annotations
 
 import json
@@ -13,14 +16,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sala.cli import main
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "train" / "sala_tiny_cpu.yaml")
 
 
-def sala(*args, cwd=None, timeout=300, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "sala.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, env=env, **kw)
+@pytest.fixture
+def sala(capsys):
+    """sala(*args) -> (exit status, stdout, stderr) of `sala ARGS` run by `sala.cli.main` in this process."""
+    def run(*args):
+        capsys.readouterr()
+        rc = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -53,87 +64,118 @@ def _unwritable(tmp_path: Path) -> Path:
     return ro / "sub"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_a_checkpoint_and_the_run_resumes(packed, tmp_path, sig):
-    out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    # long enough that it cannot finish before the signal: 40 steps of the config, stopped after the first logged step
-    proc = subprocess.Popen([sys.executable, "-m", "sala.cli", *_args(packed, out, "stages.0.steps=400")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    metrics = out / "metrics.jsonl"
-    try:
-        deadline = time.monotonic() + 240
-        while not (metrics.is_file() and any('"loss"' in ln for ln in metrics.read_text().splitlines())):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no training step was logged"
-            time.sleep(0.05)
-        proc.send_signal(sig)
-        stdout, stderr = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + sig, (stdout, stderr)
+def _check_stopped_and_resume(sala, packed, out, sig, returncode, stdout, stderr):
+    """The run stopped by `sig` exited 128 + sig after saving a checkpoint at its last step; the same command
+    resumes there."""
+    assert returncode == 128 + sig, (stdout, stderr)
     assert "Traceback" not in stderr
     assert f"received {signal.Signals(sig).name}" in stdout and "stopped at step" in stdout, stdout
     step = json.loads(stdout.strip().splitlines()[-1])["global_step"]
     assert 1 <= step < 400
     ckpt = out / "checkpoints" / f"step_{step:08d}"
     assert (ckpt / "model.pt").is_file() and (out / "checkpoints" / "latest").read_text().strip() == ckpt.name
-    again = sala(*_args(packed, out, "stages.0.steps=400", f"stop_after={step + 2}"))
-    assert again.returncode == 0, again.stderr
-    assert f"resumed from {ckpt} at step {step}" in again.stdout
-    assert json.loads(again.stdout.strip().splitlines()[-1])["global_step"] == step + 2
+    rc, again, err = sala(*_args(packed, out, "stages.0.steps=400", f"stop_after={step + 2}"))
+    assert rc == 0, err
+    assert f"resumed from {ckpt} at step {step}" in again
+    assert json.loads(again.strip().splitlines()[-1])["global_step"] == step + 2
 
 
-def test_resume_with_other_options_refuses_and_overwrite_starts_again(packed, tmp_path):
+def test_sigterm_to_the_process_saves_a_checkpoint_and_the_run_resumes(packed, tmp_path, sala):
     out = tmp_path / "run"
-    first = sala(*_args(packed, out, "stages.0.steps=2", "stages.1.steps=1", "save_final=false"))
-    assert first.returncode == 0, first.stderr
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # long enough that it cannot finish before the signal: 400 steps, stopped after the first logged step
+    proc = subprocess.Popen([sys.executable, "-m", "sala.cli", *_args(packed, out, "stages.0.steps=400")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    try:
+        for _ in range(4800):               # a bound on the polls (4 min), not a latency budget
+            if metrics.is_file() and any('"loss"' in ln for ln in metrics.read_text().splitlines()):
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        else:
+            raise AssertionError("no training step was logged")
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _check_stopped_and_resume(sala, packed, out, signal.SIGTERM, proc.returncode, stdout, stderr)
+
+
+def test_sigint_saves_a_checkpoint_and_the_run_resumes(packed, tmp_path, sala, monkeypatch):
+    """Ctrl-C: SIGINT comes to this process once the first step is logged (the trainer's handler replaces
+    Python's KeyboardInterrupt for the length of fit())."""
+    from sala.train.metrics import MetricsLog
+
+    out = tmp_path / "run"
+    write, sent = MetricsLog.write, []
+
+    def write_then_interrupt(self, record):
+        write(self, record)
+        if "loss" in record and not sent:
+            sent.append(record["step"])
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(MetricsLog, "write", write_then_interrupt)
+    try:
+        rc, stdout, stderr = sala(*_args(packed, out, "stages.0.steps=400"))
+    except KeyboardInterrupt:               # the trainer's handler was not in place
+        pytest.fail("SIGINT during training raised KeyboardInterrupt instead of stopping after the step")
+    monkeypatch.undo()
+    assert sent
+    _check_stopped_and_resume(sala, packed, out, signal.SIGINT, rc, stdout, stderr)
+
+
+def test_resume_with_other_options_refuses_and_overwrite_starts_again(packed, tmp_path, sala):
+    out = tmp_path / "run"
+    rc, _, err = sala(*_args(packed, out, "stages.0.steps=2", "stages.1.steps=1", "save_final=false"))
+    assert rc == 0, err
     other = packed.parent / "packed-copy"
     if not other.exists():
         import shutil
 
         shutil.copytree(packed, other)
-    changed = sala(*_args(packed, out, "stages.0.steps=2", "stages.1.steps=1", f"data.path={other}", "optim.lr=1e-3"))
-    assert changed.returncode == 2, (changed.stdout, changed.stderr)
-    err = changed.stderr.strip()
+    rc, stdout, err = sala(*_args(packed, out, "stages.0.steps=2", "stages.1.steps=1", f"data.path={other}",
+                                  "optim.lr=1e-3"))
+    assert rc == 2, (stdout, err)
+    err = err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "data.path" in err and "optim.lr" in err and "--overwrite" in err, err
     assert (out / "checkpoints" / "step_00000003").is_dir()       # nothing deleted by the refusal
     # more steps of the same run resume: steps may change
-    longer = sala(*_args(packed, out, "stages.0.steps=3", "stages.1.steps=1", "save_final=false"))
-    assert longer.returncode == 0 and "resumed from" in longer.stdout, longer.stderr
-    fresh = sala(*_args(packed, out, "stages.0.steps=1", "stages.1.steps=1", "optim.lr=1e-3", "save_final=false"),
-                 "--overwrite")
-    assert fresh.returncode == 0, fresh.stderr
-    assert "resumed" not in fresh.stdout
+    rc, stdout, err = sala(*_args(packed, out, "stages.0.steps=3", "stages.1.steps=1", "save_final=false"))
+    assert rc == 0 and "resumed from" in stdout, err
+    rc, stdout, err = sala(*_args(packed, out, "stages.0.steps=1", "stages.1.steps=1", "optim.lr=1e-3",
+                                  "save_final=false"), "--overwrite")
+    assert rc == 0, err
+    assert "resumed" not in stdout
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == \
         ["step_00000001", "step_00000002"]
 
 
-def test_truncated_latest_checkpoint_falls_back_with_a_warning(packed, tmp_path):
+def test_truncated_latest_checkpoint_falls_back_with_a_warning(packed, tmp_path, sala):
     out = tmp_path / "run"
-    r = sala(*_args(packed, out, "stages.0.steps=2", "stages.1.steps=1", "save_every=1", "save_final=false"))
-    assert r.returncode == 0, r.stderr
+    rc, _, err = sala(*_args(packed, out, "stages.0.steps=2", "stages.1.steps=1", "save_every=1",
+                             "save_final=false"))
+    assert rc == 0, err
     newest = out / "checkpoints" / "step_00000003"
     data = (newest / "model.pt").read_bytes()
     (newest / "model.pt").write_bytes(data[: len(data) // 2])
-    r = sala(*_args(packed, out, "stages.0.steps=2", "stages.1.steps=2", "save_final=false"))
-    assert r.returncode == 0, r.stderr
-    assert "model.pt is truncated or corrupt" in r.stdout and "resuming from the previous one" in r.stdout, r.stdout
-    assert "resumed from" in r.stdout and "step_00000002 at step 2" in r.stdout
+    rc, stdout, err = sala(*_args(packed, out, "stages.0.steps=2", "stages.1.steps=2", "save_final=false"))
+    assert rc == 0, err
+    assert "model.pt is truncated or corrupt" in stdout and "resuming from the previous one" in stdout, stdout
+    assert "resumed from" in stdout and "step_00000002 at step 2" in stdout
     # every checkpoint broken: one line naming the files
     for ck in (out / "checkpoints").glob("step_*"):
         (ck / "optim.pt").write_bytes(b"garbage")
-    r = sala(*_args(packed, out, "save_final=false"))
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "no usable checkpoint" in r.stderr and "optim.pt" in r.stderr, r.stderr
+    rc, _, err = sala(*_args(packed, out, "save_final=false"))
+    assert rc == 1 and "Traceback" not in err
+    assert "no usable checkpoint" in err and "optim.pt" in err, err
 
 
 def test_bad_config_files_and_unwritable_out_dir_are_one_line_errors(packed, tmp_path, capsys):
-    """(The subprocess case of a malformed YAML, with and without --debug, is in tests/cli/test_cli_errors.py.)"""
-    from sala.cli import main
-
+    """(The subprocess case of a malformed YAML with --debug is in tests/cli/test_cli_errors.py.)"""
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {kind: sala\nstages: [\n")
     assert main(["train", str(bad)]) == 2
