@@ -171,6 +171,9 @@ class EngineCore:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
         self.speculative = speculative
         self.num_speculative_tokens = num_speculative_tokens
+        if speculative and model.lm_head.weight.device.type == "cuda":
+            logger.warning("speculative decoding: on a GPU its verify steps are still eager prefill chunks, measured "
+                           "slower than plain CUDA-graph decoding and not bit-identical in bf16 (docs/speculative.md)")
         # Verify steps run one row at a time, so with many running sequences the batched decode step (one
         # forward for all of them) wins: above this many, every request decodes plainly.
         self.speculative_max_batch = speculative_max_batch
