@@ -6,6 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# One intra-op thread per test process (and, through the environment, per subprocess), unless OMP_NUM_THREADS says
+# otherwise. The tests' tensors are small: on a machine whose few cores are busy with other work (CI), torch's
+# OpenMP threads wait for each other on every small op and tests ran up to ~6x slower than with one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+
 # Reference ops by default on CPU; kernel tests set SALA_KERNELS themselves.
 os.environ.setdefault("SALA_KERNELS", "auto")
 # The one way Triton kernels run on a machine without a GPU: Triton's interpreter for the whole session. Triton

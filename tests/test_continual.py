@@ -61,10 +61,31 @@ def test_schedule_warms_up_then_decays_exponentially_to_the_end_lr():
     assert mid == pytest.approx(math.sqrt(1e-3 * 5e-5), rel=0.15)
 
 
-def test_seconds_budget_calibrates_then_stops_in_time(setup, tmp_path):
-    run = continue_training(setup / "model", setup / "packed", tmp_path / "run", seconds=3.0, seq_len=64,
+def test_seconds_budget_calibrates_then_stops_in_time(setup, tmp_path, monkeypatch):
+    """A seconds budget on the trainer's fake clock, which only optimizer steps advance: 1 s a step in the
+    calibration run, 2 s a step in the run itself (it turned out slower than calibrated). The run plans 90% of the
+    budget at the calibrated throughput, and its time limit (1.15 x the budget) stops it first."""
+    from types import SimpleNamespace
+
+    from sala.train import trainer as trainer_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(time=lambda: clock[0]))
+    real_step = trainer_module.Trainer._optimizer_step
+
+    def timed_step(self):
+        clock[0] += 1.0 if self.out_dir.name == "calib" else 2.0
+        return real_step(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_optimizer_step", timed_step)
+    run = continue_training(setup / "model", setup / "packed", tmp_path / "run", seconds=10.0, seq_len=64,
                             micro_batch=2, progress=False, log=lambda s: None)
-    assert run["tokens_per_s_calibration"] > 0 and run["steps"] >= 1
+    tps = run["tokens_per_s_calibration"]
+    assert tps >= 2 * 64 / 1.0 - 1e-6                                   # at least the 128 tokens of a 1 s step
+    planned = run["config"]["stages"][0]["steps"]
+    assert planned == int(0.9 * 10.0 * tps / (2 * 64)) and planned > 6
+    assert run["config"]["time_limit_s"] == pytest.approx(11.5)
+    assert run["steps"] == 6 and run["tokens"] == 6 * 2 * 64           # 12 s > 11.5 s after the 6th step
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     assert not (tmp_path / "run" / "calib").exists()
 

@@ -174,22 +174,23 @@ def test_synthetic_documents_do_not_depend_on_worker_count(monkeypatch):
 
 
 def test_corpus_encoding_in_workers_equals_one_batch(monkeypatch):
-    """The corpus documents encoded by worker processes (shares of ~1 MB of text) are the tokenizer's own batch
-    encoding, in order, with BOS and EOS, as arrays of the dataset's token dtype."""
+    """The corpus documents encoded by worker processes (shares of _SHARE_CHARS of text, ~1 MB; 16 KB here) are the
+    tokenizer's own batch encoding, in order, with BOS and EOS, as arrays of the dataset's token dtype."""
     import importlib
 
     from sala.modeling.tokenizer import load_tokenizer
 
     P = importlib.import_module("sala.data.prepare")
     tok = load_tokenizer("sala")
-    texts = [f"def f{i}(x):\n    return x * {i}  # doc {i}\n" * (1 + 20000 * (i % 3 == 0)) for i in range(40)]
+    monkeypatch.setattr(P, "_SHARE_CHARS", 16 << 10)
+    texts = [f"def f{i}(x):\n    return x * {i}  # doc {i}\n" * (1 + 300 * (i % 3 == 0)) for i in range(40)]
     texts[5] = ""   # an empty document is BOS + EOS
     monkeypatch.setattr(P, "_cpus", lambda: 3)
     parallel = P._encoded_documents(tok, texts)
     monkeypatch.setattr(P, "_cpus", lambda: 1)
     serial = P._encoded_documents(tok, texts)
     expected = [[tok.bos_id] + ids + [tok.eos_id] for ids in tok.encode_batch(texts)]
-    assert sum(len(t) for t in texts) > 3 << 20   # several shares
+    assert sum(len(t) for t in texts) > 3 * P._SHARE_CHARS   # several shares
     assert [x.tolist() for x in parallel] == [x.tolist() for x in serial] == expected
     assert {x.dtype for x in parallel} == {P.token_dtype(tok.vocab_size)}
     assert parallel[5].tolist() == [tok.bos_id, tok.eos_id]

@@ -269,10 +269,14 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
+_SHARE_CHARS = 1 << 20   # text per worker job of the corpus encoding (~1 MB)
+
+
 def _encoded_documents(tok: TextTokenizer, texts: list[str], desc: str = "tokenizing",
                        show_progress: bool = False) -> list[np.ndarray]:
     """Every text as a [BOS] + tokens + [EOS] array, in order: the tokenizers backend encodes a batch on all CPUs
-    itself, but turning its results into ids is serial Python, so worker processes take shares of ~1 MB of text."""
+    itself, but turning its results into ids is serial Python, so worker processes take shares of ~1 MB of text
+    (_SHARE_CHARS)."""
     if tok.backend != "tokenizers" or _cpus() == 1 or len(texts) < 2:
         return [_document(tok, ids) for i in range(0, len(texts), 2048)
                 for ids in tok.encode_batch(texts[i:i + 2048])]
@@ -280,7 +284,7 @@ def _encoded_documents(tok: TextTokenizer, texts: list[str], desc: str = "tokeni
     for t in texts:
         part.append(t)
         size += len(t)
-        if size >= 1 << 20:
+        if size >= _SHARE_CHARS:
             jobs.append(part)
             part, size = [], 0
     if part:

@@ -20,12 +20,9 @@ def test_readme_example_runs(code, capsys):
     assert capsys.readouterr().out.strip()
 
 
-def test_results_tables_are_generated_from_the_committed_json():
-    import subprocess
-    import sys
-    script = ROOT / "scripts" / "make_results_tables.py"
-    rc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True).returncode
-    assert rc == 0, "docs/results.md is out of date: run python scripts/make_results_tables.py"
+def test_results_tables_are_generated_from_the_committed_json(load_script):
+    tables = load_script("make_results_tables")            # `python scripts/make_results_tables.py --check`
+    assert tables.main(["--check"]) == 0, "docs/results.md is out of date: run python scripts/make_results_tables.py"
 
 
 def test_readme_starts_with_the_two_setup_commands_and_links_the_results():

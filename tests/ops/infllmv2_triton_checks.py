@@ -1,5 +1,6 @@
-"""Triton InfLLM-V2 kernels vs the PyTorch reference, tiny shapes; run by tests/ops/test_infllmv2_triton.py in a
-subprocess with TRITON_INTERPRET=1 (set before triton is imported) so CPU CI really runs the kernels.
+"""Triton InfLLM-V2 kernels vs the PyTorch reference, tiny shapes, under Triton's interpreter (TRITON_INTERPRET=1,
+set before triton is imported) so CPU CI really runs the kernels: tests/ops/test_infllmv2_triton.py runs each check
+in the pytest process itself when the session interprets its kernels (a CPU-only machine), else all in one subprocess.
 
 `python tests/ops/infllmv2_triton_checks.py` prints one JSON line {check: "ok" | error text}.
 """
@@ -67,7 +68,7 @@ def check_compress():
     update_compressed_keys(k, *caches, lengths, SMALL, new_tokens=52)
     lengths = lengths + 9
     update_compressed_keys(k, *caches, lengths, SMALL, new_tokens=9)
-    for _ in range(7):
+    for _ in range(3):              # one token a step: 52 and 64 complete K1 windows, 64 a K2 window of row 1 only
         lengths = lengths + 1
         update_compressed_keys(k, *caches, lengths, SMALL)
     for b in range(2):
@@ -90,8 +91,8 @@ def check_select():
 def _check_select_cases():
     from sala.ops.infllmv2 import triton_selection
 
-    for B, G, q_offset, Tq, seed in ((1, 2, 0, 100, 1), (2, 4, 90, 20, 2), (1, 2, 300, 21, 3), (1, 2, 250, 40, 4),
-                                     (1, 3, 200, 30, 5)):
+    for B, G, q_offset, Tq, seed in ((1, 2, 0, 70, 1), (2, 4, 90, 11, 2), (1, 2, 300, 21, 3), (1, 2, 250, 24, 4),
+                                     (1, 3, 200, 15, 5)):
         q, k, _ = _qkv(B, q_offset + Tq, 2, G, 16, seed, Tq=Tq)
         k1, k2 = ref.compress_keys_ref(k, 8, 4), ref.compress_keys_ref(k, 32, 16)
         got = select_blocks(q, k1, k2, SMALL, q_offset=q_offset)
@@ -155,10 +156,13 @@ def _assert_topk_close(got, x, K):
         assert torch.equal(torch.sort(va).values, torch.sort(vw).values), (r, a, w)
 
 
+Q_OFFSET = 79   # the attention cases' 17 queries: positions 79..95 of 96 keys, in query blocks 4 and 5
+
+
 def _attention_case(seed, B=1, G=2):
-    q, k, v = _qkv(B, 96, 2, G, 16, seed, Tq=24)
+    q, k, v = _qkv(B, 96, 2, G, 16, seed, Tq=96 - Q_OFFSET)
     idx = ref.select_blocks_ref(q, ref.compress_keys_ref(k, 8, 4), ref.compress_keys_ref(k, 32, 16),
-                                (72 + torch.arange(24))[None].expand(B, 24), SMALL, 0.25)
+                                (Q_OFFSET + torch.arange(96 - Q_OFFSET))[None].expand(B, 96 - Q_OFFSET), SMALL, 0.25)
     return q, k, v, idx
 
 
@@ -166,10 +170,10 @@ def check_forward():
     """Forward vs the reference, one, two and four selected blocks per iteration of the walk."""
     q, k, v, idx = _attention_case(3)
     _mode("reference")
-    want = block_sparse_attention(q, k, v, idx, SMALL, q_offset=72)
+    want = block_sparse_attention(q, k, v, idx, SMALL, q_offset=Q_OFFSET)
     for kpi in (1, 2, 4):
         _mode("triton")
-        got = block_sparse_attention(q, k, v, idx, SMALL, q_offset=72,
+        got = block_sparse_attention(q, k, v, idx, SMALL, q_offset=Q_OFFSET,
                                      kernel_config=SparseKernelConfig(fwd_blocks_per_iter=kpi))
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
@@ -182,7 +186,7 @@ def check_backward():
     for mode, kpi in (("reference", 1), ("triton", 1), ("triton", 2), ("triton", 4)):
         _mode(mode)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = block_sparse_attention(*leaves, idx, SMALL, q_offset=72,
+        out = block_sparse_attention(*leaves, idx, SMALL, q_offset=Q_OFFSET,
                                      kernel_config=SparseKernelConfig(fwd_blocks_per_iter=kpi))
         grads[mode, kpi] = torch.autograd.grad(out, leaves, do)
     _mode("triton")
@@ -284,20 +288,30 @@ class _PoisonedEmpty:
         torch.empty_like = self.real
 
 
+def _ref_selection(q, k, p, q_offset):
+    """The reference selection's blocks for queries q [B, Tq, ...] at positions q_offset.. (the attention checks'
+    input; the selection kernels have checks of their own)."""
+    B, Tq = q.shape[:2]
+    k1 = ref.compress_keys_ref(k, p.kernel_size, p.kernel_stride)
+    k2 = ref.compress_keys_ref(k, p.k2_kernel, p.k2_stride)
+    return ref.select_blocks_ref(q, k1, k2, (q_offset + torch.arange(Tq))[None].expand(B, Tq), p,
+                                 q.shape[-1] ** -0.5)
+
+
 def check_band_split_forward():
     """Band split (forced blocks by the band kernel, the rest per token) vs the reference on the same selected
-    blocks: 2 batch rows at an odd query offset (a band tile holds two key bases and two query blocks), NaN-poisoned
-    outputs, one and two init blocks; the whole layer with and without the split; it really ran. (bf16: the GPU
-    test; Triton's interpreter has no bf16 arithmetic.)"""
+    blocks: 2 batch rows of 9 queries at the odd offset 125 (the interpreter's first 16-query band tile holds query
+    blocks 7 and 8 and both rows' key bases), NaN-poisoned outputs, one and two init blocks; the whole layer (dense
+    prefix, selection kernels, attention) with and without the split; it really ran. (bf16: the GPU test;
+    Triton's interpreter has no bf16 arithmetic.)"""
     from sala.ops.infllmv2 import triton_attention
 
-    for p, (B, T, Tq, Hkv) in ((BAND, (2, 150, 37, 2)), (BAND_INIT2, (1, 136, 136, 1))):
+    for p, (B, T, Tq, Hkv) in ((BAND, (2, 134, 9, 2)), (BAND_INIT2, (1, 107, 107, 1))):
         q, k, v = _qkv(B, T, Hkv, 2, 16, 21, Tq=Tq)
         off = T - Tq
         qs = q[:, max(0, p.dense_positions - off):]
         so = max(off, p.dense_positions)
-        k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
-        idx = select_blocks(qs, k1, k2, p, q_offset=so)
+        idx = _ref_selection(qs, k, p, so)
         _mode("reference")
         want = block_sparse_attention(qs.double(), k.double(), v.double(), idx, p, q_offset=so)
         _mode("triton")
@@ -323,11 +337,10 @@ def check_band_split_lse_and_backward():
     from sala.ops.infllmv2 import triton_attention
 
     p = BAND
-    T = 136
+    T = 121                                    # 9 sparse queries a row: a 16-query band tile holds both rows
     q, k, v = _qkv(2, T, 1, 2, 16, 22)
     dp = p.dense_positions
-    k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
-    idx = select_blocks(q[:, dp:], k1, k2, p, q_offset=dp)
+    idx = _ref_selection(q[:, dp:], k, p, dp)
     Tq = T - dp
     qf = q[:, dp:].reshape(-1, 2, 16).contiguous()
     kf, vf = k.reshape(-1, 1, 16), v.reshape(-1, 1, 16)
@@ -478,7 +491,7 @@ def check_tuning_sweep():
     matched (tiny shape; the interpreter ignores tile sizes, not the blocks per iteration)."""
     from sala.bench import kernels_sparse as ks
 
-    chosen, out = ks.sweep(100, device="cpu", params=SMALL, heads=(4, 2, 16), dtype=torch.float32, warmup=0, rep=1,
+    chosen, out = ks.sweep(75, device="cpu", params=SMALL, heads=(4, 2, 16), dtype=torch.float32, warmup=0, rep=1,
                            select_configs=[(128, 64, 8, None), (64, 64, 4, 2)],
                            fwd_configs=[(4, None, 1), (4, 2, 2)], band_configs=[(64, 4, 2), (128, 8, 3)])
     assert [r["config"] for r in out["select"]] == [[128, 64, 8, None], [64, 64, 4, 2]]
@@ -501,18 +514,20 @@ def check_topk_ties():
 
     for kind in ("flat", "shared"):
         q, k, _, free = tie_case(kind)
-        k1, k2 = compress_keys(k, 8, 4), compress_keys(k, 32, 16)
+        k1, k2 = ref.compress_keys_ref(k, 8, 4), ref.compress_keys_ref(k, 32, 16)    # exact means of 0s and 1s
         want = expected_tie_indices(200, 64, free)
+        # prefill: the queries of the last block (positions 192..199: the shared blocks 5 and 6 are not forced)
         for config in (SparseKernelConfig(), SparseKernelConfig(topk_max_cols=8)):   # 13 blocks: kernel; fallback
             with _Launches(triton_topk, "_topk_blocks_kernel") as spy:
-                got = select_blocks(q[:, 64:], k1, k2, TIES, q_offset=64, scale=0.25, kernel_config=config)
+                got = select_blocks(q[:, 192:], k1, k2, TIES, q_offset=192, scale=0.25, kernel_config=config)
             assert spy.calls == (1 if config.topk_max_cols > 13 else 0), (kind, spy.calls)
-            assert torch.equal(got, want), (kind, config.topk_max_cols, (got != want).nonzero()[:5])
+            assert torch.equal(got, want[:, :, 192 - 64:]), (kind, config.topk_max_cols,
+                                                             (got != want[:, :, 192 - 64:]).nonzero()[:5])
         n1, n2 = compressed_lengths(256, TIES)
         k1c, k2c = torch.zeros(2, n1, 2, 16), torch.zeros(2, n2, 2, 16)
         kc = torch.cat([torch.cat([k, k], 0), torch.zeros(2, 56, 2, 16)], 1)
         lengths = torch.tensor([200, 150], dtype=torch.int32)
-        update_compressed_keys(kc, k1c, k2c, lengths, TIES, new_tokens=200)
+        ref.update_compressed_keys_ref(kc, k1c, k2c, lengths, TIES, new_tokens=200)
         qd = torch.cat([q[:, 199], q[:, 149]], 0)
         for config in (SparseKernelConfig(), SparseKernelConfig(topk_max_cols=8)):    # 16 blocks: kernel; fallback
             dec = decode_select_blocks(qd, k1c, k2c, lengths, TIES, 16, scale=0.25, kernel_config=config)
@@ -521,12 +536,12 @@ def check_topk_ties():
         ref_dec = decode_select_blocks(qd, k1c, k2c, lengths, TIES, 16, scale=0.25)
         _mode("triton")
         assert torch.equal(dec, ref_dec)
-        x = torch.ones(3, 40)                               # the top-k kernel alone: an all-tied row, shared maxima
-        x[1, 10:12] = 2.0
-        x[2, ::3] = 0.5
-        for K in (5, 12):
-            assert torch.equal(triton_topk.topk_blocks_triton(x, K), ref.topk_block_indices(x, K))
-            assert torch.equal(triton_topk.topk_blocks_triton(x, K, max_cols=8), ref.topk_block_indices(x, K))
+    x = torch.ones(3, 40)                                   # the top-k kernel alone: an all-tied row, shared maxima
+    x[1, 10:12] = 2.0
+    x[2, ::3] = 0.5
+    for K in (5, 12):
+        assert torch.equal(triton_topk.topk_blocks_triton(x, K), ref.topk_block_indices(x, K))
+        assert torch.equal(triton_topk.topk_blocks_triton(x, K, max_cols=8), ref.topk_block_indices(x, K))
 
 
 CHECKS = {name[6:]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}

@@ -1,7 +1,8 @@
 """Triton InfLLM-V2 kernels vs the PyTorch reference.
 
-CPU: the kernels run under Triton's interpreter in a subprocess (TRITON_INTERPRET must be set before triton is
-imported), one process for all checks of tests/ops/infllmv2_triton_checks.py; each check is reported as a test.
+CPU: each check of tests/ops/infllmv2_triton_checks.py is a test, run under Triton's interpreter in this process
+(tests/conftest.py sets TRITON_INTERPRET=1 for a CPU-only session before triton is imported). In a session that
+compiles its kernels (a GPU machine) the checks run in one subprocess with TRITON_INTERPRET=1 instead.
 GPU (@pytest.mark.gpu): compiled kernels at the released shape against the reference.
 """
 from __future__ import annotations
@@ -22,8 +23,16 @@ sys.path.insert(0, str(ROOT / "tests" / "ops"))
 import infllmv2_triton_checks as checks  # noqa: E402  (module import does not import triton)
 
 
+def _session_interprets() -> bool:
+    """Whether this session's Triton kernels run in the interpreter (decided when their module was imported)."""
+    from sala.ops.infllmv2 import triton_topk
+
+    return type(triton_topk._topk_blocks_kernel).__name__ == "InterpretedFunction"
+
+
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
+    """Every check in one process with TRITON_INTERPRET=1 (for a session whose kernels are compiled)."""
     env = dict(os.environ, TRITON_INTERPRET="1", SALA_KERNELS="triton",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ops" / "infllmv2_triton_checks.py")], env=env,
@@ -33,8 +42,15 @@ def interpreter_results() -> dict:
 
 
 @pytest.mark.parametrize("name", sorted(checks.CHECKS))
-def test_triton_interpreter(interpreter_results, name):
-    assert interpreter_results.get(name) == "ok", interpreter_results.get(name, "check did not run")
+def test_triton_interpreter(request, monkeypatch, name):
+    if not _session_interprets():
+        results = request.getfixturevalue("interpreter_results")
+        assert results.get(name) == "ok", results.get(name, "check did not run")
+        return
+    monkeypatch.setenv("SALA_KERNELS", "triton")   # the checks switch it; restored afterwards
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        checks.CHECKS[name]()
 
 
 @pytest.mark.parametrize("B, Hkv, K", [(1, 2, 96), (4, 2, 96), (64, 2, 96), (1, 1, 3)])

@@ -241,13 +241,14 @@ def test_strongest_decay_long_chunk_finite(config):
 @pytest.mark.parametrize("dtype, chunk", [(torch.float32, 16), (torch.float32, 64), (torch.bfloat16, 16)])
 def test_factored_intra_decay_forward_and_backward(lt, config, dtype, chunk):
     """intra_factored: gamma^(i-c) * gamma^(c-j) per chunk when every head's |log2 gamma| * C/2 is within
-    FACTORED_MAX_EXP (log gamma = -3 at chunk 16), the [C, C] table otherwise (at chunk 64): exact either way."""
+    FACTORED_MAX_EXP (log gamma = -3 at chunk 16), the [C, C] table otherwise (at chunk 64): exact either way.
+    T = 2 * chunk + 22 tokens: several one-chunk segments and a partial last chunk."""
     config = replace(config, chunk=chunk, block_v=32, chunks_per_segment=1, intra_factored=True)
     ld = torch.tensor([-3.0, -0.85, -0.01], device=DEVICE)
     fast = lt._max_abs_log2_decay(ld, config)
     assert fast == pytest.approx(3.0 / math.log(2), rel=1e-6)
     assert lt._use_factored(fast, chunk) == (chunk == 16)
-    q, k, v, s0 = inputs(2, 150, 3, 32, 32, dtype, seed=11)
+    q, k, v, s0 = inputs(2, 2 * chunk + 22, 3, 32, 32, dtype, seed=11)
     for x in (q, k, v, s0):
         x.requires_grad_()
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(12)).to(DEVICE)

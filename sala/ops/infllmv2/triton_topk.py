@@ -57,7 +57,7 @@ def _topk_bisect_row(x_ptr, out_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt,
     n_nonneg = tl.sum((key >= 0).to(tl.int32), axis=0)
     thr = tl.where(n_nonneg >= K, 0, -2147483647 - 1)
     bit = 30
-    exact = n_nonneg == K
+    exact = (n_nonneg == K) | (n_valid <= K)          # at most K candidates: every one, no bisection
     while (bit >= 0) & (exact == 0):
         cand = thr | (1 << bit)
         cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
