@@ -21,12 +21,6 @@ os.environ.setdefault("SALA_KERNELS", "auto")
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# One intra-op thread for the tests run in this process (as the tests' subprocesses get OMP_NUM_THREADS=1): their
-# tensors are small, and where the cores are busy (a shared CI machine, other processes of a test) OpenMP's
-# threads wait on each other, which made in-process model runs 5-15x slower. OMP_NUM_THREADS, when set, decides.
-if "OMP_NUM_THREADS" not in os.environ:
-    torch.set_num_threads(1)
-
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
