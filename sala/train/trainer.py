@@ -456,15 +456,18 @@ class Trainer:
                     bar.update(1)
                 if final_of_stage:
                     self.state.update(stage=si + 1, stage_step=0, data_pos=0)
+                # evaluation and checkpoint time is left out of the speed window (its tokens are kept)
                 if cfg.eval_every and gstep % cfg.eval_every == 0 or final_of_stage:
+                    paused = time.time()
                     last_eval = self._evaluate_and_log(si)
-                    win_t0 = time.time()
+                    win_t0 += time.time() - paused
                 saved_now = None
                 if (cfg.save_every and gstep % cfg.save_every == 0) or final_of_stage:
+                    paused = time.time()
                     saved_now = saved = self.save_checkpoint()
                     if final_of_stage and cfg.keep_stage_ends:
                         self._keep_stage_end(saved, si, st.name)
-                    win_t0 = time.time()
+                    win_t0 += time.time() - paused
                 if cfg.stop_after is not None and gstep >= cfg.stop_after:
                     stopped = True
                 if stop_asked > 0 or (not env.distributed and self._signal is not None):
