@@ -231,16 +231,11 @@ def _generate_speculative(args, prompt: str, sampling, chunk: int) -> int:
     """One prompt through EngineCore with speculative decoding, streamed to stdout."""
     import time
 
+    from sala.engine.llm import model_source
     from sala.engine.requests import Request
     from sala.engine.scheduler import EngineCore
 
-    if args.preset and not args.random_weights:
-        raise ValueError(f"preset {args.preset!r} ships no weights: add --random-weights, or pass --model DIR")
-    if args.random_weights and not args.preset:
-        raise ValueError("--random-weights goes with --preset, not with --model")
-    source = args.preset or args.model or bundled_model_dir()
-    if source is None:
-        raise FileNotFoundError(f"no model given and no bundled model at {BUNDLED_MODEL}: pass --model DIR")
+    source = model_source(args.preset, args.model, args.random_weights)
     if args.num_speculative_tokens < 0:
         raise ValueError(f"--num-speculative-tokens must be >= 0, got {args.num_speculative_tokens}")
     from sala.engine.loading import load_tokenizer_dir

@@ -241,19 +241,25 @@ def run_jsonl(llm: LLM, input_path: str | os.PathLike, output_path: str | os.Pat
     return written
 
 
+def model_source(preset: str | None, model: str | None, random_weights: bool) -> str:
+    """What `sala generate` loads: a preset (with --random-weights), a model folder, or the bundled model."""
+    if preset and not random_weights:
+        raise ValueError(f"preset {preset!r} ships no weights: add --random-weights, or pass --model DIR")
+    if random_weights and not preset:
+        raise ValueError("--random-weights goes with --preset, not with --model")
+    from sala.utils.bundled import BUNDLED_MODEL_DIR, bundled_model_dir
+
+    source = preset or model or bundled_model_dir()
+    if source is None:
+        raise FileNotFoundError(f"no model given and no bundled model at {BUNDLED_MODEL_DIR}: pass --model DIR")
+    return str(source)
+
+
 def generate_command(args) -> int:
     """`sala generate --input prompts.jsonl --output results.jsonl` (the command's other options apply)."""
     if args.input is None or args.output is None:
         raise ValueError("--input and --output go together (JSONL prompts in, JSONL results out)")
-    if args.preset and not args.random_weights:
-        raise ValueError(f"preset {args.preset!r} ships no weights: add --random-weights, or pass --model DIR")
-    if args.random_weights and not args.preset:
-        raise ValueError("--random-weights goes with --preset, not with --model")
-    from sala.utils.bundled import BUNDLED_MODEL_DIR, bundled_model_dir
-
-    source = args.preset or args.model or bundled_model_dir()
-    if source is None:
-        raise FileNotFoundError(f"no model given and no bundled model at {BUNDLED_MODEL_DIR}: pass --model DIR")
+    source = model_source(args.preset, args.model, args.random_weights)
     base = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, stop=list(args.stop), stop_token_ids=list(args.stop_token_id),
                           ignore_eos=args.ignore_eos, seed=args.seed)
