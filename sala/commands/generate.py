@@ -189,13 +189,14 @@ def run(args: argparse.Namespace) -> int:
 
         prompt = render_chat(tok, [{"role": "user", "content": prompt}])
         add_bos = False   # the template writes BOS itself
-    n_prompt = len(tok.encode(prompt, add_bos=add_bos))
+    ids = tok.encode(prompt, add_bos=add_bos)
+    n_prompt = len(ids)
     check_context(config, n_prompt + args.max_new_tokens)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, stop=stops, stop_token_ids=list(args.stop_token_id),
                               ignore_eos=args.ignore_eos, seed=args.seed)
     if args.speculative:
-        return _generate_speculative(args, prompt, sampling, chunk)
+        return _generate_speculative(args, args.preset or str(model_dir), tok, ids, sampling, chunk)
     if args.preset:
         engine = SalaEngine.from_preset(args.preset, random_weights=True, seed=args.seed or 0, tokenizer=tok,
                                         context=n_prompt + args.max_new_tokens, **kw)
@@ -227,24 +228,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_speculative(args, prompt: str, sampling, chunk: int) -> int:
-    """One prompt through EngineCore with speculative decoding, streamed to stdout."""
+def _generate_speculative(args, source: str, tok, ids: list[int], sampling, chunk: int) -> int:
+    """One prompt (token ids, as the plain path encodes them) through EngineCore with speculative decoding,
+    streamed to stdout. source: the preset name or model folder the plain path resolved."""
     import time
 
-    from sala.engine.llm import model_source
+    from sala.engine.prefix_cache import PAGE_SIZE as page
     from sala.engine.requests import Request
     from sala.engine.scheduler import EngineCore
 
-    source = model_source(args.preset, args.model, args.random_weights)
-    if args.num_speculative_tokens < 0:
-        raise ValueError(f"--num-speculative-tokens must be >= 0, got {args.num_speculative_tokens}")
-    from sala.engine.loading import load_tokenizer_dir
-
-    tok = _tokenizer_for_preset(_preset_vocab(args.preset)) if args.preset else load_tokenizer_dir(str(source))
-    if tok is None:
-        raise FileNotFoundError(f"{source} has no tokenizer: `sala generate` needs one to read the prompt")
-    ids = tok.encode(prompt, add_bos=not args.no_bos)
-    page = 64
     max_len = -(-(len(ids) + sampling.max_new_tokens) // page) * page
     kw = dict(device=args.device, dtype=None if args.dtype == "auto" else args.dtype, max_num_seqs=1,
               max_model_len=max_len, enable_prefix_cache=False, chunk_size=max(chunk, page),
@@ -278,10 +270,3 @@ def _generate_speculative(args, prompt: str, sampling, chunk: int) -> int:
               f"acceptance {sp.get('acceptance_rate', 0.0):.2f}, {sp.get('mean_accepted_length', 0.0):.2f} "
               "tokens per verify step]", file=sys.stderr)
     return 0
-
-
-def _preset_vocab(preset: str) -> int:
-    """The vocabulary size of a preset shape."""
-    from sala.modeling import SalaConfig
-
-    return SalaConfig.from_preset(preset).vocab_size
