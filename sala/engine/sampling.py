@@ -68,16 +68,21 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The sampling distribution [B, V] fp32 of logits [B, V] under params (temperature > 0): temperature, then
+    top-k, then top-p."""
+    x = logits.float() / params.temperature
+    x = filter_top_k(x, params.top_k)
+    x = filter_top_p(x, params.top_p)
+    return torch.softmax(x, dim=-1)
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
     """Next token ids [B] (int64, on logits.device) from logits [B, V]."""
     if params.greedy:
         return torch.argmax(logits, dim=-1)
-    x = logits.float() / params.temperature
-    x = filter_top_k(x, params.top_k)
-    x = filter_top_p(x, params.top_p)
-    probs = torch.softmax(x, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return torch.multinomial(sampling_probs(logits, params), 1, generator=generator)[:, 0]
 
 
 class StopMatcher:

@@ -494,16 +494,17 @@ class EngineCore:
         return st
 
     @torch.no_grad()
-    def _decode(self, seqs: list[_Seq], also_keep: list[int] = ()) -> list[RequestOutput]:
+    def _decode(self, seqs: list[_Seq]) -> list[RequestOutput]:
         top = max(s.row for s in seqs) + 1
         b = next(x for x in self.buckets if x >= top)
         step = self._decode_step(b)
         ids = [0] * b
         for s in seqs:
             ids[s.row] = s.last_token
-        # Rows of the bucket that are mid-prefill: their lightning states must survive the step.
-        keep = [s.row for s in self.active.values() if s.status == _PREFILL and s.row < b]
-        keep += [r for r in also_keep if r < b]      # rows verifying drafts this step
+        # Rows of the bucket held by requests that do not decode this step (mid-prefill, or verifying drafts):
+        # their lightning states must survive the step.
+        decoding = {s.row for s in seqs}
+        keep = [s.row for s in self.active.values() if s.row < b and s.row not in decoding]
         saved = self.cache.states[:, keep].clone() if keep else None
         step.ids.copy_(torch.tensor(ids, dtype=torch.long), non_blocking=False)
         logits = step()
@@ -609,7 +610,7 @@ class EngineCore:
                   if len(running) <= self.speculative_max_batch else {})
         plain = [s for s in running if s.req.request_id not in drafts]
         if plain:
-            outputs.extend(self._decode(plain, [s.row for s in running if s.req.request_id in drafts]))
+            outputs.extend(self._decode(plain))
         for s in running:
             if s.req.request_id in drafts:
                 outputs.append(self._verify(s, drafts[s.req.request_id]))

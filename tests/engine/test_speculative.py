@@ -12,7 +12,7 @@ import torch
 from sala.engine.forward import DecodeStep, ModelRunner
 from sala.engine.loading import random_model
 from sala.engine.requests import Request
-from sala.engine.sampling import SamplingParams
+from sala.engine.sampling import SamplingParams, sampling_probs
 from sala.engine.scheduler import EngineCore
 from sala.engine.speculative import (
     AdaptiveK,
@@ -22,7 +22,6 @@ from sala.engine.speculative import (
     make_drafter,
     rollback_row,
     snapshot_row,
-    target_probs,
     verify_row,
 )
 from sala.engine.static_cache import StaticCache
@@ -118,7 +117,7 @@ def test_rejection_sampling_keeps_the_target_distribution(with_q):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(k + 1, V, generator=g) * 1.5
     params = SamplingParams(temperature=0.8, top_k=4, seed=0)
-    p = target_probs(logits, params)
+    p = sampling_probs(logits, params)
     assert p.eq(0).sum(dim=1).eq(1).all()                   # top_k = 4 of 5 applied to p
     q = torch.softmax(torch.randn(k, V, generator=g), dim=-1) if with_q else None
     gen = torch.Generator().manual_seed(1)

@@ -1,7 +1,7 @@
 """Speculative decoding: drafts (n-gram prompt lookup, a draft model), verification with exact acceptance
 (greedy prefix match; rejection sampling that keeps the target distribution), exact cache rollback and an
 adaptive number of draft tokens per request."""
-from sala.engine.speculative.accept import accept_drafts, target_probs
+from sala.engine.speculative.accept import accept_drafts
 from sala.engine.speculative.adaptive import AdaptiveK
 from sala.engine.speculative.drafts import (
     Drafter,
@@ -10,7 +10,6 @@ from sala.engine.speculative.drafts import (
     make_drafter,
 )
 from sala.engine.speculative.verify import (
-    LightningInputs,
     SpecStats,
     rollback_row,
     snapshot_row,
@@ -20,7 +19,6 @@ from sala.engine.speculative.verify import (
 __all__ = [
     "AdaptiveK",
     "Drafter",
-    "LightningInputs",
     "ModelDrafter",
     "NgramDrafter",
     "SpecStats",
@@ -28,6 +26,5 @@ __all__ = [
     "make_drafter",
     "rollback_row",
     "snapshot_row",
-    "target_probs",
     "verify_row",
 ]

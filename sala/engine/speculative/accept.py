@@ -11,15 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sala.engine.sampling import SamplingParams, filter_top_k, filter_top_p
-
-
-def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Sampling distribution [N, V] fp32 of logits [N, V] under params (temperature > 0), as `sample_next`."""
-    x = logits.float() / params.temperature
-    x = filter_top_k(x, params.top_k)
-    x = filter_top_p(x, params.top_p)
-    return torch.softmax(x, dim=-1)
+from sala.engine.sampling import SamplingParams, sampling_probs
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
@@ -48,7 +40,7 @@ def accept_drafts(logits: torch.Tensor, drafts: list[int], params: SamplingParam
         while a < k and best[a] == drafts[a]:
             a += 1
         return drafts[:a] + [best[a]], a
-    p = target_probs(logits, params)
+    p = sampling_probs(logits, params)
     for i, x in enumerate(drafts):
         if draft_probs is None:
             ratio = float(p[i, x])

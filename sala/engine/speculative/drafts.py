@@ -65,7 +65,7 @@ class ModelDrafter:
         try:
             from sala.engine.loading import load_model_dir
 
-            model = load_model_dir(str(p), torch.device(device), dtype)
+            model = load_model_dir(str(p), device=torch.device(device), dtype=dtype)
         except Exception as e:  # noqa: BLE001 - not a sala checkpoint: any transformers causal LM
             logger.info("draft model %s is not a sala checkpoint (%s); loading it with transformers", p, e)
             from transformers import AutoModelForCausalLM

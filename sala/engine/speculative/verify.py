@@ -53,12 +53,9 @@ def snapshot_row(cache: StaticCache, row: int) -> torch.Tensor:
     return cache.states[:, row].clone()
 
 
-class LightningInputs:
-    """The lightning layers' inputs during one verify step: layer index -> (x [1, T, hidden] normed layer input,
-    position_ids [1, T])."""
-
-    def __init__(self) -> None:
-        self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+# The lightning layers' inputs during one verify step: layer index -> (normed layer input x [1, T, hidden],
+# position_ids [1, T]).
+LightningInputs = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
 def _lightning_layers(runner: ModelRunner) -> list[tuple[int, SalaLightningAttention]]:
@@ -72,12 +69,12 @@ def verify_row(runner: ModelRunner, cache: StaticCache, row: int, ids: list[int]
     """Run ids (the last accepted token then the drafts) after the row's cached tokens through the prefill-chunk
     path. Returns logits [len(ids), V] fp32 (row j predicts the token after ids[j]) and each lightning layer's
     input (for `rollback_row`). The row then holds all of ids."""
-    cap = LightningInputs()
+    cap: LightningInputs = {}
 
     def hook(i: int):
         def record(module, args):
             x, ctx = args[0], args[1]
-            cap.inputs[i] = (x, ctx.position_ids)
+            cap[i] = (x, ctx.position_ids)
         return record
 
     handles = [attn.register_forward_pre_hook(hook(i)) for i, attn in _lightning_layers(runner)]
@@ -99,7 +96,7 @@ def rollback_row(runner: ModelRunner, cache: StaticCache, row: int, snapshot: to
     the length (module docstring)."""
     cache.states[:, row] = snapshot
     layers = dict(_lightning_layers(runner))
-    for i, (x, positions) in cap.inputs.items():
+    for i, (x, positions) in cap.items():
         ctx = ForwardContext(positions[:, :keep], ops=runner.ops, mode=PREFILL, cache=cache, row=row, start=start)
         layers[i](x[:, :keep], ctx)      # updates the row's state of layer i; the output is not needed
     cache.lengths[row] = start + keep
