@@ -107,10 +107,10 @@ class _Timing:
         self.metrics.requests.labels(finish_reason=reason or "unknown").inc()
 
 
-def _spec(choices: list[Choice]) -> dict:
-    """{"speculative": counts} for a response when the engine speculates, else {}."""
+def _usage_fields(choices: list[Choice]) -> dict:
+    """A response's "usage", and its "speculative" counts when the engine speculates."""
     st = speculative_stats(choices)
-    return {} if st is None else {"speculative": st}
+    return {"usage": usage(choices)} if st is None else {"usage": usage(choices), "speculative": st}
 
 
 def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = None,
@@ -351,8 +351,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
                                                                 "finish_reason": c.finish_reason}]})
                 if include_usage:
                     yield sse({"id": base, "object": "text_completion", "created": int(time.time()),
-                               "model": model_name, "choices": [], "usage": usage(choices),
-                               **_spec(choices)})
+                               "model": model_name, "choices": [], **_usage_fields(choices)})
 
             return streaming(events())
 
@@ -365,7 +364,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
                                 "logprobs": logprobs_of(c, c.logprobs, body.echo, 0),
                                 "finish_reason": c.finish_reason})
         return {"id": base, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                "choices": out_choices, "usage": usage(choices), **_spec(choices)}
+                "choices": out_choices, **_usage_fields(choices)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: HTTPRequest):
@@ -408,8 +407,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
                         yield chunk(c.index, {}, c.finish_reason)
                 if include_usage:
                     yield sse({"id": base, "object": "chat.completion.chunk", "created": int(time.time()),
-                               "model": model_name, "choices": [], "usage": usage(choices),
-                               **_spec(choices)})
+                               "model": model_name, "choices": [], **_usage_fields(choices)})
 
             return streaming(events())
 
@@ -419,6 +417,6 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
                         "logprobs": chat_logprobs(token_text, c.logprobs, top_n) if body.logprobs else None,
                         "finish_reason": c.finish_reason} for c in choices]
         return {"id": base, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                "choices": out_choices, "usage": usage(choices), **_spec(choices)}
+                "choices": out_choices, **_usage_fields(choices)}
 
     return app
