@@ -4,6 +4,7 @@
 #
 #   OUT=/dir SALA_GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_session.sh one     # regression + GPU tests
 #   OUT=/dir SALA_GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_session.sh two     # serve, spec, FP8 targets
+#   ... three: GPU tests, 32-request load, decode batch 64 vs the floor; four: 1M-prompt interference, spec
 #
 # `one` needs runs/baseline (the tree before the one-forward redesign: `git archive 7c62c84 sala | tar -x -C
 # runs/baseline`, carried); `two` needs the serve extra's wheels in .whl/ (carried; the device image lacks fastapi,
@@ -29,14 +30,21 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, sa
 # the measurements (each: seconds allowed)
 regression() { step regression "$1" python3 experiments/regression/gpu_regression.py --tree base=runs/baseline \
   --tree new=. --parts sparse,lightning,engine,train --out "$OUT/regression_one_forward_$gpu.json"; }
-gpu_tests() { step gpu_tests "$1" python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_scheduler_gpu.py \
-  tests/ops/test_fp8.py tests/model/test_fp8_model.py tests/engine/test_engine_gpu.py; }
+gpu_tests() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
+  --junitxml="$OUT/gpu_tests.xml" tests/engine/test_scheduler_gpu.py tests/ops/test_fp8.py tests/model/test_fp8_model.py \
+  tests/engine/test_engine_gpu.py; }
 serve_document() { step serve_document "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b \
   --scenario document --doc-len 131072 --questions 5 --question-len 64 --output-len 32 --max-num-seqs 4 \
   --max-model-len 139264 --compare-no-cache --out "$OUT/serve_document_$gpu.json" --plot "$OUT/serve_document_$gpu.png"; }
 serve_load() { step serve_load "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b --scenario load \
   --num-requests 32 --concurrency 32 --prompt-len 4096 --output-len 256 --max-num-seqs 32 --max-model-len 4608 \
   --sequential-baseline 2 --out "$OUT/serve_load_$gpu.json" --plot "$OUT/serve_load_$gpu.png"; }
+decode64() { step decode64 "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b --scenario load \
+  --num-requests 64 --concurrency 64 --prompt-len 8192 --output-len 128 --max-num-seqs 64 --max-model-len 8448 \
+  --out "$OUT/serve_decode64_$gpu.json" --plot "$OUT/serve_decode64_$gpu.png"; }
+interference() { step interference "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b \
+  --scenario interference --streams 4 --long-prompt 1048576 --prompt-len 1024 --output-len 256 --max-num-seqs 5 \
+  --out "$OUT/serve_interference_$gpu.json" --plot "$OUT/serve_interference_$gpu.png"; }
 spec() { step spec "$1" python3 -m sala.cli bench spec --tasks quote,vt --lengths 16k,64k --num-samples 2 \
   --max-new-tokens 128 --speculative ngram --num-speculative-tokens 8 --cost-preset minicpm-sala-9b \
   --cost-context 65536 --cost-k 8 --out "$OUT/spec_$gpu.json"; }
@@ -45,6 +53,8 @@ fp8_shape() { step fp8_shape "$1" python3 -m sala.bench.fp8 --parts shape --leng
 case "$part" in
   one) regression 200; gpu_tests 300 ;;
   two) serve_document 170; serve_load 180; spec 150; fp8_shape 90 ;;
+  three) gpu_tests 220; serve_load 170; decode64 150 ;;
+  four) interference 330; spec 200 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
