@@ -90,12 +90,13 @@ def _decode_run(core, ids: list[int], max_new: int) -> dict:
 
 
 def _cost(preset: str, context: int, k: int, device, dtype, seed: int) -> dict:
-    """Verify step over k drafts + 1 vs one plain decode step at `context` tokens (one sequence)."""
+    """A verify step over k drafts + 1 (and with its rollback to half the drafts) vs one plain decode step at
+    `context` tokens (one sequence), both as the engine runs them (CUDA graphs on the GPU)."""
     from sala.bench.common import bench_ms
     from sala.engine.decode_graph import GraphedDecodeStep
     from sala.engine.forward import DecodeStep, ModelRunner
     from sala.engine.loading import default_device, parse_dtype, random_model
-    from sala.engine.speculative import rollback_row, snapshot_row, verify_row
+    from sala.engine.speculative import VerifyStep
     from sala.engine.static_cache import StaticCache
     from sala.modeling.configuration_sala import SalaConfig
 
@@ -108,36 +109,38 @@ def _cost(preset: str, context: int, k: int, device, dtype, seed: int) -> dict:
     prompt = torch.randint(3, cfg.vocab_size, (context,), generator=g).to(dev)
     for s in range(0, context, 16384):
         runner.prefill_chunk(prompt[s:s + 16384], cache, 0)
-    snap = snapshot_row(cache, 0)
-    drafts = torch.randint(3, cfg.vocab_size, (k + 1,), generator=g).tolist()
+    snap = cache.states.clone()
 
     def reset() -> None:
-        cache.states[:, 0] = snap
+        cache.states.copy_(snap)
         cache.lengths[0] = context
         cache.seqlens.fill_(context)
 
     step = GraphedDecodeStep(DecodeStep(runner, cache))
+    verify = GraphedDecodeStep(VerifyStep(runner, cache, k + 1))
+    verify.ids.copy_(torch.randint(3, cfg.vocab_size, (1, k + 1), generator=g))
+    verify.keep.fill_(1 + k // 2)
 
     def decode() -> None:
         step()
         reset()
 
-    def verify() -> None:
-        verify_row(runner, cache, 0, drafts)
+    def verify_only() -> None:
+        verify()
         reset()
 
     def verify_rollback() -> None:
-        s = snapshot_row(cache, 0)
-        _, inputs = verify_row(runner, cache, 0, drafts)
-        rollback_row(runner, cache, 0, s, context, 1 + k // 2, inputs)
+        verify()
+        verify.rollback()
         reset()
 
-    d = bench_ms(decode)
-    v = bench_ms(verify)
-    vr = bench_ms(verify_rollback)
+    reset_ms = bench_ms(reset)
+    d = bench_ms(decode) - reset_ms
+    v = bench_ms(verify_only) - reset_ms
+    vr = bench_ms(verify_rollback) - reset_ms
     return {"preset": preset, "context": context, "k": k, "decode_step_ms": d, "verify_step_ms": v,
             "verify_ratio": v / d, "verify_rollback_ms": vr, "verify_rollback_ratio": vr / d,
-            "decode_mode": step.mode}
+            "reset_ms_subtracted": reset_ms, "decode_mode": step.mode, "verify_mode": verify.mode}
 
 
 def run(args) -> dict:

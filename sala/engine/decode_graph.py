@@ -1,63 +1,96 @@
-"""CUDA-graph capture of the decode step: one graph per StaticCache (its batch size is the bucket).
+"""CUDA-graph capture of the decode step and the speculative verify step: one graph per step object (its
+StaticCache's batch size is the bucket; a verify step's tokens per row are part of its shapes).
 
-The first step runs eagerly on a side stream (it compiles the Triton kernels and is a real decode step),
-then the step is captured once; every later step is one `graph.replay()` with no host work per layer.
-On CPU, or if capture fails (an op that syncs), the step runs eagerly and `mode` says so.
+The first call runs eagerly on a side stream (it compiles the Triton kernels and does real work), then the call
+is captured once; every later call is one `graph.replay()` with no host work per layer. On CPU, or if capture
+fails (an op that syncs), the call runs eagerly and `mode` says so.
 """
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 
 from sala.engine.forward import DecodeStep
 
 
-class GraphedDecodeStep:
-    """Callable like DecodeStep (fill `ids`, call, read `logits`), replaying a CUDA graph when it can."""
+class GraphedCall:
+    """`fn()` (static buffers in and out), replayed from a CUDA graph after its first eager call."""
 
-    def __init__(self, step: DecodeStep, use_graph: bool = True) -> None:
-        self.step = step
-        self.ids = step.ids
-        self.logits = step.logits
-        self.use_graph = use_graph and step.runner.device.type == "cuda"
+    def __init__(self, fn: Callable[[], torch.Tensor | None], device: torch.device, *, use_graph: bool = True,
+                 keep: tuple[torch.Tensor, ...] = (), name: str = "decode step") -> None:
+        self.fn = fn
+        self.use_graph = use_graph and device.type == "cuda"
+        self.keep = keep            # tensors whose values must be the same after the capture as before it
+        self.name = name
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.result: torch.Tensor | None = None
         self.mode = "cuda-graph" if self.use_graph else "eager"
         self._calls = 0
 
     def _capture(self) -> None:
         graph = torch.cuda.CUDAGraph()
-        seqlens = self.step.cache.seqlens
-        # Capture records without executing; keep the cache lengths as they are around it.
-        saved = seqlens.clone()
+        saved = [t.clone() for t in self.keep]
         try:
             with torch.cuda.graph(graph):
-                self.step()
+                self.result = self.fn()
         except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
-            warnings.warn(f"CUDA-graph capture of the decode step failed ({type(e).__name__}: {e}); "
-                          "decoding eagerly", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"CUDA-graph capture of the {self.name} failed ({type(e).__name__}: {e}); running it "
+                          "eagerly", RuntimeWarning, stacklevel=4)
             self.use_graph = False
             self.mode = "eager (capture failed)"
             torch.cuda.synchronize()
-            seqlens.copy_(saved)
+            for t, s in zip(self.keep, saved):
+                t.copy_(s)
             return
-        seqlens.copy_(saved)
+        for t, s in zip(self.keep, saved):
+            t.copy_(s)
         self.graph = graph
 
-    def __call__(self) -> torch.Tensor:
+    def __call__(self) -> torch.Tensor | None:
         self._calls += 1
         if not self.use_graph:
-            return self.step()
+            return self.fn()
         if self.graph is None:
             if self._calls == 1:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    out = self.step()
+                    out = self.fn()
                 torch.cuda.current_stream().wait_stream(side)
                 return out
             self._capture()
             if self.graph is None:
-                return self.step()
+                return self.fn()
         self.graph.replay()
-        return self.logits
+        return self.result
+
+
+class GraphedDecodeStep:
+    """Callable like the step it wraps (a `DecodeStep`, or a `VerifyStep` with its `rollback`): fill `ids`, call,
+    read `logits` (a verify step: then fill `keep` and call `rollback()`), replaying CUDA graphs when it can."""
+
+    def __init__(self, step: DecodeStep, use_graph: bool = True) -> None:
+        self.step = step
+        self.ids = step.ids
+        self.logits = step.logits
+        device = step.runner.device
+        self._run = GraphedCall(step, device, use_graph=use_graph, keep=(step.cache.seqlens,),
+                                name="decode step" if isinstance(step, DecodeStep) else "verify step")
+        self._rollback = (GraphedCall(step.rollback, device, use_graph=use_graph, name="verify rollback")
+                          if hasattr(step, "rollback") else None)
+
+    @property
+    def mode(self) -> str:
+        return self._run.mode
+
+    @property
+    def keep(self) -> torch.Tensor:
+        return self.step.keep
+
+    def __call__(self) -> torch.Tensor:
+        return self._run()
+
+    def rollback(self) -> None:
+        self._rollback()

@@ -4,7 +4,8 @@
   lightning states from chunk to chunk, append sparse K/V to the cache and extend the compressed keys; only the last
   position's logits are computed.
 - `DecodeStep`: one new token for every sequence of the cache (the layers in DECODE mode), with static shapes and
-  no host syncs, so a CUDA graph can capture it.
+  no host syncs, so a CUDA graph can capture it; `decode_forward` is its forward for T tokens per row (the
+  speculative verify step, `sala.engine.speculative.verify.VerifyStep`, runs it with T = k + 1).
 
 There is no second copy of the layers here: `SalaModel.run_layers` runs them, told by a `ForwardContext` which mode
 they are in and where the cache is; the elementwise pieces run as the fused ops of `sala.ops.fused`.
@@ -28,7 +29,8 @@ def compiled_ops(backend: str = "inductor") -> ElementwiseOps:
     return ElementwiseOps(*(torch.compile(f, backend=backend, dynamic=True) for f in REFERENCE_OPS))
 
 
-__all__ = ["ModelRunner", "DecodeStep", "EAGER_OPS", "REFERENCE_OPS", "FusedOps", "compiled_ops"]
+__all__ = ["ModelRunner", "DecodeStep", "decode_forward", "decode_buffers", "EAGER_OPS", "REFERENCE_OPS", "FusedOps",
+           "compiled_ops"]
 
 
 class ModelRunner:
@@ -95,31 +97,44 @@ class ModelRunner:
         return self.logits_of(last)[0]
 
 
+def decode_buffers(runner: ModelRunner, batch: int, tokens: int) -> dict[str, torch.Tensor]:
+    """The attention outputs a DECODE call of `tokens` per row writes into (no allocation inside a graph)."""
+    cfg, dev, dt = runner.config, runner.device, runner.dtype
+    return {"lightning": torch.zeros(batch, tokens, cfg.lightning_nh, cfg.lightning_head_dim, dtype=dt, device=dev),
+            "sparse": torch.zeros(batch, tokens, cfg.num_attention_heads, cfg.head_dim, dtype=dt, device=dev)}
+
+
+@torch.no_grad()
+def decode_forward(runner: ModelRunner, cache: StaticCache, ids: torch.Tensor, out: dict[str, torch.Tensor],
+                   saved_kv: dict | None = None) -> torch.Tensor:
+    """ids [B, T] after every row's cached tokens (positions from the device lengths, which then advance by T);
+    returns the last hidden states [B, T, hidden] (before the final norm). No host sync."""
+    T = ids.shape[1]
+    positions = cache.seqlens.long()[:, None] + torch.arange(T, device=ids.device)     # [B, T]
+    cache.seqlens.add_(T)
+    ctx = ForwardContext(positions, ops=runner.decode_ops, mode=DECODE, cache=cache, out=out, saved_kv=saved_kv)
+    inner = runner.model.model
+    h, _ = inner.run_layers(inner.embed_tokens(ids) * runner.config.scale_emb, ctx)
+    return h
+
+
 class DecodeStep:
     """One decode step for all B sequences of a StaticCache, on static buffers (CUDA-graph capturable).
 
-    Inputs: `ids` [B] int64 (the tokens to feed). Each call first advances `cache.seqlens` by one on the
-    device, then writes logits [B, V] fp32 into `logits`. The host-side `cache.lengths` is the caller's.
+    Inputs: `ids` [B] int64 (the tokens to feed). Each call advances `cache.seqlens` by one on the device and
+    writes logits [B, V] fp32 into `logits`. The host-side `cache.lengths` is the caller's.
     """
 
     def __init__(self, runner: ModelRunner, cache: StaticCache) -> None:
         self.runner = runner
         self.cache = cache
-        cfg = runner.config
-        B, dev, dt = cache.batch, runner.device, runner.dtype
+        B, dev = cache.batch, runner.device
         self.ids = torch.zeros(B, dtype=torch.long, device=dev)
-        self.logits = torch.zeros(B, cfg.vocab_size, dtype=torch.float32, device=dev)
-        # the attention ops write into these (no allocation inside a captured graph)
-        self.out = {"lightning": torch.zeros(B, cfg.lightning_nh, cfg.lightning_head_dim, dtype=dt, device=dev),
-                    "sparse": torch.zeros(B, cfg.num_attention_heads, cfg.head_dim, dtype=dt, device=dev)}
+        self.logits = torch.zeros(B, runner.config.vocab_size, dtype=torch.float32, device=dev)
+        self.out = decode_buffers(runner, B, 1)
 
     @torch.no_grad()
     def __call__(self) -> torch.Tensor:
-        r = self.runner
-        self.cache.seqlens.add_(1)
-        positions = (self.cache.seqlens.long() - 1)[:, None]                  # [B, 1]
-        ctx = ForwardContext(positions, ops=r.decode_ops, mode=DECODE, cache=self.cache, out=self.out)
-        inner = r.model.model
-        h, _ = inner.run_layers(inner.embed_tokens(self.ids[:, None]) * r.config.scale_emb, ctx)
-        self.logits.copy_(r.logits_of(h[:, 0]))
+        h = decode_forward(self.runner, self.cache, self.ids[:, None], self.out)
+        self.logits.copy_(self.runner.logits_of(h[:, 0]))
         return self.logits

@@ -18,11 +18,12 @@ the lowest free row when one is free, and leave when they finish. Each `step()`:
 Sampling is per request (its own SamplingParams and torch.Generator). Greedy tokens equal those of the
 request run alone: a row's arithmetic never mixes with another row's.
 
-Speculative decoding (`speculative="ngram"` or `"draft:DIR"`): a running request that gets drafts this step
-(up to its adaptive k, `AdaptiveK`) is left out of the batched decode step and runs a verify step instead: one
-chunk over its last token and the drafts on its own row, acceptance (greedy prefix, or rejection sampling that
-keeps the target distribution), and an exact rollback of the row to the accepted tokens
-(`sala.engine.speculative.verify`). Requests without drafts decode in the batch as usual.
+Speculative decoding (`speculative="ngram"` or `"draft:DIR"`): when some running request gets drafts this step
+(up to its adaptive k, `AdaptiveK`), the step is one batched verify step instead of the decode step: every
+running row feeds its last token and its drafts (padded to the step's T tokens; a row without drafts keeps just
+its first position, which is its decode step) through the DECODE path of the model (a CUDA graph per bucket and
+T), then acceptance per request (greedy prefix, or rejection sampling that keeps the target distribution), and an
+exact rollback of every row to its accepted tokens (`sala.engine.speculative.verify`).
 """
 from __future__ import annotations
 
@@ -54,11 +55,9 @@ from sala.engine.sampling import SamplingParams, StopMatcher, sample_next
 from sala.engine.speculative import (
     AdaptiveK,
     SpecStats,
+    VerifyStep,
     accept_drafts,
     make_drafter,
-    rollback_row,
-    snapshot_row,
-    verify_row,
 )
 from sala.engine.static_cache import StaticCache
 from sala.modeling.configuration_sala import SalaConfig
@@ -171,12 +170,12 @@ class EngineCore:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
         self.speculative = speculative
         self.num_speculative_tokens = num_speculative_tokens
-        if speculative and model.lm_head.weight.device.type == "cuda":
-            logger.warning("speculative decoding: on a GPU its verify steps are still eager prefill chunks, measured "
-                           "slower than plain CUDA-graph decoding and not bit-identical in bf16 (docs/speculative.md)")
-        # Verify steps run one row at a time, so with many running sequences the batched decode step (one
-        # forward for all of them) wins: above this many, every request decodes plainly.
+        # A verify step feeds T tokens per running row: with many rows its GEMMs stop being bound by reading the
+        # weights, so above this many running sequences every request decodes plainly.
         self.speculative_max_batch = speculative_max_batch
+        # Tokens per row of the verify steps (one CUDA graph each per bucket): 2, 3, 5, 9, ... up to k + 1.
+        self.verify_sizes = sorted({min(2 ** i + 1, num_speculative_tokens + 1)
+                                    for i in range(max(1, num_speculative_tokens).bit_length() + 1)} - {1})
         self.drafter = (make_drafter(speculative, device=model.lm_head.weight.device,
                                      dtype=model.lm_head.weight.dtype, target_vocab=model.config.vocab_size)
                         if speculative else None)
@@ -190,6 +189,7 @@ class EngineCore:
             if enable_prefix_cache else None
         self.buckets = _buckets(max_num_seqs)
         self._steps: dict[int, GraphedDecodeStep] = {}
+        self._verify_steps: dict[tuple[int, int], GraphedDecodeStep] = {}
         self.free_rows: list[int] = list(range(max_num_seqs))
         self.waiting: deque[_Seq] = deque()
         self.active: dict[str, _Seq] = {}         # admitted (prefill or running), by request id, admission order
@@ -538,31 +538,70 @@ class EngineCore:
             s.context_len = n
         return self.drafter.propose(s.context[:n], k)[:k]
 
+    def _verify_step(self, b: int, T: int) -> GraphedDecodeStep:
+        st = self._verify_steps.get((b, T))
+        if st is None:
+            view = self.cache if b == self.max_num_seqs else self.cache.rows_view(b)
+            st = GraphedDecodeStep(VerifyStep(self.runner, view, T), use_graph=self.use_cuda_graph)
+            self._verify_steps[(b, T)] = st
+        return st
+
     @torch.no_grad()
-    def _verify(self, s: _Seq, drafts: list[int]) -> RequestOutput:
-        """One verify step of a request over its drafts; emits the accepted drafts and one target token."""
-        row, start, k = s.row, self.cache.lengths[s.row], len(drafts)
-        snap = snapshot_row(self.cache, row)
-        logits, inputs = verify_row(self.runner, self.cache, row, [s.last_token] + drafts)
-        toks, a = accept_drafts(logits, drafts, s.req.params, s.generator)
-        if a < k:
-            rollback_row(self.runner, self.cache, row, snap, start, 1 + a, inputs)
-        del inputs
-        self.counters["spec_verify_steps"] += 1
-        self.counters["spec_draft_tokens_total"] += k
-        self.counters["spec_accepted_tokens_total"] += a
-        s.spec.add(k, a)
-        s.adaptive.update(k, a)
-        lps: list[TokenLogprob | None] = [None] * len(toks)
-        if s.req.logprobs is not None:
-            lp = torch.log_softmax(logits[:len(toks)], dim=-1)
-            lps = _top_logprobs(lp, toks, s.req.logprobs)
+    def _verify(self, seqs: list[_Seq], drafts: dict[str, list[int]]) -> list[RequestOutput]:
+        """One verify step for all running seqs (those without drafts take only their first position: a decode
+        step); acceptance, rollback of every row of the bucket to its kept tokens, then the outputs."""
+        top = max(s.row for s in seqs) + 1
+        b = next(x for x in self.buckets if x >= top)
+        need = 1 + max(len(d) for d in drafts.values())
+        T = next(t for t in self.verify_sizes if t >= need)
+        step = self._verify_step(b, T)
+        ids = [[0] * T for _ in range(b)]
+        for s in seqs:
+            d = drafts.get(s.req.request_id, [])
+            ids[s.row] = [s.last_token] + d + [s.last_token] * (T - 1 - len(d))
+        step.ids.copy_(torch.tensor(ids, dtype=torch.long))
+        logits = step()                                                     # [b, T, V]
+        keep = [0] * b                  # rows of the bucket that are not running keep nothing: their states return
+        accepted: dict[str, tuple[list[int], int]] = {}
+        plain = [s for s in seqs if s.req.request_id not in drafts]
+        for s in seqs:
+            d = drafts.get(s.req.request_id)
+            if d is None:
+                keep[s.row] = 1
+                continue
+            toks, a = accept_drafts(logits[s.row, :len(d) + 1], d, s.req.params, s.generator)
+            accepted[s.req.request_id] = (toks, a)
+            keep[s.row] = 1 + a
+        if any(k < T for k in keep):
+            step.keep.copy_(torch.tensor(keep, dtype=torch.long))
+            step.rollback()
+        for s in seqs:
+            self.cache.lengths[s.row] += keep[s.row]
+        self.cache.seqlens.copy_(torch.tensor(self.cache.lengths, dtype=torch.int32))
+        self.counters["decode_steps"] += 1
+        plain_logits = (logits[torch.tensor([s.row for s in plain], device=logits.device), 0] if plain else None)
         outs = []
-        for tok, lp in zip(toks, lps):
-            outs.append(self._accept(s, tok, lp))
-            if outs[-1].finished:
-                break
-        return _merge(outs)
+        for s in seqs:
+            if s.req.request_id not in drafts:
+                continue
+            d, (toks, a) = drafts[s.req.request_id], accepted[s.req.request_id]
+            self.counters["spec_verify_steps"] += 1
+            self.counters["spec_draft_tokens_total"] += len(d)
+            self.counters["spec_accepted_tokens_total"] += a
+            s.spec.add(len(d), a)
+            s.adaptive.update(len(d), a)
+            lps: list[TokenLogprob | None] = [None] * len(toks)
+            if s.req.logprobs is not None:
+                lps = _top_logprobs(torch.log_softmax(logits[s.row, :len(toks)], dim=-1), toks, s.req.logprobs)
+            mine = []
+            for tok, lp in zip(toks, lps):
+                mine.append(self._accept(s, tok, lp))
+                if mine[-1].finished:
+                    break
+            outs.append(_merge(mine))
+        if plain:
+            outs.extend(self._sample(plain, plain_logits))
+        return outs
 
     # ------------------------------------------------------------------ prefill
     def _chunk_end(self, s: _Seq, budget: int) -> int:
@@ -608,12 +647,10 @@ class EngineCore:
         running = [s for s in self.active.values() if s.status == _RUNNING]
         drafts = ({s.req.request_id: d for s in running if (d := self._drafts(s))}
                   if len(running) <= self.speculative_max_batch else {})
-        plain = [s for s in running if s.req.request_id not in drafts]
-        if plain:
-            outputs.extend(self._decode(plain))
-        for s in running:
-            if s.req.request_id in drafts:
-                outputs.append(self._verify(s, drafts[s.req.request_id]))
+        if drafts:
+            outputs.extend(self._verify(running, drafts))
+        elif running:
+            outputs.extend(self._decode(running))
         self._admit()
         spent = len(running) + sum(len(d) for d in drafts.values())
         budget = max(self.max_tokens_per_step - spent, self.page_size)

@@ -4,8 +4,10 @@ The model's layers are the only forward. The same layers run:
 - `FULL`: whole sequences (training, `SalaForCausalLM.forward`), optionally growing a `SalaCache` (generate);
 - `PREFILL`: a chunk of one sequence (`row`, tokens from `start` on) written into a preallocated static cache
   (the engine's `StaticCache`);
-- `DECODE`: one new token for every row of a static cache, with static shapes and no host syncs (CUDA-graph
-  capturable); positions come from the cache's device lengths.
+- `DECODE`: T new tokens for every row of a static cache (T = 1: a decode step; T > 1: a speculative verify
+  step), with static shapes and no host syncs (CUDA-graph capturable); positions [B, T] come from the cache's
+  device lengths; the lightning layers step their states token by token and, when `saved_kv` has buffers for
+  them, keep their k, v (for rolling the states back to an accepted prefix: `sala.ops.lightning_state_after`).
 
 A static cache is any object with `.state(layer)` ([B, H, Dk, Dv] fp32 lightning state), `.sparse[layer]`
 (buffers `.k`, `.v` [B, S, Hkv, D] and compressed keys `.k1`, `.k2`) and `.seqlens` (int32 [B] on the device).
@@ -73,6 +75,7 @@ class ForwardContext:
     row: int = 0                                # PREFILL: the cache row of the sequence
     start: int = 0                              # PREFILL: tokens already cached for it
     out: dict[str, torch.Tensor] = field(default_factory=dict)   # DECODE: preallocated attention outputs by kind
+    saved_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None   # DECODE: layer -> k, v buffers [B, T, H, D]
     _rope: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def rope(self, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -282,10 +282,19 @@ class SalaLightningAttention(FusedProjections, nn.Module):
                cache: LightningLayerCache | None = None) -> torch.Tensor:
         """The lightning op over the call's documents, a static-cache chunk or decode step: o [B, T, H, D]."""
         log_decay = self.log_decay(q.device)
-        if ctx.mode == DECODE:
+        if ctx.mode == DECODE:      # T tokens per row, one step each (T > 1: a verify step)
             state = ctx.cache.state(self.layer_idx)
-            return lightning_decode_step(q[:, 0], k[:, 0], v[:, 0].contiguous(), log_decay, state, scale=self.scale,
-                                         out=ctx.out.get("lightning"))[:, None]
+            o = ctx.out.get("lightning")
+            if o is None:
+                o = v.new_empty(v.shape[0], v.shape[1], self.num_heads, v.shape[3])
+            for j in range(q.shape[1]):
+                lightning_decode_step(q[:, j], k[:, j], v[:, j].contiguous(), log_decay, state, scale=self.scale,
+                                      out=o[:, j])
+            saved = ctx.saved_kv.get(self.layer_idx) if ctx.saved_kv else None
+            if saved is not None:
+                saved[0].copy_(k)
+                saved[1].copy_(v)
+            return o
         if ctx.mode == PREFILL:
             state = ctx.cache.state(self.layer_idx)[ctx.row:ctx.row + 1]
             o, final = lightning_attention(q, k, v, log_decay, scale=self.scale, initial_state=state,
@@ -411,24 +420,32 @@ class SalaSparseAttention(FusedProjections, nn.Module):
                             buf.k1[row:row + 1, :n1], buf.k2[row:row + 1, :n2])
 
     def _attend_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """One token for every row of the static cache (its position: `ctx.position_ids`, from the device lengths,
-        already advanced); static shapes, no host sync."""
+        """T tokens for every row of the static cache (positions `ctx.position_ids` [B, T], from the device
+        lengths); static shapes, no host sync. Token j of a row sees the row's cache and tokens 0..j. Positions
+        past the capacity (a padded verify row near its end, never accepted) are clamped: their keys land on the
+        last slot, beyond the row's length, and their outputs are garbage nobody reads."""
         buf = ctx.cache.sparse[self.layer_idx]
-        pos = ctx.position_ids[:, 0]
-        rows = torch.arange(q.shape[0], device=q.device)
-        buf.k.index_put_((rows, pos), k[:, 0])
-        buf.v.index_put_((rows, pos), v[:, 0])
-        seqlens = ctx.cache.seqlens
+        B, T = q.shape[:2]
+        S = buf.k.shape[1]
+        pos = ctx.position_ids
+        wpos = pos.clamp(max=S - 1)
+        rows = torch.arange(B, device=q.device)[:, None].expand(B, T)
+        buf.k.index_put_((rows, wpos), k)
+        buf.v.index_put_((rows, wpos), v)
+        seqlens = (pos + 1).clamp(max=S).to(torch.int32)                     # [B, T]: keys each token sees
+        out = ctx.out.get("sparse")
         if self.config.use_sparse_attention:
-            update_compressed_keys(buf.k, buf.k1, buf.k2, seqlens, self.params)
-            o = infllmv2_decode(q[:, 0].contiguous(), buf.k, buf.v, buf.k1, buf.k2, seqlens, self.params,
-                                scale=self.scale, out=ctx.out.get("sparse"))
-        else:   # dense attention over the valid prefix of every sequence
-            valid = torch.arange(buf.k.shape[1], device=q.device)[None, :] < seqlens[:, None].long()
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), buf.k.transpose(1, 2), buf.v.transpose(1, 2),
-                                               attn_mask=valid[:, None, None, :], scale=self.scale,
-                                               enable_gqa=True)[:, :, 0]
-        return o[:, None]
+            update_compressed_keys(buf.k, buf.k1, buf.k2, seqlens[:, -1].contiguous(), self.params, new_tokens=T)
+            o = infllmv2_decode(q.reshape(B * T, self.num_heads, self.head_dim), buf.k, buf.v, buf.k1, buf.k2,
+                                seqlens.reshape(B * T), self.params, scale=self.scale,
+                                out=out.view(B * T, self.num_heads, self.head_dim) if out is not None else None,
+                                queries_per_row=T)
+            return o.view(B, T, self.num_heads, self.head_dim)
+        # dense attention over the valid prefix of every token
+        valid = torch.arange(S, device=q.device)[None, None, :] < seqlens[:, :, None].long()     # [B, T, S]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), buf.k.transpose(1, 2), buf.v.transpose(1, 2),
+                                           attn_mask=valid[:, None], scale=self.scale, enable_gqa=True)
+        return o.transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
                cache: SparseLayerCache | None = None) -> torch.Tensor:

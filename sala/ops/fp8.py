@@ -78,7 +78,9 @@ def _device_supported(device: torch.device) -> bool:
 def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize along the last dim: (fp8 like x, fp32 scale [..., 1] = max|row| / 448, at least MIN_SCALE)."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    # divided by a tensor on x's device: a Python scalar divisor is a multiplication by its reciprocal on CUDA,
+    # which differs from the IEEE quotient (the Triton kernel's) in the last bit for some rows
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / torch.tensor(FP8_MAX, device=x.device)).clamp(min=MIN_SCALE)
     # round to nearest even; the clamp makes x / scale rounding past 448 saturate on every backend (e4m3fn
     # encodes no inf, and how a cast treats overflow is not part of the format)
     q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)

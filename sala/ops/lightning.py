@@ -160,3 +160,29 @@ def lightning_decode_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, st
         out.copy_(o)
         return out
     return o
+
+
+def lightning_state_after(state: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, keep: Tensor) -> Tensor:
+    """The state after the first `keep[b]` of T tokens, from the state before them (closed form, no host sync):
+
+        S_keep = gamma^keep * S_0 + sum_{i < keep} gamma^(keep - 1 - i) k_i^T v_i
+
+    state [B, H, Dk, Dv] fp32 (S_0, not modified); k [B, T, H, Dk], v [B, T, H, Dv]; log_decay [H]; keep int [B]
+    in 0..T (0 gives S_0). Returns a new [B, H, Dk, Dv] tensor in state's dtype: what `keep` decode steps from S_0
+    would leave (a speculative verify step's rollback to its accepted tokens).
+    """
+    if state.dim() != 4 or k.dim() != 4 or v.shape[:3] != k.shape[:3] or state.shape[:3] != (k.shape[0], k.shape[2],
+                                                                                             k.shape[3]):
+        raise ValueError(f"lightning_state_after: state {tuple(state.shape)} must be [B, H, Dk, Dv] for k "
+                         f"{tuple(k.shape)} [B, T, H, Dk] and v {tuple(v.shape)} [B, T, H, Dv]")
+    if keep.shape != (k.shape[0],):
+        raise ValueError(f"lightning_state_after: keep {tuple(keep.shape)} must be [{k.shape[0]}]")
+    ct = state.dtype
+    T = k.shape[1]
+    i = torch.arange(T, device=k.device)
+    n = keep.to(device=k.device, dtype=ct)[:, None]                                       # [B, 1]
+    lg = log_decay.to(ct)
+    w = torch.exp((n - 1 - i)[..., None] * lg)                                            # [B, T, H]
+    w = torch.where((i[None, :] < keep[:, None])[..., None], w, torch.zeros((), dtype=ct, device=k.device))
+    added = torch.einsum("bth,bthk,bthv->bhkv", w, k.to(ct), v.to(ct))
+    return torch.exp(n * lg)[..., None, None] * state + added

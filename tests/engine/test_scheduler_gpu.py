@@ -66,3 +66,25 @@ def test_prefix_cache_same_answers_at_9b_layer_shapes():
             # pages (5952, the document's last full page); q2 restores that.
             assert core.stats()["prefix_cache_hits"] == 5120 + 5952
     assert answers[0] == answers[1]
+
+
+@pytest.mark.skipif(bundled_model_dir() is None, reason="no bundled model")
+def test_graphed_verify_steps_give_the_plain_greedy_tokens():
+    # fp32: speculation (CUDA-graph verify steps and rollbacks per bucket and T) emits exactly plain decoding's
+    # tokens, batched, on repetitive prompts where n-gram drafts are accepted.
+    engine = SalaEngine.from_pretrained(bundled_model_dir(), device="cuda", dtype="fp32")
+    g = torch.Generator().manual_seed(3)
+    prompts = []
+    for n in (300, 900, 1700):
+        phrase = torch.randint(3, 8000, (37,), generator=g).tolist()
+        prompts.append([1] + (phrase * (n // 37 + 1))[:n - 1])
+    sp = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    plain = EngineCore(engine.model, engine.tokenizer, max_num_seqs=4, max_model_len=2048, chunk_size=512)
+    spec = EngineCore(engine.model, engine.tokenizer, max_num_seqs=4, max_model_len=2048, chunk_size=512,
+                      speculative="ngram", num_speculative_tokens=6)
+    reqs = lambda: [Request(str(i), p, sp) for i, p in enumerate(prompts)]  # noqa: E731
+    assert _run(spec, reqs()) == _run(plain, reqs())
+    st = spec.stats()
+    assert st["spec_verify_steps"] > 0 and st["spec_accepted_tokens_total"] > 0
+    assert spec._verify_steps and all(v.mode == "cuda-graph" and v._rollback.mode == "cuda-graph"
+                                      for v in spec._verify_steps.values())

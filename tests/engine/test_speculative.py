@@ -18,11 +18,9 @@ from sala.engine.speculative import (
     AdaptiveK,
     ModelDrafter,
     NgramDrafter,
+    VerifyStep,
     accept_drafts,
     make_drafter,
-    rollback_row,
-    snapshot_row,
-    verify_row,
 )
 from sala.engine.static_cache import StaticCache
 from sala.modeling.configuration_sala import SalaConfig
@@ -144,17 +142,18 @@ def test_rejection_sampling_keeps_the_target_distribution(with_q):
 
 
 # ------------------------------------------------------------------------------------------------ rollback
-def _compare_rows(a: StaticCache, b: StaticCache, row: int, atol: float = 1e-4) -> None:
-    n = a.lengths[row]
-    assert n == b.lengths[row] and int(a.seqlens[row]) == int(b.seqlens[row]) == n
-    torch.testing.assert_close(a.states[:, row], b.states[:, row], atol=atol, rtol=1e-4)
+def _compare_rows(a: StaticCache, ra: int, b: StaticCache, rb: int, atol: float = 1e-4) -> None:
+    """Row ra of cache a holds what row rb of cache b holds: lengths, lightning states, K/V and K1/K2."""
+    n = a.lengths[ra]
+    assert n == b.lengths[rb] and int(a.seqlens[ra]) == int(b.seqlens[rb]) == n
+    torch.testing.assert_close(a.states[:, ra], b.states[:, rb], atol=atol, rtol=1e-4)
     n1, n2 = _n12(n)
     for layer in a.sparse:
         x, y = a.sparse[layer], b.sparse[layer]
-        torch.testing.assert_close(x.k[row, :n], y.k[row, :n], atol=atol, rtol=1e-4)
-        torch.testing.assert_close(x.v[row, :n], y.v[row, :n], atol=atol, rtol=1e-4)
-        torch.testing.assert_close(x.k1[row, :n1], y.k1[row, :n1], atol=atol, rtol=1e-4)
-        torch.testing.assert_close(x.k2[row, :n2], y.k2[row, :n2], atol=atol, rtol=1e-4)
+        torch.testing.assert_close(x.k[ra, :n], y.k[rb, :n], atol=atol, rtol=1e-4)
+        torch.testing.assert_close(x.v[ra, :n], y.v[rb, :n], atol=atol, rtol=1e-4)
+        torch.testing.assert_close(x.k1[ra, :n1], y.k1[rb, :n1], atol=atol, rtol=1e-4)
+        torch.testing.assert_close(x.k2[ra, :n2], y.k2[rb, :n2], atol=atol, rtol=1e-4)
 
 
 def _n12(n: int) -> tuple[int, int]:
@@ -163,14 +162,32 @@ def _n12(n: int) -> tuple[int, int]:
     return compressed_lengths(n, sparse_params_from_config(CFG))
 
 
-def _plain_decode(runner: ModelRunner, cache: StaticCache, row: int, ids: list[int]) -> torch.Tensor:
-    """Feed ids one decode step at a time to `row` (a 1-row cache); the last step's logits [V]."""
+def _decode_rows(runner: ModelRunner, cache: StaticCache, ids: list[list[int]]) -> torch.Tensor:
+    """Feed ids[r] to row r of the cache, one decode step per position (all rows step together); the last step's
+    logits [B, V]."""
     step = DecodeStep(runner, cache)
     logits = None
-    for t in ids:
-        step.ids.fill_(t)
-        logits = step()[row].clone()
-        cache.lengths[row] += 1
+    for col in zip(*ids):
+        step.ids.copy_(torch.tensor(col))
+        logits = step().clone()
+        for r in range(cache.batch):
+            cache.lengths[r] += 1
+    return logits
+
+
+def _verify(runner: ModelRunner, cache: StaticCache, ids: list[list[int]], keep: list[int],
+            rollback: bool = True) -> torch.Tensor:
+    """One verify step of ids [B][T] over the cache, then every row kept to its first keep[r] tokens."""
+    step = VerifyStep(runner, cache, len(ids[0]))
+    step.ids.copy_(torch.tensor(ids))
+    logits = step().clone()
+    assert [int(x) for x in cache.seqlens] == [n + len(ids[0]) for n in cache.lengths]
+    if rollback:
+        step.keep.copy_(torch.tensor(keep))
+        step.rollback()
+    for r, k in enumerate(keep):
+        cache.lengths[r] += k
+    cache.seqlens.copy_(torch.tensor(cache.lengths, dtype=torch.int32))
     return logits
 
 
@@ -180,29 +197,34 @@ def _plain_decode(runner: ModelRunner, cache: StaticCache, row: int, ids: list[i
     (140, 6, 5),     # sparse already; one rejection at the end
 ])
 def test_rollback_equals_plain_decoding_of_the_accepted_tokens(model, start, drafts, accepted):
+    # Three rows verify together: row 0 keeps 1 + accepted tokens, row 1 (other prompt, other length) keeps all
+    # of its T tokens but one, row 2 is mid-prefill (takes no part: keeps 0, its states and K/V must survive).
     runner = ModelRunner(model)
-    prompt = _repetitive(start, 5)
+    T = drafts + 1
     g = torch.Generator().manual_seed(start)
-    tail = torch.randint(3, CFG.vocab_size, (drafts + 1,), generator=g).tolist()   # last token + drafts
-    spec = StaticCache(CFG, 1, 256, torch.float32, "cpu")
-    ref = StaticCache(CFG, 1, 256, torch.float32, "cpu")
-    for c in (spec, ref):
-        runner.prefill_chunk(torch.tensor(prompt), c, 0)
-    snap = snapshot_row(spec, 0)
-    logits, inputs = verify_row(runner, spec, 0, tail)
-    assert logits.shape == (drafts + 1, CFG.vocab_size) and spec.lengths[0] == start + drafts + 1
-    keep = tail[:1 + accepted]
-    rollback_row(runner, spec, 0, snap, start, len(keep), inputs)
-    ref_logits = _plain_decode(runner, ref, 0, keep)
-    _compare_rows(spec, ref, 0)
-    # The verify step's logits at the kept positions are those of plain decoding.
-    torch.testing.assert_close(logits[accepted], ref_logits, atol=1e-3, rtol=1e-3)
-    # Both go on decoding the same tokens (through the windows the rejected tokens had completed) identically.
-    more = torch.randint(3, CFG.vocab_size, (12,), generator=g).tolist()
-    a = _plain_decode(runner, spec, 0, more)
-    b = _plain_decode(runner, ref, 0, more)
-    _compare_rows(spec, ref, 0)
-    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    prompts = [_repetitive(start, 5), _repetitive(start + 9, 6), _repetitive(start - 30, 7)]
+    keep = [1 + accepted, T - 1, 0]
+    tails = [torch.randint(3, CFG.vocab_size, (T,), generator=g).tolist() for _ in prompts]
+    spec = StaticCache(CFG, 3, 320, torch.float32, "cpu")
+    refs = [StaticCache(CFG, 1, 320, torch.float32, "cpu") for _ in prompts]
+    for r, p in enumerate(prompts):
+        runner.prefill_chunk(torch.tensor(p), spec, r)
+        runner.prefill_chunk(torch.tensor(p), refs[r], 0)
+    spec.seqlens.copy_(torch.tensor(spec.lengths, dtype=torch.int32))
+    logits = _verify(runner, spec, tails, keep)
+    assert logits.shape == (3, T, CFG.vocab_size)
+    for r in range(3):
+        ref_logits = _decode_rows(runner, refs[r], [tails[r][:keep[r]]]) if keep[r] else None
+        _compare_rows(spec, r, refs[r], 0)
+        if ref_logits is not None:   # the verify step's logits at the last kept position: plain decoding's
+            torch.testing.assert_close(logits[r, keep[r] - 1], ref_logits[0], atol=1e-3, rtol=1e-3)
+    # All go on decoding the same tokens (through the windows the rejected tokens had completed) identically.
+    more = [torch.randint(3, CFG.vocab_size, (12,), generator=g).tolist() for _ in prompts]
+    a = _decode_rows(runner, spec, more)
+    for r in range(3):
+        b = _decode_rows(runner, refs[r], [more[r]])
+        _compare_rows(spec, r, refs[r], 0)
+        torch.testing.assert_close(a[r], b[0], atol=1e-3, rtol=1e-3)
 
 
 def test_without_restoring_the_states_rollback_would_be_wrong(model):
@@ -213,12 +235,24 @@ def test_without_restoring_the_states_rollback_would_be_wrong(model):
     ref = StaticCache(CFG, 1, 128, torch.float32, "cpu")
     for c in (spec, ref):
         runner.prefill_chunk(torch.tensor(prompt), c, 0)
-    verify_row(runner, spec, 0, [5, 6, 7, 8])
-    spec.lengths[0] = 61
-    spec.seqlens.fill_(61)
-    _plain_decode(runner, ref, 0, [5])
+    _verify(runner, spec, [[5, 6, 7, 8]], [1], rollback=False)
+    _decode_rows(runner, ref, [[5]])
     with pytest.raises(AssertionError):
-        _compare_rows(spec, ref, 0)
+        _compare_rows(spec, 0, ref, 0)
+
+
+def test_a_verify_row_at_the_end_of_its_capacity_leaves_its_cached_tokens_alone(model):
+    # A row whose padded verify positions run past the capacity: the clamped writes land beyond its length.
+    runner = ModelRunner(model)
+    spec = StaticCache(CFG, 1, 128, torch.float32, "cpu")
+    ref = StaticCache(CFG, 1, 128, torch.float32, "cpu")
+    prompt = _repetitive(125, 3)
+    for c in (spec, ref):
+        runner.prefill_chunk(torch.tensor(prompt), c, 0)
+    logits = _verify(runner, spec, [[9, 10, 11, 12, 13, 14]], [2])       # positions 125..130 of a 128 capacity
+    ref_logits = _decode_rows(runner, ref, [[9, 10]])
+    _compare_rows(spec, 0, ref, 0)
+    torch.testing.assert_close(logits[0, 1], ref_logits[0], atol=1e-3, rtol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ engine

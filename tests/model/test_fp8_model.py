@@ -359,7 +359,7 @@ def test_gpu_engine_fp8_prefill_and_graphed_decode_track_bf16():
                                         quantization=quant)
         logits = engine.prefill([ids], len(ids) + 16)[0]
         res = engine.generate([ids], sampling)[0]
-        out[quant] = (logits.float().cpu(), res, engine.decode_mode, engine.runner.fused_attn[0])
+        out[quant] = (logits.float().cpu(), res, engine.decode_mode, engine.model.model.layers[0].self_attn.qkv_proj)
     (ref, res_ref, _, _), (got, res_fp8, mode, fused) = out[None], out["fp8"]
     assert isinstance(fused, Fp8Linear) and mode == "cuda-graph"
     assert rel(got, ref) < 0.1

@@ -242,6 +242,27 @@ def check_decode():
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+def check_decode_several_queries_per_row():
+    """A verify step's decode (T = 3 queries per cache row, each at its own length) vs the reference."""
+    from sala.ops.infllmv2 import triton_decode
+
+    T = 3
+    qd, k, v, k1c, k2c, lengths = _decode_case(120, 2, 8, [118, 83])
+    q = torch.randn(2 * T, *qd.shape[1:], dtype=qd.dtype)
+    seqlens = torch.tensor([n - T + j + 1 for n in lengths.tolist() for j in range(T)], dtype=torch.int32)
+    with _Spy(triton_decode, "pooled_block_scores_decode_split") as ss:
+        got = infllmv2_decode(q, k, v, k1c, k2c, seqlens, SMALL, queries_per_row=T)
+    assert ss.calls == 1, ss.calls
+    _mode("reference")
+    want = infllmv2_decode(q, k, v, k1c, k2c, seqlens, SMALL, queries_per_row=T)
+    one = torch.stack([infllmv2_decode(q[i:i + 1], k[i // T:i // T + 1], v[i // T:i // T + 1],
+                                       k1c[i // T:i // T + 1], k2c[i // T:i // T + 1], seqlens[i:i + 1], SMALL)[0]
+                       for i in range(2 * T)])
+    _mode("triton")
+    torch.testing.assert_close(want, one)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
 # ------------------------------------------------------------------ band split (forced blocks as query tiles)
 # topk 5 + local 2: 7 blocks per query, 4 of them forced (init 0 and the band qb-2..qb), 3 selected freely;
 # INIT2: two init blocks and a one-block band.

@@ -292,6 +292,25 @@ def test_decode_equals_last_row_of_prefill():
     torch.testing.assert_close(buf, out)
 
 
+def test_decode_with_several_queries_per_row_equals_one_query_per_row():
+    # A verify step: T consecutive queries of each cache row; query j sees the row's keys up to its own position.
+    B, S, Hkv, G, D, T = 2, 160, 2, 2, 8, 5
+    q, k, v = _qkv(B, S, Hkv, G, D, seed=29)
+    ends = [150, 97]                                  # keys after the T tokens
+    n1, n2 = compressed_lengths(S, SMALL)
+    k1c = torch.zeros(B, n1, Hkv, D, dtype=q.dtype)
+    k2c = torch.zeros(B, n2, Hkv, D, dtype=q.dtype)
+    update_compressed_keys(k, k1c, k2c, torch.tensor(ends), SMALL, new_tokens=S)
+    qs = torch.stack([q[b, e - T:e] for b, e in enumerate(ends)]).reshape(B * T, G * Hkv, D)
+    seqlens = torch.tensor([e - T + j + 1 for e in ends for j in range(T)], dtype=torch.int32)
+    got = infllmv2_decode(qs, k, v, k1c, k2c, seqlens, SMALL, queries_per_row=T)
+    for b, e in enumerate(ends):
+        full = infllmv2_attention(q[b:b + 1, :e], k[b:b + 1, :e], v[b:b + 1, :e], SMALL)
+        torch.testing.assert_close(got[b * T:(b + 1) * T], full[0, e - T:e])
+    with pytest.raises(ValueError, match="queries_per_row=3"):
+        infllmv2_decode(qs, k, v, k1c, k2c, seqlens, SMALL, queries_per_row=3)
+
+
 def test_reference_gradients():
     """Autograd of the reference equals autograd of the naive masked definition; plus a fast gradcheck."""
     q, k, v = _qkv(1, 90, 2, 2, 4, seed=23, Tq=20)

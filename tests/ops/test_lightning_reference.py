@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sala.ops.lightning import lightning_attention, lightning_decode_step
+from sala.ops.lightning import lightning_attention, lightning_decode_step, lightning_state_after
 from sala.ops.lightning_reference import (
     lightning_attention_chunked,
     lightning_attention_recurrent,
@@ -110,6 +110,26 @@ def test_decode_steps_equal_chunked():
     out = torch.full((b, h, d), float("nan"))
     ret = lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], ld, state, out=out)
     assert ret is out and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_state_after_a_prefix_equals_that_many_decode_steps(dtype, tol):
+    # Each row keeps its own number of the T tokens: 0 (the state before), some, all.
+    torch.manual_seed(3)
+    B, T, H, D = 4, 6, 3, 8
+    k, v = torch.randn(B, T, H, D, dtype=dtype), torch.randn(B, T, H, D, dtype=dtype)
+    log_decay = lightning_log_decay(H).to(dtype)
+    s0 = torch.randn(B, H, D, D, dtype=dtype)
+    keep = torch.tensor([0, 2, 5, 6])
+    got = lightning_state_after(s0, k, v, log_decay, keep)
+    for b in range(B):
+        st = s0[b:b + 1].clone()
+        for j in range(int(keep[b])):
+            lightning_decode_step_reference(k[b:b + 1, j], k[b:b + 1, j], v[b:b + 1, j], log_decay, st)
+        torch.testing.assert_close(got[b], st[0], atol=tol, rtol=tol)
+    assert torch.equal(s0, lightning_state_after(s0, k, v, log_decay, torch.zeros(B, dtype=torch.long)))
+    with pytest.raises(ValueError, match="keep"):
+        lightning_state_after(s0, k, v, log_decay, keep[:2])
 
 
 def test_decode_step_bf16_output_dtype_and_fp32_state():

@@ -9,12 +9,7 @@ from sala.engine.speculative.drafts import (
     NgramDrafter,
     make_drafter,
 )
-from sala.engine.speculative.verify import (
-    SpecStats,
-    rollback_row,
-    snapshot_row,
-    verify_row,
-)
+from sala.engine.speculative.verify import SpecStats, VerifyStep
 
 __all__ = [
     "AdaptiveK",
@@ -23,8 +18,6 @@ __all__ = [
     "NgramDrafter",
     "SpecStats",
     "accept_drafts",
+    "VerifyStep",
     "make_drafter",
-    "rollback_row",
-    "snapshot_row",
-    "verify_row",
 ]

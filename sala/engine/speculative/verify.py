@@ -1,18 +1,19 @@
-"""Verify steps on one StaticCache row and their exact rollback.
+"""Verify steps over a StaticCache bucket and their exact rollback.
 
-A verify step feeds [last accepted token, d_1 .. d_k] through the model's prefill-chunk path at the row's length
-L, which gives logits at all k + 1 positions and appends the k + 1 tokens to the row. When only a < k drafts are
-accepted, the row must hold exactly L + 1 + a tokens:
+A verify step feeds T tokens per row ([last accepted token, d_1 .. d_k], padded to T) through the model's DECODE
+path (`decode_forward`: static shapes, no host sync, CUDA-graph capturable like the decode step), which gives
+logits at all T positions and appends the T tokens to every row. When a row keeps only its first `keep` tokens
+(the last accepted token and the accepted drafts), it must hold exactly L + keep tokens:
 
-- sparse K/V: positions past L + 1 + a are beyond the row's length, hence invisible; the next chunk or decode
-  step writes from the length on, so resetting `cache.lengths[row]` / `cache.seqlens[row]` forgets them;
-- compressed K1/K2 keys: readers use only the windows that lie wholly inside the length (`compressed_lengths`),
-  and prefill chunks / `update_compressed_keys` write windows from n(length before) on, so a window that a
-  rejected token completed is invisible and is recomputed from the true keys when the sequence reaches its end;
-- lightning states are recurrent, so they are restored from a snapshot taken before the step ([n_lightning, H,
-  Dk, Dv] fp32 for the row) and advanced over the 1 + a kept positions by each lightning layer alone, from its
-  inputs captured during the verify step. That is what a replay of the kept tokens through the whole model
-  would compute for those layers, without the replay's MLPs, sparse layers and lm_head (measured faster).
+- sparse K/V: positions past L + keep are beyond the row's length, hence invisible; the next step writes from
+  the length on, so resetting the lengths forgets them;
+- compressed K1/K2 keys: readers use only the windows that lie wholly inside the length, and writers write the
+  windows completed by their new tokens, so a window that a rejected token completed is invisible and is
+  recomputed from the true keys when the sequence reaches its end;
+- lightning states are recurrent: the step snapshots them first and keeps each lightning layer's k, v; the
+  rollback computes each row's state after its `keep` tokens in closed form from the snapshot
+  (`sala.ops.lightning_state_after`: `keep` = 0 restores a row that took no part, `keep` = T leaves the step's
+  own state). No replay of the model.
 """
 from __future__ import annotations
 
@@ -20,10 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sala.engine.forward import ModelRunner
+from sala.engine.forward import ModelRunner, decode_buffers, decode_forward
 from sala.engine.static_cache import StaticCache
-from sala.modeling.context import PREFILL, ForwardContext
-from sala.modeling.modeling_sala import SalaLightningAttention
+from sala.ops.lightning import lightning_state_after
 
 
 @dataclass
@@ -48,56 +48,46 @@ class SpecStats:
                                          if self.verify_steps else 0.0)}
 
 
-def snapshot_row(cache: StaticCache, row: int) -> torch.Tensor:
-    """Copy of the row's lightning states [n_lightning, H, Dk, Dv] fp32."""
-    return cache.states[:, row].clone()
+class VerifyStep:
+    """A verify step of T tokens for all B rows of a StaticCache (a bucket), on static buffers.
 
+    Fill `ids` [B, T] int64 and call: logits [B, T, V] fp32 (position j predicts the token after ids[:, j]); every
+    row then holds its T tokens (device `seqlens` advanced by T; the host `lengths` are the caller's). Then fill
+    `keep` [B] (tokens each row keeps, 0..T) and call `rollback()`. Both calls are graph-capturable
+    (`GraphedStep`).
+    """
 
-# The lightning layers' inputs during one verify step: layer index -> (normed layer input x [1, T, hidden],
-# position_ids [1, T]).
-LightningInputs = dict[int, tuple[torch.Tensor, torch.Tensor]]
+    def __init__(self, runner: ModelRunner, cache: StaticCache, tokens: int) -> None:
+        if tokens < 1:
+            raise ValueError(f"VerifyStep: tokens per row must be >= 1, got {tokens}")
+        self.runner = runner
+        self.cache = cache
+        self.tokens = tokens
+        cfg, B, dev = runner.config, cache.batch, runner.device
+        self.ids = torch.zeros(B, tokens, dtype=torch.long, device=dev)
+        self.logits = torch.zeros(B, tokens, cfg.vocab_size, dtype=torch.float32, device=dev)
+        self.keep = torch.zeros(B, dtype=torch.long, device=dev)
+        self.out = decode_buffers(runner, B, tokens)
+        self.snapshot = torch.zeros_like(cache.states)
+        shape = (B, tokens, cfg.lightning_nh, cfg.lightning_head_dim)
+        self.saved_kv = {layer: (torch.zeros(shape, dtype=runner.dtype, device=dev),
+                                 torch.zeros(shape, dtype=runner.dtype, device=dev))
+                         for layer in cfg.lightning_layer_ids}
+        layers = runner.model.model.layers
+        self.log_decay = {layer: layers[layer].self_attn.log_decay(dev) for layer in cfg.lightning_layer_ids}
 
+    @torch.no_grad()
+    def __call__(self) -> torch.Tensor:
+        self.snapshot.copy_(self.cache.states)
+        h = decode_forward(self.runner, self.cache, self.ids, self.out, self.saved_kv)
+        self.logits.copy_(self.runner.logits_of(h))
+        return self.logits
 
-def _lightning_layers(runner: ModelRunner) -> list[tuple[int, SalaLightningAttention]]:
-    return [(i, layer.self_attn) for i, layer in enumerate(runner.model.model.layers)
-            if isinstance(layer.self_attn, SalaLightningAttention)]
-
-
-@torch.no_grad()
-def verify_row(runner: ModelRunner, cache: StaticCache, row: int, ids: list[int]
-               ) -> tuple[torch.Tensor, LightningInputs]:
-    """Run ids (the last accepted token then the drafts) after the row's cached tokens through the prefill-chunk
-    path. Returns logits [len(ids), V] fp32 (row j predicts the token after ids[j]) and each lightning layer's
-    input (for `rollback_row`). The row then holds all of ids."""
-    cap: LightningInputs = {}
-
-    def hook(i: int):
-        def record(module, args):
-            x, ctx = args[0], args[1]
-            cap[i] = (x, ctx.position_ids)
-        return record
-
-    handles = [attn.register_forward_pre_hook(hook(i)) for i, attn in _lightning_layers(runner)]
-    try:
-        h = runner.prefill_chunk(torch.tensor(ids, dtype=torch.long, device=runner.device), cache, row)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return runner.logits_of(h[0]), cap
-
-
-@torch.no_grad()
-def rollback_row(runner: ModelRunner, cache: StaticCache, row: int, snapshot: torch.Tensor, start: int, keep: int,
-                 cap: LightningInputs) -> None:
-    """Make the row hold exactly its first `start` tokens plus the first `keep` tokens of the verify step that
-    began at `start` (the last accepted token and the accepted drafts). Lightning states: `snapshot` (taken at
-    `start`) advanced over the kept positions by each lightning layer alone, from its captured input (by
-    causality those inputs are what a replay of the kept tokens would compute). Sparse K/V and K1/K2 only need
-    the length (module docstring)."""
-    cache.states[:, row] = snapshot
-    layers = dict(_lightning_layers(runner))
-    for i, (x, positions) in cap.items():
-        ctx = ForwardContext(positions[:, :keep], ops=runner.ops, mode=PREFILL, cache=cache, row=row, start=start)
-        layers[i](x[:, :keep], ctx)      # updates the row's state of layer i; the output is not needed
-    cache.lengths[row] = start + keep
-    cache.seqlens[row:row + 1].fill_(start + keep)
+    @torch.no_grad()
+    def rollback(self) -> None:
+        """Every row's lightning states after its first `keep` tokens of the last call (the sparse caches need
+        only the lengths, which are the caller's)."""
+        for layer, (k, v) in self.saved_kv.items():
+            slot = self.cache.light_index[layer]
+            self.cache.states[slot].copy_(lightning_state_after(self.snapshot[slot], k, v, self.log_decay[layer],
+                                                                   self.keep))

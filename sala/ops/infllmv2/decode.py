@@ -24,51 +24,61 @@ else:  # pragma: no cover - without triton every call takes the reference path
 
 def decode_select_blocks(q: torch.Tensor, k1_cache: torch.Tensor, k2_cache: torch.Tensor,
                          cache_seqlens: torch.Tensor, params: SparseParams, n_blocks: int, *,
-                         scale: float | None = None, kernel_config: SparseKernelConfig | None = None
-                         ) -> torch.Tensor:
-    """Blocks selected by the new token of every sequence: int32 [B, Hkv, 1, total_blocks], ascending, -1 padded,
-    ties at the cut-off to the lowest block index. q [B, Hq, D]; k1_cache / k2_cache [B, S1|S2, Hkv, D];
-    cache_seqlens int [B] (the new token is at cache_seqlens - 1); n_blocks: blocks of the cache capacity."""
+                         scale: float | None = None, kernel_config: SparseKernelConfig | None = None,
+                         queries_per_row: int = 1) -> torch.Tensor:
+    """Blocks selected by each query: int32 [B, Hkv, 1, total_blocks], ascending, -1 padded, ties at the cut-off to
+    the lowest block index. q [B, Hq, D]; k1_cache / k2_cache [B / queries_per_row, S1|S2, Hkv, D] (query row b
+    belongs to cache row b // queries_per_row); cache_seqlens int [B] (the query is at cache_seqlens - 1);
+    n_blocks: blocks of the cache capacity."""
     s = softmax_scale(q, scale)
     pos = cache_seqlens.to(torch.int64) - 1
     with torch.no_grad():
         if use_triton(q, k1_cache, k2_cache):
             config = kernel_config_or_default(kernel_config)
             pooled = triton_decode.pooled_block_scores_decode_split(q, k1_cache, k2_cache, pos.to(torch.int32), params,
-                                                                    s, n_blocks, config)
+                                                                    s, n_blocks, config, queries_per_row)
             return topk_blocks_triton(pooled, params.total_blocks, max_cols=config.topk_max_cols)
-        pooled = ref.pooled_block_scores_ref(q[:, None], k1_cache, k2_cache, pos[:, None], params, s, n_blocks)
+        T = queries_per_row
+        R = q.shape[0] // T
+        pooled = ref.pooled_block_scores_ref(q.reshape(R, T, *q.shape[1:]), k1_cache, k2_cache, pos.reshape(R, T),
+                                             params, s, n_blocks)                     # [R, Hkv, T, n_blocks]
+        pooled = pooled.permute(0, 2, 1, 3).reshape(q.shape[0], pooled.shape[1], 1, n_blocks)
         return ref.topk_block_indices(pooled, params.total_blocks)
 
 
 def infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k1_cache: torch.Tensor,
                     k2_cache: torch.Tensor, cache_seqlens: torch.Tensor, params: SparseParams, *,
                     scale: float | None = None, out: torch.Tensor | None = None,
-                    kernel_config: SparseKernelConfig | None = None) -> torch.Tensor:
-    """One new token per sequence (CUDA-graph friendly: no host sync, shapes fixed by the caches).
+                    kernel_config: SparseKernelConfig | None = None, queries_per_row: int = 1) -> torch.Tensor:
+    """New tokens against fixed-size caches (CUDA-graph friendly: no host sync, shapes fixed by the caches).
 
-    q [B, Hq, D]; k_cache, v_cache [B, S, Hkv, D]; k1_cache [B, S1, Hkv, D], k2_cache [B, S2, Hkv, D] kept
-    up to date (update_compressed_keys); cache_seqlens int [B]: valid keys including the new token, which is at
-    position cache_seqlens - 1. Returns o [B, Hq, D] (written into `out` if given). kernel_config: Triton launch
-    settings (None: the defaults).
+    q [B, Hq, D]: one query per row, or `queries_per_row` (T) consecutive queries of each cache row (query row b
+    belongs to cache row b // T: a verify step's T tokens); k_cache, v_cache [B / T, S, Hkv, D]; k1_cache
+    [B / T, S1, Hkv, D], k2_cache [B / T, S2, Hkv, D] kept up to date (update_compressed_keys); cache_seqlens int
+    [B]: keys each query sees, itself included (it is at position cache_seqlens - 1). Returns o [B, Hq, D] (written
+    into `out` if given). kernel_config: Triton launch settings (None: the defaults).
     """
     if q.dim() != 3:
         raise ValueError(f"infllmv2_decode: q must be [B, Hq, D], got {tuple(q.shape)}")
-    check_qkv("infllmv2_decode", q[:, None], k_cache, v_cache)
+    T = int(queries_per_row)
+    if T < 1 or q.shape[0] != k_cache.shape[0] * T:
+        raise ValueError(f"infllmv2_decode: q has {q.shape[0]} rows; with queries_per_row={queries_per_row} it "
+                         f"must have {T} x {k_cache.shape[0]} (the cache rows)")
+    check_qkv("infllmv2_decode", q.reshape(k_cache.shape[0], T, *q.shape[1:]), k_cache, v_cache)
     B, Hq, D = q.shape
-    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    R, S, Hkv = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
     for name, t in (("k1_cache", k1_cache), ("k2_cache", k2_cache)):
-        if t.dim() != 4 or t.shape[0] != B or t.shape[2:] != k_cache.shape[2:]:
+        if t.dim() != 4 or t.shape[0] != R or t.shape[2:] != k_cache.shape[2:]:
             raise ValueError(f"infllmv2_decode: {name} {tuple(t.shape)} must be [B, S', Hkv, D] matching k_cache "
                              f"{tuple(k_cache.shape)}")
     if cache_seqlens.shape != (B,):
         raise ValueError(f"infllmv2_decode: cache_seqlens {tuple(cache_seqlens.shape)} must be [{B}]")
     s = softmax_scale(q, scale)
     pos = cache_seqlens.to(torch.int64) - 1                             # [B]
-    kbase = torch.arange(B, device=q.device) * S
-    kf, vf = k_cache.reshape(B * S, Hkv, D), v_cache.reshape(B * S, Hkv, D)
+    kbase = torch.arange(B, device=q.device) // T * S                   # each query's cache row in the flat K/V
+    kf, vf = k_cache.reshape(R * S, Hkv, D), v_cache.reshape(R * S, Hkv, D)
     idx = decode_select_blocks(q, k1_cache, k2_cache, cache_seqlens, params, -(-S // params.block_size), scale=s,
-                               kernel_config=kernel_config)
+                               kernel_config=kernel_config, queries_per_row=T)
     with torch.no_grad():
         if use_triton(q, k_cache, v_cache, k1_cache, k2_cache):
             o = triton_decode.sparse_decode_splitk(q.contiguous(), kf, vf, idx, pos.to(torch.int32), kbase,

@@ -319,9 +319,15 @@ def _band_slots(K: int, band: tuple[int, int] | None) -> tuple[int, int, dict]:
     return init, max(init, K - local - 1), dict(BAND=True, INIT=init, LOCAL=local)
 
 
-def _band_rows(rows: int) -> int:
-    """Queries per band program: the configured value on the GPU, 16 in the interpreter."""
-    return 16 if interpreter_enabled() else rows
+def _band_launch(rows: int, stages: int | None, dtype: torch.dtype) -> tuple[int, dict]:
+    """(queries per band program, stage keywords): the configured values for 2-byte inputs; fp32 tiles take twice
+    the shared memory, so they get half the rows and at most 2 stages (the configured ones need more than an
+    H100's 227 KiB at head dim 128). 16 rows in the interpreter."""
+    if interpreter_enabled():
+        return 16, launch_stages(stages)
+    if torch.empty((), dtype=dtype).element_size() > 2:
+        return max(16, rows // 2), launch_stages(min(stages, 2) if stages is not None else None)
+    return rows, launch_stages(stages)
 
 
 def sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale, band: tuple[int, int] | None = None,
@@ -343,11 +349,11 @@ def sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale, band
         return o, lse
     k0, k1, extra = _band_slots(K, band)
     if band is not None:
-        bm = _band_rows(config.band_rows)
+        bm, stages = _band_launch(config.band_rows, config.band_stages, q.dtype)
         _sparse_band_fwd_kernel[(triton.cdiv(N, bm), Hq)](
             q, k, v, o, lse, pos, kbase, N, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             o.stride(0), o.stride(1), lse.stride(0), G=G, D=D, BS=block_size, BM=bm, INIT=band[0], LOCAL=band[1],
-            num_warps=config.band_warps, **launch_stages(config.band_stages))
+            num_warps=config.band_warps, **stages)
         if k1 == k0:
             return o, lse
     _sparse_fwd_kernel[(N, Hkv)](q, k, v, o, lse, block_idx, pos, kbase, Tq, scale * LOG2E,
@@ -400,11 +406,11 @@ def sparse_attention_bwd(do, q, k, v, o, lse, block_idx, pos, kbase, gbase, n_gi
     GP = _fwd_config(G)
     k0, k1, extra = _band_slots(K, band)
     if band is not None and N:
-        bm = _band_rows(config.band_dq_rows)
+        bm, stages = _band_launch(config.band_dq_rows, config.band_dq_stages, q.dtype)
         _sparse_band_bwd_dq_kernel[(triton.cdiv(N, bm), Hq)](
             q, k, v, do, lse, delta, dq, pos, kbase, N, scale * LOG2E, scale, q.stride(0), q.stride(1),
             k.stride(0), k.stride(1), lse.stride(0), G=G, D=D, BS=block_size, BM=bm, INIT=band[0], LOCAL=band[1],
-            num_warps=config.band_dq_warps, **launch_stages(config.band_dq_stages))
+            num_warps=config.band_dq_warps, **stages)
     if k1 > k0 and N:
         _sparse_bwd_dq_kernel[(N, Hkv)](q, k, v, do, lse, delta, dq, block_idx, pos, kbase, Tq, scale * LOG2E,
                                         scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse.stride(0),

@@ -123,11 +123,11 @@ def _group_block_pool(p, carry, bi, ci, NB: tl.constexpr, R: tl.constexpr, HALO:
 
 @triton.jit(do_not_specialize=["cap2", "cps", "slb", "slh"])
 def _decode_lse_split_kernel(q_ptr, k2_ptr, pos_ptr, plse_ptr, cap2, cps, scale_log2,
-                             sqb, sqh, s2b, s2t, s2h, slb, slh, sls,
+                             sqb, sqh, s2b, s2t, s2h, slb, slh, sls, qpr,
                              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, K2K: tl.constexpr,
                              K2S: tl.constexpr, BN2: tl.constexpr):
     """Program (split, kv head, sequence): partial log2-sum-exp of the G heads over K2 columns
-    [split*cps, split*cps + cps) that the new token sees (-inf when none)."""
+    [split*cps, split*cps + cps) that the new token sees (-inf when none). Query row b reads cache row b // qpr."""
     sp = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -142,7 +142,7 @@ def _decode_lse_split_kernel(q_ptr, k2_ptr, pos_ptr, plse_ptr, cap2, cps, scale_
     l = tl.zeros([GP], dtype=tl.float32)
     lo = sp * cps
     hi = tl.minimum(lo + cps, n2)
-    k2base = k2_ptr + b.to(tl.int64) * s2b + h * s2h
+    k2base = k2_ptr + (b // qpr).to(tl.int64) * s2b + h * s2h
     for j0 in range(lo, hi, BN2):
         j = j0 + tl.arange(0, BN2)
         jm = j < hi
@@ -159,7 +159,7 @@ def _decode_lse_split_kernel(q_ptr, k2_ptr, pos_ptr, plse_ptr, cap2, cps, scale_
 
 @triton.jit(do_not_specialize=["cap1", "n_cols", "nsplit2", "bps", "slb", "slh", "sob", "soh"])
 def _decode_pool_split_kernel(q_ptr, k1_ptr, pos_ptr, plse_ptr, out_ptr, cap1, n_cols, nsplit2, bps, scale_log2,
-                              sqb, sqh, s1b, s1t, s1h, slb, slh, sls, sob, soh,
+                              sqb, sqh, s1b, s1t, s1h, slb, slh, sls, sob, soh, qpr,
                               G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, K1K: tl.constexpr,
                               K1S: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, HALO: tl.constexpr,
                               INIT: tl.constexpr, LOCAL: tl.constexpr, NB: tl.constexpr, SP2: tl.constexpr):
@@ -167,7 +167,7 @@ def _decode_pool_split_kernel(q_ptr, k1_ptr, pos_ptr, plse_ptr, out_ptr, cap1, n
 
     Combines the partial K2 log-sum-exps of `_decode_lse_split_kernel`, then K1 pass + group sum + max-pool over
     its blocks (the halo of the block before the range is recomputed). Blocks after the own block keep the
-    caller's -inf."""
+    caller's -inf. Query row b reads cache row b // qpr."""
     sp = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -191,7 +191,7 @@ def _decode_pool_split_kernel(q_ptr, k1_ptr, pos_ptr, plse_ptr, out_ptr, cap1, n
         lse = tl.where(tot > 0, mx_safe + tl.log2(tl.maximum(tot, 1e-30)), 0.0)
         qv = tl.load(q_ptr + b.to(tl.int64) * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=row_ok[:, None],
                      other=0.0)
-        k1base = k1_ptr + b.to(tl.int64) * s1b + h * s1h
+        k1base = k1_ptr + (b // qpr).to(tl.int64) * s1b + h * s1h
         bi = tl.arange(0, NB)
         ci = tl.arange(0, R)
         # carry: the last HALO K1 columns before the range (the previous block's tail)
@@ -228,9 +228,11 @@ def decode_select_splits(B: int, Hkv: int, n_items: int, unit: int,
 
 def pooled_block_scores_decode_split(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, pos: torch.Tensor,
                                      params: SparseParams, scale: float, n_blocks: int,
-                                     config: SparseKernelConfig = DEFAULT_KERNEL_CONFIG) -> torch.Tensor:
-    """Decode stage 1 split over the compressed keys: q [B, Hq, D], k1/k2 caches [B, S1|S2, Hkv, D], pos int32 [B]
-    (position of the new token) -> pooled block scores fp32 [B, Hkv, 1, n_blocks] (as `pooled_block_scores_ref`).
+                                     config: SparseKernelConfig = DEFAULT_KERNEL_CONFIG,
+                                     queries_per_row: int = 1) -> torch.Tensor:
+    """Decode stage 1 split over the compressed keys: q [B, Hq, D], k1/k2 caches [B / queries_per_row, S1|S2, Hkv,
+    D] (query row b reads cache row b // queries_per_row), pos int32 [B] (position of the query) -> pooled block
+    scores fp32 [B, Hkv, 1, n_blocks] (as `pooled_block_scores_ref`).
 
     Two launches, no host sync; grid sizes depend only on B, Hkv and the cache capacities."""
     B, Hq, D = q.shape
@@ -249,14 +251,14 @@ def pooled_block_scores_decode_split(q: torch.Tensor, k1: torch.Tensor, k2: torc
     pos = pos.to(torch.int32).contiguous()
     _decode_lse_split_kernel[(nsplit2, Hkv, B)](
         q, k2, pos, plse, k2.shape[1], cps, scale * LOG2E, q.stride(0), q.stride(1),
-        k2.stride(0), k2.stride(1), k2.stride(2), plse.stride(0), plse.stride(1), plse.stride(2),
+        k2.stride(0), k2.stride(1), k2.stride(2), plse.stride(0), plse.stride(1), plse.stride(2), queries_per_row,
         G=G, GP=GP, D=D, K2K=params.k2_kernel, K2S=params.k2_stride, BN2=BN2, num_warps=4)
     NB = select_nb(r, config.select_k1_tile)
     nsplit, bps = decode_select_splits(B, Hkv, n_blocks, NB, config.decode_select_programs)
     _decode_pool_split_kernel[(nsplit, Hkv, B)](
         q, k1, pos, plse, out, k1.shape[1], n_blocks, nsplit2, bps, scale * LOG2E, q.stride(0), q.stride(1),
         k1.stride(0), k1.stride(1), k1.stride(2), plse.stride(0), plse.stride(1), plse.stride(2),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), queries_per_row,
         G=G, GP=GP, D=D, K1K=params.kernel_size, K1S=params.kernel_stride, BS=params.block_size, R=r, HALO=halo,
         INIT=params.init_blocks, LOCAL=params.local_blocks, NB=NB, SP2=max(2, pow2(nsplit2)), num_warps=4)
     return out
