@@ -4,7 +4,8 @@
 #
 #   OUT=/dir SALA_GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_session.sh one     # regression + GPU tests
 #   OUT=/dir SALA_GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_session.sh two     # serve, spec, FP8 targets
-#   ... three: GPU tests, 32-request load, decode batch 64 vs the floor; four: 1M-prompt interference, spec
+#   ... three: GPU tests, 32-request load, decode batch 64 vs the floor; four: 1M-prompt interference, spec;
+#   verify: GPU tests, spec
 #
 # `one` needs runs/baseline (the tree before the one-forward redesign: `git archive 7c62c84 sala | tar -x -C
 # runs/baseline`, carried); `two` needs the serve extra's wheels in .whl/ (carried; the device image lacks fastapi,
@@ -32,7 +33,7 @@ regression() { step regression "$1" python3 experiments/regression/gpu_regressio
   --tree new=. --parts sparse,lightning,engine,train --out "$OUT/regression_one_forward_$gpu.json"; }
 gpu_tests() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
   --junitxml="$OUT/gpu_tests.xml" tests/engine/test_scheduler_gpu.py tests/ops/test_fp8.py tests/model/test_fp8_model.py \
-  tests/engine/test_engine_gpu.py; }
+  tests/engine/test_engine_gpu.py tests/ops/test_infllmv2_triton.py; }
 serve_document() { step serve_document "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b \
   --scenario document --doc-len 131072 --questions 5 --question-len 64 --output-len 32 --max-num-seqs 4 \
   --max-model-len 139264 --compare-no-cache --out "$OUT/serve_document_$gpu.json" --plot "$OUT/serve_document_$gpu.png"; }
@@ -55,6 +56,7 @@ case "$part" in
   two) serve_document 170; serve_load 180; spec 150; fp8_shape 90 ;;
   three) gpu_tests 220; serve_load 170; decode64 150 ;;
   four) interference 330; spec 200 ;;
+  verify) gpu_tests 200; spec 250 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

@@ -233,6 +233,33 @@ def test_gpu_decode_matches_prefill(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_gpu_decode_with_several_queries_per_row_matches_prefill(monkeypatch):
+    """A verify step's sparse decode at the released shape: 9 queries per cache row (2 rows), each at its own
+    length, against the prefill path over the same keys."""
+    from sala.ops.infllmv2 import compressed_lengths, infllmv2_attention, infllmv2_decode, update_compressed_keys
+
+    monkeypatch.setenv("SALA_KERNELS", "triton")
+    T, ends = 9, [7000, 5000]
+    p, q, k, v = _released_case(T=7000, Tq=7000)
+    n1, n2 = compressed_lengths(8192, p)
+    kc = torch.zeros(2, 8192, 2, 128, device="cuda", dtype=k.dtype)
+    vc = torch.zeros_like(kc)
+    for b, e in enumerate(ends):
+        kc[b, :e], vc[b, :e] = k[0, :e], v[0, :e]
+    k1c = torch.zeros(2, n1, 2, 128, device="cuda", dtype=k.dtype)
+    k2c = torch.zeros(2, n2, 2, 128, device="cuda", dtype=k.dtype)
+    update_compressed_keys(kc, k1c, k2c, torch.tensor(ends, dtype=torch.int32, device="cuda"), p, new_tokens=8192)
+    qs = torch.cat([q[0, e - T:e] for e in ends])
+    seqlens = torch.tensor([e - T + j + 1 for e in ends for j in range(T)], dtype=torch.int32, device="cuda")
+    out = infllmv2_decode(qs, kc, vc, k1c, k2c, seqlens, p, queries_per_row=T)
+    for b, e in enumerate(ends):
+        full = infllmv2_attention(q[:, e - 64:e], k[:, :e], v[:, :e], p)[0, -T:]
+        got = out[b * T:(b + 1) * T]
+        err = (got.float() - full.float()).norm() / full.float().norm()
+        assert err < 1e-2, (b, float(err))
+
+
+@pytest.mark.gpu
 def test_gpu_split_decode_selection_matches_reference(monkeypatch):
     """Split-N decode selection at the released shape (64K cache, 3 sequences, NaN in unused K1/K2 slots)."""
     from sala.ops.infllmv2 import SparseParams, compressed_lengths, triton_decode, update_compressed_keys
