@@ -54,6 +54,7 @@ from sala.engine.requests import (
 from sala.engine.sampling import SamplingParams, StopMatcher, sample_next
 from sala.engine.speculative import (
     AdaptiveK,
+    DraftState,
     SpecStats,
     VerifyStep,
     accept_drafts,
@@ -97,8 +98,8 @@ class _Seq:
     read_offset: int = 0
     adaptive: AdaptiveK | None = None        # speculative decoding: this request's k
     spec: SpecStats | None = None
-    context: torch.Tensor | None = None      # prompt + output ids on the host (the drafter's input), filled
-    context_len: int = 0                     # incrementally so a long prompt is not converted every step
+    draft_state: DraftState | None = None    # the drafter's incremental view of prompt + output
+    drafted_outputs: int = 0                 # output tokens it has been told
 
     @property
     def prompt(self) -> list[int]:
@@ -528,15 +529,12 @@ class EngineCore:
         k = min(k, s.req.params.max_new_tokens - len(s.output_ids) - 1, room)
         if k <= 0:
             return []
-        if s.context is None:
-            s.context = torch.empty(len(s.prompt) + s.req.params.max_new_tokens, dtype=torch.long)
-            s.context[:len(s.prompt)] = torch.tensor(s.prompt, dtype=torch.long)
-            s.context_len = len(s.prompt)
-        n = len(s.prompt) + len(s.output_ids)
-        if n > s.context_len:
-            s.context[s.context_len:n] = torch.tensor(s.output_ids[s.context_len - len(s.prompt):], dtype=torch.long)
-            s.context_len = n
-        return self.drafter.propose(s.context[:n], k)[:k]
+        if s.draft_state is None:
+            s.draft_state = self.drafter.start(s.prompt)
+        if len(s.output_ids) > s.drafted_outputs:
+            s.draft_state.extend(s.output_ids[s.drafted_outputs:])
+            s.drafted_outputs = len(s.output_ids)
+        return s.draft_state.propose(k)[:k]
 
     def _verify_step(self, b: int, T: int) -> GraphedDecodeStep:
         st = self._verify_steps.get((b, T))

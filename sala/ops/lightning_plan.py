@@ -3,11 +3,14 @@ shape, and how sequences are cut into segments (one program walks one segment). 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from sala.ops.dispatch import interpreter_enabled
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,15 @@ def chunk_and_warps(config: LightningConfig, dk: int, dv: int) -> tuple[int, int
     if large_dims(dk, dv):
         return min(64, config.chunk), 4
     return config.chunk, config.num_warps
+
+
+def fit_to_dtype(config: LightningConfig, dtype: torch.dtype) -> LightningConfig:
+    """The configured tiles are sized for 2-byte inputs; fp32 tiles take twice the shared memory (chunk 128, V
+    tile 128, 2 stages need 320 KiB at head dim 128, an H100 has 227), so fp32 runs chunks of at most 64, V tiles
+    of at most 64 and one stage. The interpreter keeps the configured values (no shared memory there)."""
+    if dtype != torch.float32 or interpreter_enabled():
+        return config
+    return dataclasses.replace(config, chunk=min(64, config.chunk), block_v=min(64, config.block_v), num_stages=1)
 
 
 def num_sms(device: torch.device) -> int:

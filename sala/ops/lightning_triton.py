@@ -32,7 +32,15 @@ import triton.language as tl
 from torch import Tensor
 
 from sala.ops.dispatch import interpreter_enabled
-from sala.ops.lightning_plan import DEFAULT_CONFIG, LightningConfig, Segments, block_v, chunk_and_warps, segments_for
+from sala.ops.lightning_plan import (
+    DEFAULT_CONFIG,
+    LightningConfig,
+    Segments,
+    block_v,
+    chunk_and_warps,
+    fit_to_dtype,
+    segments_for,
+)
 from sala.ops.triton_launch import launch
 
 LOG2E = 1.4426950408889634
@@ -536,7 +544,7 @@ def lightning_attention_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Tenso
     defaults."""
     if q.dtype == torch.float64:
         raise ValueError("lightning (Triton): float64 inputs are not supported; use SALA_KERNELS=reference")
-    config = DEFAULT_CONFIG if config is None else config
+    config = fit_to_dtype(DEFAULT_CONFIG if config is None else config, q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, initial_state)):
         return _LightningFunction.apply(q, k, v, log_decay, scale, initial_state, bool(output_final_state),

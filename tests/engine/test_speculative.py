@@ -64,6 +64,30 @@ def test_ngram_proposes_what_followed_the_most_recent_longest_match():
         make_drafter("lookahead")
 
 
+def _lookup_by_scan(ctx: list[int], k: int, max_n: int, min_n: int = 1) -> list[int]:
+    """Prompt lookup by definition: the longest tail n-gram with an earlier occurrence followed by a token, the
+    most recent such occurrence, the k tokens after it."""
+    L = len(ctx)
+    for n in range(min(max_n, L - 1), min_n - 1, -1):
+        for s in range(L - n - 1, -1, -1):
+            if ctx[s:s + n] == ctx[L - n:]:
+                return ctx[s + n:s + n + k]
+    return []
+
+
+def test_incremental_ngram_index_equals_the_scan_as_the_context_grows():
+    g = torch.Generator().manual_seed(4)
+    d = NgramDrafter(max_n=3)
+    for vocab in (3, 6):
+        ctx = torch.randint(0, vocab, (40,), generator=g).tolist()
+        state = d.start(ctx[:10])
+        for i in range(10, len(ctx) + 1):
+            for k in (1, 4):
+                assert state.propose(k) == _lookup_by_scan(ctx[:i], k, 3) == d.propose(ctx[:i], k)
+            if i < len(ctx):
+                state.extend([ctx[i]])
+
+
 def test_model_drafter_proposes_the_draft_models_greedy_tokens(model):
     ctx = _repetitive(20, 3)
     drafts = ModelDrafter(model).propose(ctx, 3)

@@ -5,16 +5,20 @@ from sala.engine.speculative.accept import accept_drafts
 from sala.engine.speculative.adaptive import AdaptiveK
 from sala.engine.speculative.drafts import (
     Drafter,
+    DraftState,
     ModelDrafter,
     NgramDrafter,
+    NgramIndex,
     make_drafter,
 )
 from sala.engine.speculative.verify import SpecStats, VerifyStep
 
 __all__ = [
     "AdaptiveK",
+    "DraftState",
     "Drafter",
     "ModelDrafter",
+    "NgramIndex",
     "NgramDrafter",
     "SpecStats",
     "accept_drafts",

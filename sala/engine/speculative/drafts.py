@@ -10,39 +10,85 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+class DraftState(Protocol):
+    """One request's drafting state: told the tokens it generates (`extend`), proposes up to k next tokens after
+    its prompt and output so far (`propose`)."""
+
+    def extend(self, ids: list[int]) -> None: ...
+
+    def propose(self, k: int) -> list[int]: ...
+
+
 class Drafter(Protocol):
     """Proposes up to k next tokens after `context` (prompt + output so far, the last token included; a list or
-    a 1-D int64 CPU tensor)."""
+    a 1-D int64 CPU tensor); `start(prompt)` gives a request's incremental `DraftState`."""
 
     def propose(self, context: list[int] | torch.Tensor, k: int) -> list[int]: ...
+
+    def start(self, prompt: list[int]) -> DraftState: ...
+
+
+class NgramIndex:
+    """Incremental prompt lookup over one growing context: for every n-gram (min_n <= n <= max_n) that is followed
+    by a token, the position after its most recent occurrence. `propose(k)` matches the context's last n tokens
+    (n from max_n down) and returns the (up to) k tokens after the most recent earlier occurrence: O(max_n) per
+    proposal and per new token, so drafting at 1M tokens of context costs what it costs at 1K."""
+
+    def __init__(self, max_n: int, min_n: int, tokens: list[int] | torch.Tensor = ()) -> None:
+        self.max_n, self.min_n = max_n, min_n
+        self.tokens: list[int] = []
+        self.after: dict[tuple[int, ...], int] = {}
+        self.extend(tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens))
+
+    def extend(self, ids: list[int]) -> None:
+        t, after, lo, hi = self.tokens, self.after, self.min_n, self.max_n
+        for tok in ids:
+            i = len(t)                    # the n-grams ending at i - 1 are now followed by a token
+            for n in range(lo, min(hi, i) + 1):
+                after[tuple(t[i - n:i])] = i
+            t.append(tok)
+
+    def propose(self, k: int) -> list[int]:
+        t, L = self.tokens, len(self.tokens)
+        if k < 1 or L < 2:
+            return []
+        for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
+            pos = self.after.get(tuple(t[L - n:]))
+            if pos is not None:
+                return t[pos:pos + k]
+        return []
+
+
+class ContextDraftState:
+    """A drafter that reads the whole context each time (a draft model): the request's tokens, kept growing."""
+
+    def __init__(self, drafter: Drafter, prompt: list[int]) -> None:
+        self.drafter = drafter
+        self.tokens = list(prompt)
+
+    def extend(self, ids: list[int]) -> None:
+        self.tokens.extend(ids)
+
+    def propose(self, k: int) -> list[int]:
+        return self.drafter.propose(self.tokens, k)[:k]
 
 
 class NgramDrafter:
     """Prompt lookup: find the most recent earlier occurrence of the context's last n tokens (n from max_n down
     to min_n) in the context itself and propose the (up to) k tokens that followed it. Copy-heavy work (quoting,
-    extracting, answering from a document) repeats spans of the prompt, so these drafts are often right."""
+    extracting, answering from a document) repeats spans of the prompt, so these drafts are often right. A
+    request keeps an `NgramIndex` (`start`), updated with each new token."""
 
     def __init__(self, max_n: int = 4, min_n: int = 1) -> None:
         if not 1 <= min_n <= max_n:
             raise ValueError(f"ngram drafts: need 1 <= min_n <= max_n, got min_n {min_n}, max_n {max_n}")
         self.max_n, self.min_n = max_n, min_n
 
+    def start(self, prompt: list[int]) -> NgramIndex:
+        return NgramIndex(self.max_n, self.min_n, prompt)
+
     def propose(self, context: list[int] | torch.Tensor, k: int) -> list[int]:
-        L = len(context)
-        if k < 1 or L < 2:
-            return []
-        t = context if isinstance(context, torch.Tensor) else torch.tensor(context, dtype=torch.long)
-        for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
-            tail = t[L - n:]
-            # Windows starting at 0 .. L-n-1 (the tail itself excluded); the match must be followed by a token.
-            win = t[:L - 1].unfold(0, n, 1) if L - 1 >= n else None
-            if win is None or win.shape[0] == 0:
-                continue
-            hits = torch.nonzero((win == tail).all(dim=1))[:, 0]
-            if hits.numel():
-                start = int(hits[-1]) + n            # the most recent match
-                return t[start:start + k].tolist()
-        return []
+        return NgramIndex(self.max_n, self.min_n, context).propose(k)
 
 
 class ModelDrafter:
@@ -76,6 +122,9 @@ class ModelDrafter:
             raise ValueError(f"draft model {p}: its vocabulary ({vocab}) is larger than the target's "
                              f"({target_vocab}); it must share the target's tokenizer")
         return cls(model, vocab)
+
+    def start(self, prompt: list[int]) -> ContextDraftState:
+        return ContextDraftState(self, prompt)
 
     @torch.no_grad()
     def propose(self, context: list[int] | torch.Tensor, k: int) -> list[int]:
