@@ -40,8 +40,12 @@ def _kernels(args: argparse.Namespace) -> int:
 
 def _latency(args: argparse.Namespace) -> int:
     out = args.out or "bench_latency.json"
+    if args.quantization == "fp8":        # refused before any model is built (one line, exit 2)
+        from sala.ops.fp8 import check_fp8_supported
+
+        check_fp8_supported("cuda")
     _call_run("sala.bench.latency", lengths=args.lengths, decode_tokens=args.decode_tokens, out_path=out,
-              baseline=not args.no_baseline, compile=args.compile or None)
+              baseline=not args.no_baseline, compile=args.compile or None, quantization=args.quantization)
     print(f"wrote {out}")
     return 0
 
@@ -97,6 +101,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--out", default=None, help="JSON output path")
     lat.add_argument("--no-baseline", action="store_true", help="skip the HF Qwen3-8B baseline")
     lat.add_argument("--compile", action="store_true", help="SALA with the compiled prefill (SalaEngine(compile=True))")
+    lat.add_argument("--quantization", choices=["none", "fp8"], default="none",
+                     help="SALA's projections and LM head in FP8 (the baseline stays bf16)")
     lat.set_defaults(func=_latency)
 
     from sala.bench.serve import add_arguments as serve_arguments

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from sala.cli import build_parser, main
 from sala.utils.lengths import format_length, parse_length, parse_lengths
@@ -45,6 +46,12 @@ def test_bench_dispatch_reaches_each_benchmark_with_its_defaults(monkeypatch, tm
     assert seen["sala.bench.kernels_sparse"]["backward_max_len"] == 262144
     assert main(["bench", "latency", "--lengths", "64k", "--out", out, "--compile"]) == 0
     assert seen["sala.bench.latency"]["compile"] is True
+    assert seen["sala.bench.latency"]["quantization"] == "none"
+    if not torch.cuda.is_available():      # FP8 refused before the benchmark starts
+        seen.pop("sala.bench.latency")
+        assert main(["bench", "latency", "--lengths", "64k", "--out", out, "--quantization", "fp8"]) != 0
+        assert "FP8 quantization is not supported here" in capsys.readouterr().err
+        assert "sala.bench.latency" not in seen
     assert main(["bench", "kernels", "--op", "sparse", "--out", out, "--variants", "nonsense"]) != 0
     assert "unknown variants ['nonsense']" in capsys.readouterr().err
 
