@@ -10,7 +10,9 @@ Prompts are random token ids (no tokenizer needed) and EOS is ignored, so every 
 output length. Reported: request throughput, output tokens/s, TTFT and inter-token latency p50/p90/p99, the
 prefix-cache hit rate (from /metrics), as JSON (run metadata, command, shapes) and an optional plot.
 In process, `--sequential-baseline K` first times K requests one after another through `SalaEngine.generate` on
-the same weights (the static-batch engine), and `--compare-no-cache` reruns `document` with the cache off.
+the same weights (the static-batch engine), `--compare-no-cache` reruns `document` with the cache off, `load` then
+times the engine's decode step alone against the memory-bandwidth floor (`measure_decode_step`), and `--offline`
+runs the load's requests on a fresh engine without HTTP (`offline_throughput`).
 """
 from __future__ import annotations
 
@@ -177,17 +179,24 @@ def summarize(records: list[RequestRecord], wall_s: float) -> dict:
     }
 
 
+def load_requests(rng: random.Random, num_requests: int, prompt_len: tuple[int, int], output_len: tuple[int, int],
+                  vocab: int) -> list[tuple[list[int], int]]:
+    """(prompt token ids, output tokens) of the load scenario's requests, lengths uniform in their ranges (the
+    same requests for the HTTP run and the in-process `offline` run of one seed)."""
+    shapes = [(rng.randint(*prompt_len), rng.randint(*output_len)) for _ in range(num_requests)]
+    return [(_random_prompt(rng, p, vocab), o) for p, o in shapes]
+
+
 async def run_load(client: Client, *, num_requests: int, prompt_len: tuple[int, int], output_len: tuple[int, int],
                    vocab: int, concurrency: int | None = None, rate: float | None = None, seed: int = 0) -> dict:
     """`num_requests` requests at a fixed concurrency, or Poisson arrivals at `rate` requests/s."""
     rng = random.Random(seed)
-    shapes = [(rng.randint(*prompt_len), rng.randint(*output_len)) for _ in range(num_requests)]
-    prompts = [_random_prompt(rng, p, vocab) for p, _ in shapes]
+    reqs = load_requests(rng, num_requests, prompt_len, output_len, vocab)
     t0 = time.perf_counter()
     if rate:
         async def delayed(i: int, at: float):
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
-            return await client.complete(prompts[i], shapes[i][1], t0)
+            return await client.complete(*reqs[i], t0)
 
         at, tasks = 0.0, []
         for i in range(num_requests):
@@ -199,7 +208,7 @@ async def run_load(client: Client, *, num_requests: int, prompt_len: tuple[int, 
 
         async def bounded(i: int):
             async with limit:
-                return await client.complete(prompts[i], shapes[i][1], t0)
+                return await client.complete(*reqs[i], t0)
 
         records = await asyncio.gather(*[bounded(i) for i in range(num_requests)])
     wall = time.perf_counter() - t0
@@ -291,6 +300,130 @@ def decode_floor(core, batch: int, context: int, bandwidth: float | None) -> dic
         out["floor_step_s"] = read / bandwidth
         out["floor_tokens_per_s"] = batch / out["floor_step_s"]
     return out
+
+
+def _timed_calls(fn, device, warmup: int, rep: int, before=None) -> list[float]:
+    """Seconds of each of `rep` calls of fn() after `warmup` untimed ones; `before()` runs ahead of every call,
+    outside the timing. CUDA events on a CUDA device (device time between them, the host launch included when
+    the GPU waits for it), time.perf_counter elsewhere."""
+    import torch
+
+    before = before or (lambda: None)
+    for _ in range(warmup):
+        before()
+        fn()
+    if device.type != "cuda":
+        out = []
+        for _ in range(rep):
+            before()
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return out
+    with torch.cuda.device(device):
+        torch.cuda.synchronize()
+        pairs = []
+        for _ in range(rep):
+            before()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            pairs.append((start, end))
+        torch.cuda.synchronize()
+    return [start.elapsed_time(end) / 1e3 for start, end in pairs]
+
+
+def _reset_slots(cache) -> None:
+    """Every row of an idle engine's StaticCache empty again: host lengths (the list its views share), device
+    seqlens and lightning states zero."""
+    cache.lengths[:] = [0] * len(cache.lengths)
+    cache.seqlens.zero_()
+    cache.states.zero_()
+
+
+def measure_decode_step(core, batch: int, context: int, steps: int = 20, warmup: int = 3) -> float:
+    """Median seconds of one pure decode step (no prefill, no sampling) of an idle EngineCore with `batch`
+    sequences of `context` cached tokens: the engine's own step for the smallest bucket holding `batch` rows
+    (`core._decode_step`: a CUDA graph on the GPU, whose first call compiles and second captures, hence the
+    `warmup` untimed calls), rows [0, batch) at `context` tokens and the bucket's other rows empty, as the
+    engine runs it. The K/V contents are whatever the cache holds (the step's time does not depend on them);
+    the step advances seqlens by one, so they are reset before every call. Afterwards every row is empty again
+    (lengths, seqlens, states zero) and the engine serves as before."""
+    import torch
+
+    if core.has_unfinished() or len(core.free_rows) != core.max_num_seqs:
+        raise RuntimeError("measure_decode_step needs an idle engine (every slot free)")
+    if not 1 <= batch <= core.max_num_seqs:
+        raise ValueError(f"decode batch must be in [1, {core.max_num_seqs}] (max_num_seqs), got {batch}")
+    cache = core.cache
+    if not 1 <= context < cache.capacity:
+        raise ValueError(f"decode context must be in [1, {cache.capacity - 1}] tokens (the step writes one token "
+                         f"after them into rows of {cache.capacity}), got {context}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    step = core._decode_step(next(b for b in core.buckets if b >= batch))
+    start = torch.zeros_like(cache.seqlens)
+    start[:batch] = context
+    cache.lengths[:batch] = [context] * batch
+    step.ids.zero_()
+    try:
+        with torch.no_grad():
+            times = _timed_calls(step, core.device, warmup, steps, before=lambda: cache.seqlens.copy_(start))
+    finally:
+        _reset_slots(cache)
+    return float(statistics.median(times))
+
+
+def decode_report(core, batch: int, context: int, bandwidth: float | None, itl_p50_s: float | None = None,
+                  steps: int = 20) -> dict:
+    """The decode floor (`decode_floor`) with the measured pure decode step (`measure_decode_step`):
+    decode_step_s (s), decode_tokens_per_s (batch / step), fraction_of_floor (floor step / measured step); and,
+    given the load's median inter-token latency (s), the same figures from it (itl_p50_*: those steps also run
+    prefill chunks and sampling, so they do not measure decode alone)."""
+    out = {"batch": batch, "context": context, **decode_floor(core, batch, context, bandwidth)}
+    step_s = measure_decode_step(core, batch, context, steps=steps)
+    out.update(decode_step_s=step_s, decode_tokens_per_s=batch / step_s,
+               decode_step_mode=core._decode_step(next(b for b in core.buckets if b >= batch)).mode)
+    floor_tps = out.get("floor_tokens_per_s")
+    if floor_tps:
+        out["fraction_of_floor"] = out["decode_tokens_per_s"] / floor_tps
+    if itl_p50_s:
+        out["itl_p50_s"] = itl_p50_s
+        out["itl_p50_tokens_per_s"] = batch / itl_p50_s
+        if floor_tps:
+            out["itl_p50_fraction_of_floor"] = out["itl_p50_tokens_per_s"] / floor_tps
+    return out
+
+
+def offline_throughput(core, requests: list[tuple[list[int], int]], warmup: int = 0, vocab: int = 512,
+                       seed: int = 0) -> dict:
+    """`requests` ((prompt ids, output tokens) each, EOS ignored, greedy) submitted at once to `core` and run with
+    `run_until_done()` in this thread: no HTTP, no server thread. `warmup` untimed requests of 64 prompt and 8
+    output tokens (fewer where the model length is shorter) at once first (kernels, decode graphs). Returns
+    wall_s (s, device synchronized), output_tokens and output_tokens_per_s (tokens/s)."""
+    import torch
+
+    from sala.engine.requests import Request
+    from sala.engine.sampling import SamplingParams
+
+    rng = random.Random(seed + 7)
+    out_len = min(8, core.max_model_len - 1)                   # the HTTP warm-up's shape, where it fits
+    for i in range(warmup):
+        core.add_request(Request(f"warmup-{i}", _random_prompt(rng, min(64, core.max_model_len - out_len), vocab),
+                                 SamplingParams(max_new_tokens=out_len, ignore_eos=True)))
+    core.run_until_done()
+    for i, (prompt, out_len) in enumerate(requests):
+        core.add_request(Request(f"offline-{i}", prompt, SamplingParams(max_new_tokens=out_len, ignore_eos=True)))
+    sync = torch.cuda.synchronize if core.device.type == "cuda" else (lambda *a: None)
+    sync(core.device)
+    t0 = time.perf_counter()
+    outs = core.run_until_done()
+    sync(core.device)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o.new_token_ids) for o in outs)
+    return {"requests": len(requests), "wall_s": wall, "output_tokens": tokens,
+            "output_tokens_per_s": tokens / wall if wall > 0 else None}
 
 
 def sequential_baseline(model, tokenizer, *, requests: int, prompt_len: int, output_len: int, vocab: int,
@@ -425,16 +558,33 @@ def add_arguments(p) -> None:
                    help="document: rerun with the prefix cache off and compare the answers")
     g.add_argument("--bandwidth-gbs", type=float, default=None,
                    help="load: peak memory bandwidth (GB/s) for the decode floor (default: by device name)")
+    g.add_argument("--decode-batch", type=int, default=None,
+                   help="load: sequences of the pure decode-step measurement (default: the scenario's batch)")
+    g.add_argument("--decode-context", type=length_arg, default=None,
+                   help="load: cached tokens per sequence of the pure decode-step measurement (default: the longest "
+                        "prompt + output - 1, the longest context a decode step of the scenario sees)")
+    g.add_argument("--decode-steps", type=int, default=20, help="load: timed decode steps (the median is reported)")
+    g.add_argument("--offline", action="store_true",
+                   help="load: also run the same requests at once on a fresh engine in this thread without HTTP "
+                        "(run_until_done) and report its output tokens/s")
 
 
 def _longest_request(args) -> int:
-    """Prompt + output tokens of the scenario's longest request (the default --max-model-len)."""
+    """Prompt + output tokens of the scenario's longest request, and room for the decode measurement's context
+    (the default --max-model-len)."""
     out = parse_range(args.output_len)[1]
     if args.scenario == "document":
         return args.doc_len + args.question_len + out
     if args.scenario == "interference":
         return max(args.long_prompt + 1, parse_range(args.prompt_len)[1] + out)
-    return parse_range(args.prompt_len)[1] + out
+    return max(parse_range(args.prompt_len)[1] + out, (getattr(args, "decode_context", None) or 0) + 1)
+
+
+def _decode_shape(args) -> tuple[int, int]:
+    """(batch, context) of the load scenario's pure decode-step measurement."""
+    batch = args.decode_batch or min(args.concurrency or args.num_requests, args.max_num_seqs)
+    context = args.decode_context or parse_range(args.prompt_len)[1] + parse_range(args.output_len)[1] - 1
+    return batch, context
 
 
 def _batch_size(args) -> int:
@@ -500,14 +650,92 @@ async def _measure(url: str, args, vocab: int) -> dict:
     return results
 
 
-def run(args) -> dict:
-    """Run `sala bench serve`; returns the payload written to args.out (and the plot path under "plot")."""
-    from sala.bench.common import run_metadata, write_json
-
+def _check_args(args) -> None:
     if args.rate is not None and args.rate <= 0:
         raise ValueError(f"--rate must be > 0 requests/s, got {args.rate}")
     if args.num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
+    if args.offline and (args.url or args.scenario != "load"):
+        raise ValueError("--offline needs --model (in process) and the load scenario")
+    if args.decode_batch is not None and not 1 <= args.decode_batch <= args.max_num_seqs:
+        raise ValueError(f"--decode-batch must be in [1, --max-num-seqs {args.max_num_seqs}], got {args.decode_batch}")
+    if args.decode_steps < 1:
+        raise ValueError(f"--decode-steps must be >= 1, got {args.decode_steps}")
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _offline(model, tok, args, vocab: int) -> dict:
+    """The load scenario's requests on a fresh EngineCore (same engine settings), no HTTP."""
+    from sala.engine.scheduler import EngineCore
+
+    core = EngineCore(model, tok, **_engine_kwargs(args, not args.no_prefix_cache))
+    reqs = load_requests(random.Random(args.seed), args.num_requests, parse_range(args.prompt_len),
+                         parse_range(args.output_len), vocab)
+    try:
+        return offline_throughput(core, reqs, warmup=args.warmup_requests, vocab=vocab, seed=args.seed)
+    finally:
+        del core
+        _free_device_memory()
+
+
+def _run_in_process(args, payload: dict) -> None:
+    """Build the model, then the sequential baseline, the scenario over HTTP against an in-process server (the
+    load scenario: then the pure decode step on the same engine), the offline run; results into payload."""
+    from sala.engine import SalaEngine
+    from sala.engine.scheduler import EngineCore
+
+    model, tok = build_model(args.model, args.device, args.dtype, args.seed)
+    vocab = args.vocab or int(model.config.vocab_size)
+    if tok is not None:
+        vocab = min(vocab, tok.vocab_size)
+    if args.sequential_baseline:
+        payload["sequential_baseline"] = sequential_baseline(
+            model, tok, requests=args.sequential_baseline, prompt_len=parse_range(args.prompt_len)[1],
+            output_len=parse_range(args.output_len)[1], vocab=vocab, seed=args.seed)
+        _free_device_memory()
+    # the sparse kernels' length-dependent variants, compiled before anything is timed (no-op on the CPU)
+    payload["kernel_warmup_s"] = SalaEngine(model, tok).warmup(_longest_request(args), _batch_size(args))
+    runs = [(not args.no_prefix_cache, "results")]
+    if args.scenario == "document" and args.compare_no_cache:
+        runs.append((False, "results_no_cache"))
+    for prefix_cache, key in runs:
+        core = EngineCore(model, tok, **_engine_kwargs(args, prefix_cache))
+        with in_process_server(core, str(args.model)) as server:
+            payload[key] = asyncio.run(_measure(server.url, args, vocab))
+        payload.setdefault("engine", {k: v for k, v in core.stats().items() if isinstance(v, (int, float))})
+        if args.scenario == "load":          # the server thread has stopped: the engine is idle and ours
+            batch, context = _decode_shape(args)
+            payload["decode_floor"] = decode_report(
+                core, batch, context, args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else None,
+                itl_p50_s=payload[key]["itl_s"]["p50"], steps=args.decode_steps)
+        del core
+        _free_device_memory()
+    if "results_no_cache" in payload:
+        payload["same_answers_as_no_cache"] = (payload["results"]["answers"]
+                                               == payload["results_no_cache"]["answers"])
+    if args.offline:
+        payload["offline"] = _offline(model, tok, args, vocab)
+    base = payload.get("sequential_baseline", {}).get("output_tokens_per_s")
+    if base and payload["results"].get("output_tokens_per_s"):
+        payload["speedup_vs_sequential"] = payload["results"]["output_tokens_per_s"] / base
+    if base and payload.get("offline", {}).get("output_tokens_per_s"):
+        payload["offline_speedup_vs_sequential"] = payload["offline"]["output_tokens_per_s"] / base
+
+
+def run(args) -> dict:
+    """Run `sala bench serve`; returns the payload written to args.out (and the plot path under "plot")."""
+    from sala.bench.common import run_metadata, write_json
+
+    _check_args(args)
     if args.warmup_requests is None:
         args.warmup_requests = _batch_size(args)
     payload: dict = {"meta": run_metadata(), "scenario": args.scenario,
@@ -517,55 +745,7 @@ def run(args) -> dict:
             raise ValueError("--url needs --vocab (token ids are drawn below it)")
         payload["results"] = asyncio.run(_measure(args.url, args, args.vocab))
     else:
-        import gc
-
-        import torch
-
-        from sala.engine.scheduler import EngineCore
-
-        model, tok = build_model(args.model, args.device, args.dtype, args.seed)
-        vocab = args.vocab or int(model.config.vocab_size)
-        if tok is not None:
-            vocab = min(vocab, tok.vocab_size)
-        if args.sequential_baseline:
-            payload["sequential_baseline"] = sequential_baseline(
-                model, tok, requests=args.sequential_baseline, prompt_len=parse_range(args.prompt_len)[1],
-                output_len=parse_range(args.output_len)[1], vocab=vocab, seed=args.seed)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        from sala.engine import SalaEngine
-
-        # the sparse kernels' length-dependent variants, compiled before anything is timed (no-op on the CPU)
-        payload["kernel_warmup_s"] = SalaEngine(model, tok).warmup(_longest_request(args), _batch_size(args))
-        runs = [(not args.no_prefix_cache, "results")]
-        if args.scenario == "document" and args.compare_no_cache:
-            runs.append((False, "results_no_cache"))
-        for prefix_cache, key in runs:
-            core = EngineCore(model, tok, **_engine_kwargs(args, prefix_cache))
-            with in_process_server(core, str(args.model)) as server:
-                payload[key] = asyncio.run(_measure(server.url, args, vocab))
-            payload.setdefault("engine", {k: v for k, v in core.stats().items() if isinstance(v, (int, float))})
-            if args.scenario == "load":
-                batch = min(args.concurrency or args.num_requests, args.max_num_seqs)
-                ctx = parse_range(args.prompt_len)[1] + parse_range(args.output_len)[1]
-                floor = decode_floor(core, batch, ctx, args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else None)
-                itl = payload[key]["itl_s"]["p50"]
-                if itl:
-                    floor["decode_tokens_per_s"] = batch / itl
-                    if floor.get("floor_tokens_per_s"):
-                        floor["fraction_of_floor"] = floor["decode_tokens_per_s"] / floor["floor_tokens_per_s"]
-                payload["decode_floor"] = floor
-            del core
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        if "results_no_cache" in payload:
-            payload["same_answers_as_no_cache"] = (payload["results"]["answers"]
-                                                   == payload["results_no_cache"]["answers"])
-        base = payload.get("sequential_baseline", {}).get("output_tokens_per_s")
-        if base and payload["results"].get("output_tokens_per_s"):
-            payload["speedup_vs_sequential"] = payload["results"]["output_tokens_per_s"] / base
+        _run_in_process(args, payload)
     write_json(args.out, payload)
     plot_path = None if args.plot == "none" else (args.plot or args.out.rsplit(".", 1)[0] + ".png")
     if plot_path:

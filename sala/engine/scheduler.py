@@ -456,10 +456,13 @@ class EngineCore:
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[RequestOutput]:
         """Sample one token for each seq from its logits row (logits [len(seqs), V] fp32)."""
         greedy = [i for i, s in enumerate(seqs) if s.req.params.greedy]
-        toks = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
-        if greedy:
-            g = torch.tensor(greedy, device=logits.device)
-            toks[g] = torch.argmax(logits[g], dim=-1)
+        if len(greedy) == len(seqs):      # all greedy (the common case): no index upload, gather and scatter
+            toks = torch.argmax(logits, dim=-1)
+        else:
+            toks = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+            if greedy:
+                g = torch.tensor(greedy, device=logits.device)
+                toks[g] = torch.argmax(logits[g], dim=-1)
         # Unseeded rows with equal settings sample together; a seeded row draws from its own generator.
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(seqs):
@@ -515,8 +518,10 @@ class EngineCore:
             self.cache.lengths[s.row] += 1
         self.cache.seqlens.copy_(torch.tensor(self.cache.lengths, dtype=torch.int32))
         self.counters["decode_steps"] += 1
-        rows = torch.tensor([s.row for s in seqs], device=logits.device)
-        return self._sample(seqs, logits.index_select(0, rows))
+        rows = [s.row for s in seqs]
+        if rows == list(range(len(rows))):    # rows 0 .. n-1 in order (a full batch): a view, no index upload
+            return self._sample(seqs, logits[:len(rows)])
+        return self._sample(seqs, logits.index_select(0, torch.tensor(rows, device=logits.device)))
 
     # ------------------------------------------------------------------ speculative decoding
     def _drafts(self, s: _Seq) -> list[int]:
