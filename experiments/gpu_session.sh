@@ -5,7 +5,8 @@
 #   OUT=/dir SALA_GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_session.sh one     # regression + GPU tests
 #   OUT=/dir SALA_GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_session.sh two     # serve, spec, FP8 targets
 #   ... three: GPU tests, 32-request load, decode batch 64 vs the floor; four: 1M-prompt interference, spec;
-#   verify: GPU tests, spec
+#   verify: GPU tests, spec; serve: GPU tests, spec, load (+offline), decode floor, 1M interference;
+#   latency: FP8 256K vs Qwen3-8B and 1M, bf16 1M, FP8 quality on the bundled model
 #
 # `one` needs runs/baseline (the tree before the one-forward redesign: `git archive 7c62c84 sala | tar -x -C
 # runs/baseline`, carried); `two` needs the serve extra's wheels in .whl/ (carried; the device image lacks fastapi,
@@ -34,17 +35,29 @@ regression() { step regression "$1" python3 experiments/regression/gpu_regressio
 gpu_tests() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
   --junitxml="$OUT/gpu_tests.xml" tests/engine/test_scheduler_gpu.py tests/ops/test_fp8.py tests/model/test_fp8_model.py \
   tests/engine/test_engine_gpu.py tests/ops/test_infllmv2_triton.py; }
+gpu_tests_short() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
+  --junitxml="$OUT/gpu_tests.xml" tests/engine/test_scheduler_gpu.py tests/model/test_fp8_model.py; }
+latency_fp8() { step latency_fp8 "$1" python3 -m sala.bench.latency --quantization fp8 --lengths 256K,1M \
+  --decode-tokens 64 --no-profile --no-plots --out "$OUT/latency_fp8_$gpu.json"; }
+latency_bf16() { step latency_bf16 "$1" python3 -m sala.bench.latency --lengths 1M --no-baseline --decode-tokens 64 \
+  --no-profile --no-plots --out "$OUT/latency_bf16_1m_$gpu.json"; }
+fp8_bundled() { step fp8_bundled "$1" python3 -m sala.bench.fp8 --parts bundled --out "$OUT/fp8_bundled_$gpu.json"; }
 serve_document() { step serve_document "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b \
   --scenario document --doc-len 131072 --questions 5 --question-len 64 --output-len 32 --max-num-seqs 4 \
   --max-model-len 139264 --compare-no-cache --out "$OUT/serve_document_$gpu.json" --plot "$OUT/serve_document_$gpu.png"; }
 serve_load() { step serve_load "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b --scenario load \
   --num-requests 32 --concurrency 32 --prompt-len 4096 --output-len 256 --max-num-seqs 32 --max-model-len 4608 \
-  --sequential-baseline 2 --out "$OUT/serve_load_$gpu.json" --plot "$OUT/serve_load_$gpu.png"; }
+  --sequential-baseline 2 --offline --out "$OUT/serve_load_$gpu.json" --plot "$OUT/serve_load_$gpu.png"; }
+serve_load_8k() { step serve_load_8k "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b --scenario load \
+  --num-requests 32 --concurrency 32 --prompt-len 4096 --output-len 256 --max-num-seqs 32 --max-model-len 4608 \
+  --chunk-size 8192 --sequential-baseline 2 --offline --out "$OUT/serve_load_chunk8k_$gpu.json" \
+  --plot "$OUT/serve_load_chunk8k_$gpu.png"; }
 decode64() { step decode64 "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b --scenario load \
-  --num-requests 64 --concurrency 64 --prompt-len 8192 --output-len 128 --max-num-seqs 64 --max-model-len 8448 \
-  --out "$OUT/serve_decode64_$gpu.json" --plot "$OUT/serve_decode64_$gpu.png"; }
+  --num-requests 64 --concurrency 64 --prompt-len 256 --output-len 16 --max-num-seqs 64 --max-model-len 8448 \
+  --decode-batch 64 --decode-context 8192 --decode-steps 50 --out "$OUT/serve_decode64_$gpu.json" --plot none; }
 interference() { step interference "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b \
   --scenario interference --streams 4 --long-prompt 1048576 --prompt-len 1024 --output-len 256 --max-num-seqs 5 \
+  --chunk-size 512 --no-prefix-cache \
   --out "$OUT/serve_interference_$gpu.json" --plot "$OUT/serve_interference_$gpu.png"; }
 spec() { step spec "$1" python3 -m sala.cli bench spec --tasks quote,vt --lengths 16k,64k --num-samples 2 \
   --max-new-tokens 128 --speculative ngram --num-speculative-tokens 8 --cost-preset minicpm-sala-9b \
@@ -57,6 +70,8 @@ case "$part" in
   three) gpu_tests 220; serve_load 170; decode64 150 ;;
   four) interference 330; spec 200 ;;
   verify) gpu_tests 200; spec 250 ;;
+  serve) gpu_tests_short 130; spec 80; serve_load 100; decode64 50; interference 200; serve_load_8k 60 ;;
+  latency) latency_fp8 300; latency_bf16 130; fp8_bundled 100 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
