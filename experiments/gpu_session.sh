@@ -41,6 +41,8 @@ latency_fp8() { step latency_fp8 "$1" python3 -m sala.bench.latency --quantizati
   --decode-tokens 64 --no-profile --no-plots --out "$OUT/latency_fp8_$gpu.json"; }
 latency_bf16() { step latency_bf16 "$1" python3 -m sala.bench.latency --lengths 1M --no-baseline --decode-tokens 64 \
   --no-profile --no-plots --out "$OUT/latency_bf16_1m_$gpu.json"; }
+chunk_gaps() { step chunk_gaps "$1" python3 experiments/profiling/prefill_gaps.py --length 64K --chunk-size 512 \
+  --other-chunk-sizes 2048 --out "$OUT/prefill_gaps_64k_chunk512_$gpu.json"; }
 fp8_bundled() { step fp8_bundled "$1" python3 -m sala.bench.fp8 --parts bundled --out "$OUT/fp8_bundled_$gpu.json"; }
 serve_document() { step serve_document "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b \
   --scenario document --doc-len 131072 --questions 5 --question-len 64 --output-len 32 --max-num-seqs 4 \
@@ -71,7 +73,10 @@ case "$part" in
   four) interference 330; spec 200 ;;
   verify) gpu_tests 200; spec 250 ;;
   serve) gpu_tests_short 130; spec 80; serve_load 100; decode64 50; interference 200; serve_load_8k 60 ;;
-  latency) latency_fp8 300; latency_bf16 130; fp8_bundled 100 ;;
+  latency) latency_fp8 280; serve_load 100; spec 70; fp8_bundled 60; chunk_gaps 60 ;;
+  last) latency_bf16 110; serve_load_8k 55 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
+# at most 8 files come back from a call: everything in one archive
+(cd "$OUT" && tar czf results.tgz --exclude=results.tgz -- * && find . -type f ! -name results.tgz -delete)
 ls -la "$OUT"

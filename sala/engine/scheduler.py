@@ -662,7 +662,10 @@ class EngineCore:
         prefilling = [s for s in self.active.values() if s.status == _PREFILL]
         prefilling.sort(key=lambda s: len(s.prompt) - self.cache.lengths[s.row] > self.chunk_size)
         for s in prefilling:
-            while budget > 0 and s.status == _PREFILL:
+            # a chunk needs a page of budget, unless it finishes the prompt: a step never runs a sliver of a long
+            # prompt after a full chunk (a chunk's fixed cost is most of a short one's)
+            while s.status == _PREFILL and (budget >= self.page_size
+                                            or 0 < len(s.prompt) - self.cache.lengths[s.row] <= budget):
                 start = self.cache.lengths[s.row]
                 end = self._chunk_end(s, budget)
                 budget -= end - start

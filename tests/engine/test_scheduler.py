@@ -229,3 +229,20 @@ def test_a_short_prompt_is_not_held_back_by_a_long_prefill(engine, prompts):
     out = core.step()                                                  # the short prompt's chunk goes first
     assert [o.request_id for o in out] == ["short"] and out[0].finished
     assert core.active["long"].status == "prefill"
+
+
+def test_a_step_runs_no_sliver_of_a_long_prompt_after_its_chunk(engine, prompts):
+    # Budget 64 tokens per step, pages of 16: while one request decodes (1 token), the long prompt gets one chunk
+    # of 48 tokens (63 aligned down to a page) per step, never a second 16-token chunk from the 15 left over.
+    core = EngineCore(engine.model, engine.tokenizer, max_num_seqs=2, max_model_len=256, chunk_size=64,
+                      max_tokens_per_step=64, enable_prefix_cache=False, page_size=16)
+    core.add_request(Request("decoding", prompts[4], SamplingParams(max_new_tokens=12, ignore_eos=True)))
+    core.step()                                                        # its prompt (20 tokens) in one chunk
+    core.add_request(Request("long", prompts[-1], SamplingParams(max_new_tokens=1)))
+    lengths = []
+    for _ in range(3):
+        before = core.counters["prefill_chunks"]
+        core.step()
+        assert core.counters["prefill_chunks"] - before == 1 and core.active["decoding"].status == "running"
+        lengths.append(core.cache.lengths[core.active["long"].row])
+    assert lengths == [48, 96, 144]
