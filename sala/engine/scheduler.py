@@ -625,6 +625,10 @@ class EngineCore:
         row = s.row
         start = self.cache.lengths[row]
         h = self.runner.prefill_chunk(s.prompt_t[start:end], self.cache, row)
+        if self.drafter is not None and s.draft_state is None:
+            # the prompt's draft index is prompt processing: built while the GPU runs the first chunk, not inside
+            # the decode steps
+            s.draft_state = self.drafter.start(s.prompt)
         self.counters["prefill_tokens_total"] += end - start
         self.counters["prefill_chunks"] += 1
         T = len(s.prompt)

@@ -36,9 +36,13 @@ class NgramIndex:
 
     def __init__(self, max_n: int, min_n: int, tokens: list[int] | torch.Tensor = ()) -> None:
         self.max_n, self.min_n = max_n, min_n
-        self.tokens: list[int] = []
+        t = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        self.tokens: list[int] = t
         self.after: dict[tuple[int, ...], int] = {}
-        self.extend(tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens))
+        L = len(t)
+        for n in range(min_n, max_n + 1):     # in bulk (C loops): the n-grams starting at 0 .. L-n-1, in order,
+            grams = zip(*(t[j:L - n + j] for j in range(n)))       # so a later occurrence overwrites an earlier
+            self.after.update(zip(grams, range(n, L)))
 
     def extend(self, ids: list[int]) -> None:
         t, after, lo, hi = self.tokens, self.after, self.min_n, self.max_n
