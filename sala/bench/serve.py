@@ -1,7 +1,7 @@
 """`sala bench serve`: load against an OpenAI-compatible server, over HTTP with streamed responses.
 
 The server is a running one (`--url`) or started in this process on a free loopback port (`--model DIR|PRESET`,
-random weights for presets). Scenarios:
+random weights for presets; the load generator then runs in a child process, as a real client would). Scenarios:
   load          requests with prompt / output lengths drawn from fixed values or uniform ranges, at a fixed
                 concurrency or arriving as a Poisson process at `--rate` requests/s;
   document      one document of N tokens, then Q questions about it one after another (prefix-cache reuse);
@@ -16,6 +16,7 @@ runs the load's requests on a fresh engine without HTTP (`offline_throughput`).
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -650,6 +651,23 @@ async def _measure(url: str, args, vocab: int) -> dict:
     return results
 
 
+def _measure_sync(url: str, args, vocab: int) -> dict:
+    return asyncio.run(_measure(url, args, vocab))
+
+
+def _measure_in_child(url: str, args, vocab: int) -> dict:
+    """`_measure` in a child process: the load generator's Python (request building, streaming parses: hundreds of
+    microseconds per output token) must not take the GIL from the in-process server's engine thread, as no real
+    client would."""
+    import concurrent.futures
+    import multiprocessing
+
+    plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not callable(v)})
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(_measure_sync, url, plain, vocab).result()
+
+
 def _check_args(args) -> None:
     if args.rate is not None and args.rate <= 0:
         raise ValueError(f"--rate must be > 0 requests/s, got {args.rate}")
@@ -710,7 +728,7 @@ def _run_in_process(args, payload: dict) -> None:
     for prefix_cache, key in runs:
         core = EngineCore(model, tok, **_engine_kwargs(args, prefix_cache))
         with in_process_server(core, str(args.model)) as server:
-            payload[key] = asyncio.run(_measure(server.url, args, vocab))
+            payload[key] = _measure_in_child(server.url, args, vocab)
         payload.setdefault("engine", {k: v for k, v in core.stats().items() if isinstance(v, (int, float))})
         if args.scenario == "load":          # the server thread has stopped: the engine is idle and ours
             batch, context = _decode_shape(args)
