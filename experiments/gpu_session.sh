@@ -73,7 +73,7 @@ case "$part" in
   four) interference 330; spec 200 ;;
   verify) gpu_tests 200; spec 250 ;;
   serve) gpu_tests_short 130; spec 80; serve_load 100; decode64 50; interference 200; serve_load_8k 60 ;;
-  latency) latency_fp8 240; serve_load 90; spec 55; fp8_bundled 45 ;;
+  latency) serve_load 90; spec 55; latency_fp8 205 ;;
   last) latency_bf16 110; serve_load_8k 55 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
