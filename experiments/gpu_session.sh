@@ -39,6 +39,8 @@ gpu_tests_short() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:ca
   --junitxml="$OUT/gpu_tests.xml" tests/engine/test_scheduler_gpu.py tests/model/test_fp8_model.py; }
 latency_fp8() { step latency_fp8 "$1" python3 -m sala.bench.latency --quantization fp8 --lengths 256K,1M \
   --decode-tokens 64 --no-profile --no-plots --out "$OUT/latency_fp8_$gpu.json"; }
+latency_fp8_only() { step latency_fp8 "$1" python3 -m sala.bench.latency --quantization fp8 --lengths 256K,1M \
+  --decode-tokens 32 --no-baseline --no-profile --no-plots --out "$OUT/latency_fp8_$gpu.json"; }
 latency_bf16() { step latency_bf16 "$1" python3 -m sala.bench.latency --lengths 1M --no-baseline --decode-tokens 64 \
   --no-profile --no-plots --out "$OUT/latency_bf16_1m_$gpu.json"; }
 chunk_gaps() { step chunk_gaps "$1" python3 experiments/profiling/prefill_gaps.py --length 64K --chunk-size 512 \
@@ -73,7 +75,7 @@ case "$part" in
   four) interference 330; spec 200 ;;
   verify) gpu_tests 200; spec 250 ;;
   serve) gpu_tests_short 130; spec 80; serve_load 100; decode64 50; interference 200; serve_load_8k 60 ;;
-  latency) serve_load 90; spec 55; latency_fp8 205 ;;
+  latency) serve_load 85; spec 55; latency_fp8_only 110 ;;
   last) latency_bf16 110; serve_load_8k 55 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
