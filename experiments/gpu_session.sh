@@ -75,7 +75,7 @@ case "$part" in
   four) interference 330; spec 200 ;;
   verify) gpu_tests 200; spec 250 ;;
   serve) gpu_tests_short 130; spec 80; serve_load 100; decode64 50; interference 200; serve_load_8k 60 ;;
-  latency) serve_load 85; spec 55; latency_fp8_only 110 ;;
+  latency) spec 55; latency_fp8_only 110; serve_load 65 ;;
   last) latency_bf16 110; serve_load_8k 55 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
