@@ -191,6 +191,7 @@ class EngineCore:
         self.buckets = _buckets(max_num_seqs)
         self._steps: dict[int, GraphedDecodeStep] = {}
         self._verify_steps: dict[tuple[int, int], GraphedDecodeStep] = {}
+        self._spec_snapshot: torch.Tensor | None = None
         self.free_rows: list[int] = list(range(max_num_seqs))
         self.waiting: deque[_Seq] = deque()
         self.active: dict[str, _Seq] = {}         # admitted (prefill or running), by request id, admission order
@@ -212,6 +213,10 @@ class EngineCore:
         budget = None if free is None else int(free * fraction)
         share = 1.0 + (PREFIX_CACHE_FRACTION if prefix_on and prefix_bytes is None else 0.0)
         extra = prefix_bytes if prefix_on and prefix_bytes is not None else 0
+        if self.speculative:      # the verify steps' snapshot of every row's lightning states
+            cfg = self.config
+            extra += (len(cfg.lightning_layer_ids) * self.max_num_seqs * cfg.lightning_nh
+                      * cfg.lightning_head_dim ** 2 * 4)
         limit = self.config.max_position_embeddings
         if max_model_len is None:
             if budget is None:
@@ -545,7 +550,10 @@ class EngineCore:
         st = self._verify_steps.get((b, T))
         if st is None:
             view = self.cache if b == self.max_num_seqs else self.cache.rows_view(b)
-            st = GraphedDecodeStep(VerifyStep(self.runner, view, T), use_graph=self.use_cuda_graph)
+            if self._spec_snapshot is None:      # one snapshot buffer for every verify step (bucket and T)
+                self._spec_snapshot = torch.empty_like(self.cache.states)
+            st = GraphedDecodeStep(VerifyStep(self.runner, view, T, snapshot=self._spec_snapshot[:, :b]),
+                                   use_graph=self.use_cuda_graph)
             self._verify_steps[(b, T)] = st
         return st
 

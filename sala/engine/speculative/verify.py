@@ -54,10 +54,12 @@ class VerifyStep:
     Fill `ids` [B, T] int64 and call: logits [B, T, V] fp32 (position j predicts the token after ids[:, j]); every
     row then holds its T tokens (device `seqlens` advanced by T; the host `lengths` are the caller's). Then fill
     `keep` [B] (tokens each row keeps, 0..T) and call `rollback()`. Both calls are graph-capturable
-    (`GraphedStep`).
+    (`GraphedDecodeStep`). `snapshot`: a buffer of the cache states' shape to keep the states before the step in
+    (default: its own).
     """
 
-    def __init__(self, runner: ModelRunner, cache: StaticCache, tokens: int) -> None:
+    def __init__(self, runner: ModelRunner, cache: StaticCache, tokens: int,
+                 snapshot: torch.Tensor | None = None) -> None:
         if tokens < 1:
             raise ValueError(f"VerifyStep: tokens per row must be >= 1, got {tokens}")
         self.runner = runner
@@ -68,7 +70,11 @@ class VerifyStep:
         self.logits = torch.zeros(B, tokens, cfg.vocab_size, dtype=torch.float32, device=dev)
         self.keep = torch.zeros(B, dtype=torch.long, device=dev)
         self.out = decode_buffers(runner, B, tokens)
-        self.snapshot = torch.zeros_like(cache.states)
+        if snapshot is not None and snapshot.shape != cache.states.shape:
+            raise ValueError(f"VerifyStep: snapshot {tuple(snapshot.shape)} must have the cache states' shape "
+                             f"{tuple(cache.states.shape)}")
+        # the states before the step (several steps of one engine may share one buffer: one runs at a time)
+        self.snapshot = torch.zeros_like(cache.states) if snapshot is None else snapshot
         shape = (B, tokens, cfg.lightning_nh, cfg.lightning_head_dim)
         self.saved_kv = {layer: (torch.zeros(shape, dtype=runner.dtype, device=dev),
                                  torch.zeros(shape, dtype=runner.dtype, device=dev))
