@@ -167,6 +167,7 @@ def targets_section() -> list[str]:
         if r16:
             rows.append(("bundled SALA after continual training, single needle at 16x training length", ">= 90%",
                          f"{r16['score']:.0f}% ({r16['n']} prompts){cost}", r16["score"] >= 90))
+    rows += _deployment_targets()
     if not rows:
         return []
     out = ["## Targets, as measured", "", *_header("target", "goal", "measured", "met")]
@@ -321,6 +322,231 @@ def latency_section() -> list[str]:
     if notes:
         out += ["", "Notes from the run: " + "; ".join(notes) + "."]
     return out + [""]
+
+
+def _get(d: object, *keys: str) -> object:
+    """d[k1][k2]...: None where any key (or the dict) is missing."""
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _ms(x: float | None, digits: int = 1) -> str:
+    """Seconds shown as milliseconds ("—" when missing)."""
+    return _f(None if x is None else 1e3 * x, digits)
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    """A fraction shown as a percentage ("—" when missing)."""
+    return _f(None if x is None else 100 * x, digits, "%")
+
+
+def _yes_no(x: object) -> str:
+    return "—" if x is None else ("yes" if x else "no")
+
+
+def _serve_load_lines() -> list[str]:
+    """`sala bench serve --scenario load`: concurrent requests against one request at a time."""
+    d = _load("serve_load_h100.json")
+    if not d:
+        return []
+    s, r, off = d.get("setup") or {}, d.get("results") or {}, d.get("offline") or {}
+    shape = f"{s.get('num_requests', '—')} x {s.get('prompt_len', '—')}+{s.get('output_len', '—')}"
+    return [f"Concurrent load (`bench/results/serve_load_h100.json`, {_device(d)}): requests against the same "
+            "requests generated one at a time in the same process; offline = the engine driven without the HTTP "
+            "server. TTFT in s, ITL in ms.", "",
+            *_header("requests x prompt+output", "server (tok/s)", "sequential (tok/s)", "speed-up",
+                     "offline (tok/s)", "offline speed-up", "TTFT p50 / p99 (s)", "ITL p50 / p99 (ms)"),
+            _row(shape, _f(r.get("output_tokens_per_s"), 0),
+                 _f(_get(d, "sequential_baseline", "output_tokens_per_s"), 0),
+                 _f(d.get("speedup_vs_sequential"), 2, "x"), _f(off.get("output_tokens_per_s"), 0),
+                 _f(d.get("offline_speedup_vs_sequential"), 2, "x"),
+                 f"{_f(_get(r, 'ttft_s', 'p50'))} / {_f(_get(r, 'ttft_s', 'p99'))}",
+                 f"{_ms(_get(r, 'itl_s', 'p50'))} / {_ms(_get(r, 'itl_s', 'p99'))}"), ""]
+
+
+def _decode_floor_lines() -> list[str]:
+    """The batched decode step against the weights + cache bandwidth floor."""
+    d = _load("serve_decode64_h200.json")
+    f = (d or {}).get("decode_floor")
+    if not f:
+        return []
+    return [f"Batched decode step against its bandwidth floor (weights + cache read once per step; "
+            f"`bench/results/serve_decode64_h200.json`, {_device(d)}):", "",
+            *_header("batch", "context", "decode step (ms)", "decode (tok/s)", "floor step (ms)", "floor (tok/s)",
+                     "fraction of floor", "step mode"),
+            _row(f.get("batch", "—"), _len(f["context"]) if f.get("context") else "—", _ms(f.get("decode_step_s"), 2),
+                 _f(f.get("decode_tokens_per_s"), 0), _ms(f.get("floor_step_s"), 2),
+                 _f(f.get("floor_tokens_per_s"), 0), _pct(f.get("fraction_of_floor")),
+                 f.get("decode_step_mode", "—")), ""]
+
+
+def _document_lines() -> list[str]:
+    """Questions on one long document: the first prefills it, the follow-ups reuse the prefix cache."""
+    d = _load("serve_document_h100.json")
+    turns = _get(d, "results", "turns")
+    if not turns:
+        return []
+    plain = _get(d, "results_no_cache", "turns") or []
+    doc = _get(d, "setup", "doc_len")
+    out = [f"Questions on one {_len(doc) if doc else '—'}-token document (`bench/results/serve_document_h100.json`, "
+           f"{_device(d)}): question 1 prefills the document, the follow-ups reuse its cached prefix; the same "
+           "questions without the prefix cache in the same process.", "",
+           *_header("question", "cached tokens", "TTFT (s)", "TTFT / first", "TTFT without cache (s)")]
+    for i, t in enumerate(turns):
+        nc = plain[i] if i < len(plain) else {}
+        out.append(_row(i + 1, t.get("cached_tokens", "—"), _f(t.get("ttft_s")), _pct(t.get("ttft_ratio_to_first")),
+                        _f(nc.get("ttft_s"))))
+    return out + ["", f"{len(turns)} questions; largest follow-up TTFT / first "
+                      f"{_pct(_get(d, 'results', 'followup_ttft_ratio_max'))}; same answers as without the cache: "
+                      f"{_yes_no(d.get('same_answers_as_no_cache'))}.", ""]
+
+
+def _interference_lines() -> list[str]:
+    """Streams decoding while one very long prompt prefills in chunks."""
+    d = _load("serve_interference_h200.json")
+    r = (d or {}).get("results")
+    if not r:
+        return []
+    alone, during = _get(r, "alone", "itl_s") or {}, _get(r, "with_long_prefill", "itl_during_prefill_s") or {}
+    long = _get(r, "with_long_prefill", "long_prompt") or {}
+    return [f"Decoding streams while one long prompt prefills in chunks (`bench/results/serve_interference_h200.json`, "
+            f"{_device(d)}); ITL in ms, alone = the same streams with no long prompt.", "",
+            *_header("streams", "long prompt (tokens)", "chunk", "long prompt TTFT (s)", "ITL p50 / p99 alone",
+                     "ITL p50 / p99 during the prefill", "p99 ratio"),
+            _row(_get(d, "setup", "streams") or "—", long.get("prompt_tokens", "—"),
+                 _get(d, "setup", "chunk_size") or "—", _f(long.get("ttft_s"), 1),
+                 f"{_ms(alone.get('p50'))} / {_ms(alone.get('p99'))}",
+                 f"{_ms(during.get('p50'))} / {_ms(during.get('p99'))}", _f(r.get("itl_p99_ratio"), 2, "x")), ""]
+
+
+def _spec_lines() -> list[str]:
+    """n-gram speculative decoding: the verify step's cost, then speed and acceptance per prompt."""
+    d = _load("spec_h100.json")
+    if not d:
+        return []
+    out = [f"Speculative decoding (`bench/results/spec_h100.json`, {_device(d)}).", ""]
+    c = d.get("cost")
+    if c:
+        out += ["Cost of verifying k drafted tokens in one step against one decode step (9B shape):", "",
+                *_header("preset", "context", "k", "decode step (ms)", "verify step (ms)", "verify / decode",
+                         "verify + rollback / decode", "modes (decode, verify)"),
+                _row(c.get("preset", "—"), _len(c["context"]) if c.get("context") else "—", c.get("k", "—"),
+                     _f(c.get("decode_step_ms")), _f(c.get("verify_step_ms")), _f(c.get("verify_ratio"), 2, "x"),
+                     _f(c.get("verify_rollback_ratio"), 2, "x"),
+                     f"{c.get('decode_mode', '—')}, {c.get('verify_mode', '—')}"), ""]
+    rows = d.get("results") or []
+    if rows:
+        out += [f"n-gram speculation ({_get(d, 'setup', 'num_speculative_tokens') or '—'} drafts) against plain "
+                "greedy decoding on the bundled model, same prompts:", "",
+                *_header("task", "length", "prompt tokens", "output tokens", "acceptance", "mean accepted length",
+                         "plain (tok/s)", "speculative (tok/s)", "speed-up", "identical")]
+        for r in rows:
+            sp = r.get("speculative") or {}
+            out.append(_row(r.get("task", "—"), _len(r["length"]) if r.get("length") else "—",
+                            r.get("prompt_tokens", "—"), r.get("output_tokens", "—"), _pct(sp.get("acceptance_rate")),
+                            _f(sp.get("mean_accepted_length")), _f(r.get("plain_tokens_per_s"), 0),
+                            _f(r.get("spec_tokens_per_s"), 0), _f(r.get("speedup"), 2, "x"),
+                            _yes_no(r.get("identical"))))
+        sm = d.get("summary") or {}
+        out += ["", f"All outputs identical to plain decoding: {_yes_no(sm.get('all_identical'))}; speed-up min "
+                    f"{_f(sm.get('min_speedup'), 2, 'x')}, mean {_f(sm.get('mean_speedup'), 2, 'x')}.", ""]
+    return out
+
+
+def _fp8_lines() -> list[str]:
+    """FP8 weights against bf16 at the 9B shape: speed per length, then logits agreement."""
+    d = _load("fp8_shape_h100.json")
+    sh = (d or {}).get("shape")
+    if not sh:
+        return []
+    vs = sh.get("fp8_vs_baseline") or {}
+    out = [f"FP8 weights against bf16, {sh.get('preset', '—')} shape (`bench/results/fp8_shape_h100.json`, "
+           f"{_device(d)}): {sh.get('quantized_layers', '—')} linear layers quantized, weights "
+           f"{_f(_get(sh, 'baseline', 'weights_gib'), 1)} GiB in bf16 vs {_f(_get(sh, 'fp8', 'weights_gib'), 1)} GiB "
+           "in FP8.", "",
+           *_header("length", "bf16 TTFT (s)", "FP8 TTFT (s)", "TTFT speed-up", "bf16 decode (tok/s)",
+                    "FP8 decode (tok/s)", "decode speed-up", "bf16 peak (GiB)", "FP8 peak (GiB)")]
+    for n in sh.get("lengths") or []:
+        b, q = _get(sh, "baseline", "speed", str(n)) or {}, _get(sh, "fp8", "speed", str(n)) or {}
+        v = _get(vs, "speed", str(n)) or {}
+        out.append(_row(_len(n), _f(b.get("ttft_s")), _f(q.get("ttft_s")), _f(v.get("ttft_speedup"), 2, "x"),
+                        _f(b.get("decode_tokens_per_s"), 1), _f(q.get("decode_tokens_per_s"), 1),
+                        _f(v.get("decode_speedup"), 2, "x"), _f(b.get("peak_gib"), 1), _f(q.get("peak_gib"), 1)))
+    lg = vs.get("logits")
+    if lg:
+        out += ["", f"Logits, FP8 against bf16 on {lg.get('positions', '—')} positions: relative error "
+                    f"{_f(lg.get('rel_error'), 3)} (per row mean {_f(lg.get('rel_error_mean_row'), 3)}, max "
+                    f"{_f(lg.get('rel_error_max_row'), 3)}), top-1 agreement {_pct(lg.get('top1_agreement'))}."]
+    return out + [""]
+
+
+def _regression_lines() -> list[str]:
+    """One forward (and one training step) timed in the base tree and the new tree, same process."""
+    d = _load("regression_one_forward_h100.json")
+    ratios = _get(d, "ratios", "new/base")
+    if not ratios:
+        return []
+    base, new = _get(d, "results", "base") or {}, _get(d, "results", "new") or {}
+    out = [f"Regression check, new tree against the base tree (`bench/results/regression_one_forward_h100.json`, "
+           f"{_device(d)}): {d.get('note', '')}.", "",
+           *_header("part", "measure", "base", "new", "new / base")]
+    for key, ratio in ratios.items():
+        part = key.split("_")[0]
+        out.append(_row(part if part in ("sparse", "lightning", "engine", "train") else "whole run", f"`{key}`",
+                        _f(base.get(key)), _f(new.get(key)), _f(ratio, 3)))
+    note, commit = _get(d, "train_part", "note"), _get(d, "train_part", "meta", "commit")
+    return out + (["", f"Train part{f' (commit {commit[:7]})' if commit else ''}: {note}."] if note else []) + [""]
+
+
+def deployment_section() -> list[str]:
+    """Serving (load, decode floor, document, interference), speculative decoding, FP8, regression check."""
+    parts = (_serve_load_lines() + _decode_floor_lines() + _document_lines() + _interference_lines()
+             + _spec_lines() + _fp8_lines() + _regression_lines())
+    if not parts:
+        return []
+    return ["## Serving, speculative decoding, FP8 (deployment)", "",
+            "Serving (`sala bench serve`) and FP8 (`sala/bench/fp8.py`): the minicpm-sala-9b shape with random "
+            "weights and random prompt tokens. Speculative decoding (`sala bench spec`): speed on the bundled model, "
+            "the verify step's cost on the 9B shape with random weights.", "", *parts]
+
+
+def _deployment_targets() -> list[tuple[str, str, str, bool | None]]:
+    """The deployment targets, from the same files as deployment_section()."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+    ld = _load("serve_load_h100.json")
+    if ld and ld.get("speedup_vs_sequential") is not None:
+        sp, off = ld["speedup_vs_sequential"], ld.get("offline_speedup_vs_sequential")
+        rows.append(("32 concurrent 4K+256 vs sequential generate", ">= 10x",
+                     f"{sp:.2f}x (server)" + (f", {off:.2f}x (offline)" if off is not None else ""),
+                     max(sp, off or 0) >= 10))
+    doc = _get(_load("serve_document_h100.json"), "results", "followup_ttft_ratio_max")
+    if doc is not None:
+        rows.append(("128K document follow-up TTFT / first", "<= 3%", f"{100 * doc:.1f}% (largest follow-up)",
+                     doc <= 0.03))
+    itl = _get(_load("serve_interference_h200.json"), "results", "itl_p99_ratio")
+    if itl is not None:
+        rows.append(("ITL p99 while a 1M prompt prefills / alone", "<= 4x", f"{itl:.2f}x", itl <= 4))
+    fl = _get(_load("serve_decode64_h200.json"), "decode_floor")
+    if fl and fl.get("fraction_of_floor") is not None:
+        rows.append(("decode batch 64 @ 8K vs bandwidth floor", ">= 60%",
+                     f"{100 * fl['fraction_of_floor']:.0f}% ({_f(fl.get('decode_tokens_per_s'), 0)} of "
+                     f"{_f(fl.get('floor_tokens_per_s'), 0)} tok/s)", fl["fraction_of_floor"] >= 0.6))
+    spec = _load("spec_h100.json")
+    vr = _get(spec, "cost", "verify_ratio")
+    if vr is not None:
+        rb = _get(spec, "cost", "verify_rollback_ratio")
+        rows.append(("verify step (8 drafts) @ 64K / decode step, 9B shape", "<= 1.5x",
+                     f"{vr:.2f}x" + (f" ({rb:.2f}x with rollback)" if rb is not None else ""), vr <= 1.5))
+    speeds = [r["speedup"] for r in (spec or {}).get("results") or [] if r.get("speedup") is not None]
+    if speeds:
+        same = _get(spec, "summary", "all_identical")
+        rows.append(("n-gram speculation on copy tasks (bundled model)", ">= 2x",
+                     f"{min(speeds):.2f}–{max(speeds):.2f}x, identical: {_yes_no(same)}",
+                     min(speeds) >= 2 and same is not False))
+    return rows
 
 
 def _ab_table(name: str, title: str, defaults: str) -> tuple[dict, list[str]]:
@@ -594,8 +820,9 @@ def render() -> str:
              "command, commit and shapes; every baseline was measured in the same process as our code. The GPU runs "
              "come from `experiments/gpu_check.sh PART`; the experiments' own READMEs under `experiments/` tell what "
              "each run was for.", ""]
-    for section in (targets_section, lightning_section, sparse_section, latency_section, fused_ab_section,
-                    training_section, levers_section, repro_section, continue_section, extra_sections):
+    for section in (targets_section, lightning_section, sparse_section, latency_section, deployment_section,
+                    fused_ab_section, training_section, levers_section, repro_section, continue_section,
+                    extra_sections):
         lines += section()
     return "\n".join(lines).rstrip() + "\n"
 
