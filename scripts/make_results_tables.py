@@ -479,8 +479,30 @@ def _fp8_lines() -> list[str]:
     if lg:
         out += ["", f"Logits, FP8 against bf16 on {lg.get('positions', '—')} positions: relative error "
                     f"{_f(lg.get('rel_error'), 3)} (per row mean {_f(lg.get('rel_error_mean_row'), 3)}, max "
-                    f"{_f(lg.get('rel_error_max_row'), 3)}), top-1 agreement {_pct(lg.get('top1_agreement'))}."]
-    return out + [""]
+                    f"{_f(lg.get('rel_error_max_row'), 3)}), top-1 agreement {_pct(lg.get('top1_agreement'))} "
+                    "(random weights: flat logits, where rounding decides the argmax)."]
+    return out + [""] + _fp8_quality_lines()
+
+
+def _fp8_quality_lines() -> list[str]:
+    """FP8 against bf16 on the bundled (trained) model: NIAH and held-out loss, same prompts and windows."""
+    d = _load("fp8_bundled_cpu.json")
+    b = (d or {}).get("bundled")
+    if not b:
+        return []
+    vs, base, fp8 = b.get("fp8_vs_baseline") or {}, b.get("baseline") or {}, b.get("fp8") or {}
+    lg = vs.get("logits") or {}
+    out = [f"FP8 quality on the bundled model (`bench/results/fp8_bundled_cpu.json`, {_device(d)}; backend "
+           f"{b.get('backend', '—')}: the FP8 quantization arithmetic emulated on the CPU), baseline "
+           f"{b.get('dtype', '—')}, {_get(b, 'windows', 'num') or '—'} held-out windows of "
+           f"{_get(b, 'windows', 'seq_len') or '—'} tokens, {_get(b, 'niah', 'samples') or '—'} NIAH samples per "
+           "length.", "", *_header("", "NIAH (%) per length", "held-out loss (nats)")]
+    for name, r in (("baseline", base), ("FP8", fp8)):
+        niah = ", ".join(f"{_len(int(n))}: {_f(v, 1)}" for n, v in (r.get("niah") or {}).items())
+        out.append(_row(name, niah or "—", _f(r.get("heldout_loss"), 4)))
+    out += ["", f"Logits over the windows: relative error {_f(lg.get('rel_error'), 3)}, top-1 agreement "
+                f"{_pct(lg.get('top1_agreement'))}.", ""]
+    return out
 
 
 def _regression_lines() -> list[str]:
@@ -546,6 +568,12 @@ def _deployment_targets() -> list[tuple[str, str, str, bool | None]]:
         rows.append(("n-gram speculation on copy tasks (bundled model)", ">= 2x",
                      f"{min(speeds):.2f}–{max(speeds):.2f}x, identical: {_yes_no(same)}",
                      min(speeds) >= 2 and same is not False))
+    q = _get(_load("fp8_bundled_cpu.json"), "bundled", "fp8_vs_baseline")
+    if q:
+        dn, dl = q.get("niah_mean_delta_points"), q.get("heldout_loss_delta_nats")
+        rows.append(("FP8 on the bundled model: NIAH / held-out loss vs bf16 (CPU, reference FP8 arithmetic)",
+                     "within 2 points / 0.02 nats", f"{_f(dn, 1)} points / {_f(dl, 3)} nats",
+                     bool(q.get("niah_within_target")) and bool(q.get("loss_within_target"))))
     return rows
 
 
