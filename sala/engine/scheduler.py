@@ -53,6 +53,7 @@ from sala.engine.requests import (
 )
 from sala.engine.sampling import SamplingParams, StopMatcher, sample_next
 from sala.engine.speculative import (
+    COST_PER_DRAFT,
     AdaptiveK,
     DraftState,
     SpecStats,
@@ -145,7 +146,8 @@ class EngineCore:
                  chunk_size: int = 2048, max_tokens_per_step: int | None = None, max_waiting: int = 256,
                  use_cuda_graph: bool = True, prefix_cache_bytes: int | None = None,
                  page_size: int = PAGE_SIZE, speculative: str | None = None,
-                 num_speculative_tokens: int = 4, speculative_max_batch: int = 8) -> None:
+                 num_speculative_tokens: int = 4, speculative_max_batch: int = 8,
+                 speculative_cost_per_token: float | None = None) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if chunk_size < page_size:
@@ -174,6 +176,11 @@ class EngineCore:
         # A verify step feeds T tokens per running row: with many rows its GEMMs stop being bound by reading the
         # weights, so above this many running sequences every request decodes plainly.
         self.speculative_max_batch = speculative_max_batch
+        # A verify step's cost per draft position, in decode steps (AdaptiveK's cost model; default: measured
+        # on this device type)
+        device_type = model.lm_head.weight.device.type
+        self.speculative_cost_per_token = (COST_PER_DRAFT.get(device_type, COST_PER_DRAFT["cpu"])
+                                           if speculative_cost_per_token is None else speculative_cost_per_token)
         # Tokens per row of the verify steps (one CUDA graph each per bucket): 2, 3, 5, 9, ... up to k + 1.
         self.verify_sizes = sorted({min(2 ** i + 1, num_speculative_tokens + 1)
                                     for i in range(max(1, num_speculative_tokens).bit_length() + 1)} - {1})
@@ -330,7 +337,8 @@ class EngineCore:
         matcher = StopMatcher(p.stop) if self.tokenizer is not None else None
         seq = _Seq(request, self._stop_ids(p), matcher, gen)
         if self.drafter is not None:
-            seq.adaptive, seq.spec = AdaptiveK(self.num_speculative_tokens), SpecStats()
+            seq.adaptive = AdaptiveK(self.num_speculative_tokens, self.speculative_cost_per_token)
+            seq.spec = SpecStats()
         self.waiting.append(seq)
 
     def abort(self, request_id: str) -> None:

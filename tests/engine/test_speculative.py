@@ -20,6 +20,7 @@ from sala.engine.speculative import (
     NgramDrafter,
     VerifyStep,
     accept_drafts,
+    expected_tokens,
     make_drafter,
 )
 from sala.engine.static_cache import StaticCache
@@ -97,20 +98,37 @@ def test_model_drafter_proposes_the_draft_models_greedy_tokens(model):
     assert drafts == ids[len(ctx):]
 
 
+def _best_k_by_search(alpha: float, max_k: int, cost: float, margin: float = 1.05) -> int:
+    rates = {k: sum(alpha ** j for j in range(k + 1)) / (1 + cost * k) for k in range(max_k + 1)}
+    k = max(rates, key=lambda k: (rates[k], -k))
+    return k if k and rates[k] >= margin else 0
+
+
+def test_adaptive_k_maximizes_expected_tokens_per_unit_cost():
+    # With alpha known, k is the argmax of E(k) / r(k); cheap drafts (GPU) allow long ones, costly ones (CPU) few.
+    for cost in (0.03, 0.35):
+        for alpha in (0.05, 0.2, 0.5, 0.8, 0.95):
+            a = AdaptiveK(8, cost, prior=alpha, prior_weight=1e9)
+            assert a.k == _best_k_by_search(alpha, 8, cost), (cost, alpha, a.k)
+    assert AdaptiveK(8, 0.03, prior=0.95, prior_weight=1e9).k == 8
+    assert AdaptiveK(8, 0.35, prior=0.95, prior_weight=1e9).k < 8
+    assert AdaptiveK(8, 0.03, prior=0.02, prior_weight=1e9).k == 0          # drafts never pay: decode plainly
+    assert expected_tokens(0.5, 2) == 1.75
+
+
 def test_adaptive_k_backs_off_to_plain_decoding_and_probes_again():
-    a = AdaptiveK(8, window=2, low=0.3, high=0.7, probe_after=3)
-    assert a.next_k() == 8
-    for _ in range(2):
-        a.update(8, 0)
-    assert a.next_k() == 4
-    for k in (4, 2, 1):
-        for _ in range(2):
-            a.update(k, 0)
+    a = AdaptiveK(8, 0.1, prior=0.6, prior_weight=2.0, probe_after=3)
+    assert a.next_k() > 0
+    for _ in range(12):                          # every draft rejected: alpha falls, k with it, down to 0
+        a.update(max(1, a.k), 0)
+    assert a.k == 0 and a.alpha < 0.05
     assert [a.next_k() for _ in range(3)] == [0, 0, 0]    # plain decoding for probe_after steps
     assert a.next_k() == 1                                 # then a probe
-    for _ in range(2):
-        a.update(1, 1)
-    assert a.next_k() == 2                                 # accepted: grows again
+    for _ in range(12):                          # the text turned repetitive: every draft accepted
+        a.update(max(1, a.k), max(1, a.k))
+    assert a.k == 8 and a.alpha > 0.9
+    with pytest.raises(ValueError, match="cost"):
+        AdaptiveK(4, -1.0)
 
 
 # ------------------------------------------------------------------------------------------------ acceptance
@@ -324,6 +342,12 @@ def test_ngram_speculation_gives_the_plain_greedy_tokens_batched(model, plain):
         assert s["verify_steps"] == 0 or 1.0 <= s["mean_accepted_length"] <= 7.0
     # Copy-heavy prompts: drafts save decode steps (fewer model calls than tokens).
     assert st["decode_steps"] + st["spec_verify_steps"] < sum(len(t) for t in plain.values()) // 2 + 40
+
+
+def test_no_verify_steps_where_drafts_cannot_pay_for_their_cost(model, plain):
+    core = _core(model, speculative="ngram", num_speculative_tokens=6, speculative_cost_per_token=10.0)
+    assert _run(core, PROMPTS, NEW)[0] == plain
+    assert core.stats()["spec_verify_steps"] == 0
 
 
 def test_ngram_speculation_alone_equals_batched(model, plain):
