@@ -38,6 +38,11 @@ def register(subparsers) -> None:
     p.add_argument("--max-waiting", type=int, default=256,
                    help="most requests waiting for admission; more are refused with 503")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the prefix cache off")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="tokens per prefill chunk of a long prompt (default 2048)")
+    p.add_argument("--max-tokens-per-step", type=int, default=None,
+                   help="token budget of one engine step (decode tokens + prefill chunks; default: the chunk size): "
+                        "smaller keeps running streams' inter-token latency lower while long prompts prefill")
     p.add_argument("--speculative", default=None, metavar="ngram|draft:DIR",
                    help="speculative decoding: n-gram prompt lookup, or a draft model directory (same tokenizer)")
     p.add_argument("--num-speculative-tokens", type=int, default=4,
@@ -58,6 +63,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
               memory_fraction=args.memory_fraction, enable_prefix_cache=not args.no_prefix_cache,
               max_waiting=args.max_waiting, device=args.device, dtype=args.dtype,
               quantization=None if args.quantization == "none" else args.quantization,
+              chunk_size=getattr(args, "chunk_size", None),
+              max_tokens_per_step=getattr(args, "max_tokens_per_step", None),
               speculative=getattr(args, "speculative", None),
               num_speculative_tokens=getattr(args, "num_speculative_tokens", None))
     return {k: v for k, v in kw.items() if v is not None}
@@ -73,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if not 0.0 < args.memory_fraction <= 1.0:
         raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
+    for flag in ("chunk_size", "max_tokens_per_step"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.replicas:
         from sala.commands._replicas import run_replicas
 

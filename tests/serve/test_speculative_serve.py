@@ -95,6 +95,16 @@ def test_serve_flags_reach_the_engine():
     kw = engine_kwargs(args)
     assert kw["speculative"] == "ngram" and kw["num_speculative_tokens"] == 6
     assert "speculative" not in engine_kwargs(build_parser().parse_args(["serve"]))
+    kw = engine_kwargs(build_parser().parse_args(["serve", "--chunk-size", "512", "--max-tokens-per-step", "256"]))
+    assert kw["chunk_size"] == 512 and kw["max_tokens_per_step"] == 256
+    assert "chunk_size" not in engine_kwargs(build_parser().parse_args(["serve"]))
+
+
+def test_serve_refuses_a_non_positive_step_budget(capsys):
+    from sala.cli import main
+
+    assert main(["serve", "--max-tokens-per-step", "0"]) == 2
+    assert "--max-tokens-per-step must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_sala_generate_with_ngram_drafts_prints_the_plain_greedy_text(capsys):
