@@ -76,7 +76,7 @@ case "$part" in
   verify) gpu_tests 200; spec 250 ;;
   serve) gpu_tests_short 130; spec 80; serve_load 100; decode64 50; interference 200; serve_load_8k 60 ;;
   latency) spec 55; latency_fp8_only 110; serve_load 65 ;;
-  last) latency_bf16 110; serve_load_8k 55 ;;
+  last) latency_bf16 110; serve_load_8k 55; chunk_gaps 90; fp8_bundled 60 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 # at most 8 files come back from a call: everything in one archive
