@@ -15,21 +15,25 @@ from typing import Any, Callable
 import torch
 
 
-def bench_ms(fn: Callable[[], Any], warmup: int = 3, rep: int = 10) -> float:
+def bench_ms(fn: Callable[[], Any], warmup: int = 3, rep: int = 10, setup: Callable[[], Any] | None = None) -> float:
     """Median wall time of `fn()` in milliseconds.
 
     On CUDA each repetition is timed with a pair of CUDA events (device time between the
     events, host launch overhead included when the GPU waits for it); on CPU with
     time.perf_counter. `warmup` untimed calls come first (compilation, autotuning, caches).
+    `setup()`, if given, runs before every call (warm-up ones too), outside the timing (e.g. a state reset).
     """
     if rep < 1:
         raise ValueError(f"bench_ms: rep must be >= 1, got {rep}")
+    setup = setup or (lambda: None)
     for _ in range(max(0, warmup)):
+        setup()
         fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         times = []
         for _ in range(rep):
+            setup()
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -40,6 +44,7 @@ def bench_ms(fn: Callable[[], Any], warmup: int = 3, rep: int = 10) -> float:
         return float(statistics.median(times))
     times = []
     for _ in range(rep):
+        setup()
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)

@@ -303,38 +303,6 @@ def decode_floor(core, batch: int, context: int, bandwidth: float | None) -> dic
     return out
 
 
-def _timed_calls(fn, device, warmup: int, rep: int, before=None) -> list[float]:
-    """Seconds of each of `rep` calls of fn() after `warmup` untimed ones; `before()` runs ahead of every call,
-    outside the timing. CUDA events on a CUDA device (device time between them, the host launch included when
-    the GPU waits for it), time.perf_counter elsewhere."""
-    import torch
-
-    before = before or (lambda: None)
-    for _ in range(warmup):
-        before()
-        fn()
-    if device.type != "cuda":
-        out = []
-        for _ in range(rep):
-            before()
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-        return out
-    with torch.cuda.device(device):
-        torch.cuda.synchronize()
-        pairs = []
-        for _ in range(rep):
-            before()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            pairs.append((start, end))
-        torch.cuda.synchronize()
-    return [start.elapsed_time(end) / 1e3 for start, end in pairs]
-
-
 def _reset_slots(cache) -> None:
     """Every row of an idle engine's StaticCache empty again: host lengths (the list its views share), device
     seqlens and lightning states zero."""
@@ -363,17 +331,19 @@ def measure_decode_step(core, batch: int, context: int, steps: int = 20, warmup:
                          f"after them into rows of {cache.capacity}), got {context}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    step = core._decode_step(next(b for b in core.buckets if b >= batch))
+    from sala.bench.common import bench_ms
+
+    step = core._decode_step(core.bucket_for(batch))
     start = torch.zeros_like(cache.seqlens)
     start[:batch] = context
     cache.lengths[:batch] = [context] * batch
     step.ids.zero_()
     try:
         with torch.no_grad():
-            times = _timed_calls(step, core.device, warmup, steps, before=lambda: cache.seqlens.copy_(start))
+            ms = bench_ms(step, warmup=warmup, rep=steps, setup=lambda: cache.seqlens.copy_(start))
     finally:
         _reset_slots(cache)
-    return float(statistics.median(times))
+    return ms / 1e3
 
 
 def decode_report(core, batch: int, context: int, bandwidth: float | None, itl_p50_s: float | None = None,
@@ -385,7 +355,7 @@ def decode_report(core, batch: int, context: int, bandwidth: float | None, itl_p
     out = {"batch": batch, "context": context, **decode_floor(core, batch, context, bandwidth)}
     step_s = measure_decode_step(core, batch, context, steps=steps)
     out.update(decode_step_s=step_s, decode_tokens_per_s=batch / step_s,
-               decode_step_mode=core._decode_step(next(b for b in core.buckets if b >= batch)).mode)
+               decode_step_mode=core._decode_step(core.bucket_for(batch)).mode)
     floor_tps = out.get("floor_tokens_per_s")
     if floor_tps:
         out["fraction_of_floor"] = out["decode_tokens_per_s"] / floor_tps

@@ -99,8 +99,8 @@ class _Seq:
     read_offset: int = 0
     adaptive: AdaptiveK | None = None        # speculative decoding: this request's k
     spec: SpecStats | None = None
-    draft_state: DraftState | None = None    # the drafter's incremental view of prompt + output
-    drafted_outputs: int = 0                 # output tokens it has been told
+    draft_state: DraftState | None = None    # the drafter's incremental view of prompt + output (from the first
+                                             # prefill chunk on)
 
     @property
     def prompt(self) -> list[int]:
@@ -130,6 +130,14 @@ def _merge(outs: list[RequestOutput]) -> RequestOutput:
     return RequestOutput(last.request_id, [t for o in outs for t in o.new_token_ids], "".join(o.new_text for o in outs),
                          lps, plp, last.finished, last.finish_reason, last.num_prompt_tokens, last.num_cached_tokens,
                          last.num_output_tokens, last.speculative)
+
+
+def _rows_of(logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
+    """Each seq's row of a step's logits [b, ...] (a view when the rows are 0 .. n-1 in order: no index upload)."""
+    rows = [s.row for s in seqs]
+    if rows == list(range(len(rows))):
+        return logits[:len(rows)]
+    return logits.index_select(0, torch.tensor(rows, device=logits.device))
 
 
 def _buckets(max_num_seqs: int) -> list[int]:
@@ -502,6 +510,10 @@ class EngineCore:
         return [self._accept(s, t, lp) for s, t, lp in zip(seqs, tok_list, lps)]
 
     # ------------------------------------------------------------------ decode
+    def bucket_for(self, rows: int) -> int:
+        """The smallest decode batch-size bucket (CUDA graph) that holds rows [0, rows)."""
+        return next(b for b in self.buckets if b >= rows)
+
     def _decode_step(self, b: int) -> GraphedDecodeStep:
         st = self._steps.get(b)
         if st is None:
@@ -512,14 +524,13 @@ class EngineCore:
 
     @torch.no_grad()
     def _decode(self, seqs: list[_Seq]) -> list[RequestOutput]:
-        top = max(s.row for s in seqs) + 1
-        b = next(x for x in self.buckets if x >= top)
+        b = self.bucket_for(max(s.row for s in seqs) + 1)
         step = self._decode_step(b)
         ids = [0] * b
         for s in seqs:
             ids[s.row] = s.last_token
-        # Rows of the bucket held by requests that do not decode this step (mid-prefill, or verifying drafts):
-        # their lightning states must survive the step.
+        # Rows of the bucket held by requests that do not decode this step (mid-prefill): their lightning states
+        # must survive the step.
         decoding = {s.row for s in seqs}
         keep = [s.row for s in self.active.values() if s.row < b and s.row not in decoding]
         saved = self.cache.states[:, keep].clone() if keep else None
@@ -531,10 +542,7 @@ class EngineCore:
             self.cache.lengths[s.row] += 1
         self.cache.seqlens.copy_(torch.tensor(self.cache.lengths, dtype=torch.int32))
         self.counters["decode_steps"] += 1
-        rows = [s.row for s in seqs]
-        if rows == list(range(len(rows))):    # rows 0 .. n-1 in order (a full batch): a view, no index upload
-            return self._sample(seqs, logits[:len(rows)])
-        return self._sample(seqs, logits.index_select(0, torch.tensor(rows, device=logits.device)))
+        return self._sample(seqs, _rows_of(logits, seqs))
 
     # ------------------------------------------------------------------ speculative decoding
     def _drafts(self, s: _Seq) -> list[int]:
@@ -547,11 +555,9 @@ class EngineCore:
         k = min(k, s.req.params.max_new_tokens - len(s.output_ids) - 1, room)
         if k <= 0:
             return []
-        if s.draft_state is None:
-            s.draft_state = self.drafter.start(s.prompt)
-        if len(s.output_ids) > s.drafted_outputs:
-            s.draft_state.extend(s.output_ids[s.drafted_outputs:])
-            s.drafted_outputs = len(s.output_ids)
+        told = len(s.draft_state.tokens) - len(s.prompt)    # output tokens the drafter has seen
+        if len(s.output_ids) > told:
+            s.draft_state.extend(s.output_ids[told:])
         return s.draft_state.propose(k)[:k]
 
     def _verify_step(self, b: int, T: int) -> GraphedDecodeStep:
@@ -569,8 +575,7 @@ class EngineCore:
     def _verify(self, seqs: list[_Seq], drafts: dict[str, list[int]]) -> list[RequestOutput]:
         """One verify step for all running seqs (those without drafts take only their first position: a decode
         step); acceptance, rollback of every row of the bucket to its kept tokens, then the outputs."""
-        top = max(s.row for s in seqs) + 1
-        b = next(x for x in self.buckets if x >= top)
+        b = self.bucket_for(max(s.row for s in seqs) + 1)
         need = 1 + max(len(d) for d in drafts.values())
         T = next(t for t in self.verify_sizes if t >= need)
         step = self._verify_step(b, T)
@@ -598,7 +603,6 @@ class EngineCore:
             self.cache.lengths[s.row] += keep[s.row]
         self.cache.seqlens.copy_(torch.tensor(self.cache.lengths, dtype=torch.int32))
         self.counters["decode_steps"] += 1
-        plain_logits = (logits[torch.tensor([s.row for s in plain], device=logits.device), 0] if plain else None)
         outs = []
         for s in seqs:
             if s.req.request_id not in drafts:
@@ -619,7 +623,7 @@ class EngineCore:
                     break
             outs.append(_merge(mine))
         if plain:
-            outs.extend(self._sample(plain, plain_logits))
+            outs.extend(self._sample(plain, _rows_of(logits, plain)[:, 0]))
         return outs
 
     # ------------------------------------------------------------------ prefill

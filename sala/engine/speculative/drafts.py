@@ -11,8 +11,10 @@ logger = logging.getLogger(__name__)
 
 
 class DraftState(Protocol):
-    """One request's drafting state: told the tokens it generates (`extend`), proposes up to k next tokens after
-    its prompt and output so far (`propose`)."""
+    """One request's drafting state: `tokens` (prompt + output it has been told), told the tokens it generates
+    (`extend`), proposes up to k next tokens after them (`propose`)."""
+
+    tokens: list[int]
 
     def extend(self, ids: list[int]) -> None: ...
 
@@ -36,21 +38,21 @@ class NgramIndex:
 
     def __init__(self, max_n: int, min_n: int, tokens: list[int] | torch.Tensor = ()) -> None:
         self.max_n, self.min_n = max_n, min_n
-        t = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
-        self.tokens: list[int] = t
+        self.tokens: list[int] = []
         self.after: dict[tuple[int, ...], int] = {}
-        L = len(t)
-        for n in range(min_n, max_n + 1):     # in bulk (C loops): the n-grams starting at 0 .. L-n-1, in order,
-            grams = zip(*(t[j:L - n + j] for j in range(n)))       # so a later occurrence overwrites an earlier
-            self.after.update(zip(grams, range(n, L)))
+        self.extend(tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens))
 
     def extend(self, ids: list[int]) -> None:
-        t, after, lo, hi = self.tokens, self.after, self.min_n, self.max_n
-        for tok in ids:
-            i = len(t)                    # the n-grams ending at i - 1 are now followed by a token
-            for n in range(lo, min(hi, i) + 1):
-                after[tuple(t[i - n:i])] = i
-            t.append(tok)
+        """Append ids and index every n-gram they give a follower: for each n, those starting at
+        max(0, old - n) .. L - n - 1 (L, old: lengths after and before), in order, so that a later occurrence
+        overwrites an earlier one. In bulk (C loops): a 64K-token prompt is indexed in tens of milliseconds."""
+        t, old = self.tokens, len(self.tokens)
+        t.extend(ids)
+        L = len(t)
+        for n in range(self.min_n, self.max_n + 1):
+            s0 = max(0, old - n)
+            grams = zip(*(t[s0 + j:L - n + j] for j in range(n)))
+            self.after.update(zip(grams, range(s0 + n, L)))
 
     def propose(self, k: int) -> list[int]:
         t, L = self.tokens, len(self.tokens)
@@ -74,7 +76,7 @@ class ContextDraftState:
         self.tokens.extend(ids)
 
     def propose(self, k: int) -> list[int]:
-        return self.drafter.propose(self.tokens, k)[:k]
+        return self.drafter.propose(self.tokens, k)
 
 
 class NgramDrafter:
