@@ -12,7 +12,7 @@
 # runs/baseline`, carried); `two` needs the serve extra's wheels in .whl/ (carried; the device image lacks fastapi,
 # uvicorn and pydantic). Each measurement runs under its own time limit.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh one|two}
+part=${1:?usage: gpu_session.sh PART | run NAME:SECONDS...}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/sala_gpu}
 mkdir -p "$OUT"
@@ -45,6 +45,8 @@ latency_bf16() { step latency_bf16 "$1" python3 -m sala.bench.latency --lengths 
   --no-profile --no-plots --out "$OUT/latency_bf16_1m_$gpu.json"; }
 chunk_gaps() { step chunk_gaps "$1" python3 experiments/profiling/prefill_gaps.py --length 64K --chunk-size 512 \
   --other-chunk-sizes 2048 --out "$OUT/prefill_gaps_64k_chunk512_$gpu.json"; }
+serve_step() { step serve_step "$1" python3 experiments/profiling/serve_step.py --contexts 32K,256K,1M \
+  --chunk-size 512 --out "$OUT/serve_step_1m_chunk512_$gpu.json"; }
 fp8_bundled() { step fp8_bundled "$1" python3 -m sala.bench.fp8 --parts bundled --out "$OUT/fp8_bundled_$gpu.json"; }
 serve_document() { step serve_document "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b \
   --scenario document --doc-len 131072 --questions 5 --question-len 64 --output-len 32 --max-num-seqs 4 \
@@ -77,6 +79,7 @@ case "$part" in
   serve) gpu_tests_short 130; spec 80; serve_load 100; decode64 50; interference 200; serve_load_8k 60 ;;
   latency) spec 55; latency_fp8_only 110; serve_load 65 ;;
   last) latency_bf16 110; serve_load_8k 55; chunk_gaps 90; fp8_bundled 60 ;;
+  run) shift; for item in "$@"; do "${item%%:*}" "${item##*:}"; done ;;   # run spec:120 chunk_gaps:90 ...
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 # at most 8 files come back from a call: everything in one archive
