@@ -68,6 +68,8 @@ interference() { step interference "$1" python3 -m sala.cli bench serve --model 
 spec() { step spec "$1" python3 -m sala.cli bench spec --tasks quote,vt --lengths 16k,64k --num-samples 2 \
   --max-new-tokens 128 --speculative ngram --num-speculative-tokens 8 --cost-preset minicpm-sala-9b \
   --cost-context 65536 --cost-k 8 --out "$OUT/spec_$gpu.json"; }
+spec_fp32() { step spec_fp32 "$1" python3 -m sala.cli bench spec --tasks quote,vt --lengths 16k,64k --num-samples 2 \
+  --max-new-tokens 128 --speculative ngram --num-speculative-tokens 8 --dtype fp32 --out "$OUT/spec_fp32_$gpu.json"; }
 fp8_shape() { step fp8_shape "$1" python3 -m sala.bench.fp8 --parts shape --lengths 65536,262144 \
   --out "$OUT/fp8_shape_$gpu.json"; }
 case "$part" in
