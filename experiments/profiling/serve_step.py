@@ -68,13 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     def rand(n: int) -> list[int]:
         return torch.randint(3, V, (n,), generator=gen).tolist()
 
-    parts = {"decode": 0.0, "prefill": 0.0}
+    parts = {"decode": 0.0, "prefill": 0.0, "prefill_host": 0.0}
 
     def timed(name, fn):
+        """fn timed from an idle GPU to its work done; for the prefill also until its call returned (the host's
+        launch time: where the GPU keeps up, the host is the bound)."""
         def wrapper(*args, **kw):
             sync()
             t = time.perf_counter()
             out = fn(*args, **kw)
+            if name == "prefill":
+                parts["prefill_host"] += (time.perf_counter() - t) * 1e3
             sync()
             parts[name] += (time.perf_counter() - t) * 1e3
             return out
@@ -84,17 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     core._prefill = timed("prefill", core._prefill)
 
     def step_ms() -> tuple[float, float, float]:
-        parts["decode"] = parts["prefill"] = 0.0
+        parts["decode"] = parts["prefill"] = parts["prefill_host"] = 0.0
         sync()
         t = time.perf_counter()
         core.step()
         sync()
-        return (time.perf_counter() - t) * 1e3, parts["decode"], parts["prefill"]
+        return (time.perf_counter() - t) * 1e3, parts["decode"], parts["prefill"], parts["prefill_host"]
 
     def measure(n: int) -> dict:
         rows = [step_ms() for _ in range(n)]
         out = {"step": summary([r[0] for r in rows]), "decode": summary([r[1] for r in rows]),
-               "prefill": summary([r[2] for r in rows])}
+               "prefill": summary([r[2] for r in rows]), "prefill_host": summary([r[3] for r in rows])}
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
@@ -104,6 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         out["profiled_wall_ms"] = round(sum(walls), 2)
         out["profiled_busy_ms"] = round(busy_ms(events), 2)
         out["kernels_3_steps"] = kernel_breakdown(events, top=15)
+        # host side: launches and operator calls per step, the operators costing the most CPU time
+        ka = prof.key_averages()
+        launches = sum(e.count for e in ka if "LaunchKernel" in e.key or "GraphLaunch" in e.key)
+        aten = [e for e in ka if e.key.startswith("aten::")]
+        out["host_per_step"] = {
+            "kernel_launches": round(launches / 3, 1),
+            "aten_calls": round(sum(e.count for e in aten) / 3, 1),
+            "top_cpu_self_ms": [{"op": e.key[:80], "calls": round(e.count / 3, 1),
+                                 "self_cpu_ms": round(e.self_cpu_time_total / 3e3, 2)}
+                                for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)[:20]]}
         sites: dict[str, int] = {}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -150,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         m["fill_s"] = round(fill_s, 2)
         by_context[str(c)] = m
         print(f"context {c}: step {m['step']}, decode {m['decode']['median_ms']} ms, prefill "
-              f"{m['prefill']['median_ms']} ms, busy {m['profiled_busy_ms']} of {m['profiled_wall_ms']} ms, "
+              f"{m['prefill']['median_ms']} ms (host {m['prefill_host']['median_ms']} ms), launches "
+              f"{m['host_per_step']['kernel_launches']}, busy {m['profiled_busy_ms']} of {m['profiled_wall_ms']} ms, "
               f"families {m['kernels_3_steps']['families_ms']}", flush=True)
     result["mixed_by_context"] = by_context
     payload = {"meta": run_metadata(), "benchmark": "serve_step", "preset": a.preset, "streams": a.streams,
