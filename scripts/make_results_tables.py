@@ -422,6 +422,29 @@ def _interference_lines() -> list[str]:
                  f"{_ms(during.get('p50'))} / {_ms(during.get('p99'))}", _f(r.get("itl_p99_ratio"), 2, "x")), ""]
 
 
+def _serve_step_lines() -> list[str]:
+    """One serving step split into its decode and prefill parts while a long prompt prefills, by context."""
+    d = _load("serve_step_1m_chunk512_h100.json")
+    r = (d or {}).get("results")
+    if not r:
+        return []
+    alone = _get(r, "decode_only", "step", "median_ms")
+    out = [f"Where a serving step's time goes (`bench/results/serve_step_1m_chunk512_h100.json`, {_device(d)}; "
+           f"`experiments/profiling/serve_step.py`): {d.get('streams', '—')} streams decoding, one long prompt "
+           f"prefilled in chunks of {d.get('chunk_size', '—')}; median ms per step. Decode-only step: "
+           f"{_f(alone, 1)} ms. GPU busy = device time over wall time in 3 profiled steps.", "",
+           *_header("context", "step", "decode part", "prefill part", "prefill host (launch) time",
+                    "GPU busy", "selection (ms/step)", "GEMM (ms/step)")]
+    for c, m in (r.get("mixed_by_context") or {}).items():
+        fam = _get(m, "kernels_3_steps", "families_ms") or {}
+        busy, wall = m.get("profiled_busy_ms"), m.get("profiled_wall_ms")
+        out.append(_row(_len(int(c)), _f(_get(m, "step", "median_ms"), 1), _f(_get(m, "decode", "median_ms"), 1),
+                        _f(_get(m, "prefill", "median_ms"), 1), _f(_get(m, "prefill_host", "median_ms"), 1),
+                        _pct(busy / wall if busy and wall else None),
+                        _f(fam.get("sparse_selection", 0) / 3, 1), _f(fam.get("gemm", 0) / 3, 1)))
+    return out + [""]
+
+
 def _spec_lines() -> list[str]:
     """n-gram speculative decoding: the verify step's cost, then speed and acceptance per prompt."""
     d = _load("spec_h100.json")
@@ -526,7 +549,7 @@ def _regression_lines() -> list[str]:
 def deployment_section() -> list[str]:
     """Serving (load, decode floor, document, interference), speculative decoding, FP8, regression check."""
     parts = (_serve_load_lines() + _decode_floor_lines() + _document_lines() + _interference_lines()
-             + _spec_lines() + _fp8_lines() + _regression_lines())
+             + _serve_step_lines() + _spec_lines() + _fp8_lines() + _regression_lines())
     if not parts:
         return []
     return ["## Serving, speculative decoding, FP8 (deployment)", "",
@@ -568,6 +591,12 @@ def _deployment_targets() -> list[tuple[str, str, str, bool | None]]:
         rows.append(("n-gram speculation on copy tasks (bundled model)", ">= 2x",
                      f"{min(speeds):.2f}–{max(speeds):.2f}x, identical: {_yes_no(same)}",
                      min(speeds) >= 2 and same is not False))
+    lf = _load("latency_fp8_h100.json")
+    for key, (what, goal) in {"prefill_1m_s<=30": ("1M-token prefill with FP8 weights (s)", "<= 30 s"),
+                              "peak_1m_gib<=24": ("peak memory at 1M with FP8 weights (GiB)", "<= 24 GiB")}.items():
+        t = _get(lf, "targets", key)
+        if t:
+            rows.append((what + f", {_device(lf)}", goal, _f(t.get("value"), 1), t.get("met")))
     q = _get(_load("fp8_bundled_cpu.json"), "bundled", "fp8_vs_baseline")
     if q:
         dn, dl = q.get("niah_mean_delta_points"), q.get("heldout_loss_delta_nats")
