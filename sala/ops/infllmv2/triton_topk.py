@@ -111,15 +111,14 @@ def _topk_radix_kernel(x_ptr, out_ptr, lim_ptr, n_cols, H, T, sxr, slb, slt,
     need = tl.full([], K, tl.int32)
     n_valid = tl.full([], 0, tl.int32)
     for p in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * p
         hist = tl.zeros([512], dtype=tl.int32)
         for c0 in range(0, n, TILE):
             key, cols = _radix_keys(x_ptr, r, c0, n, sxr, TILE)
             u = key ^ (-2147483647 - 1)
             match = key > _NEG_INF_KEY
             if p > 0:
-                match = match & (((u ^ prefix) >> (shift + 8)) == 0)
-            digit = (u >> shift) & 0xFF
+                match = match & (((u ^ prefix) >> (32 - 8 * p)) == 0)
+            digit = (u >> (24 - 8 * p)) & 0xFF
             # bin 255 - digit: larger images in lower bins; everything else in the spare bin 511
             hist += tl.histogram(tl.where(match, 255 - digit, 511), 512)
         hist = tl.where(bins < 256, hist, 0)
@@ -128,7 +127,7 @@ def _topk_radix_kernel(x_ptr, out_ptr, lim_ptr, n_cols, H, T, sxr, slb, slt,
         cum = tl.cumsum(hist, axis=0)
         rd = tl.sum(((cum < need) & (bins < 256)).to(tl.int32), axis=0)      # first bin reaching `need`
         need -= tl.sum(tl.where(bins == rd, cum - hist, 0), axis=0)
-        prefix = prefix | ((255 - rd) << shift)
+        prefix = prefix | ((255 - rd) << (24 - 8 * p))
     thr = prefix ^ (-2147483647 - 1)                                         # back to a signed image
     all_valid = n_valid <= K
     tie_seen = tl.full([], 0, tl.int32)
