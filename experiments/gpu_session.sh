@@ -47,14 +47,6 @@ chunk_gaps() { step chunk_gaps "$1" python3 experiments/profiling/prefill_gaps.p
   --other-chunk-sizes 2048 --out "$OUT/prefill_gaps_64k_chunk512_$gpu.json"; }
 serve_step() { step serve_step "$1" python3 experiments/profiling/serve_step.py --contexts 32K,256K,1M \
   --chunk-size 512 --out "$OUT/serve_step_1m_chunk512_$gpu.json"; }
-# the wide-row top-k: the tree before it (runs/topk_base: `git archive 9de6549 sala experiments/profiling`, carried)
-# and this one on identical inputs in one call, then the kernel tests
-sel_radix() { step sel_before 60 python3 runs/topk_base/experiments/profiling/profile_selection.py \
-  --lengths 262144,1048576 --out "$OUT/profile_selection_before_radix_$gpu.json"
-  step sel_after 80 python3 experiments/profiling/profile_selection.py --lengths 262144,1048576 \
-  --variant r256=select_rows:256 --variant t128=select_k1_tile:128 --out "$OUT/profile_selection_$gpu.json"
-  step topk_tests "$1" python3 -m pytest -q --tb=short -p no:cacheprovider -m gpu tests/ops/test_infllmv2_triton.py \
-  -k "topk or selection or decode"; }
 fp8_bundled() { step fp8_bundled "$1" python3 -m sala.bench.fp8 --parts bundled --out "$OUT/fp8_bundled_$gpu.json"; }
 serve_document() { step serve_document "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b \
   --scenario document --doc-len 131072 --questions 5 --question-len 64 --output-len 32 --max-num-seqs 4 \

@@ -276,6 +276,21 @@ def selection_profile_lines() -> list[str]:
             out.append(_row(name.replace("_h200.json", ""), _len(r["T"]), _f(r["select_ms"], 1),
                             _f(k.get("_block_scores_kernel"), 1), _f(topk, 1), _f(rest, 1)))
     out += ["", "Rows of up to 4096 blocks (256K tokens) use the top-k kernel; wider rows use torch.topk.", ""]
+    rx = _load("profile_selection_radix_h100.json")
+    r1m = next((r for r in (rx or {}).get("results", []) if r["T"] == 1 << 20), None)
+    if r1m:
+        k = {e["name"]: e["device_ms"] for e in r1m["kernels"]}
+        old = next((r for r in runs[0][1]["results"] if r["T"] == 1 << 20), None)
+        old_topk = old["select_ms"] - {e["name"]: e["device_ms"] for e in old["kernels"]}["_block_scores_kernel"] \
+            if old else None
+        out += [f"A radix-select top-k for the wide rows (8 bits a pass over the row read in tiles; "
+                f"`bench/results/profile_selection_radix_h100.json`, {_device(rx)}, commit {_commit(rx)}) took "
+                f"{_f(k.get('_topk_radix_kernel'), 0)} ms at 1M against {_f(old_topk, 0)} ms for torch.topk and its "
+                "tie handling (selection minus the pooled-score kernel, H200 run above: a different device, the "
+                "same-run baseline at 1M ran out of time; the pooled-score kernel took "
+                f"{_f(k.get('_block_scores_kernel'), 0)} ms there against "
+                f"{_f({e['name']: e['device_ms'] for e in old['kernels']}['_block_scores_kernel'] if old else None, 0)}"
+                " ms here, so the devices compute alike). It was removed.", ""]
     latest = runs[-1][1]
     names = sorted({k[:-len("_select_ms")] for r in latest["results"] for k in r if k.endswith("_select_ms")})
     if names:
@@ -432,7 +447,10 @@ def _serve_step_lines() -> list[str]:
     out = [f"Where a serving step's time goes (`bench/results/serve_step_1m_chunk512_h100.json`, {_device(d)}; "
            f"`experiments/profiling/serve_step.py`): {d.get('streams', '—')} streams decoding, one long prompt "
            f"prefilled in chunks of {d.get('chunk_size', '—')}; median ms per step. Decode-only step: "
-           f"{_f(alone, 1)} ms. GPU busy = device time over wall time in 3 profiled steps.", "",
+           f"{_f(alone, 1)} ms. GPU busy = device time over wall time in 3 profiled steps; prefill host time = until "
+           f"the prefill call returned (its launches), {_get(r, 'mixed_by_context', '32768', 'host_per_step', 'kernel_launches') or '—'} "
+           "kernel launches per step. The 1M row ran with a radix top-k for wide rows, removed since (see the "
+           "selection profile).", "",
            *_header("context", "step", "decode part", "prefill part", "prefill host (launch) time",
                     "GPU busy", "selection (ms/step)", "GEMM (ms/step)")]
     for c, m in (r.get("mixed_by_context") or {}).items():
@@ -476,6 +494,14 @@ def _spec_lines() -> list[str]:
         sm = d.get("summary") or {}
         out += ["", f"All outputs identical to plain decoding: {_yes_no(sm.get('all_identical'))}; speed-up min "
                     f"{_f(sm.get('min_speedup'), 2, 'x')}, mean {_f(sm.get('mean_speedup'), 2, 'x')}.", ""]
+    f32 = _load("spec_fp32_h100.json")
+    if f32 and f32.get("results"):
+        sm = f32.get("summary") or {}
+        out += [f"The same in fp32 (`bench/results/spec_fp32_h100.json`, {_device(f32)}; in bf16 a verify step's "
+                "T-query kernels round differently from T decode steps, which flips near-tied greedy choices): "
+                "speed-ups " + ", ".join(f"{r['task']} {_len(r['length'])} {_f(r.get('speedup'), 2, 'x')}"
+                                         for r in f32["results"])
+                + f"; all identical: {_yes_no(sm.get('all_identical'))}.", ""]
     return out
 
 
@@ -591,6 +617,10 @@ def _deployment_targets() -> list[tuple[str, str, str, bool | None]]:
         rows.append(("n-gram speculation on copy tasks (bundled model)", ">= 2x",
                      f"{min(speeds):.2f}–{max(speeds):.2f}x, identical: {_yes_no(same)}",
                      min(speeds) >= 2 and same is not False))
+    lb = _load("latency_bf16_1m_h100.json")
+    t = _get(lb, "targets", "prefill_1m_s<=40")
+    if t:
+        rows.append((f"1M-token prefill in bf16, {_device(lb)}", "<= 40 s", _f(t.get("value"), 1), t.get("met")))
     lf = _load("latency_fp8_h100.json")
     for key, (what, goal) in {"prefill_1m_s<=30": ("1M-token prefill with FP8 weights (s)", "<= 30 s"),
                               "peak_1m_gib<=24": ("peak memory at 1M with FP8 weights (GiB)", "<= 24 GiB")}.items():

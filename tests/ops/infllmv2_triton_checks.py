@@ -113,50 +113,35 @@ def check_topk():
 
 
 def _check_topk_cases():
-    # max_cols 4096: the register bisection; 8: the radix select read in tiles (64 columns in the interpreter, so
-    # the 300-column rows take several)
-    for max_cols in (4096, 8):
-        _check_topk_cases_with(max_cols)
-
-
-def _check_topk_cases_with(max_cols):
     from sala.ops.infllmv2 import triton_topk
 
-    def topk(x, K, **kw):
-        return triton_topk.topk_blocks_triton(x, K, max_cols=max_cols, **kw)
-
     g = torch.Generator().manual_seed(5)
-    for B, H, T, n, K in ((1, 2, 5, 7, 10), (2, 2, 9, 40, 10), (1, 1, 3, 300, 96), (1, 1, 4, 33, 6),
-                          (1, 2, 3, 300, 5)):
+    for B, H, T, n, K in ((1, 2, 5, 7, 10), (2, 2, 9, 40, 10), (1, 1, 3, 300, 96), (1, 1, 4, 33, 6)):
         x = torch.rand(B, H, T, n, generator=g)
         x[..., 0] = float("inf")
         x[..., -3:] = float("-inf")
         x[0, 0, -1, :] = float("-inf")
         x[0, -1, 0] = torch.randn(n, generator=g)
         x[0, -1, 0, 1] = -0.0
-        _assert_topk_close(topk(x, K), x, K)
+        _assert_topk_close(triton_topk.topk_blocks_triton(x, K), x, K)
         lim = torch.randint(1, n + 1, (B, T), generator=g, dtype=torch.int32)
         past = (torch.arange(n)[None, None, None, :] >= lim[:, None, :, None]).expand_as(x)
         assert not torch.equal(lim, torch.full_like(lim, n))
         y, want_in = x.clone(), x.clone()
         y[past], want_in[past] = float("nan"), float("-inf")
-        _assert_topk_close(topk(y, K, limits=lim), want_in, K)
+        _assert_topk_close(triton_topk.topk_blocks_triton(y, K, limits=lim), want_in, K)
     x = torch.full((2, 12), 0.25)                        # all tied: the lowest columns
     x[1, 5:] = float("-inf")
-    got = topk(x, 4)
+    got = triton_topk.topk_blocks_triton(x, 4)
     assert got.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]], got
     x = -torch.rand(3, 40, generator=g)                  # exactly K non-negative values: done before any pass
     x[0, 5:15] = torch.rand(10, generator=g)
     x[1, 7:17] = 1.0 + torch.arange(10.0)                # K-th and (K+1)-th far apart: an early cut-off
     x[2, :] = torch.tensor([0.5, 0.25] * 20)             # ties at the cut-off: every pass, lowest columns
-    got = topk(x, 10)
+    got = triton_topk.topk_blocks_triton(x, 10)
     _assert_topk_close(got, x, 10)
     assert got[0].tolist() == list(range(5, 15)) and got[1].tolist() == list(range(7, 17)), got
     assert got[2].tolist() == list(range(0, 40, 2))[:10], got
-    x = torch.full((1, 200), 1.0)                       # ties spread over several tiles: the lowest columns
-    x[0, 150:] = 2.0
-    x[0, 60:70] = 3.0
-    assert topk(x, 70).tolist() == [list(range(0, 10)) + list(range(60, 70)) + list(range(150, 200))]
 
 
 def _assert_topk_close(got, x, K):
@@ -515,15 +500,11 @@ def check_split_decode_select():
 
 
 def check_warmup_length_classes():
-    """The warm-up's tiny launches run for real (top-k with limits per row width, split decode selection, batch 2;
-    the radix top-k when rows can be wider than topk_max_cols)."""
+    """The warm-up's tiny launches run for real (top-k with and without limits, split decode selection, batch 2)."""
     from sala.ops.infllmv2 import triton_decode
 
     n = triton_decode.warmup_length_classes(300, SMALL, batch=2, heads=(4, 2, 16), device="cpu", dtype=torch.float32)
-    assert n == 2 + 2, n       # row widths 16 and 32; capacities 256 and 512 share one split class (SP2 2)
-    n = triton_decode.warmup_length_classes(300, SMALL, batch=2, heads=(4, 2, 16), device="cpu", dtype=torch.float32,
-                                            config=SparseKernelConfig(topk_max_cols=16))
-    assert n == 1 + 1 + 2, n       # width 16, the radix kernel, the split class
+    assert n == 2 * 2 + 2, n       # row widths 16 and 32; capacities 256 and 512 share one split class (SP2 2)
 
 
 def check_tuning_sweep():
@@ -557,12 +538,10 @@ def check_topk_ties():
         k1, k2 = ref.compress_keys_ref(k, 8, 4), ref.compress_keys_ref(k, 32, 16)    # exact means of 0s and 1s
         want = expected_tie_indices(200, 64, free)
         # prefill: the queries of the last block (positions 192..199: the shared blocks 5 and 6 are not forced)
-        for config in (SparseKernelConfig(), SparseKernelConfig(topk_max_cols=8)):   # 13 blocks: bisection; radix
-            with _Launches(triton_topk, "_topk_blocks_kernel") as spy, \
-                    _Launches(triton_topk, "_topk_radix_kernel") as radix:
+        for config in (SparseKernelConfig(), SparseKernelConfig(topk_max_cols=8)):   # 13 blocks: kernel; fallback
+            with _Launches(triton_topk, "_topk_blocks_kernel") as spy:
                 got = select_blocks(q[:, 192:], k1, k2, TIES, q_offset=192, scale=0.25, kernel_config=config)
-            wide = config.topk_max_cols < 13
-            assert (spy.calls, radix.calls) == ((0, 1) if wide else (1, 0)), (kind, spy.calls, radix.calls)
+            assert spy.calls == (1 if config.topk_max_cols > 13 else 0), (kind, spy.calls)
             assert torch.equal(got, want[:, :, 192 - 64:]), (kind, config.topk_max_cols,
                                                              (got != want[:, :, 192 - 64:]).nonzero()[:5])
         n1, n2 = compressed_lengths(256, TIES)
@@ -571,7 +550,7 @@ def check_topk_ties():
         lengths = torch.tensor([200, 150], dtype=torch.int32)
         ref.update_compressed_keys_ref(kc, k1c, k2c, lengths, TIES, new_tokens=200)
         qd = torch.cat([q[:, 199], q[:, 149]], 0)
-        for config in (SparseKernelConfig(), SparseKernelConfig(topk_max_cols=8)):    # 16 blocks: bisection; radix
+        for config in (SparseKernelConfig(), SparseKernelConfig(topk_max_cols=8)):    # 16 blocks: kernel; fallback
             dec = decode_select_blocks(qd, k1c, k2c, lengths, TIES, 16, scale=0.25, kernel_config=config)
             assert torch.equal(dec[:, :, 0], want[0, :, [199 - 64, 149 - 64]].permute(1, 0, 2)), (kind, dec)
         _mode("reference")

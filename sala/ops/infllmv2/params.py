@@ -106,8 +106,8 @@ class SparseKernelConfig:
     Stage-1 selection: `select_rows` query rows (tokens x padded group heads) per program, `select_k1_tile` K1
     windows per iteration (a multiple of block_size / kernel_stride), `select_warps`, `select_stages`;
     `select_chunk_bytes` bounds the pooled-score buffer of one query chunk (fp32), hence the selection's peak
-    memory. Top-k: rows of up to `topk_max_cols` blocks are held in registers (bisection), wider ones are read
-    in tiles (radix select). Attention: per-token forward / dq walk with `fwd_warps`, `fwd_stages` and `fwd_blocks_per_iter`
+    memory. Top-k: rows of up to `topk_max_cols` blocks use the Triton top-k, wider ones `torch.topk` (faster
+    there). Attention: per-token forward / dq walk with `fwd_warps`, `fwd_stages` and `fwd_blocks_per_iter`
     selected blocks per iteration; the forced blocks (init + local band) as dense tiles of `band_rows` queries
     (`band_warps`, `band_stages`) in the forward and `band_dq_rows` (`band_dq_warps`, `band_dq_stages`) in dq.
     Decode: split-K attention with at least `decode_min_programs` programs and split-N selection with at least

@@ -269,7 +269,7 @@ def warmup_length_classes(max_tokens: int, params: SparseParams, *, batch: int =
                           dtype: torch.dtype = torch.bfloat16, config: SparseKernelConfig | None = None) -> int:
     """Compile, on tiny inputs, the kernel variants whose Triton specialisation depends on the context length,
     for every context up to `max_tokens`: the top-k kernel per row-width class (powers of two up to
-    `config.topk_max_cols`, rows with per-query limits; the radix kernel for wider rows) and the split decode selection
+    `config.topk_max_cols`; prefill rows with per-query limits, decode rows without) and the split decode selection
     per cache-capacity class at this decode batch. Without it the first request at each new length class pays
     those compilations inside its latency. heads = (query heads, KV heads, head dim). Returns the launches made."""
     config = DEFAULT_KERNEL_CONFIG if config is None else config
@@ -283,14 +283,9 @@ def warmup_length_classes(max_tokens: int, params: SparseParams, *, batch: int =
         x = torch.rand(1, Hkv, 1, nc, device=device, generator=g)
         topk_blocks_triton(x, K, limits=torch.full((1, 1), nc - 1, dtype=torch.int32, device=device),
                            max_cols=config.topk_max_cols)
-        launches += 1
+        topk_blocks_triton(torch.rand(batch, Hkv, 1, nc, device=device, generator=g), K, max_cols=config.topk_max_cols)
+        launches += 2
         nc *= 2
-    if max_blocks > config.topk_max_cols:     # wider rows: the radix top-k (one variant)
-        nc = config.topk_max_cols + 1
-        x = torch.rand(1, Hkv, 1, nc, device=device, generator=g)
-        topk_blocks_triton(x, K, limits=torch.full((1, 1), nc, dtype=torch.int32, device=device),
-                           max_cols=config.topk_max_cols)
-        launches += 1
     seen = set()
     cap = 256
     while cap < 2 * max_tokens:       # capacities double: every power-of-two class of decode splits is met

@@ -7,6 +7,7 @@ import triton.language as tl
 
 from sala.ops.dispatch import interpreter_enabled
 from sala.ops.infllmv2.params import DEFAULT_KERNEL_CONFIG, SparseKernelConfig, SparseParams
+from sala.ops.infllmv2.reference import topk_block_indices
 from sala.ops.infllmv2.triton_topk import topk_blocks_triton
 from sala.ops.infllmv2.triton_utils import LOG2E, check_selection, k2_tile, launch_stages, pow2, select_nb
 
@@ -177,7 +178,7 @@ def select_blocks_triton(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, po
                          params: SparseParams, scale: float, config: SparseKernelConfig = DEFAULT_KERNEL_CONFIG, *,
                          pos_max: int | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
     """Block indices int32 [B, Hkv, Tq, total]; queries processed in chunks whose scores fit `chunk_bytes`
-    (default config.select_chunk_bytes). Rows of more than config.topk_max_cols blocks take the radix top-k
+    (default config.select_chunk_bytes). Rows of more than config.topk_max_cols blocks take the reference top-k
     (same tie rule). pos_max: an upper bound of pos on the host (else taken from pos with one sync).
     """
     B, Tq = pos.shape
@@ -190,11 +191,15 @@ def select_blocks_triton(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, po
     n_blocks = pos_max // params.block_size + 1
     chunk_bytes = config.select_chunk_bytes if chunk_bytes is None else chunk_bytes
     chunk = max(16, chunk_bytes // (4 * B * Hkv * max(n_blocks, 1)))
+    fused = n_blocks <= config.topk_max_cols
     for c0 in range(0, Tq, chunk):
         c1 = min(Tq, c0 + chunk)
         pooled = pooled_block_scores_triton(q[:, c0:c1], k1, k2, pos[:, c0:c1], params, scale, n_blocks, config,
-                                            fill=False)
-        # only columns up to each query's own block were written
-        lim = torch.div(pos[:, c0:c1], params.block_size, rounding_mode="floor").to(torch.int32) + 1
-        out[:, :, c0:c1] = topk_blocks_triton(pooled, params.total_blocks, limits=lim, max_cols=config.topk_max_cols)
+                                            fill=not fused)
+        if fused:   # only columns up to each query's own block were written
+            lim = torch.div(pos[:, c0:c1], params.block_size, rounding_mode="floor").to(torch.int32) + 1
+            out[:, :, c0:c1] = topk_blocks_triton(pooled, params.total_blocks, limits=lim,
+                                                  max_cols=config.topk_max_cols)
+        else:
+            out[:, :, c0:c1] = topk_block_indices(pooled, params.total_blocks)
     return out
