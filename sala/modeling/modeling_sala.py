@@ -284,12 +284,7 @@ class SalaLightningAttention(FusedProjections, nn.Module):
         log_decay = self.log_decay(q.device)
         if ctx.mode == DECODE:      # T tokens per row, one step each (T > 1: a verify step)
             state = ctx.cache.state(self.layer_idx)
-            o = ctx.out.get("lightning")
-            if o is None:
-                o = v.new_empty(v.shape[0], v.shape[1], self.num_heads, v.shape[3])
-            for j in range(q.shape[1]):
-                lightning_decode_step(q[:, j], k[:, j], v[:, j].contiguous(), log_decay, state, scale=self.scale,
-                                      out=o[:, j])
+            o = lightning_decode_step(q, k, v, log_decay, state, scale=self.scale, out=ctx.out.get("lightning"))
             saved = ctx.saved_kv.get(self.layer_idx) if ctx.saved_kv else None
             if saved is not None:
                 saved[0].copy_(k)

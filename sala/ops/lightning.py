@@ -114,40 +114,43 @@ def _decode_args_ok(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: T
     token, so its checks are kept to a few attribute reads); False sends the call through the full checks."""
     try:
         qs, vs, dtype, dev = q.shape, v.shape, q.dtype, q.device
-        return (len(qs) == 3 and k.shape == qs and len(vs) == 3 and vs[0] == qs[0] and vs[1] == qs[1]
+        n = len(qs)
+        return ((n == 3 or n == 4) and k.shape == qs and len(vs) == n and vs[:-1] == qs[:-1]
                 and dtype in _FLOAT_INPUTS and k.dtype == dtype and v.dtype == dtype
                 and k.device == dev and v.device == dev and state.device == dev and log_decay.device == dev
-                and log_decay.shape == (qs[1],) and log_decay.is_floating_point()
-                and state.shape == (qs[0], qs[1], qs[2], vs[2]) and state.dtype in _STATE_DTYPES
-                and (out is None or (out.shape == (qs[0], qs[1], vs[2]) and out.dtype == dtype and out.device == dev)))
+                and log_decay.shape == (qs[-2],) and log_decay.is_floating_point()
+                and state.shape == (qs[0], qs[-2], qs[-1], vs[-1]) and state.dtype in _STATE_DTYPES
+                and (out is None or (out.shape == vs and out.dtype == dtype and out.device == dev)))
     except (AttributeError, TypeError):
         return False
 
 
 def _check_decode_args(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor, out: Tensor | None) -> None:
     """Every check of a decode step's arguments, each with its own message."""
-    _check_common(q, k, v, log_decay, 3, "[B, H, D]")
-    batch, heads, dk = q.shape
+    rank = q.dim() if isinstance(q, Tensor) and q.dim() == 4 else 3
+    _check_common(q, k, v, log_decay, rank, "[B, H, D] or [B, T, H, D]")
+    batch, heads, dk = q.shape[0], q.shape[-2], q.shape[-1]
     dv = v.shape[-1]
     _check_state("state", state, (batch, heads, dk, dv))
     if state.device != q.device:
         raise ValueError(f"lightning: state is on {state.device} but q is on {q.device}")
-    if out is not None and (not isinstance(out, Tensor) or tuple(out.shape) != (batch, heads, dv)
+    want = tuple(v.shape)
+    if out is not None and (not isinstance(out, Tensor) or tuple(out.shape) != want
                             or out.dtype != q.dtype or out.device != q.device):
         desc = (f"{out.dtype} {tuple(out.shape)} on {out.device}" if isinstance(out, Tensor)
                 else type(out).__name__)
-        raise ValueError(f"lightning: out must be a {q.dtype} tensor of shape {(batch, heads, dv)} on {q.device}, "
-                         f"got {desc}")
+        raise ValueError(f"lightning: out must be a {q.dtype} tensor of shape {want} on {q.device}, got {desc}")
 
 
 def lightning_decode_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor,
                           scale: float | None = None, out: Tensor | None = None, *,
                           config: LightningConfig | None = None) -> Tensor:
-    """One new token per sequence: state <- gamma*state + k^T v (IN PLACE), o = scale * q state.
+    """New tokens per sequence, in order: state <- gamma*state + k_t^T v_t (IN PLACE), o_t = scale * q_t state.
 
-    q, k: [B, H, Dk]; v: [B, H, Dv]; state: [B, H, Dk, Dv] fp32; out: optional [B, H, Dv] in q.dtype to
-    write into (no allocation, CUDA-graph friendly). Returns o [B, H, Dv] in q.dtype. config: as for
-    `lightning_attention`.
+    q, k: [B, H, Dk] and v: [B, H, Dv] (one token), or [B, T, H, Dk] / [B, T, H, Dv] (T tokens: the same as T
+    one-token calls, in one launch); state: [B, H, Dk, Dv] fp32, the state after the last token on return; out:
+    optional, v's shape in q.dtype, to write into (no allocation, CUDA-graph friendly). Returns o (v's shape) in
+    q.dtype. config: as for `lightning_attention`.
     """
     if not _decode_args_ok(q, k, v, log_decay, state, out):
         _check_decode_args(q, k, v, log_decay, state, out)
@@ -155,7 +158,11 @@ def lightning_decode_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, st
         from sala.ops import lightning_triton
 
         return lightning_triton.lightning_decode_step_triton(q, k, v, log_decay, state, scale, out, config)
-    o = lightning_decode_step_reference(q, k, v, log_decay, state, scale)
+    if q.dim() == 4:
+        o = torch.stack([lightning_decode_step_reference(q[:, t], k[:, t], v[:, t], log_decay, state, scale)
+                         for t in range(q.shape[1])], dim=1)
+    else:
+        o = lightning_decode_step_reference(q, k, v, log_decay, state, scale)
     if out is not None:
         out.copy_(o)
         return out

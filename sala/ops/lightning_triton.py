@@ -318,24 +318,28 @@ def _segment_output_kernel(
 
 @triton.jit
 def _decode_step_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, state_ptr, log_decay_ptr, scale,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh,
+    q_ptr, k_ptr, v_ptr, o_ptr, state_ptr, log_decay_ptr, scale, T,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
 ):
-    """state[b, h, :, tile] <- gamma * state + k^T v ; o[b, h, tile] = scale * q state."""
+    """T tokens in order, the state tile held in registers between them: for each token t,
+    state[b, h, :, tile] <- gamma * state + k_t^T v_t ; o_t[b, h, tile] = scale * q_t state."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_k = tl.arange(0, DK)
     offs_v = tl.program_id(2) * BV + tl.arange(0, BV)
     gamma = tl.exp(tl.load(log_decay_ptr + h).to(tl.float32))
-    qv = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_k).to(tl.float32)
-    kv = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_k).to(tl.float32)
-    vv = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_v).to(tl.float32)
     s_ptrs = state_ptr + (b * H + h) * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
-    state = tl.load(s_ptrs) * gamma + kv[:, None] * vv[None, :]
+    state = tl.load(s_ptrs)
+    for t in range(T):
+        qv = tl.load(q_ptr + b * stride_qb + t * stride_qt + h * stride_qh + offs_k).to(tl.float32)
+        kv = tl.load(k_ptr + b * stride_kb + t * stride_kt + h * stride_kh + offs_k).to(tl.float32)
+        vv = tl.load(v_ptr + b * stride_vb + t * stride_vt + h * stride_vh + offs_v).to(tl.float32)
+        state = state * gamma + kv[:, None] * vv[None, :]
+        out = tl.reduce(qv[:, None] * state, 0, _add) * scale
+        tl.store(o_ptr + b * stride_ob + t * stride_ot + h * stride_oh + offs_v, out.to(o_ptr.dtype.element_ty))
     tl.store(s_ptrs, state)
-    out = tl.reduce(qv[:, None] * state, 0, _add) * scale
-    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_v, out.to(o_ptr.dtype.element_ty))
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -559,26 +563,34 @@ def lightning_decode_step_triton(q: Tensor, k: Tensor, v: Tensor, log_decay: Ten
                                  config: LightningConfig | None = None) -> Tensor:
     """Triton decode step: one launch, no host sync; allocates only `o` (nothing when `out` is given).
 
-    State must be contiguous fp32 [B, H, Dk, Dv]; q, k, v need a contiguous last dim. config None: the defaults.
+    q, k [B, H, Dk], v [B, H, Dv] (one token), or [B, T, H, D] (T tokens in order, e.g. a verify step's: the
+    state stays in registers between them). State must be contiguous fp32 [B, H, Dk, Dv]; q, k, v need a
+    contiguous last dim. config None: the defaults.
     """
     config = DEFAULT_CONFIG if config is None else config
-    batch, heads, dk = q.shape
+    if q.dim() == 3:
+        (batch, heads, dk), T = q.shape, 1
+    else:
+        batch, T, heads, dk = q.shape
     dv = v.shape[-1]
     if dk not in SUPPORTED_HEAD_DIMS or dv not in SUPPORTED_HEAD_DIMS:
         _check_head_dims(dk, dv)
     if state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError(f"lightning (Triton): decode state must be contiguous float32, got {state.dtype} "
                          f"contiguous={state.is_contiguous()}")
-    qs, ks, vs = q.stride(), k.stride(), v.stride()
-    if qs[2] != 1 or ks[2] != 1 or vs[2] != 1:
-        raise ValueError(f"lightning (Triton): q, k and v must have a contiguous last dim, got strides {qs}, {ks}, "
-                         f"{vs}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError(f"lightning (Triton): q, k and v must have a contiguous last dim, got strides {q.stride()}, "
+                         f"{k.stride()}, {v.stride()}")
     scale = dk ** -0.5 if scale is None else float(scale)
-    o = out if out is not None else _empty((batch, heads, dv), q.dtype, q.device)
-    os_ = o.stride()
+    o = out if out is not None else _empty(tuple(q.shape[:-1]) + (dv,), q.dtype, q.device)
+
+    def bth(x: Tensor) -> tuple[int, int, int]:
+        """(batch, token, head) strides; a one-token call's token stride is never used."""
+        st = x.stride()
+        return (st[0], 0, st[1]) if x.dim() == 3 else (st[0], st[1], st[2])
+
     bv = min(config.decode_block_v, dv)
     grid = (batch, heads, dv // bv)
-    launch(_decode_step_kernel, grid,
-           (q, k, v, o, state, log_decay, scale, qs[0], qs[1], ks[0], ks[1], vs[0], vs[1], os_[0], os_[1]),
+    launch(_decode_step_kernel, grid, (q, k, v, o, state, log_decay, scale, T, *bth(q), *bth(k), *bth(v), *bth(o)),
            dict(H=heads, DK=dk, DV=dv, BV=bv), config.decode_num_warps, fast=config.fast_launch)
     return o

@@ -112,6 +112,22 @@ def test_decode_steps_equal_chunked():
     assert ret is out and torch.isfinite(out).all()
 
 
+def test_multi_token_decode_equals_one_token_calls():
+    """[B, T, H, D] inputs: the same outputs and final state as T one-token calls, bit for bit, also for strided
+    views (a fused projection's slices) and into an `out` buffer."""
+    b, t, h, d = 2, 5, 3, 8
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(b, t, h, 3 * d, generator=g)
+    q, k, v = (qkv[..., i * d:(i + 1) * d] for i in range(3))
+    ld = lightning_log_decay(h)
+    s0 = torch.randn(b, h, d, d, generator=g)
+    st_one, st_all = s0.clone(), s0.clone()
+    one = torch.stack([lightning_decode_step(q[:, i], k[:, i], v[:, i], ld, st_one) for i in range(t)], dim=1)
+    out = torch.full((b, t, h, d), float("nan"))
+    got = lightning_decode_step(q, k, v, ld, st_all, out=out)
+    assert got is out and torch.equal(out, one) and torch.equal(st_all, st_one)
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_state_after_a_prefix_equals_that_many_decode_steps(dtype, tol):
     # Each row keeps its own number of the T tokens: 0 (the state before), some, all.
@@ -221,8 +237,10 @@ def test_decode_bad_inputs():
     q, k, v, ld, s0 = _ok()
     with pytest.raises(ValueError, match=r"state must have shape \(2, 2, 8, 8\)"):
         lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], ld, s0[:1])
-    with pytest.raises(ValueError, match=r"q must be \[B, H, D\]"):
-        lightning_decode_step(q, k, v, ld, s0)
+    with pytest.raises(ValueError, match=r"q must be \[B, H, D\] or \[B, T, H, D\]"):
+        lightning_decode_step(q[0, 0, 0], k[0, 0, 0], v[0, 0, 0], ld, s0)
+    with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor of shape \(2, 5, 2, 8\)"):
+        lightning_decode_step(q, k, v, ld, s0, out=torch.empty(2, 2, 8))
     with pytest.raises(ValueError, match=r"out must be"):
         lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], ld, s0, out=torch.empty(2, 2, 4))
     q1, k1, v1 = q[:, 0], k[:, 0], v[:, 0]

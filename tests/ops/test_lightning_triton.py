@@ -196,6 +196,27 @@ def test_decode_step_matches_reference_and_chunked(config, dtype, dk, dv, b):
     assert o_alloc.dtype == dtype and o_alloc.shape == (b, h, dv)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_token_decode_matches_one_token_calls(config, dtype):
+    """T tokens in one launch (the state held in registers between them) = T one-token launches (same fp32
+    arithmetic in the same order), for strided views of a fused projection and the reference's outputs."""
+    b, t, h, d = 2, 3, 2, 16
+    g = torch.Generator().manual_seed(13)
+    qkv = torch.randn(b, t, h, 3 * d, generator=g).to(DEVICE, dtype)
+    q, k, v = (qkv[..., i * d:(i + 1) * d] for i in range(3))
+    ld = lightning_log_decay(h, DEVICE)
+    s0 = torch.randn(b, h, d, d, generator=g).to(DEVICE)
+    st_one, st_all, st_ref = s0.clone(), s0.clone(), s0.clone()
+    one = torch.stack([lightning_decode_step(q[:, i], k[:, i], v[:, i], ld, st_one, config=config)
+                       for i in range(t)], dim=1)
+    out = torch.full((b, t, h, d), float("nan"), dtype=dtype, device=DEVICE)
+    assert lightning_decode_step(q, k, v, ld, st_all, out=out, config=config) is out
+    assert torch.equal(out, one) and torch.equal(st_all, st_one)
+    ref = torch.stack([lightning_decode_step_reference(q[:, i].float(), k[:, i].float(), v[:, i].float(), ld, st_ref)
+                       for i in range(t)], dim=1)
+    assert rel_err(out, ref) < TOL[dtype] and rel_err(st_all, st_ref) < 1e-5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode launch cache serves CUDA launches only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_cached_launch_equals_the_jit_launch(lt, config, dtype):
