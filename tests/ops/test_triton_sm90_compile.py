@@ -118,6 +118,19 @@ def test_lightning_output_kernel_compiles_for_sm90(factored, reverse):
     assert "warp_group_dot" in k.asm["ttgir"]
 
 
+@compiled
+def test_lightning_decode_step_kernel_compiles_for_sm90():
+    """The decode step kernel (T tokens per row in a loop, the state tile in registers) at the default launch
+    settings, bf16 [B, T, 32, 128] inputs."""
+    from sala.ops import lightning_triton as lt
+
+    cfg = lt.LightningConfig()
+    ptrs = {**{f"{n}_ptr": "*bf16" for n in "qkvo"}, "state_ptr": "*fp32", "log_decay_ptr": "*fp32"}
+    k = compile_sm90(lt._decode_step_kernel, ptrs, dict(H=32, DK=128, DV=128, BV=cfg.decode_block_v),
+                     num_warps=cfg.decode_num_warps)
+    assert k.metadata.shared <= SMEM_LIMIT
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="this session compiles kernels: the tests above run in it")
 def test_sm90_compiles_in_a_process_without_the_interpreter():
     """Every test above, in a pytest process whose Triton kernels are built for compilation."""
