@@ -115,7 +115,7 @@ def _decode_args_ok(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: T
     try:
         qs, vs, dtype, dev = q.shape, v.shape, q.dtype, q.device
         n = len(qs)
-        return ((n == 3 or n == 4) and k.shape == qs and len(vs) == n and vs[:-1] == qs[:-1]
+        return ((n == 3 or (n == 4 and qs[1] > 0)) and k.shape == qs and len(vs) == n and vs[:-1] == qs[:-1]
                 and dtype in _FLOAT_INPUTS and k.dtype == dtype and v.dtype == dtype
                 and k.device == dev and v.device == dev and state.device == dev and log_decay.device == dev
                 and log_decay.shape == (qs[-2],) and log_decay.is_floating_point()
@@ -129,6 +129,8 @@ def _check_decode_args(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state
     """Every check of a decode step's arguments, each with its own message."""
     rank = q.dim() if isinstance(q, Tensor) and q.dim() == 4 else 3
     _check_common(q, k, v, log_decay, rank, "[B, H, D] or [B, T, H, D]")
+    if rank == 4 and q.shape[1] == 0:
+        raise ValueError(f"lightning: a decode step needs at least one token per row, got q {tuple(q.shape)}")
     batch, heads, dk = q.shape[0], q.shape[-2], q.shape[-1]
     dv = v.shape[-1]
     _check_state("state", state, (batch, heads, dk, dv))

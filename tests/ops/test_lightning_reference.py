@@ -239,6 +239,8 @@ def test_decode_bad_inputs():
         lightning_decode_step(q[:, 0], k[:, 0], v[:, 0], ld, s0[:1])
     with pytest.raises(ValueError, match=r"q must be \[B, H, D\] or \[B, T, H, D\]"):
         lightning_decode_step(q[0, 0, 0], k[0, 0, 0], v[0, 0, 0], ld, s0)
+    with pytest.raises(ValueError, match=r"at least one token per row, got q \(2, 0, 2, 8\)"):
+        lightning_decode_step(q[:, :0], k[:, :0], v[:, :0], ld, s0)
     with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor of shape \(2, 5, 2, 8\)"):
         lightning_decode_step(q, k, v, ld, s0, out=torch.empty(2, 2, 8))
     with pytest.raises(ValueError, match=r"out must be"):
