@@ -12,6 +12,7 @@ For one prefill of N tokens (9B shape, random weights, after `SalaEngine.warmup`
   untimed warm run each).
 
     python experiments/profiling/prefill_gaps.py --length 256K --out gaps.json [--other-chunk-sizes 32768,65536]
+        [--quantization fp8]
 
 Needs a CUDA GPU.
 """
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--other-chunk-sizes", default="", help="comma-separated prefill chunk sizes to time too")
     ap.add_argument("--preset", default="minicpm-sala-9b")
+    ap.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 projections and LM head")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     (n,) = parse_lengths(a.length)
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("experiments/profiling/prefill_gaps.py needs a CUDA GPU")
     kw = {} if a.chunk_size is None else {"chunk_size": a.chunk_size}
+    if a.quantization:
+        kw["quantization"] = a.quantization
     engine = SalaEngine.from_preset(a.preset, random_weights=True, device="cuda", dtype="bf16", seed=0, **kw)
     engine.warmup(n + 16)
     ids = torch.randint(3, engine.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -148,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chunk {c}: {by_chunk[str(c)]} s", flush=True)
     engine.chunk_size = first_chunk
     payload = {"meta": run_metadata(), "benchmark": "prefill_gaps", "preset": a.preset, "length": n,
+               "quantization": a.quantization,
                "chunk_size": first_chunk, "wall_s": round(wall, 3), "wall_profiled_s": round(wall_profiled, 3),
                "gpu_busy_s": round(busy / 1e3, 3), "idle_fraction": round(1 - busy / 1e3 / wall_profiled, 4),
                "syncs": sum(sites.values()), "sync_sites": dict(sites.most_common(20)),
