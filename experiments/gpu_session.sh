@@ -10,7 +10,7 @@
 #
 # `one` needs runs/baseline (the tree before the one-forward redesign: `git archive 7c62c84 sala | tar -x -C
 # runs/baseline`, carried); `two` needs the serve extra's wheels in .whl/ (carried; the device image lacks fastapi,
-# uvicorn and pydantic). Each measurement runs under its own time limit.
+# uvicorn and pydantic; py-spy's wheel is there too). Each measurement runs under its own time limit.
 set -uo pipefail
 part=${1:?usage: gpu_session.sh PART | run NAME:SECONDS...}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -47,6 +47,10 @@ chunk_gaps() { step chunk_gaps "$1" python3 experiments/profiling/prefill_gaps.p
   --other-chunk-sizes 2048 --out "$OUT/prefill_gaps_64k_chunk512_$gpu.json"; }
 serve_step() { step serve_step "$1" python3 experiments/profiling/serve_step.py --contexts 32K,256K,1M \
   --chunk-size 512 --out "$OUT/serve_step_1m_chunk512_$gpu.json"; }
+# the host's Python time in serving steps, by call stack (py-spy's wheel is carried in .whl; collapsed stacks)
+serve_step_pyspy() { step serve_step_pyspy "$1" /tmp/site/bin/py-spy record -r 250 -f raw \
+  -o "$OUT/serve_step_pyspy_$gpu.txt" -- python3 experiments/profiling/serve_step.py --contexts 32K --steps 40 \
+  --out "$OUT/serve_step_32k_$gpu.json"; }
 # where a 1M prefill's time goes, bf16 and FP8 (FP8 gave no gain at 1M on the H100: 57.65 vs 57.66 s)
 gaps_1m() { step gaps_1m_bf16 "$1" python3 experiments/profiling/prefill_gaps.py --length 1M \
   --out "$OUT/prefill_gaps_1m_$gpu.json"
@@ -89,7 +93,7 @@ case "$part" in
   serve) gpu_tests_short 130; spec 80; serve_load 100; decode64 50; interference 200; serve_load_8k 60 ;;
   latency) spec 55; latency_fp8_only 110; serve_load 65 ;;
   last) latency_bf16 110; serve_load_8k 55; chunk_gaps 90; fp8_bundled 60 ;;
-  next) spec 100; serve_step 150; gaps_1m 150; sparse_h100 150 ;;   # the next session's first call
+  next) spec 100; serve_step_pyspy 120; gaps_1m 150; sparse_h100 150 ;;   # the next session's first call
   run) shift; for item in "$@"; do "${item%%:*}" "${item##*:}"; done ;;   # run spec:120 chunk_gaps:90 ...
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
