@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("experiments/profiling/serve_step.py needs a CUDA GPU (--device cpu: a smoke run)")
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     longest = -(-(contexts[-1] + a.fill_chunk + a.chunk_size * (a.steps + 8)) // 64) * 64
-    core = EngineCore.from_pretrained(a.preset, device=a.device, dtype="bf16" if a.device == "cuda" else "fp32", max_num_seqs=a.streams + 1,
+    dtype = "bf16" if a.device == "cuda" else "fp32"
+    core = EngineCore.from_pretrained(a.preset, device=a.device, dtype=dtype, max_num_seqs=a.streams + 1,
                                       max_model_len=longest, chunk_size=a.fill_chunk, enable_prefix_cache=False)
     warm_s = SalaEngine(core.model, core.tokenizer).warmup(longest, a.streams + 1)
     gen = torch.Generator().manual_seed(0)
