@@ -178,6 +178,29 @@ def check_forward():
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+def check_flat_indices_shared():
+    """The sparse layers of one forward call share the flat-token indices of one shape (computed once, read-only):
+    their values are the per-call formula's, a second call with the shape reuses them, and its output is the same."""
+    from sala.ops.infllmv2 import sparse_attention as sa
+
+    q, k, v, idx = _attention_case(3)
+    B, Tq, Tk, bs = q.shape[0], q.shape[1], k.shape[1], SMALL.block_size
+    sa._flat_indices.cache_clear()
+    _mode("triton")
+    first = block_sparse_attention(q, k, v, idx, SMALL, q_offset=Q_OFFSET)
+    second = block_sparse_attention(q, k, v, idx, SMALL, q_offset=Q_OFFSET)
+    info = sa._flat_indices.cache_info()
+    assert (info.misses, info.hits) == (1, 1), info
+    assert torch.equal(first, second)
+    pos, kbase, gbase, gid_kstart, gid_blk, n_gid = sa._flat_indices(B, Tq, Tk, Q_OFFSET, bs, q.device)
+    nbk = -(-Tk // bs)
+    rows = torch.arange(B).repeat_interleave(Tq)
+    assert pos.tolist() == (Q_OFFSET + torch.arange(Tq)).repeat(B).tolist() and pos.dtype == torch.int32
+    assert kbase.tolist() == (rows * Tk).tolist() and gbase.tolist() == (rows * nbk).tolist()
+    assert n_gid == B * nbk and gid_blk.tolist() == [b for _ in range(B) for b in range(nbk)]
+    assert gid_kstart.tolist() == [r * Tk + b * bs for r in range(B) for b in range(nbk)]
+
+
 def check_backward():
     """dq, dk, dv vs the reference, one, two and four selected blocks per iteration of the dq walk."""
     q, k, v, idx = _attention_case(4, G=4)

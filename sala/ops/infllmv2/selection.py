@@ -2,6 +2,8 @@
 reference elsewhere)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from sala.ops.dispatch import triton_available, use_triton
@@ -35,7 +37,7 @@ def select_blocks(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, params: S
     if q_offset < 0:
         raise ValueError(f"select_blocks: q_offset must be >= 0, got {q_offset}")
     B, Tq = q.shape[:2]
-    pos = (q_offset + torch.arange(Tq, device=q.device))[None].expand(B, Tq)
+    pos = _positions(B, Tq, q_offset, q.device)
     s = softmax_scale(q, scale)
     config = kernel_config_or_default(kernel_config)
     with torch.no_grad():
@@ -43,3 +45,10 @@ def select_blocks(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, params: S
             return tri.select_blocks_triton(q, k1, k2, pos, params, s, config, pos_max=q_offset + Tq - 1)
         # select_blocks_ref's result; each chunk of queries scores only the compressed keys it can see
         return select_blocks_blockwise(q, k1, k2, pos, params, s)
+
+
+@functools.lru_cache(maxsize=8)
+def _positions(B: int, Tq: int, q_offset: int, dev: torch.device) -> torch.Tensor:
+    """Query positions int64 [B, Tq] (q_offset ..), kept per shape (read-only): the sparse layers of one forward
+    call share them."""
+    return (q_offset + torch.arange(Tq, device=dev))[None].expand(B, Tq)

@@ -1,6 +1,8 @@
 """InfLLM-V2 block-sparse attention over selected key blocks (Triton on GPU, PyTorch reference elsewhere)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from sala.ops.dispatch import triton_available, use_triton
@@ -70,12 +72,22 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         if B * Hkv * Tq * Tk <= _MASKED_REF_MAX_ELEMENTS:
             return ref.sparse_attention_masked_ref(q, k, v, block_idx, q_offset, bs, softmax_scale(q, scale))
         return sparse_attention_blockwise_ref(q, k, v, block_idx, q_offset, bs, softmax_scale(q, scale))
-    nbk = -(-Tk // bs)
-    pos = (q_offset + torch.arange(Tq, device=dev)).repeat(B)
-    brow = torch.arange(B, device=dev).repeat_interleave(Tq)
-    g = torch.arange(B * nbk, device=dev)
+    pos, kbase, gbase, gid_kstart, gid_blk, n_gid = _flat_indices(B, Tq, Tk, q_offset, bs, dev)
     o = sparse_attention_flat(q.reshape(B * Tq, Hq, D), k.reshape(B * Tk, Hkv, D), v.reshape(B * Tk, Hkv, D),
-                              block_idx.to(torch.int32), pos, brow * Tk, brow * nbk,
-                              torch.div(g, nbk, rounding_mode="floor") * Tk + (g % nbk) * bs, g % nbk, B * nbk,
+                              block_idx.to(torch.int32), pos, kbase, gbase, gid_kstart, gid_blk, n_gid,
                               params, softmax_scale(q, scale), forced_blocks, kernel_config)
     return o.reshape(B, Tq, Hq, D)
+
+
+@functools.lru_cache(maxsize=8)
+def _flat_indices(B: int, Tq: int, Tk: int, q_offset: int, bs: int, dev: torch.device) -> tuple:
+    """The flat-token indices of `sparse_attention_flat` for B rows of Tq queries at q_offset.. over Tk keys in
+    blocks of bs: pos int32 [B*Tq], kbase / gbase int64 [B*Tq], gid_kstart int64 / gid_blk int32 [B*nbk], n_gid.
+    Kept per shape (read-only): the sparse layers of one forward call share them instead of launching the same
+    dozen small kernels each."""
+    nbk = -(-Tk // bs)
+    pos = (q_offset + torch.arange(Tq, device=dev)).repeat(B).to(torch.int32)
+    brow = torch.arange(B, device=dev).repeat_interleave(Tq)
+    g = torch.arange(B * nbk, device=dev)
+    gid_kstart = torch.div(g, nbk, rounding_mode="floor") * Tk + (g % nbk) * bs
+    return pos, brow * Tk, brow * nbk, gid_kstart, (g % nbk).to(torch.int32), B * nbk
