@@ -192,13 +192,20 @@ def check_flat_indices_shared():
     info = sa._flat_indices.cache_info()
     assert (info.misses, info.hits) == (1, 1), info
     assert torch.equal(first, second)
-    pos, kbase, gbase, gid_kstart, gid_blk, n_gid = sa._flat_indices(B, Tq, Tk, Q_OFFSET, bs, q.device)
+    pos, kbase, gbase, gid_kstart, gid_blk, n_gid = sa._flat_indices(B, Tq, Tk, Q_OFFSET, bs, q.device, False)
     nbk = -(-Tk // bs)
     rows = torch.arange(B).repeat_interleave(Tq)
     assert pos.tolist() == (Q_OFFSET + torch.arange(Tq)).repeat(B).tolist() and pos.dtype == torch.int32
     assert kbase.tolist() == (rows * Tk).tolist() and gbase.tolist() == (rows * nbk).tolist()
     assert n_gid == B * nbk and gid_blk.tolist() == [b for _ in range(B) for b in range(nbk)]
     assert gid_kstart.tolist() == [r * Tk + b * bs for r in range(B) for b in range(nbk)]
+    # indices made under inference_mode are never handed to a forward that records a backward
+    with torch.inference_mode():
+        block_sparse_attention(q, k, v, idx, SMALL, q_offset=Q_OFFSET)
+    assert sa._flat_indices.cache_info().misses == 2
+    qg = q.clone().requires_grad_()
+    block_sparse_attention(qg, k, v, idx, SMALL, q_offset=Q_OFFSET).sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
 
 
 def check_backward():

@@ -37,7 +37,7 @@ def select_blocks(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, params: S
     if q_offset < 0:
         raise ValueError(f"select_blocks: q_offset must be >= 0, got {q_offset}")
     B, Tq = q.shape[:2]
-    pos = _positions(B, Tq, q_offset, q.device)
+    pos = _positions(B, Tq, q_offset, q.device, torch.is_inference_mode_enabled())
     s = softmax_scale(q, scale)
     config = kernel_config_or_default(kernel_config)
     with torch.no_grad():
@@ -48,7 +48,7 @@ def select_blocks(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, params: S
 
 
 @functools.lru_cache(maxsize=8)
-def _positions(B: int, Tq: int, q_offset: int, dev: torch.device) -> torch.Tensor:
+def _positions(B: int, Tq: int, q_offset: int, dev: torch.device, inference: bool) -> torch.Tensor:
     """Query positions int64 [B, Tq] (q_offset ..), kept per shape (read-only): the sparse layers of one forward
-    call share them."""
+    call share them. `inference`: made under torch.inference_mode (kept apart from tensors made outside it)."""
     return (q_offset + torch.arange(Tq, device=dev))[None].expand(B, Tq)

@@ -72,7 +72,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         if B * Hkv * Tq * Tk <= _MASKED_REF_MAX_ELEMENTS:
             return ref.sparse_attention_masked_ref(q, k, v, block_idx, q_offset, bs, softmax_scale(q, scale))
         return sparse_attention_blockwise_ref(q, k, v, block_idx, q_offset, bs, softmax_scale(q, scale))
-    pos, kbase, gbase, gid_kstart, gid_blk, n_gid = _flat_indices(B, Tq, Tk, q_offset, bs, dev)
+    pos, kbase, gbase, gid_kstart, gid_blk, n_gid = _flat_indices(B, Tq, Tk, q_offset, bs, dev,
+                                                                  torch.is_inference_mode_enabled())
     o = sparse_attention_flat(q.reshape(B * Tq, Hq, D), k.reshape(B * Tk, Hkv, D), v.reshape(B * Tk, Hkv, D),
                               block_idx.to(torch.int32), pos, kbase, gbase, gid_kstart, gid_blk, n_gid,
                               params, softmax_scale(q, scale), forced_blocks, kernel_config)
@@ -80,11 +81,12 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
 
 
 @functools.lru_cache(maxsize=8)
-def _flat_indices(B: int, Tq: int, Tk: int, q_offset: int, bs: int, dev: torch.device) -> tuple:
+def _flat_indices(B: int, Tq: int, Tk: int, q_offset: int, bs: int, dev: torch.device, inference: bool) -> tuple:
     """The flat-token indices of `sparse_attention_flat` for B rows of Tq queries at q_offset.. over Tk keys in
     blocks of bs: pos int32 [B*Tq], kbase / gbase int64 [B*Tq], gid_kstart int64 / gid_blk int32 [B*nbk], n_gid.
     Kept per shape (read-only): the sparse layers of one forward call share them instead of launching the same
-    dozen small kernels each."""
+    dozen small kernels each. `inference`: made under torch.inference_mode (such tensors cannot be saved for a
+    backward outside it, so they are kept apart)."""
     nbk = -(-Tk // bs)
     pos = (q_offset + torch.arange(Tq, device=dev)).repeat(B).to(torch.int32)
     brow = torch.arange(B, device=dev).repeat_interleave(Tq)
