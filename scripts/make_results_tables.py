@@ -281,16 +281,15 @@ def selection_profile_lines() -> list[str]:
     if r1m:
         k = {e["name"]: e["device_ms"] for e in r1m["kernels"]}
         old = next((r for r in runs[0][1]["results"] if r["T"] == 1 << 20), None)
-        old_topk = old["select_ms"] - {e["name"]: e["device_ms"] for e in old["kernels"]}["_block_scores_kernel"] \
-            if old else None
+        old_scores = {e["name"]: e["device_ms"] for e in old["kernels"]}["_block_scores_kernel"] if old else None
+        old_topk = old["select_ms"] - old_scores if old else None
         out += [f"A radix-select top-k for the wide rows (8 bits a pass over the row read in tiles; "
                 f"`bench/results/profile_selection_radix_h100.json`, {_device(rx)}, commit {_commit(rx)}) took "
                 f"{_f(k.get('_topk_radix_kernel'), 0)} ms at 1M against {_f(old_topk, 0)} ms for torch.topk and its "
                 "tie handling (selection minus the pooled-score kernel, H200 run above: a different device, the "
                 "same-run baseline at 1M ran out of time; the pooled-score kernel took "
-                f"{_f(k.get('_block_scores_kernel'), 0)} ms there against "
-                f"{_f({e['name']: e['device_ms'] for e in old['kernels']}['_block_scores_kernel'] if old else None, 0)}"
-                " ms here, so the devices compute alike). It was removed.", ""]
+                f"{_f(k.get('_block_scores_kernel'), 0)} ms there against {_f(old_scores, 0)} ms here, so the devices "
+                "compute alike). It was removed.", ""]
     latest = runs[-1][1]
     names = sorted({k[:-len("_select_ms")] for r in latest["results"] for k in r if k.endswith("_select_ms")})
     if names:

@@ -303,14 +303,6 @@ def decode_floor(core, batch: int, context: int, bandwidth: float | None) -> dic
     return out
 
 
-def _reset_slots(cache) -> None:
-    """Every row of an idle engine's StaticCache empty again: host lengths (the list its views share), device
-    seqlens and lightning states zero."""
-    cache.lengths[:] = [0] * len(cache.lengths)
-    cache.seqlens.zero_()
-    cache.states.zero_()
-
-
 def measure_decode_step(core, batch: int, context: int, steps: int = 20, warmup: int = 3) -> float:
     """Median seconds of one pure decode step (no prefill, no sampling) of an idle EngineCore with `batch`
     sequences of `context` cached tokens: the engine's own step for the smallest bucket holding `batch` rows
@@ -342,7 +334,7 @@ def measure_decode_step(core, batch: int, context: int, steps: int = 20, warmup:
         with torch.no_grad():
             ms = bench_ms(step, warmup=warmup, rep=steps, setup=lambda: cache.seqlens.copy_(start))
     finally:
-        _reset_slots(cache)
+        cache.reset()
     return ms / 1e3
 
 

@@ -19,10 +19,10 @@ class GraphedCall:
     """`fn()` (static buffers in and out), replayed from a CUDA graph after its first eager call."""
 
     def __init__(self, fn: Callable[[], torch.Tensor | None], device: torch.device, *, use_graph: bool = True,
-                 keep: tuple[torch.Tensor, ...] = (), name: str = "decode step") -> None:
+                 preserve: tuple[torch.Tensor, ...] = (), name: str = "decode step") -> None:
         self.fn = fn
         self.use_graph = use_graph and device.type == "cuda"
-        self.keep = keep            # tensors whose values must be the same after the capture as before it
+        self.preserve = preserve    # tensors whose values must be the same after the capture as before it
         self.name = name
         self.graph: torch.cuda.CUDAGraph | None = None
         self.result: torch.Tensor | None = None
@@ -31,7 +31,7 @@ class GraphedCall:
 
     def _capture(self) -> None:
         graph = torch.cuda.CUDAGraph()
-        saved = [t.clone() for t in self.keep]
+        saved = [t.clone() for t in self.preserve]
         try:
             with torch.cuda.graph(graph):
                 self.result = self.fn()
@@ -41,10 +41,10 @@ class GraphedCall:
             self.use_graph = False
             self.mode = "eager (capture failed)"
             torch.cuda.synchronize()
-            for t, s in zip(self.keep, saved):
+            for t, s in zip(self.preserve, saved):
                 t.copy_(s)
             return
-        for t, s in zip(self.keep, saved):
+        for t, s in zip(self.preserve, saved):
             t.copy_(s)
         self.graph = graph
 
@@ -76,7 +76,7 @@ class GraphedDecodeStep:
         self.ids = step.ids
         self.logits = step.logits
         device = step.runner.device
-        self._run = GraphedCall(step, device, use_graph=use_graph, keep=(step.cache.seqlens,),
+        self._run = GraphedCall(step, device, use_graph=use_graph, preserve=(step.cache.seqlens,),
                                 name="decode step" if isinstance(step, DecodeStep) else "verify step")
         self._rollback = (GraphedCall(step.rollback, device, use_graph=use_graph, name="verify rollback")
                           if hasattr(step, "rollback") else None)

@@ -514,13 +514,24 @@ class EngineCore:
         """The smallest decode batch-size bucket (CUDA graph) that holds rows [0, rows)."""
         return next(b for b in self.buckets if b >= rows)
 
+    def _bucket_cache(self, b: int) -> StaticCache:
+        """The cache rows [0, b) a step of bucket b runs on (the whole cache, or a view of its first rows)."""
+        return self.cache if b == self.max_num_seqs else self.cache.rows_view(b)
+
     def _decode_step(self, b: int) -> GraphedDecodeStep:
         st = self._steps.get(b)
         if st is None:
-            view = self.cache if b == self.max_num_seqs else self.cache.rows_view(b)
-            st = GraphedDecodeStep(DecodeStep(self.runner, view), use_graph=self.use_cuda_graph)
+            st = GraphedDecodeStep(DecodeStep(self.runner, self._bucket_cache(b)), use_graph=self.use_cuda_graph)
             self._steps[b] = st
         return st
+
+    def _advance(self, seqs: list[_Seq], tokens: list[int] | None = None) -> None:
+        """After a decode or verify step: each seq's host length grows by its kept tokens (`tokens`, by row;
+        None: one each), the device lengths follow in one upload."""
+        for s in seqs:
+            self.cache.lengths[s.row] += 1 if tokens is None else tokens[s.row]
+        self.cache.seqlens.copy_(torch.tensor(self.cache.lengths, dtype=torch.int32))
+        self.counters["decode_steps"] += 1
 
     @torch.no_grad()
     def _decode(self, seqs: list[_Seq]) -> list[RequestOutput]:
@@ -538,10 +549,7 @@ class EngineCore:
         logits = step()
         if keep:
             self.cache.states[:, keep] = saved
-        for s in seqs:
-            self.cache.lengths[s.row] += 1
-        self.cache.seqlens.copy_(torch.tensor(self.cache.lengths, dtype=torch.int32))
-        self.counters["decode_steps"] += 1
+        self._advance(seqs)
         return self._sample(seqs, _rows_of(logits, seqs))
 
     # ------------------------------------------------------------------ speculative decoding
@@ -563,11 +571,10 @@ class EngineCore:
     def _verify_step(self, b: int, T: int) -> GraphedDecodeStep:
         st = self._verify_steps.get((b, T))
         if st is None:
-            view = self.cache if b == self.max_num_seqs else self.cache.rows_view(b)
             if self._spec_snapshot is None:      # one snapshot buffer for every verify step (bucket and T)
                 self._spec_snapshot = torch.empty_like(self.cache.states)
-            st = GraphedDecodeStep(VerifyStep(self.runner, view, T, snapshot=self._spec_snapshot[:, :b]),
-                                   use_graph=self.use_cuda_graph)
+            st = GraphedDecodeStep(VerifyStep(self.runner, self._bucket_cache(b), T,
+                                              snapshot=self._spec_snapshot[:, :b]), use_graph=self.use_cuda_graph)
             self._verify_steps[(b, T)] = st
         return st
 
@@ -599,10 +606,7 @@ class EngineCore:
         if any(k < T for k in keep):
             step.keep.copy_(torch.tensor(keep, dtype=torch.long))
             step.rollback()
-        for s in seqs:
-            self.cache.lengths[s.row] += keep[s.row]
-        self.cache.seqlens.copy_(torch.tensor(self.cache.lengths, dtype=torch.int32))
-        self.counters["decode_steps"] += 1
+        self._advance(seqs, keep)
         outs = []
         for s in seqs:
             if s.req.request_id not in drafts:

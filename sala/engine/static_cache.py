@@ -63,9 +63,10 @@ class StaticCache:
                              f"more than the capacity {self.capacity} this cache was allocated for")
 
     def reset(self) -> None:
-        """Forget every sequence (buffers are kept; states zeroed)."""
+        """Forget every sequence (buffers are kept; states zeroed). The host lengths are cleared in place: the
+        `rows_view`s of this cache share the list."""
         self.states.zero_()
-        self.lengths = [0] * self.batch
+        self.lengths[:] = [0] * len(self.lengths)
         self.seqlens.zero_()
 
     def memory_bytes(self) -> dict[str, int]:

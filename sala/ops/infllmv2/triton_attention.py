@@ -325,7 +325,7 @@ def _band_launch(rows: int, stages: int | None, dtype: torch.dtype) -> tuple[int
     H100's 227 KiB at head dim 128). 16 rows in the interpreter."""
     if interpreter_enabled():
         return 16, launch_stages(stages)
-    if torch.empty((), dtype=dtype).element_size() > 2:
+    if dtype.itemsize > 2:
         return max(16, rows // 2), launch_stages(min(stages, 2) if stages is not None else None)
     return rows, launch_stages(stages)
 
