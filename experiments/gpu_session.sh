@@ -37,6 +37,8 @@ gpu_tests() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cachepro
   tests/engine/test_engine_gpu.py tests/ops/test_infllmv2_triton.py; }
 gpu_tests_short() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
   --junitxml="$OUT/gpu_tests.xml" tests/engine/test_scheduler_gpu.py tests/model/test_fp8_model.py; }
+gpu_tests_pieces() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
+  --junitxml="$OUT/gpu_tests.xml" tests/engine/test_prefill_graph.py tests/engine/test_scheduler_gpu.py; }
 latency_fp8() { step latency_fp8 "$1" python3 -m sala.bench.latency --quantization fp8 --lengths 256K,1M \
   --decode-tokens 64 --no-profile --no-plots --out "$OUT/latency_fp8_$gpu.json"; }
 latency_fp8_only() { step latency_fp8 "$1" python3 -m sala.bench.latency --quantization fp8 --lengths 256K,1M \
@@ -56,6 +58,10 @@ gaps_1m() { step gaps_1m_bf16 "$1" python3 experiments/profiling/prefill_gaps.py
   --out "$OUT/prefill_gaps_1m_$gpu.json"
   step gaps_1m_fp8 "$1" python3 experiments/profiling/prefill_gaps.py --length 1M --quantization fp8 \
   --out "$OUT/prefill_gaps_1m_fp8_$gpu.json"; }
+gaps_1m_quick() { step gaps_1m_fp8 "$1" python3 experiments/profiling/prefill_gaps.py --length 1M --quantization fp8 \
+  --profiled-only --out "$OUT/prefill_gaps_1m_fp8_$gpu.json"
+  step gaps_1m_bf16 "$1" python3 experiments/profiling/prefill_gaps.py --length 1M --profiled-only \
+  --out "$OUT/prefill_gaps_1m_$gpu.json"; }
 # issue 29's sparse targets are stated for an H100 (the official kernel's GPU)
 sparse_h100() { step sparse_h100 "$1" python3 -m sala.bench.kernels_sparse --lengths 32768,65536,131072 \
   --backward-max-len 131072 --time-budget-s $(( $1 - 30 )) --out "$OUT/sparse_kernels_$gpu.json"; }

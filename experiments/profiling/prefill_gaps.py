@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--other-chunk-sizes", default="", help="comma-separated prefill chunk sizes to time too")
     ap.add_argument("--preset", default="minicpm-sala-9b")
     ap.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 projections and LM head")
+    ap.add_argument("--profiled-only", action="store_true",
+                    help="one profiled prefill only (no warm, timed or sync-check runs): for 1M within one call")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     (n,) = parse_lengths(a.length)
@@ -122,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    prefill()                                                    # warm (allocator, cuBLAS plans)
-    wall = prefill()
+    if not a.profiled_only:
+        prefill()                                                # warm (allocator, cuBLAS plans)
+    wall = None if a.profiled_only else prefill()
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -133,17 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     breakdown = kernel_breakdown(events)
     print("device ms by kernel family:", breakdown["families_ms"], flush=True)
     sites: collections.Counter = collections.Counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            prefill()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    caught = []
+    if not a.profiled_only:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                prefill()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
     for w in caught:
         if "synchroniz" in str(w.message).lower():
             sites[f"{Path(w.filename).name}:{w.lineno}"] += 1
     first_chunk = engine.chunk_size
+    if wall is None:
+        wall = wall_profiled
     by_chunk = {str(first_chunk): round(wall, 3)}
     for c in others:
         engine.chunk_size = c
@@ -155,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                "quantization": a.quantization,
                "chunk_size": first_chunk, "wall_s": round(wall, 3), "wall_profiled_s": round(wall_profiled, 3),
                "gpu_busy_s": round(busy / 1e3, 3), "idle_fraction": round(1 - busy / 1e3 / wall_profiled, 4),
-               "syncs": sum(sites.values()), "sync_sites": dict(sites.most_common(20)),
+               "profiled_only": a.profiled_only,
+               "syncs": None if a.profiled_only else sum(sites.values()), "sync_sites": dict(sites.most_common(20)),
                "wall_s_by_chunk_size": by_chunk, "kernel_breakdown": breakdown}
     print({k: v for k, v in payload.items() if k != "meta"}, flush=True)
     if a.out:

@@ -12,8 +12,11 @@ they are in and where the cache is; the elementwise pieces run as the fused ops 
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
+from sala.engine.prefill_graph import PiecewisePrefill
 from sala.engine.static_cache import StaticCache
 from sala.modeling.configuration_sala import SalaConfig
 from sala.modeling.context import DECODE, FUSED_OPS, PREFILL, REFERENCE_OPS, ElementwiseOps, ForwardContext
@@ -43,7 +46,8 @@ class ModelRunner:
     captured). The first chunk pays the compilation.
     """
 
-    def __init__(self, model: SalaForCausalLM, *, compile: bool = False, compile_backend: str = "inductor") -> None:
+    def __init__(self, model: SalaForCausalLM, *, compile: bool = False, compile_backend: str = "inductor",
+                 prefill_graphs: int = 0, prefill_graph_max_tokens: int = 2048) -> None:
         self.model = model
         self.config: SalaConfig = model.config
         self.device = model.lm_head.weight.device
@@ -56,18 +60,46 @@ class ModelRunner:
         if any(layer.mlp.interleave for layer in model.model.layers):
             model.unfuse_projections()
         model.fuse_projections()
+        # Serving chunks on CUDA: the dense pieces of up to `prefill_graphs` chunk lengths (the most recently used,
+        # each <= prefill_graph_max_tokens) as CUDA graphs (`sala.engine.prefill_graph`), sharing one memory pool
+        if prefill_graphs < 0 or prefill_graph_max_tokens < 1:
+            raise ValueError(f"prefill_graphs ({prefill_graphs}) must be >= 0 and prefill_graph_max_tokens "
+                             f"({prefill_graph_max_tokens}) >= 1")
+        self.prefill_graphs = prefill_graphs if self.device.type == "cuda" and not compile else 0
+        self.prefill_graph_max_tokens = prefill_graph_max_tokens
+        self._pieces: OrderedDict[int, PiecewisePrefill] = OrderedDict()
+        self._graph_pool = None
+
+    def _pieces_for(self, length: int) -> PiecewisePrefill | None:
+        """The piecewise-graphed prefill of chunks of `length` tokens, or None (graphs off, or too long)."""
+        if not self.prefill_graphs or length > self.prefill_graph_max_tokens:
+            return None
+        pieces = self._pieces.get(length)
+        if pieces is None:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            while len(self._pieces) >= self.prefill_graphs:
+                self._pieces.popitem(last=False)          # the least recently used length
+            pieces = self._pieces[length] = PiecewisePrefill(self, length, pool=self._graph_pool)
+        self._pieces.move_to_end(length)
+        return pieces
 
     @torch.no_grad()
     def prefill_chunk(self, ids: torch.Tensor, cache: StaticCache, row: int) -> torch.Tensor:
         """Run tokens ids [T] of sequence `row` after its cached tokens; returns the last hidden state [1, T, hidden]
-        (before the final norm: `logits_of` applies it). Updates the cache and its lengths."""
+        (before the final norm: `logits_of` applies it). Updates the cache and its lengths. With prefill graphs on,
+        the result may be a static buffer that the next chunk of the same length overwrites: use it first."""
         T = ids.shape[0]
         cache.check_room(row, T)
         start = cache.lengths[row]
-        positions = torch.arange(start, start + T, device=self.device)[None]
-        ctx = ForwardContext(positions, ops=self.ops, mode=PREFILL, cache=cache, row=row, start=start)
-        inner = self.model.model
-        h, _ = inner.run_layers(inner.embed_tokens(ids[None]) * self.config.scale_emb, ctx)
+        pieces = self._pieces_for(T)
+        if pieces is not None:      # a static buffer: valid until the next chunk of this length
+            h = pieces(ids, cache, row, start)
+        else:
+            positions = torch.arange(start, start + T, device=self.device)[None]
+            ctx = ForwardContext(positions, ops=self.ops, mode=PREFILL, cache=cache, row=row, start=start)
+            inner = self.model.model
+            h, _ = inner.run_layers(inner.embed_tokens(ids[None]) * self.config.scale_emb, ctx)
         cache.lengths[row] = start + T
         cache.seqlens[row:row + 1].fill_(start + T)      # a fill kernel: no host sync (item assignment syncs)
         return h
@@ -90,7 +122,7 @@ class ModelRunner:
         last = None
         for s in range(0, T, chunk_size):
             h = self.prefill_chunk(ids[s:s + chunk_size], cache, row)
-            last = h[:, -1]
+            last = h[:, -1].clone()      # h may be a static buffer that the next chunk overwrites
             del h
             if on_chunk is not None:
                 on_chunk(min(T, s + chunk_size), T)

@@ -116,6 +116,18 @@ def fmt_bytes(n: int | float) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
+def prefill_graph_bytes(config: SalaConfig, chunk: int, lengths: int, dtype: torch.dtype) -> int:
+    """Memory of the piecewise prefill graphs (`sala.engine.prefill_graph`) for up to `lengths` chunk lengths of
+    at most `chunk` tokens: their shared pool (one chunk's workspace) plus each length's static buffers (hidden,
+    q, k, v, gate, o)."""
+    if lengths < 1 or chunk < 1:
+        return 0
+    es = dtype_bytes(dtype)
+    sq = config.num_attention_heads * config.head_dim
+    per_token = (2 * config.hidden_size + 3 * sq + 2 * config.num_key_value_heads * config.head_dim) * es
+    return _workspace_bytes(config, chunk, 1, chunk, es) - FIXED_OVERHEAD_BYTES + lengths * chunk * per_token
+
+
 def _workspace_bytes(config: SalaConfig, context: int, batch: int, chunk: int, es: int) -> int:
     """Activations of one prefill chunk (the peak over layer kinds) plus logits and a fixed allowance."""
     C = max(1, min(chunk, context))

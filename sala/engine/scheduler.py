@@ -42,6 +42,7 @@ from sala.engine.memory import (
     device_free_bytes,
     largest_context,
     plan_memory,
+    prefill_graph_bytes,
 )
 from sala.engine.prefix_cache import PAGE_SIZE, PrefixCache, PrefixMatch, page_keys
 from sala.engine.requests import (
@@ -71,6 +72,11 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_MAX_MODEL_LEN = 8192
 # Default prefix-cache budget: this fraction of the slot cache's bytes, at least PREFIX_CACHE_MIN_BYTES.
 PREFIX_CACHE_FRACTION = 0.25
+# Serving prefill chunks on CUDA: the dense pieces of this many chunk lengths (the most recently used, each of at
+# most PREFILL_GRAPH_MAX_TOKENS tokens) replay as CUDA graphs (`sala.engine.prefill_graph`); longer chunks are
+# bound by the GPU, not by their launches.
+PREFILL_GRAPH_LENGTHS = 4
+PREFILL_GRAPH_MAX_TOKENS = 2048
 PREFIX_CACHE_MIN_BYTES = 64 << 20
 
 _WAITING, _PREFILL, _RUNNING = "waiting", "prefill", "running"
@@ -167,7 +173,8 @@ class EngineCore:
         self.model = model.eval()
         self.config: SalaConfig = model.config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, prefill_graphs=PREFILL_GRAPH_LENGTHS if use_cuda_graph else 0,
+                                  prefill_graph_max_tokens=PREFILL_GRAPH_MAX_TOKENS)
         self.device = self.runner.device
         self.dtype = self.runner.dtype
         self.max_num_seqs = max_num_seqs
@@ -228,6 +235,9 @@ class EngineCore:
         budget = None if free is None else int(free * fraction)
         share = 1.0 + (PREFIX_CACHE_FRACTION if prefix_on and prefix_bytes is None else 0.0)
         extra = prefix_bytes if prefix_on and prefix_bytes is not None else 0
+        if self.runner.prefill_graphs:      # the serving chunks' piecewise CUDA graphs
+            extra += prefill_graph_bytes(self.config, min(self.chunk_size, self.runner.prefill_graph_max_tokens),
+                                         self.runner.prefill_graphs, self.dtype)
         if self.speculative:      # the verify steps' snapshot of every row's lightning states
             cfg = self.config
             extra += (len(cfg.lightning_layer_ids) * self.max_num_seqs * cfg.lightning_nh

@@ -74,6 +74,8 @@ class ForwardContext:
     cache: Any = None                           # PREFILL / DECODE: the static cache
     row: int = 0                                # PREFILL: the cache row of the sequence
     start: int = 0                              # PREFILL: tokens already cached for it
+    row_index: torch.Tensor | None = None       # PREFILL: the row as a device tensor [1] int64 (one CUDA graph of
+                                                # the dense pieces serves every row: `sala.engine.prefill_graph`)
     out: dict[str, torch.Tensor] = field(default_factory=dict)   # DECODE: preallocated attention outputs by kind
     saved_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None   # DECODE: layer -> k, v buffers [B, T, H, D]
     _rope: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)

@@ -291,7 +291,14 @@ class SalaLightningAttention(FusedProjections, nn.Module):
                 saved[1].copy_(v)
             return o
         if ctx.mode == PREFILL:
-            state = ctx.cache.state(self.layer_idx)[ctx.row:ctx.row + 1]
+            states = ctx.cache.state(self.layer_idx)
+            if ctx.row_index is not None:     # the row as a device index: no host value in the launched work
+                o, final = lightning_attention(q, k, v, log_decay, scale=self.scale,
+                                               initial_state=states.index_select(0, ctx.row_index),
+                                               output_final_state=True)
+                states.index_copy_(0, ctx.row_index, final)
+                return o
+            state = states[ctx.row:ctx.row + 1]
             o, final = lightning_attention(q, k, v, log_decay, scale=self.scale, initial_state=state,
                                            output_final_state=True)
             state.copy_(final)
@@ -560,16 +567,17 @@ class SalaDecoderLayer(GradientCheckpointingLayer):
         self.use_blocks = False
 
     def pre_attention(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                      position_ids: torch.Tensor | None
+                      position_ids: torch.Tensor | None, ops: ElementwiseOps = REFERENCE_OPS
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Everything before the attention op on the normed input x: projections, QK-norm / RoPE. Returns q, k, v
         and the gate input."""
-        return self.self_attn.inputs(x, cos, sin, position_ids)
+        return self.self_attn.inputs(x, cos, sin, position_ids, ops)
 
     def post_attention(self, hidden: torch.Tensor, o: torch.Tensor, gate: torch.Tensor | None, x_dtype: torch.dtype,
-                       next_norm: SalaRMSNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       next_norm: SalaRMSNorm | None, ops: ElementwiseOps = REFERENCE_OPS
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Everything after it: output norm / gate / projection, residual, norm, MLP, residual (+ next norm)."""
-        return self.residual_and_mlp(hidden, self.self_attn.outputs(o, gate, x_dtype), REFERENCE_OPS, next_norm)
+        return self.residual_and_mlp(hidden, self.self_attn.outputs(o, gate, x_dtype, ops), ops, next_norm)
 
     def residual_and_mlp(self, hidden: torch.Tensor, attn_out: torch.Tensor, ops: ElementwiseOps,
                          next_norm: SalaRMSNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,0 +1,116 @@
+"""The piecewise prefill (`sala.engine.prefill_graph`): the dense pieces between the sparse layers' attention ops
+give exactly the plain prefill's hidden states and cache (lightning states of the right row, sparse K/V and
+compressed keys), chunk after chunk, for several rows, across the dense/sparse threshold; on a CUDA GPU the same
+with the pieces replayed from CUDA graphs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sala.engine.forward import ModelRunner
+from sala.engine.loading import random_model
+from sala.engine.memory import prefill_graph_bytes
+from sala.engine.prefill_graph import PiecewisePrefill
+from sala.engine.static_cache import StaticCache
+from sala.modeling.configuration_sala import SalaConfig
+
+
+def _runner(device: str = "cpu", dtype: torch.dtype = torch.float32, **kw) -> ModelRunner:
+    cfg = SalaConfig.from_preset("sala-tiny", num_hidden_layers=5,
+                                 mixer_types=["minicpm4", "lightning-attn", "minicpm4", "lightning-attn", "minicpm4"])
+    return ModelRunner(random_model(cfg, torch.device(device), dtype, 0), **kw)
+
+
+def _assert_same_cache(a: StaticCache, b: StaticCache) -> None:
+    assert a.lengths == b.lengths and torch.equal(a.seqlens, b.seqlens)
+    assert torch.equal(a.states, b.states)
+    for layer in a.sparse:
+        for name in ("k", "v", "k1", "k2"):
+            assert torch.equal(getattr(a.sparse[layer], name), getattr(b.sparse[layer], name)), (layer, name)
+
+
+def _chunk(pieces: PiecewisePrefill, ids: torch.Tensor, cache: StaticCache, row: int) -> torch.Tensor:
+    """What ModelRunner.prefill_chunk does around the pieces."""
+    start = cache.lengths[row]
+    h = pieces(ids, cache, row, start)
+    cache.lengths[row] = start + ids.shape[0]
+    cache.seqlens[row:row + 1].fill_(start + ids.shape[0])
+    return h.clone()
+
+
+def _compare(runner: ModelRunner, pieces: PiecewisePrefill, chunk: int, rounds: int, rows=(2, 0)) -> None:
+    cfg, dev = runner.config, runner.device
+    piece_cache = StaticCache(cfg, 3, chunk * rounds, runner.dtype, dev)
+    plain_cache = StaticCache(cfg, 3, chunk * rounds, runner.dtype, dev)
+    g = torch.Generator().manual_seed(0)
+    ids = {row: torch.randint(3, cfg.vocab_size, (chunk * rounds,), generator=g).to(dev) for row in rows}
+    for i in range(rounds):               # rows interleaved: the row index reaches the lightning states
+        for row in rows:
+            part = ids[row][i * chunk:(i + 1) * chunk]
+            got = _chunk(pieces, part, piece_cache, row)
+            want = runner.prefill_chunk(part, plain_cache, row)
+            assert torch.equal(got, want), (i, row, (got - want).abs().max())
+            _assert_same_cache(piece_cache, plain_cache)
+    assert piece_cache.lengths == [chunk * rounds if r in rows else 0 for r in range(3)]
+    # the middle row was never written
+    assert not piece_cache.states[:, 1].any() and not piece_cache.sparse[0].k[1].any()
+
+
+def test_pieces_equal_plain_prefill_cpu():
+    runner = _runner()
+    pieces = PiecewisePrefill(runner, 48)
+    assert pieces.num_pieces == 4 and pieces.mode == "eager"
+    # 48-token chunks: the first two below sala-tiny's sparse regime (96 tokens), the rest above it
+    _compare(runner, pieces, 48, 5)
+
+
+def test_pieces_equal_plain_prefill_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SALA_KERNELS", "triton")
+    runner = _runner()
+    _compare(runner, PiecewisePrefill(runner, 32), 32, 2, rows=(2,))     # the Triton kernels: small and slow
+
+
+def test_pieces_reject_wrong_length_and_runner_keeps_them_off_on_cpu():
+    runner = _runner(prefill_graphs=4)
+    assert runner.prefill_graphs == 0 and runner._pieces_for(64) is None     # CPU: the plain forward
+    pieces = PiecewisePrefill(runner, 32)
+    cache = StaticCache(runner.config, 1, 64, runner.dtype, runner.device)
+    with pytest.raises(ValueError, match=r"shape \(32,\), got \(31,\)"):
+        pieces(torch.zeros(31, dtype=torch.long), cache, 0, 0)
+    with pytest.raises(ValueError, match="length must be >= 1"):
+        PiecewisePrefill(runner, 0)
+    with pytest.raises(ValueError, match="prefill_graphs"):
+        _runner(prefill_graphs=-1)
+
+
+def test_prefill_graph_memory_estimate_grows_with_lengths():
+    cfg = SalaConfig.from_preset("minicpm-sala-9b")
+    one = prefill_graph_bytes(cfg, 2048, 1, torch.bfloat16)
+    four = prefill_graph_bytes(cfg, 2048, 4, torch.bfloat16)
+    per_len = 2048 * (2 * cfg.hidden_size + 3 * cfg.num_attention_heads * cfg.head_dim
+                      + 2 * cfg.num_key_value_heads * cfg.head_dim) * 2
+    assert four - one == 3 * per_len and one > per_len
+    assert prefill_graph_bytes(cfg, 2048, 0, torch.bfloat16) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pieces_replayed_from_graphs_equal_plain_prefill_gpu(dtype):
+    runner = _runner("cuda", dtype)
+    pieces = PiecewisePrefill(runner, 64)
+    _compare(runner, pieces, 64, 4)          # call 1 eager, call 2 captures, later calls replay
+    assert pieces.mode == "cuda-graph" and pieces.graphs is not None and len(pieces.graphs) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_runner_keeps_the_most_recent_lengths_gpu():
+    runner = _runner("cuda", torch.float32, prefill_graphs=2, prefill_graph_max_tokens=128)
+    assert runner._pieces_for(256) is None
+    a, b = runner._pieces_for(64), runner._pieces_for(128)
+    assert runner._pieces_for(64) is a
+    c = runner._pieces_for(96)                 # evicts 128, the least recently used
+    assert list(runner._pieces) == [64, 96] and c is not b
