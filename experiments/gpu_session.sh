@@ -53,6 +53,10 @@ serve_step() { step serve_step "$1" python3 experiments/profiling/serve_step.py 
 serve_step_pyspy() { step serve_step_pyspy "$1" /tmp/site/bin/py-spy record -r 250 -f raw \
   -o "$OUT/serve_step_pyspy_$gpu.txt" -- python3 experiments/profiling/serve_step.py --contexts 32K --steps 40 \
   --out "$OUT/serve_step_32k_$gpu.json"; }
+# the host's time in speculative decoding on the bundled model (where a verify step's time goes beyond the GPU's)
+spec_pyspy() { step spec_pyspy "$1" /tmp/site/bin/py-spy record -r 500 --idle -f raw -o "$OUT/spec_pyspy_$gpu.txt" -- \
+  python3 -m sala.cli bench spec --tasks quote --lengths 16k --num-samples 1 --max-new-tokens 256 \
+  --speculative ngram --num-speculative-tokens 8 --out "$OUT/spec_quote_pyspy_$gpu.json"; }
 # where a 1M prefill's time goes, bf16 and FP8 (FP8 gave no gain at 1M on the H100: 57.65 vs 57.66 s)
 gaps_1m() { step gaps_1m_bf16 "$1" python3 experiments/profiling/prefill_gaps.py --length 1M \
   --out "$OUT/prefill_gaps_1m_$gpu.json"
