@@ -227,8 +227,28 @@ class EngineCore:
                     max_num_seqs, self.max_model_len, self.device, self.dtype,
                     self.cache.memory_bytes()["total"] / 2**20,
                     f"{prefix_cache_bytes / 2**20:.1f} MiB" if enable_prefix_cache else "off")
+        self.capture_prefill_graphs()
 
     # ------------------------------------------------------------------ construction
+    @torch.no_grad()
+    def capture_prefill_graphs(self) -> list[int]:
+        """Capture, before any request, the piecewise prefill graphs of the chunk lengths serving steps use most
+        (a full chunk, and a chunk one page shorter: a step that also decodes has that much less budget), so no
+        request's step pays a capture. Runs on row 0, which is then cleared (its stray K/V lies beyond its
+        length). Returns the lengths captured (none on CPU or with CUDA graphs off)."""
+        if not self.runner.prefill_graphs or self.active:
+            return []
+        ps = self.page_size
+        full = min(self.chunk_size, self.max_tokens_per_step, self.runner.prefill_graph_max_tokens) // ps * ps
+        lengths = [n for n in (full, full - ps) if ps <= n <= self.cache.capacity][:self.runner.prefill_graphs]
+        for n in lengths:
+            for _ in range(2):               # the first call runs eagerly, the second captures and replays
+                self.runner.prefill_chunk(torch.zeros(n, dtype=torch.long, device=self.device), self.cache, 0)
+                self.cache.lengths[0] = 0
+                self.cache.seqlens[0:1].zero_()
+                self.cache.states[:, 0].zero_()
+        logger.debug("captured the prefill graphs of %s-token chunks", lengths)
+        return lengths
     def _size(self, max_model_len: int | None, fraction: float, prefix_bytes: int | None, prefix_on: bool) -> int:
         """max_model_len checked against (or, if None, sized from) the free device memory."""
         free = device_free_bytes(self.device)

@@ -114,3 +114,27 @@ def test_runner_keeps_the_most_recent_lengths_gpu():
     assert runner._pieces_for(64) is a
     c = runner._pieces_for(96)                 # evicts 128, the least recently used
     assert list(runner._pieces) == [64, 96] and c is not b
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_captures_serving_lengths_at_start_and_answers_alike_gpu():
+    from sala.engine.requests import Request
+    from sala.engine.sampling import SamplingParams
+    from sala.engine.scheduler import EngineCore
+
+    runner = _runner("cuda", torch.float32)
+    core = EngineCore(runner.model, None, max_num_seqs=2, max_model_len=1024, chunk_size=128,
+                      enable_prefix_cache=False)
+    assert sorted(core.runner._pieces) == [64, 128]
+    assert all(p.graphs is not None for p in core.runner._pieces.values())
+    assert core.cache.lengths == [0, 0] and not core.cache.states.any()
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, runner.config.vocab_size, (700,), generator=g).tolist()
+    sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    core.add_request(Request("a", prompt, sp))
+    graphed = [t for o in core.run_until_done() for t in o.new_token_ids]
+    eager = EngineCore(runner.model, None, max_num_seqs=2, max_model_len=1024, chunk_size=128,
+                       enable_prefix_cache=False, use_cuda_graph=False)
+    eager.add_request(Request("a", prompt, sp))
+    assert graphed == [t for o in eager.run_until_done() for t in o.new_token_ids]
