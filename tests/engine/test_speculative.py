@@ -57,7 +57,10 @@ def test_ngram_proposes_what_followed_the_most_recent_longest_match():
     # Tail [7] only: the most recent earlier 7 is at 7, followed by 4, 4, 5.
     assert d.propose([1, 7, 2, 9, 7, 4, 4, 5, 3, 7], 3) == [4, 4, 5]
     assert d.propose([1, 2, 3], 4) == []          # no match
-    assert d.propose([1, 2, 1], 5) == [2, 1]      # proposals stop at the context's end
+    # a match that runs into the context's end copies on over its own drafts: the repeating tail continues
+    assert d.propose([1, 2, 1], 5) == [2, 1, 2, 1, 2]
+    assert d.propose([4, 9, 3, 5, 3, 5], 5) == [3, 5, 3, 5, 3]
+    assert d.propose([4, 9, 3, 5, 3, 5], 2) == [3, 5]
     assert d.propose([1, 2, 1], 0) == []
     with pytest.raises(ValueError, match="min_n"):
         NgramDrafter(max_n=1, min_n=2)
@@ -67,12 +70,15 @@ def test_ngram_proposes_what_followed_the_most_recent_longest_match():
 
 def _lookup_by_scan(ctx: list[int], k: int, max_n: int, min_n: int = 1) -> list[int]:
     """Prompt lookup by definition: the longest tail n-gram with an earlier occurrence followed by a token, the
-    most recent such occurrence, the k tokens after it."""
+    most recent such occurrence, the k tokens after it (the context extended by copying past its end)."""
     L = len(ctx)
     for n in range(min(max_n, L - 1), min_n - 1, -1):
         for s in range(L - n - 1, -1, -1):
             if ctx[s:s + n] == ctx[L - n:]:
-                return ctx[s + n:s + n + k]
+                out = list(ctx)           # the copy goes on over its own tokens past the end (overlapping)
+                while len(out) < s + n + k:
+                    out.append(out[len(out) - (L - s - n)])
+                return out[s + n:s + n + k]
     return []
 
 

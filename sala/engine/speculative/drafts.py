@@ -33,8 +33,9 @@ class Drafter(Protocol):
 class NgramIndex:
     """Incremental prompt lookup over one growing context: for every n-gram (min_n <= n <= max_n) that is followed
     by a token, the position after its most recent occurrence. `propose(k)` matches the context's last n tokens
-    (n from max_n down) and returns the (up to) k tokens after the most recent earlier occurrence: O(max_n) per
-    proposal and per new token, so drafting at 1M tokens of context costs what it costs at 1K."""
+    (n from max_n down) and returns the k tokens after the most recent earlier occurrence, the copy continuing
+    over its own drafts where it reaches the context's end (a repeating tail is drafted k tokens ahead): O(max_n)
+    per proposal and per new token, so drafting at 1M tokens of context costs what it costs at 1K."""
 
     def __init__(self, max_n: int, min_n: int, tokens: list[int] | torch.Tensor = ()) -> None:
         self.max_n, self.min_n = max_n, min_n
@@ -61,7 +62,12 @@ class NgramIndex:
         for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
             pos = self.after.get(tuple(t[L - n:]))
             if pos is not None:
-                return t[pos:pos + k]
+                if pos + k <= L:
+                    return t[pos:pos + k]
+                # The copy runs into the context's end: it goes on over its own drafts (an overlapping copy), so
+                # a repeating tail (period L - pos) is drafted k tokens ahead, not just up to the end.
+                period = L - pos
+                return [t[pos + i % period] for i in range(k)]
         return []
 
 
