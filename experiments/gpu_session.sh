@@ -14,8 +14,10 @@
 set -uo pipefail
 part=${1:?usage: gpu_session.sh PART | run NAME:SECONDS...}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/sala_gpu}
-mkdir -p "$OUT"
+RES=${OUT:-/tmp/sala_gpu}            # what comes back: results.tgz only, rewritten after every measurement, so a
+OUT=/tmp/sala_gpu_work               # call cut short by the device budget still returns what finished
+mkdir -p "$RES" "$OUT"
+pack() { (cd "$OUT" && tar czf "$RES/.results.tgz.part" -- *) && mv "$RES/.results.tgz.part" "$RES/results.tgz"; }
 export TORCHINDUCTOR_CACHE_DIR=$PWD/runs/compile_cache/inductor TRITON_CACHE_DIR=$PWD/runs/compile_cache/triton
 if ls .whl/*.whl >/dev/null 2>&1; then   # the serve extra's wheels (fastapi, uvicorn, pydantic, ...), carried
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -28,6 +30,7 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, sa
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "== $name: exit $? after $((SECONDS - t0)) s"; tail -4 "$OUT/$name.log"
+  pack
 }
 # the measurements (each: seconds allowed)
 regression() { step regression "$1" python3 experiments/regression/gpu_regression.py --tree base=runs/baseline \
@@ -108,5 +111,5 @@ case "$part" in
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
 # at most 8 files come back from a call: everything in one archive
-(cd "$OUT" && tar czf results.tgz --exclude=results.tgz -- * && find . -type f ! -name results.tgz -delete)
-ls -la "$OUT"
+pack
+ls -la "$RES"
