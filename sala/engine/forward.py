@@ -68,18 +68,35 @@ class ModelRunner:
         self.prefill_graphs = prefill_graphs if self.device.type == "cuda" and not compile else 0
         self.prefill_graph_max_tokens = prefill_graph_max_tokens
         self._pieces: OrderedDict[int, PiecewisePrefill] = OrderedDict()
+        self._pinned: set[int] = set()
+        self._seen: dict[int, int] = {}
         self._graph_pool = None
 
+    def pin_prefill_graphs(self, lengths: list[int]) -> None:
+        """Keep the piecewise graphs of these chunk lengths for good (never evicted; the engine's full chunk)."""
+        self._pinned.update(n for n in lengths if n <= self.prefill_graph_max_tokens)
+
     def _pieces_for(self, length: int) -> PiecewisePrefill | None:
-        """The piecewise-graphed prefill of chunks of `length` tokens, or None (graphs off, or too long)."""
+        """The piecewise-graphed prefill of chunks of `length` tokens, or None: graphs off, a chunk too long, or a
+        length seen once so far (one-off lengths, a prompt's tail, run plainly rather than evict a graph). Pinned
+        lengths stay; the others, up to `prefill_graphs` in all, the most recently used."""
         if not self.prefill_graphs or length > self.prefill_graph_max_tokens:
             return None
         pieces = self._pieces.get(length)
         if pieces is None:
-            if self._graph_pool is None:
+            if length not in self._pinned:
+                if len(self._seen) > 4096:
+                    self._seen.clear()
+                self._seen[length] = self._seen.get(length, 0) + 1
+                if self._seen[length] < 2:
+                    return None
+            if self._graph_pool is None and self.device.type == "cuda":
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            while len(self._pieces) >= self.prefill_graphs:
-                self._pieces.popitem(last=False)          # the least recently used length
+            while len(self._pieces) >= max(self.prefill_graphs, len(self._pinned) + 1):
+                victim = next((n for n in self._pieces if n not in self._pinned), None)
+                if victim is None:
+                    break
+                del self._pieces[victim]                   # the least recently used unpinned length
             pieces = self._pieces[length] = PiecewisePrefill(self, length, pool=self._graph_pool)
         self._pieces.move_to_end(length)
         return pieces

@@ -241,6 +241,7 @@ class EngineCore:
         ps = self.page_size
         full = min(self.chunk_size, self.max_tokens_per_step, self.runner.prefill_graph_max_tokens) // ps * ps
         lengths = [n for n in (full, full - ps) if ps <= n <= self.cache.capacity][:self.runner.prefill_graphs]
+        self.runner.pin_prefill_graphs(lengths)
         for n in lengths:
             for _ in range(2):               # the first call runs eagerly, the second captures and replays
                 self.runner.prefill_chunk(torch.zeros(n, dtype=torch.long, device=self.device), self.cache, 0)

@@ -105,15 +105,34 @@ def test_pieces_replayed_from_graphs_equal_plain_prefill_gpu(dtype):
     assert pieces.mode == "cuda-graph" and pieces.graphs is not None and len(pieces.graphs) == 4
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_runner_keeps_the_most_recent_lengths_gpu():
-    runner = _runner("cuda", torch.float32, prefill_graphs=2, prefill_graph_max_tokens=128)
+def test_runner_graphs_repeated_lengths_keeps_pinned_and_recent_ones():
+    runner = _runner(prefill_graphs=2, prefill_graph_max_tokens=128)
+    runner.prefill_graphs = 2                  # on the CPU the runner keeps them off; the policy is the same
     assert runner._pieces_for(256) is None
+    assert runner._pieces_for(64) is None and runner._pieces_for(128) is None     # first sight: run plainly
     a, b = runner._pieces_for(64), runner._pieces_for(128)
-    assert runner._pieces_for(64) is a
+    assert a is not None and b is not None and runner._pieces_for(64) is a
+    assert runner._pieces_for(96) is None
     c = runner._pieces_for(96)                 # evicts 128, the least recently used
     assert list(runner._pieces) == [64, 96] and c is not b
+    runner.pin_prefill_graphs([32])
+    pinned = runner._pieces_for(32)            # pinned: graphed at once and never evicted
+    assert pinned is not None and 32 in runner._pieces
+    for n in (40, 40, 48, 48, 56, 56):
+        runner._pieces_for(n)
+    assert runner._pieces_for(32) is pinned and len(runner._pieces) == 2
+    # through prefill_chunk: a chunk length's second sight runs the pieces (eagerly here), with the same result
+    cache = StaticCache(runner.config, 1, 256, runner.dtype, runner.device)
+    plain = StaticCache(runner.config, 1, 256, runner.dtype, runner.device)
+    ids = torch.arange(3, 3 + 72) % runner.config.vocab_size
+    for part in (ids[:24], ids[24:48], ids[48:72]):
+        got = runner.prefill_chunk(part, cache, 0).clone()
+        runner.prefill_graphs = 0
+        want = runner.prefill_chunk(part, plain, 0)
+        runner.prefill_graphs = 2
+        assert torch.equal(got, want)
+    assert 24 in runner._pieces and runner._pieces[24].mode == "eager"
+    _assert_same_cache(cache, plain)
 
 
 @pytest.mark.gpu
