@@ -22,6 +22,16 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _load_newest(stem: str) -> tuple[dict | None, str]:
+    """The most recent of `<stem>_h100.json` / `<stem>_h200.json` (by its run's timestamp) and its name."""
+    runs = [(d["meta"].get("timestamp_utc", ""), name, d) for name in (f"{stem}_h100.json", f"{stem}_h200.json")
+            if (d := _load(name)) is not None]
+    if not runs:
+        return None, f"{stem}_h100.json"
+    _, name, d = max(runs, key=lambda r: r[0])
+    return d, name
+
+
 def _best_training_mfu() -> tuple[float, str]:
     """Highest median stage MFU of the training run, with the file it came from."""
     best = (0.0, "")
@@ -420,13 +430,13 @@ def _document_lines() -> list[str]:
 
 def _interference_lines() -> list[str]:
     """Streams decoding while one very long prompt prefills in chunks."""
-    d = _load("serve_interference_h200.json")
+    d, name = _load_newest("serve_interference")
     r = (d or {}).get("results")
     if not r:
         return []
     alone, during = _get(r, "alone", "itl_s") or {}, _get(r, "with_long_prefill", "itl_during_prefill_s") or {}
     long = _get(r, "with_long_prefill", "long_prompt") or {}
-    return [f"Decoding streams while one long prompt prefills in chunks (`bench/results/serve_interference_h200.json`, "
+    return [f"Decoding streams while one long prompt prefills in chunks (`bench/results/{name}`, "
             f"{_device(d)}); ITL in ms, alone = the same streams with no long prompt.", "",
             *_header("streams", "long prompt (tokens)", "chunk", "long prompt TTFT (s)", "ITL p50 / p99 alone",
                      "ITL p50 / p99 during the prefill", "p99 ratio"),
@@ -597,9 +607,10 @@ def _deployment_targets() -> list[tuple[str, str, str, bool | None]]:
     if doc is not None:
         rows.append(("128K document follow-up TTFT / first", "<= 3%", f"{100 * doc:.1f}% (largest follow-up)",
                      doc <= 0.03))
-    itl = _get(_load("serve_interference_h200.json"), "results", "itl_p99_ratio")
+    d, _ = _load_newest("serve_interference")
+    itl = _get(d, "results", "itl_p99_ratio")
     if itl is not None:
-        rows.append(("ITL p99 while a 1M prompt prefills / alone", "<= 4x", f"{itl:.2f}x", itl <= 4))
+        rows.append((f"ITL p99 while a 1M prompt prefills / alone, {_device(d)}", "<= 4x", f"{itl:.2f}x", itl <= 4))
     fl = _get(_load("serve_decode64_h200.json"), "decode_floor")
     if fl and fl.get("fraction_of_floor") is not None:
         rows.append(("decode batch 64 @ 8K vs bandwidth floor", ">= 60%",
@@ -621,6 +632,16 @@ def _deployment_targets() -> list[tuple[str, str, str, bool | None]]:
                if r.get("speedup") is not None]
         rows.append(("no task slower than plain decoding with adaptive k (bf16, fp32 runs)", ">= 0.95x",
                      f"{min(speeds + f32):.2f}x (slowest)", min(speeds + f32) >= 0.95))
+    sh = _load("sparse_kernels_h100.json")
+    r = next((r for r in (sh or {}).get("results", []) if r["T"] == 131072), None)
+    if r:
+        # the official kernel's published H100 times, per sequence (infllmv2_cuda_impl README: batch 2 at 128K)
+        for what, key, goal, official in (("forward", "whole_fwd_ms", 61, 79.2), ("fwd+bwd", "whole_fwd_bwd_ms", 240,
+                                                                                  313.7)):
+            if r.get(key) is not None:
+                rows.append((f"sparse whole {what} per sequence at 128K, H100 (official kernel: "
+                             f"{official:.0f} ms published)", f"<= {goal} ms",
+                             f"{r[key]:.1f} ms ({official / r[key]:.2f}x the official)", r[key] <= goal))
     lb = _load("latency_bf16_1m_h100.json")
     t = _get(lb, "targets", "prefill_1m_s<=40")
     if t:
