@@ -1,9 +1,9 @@
 """AsyncEngine: an EngineCore driven by one background thread, fed and read from asyncio.
 
 EngineCore is single-threaded. One thread owns it: it takes new requests and aborts from a thread-safe inbox
-between steps, runs `step()` while work exists (and sleeps on the inbox when there is none), and hands every
-RequestOutput to the asyncio queue of its request with `loop.call_soon_threadsafe`. An abort posted while a step
-runs is applied before the next step, so a cancelled request stops within one step.
+between steps, runs `step()` while work exists (and sleeps on the inbox when there is none), and hands each
+step's RequestOutputs to the asyncio queues of their requests with one `loop.call_soon_threadsafe` per step. An
+abort posted while a step runs is applied before the next step, so a cancelled request stops within one step.
 """
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ class RequestStream:
     request_id: str
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: bool = False
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
 
 
 class AsyncEngine:
@@ -179,17 +184,23 @@ class AsyncEngine:
         else:
             item.admitted.set_result(None)
 
-    def _deliver(self, out) -> None:
-        entry = self._streams.get(out.request_id)
-        if entry is None:                        # aborted: nobody is listening
-            return
-        stream, loop = entry
-        if out.finished:
-            self._streams.pop(out.request_id, None)
-        try:
-            loop.call_soon_threadsafe(stream.queue.put_nowait, out)
-        except RuntimeError:                     # the event loop is closed (server shutting down)
-            pass
+    def _deliver(self, outputs: list) -> None:
+        """Hand a step's outputs to their requests' queues: one event-loop wake-up per loop and step, not one per
+        output (the server shares the interpreter with this thread)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            entry = self._streams.get(out.request_id)
+            if entry is None:                    # aborted: nobody is listening
+                continue
+            stream, loop = entry
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+            by_loop.setdefault(loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:                 # the event loop is closed (server shutting down)
+                pass
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id, (stream, loop) in list(self._streams.items()):
@@ -235,7 +246,6 @@ class AsyncEngine:
                 self.dead = e
                 self._fail_all(RuntimeError(f"engine step failed: {e}"))
                 return
-            for out in outputs:
-                self._deliver(out)
+            self._deliver(outputs)
             self._snapshot()
         logger.info("engine thread stopped")
