@@ -2,13 +2,16 @@
 
 - `ModelRunner.prefill_chunk` / `prefill_sequence`: one sequence, in chunks; the layers (in PREFILL mode) carry
   lightning states from chunk to chunk, append sparse K/V to the cache and extend the compressed keys; only the last
-  position's logits are computed.
+  position's logits are computed. A serving engine's chunks replay their dense pieces from CUDA graphs
+  (`sala.engine.prefill_graph`).
 - `DecodeStep`: one new token for every sequence of the cache (the layers in DECODE mode), with static shapes and
   no host syncs, so a CUDA graph can capture it; `decode_forward` is its forward for T tokens per row (the
   speculative verify step, `sala.engine.speculative.verify.VerifyStep`, runs it with T = k + 1).
 
-There is no second copy of the layers here: `SalaModel.run_layers` runs them, told by a `ForwardContext` which mode
-they are in and where the cache is; the elementwise pieces run as the fused ops of `sala.ops.fused`.
+There is no second copy of the layers here: `SalaModel.run_layers` runs them (`PiecewisePrefill` calls the same
+layers, and their `pre_attention` / `post_attention` around the sparse layers' attention), told by a
+`ForwardContext` which mode they are in and where the cache is; the elementwise pieces run as the fused ops of
+`sala.ops.fused`.
 """
 from __future__ import annotations
 
@@ -44,6 +47,10 @@ class ModelRunner:
     compile=True instead runs the prefill's pieces as torch.compile'd references (dynamic shapes: one graph
     per piece for every chunk length and layer); decode stays on the fused kernels (it is CUDA-graph
     captured). The first chunk pays the compilation.
+
+    prefill_graphs > 0 (a serving engine on CUDA): chunks of a length seen before, up to
+    `prefill_graph_max_tokens`, run as `PiecewisePrefill` (their dense pieces replayed from CUDA graphs, the sparse
+    layers' attention eager); `pin_prefill_graphs` keeps the lengths the engine uses most.
     """
 
     def __init__(self, model: SalaForCausalLM, *, compile: bool = False, compile_backend: str = "inductor",
