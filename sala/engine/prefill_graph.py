@@ -53,7 +53,9 @@ class PiecewisePrefill:
         self.sparse = [i for i, layer in enumerate(self.layers) if layer.mixer_type == SPARSE]
         dev = runner.device
         self.use_graph = use_graph and dev.type == "cuda"
-        self.pool = pool if pool is not None or not self.use_graph else torch.cuda.graph_pool_handle()
+        if pool is None and self.use_graph:
+            pool = torch.cuda.graph_pool_handle()
+        self.pool = pool
         self.ids = torch.zeros(length, dtype=torch.long, device=dev)
         self.positions = torch.zeros(1, length, dtype=torch.long, device=dev)
         self._arange = torch.arange(length, device=dev)[None]
@@ -108,23 +110,24 @@ class PiecewisePrefill:
             for name, t in (("q", q), ("k", k), ("v", v), ("gate", gate)):
                 self._keep(name, t)
 
-    def _attend(self, i: int, cache: Any, row: int, start: int) -> None:
-        """Sparse layer i's attention op, eager: K/V into the cache row at `start`, compressed keys, attention."""
+    def _attend(self, i: int, ctx: ForwardContext) -> None:
+        """Sparse layer i's attention op, eager (ctx: the call's row and start): K/V into the cache row, compressed
+        keys, attention."""
         b = self.buffers
-        ctx = ForwardContext(self.positions, ops=self.ctx.ops, mode=PREFILL, cache=cache, row=row, start=start)
         o = self.layers[self.sparse[i]].self_attn.attend(b["q"], b["k"], b["v"], ctx)
         if "o" not in b:
             b["o"] = torch.empty_like(o)
         b["o"].copy_(o)
 
     def _run(self, cache: Any, row: int, start: int) -> None:
+        ctx = ForwardContext(self.positions, ops=self.ctx.ops, mode=PREFILL, cache=cache, row=row, start=start)
         for i in range(self.num_pieces):
             if self.graphs is not None:
                 self.graphs[i].replay()
             else:
                 self._piece(i)
             if i < len(self.sparse):
-                self._attend(i, cache, row, start)
+                self._attend(i, ctx)
 
     def _capture(self) -> None:
         """Capture every piece into a graph (nothing runs); on failure every piece stays eager."""

@@ -72,12 +72,12 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_MAX_MODEL_LEN = 8192
 # Default prefix-cache budget: this fraction of the slot cache's bytes, at least PREFIX_CACHE_MIN_BYTES.
 PREFIX_CACHE_FRACTION = 0.25
+PREFIX_CACHE_MIN_BYTES = 64 << 20
 # Serving prefill chunks on CUDA: the dense pieces of this many chunk lengths (the most recently used, each of at
 # most PREFILL_GRAPH_MAX_TOKENS tokens) replay as CUDA graphs (`sala.engine.prefill_graph`); longer chunks are
 # bound by the GPU, not by their launches.
 PREFILL_GRAPH_LENGTHS = 4
 PREFILL_GRAPH_MAX_TOKENS = 2048
-PREFIX_CACHE_MIN_BYTES = 64 << 20
 
 _WAITING, _PREFILL, _RUNNING = "waiting", "prefill", "running"
 
@@ -234,8 +234,8 @@ class EngineCore:
     def capture_prefill_graphs(self) -> list[int]:
         """Capture, before any request, the piecewise prefill graphs of the chunk lengths serving steps use most
         (a full chunk, and a chunk one page shorter: a step that also decodes has that much less budget), so no
-        request's step pays a capture. Runs on row 0, which is then cleared (its stray K/V lies beyond its
-        length). Returns the lengths captured (none on CPU or with CUDA graphs off)."""
+        request's step pays a capture. Runs on row 0, which is then reset. Returns the lengths captured (none on
+        CPU or with CUDA graphs off)."""
         if not self.runner.prefill_graphs or self.active:
             return []
         ps = self.page_size
@@ -245,11 +245,10 @@ class EngineCore:
         for n in lengths:
             for _ in range(2):               # the first call runs eagerly, the second captures and replays
                 self.runner.prefill_chunk(torch.zeros(n, dtype=torch.long, device=self.device), self.cache, 0)
-                self.cache.lengths[0] = 0
-                self.cache.seqlens[0:1].zero_()
-                self.cache.states[:, 0].zero_()
+                self.cache.reset_row(0)
         logger.debug("captured the prefill graphs of %s-token chunks", lengths)
         return lengths
+
     def _size(self, max_model_len: int | None, fraction: float, prefix_bytes: int | None, prefix_on: bool) -> int:
         """max_model_len checked against (or, if None, sized from) the free device memory."""
         free = device_free_bytes(self.device)
@@ -419,9 +418,7 @@ class EngineCore:
             self.free_rows.sort()
             s.row = self.free_rows.pop(0)
             row, T = s.row, len(s.prompt)
-            self.cache.states[:, row].zero_()
-            self.cache.lengths[row] = 0
-            self.cache.seqlens[row:row + 1].fill_(0)
+            self.cache.reset_row(row)
             s.prompt_t = torch.tensor(s.prompt, dtype=torch.long, device=self.device)
             s.status = _PREFILL
             self.counters["prompt_tokens_total"] += T

@@ -69,6 +69,13 @@ class StaticCache:
         self.lengths[:] = [0] * len(self.lengths)
         self.seqlens.zero_()
 
+    def reset_row(self, row: int) -> None:
+        """Forget sequence `row` (its lightning states zeroed, no tokens); its stale K/V and compressed keys lie
+        beyond its length, where nothing reads them and its next prefill writes."""
+        self.states[:, row].zero_()
+        self.lengths[row] = 0
+        self.seqlens[row:row + 1].fill_(0)        # a fill kernel: no host sync
+
     def memory_bytes(self) -> dict[str, int]:
         kv = sum(b.k.numel() * b.k.element_size() * 2 for b in self.sparse.values())
         comp = sum((b.k1.numel() + b.k2.numel()) * b.k1.element_size() for b in self.sparse.values())

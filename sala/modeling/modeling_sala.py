@@ -292,16 +292,15 @@ class SalaLightningAttention(FusedProjections, nn.Module):
             return o
         if ctx.mode == PREFILL:
             states = ctx.cache.state(self.layer_idx)
-            if ctx.row_index is not None:     # the row as a device index: no host value in the launched work
-                o, final = lightning_attention(q, k, v, log_decay, scale=self.scale,
-                                               initial_state=states.index_select(0, ctx.row_index),
-                                               output_final_state=True)
-                states.index_copy_(0, ctx.row_index, final)
-                return o
-            state = states[ctx.row:ctx.row + 1]
+            # the row as a device index (ctx.row_index: no host value in the launched work) or as a slice
+            indexed = ctx.row_index is not None
+            state = states.index_select(0, ctx.row_index) if indexed else states[ctx.row:ctx.row + 1]
             o, final = lightning_attention(q, k, v, log_decay, scale=self.scale, initial_state=state,
                                            output_final_state=True)
-            state.copy_(final)
+            if indexed:
+                states.index_copy_(0, ctx.row_index, final)
+            else:
+                state.copy_(final)
             return o
         if ctx.real_mask is not None:   # padding tokens must not enter the state: zero their keys
             k = k * ctx.real_mask[:, :, None, None].to(k.dtype)
