@@ -40,6 +40,10 @@ gpu_tests() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cachepro
   tests/engine/test_engine_gpu.py tests/ops/test_infllmv2_triton.py; }
 gpu_tests_short() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
   --junitxml="$OUT/gpu_tests.xml" tests/engine/test_scheduler_gpu.py tests/model/test_fp8_model.py; }
+# the paged K/V pool on the GPU: the kernels through block tables, the serving engine against lone generation
+gpu_tests_paged() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
+  --junitxml="$OUT/gpu_tests.xml" tests/ops/test_infllmv2_paged.py tests/engine/test_scheduler_gpu.py \
+  tests/engine/test_prefill_graph.py; }
 gpu_tests_pieces() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
   --junitxml="$OUT/gpu_tests.xml" tests/engine/test_prefill_graph.py tests/engine/test_scheduler_gpu.py; }
 latency_fp8() { step latency_fp8 "$1" python3 -m sala.bench.latency --quantization fp8 --lengths 256K,1M \
@@ -92,7 +96,7 @@ decode64() { step decode64 "$1" python3 -m sala.cli bench serve --model minicpm-
   --num-requests 64 --concurrency 64 --prompt-len 256 --output-len 16 --max-num-seqs 64 --max-model-len 8448 \
   --decode-batch 64 --decode-context 8192 --decode-steps 50 --out "$OUT/serve_decode64_$gpu.json" --plot none; }
 interference() { step interference "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b \
-  --scenario interference --streams 4 --long-prompt 1048576 --prompt-len 1024 --output-len 256 --max-num-seqs 5 \
+  --scenario interference --streams 4 --long-prompt 1048576 --prompt-len 1024 --output-len 1536 --max-num-seqs 5 \
   --chunk-size 512 --no-prefix-cache \
   --out "$OUT/serve_interference_$gpu.json" --plot "$OUT/serve_interference_$gpu.png"; }
 spec() { step spec "$1" python3 -m sala.cli bench spec --tasks quote,vt --lengths 16k,64k --num-samples 2 \
@@ -113,6 +117,7 @@ case "$part" in
   last) latency_bf16 110; serve_load_8k 55; chunk_gaps 90; fp8_bundled 60 ;;
   next) gpu_tests_pieces 100; interference 330; serve_step 150 ;;   # the next session's first call
   next2) spec_fp32 100; gaps_512k 140; spec_pyspy 80 ;;              # and its second
+  paged) gpu_tests_paged 120; interference 230; serve_load 160 ;;    # the paged K/V pool
   run) shift; for item in "$@"; do "${item%%:*}" "${item##*:}"; done ;;   # run spec:120 chunk_gaps:90 ...
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -110,9 +110,10 @@ class Client:
                 out[m.group(1)] = float(m.group(2))
         return out
 
-    async def complete(self, prompt_ids: list[int], max_tokens: int, t0: float, keep_tokens: bool = False
-                       ) -> RequestRecord:
-        """One streamed request; `keep_tokens` keeps the generated tokens' texts (to compare runs)."""
+    async def complete(self, prompt_ids: list[int], max_tokens: int, t0: float, keep_tokens: bool = False,
+                       on_first_token=None) -> RequestRecord:
+        """One streamed request; `keep_tokens` keeps the generated tokens' texts (to compare runs);
+        `on_first_token()` is called when the first token arrives."""
         rec = RequestRecord(prompt_tokens=len(prompt_ids), max_tokens=max_tokens)
         # logprobs 0 (the chosen token's only): every generated token arrives as its own entry, also those
         # whose text is not yet printable, so that inter-token gaps are per token
@@ -145,6 +146,8 @@ class Client:
                         if last is None:
                             rec.ttft_s = now - start
                             n -= 1
+                            if on_first_token is not None:
+                                on_first_token()
                         if n:                    # tokens that arrived together share the gap
                             rec.itl_s.extend([(now - (last if last is not None else now)) / n] * n)
                         last = now
@@ -245,16 +248,29 @@ async def run_document(client: Client, *, doc_len: int, questions: int, question
 async def run_interference(client: Client, *, streams: int, stream_prompt_len: int, stream_output_len: int,
                            long_prompt_len: int, vocab: int, seed: int = 0) -> dict:
     """Inter-token latency of `streams` decoding streams alone, then while one `long_prompt_len` prompt
-    prefills (submitted once the streams produce tokens); the ratio of the two p99s."""
+    prefills (submitted once every stream has its first token); the ratio of the two p99s. A short untimed phase
+    first (the streams' shapes' first steps). The streams' outputs should outlast the long prefill: only the gaps
+    while it runs count (`itl_during_prefill_s`)."""
     rng = random.Random(seed)
 
-    async def phase(with_long: bool, delay_s: float = 0.0) -> dict:
+    async def phase(with_long: bool, output_len: int = stream_output_len) -> dict:
         prompts = [_random_prompt(rng, stream_prompt_len, vocab) for _ in range(streams)]
         t0 = time.perf_counter()
-        tasks = [asyncio.create_task(client.complete(p, stream_output_len, t0)) for p in prompts]
+        started = [0]
+        all_started = asyncio.Event()
+
+        def first_token() -> None:
+            started[0] += 1
+            if started[0] == streams:
+                all_started.set()
+
+        tasks = [asyncio.create_task(client.complete(p, output_len, t0, on_first_token=first_token))
+                 for p in prompts]
         long_rec = None
         if with_long:
-            await asyncio.sleep(delay_s)         # the streams are decoding by then
+            waiter = asyncio.create_task(all_started.wait())
+            await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)   # (or a stream failed)
+            waiter.cancel()
             long_task = asyncio.create_task(client.complete(_random_prompt(rng, long_prompt_len, vocab), 1, t0))
         records = await asyncio.gather(*tasks)
         if with_long:
@@ -276,8 +292,9 @@ async def run_interference(client: Client, *, streams: int, stream_prompt_len: i
             res["itl_during_prefill_s"] = percentiles(during)
         return res
 
+    await phase(False, output_len=min(stream_output_len, 32))     # untimed
     alone = await phase(False)
-    loaded = await phase(True, delay_s=1.5 * (alone["ttft_s"]["p99"] or 0.0))
+    loaded = await phase(True)
     p99_alone = alone["itl_s"]["p99"]
     p99_loaded = (loaded.get("itl_during_prefill_s") or {}).get("p99") or loaded["itl_s"]["p99"]
     return {"alone": alone, "with_long_prefill": loaded,
@@ -290,9 +307,12 @@ def decode_floor(core, batch: int, context: int, bandwidth: float | None) -> dic
     import torch
 
     weights = sum(p.numel() * p.element_size() for p in core.model.parameters())
-    cache_bytes = core.cache.memory_bytes()["total"]
-    per_row_token = cache_bytes / (core.max_num_seqs * max(1, core.cache.capacity))
-    read = weights + per_row_token * batch * context
+    mem = core.cache.memory_bytes()
+    # the K/V of `context` tokens (pool pages) + each row's compressed keys (scaled to `context`) and states
+    kv_token = mem["sparse_kv"] / ((core.pool.num_pages + 1) * core.pool.page_size)
+    comp_token = mem["compressed_keys"] / (core.max_num_seqs * max(1, core.cache.capacity))
+    states_row = mem["lightning_states"] / core.max_num_seqs
+    read = weights + batch * ((kv_token + comp_token) * context + states_row)
     if bandwidth is None and torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         bandwidth = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
@@ -328,6 +348,11 @@ def measure_decode_step(core, batch: int, context: int, steps: int = 20, warmup:
     step = core._decode_step(core.bucket_for(batch))
     start = torch.zeros_like(cache.seqlens)
     start[:batch] = context
+    need = batch * -(-(context + 1) // core.pool.page_size)
+    if core.prefix_cache is not None:
+        core.prefix_cache.reclaim(need)
+    for row in range(batch):                     # the rows' pages (the step writes one token after `context`)
+        cache.grow_row(row, context + 1)
     cache.lengths[:batch] = [context] * batch
     step.ids.zero_()
     try:
@@ -508,6 +533,9 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("in process (--model)")
     g.add_argument("--max-num-seqs", type=int, default=32)
     g.add_argument("--max-model-len", type=length_arg, default=None)
+    g.add_argument("--kv-cache-tokens", type=length_arg, default=None,
+                   help="tokens of the shared K/V page pool (default: the engine's; interference: the long prompt's "
+                        "and the streams' pages)")
     g.add_argument("--memory-fraction", type=float, default=0.9)
     g.add_argument("--chunk-size", type=int, default=None, help="prefill chunk (tokens)")
     g.add_argument("--no-prefix-cache", action="store_true")
@@ -567,6 +595,12 @@ def _engine_kwargs(args, prefix_cache: bool) -> dict:
               max_waiting=max(256, args.num_requests))
     if args.chunk_size:
         kw["chunk_size"] = args.chunk_size
+    if getattr(args, "kv_cache_tokens", None):
+        kw["kv_cache_tokens"] = args.kv_cache_tokens
+    elif args.scenario == "interference":    # the long prompt's pages and every stream's, not max_num_seqs x 1M
+        per = -(-(parse_range(args.prompt_len)[1] + parse_range(args.output_len)[1]) // 64) * 64
+        kw["kv_cache_tokens"] = (-(-(args.long_prompt + 1) // 64) * 64
+                                 + max(args.streams, args.warmup_requests or 0) * per)
     if getattr(args, "speculative", None):
         kw["speculative"] = args.speculative
         kw["num_speculative_tokens"] = args.num_speculative_tokens

@@ -37,6 +37,10 @@ def register(subparsers) -> None:
                    help="fraction of the free device memory for weights + caches")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="most requests waiting for admission; more are refused with 503")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="tokens of sparse-layer K/V in the shared page pool (default: --max-num-seqs full rows of "
+                        "--max-model-len, plus room for cached prefixes); requests are admitted while their prompt "
+                        "and max_tokens fit")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the prefix cache off")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="tokens per prefill chunk of a long prompt (default 2048)")
@@ -62,6 +66,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kw = dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
               memory_fraction=args.memory_fraction, enable_prefix_cache=not args.no_prefix_cache,
               max_waiting=args.max_waiting, device=args.device, dtype=args.dtype,
+              kv_cache_tokens=getattr(args, "kv_cache_tokens", None),
               quantization=None if args.quantization == "none" else args.quantization,
               chunk_size=getattr(args, "chunk_size", None),
               max_tokens_per_step=getattr(args, "max_tokens_per_step", None),

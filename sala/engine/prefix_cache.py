@@ -1,23 +1,25 @@
 """Exact prefix caching for the serving engine: a prompt that starts with already-computed tokens skips them.
 
-Pages of `page_size` tokens (64, the InfLLM-V2 block) are keyed by a hash chain of their token ids
-(key_i = hash(key_{i-1}, tokens of page i)); every page also keeps its tokens and its parent key, so a hash
-collision can never return another prompt's cache. Two kinds of entries, stored on the cache's device:
+Pages are the K/V pages of the engine's `KVPagePool` (`page_size` tokens, the InfLLM-V2 block), keyed by a hash
+chain of their token ids (key_i = hash(key_{i-1}, tokens of page i)); every entry also keeps its tokens and its
+parent key, so a hash collision can never return another prompt's cache. Two kinds of entries:
 
-- a page: the sparse layers' K and V of its tokens, [2, n_sparse_layers, page_size, Hkv, D] in the model dtype;
+- a page: a reference on a pool page that a prompt's prefill wrote (no copy: the cache and the row share it);
 - a state snapshot at a page boundary P: every lightning layer's state after the first P tokens,
-  [n_lightning_layers, H, Dk, Dv] fp32 (what the row's recurrences hold at P).
+  [n_lightning_layers, H, Dk, Dv] fp32 (what the row's recurrences hold at P), on the cache's device.
 
 A prefix of P tokens is usable when pages 0 .. P/page_size - 1 and the snapshot at P are all present. Restoring
-it into a row copies the K/V of [0, P) and the states, and recomputes the compressed keys K1/K2 of the windows
-that end at or before P from those keys with `compress_window_range` -- the same function an uninterrupted
-prefill uses, on the same keys, so they are identical; windows that end after P are written by the continued
-prefill, which starts its windows at `compressed_lengths(P)` exactly as a prefill chunk starting at P does.
+it into a row maps those pages into the row's block table (no K/V is copied; the row writes only pages after
+them), copies the states, and recomputes the compressed keys K1/K2 of the windows that end at or before P from
+those keys with `compress_keys` -- the same function an uninterrupted prefill uses, on the same keys, so they
+are identical; windows that end after P are written by the continued prefill, which starts its windows at
+`compressed_lengths(P)` exactly as a prefill chunk starting at P does.
 
-Entries are reference-counted while a request that restored them runs, and evicted least-recently-used when
-the bytes held would exceed `max_bytes`: snapshots in least-recently-used order, and the pages that no longer
-lead to any snapshot (leaves of the page tree, as in a radix cache), so pressure shortens cached prefixes from
-their ends back to an earlier snapshot and never cuts a chain at its root.
+Snapshots are held within `max_bytes`; pages within the pool: `reclaim(n)` gives pages back when the engine needs
+free ones. Entries are reference-counted while a request that restored them runs, and evicted
+least-recently-used: snapshots in least-recently-used order, and the pages that no longer lead to any snapshot
+(leaves of the page tree, as in a radix cache), so pressure shortens cached prefixes from their ends back to an
+earlier snapshot and never cuts a chain at its root.
 """
 from __future__ import annotations
 
@@ -27,14 +29,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sala.engine.kv_pages import KVPagePool
 from sala.engine.static_cache import StaticCache
 from sala.modeling.configuration_sala import SalaConfig
 from sala.modeling.modeling_sala import sparse_params_from_config
-from sala.ops.infllmv2 import compress_window_range, compressed_lengths
+from sala.ops.infllmv2 import compress_keys, compressed_lengths, gather_paged_range
 
 logger = logging.getLogger(__name__)
 
-PAGE_SIZE = 64
+PAGE_SIZE = 64     # the released model's sparse block (a paged cache's page size is its config's block size)
 _ROOT = 0          # parent key of page 0
 
 
@@ -43,14 +46,10 @@ class _Page:
     key: int
     parent: int
     tokens: tuple[int, ...]
-    kv: torch.Tensor                          # [2, n_sparse, page_size, Hkv, D]
+    page: int                                 # the pool page (one reference held by the cache)
     refs: int = 0
     children: set[int] = field(default_factory=set)
     snapshot: bool = False                    # a state snapshot exists at the end of this page
-
-    @property
-    def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
 
 
 @dataclass
@@ -89,23 +88,22 @@ def page_keys(ids: list[int], page_size: int = PAGE_SIZE) -> list[int]:
 
 
 class PrefixCache:
-    """Pages of K/V and lightning-state snapshots keyed by token-id hash chains (see the module docstring)."""
+    """Pool pages and lightning-state snapshots keyed by token-id hash chains (see the module docstring)."""
 
-    def __init__(self, config: SalaConfig, max_bytes: int, *, page_size: int = PAGE_SIZE) -> None:
-        if page_size < 1:
-            raise ValueError(f"PrefixCache: page_size must be >= 1, got {page_size}")
+    def __init__(self, config: SalaConfig, pool: KVPagePool, max_bytes: int) -> None:
         if max_bytes < 0:
             raise ValueError(f"PrefixCache: max_bytes must be >= 0, got {max_bytes}")
         self.config = config
-        self.page_size = page_size
-        self.max_bytes = int(max_bytes)
+        self.pool = pool
+        self.page_size = pool.page_size
+        self.max_bytes = int(max_bytes)            # snapshots (the pages are the pool's)
         self.params = sparse_params_from_config(config)
         self.sparse_ids = list(config.sparse_layer_ids)
         self.pages: dict[int, _Page] = {}
         self.snapshots: dict[int, _Snapshot] = {}
         # Eviction candidates, oldest first: ("snap", key) for every snapshot, ("page", key) for leaf pages.
         self._lru: OrderedDict[tuple[str, int], None] = OrderedDict()
-        self.bytes = 0
+        self.bytes = 0                 # snapshots
         self.evictions = 0
         self.refs = 0              # references held by running requests (acquire - release), all entries
 
@@ -139,7 +137,7 @@ class PrefixCache:
                 continue
             if page.snapshot and k in self.snapshots:
                 self._drop_snapshot(k)
-            self.bytes -= page.nbytes
+            self.pool.release([page.page])
             self._lru.pop(("page", k), None)
             parent = self.pages.get(page.parent)
             if parent is not None:
@@ -149,34 +147,53 @@ class PrefixCache:
                     self._lru.move_to_end(("page", page.parent), last=False)
             stack.extend(page.children)
 
-    def _victim(self) -> tuple[str, int] | None:
-        """What to evict next: a leaf page without a snapshot (no prefix can end there: free to drop), else the
-        least recently used snapshot; entries in use never. Dropping a chain's last snapshot turns its tail
-        pages into such leaves, so a chain shrinks back to its previous snapshot."""
-        snap = None
+    def _victim(self, free_pages: bool = False) -> tuple[str, int] | None:
+        """What to evict next; entries in use never. For snapshot bytes: a leaf page without a snapshot (no
+        prefix can end there: free to drop), else the least recently used snapshot -- dropping a chain's last
+        snapshot turns its tail pages into such leaves, so a chain shrinks back to its previous snapshot. For pool
+        pages (free_pages): only leaf pages that no running row maps (their page goes back to the pool), those
+        without a snapshot first, else the least recently used leaf with its snapshot: a chain shrinks from its
+        end."""
+        snap = leaf = None
         for kind, key in self._lru:
             if kind == "page":
                 page = self.pages[key]
-                if page.refs == 0 and not page.snapshot:
+                if page.refs or (free_pages and self.pool.refs[page.page] > 1):
+                    continue
+                if not page.snapshot:
                     return kind, key
-            elif snap is None and self.snapshots[key].refs == 0:
+                if free_pages and leaf is None and self.snapshots[key].refs == 0:
+                    leaf = (kind, key)
+            elif not free_pages and snap is None and self.snapshots[key].refs == 0:
                 snap = (kind, key)
-        return snap
+        return leaf if free_pages else snap
+
+    def _evict(self, victim: tuple[str, int]) -> None:
+        kind, key = victim
+        if kind == "snap":
+            self._drop_snapshot(key)
+        else:
+            self._drop_page(key)
+        self.evictions += 1
 
     def _make_room(self, nbytes: int) -> bool:
-        """Evict until nbytes more fit; False if they cannot."""
+        """Evict until a snapshot of nbytes more fits; False if it cannot."""
         if nbytes > self.max_bytes:
             return False
         while self.bytes + nbytes > self.max_bytes:
             victim = self._victim()
             if victim is None:
                 return False
-            kind, key = victim
-            if kind == "snap":
-                self._drop_snapshot(key)
-            else:
-                self._drop_page(key)
-            self.evictions += 1
+            self._evict(victim)
+        return True
+
+    def reclaim(self, pages: int) -> bool:
+        """Evict entries until the pool has `pages` free pages; False if it cannot get there."""
+        while self.pool.num_free < pages:
+            victim = self._victim(free_pages=True)
+            if victim is None:
+                return False
+            self._evict(victim)
         return True
 
     def _pin(self, key: int, n: int) -> None:
@@ -224,27 +241,30 @@ class PrefixCache:
         self.refs -= len(match.keys) + 1
 
     @torch.no_grad()
-    def restore(self, match: PrefixMatch, cache: StaticCache, row: int, group_pages: int = 256) -> None:
-        """Write the cached prefix into `row` of cache: K/V of [0, P), K1/K2 of the windows inside [0, P),
-        lightning states at P, lengths P. Pages are concatenated in groups (bounded temporary memory)."""
-        ps, P = self.page_size, match.length
-        cache.check_room(row, P)
-        for g in range(0, len(match.keys), group_pages):
-            kv = torch.cat([self.pages[k].kv for k in match.keys[g:g + group_pages]], dim=2)
-            a = g * ps
-            b = a + kv.shape[2]
-            for si, layer in enumerate(self.sparse_ids):
-                cache.sparse[layer].k[row, a:b] = kv[0, si]
-                cache.sparse[layer].v[row, a:b] = kv[1, si]
-            del kv
+    def restore(self, match: PrefixMatch, cache: StaticCache, row: int) -> None:
+        """Put the cached prefix into `row` of a paged cache (whose row maps no pages yet): its pages mapped (a
+        reference each for the row), K1/K2 of the windows inside [0, P) computed from their keys, the lightning
+        states at P, lengths P."""
+        P = match.length
+        if cache.pool is not self.pool or cache.row_pages[row]:
+            raise ValueError("PrefixCache.restore: the cache must be paged on this prefix cache's pool and the row "
+                             f"empty (row {row} maps {len(cache.row_pages[row])} pages)")
+        if P > cache.capacity:
+            raise ValueError(f"PrefixCache.restore: a {P}-token prefix does not fit the row capacity {cache.capacity}")
+        pages = [self.pages[k].page for k in match.keys]
+        self.pool.retain(pages)
+        cache.map_pages(row, pages)
         p = self.params
         n1, n2 = compressed_lengths(P, p)
+        table_row = cache.block_table[row]
         for layer in self.sparse_ids:
             buf = cache.sparse[layer]
+            keys = gather_paged_range(buf.k, table_row, 0, P)
             for comp, kernel, stride, n in ((buf.k1, p.kernel_size, p.kernel_stride, n1),
                                             (buf.k2, p.k2_kernel, p.k2_stride, n2)):
                 if n > 0:
-                    comp[row, :n] = compress_window_range(buf.k[row:row + 1], 0, n, kernel, stride)[0]
+                    comp[row, :n] = compress_keys(keys[:, :stride * (n - 1) + kernel], kernel, stride)[0]
+            del keys
         cache.states[:, row].copy_(self.snapshots[match.keys[-1]].states)
         cache.lengths[row] = P
         cache.seqlens[row:row + 1].fill_(P)
@@ -253,11 +273,13 @@ class PrefixCache:
     @torch.no_grad()
     def store(self, ids: list[int], cache: StaticCache, row: int, upto: int, start: int = 0,
               keys: list[int] | None = None) -> int:
-        """Insert the pages of ids [start, upto) (page-aligned, already in `row` of cache, whose lengths is
-        `upto`) and a snapshot of the row's lightning states at `upto`. Returns how far pages are now stored
+        """Insert the pages of ids [start, upto) (page-aligned, already in `row` of a paged cache on this pool,
+        whose length is `upto`) and a snapshot of the row's lightning states at `upto`. Returns how far pages are now stored
         for this prompt (`start` if nothing could be stored, e.g. a missing parent or no room). `keys`:
         page_keys(ids) if already computed (a long prompt stores once per chunk)."""
         ps = self.page_size
+        if cache.pool is not self.pool:
+            raise ValueError("PrefixCache.store: the cache must be paged on this prefix cache's pool")
         if upto % ps or start % ps or cache.lengths[row] != upto:
             raise ValueError(f"PrefixCache.store: upto {upto} and start {start} must be multiples of the page size "
                              f"{ps} and upto the row's length {cache.lengths[row]}")
@@ -270,16 +292,9 @@ class PrefixCache:
             key = keys[i]
             if key not in self.pages:
                 a, b = i * ps, (i + 1) * ps
-                kv = torch.stack([torch.stack([cache.sparse[layer].k[row, a:b] for layer in self.sparse_ids]),
-                                  torch.stack([cache.sparse[layer].v[row, a:b] for layer in self.sparse_ids])])
-                page = _Page(key, prev, tuple(ids[a:b]), kv)
-                self._pin(prev, 1)                 # never evict the prefix being extended to make room for it
-                fits = self._make_room(page.nbytes)
-                self._pin(prev, -1)
-                if not fits:
-                    return done
+                page = _Page(key, prev, tuple(ids[a:b]), cache.row_pages[row][i])
+                self.pool.retain([page.page])      # shared with the row: no copy
                 self.pages[key] = page
-                self.bytes += page.nbytes
                 if prev != _ROOT:
                     self.pages[prev].children.add(key)
                     self._lru.pop(("page", prev), None)

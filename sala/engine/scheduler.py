@@ -1,8 +1,12 @@
 """EngineCore: continuous batching over one preallocated StaticCache (the serving engine's generation loop).
 
-Slots are the rows of a StaticCache of `max_num_seqs` rows x `max_model_len` tokens, allocated once (checked
-against the memory plan and `memory_fraction` of the free device memory). Requests wait in a FIFO queue, take
-the lowest free row when one is free, and leave when they finish. Each `step()`:
+Slots are the rows of a paged StaticCache of `max_num_seqs` rows of up to `max_model_len` tokens, allocated once
+(checked against the memory plan and `memory_fraction` of the free device memory): the sparse layers' K/V in a
+shared `KVPagePool` of pages of one sparse block (64 tokens), the compressed keys and lightning states per row.
+Requests wait in a FIFO queue; one is admitted when a row is free and the pool can hold its prompt and
+max_new_tokens (pages of a restored prefix are shared, not counted again; cached prefixes are evicted for room
+when needed), so a running request never runs out of pages; it leaves, giving its pages back, when it
+finishes. A request that could never fit the pool is refused with both numbers. Each `step()`:
 
 1. one decode step for every running sequence (a CUDA-graph `GraphedDecodeStep` over the smallest batch-size
    bucket of rows [0, b) that holds them). DecodeStep advances every row of its bucket, so the lightning states
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -37,6 +40,7 @@ import torch
 
 from sala.engine.decode_graph import GraphedDecodeStep
 from sala.engine.forward import DecodeStep, ModelRunner
+from sala.engine.kv_pages import KVPagePool
 from sala.engine.memory import (
     check_fits,
     device_free_bytes,
@@ -44,7 +48,7 @@ from sala.engine.memory import (
     plan_memory,
     prefill_graph_bytes,
 )
-from sala.engine.prefix_cache import PAGE_SIZE, PrefixCache, PrefixMatch, page_keys
+from sala.engine.prefix_cache import PrefixCache, PrefixMatch, page_keys
 from sala.engine.requests import (
     QueueFullError,
     Request,
@@ -70,7 +74,9 @@ logger = logging.getLogger(__name__)
 
 # Default max_model_len on CPU (at most what the available RAM holds).
 CPU_DEFAULT_MAX_MODEL_LEN = 8192
-# Default prefix-cache budget: this fraction of the slot cache's bytes, at least PREFIX_CACHE_MIN_BYTES.
+# Default prefix-cache budget: this fraction of the slot cache's bytes, at least PREFIX_CACHE_MIN_BYTES; half of it
+# as pool pages beyond what max_num_seqs full rows need (cached prefixes no running request maps), half for the
+# lightning-state snapshots.
 PREFIX_CACHE_FRACTION = 0.25
 PREFIX_CACHE_MIN_BYTES = 64 << 20
 # Serving prefill chunks on CUDA: the dense pieces of this many chunk lengths (the most recently used, each of at
@@ -159,13 +165,16 @@ class EngineCore:
                  max_model_len: int | None = None, memory_fraction: float = 0.9, enable_prefix_cache: bool = True,
                  chunk_size: int = 2048, max_tokens_per_step: int | None = None, max_waiting: int = 256,
                  use_cuda_graph: bool = True, prefix_cache_bytes: int | None = None,
-                 page_size: int = PAGE_SIZE, speculative: str | None = None,
+                 kv_cache_tokens: int | None = None, speculative: str | None = None,
                  num_speculative_tokens: int = 4, speculative_max_batch: int = 8,
                  speculative_cost_per_token: float | None = None) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        page_size = model.config.sparse_config["block_size"]      # a K/V page is one sparse block
         if chunk_size < page_size:
-            raise ValueError(f"chunk_size ({chunk_size}) must be >= the page size ({page_size})")
+            raise ValueError(f"chunk_size ({chunk_size}) must be >= the page size ({page_size}, the sparse block)")
+        if kv_cache_tokens is not None and kv_cache_tokens < page_size:
+            raise ValueError(f"kv_cache_tokens must be >= the page size ({page_size}), got {kv_cache_tokens}")
         if not 0.0 < memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
         if max_waiting < 0:
@@ -203,13 +212,23 @@ class EngineCore:
                                      dtype=model.lm_head.weight.dtype, target_vocab=model.config.vocab_size)
                         if speculative else None)
         self.use_cuda_graph = use_cuda_graph
-        self.max_model_len = self._size(max_model_len, memory_fraction, prefix_cache_bytes, enable_prefix_cache)
-        self.cache = StaticCache(self.config, max_num_seqs, self.max_model_len, self.dtype, self.device)
+        self.max_model_len = self._size(max_model_len, memory_fraction, prefix_cache_bytes, enable_prefix_cache,
+                                        kv_cache_tokens)
+        pages_per_row = -(-self.max_model_len // page_size)
+        page_bytes = KVPagePool.bytes_per_page(self.config, self.dtype)
         if prefix_cache_bytes is None:
-            prefix_cache_bytes = max(PREFIX_CACHE_MIN_BYTES,
-                                     int(self.cache.memory_bytes()["total"] * PREFIX_CACHE_FRACTION))
-        self.prefix_cache = PrefixCache(self.config, prefix_cache_bytes, page_size=page_size) \
-            if enable_prefix_cache else None
+            full = plan_memory(self.config, pages_per_row * page_size, max_num_seqs, self.dtype, chunk_size).caches
+            prefix_cache_bytes = max(PREFIX_CACHE_MIN_BYTES, int(full * PREFIX_CACHE_FRACTION))
+        if kv_cache_tokens is None:      # every row full, and the prefix cache's share of pages beyond that
+            extra = prefix_cache_bytes // 2 // page_bytes if enable_prefix_cache else 0
+            num_pages = max_num_seqs * pages_per_row + extra
+        else:
+            num_pages = kv_cache_tokens // page_size
+        self.pool = KVPagePool(self.config, num_pages, self.dtype, self.device)
+        self.cache = StaticCache(self.config, max_num_seqs, self.max_model_len, self.dtype, self.device,
+                                 pool=self.pool)
+        self.prefix_cache = (PrefixCache(self.config, self.pool, prefix_cache_bytes - (
+            prefix_cache_bytes // 2 if kv_cache_tokens is None else 0)) if enable_prefix_cache else None)
         self.buckets = _buckets(max_num_seqs)
         self._steps: dict[int, GraphedDecodeStep] = {}
         self._verify_steps: dict[tuple[int, int], GraphedDecodeStep] = {}
@@ -223,9 +242,9 @@ class EngineCore:
                          "requests_aborted": 0, "decode_steps": 0, "prefill_chunks": 0,
                          "spec_verify_steps": 0, "spec_draft_tokens_total": 0, "spec_accepted_tokens_total": 0}
         self._ids = itertools.count()
-        logger.info("EngineCore: %d slots x %d tokens on %s (%s), slot cache %.1f MiB, prefix cache %s",
-                    max_num_seqs, self.max_model_len, self.device, self.dtype,
-                    self.cache.memory_bytes()["total"] / 2**20,
+        logger.info("EngineCore: %d slots x %d tokens on %s (%s), K/V pool %d pages of %d tokens, caches %.1f MiB, "
+                    "prefix-cache snapshots %s", max_num_seqs, self.max_model_len, self.device, self.dtype,
+                    self.pool.num_pages, page_size, self.cache.memory_bytes()["total"] / 2**20,
                     f"{prefix_cache_bytes / 2**20:.1f} MiB" if enable_prefix_cache else "off")
         self.capture_prefill_graphs()
 
@@ -242,15 +261,19 @@ class EngineCore:
         full = min(self.chunk_size, self.max_tokens_per_step, self.runner.prefill_graph_max_tokens) // ps * ps
         lengths = [n for n in (full, full - ps) if ps <= n <= self.cache.capacity][:self.runner.prefill_graphs]
         self.runner.pin_prefill_graphs(lengths)
+        lengths = [n for n in lengths if -(-n // ps) <= self.pool.num_free]
         for n in lengths:
             for _ in range(2):               # the first call runs eagerly, the second captures and replays
+                self.cache.grow_row(0, n)
                 self.runner.prefill_chunk(torch.zeros(n, dtype=torch.long, device=self.device), self.cache, 0)
-                self.cache.reset_row(0)
+                self.cache.reset_row(0)      # its pages go back to the pool
         logger.debug("captured the prefill graphs of %s-token chunks", lengths)
         return lengths
 
-    def _size(self, max_model_len: int | None, fraction: float, prefix_bytes: int | None, prefix_on: bool) -> int:
-        """max_model_len checked against (or, if None, sized from) the free device memory."""
+    def _size(self, max_model_len: int | None, fraction: float, prefix_bytes: int | None, prefix_on: bool,
+              kv_tokens: int | None) -> int:
+        """max_model_len checked against (or, if None, sized from) the free device memory. With `kv_tokens` (the
+        pool's size) the rows' K/V is that pool instead of max_num_seqs x max_model_len tokens."""
         free = device_free_bytes(self.device)
         budget = None if free is None else int(free * fraction)
         share = 1.0 + (PREFIX_CACHE_FRACTION if prefix_on and prefix_bytes is None else 0.0)
@@ -280,6 +303,8 @@ class EngineCore:
             raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
         if budget is not None:
             plan = plan_memory(self.config, max_model_len, self.max_num_seqs, self.dtype, self.chunk_size)
+            if kv_tokens is not None:
+                plan.sparse_kv = plan_memory(self.config, kv_tokens, 1, self.dtype, self.chunk_size).sparse_kv
             cap = int((budget - extra) / share)
             check_fits(self.config, plan, cap, weights_loaded=True,
                        where=f"{self.device} ({fraction:.0%} of its free memory, less the prefix cache)")
@@ -354,12 +379,21 @@ class EngineCore:
         if need > self.max_model_len:
             raise RequestError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({p.max_new_tokens}) is {need} "
                                f"tokens, more than the maximum model length of {self.max_model_len} tokens")
+        pages = self._pages_for(request)
+        if pages > self.pool.num_pages:
+            raise RequestError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({p.max_new_tokens}) needs {pages} "
+                               f"K/V pages of {self.page_size} tokens, more than the {self.pool.num_pages} pages "
+                               f"({self.pool.num_pages * self.page_size} tokens) of this engine's K/V cache")
         if p.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer and this engine has none (use stop_token_ids)")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(request, name)
             if k is not None and not 0 <= k <= V:
                 raise RequestError(f"{name} must be in [0, {V}], got {k}")
+
+    def _pages_for(self, request: Request) -> int:
+        """Pages a request's row maps for good: its prompt and max_new_tokens."""
+        return -(-(len(request.prompt_ids) + request.params.max_new_tokens) // self.page_size)
 
     def add_request(self, request: Request) -> None:
         """Queue a request. RequestError if it can never be served; QueueFullError if too many wait."""
@@ -398,13 +432,13 @@ class EngineCore:
         return bool(self.waiting or self.active or self._aborted)
 
     def stats(self) -> dict:
-        ps = self.page_size
-        used = sum(math.ceil(self.cache.lengths[s.row] / ps) for s in self.active.values())
         out = {"running": sum(s.status == _RUNNING for s in self.active.values()),
                "prefilling": sum(s.status == _PREFILL for s in self.active.values()),
                "waiting": len(self.waiting), "free_slots": len(self.free_rows), "max_num_seqs": self.max_num_seqs,
-               "max_model_len": self.max_model_len, "cache_pages_used": used,
-               "cache_pages_total": self.max_num_seqs * (self.cache.capacity // ps),
+               "max_model_len": self.max_model_len,
+               "cache_pages_used": len({q for pages in self.cache.row_pages for q in pages}),   # by running rows
+               "cache_pages_free": self.pool.num_free,
+               "cache_pages_total": self.pool.num_pages, "cache_page_tokens": self.page_size,
                "cache_bytes": self.cache.memory_bytes()["total"]}
         out.update(self.counters)
         if self.prefix_cache is not None:
@@ -413,27 +447,44 @@ class EngineCore:
 
     # ------------------------------------------------------------------ rows
     def _admit(self) -> None:
+        """Waiting requests, in arrival order, into free rows while the pool holds their pages (the first that
+        does not fit waits, and the ones behind it with it)."""
         while self.waiting and self.free_rows:
-            s = self.waiting.popleft()
+            s = self.waiting[0]
+            T = len(s.prompt)
+            m = None
+            if self.prefix_cache is not None:
+                if s.page_keys is None:
+                    s.page_keys = page_keys(s.prompt, self.page_size)
+                # Prompt log-probabilities need every prompt position's hidden state: no restore then.
+                if s.req.prompt_logprobs is None:
+                    m = self.prefix_cache.lookup(s.prompt, T - 1, s.page_keys)
+            need = self._pages_for(s.req) - (len(m.keys) if m is not None else 0)
+            if self.pool.num_free < need:
+                if m is not None:
+                    self.prefix_cache.acquire(m)         # not evicted to make room for the request reusing it
+                fits = self.prefix_cache is not None and self.prefix_cache.reclaim(need)
+                if m is not None:
+                    self.prefix_cache.release(m)
+                if not fits:
+                    return                               # wait for running requests to give pages back
+            self.waiting.popleft()
             self.free_rows.sort()
             s.row = self.free_rows.pop(0)
-            row, T = s.row, len(s.prompt)
+            row = s.row
             self.cache.reset_row(row)
             s.prompt_t = torch.tensor(s.prompt, dtype=torch.long, device=self.device)
             s.status = _PREFILL
             self.counters["prompt_tokens_total"] += T
             if self.prefix_cache is not None:
                 self.counters["prefix_cache_queries"] += T
-                s.page_keys = page_keys(s.prompt, self.page_size)
-                # Prompt log-probabilities need every prompt position's hidden state: no restore then.
-                if s.req.prompt_logprobs is None:
-                    m = self.prefix_cache.lookup(s.prompt, T - 1, s.page_keys)
-                    if m is not None:
-                        s.split_at = m.pages_length
-                        self.prefix_cache.restore(m, self.cache, row)
-                        self.prefix_cache.acquire(m)
-                        s.match, s.num_cached, s.stored = m, m.length, m.length
-                        self.counters["prefix_cache_hits"] += m.length
+                if m is not None:
+                    s.split_at = m.pages_length
+                    self.prefix_cache.restore(m, self.cache, row)
+                    self.prefix_cache.acquire(m)
+                    s.match, s.num_cached, s.stored = m, m.length, m.length
+                    self.counters["prefix_cache_hits"] += m.length
+            self.cache.grow_row(row, T + s.req.params.max_new_tokens)
             if s.req.prompt_logprobs is not None:
                 s.prompt_lps = [None]
             self.active[s.req.request_id] = s
@@ -444,8 +495,7 @@ class EngineCore:
             self.prefix_cache.release(s.match)
             s.match = None
         if s.row >= 0:
-            self.cache.lengths[s.row] = 0
-            self.cache.seqlens[s.row:s.row + 1].fill_(0)
+            self.cache.reset_row(s.row)                 # its pages go back to the pool (or stay in the prefix cache)
             self.free_rows.append(s.row)
             s.row = -1
         s.status = "done"

@@ -10,7 +10,8 @@ The model's layers are the only forward. The same layers run:
   them, keep their k, v (for rolling the states back to an accepted prefix: `sala.ops.lightning_state_after`).
 
 A static cache is any object with `.state(layer)` ([B, H, Dk, Dv] fp32 lightning state), `.sparse[layer]`
-(buffers `.k`, `.v` [B, S, Hkv, D] and compressed keys `.k1`, `.k2`) and `.seqlens` (int32 [B] on the device).
+(buffers `.k`, `.v` [B, S, Hkv, D] and compressed keys `.k1`, `.k2`) and `.seqlens` (int32 [B] on the device); a
+paged one also has `.block_table` (int32 [B, S / page_size]), and its `.k`, `.v` are pages [P, page_size, Hkv, D].
 """
 from __future__ import annotations
 

@@ -37,11 +37,17 @@ from sala.ops.dense import dense_causal_attention
 from sala.ops.fused_reference import qk_norm_rope_reference
 from sala.ops.infllmv2 import (
     SparseParams,
+    compress_keys,
     compress_window_range,
     compressed_lengths,
+    gather_paged,
+    gather_paged_range,
     infllmv2_attention,
+    infllmv2_attention_paged,
     infllmv2_decode,
     update_compressed_keys,
+    write_paged,
+    write_paged_positions,
 )
 from sala.ops.lightning import lightning_attention, lightning_decode_step
 from sala.ops.linear_cross_entropy import linear_cross_entropy
@@ -408,6 +414,8 @@ class SalaSparseAttention(FusedProjections, nn.Module):
         buf = ctx.cache.sparse[self.layer_idx]
         row, start = ctx.row, ctx.start
         end = start + q.shape[1]
+        if getattr(ctx.cache, "block_table", None) is not None:
+            return self._attend_prefill_paged(q, k, v, buf, ctx.cache.block_table[row], row, start, end)
         buf.k[row, start:end] = k[0]
         buf.v[row, start:end] = v[0]
         p = self.params
@@ -420,31 +428,58 @@ class SalaSparseAttention(FusedProjections, nn.Module):
         return self._attend(q.contiguous(), buf.k[row:row + 1, :end], buf.v[row:row + 1, :end],
                             buf.k1[row:row + 1, :n1], buf.k2[row:row + 1, :n2])
 
+    def _attend_prefill_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buf: Any,
+                              table_row: torch.Tensor, row: int, start: int, end: int) -> torch.Tensor:
+        """`_attend_prefill` over a paged cache: K/V written into the row's pages (table_row int32 [NB]), the
+        compressed keys extended from the keys their windows cover, attention read through the pages."""
+        write_paged(buf.k, table_row, start, k[0])
+        write_paged(buf.v, table_row, start, v[0])
+        p = self.params
+        n1_old, n2_old = compressed_lengths(start, p)
+        n1, n2 = compressed_lengths(end, p)
+        for comp, kernel, stride, lo, hi in ((buf.k1, p.kernel_size, p.kernel_stride, n1_old, n1),
+                                             (buf.k2, p.k2_kernel, p.k2_stride, n2_old, n2)):
+            if hi > lo:
+                keys = gather_paged_range(buf.k, table_row, stride * lo, stride * (hi - 1) + kernel)
+                comp[row, lo:hi] = compress_keys(keys, kernel, stride)[0]
+        if self.config.use_sparse_attention:
+            return infllmv2_attention_paged(q.contiguous(), buf.k, buf.v, table_row, end, buf.k1[row:row + 1, :n1],
+                                            buf.k2[row:row + 1, :n2], self.params, scale=self.scale)
+        return dense_causal_attention(q, gather_paged_range(buf.k, table_row, 0, end),
+                                      gather_paged_range(buf.v, table_row, 0, end), scale=self.scale)
+
     def _attend_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """T tokens for every row of the static cache (positions `ctx.position_ids` [B, T], from the device
         lengths); static shapes, no host sync. Token j of a row sees the row's cache and tokens 0..j. Positions
         past the capacity (a padded verify row near its end, never accepted) are clamped: their keys land on the
         last slot, beyond the row's length, and their outputs are garbage nobody reads."""
         buf = ctx.cache.sparse[self.layer_idx]
+        table = getattr(ctx.cache, "block_table", None)         # a paged cache: int32 [B, NB]
         B, T = q.shape[:2]
-        S = buf.k.shape[1]
+        S = buf.k.shape[1] if table is None else table.shape[1] * buf.k.shape[1]
         pos = ctx.position_ids
-        wpos = pos.clamp(max=S - 1)
-        rows = torch.arange(B, device=q.device)[:, None].expand(B, T)
-        buf.k.index_put_((rows, wpos), k)
-        buf.v.index_put_((rows, wpos), v)
+        if table is None:
+            wpos = pos.clamp(max=S - 1)
+            rows = torch.arange(B, device=q.device)[:, None].expand(B, T)
+            buf.k.index_put_((rows, wpos), k)
+            buf.v.index_put_((rows, wpos), v)
+        else:                   # unmapped blocks (an idle row, a padded verify position) point at the scratch page
+            write_paged_positions(buf.k, table, pos, k)
+            write_paged_positions(buf.v, table, pos, v)
         seqlens = (pos + 1).clamp(max=S).to(torch.int32)                     # [B, T]: keys each token sees
         out = ctx.out.get("sparse")
         if self.config.use_sparse_attention:
-            update_compressed_keys(buf.k, buf.k1, buf.k2, seqlens[:, -1].contiguous(), self.params, new_tokens=T)
+            update_compressed_keys(buf.k, buf.k1, buf.k2, seqlens[:, -1].contiguous(), self.params, new_tokens=T,
+                                   block_table=table)
             o = infllmv2_decode(q.reshape(B * T, self.num_heads, self.head_dim), buf.k, buf.v, buf.k1, buf.k2,
                                 seqlens.reshape(B * T), self.params, scale=self.scale,
                                 out=out.view(B * T, self.num_heads, self.head_dim) if out is not None else None,
-                                queries_per_row=T)
+                                queries_per_row=T, block_table=table)
             return o.view(B, T, self.num_heads, self.head_dim)
         # dense attention over the valid prefix of every token
+        kc, vc = (buf.k, buf.v) if table is None else (gather_paged(buf.k, table, S), gather_paged(buf.v, table, S))
         valid = torch.arange(S, device=q.device)[None, None, :] < seqlens[:, :, None].long()     # [B, T, S]
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), buf.k.transpose(1, 2), buf.v.transpose(1, 2),
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
                                            attn_mask=valid[:, None], scale=self.scale, enable_gqa=True)
         return o.transpose(1, 2)
 

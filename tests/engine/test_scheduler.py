@@ -9,6 +9,7 @@ from sala.engine import SalaEngine, SamplingParams
 from sala.engine.requests import QueueFullError, Request, RequestError
 from sala.engine.scheduler import EngineCore
 from sala.engine.static_cache import StaticCache
+from sala.ops.infllmv2 import gather_paged
 from sala.utils.bundled import bundled_model_dir
 
 MODEL = bundled_model_dir()
@@ -88,7 +89,7 @@ def test_prefilling_row_keeps_its_state_while_others_decode(engine, prompts):
         engine.runner.prefill_chunk(torch.tensor(long[a:a + 64]), ref, 0)
     assert torch.equal(core.cache.states[:, s.row], ref.states[:, 0])
     for layer, buf in ref.sparse.items():
-        assert torch.equal(core.cache.sparse[layer].k[s.row, :128], buf.k[0, :128])
+        assert torch.equal(gather_paged(core.cache.sparse[layer].k, core.cache.block_table[s.row], 128), buf.k[:, :128])
     assert int(core.cache.seqlens[s.row]) == 128
     idle = [r for r in range(2) if r not in (s.row, core.active["short"].row)]
     assert all(int(core.cache.seqlens[r]) == 0 for r in idle)
@@ -122,6 +123,58 @@ def test_waits_for_a_free_slot_and_refuses_what_never_fits(engine, prompts):
         outs[o.request_id].insert(0, o)
     assert sorted(outs) == ["r0", "r1", "r2", "r3"]
     assert all(len(tokens(o)) == 3 for o in outs.values())
+
+
+def test_admission_waits_for_pages_and_refuses_what_the_pool_never_holds(engine, prompts, alone):
+    # A pool of 6 pages (384 tokens) for 4 rows of up to 256 tokens: requests are admitted while their prompt and
+    # max_new_tokens fit the free pages (the 200-token prompt needs 4 of them), the rest wait; every request gets
+    # exactly its tokens alone, and every page comes back.
+    core = EngineCore(engine.model, engine.tokenizer, max_num_seqs=4, max_model_len=256, chunk_size=128,
+                      kv_cache_tokens=384, enable_prefix_cache=False)
+    assert core.pool.num_pages == 6 and core.stats()["cache_pages_total"] == 6
+    order = [15, 14, 11, 5, 0, 13]                                   # 200, 190, 128, 33, 1, 170 tokens
+    for i in order:
+        core.add_request(Request(str(i), prompts[i], SamplingParams(max_new_tokens=NEW)))
+    outs: dict[str, list] = {}
+    most_running = 0
+    for _ in range(1000):
+        if not core.has_unfinished():
+            break
+        for o in core.step():
+            outs.setdefault(o.request_id, []).append(o)
+        st = core.stats()
+        assert st["cache_pages_used"] + st["cache_pages_free"] <= 6
+        most_running = max(most_running, st["running"] + st["prefilling"])
+        if st["waiting"]:
+            assert st["free_slots"] > 0 or most_running == 4                 # waiting on pages, not only rows
+    assert 1 < most_running < 4
+    for i in order:
+        assert tokens(outs[str(i)]) == alone[i], i
+    st = core.stats()
+    assert st["cache_pages_used"] == 0 and st["cache_pages_free"] == 6
+    assert core.cache.block_table.abs().sum() == 0                           # every row's blocks unmapped
+    small_pool = EngineCore(engine.model, engine.tokenizer, max_num_seqs=2, max_model_len=512, chunk_size=128,
+                            kv_cache_tokens=384)
+    with pytest.raises(RequestError, match=r"needs 7 K/V pages of 64 tokens, more than the 6 pages \(384 tokens\)"):
+        small_pool.add_request(Request("big", [5] * 200, SamplingParams(max_new_tokens=201)))
+    with pytest.raises(ValueError, match="kv_cache_tokens must be >= the page size"):
+        EngineCore(engine.model, engine.tokenizer, max_num_seqs=1, max_model_len=256, kv_cache_tokens=10)
+
+
+def test_follow_ups_share_the_cached_pages(engine, prompts):
+    core = EngineCore(engine.model, engine.tokenizer, max_num_seqs=2, max_model_len=384, chunk_size=128)
+    document = prompts[-1] + prompts[-2]                                      # 390 tokens: 6 full pages
+    sp = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    run(core, [Request("first", document[:300] + [7, 8], sp)])
+    held = core.stats()["prefix_cache_pages"]
+    assert held >= 4 and core.pool.num_used == held                           # pages kept by the cache only
+    core.add_request(Request("second", document[:300] + [9, 10, 11], sp))
+    core.step()
+    s = core.active["second"]
+    shared = core.cache.row_pages[s.row][:s.num_cached // 64]
+    assert s.num_cached >= 256 and all(core.pool.refs[q] == 2 for q in shared)  # the cache's and the row's
+    run(core, [])
+    assert core.stats()["cache_pages_used"] == 0 and all(core.pool.refs[q] == 1 for q in shared)
 
 
 @pytest.mark.parametrize("when", ["prefill", "decode", "waiting"])
@@ -232,17 +285,17 @@ def test_a_short_prompt_is_not_held_back_by_a_long_prefill(engine, prompts):
 
 
 def test_a_step_runs_no_sliver_of_a_long_prompt_after_its_chunk(engine, prompts):
-    # Budget 64 tokens per step, pages of 16: while one request decodes (1 token), the long prompt gets one chunk
-    # of 48 tokens (63 aligned down to a page) per step, never a second 16-token chunk from the 15 left over.
-    core = EngineCore(engine.model, engine.tokenizer, max_num_seqs=2, max_model_len=256, chunk_size=64,
-                      max_tokens_per_step=64, enable_prefix_cache=False, page_size=16)
+    # Budget 128 tokens per step, pages of 64 (the sparse block): while one request decodes (1 token), the long
+    # prompt gets one chunk of 64 tokens (127 aligned down to a page) per step, never a 63-token sliver after it.
+    core = EngineCore(engine.model, engine.tokenizer, max_num_seqs=2, max_model_len=256, chunk_size=128,
+                      max_tokens_per_step=128, enable_prefix_cache=False)
     core.add_request(Request("decoding", prompts[4], SamplingParams(max_new_tokens=12, ignore_eos=True)))
     core.step()                                                        # its prompt (20 tokens) in one chunk
     core.add_request(Request("long", prompts[-1], SamplingParams(max_new_tokens=1)))
     lengths = []
-    for _ in range(3):
+    for _ in range(2):
         before = core.counters["prefill_chunks"]
         core.step()
         assert core.counters["prefill_chunks"] - before == 1 and core.active["decoding"].status == "running"
         lengths.append(core.cache.lengths[core.active["long"].row])
-    assert lengths == [48, 96, 144]
+    assert lengths == [64, 128]
