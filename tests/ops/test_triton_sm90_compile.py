@@ -67,7 +67,7 @@ def test_attention_kernels_compile_for_sm90_with_the_default_config(band):
         fwd.update(K0=P.init_blocks, K1=K - P.local_blocks - 1, BAND=True, INIT=P.init_blocks,
                    LOCAL=P.local_blocks)
     walks = ((triton_attention._sparse_fwd_kernel, triton_attention._sparse_band_fwd_kernel, "band",
-              {"o_ptr": "*bf16"}),
+              {"o_ptr": "*bf16", "table_ptr": "*i32"}),
              (triton_attention._sparse_bwd_dq_kernel, triton_attention._sparse_band_bwd_dq_kernel, "band_dq",
               {"do_ptr": "*bf16", "delta_ptr": "*fp32", "dq_ptr": "*bf16"}))
     for walk, band_kernel, prefix, own_ptrs in walks:
@@ -82,6 +82,39 @@ def test_attention_kernels_compile_for_sm90_with_the_default_config(band):
                              num_stages=getattr(CFG, f"{prefix}_stages"))
             assert 0 < k.metadata.shared <= SMEM_LIMIT
             assert "warp_group_dot" in k.asm["ttgir"]       # the band tiles run on Hopper tensor cores
+
+
+@compiled
+def test_paged_kernels_compile_for_sm90():
+    """The paged forms (PAGED=True: K/V rows through an int32 block table) of the forward walk (band split), the
+    band kernel, the split-K decode kernel and the key compression at the released shape and the default launch
+    settings."""
+    from sala.ops.infllmv2 import triton_compression, triton_decode
+
+    K = P.total_blocks
+    ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32",
+            "idx_ptr": "*i32", "pos_ptr": "*i32", "kbase_ptr": "*i64", "table_ptr": "*i32"}
+    k = compile_sm90(triton_attention._sparse_fwd_kernel, ptrs,
+                     dict(G=16, GP=16, D=128, BS=P.block_size, K=K, KPI=CFG.fwd_blocks_per_iter, K0=P.init_blocks,
+                          K1=K - P.local_blocks - 1, BAND=True, INIT=P.init_blocks, LOCAL=P.local_blocks, PAGED=True),
+                     num_warps=CFG.fwd_warps, num_stages=CFG.fwd_stages)
+    assert 0 < k.metadata.shared <= SMEM_LIMIT
+    k = compile_sm90(triton_attention._sparse_band_fwd_kernel, {n: t for n, t in ptrs.items() if n != "idx_ptr"},
+                     dict(G=16, D=128, BS=P.block_size, BM=CFG.band_rows, INIT=P.init_blocks, LOCAL=P.local_blocks,
+                          PAGED=True), num_warps=CFG.band_warps, num_stages=CFG.band_stages)
+    assert 0 < k.metadata.shared <= SMEM_LIMIT
+    assert "warp_group_dot" in k.asm["ttgir"]
+    for paged in (False, True):
+        k = compile_sm90(triton_decode._sparse_decode_splitk_kernel,
+                         {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "po_ptr": "*fp32", "plse_ptr": "*fp32",
+                          "idx_ptr": "*i32", "pos_ptr": "*i32", "kbase_ptr": "*i64", "table_ptr": "*i32"},
+                         dict(K=K, BPS=3, G=16, GP=16, D=128, BS=P.block_size, PAGED=paged), num_warps=4)
+        assert k.metadata.shared <= SMEM_LIMIT
+        k = compile_sm90(triton_compression._compress_windows_kernel,
+                         {"k_ptr": "*bf16", "out_ptr": "*bf16", "len_ptr": "*i32", "table_ptr": "*i32"},
+                         dict(KERNEL=P.kernel_size, STRIDE=P.kernel_stride, D=128, BJ=16, PAGED=paged,
+                              BS=P.block_size), num_warps=4)
+        assert k.metadata.shared <= SMEM_LIMIT
 
 
 @compiled

@@ -10,7 +10,11 @@ from sala.ops.infllmv2 import reference as ref
 from sala.ops.infllmv2.params import (
     SparseKernelConfig,
     SparseParams,
+    check_block_table,
+    check_no_grad,
+    check_page_pair,
     check_qkv,
+    flat_pages,
     kernel_config_or_default,
     softmax_scale,
 )
@@ -49,7 +53,8 @@ def decode_select_blocks(q: torch.Tensor, k1_cache: torch.Tensor, k2_cache: torc
 def infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k1_cache: torch.Tensor,
                     k2_cache: torch.Tensor, cache_seqlens: torch.Tensor, params: SparseParams, *,
                     scale: float | None = None, out: torch.Tensor | None = None,
-                    kernel_config: SparseKernelConfig | None = None, queries_per_row: int = 1) -> torch.Tensor:
+                    kernel_config: SparseKernelConfig | None = None, queries_per_row: int = 1,
+                    block_table: torch.Tensor | None = None) -> torch.Tensor:
     """New tokens against fixed-size caches (CUDA-graph friendly: no host sync, shapes fixed by the caches).
 
     q [B, Hq, D]: one query per row, or `queries_per_row` (T) consecutive queries of each cache row (query row b
@@ -57,35 +62,59 @@ def infllmv2_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     [B / T, S1, Hkv, D], k2_cache [B / T, S2, Hkv, D] kept up to date (update_compressed_keys); cache_seqlens int
     [B]: keys each query sees, itself included (it is at position cache_seqlens - 1). Returns o [B, Hq, D] (written
     into `out` if given). kernel_config: Triton launch settings (None: the defaults).
+
+    block_table int32 [B / T, NB] (paged K/V, inference only): k_cache, v_cache are pages [P, block_size, Hkv, D]
+    and cache row r's key t is k_cache[block_table[r, t // block_size], t % block_size] (capacity NB *
+    block_size); the same result as the contiguous caches `gather_paged(k_cache, block_table, NB * block_size)`.
     """
     if q.dim() != 3:
         raise ValueError(f"infllmv2_decode: q must be [B, Hq, D], got {tuple(q.shape)}")
     T = int(queries_per_row)
-    if T < 1 or q.shape[0] != k_cache.shape[0] * T:
+    bs = params.block_size
+    if block_table is not None:
+        check_no_grad("infllmv2_decode", q, k_cache, v_cache, k1_cache, k2_cache)
+        check_block_table("infllmv2_decode", block_table, (2,), pages=k_cache)
+        check_page_pair("infllmv2_decode", k_cache, v_cache, bs)
+        R, NB = block_table.shape
+        S = NB * bs
+    else:
+        R, S = k_cache.shape[0], k_cache.shape[1]
+        NB = -(-S // bs)
+    if T < 1 or q.shape[0] != R * T:
         raise ValueError(f"infllmv2_decode: q has {q.shape[0]} rows; with queries_per_row={queries_per_row} it "
-                         f"must have {T} x {k_cache.shape[0]} (the cache rows)")
-    check_qkv("infllmv2_decode", q.reshape(k_cache.shape[0], T, *q.shape[1:]), k_cache, v_cache)
+                         f"must have {T} x {R} (the cache rows)")
+    Hkv = k_cache.shape[2]
+    if block_table is None:
+        check_qkv("infllmv2_decode", q.reshape(R, T, *q.shape[1:]), k_cache, v_cache)
+    elif q.shape[2] != k_cache.shape[3] or q.shape[1] % Hkv:
+        raise ValueError(f"infllmv2_decode: q {tuple(q.shape)} does not fit the pages {tuple(k_cache.shape)} "
+                         f"(head_dim must match, query heads a multiple of KV heads)")
     B, Hq, D = q.shape
-    R, S, Hkv = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
     for name, t in (("k1_cache", k1_cache), ("k2_cache", k2_cache)):
         if t.dim() != 4 or t.shape[0] != R or t.shape[2:] != k_cache.shape[2:]:
-            raise ValueError(f"infllmv2_decode: {name} {tuple(t.shape)} must be [B, S', Hkv, D] matching k_cache "
+            raise ValueError(f"infllmv2_decode: {name} {tuple(t.shape)} must be [{R}, S', Hkv, D] matching k_cache "
                              f"{tuple(k_cache.shape)}")
     if cache_seqlens.shape != (B,):
         raise ValueError(f"infllmv2_decode: cache_seqlens {tuple(cache_seqlens.shape)} must be [{B}]")
     s = softmax_scale(q, scale)
     pos = cache_seqlens.to(torch.int64) - 1                             # [B]
-    kbase = torch.arange(B, device=q.device) // T * S                   # each query's cache row in the flat K/V
-    kf, vf = k_cache.reshape(R * S, Hkv, D), v_cache.reshape(R * S, Hkv, D)
-    idx = decode_select_blocks(q, k1_cache, k2_cache, cache_seqlens, params, -(-S // params.block_size), scale=s,
+    if block_table is None:
+        kbase = torch.arange(B, device=q.device) // T * S               # each query's cache row in the flat K/V
+        kf, vf = k_cache.reshape(R * S, Hkv, D), v_cache.reshape(R * S, Hkv, D)
+        table = None
+    else:
+        kbase = torch.arange(B, device=q.device) // T * NB              # each query's row in the flat table
+        kf, vf = flat_pages("infllmv2_decode", k_cache), flat_pages("infllmv2_decode", v_cache)
+        table = block_table.contiguous()
+    idx = decode_select_blocks(q, k1_cache, k2_cache, cache_seqlens, params, NB, scale=s,
                                kernel_config=kernel_config, queries_per_row=T)
     with torch.no_grad():
         if use_triton(q, k_cache, v_cache, k1_cache, k2_cache):
-            o = triton_decode.sparse_decode_splitk(q.contiguous(), kf, vf, idx, pos.to(torch.int32), kbase,
-                                                   params.block_size, s, kernel_config_or_default(kernel_config))
+            o = triton_decode.sparse_decode_splitk(q.contiguous(), kf, vf, idx, pos.to(torch.int32), kbase, bs, s,
+                                                   kernel_config_or_default(kernel_config), block_table=table)
         else:
             o = ref.sparse_attention_flat_ref(q, kf, vf, idx.permute(0, 2, 1, 3).reshape(B, Hkv, -1), pos, kbase,
-                                              params.block_size, s)
+                                              bs, s, block_table=table)
     if out is not None:
         out.copy_(o)
         return out

@@ -96,6 +96,54 @@ def check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None 
                          f"{k.shape[2]} (k {tuple(k.shape)})")
 
 
+# paged K/V (sala.ops.infllmv2.paged)
+def check_no_grad(fn: str, *tensors: torch.Tensor | None) -> None:
+    """Paged K/V is inference only: refuse inputs that require grad while grad is enabled."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError(f"{fn}: paged K/V is inference only, but an input requires grad (call it under "
+                         f"torch.no_grad() or torch.inference_mode())")
+
+
+def check_pages(fn: str, pages: torch.Tensor, block_size: int | None = None, name: str = "pages") -> None:
+    """pages [P, BS, Hkv, D] (BS == block_size when given)."""
+    if pages.dim() != 4:
+        raise ValueError(f"{fn}: {name} must be [P, BS, Hkv, D], got {tuple(pages.shape)}")
+    if block_size is not None and pages.shape[1] != block_size:
+        raise ValueError(f"{fn}: {name} {tuple(pages.shape)} has pages of {pages.shape[1]} keys; the page size must "
+                         f"be params.block_size = {block_size}")
+
+
+def check_block_table(fn: str, table: torch.Tensor, dims: tuple[int, ...], name: str = "block_table",
+                      pages: torch.Tensor | None = None) -> None:
+    """An int32 block table of one of the allowed numbers of dimensions ([NB] one row, [R, NB] rows)."""
+    if not isinstance(table, torch.Tensor):
+        raise ValueError(f"{fn}: {name} must be an int32 tensor, got {type(table).__name__}")
+    if table.dtype != torch.int32:
+        raise ValueError(f"{fn}: {name} must be int32, got {table.dtype} {tuple(table.shape)}")
+    if table.dim() not in dims:
+        want = " or ".join({1: "[NB]", 2: "[R, NB]"}[d] for d in dims)
+        raise ValueError(f"{fn}: {name} must be {want}, got {tuple(table.shape)}")
+    if pages is not None and table.device != pages.device:
+        raise ValueError(f"{fn}: {name} is on {table.device} but the pages are on {pages.device}")
+
+
+def check_page_pair(fn: str, k_pages: torch.Tensor, v_pages: torch.Tensor, block_size: int) -> None:
+    """k_pages [P, block_size, Hkv, D] and v_pages of the same shape."""
+    check_pages(fn, k_pages, block_size, "k_pages")
+    if v_pages.shape != k_pages.shape:
+        raise ValueError(f"{fn}: v_pages {tuple(v_pages.shape)} must have the shape of k_pages "
+                         f"{tuple(k_pages.shape)}")
+
+
+def flat_pages(fn: str, pages: torch.Tensor) -> torch.Tensor:
+    """pages [P, BS, Hkv, D] as a view [P * BS, Hkv, D] (no copy: writes go to the pool; the kernels read it)."""
+    P, BS, H, D = pages.shape
+    if pages.stride(-1) != 1 or pages.stride(0) != BS * pages.stride(1):
+        raise ValueError(f"{fn}: pages {tuple(pages.shape)} with strides {pages.stride()} cannot be viewed as "
+                         f"[P * BS, Hkv, D] rows with contiguous head_dim")
+    return pages.view(P * BS, H, D)
+
+
 @dataclass(frozen=True)
 class SparseKernelConfig:
     """Launch settings of the InfLLM-V2 Triton kernels (GPU). Pass one as `kernel_config=` to the ops; None means

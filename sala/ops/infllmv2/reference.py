@@ -37,13 +37,19 @@ def compress_keys_ref(k: torch.Tensor, kernel_size: int, stride: int) -> torch.T
 
 
 def update_compressed_keys_ref(k_cache: torch.Tensor, k1_cache: torch.Tensor, k2_cache: torch.Tensor,
-                               cache_seqlens: torch.Tensor, params: SparseParams, new_tokens: int = 1) -> None:
+                               cache_seqlens: torch.Tensor, params: SparseParams, new_tokens: int = 1,
+                               block_table: torch.Tensor | None = None) -> None:
     """Write, in place, every K1/K2 window completed by the last `new_tokens` keys of each sequence.
 
     k_cache [B, S, Hkv, D]; k1_cache [B, S1, Hkv, D]; k2_cache [B, S2, Hkv, D]; cache_seqlens int [B] (lengths
-    after the append). No host synchronisation: windows are written with masked scatters.
+    after the append). block_table int [B, NB]: k_cache is pages [P, BS, Hkv, D] instead, row b's key t at
+    k_cache[block_table[b, t // BS], t % BS] (S = NB * BS). No host synchronisation: windows are written with
+    masked scatters.
     """
-    B, S, H, D = k_cache.shape
+    if block_table is None:
+        B, S = k_cache.shape[:2]
+    else:
+        B, S = block_table.shape[0], block_table.shape[1] * k_cache.shape[1]
     lengths = cache_seqlens.to(torch.int64)
     old = (lengths - new_tokens).clamp(min=0)
     barange = torch.arange(B, device=k_cache.device)
@@ -56,7 +62,11 @@ def update_compressed_keys_ref(k_cache: torch.Tensor, k1_cache: torch.Tensor, k2
             jc = torch.where(valid, j, torch.zeros_like(j)).clamp(max=cache.shape[1] - 1)
             tok = (jc * stride)[:, None] + torch.arange(kernel, device=k_cache.device)   # [B, kernel]
             tok = tok.clamp(max=S - 1)
-            win = k_cache[barange[:, None], tok]                           # [B, kernel, H, D]
+            if block_table is None:
+                win = k_cache[barange[:, None], tok]                       # [B, kernel, H, D]
+            else:
+                bs = k_cache.shape[1]
+                win = k_cache[block_table[barange[:, None], tok // bs].long(), tok % bs]
             mean = win.to(_acc_dtype(k_cache)).mean(dim=1).to(cache.dtype)  # [B, H, D]
             old_val = cache[barange, jc]
             cache[barange, jc] = torch.where(valid[:, None, None], mean, old_val)
@@ -170,12 +180,16 @@ def select_blocks_ref(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, pos: 
 
 
 def sparse_attention_flat_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
-                              pos: torch.Tensor, kbase: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+                              pos: torch.Tensor, kbase: torch.Tensor, block_size: int, scale: float,
+                              block_table: torch.Tensor | None = None) -> torch.Tensor:
     """Block-sparse attention on flattened tokens (differentiable w.r.t. q, k, v).
 
     q [N, Hq, D]; k, v [Nk, Hkv, D]; block_idx int [N, Hkv, K] (-1 = none); pos [N] position of each query in
     its sequence; kbase [N] flat index of its sequence's first key. Query n attends to keys kbase[n] + t with t in
     a selected block and t <= pos[n], with one softmax. Returns o [N, Hq, D] in q.dtype.
+    block_table int [R, NB]: k, v are pages of block_size keys flattened to [P * block_size, Hkv, D], kbase[n]
+    the offset r * NB of the query's row in the flat table, and key t is K/V row
+    table[kbase + t // block_size] * block_size + t % block_size.
     """
     N, Hq, D = q.shape
     Nk, Hkv, _ = k.shape
@@ -184,6 +198,7 @@ def sparse_attention_flat_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     acc = _acc_dtype(q)
     dev = q.device
     offs = torch.arange(block_size, device=dev)
+    table = None if block_table is None else block_table.reshape(-1).to(torch.int64)
     outs = []
     chunk = max(1, _CHUNK_ELEMENTS // max(1, Hkv * K * block_size * D))
     for c0 in range(0, N, chunk):
@@ -191,7 +206,12 @@ def sparse_attention_flat_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         idx = block_idx[c0:c1].to(torch.int64)                              # [C, Hkv, K]
         t = idx.clamp(min=0)[..., None] * block_size + offs                  # [C, Hkv, K, bs]
         ok = (idx >= 0)[..., None] & (t <= pos[c0:c1, None, None, None])
-        flat = (kbase[c0:c1, None, None, None] + t).clamp(0, Nk - 1).reshape(c1 - c0, Hkv, K * block_size)
+        if table is None:
+            flat = kbase[c0:c1, None, None, None] + t
+        else:
+            ent = kbase[c0:c1, None, None, None] + torch.div(t, block_size, rounding_mode="floor")
+            flat = table[ent.clamp(0, table.numel() - 1)] * block_size + t % block_size
+        flat = flat.clamp(0, Nk - 1).reshape(c1 - c0, Hkv, K * block_size)
         ok = ok.reshape(c1 - c0, Hkv, K * block_size)
         heads = torch.arange(Hkv, device=dev)[None, :, None]
         kg = k[flat, heads].to(acc)                                          # [C, Hkv, K*bs, D]

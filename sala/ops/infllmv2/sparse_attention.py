@@ -11,6 +11,8 @@ from sala.ops.infllmv2.blockwise_reference import sparse_attention_blockwise_ref
 from sala.ops.infllmv2.params import (
     SparseKernelConfig,
     SparseParams,
+    check_block_table,
+    check_no_grad,
     check_qkv,
     kernel_config_or_default,
     softmax_scale,
@@ -26,13 +28,30 @@ _MASKED_REF_MAX_ELEMENTS = 1 << 26
 
 
 def sparse_attention_flat(qf, kf, vf, block_idx, pos, kbase, gbase, gid_kstart, gid_blk, n_gid, params, scale,
-                          forced_blocks: bool = False, kernel_config: SparseKernelConfig | None = None):
+                          forced_blocks: bool = False, kernel_config: SparseKernelConfig | None = None,
+                          block_table: torch.Tensor | None = None):
     """Flat block-sparse attention: qf [N, Hq, D], kf, vf [Nk, Hkv, D], block_idx [B', Hkv, Tq', K] with
     B'*Tq' = N; pos [N] position of each query in its sequence, kbase [N] flat index of its sequence's first key,
     gbase [N] global id of its sequence's first key block, gid_kstart / gid_blk [n_gid] first flat key and
     in-sequence number of every global key block. forced_blocks: block_idx came from the selection with params
     (init and local blocks in every row), so the Triton forward may run those as dense query tiles; kbase must
-    ascend. kernel_config: Triton launch settings (None: the defaults). Returns [N, Hq, D]."""
+    ascend. kernel_config: Triton launch settings (None: the defaults). Returns [N, Hq, D].
+
+    block_table int32 [R, NB] (inference only; gbase, gid_kstart, gid_blk, n_gid unused): kf, vf are pages of
+    params.block_size keys flattened to [P * block_size, Hkv, D] and kbase [N] is each query's row offset r * NB
+    in the flat table (sala.ops.infllmv2.paged)."""
+    if block_table is not None:
+        check_no_grad("sparse_attention_flat", qf, kf, vf)
+        check_block_table("sparse_attention_flat", block_table, (2,), pages=kf)
+        table = block_table.contiguous()
+        if use_triton(qf, kf, vf):
+            band = (params.init_blocks, params.local_blocks) if forced_blocks else None
+            return tri.sparse_attention_fwd(qf.contiguous(), kf, vf, block_idx, pos.to(torch.int32),
+                                            kbase.to(torch.int64), params.block_size, scale, band,
+                                            kernel_config_or_default(kernel_config), block_table=table)[0]
+        idx = block_idx.permute(0, 2, 1, 3).reshape(qf.shape[0], block_idx.shape[1], block_idx.shape[3])
+        return ref.sparse_attention_flat_ref(qf, kf, vf, idx, pos.to(torch.int64), kbase.to(torch.int64),
+                                             params.block_size, scale, block_table=table)
     if use_triton(qf, kf, vf):
         args = (qf, kf, vf, block_idx, pos.to(torch.int32), kbase.to(torch.int64), gbase.to(torch.int64),
                 gid_kstart.to(torch.int64), gid_blk.to(torch.int32), n_gid, params.block_size, scale)

@@ -20,15 +20,20 @@ def _kpi(K: int, config: SparseKernelConfig) -> int:
 
 
 @triton.jit
-def _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, blk_lo, blk_hi, K: tl.constexpr, BS: tl.constexpr):
+def _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, blk_lo, blk_hi, K: tl.constexpr, BS: tl.constexpr,
+                   table_ptr=None, PAGED: tl.constexpr = False):
     """Keys of selected-block slots kk.. (len(c) // BS blocks) of one query at position pos: the key mask [len(c)]
     (slot < K, blk_lo <= block < blk_hi, causal) and the K/V element offsets [len(c), D] of kv head h (rows
-    kb + key)."""
+    kb + key; PAGED: rows table[kb + block] * BS + key % BS, kb the query's row offset in the flat table)."""
     slot = kk + c // BS
     blk = tl.load(ibase + slot, mask=slot < K, other=-1)
     key = blk * BS + c % BS
     kmask = (key <= pos) & (blk >= blk_lo) & (blk < blk_hi)
-    rowp = (kb + key.to(tl.int64))[:, None]
+    if PAGED:
+        page = tl.load(table_ptr + kb + blk, mask=kmask, other=0)
+        rowp = (page.to(tl.int64) * BS + c % BS)[:, None]
+    else:
+        rowp = (kb + key.to(tl.int64))[:, None]
     return kmask, rowp * skn + h * skh + d[None, :]
 
 
@@ -51,15 +56,16 @@ def _dq_block(qv, dov, kt, vt, lse, delta, mask, scale_log2):
 
 
 @triton.jit(do_not_specialize=["Tq", "sib", "sih"])
-def _sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, pos_ptr, kbase_ptr,
+def _sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, pos_ptr, kbase_ptr, table_ptr,
                        Tq, scale_log2,
                        sqn, sqh, skn, skh, son, soh, sln, sib, sih, sit,
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, K: tl.constexpr,
                        KPI: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, BAND: tl.constexpr = False,
-                       INIT: tl.constexpr = 0, LOCAL: tl.constexpr = 0):
+                       INIT: tl.constexpr = 0, LOCAL: tl.constexpr = 0, PAGED: tl.constexpr = False):
     """Selected-block slots K0..K1 (of K), KPI blocks (KPI * BS keys) per iteration. BAND: o/lse already hold the
     forced blocks (init and the local band, `_sparse_band_fwd_kernel`); the slots hold every other selected block
-    (forced ones are skipped by block number) and are merged into that state."""
+    (forced ones are skipped by block number) and are merged into that state. PAGED: K/V are pages of BS keys,
+    kbase the query's row offset in the flat block table at table_ptr (unread otherwise)."""
     i = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.arange(0, GP)
@@ -85,7 +91,7 @@ def _sparse_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, pos_ptr, kb
         acc = tl.zeros([GP, D], dtype=tl.float32)
     blk_lo, blk_hi = _walk_bounds(pos, BS, BAND, INIT, LOCAL)
     for kk in range(K0, K1, KPI):
-        kmask, kvp = _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, blk_lo, blk_hi, K, BS)
+        kmask, kvp = _selected_keys(ibase, kk, c, pos, kb, h, d, skn, skh, blk_lo, blk_hi, K, BS, table_ptr, PAGED)
         kt = tl.load(k_ptr + kvp, mask=kmask[:, None], other=0.0)
         s = tl.where(kmask[None, :], tl.dot(qv, tl.trans(kt)) * scale_log2, float("-inf"))
         m, alpha, p, l = online_softmax(s, m, l)
@@ -124,17 +130,23 @@ def _band_pass(inb, kbr, cur, pos, qb, lo):
 
 
 @triton.jit
-def _band_keys(kb, c, d, kbase, h, skn, skh, pmax, BS: tl.constexpr):
-    """Key block kb (BS keys from kbase + kb * BS) of kv head h: positions [BS], K/V offsets [BS, D], load mask."""
+def _band_keys(kb, c, d, kbase, h, skn, skh, pmax, BS: tl.constexpr, table_ptr=None, PAGED: tl.constexpr = False):
+    """Key block kb (BS keys from kbase + kb * BS) of kv head h: positions [BS], K/V offsets [BS, D], load mask.
+    PAGED: the block is page table[kbase + kb] (kbase a row offset in the flat table; one load, none past pmax)."""
     key = kb * BS + c
-    return key, (kbase + key.to(tl.int64))[:, None] * skn + h * skh + d[None, :], key <= pmax
+    if PAGED:
+        page = tl.load(table_ptr + kbase + kb, mask=kb * BS <= pmax, other=0)
+        row = page.to(tl.int64) * BS + c
+    else:
+        row = kbase + key.to(tl.int64)
+    return key, row[:, None] * skn + h * skh + d[None, :], key <= pmax
 
 
 @triton.jit
 def _band_step(qv, m, l, acc, k_ptr, v_ptr, kb, c, d, kbase, h, skn, skh, pos, rows, pmax, scale_log2,
-               BS: tl.constexpr):
+               BS: tl.constexpr, table_ptr=None, PAGED: tl.constexpr = False):
     """One key block kb of the online softmax of the rows `rows` at positions pos."""
-    key, kvp, kin = _band_keys(kb, c, d, kbase, h, skn, skh, pmax, BS)
+    key, kvp, kin = _band_keys(kb, c, d, kbase, h, skn, skh, pmax, BS, table_ptr, PAGED)
     kt = tl.load(k_ptr + kvp, mask=kin[:, None], other=0.0)
     s = tl.dot(qv, tl.trans(kt)) * scale_log2
     s = tl.where(rows[:, None] & (key[None, :] <= pos[:, None]), s, float("-inf"))
@@ -144,13 +156,14 @@ def _band_step(qv, m, l, acc, k_ptr, v_ptr, kb, c, d, kbase, h, skn, skh, pos, r
 
 
 @triton.jit(do_not_specialize=["N"])
-def _sparse_band_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, kbase_ptr, N, scale_log2,
+def _sparse_band_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, kbase_ptr, table_ptr, N, scale_log2,
                             sqn, sqh, skn, skh, son, soh, sln,
                             G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr,
-                            INIT: tl.constexpr, LOCAL: tl.constexpr):
+                            INIT: tl.constexpr, LOCAL: tl.constexpr, PAGED: tl.constexpr = False):
     """The forced blocks of BM consecutive flat queries x one query head: init blocks below each row's band, then
     the band (blocks qb - LOCAL .. qb, causal). Rows of different key bases (documents, batch rows) are walked in
-    one pass per key base (kbase ascending). Writes o and lse (log2) of the forced blocks alone."""
+    one pass per key base (kbase ascending). Writes o and lse (log2) of the forced blocks alone. PAGED: K/V are
+    pages, kbase row offsets in the flat block table at table_ptr (unread otherwise)."""
     hq = tl.program_id(1)
     h = hq // G
     d = tl.arange(0, D)
@@ -166,10 +179,10 @@ def _sparse_band_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, kbase_
         acc = tl.zeros([BM, D], dtype=tl.float32)
         for b in tl.static_range(INIT):
             m, l, acc = _band_step(qv, m, l, acc, k_ptr, v_ptr, b, c, d, cur, h, skn, skh, pos, rows & (b < lo),
-                                   pmax, scale_log2, BS)
+                                   pmax, scale_log2, BS, table_ptr, PAGED)
         for kb in range(blo, bhi + 1):
             m, l, acc = _band_step(qv, m, l, acc, k_ptr, v_ptr, kb, c, d, cur, h, skn, skh, pos, rows & (kb >= lo),
-                                   pmax, scale_log2, BS)
+                                   pmax, scale_log2, BS, table_ptr, PAGED)
         l_safe = tl.where(l > 0, l, 1.0)
         tl.store(o_ptr + tok64[:, None] * son + hq * soh + d[None, :],
                  (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
@@ -331,14 +344,17 @@ def _band_launch(rows: int, stages: int | None, dtype: torch.dtype) -> tuple[int
 
 
 def sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale, band: tuple[int, int] | None = None,
-                         config: SparseKernelConfig = DEFAULT_KERNEL_CONFIG):
+                         config: SparseKernelConfig = DEFAULT_KERNEL_CONFIG, block_table=None):
     """q [N, Hq, D] flat queries (N = B*Tq of block_idx [B, Hkv, Tq, K]); k, v [Nk, Hkv, D] -> (o, lse log2).
 
     band = (init_blocks, local_blocks): block_idx comes from the selection with these forced blocks (init blocks
     and the local band qb - local .. qb are in every row). The forced blocks then run as dense query tiles
     (`_sparse_band_fwd_kernel`, K/V shared by config.band_rows queries) and the per-token kernel walks only
     the K - init - local - 1 other slots, merging into the band's softmax state. Same result, less traffic.
-    Requires kbase ascending along the flat queries (batch rows and documents in order)."""
+    Requires kbase ascending along the flat queries (batch rows and documents in order).
+    block_table int32 [R, NB] (contiguous): k, v are pages of block_size keys flattened to [P * block_size, Hkv,
+    D], and kbase [N] is each query's row offset r * NB in the flat table; key t of row r is K/V row
+    table[r, t // block_size] * block_size + t % block_size. Forward only (no backward reads pages)."""
     N, Hq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -348,19 +364,21 @@ def sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale, band
     if N == 0:
         return o, lse
     k0, k1, extra = _band_slots(K, band)
+    # unpaged: pos stands in for the table (never read; a None pointer would not compile in the helpers)
+    table, paged = (pos, {}) if block_table is None else (block_table, dict(PAGED=True))
     if band is not None:
         bm, stages = _band_launch(config.band_rows, config.band_stages, q.dtype)
         _sparse_band_fwd_kernel[(triton.cdiv(N, bm), Hq)](
-            q, k, v, o, lse, pos, kbase, N, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            o.stride(0), o.stride(1), lse.stride(0), G=G, D=D, BS=block_size, BM=bm, INIT=band[0], LOCAL=band[1],
-            num_warps=config.band_warps, **stages)
+            q, k, v, o, lse, pos, kbase, table, N, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), o.stride(0), o.stride(1), lse.stride(0), G=G, D=D, BS=block_size, BM=bm, INIT=band[0],
+            LOCAL=band[1], num_warps=config.band_warps, **stages, **paged)
         if k1 == k0:
             return o, lse
-    _sparse_fwd_kernel[(N, Hkv)](q, k, v, o, lse, block_idx, pos, kbase, Tq, scale * LOG2E,
+    _sparse_fwd_kernel[(N, Hkv)](q, k, v, o, lse, block_idx, pos, kbase, table, Tq, scale * LOG2E,
                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
                                  lse.stride(0), block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
                                  G=G, GP=_fwd_config(G), D=D, BS=block_size, K=K, KPI=_kpi(K, config), K0=k0, K1=k1,
-                                 num_warps=config.fwd_warps, **launch_stages(config.fwd_stages), **extra)
+                                 num_warps=config.fwd_warps, **launch_stages(config.fwd_stages), **extra, **paged)
     return o, lse
 
 

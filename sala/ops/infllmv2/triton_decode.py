@@ -11,11 +11,13 @@ from sala.ops.infllmv2.triton_utils import LOG2E, check_selection, k2_tile, onli
 
 
 @triton.jit
-def _sparse_decode_splitk_kernel(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, idx_ptr, pos_ptr, kbase_ptr, scale_log2,
-                                 sqb, sqh, skn, skh, sib, sih, spb, sph, sps, spg, slb, slh, sls,
+def _sparse_decode_splitk_kernel(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, idx_ptr, pos_ptr, kbase_ptr, table_ptr,
+                                 scale_log2, sqb, sqh, skn, skh, sib, sih, spb, sph, sps, spg, slb, slh, sls,
                                  K: tl.constexpr, BPS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                                 D: tl.constexpr, BS: tl.constexpr):
-    """Program (split, kv head, sequence): blocks [split*BPS, split*BPS + BPS) of the sequence's selection."""
+                                 D: tl.constexpr, BS: tl.constexpr, PAGED: tl.constexpr = False):
+    """Program (split, kv head, sequence): blocks [split*BPS, split*BPS + BPS) of the sequence's selection.
+    PAGED: K/V are pages of BS keys, kbase the row offset in the flat block table at table_ptr (one load per
+    block; unread otherwise)."""
     sp = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -37,7 +39,11 @@ def _sparse_decode_splitk_kernel(q_ptr, k_ptr, v_ptr, po_ptr, plse_ptr, idx_ptr,
         blk = tl.where(kk < K, blk, -1)
         key = blk * BS + c
         kmask = (key >= 0) & (key <= pos)
-        rowp = (kb + key.to(tl.int64))[:, None]
+        if PAGED:
+            page = tl.load(table_ptr + kb + blk, mask=(blk >= 0) & (blk * BS <= pos), other=0)
+            rowp = (page.to(tl.int64) * BS + c)[:, None]
+        else:
+            rowp = (kb + key.to(tl.int64))[:, None]
         kt = tl.load(k_ptr + rowp * skn + h * skh + d[None, :], mask=kmask[:, None], other=0.0)
         s = tl.where(kmask[None, :], tl.dot(qv, tl.trans(kt)) * scale_log2, float("-inf"))
         m, alpha, p, l = online_softmax(s, m, l)
@@ -81,9 +87,11 @@ def decode_splits(B: int, Hkv: int, K: int, min_programs: int = DEFAULT_KERNEL_C
 
 
 def sparse_decode_splitk(q, k, v, block_idx, pos, kbase, block_size, scale,
-                         config: SparseKernelConfig = DEFAULT_KERNEL_CONFIG):
+                         config: SparseKernelConfig = DEFAULT_KERNEL_CONFIG, block_table=None):
     """Flash-decoding over selected blocks: q [B, Hq, D]; k, v [B*S, Hkv, D] flat caches; block_idx [B, Hkv, 1, K];
-    pos int32 [B] (position of the new token); kbase int64 [B]. Returns o [B, Hq, D] in q.dtype."""
+    pos int32 [B] (position of the new token); kbase int64 [B]. Returns o [B, Hq, D] in q.dtype.
+    block_table int32 [R, NB] (contiguous): k, v are pages of block_size keys flattened to [P * block_size, Hkv,
+    D] and kbase [B] is each query's row offset r * NB in the flat table."""
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -95,11 +103,12 @@ def sparse_decode_splitk(q, k, v, block_idx, pos, kbase, block_size, scale,
     o = torch.empty_like(q)
     if B == 0:
         return o
+    table, paged = (pos, {}) if block_table is None else (block_table, dict(PAGED=True))   # pos: never read
     _sparse_decode_splitk_kernel[(nsplit, Hkv, B)](
-        q, k, v, po, plse, block_idx, pos, kbase, scale * LOG2E,
+        q, k, v, po, plse, block_idx, pos, kbase, table, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), block_idx.stride(0), block_idx.stride(1),
         po.stride(0), po.stride(1), po.stride(2), po.stride(3), plse.stride(0), plse.stride(1), plse.stride(2),
-        K=K, BPS=bps, G=G, GP=GP, D=D, BS=block_size, num_warps=4)
+        K=K, BPS=bps, G=G, GP=GP, D=D, BS=block_size, num_warps=4, **paged)
     _splitk_combine_kernel[(Hq, B)](po, plse, o, po.stride(0), po.stride(1), po.stride(2), po.stride(3),
                                     plse.stride(0), plse.stride(1), plse.stride(2), o.stride(0), o.stride(1),
                                     nsplit, G=G, SP=max(2, pow2(nsplit)), D=D, num_warps=4)
