@@ -274,9 +274,10 @@ class PrefixCache:
     def store(self, ids: list[int], cache: StaticCache, row: int, upto: int, start: int = 0,
               keys: list[int] | None = None) -> int:
         """Insert the pages of ids [start, upto) (page-aligned, already in `row` of a paged cache on this pool,
-        whose length is `upto`) and a snapshot of the row's lightning states at `upto`. Returns how far pages are now stored
-        for this prompt (`start` if nothing could be stored, e.g. a missing parent or no room). `keys`:
-        page_keys(ids) if already computed (a long prompt stores once per chunk)."""
+        whose length is `upto`: the cache takes a reference on the row's pages) and a snapshot of the row's
+        lightning states at `upto`. Returns how far pages are now stored for this prompt (`start` if nothing
+        could be stored: a missing parent). `keys`: page_keys(ids) if already computed (a long prompt stores
+        once per chunk)."""
         ps = self.page_size
         if cache.pool is not self.pool:
             raise ValueError("PrefixCache.store: the cache must be paged on this prefix cache's pool")
