@@ -40,6 +40,8 @@ gpu_tests() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cachepro
   tests/engine/test_engine_gpu.py tests/ops/test_infllmv2_triton.py; }
 gpu_tests_short() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
   --junitxml="$OUT/gpu_tests.xml" tests/engine/test_scheduler_gpu.py tests/model/test_fp8_model.py; }
+# the two-round top-k of wide selection rows against the reference it replaces (identical results, times)
+topk_wide() { step topk_wide "$1" python3 experiments/profiling/topk_wide.py --out "$OUT/topk_wide_$gpu.json"; }
 # the paged K/V pool on the GPU: the kernels through block tables, the serving engine against lone generation
 gpu_tests_paged() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
   --junitxml="$OUT/gpu_tests.xml" tests/ops/test_infllmv2_paged.py tests/engine/test_scheduler_gpu.py \
@@ -117,7 +119,7 @@ case "$part" in
   last) latency_bf16 110; serve_load_8k 55; chunk_gaps 90; fp8_bundled 60 ;;
   next) gpu_tests_pieces 100; interference 330; serve_step 150 ;;   # the next session's first call
   next2) spec_fp32 100; gaps_512k 140; spec_pyspy 80 ;;              # and its second
-  paged) gpu_tests_paged 120; interference 230; serve_load 160 ;;    # the paged K/V pool
+  paged) gpu_tests_paged 120; topk_wide 45; interference 220; serve_load 160 ;;   # the paged K/V pool
   run) shift; for item in "$@"; do "${item%%:*}" "${item##*:}"; done ;;   # run spec:120 chunk_gaps:90 ...
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

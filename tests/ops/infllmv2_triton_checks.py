@@ -130,6 +130,15 @@ def _check_topk_cases():
         y, want_in = x.clone(), x.clone()
         y[past], want_in[past] = float("nan"), float("-inf")
         _assert_topk_close(triton_topk.topk_blocks_triton(y, K, limits=lim), want_in, K)
+    # wide rows (more columns than max_cols): tiles, then a round over their candidates (recursing), exactly the
+    # reference's indices: ties in and across tiles, +inf, -inf runs, a row with fewer finite columns than K
+    for n, K, cols in ((300, 10, 64), (1000, 24, 128), (517, 6, 16)):
+        x = torch.randint(0, 6, (5, n), generator=g).float() / 4     # many ties
+        x[0, :: 7] = float("inf")
+        x[1, 50:] = float("-inf")
+        x[2, : n - 3] = float("-inf")
+        x[3] = torch.randn(n, generator=g)
+        assert torch.equal(triton_topk.topk_blocks_triton(x, K, max_cols=cols), ref.topk_block_indices(x, K)), (n, K)
     x = torch.full((2, 12), 0.25)                        # all tied: the lowest columns
     x[1, 5:] = float("-inf")
     got = triton_topk.topk_blocks_triton(x, 4)
@@ -568,10 +577,13 @@ def check_topk_ties():
         k1, k2 = ref.compress_keys_ref(k, 8, 4), ref.compress_keys_ref(k, 32, 16)    # exact means of 0s and 1s
         want = expected_tie_indices(200, 64, free)
         # prefill: the queries of the last block (positions 192..199: the shared blocks 5 and 6 are not forced)
-        for config in (SparseKernelConfig(), SparseKernelConfig(topk_max_cols=8)):   # 13 blocks: kernel; fallback
+        # 13 blocks: one kernel; 8 columns a row: tiles of 8, then their 2 x 5 candidates (the reference: as many
+        # candidates as columns); 4: tiles of 4 but K = 5 > 4 (the reference)
+        for config, calls in ((SparseKernelConfig(), 1), (SparseKernelConfig(topk_max_cols=8), 1),
+                              (SparseKernelConfig(topk_max_cols=4), 0)):
             with _Launches(triton_topk, "_topk_blocks_kernel") as spy:
                 got = select_blocks(q[:, 192:], k1, k2, TIES, q_offset=192, scale=0.25, kernel_config=config)
-            assert spy.calls == (1 if config.topk_max_cols > 13 else 0), (kind, spy.calls)
+            assert spy.calls == calls, (kind, config.topk_max_cols, spy.calls)
             assert torch.equal(got, want[:, :, 192 - 64:]), (kind, config.topk_max_cols,
                                                              (got != want[:, :, 192 - 64:]).nonzero()[:5])
         n1, n2 = compressed_lengths(256, TIES)
@@ -590,7 +602,7 @@ def check_topk_ties():
     x = torch.ones(3, 40)                                   # the top-k kernel alone: an all-tied row, shared maxima
     x[1, 10:12] = 2.0
     x[2, ::3] = 0.5
-    for K in (5, 12):
+    for K in (2, 3, 5, 12):                       # max_cols 8: tiles and candidates (K <= 3), or the reference
         assert torch.equal(triton_topk.topk_blocks_triton(x, K), ref.topk_block_indices(x, K))
         assert torch.equal(triton_topk.topk_blocks_triton(x, K, max_cols=8), ref.topk_block_indices(x, K))
 

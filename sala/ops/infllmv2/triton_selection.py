@@ -7,7 +7,6 @@ import triton.language as tl
 
 from sala.ops.dispatch import interpreter_enabled
 from sala.ops.infllmv2.params import DEFAULT_KERNEL_CONFIG, SparseKernelConfig, SparseParams
-from sala.ops.infllmv2.reference import topk_block_indices
 from sala.ops.infllmv2.triton_topk import topk_blocks_triton
 from sala.ops.infllmv2.triton_utils import LOG2E, check_selection, k2_tile, launch_stages, pow2, select_nb
 
@@ -178,8 +177,9 @@ def select_blocks_triton(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, po
                          params: SparseParams, scale: float, config: SparseKernelConfig = DEFAULT_KERNEL_CONFIG, *,
                          pos_max: int | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
     """Block indices int32 [B, Hkv, Tq, total]; queries processed in chunks whose scores fit `chunk_bytes`
-    (default config.select_chunk_bytes). Rows of more than config.topk_max_cols blocks take the reference top-k
-    (same tie rule). pos_max: an upper bound of pos on the host (else taken from pos with one sync).
+    (default config.select_chunk_bytes). Rows of more than config.topk_max_cols blocks take the two-round top-k
+    (tiles, then their candidates; same tie rule). pos_max: an upper bound of pos on the host (else taken from
+    pos with one sync).
     """
     B, Tq = pos.shape
     Hkv = k1.shape[2]
@@ -200,6 +200,6 @@ def select_blocks_triton(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, po
             lim = torch.div(pos[:, c0:c1], params.block_size, rounding_mode="floor").to(torch.int32) + 1
             out[:, :, c0:c1] = topk_blocks_triton(pooled, params.total_blocks, limits=lim,
                                                   max_cols=config.topk_max_cols)
-        else:
-            out[:, :, c0:c1] = topk_block_indices(pooled, params.total_blocks)
+        else:       # every column written (-inf past each query's own block): tiles, then their candidates
+            out[:, :, c0:c1] = topk_blocks_triton(pooled, params.total_blocks, max_cols=config.topk_max_cols)
     return out

@@ -1,7 +1,8 @@
 """Triton top-k of pooled block scores (radix select on the float bits, one program per row).
 
 Tie rule (docs/sparse.md): among equal scores at the cut-off the lowest block indices are kept, as in the
-reference `topk_block_indices`; the rows wider than the kernel takes go to that reference.
+reference `topk_block_indices`. Rows wider than the kernel takes (long contexts: 16K blocks at 1M tokens) run in
+two rounds: the top-k of every tile of columns, then the top-k of those candidates (`_topk_wide`).
 """
 from __future__ import annotations
 
@@ -86,15 +87,20 @@ def topk_blocks_triton(pooled: torch.Tensor, total_blocks: int, *, limits: torch
     """`topk_block_indices` in one kernel: pooled fp32 [..., n] -> int32 [..., total_blocks], ascending, -1 padded.
 
     limits: int32 [B, T] for pooled [B, H, T, n]: row (b, h, t) considers only its first limits[b, t] columns
-    (the rest may be garbage). Rows wider than `max_cols` (SparseKernelConfig.topk_max_cols) fall back to
-    `topk_block_indices` (faster there), which keeps the same tie rule.
+    (the rest may be garbage). Rows wider than `max_cols` (SparseKernelConfig.topk_max_cols) run as tiles of
+    `max_cols` columns and a second round over their candidates (`_topk_wide`; no limits there); other dtypes take
+    the reference `topk_block_indices`. Same tie rule everywhere.
     """
     n = pooled.shape[-1]
     if n > max_cols or pooled.dtype != torch.float32:
         if limits is not None:
             raise ValueError(f"topk_blocks_triton: limits need fp32 rows of <= {max_cols} columns, got "
                              f"{n} columns of {pooled.dtype}")
-        return topk_block_indices(pooled, total_blocks)
+        if pooled.dtype != torch.float32 or max_cols < total_blocks:
+            return topk_block_indices(pooled, total_blocks)
+        x = pooled.reshape(-1, n)
+        return _topk_wide(x if x.stride(-1) == 1 else x.contiguous(), total_blocks, max_cols).reshape(
+            *pooled.shape[:-1], total_blocks)
     lead = pooled.shape[:-1]
     out = torch.empty(*lead, total_blocks, dtype=torch.int32, device=pooled.device)
     x = pooled.reshape(-1, n)
@@ -117,3 +123,25 @@ def topk_blocks_triton(pooled: torch.Tensor, total_blocks: int, *, limits: torch
     _topk_blocks_kernel[(R,)](x, out, lim, n, H, T, x.stride(0), slb, slt, K=total_blocks, KP=KP, NC=NC,
                               HAS_LIM=limits is not None, num_warps=warps)
     return out
+
+
+def _topk_wide(x: torch.Tensor, K: int, tile: int) -> torch.Tensor:
+    """`topk_block_indices` of wide rows x fp32 [R, n] (n > tile >= K) -> int32 [R, K]: the top K of every tile of
+    `tile` columns (one kernel over R * n / tile rows), then the top K of those R x (tiles * K) candidates.
+
+    Exact, ties included: under the order (value descending, column ascending) that the tie rule follows, a
+    column among its row's top K is among its tile's top K too (whatever ranks above it in the tile ranks above
+    it in the row). The candidates stay in column order (tile by tile, ascending in each, -inf where a tile had
+    fewer than K), so the second round's lowest positions among equal values are the lowest columns."""
+    R, n = x.shape
+    nt = -(-n // tile)
+    if nt * K >= n:                  # no fewer candidates than columns (K near the tile width): the reference
+        return topk_block_indices(x, K)
+    if nt * tile != n:
+        x = torch.nn.functional.pad(x, (0, nt * tile - n), value=float("-inf"))
+    local = topk_blocks_triton(x.view(R * nt, tile), K, max_cols=tile).view(R, nt, K)
+    offsets = torch.arange(0, nt * tile, tile, device=x.device, dtype=torch.int32)[None, :, None]
+    cand = torch.where(local >= 0, local + offsets, -1).view(R, nt * K)             # ascending columns, -1 gaps
+    vals = torch.where(cand >= 0, x.gather(1, cand.clamp(min=0).long()), float("-inf"))
+    pos = topk_blocks_triton(vals, K, max_cols=tile)                                 # recurses while > tile
+    return torch.where(pos >= 0, cand.gather(1, pos.clamp(min=0).long()), -1)
