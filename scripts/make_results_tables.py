@@ -453,14 +453,13 @@ def _serve_step_lines() -> list[str]:
     if not r:
         return []
     alone = _get(r, "decode_only", "step", "median_ms")
-    launches = _get(r, "mixed_by_context", "32768", "host_per_step", "kernel_launches")
+    launches = [_get(m, "host_per_step", "kernel_launches") for m in (r.get("mixed_by_context") or {}).values()]
     out = [f"Where a serving step's time goes (`bench/results/serve_step_1m_chunk512_h100.json`, {_device(d)}; "
            f"`experiments/profiling/serve_step.py`): {d.get('streams', '—')} streams decoding, one long prompt "
            f"prefilled in chunks of {d.get('chunk_size', '—')}; median ms per step. Decode-only step: "
            f"{_f(alone, 1)} ms. GPU busy = device time over wall time in 3 profiled steps; prefill host time = until "
-           f"the prefill call returned (its launches), {launches or '—'} "
-           "kernel launches per step. The 1M row ran with a radix top-k for wide rows, removed since (see the "
-           "selection profile).", "",
+           f"the prefill call returned (its launches; kernel launches per step by context: "
+           f"{' / '.join(str(int(n)) if n else '—' for n in launches)}).", "",
            *_header("context", "step", "decode part", "prefill part", "prefill host (launch) time",
                     "GPU busy", "selection (ms/step)", "GEMM (ms/step)")]
     for c, m in (r.get("mixed_by_context") or {}).items():
