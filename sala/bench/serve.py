@@ -438,11 +438,18 @@ def sequential_baseline(model, tokenizer, *, requests: int, prompt_len: int, out
 
 
 @contextlib.contextmanager
-def in_process_server(core, name: str):
+def in_process_server(core, name: str, *, engine_process: bool = False, engine_kwargs: dict | None = None):
+    """A BackgroundServer over `core` (its engine thread in this process), or with `engine_process` over an
+    EngineCore that a child process builds from the model `name` and `engine_kwargs` (`sala serve
+    --engine-process`)."""
     from sala.serve.server import BackgroundServer, create_app
 
-    app = create_app(name, served_model_name=name, core=core)
+    if engine_process:
+        app = create_app(name, served_model_name=name, engine_process=True, engine_kwargs=engine_kwargs)
+    else:
+        app = create_app(name, served_model_name=name, core=core)
     with BackgroundServer(app) as server:
+        server.app = app
         yield server
 
 
@@ -555,6 +562,9 @@ def add_arguments(p) -> None:
                    help="load: cached tokens per sequence of the pure decode-step measurement (default: the longest "
                         "prompt + output - 1, the longest context a decode step of the scenario sees)")
     g.add_argument("--decode-steps", type=int, default=20, help="load: timed decode steps (the median is reported)")
+    g.add_argument("--engine-process", action="store_true",
+                   help="the server's engine loop in a child process of its own (sala serve --engine-process) "
+                        "instead of a thread of this one")
     g.add_argument("--offline", action="store_true",
                    help="load: also run the same requests at once on a fresh engine in this thread without HTTP "
                         "(run_until_done) and report its output tokens/s")
@@ -726,11 +736,30 @@ def _run_in_process(args, payload: dict) -> None:
     if args.scenario == "document" and args.compare_no_cache:
         runs.append((False, "results_no_cache"))
     for prefix_cache, key in runs:
-        core = EngineCore(model, tok, **_engine_kwargs(args, prefix_cache))
-        with in_process_server(core, str(args.model)) as server:
-            payload[key] = _measure_in_child(server.url, args, vocab)
-        payload.setdefault("engine", {k: v for k, v in core.stats().items() if isinstance(v, (int, float))})
-        if args.scenario == "load":          # the server thread has stopped: the engine is idle and ours
+        if getattr(args, "engine_process", False):
+            # the server's EngineCore is built by its own process from --model (same weights for a preset: same
+            # seed); this process's copy of the weights waits in host memory meanwhile
+            device = next(model.parameters()).device
+            on_gpu = device.type == "cuda"
+            if on_gpu:
+                model.to("cpu")
+                _free_device_memory()
+            kw = {**_engine_kwargs(args, prefix_cache), "device": args.device, "dtype": args.dtype,
+                  "seed": args.seed}
+            with in_process_server(None, str(args.model), engine_process=True,
+                                   engine_kwargs={k: v for k, v in kw.items() if v is not None}) as server:
+                payload[key] = _measure_in_child(server.url, args, vocab)
+                stats = server.app.state.engine.stats()
+            if on_gpu:
+                model.to(device)
+            payload.setdefault("engine", {k: v for k, v in stats.items() if isinstance(v, (int, float))})
+            core = EngineCore(model, tok, **_engine_kwargs(args, prefix_cache)) if args.scenario == "load" else None
+        else:
+            core = EngineCore(model, tok, **_engine_kwargs(args, prefix_cache))
+            with in_process_server(core, str(args.model)) as server:
+                payload[key] = _measure_in_child(server.url, args, vocab)
+            payload.setdefault("engine", {k: v for k, v in core.stats().items() if isinstance(v, (int, float))})
+        if args.scenario == "load":          # the server has stopped: the engine is idle and ours
             batch, context = _decode_shape(args)
             payload["decode_floor"] = decode_report(
                 core, batch, context, args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else None,

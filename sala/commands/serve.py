@@ -53,6 +53,9 @@ def register(subparsers) -> None:
                    help="most draft tokens per verify step (adaptive per request; default 4)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    p.add_argument("--engine-process", action="store_true",
+                   help="run the engine loop in a child process of its own instead of a thread of the server, so "
+                        "that HTTP streaming and the engine do not share the interpreter lock (docs/serving.md)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     from sala.commands._replicas import add_replica_args
@@ -90,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.replicas:
+        if getattr(args, "engine_process", False):
+            raise ValueError("--engine-process does not go with --replicas: each replica steps its engine in a "
+                             "thread of its own Ray actor process, apart from the HTTP ingress")
         from sala.commands._replicas import run_replicas
 
         return run_replicas(args, engine_kwargs(args))
@@ -99,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(args.model, served_model_name=args.served_model_name, api_key=args.api_key,
-                     engine_kwargs=engine_kwargs(args))
+                     engine_kwargs=engine_kwargs(args), engine_process=getattr(args, "engine_process", False))
     print(f"sala serve: {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -1,7 +1,7 @@
-"""The FastAPI app: OpenAI-compatible routes over an AsyncEngine.
+"""The FastAPI app: OpenAI-compatible routes over an AsyncEngine (or a ProcessEngine, a RoutedEngine).
 
     GET  /v1/models            the served model
-    GET  /health               200 while the engine thread runs, 503 after an engine failure
+    GET  /health               200 while the engine runs, 503 after an engine failure
     GET  /metrics              Prometheus text
     POST /v1/completions       text / token-id prompts, n, echo, logprobs, stop, seed, stream (SSE)
     POST /v1/chat/completions  messages through the chat template, stream with stream_options.include_usage

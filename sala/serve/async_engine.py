@@ -50,7 +50,74 @@ def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
         q.put_nowait(out)
 
 
-class AsyncEngine:
+class StreamingEngine:
+    """What the app needs of any engine driver on the asyncio side: the RequestStreams of admitted requests,
+    `outputs()` / `generate()`, and the hand-over of a step's outputs from the driver's thread to the event loop
+    (`_deliver`, `_fail_all`). Subclasses implement `add`, `abort`, `start`, `shutdown`, `is_running`, `stats`."""
+
+    _streams: dict[str, tuple[RequestStream, asyncio.AbstractEventLoop]]
+
+    async def add(self, request) -> RequestStream:       # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def abort(self, request_id: str) -> None:            # pragma: no cover - abstract
+        raise NotImplementedError
+
+    async def generate(self, request) -> AsyncIterator[Any]:
+        """Submit `request` and yield its RequestOutputs until the finished one (see `outputs`)."""
+        stream = await self.add(request)
+        async for out in self.outputs(stream):
+            yield out
+
+    async def outputs(self, stream: RequestStream) -> AsyncIterator[Any]:
+        """Yield an admitted request's RequestOutputs until the finished one. Leaving the loop early (client
+        gone, task cancelled) aborts the request."""
+        try:
+            while True:
+                out = await stream.queue.get()
+                if isinstance(out, BaseException):
+                    stream.finished = True
+                    raise out
+                yield out
+                if out.finished:
+                    stream.finished = True
+                    return
+        finally:
+            if not stream.finished:
+                logger.info("request %s cancelled by its client: aborting", stream.request_id)
+                self.abort(stream.request_id)
+
+    def _streams_put(self, stream: RequestStream, loop: asyncio.AbstractEventLoop) -> None:
+        self._streams[stream.request_id] = (stream, loop)
+
+    def _deliver(self, outputs: list) -> None:
+        """Hand a step's outputs to their requests' queues: one event-loop wake-up per loop and step, not one per
+        output (the server shares the interpreter with the thread calling this)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            entry = self._streams.get(out.request_id)
+            if entry is None:                    # aborted: nobody is listening
+                continue
+            stream, loop = entry
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+            by_loop.setdefault(loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:                 # the event loop is closed (server shutting down)
+                pass
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id, (stream, loop) in list(self._streams.items()):
+            self._streams.pop(request_id, None)
+            try:
+                loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            except RuntimeError:
+                pass
+
+
+class AsyncEngine(StreamingEngine):
     """Runs `core.step()` in a background thread; `generate()` yields a request's RequestOutputs in asyncio.
 
     `on_step(stats)` (optional) is called in the engine thread after each step with `core.stats()` (metrics).
@@ -122,33 +189,6 @@ class AsyncEngine:
             entry[0].finished = True
         self._inbox.put(_Abort(request_id))
 
-    async def generate(self, request) -> AsyncIterator[Any]:
-        """Submit `request` and yield its RequestOutputs until the finished one (see `outputs`)."""
-        stream = await self.add(request)
-        async for out in self.outputs(stream):
-            yield out
-
-    async def outputs(self, stream: RequestStream) -> AsyncIterator[Any]:
-        """Yield an admitted request's RequestOutputs until the finished one. Leaving the loop early (client
-        gone, task cancelled) aborts the request."""
-        try:
-            while True:
-                out = await stream.queue.get()
-                if isinstance(out, BaseException):
-                    stream.finished = True
-                    raise out
-                yield out
-                if out.finished:
-                    stream.finished = True
-                    return
-        finally:
-            if not stream.finished:
-                logger.info("request %s cancelled by its client: aborting", stream.request_id)
-                self.abort(stream.request_id)
-
-    def _streams_put(self, stream: RequestStream, loop: asyncio.AbstractEventLoop) -> None:
-        self._streams[stream.request_id] = (stream, loop)
-
     # ------------------------------------------------------------------ engine thread
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -183,32 +223,6 @@ class AsyncEngine:
             item.admitted.set_exception(e)
         else:
             item.admitted.set_result(None)
-
-    def _deliver(self, outputs: list) -> None:
-        """Hand a step's outputs to their requests' queues: one event-loop wake-up per loop and step, not one per
-        output (the server shares the interpreter with this thread)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for out in outputs:
-            entry = self._streams.get(out.request_id)
-            if entry is None:                    # aborted: nobody is listening
-                continue
-            stream, loop = entry
-            if out.finished:
-                self._streams.pop(out.request_id, None)
-            by_loop.setdefault(loop, []).append((stream.queue, out))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:                 # the event loop is closed (server shutting down)
-                pass
-
-    def _fail_all(self, error: BaseException) -> None:
-        for request_id, (stream, loop) in list(self._streams.items()):
-            self._streams.pop(request_id, None)
-            try:
-                loop.call_soon_threadsafe(stream.queue.put_nowait, error)
-            except RuntimeError:
-                pass
 
     def _snapshot(self) -> None:
         stats = dict(self.core.stats())

@@ -14,19 +14,39 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(model: str | Path, *, served_model_name: str | None = None, api_key: str | None = None,
-               engine_kwargs: dict | None = None, core=None):
+               engine_kwargs: dict | None = None, core=None, engine_process: bool = False,
+               log_level: int | None = None):
     """The FastAPI app serving `model` (a model folder or a preset name) through a new EngineCore, or through
-    `core` when given (an EngineCore already built). The app's lifespan starts and stops the engine thread."""
+    `core` when given (an EngineCore already built). The app's lifespan starts and stops the engine.
+
+    engine_process: run the EngineCore in a child process of its own (`sala.serve.engine_process.ProcessEngine`:
+    it builds the core from `model` and `engine_kwargs`; returns once it is ready) instead of a thread of this
+    one, so the engine loop and the HTTP server do not share an interpreter lock. `log_level`: the child's
+    (default: this process's root logger level)."""
     from sala.serve.app import build_app
-    from sala.serve.async_engine import AsyncEngine
     from sala.serve.chat import ChatTemplate
+
+    model_dir = Path(model) if Path(model).is_dir() else None
+    name = served_model_name or (model_dir.name if model_dir is not None else str(model))
+    if engine_process:
+        from sala.serve.engine_process import ProcessEngine
+
+        if core is not None:
+            raise ValueError("engine_process builds the EngineCore in its own process: pass the model and "
+                             "engine_kwargs, not core")
+        engine = ProcessEngine(str(model), engine_kwargs, log_level=log_level)
+        try:
+            return build_app(engine, model_name=name, api_key=api_key,
+                             chat_template=ChatTemplate.from_model_dir(model_dir))
+        except BaseException:
+            engine.shutdown()
+            raise
+    from sala.serve.async_engine import AsyncEngine
 
     if core is None:
         from sala.engine.scheduler import EngineCore
 
         core = EngineCore.from_pretrained(str(model), **(engine_kwargs or {}))
-    model_dir = Path(model) if Path(model).is_dir() else None
-    name = served_model_name or (model_dir.name if model_dir is not None else str(model))
     template = ChatTemplate.from_model_dir(model_dir)
     return build_app(AsyncEngine(core), model_name=name, api_key=api_key, chat_template=template)
 

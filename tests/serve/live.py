@@ -31,3 +31,23 @@ def serving(core=None, *, api_key: str | None = None, served_model_name: str = "
     with BackgroundServer(app) as server:
         server.app = app
         yield server
+
+
+# The process engine's EngineCore settings: those of make_core (its child builds the core itself).
+PROCESS_ENGINE_KWARGS = {"max_model_len": MAX_MODEL_LEN, "max_num_seqs": 16, "device": "cpu", "dtype": "fp32"}
+
+
+@contextlib.contextmanager
+def serving_process(*, api_key: str | None = None, served_model_name: str = "sala-test", **engine_kw):
+    """A live server whose EngineCore runs in a child process (`create_app(..., engine_process=True)`); yields
+    BackgroundServer (.url, .app.state.engine: the ProcessEngine) until the block ends."""
+    from sala.serve.server import BackgroundServer, create_app
+
+    app = create_app(MODEL_DIR, served_model_name=served_model_name, api_key=api_key, engine_process=True,
+                     engine_kwargs={**PROCESS_ENGINE_KWARGS, **engine_kw})
+    try:
+        with BackgroundServer(app) as server:
+            server.app = app
+            yield server
+    finally:
+        app.state.engine.shutdown()          # a no-op after the server's lifespan stopped it
