@@ -2,7 +2,7 @@
 topk 64, window 2048) against torch SDPA dense causal and fla's parallel_nsa, in one process on the GPU.
 
 `python -m sala.bench.kernels_sparse --out FILE [--lengths 32768,65536,...] [--no-fla] [--tune]
-    [--variants default,chunk1g,decode]`
+    [--variants default,chunk1g,qtile4,qtile8,decode] [--input-smoothing W]`
 Measures per length: the whole sparse attention forward (compression + selection + attention, inference
 mode, query-chunked) and forward+backward (training mode), each stage separately, SDPA dense causal forward
 (and fwd+bwd) where reasonable, fla parallel_nsa (selected-block attention only, the same block indices), and
@@ -13,8 +13,12 @@ fastest launch settings of a sweep at 128K, recorded under `kernel_config`); not
 Variants (`--variants`, comma separated; `default` = the fields above, always measured): `chunk1g` (the same
 config with `select_chunk_bytes` 1 GiB instead of 256 MiB: fewer, larger selection launches) adds
 `chunk1g_select_ms`, `chunk1g_whole_fwd_ms`, its speed-up vs SDPA, `chunk1g_rows_differing_from_default` (last
-16K queries; 0 under the tie rule) and `chunk1g_whole_fwd_peak_extra_gib`; `decode` adds batch-1 decode of the
-last token (`decode_ms`, `decode_select_ms`, `decode_attention_ms`). `attention_*` fields time
+16K queries; 0 under the tie rule) and `chunk1g_whole_fwd_peak_extra_gib`; `qtile4` / `qtile8` (the union
+walk: `fwd_query_tile` 4 / 8 with 4 / 8 warps, the free selected blocks of 4 / 8 neighbouring queries walked
+once) add `<name>_attention_fwd_ms` (beside `attention_fwd_ms`, at the lengths where that is timed),
+`<name>_attention_max_abs_diff_vs_default`, `<name>_whole_fwd_ms`, its speed-up vs SDPA and peak memory (a
+variant that changes no selection setting skips the selection fields); `decode` adds batch-1 decode of the last
+token (`decode_ms`, `decode_select_ms`, `decode_attention_ms`). `attention_*` fields time
 `block_sparse_attention(..., forced_blocks=True)`, the path `infllmv2_attention` takes.
 
 Inputs (`--input-smoothing W`, default 1): q, k and v are standard normal; W > 1 averages each over a window of W
@@ -71,7 +75,10 @@ def smooth_tokens(x: torch.Tensor, window: int, channels_per_pass: int = 512) ->
 
 # variants measured beside the default in the same process: a launch setting changed from the run's config
 VARIANT_MAX_LEN = 1048576   # longer rows: the default only
-CONFIG_VARIANTS = {"chunk1g": {"select_chunk_bytes": 1 << 30}}   # 4x larger selection chunks (fewer waves' tails)
+CONFIG_VARIANTS = {"chunk1g": {"select_chunk_bytes": 1 << 30},   # 4x larger selection chunks (fewer waves' tails)
+                   # the union walk over 4 / 8 neighbouring queries (64 / 128 rows a program)
+                   "qtile4": {"fwd_query_tile": 4, "fwd_tile_warps": 4},
+                   "qtile8": {"fwd_query_tile": 8, "fwd_tile_warps": 8}}
 VARIANTS = ("default", "decode", *CONFIG_VARIANTS)
 
 
@@ -85,20 +92,37 @@ def check_variants(variants) -> list[str]:
 
 
 def _measure_config_variant(name: str, T: int, p: SparseParams, q, k, v, res: dict, w: int, r: int,
-                            config: SparseKernelConfig) -> None:
-    """`<name>_*` fields: selection, whole forward and peak memory with the variant's launch settings, and the
-    share of sparse queries whose selected blocks differ from the run config's (last 16K queries)."""
-    cfg = dataclasses.replace(config, **CONFIG_VARIANTS[name])
+                            config: SparseKernelConfig, attention_max_len: int = 262144) -> None:
+    """`<name>_*` fields: whole forward and peak memory with the variant's launch settings; if it changes a
+    selection setting, the selection time and the share of sparse queries whose selected blocks differ from the
+    run config's (last 16K queries); if it changes an attention setting (fwd_* / band_*), the attention of all
+    sparse queries (T <= max(262144, attention_max_len), as `attention_fwd_ms`) and its largest difference from
+    the run config's output."""
+    changes = CONFIG_VARIANTS[name]
+    cfg = dataclasses.replace(config, **changes)
     dp = p.dense_positions
     qs = q[:, dp:]
     with torch.no_grad():
         k1, k2 = compress_keys(k, p.kernel_size, p.kernel_stride), compress_keys(k, p.k2_kernel, p.k2_stride)
-        n = min(qs.shape[1], 16384)
-        want = select_blocks(qs[:, -n:], k1, k2, p, q_offset=T - n, kernel_config=config)
-        res[f"{name}_select_ms"] = bench_ms(lambda: select_blocks(qs, k1, k2, p, q_offset=dp, kernel_config=cfg), w, r)
+        if any(f.startswith("select_") for f in changes):
+            n = min(qs.shape[1], 16384)
+            want = select_blocks(qs[:, -n:], k1, k2, p, q_offset=T - n, kernel_config=config)
+            res[f"{name}_select_ms"] = bench_ms(lambda: select_blocks(qs, k1, k2, p, q_offset=dp, kernel_config=cfg),
+                                                w, r)
+            got = select_blocks(qs[:, -n:], k1, k2, p, q_offset=T - n, kernel_config=cfg)
+            res[f"{name}_rows_differing_from_default"] = (got != want).any(-1).float().mean().item()
+            want = got = None  # free the memory
+        if any(f.startswith(("fwd_", "band_")) for f in changes) and T <= max(262144, attention_max_len):
+            idx = select_blocks(qs, k1, k2, p, q_offset=dp, kernel_config=config)
+
+            def attend(c: SparseKernelConfig) -> torch.Tensor:
+                return block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True, kernel_config=c)
+
+            res[f"{name}_attention_fwd_ms"] = bench_ms(lambda: attend(cfg), w, r)
+            res[f"{name}_attention_max_abs_diff_vs_default"] = (attend(cfg).float() - attend(config).float()).abs(
+            ).max().item()
+            idx = None  # free the memory
         res[f"{name}_whole_fwd_ms"] = bench_ms(lambda: infllmv2_attention(q, k, v, p, kernel_config=cfg), w, r)
-        got = select_blocks(qs[:, -n:], k1, k2, p, q_offset=T - n, kernel_config=cfg)
-        res[f"{name}_rows_differing_from_default"] = (got != want).any(-1).float().mean().item()
         if "sdpa_fwd_ms" in res:
             res[f"{name}_speedup_fwd_vs_sdpa"] = res["sdpa_fwd_ms"] / res[f"{name}_whole_fwd_ms"]
         if q.is_cuda:
@@ -106,7 +130,7 @@ def _measure_config_variant(name: str, T: int, p: SparseParams, q, k, v, res: di
             res[f"{name}_whole_fwd_peak_extra_gib"] = _peak_extra_gib(
                 lambda: out.copy_(infllmv2_attention(q, k, v, p, kernel_config=cfg)), torch.cuda.memory_allocated())
             out = None  # free the memory
-        k1 = k2 = want = got = None  # free the memory
+        k1 = k2 = None  # free the memory
 def _measure_decode(T: int, p: SparseParams, q, k, v, res: dict, config: SparseKernelConfig) -> None:
     """Batch-1 decode of the token at position T - 1 (cache capacity T): whole step, selection alone and the
     attention part (step minus selection)."""
@@ -219,7 +243,7 @@ def _measure(T: int, p: SparseParams, with_fla: bool, backward: bool, dense_fwd_
         if name == "decode":
             _measure_decode(T, p, q, k, v, res, config or SparseKernelConfig())
         elif name in CONFIG_VARIANTS and T <= VARIANT_MAX_LEN:
-            _measure_config_variant(name, T, p, q, k, v, res, w, r, config or SparseKernelConfig())
+            _measure_config_variant(name, T, p, q, k, v, res, w, r, config or SparseKernelConfig(), attention_max_len)
     q = k = v = None  # free the memory
     gc.collect()
     torch.cuda.empty_cache()

@@ -160,7 +160,14 @@ class SparseKernelConfig:
     (`band_warps`, `band_stages`) in the forward and `band_dq_rows` (`band_dq_warps`, `band_dq_stages`) in dq.
     Decode: split-K attention with at least `decode_min_programs` programs and split-N selection with at least
     `decode_select_programs` (when the selection / the cache is large enough). A stages value of None leaves
-    the choice to Triton."""
+    the choice to Triton.
+
+    `fwd_query_tile` (a power of two; experimental): 1 walks each query's free selected blocks (those outside the
+    forced init blocks and local band) per token; M > 1 walks them per tile of M consecutive queries x one KV
+    head (M * G rows, `fwd_tile_warps`, `fwd_tile_stages`), visiting the union of the M queries' blocks once
+    (an M-way merge of their slot lists), so a block that neighbours share is loaded once for all of them. Only
+    the forward of the band split (`forced_blocks=True`, the path of `infllmv2_attention`) takes it; the
+    backward and the one-walk forward stay per token."""
 
     select_rows: int = 128
     select_k1_tile: int = 64
@@ -177,6 +184,9 @@ class SparseKernelConfig:
     fwd_warps: int = 4
     fwd_stages: int | None = 2
     fwd_blocks_per_iter: int = 2
+    fwd_query_tile: int = 1
+    fwd_tile_warps: int = 4
+    fwd_tile_stages: int | None = 2
     decode_min_programs: int = 64
     decode_select_programs: int = 256
 
@@ -190,6 +200,9 @@ class SparseKernelConfig:
             value = getattr(self, name)
             if value & (value - 1) or value < 16:
                 raise ValueError(f"SparseKernelConfig.{name} must be a power of two >= 16, got {value}")
+        if self.fwd_query_tile & (self.fwd_query_tile - 1) or self.fwd_query_tile > 64:
+            raise ValueError(f"SparseKernelConfig.fwd_query_tile must be a power of two <= 64, got "
+                             f"{self.fwd_query_tile}")
 
 
 DEFAULT_KERNEL_CONFIG = SparseKernelConfig()

@@ -191,6 +191,101 @@ def _sparse_band_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pos_ptr, kbase_
         cur = _next_kbase(inb, kbr, cur)
 
 
+@triton.jit
+def _union_next(sv, last, rank):
+    """One step of the union walk's M-way merge. sv [M, KP]: each query's free selected blocks (_BIG_I32 where a
+    slot holds none), last [M]: the block each query took last (-1 at first), rank [M]: the order of its key
+    base in the tile. -> (cur [M]: each query's smallest block above last, _BIG_I32 when it has none left;
+    key [M] int64: rank * 2^32 + cur, _BIG_I64 when none; nxt: the smallest key, the next (key base, block))."""
+    cur = tl.min(tl.where(sv > last[:, None], sv, _BIG_I32), axis=1)
+    key = tl.where(cur < _BIG_I32, rank.to(tl.int64) * 4294967296 + cur, _BIG_I64)
+    return cur, key, tl.min(key, axis=0)
+
+
+@triton.jit
+def _union_size(sv, rank, S: tl.constexpr):
+    """The number of distinct (key base rank, block) pairs among the free blocks sv [M, KP] (S = M * KP): the
+    union walk's steps, by one sort of the pairs and a count of the first of each run."""
+    keys = tl.where(sv < _BIG_I32, rank[:, None].to(tl.int64) * 4294967296 + sv, _BIG_I64)
+    x = tl.sort(tl.reshape(keys, [S]))
+    i = tl.arange(0, S)
+    prev = tl.gather(x, tl.maximum(i - 1, 0), 0)
+    return tl.sum(((x < _BIG_I64) & ((i == 0) | (x != prev))).to(tl.int32), axis=0)
+
+
+@triton.jit(do_not_specialize=["N", "Tq", "sib", "sih"])
+def _sparse_union_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, pos_ptr, kbase_ptr, table_ptr,
+                             N, Tq, scale_log2,
+                             sqn, sqh, skn, skh, son, soh, sln, sib, sih, sit,
+                             G: tl.constexpr, GP: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+                             BS: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, KP: tl.constexpr,
+                             INIT: tl.constexpr, LOCAL: tl.constexpr, PAGED: tl.constexpr = False):
+    """The union walk: the free selected blocks (slots K0..K1, neither init nor in the local band) of M
+    consecutive flat queries x kv head h (M * GP rows: query j's G heads in rows j * GP ..), merged into the band's
+    softmax state that o/lse hold (as `_sparse_fwd_kernel` with BAND). Each (key base, block) that any of the M
+    queries selected is loaded once and scored for all rows; rows whose query did not select it are masked.
+    The order is an M-way merge of the queries' blocks by (key base, block): a query's blocks in ascending order,
+    the same softmax steps as its per-token walk; queries of different key bases (documents, batch rows) in one
+    tile never share a step. A slot list is read as a set (a block repeated in one row counts once). The number
+    of steps (the union's size) is counted first (`_union_size`: a sort of the tile's M * KP slots), so the walk
+    is a counted loop, which Triton software-pipelines (a while loop it would not). Rows of a step's
+    non-selecting queries are masked (s = -inf: their state passes unchanged). PAGED as in
+    `_sparse_fwd_kernel`."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    R: tl.constexpr = M * GP
+    # the tile's queries: positions, key bases, free blocks
+    jq = tl.arange(0, M)
+    tok_q = t * M + jq
+    q_in = tok_q < N
+    pos_q = tl.load(pos_ptr + tok_q, mask=q_in, other=0)
+    kb_q = tl.load(kbase_ptr + tok_q, mask=q_in, other=0).to(tl.int64)
+    rank = tl.sum((kb_q[None, :] < kb_q[:, None]).to(tl.int32), axis=1)
+    col = tl.arange(0, KP)
+    sok = q_in[:, None] & (col[None, :] < K1 - K0)
+    ibase = idx_ptr + (tok_q // Tq).to(tl.int64) * sib + h * sih + (tok_q % Tq).to(tl.int64) * sit
+    blk = tl.load(ibase[:, None] + K0 + col[None, :], mask=sok, other=-1)
+    hi = pos_q // BS - LOCAL                                  # blocks >= hi are the band's, < INIT the init ones
+    sv = tl.where(sok & (blk >= INIT) & (blk < hi[:, None]), blk, _BIG_I32)
+    steps = _union_size(sv, rank, M * KP)
+    # the tile's rows and the band's state
+    r = tl.arange(0, R)
+    jr = r // GP
+    g = r % GP
+    tok_r = t * M + jr
+    r_in = tok_r < N
+    row_ok = (g < G) & r_in
+    pos_r = tl.load(pos_ptr + tok_r, mask=r_in, other=0)
+    tok64 = tok_r.to(tl.int64)
+    d = tl.arange(0, D)
+    c = tl.arange(0, BS)
+    qv = tl.load(q_ptr + tok64[:, None] * sqn + (h * G + g)[:, None] * sqh + d[None, :], mask=row_ok[:, None],
+                 other=0.0)
+    orow = o_ptr + tok64[:, None] * son + (h * G + g)[:, None] * soh + d[None, :]
+    lrow = lse_ptr + tok64 * sln + h * G + g
+    m = tl.load(lrow, mask=row_ok, other=float("-inf"))
+    has = m > float("-inf")
+    l = tl.where(has, 1.0, 0.0)
+    acc = tl.where(has[:, None], tl.load(orow, mask=row_ok[:, None], other=0.0).to(tl.float32), 0.0)
+    of_query = jr[:, None] == jq[None, :]                      # [R, M]: row r belongs to query j
+    last = tl.full([M], -1, dtype=tl.int32)
+    cur, key, nxt = _union_next(sv, last, rank)
+    for _ in range(0, steps):
+        hit = (key == nxt) & (nxt < _BIG_I64)                  # the queries that selected this (key base, block)
+        rows = tl.max(tl.where(of_query, hit[None, :].to(tl.int32), 0), axis=1) > 0
+        # block b of key base kbn: a free block of the hit queries (b < qb - LOCAL), so all its keys exist and
+        # precede them (no causal mask needed on the loads); masked only against a step past the union (none)
+        b = (nxt % 4294967296).to(tl.int32)
+        kbn = tl.max(tl.where(hit, kb_q, 0), axis=0)
+        m, l, acc = _band_step(qv, m, l, acc, k_ptr, v_ptr, b, c, d, kbn, h, skn, skh, pos_r, rows,
+                               tl.where(nxt < _BIG_I64, b * BS + BS, -1), scale_log2, BS, table_ptr, PAGED)
+        last = tl.where(hit, cur, last)
+        cur, key, nxt = _union_next(sv, last, rank)
+    l_safe = tl.where(l > 0, l, 1.0)
+    tl.store(orow, (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lrow, m + tl.log2(l_safe), mask=row_ok)
+
+
 @triton.jit(do_not_specialize=["Tq", "sib", "sih"])
 def _sparse_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, idx_ptr, pos_ptr, kbase_ptr,
                           Tq, scale_log2, scale,
@@ -323,6 +418,11 @@ def _fwd_config(G: int) -> int:
     return max(16, pow2(G))
 
 
+def _union_rows(G: int, M: int) -> int:
+    """Rows per query of the union walk: G padded to a power of two, and to 16 // M (tl.dot needs 16 rows)."""
+    return max(pow2(G), 16 // M)
+
+
 def _band_slots(K: int, band: tuple[int, int] | None) -> tuple[int, int, dict]:
     """(first slot, end slot, extra constexprs) of the per-token walks: all K slots, or with band = (init, local)
     only init .. K - local - 1, where ascending indices keep every selected block that is not forced."""
@@ -374,6 +474,15 @@ def sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale, band
             LOCAL=band[1], num_warps=config.band_warps, **stages, **paged)
         if k1 == k0:
             return o, lse
+    if band is not None and config.fwd_query_tile > 1:
+        M = config.fwd_query_tile
+        _sparse_union_fwd_kernel[(triton.cdiv(N, M), Hkv)](
+            q, k, v, o, lse, block_idx, pos, kbase, table, N, Tq, scale * LOG2E, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), o.stride(0), o.stride(1), lse.stride(0), block_idx.stride(0),
+            block_idx.stride(1), block_idx.stride(2), G=G, GP=_union_rows(G, M), M=M, D=D, BS=block_size, K0=k0,
+            K1=k1, KP=pow2(k1 - k0), INIT=band[0], LOCAL=band[1], num_warps=config.fwd_tile_warps,
+            **launch_stages(config.fwd_tile_stages), **paged)
+        return o, lse
     _sparse_fwd_kernel[(N, Hkv)](q, k, v, o, lse, block_idx, pos, kbase, table, Tq, scale * LOG2E,
                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
                                  lse.stride(0), block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
