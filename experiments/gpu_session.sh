@@ -47,12 +47,17 @@ gpu_tests_paged() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:ca
   --junitxml="$OUT/gpu_tests.xml" tests/ops/test_infllmv2_paged.py tests/engine/test_scheduler_gpu.py \
   tests/engine/test_prefill_graph.py; }
 gpu_tests_paged_short() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
-  --junitxml="$OUT/gpu_tests.xml" tests/ops/test_infllmv2_paged.py tests/engine/test_scheduler_gpu.py; }
+  --junitxml="$OUT/gpu_tests.xml" tests/ops/test_infllmv2_paged.py tests/ops/test_infllmv2_union_walk.py \
+  tests/engine/test_scheduler_gpu.py; }
 # the 32-request load through a server whose engine runs in its own process (sala serve --engine-process)
 serve_load_proc() { step serve_load_proc "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b \
   --scenario load --num-requests 32 --concurrency 32 --prompt-len 4096 --output-len 256 --max-num-seqs 32 \
   --max-model-len 4608 --sequential-baseline 2 --offline --engine-process \
   --out "$OUT/serve_load_proc_$gpu.json" --plot "$OUT/serve_load_proc_$gpu.png"; }
+# the union walk of the sparse forward (fwd_query_tile 4 / 8) beside the per-token walk, correlated inputs (128K)
+union_walk() { step union_walk "$1" python3 -m sala.bench.kernels_sparse --lengths 131072 --backward-max-len 0 \
+  --no-fla --variants default,qtile4,qtile8 --input-smoothing 16 --time-budget-s $(( $1 - 20 )) \
+  --out "$OUT/sparse_union_walk_smooth16_$gpu.json"; }
 gpu_tests_pieces() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
   --junitxml="$OUT/gpu_tests.xml" tests/engine/test_prefill_graph.py tests/engine/test_scheduler_gpu.py; }
 latency_fp8() { step latency_fp8 "$1" python3 -m sala.bench.latency --quantization fp8 --lengths 256K,1M \
@@ -127,7 +132,7 @@ case "$part" in
   next) gpu_tests_pieces 100; interference 330; serve_step 150 ;;   # the next session's first call
   next2) spec_fp32 100; gaps_512k 140; spec_pyspy 80 ;;              # and its second
   paged) gpu_tests_paged 120; topk_wide 45; interference 220; serve_load 160 ;;   # the paged K/V pool
-  last2) gpu_tests_paged_short 90; topk_wide 40; interference 200; serve_load_proc 150 ;;
+  last2) gpu_tests_paged_short 90; topk_wide 40; interference 170; union_walk 90 ;;
   run) shift; for item in "$@"; do "${item%%:*}" "${item##*:}"; done ;;   # run spec:120 chunk_gaps:90 ...
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
