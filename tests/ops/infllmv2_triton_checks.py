@@ -138,7 +138,8 @@ def _check_topk_cases():
         x[1, 50:] = float("-inf")
         x[2, : n - 3] = float("-inf")
         x[3] = torch.randn(n, generator=g)
-        assert torch.equal(triton_topk.topk_blocks_triton(x, K, max_cols=cols), ref.topk_block_indices(x, K)), (n, K)
+        got = triton_topk.topk_blocks_triton(x, K, max_cols=cols, wide_tiles=True)
+        assert torch.equal(got, ref.topk_block_indices(x, K)), (n, K)
     x = torch.full((2, 12), 0.25)                        # all tied: the lowest columns
     x[1, 5:] = float("-inf")
     got = triton_topk.topk_blocks_triton(x, 4)
@@ -577,10 +578,11 @@ def check_topk_ties():
         k1, k2 = ref.compress_keys_ref(k, 8, 4), ref.compress_keys_ref(k, 32, 16)    # exact means of 0s and 1s
         want = expected_tie_indices(200, 64, free)
         # prefill: the queries of the last block (positions 192..199: the shared blocks 5 and 6 are not forced)
-        # 13 blocks: one kernel; 8 columns a row: tiles of 8, then their 2 x 5 candidates (the reference: as many
-        # candidates as columns); 4: tiles of 4 but K = 5 > 4 (the reference)
-        for config, calls in ((SparseKernelConfig(), 1), (SparseKernelConfig(topk_max_cols=8), 1),
-                              (SparseKernelConfig(topk_max_cols=4), 0)):
+        # 13 blocks: one kernel; 8 columns a row: the reference, or (topk_wide_tiles) tiles of 8, then their 2 x 5
+        # candidates (the reference: as many candidates as columns); 4: K = 5 > 4 (the reference)
+        for config, calls in ((SparseKernelConfig(), 1), (SparseKernelConfig(topk_max_cols=8), 0),
+                              (SparseKernelConfig(topk_max_cols=8, topk_wide_tiles=True), 1),
+                              (SparseKernelConfig(topk_max_cols=4, topk_wide_tiles=True), 0)):
             with _Launches(triton_topk, "_topk_blocks_kernel") as spy:
                 got = select_blocks(q[:, 192:], k1, k2, TIES, q_offset=192, scale=0.25, kernel_config=config)
             assert spy.calls == calls, (kind, config.topk_max_cols, spy.calls)
@@ -592,7 +594,8 @@ def check_topk_ties():
         lengths = torch.tensor([200, 150], dtype=torch.int32)
         ref.update_compressed_keys_ref(kc, k1c, k2c, lengths, TIES, new_tokens=200)
         qd = torch.cat([q[:, 199], q[:, 149]], 0)
-        for config in (SparseKernelConfig(), SparseKernelConfig(topk_max_cols=8)):    # 16 blocks: kernel; fallback
+        for config in (SparseKernelConfig(), SparseKernelConfig(topk_max_cols=8),     # 16 blocks: kernel; fallback;
+                       SparseKernelConfig(topk_max_cols=8, topk_wide_tiles=True)):   # tiles + candidates
             dec = decode_select_blocks(qd, k1c, k2c, lengths, TIES, 16, scale=0.25, kernel_config=config)
             assert torch.equal(dec[:, :, 0], want[0, :, [199 - 64, 149 - 64]].permute(1, 0, 2)), (kind, dec)
         _mode("reference")
@@ -604,7 +607,9 @@ def check_topk_ties():
     x[2, ::3] = 0.5
     for K in (2, 3, 5, 12):                       # max_cols 8: tiles and candidates (K <= 3), or the reference
         assert torch.equal(triton_topk.topk_blocks_triton(x, K), ref.topk_block_indices(x, K))
-        assert torch.equal(triton_topk.topk_blocks_triton(x, K, max_cols=8), ref.topk_block_indices(x, K))
+        for wide in (False, True):
+            got = triton_topk.topk_blocks_triton(x, K, max_cols=8, wide_tiles=wide)
+            assert torch.equal(got, ref.topk_block_indices(x, K)), (K, wide)
 
 
 CHECKS = {name[6:]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}

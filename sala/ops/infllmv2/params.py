@@ -155,8 +155,10 @@ class SparseKernelConfig:
     windows per iteration (a multiple of block_size / kernel_stride), `select_warps`, `select_stages`;
     `select_chunk_bytes` bounds the pooled-score buffer of one query chunk (fp32), hence the selection's peak
     memory. Top-k: rows of up to `topk_max_cols` blocks use the Triton top-k, wider ones `torch.topk` (faster
-    there). Attention: per-token forward / dq walk with `fwd_warps`, `fwd_stages` and `fwd_blocks_per_iter`
-    selected blocks per iteration; the forced blocks (init + local band) as dense tiles of `band_rows` queries
+    there than the one-kernel top-k), or with `topk_wide_tiles` the Triton top-k of every `topk_max_cols`-column
+    tile and then of their candidates (experimental: not yet measured against torch.topk on a GPU). Attention:
+    per-token forward / dq walk with `fwd_warps`, `fwd_stages` and `fwd_blocks_per_iter` selected blocks per
+    iteration; the forced blocks (init + local band) as dense tiles of `band_rows` queries
     (`band_warps`, `band_stages`) in the forward and `band_dq_rows` (`band_dq_warps`, `band_dq_stages`) in dq.
     Decode: split-K attention with at least `decode_min_programs` programs and split-N selection with at least
     `decode_select_programs` (when the selection / the cache is large enough). A stages value of None leaves
@@ -175,6 +177,7 @@ class SparseKernelConfig:
     select_stages: int | None = 3
     select_chunk_bytes: int = 256 << 20
     topk_max_cols: int = 4096
+    topk_wide_tiles: bool = False
     band_rows: int = 128
     band_warps: int = 8
     band_stages: int | None = 3
@@ -193,6 +196,10 @@ class SparseKernelConfig:
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
             if value is None and name.endswith("_stages"):
+                continue
+            if name == "topk_wide_tiles":
+                if not isinstance(value, bool):
+                    raise ValueError(f"SparseKernelConfig.topk_wide_tiles must be a bool, got {value!r}")
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SparseKernelConfig.{name} must be a positive int, got {value!r}")
