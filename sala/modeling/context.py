@@ -79,7 +79,14 @@ class ForwardContext:
                                                 # the dense pieces serves every row: `sala.engine.prefill_graph`)
     out: dict[str, torch.Tensor] = field(default_factory=dict)   # DECODE: preallocated attention outputs by kind
     saved_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None   # DECODE: layer -> k, v buffers [B, T, H, D]
-    _rope: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _rope: dict[Any, Any] = field(default_factory=dict, repr=False)     # per-call values: RoPE, `shared`
+
+    def shared(self, key: Any, make: Callable[[], Any]) -> Any:
+        """`make()` once per call: a value every layer of the call would compute alike (e.g. a paged cache's write
+        rows of the call's positions)."""
+        if key not in self._rope:
+            self._rope[key] = make()
+        return self._rope[key]
 
     def rope(self, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B, T, dim] for this call's positions (computed once per call and size)."""

@@ -45,9 +45,10 @@ from sala.ops.infllmv2 import (
     infllmv2_attention,
     infllmv2_attention_paged,
     infllmv2_decode,
+    paged_rows,
     update_compressed_keys,
     write_paged,
-    write_paged_positions,
+    write_paged_rows,
 )
 from sala.ops.lightning import lightning_attention, lightning_decode_step
 from sala.ops.linear_cross_entropy import linear_cross_entropy
@@ -464,8 +465,9 @@ class SalaSparseAttention(FusedProjections, nn.Module):
             buf.k.index_put_((rows, wpos), k)
             buf.v.index_put_((rows, wpos), v)
         else:                   # unmapped blocks (an idle row, a padded verify position) point at the scratch page
-            write_paged_positions(buf.k, table, pos, k)
-            write_paged_positions(buf.v, table, pos, v)
+            rows = ctx.shared("paged_rows", lambda: paged_rows(table, pos, buf.k.shape[1]))   # all layers' alike
+            write_paged_rows(buf.k, rows, k)
+            write_paged_rows(buf.v, rows, v)
         seqlens = (pos + 1).clamp(max=S).to(torch.int32)                     # [B, T]: keys each token sees
         out = ctx.out.get("sparse")
         if self.config.use_sparse_attention:

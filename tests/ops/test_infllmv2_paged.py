@@ -22,9 +22,11 @@ from sala.ops.infllmv2 import (
     infllmv2_attention,
     infllmv2_attention_paged,
     infllmv2_decode,
+    paged_rows,
     update_compressed_keys,
     write_paged,
     write_paged_positions,
+    write_paged_rows,
 )
 from sala.ops.infllmv2 import paged as paged_mod
 from sala.ops.infllmv2 import reference as ref
@@ -132,9 +134,18 @@ def test_write_paged_positions_matches_plain_indexing():
         for j in range(3):
             t = min(int(positions[r, j]), NB * 16 - 1)
             want[table[r, t // 16], t % 16] = x[r, j]
+    before = kp.clone()
     write_paged_positions(kp, table, positions, x)
     _assert_same(kp[1:], want[1:])                  # page 0 (row 2's scratch writes) aside
     assert torch.equal(kp[0, :3], x[2])
+    # the rows once, written for K and V alike (a decode step's layers share them): the same writes
+    again = before.clone()
+    write_paged_rows(again, paged_rows(table, positions, 16), x)
+    torch.testing.assert_close(again, kp, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="rows int64"):
+        write_paged_rows(again, paged_rows(table, positions, 16)[:-1], x)
+    with pytest.raises(ValueError, match="positions must be int64 \\[R, T\\]"):
+        paged_rows(table, positions[:2], 16)
 
 
 # -------------------------------------------------------------------------------------- compressed keys

@@ -12,8 +12,10 @@ from sala.ops.infllmv2.paged import (
     gather_paged,
     gather_paged_range,
     infllmv2_attention_paged,
+    paged_rows,
     write_paged,
     write_paged_positions,
+    write_paged_rows,
 )
 from sala.ops.infllmv2.params import SparseKernelConfig, SparseParams, compressed_lengths
 from sala.ops.infllmv2.selection import select_blocks
@@ -22,5 +24,6 @@ from sala.ops.infllmv2.sparse_attention import block_sparse_attention
 __all__ = [
     "SparseKernelConfig", "SparseParams", "block_sparse_attention", "compress_keys", "compress_window_range",
     "compressed_lengths", "gather_paged", "gather_paged_range", "infllmv2_attention", "infllmv2_attention_paged",
-    "infllmv2_decode", "select_blocks", "update_compressed_keys", "write_paged", "write_paged_positions",
+    "infllmv2_decode", "paged_rows", "select_blocks", "update_compressed_keys", "write_paged", "write_paged_positions",
+    "write_paged_rows",
 ]

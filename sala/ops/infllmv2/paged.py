@@ -113,16 +113,37 @@ def write_paged_positions(pages: torch.Tensor, block_table: torch.Tensor, positi
     fn = "write_paged_positions"
     check_pages(fn, pages)
     check_block_table(fn, block_table, (2,), pages=pages)
+    rows = paged_rows(block_table, positions, pages.shape[1])            # checks positions
+    _check_keys(fn, x, pages, (*positions.shape, *pages.shape[2:]), "[R, T, Hkv, D]")
+    flat_pages(fn, pages).index_copy_(0, rows, x.reshape(-1, *pages.shape[2:]))
+
+
+def paged_rows(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat page rows int64 [R * T] of key positions int [R, T] of rows with block_table int32 [R, NB] (positions
+    clamped to 0 .. NB * block_size - 1): where `write_paged_positions` writes. The same for every sparse layer of
+    one step (they share positions and table), so a decode step computes it once."""
+    fn = "paged_rows"
+    check_block_table(fn, block_table, (2,))
     R, NB = block_table.shape
     if positions.dim() != 2 or positions.shape[0] != R or positions.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{fn}: positions must be int64 [R, T] with R = {R} (block_table "
                          f"{tuple(block_table.shape)}), got {positions.dtype} {tuple(positions.shape)}")
-    _check_keys(fn, x, pages, (R, positions.shape[1], *pages.shape[2:]), "[R, T, Hkv, D]")
-    BS = pages.shape[1]
+    BS = int(block_size)
     pos = positions.to(torch.int64).clamp(0, NB * BS - 1)
     page = torch.gather(block_table, 1, torch.div(pos, BS, rounding_mode="floor")).long()
-    rows = (page * BS + pos % BS).reshape(-1)
-    flat_pages(fn, pages).index_copy_(0, rows, x.reshape(-1, *pages.shape[2:]))
+    return (page * BS + pos % BS).reshape(-1)
+
+
+def write_paged_rows(pages: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> None:
+    """Write x [N, Hkv, D] (or [R, T, Hkv, D]) at flat page rows int64 [N] (`paged_rows`) of pages
+    [P, BS, Hkv, D], in place."""
+    fn = "write_paged_rows"
+    check_pages(fn, pages)
+    xf = x.reshape(-1, *pages.shape[2:]) if x.dim() >= 3 and tuple(x.shape[-2:]) == tuple(pages.shape[2:]) else None
+    if xf is None or rows.dim() != 1 or rows.shape[0] != xf.shape[0] or rows.dtype != torch.int64:
+        raise ValueError(f"{fn}: rows int64 [N] {rows.dtype} {tuple(rows.shape)} and x [N, Hkv, D] "
+                         f"{tuple(x.shape)} must match the pages {tuple(pages.shape)}")
+    flat_pages(fn, pages).index_copy_(0, rows, xf)
 
 
 # -------------------------------------------------------------------------------------------- attention
