@@ -6,7 +6,8 @@ shared `KVPagePool` of pages of one sparse block (64 tokens), the compressed key
 Requests wait in a FIFO queue; one is admitted when a row is free and the pool can hold its prompt and
 max_new_tokens (pages of a restored prefix are shared, not counted again; cached prefixes are evicted for room
 when needed), so a running request never runs out of pages; it leaves, giving its pages back, when it
-finishes. A request that could never fit the pool is refused with both numbers. Each `step()`:
+finishes. The pool holds at least one sequence of max_model_len, so whatever fits the model length fits the pool.
+Each `step()`:
 
 1. one decode step for every running sequence (a CUDA-graph `GraphedDecodeStep` over the smallest batch-size
    bucket of rows [0, b) that holds them). DecodeStep advances every row of its bucket, so the lightning states
@@ -224,6 +225,10 @@ class EngineCore:
             num_pages = max_num_seqs * pages_per_row + extra
         else:
             num_pages = kv_cache_tokens // page_size
+            if num_pages < pages_per_row:
+                raise ValueError(f"kv_cache_tokens ({kv_cache_tokens}) must hold at least one sequence of "
+                                 f"max_model_len ({self.max_model_len} tokens, {pages_per_row} pages of "
+                                 f"{page_size}): lower max_model_len or raise kv_cache_tokens")
         self.pool = KVPagePool(self.config, num_pages, self.dtype, self.device)
         self.cache = StaticCache(self.config, max_num_seqs, self.max_model_len, self.dtype, self.device,
                                  pool=self.pool)
@@ -379,11 +384,6 @@ class EngineCore:
         if need > self.max_model_len:
             raise RequestError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({p.max_new_tokens}) is {need} "
                                f"tokens, more than the maximum model length of {self.max_model_len} tokens")
-        pages = self._pages_for(request)
-        if pages > self.pool.num_pages:
-            raise RequestError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({p.max_new_tokens}) needs {pages} "
-                               f"K/V pages of {self.page_size} tokens, more than the {self.pool.num_pages} pages "
-                               f"({self.pool.num_pages * self.page_size} tokens) of this engine's K/V cache")
         if p.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer and this engine has none (use stop_token_ids)")
         for name in ("logprobs", "prompt_logprobs"):

@@ -125,7 +125,7 @@ def test_waits_for_a_free_slot_and_refuses_what_never_fits(engine, prompts):
     assert all(len(tokens(o)) == 3 for o in outs.values())
 
 
-def test_admission_waits_for_pages_and_refuses_what_the_pool_never_holds(engine, prompts, alone):
+def test_admission_waits_for_pages(engine, prompts, alone):
     # A pool of 6 pages (384 tokens) for 4 rows of up to 256 tokens: requests are admitted while their prompt and
     # max_new_tokens fit the free pages (the 200-token prompt needs 4 of them), the rest wait; every request gets
     # exactly its tokens alone, and every page comes back.
@@ -153,10 +153,9 @@ def test_admission_waits_for_pages_and_refuses_what_the_pool_never_holds(engine,
     st = core.stats()
     assert st["cache_pages_used"] == 0 and st["cache_pages_free"] == 6
     assert core.cache.block_table.abs().sum() == 0                           # every row's blocks unmapped
-    small_pool = EngineCore(engine.model, engine.tokenizer, max_num_seqs=2, max_model_len=512, chunk_size=128,
-                            kv_cache_tokens=384)
-    with pytest.raises(RequestError, match=r"needs 7 K/V pages of 64 tokens, more than the 6 pages \(384 tokens\)"):
-        small_pool.add_request(Request("big", [5] * 200, SamplingParams(max_new_tokens=201)))
+    with pytest.raises(ValueError, match=r"kv_cache_tokens \(384\) must hold at least one sequence of max_model_len "
+                                         r"\(512 tokens, 8 pages of 64\)"):
+        EngineCore(engine.model, engine.tokenizer, max_num_seqs=2, max_model_len=512, kv_cache_tokens=384)
     with pytest.raises(ValueError, match="kv_cache_tokens must be >= the page size"):
         EngineCore(engine.model, engine.tokenizer, max_num_seqs=1, max_model_len=256, kv_cache_tokens=10)
 

@@ -176,8 +176,8 @@ def test_disconnect_mid_stream_frees_the_sequence(proc_server):
     assert httpx.get(proc_server.url + "/health").status_code == 200
 
 
-def test_full_queue_503_engine_refusal_400_and_a_clean_exit():
-    with serving_process(max_model_len=1024, max_num_seqs=2, kv_cache_tokens=512, max_waiting=0) as s:
+def test_full_queue_503_and_a_clean_exit():
+    with serving_process(max_model_len=1024, max_num_seqs=2, max_waiting=0) as s:
         engine = s.app.state.engine
         pid = engine.pid
         body = {"model": "sala-test", "prompt": "hi", "max_tokens": 2}
@@ -186,12 +186,6 @@ def test_full_queue_503_engine_refusal_400_and_a_clean_exit():
         assert r.json()["error"]["message"] == ("the waiting queue is full (0 requests waiting, max_waiting 0); "
                                                 "retry later")
         assert r.json()["error"]["code"] == "queue_full"
-        # fits the model length (checked by the app) but not the 8-page K/V pool: the engine's own refusal
-        r = httpx.post(s.url + "/v1/completions", json={**body, "prompt": list(range(5, 605)), "max_tokens": 100},
-                       timeout=60)
-        assert r.status_code == 400, r.text
-        msg = r.json()["error"]["message"]
-        assert "needs 11 K/V pages of 64 tokens" in msg and "512 tokens" in msg
         assert httpx.get(s.url + "/health").status_code == 200
         assert _pid_exists(pid)
     assert engine.process is None and engine.exitcode == 0          # it left on the stop message
