@@ -3,11 +3,14 @@
 Slots are the rows of a paged StaticCache of `max_num_seqs` rows of up to `max_model_len` tokens, allocated once
 (checked against the memory plan and `memory_fraction` of the free device memory): the sparse layers' K/V in a
 shared `KVPagePool` of pages of one sparse block (64 tokens), the compressed keys and lightning states per row.
-Requests wait in a FIFO queue; one is admitted when a row is free and the pool can hold its prompt and
-max_new_tokens (pages of a restored prefix are shared, not counted again; cached prefixes are evicted for room
-when needed), so a running request never runs out of pages; it leaves, giving its pages back, when it
-finishes. The pool holds at least one sequence of max_model_len, so whatever fits the model length fits the pool.
-Each `step()`:
+Requests wait in a FIFO queue; one is admitted when a row is free and the pool can hold its prompt (pages of a
+restored prefix are shared, not counted again; cached prefixes are evicted for room when needed). A running
+request maps a new page when its next step needs one; when the pool has none left (after evicting cached
+prefixes), the most recently admitted request is preempted: its row and pages are given back and it waits at the
+head of the queue, to prefill its prompt and the tokens it already generated again (from the prefix cache where
+it can) and go on decoding exactly where it stopped (as vLLM's recompute preemption). It leaves, giving its pages
+back, when it finishes. The pool holds at least one sequence of max_model_len, so whatever fits the model length
+fits the pool. Each `step()`:
 
 1. one decode step for every running sequence (a CUDA-graph `GraphedDecodeStep` over the smallest batch-size
    bucket of rows [0, b) that holds them). DecodeStep advances every row of its bucket, so the lightning states
@@ -41,7 +44,7 @@ import torch
 
 from sala.engine.decode_graph import GraphedDecodeStep
 from sala.engine.forward import DecodeStep, ModelRunner
-from sala.engine.kv_pages import KVPagePool
+from sala.engine.kv_pages import KVPagePool, OutOfPagesError
 from sala.engine.memory import (
     check_fits,
     device_free_bytes,
@@ -97,7 +100,11 @@ class _Seq:
     generator: torch.Generator | None
     status: str = _WAITING
     row: int = -1
-    prompt_t: torch.Tensor | None = None     # prompt ids [T] on the device
+    fill: list[int] = field(default_factory=list)   # what admission prefills: the prompt, or after a preemption
+                                             # the prompt and the output but its last token
+    fill_t: torch.Tensor | None = None       # fill ids [T] on the device
+    resumed: bool = False                    # re-admitted after a preemption: its prefill samples nothing
+    admitted_once: bool = False
     stored: int = 0                          # prompt tokens stored in the prefix cache
     num_cached: int = 0
     match: PrefixMatch | None = None
@@ -230,6 +237,8 @@ class EngineCore:
                                  f"max_model_len ({self.max_model_len} tokens, {pages_per_row} pages of "
                                  f"{page_size}): lower max_model_len or raise kv_cache_tokens")
         self.pool = KVPagePool(self.config, num_pages, self.dtype, self.device)
+        # free pages admission leaves for the running requests to grow into (fewer preemptions right after it)
+        self._watermark = max(1, num_pages // 100)
         self.cache = StaticCache(self.config, max_num_seqs, self.max_model_len, self.dtype, self.device,
                                  pool=self.pool)
         self.prefix_cache = (PrefixCache(self.config, self.pool, prefix_cache_bytes - (
@@ -245,7 +254,8 @@ class EngineCore:
         self.counters = {"prompt_tokens_total": 0, "prefill_tokens_total": 0, "generation_tokens_total": 0,
                          "prefix_cache_queries": 0, "prefix_cache_hits": 0, "requests_finished": 0,
                          "requests_aborted": 0, "decode_steps": 0, "prefill_chunks": 0,
-                         "spec_verify_steps": 0, "spec_draft_tokens_total": 0, "spec_accepted_tokens_total": 0}
+                         "spec_verify_steps": 0, "spec_draft_tokens_total": 0, "spec_accepted_tokens_total": 0,
+                         "preemptions": 0}
         self._ids = itertools.count()
         logger.info("EngineCore: %d slots x %d tokens on %s (%s), K/V pool %d pages of %d tokens, caches %.1f MiB, "
                     "prefix-cache snapshots %s", max_num_seqs, self.max_model_len, self.device, self.dtype,
@@ -391,10 +401,6 @@ class EngineCore:
             if k is not None and not 0 <= k <= V:
                 raise RequestError(f"{name} must be in [0, {V}], got {k}")
 
-    def _pages_for(self, request: Request) -> int:
-        """Pages a request's row maps for good: its prompt and max_new_tokens."""
-        return -(-(len(request.prompt_ids) + request.params.max_new_tokens) // self.page_size)
-
     def add_request(self, request: Request) -> None:
         """Queue a request. RequestError if it can never be served; QueueFullError if too many wait."""
         self.check_request(request)
@@ -407,7 +413,7 @@ class EngineCore:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(p.seed)
         matcher = StopMatcher(p.stop) if self.tokenizer is not None else None
-        seq = _Seq(request, self._stop_ids(p), matcher, gen)
+        seq = _Seq(request, self._stop_ids(p), matcher, gen, fill=list(request.prompt_ids))
         if self.drafter is not None:
             seq.adaptive = AdaptiveK(self.num_speculative_tokens, self.speculative_cost_per_token)
             seq.spec = SpecStats()
@@ -447,47 +453,93 @@ class EngineCore:
 
     # ------------------------------------------------------------------ rows
     def _admit(self) -> None:
-        """Waiting requests, in arrival order, into free rows while the pool holds their pages (the first that
-        does not fit waits, and the ones behind it with it)."""
+        """Waiting requests, in arrival order (preempted ones first), into free rows while the pool holds their
+        prefill and first decoded token (the first that does not fit waits, and the ones behind it with it)."""
         while self.waiting and self.free_rows:
             s = self.waiting[0]
-            T = len(s.prompt)
+            T = len(s.fill)
             m = None
             if self.prefix_cache is not None:
                 if s.page_keys is None:
-                    s.page_keys = page_keys(s.prompt, self.page_size)
+                    s.page_keys = page_keys(s.fill, self.page_size)
                 # Prompt log-probabilities need every prompt position's hidden state: no restore then.
-                if s.req.prompt_logprobs is None:
-                    m = self.prefix_cache.lookup(s.prompt, T - 1, s.page_keys)
-            need = self._pages_for(s.req) - (len(m.keys) if m is not None else 0)
-            if self.pool.num_free < need:
+                if s.req.prompt_logprobs is None or s.prompt_lps_sent:
+                    m = self.prefix_cache.lookup(s.fill, T - 1, s.page_keys)
+            need = -(-(T + 1) // self.page_size) - (len(m.keys) if m is not None else 0)
+            if self.pool.num_free < need + self._watermark:
                 if m is not None:
                     self.prefix_cache.acquire(m)         # not evicted to make room for the request reusing it
-                fits = self.prefix_cache is not None and self.prefix_cache.reclaim(need)
+                fits = self.prefix_cache is not None and self.prefix_cache.reclaim(need + self._watermark)
                 if m is not None:
                     self.prefix_cache.release(m)
-                if not fits:
+                if not fits and (self.active or self.pool.num_free < need):
                     return                               # wait for running requests to give pages back
             self.waiting.popleft()
             self.free_rows.sort()
             s.row = self.free_rows.pop(0)
             row = s.row
             self.cache.reset_row(row)
-            s.prompt_t = torch.tensor(s.prompt, dtype=torch.long, device=self.device)
+            s.fill_t = torch.tensor(s.fill, dtype=torch.long, device=self.device)
             s.status = _PREFILL
-            self.counters["prompt_tokens_total"] += T
+            first = not s.admitted_once
+            s.admitted_once = True
+            if first:
+                self.counters["prompt_tokens_total"] += T
             if self.prefix_cache is not None:
-                self.counters["prefix_cache_queries"] += T
+                if first:
+                    self.counters["prefix_cache_queries"] += T
                 if m is not None:
                     s.split_at = m.pages_length
                     self.prefix_cache.restore(m, self.cache, row)
                     self.prefix_cache.acquire(m)
-                    s.match, s.num_cached, s.stored = m, m.length, m.length
-                    self.counters["prefix_cache_hits"] += m.length
-            self.cache.grow_row(row, T + s.req.params.max_new_tokens)
-            if s.req.prompt_logprobs is not None:
+                    s.match, s.stored = m, m.length
+                    if first:
+                        s.num_cached = m.length
+                        self.counters["prefix_cache_hits"] += m.length
+            if s.req.prompt_logprobs is not None and not s.prompt_lps_sent:
                 s.prompt_lps = [None]
+            self.cache.grow_row(row, T + 1)
             self.active[s.req.request_id] = s
+
+    def _preempt(self, s: _Seq) -> None:
+        """Give `s`'s row and pages back and put it at the head of the queue: re-admitted, it prefills its prompt
+        and every generated token but the last (the one its next step feeds) and decodes on from there."""
+        logger.info("preempting request %s (%d tokens cached): the K/V pool is full", s.req.request_id,
+                    self.cache.lengths[s.row])
+        self.counters["preemptions"] += 1
+        running = s.status == _RUNNING
+        self._free(s)
+        if running:
+            s.fill = list(s.prompt) + s.output_ids[:-1]
+            s.resumed = True
+        s.status = _WAITING
+        s.page_keys, s.stored, s.split_at, s.fill_t = None, 0, 0, None
+        self.waiting.appendleft(s)
+
+    def _grow_for_step(self, running: list[_Seq], drafts: dict[str, list[int]]) -> list[_Seq]:
+        """Map the pages the step's tokens need (a verify step: the drafts too), oldest requests first; where the
+        pool is short, cached prefixes are evicted, then the most recently admitted requests preempted. Returns
+        the running requests still admitted."""
+        ps = self.page_size
+        for s in running:
+            if s.status != _RUNNING:
+                continue                                  # preempted for an older request's pages
+            want = self.cache.lengths[s.row] + 1 + len(drafts.get(s.req.request_id, ()))
+            while True:
+                try:
+                    self.cache.grow_row(s.row, want)
+                    break
+                except OutOfPagesError:
+                    need = -(-want // ps) - len(self.cache.row_pages[s.row])
+                    if self.prefix_cache is not None and self.prefix_cache.reclaim(need):
+                        continue
+                    victim = next(reversed(self.active.values()))
+                    self._preempt(victim)
+                    if victim is s:
+                        break
+        for rid in [r for r in drafts if r not in self.active]:
+            del drafts[rid]
+        return [s for s in running if s.status == _RUNNING]
 
     def _free(self, s: _Seq) -> None:
         self.active.pop(s.req.request_id, None)
@@ -710,7 +762,7 @@ class EngineCore:
 
     # ------------------------------------------------------------------ prefill
     def _chunk_end(self, s: _Seq, budget: int) -> int:
-        ps, T = self.page_size, len(s.prompt)
+        ps, T = self.page_size, len(s.fill)
         start = self.cache.lengths[s.row]
         end = min(T, start + self.chunk_size, start + budget)
         if start < s.split_at < end:
@@ -726,23 +778,28 @@ class EngineCore:
     def _prefill(self, s: _Seq, end: int) -> RequestOutput | None:
         row = s.row
         start = self.cache.lengths[row]
-        h = self.runner.prefill_chunk(s.prompt_t[start:end], self.cache, row)
+        h = self.runner.prefill_chunk(s.fill_t[start:end], self.cache, row)
         if self.drafter is not None and s.draft_state is None:
             # the prompt's draft index is prompt processing: built while the GPU runs the first chunk, not inside
             # the decode steps
             s.draft_state = self.drafter.start(s.prompt)
         self.counters["prefill_tokens_total"] += end - start
         self.counters["prefill_chunks"] += 1
-        T = len(s.prompt)
-        if s.prompt_lps is not None:
+        T = len(s.fill)
+        if s.prompt_lps is not None and not s.prompt_lps_sent:
             # Position j predicts prompt token j + 1; the last prompt position predicts the first output.
             n = min(end, T - 1) - start
             if n > 0:
                 lp = torch.log_softmax(self.runner.logits_of(h[0, :n]), dim=-1)
                 s.prompt_lps.extend(_top_logprobs(lp, s.prompt[start + 1:start + 1 + n], s.req.prompt_logprobs))
         if self.prefix_cache is not None and end % self.page_size == 0:
-            s.stored = self.prefix_cache.store(s.prompt, self.cache, row, end, s.stored, s.page_keys)
+            s.stored = self.prefix_cache.store(s.fill, self.cache, row, end, s.stored, s.page_keys)
         if end < T:
+            return None
+        if s.resumed:                         # back where it was preempted: its next step feeds s.last_token
+            del h
+            s.resumed = False
+            s.status = _RUNNING
             return None
         logits = self.runner.logits_of(h[:, -1])
         del h
@@ -756,6 +813,7 @@ class EngineCore:
         running = [s for s in self.active.values() if s.status == _RUNNING]
         drafts = ({s.req.request_id: d for s in running if (d := self._drafts(s))}
                   if len(running) <= self.speculative_max_batch else {})
+        running = self._grow_for_step(running, drafts)
         if drafts:
             outputs.extend(self._verify(running, drafts))
         elif running:
@@ -766,12 +824,12 @@ class EngineCore:
         # Prompts that finish within one chunk go first (a long prompt does not hold back the first token of
         # short ones), then the others in arrival order.
         prefilling = [s for s in self.active.values() if s.status == _PREFILL]
-        prefilling.sort(key=lambda s: len(s.prompt) - self.cache.lengths[s.row] > self.chunk_size)
+        prefilling.sort(key=lambda s: len(s.fill) - self.cache.lengths[s.row] > self.chunk_size)
         for s in prefilling:
             # a chunk needs a page of budget, unless it finishes the prompt: a step never runs a sliver of a long
             # prompt after a full chunk (a chunk's fixed cost is most of a short one's)
             while s.status == _PREFILL and (budget >= self.page_size
-                                            or 0 < len(s.prompt) - self.cache.lengths[s.row] <= budget):
+                                            or 0 < len(s.fill) - self.cache.lengths[s.row] <= budget):
                 start = self.cache.lengths[s.row]
                 end = self._chunk_end(s, budget)
                 budget -= end - start

@@ -48,6 +48,8 @@ class _EngineStatsCollector:
             counter("sala_prefill_tokens", "Prompt tokens computed (not served from the prefix cache)",
                     s.get("prefill_tokens_total")),
             counter("sala_requests_aborted", "Requests aborted (client gone)", s.get("requests_aborted")),
+            counter("sala_preemptions", "Requests preempted for K/V pages (recomputed on re-admission)",
+                    s.get("preemptions")),
             gauge("sala_prefix_cache_bytes", "Bytes of lightning-state snapshots held by the prefix cache",
                   s.get("prefix_cache_bytes")),
             gauge("sala_prefix_cache_pages", "K/V pool pages held by the prefix cache", s.get("prefix_cache_pages")),

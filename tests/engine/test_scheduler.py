@@ -160,6 +160,48 @@ def test_admission_waits_for_pages(engine, prompts, alone):
         EngineCore(engine.model, engine.tokenizer, max_num_seqs=1, max_model_len=256, kv_cache_tokens=10)
 
 
+@pytest.mark.parametrize("prefix_cache,names", [(False, "g0 g1 s2 p3"), (True, "g0 g1 s2 p3"), (False, "g0 s2")])
+def test_preempted_requests_resume_exactly(engine, prompts, prefix_cache, names, caplog):
+    # A pool of one row (4 pages of 64) for 4 rows: every request grows past what the others leave, so the newest
+    # is preempted (row and pages given back) and later prefills its prompt and output again and decodes on.
+    # Greedy, seeded-sampling and prompt-logprob requests each get exactly what they get alone.
+    reqs = [Request("g0", prompts[6], SamplingParams(max_new_tokens=90, ignore_eos=True)),
+            Request("g1", prompts[9], SamplingParams(max_new_tokens=70, ignore_eos=True)),
+            Request("s2", prompts[5], SamplingParams(max_new_tokens=100, temperature=0.9, seed=7, ignore_eos=True)),
+            Request("p3", prompts[7], SamplingParams(max_new_tokens=60, ignore_eos=True), prompt_logprobs=2,
+                    logprobs=1)]
+    reqs = [r for r in reqs if r.request_id in names.split()]
+    victim = "s2" if names == "g0 s2" else "g1"        # the most recently admitted request when the pool runs out
+
+    def serve(batch: list[Request], **kw) -> tuple[dict, EngineCore]:
+        core = EngineCore(engine.model, engine.tokenizer, max_num_seqs=4, max_model_len=256, chunk_size=64,
+                          enable_prefix_cache=prefix_cache, **kw)
+        return run(core, [Request(r.request_id, r.prompt_ids, r.params, prompt_logprobs=r.prompt_logprobs,
+                                  logprobs=r.logprobs) for r in batch]), core
+
+    with caplog.at_level("INFO", logger="sala.engine.scheduler"):
+        squeezed, core = serve(reqs, kv_cache_tokens=256)
+    assert core.counters["preemptions"] >= 1
+    assert f"preempting request {victim}" in caplog.text
+    for r in reqs:
+        alone, _ = serve([r])
+        got, want = squeezed[r.request_id], alone[r.request_id]
+        assert tokens(got) == tokens(want), r.request_id
+        assert "".join(o.new_text for o in got) == "".join(o.new_text for o in want)
+        assert sum(o.finished for o in got) == 1 and got[-1].finish_reason == "length"
+        plp = [o.prompt_logprobs for o in got if o.prompt_logprobs is not None]
+        if r.prompt_logprobs is not None:
+            want_plp = next(o.prompt_logprobs for o in want if o.prompt_logprobs is not None)
+            assert len(plp) == 1 and len(plp[0]) == len(r.prompt_ids) == len(want_plp)
+            for a, b in zip(plp[0][1:], want_plp[1:]):
+                assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-5)
+            lps = [lp for o in got for lp in o.new_logprobs]
+            assert len(lps) == 60
+    st = core.stats()
+    assert st["cache_pages_used"] == 0 and st["running"] == st["waiting"] == 0
+    assert st["prompt_tokens_total"] == sum(len(r.prompt_ids) for r in reqs)      # re-admissions not counted
+
+
 def test_follow_ups_share_the_cached_pages(engine, prompts):
     core = EngineCore(engine.model, engine.tokenizer, max_num_seqs=2, max_model_len=384, chunk_size=128)
     document = prompts[-1] + prompts[-2]                                      # 390 tokens: 6 full pages
