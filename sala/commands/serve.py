@@ -39,8 +39,8 @@ def register(subparsers) -> None:
                    help="most requests waiting for admission; more are refused with 503")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="tokens of sparse-layer K/V in the shared page pool (default: --max-num-seqs full rows of "
-                        "--max-model-len, plus room for cached prefixes); requests are admitted while their prompt "
-                        "and max_tokens fit")
+                        "--max-model-len, plus room for cached prefixes; at least one row); requests map pages as "
+                        "they grow, the newest is preempted and recomputed later when the pool is full")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the prefix cache off")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="tokens per prefill chunk of a long prompt (default 2048)")
