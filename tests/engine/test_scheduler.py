@@ -160,8 +160,9 @@ def test_admission_waits_for_pages(engine, prompts, alone):
         EngineCore(engine.model, engine.tokenizer, max_num_seqs=1, max_model_len=256, kv_cache_tokens=10)
 
 
-@pytest.mark.parametrize("prefix_cache,names", [(False, "g0 g1 s2 p3"), (True, "g0 g1 s2 p3"), (False, "g0 s2")])
-def test_preempted_requests_resume_exactly(engine, prompts, prefix_cache, names, caplog):
+@pytest.mark.parametrize("prefix_cache,names,spec", [(False, "g0 g1 s2 p3", None), (True, "g0 g1 s2 p3", None),
+                                                     (False, "g0 s2", None), (True, "g0 g1", "ngram")])
+def test_preempted_requests_resume_exactly(engine, prompts, prefix_cache, names, spec, caplog):
     # A pool of one row (4 pages of 64) for 4 rows: every request grows past what the others leave, so the newest
     # is preempted (row and pages given back) and later prefills its prompt and output again and decodes on.
     # Greedy, seeded-sampling and prompt-logprob requests each get exactly what they get alone.
@@ -175,7 +176,7 @@ def test_preempted_requests_resume_exactly(engine, prompts, prefix_cache, names,
 
     def serve(batch: list[Request], **kw) -> tuple[dict, EngineCore]:
         core = EngineCore(engine.model, engine.tokenizer, max_num_seqs=4, max_model_len=256, chunk_size=64,
-                          enable_prefix_cache=prefix_cache, **kw)
+                          enable_prefix_cache=prefix_cache, speculative=spec, **kw)
         return run(core, [Request(r.request_id, r.prompt_ids, r.params, prompt_logprobs=r.prompt_logprobs,
                                   logprobs=r.logprobs) for r in batch]), core
 
@@ -183,6 +184,7 @@ def test_preempted_requests_resume_exactly(engine, prompts, prefix_cache, names,
         squeezed, core = serve(reqs, kv_cache_tokens=256)
     assert core.counters["preemptions"] >= 1
     assert f"preempting request {victim}" in caplog.text
+    assert (core.counters["spec_verify_steps"] > 0) == (spec is not None)
     for r in reqs:
         alone, _ = serve([r])
         got, want = squeezed[r.request_id], alone[r.request_id]
