@@ -38,7 +38,6 @@ from sala.ops.fused_reference import qk_norm_rope_reference
 from sala.ops.infllmv2 import (
     SparseParams,
     compress_keys,
-    compress_window_range,
     compressed_lengths,
     gather_paged,
     gather_paged_range,
@@ -419,15 +418,21 @@ class SalaSparseAttention(FusedProjections, nn.Module):
             return self._attend_prefill_paged(q, k, v, buf, ctx.cache.block_table[row], row, start, end)
         buf.k[row, start:end] = k[0]
         buf.v[row, start:end] = v[0]
+        n1, n2 = self._extend_compressed(buf, row, start, end, lambda a, b: buf.k[row:row + 1, a:b])
+        return self._attend(q.contiguous(), buf.k[row:row + 1, :end], buf.v[row:row + 1, :end],
+                            buf.k1[row:row + 1, :n1], buf.k2[row:row + 1, :n2])
+
+    def _extend_compressed(self, buf: Any, row: int, start: int, end: int, keys: Any) -> tuple[int, int]:
+        """Write row `row`'s K1/K2 windows completed by keys [start, end) (`keys(a, b)`: its keys a..b-1 as
+        [1, b - a, Hkv, D]); returns (n1, n2), the windows among `end` keys."""
         p = self.params
         n1_old, n2_old = compressed_lengths(start, p)
         n1, n2 = compressed_lengths(end, p)
         for comp, kernel, stride, lo, hi in ((buf.k1, p.kernel_size, p.kernel_stride, n1_old, n1),
                                              (buf.k2, p.k2_kernel, p.k2_stride, n2_old, n2)):
-            if hi > lo:
-                comp[row, lo:hi] = compress_window_range(buf.k[row:row + 1], lo, hi, kernel, stride)[0]
-        return self._attend(q.contiguous(), buf.k[row:row + 1, :end], buf.v[row:row + 1, :end],
-                            buf.k1[row:row + 1, :n1], buf.k2[row:row + 1, :n2])
+            if hi > lo:      # windows lo..hi-1 cover keys stride * lo .. stride * (hi - 1) + kernel - 1
+                comp[row, lo:hi] = compress_keys(keys(stride * lo, stride * (hi - 1) + kernel), kernel, stride)[0]
+        return n1, n2
 
     def _attend_prefill_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buf: Any,
                               table_row: torch.Tensor, row: int, start: int, end: int) -> torch.Tensor:
@@ -435,14 +440,8 @@ class SalaSparseAttention(FusedProjections, nn.Module):
         compressed keys extended from the keys their windows cover, attention read through the pages."""
         write_paged(buf.k, table_row, start, k[0])
         write_paged(buf.v, table_row, start, v[0])
-        p = self.params
-        n1_old, n2_old = compressed_lengths(start, p)
-        n1, n2 = compressed_lengths(end, p)
-        for comp, kernel, stride, lo, hi in ((buf.k1, p.kernel_size, p.kernel_stride, n1_old, n1),
-                                             (buf.k2, p.k2_kernel, p.k2_stride, n2_old, n2)):
-            if hi > lo:
-                keys = gather_paged_range(buf.k, table_row, stride * lo, stride * (hi - 1) + kernel)
-                comp[row, lo:hi] = compress_keys(keys, kernel, stride)[0]
+        n1, n2 = self._extend_compressed(buf, row, start, end,
+                                         lambda a, b: gather_paged_range(buf.k, table_row, a, b))
         if self.config.use_sparse_attention:
             return infllmv2_attention_paged(q.contiguous(), buf.k, buf.v, table_row, end, buf.k1[row:row + 1, :n1],
                                             buf.k2[row:row + 1, :n2], self.params, scale=self.scale)

@@ -63,6 +63,20 @@ class StreamingEngine:
     def abort(self, request_id: str) -> None:            # pragma: no cover - abstract
         raise NotImplementedError
 
+    async def _admission(self, request, stream: RequestStream, admitted: concurrent.futures.Future
+                         ) -> RequestStream:
+        """Wait for the driver's verdict on a submitted request: its stream, or the driver's exception (the stream
+        dropped); a client that leaves meanwhile aborts it."""
+        try:
+            await asyncio.wrap_future(admitted)
+        except asyncio.CancelledError:           # the client left while the request was being admitted
+            self.abort(request.request_id)
+            raise
+        except BaseException:
+            self._streams.pop(request.request_id, None)
+            raise
+        return stream
+
     async def generate(self, request) -> AsyncIterator[Any]:
         """Submit `request` and yield its RequestOutputs until the finished one (see `outputs`)."""
         stream = await self.add(request)
@@ -172,15 +186,7 @@ class AsyncEngine(StreamingEngine):
         admitted: concurrent.futures.Future = concurrent.futures.Future()
         self._streams_put(stream, asyncio.get_running_loop())   # before the engine thread can look for it
         self._inbox.put(_Add(request, stream, admitted))
-        try:
-            await asyncio.wrap_future(admitted)
-        except asyncio.CancelledError:           # the client left while the request was being admitted
-            self.abort(request.request_id)
-            raise
-        except BaseException:
-            self._streams.pop(request.request_id, None)
-            raise
-        return stream
+        return await self._admission(request, stream, admitted)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (thread-safe); its outputs stop and its memory is freed by the next step."""

@@ -353,15 +353,7 @@ class ProcessEngine(StreamingEngine):
             self._pending[seq] = admitted
             self._streams_put(stream, loop)       # before the child's first output can arrive
         self._send_q.put(("add", seq, request))
-        try:
-            await asyncio.wrap_future(admitted)
-        except asyncio.CancelledError:           # the client left while the request was being admitted
-            self.abort(request.request_id)
-            raise
-        except BaseException:
-            self._streams.pop(request.request_id, None)
-            raise
-        return stream
+        return await self._admission(request, stream, admitted)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (thread-safe); its outputs stop and the child frees its memory before its next step."""
