@@ -163,13 +163,12 @@ def _check_against_per_token(tri, monkeypatch, args, Ms, block_table=None, want=
 VARLEN = [(150, 7), (40, 2), (210, 9), (20, 1), (300, 4)]
 
 
-@pytest.mark.parametrize("mode, G", [("random", 2), ("shared", 2), ("disjoint", 2), ("mixed", 3), ("shared", 3),
-                                     ("mixed", 4)])
+@pytest.mark.parametrize("mode, G", [("random", 2), ("disjoint", 2), ("shared", 3), ("mixed", 4)])
 def test_union_walk_equals_per_token_walk_varlen(tri, monkeypatch, mode, G):
     q, k, v, idx, pos, kbase, _ = _case(VARLEN, G, mode, seed=G)
     args = _to(DEVICE, q, k, v, idx, pos, kbase)
     want = _reference(*args)
-    _check_against_per_token(tri, monkeypatch, args, (2, 4, 8), want=want)
+    _check_against_per_token(tri, monkeypatch, args, (2, 8), want=want)
 
 
 def test_union_walk_selections_built_as_intended():
@@ -219,7 +218,7 @@ def _paged(k, v, seqs, starts, g):
     return kp.view(P * BS, *k.shape[1:]), vp.view(P * BS, *k.shape[1:]), table, NB
 
 
-@pytest.mark.parametrize("G", [2, 3])
+@pytest.mark.parametrize("G", [3])
 def test_union_walk_paged_with_a_shuffled_table(tri, monkeypatch, G):
     """PAGED: K/V in a shuffled page pool (NaN in page 0 and the spare pages), kbase = row offsets r * NB in the
     flat table: equal to the per-token walk on the same pages and to the contiguous union walk."""
