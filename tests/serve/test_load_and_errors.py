@@ -45,6 +45,31 @@ def test_concurrent_clients_get_what_each_gets_alone(server):
         assert _tokens(a, tok) == _tokens(b, tok)
 
 
+def test_a_small_kv_pool_preempts_and_still_answers_each_exactly():
+    """A K/V pool of one 256-token row for 6 concurrent 120-token answers: requests map pages as they grow, the
+    newest are preempted and recomputed, and every client still gets what it gets alone (and the metrics count
+    the preemptions)."""
+    prompts = [_prompt(i, 5 + 7 * i) for i in range(6)]
+
+    async def main(url: str, together: bool):
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            if together:
+                return await asyncio.gather(*[_complete(client, p, max_tokens=120, ignore_eos=True) for p in prompts])
+            return [await _complete(client, p, max_tokens=120, ignore_eos=True) for p in prompts]
+
+    with serving(max_model_len=256, max_num_seqs=6, kv_cache_tokens=256) as small:
+        squeezed = asyncio.run(main(small.url, True))
+        metrics = httpx.get(small.url + "/metrics").text
+    with serving(max_model_len=256, max_num_seqs=1) as roomy:
+        alone = asyncio.run(main(roomy.url, False))
+    for a, b in zip(alone, squeezed):
+        assert b["choices"][0]["text"] == a["choices"][0]["text"]
+        assert b["usage"]["completion_tokens"] == 120
+    preemptions = next(float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith("sala_preemptions_total "))
+    assert preemptions >= 1
+
+
 def test_prefix_cache_same_answer_as_without_and_reports_cached_tokens():
     document = "\n".join(f"# section {k}: " + " ".join(WORDS[(k * 5 + j) % len(WORDS)] for j in range(12))
                          for k in range(40))
