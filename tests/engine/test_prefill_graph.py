@@ -64,6 +64,41 @@ def test_pieces_equal_plain_prefill_cpu():
     _compare(runner, pieces, 48, 5)
 
 
+def test_pieces_equal_plain_prefill_paged_cpu():
+    """The serving engine's caches are paged: the pieces (and their eager sparse attention, reading K/V through
+    the block table) give the hidden states, states, K/V and compressed keys of the plain prefill into a contiguous
+    cache, whatever pages the rows were given."""
+    from sala.engine.kv_pages import KVPagePool
+    from sala.ops.infllmv2 import gather_paged
+
+    runner = _runner()
+    cfg, chunk, rounds = runner.config, 48, 4
+    pool = KVPagePool(cfg, 40, runner.dtype, "cpu")
+    held = pool.allocate(7)                                   # the rows' pages start elsewhere than page 1
+    paged = StaticCache(cfg, 2, chunk * rounds, runner.dtype, "cpu", pool=pool)
+    plain = StaticCache(cfg, 2, chunk * rounds, runner.dtype, "cpu")
+    pool.release(held[::2])
+    for row in (1, 0):
+        paged.grow_row(row, chunk * rounds)
+    assert paged.row_pages[1] != sorted(paged.row_pages[1])             # pages out of order (7, 5, 3, 1, ...)
+    pieces = PiecewisePrefill(runner, chunk)
+    ids = torch.randint(3, cfg.vocab_size, (2, chunk * rounds), generator=torch.Generator().manual_seed(1))
+    for i in range(rounds):
+        for row in (1, 0):
+            part = ids[row, i * chunk:(i + 1) * chunk]
+            got = _chunk(pieces, part, paged, row)
+            want = runner.prefill_chunk(part, plain, row)
+            assert torch.equal(got, want), (i, row)
+    n = chunk * rounds
+    assert paged.lengths == plain.lengths == [n, n] and torch.equal(paged.states, plain.states)
+    for layer in plain.sparse:
+        a, b = paged.sparse[layer], plain.sparse[layer]
+        for row in (0, 1):
+            assert torch.equal(gather_paged(a.k, paged.block_table[row], n)[0], b.k[row, :n])
+            assert torch.equal(gather_paged(a.v, paged.block_table[row], n)[0], b.v[row, :n])
+        assert torch.equal(a.k1, b.k1) and torch.equal(a.k2, b.k2)
+
+
 def test_pieces_equal_plain_prefill_interpreter(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
