@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from sala.engine.memory import dtype_bytes
 from sala.modeling.configuration_sala import SalaConfig
 
 
@@ -26,13 +27,8 @@ class KVPagePool:
 
     SCRATCH = 0
 
-    def __init__(self, config: SalaConfig, num_pages: int, dtype: torch.dtype, device: torch.device | str,
-                 page_size: int | None = None) -> None:
-        block = config.sparse_config["block_size"]
-        page_size = block if page_size is None else page_size
-        if page_size != block:
-            raise ValueError(f"KVPagePool: the page size ({page_size}) must be the sparse block size ({block}): the "
-                             "attention kernels read one selected block as one page")
+    def __init__(self, config: SalaConfig, num_pages: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        page_size = config.sparse_config["block_size"]   # the attention kernels read one selected block as one page
         if num_pages < 1:
             raise ValueError(f"KVPagePool: num_pages must be >= 1, got {num_pages}")
         self.page_size = page_size
@@ -47,11 +43,10 @@ class KVPagePool:
         self._free = list(range(self.num_pages, 0, -1))      # a stack: the lowest page is handed out first
 
     @staticmethod
-    def bytes_per_page(config: SalaConfig, dtype: torch.dtype, page_size: int | None = None) -> int:
+    def bytes_per_page(config: SalaConfig, dtype: torch.dtype) -> int:
         """Bytes of one page over all sparse layers (K and V)."""
-        ps = config.sparse_config["block_size"] if page_size is None else page_size
-        es = torch.empty((), dtype=dtype).element_size()
-        return 2 * len(config.sparse_layer_ids) * ps * config.num_key_value_heads * config.head_dim * es
+        return (2 * len(config.sparse_layer_ids) * config.sparse_config["block_size"] * config.num_key_value_heads
+                * config.head_dim * dtype_bytes(dtype))
 
     @property
     def num_free(self) -> int:

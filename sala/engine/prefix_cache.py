@@ -11,7 +11,7 @@ parent key, so a hash collision can never return another prompt's cache. Two kin
 A prefix of P tokens is usable when pages 0 .. P/page_size - 1 and the snapshot at P are all present. Restoring
 it into a row maps those pages into the row's block table (no K/V is copied; the row writes only pages after
 them), copies the states, and recomputes the compressed keys K1/K2 of the windows that end at or before P from
-those keys with `compress_keys` -- the same function an uninterrupted prefill uses, on the same keys, so they
+those keys with `compress_window_range` -- the same windows an uninterrupted prefill computes, on the same keys, so they
 are identical; windows that end after P are written by the continued prefill, which starts its windows at
 `compressed_lengths(P)` exactly as a prefill chunk starting at P does.
 
@@ -33,7 +33,7 @@ from sala.engine.kv_pages import KVPagePool
 from sala.engine.static_cache import StaticCache
 from sala.modeling.configuration_sala import SalaConfig
 from sala.modeling.modeling_sala import sparse_params_from_config
-from sala.ops.infllmv2 import compress_keys, compressed_lengths, gather_paged_range
+from sala.ops.infllmv2 import compress_window_range, compressed_lengths, gather_paged_range
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class PrefixCache:
             for comp, kernel, stride, n in ((buf.k1, p.kernel_size, p.kernel_stride, n1),
                                             (buf.k2, p.k2_kernel, p.k2_stride, n2)):
                 if n > 0:
-                    comp[row, :n] = compress_keys(keys[:, :stride * (n - 1) + kernel], kernel, stride)[0]
+                    comp[row, :n] = compress_window_range(keys, 0, n, kernel, stride)[0]
             del keys
         cache.states[:, row].copy_(self.snapshots[match.keys[-1]].states)
         cache.lengths[row] = P

@@ -44,7 +44,7 @@ import torch
 
 from sala.engine.decode_graph import GraphedDecodeStep
 from sala.engine.forward import DecodeStep, ModelRunner
-from sala.engine.kv_pages import KVPagePool, OutOfPagesError
+from sala.engine.kv_pages import KVPagePool
 from sala.engine.memory import (
     check_fits,
     device_free_bytes,
@@ -227,9 +227,11 @@ class EngineCore:
         if prefix_cache_bytes is None:
             full = plan_memory(self.config, pages_per_row * page_size, max_num_seqs, self.dtype, chunk_size).caches
             prefix_cache_bytes = max(PREFIX_CACHE_MIN_BYTES, int(full * PREFIX_CACHE_FRACTION))
-        if kv_cache_tokens is None:      # every row full, and the prefix cache's share of pages beyond that
+        snapshot_bytes = prefix_cache_bytes
+        if kv_cache_tokens is None:      # every row full, and half the prefix cache's share as pages beyond that
             extra = prefix_cache_bytes // 2 // page_bytes if enable_prefix_cache else 0
             num_pages = max_num_seqs * pages_per_row + extra
+            snapshot_bytes -= prefix_cache_bytes // 2
         else:
             num_pages = kv_cache_tokens // page_size
             if num_pages < pages_per_row:
@@ -241,8 +243,7 @@ class EngineCore:
         self._watermark = max(1, num_pages // 100)
         self.cache = StaticCache(self.config, max_num_seqs, self.max_model_len, self.dtype, self.device,
                                  pool=self.pool)
-        self.prefix_cache = (PrefixCache(self.config, self.pool, prefix_cache_bytes - (
-            prefix_cache_bytes // 2 if kv_cache_tokens is None else 0)) if enable_prefix_cache else None)
+        self.prefix_cache = PrefixCache(self.config, self.pool, snapshot_bytes) if enable_prefix_cache else None
         self.buckets = _buckets(max_num_seqs)
         self._steps: dict[int, GraphedDecodeStep] = {}
         self._verify_steps: dict[tuple[int, int], GraphedDecodeStep] = {}
@@ -442,7 +443,7 @@ class EngineCore:
                "prefilling": sum(s.status == _PREFILL for s in self.active.values()),
                "waiting": len(self.waiting), "free_slots": len(self.free_rows), "max_num_seqs": self.max_num_seqs,
                "max_model_len": self.max_model_len,
-               "cache_pages_used": len({q for pages in self.cache.row_pages for q in pages}),   # by running rows
+               "cache_pages_used": self.cache.pages_mapped,                       # by running rows
                "cache_pages_free": self.pool.num_free,
                "cache_pages_total": self.pool.num_pages, "cache_page_tokens": self.page_size,
                "cache_bytes": self.cache.memory_bytes()["total"]}
@@ -525,18 +526,13 @@ class EngineCore:
             if s.status != _RUNNING:
                 continue                                  # preempted for an older request's pages
             want = self.cache.lengths[s.row] + 1 + len(drafts.get(s.req.request_id, ()))
-            while True:
-                try:
-                    self.cache.grow_row(s.row, want)
+            need = -(-want // ps) - len(self.cache.row_pages[s.row])
+            while s.status == _RUNNING and need > self.pool.num_free:
+                if self.prefix_cache is not None and self.prefix_cache.reclaim(need):
                     break
-                except OutOfPagesError:
-                    need = -(-want // ps) - len(self.cache.row_pages[s.row])
-                    if self.prefix_cache is not None and self.prefix_cache.reclaim(need):
-                        continue
-                    victim = next(reversed(self.active.values()))
-                    self._preempt(victim)
-                    if victim is s:
-                        break
+                self._preempt(next(reversed(self.active.values())))     # the newest request (maybe s itself)
+            if s.status == _RUNNING:
+                self.cache.grow_row(s.row, want)
         for rid in [r for r in drafts if r not in self.active]:
             del drafts[rid]
         return [s for s in running if s.status == _RUNNING]

@@ -5,14 +5,16 @@
   in the model dtype (capacity rounded up to a whole block);
 - or, with a `KVPagePool` (a serving engine): k, v are the pool's pages [P + 1, page_size, Hkv, D], shared by all
   rows, and `block_table` int32 [B, capacity / page_size] maps each row's blocks to pages (0: the scratch page,
-  unmapped); `row_pages` is its host copy. Rows map pages with `map_pages` / `grow_row` and give them back with
-  `release_row`. Compressed keys and lightning states stay per row;
+  unmapped); `row_pages` is its host copy and `pages_mapped` the number of distinct pages the rows map (shared
+  prefix pages once). Rows map pages with `map_pages` / `grow_row` and give them back with `release_row`.
+  Compressed keys and lightning states stay per row;
 - lengths: valid tokens per sequence, on the host (`lengths`) and on the device (`seqlens`, int32 [B]).
 
 Fixed shapes and addresses are what lets the decode step be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +42,7 @@ class StaticCache:
         sp = config.sparse_config
         bs = sp["block_size"]
         self.capacity = -(-capacity // bs) * bs
+        self.page_size = bs
         self.batch = batch
         self.device = torch.device(device)
         self.dtype = dtype
@@ -52,6 +55,7 @@ class StaticCache:
         self.pool = pool
         self.block_table: torch.Tensor | None = None
         self.row_pages: list[list[int]] = []
+        self._page_rows: Counter[int] = Counter()      # page -> rows mapping it
         if pool is not None:
             if pool.device != self.device or pool.dtype != dtype:
                 raise ValueError(f"StaticCache: the page pool is on {pool.device} in {pool.dtype}, the cache on "
@@ -71,12 +75,9 @@ class StaticCache:
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=self.device)
 
     @property
-    def paged(self) -> bool:
-        return self.pool is not None
-
-    @property
-    def page_size(self) -> int:
-        return self.capacity // self.block_table.shape[1] if self.block_table is not None else self.capacity
+    def pages_mapped(self) -> int:
+        """Distinct pool pages the rows map (a page several rows share counts once)."""
+        return len(self._page_rows)
 
     # ------------------------------------------------------------------ pages (a paged cache)
     def map_pages(self, row: int, pages: list[int]) -> None:
@@ -88,6 +89,7 @@ class StaticCache:
         if pages:
             self.block_table[row, len(have):len(have) + len(pages)] = torch.tensor(pages, dtype=torch.int32)
             have.extend(pages)
+            self._page_rows.update(pages)
 
     def grow_row(self, row: int, tokens: int) -> None:
         """Map fresh pages so that row `row` holds `tokens` tokens (OutOfPagesError if the pool is short)."""
@@ -102,6 +104,10 @@ class StaticCache:
             self.pool.release(pages)
             self.block_table[row, :len(pages)].zero_()
             self.row_pages[row] = []
+            for p in pages:
+                self._page_rows[p] -= 1
+                if not self._page_rows[p]:
+                    del self._page_rows[p]
 
     def state(self, layer: int) -> torch.Tensor:
         """Lightning state of `layer`: [B, H, Dk, Dv] fp32 (a view)."""
@@ -153,6 +159,7 @@ class StaticCache:
             raise ValueError(f"StaticCache.rows_view: batch {batch} must be in [1, {self.batch}]")
         view = object.__new__(StaticCache)
         view.capacity, view.batch, view.device, view.dtype = self.capacity, batch, self.device, self.dtype
+        view.page_size, view._page_rows = self.page_size, self._page_rows
         view.light_index = self.light_index
         view.states = self.states[:, :batch]
         view.pool, view.row_pages = self.pool, self.row_pages

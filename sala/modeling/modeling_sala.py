@@ -46,7 +46,6 @@ from sala.ops.infllmv2 import (
     infllmv2_decode,
     paged_rows,
     update_compressed_keys,
-    write_paged,
     write_paged_rows,
 )
 from sala.ops.lightning import lightning_attention, lightning_decode_step
@@ -415,7 +414,7 @@ class SalaSparseAttention(FusedProjections, nn.Module):
         row, start = ctx.row, ctx.start
         end = start + q.shape[1]
         if getattr(ctx.cache, "block_table", None) is not None:
-            return self._attend_prefill_paged(q, k, v, buf, ctx.cache.block_table[row], row, start, end)
+            return self._attend_prefill_paged(q, k, v, buf, ctx, end)
         buf.k[row, start:end] = k[0]
         buf.v[row, start:end] = v[0]
         n1, n2 = self._extend_compressed(buf, row, start, end, lambda a, b: buf.k[row:row + 1, a:b])
@@ -434,13 +433,22 @@ class SalaSparseAttention(FusedProjections, nn.Module):
                 comp[row, lo:hi] = compress_keys(keys(stride * lo, stride * (hi - 1) + kernel), kernel, stride)[0]
         return n1, n2
 
+    @staticmethod
+    def _write_paged(buf: Any, table: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> None:
+        """Write the call's keys and values k, v [B, T, Hkv, D] at their positions (`ctx.position_ids`) into the
+        pages of rows table int32 [B, NB]; the pool rows are computed once per call for every sparse layer."""
+        rows = ctx.shared("paged_rows", lambda: paged_rows(table, ctx.position_ids, buf.k.shape[1]))
+        write_paged_rows(buf.k, rows, k)
+        write_paged_rows(buf.v, rows, v)
+
     def _attend_prefill_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buf: Any,
-                              table_row: torch.Tensor, row: int, start: int, end: int) -> torch.Tensor:
-        """`_attend_prefill` over a paged cache: K/V written into the row's pages (table_row int32 [NB]), the
-        compressed keys extended from the keys their windows cover, attention read through the pages."""
-        write_paged(buf.k, table_row, start, k[0])
-        write_paged(buf.v, table_row, start, v[0])
-        n1, n2 = self._extend_compressed(buf, row, start, end,
+                              ctx: ForwardContext, end: int) -> torch.Tensor:
+        """`_attend_prefill` over a paged cache: K/V written into the row's pages, the compressed keys extended
+        from the keys their windows cover, attention read through the pages."""
+        row = ctx.row
+        table_row = ctx.cache.block_table[row]
+        self._write_paged(buf, table_row[None], k, v, ctx)
+        n1, n2 = self._extend_compressed(buf, row, ctx.start, end,
                                          lambda a, b: gather_paged_range(buf.k, table_row, a, b))
         if self.config.use_sparse_attention:
             return infllmv2_attention_paged(q.contiguous(), buf.k, buf.v, table_row, end, buf.k1[row:row + 1, :n1],
@@ -464,9 +472,7 @@ class SalaSparseAttention(FusedProjections, nn.Module):
             buf.k.index_put_((rows, wpos), k)
             buf.v.index_put_((rows, wpos), v)
         else:                   # unmapped blocks (an idle row, a padded verify position) point at the scratch page
-            rows = ctx.shared("paged_rows", lambda: paged_rows(table, pos, buf.k.shape[1]))   # all layers' alike
-            write_paged_rows(buf.k, rows, k)
-            write_paged_rows(buf.v, rows, v)
+            self._write_paged(buf, table, k, v, ctx)
         seqlens = (pos + 1).clamp(max=S).to(torch.int32)                     # [B, T]: keys each token sees
         out = ctx.out.get("sparse")
         if self.config.use_sparse_attention:

@@ -50,6 +50,16 @@ def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
         q.put_nowait(out)
 
 
+def use_engine_device(core) -> None:
+    """Make the engine's CUDA device current in the calling thread or process (the current device is per thread:
+    graphs and streams must be on the engine's, cuda:1, ...); nothing on other devices."""
+    device = getattr(core, "device", None)
+    if device is not None and getattr(device, "type", None) == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)
+
+
 class StreamingEngine:
     """What the app needs of any engine driver on the asyncio side: the RequestStreams of admitted requests,
     `outputs()` / `generate()`, and the hand-over of a step's outputs from the driver's thread to the event loop
@@ -241,12 +251,7 @@ class AsyncEngine(StreamingEngine):
                 logger.exception("metrics callback failed")
 
     def _run(self) -> None:
-        device = getattr(self.core, "device", None)
-        if device is not None and getattr(device, "type", None) == "cuda":
-            import torch
-
-            # the current CUDA device is per thread: graphs and streams must be on the engine's (cuda:1, ...)
-            torch.cuda.set_device(device)
+        use_engine_device(self.core)
         logger.info("engine thread started")
         while not self._stop.is_set():
             self._drain_inbox(block=not self.core.has_unfinished())

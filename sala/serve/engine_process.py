@@ -49,13 +49,13 @@ import queue
 import threading
 import time
 
-from sala.serve.async_engine import RequestStream, StreamingEngine
+from sala.serve.async_engine import RequestStream, StreamingEngine, use_engine_device
 
 logger = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 # A stats snapshot rides on a step message at least this often while requests run (and always when one finishes
-# or the engine goes idle): `core.stats()` walks the block tables, so not on every step of a long decode.
+# or the engine goes idle): not pickled and sent on every step of a long decode.
 STATS_INTERVAL_S = 0.05
 # How long `start()` waits for the child to build the EngineCore (loading weights, capturing CUDA graphs).
 STARTUP_TIMEOUT_S = 1800.0
@@ -99,11 +99,8 @@ def _engine_main(model: str, engine_kwargs: dict, inbox, outbox, log_level: int,
         from sala.engine.scheduler import EngineCore
 
         core = EngineCore.from_pretrained(model, **engine_kwargs)
+        use_engine_device(core)
         device = getattr(core, "device", None)
-        if device is not None and getattr(device, "type", None) == "cuda":
-            import torch
-
-            torch.cuda.set_device(device)
         outbox.send(("ready", {"tokenizer": core.tokenizer, "config": core.config,
                                "max_model_len": core.max_model_len, "stats": dict(core.stats()),
                                "pid": multiprocessing.current_process().pid, "device": str(device)}))

@@ -51,3 +51,22 @@ def serving_process(*, api_key: str | None = None, served_model_name: str = "sal
             yield server
     finally:
         app.state.engine.shutdown()          # a no-op after the server's lifespan stopped it
+
+
+def stream_then_leave(url: str, body: dict, events: int = 3) -> None:
+    """POST a streamed completion, read `events` of its data events and close the connection: a client that
+    leaves mid-stream."""
+    import json
+
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=120) as client:
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            seen = 0
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    json.loads(line[6:])
+                    seen += 1
+                    if seen == events:
+                        break

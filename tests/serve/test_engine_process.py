@@ -17,7 +17,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from tests.serve.live import MODEL_DIR, serving_process  # noqa: E402  (after pytest.importorskip)
+from tests.serve.live import MODEL_DIR, serving_process, stream_then_leave  # noqa: E402  (after pytest.importorskip)
 
 PROMPTS = ["def fibonacci(n):\n    ", "import os\nimport sys\n\n", "# sort a list of numbers\n",
            "class Stack:\n    def __init__(self):\n"]
@@ -151,17 +151,8 @@ def test_disconnect_mid_stream_frees_the_sequence(proc_server):
     before = engine.stats()
     body = {"model": "sala-test", "prompt": "def main():\n", "max_tokens": 400, "temperature": 0, "stream": True,
             "ignore_eos": True}
-    with httpx.Client(base_url=proc_server.url, timeout=120) as client:
-        with client.stream("POST", "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            seen = 0
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    json.loads(line[6:])
-                    seen += 1
-                    if seen == 3:
-                        break
-        steps_at_close = engine.steps
+    stream_then_leave(proc_server.url, body)
+    steps_at_close = engine.steps
     for _ in range(10_000):                      # a hang guard only: the bound that matters is in steps
         m = _metrics(proc_server.url)
         if not (m["sala_num_requests_running"] or m["sala_num_requests_waiting"] or m["sala_cache_pages_used"]):

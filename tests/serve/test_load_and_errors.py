@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import httpx
 import pytest
 
-from tests.serve.live import make_core, serving
+from tests.serve.live import make_core, serving, stream_then_leave
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu",
          "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega"]
@@ -160,18 +159,8 @@ def test_disconnect_mid_stream_aborts_the_request(server):
     aborted_before = engine.stats()["requests_aborted"]
     body = {"model": "sala-test", "prompt": "def main():\n", "max_tokens": 400, "temperature": 0, "stream": True,
             "ignore_eos": True}
-    with httpx.Client(base_url=server.url, timeout=120) as client:
-        with client.stream("POST", "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()
-            seen = 0
-            for line in lines:
-                if line.startswith("data: {"):
-                    json.loads(line[6:])
-                    seen += 1
-                    if seen == 3:
-                        break
-        steps_at_close = engine.steps
+    stream_then_leave(server.url, body)
+    steps_at_close = engine.steps
     # the engine thread stops the request and the running count returns to 0 within a bounded number of steps
     for _ in range(10_000):                      # a hang guard only: the bound that matters is in steps
         s = engine.stats()

@@ -99,9 +99,8 @@ def write_paged(pages: torch.Tensor, table_row: torch.Tensor, start: int, x: tor
                          f"(table_row {tuple(table_row.shape)} x pages of {BS} keys)")
     if T == 0:
         return
-    t = torch.arange(start, start + T, device=pages.device)
-    rows = table_row.long()[torch.div(t, BS, rounding_mode="floor")] * BS + t % BS
-    flat_pages(fn, pages).index_copy_(0, rows, x)
+    positions = torch.arange(start, start + T, device=pages.device)[None]
+    flat_pages(fn, pages).index_copy_(0, paged_rows(table_row[None], positions, BS), x)
 
 
 def write_paged_positions(pages: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor,
