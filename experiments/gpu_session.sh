@@ -118,6 +118,9 @@ spec() { step spec "$1" python3 -m sala.cli bench spec --tasks quote,vt --length
   --cost-context 65536 --cost-k 8 --out "$OUT/spec_$gpu.json"; }
 spec_fp32() { step spec_fp32 "$1" python3 -m sala.cli bench spec --tasks quote,vt --lengths 16k,64k --num-samples 2 \
   --max-new-tokens 128 --speculative ngram --num-speculative-tokens 8 --dtype fp32 --out "$OUT/spec_fp32_$gpu.json"; }
+# a speculative step's parts (drafts, verify graph, acceptance, rollback, outputs) against a plain decode step
+spec_step() { step spec_step "$1" python3 experiments/profiling/spec_step.py --length 64k \
+  --out "$OUT/spec_step_$gpu.json"; }
 fp8_shape() { step fp8_shape "$1" python3 -m sala.bench.fp8 --parts shape --lengths 65536,262144 \
   --out "$OUT/fp8_shape_$gpu.json"; }
 case "$part" in
@@ -132,6 +135,7 @@ case "$part" in
   next) gpu_tests_pieces 100; interference 330; serve_step 150 ;;   # the next session's first call
   next2) spec_fp32 100; gaps_512k 140; spec_pyspy 80 ;;              # and its second
   paged) gpu_tests_paged 120; topk_wide 45; interference 220; serve_load 160 ;;   # the paged K/V pool
+  last3) serve_load_proc 150; serve_load 150; spec_step 60; spec_fp32 100 ;;
   last2) gpu_tests_paged_short 90; topk_wide 40; interference 170; union_walk 90 ;;
   run) shift; for item in "$@"; do "${item%%:*}" "${item##*:}"; done ;;   # run spec:120 chunk_gaps:90 ...
   *) echo "unknown part $part" >&2; exit 2 ;;
