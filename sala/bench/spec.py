@@ -65,12 +65,14 @@ def vt_prompt(tok, length: int, index: int, seed: int) -> str:
     return s.input
 
 
-def _decode_run(core, ids: list[int], max_new: int) -> dict:
+def _decode_run(core, ids: list[int], max_new: int, logprobs: int | None = None) -> dict:
     from sala.engine.requests import Request
     from sala.engine.sampling import SamplingParams
 
-    core.add_request(Request(f"r{time.monotonic_ns()}", ids, SamplingParams(max_new_tokens=max_new)))
+    core.add_request(Request(f"r{time.monotonic_ns()}", ids, SamplingParams(max_new_tokens=max_new),
+                             logprobs=logprobs))
     toks: list[int] = []
+    lps: list = []
     first = last = None
     spec = None
     while core.has_unfinished():
@@ -83,9 +85,31 @@ def _decode_run(core, ids: list[int], max_new: int) -> dict:
                 first = now if first is None else first
                 last = now
             toks.extend(o.new_token_ids)
+            lps.extend(o.new_logprobs or [])
             spec = o.speculative
     rate = (len(toks) - 1) / (last - first) if first is not None and last > first else None
-    return {"tokens": toks, "decode_tokens_per_s": rate, "speculative": spec}
+    return {"tokens": toks, "decode_tokens_per_s": rate, "speculative": spec, "logprobs": lps}
+
+
+def divergence(core, ids: list[int], max_new: int, plain: list[int], other: list[int]) -> dict | None:
+    """Where two greedy outputs first differ, and how close plain decoding's choice was there: plain's two best
+    log-probabilities at that position (an untimed plain run with logprobs) and the other output's token's.
+    A gap at the rounding level of the logits' dtype is a near-tie that any change of summation order can flip
+    (the verify step's GEMMs run over k + 1 rows, the decode step's over one); a large gap would be a bug."""
+    i = next((j for j, (a, b) in enumerate(zip(plain, other)) if a != b), None)
+    if i is None:
+        if len(plain) == len(other):
+            return None
+        i = min(len(plain), len(other))
+    lp = _decode_run(core, ids, i + 1, logprobs=2)["logprobs"]
+    if len(lp) <= i:
+        return {"position": i}
+    top = lp[i].top
+    mine = other[i] if i < len(other) else None
+    return {"position": i, "plain_token": plain[i] if i < len(plain) else None, "other_token": mine,
+            "plain_top2_logprobs": [x[1] for x in top[:2]],
+            "top2_gap": top[0][1] - top[1][1] if len(top) > 1 else None,
+            "other_token_is_plain_second": len(top) > 1 and top[1][0] == mine}
 
 
 def _cost(preset: str, context: int, k: int, device, dtype, seed: int) -> dict:
@@ -174,6 +198,8 @@ def run(args) -> dict:
                        "speedup": (b["decode_tokens_per_s"] / a["decode_tokens_per_s"]
                                    if a["decode_tokens_per_s"] and b["decode_tokens_per_s"] else None),
                        "speculative": b["speculative"]}
+                if not row["identical"]:
+                    row["divergence"] = divergence(plain, ids, args.max_new_tokens, a["tokens"], b["tokens"])
                 logger.info("spec bench %s", row)
                 rows.append(row)
     payload["results"] = rows
