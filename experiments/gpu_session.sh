@@ -135,6 +135,8 @@ case "$part" in
   next) gpu_tests_pieces 100; interference 330; serve_step 150 ;;   # the next session's first call
   next2) spec_fp32 100; gaps_512k 140; spec_pyspy 80 ;;              # and its second
   paged) gpu_tests_paged 120; topk_wide 45; interference 220; serve_load 160 ;;   # the paged K/V pool
+  s6) gpu_tests_paged_short 90; serve_load 150; topk_wide 40; spec_step 60; union_walk 90 ;;
+  s6b) interference 170; serve_load_proc 150; spec_fp32 100 ;;
   last3) serve_load_proc 150; serve_load 150; spec_step 60; spec_fp32 100 ;;
   last2) gpu_tests_paged_short 90; topk_wide 40; interference 170; union_walk 90 ;;
   run) shift; for item in "$@"; do "${item%%:*}" "${item##*:}"; done ;;   # run spec:120 chunk_gaps:90 ...

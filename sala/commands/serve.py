@@ -45,8 +45,8 @@ def register(subparsers) -> None:
     p.add_argument("--chunk-size", type=int, default=None,
                    help="tokens per prefill chunk of a long prompt (default 2048)")
     p.add_argument("--max-tokens-per-step", type=int, default=None,
-                   help="token budget of one engine step (decode tokens + prefill chunks; default: the chunk size): "
-                        "smaller keeps running streams' inter-token latency lower while long prompts prefill")
+                   help="prompt tokens one engine step prefills (its decode tokens come on top; default: the chunk "
+                        "size): smaller keeps running streams' inter-token latency lower while long prompts prefill")
     p.add_argument("--speculative", default=None, metavar="ngram|draft:DIR",
                    help="speculative decoding: n-gram prompt lookup, or a draft model directory (same tokenizer)")
     p.add_argument("--num-speculative-tokens", type=int, default=4,

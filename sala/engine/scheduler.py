@@ -18,10 +18,12 @@ fits the pool. Each `step()`:
    lengths (idle rows stay at 0; a prefilling row's stray K/V and compressed-key writes at its length are
    overwritten by its next chunk, which starts there);
 2. admission of waiting requests into free rows, restoring the longest cached prefix (`PrefixCache`);
-3. prefill chunks of admitted prompts under the step's token budget (`max_tokens_per_step` minus the decode
-   tokens), chunk ends aligned to prefix-cache pages, so a very long prompt advances one chunk per step while
-   the others keep decoding; prompts that finish within one chunk go before longer ones. A prompt's last chunk
-   samples its first token.
+3. prefill chunks of admitted prompts, up to `max_tokens_per_step` prompt tokens per step (the decode tokens
+   come on top), so a very long prompt advances one chunk per step while the others keep decoding; prompts that
+   finish within one chunk go before longer ones. A chunk is a full chunk (`min(chunk_size,
+   max_tokens_per_step)`, a whole number of pages) or a prompt's last piece (or ends where the prefix cache
+   wants a snapshot): chunk lengths repeat, so their CUDA graphs replay instead of running eagerly. A prompt's
+   last chunk samples its first token.
 
 Sampling is per request (its own SamplingParams and torch.Generator). Greedy tokens equal those of the
 request run alone: a row's arithmetic never mixes with another row's.
@@ -198,8 +200,11 @@ class EngineCore:
         self.chunk_size = chunk_size
         self.page_size = page_size
         self.max_tokens_per_step = max_tokens_per_step or chunk_size
-        if self.max_tokens_per_step < 1:
-            raise ValueError(f"max_tokens_per_step must be >= 1, got {self.max_tokens_per_step}")
+        if self.max_tokens_per_step < page_size:
+            raise ValueError(f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= the page size "
+                             f"({page_size}, the sparse block)")
+        # the length of a prompt's chunks but its last: whole pages, within the step's prompt-token budget
+        self.full_chunk = min(chunk_size, self.max_tokens_per_step) // page_size * page_size
         self.max_waiting = max_waiting
         if num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
@@ -267,15 +272,13 @@ class EngineCore:
     # ------------------------------------------------------------------ construction
     @torch.no_grad()
     def capture_prefill_graphs(self) -> list[int]:
-        """Capture, before any request, the piecewise prefill graphs of the chunk lengths serving steps use most
-        (a full chunk, and a chunk one page shorter: a step that also decodes has that much less budget), so no
-        request's step pays a capture. Runs on row 0, which is then reset. Returns the lengths captured (none on
-        CPU or with CUDA graphs off)."""
+        """Capture, before any request, the piecewise prefill graph of a full chunk (every chunk of a long prompt
+        but its last), so no request's step pays a capture. Runs on row 0, which is then reset. Returns the
+        lengths captured (none on CPU, with CUDA graphs off, or when a full chunk is too long to graph)."""
         if not self.runner.prefill_graphs or self.active:
             return []
-        ps = self.page_size
-        full = min(self.chunk_size, self.max_tokens_per_step, self.runner.prefill_graph_max_tokens) // ps * ps
-        lengths = [n for n in (full, full - ps) if ps <= n <= self.cache.capacity][:self.runner.prefill_graphs]
+        ps, full = self.page_size, self.full_chunk
+        lengths = [full] if full <= min(self.cache.capacity, self.runner.prefill_graph_max_tokens) else []
         self.runner.pin_prefill_graphs(lengths)
         lengths = [n for n in lengths if -(-n // ps) <= self.pool.num_free]
         for n in lengths:
@@ -757,17 +760,19 @@ class EngineCore:
         return outs
 
     # ------------------------------------------------------------------ prefill
-    def _chunk_end(self, s: _Seq, budget: int) -> int:
+    def _chunk_end(self, s: _Seq) -> int:
+        """Where `s`'s next chunk ends: a full chunk on from its cached length, or less at the prompt's end, at a
+        prefix-cache snapshot point, or at the last page boundary (whose state snapshot follow-ups reuse)."""
         ps, T = self.page_size, len(s.fill)
         start = self.cache.lengths[s.row]
-        end = min(T, start + self.chunk_size, start + budget)
+        end = min(T, start + self.full_chunk)
         if start < s.split_at < end:
             end = s.split_at         # a snapshot there serves the next prompt that shares this prefix
         if end < T:
             aligned = end // ps * ps
             end = aligned if aligned > start else min(T, (start // ps + 1) * ps)
         elif self.prefix_cache is not None and T % ps and T // ps * ps > start:
-            end = T // ps * ps       # stop at the last page boundary: its state snapshot is what follow-ups reuse
+            end = T // ps * ps
         return end
 
     @torch.no_grad()
@@ -815,24 +820,24 @@ class EngineCore:
         elif running:
             outputs.extend(self._decode(running))
         self._admit()
-        spent = len(running) + sum(len(d) for d in drafts.values())
-        budget = max(self.max_tokens_per_step - spent, self.page_size)
-        # Prompts that finish within one chunk go first (a long prompt does not hold back the first token of
-        # short ones), then the others in arrival order.
+        # Up to max_tokens_per_step prompt tokens (the decode tokens come on top). Prompts that finish within one
+        # chunk go first (a long prompt does not hold back the first token of short ones), then the others in
+        # arrival order. A chunk runs whole or waits for the next step: no sliver of a prompt to fill the budget
+        # (its length would be one-off, run eagerly, and a chunk's fixed cost is most of a short one's).
+        budget = self.max_tokens_per_step
         prefilling = [s for s in self.active.values() if s.status == _PREFILL]
-        prefilling.sort(key=lambda s: len(s.fill) - self.cache.lengths[s.row] > self.chunk_size)
+        prefilling.sort(key=lambda s: len(s.fill) - self.cache.lengths[s.row] > self.full_chunk)
         for s in prefilling:
-            # a chunk needs a page of budget, unless it finishes the prompt: a step never runs a sliver of a long
-            # prompt after a full chunk (a chunk's fixed cost is most of a short one's)
-            while s.status == _PREFILL and (budget >= self.page_size
-                                            or 0 < len(s.fill) - self.cache.lengths[s.row] <= budget):
+            while s.status == _PREFILL:
                 start = self.cache.lengths[s.row]
-                end = self._chunk_end(s, budget)
+                end = self._chunk_end(s)
+                if end - start > budget:
+                    break
                 budget -= end - start
                 out = self._prefill(s, end)
                 if out is not None:
                     outputs.append(out)
-            if budget <= 0:
+            if budget < self.page_size:
                 break
         return outputs
 

@@ -327,18 +327,38 @@ def test_a_short_prompt_is_not_held_back_by_a_long_prefill(engine, prompts):
     assert core.active["long"].status == "prefill"
 
 
-def test_a_step_runs_no_sliver_of_a_long_prompt_after_its_chunk(engine, prompts):
-    # Budget 128 tokens per step, pages of 64 (the sparse block): while one request decodes (1 token), the long
-    # prompt gets one chunk of 64 tokens (127 aligned down to a page) per step, never a 63-token sliver after it.
+def test_a_long_prompt_runs_full_chunks_while_others_decode(engine, prompts):
+    # Budget 128 prompt tokens per step, pages of 64: while a request decodes, the long prompt (200 tokens) still
+    # gets whole 128-token chunks (the decode token comes on top of the budget), then its 72-token tail.
     core = EngineCore(engine.model, engine.tokenizer, max_num_seqs=2, max_model_len=256, chunk_size=128,
                       max_tokens_per_step=128, enable_prefix_cache=False)
     core.add_request(Request("decoding", prompts[4], SamplingParams(max_new_tokens=12, ignore_eos=True)))
     core.step()                                                        # its prompt (20 tokens) in one chunk
     core.add_request(Request("long", prompts[-1], SamplingParams(max_new_tokens=1)))
-    lengths = []
-    for _ in range(2):
-        before = core.counters["prefill_chunks"]
-        core.step()
-        assert core.counters["prefill_chunks"] - before == 1 and core.active["decoding"].status == "running"
-        lengths.append(core.cache.lengths[core.active["long"].row])
-    assert lengths == [64, 128]
+    before = core.counters["prefill_chunks"]
+    core.step()
+    assert core.counters["prefill_chunks"] - before == 1 and core.active["decoding"].status == "running"
+    assert core.cache.lengths[core.active["long"].row] == 128
+    out = core.step()                                                  # the tail: its first (and only) token
+    assert any(o.request_id == "long" and o.finished for o in out)
+
+
+def test_chunk_lengths_repeat_across_many_prompts(engine):
+    # 12 prompts of 320 tokens, chunks of 128, 6 rows: every chunk is a full 128 or the 64-token tail, however
+    # many rows decode and whatever budget is left in a step (no slivers that fill the budget exactly).
+    core = EngineCore(engine.model, engine.tokenizer, max_num_seqs=6, max_model_len=384, chunk_size=128,
+                      enable_prefix_cache=False)
+    seen: list[int] = []
+    prefill = core._prefill
+
+    def record(s, end):
+        seen.append(end - core.cache.lengths[s.row])
+        return prefill(s, end)
+
+    core._prefill = record
+    g = torch.Generator().manual_seed(0)
+    reqs = [Request(str(i), torch.randint(3, engine.config.vocab_size, (320,), generator=g).tolist(),
+                    SamplingParams(max_new_tokens=6, ignore_eos=True)) for i in range(12)]
+    outs = run(core, reqs)
+    assert sorted(set(seen)) == [64, 128] and seen.count(64) == 12
+    assert all(sum(len(o.new_token_ids) for o in outs[r.request_id]) == 6 for r in reqs)
