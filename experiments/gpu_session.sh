@@ -121,6 +121,11 @@ spec_fp32() { step spec_fp32 "$1" python3 -m sala.cli bench spec --tasks quote,v
 # a speculative step's parts (drafts, verify graph, acceptance, rollback, outputs) against a plain decode step
 spec_step() { step spec_step "$1" python3 experiments/profiling/spec_step.py --length 64k \
   --out "$OUT/spec_step_$gpu.json"; }
+gpu_tests_ops() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
+  --junitxml="$OUT/gpu_tests.xml" tests/ops/test_infllmv2_triton.py tests/ops/test_infllmv2_union_walk.py \
+  tests/ops/test_infllmv2_paged.py tests/engine/test_scheduler_gpu.py; }
+spec_quick() { step spec "$1" python3 -m sala.cli bench spec --tasks quote,vt --lengths 16k,64k --num-samples 2 \
+  --max-new-tokens 128 --speculative ngram --num-speculative-tokens 8 --out "$OUT/spec_$gpu.json"; }
 fp8_shape() { step fp8_shape "$1" python3 -m sala.bench.fp8 --parts shape --lengths 65536,262144 \
   --out "$OUT/fp8_shape_$gpu.json"; }
 case "$part" in
@@ -135,6 +140,8 @@ case "$part" in
   next) gpu_tests_pieces 100; interference 330; serve_step 150 ;;   # the next session's first call
   next2) spec_fp32 100; gaps_512k 140; spec_pyspy 80 ;;              # and its second
   paged) gpu_tests_paged 120; topk_wide 45; interference 220; serve_load 160 ;;   # the paged K/V pool
+  s7) gpu_tests_ops 100; interference 170; latency_bf16 110; spec_quick 90 ;;
+  s7b) sparse_h100 150; spec_fp32 80 ;;
   s6) gpu_tests_paged_short 90; serve_load 150; topk_wide 40; spec_step 60; union_walk 90 ;;
   s6b) interference 170; serve_load_proc 150; spec_fp32 100 ;;
   last3) serve_load_proc 150; serve_load 150; spec_step 60; spec_fp32 100 ;;

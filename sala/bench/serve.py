@@ -271,14 +271,23 @@ async def run_interference(client: Client, *, streams: int, stream_prompt_len: i
             waiter = asyncio.create_task(all_started.wait())
             await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)   # (or a stream failed)
             waiter.cancel()
+            before = await _prefilled_tokens(client)
             long_task = asyncio.create_task(client.complete(_random_prompt(rng, long_prompt_len, vocab), 1, t0))
         records = await asyncio.gather(*tasks)
         if with_long:
+            # the long prompt's tokens prefilled while the streams ran, read as they end (a step or two late;
+            # about 0: it waited, e.g. for pool pages, and the phase measured nothing)
+            after = await _prefilled_tokens(client)
+            progress = after - before if after is not None and before is not None else None
             long_rec = await long_task
         res = summarize(list(records), time.perf_counter() - t0)
         if long_rec is not None:
             res["long_prompt"] = {"prompt_tokens": long_rec.prompt_tokens, "ttft_s": long_rec.ttft_s,
-                                  "start_s": long_rec.start_s, "error": long_rec.error}
+                                  "start_s": long_rec.start_s, "error": long_rec.error,
+                                  "prefilled_while_streams_ran": progress}
+            if progress is not None and progress < min(long_prompt_len, 4096):
+                logger.warning("interference: the long prompt prefilled only %d tokens while the streams decoded "
+                               "(it waited): this phase does not measure interference", progress)
             # only the gaps while the long prompt was being prefilled matter for the target
             lo = long_rec.start_s
             hi = lo + (long_rec.ttft_s or 0.0)
@@ -297,8 +306,18 @@ async def run_interference(client: Client, *, streams: int, stream_prompt_len: i
     loaded = await phase(True)
     p99_alone = alone["itl_s"]["p99"]
     p99_loaded = (loaded.get("itl_during_prefill_s") or {}).get("p99") or loaded["itl_s"]["p99"]
+    progress = loaded.get("long_prompt", {}).get("prefilled_while_streams_ran")
     return {"alone": alone, "with_long_prefill": loaded,
-            "itl_p99_ratio": (p99_loaded / p99_alone) if p99_alone and p99_loaded else None}
+            "itl_p99_ratio": (p99_loaded / p99_alone) if p99_alone and p99_loaded else None,
+            "valid": progress is None or progress >= min(long_prompt_len, 4096)}
+
+
+async def _prefilled_tokens(client: Client) -> float | None:
+    """The server's prompt tokens computed so far (`sala_prefill_tokens_total`), or None without that metric."""
+    try:
+        return (await client.metrics()).get("sala_prefill_tokens_total")
+    except Exception:  # noqa: BLE001 - another server: no such metric
+        return None
 
 
 def decode_floor(core, batch: int, context: int, bandwidth: float | None) -> dict:
@@ -609,8 +628,9 @@ def _engine_kwargs(args, prefix_cache: bool) -> dict:
         kw["kv_cache_tokens"] = args.kv_cache_tokens
     elif args.scenario == "interference":    # the long prompt's pages and every stream's, not max_num_seqs x 1M
         per = -(-(parse_range(args.prompt_len)[1] + parse_range(args.output_len)[1]) // 64) * 64
-        kw["kv_cache_tokens"] = (-(-(args.long_prompt + 1) // 64) * 64
-                                 + max(args.streams, args.warmup_requests or 0) * per)
+        # + 2%: admission keeps 1% of the pool spare for running requests to grow into
+        need = -(-(args.long_prompt + 1) // 64) * 64 + max(args.streams, args.warmup_requests or 0) * per
+        kw["kv_cache_tokens"] = -(-int(need * 1.02) // 64) * 64
     if getattr(args, "speculative", None):
         kw["speculative"] = args.speculative
         kw["num_speculative_tokens"] = args.num_speculative_tokens

@@ -53,9 +53,10 @@ def register(subparsers) -> None:
                    help="most draft tokens per verify step (adaptive per request; default 4)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
-    p.add_argument("--engine-process", action="store_true",
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="run the engine loop in a child process of its own instead of a thread of the server, so "
-                        "that HTTP streaming and the engine do not share the interpreter lock (docs/serving.md)")
+                        "that HTTP streaming and the engine do not share the interpreter lock (default: on when the "
+                        "engine runs on a CUDA GPU, off on the CPU; docs/serving.md)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     from sala.commands._replicas import add_replica_args
@@ -78,6 +79,19 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def use_engine_process(args: argparse.Namespace) -> bool:
+    """--engine-process as given, else on when the engine will run on a CUDA GPU (measured: 32 streams through the
+    server at 8.8x the sequential baseline against 7.1x with the engine thread, H100, docs/serving.md); off on
+    the CPU, where a child process only adds its start-up."""
+    if args.engine_process is not None:
+        return bool(args.engine_process)
+    if args.device is not None:
+        return str(args.device).startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def run(args: argparse.Namespace) -> int:
     missing = missing_serve_deps()
     if missing:
@@ -93,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.replicas:
-        if getattr(args, "engine_process", False):
+        if args.engine_process:
             raise ValueError("--engine-process does not go with --replicas: each replica steps its engine in a "
                              "thread of its own Ray actor process, apart from the HTTP ingress")
         from sala.commands._replicas import run_replicas
@@ -105,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(args.model, served_model_name=args.served_model_name, api_key=args.api_key,
-                     engine_kwargs=engine_kwargs(args), engine_process=getattr(args, "engine_process", False))
+                     engine_kwargs=engine_kwargs(args), engine_process=use_engine_process(args))
     print(f"sala serve: {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

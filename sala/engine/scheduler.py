@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -68,6 +69,7 @@ from sala.engine.speculative import (
     AdaptiveK,
     DraftState,
     SpecStats,
+    StepCosts,
     VerifyStep,
     accept_drafts,
     make_drafter,
@@ -221,6 +223,8 @@ class EngineCore:
         # Tokens per row of the verify steps (one CUDA graph each per bucket): 2, 3, 5, 9, ... up to k + 1.
         self.verify_sizes = sorted({min(2 ** i + 1, num_speculative_tokens + 1)
                                     for i in range(max(1, num_speculative_tokens).bit_length() + 1)} - {1})
+        # The measured cost of verify steps against decode steps (AdaptiveK's r(k) for requests without a seed)
+        self.step_costs = StepCosts(self.speculative_cost_per_token)
         self.drafter = (make_drafter(speculative, device=model.lm_head.weight.device,
                                      dtype=model.lm_head.weight.dtype, target_vocab=model.config.vocab_size)
                         if speculative else None)
@@ -419,7 +423,9 @@ class EngineCore:
         matcher = StopMatcher(p.stop) if self.tokenizer is not None else None
         seq = _Seq(request, self._stop_ids(p), matcher, gen, fill=list(request.prompt_ids))
         if self.drafter is not None:
-            seq.adaptive = AdaptiveK(self.num_speculative_tokens, self.speculative_cost_per_token)
+            # A seeded request's k must not depend on timings (its samples reproduce): the prior cost for it.
+            seq.adaptive = AdaptiveK(self.num_speculative_tokens, self.speculative_cost_per_token,
+                                     cost=self._verify_cost if gen is None else None)
             seq.spec = SpecStats()
         self.waiting.append(seq)
 
@@ -664,6 +670,7 @@ class EngineCore:
 
     @torch.no_grad()
     def _decode(self, seqs: list[_Seq]) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         b = self.bucket_for(max(s.row for s in seqs) + 1)
         step = self._decode_step(b)
         ids = [0] * b
@@ -679,7 +686,10 @@ class EngineCore:
         if keep:
             self.cache.states[:, keep] = saved
         self._advance(seqs)
-        return self._sample(seqs, _rows_of(logits, seqs))
+        outs = self._sample(seqs, _rows_of(logits, seqs))     # (its host copy waits for the step)
+        if self.drafter is not None:
+            self.step_costs.record_decode(b, time.perf_counter() - t0)
+        return outs
 
     # ------------------------------------------------------------------ speculative decoding
     def _drafts(self, s: _Seq) -> list[int]:
@@ -697,6 +707,12 @@ class EngineCore:
             s.draft_state.extend(s.output_ids[told:])
         return s.draft_state.propose(k)[:k]
 
+    def _verify_cost(self, k: int) -> float:
+        """r(k) of AdaptiveK: a verify step with k drafts (run at the smallest verify size >= k + 1) in decode
+        steps, as measured in this engine (the prior until measured)."""
+        T = next((t for t in self.verify_sizes if t >= k + 1), self.verify_sizes[-1])
+        return self.step_costs.ratio(T)
+
     def _verify_step(self, b: int, T: int) -> GraphedDecodeStep:
         st = self._verify_steps.get((b, T))
         if st is None:
@@ -711,6 +727,7 @@ class EngineCore:
     def _verify(self, seqs: list[_Seq], drafts: dict[str, list[int]]) -> list[RequestOutput]:
         """One verify step for all running seqs (those without drafts take only their first position: a decode
         step); acceptance, rollback of every row of the bucket to its kept tokens, then the outputs."""
+        t0 = time.perf_counter()
         b = self.bucket_for(max(s.row for s in seqs) + 1)
         need = 1 + max(len(d) for d in drafts.values())
         T = next(t for t in self.verify_sizes if t >= need)
@@ -757,6 +774,7 @@ class EngineCore:
             outs.append(_merge(mine))
         if plain:
             outs.extend(self._sample(plain, _rows_of(logits, plain)[:, 0]))
+        self.step_costs.record_verify(b, T, time.perf_counter() - t0)
         return outs
 
     # ------------------------------------------------------------------ prefill

@@ -92,3 +92,18 @@ def test_bench_serve_decode_shape_flags_and_offline_needs_the_load_in_process(tm
     assert main(["bench", "serve", "--model", "sala-tiny", "--scenario", "document", "--offline",
                  "--out", str(out)]) == 2
     assert main(["bench", "serve", "--model", "sala-tiny", "--decode-batch", "64", "--out", str(out)]) == 2
+
+
+def test_bench_serve_interference_checks_the_long_prompt_ran_beside_the_streams(tmp_path):
+    # The default pool holds the long prompt and the streams (with admission's spare pages): the long prompt (8
+    # chunks, one per step) prefills while the streams decode their 40 tokens, and the run says so.
+    out = tmp_path / "interference.json"
+    assert main(["bench", "serve", "--model", "sala-tiny", "--device", "cpu", "--scenario", "interference",
+                 "--streams", "2", "--prompt-len", "32", "--output-len", "40", "--long-prompt", "1024",
+                 "--chunk-size", "128", "--max-num-seqs", "3", "--no-prefix-cache", "--out", str(out),
+                 "--plot", "none"]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert res["valid"] is True
+    assert res["with_long_prefill"]["long_prompt"]["prefilled_while_streams_ran"] == 1024
+    assert res["with_long_prefill"]["long_prompt"]["error"] is None
+    assert res["itl_p99_ratio"] > 0

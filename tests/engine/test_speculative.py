@@ -18,6 +18,7 @@ from sala.engine.speculative import (
     AdaptiveK,
     ModelDrafter,
     NgramDrafter,
+    StepCosts,
     VerifyStep,
     accept_drafts,
     expected_tokens,
@@ -135,6 +136,40 @@ def test_adaptive_k_backs_off_to_plain_decoding_and_probes_again():
     assert a.k == 8 and a.alpha > 0.9
     with pytest.raises(ValueError, match="cost"):
         AdaptiveK(4, -1.0)
+
+
+def test_step_costs_give_the_prior_until_measured_then_the_measured_ratio():
+    c = StepCosts(0.1, decay=0.5, warmup=2, min_samples=3)
+    assert c.ratio(1) == 1.0 and c.ratio(5) == pytest.approx(1.4)            # the prior: 1 + 0.1 * (T - 1)
+    for _ in range(2):                                                       # warm-up samples (captures): skipped
+        c.record_decode(4, 100.0)
+        c.record_verify(4, 5, 100.0)
+    for _ in range(2):
+        c.record_decode(4, 1.0)
+        c.record_verify(4, 5, 2.0)
+    assert not c.measured(5) and c.ratio(5) == pytest.approx(1.4)            # 2 of 3 samples: still the prior
+    c.record_decode(4, 1.0)
+    c.record_verify(4, 5, 2.0)
+    assert c.measured(5) and c.ratio(5) == pytest.approx(2.0)                # verify 2 s / decode 1 s
+    assert c.ratio(3) == pytest.approx(1.2)                                  # T = 3 never ran: the prior
+    c.record_verify(4, 5, 1000.0)                                            # a stall: clipped to 4x the average
+    assert c.ratio(5) == pytest.approx(0.5 * 2.0 + 0.5 * 8.0)
+    assert c.ratio(5, bucket=8) == pytest.approx(1.4)                        # another bucket: not measured
+    c.record_decode(4, 10.0)
+    assert c.ratio(5) >= 1.0                                                 # never below a decode step
+    with pytest.raises(ValueError, match="cost"):
+        StepCosts(-0.1)
+
+
+def test_adaptive_k_with_a_fixed_verify_overhead_drafts_only_when_acceptance_pays_for_it():
+    # A host-bound small model: a verify step costs 1.7 decode steps whatever k. Acceptance 0.25 cannot pay
+    # for that (the linear prior of 0.03 per draft would draft); acceptance 0.9 drafts the most.
+    fixed = lambda k: 1.7  # noqa: E731
+    assert AdaptiveK(8, 0.03, prior=0.25, prior_weight=1e9).k > 0
+    assert AdaptiveK(8, 0.03, prior=0.25, prior_weight=1e9, cost=fixed).k == 0
+    assert AdaptiveK(8, 0.03, prior=0.9, prior_weight=1e9, cost=fixed).k == 8
+    a = AdaptiveK(8, 0.03, prior=0.25, prior_weight=1e9, cost=lambda k: 100.0)
+    assert [a.next_k() for _ in range(40)] == [0] * 40                       # drafts can never pay: no probes
 
 
 # ------------------------------------------------------------------------------------------------ acceptance
@@ -354,6 +389,28 @@ def test_no_verify_steps_where_drafts_cannot_pay_for_their_cost(model, plain):
     core = _core(model, speculative="ngram", num_speculative_tokens=6, speculative_cost_per_token=10.0)
     assert _run(core, PROMPTS, NEW)[0] == plain
     assert core.stats()["spec_verify_steps"] == 0
+
+
+def test_measured_step_costs_steer_unseeded_requests_and_seeded_ones_keep_the_prior(model, plain):
+    # Greedy requests take the engine's measured verify cost: made prohibitive here, they never verify (and still
+    # give the plain tokens). A seeded sampling request keeps the prior cost (its k must not depend on timings).
+    core = _core(model, speculative="ngram", num_speculative_tokens=6)
+    core.step_costs.ratio = lambda tokens, bucket=None: 100.0
+    assert _run(core, PROMPTS, NEW)[0] == plain
+    assert core.stats()["spec_verify_steps"] == 0
+    seeded = SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.8, seed=3)
+    _run(core, PROMPTS[:1], seeded)
+    assert core.stats()["spec_verify_steps"] > 0
+
+
+def test_the_engine_measures_its_decode_and_verify_steps(model, plain):
+    core = _core(model, speculative="ngram", num_speculative_tokens=4)
+    assert _run(core, PROMPTS, NEW)[0] == plain
+    n = core.step_costs._n                      # one sample per decode or verify step (each advances once)
+    verify = sum(v for k, v in n.items() if k[0] == "verify")
+    assert sum(n.values()) == core.stats()["decode_steps"] and verify > 0
+    assert verify <= core.stats()["spec_verify_steps"]         # (that counter is per request and verify step)
+    assert all(t in core.verify_sizes for k in n if k[0] == "verify" for t in k[2:])
 
 
 def test_ngram_speculation_alone_equals_batched(model, plain):

@@ -238,6 +238,12 @@ def test_the_serve_flag_reaches_create_app(monkeypatch, capsys):
     assert seen["engine_process"] is True and seen["served"] == "app"
     seen.clear()
     assert main(["serve", "--device", "cpu", "--log-level", "warning"]) == 0
+    assert seen["engine_process"] is False                  # the default on the CPU: the engine thread
+    seen.clear()
+    assert main(["serve", "--device", "cuda", "--log-level", "warning"]) == 0
+    assert seen["engine_process"] is True                   # the default on a GPU: the engine process
+    seen.clear()
+    assert main(["serve", "--device", "cuda", "--no-engine-process", "--log-level", "warning"]) == 0
     assert seen["engine_process"] is False
     capsys.readouterr()
     assert main(["serve", "--engine-process", "--replicas", "2"]) == 2

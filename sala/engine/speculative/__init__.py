@@ -2,7 +2,7 @@
 (greedy prefix match; rejection sampling that keeps the target distribution), exact cache rollback and an
 adaptive number of draft tokens per request."""
 from sala.engine.speculative.accept import accept_drafts
-from sala.engine.speculative.adaptive import COST_PER_DRAFT, AdaptiveK, expected_tokens
+from sala.engine.speculative.adaptive import COST_PER_DRAFT, AdaptiveK, StepCosts, expected_tokens
 from sala.engine.speculative.drafts import (
     Drafter,
     DraftState,
@@ -16,6 +16,7 @@ from sala.engine.speculative.verify import SpecStats, VerifyStep
 __all__ = [
     "COST_PER_DRAFT",
     "AdaptiveK",
+    "StepCosts",
     "expected_tokens",
     "DraftState",
     "Drafter",
