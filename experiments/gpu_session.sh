@@ -54,9 +54,9 @@ serve_load_proc() { step serve_load_proc "$1" python3 -m sala.cli bench serve --
   --scenario load --num-requests 32 --concurrency 32 --prompt-len 4096 --output-len 256 --max-num-seqs 32 \
   --max-model-len 4608 --sequential-baseline 2 --offline --engine-process \
   --out "$OUT/serve_load_proc_$gpu.json" --plot "$OUT/serve_load_proc_$gpu.png"; }
-# the union walk of the sparse forward (fwd_query_tile 4 / 8) beside the per-token walk, correlated inputs (128K)
+# the sparse forward's union walk (the default, fwd_query_tile 4) beside the per-token walk, correlated inputs (128K)
 union_walk() { step union_walk "$1" python3 -m sala.bench.kernels_sparse --lengths 131072 --backward-max-len 0 \
-  --no-fla --variants default,qtile4,qtile8 --input-smoothing 16 --time-budget-s $(( $1 - 20 )) \
+  --no-fla --variants default,per_token --input-smoothing 16 --time-budget-s $(( $1 - 20 )) \
   --out "$OUT/sparse_union_walk_smooth16_$gpu.json"; }
 gpu_tests_pieces() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
   --junitxml="$OUT/gpu_tests.xml" tests/engine/test_prefill_graph.py tests/engine/test_scheduler_gpu.py; }

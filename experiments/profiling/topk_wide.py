@@ -1,7 +1,8 @@
-"""Top-k of wide pooled-score rows (long contexts): the two-round Triton top-k (`triton_topk._topk_wide`: the
-top k of every 4,096-column tile, then of their candidates) against the reference `topk_block_indices` (chunked
-torch.topk + cumsum tie rule), which the selection uses for rows wider than the one-kernel top-k unless
-SparseKernelConfig.topk_wide_tiles is set.
+"""Top-k of wide pooled-score rows (long contexts): the two-round Triton top-k (`topk_blocks_triton` on rows wider
+than `topk_max_cols`, i.e. `triton_topk._topk_wide`: the top k of every 4,096-column tile, then of their
+candidates) against the reference `topk_block_indices` (chunked torch.topk + cumsum tie rule). The H100 run
+(bench/results/topk_wide_h100.json: 9.8-11.1x faster at 8,192 rows, the same indices) made the two-round top-k
+the selection's path for wide rows; the reference remained for other dtypes and k > topk_max_cols.
 
 Rows are those of one 512-token prefill chunk (2 KV heads: 1,024 rows) or of a 16K-token prefill query chunk, with
 as many columns as 64-token blocks at 512K / 1M / 2M tokens. Results must be identical (checked); medians in ms.
@@ -43,10 +44,11 @@ def main(argv: list[str] | None = None) -> int:
             x[:, 0] = float("inf")                      # forced blocks
             x[R // 2:, n // 2:] = float("-inf")         # blocks after the query's own
             want = topk_block_indices(x, args.k)
-            got = topk_blocks_triton(x, args.k, max_cols=DEFAULT_KERNEL_CONFIG.topk_max_cols, wide_tiles=True)
+            got = topk_blocks_triton(x, args.k, max_cols=DEFAULT_KERNEL_CONFIG.topk_max_cols)
             same = bool(torch.equal(got, want))
             ref_ms = bench_ms(lambda: topk_block_indices(x, args.k), warmup=3, rep=20)
-            new_ms = bench_ms(lambda: topk_blocks_triton(x, args.k, wide_tiles=True), warmup=3, rep=20)
+            new_ms = bench_ms(lambda: topk_blocks_triton(x, args.k, max_cols=DEFAULT_KERNEL_CONFIG.topk_max_cols),
+                              warmup=3, rep=20)
             cases.append({"rows": R, "columns": n, "k": args.k, "identical": same, "reference_ms": ref_ms,
                           "two_round_ms": new_ms, "speedup": ref_ms / new_ms})
             print(cases[-1], flush=True)

@@ -2,7 +2,7 @@
 topk 64, window 2048) against torch SDPA dense causal and fla's parallel_nsa, in one process on the GPU.
 
 `python -m sala.bench.kernels_sparse --out FILE [--lengths 32768,65536,...] [--no-fla] [--tune]
-    [--variants default,chunk1g,qtile4,qtile8,decode] [--input-smoothing W]`
+    [--variants default,chunk1g,per_token,decode] [--input-smoothing W]`
 Measures per length: the whole sparse attention forward (compression + selection + attention, inference
 mode, query-chunked) and forward+backward (training mode), each stage separately, SDPA dense causal forward
 (and fwd+bwd) where reasonable, fla parallel_nsa (selected-block attention only, the same block indices), and
@@ -13,9 +13,9 @@ fastest launch settings of a sweep at 128K, recorded under `kernel_config`); not
 Variants (`--variants`, comma separated; `default` = the fields above, always measured): `chunk1g` (the same
 config with `select_chunk_bytes` 1 GiB instead of 256 MiB: fewer, larger selection launches) adds
 `chunk1g_select_ms`, `chunk1g_whole_fwd_ms`, its speed-up vs SDPA, `chunk1g_rows_differing_from_default` (last
-16K queries; 0 under the tie rule) and `chunk1g_whole_fwd_peak_extra_gib`; `qtile4` / `qtile8` (the union
-walk: `fwd_query_tile` 4 / 8 with 4 / 8 warps, the free selected blocks of 4 / 8 neighbouring queries walked
-once) add `<name>_attention_fwd_ms` (beside `attention_fwd_ms`, at the lengths where that is timed),
+16K queries; 0 under the tie rule) and `chunk1g_whole_fwd_peak_extra_gib`; `per_token` (`fwd_query_tile` 1:
+each query's free selected blocks walked per token, instead of the default union walk over 4 neighbouring
+queries) adds `<name>_attention_fwd_ms` (beside `attention_fwd_ms`, at the lengths where that is timed),
 `<name>_attention_max_abs_diff_vs_default`, `<name>_whole_fwd_ms`, its speed-up vs SDPA and peak memory (a
 variant that changes no selection setting skips the selection fields); `decode` adds batch-1 decode of the last
 token (`decode_ms`, `decode_select_ms`, `decode_attention_ms`). `attention_*` fields time
@@ -76,9 +76,8 @@ def smooth_tokens(x: torch.Tensor, window: int, channels_per_pass: int = 512) ->
 # variants measured beside the default in the same process: a launch setting changed from the run's config
 VARIANT_MAX_LEN = 1048576   # longer rows: the default only
 CONFIG_VARIANTS = {"chunk1g": {"select_chunk_bytes": 1 << 30},   # 4x larger selection chunks (fewer waves' tails)
-                   # the union walk over 4 / 8 neighbouring queries (64 / 128 rows a program)
-                   "qtile4": {"fwd_query_tile": 4, "fwd_tile_warps": 4},
-                   "qtile8": {"fwd_query_tile": 8, "fwd_tile_warps": 8}}
+                   # the per-token walk instead of the default union walk over 4 neighbouring queries
+                   "per_token": {"fwd_query_tile": 1}}
 VARIANTS = ("default", "decode", *CONFIG_VARIANTS)
 
 
@@ -263,7 +262,8 @@ def _select_config(base: SparseKernelConfig, c) -> SparseKernelConfig:
 
 
 def _fwd_config(base: SparseKernelConfig, c) -> SparseKernelConfig:
-    return dataclasses.replace(base, fwd_warps=c[0], fwd_stages=c[1], fwd_blocks_per_iter=c[2])
+    """The per-token walk's settings, timed on that walk (fwd_query_tile 1; `sweep` restores the run's walk)."""
+    return dataclasses.replace(base, fwd_warps=c[0], fwd_stages=c[1], fwd_blocks_per_iter=c[2], fwd_query_tile=1)
 
 
 def _band_config(base: SparseKernelConfig, c) -> SparseKernelConfig:
@@ -330,8 +330,10 @@ def sweep(T: int = 131072, *, device: str = "cuda", params: SparseParams | None 
     def attend(cfg: SparseKernelConfig) -> torch.Tensor:
         return block_sparse_attention(qs, k, v, idx, p, q_offset=dp, forced_blocks=True, kernel_config=cfg)
 
+    walk = chosen.fwd_query_tile    # the per-token settings also serve the dq walk and the one-walk forward
     chosen, ref_out = _sweep_attention(chosen, fwd_configs or FWD_CONFIGS, _fwd_config, attend, None,
                                        out["attention_fwd"], warmup, rep)
+    chosen = dataclasses.replace(chosen, fwd_query_tile=walk)
     chosen, _ = _sweep_attention(chosen, band_configs or BAND_CONFIGS, _band_config, attend, ref_out, out["band"],
                                  warmup, rep)
     out["chosen"] = dataclasses.asdict(chosen)

@@ -89,8 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--out", default=None, help="JSON output path")
     k.add_argument("--no-baseline", action="store_true", help="skip the fla / SDPA baselines")
     k.add_argument("--variants", default=None,
-                   help="sparse: variants measured beside the default, comma separated (chunk1g, decode, qtile4, "
-                        "qtile8)")
+                   help="sparse: variants measured beside the default, comma separated (chunk1g, decode, "
+                        "per_token: the per-token walk instead of the default union walk of 4 queries)")
     k.add_argument("--tune", action="store_true", help="sparse: sweep launch settings at 128K first")
     k.add_argument("--backward-max-len", type=length_arg, default=None,
                    help="sparse: longest T timed forward+backward (default 1M; the forward runs at every length)")

@@ -205,8 +205,6 @@ class EngineCore:
         if self.max_tokens_per_step < page_size:
             raise ValueError(f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= the page size "
                              f"({page_size}, the sparse block)")
-        # the length of a prompt's chunks but its last: whole pages, within the step's prompt-token budget
-        self.full_chunk = min(chunk_size, self.max_tokens_per_step) // page_size * page_size
         self.max_waiting = max_waiting
         if num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {num_speculative_tokens}")
@@ -272,6 +270,11 @@ class EngineCore:
                     self.pool.num_pages, page_size, self.cache.memory_bytes()["total"] / 2**20,
                     f"{prefix_cache_bytes / 2**20:.1f} MiB" if enable_prefix_cache else "off")
         self.capture_prefill_graphs()
+
+    @property
+    def full_chunk(self) -> int:
+        """The length of a prompt's chunks but its last: whole pages, within the step's prompt-token budget."""
+        return min(self.chunk_size, self.max_tokens_per_step) // self.page_size * self.page_size
 
     # ------------------------------------------------------------------ construction
     @torch.no_grad()

@@ -107,8 +107,9 @@ def _check_select_cases():
 
 def check_topk():
     """topk_blocks_triton == topk_block_indices: +inf (forced) and -inf (future) columns, rows with fewer finite
-    columns than k, negative and -0.0 values, ties (lowest columns win), and `limits` with NaN garbage past each
-    row's limit (never read)."""
+    columns than k, negative and -0.0 values, ties (lowest columns win), `limits` with NaN garbage past each
+    row's limit (never read); rows wider than max_cols by tiles and candidates, the reference for k > max_cols and
+    other dtypes, and `limits` refused there."""
     _check_topk_cases()
 
 
@@ -138,8 +139,23 @@ def _check_topk_cases():
         x[1, 50:] = float("-inf")
         x[2, : n - 3] = float("-inf")
         x[3] = torch.randn(n, generator=g)
-        got = triton_topk.topk_blocks_triton(x, K, max_cols=cols, wide_tiles=True)
+        with _Launches(triton_topk, "_topk_blocks_kernel") as spy:
+            got = triton_topk.topk_blocks_triton(x, K, max_cols=cols)
+        assert spy.calls >= 2, (n, K, spy.calls)                     # the tiles' round and the candidates'
         assert torch.equal(got, ref.topk_block_indices(x, K)), (n, K)
+    # K > max_cols (a tile could not hold a row's top K) and non-fp32 rows: the reference, no kernel launch
+    x = torch.randint(0, 6, (3, 100), generator=g).float() / 4
+    for y, K, cols in ((x, 20, 16), (x.double(), 6, 16)):
+        with _Launches(triton_topk, "_topk_blocks_kernel") as spy:
+            got = triton_topk.topk_blocks_triton(y, K, max_cols=cols)
+        assert spy.calls == 0 and torch.equal(got, ref.topk_block_indices(y, K)), (K, y.dtype, spy.calls)
+    try:                                                 # limits: one-kernel rows only
+        triton_topk.topk_blocks_triton(x[None, None], 6, limits=torch.full((1, 3), 50, dtype=torch.int32),
+                                       max_cols=16)
+    except ValueError as ex:
+        assert "limits need fp32 rows of <= 16 columns" in str(ex), ex
+    else:
+        raise AssertionError("limits on rows wider than max_cols were accepted")
     x = torch.full((2, 12), 0.25)                        # all tied: the lowest columns
     x[1, 5:] = float("-inf")
     got = triton_topk.topk_blocks_triton(x, 4)
@@ -360,11 +376,12 @@ def _ref_selection(q, k, p, q_offset):
 
 
 def check_band_split_forward():
-    """Band split (forced blocks by the band kernel, the rest per token) vs the reference on the same selected
-    blocks: 2 batch rows of 9 queries at the odd offset 125 (the interpreter's first 16-query band tile holds query
-    blocks 7 and 8 and both rows' key bases), NaN-poisoned outputs, one and two init blocks; the whole layer (dense
-    prefix, selection kernels, attention) with and without the split; it really ran. (bf16: the GPU test;
-    Triton's interpreter has no bf16 arithmetic.)"""
+    """Band split (forced blocks by the band kernel, the rest by the per-token walk, fwd_query_tile 1, and by the
+    default union walk of 4 queries) vs the reference on the same selected blocks: 2 batch rows of 9 queries at the
+    odd offset 125 (the interpreter's first 16-query band tile holds query blocks 7 and 8 and both rows' key
+    bases), NaN-poisoned outputs, one and two init blocks; the whole layer (dense prefix, selection kernels,
+    attention) with and without the split; the kernels really ran. (bf16: the GPU test; Triton's interpreter has
+    no bf16 arithmetic.)"""
     from sala.ops.infllmv2 import triton_attention
 
     for p, (B, T, Tq, Hkv) in ((BAND, (2, 134, 9, 2)), (BAND_INIT2, (1, 107, 107, 1))):
@@ -376,25 +393,34 @@ def check_band_split_forward():
         _mode("reference")
         want = block_sparse_attention(qs.double(), k.double(), v.double(), idx, p, q_offset=so)
         _mode("triton")
-        with _Launches(triton_attention, "_sparse_band_fwd_kernel") as spy, _PoisonedEmpty():
-            got = block_sparse_attention(qs, k, v, idx, p, q_offset=so, forced_blocks=True)
-            walk = block_sparse_attention(qs, k, v, idx, p, q_offset=so)          # forced_blocks not promised
-        assert spy.calls == 1, spy.calls
         tol = dict(atol=2e-5, rtol=1e-4)
-        for out in (got, walk):
+        with _PoisonedEmpty():
+            walk = block_sparse_attention(qs, k, v, idx, p, q_offset=so)          # forced_blocks not promised
+        outs = [walk]
+        for config, walker in ((SparseKernelConfig(fwd_query_tile=1), "_sparse_fwd_kernel"),
+                               (SparseKernelConfig(), "_sparse_union_fwd_kernel")):
+            with _Launches(triton_attention, "_sparse_band_fwd_kernel") as spy, \
+                    _Launches(triton_attention, walker) as walked, _PoisonedEmpty():
+                outs.append(block_sparse_attention(qs, k, v, idx, p, q_offset=so, forced_blocks=True,
+                                                   kernel_config=config))
+            assert (spy.calls, walked.calls) == (1, 1), (walker, spy.calls, walked.calls)
+        for out in outs:
             assert torch.isfinite(out).all()
             torch.testing.assert_close(out.double(), want, **tol)
         if B == 1:   # the whole layer (dense prefix + selection + attention) against the reference
-            on = infllmv2_attention(q, k, v, p)
+            on = [infllmv2_attention(q, k, v, p, kernel_config=c)
+                  for c in (SparseKernelConfig(fwd_query_tile=1), None)]
             _mode("reference")
             want_layer = infllmv2_attention(q, k, v, p)
             _mode("triton")
-            torch.testing.assert_close(on, want_layer, **tol)
+            for out in on:
+                torch.testing.assert_close(out, want_layer, **tol)
 
 
 def check_band_split_lse_and_backward():
-    """The band split's lse equals the one-walk kernel's (the backward reads it); gradients through the layer
-    (forward and dq split) equal the reference's; the dq kernels directly, with and without the split."""
+    """The band split's lse (per-token walk and default union walk) equals the one-walk kernel's (the backward
+    reads it); gradients through the layer (forward and dq split) equal the reference's; the dq kernels directly,
+    with and without the split."""
     from sala.ops.infllmv2 import triton_attention
 
     p = BAND
@@ -407,11 +433,12 @@ def check_band_split_lse_and_backward():
     kf, vf = k.reshape(-1, 1, 16), v.reshape(-1, 1, 16)
     pos = (dp + torch.arange(Tq)).repeat(2).to(torch.int32)
     kbase = torch.arange(2).repeat_interleave(Tq) * T
-    o_b, lse_b = triton_attention.sparse_attention_fwd(qf, kf, vf, idx, pos, kbase, p.block_size, 0.25,
-                                          band=(p.init_blocks, p.local_blocks))
     o_w, lse_w = triton_attention.sparse_attention_fwd(qf, kf, vf, idx, pos, kbase, p.block_size, 0.25)
-    torch.testing.assert_close(o_b, o_w, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(lse_b, lse_w, atol=2e-5, rtol=1e-5)
+    for config in (SparseKernelConfig(fwd_query_tile=1), SparseKernelConfig()):
+        o_b, lse_b = triton_attention.sparse_attention_fwd(qf, kf, vf, idx, pos, kbase, p.block_size, 0.25,
+                                                           band=(p.init_blocks, p.local_blocks), config=config)
+        torch.testing.assert_close(o_b, o_w, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(lse_b, lse_w, atol=2e-5, rtol=1e-5)
     do = torch.randn(q.shape)
     grads = []
     for mode in ("triton", "reference"):
@@ -562,12 +589,14 @@ def check_tuning_sweep():
     assert all(r["max_abs_diff_vs_first"] < 1e-4 for r in out["band"]), out["band"]
     assert isinstance(chosen, SparseKernelConfig) and out["chosen"] == dataclasses.asdict(chosen)
     assert chosen.fwd_blocks_per_iter in (1, 2) and chosen.band_rows in (64, 128)
+    assert chosen.fwd_query_tile == SparseKernelConfig().fwd_query_tile     # per-token settings timed, walk kept
 
 
 def check_topk_ties():
     """Constructed exact ties at the cut-off (all blocks equal; two adjacent blocks sharing one K1 window maximum):
-    prefill selection, its wide-row fallback (torch top-k) and decode selection of the kernels keep the lowest
-    block index, the same indices as the reference (tests/ops/test_infllmv2.py builds the cases)."""
+    prefill selection, its wide rows (tiles and candidates; the reference for k > topk_max_cols) and decode
+    selection of the kernels keep the lowest block index, the same indices as the reference
+    (tests/ops/test_infllmv2.py builds the cases)."""
     from test_infllmv2 import TIES, expected_tie_indices, tie_case
 
     from sala.ops.infllmv2 import triton_topk
@@ -578,11 +607,10 @@ def check_topk_ties():
         k1, k2 = ref.compress_keys_ref(k, 8, 4), ref.compress_keys_ref(k, 32, 16)    # exact means of 0s and 1s
         want = expected_tie_indices(200, 64, free)
         # prefill: the queries of the last block (positions 192..199: the shared blocks 5 and 6 are not forced)
-        # 13 blocks: one kernel; 8 columns a row: the reference, or (topk_wide_tiles) tiles of 8, then their 2 x 5
-        # candidates (the reference: as many candidates as columns); 4: K = 5 > 4 (the reference)
-        for config, calls in ((SparseKernelConfig(), 1), (SparseKernelConfig(topk_max_cols=8), 0),
-                              (SparseKernelConfig(topk_max_cols=8, topk_wide_tiles=True), 1),
-                              (SparseKernelConfig(topk_max_cols=4, topk_wide_tiles=True), 0)):
+        # 13 blocks: one kernel; 8 columns a row: tiles of 8, then their 2 x 5 candidates (the reference: as many
+        # candidates as columns); 4: K = 5 > 4 (the reference)
+        for config, calls in ((SparseKernelConfig(), 1), (SparseKernelConfig(topk_max_cols=8), 1),
+                              (SparseKernelConfig(topk_max_cols=4), 0)):
             with _Launches(triton_topk, "_topk_blocks_kernel") as spy:
                 got = select_blocks(q[:, 192:], k1, k2, TIES, q_offset=192, scale=0.25, kernel_config=config)
             assert spy.calls == calls, (kind, config.topk_max_cols, spy.calls)
@@ -594,8 +622,8 @@ def check_topk_ties():
         lengths = torch.tensor([200, 150], dtype=torch.int32)
         ref.update_compressed_keys_ref(kc, k1c, k2c, lengths, TIES, new_tokens=200)
         qd = torch.cat([q[:, 199], q[:, 149]], 0)
-        for config in (SparseKernelConfig(), SparseKernelConfig(topk_max_cols=8),     # 16 blocks: kernel; fallback;
-                       SparseKernelConfig(topk_max_cols=8, topk_wide_tiles=True)):   # tiles + candidates
+        for config in (SparseKernelConfig(), SparseKernelConfig(topk_max_cols=8),     # 16 blocks: kernel; tiles +
+                       SparseKernelConfig(topk_max_cols=4)):                         # candidates; the reference
             dec = decode_select_blocks(qd, k1c, k2c, lengths, TIES, 16, scale=0.25, kernel_config=config)
             assert torch.equal(dec[:, :, 0], want[0, :, [199 - 64, 149 - 64]].permute(1, 0, 2)), (kind, dec)
         _mode("reference")
@@ -605,11 +633,10 @@ def check_topk_ties():
     x = torch.ones(3, 40)                                   # the top-k kernel alone: an all-tied row, shared maxima
     x[1, 10:12] = 2.0
     x[2, ::3] = 0.5
-    for K in (2, 3, 5, 12):                       # max_cols 8: tiles and candidates (K <= 3), or the reference
+    for K in (2, 3, 5, 12):                       # max_cols 8: tiles and candidates (K <= 8), or the reference
         assert torch.equal(triton_topk.topk_blocks_triton(x, K), ref.topk_block_indices(x, K))
-        for wide in (False, True):
-            got = triton_topk.topk_blocks_triton(x, K, max_cols=8, wide_tiles=wide)
-            assert torch.equal(got, ref.topk_block_indices(x, K)), (K, wide)
+        got = triton_topk.topk_blocks_triton(x, K, max_cols=8)
+        assert torch.equal(got, ref.topk_block_indices(x, K)), K
 
 
 CHECKS = {name[6:]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}

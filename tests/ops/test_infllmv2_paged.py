@@ -230,11 +230,12 @@ def _two_row_case():
     return q.reshape(2 * Tq, 4, 32), k, v, kp, vp, table, idx, pos, torch.arange(2, device=DEVICE).repeat_interleave(Tq)
 
 
-@pytest.mark.parametrize("band, kpi", [(False, 1), (True, 2), (True, 1)])
-def test_sparse_forward_kernel_paged_equals_flat(monkeypatch, band, kpi):
-    """The forward kernels (band + walk, walk alone) on two rows of one table (kbase = row offsets r * NB,
-    ascending; a 16-query band tile holds both rows' 9 queries) equal the same kernels on the gathered contiguous
-    cache (kbase = r * S): output and lse."""
+@pytest.mark.parametrize("band, kpi, tile", [(False, 1, 1), (True, 2, 1), (True, 1, 1), (True, 1, 4)])
+def test_sparse_forward_kernel_paged_equals_flat(monkeypatch, band, kpi, tile):
+    """The forward kernels (band + per-token walk, band + union walk of 4 queries, walk alone) on two rows of one
+    table (kbase = row offsets r * NB, ascending; a 16-query band tile holds both rows' 9 queries, the union tile
+    of queries 8..11 both rows') equal the same kernels on the gathered contiguous cache (kbase = r * S): output
+    and lse."""
     _mode(monkeypatch, "triton")
     from sala.ops.infllmv2 import triton_attention
 
@@ -243,7 +244,7 @@ def test_sparse_forward_kernel_paged_equals_flat(monkeypatch, band, kpi):
     R, NB = table.shape
     S = NB * BS
     bands = (p.init_blocks, p.local_blocks) if band else None
-    config = SparseKernelConfig(fwd_blocks_per_iter=kpi)
+    config = SparseKernelConfig(fwd_blocks_per_iter=kpi, fwd_query_tile=tile)
     o_p, lse_p = triton_attention.sparse_attention_fwd(qf, kp.view(-1, 2, 32), vp.view(-1, 2, 32), idx, pos,
                                                        rows * NB, BS, 32 ** -0.5, bands, config, block_table=table)
     o_f, lse_f = triton_attention.sparse_attention_fwd(qf, k.reshape(-1, 2, 32), v.reshape(-1, 2, 32), idx, pos,

@@ -1,11 +1,11 @@
-"""The union walk (`SparseKernelConfig.fwd_query_tile` = M > 1, `_sparse_union_fwd_kernel`): the free selected
-blocks of M consecutive queries walked once for all of them, merged into the band's softmax state. It must give
-the per-token walk's output and lse (fp32: within 1e-5) and the reference's output.
+"""The union walk (`SparseKernelConfig.fwd_query_tile` = 4, the default; `_sparse_union_fwd_kernel`): the free
+selected blocks of 4 consecutive queries walked once for all of them, merged into the band's softmax state. It must
+give the per-token walk's output and lse (fwd_query_tile 1; fp32: within 1e-5) and the reference's output.
 
 Cases are built at the kernel level (`sparse_attention_fwd` with band = (init, local)) from constructed block
 indices that keep the forced blocks' contract (init blocks and the local band in every row, ascending, -1
 padded) with the free blocks chosen to make the merge interesting: several sequences in one flat batch (key
-bases changing inside a tile), N not a multiple of M, queries near the start (no free block at all), neighbours
+bases changing inside a tile), N not a multiple of 4, queries near the start (no free block at all), neighbours
 with identical selections (every merge step a tie), disjoint selections (no sharing), rows with fewer valid slots,
 G = 2, 3 and 4 (padded rows), paged K/V with a shuffled page table, and outputs NaN-poisoned before the launch.
 On a CPU-only machine the kernels run in Triton's interpreter (tests/conftest.py); bf16 is a GPU test (the
@@ -25,11 +25,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BS, INIT, LOCAL, K = 16, 1, 2, 10           # 10 slots a row: up to 4 forced (init + band qb-2..qb), 6 free
 BAND = (INIT, LOCAL)
 SCALE = 0.25
-PER_TOKEN = SparseKernelConfig(fwd_blocks_per_iter=1)
-
-
-def _tile(M: int, **kw) -> SparseKernelConfig:
-    return SparseKernelConfig(fwd_blocks_per_iter=1, fwd_query_tile=M, **kw)
+PER_TOKEN = SparseKernelConfig(fwd_blocks_per_iter=1, fwd_query_tile=1)
+UNION = SparseKernelConfig(fwd_blocks_per_iter=1, fwd_query_tile=4)
 
 
 @pytest.fixture
@@ -138,28 +135,30 @@ def _forward(tri, args, config, block_table=None):
     return tri.sparse_attention_fwd(q, k, v, idx, pos, kbase, BS, SCALE, BAND, config, block_table=block_table)
 
 
-def _check_against_per_token(tri, monkeypatch, args, Ms, block_table=None, want=None):
-    """The union walk for each M equals the per-token walk (o and lse within 1e-5) and `want` (the reference),
-    with NaN-poisoned outputs; the union kernel really ran (and the per-token walk did not)."""
-    o_t, lse_t = _forward(tri, args, PER_TOKEN, block_table)
-    assert torch.isfinite(o_t).all() and torch.isfinite(lse_t).all()
-    for M in Ms:
-        with monkeypatch.context() as mp:
+def _check_against_per_token(tri, monkeypatch, args, block_table=None, want=None):
+    """The union walk equals the per-token walk (o and lse within 1e-5) and `want` (the reference), with
+    NaN-poisoned outputs; each walk's kernel really ran (and not the other's)."""
+    outs = []
+    for config, launched in ((PER_TOKEN, (0, 1)), (UNION, (1, 0))):
+        with monkeypatch.context() as mp:          # one context per walk: _Poisoned's exit undoes all of mp
             union = _Launches(mp, tri, "_sparse_union_fwd_kernel")
             walk = _Launches(mp, tri, "_sparse_fwd_kernel")
             with _Poisoned(mp):
-                o_u, lse_u = _forward(tri, args, _tile(M), block_table)
-            assert (union.calls, walk.calls) == (1, 0), (M, union.calls, walk.calls)
-        assert torch.isfinite(o_u).all() and torch.isfinite(lse_u).all(), M
-        torch.testing.assert_close(o_u, o_t, atol=1e-5, rtol=1e-5, msg=lambda s: f"M={M}: {s}")
-        torch.testing.assert_close(lse_u, lse_t, atol=1e-5, rtol=1e-5, msg=lambda s: f"M={M}: {s}")
-        if want is not None:
-            torch.testing.assert_close(o_u, want, atol=2e-5, rtol=1e-4, msg=lambda s: f"M={M}: {s}")
+                outs.append(_forward(tri, args, config, block_table))
+            assert (union.calls, walk.calls) == launched, (config.fwd_query_tile, union.calls, walk.calls)
+    (o_t, lse_t), (o_u, lse_u) = outs
+    assert torch.isfinite(o_t).all() and torch.isfinite(lse_t).all()
+    assert torch.isfinite(o_u).all() and torch.isfinite(lse_u).all()
+    torch.testing.assert_close(o_u, o_t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse_u, lse_t, atol=1e-5, rtol=1e-5)
+    if want is not None:
+        torch.testing.assert_close(o_u, want, atol=2e-5, rtol=1e-4)
     return o_t
 
 
-# sequences (length, queries): key bases change inside tiles of 2, 4 and 8; N = 23 is no multiple of any M > 1;
-# the 2-query and 1-query sequences sit near the start (positions < (INIT + LOCAL + 1) * BS: no free block)
+# sequences (length, queries): key bases change inside tiles of 4 queries (flat queries 4..7, 8..11, 16..19);
+# N = 23 is no multiple of 4; the 2-query and 1-query sequences sit near the start (positions
+# < (INIT + LOCAL + 1) * BS: no free block)
 VARLEN = [(150, 7), (40, 2), (210, 9), (20, 1), (300, 4)]
 
 
@@ -168,7 +167,7 @@ def test_union_walk_equals_per_token_walk_varlen(tri, monkeypatch, mode, G):
     q, k, v, idx, pos, kbase, _ = _case(VARLEN, G, mode, seed=G)
     args = _to(DEVICE, q, k, v, idx, pos, kbase)
     want = _reference(*args)
-    _check_against_per_token(tri, monkeypatch, args, (2, 8), want=want)
+    _check_against_per_token(tri, monkeypatch, args, want=want)
 
 
 def test_union_walk_selections_built_as_intended():
@@ -195,7 +194,7 @@ def test_union_walk_batch_layout_and_long_rows(tri, monkeypatch):
     args = _to(DEVICE, q, k, v, idx, pos, kbase)
     want = ref.sparse_attention_flat_ref(*_to(DEVICE, q, k, v), args[3].permute(0, 2, 1, 3).reshape(39, 1, K),
                                          args[4].long(), args[5], BS, SCALE)
-    _check_against_per_token(tri, monkeypatch, args, (4, 8), want=want)
+    _check_against_per_token(tri, monkeypatch, args, want=want)
 
 
 def _paged(k, v, seqs, starts, g):
@@ -227,9 +226,8 @@ def test_union_walk_paged_with_a_shuffled_table(tri, monkeypatch, G):
     row = torch.repeat_interleave(torch.arange(len(VARLEN)), torch.tensor([n for _, n in VARLEN]))
     args_p = _to(DEVICE, q, kp, vp, idx, pos, row * NB)
     args_f = _to(DEVICE, q, k, v, idx, pos, kbase)
-    flat = _check_against_per_token(tri, monkeypatch, args_p, (4, 8), block_table=table.to(DEVICE),
-                                    want=_reference(*args_f))
-    o_f, _ = _forward(tri, args_f, _tile(4))
+    flat = _check_against_per_token(tri, monkeypatch, args_p, block_table=table.to(DEVICE), want=_reference(*args_f))
+    o_f, _ = _forward(tri, args_f, UNION)
     torch.testing.assert_close(o_f, flat, atol=1e-5, rtol=1e-5)
 
 
@@ -238,14 +236,14 @@ def test_union_walk_without_free_blocks_keeps_the_band(tri, monkeypatch):
     the band's output and lse back unchanged."""
     seqs = [(40, 3), (47, 5), (30, 2)]
     args = _to(DEVICE, *_case(seqs, 2, "random", seed=5)[:6])
-    o_t = _check_against_per_token(tri, monkeypatch, args, (4, 8), want=_reference(*args))
+    o_t = _check_against_per_token(tri, monkeypatch, args, want=_reference(*args))
     assert torch.isfinite(o_t).all()
 
 
 def test_union_walk_through_the_layer_and_autograd(tri, monkeypatch):
-    """infllmv2_attention with fwd_query_tile 4 (selection kernels, band split, union walk; packed documents)
-    equals the default config's output, and gradients through it (union forward, per-token dq backward) equal
-    the default's."""
+    """infllmv2_attention with the default config (selection kernels, band split, union walk of 4 queries; packed
+    documents) equals the per-token walk's output (fwd_query_tile 1), and gradients through it (union forward,
+    per-token dq backward) equal the per-token walk's."""
     p = SparseParams(block_size=16, kernel_size=8, kernel_stride=4, topk=5, init_blocks=1, window_size=32)
     dp = p.dense_positions
     lens = [dp + 11, 30, dp + 6]
@@ -256,7 +254,7 @@ def test_union_walk_through_the_layer_and_autograd(tri, monkeypatch):
     res = []
     with monkeypatch.context() as mp:
         union = _Launches(mp, tri, "_sparse_union_fwd_kernel")
-        for config in (None, SparseKernelConfig(fwd_query_tile=4)):
+        for config in (SparseKernelConfig(fwd_query_tile=1), None):
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             out = infllmv2_attention(*leaves, p, cu_seqlens=cu, kernel_config=config)
             res.append((out.detach(), *torch.autograd.grad(out, leaves, do)))
@@ -266,16 +264,23 @@ def test_union_walk_through_the_layer_and_autograd(tri, monkeypatch):
 
 
 def test_fwd_query_tile_is_validated():
-    for bad in (0, 3, 6, 128, True):
+    """1 (the per-token walk) and 4 (the union walk, the default since the H100 measurement) only: 8 and larger
+    measured slower, 2 not measured."""
+    for bad in (2, 3, 6, 8, 16, 64, 128):
+        want = rf"SparseKernelConfig\.fwd_query_tile must be one of \(1, 4\) .*got {bad}$"
+        with pytest.raises(ValueError, match=want):
+            SparseKernelConfig(fwd_query_tile=bad)
+    for bad in (0, True, 4.0, "4"):
         with pytest.raises(ValueError, match="fwd_query_tile"):
             SparseKernelConfig(fwd_query_tile=bad)
-    assert SparseKernelConfig().fwd_query_tile == 1          # the per-token walk stays the default
+    assert SparseKernelConfig().fwd_query_tile == 4          # the union walk is the default
+    assert SparseKernelConfig(fwd_query_tile=1).fwd_query_tile == 1
 
 
 def test_bench_union_walk_variants_pass_their_config(monkeypatch):
-    """The sparse bench's `qtile4` / `qtile8` variants time the attention of all sparse queries and the whole
-    forward with their own config (the run config's selection for the indices, its attention for the
-    difference), and skip the selection fields (they change no selection setting). References on the CPU."""
+    """The sparse bench's `per_token` variant times the attention of all sparse queries and the whole forward with
+    its own config (fwd_query_tile 1; the run config's selection for the indices, its attention for the
+    difference), and skips the selection fields (it changes no selection setting). References on the CPU."""
     import sala.bench.kernels_sparse as ks
 
     monkeypatch.setenv("SALA_KERNELS", "reference")
@@ -289,40 +294,41 @@ def test_bench_union_walk_variants_pass_their_config(monkeypatch):
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 120, h, 16, generator=g) for h in (4, 2, 2))
     base = SparseKernelConfig(fwd_warps=8)
-    for name, M, warps in (("qtile4", 4, 4), ("qtile8", 8, 8)):
+    for name in ("per_token",):
         seen.clear()
         res = {"sdpa_fwd_ms": 4.0}
         ks._measure_config_variant(name, 120, p, q, k, v, res, 1, 1, base)
-        variant = SparseKernelConfig(fwd_warps=8, fwd_query_tile=M, fwd_tile_warps=warps)
+        variant = SparseKernelConfig(fwd_warps=8, fwd_query_tile=1)
         assert seen[0] == ("select_blocks", base), seen
         assert {c for n, c in seen if n == "block_sparse_attention"} == {variant, base}
         assert {c for n, c in seen if n == "infllmv2_attention"} == {variant}
         assert res[f"{name}_attention_fwd_ms"] == 2.0 and res[f"{name}_whole_fwd_ms"] == 2.0
         assert res[f"{name}_attention_max_abs_diff_vs_default"] == 0.0
         assert res[f"{name}_speedup_fwd_vs_sdpa"] == 2.0 and f"{name}_select_ms" not in res
-    assert ks.check_variants(["default", "qtile4", "qtile8"]) == ["default", "qtile4", "qtile8"]
+    assert ks.check_variants(["default", "per_token"]) == ["default", "per_token"]
+    assert set(ks.CONFIG_VARIANTS) == {"chunk1g", "per_token"}      # the union walk of 4 is the default now
 
 
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("M, warps", [(4, 4), (8, 8)])
-def test_gpu_union_walk_matches_per_token_bf16(monkeypatch, M, warps):
-    """The released shape, bf16, 2 batch rows of 700 queries at an unaligned offset (with M = 8 one tile holds
-    both rows' queries): the union walk's output and lse against the per-token walk's, and the output against
-    the fp32 reference."""
+def test_gpu_union_walk_matches_per_token_bf16(monkeypatch):
+    """The released shape, bf16, 2 batch rows of 701 queries at an unaligned offset (one tile of 4 holds both
+    rows' queries): the default union walk's output and lse against the per-token walk's (fwd_query_tile 1), and
+    the output against the fp32 reference."""
     from sala.ops.infllmv2 import block_sparse_attention, compress_keys, select_blocks, triton_attention
 
     monkeypatch.setenv("SALA_KERNELS", "triton")
-    g = torch.Generator(device="cuda").manual_seed(M)
-    T, Tq = 9000, 700
+    g = torch.Generator(device="cuda").manual_seed(4)
+    T, Tq = 9000, 701
     q, k, v = (torch.randn(2, n, h, 128, device="cuda", dtype=torch.bfloat16, generator=g)
                for n, h in ((Tq, 32), (T, 2), (T, 2)))
     p = SparseParams()
     off = T - Tq
     idx = select_blocks(q, compress_keys(k, 32, 16), compress_keys(k, 128, 64), p, q_offset=off)
-    config = SparseKernelConfig(fwd_query_tile=M, fwd_tile_warps=warps)
+    config, per_token = SparseKernelConfig(), SparseKernelConfig(fwd_query_tile=1)
+    assert config.fwd_query_tile == 4
     got = block_sparse_attention(q, k, v, idx, p, q_offset=off, forced_blocks=True, kernel_config=config)
-    walk = block_sparse_attention(q, k, v, idx, p, q_offset=off, forced_blocks=True)
+    walk = block_sparse_attention(q, k, v, idx, p, q_offset=off, forced_blocks=True, kernel_config=per_token)
     monkeypatch.setenv("SALA_KERNELS", "reference")
     want = block_sparse_attention(q.float(), k.float(), v.float(), idx, p, q_offset=off)
     assert torch.isfinite(got).all()
@@ -334,5 +340,5 @@ def test_gpu_union_walk_matches_per_token_bf16(monkeypatch, M, warps):
     args = (q.reshape(-1, 32, 128), k.reshape(-1, 2, 128), v.reshape(-1, 2, 128), idx, pos, kbase, 64, 128 ** -0.5)
     band = (p.init_blocks, p.local_blocks)
     _, lse_u = triton_attention.sparse_attention_fwd(*args, band=band, config=config)
-    _, lse_w = triton_attention.sparse_attention_fwd(*args, band=band)
+    _, lse_w = triton_attention.sparse_attention_fwd(*args, band=band, config=per_token)
     torch.testing.assert_close(lse_u, lse_w, atol=1e-3, rtol=1e-4)

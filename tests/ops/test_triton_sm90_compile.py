@@ -58,8 +58,9 @@ def test_topk_kernel_compiles_for_sm90(NC):
 @compiled
 @pytest.mark.parametrize("band", [False, True])
 def test_attention_kernels_compile_for_sm90_with_the_default_config(band):
-    """The forward and dq walks at the default warps / stages / blocks per iteration (the H200 sweep's choice);
-    band: the band kernels (forward and dq) and the walks over the non-forced slots only."""
+    """The per-token forward and dq walks at the default warps / stages / blocks per iteration (the H200 sweep's
+    choice); band: the band kernels (forward and dq) and the walks over the non-forced slots only (the forward's
+    with fwd_query_tile 1; the default union walk: test_union_walk_compiles_for_sm90)."""
     kpi = CFG.fwd_blocks_per_iter
     K = P.total_blocks
     fwd = dict(G=16, GP=16, D=128, BS=P.block_size, K=K, KPI=kpi, K0=0, K1=K)
@@ -118,21 +119,22 @@ def test_paged_kernels_compile_for_sm90():
 
 
 @compiled
-@pytest.mark.parametrize("M, warps, paged", [(4, CFG.fwd_tile_warps, False), (8, 8, False), (8, 8, True)])
-def test_union_walk_compiles_for_sm90(M, warps, paged):
-    """The union walk (`fwd_query_tile` = M: M queries x 16 heads a program, the bench's qtile4 / qtile8) at the
-    released shape and fwd_tile_stages, with the strides of [N, 32, 128] / [Nk, 2, 128] inputs (divisible by 16,
-    as Triton specializes them): its counted loop is software-pipelined (asynchronous K/V copies) and its
-    products run on Hopper tensor cores."""
-    K = P.total_blocks
+@pytest.mark.parametrize("paged", [False, True])
+def test_union_walk_compiles_for_sm90(paged):
+    """The union walk (the default `fwd_query_tile` = 4: 4 queries x 16 heads a program, the band split's forward)
+    at the released shape, fwd_tile_warps and fwd_tile_stages, contiguous or paged K/V, with the strides of
+    [N, 32, 128] / [Nk, 2, 128] inputs (divisible by 16, as Triton specializes them): its counted loop is
+    software-pipelined (asynchronous K/V copies) and its products run on Hopper tensor cores."""
+    K, M = P.total_blocks, CFG.fwd_query_tile
     k0, k1 = P.init_blocks, K - P.local_blocks - 1
     ptrs = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32",
             "idx_ptr": "*i32", "pos_ptr": "*i32", "kbase_ptr": "*i64", "table_ptr": "*i32"}
+    assert M == 4
     k = compile_sm90(triton_attention._sparse_union_fwd_kernel, ptrs,
                      dict(G=16, GP=triton_attention._union_rows(16, M), M=M, D=128, BS=P.block_size, K0=k0, K1=k1,
                           KP=1 << (k1 - k0 - 1).bit_length(), INIT=P.init_blocks, LOCAL=P.local_blocks,
                           PAGED=paged),
-                     num_warps=warps, num_stages=CFG.fwd_tile_stages,
+                     num_warps=CFG.fwd_tile_warps, num_stages=CFG.fwd_tile_stages,
                      aligned_ints=("sqn", "sqh", "skn", "skh", "son", "soh"))
     assert 0 < k.metadata.shared <= SMEM_LIMIT
     assert "warp_group_dot" in k.asm["ttgir"] and "async_copy" in k.asm["ttgir"]

@@ -41,8 +41,7 @@ def decode_select_blocks(q: torch.Tensor, k1_cache: torch.Tensor, k2_cache: torc
             config = kernel_config_or_default(kernel_config)
             pooled = triton_decode.pooled_block_scores_decode_split(q, k1_cache, k2_cache, pos.to(torch.int32), params,
                                                                     s, n_blocks, config, queries_per_row)
-            return topk_blocks_triton(pooled, params.total_blocks, max_cols=config.topk_max_cols,
-                                      wide_tiles=config.topk_wide_tiles)
+            return topk_blocks_triton(pooled, params.total_blocks, max_cols=config.topk_max_cols)
         T = queries_per_row
         R = q.shape[0] // T
         pooled = ref.pooled_block_scores_ref(q.reshape(R, T, *q.shape[1:]), k1_cache, k2_cache, pos.reshape(R, T),

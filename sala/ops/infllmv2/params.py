@@ -144,6 +144,9 @@ def flat_pages(fn: str, pages: torch.Tensor) -> torch.Tensor:
     return pages.view(P * BS, H, D)
 
 
+FWD_QUERY_TILES = (1, 4)   # the per-token walk and the union walk of 4 queries (8 lost on an H100)
+
+
 @dataclass(frozen=True)
 class SparseKernelConfig:
     """Launch settings of the InfLLM-V2 Triton kernels (GPU). Pass one as `kernel_config=` to the ops; None means
@@ -154,22 +157,25 @@ class SparseKernelConfig:
     Stage-1 selection: `select_rows` query rows (tokens x padded group heads) per program, `select_k1_tile` K1
     windows per iteration (a multiple of block_size / kernel_stride), `select_warps`, `select_stages`;
     `select_chunk_bytes` bounds the pooled-score buffer of one query chunk (fp32), hence the selection's peak
-    memory. Top-k: rows of up to `topk_max_cols` blocks use the Triton top-k, wider ones `torch.topk` (faster
-    there than the one-kernel top-k), or with `topk_wide_tiles` the Triton top-k of every `topk_max_cols`-column
-    tile and then of their candidates (experimental: not yet measured against torch.topk on a GPU). Attention:
-    per-token forward / dq walk with `fwd_warps`, `fwd_stages` and `fwd_blocks_per_iter` selected blocks per
+    memory. Top-k: rows of up to `topk_max_cols` blocks use the one-kernel Triton top-k; wider rows the Triton
+    top-k of every `topk_max_cols`-column tile and then of their candidates (H100, k 96, 8,192 rows of 8K-32K
+    columns: 9.8-11.1x faster than the chunked torch.topk reference, same indices;
+    bench/results/topk_wide_h100.json), or the reference when `topk_max_cols` < k. Attention: per-token
+    forward / dq walk with `fwd_warps`, `fwd_stages` and `fwd_blocks_per_iter` selected blocks per
     iteration; the forced blocks (init + local band) as dense tiles of `band_rows` queries
     (`band_warps`, `band_stages`) in the forward and `band_dq_rows` (`band_dq_warps`, `band_dq_stages`) in dq.
     Decode: split-K attention with at least `decode_min_programs` programs and split-N selection with at least
     `decode_select_programs` (when the selection / the cache is large enough). A stages value of None leaves
     the choice to Triton.
 
-    `fwd_query_tile` (a power of two; experimental): 1 walks each query's free selected blocks (those outside the
-    forced init blocks and local band) per token; M > 1 walks them per tile of M consecutive queries x one KV
-    head (M * G rows, `fwd_tile_warps`, `fwd_tile_stages`), visiting the union of the M queries' blocks once
-    (an M-way merge of their slot lists), so a block that neighbours share is loaded once for all of them. Only
-    the forward of the band split (`forced_blocks=True`, the path of `infllmv2_attention`) takes it; the
-    backward and the one-walk forward stay per token."""
+    `fwd_query_tile` (1 or 4; default 4): 4 walks each query's free selected blocks (those outside the forced
+    init blocks and local band) per tile of 4 consecutive queries x one KV head (4 * G rows, `fwd_tile_warps`,
+    `fwd_tile_stages`), visiting the union of the 4 queries' blocks once (a 4-way merge of their slot lists), so
+    a block that neighbours share is loaded once for all of them; 1 walks them per token (`fwd_warps`, ...).
+    Measured on an H100 at 128K tokens with correlated queries (bench/results/sparse_union_walk_smooth16_h100.json):
+    attention forward 90.6 ms per token, 65.9 ms with 4 (1.38x), 96.5 ms with 8 (not accepted). Only the forward
+    of the band split (`forced_blocks=True`, the path of `infllmv2_attention`) takes it; the backward and the
+    one-walk forward stay per token."""
 
     select_rows: int = 128
     select_k1_tile: int = 64
@@ -177,7 +183,6 @@ class SparseKernelConfig:
     select_stages: int | None = 3
     select_chunk_bytes: int = 256 << 20
     topk_max_cols: int = 4096
-    topk_wide_tiles: bool = False
     band_rows: int = 128
     band_warps: int = 8
     band_stages: int | None = 3
@@ -187,7 +192,7 @@ class SparseKernelConfig:
     fwd_warps: int = 4
     fwd_stages: int | None = 2
     fwd_blocks_per_iter: int = 2
-    fwd_query_tile: int = 1
+    fwd_query_tile: int = 4
     fwd_tile_warps: int = 4
     fwd_tile_stages: int | None = 2
     decode_min_programs: int = 64
@@ -197,19 +202,15 @@ class SparseKernelConfig:
         for name, value in self.__dict__.items():
             if value is None and name.endswith("_stages"):
                 continue
-            if name == "topk_wide_tiles":
-                if not isinstance(value, bool):
-                    raise ValueError(f"SparseKernelConfig.topk_wide_tiles must be a bool, got {value!r}")
-                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SparseKernelConfig.{name} must be a positive int, got {value!r}")
         for name in ("select_rows", "select_k1_tile", "band_rows", "band_dq_rows"):
             value = getattr(self, name)
             if value & (value - 1) or value < 16:
                 raise ValueError(f"SparseKernelConfig.{name} must be a power of two >= 16, got {value}")
-        if self.fwd_query_tile & (self.fwd_query_tile - 1) or self.fwd_query_tile > 64:
-            raise ValueError(f"SparseKernelConfig.fwd_query_tile must be a power of two <= 64, got "
-                             f"{self.fwd_query_tile}")
+        if self.fwd_query_tile not in FWD_QUERY_TILES:
+            raise ValueError(f"SparseKernelConfig.fwd_query_tile must be one of {FWD_QUERY_TILES} (1: the per-token "
+                             f"walk, 4: the union walk; 8 measured slower), got {self.fwd_query_tile}")
 
 
 DEFAULT_KERNEL_CONFIG = SparseKernelConfig()

@@ -449,8 +449,9 @@ def sparse_attention_fwd(q, k, v, block_idx, pos, kbase, block_size, scale, band
 
     band = (init_blocks, local_blocks): block_idx comes from the selection with these forced blocks (init blocks
     and the local band qb - local .. qb are in every row). The forced blocks then run as dense query tiles
-    (`_sparse_band_fwd_kernel`, K/V shared by config.band_rows queries) and the per-token kernel walks only
-    the K - init - local - 1 other slots, merging into the band's softmax state. Same result, less traffic.
+    (`_sparse_band_fwd_kernel`, K/V shared by config.band_rows queries) and a walk takes only the K - init -
+    local - 1 other slots, merging into the band's softmax state: the union walk of config.fwd_query_tile = 4
+    queries (`_sparse_union_fwd_kernel`, the default) or, with 1, the per-token kernel. Same result, less traffic.
     Requires kbase ascending along the flat queries (batch rows and documents in order).
     block_table int32 [R, NB] (contiguous): k, v are pages of block_size keys flattened to [P * block_size, Hkv,
     D], and kbase [N] is each query's row offset r * NB in the flat table; key t of row r is K/V row

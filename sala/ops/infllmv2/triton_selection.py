@@ -177,8 +177,8 @@ def select_blocks_triton(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, po
                          params: SparseParams, scale: float, config: SparseKernelConfig = DEFAULT_KERNEL_CONFIG, *,
                          pos_max: int | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
     """Block indices int32 [B, Hkv, Tq, total]; queries processed in chunks whose scores fit `chunk_bytes`
-    (default config.select_chunk_bytes). Rows of more than config.topk_max_cols blocks take the reference top-k,
-    or with config.topk_wide_tiles the two-round one (tiles, then their candidates); same tie rule. pos_max: an
+    (default config.select_chunk_bytes). Rows of more than config.topk_max_cols blocks take the two-round Triton
+    top-k (tiles, then their candidates; `triton_topk._topk_wide`); same tie rule. pos_max: an
     upper bound of pos on the host (else taken from pos with one sync).
     """
     B, Tq = pos.shape
@@ -201,6 +201,5 @@ def select_blocks_triton(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, po
             out[:, :, c0:c1] = topk_blocks_triton(pooled, params.total_blocks, limits=lim,
                                                   max_cols=config.topk_max_cols)
         else:       # every column written (-inf past each query's own block)
-            out[:, :, c0:c1] = topk_blocks_triton(pooled, params.total_blocks, max_cols=config.topk_max_cols,
-                                                  wide_tiles=config.topk_wide_tiles)
+            out[:, :, c0:c1] = topk_blocks_triton(pooled, params.total_blocks, max_cols=config.topk_max_cols)
     return out
