@@ -140,6 +140,7 @@ case "$part" in
   next) gpu_tests_pieces 100; interference 330; serve_step 150 ;;   # the next session's first call
   next2) spec_fp32 100; gaps_512k 140; spec_pyspy 80 ;;              # and its second
   paged) gpu_tests_paged 120; topk_wide 45; interference 220; serve_load 160 ;;   # the paged K/V pool
+  next3) gpu_tests_ops 100; latency_bf16 110; interference 170; spec_quick 90; sparse_h100 120 ;;   # next session
   s7) gpu_tests_ops 100; interference 170; latency_bf16 110; spec_quick 90 ;;
   s7b) sparse_h100 150; spec_fp32 80 ;;
   s6) gpu_tests_paged_short 90; serve_load 150; topk_wide 40; spec_step 60; union_walk 90 ;;
