@@ -95,15 +95,15 @@ def test_bench_serve_decode_shape_flags_and_offline_needs_the_load_in_process(tm
 
 
 def test_bench_serve_interference_checks_the_long_prompt_ran_beside_the_streams(tmp_path):
-    # The default pool holds the long prompt and the streams (with admission's spare pages): the long prompt (8
-    # chunks, one per step) prefills while the streams decode their 40 tokens, and the run says so.
+    # The default pool holds the long prompt and the streams (with admission's spare pages): the long prompt (4
+    # chunks, one per step) prefills while the streams decode their 24 tokens, and the run says so.
     out = tmp_path / "interference.json"
     assert main(["bench", "serve", "--model", "sala-tiny", "--device", "cpu", "--scenario", "interference",
-                 "--streams", "2", "--prompt-len", "32", "--output-len", "40", "--long-prompt", "1024",
+                 "--streams", "2", "--prompt-len", "32", "--output-len", "24", "--long-prompt", "512",
                  "--chunk-size", "128", "--max-num-seqs", "3", "--no-prefix-cache", "--out", str(out),
                  "--plot", "none"]) == 0
     res = json.loads(out.read_text())["results"]
     assert res["valid"] is True
-    assert res["with_long_prefill"]["long_prompt"]["prefilled_while_streams_ran"] == 1024
+    assert res["with_long_prefill"]["long_prompt"]["prefilled_while_streams_ran"] == 512
     assert res["with_long_prefill"]["long_prompt"]["error"] is None
     assert res["itl_p99_ratio"] > 0
