@@ -46,9 +46,6 @@ topk_wide() { step topk_wide "$1" python3 experiments/profiling/topk_wide.py --o
 gpu_tests_paged() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
   --junitxml="$OUT/gpu_tests.xml" tests/ops/test_infllmv2_paged.py tests/engine/test_scheduler_gpu.py \
   tests/engine/test_prefill_graph.py; }
-gpu_tests_paged_short() { step gpu_tests "$1" python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu \
-  --junitxml="$OUT/gpu_tests.xml" tests/ops/test_infllmv2_paged.py tests/ops/test_infllmv2_union_walk.py \
-  tests/engine/test_scheduler_gpu.py; }
 # the 32-request load through a server whose engine runs in its own process (sala serve --engine-process)
 serve_load_proc() { step serve_load_proc "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b \
   --scenario load --num-requests 32 --concurrency 32 --prompt-len 4096 --output-len 256 --max-num-seqs 32 \
@@ -141,12 +138,6 @@ case "$part" in
   next2) spec_fp32 100; gaps_512k 140; spec_pyspy 80 ;;              # and its second
   paged) gpu_tests_paged 120; topk_wide 45; interference 220; serve_load 160 ;;   # the paged K/V pool
   next3) gpu_tests_ops 100; latency_bf16 110; interference 170; spec_quick 90; sparse_h100 120 ;;   # next session
-  s7) gpu_tests_ops 100; interference 170; latency_bf16 110; spec_quick 90 ;;
-  s7b) sparse_h100 150; spec_fp32 80 ;;
-  s6) gpu_tests_paged_short 90; serve_load 150; topk_wide 40; spec_step 60; union_walk 90 ;;
-  s6b) interference 170; serve_load_proc 150; spec_fp32 100 ;;
-  last3) serve_load_proc 150; serve_load 150; spec_step 60; spec_fp32 100 ;;
-  last2) gpu_tests_paged_short 90; topk_wide 40; interference 170; union_walk 90 ;;
   run) shift; for item in "$@"; do "${item%%:*}" "${item##*:}"; done ;;   # run spec:120 chunk_gaps:90 ...
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

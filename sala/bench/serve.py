@@ -285,7 +285,8 @@ async def run_interference(client: Client, *, streams: int, stream_prompt_len: i
             res["long_prompt"] = {"prompt_tokens": long_rec.prompt_tokens, "ttft_s": long_rec.ttft_s,
                                   "start_s": long_rec.start_s, "error": long_rec.error,
                                   "prefilled_while_streams_ran": progress}
-            if progress is not None and progress < min(long_prompt_len, 4096):
+            res["valid"] = progress is None or progress >= min(long_prompt_len, 4096)
+            if not res["valid"]:
                 logger.warning("interference: the long prompt prefilled only %d tokens while the streams decoded "
                                "(it waited): this phase does not measure interference", progress)
             # only the gaps while the long prompt was being prefilled matter for the target
@@ -306,10 +307,9 @@ async def run_interference(client: Client, *, streams: int, stream_prompt_len: i
     loaded = await phase(True)
     p99_alone = alone["itl_s"]["p99"]
     p99_loaded = (loaded.get("itl_during_prefill_s") or {}).get("p99") or loaded["itl_s"]["p99"]
-    progress = loaded.get("long_prompt", {}).get("prefilled_while_streams_ran")
     return {"alone": alone, "with_long_prefill": loaded,
             "itl_p99_ratio": (p99_loaded / p99_alone) if p99_alone and p99_loaded else None,
-            "valid": progress is None or progress >= min(long_prompt_len, 4096)}
+            "valid": loaded.get("valid", True)}
 
 
 async def _prefilled_tokens(client: Client) -> float | None:
@@ -619,6 +619,8 @@ def _batch_size(args) -> int:
 
 
 def _engine_kwargs(args, prefix_cache: bool) -> dict:
+    from sala.engine.scheduler import kv_cache_tokens_for
+
     kw = dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len or _longest_request(args),
               memory_fraction=args.memory_fraction, enable_prefix_cache=prefix_cache,
               max_waiting=max(256, args.num_requests))
@@ -628,9 +630,8 @@ def _engine_kwargs(args, prefix_cache: bool) -> dict:
         kw["kv_cache_tokens"] = args.kv_cache_tokens
     elif args.scenario == "interference":    # the long prompt's pages and every stream's, not max_num_seqs x 1M
         per = -(-(parse_range(args.prompt_len)[1] + parse_range(args.output_len)[1]) // 64) * 64
-        # + 2%: admission keeps 1% of the pool spare for running requests to grow into
-        need = -(-(args.long_prompt + 1) // 64) * 64 + max(args.streams, args.warmup_requests or 0) * per
-        kw["kv_cache_tokens"] = -(-int(need * 1.02) // 64) * 64
+        kw["kv_cache_tokens"] = kv_cache_tokens_for(-(-(args.long_prompt + 1) // 64) * 64
+                                                    + max(args.streams, args.warmup_requests or 0) * per, 64)
     if getattr(args, "speculative", None):
         kw["speculative"] = args.speculative
         kw["num_speculative_tokens"] = args.num_speculative_tokens

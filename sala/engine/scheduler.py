@@ -164,6 +164,21 @@ def _rows_of(logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
     return logits.index_select(0, torch.tensor(rows, device=logits.device))
 
 
+def admission_spare_pages(num_pages: int) -> int:
+    """Pages of a pool of `num_pages` that admission keeps free for running requests to grow into (1%, >= 1)."""
+    return max(1, num_pages // 100)
+
+
+def kv_cache_tokens_for(tokens: int, page_size: int) -> int:
+    """The smallest `kv_cache_tokens` whose pool admits requests holding `tokens` in all, with admission's spare
+    pages on top (for sizing a pool to a workload)."""
+    need = -(-tokens // page_size)
+    pages = need + 1
+    while pages - admission_spare_pages(pages) < need:
+        pages += 1
+    return pages * page_size
+
+
 def _buckets(max_num_seqs: int) -> list[int]:
     """Decode batch sizes: powers of two below max_num_seqs, and max_num_seqs."""
     out = [b for b in (1 << i for i in range(max_num_seqs.bit_length())) if b < max_num_seqs]
@@ -247,7 +262,7 @@ class EngineCore:
                                  f"{page_size}): lower max_model_len or raise kv_cache_tokens")
         self.pool = KVPagePool(self.config, num_pages, self.dtype, self.device)
         # free pages admission leaves for the running requests to grow into (fewer preemptions right after it)
-        self._watermark = max(1, num_pages // 100)
+        self._watermark = admission_spare_pages(num_pages)
         self.cache = StaticCache(self.config, max_num_seqs, self.max_model_len, self.dtype, self.device,
                                  pool=self.pool)
         self.prefix_cache = PrefixCache(self.config, self.pool, snapshot_bytes) if enable_prefix_cache else None
@@ -710,11 +725,14 @@ class EngineCore:
             s.draft_state.extend(s.output_ids[told:])
         return s.draft_state.propose(k)[:k]
 
+    def _verify_size(self, tokens: int) -> int:
+        """Tokens per row of the verify step that holds `tokens` (the smallest verify size >= tokens)."""
+        return next((t for t in self.verify_sizes if t >= tokens), self.verify_sizes[-1])
+
     def _verify_cost(self, k: int) -> float:
-        """r(k) of AdaptiveK: a verify step with k drafts (run at the smallest verify size >= k + 1) in decode
-        steps, as measured in this engine (the prior until measured)."""
-        T = next((t for t in self.verify_sizes if t >= k + 1), self.verify_sizes[-1])
-        return self.step_costs.ratio(T)
+        """r(k) of AdaptiveK: a verify step with k drafts in decode steps, as measured in this engine (the prior
+        until measured)."""
+        return self.step_costs.ratio(self._verify_size(k + 1))
 
     def _verify_step(self, b: int, T: int) -> GraphedDecodeStep:
         st = self._verify_steps.get((b, T))
@@ -732,8 +750,7 @@ class EngineCore:
         step); acceptance, rollback of every row of the bucket to its kept tokens, then the outputs."""
         t0 = time.perf_counter()
         b = self.bucket_for(max(s.row for s in seqs) + 1)
-        need = 1 + max(len(d) for d in drafts.values())
-        T = next(t for t in self.verify_sizes if t >= need)
+        T = self._verify_size(1 + max(len(d) for d in drafts.values()))
         step = self._verify_step(b, T)
         ids = [[0] * T for _ in range(b)]
         for s in seqs:

@@ -362,3 +362,13 @@ def test_chunk_lengths_repeat_across_many_prompts(engine):
     outs = run(core, reqs)
     assert sorted(set(seen)) == [64, 128] and seen.count(64) == 12
     assert all(sum(len(o.new_token_ids) for o in outs[r.request_id]) == 6 for r in reqs)
+
+
+def test_kv_cache_tokens_for_leaves_admissions_spare_pages():
+    from sala.engine.scheduler import admission_spare_pages, kv_cache_tokens_for
+
+    for tokens in (1, 64, 1024, 6336, 6400, 1_063_937):
+        pages = kv_cache_tokens_for(tokens, 64) // 64
+        need = -(-tokens // 64)
+        assert pages - admission_spare_pages(pages) >= need                     # fits with the spare
+        assert (pages - 1) - admission_spare_pages(pages - 1) < need             # and no page more than that
