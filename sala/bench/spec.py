@@ -4,8 +4,9 @@ Tasks (copy-heavy long context, prompts built from `sala.eval` pieces):
 - `quote`: a document of pseudo-word paragraphs; the prompt asks to quote one paragraph, giving its first words;
 - `vt`: RULER variable tracking (`sala.eval.tasks`, task "vt"): a chain of assignments hidden in filler.
 For every sample both engines (`EngineCore`, one sequence, prefix cache off; each warmed up by one untimed request)
-decode the same greedy tokens; the output reports decode tokens/s (first token to last), the speed-up, whether
-the outputs are identical, and the acceptance rate and tokens per verify step.
+decode the same greedy tokens `--repeats` times; the output reports the median decode tokens/s (first token to
+last) of those runs, the speed-up, whether the outputs are identical, and the acceptance rate and tokens per
+verify step.
 
 `--cost-preset` adds the cost side: on that preset shape with random weights, at `--cost-context` tokens, the
 time of one verify step over `--cost-k` drafts (+ the last token) against one plain decode step, and of a verify
@@ -30,6 +31,7 @@ def add_arguments(p) -> None:
     p.add_argument("--lengths", type=lengths_arg, default=None, help="prompt lengths, e.g. 16k,64k (default 16k)")
     p.add_argument("--num-samples", type=int, default=2, help="samples per task and length")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per sample and engine (the median counts)")
     p.add_argument("--speculative", default="ngram", help="ngram or draft:DIR")
     p.add_argument("--num-speculative-tokens", type=int, default=8)
     p.add_argument("--device", default=None)
@@ -89,6 +91,21 @@ def _decode_run(core, ids: list[int], max_new: int, logprobs: int | None = None)
             spec = o.speculative
     rate = (len(toks) - 1) / (last - first) if first is not None and last > first else None
     return {"tokens": toks, "decode_tokens_per_s": rate, "speculative": spec, "logprobs": lps}
+
+
+def _timed(core, ids: list[int], max_new: int, repeats: int) -> dict:
+    """`repeats` runs of one request: the first run's result with the median of the runs' decode tokens/s (and
+    their spread), so one stall of the host does not decide a short output's speed."""
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    runs = [_decode_run(core, ids, max_new) for _ in range(repeats)]
+    if any(r["tokens"] != runs[0]["tokens"] for r in runs):
+        raise RuntimeError("greedy decoding gave different tokens in repeated runs of one request")
+    rates = sorted(r["decode_tokens_per_s"] for r in runs if r["decode_tokens_per_s"])
+    out = dict(runs[0])
+    out["decode_tokens_per_s"] = rates[len(rates) // 2] if rates else None
+    out["decode_tokens_per_s_runs"] = [r["decode_tokens_per_s"] for r in runs]
+    return out
 
 
 def divergence(core, ids: list[int], max_new: int, plain: list[int], other: list[int]) -> dict | None:
@@ -190,11 +207,13 @@ def run(args) -> dict:
                 rng = random.Random(f"{args.seed}/{task}/{length}/{i}")
                 text = quote_prompt(tok, length, rng) if task == "quote" else vt_prompt(tok, length, i, args.seed)
                 ids = tok.encode(text, add_bos=True)[-(kw["max_model_len"] - args.max_new_tokens):]
-                a = _decode_run(plain, ids, args.max_new_tokens)
-                b = _decode_run(spec, ids, args.max_new_tokens)
+                a = _timed(plain, ids, args.max_new_tokens, args.repeats)
+                b = _timed(spec, ids, args.max_new_tokens, args.repeats)
                 row = {"task": task, "length": length, "index": i, "prompt_tokens": len(ids),
                        "output_tokens": len(a["tokens"]), "identical": a["tokens"] == b["tokens"],
                        "plain_tokens_per_s": a["decode_tokens_per_s"], "spec_tokens_per_s": b["decode_tokens_per_s"],
+                       "plain_tokens_per_s_runs": a["decode_tokens_per_s_runs"],
+                       "spec_tokens_per_s_runs": b["decode_tokens_per_s_runs"],
                        "speedup": (b["decode_tokens_per_s"] / a["decode_tokens_per_s"]
                                    if a["decode_tokens_per_s"] and b["decode_tokens_per_s"] else None),
                        "speculative": b["speculative"]}

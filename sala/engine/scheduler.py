@@ -72,6 +72,7 @@ from sala.engine.speculative import (
     StepCosts,
     VerifyStep,
     accept_drafts,
+    accept_greedy,
     make_drafter,
 )
 from sala.engine.static_cache import StaticCache
@@ -285,6 +286,7 @@ class EngineCore:
                     self.pool.num_pages, page_size, self.cache.memory_bytes()["total"] / 2**20,
                     f"{prefix_cache_bytes / 2**20:.1f} MiB" if enable_prefix_cache else "off")
         self.capture_prefill_graphs()
+        self.capture_step_graphs()
 
     @property
     def full_chunk(self) -> int:
@@ -310,6 +312,32 @@ class EngineCore:
                 self.cache.reset_row(0)      # its pages go back to the pool
         logger.debug("captured the prefill graphs of %s-token chunks", lengths)
         return lengths
+
+    @torch.no_grad()
+    def capture_step_graphs(self, buckets: list[int] | None = None) -> list[tuple[int, int]]:
+        """Capture, before any request, the decode step's CUDA graph of every batch-size bucket in `buckets`
+        (default: all) and, with speculation, the verify steps' of every size for the buckets that speculate, so
+        no request's step pays a first eager call (Triton compiles) or a capture. The steps run on idle rows
+        (their blocks map the scratch page); every row's states are zeroed after. Returns the (bucket, tokens per
+        row) steps captured: none on CPU, with CUDA graphs off, or while requests are admitted."""
+        if self.device.type != "cuda" or not self.use_cuda_graph or self.active:
+            return []
+        done = []
+        for b in self.buckets if buckets is None else [self.bucket_for(x) for x in buckets]:
+            steps = [(1, self._decode_step(b))]
+            if self.speculative and b <= self.bucket_for(min(self.speculative_max_batch, self.max_num_seqs)):
+                steps += [(T, self._verify_step(b, T)) for T in self.verify_sizes]
+            for T, st in steps:
+                for _ in range(2):          # the first call runs eagerly, the second captures
+                    st.ids.zero_()
+                    st()
+                    if T > 1:
+                        st.keep.fill_(1)
+                        st.rollback()
+                done.append((b, T))
+        self.cache.states.zero_()
+        logger.debug("captured the decode and verify step graphs %s", done)
+        return done
 
     def _size(self, max_model_len: int | None, fraction: float, prefix_bytes: int | None, prefix_on: bool,
               kv_tokens: int | None) -> int:
@@ -761,12 +789,18 @@ class EngineCore:
         keep = [0] * b                  # rows of the bucket that are not running keep nothing: their states return
         accepted: dict[str, tuple[list[int], int]] = {}
         plain = [s for s in seqs if s.req.request_id not in drafts]
+        # greedy rows' target tokens: one argmax over the step's logits, one copy to the host
+        best = (torch.argmax(logits, dim=-1).tolist()
+                if any(s.req.params.greedy for s in seqs if s.req.request_id in drafts) else None)
         for s in seqs:
             d = drafts.get(s.req.request_id)
             if d is None:
                 keep[s.row] = 1
                 continue
-            toks, a = accept_drafts(logits[s.row, :len(d) + 1], d, s.req.params, s.generator)
+            if s.req.params.greedy:
+                toks, a = accept_greedy(best[s.row][:len(d) + 1], d)
+            else:
+                toks, a = accept_drafts(logits[s.row, :len(d) + 1], d, s.req.params, s.generator)
             accepted[s.req.request_id] = (toks, a)
             keep[s.row] = 1 + a
         if any(k < T for k in keep):

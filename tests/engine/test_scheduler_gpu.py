@@ -33,12 +33,15 @@ def test_graph_buckets_and_batching_equal_alone():
     alone = [engine.generate([p], sp, add_bos=False)[0].token_ids for p in prompts]
     core = EngineCore(engine.model, engine.tokenizer, max_num_seqs=8, max_model_len=4096, chunk_size=256,
                       max_tokens_per_step=384)
+    # every bucket's decode graph was captured at start, on idle rows that were then reset
+    assert sorted(core._steps) == [1, 2, 4, 8]
+    graphs = {b: st._run.graph for b, st in core._steps.items()}
+    assert all(g is not None for g in graphs.values()) and not core.cache.states.any()
     got = _run(core, [Request(str(i), p, sp) for i, p in enumerate(prompts)])
     assert [got[str(i)] for i in range(len(prompts))] == alone
-    assert sorted(core._steps) == [8]        # the batch kept rows up to the last in use: the full bucket
     # a request alone in the same engine: row 0, the one-row graph, the same tokens
     assert _run(core, [Request("solo", prompts[1], sp)])["solo"] == alone[1]
-    assert sorted(core._steps) == [1, 8] and all(st.mode == "cuda-graph" for st in core._steps.values())
+    assert {b: st._run.graph for b, st in core._steps.items()} == graphs      # no capture while serving
     st = core.stats()
     assert st["free_slots"] == 8 and st["cache_pages_used"] == 0 and st["prefix_cache_refs"] == 0
 
@@ -86,5 +89,7 @@ def test_graphed_verify_steps_give_the_plain_greedy_tokens():
     assert _run(spec, reqs()) == _run(plain, reqs())
     st = spec.stats()
     assert st["spec_verify_steps"] > 0 and st["spec_accepted_tokens_total"] > 0
-    assert spec._verify_steps and all(v.mode == "cuda-graph" and v._rollback.mode == "cuda-graph"
-                                      for v in spec._verify_steps.values())
+    # captured at start for every bucket and verify size; serving added none
+    assert sorted(spec._verify_steps) == [(b, T) for b in (1, 2, 4) for T in spec.verify_sizes]
+    assert all(v.mode == "cuda-graph" and v._rollback.mode == "cuda-graph" and v._run.graph is not None
+               for v in spec._verify_steps.values())

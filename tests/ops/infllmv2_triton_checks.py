@@ -143,6 +143,10 @@ def _check_topk_cases():
             got = triton_topk.topk_blocks_triton(x, K, max_cols=cols)
         assert spy.calls >= 2, (n, K, spy.calls)                     # the tiles' round and the candidates'
         assert torch.equal(got, ref.topk_block_indices(x, K)), (n, K)
+        # rows of a wider buffer (row stride > n), poisoned past n: the tiles are read in place, the last short
+        buf = torch.full((5, n + 13), float("nan"))
+        buf[:, :n] = x
+        assert torch.equal(triton_topk.topk_blocks_triton(buf[:, :n], K, max_cols=cols), got), (n, K)
     # K > max_cols (a tile could not hold a row's top K) and non-fp32 rows: the reference, no kernel launch
     x = torch.randint(0, 6, (3, 100), generator=g).float() / 4
     for y, K, cols in ((x, 20, 16), (x.double(), 6, 16)):

@@ -1,7 +1,7 @@
 """Speculative decoding: drafts (n-gram prompt lookup, a draft model), verification with exact acceptance
 (greedy prefix match; rejection sampling that keeps the target distribution), exact cache rollback and an
 adaptive number of draft tokens per request."""
-from sala.engine.speculative.accept import accept_drafts
+from sala.engine.speculative.accept import accept_drafts, accept_greedy
 from sala.engine.speculative.adaptive import COST_PER_DRAFT, AdaptiveK, StepCosts, expected_tokens
 from sala.engine.speculative.drafts import (
     Drafter,
@@ -25,6 +25,7 @@ __all__ = [
     "NgramDrafter",
     "SpecStats",
     "accept_drafts",
+    "accept_greedy",
     "VerifyStep",
     "make_drafter",
 ]

@@ -22,6 +22,15 @@ def _uniform(device: torch.device, generator: torch.Generator | None) -> float:
     return float(torch.rand((), device=device, generator=generator))
 
 
+def accept_greedy(best: list[int], drafts: list[int]) -> tuple[list[int], int]:
+    """Greedy acceptance from the target's argmax tokens `best` (k + 1 of them, after the last accepted token and
+    after each draft): the longest prefix of `drafts` equal to them, then the target's next token."""
+    a = 0
+    while a < len(drafts) and best[a] == drafts[a]:
+        a += 1
+    return drafts[:a] + [best[a]], a
+
+
 def accept_drafts(logits: torch.Tensor, drafts: list[int], params: SamplingParams,
                   generator: torch.Generator | None = None, draft_probs: torch.Tensor | None = None
                   ) -> tuple[list[int], int]:
@@ -35,11 +44,7 @@ def accept_drafts(logits: torch.Tensor, drafts: list[int], params: SamplingParam
     if logits.shape[0] != k + 1:
         raise ValueError(f"accept_drafts: logits {tuple(logits.shape)} must have k + 1 = {k + 1} rows")
     if params.greedy:
-        best = torch.argmax(logits, dim=-1).tolist()
-        a = 0
-        while a < k and best[a] == drafts[a]:
-            a += 1
-        return drafts[:a] + [best[a]], a
+        return accept_greedy(torch.argmax(logits, dim=-1).tolist(), drafts)
     p = sampling_probs(logits, params)
     for i, x in enumerate(drafts):
         if draft_probs is None:

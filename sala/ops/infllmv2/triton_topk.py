@@ -21,16 +21,23 @@ _NEG_INF_KEY = tl.constexpr(-2139095041)   # order-preserving int32 image of -in
 
 
 @triton.jit
-def _topk_row_keys(x_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt, NC: tl.constexpr, HAS_LIM: tl.constexpr):
+def _topk_row_keys(x_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt, NC: tl.constexpr, HAS_LIM: tl.constexpr,
+                   TILE: tl.constexpr):
     """Order-preserving int32 images [NC] of row r's values (float bits, magnitude bits flipped for negatives);
-    columns past the row's limit (or n_cols) read as -inf."""
+    columns past the row's limit (or n_cols) read as -inf. With TILE > 0, row r is tile r % H (TILE columns, the
+    last one shorter) of row r // H of x: H is the tiles per row then."""
     cols = tl.arange(0, NC)
     n = n_cols
+    base = r.to(tl.int64) * sxr
+    if TILE > 0:
+        tile = r % H
+        base = (r // H).to(tl.int64) * sxr + tile.to(tl.int64) * TILE
+        n = tl.minimum(n_cols - tile * TILE, TILE)
     if HAS_LIM:
         b = r // (H * T)
         t = r % T
         n = tl.minimum(tl.load(lim_ptr + b.to(tl.int64) * slb + t.to(tl.int64) * slt), n_cols)
-    x = tl.load(x_ptr + r.to(tl.int64) * sxr + cols, mask=cols < n, other=float("-inf"))
+    x = tl.load(x_ptr + base + cols, mask=cols < n, other=float("-inf"))
     bits = x.to(tl.int32, bitcast=True)
     return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
@@ -49,12 +56,13 @@ def _topk_store(out_ptr, r, sel, K: tl.constexpr, KP: tl.constexpr, NC: tl.const
 
 @triton.jit
 def _topk_bisect_row(x_ptr, out_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt,
-                     K: tl.constexpr, KP: tl.constexpr, NC: tl.constexpr, HAS_LIM: tl.constexpr):
+                     K: tl.constexpr, KP: tl.constexpr, NC: tl.constexpr, HAS_LIM: tl.constexpr,
+                     TILE: tl.constexpr):
     """Top-K of row r by bisection: the K-th largest image is found bit by bit (up to 31 counting passes over the
     row, held in registers); ties at the cut-off go to the lowest columns (docs/sparse.md, "Tie rule"). The
     bisection stops at the first candidate cut-off that exactly K images reach (then "image >= cut-off" is the
     answer; on distinct values that happens once the bits of the K-th and (K+1)-th largest part)."""
-    key = _topk_row_keys(x_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt, NC, HAS_LIM)
+    key = _topk_row_keys(x_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt, NC, HAS_LIM, TILE)
     valid = key > _NEG_INF_KEY
     n_valid = tl.sum(valid.to(tl.int32), axis=0)
     # the K-th largest image: sign first, then bits 30..0 (setting a bit raises a two's-complement value)
@@ -78,11 +86,19 @@ def _topk_bisect_row(x_ptr, out_ptr, lim_ptr, r, n_cols, H, T, sxr, slb, slt,
 
 @triton.jit(do_not_specialize=["n_cols", "H", "T", "sxr", "slb", "slt"])
 def _topk_blocks_kernel(x_ptr, out_ptr, lim_ptr, n_cols, H, T, sxr, slb, slt,
-                        K: tl.constexpr, KP: tl.constexpr, NC: tl.constexpr, HAS_LIM: tl.constexpr):
+                        K: tl.constexpr, KP: tl.constexpr, NC: tl.constexpr, HAS_LIM: tl.constexpr,
+                        TILE: tl.constexpr):
     """Row r of x [R, n_cols] fp32 -> the column indices of its K largest values other than -inf, ascending,
     -1 padded, at out + r * K (`_topk_bisect_row`). With HAS_LIM, row r = (b, h, t) of [B, H, T] reads only
-    its first lim[b, t] columns."""
-    _topk_bisect_row(x_ptr, out_ptr, lim_ptr, tl.program_id(0), n_cols, H, T, sxr, slb, slt, K, KP, NC, HAS_LIM)
+    its first lim[b, t] columns. With TILE > 0, program r takes tile r % H of row r // H (columns within the
+    tile)."""
+    _topk_bisect_row(x_ptr, out_ptr, lim_ptr, tl.program_id(0), n_cols, H, T, sxr, slb, slt, K, KP, NC, HAS_LIM,
+                     TILE)
+
+
+def _warps(NC: int) -> int:
+    """Warps of a top-k program over NC (a power of two) columns held in registers."""
+    return 4 if NC <= 2048 else (8 if NC <= 8192 else 16)
 
 
 def topk_blocks_triton(pooled: torch.Tensor, total_blocks: int, *, limits: torch.Tensor | None = None,
@@ -123,15 +139,15 @@ def topk_blocks_triton(pooled: torch.Tensor, total_blocks: int, *, limits: torch
         H, T, lim, slb, slt = 1, 1, x, 0, 0
     NC = max(16, pow2(n))
     KP = max(16, pow2(total_blocks))
-    warps = 4 if NC <= 2048 else (8 if NC <= 8192 else 16)
     _topk_blocks_kernel[(R,)](x, out, lim, n, H, T, x.stride(0), slb, slt, K=total_blocks, KP=KP, NC=NC,
-                              HAS_LIM=limits is not None, num_warps=warps)
+                              HAS_LIM=limits is not None, TILE=0, num_warps=_warps(NC))
     return out
 
 
 def _topk_wide(x: torch.Tensor, K: int, tile: int) -> torch.Tensor:
-    """`topk_block_indices` of wide rows x fp32 [R, n] (n > tile >= K) -> int32 [R, K]: the top K of every tile of
-    `tile` columns (one kernel over R * n / tile rows), then the top K of those R x (tiles * K) candidates.
+    """`topk_block_indices` of wide rows x fp32 [R, n] (n > tile >= K, unit column stride) -> int32 [R, K]: the top
+    K of every tile of `tile` columns (one kernel over R x tiles programs, the last tile shorter), then the top K
+    of those R x (tiles * K) candidates.
 
     Exact, ties included: under the order (value descending, column ascending) that the tie rule follows, a
     column among its row's top K is among its tile's top K too (whatever ranks above it in the tile ranks above
@@ -141,9 +157,12 @@ def _topk_wide(x: torch.Tensor, K: int, tile: int) -> torch.Tensor:
     nt = -(-n // tile)
     if nt * K >= n:                  # no fewer candidates than columns (K near the tile width): the reference
         return topk_block_indices(x, K)
-    if nt * tile != n:
-        x = torch.nn.functional.pad(x, (0, nt * tile - n), value=float("-inf"))
-    local = topk_blocks_triton(x.view(R * nt, tile), K, max_cols=tile).view(R, nt, K)
+    # first round: one program per (row, tile), reading the tile in place (the last tile is shorter: no copy)
+    local = torch.empty(R * nt, K, dtype=torch.int32, device=x.device)
+    NC = max(16, pow2(tile))
+    _topk_blocks_kernel[(R * nt,)](x, local, x, n, nt, 1, x.stride(0), 0, 0, K=K, KP=max(16, pow2(K)), NC=NC,
+                                   HAS_LIM=False, TILE=tile, num_warps=_warps(NC))
+    local = local.view(R, nt, K)
     offsets = torch.arange(0, nt * tile, tile, device=x.device, dtype=torch.int32)[None, :, None]
     cand = torch.where(local >= 0, local + offsets, -1).view(R, nt * K)             # ascending columns, -1 gaps
     vals = torch.where(cand >= 0, x.gather(1, cand.clamp(min=0).long()), float("-inf"))
