@@ -125,6 +125,14 @@ spec_quick() { step spec "$1" python3 -m sala.cli bench spec --tasks quote,vt --
   --max-new-tokens 128 --speculative ngram --num-speculative-tokens 8 --out "$OUT/spec_$gpu.json"; }
 fp8_shape() { step fp8_shape "$1" python3 -m sala.bench.fp8 --parts shape --lengths 65536,262144 \
   --out "$OUT/fp8_shape_$gpu.json"; }
+# the interference scenario with 256-token chunks (the step's prompt-token budget: the ITL trade-off)
+interference_256() { step interference_256 "$1" python3 -m sala.cli bench serve --model minicpm-sala-9b \
+  --scenario interference --streams 4 --long-prompt 1048576 --prompt-len 1024 --output-len 1536 --max-num-seqs 5 \
+  --chunk-size 256 --no-prefix-cache \
+  --out "$OUT/serve_interference_chunk256_$gpu.json" --plot "$OUT/serve_interference_chunk256_$gpu.png"; }
+# stage-1 selection's kernels at 1M (issue target: <= 0.8 s per layer) and 256K
+profile_sel() { step profile_sel "$1" python3 experiments/profiling/profile_selection.py --lengths 262144,1048576 \
+  --out "$OUT/profile_selection_$gpu.json"; }
 case "$part" in
   one) regression 200; gpu_tests 300 ;;
   two) serve_document 170; serve_load 180; spec 150; fp8_shape 90 ;;
@@ -138,6 +146,8 @@ case "$part" in
   next2) spec_fp32 100; gaps_512k 140; spec_pyspy 80 ;;              # and its second
   paged) gpu_tests_paged 120; topk_wide 45; interference 220; serve_load 160 ;;   # the paged K/V pool
   next3) gpu_tests_ops 100; latency_bf16 110; interference 170; spec_quick 90; sparse_h100 120 ;;   # next session
+  next4) spec_quick 80; interference_256 150; serve_load_8k 170; profile_sel 80; topk_wide 40 ;;   # after next3
+  next5) latency_fp8 230 ;;
   run) shift; for item in "$@"; do "${item%%:*}" "${item##*:}"; done ;;   # run spec:120 chunk_gaps:90 ...
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

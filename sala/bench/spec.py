@@ -95,16 +95,17 @@ def _decode_run(core, ids: list[int], max_new: int, logprobs: int | None = None)
 
 def _timed(core, ids: list[int], max_new: int, repeats: int) -> dict:
     """`repeats` runs of one request: the first run's result with the median of the runs' decode tokens/s (and
-    their spread), so one stall of the host does not decide a short output's speed."""
+    their spread), so one stall of the host does not decide a short output's speed, and every run's tokens. (With
+    measured step costs a speculative run's k, so its verify sizes and in bf16 its rounding, can differ between
+    runs.)"""
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     runs = [_decode_run(core, ids, max_new) for _ in range(repeats)]
-    if any(r["tokens"] != runs[0]["tokens"] for r in runs):
-        raise RuntimeError("greedy decoding gave different tokens in repeated runs of one request")
     rates = sorted(r["decode_tokens_per_s"] for r in runs if r["decode_tokens_per_s"])
     out = dict(runs[0])
     out["decode_tokens_per_s"] = rates[len(rates) // 2] if rates else None
     out["decode_tokens_per_s_runs"] = [r["decode_tokens_per_s"] for r in runs]
+    out["tokens_runs"] = [r["tokens"] for r in runs]
     return out
 
 
@@ -210,7 +211,10 @@ def run(args) -> dict:
                 a = _timed(plain, ids, args.max_new_tokens, args.repeats)
                 b = _timed(spec, ids, args.max_new_tokens, args.repeats)
                 row = {"task": task, "length": length, "index": i, "prompt_tokens": len(ids),
-                       "output_tokens": len(a["tokens"]), "identical": a["tokens"] == b["tokens"],
+                       "output_tokens": len(a["tokens"]),
+                       # every speculative run gave plain decoding's tokens
+                       "identical": all(t == a["tokens"] for t in b["tokens_runs"]),
+                       "identical_runs": sum(t == a["tokens"] for t in b["tokens_runs"]),
                        "plain_tokens_per_s": a["decode_tokens_per_s"], "spec_tokens_per_s": b["decode_tokens_per_s"],
                        "plain_tokens_per_s_runs": a["decode_tokens_per_s_runs"],
                        "spec_tokens_per_s_runs": b["decode_tokens_per_s_runs"],
@@ -218,7 +222,8 @@ def run(args) -> dict:
                                    if a["decode_tokens_per_s"] and b["decode_tokens_per_s"] else None),
                        "speculative": b["speculative"]}
                 if not row["identical"]:
-                    row["divergence"] = divergence(plain, ids, args.max_new_tokens, a["tokens"], b["tokens"])
+                    other = next(t for t in b["tokens_runs"] if t != a["tokens"])
+                    row["divergence"] = divergence(plain, ids, args.max_new_tokens, a["tokens"], other)
                 logger.info("spec bench %s", row)
                 rows.append(row)
     payload["results"] = rows

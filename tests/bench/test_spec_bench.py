@@ -17,6 +17,7 @@ def test_bench_spec_writes_identical_outputs_and_acceptance(tmp_path):
         assert r["identical"] and r["output_tokens"] > 0
         runs = r["plain_tokens_per_s_runs"]       # the median of the repeated runs (two: the upper one)
         assert len(runs) == len(r["spec_tokens_per_s_runs"]) == 2 and r["plain_tokens_per_s"] == max(runs)
+        assert r["identical_runs"] == 2
         s = r["speculative"]
         assert 0 <= s["accepted_tokens"] <= s["draft_tokens"] and s["verify_steps"] >= 1
 
