@@ -148,7 +148,7 @@ case "$part" in
   next3) gpu_tests_ops 100; latency_bf16 110; interference 170; spec_quick 90; sparse_h100 120 ;;   # next session
   next4) spec_quick 75; latency_fp8 220; profile_sel 60 ;;   # after next3
   next5) latency_fp8 230 ;;
-  last) spec_quick 80; profile_sel 60 ;;
+  final) spec_quick 80; profile_sel 60 ;;
   run) shift; for item in "$@"; do "${item%%:*}" "${item##*:}"; done ;;   # run spec:120 chunk_gaps:90 ...
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
