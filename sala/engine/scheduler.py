@@ -320,10 +320,13 @@ class EngineCore:
         no request's step pays a first eager call (Triton compiles) or a capture. The steps run on idle rows
         (their blocks map the scratch page); every row's states are zeroed after. Returns the (bucket, tokens per
         row) steps captured: none on CPU, with CUDA graphs off, or while requests are admitted."""
+        if buckets is not None and any(not 1 <= x <= self.max_num_seqs for x in buckets):
+            raise ValueError(f"capture_step_graphs: batch sizes must be in [1, max_num_seqs = {self.max_num_seqs}], "
+                             f"got {buckets}")
         if self.device.type != "cuda" or not self.use_cuda_graph or self.active:
             return []
         done = []
-        for b in self.buckets if buckets is None else [self.bucket_for(x) for x in buckets]:
+        for b in self.buckets if buckets is None else sorted({self.bucket_for(x) for x in buckets}):
             steps = [(1, self._decode_step(b))]
             if self.speculative and b <= self.bucket_for(min(self.speculative_max_batch, self.max_num_seqs)):
                 steps += [(T, self._verify_step(b, T)) for T in self.verify_sizes]

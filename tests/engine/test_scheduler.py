@@ -372,3 +372,10 @@ def test_kv_cache_tokens_for_leaves_admissions_spare_pages():
         need = -(-tokens // 64)
         assert pages - admission_spare_pages(pages) >= need                     # fits with the spare
         assert (pages - 1) - admission_spare_pages(pages - 1) < need             # and no page more than that
+
+
+def test_step_graph_capture_checks_its_batch_sizes_and_is_a_no_op_on_the_cpu(engine):
+    core = EngineCore(engine.model, engine.tokenizer, max_num_seqs=4, max_model_len=256)
+    with pytest.raises(ValueError, match=r"batch sizes must be in \[1, max_num_seqs = 4\], got \[5\]"):
+        core.capture_step_graphs([5])
+    assert core.capture_step_graphs([1, 3]) == [] and core._steps == {}     # CPU: steps run eagerly when used
