@@ -7,8 +7,9 @@ parts of every step, synchronising the GPU around each part (a part's time inclu
 runs inside `sample` for plain decoding):
 
 - plain: the graph replay (`decode graph`), sampling (`sample`: argmax + the host copy), `advance`, the rest;
-- speculative: `drafts` (n-gram lookup), `grow` (pages), the verify graph, `accept` (argmax + compare),
-  `rollback` (the lightning states in closed form), `advance`, the outputs (`accept tokens`), the rest.
+- speculative: `drafts` (n-gram lookup), `grow` (pages), the verify graph, `accept` (compare with the target's
+  tokens: their argmax runs in the verify step), `rollback` (the lightning states in closed form), `advance`, the
+  outputs (`accept tokens`: a verify step's tokens, one request; `accept token`: one token), the rest.
 
     python experiments/profiling/spec_step.py --length 64k --out spec_step.json
 
@@ -76,8 +77,9 @@ def profile(core, ids: list[int], max_new: int, timer: PartTimer) -> dict:
     GraphedDecodeStep.__call__ = graphed_call
     patch(GraphedDecodeStep, "rollback", "rollback")
     patch(sched, "accept_drafts", "accept")
+    patch(sched, "accept_greedy", "accept")
     for attr, name in (("_drafts", "drafts"), ("_grow_for_step", "grow"), ("_advance", "advance"),
-                       ("_sample", "sample"), ("_accept", "accept tokens")):
+                       ("_sample", "sample"), ("_accept", "accept token"), ("_accept_tokens", "accept tokens")):
         patch(core, attr, name)
     try:
         core.add_request(Request(f"p{time.monotonic_ns()}", ids, SamplingParams(max_new_tokens=max_new)))

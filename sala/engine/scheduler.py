@@ -658,6 +658,28 @@ class EngineCore:
         s.status = _RUNNING
         return self._output(s, new_ids, tok_text, lps, False, None)
 
+    def _accept_tokens(self, s: _Seq, toks: list[int], lps: list[TokenLogprob | None]) -> RequestOutput:
+        """Take the tokens of one verify step, in order, up to the one that finishes the request; one output.
+        Without stop strings or logprobs, the tokens before the last that are neither stop tokens nor reach
+        max_new_tokens are appended at once, and the last one's detokenization covers them all (the text of a
+        span decoded with its context, as for one token): a verify step's outputs are host work of every step."""
+        head = 0
+        if (s.matcher is None or not s.matcher.stops) and s.req.logprobs is None:
+            room = s.req.params.max_new_tokens - len(s.output_ids) - 1
+            while head < min(len(toks) - 1, room) and toks[head] not in s.stop_ids:
+                head += 1
+            s.output_ids.extend(toks[:head])
+            self.counters["generation_tokens_total"] += head
+        mine = []
+        for tok, lp in zip(toks[head:], lps[head:]):
+            mine.append(self._accept(s, tok, lp))
+            if mine[-1].finished:
+                break
+        out = _merge(mine)
+        if head:
+            out.new_token_ids = toks[:head] + out.new_token_ids
+        return out
+
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[RequestOutput]:
         """Sample one token for each seq from its logits row (logits [len(seqs), V] fp32)."""
         greedy = [i for i, s in enumerate(seqs) if s.req.params.greedy]
@@ -823,12 +845,7 @@ class EngineCore:
             lps: list[TokenLogprob | None] = [None] * len(toks)
             if s.req.logprobs is not None:
                 lps = _top_logprobs(torch.log_softmax(logits[s.row, :len(toks)], dim=-1), toks, s.req.logprobs)
-            mine = []
-            for tok, lp in zip(toks, lps):
-                mine.append(self._accept(s, tok, lp))
-                if mine[-1].finished:
-                    break
-            outs.append(_merge(mine))
+            outs.append(self._accept_tokens(s, toks, lps))
         if plain:
             outs.extend(self._sample(plain, _rows_of(logits, plain)[:, 0]))
         self.step_costs.record_verify(b, T, time.perf_counter() - t0)

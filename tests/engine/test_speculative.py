@@ -470,3 +470,36 @@ def test_no_verify_steps_above_the_speculative_batch_limit(model, plain):
         assert toks == {k: plain[k][:8] for k in ("0", "1")}
         if limit == 0:
             assert core.stats()["spec_verify_steps"] == 0
+
+
+def test_text_stop_strings_and_stop_tokens_with_speculation_equal_plain():
+    # With a tokenizer: a verify step's accepted tokens are taken at once (detokenized together) unless stop
+    # strings need every token's text; text, tokens and finish reasons equal plain decoding's either way.
+    from sala.engine import SalaEngine
+    from sala.utils.bundled import bundled_model_dir
+
+    if bundled_model_dir() is None:
+        pytest.skip("no bundled model in this installation")
+    eng = SalaEngine.from_pretrained(bundled_model_dir(), device="cpu", dtype="fp32")
+    ids = eng.tokenizer.encode("A list of the colors: red, green, blue, red, green, blue, red, green, blue, red, "
+                               "green, blue, red, green, blue, red, green,", add_bos=True)
+
+    def run(spec: str | None, params: SamplingParams):
+        core = EngineCore(eng.model, eng.tokenizer, max_num_seqs=2, max_model_len=512, enable_prefix_cache=False,
+                          speculative=spec, num_speculative_tokens=6)
+        core.add_request(Request("x", ids, params))
+        outs = core.run_until_done()
+        got = ([t for o in outs for t in o.new_token_ids], "".join(o.new_text for o in outs), outs[-1].finish_reason)
+        return got, core.stats()["spec_accepted_tokens_total"]
+
+    free = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    (toks, text, reason), _ = run(None, free)
+    spec, accepted = run("ngram", free)
+    assert spec == (toks, text, "length") and reason == "length" and accepted > 0
+    # a stop string that ends the output early, and a stop token that does
+    assert len(text) > 30
+    for params in (SamplingParams(max_new_tokens=40, ignore_eos=True, stop=[text[20:24]]),
+                   SamplingParams(max_new_tokens=40, ignore_eos=True, stop_token_ids=[toks[25]])):
+        plain, _ = run(None, params)
+        assert plain[2] == "stop" and len(plain[0]) < 40
+        assert run("ngram", params)[0] == plain
