@@ -147,6 +147,7 @@ def _check_topk_cases():
         buf = torch.full((5, n + 13), float("nan"))
         buf[:, :n] = x
         assert torch.equal(triton_topk.topk_blocks_triton(buf[:, :n], K, max_cols=cols), got), (n, K)
+    assert triton_topk.topk_blocks_triton(torch.empty(0, 300), 10, max_cols=64).shape == (0, 10)   # no rows
     # K > max_cols (a tile could not hold a row's top K) and non-fp32 rows: the reference, no kernel launch
     x = torch.randint(0, 6, (3, 100), generator=g).float() / 4
     for y, K, cols in ((x, 20, 16), (x.double(), 6, 16)):

@@ -155,7 +155,7 @@ def _topk_wide(x: torch.Tensor, K: int, tile: int) -> torch.Tensor:
     fewer than K), so the second round's lowest positions among equal values are the lowest columns."""
     R, n = x.shape
     nt = -(-n // tile)
-    if nt * K >= n:                  # no fewer candidates than columns (K near the tile width): the reference
+    if nt * K >= n or R == 0:        # no fewer candidates than columns (K near the tile width): the reference
         return topk_block_indices(x, K)
     # first round: one program per (row, tile), reading the tile in place (the last tile is shorter: no copy)
     local = torch.empty(R * nt, K, dtype=torch.int32, device=x.device)
