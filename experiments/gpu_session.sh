@@ -146,7 +146,7 @@ case "$part" in
   next2) spec_fp32 100; gaps_512k 140; spec_pyspy 80 ;;              # and its second
   paged) gpu_tests_paged 120; topk_wide 45; interference 220; serve_load 160 ;;   # the paged K/V pool
   next3) gpu_tests_ops 100; latency_bf16 110; interference 170; spec_quick 90; sparse_h100 120 ;;   # next session
-  next4) spec_quick 80; latency_fp8 220; profile_sel 60; interference_256 130 ;;   # the next session's first call
+  next4) spec_quick 80; latency_fp8 220; profile_sel 60; interference_256 170 ;;   # the next session's first call
   next5) serve_load_8k 170; gpu_tests_ops 110; topk_wide 40 ;;                      # and its second
   run) shift; for item in "$@"; do "${item%%:*}" "${item##*:}"; done ;;   # run spec:120 chunk_gaps:90 ...
   *) echo "unknown part $part" >&2; exit 2 ;;
