@@ -380,9 +380,9 @@ def _serve_load_lines() -> list[str]:
         return []
     s = d.get("setup") or {}
     shape = f"{s.get('num_requests', '—')} x {s.get('prompt_len', '—')}+{s.get('output_len', '—')}"
-    runs = [(label, x, x.get("results") or {}, x.get("offline") or {})
-            for label, x in ((", engine thread", d), (", engine process", _load("serve_load_proc_h100.json")))
-            if x]
+    runs = [(label, run, run.get("results") or {}, run.get("offline") or {})
+            for label, run in ((", engine thread", d), (", engine process", _load("serve_load_proc_h100.json")))
+            if run]
     return [f"Concurrent load (`bench/results/serve_load_h100.json` with the engine in a thread of the server, "
             f"`serve_load_proc_h100.json` in a process of its own, {_device(d)}): requests against the same "
             "requests generated one at a time in the same process (each run its own baseline); offline = the "
@@ -390,12 +390,12 @@ def _serve_load_lines() -> list[str]:
             *_header("requests x prompt+output", "server (tok/s)", "sequential (tok/s)", "speed-up",
                      "offline (tok/s)", "offline speed-up", "TTFT p50 / p99 (s)", "ITL p50 / p99 (ms)"),
             *(_row(shape + label, _f(r.get("output_tokens_per_s"), 0),
-                   _f(_get(d, "sequential_baseline", "output_tokens_per_s"), 0),
-                   _f(d.get("speedup_vs_sequential"), 2, "x"), _f(off.get("output_tokens_per_s"), 0),
-                   _f(d.get("offline_speedup_vs_sequential"), 2, "x"),
+                   _f(_get(run, "sequential_baseline", "output_tokens_per_s"), 0),
+                   _f(run.get("speedup_vs_sequential"), 2, "x"), _f(off.get("output_tokens_per_s"), 0),
+                   _f(run.get("offline_speedup_vs_sequential"), 2, "x"),
                    f"{_f(_get(r, 'ttft_s', 'p50'))} / {_f(_get(r, 'ttft_s', 'p99'))}",
                    f"{_ms(_get(r, 'itl_s', 'p50'))} / {_ms(_get(r, 'itl_s', 'p99'))}")
-              for label, d, r, off in runs), ""]
+              for label, run, r, off in runs), ""]
 
 
 def _decode_floor_lines() -> list[str]:

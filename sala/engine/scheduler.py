@@ -326,9 +326,11 @@ class EngineCore:
         if self.device.type != "cuda" or not self.use_cuda_graph or self.active:
             return []
         done = []
+        # the buckets of the verify steps: those of up to speculative_max_batch rows
+        spec_rows = min(self.speculative_max_batch, self.max_num_seqs) if self.speculative else 0
         for b in self.buckets if buckets is None else sorted({self.bucket_for(x) for x in buckets}):
             steps = [(1, self._decode_step(b))]
-            if self.speculative and b <= self.bucket_for(min(self.speculative_max_batch, self.max_num_seqs)):
+            if spec_rows and b <= self.bucket_for(spec_rows):
                 steps += [(T, self._verify_step(b, T)) for T in self.verify_sizes]
             for T, st in steps:
                 for _ in range(2):          # the first call runs eagerly, the second captures

@@ -19,6 +19,11 @@ from collections.abc import Callable
 COST_PER_DRAFT = {"cuda": 0.03, "cpu": 0.35}
 
 
+def linear_cost(per_draft: float, drafts: int) -> float:
+    """r(k) before any measurement: a verify step with `drafts` drafts in decode steps, 1 + per_draft * drafts."""
+    return 1.0 + per_draft * drafts
+
+
 def expected_tokens(alpha: float, k: int) -> float:
     """E(k) = 1 + alpha + ... + alpha^k: tokens a verify step over k drafts emits on average."""
     return float(sum(alpha ** j for j in range(k + 1)))
@@ -71,7 +76,7 @@ class StepCosts:
         if tokens <= 1:
             return 1.0
         if not self.measured(tokens, b):
-            return 1.0 + self.prior * (tokens - 1)
+            return linear_cost(self.prior, tokens - 1)
         return max(1.0, self._avg[("verify", b, tokens)] / self._avg[("decode", b)])
 
 
@@ -112,7 +117,7 @@ class AdaptiveK:
         """r(k): a verify step with k drafts in decode steps."""
         if k <= 0:
             return 1.0
-        return self._cost(k) if self._cost is not None else 1.0 + self.cost * k
+        return self._cost(k) if self._cost is not None else linear_cost(self.cost, k)
 
     @property
     def alpha(self) -> float:

@@ -96,9 +96,15 @@ def _topk_blocks_kernel(x_ptr, out_ptr, lim_ptr, n_cols, H, T, sxr, slb, slt,
                      TILE)
 
 
-def _warps(NC: int) -> int:
-    """Warps of a top-k program over NC (a power of two) columns held in registers."""
-    return 4 if NC <= 2048 else (8 if NC <= 8192 else 16)
+def _launch(x: torch.Tensor, out: torch.Tensor, programs: int, n: int, K: int, *, lim: torch.Tensor | None = None,
+            H: int = 1, T: int = 1, slb: int = 0, slt: int = 0, tile: int = 0) -> None:
+    """`_topk_blocks_kernel` over `programs` rows of x [R, n] (unit column stride) into out [programs, K]: rows
+    of n columns (with `lim` [B, T] and H heads: limits per (b, t)), or with `tile` > 0 every tile of `tile`
+    columns of each row (programs = R x tiles); NC, the columns a program holds, and its warps follow."""
+    NC = max(16, pow2(tile or n))
+    _topk_blocks_kernel[(programs,)](x, out, x if lim is None else lim, n, H, T, x.stride(0), slb, slt, K=K,
+                                     KP=max(16, pow2(K)), NC=NC, HAS_LIM=lim is not None, TILE=tile,
+                                     num_warps=4 if NC <= 2048 else (8 if NC <= 8192 else 16))
 
 
 def topk_blocks_triton(pooled: torch.Tensor, total_blocks: int, *, limits: torch.Tensor | None = None,
@@ -129,18 +135,15 @@ def topk_blocks_triton(pooled: torch.Tensor, total_blocks: int, *, limits: torch
     R = x.shape[0]
     if R == 0:
         return out
-    if limits is not None:
-        if pooled.dim() != 4 or limits.shape != (pooled.shape[0], pooled.shape[2]):
-            raise ValueError(f"topk_blocks_triton: limits {tuple(limits.shape)} must be [B, T] of pooled "
-                             f"[B, H, T, n] {tuple(pooled.shape)}")
-        H, T, lim = pooled.shape[1], pooled.shape[2], limits.to(torch.int32)
-        slb, slt = lim.stride(0), lim.stride(1)
-    else:
-        H, T, lim, slb, slt = 1, 1, x, 0, 0
-    NC = max(16, pow2(n))
-    KP = max(16, pow2(total_blocks))
-    _topk_blocks_kernel[(R,)](x, out, lim, n, H, T, x.stride(0), slb, slt, K=total_blocks, KP=KP, NC=NC,
-                              HAS_LIM=limits is not None, TILE=0, num_warps=_warps(NC))
+    if limits is None:
+        _launch(x, out, R, n, total_blocks)
+        return out
+    if pooled.dim() != 4 or limits.shape != (pooled.shape[0], pooled.shape[2]):
+        raise ValueError(f"topk_blocks_triton: limits {tuple(limits.shape)} must be [B, T] of pooled "
+                         f"[B, H, T, n] {tuple(pooled.shape)}")
+    lim = limits.to(torch.int32)
+    _launch(x, out, R, n, total_blocks, lim=lim, H=pooled.shape[1], T=pooled.shape[2], slb=lim.stride(0),
+            slt=lim.stride(1))
     return out
 
 
@@ -159,9 +162,7 @@ def _topk_wide(x: torch.Tensor, K: int, tile: int) -> torch.Tensor:
         return topk_block_indices(x, K)
     # first round: one program per (row, tile), reading the tile in place (the last tile is shorter: no copy)
     local = torch.empty(R * nt, K, dtype=torch.int32, device=x.device)
-    NC = max(16, pow2(tile))
-    _topk_blocks_kernel[(R * nt,)](x, local, x, n, nt, 1, x.stride(0), 0, 0, K=K, KP=max(16, pow2(K)), NC=NC,
-                                   HAS_LIM=False, TILE=tile, num_warps=_warps(NC))
+    _launch(x, local, R * nt, n, K, H=nt, tile=tile)
     local = local.view(R, nt, K)
     offsets = torch.arange(0, nt * tile, tile, device=x.device, dtype=torch.int32)[None, :, None]
     cand = torch.where(local >= 0, local + offsets, -1).view(R, nt * K)             # ascending columns, -1 gaps
